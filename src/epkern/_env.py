@@ -1,0 +1,91 @@
+"""Every EPKERN_* environment variable is read here, and only here.
+
+Each accessor reads the environment when called (not at import), so tests and launchers can set a
+variable after ``import epkern``. docs/environment.md lists them for users.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+# name -> (default, one-line description); docs/environment.md is generated from the same facts.
+VARIABLES: dict[str, tuple[str, str]] = {
+    "EPKERN_BACKEND": ("auto", "auto | gpu | cpu: where Buffer runs; auto picks gpu when CuPy sees a device"),
+    "EPKERN_RANKS_PER_NODE": ("", "split the ranks into virtual nodes of this many consecutive ranks "
+                                  "(overrides hostnames; for tests of multi-node paths on one machine)"),
+    "EPKERN_HOSTNAME": ("", "node identity of this process instead of socket.gethostname()"),
+    "EPKERN_TIMEOUT_S": ("30", "deadline in seconds of every device-side wait and every group operation"),
+    "EPKERN_CACHE_DIR": ("~/.cache/epkern", "where compiled kernels (cubins) are cached on disk"),
+    "EPKERN_NVRTC_ARCH": ("", "compile for this sm_XY instead of the current device's (e.g. sm_90)"),
+    "EPKERN_KERNEL_DIR": ("", "load .cu/.cuh sources from this folder instead of the packaged ones"),
+    "EPKERN_NUM_THREADS_RANKS": ("", "default number of in-process ranks for the demo and launcher"),
+}
+
+
+def _raw(name: str) -> str:
+    assert name in VARIABLES, name
+    return os.environ.get(name, "").strip()
+
+
+def _positive_int(name: str) -> int | None:
+    raw = _raw(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a positive integer") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a positive integer")
+    return value
+
+
+def backend() -> str:
+    value = _raw("EPKERN_BACKEND").lower() or "auto"
+    if value not in ("auto", "gpu", "cpu"):
+        raise ConfigError(f"EPKERN_BACKEND={value!r}: expected one of auto, gpu, cpu")
+    return value
+
+
+def ranks_per_node() -> int | None:
+    return _positive_int("EPKERN_RANKS_PER_NODE")
+
+
+def hostname_override() -> str | None:
+    return _raw("EPKERN_HOSTNAME") or None
+
+
+def timeout_s() -> float:
+    raw = _raw("EPKERN_TIMEOUT_S")
+    if not raw:
+        return float(VARIABLES["EPKERN_TIMEOUT_S"][0])
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"EPKERN_TIMEOUT_S={raw!r}: expected a positive number of seconds") from None
+    if not value > 0:
+        raise ConfigError(f"EPKERN_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def cache_dir() -> Path:
+    return Path(_raw("EPKERN_CACHE_DIR") or VARIABLES["EPKERN_CACHE_DIR"][0]).expanduser()
+
+
+def nvrtc_arch() -> str | None:
+    raw = _raw("EPKERN_NVRTC_ARCH")
+    if raw and not (raw.startswith("sm_") and raw[3:].rstrip("a").isdigit()):
+        raise ConfigError(f"EPKERN_NVRTC_ARCH={raw!r}: expected sm_<digits>, e.g. sm_90")
+    return raw or None
+
+
+def kernel_dir() -> Path | None:
+    raw = _raw("EPKERN_KERNEL_DIR")
+    return Path(raw) if raw else None
+
+
+def num_thread_ranks() -> int | None:
+    return _positive_int("EPKERN_NUM_THREADS_RANKS")
