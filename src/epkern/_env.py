@@ -14,8 +14,11 @@ from .errors import ConfigError
 # name -> (default, one-line description); docs/environment.md is generated from the same facts.
 VARIABLES: dict[str, tuple[str, str]] = {
     "EPKERN_BACKEND": ("auto", "auto | gpu | cpu: where Buffer runs; auto picks gpu when CuPy sees a device"),
-    "EPKERN_RANKS_PER_NODE": ("", "split the ranks into virtual nodes of this many consecutive ranks "
-                                  "(overrides hostnames; for tests of multi-node paths on one machine)"),
+    "EPKERN_RANKS_PER_NODE": (
+        "",
+        "split the ranks into virtual nodes of this many consecutive ranks "
+        "(overrides hostnames; for tests of multi-node paths on one machine)",
+    ),
     "EPKERN_HOSTNAME": ("", "node identity of this process instead of socket.gethostname()"),
     "EPKERN_TIMEOUT_S": ("30", "deadline in seconds of every device-side wait and every group operation"),
     "EPKERN_CACHE_DIR": ("~/.cache/epkern", "where compiled kernels (cubins) are cached on disk"),

@@ -1,0 +1,74 @@
+"""Shared timing helpers for benchmarks: CUDA-event medians, graph-replay averages, copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def event_median_us(fn, iters: int = 200, warmup: int = 20) -> float:
+    """Median over ``iters`` of the device time between events around one ``fn()`` call."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return statistics.median(times)
+
+
+def graph_average_us(fn, calls: int = 100, replays: int = 20) -> float | None:
+    """Average device time per ``fn()`` inside a captured graph of ``calls`` calls (no launch gaps);
+    None when capture is not possible."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    try:
+        with stream:
+            fn()  # make sure modules are loaded outside the capture
+            stream.synchronize()
+            stream.begin_capture()
+            for _ in range(calls):
+                fn()
+            graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            for _ in range(replays):
+                graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+    except Exception:  # noqa: BLE001 - capture unsupported for this fn
+        return None
+    return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / (calls * replays)
+
+
+def host_overhead_us(fn, calls: int = 2000) -> float:
+    """Host time per call when ``calls`` calls are enqueued back to back (no sync inside)."""
+    import cupy
+
+    fn()
+    cupy.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    cupy.cuda.get_current_stream().synchronize()
+    return (t1 - t0) * 1e6 / calls
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    import cupy
+
+    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    us = event_median_us(lambda: dst.__setitem__(slice(None), src), iters=20, warmup=3)
+    return 2 * nbytes / (us * 1e-6) / 1e9

@@ -1,0 +1,135 @@
+"""get_dispatch_layout on the GPU (kernels/layout.cu): one launch, outputs allocated here."""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _cuda, kernel_loader
+from ._validate import as_device_array, check_array, check_int, check_num_experts, check_rank_to_node
+from .errors import ArgumentError
+
+MAX_TOPK = 32
+MAX_EXPERTS = 8192
+MAX_RANKS = 1024
+
+
+class DispatchLayout(NamedTuple):
+    num_tokens_per_rank: object  # int32 [R]
+    num_tokens_per_rdma_rank: object  # int32 [N], or None for one node
+    num_tokens_per_expert: object  # int32 [E]
+    is_token_in_rank: object  # bool [T, R]
+
+
+def _threads_per_block() -> int:
+    return 128
+
+
+class _Workspace:
+    """Zeroed counters + ticket the kernel leaves zeroed again; one per (device, stream), because two
+    launches running at once must not share them. Plus a host-mapped word for the invalid-index count."""
+
+    def __init__(self, num_counters: int):
+        import cupy
+
+        from .memory import HostMapped
+
+        self.counters = cupy.zeros(num_counters + 1, dtype=np.int32)  # [0] is the ticket
+        self.invalid = HostMapped(64)
+
+
+_workspaces: dict[tuple[int, int, int], _Workspace] = {}
+_workspaces_lock = threading.Lock()
+
+
+def _workspace(device: int, stream_ptr: int, num_counters: int) -> _Workspace:
+    key = (device, stream_ptr, num_counters)
+    ws = _workspaces.get(key)
+    if ws is None:
+        with _workspaces_lock:
+            ws = _workspaces.setdefault(key, _Workspace(num_counters))
+    return ws
+
+
+def get_dispatch_layout(
+    topk_idx, num_experts: int, num_ranks: int, rank_to_node=None, *, check_indices: bool = True
+) -> DispatchLayout:
+    """Counts of tokens per rank / node / expert and the token-to-rank map for ``topk_idx`` [T, K]
+    (int64 or int32, entries in [-1, num_experts)), on the current CuPy stream.
+
+    ``rank_to_node``: node index of every rank; per-node counts are returned when there are 2+ nodes.
+    ``check_indices``: the kernel counts out-of-range indices and the host waits for the stream to raise
+    ArgumentError if there were any (entries are otherwise ignored). False makes the call fully
+    asynchronous, for hot loops whose indices are known good.
+    """
+    _cuda.require_gpu("get_dispatch_layout")
+    import cupy
+
+    num_ranks = check_int(num_ranks, "num_ranks", min_value=1, max_value=MAX_RANKS)
+    num_experts = check_num_experts(num_experts, num_ranks)
+    if num_experts > MAX_EXPERTS:
+        raise ArgumentError(f"num_experts: expected at most {MAX_EXPERTS}, got {num_experts}")
+    nodes = check_rank_to_node(rank_to_node, num_ranks)
+    num_nodes = (max(nodes) + 1) if nodes else 1
+    topk_idx = as_device_array(topk_idx, "topk_idx")
+    device = cupy.cuda.Device().id
+    check_array(topk_idx, "topk_idx", dtypes=(np.int64, np.int32), ndim=2, device=device)
+    num_tokens, topk = topk_idx.shape
+    if not 1 <= topk <= MAX_TOPK:
+        raise ArgumentError(f"topk_idx: expected 1..{MAX_TOPK} columns (top-k), got shape {topk_idx.shape}")
+    if num_tokens >= 2**31 // max(topk, num_ranks):
+        raise ArgumentError(f"topk_idx: too many tokens ({num_tokens})")
+
+    node_count = num_nodes if num_nodes > 1 else 0
+    defines = {
+        "EPK_NUM_EXPERTS": num_experts,
+        "EPK_NUM_RANKS": num_ranks,
+        "EPK_NUM_NODES": node_count,
+        "EPK_TOPK": topk,
+        "EPK_IDX_T": "int64_t" if topk_idx.dtype == np.int64 else "int32_t",
+        "EPK_THREADS": _threads_per_block(),
+    }
+    kernel = kernel_loader.get_function("layout.cu", "epk_get_dispatch_layout", defines)
+
+    per_rank = cupy.empty(num_ranks, dtype=np.int32)
+    per_expert = cupy.empty(num_experts, dtype=np.int32)
+    per_node = cupy.empty(node_count, dtype=np.int32) if node_count else None
+    in_rank = cupy.empty((num_tokens, num_ranks), dtype=cupy.bool_)
+    rank_to_node_dev = cupy.asarray(np.asarray(nodes, dtype=np.int32)) if node_count else None
+
+    stream = cupy.cuda.get_current_stream()
+    ws = _workspace(device, stream.ptr, num_experts + num_ranks + node_count + 1)
+    threads = defines["EPK_THREADS"]
+    sm_count = cupy.cuda.Device(device).attributes["MultiProcessorCount"]
+    blocks = max(1, min(-(-num_tokens // threads), 2 * sm_count))
+    invalid_word = ws.invalid.view(np.int32, count=1)
+    if check_indices:
+        invalid_word[0] = -1  # the kernel overwrites it; -1 left means it did not run
+    kernel(
+        (blocks,),
+        (threads,),
+        (
+            topk_idx,
+            np.int32(num_tokens),
+            np.uintp(rank_to_node_dev.data.ptr if rank_to_node_dev is not None else 0),
+            per_rank,
+            np.uintp(per_node.data.ptr if per_node is not None else 0),
+            per_expert,
+            in_rank,
+            ws.counters,
+            np.uintp(ws.counters.data.ptr + 4),
+            np.uintp(ws.invalid.device_ptr if check_indices else 0),
+        ),
+    )
+    if check_indices:
+        stream.synchronize()
+        bad = int(invalid_word[0])
+        if bad != 0:
+            raise ArgumentError(
+                f"topk_idx: expected entries in [-1, {num_experts}), found {bad} outside that range"
+                if bad > 0
+                else "topk_idx: layout kernel did not report (launch failed?)"
+            )
+    return DispatchLayout(per_rank, per_node, per_expert, in_rank)

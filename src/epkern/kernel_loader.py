@@ -1,0 +1,215 @@
+"""Run-time compilation of the CUDA sources in ``kernels/``.
+
+NVRTC is called directly (``cupy_backends.cuda.libs.nvrtc``) so the same code path compiles on a machine
+without a GPU (tests compile every source to an sm_90 cubin there) and on the GPU. A compiled cubin is
+keyed by a hash of every kernel source, the defines, the options, the NVRTC version and the target; it is
+kept in memory per process and on disk under ``EPKERN_CACHE_DIR``, and loaded with ``cupy.RawModule``.
+
+Specialisation is by preprocessor defines (``-DEPK_TOPK=8`` ...): each kernel is an ``extern "C"``
+function, so names need no mangling, and the defines make loop bounds compile-time constants.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import _env
+from .errors import KernelCompileError
+
+_PACKAGE_KERNELS = Path(__file__).resolve().parent / "kernels"
+_REPO_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernel_dir() -> Path:
+    """Folder holding the .cu/.cuh sources: EPKERN_KERNEL_DIR, the packaged copy, or <repo>/kernels."""
+    override = _env.kernel_dir()
+    if override is not None:
+        if not override.is_dir():
+            raise KernelCompileError(f"EPKERN_KERNEL_DIR={override}: not a folder")
+        return override
+    for candidate in (_PACKAGE_KERNELS, _REPO_KERNELS):
+        if (candidate / "epk_common.cuh").is_file():
+            return candidate
+    raise KernelCompileError(f"kernel sources not found in {_PACKAGE_KERNELS} or {_REPO_KERNELS}")
+
+
+def kernel_sources() -> list[Path]:
+    """Every compilable source (.cu) shipped with epkern."""
+    return sorted(kernel_dir().glob("*.cu"))
+
+
+@functools.cache
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError as exc:  # pragma: no cover - cupy is a hard dependency
+        raise KernelCompileError(f"cannot import CuPy's NVRTC bindings: {exc}") from exc
+    return nvrtc
+
+
+def nvrtc_version() -> tuple[int, int]:
+    return tuple(_nvrtc().getVersion())
+
+
+def _site_dirs() -> list[Path]:
+    return [Path(p) for p in sys.path if p and Path(p).is_dir()]
+
+
+@functools.cache
+def include_dirs() -> tuple[str, ...]:
+    """Include paths for cuda_bf16.h / cuda_fp8.h (the nvidia-cuda-runtime wheel or a toolkit) and CCCL."""
+    dirs: list[Path] = []
+    header_roots = []
+    for site in _site_dirs():
+        header_roots += [site / "nvidia" / "cu13" / "include", site / "nvidia" / "cuda_runtime" / "include"]
+    for env_name in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(env_name):
+            header_roots.append(Path(os.environ[env_name]) / "include")
+    header_roots.append(Path("/usr/local/cuda/include"))
+    for root in header_roots:
+        if (root / "cuda_bf16.h").is_file() and (root / "cuda_fp8.h").is_file():
+            dirs.append(root)
+            break
+    else:
+        raise KernelCompileError(
+            "cuda_bf16.h / cuda_fp8.h not found: install nvidia-cuda-runtime==13.0.* (pip) or set CUDA_PATH"
+        )
+    try:
+        import cupy
+
+        cccl = Path(cupy.__file__).parent / "_core" / "include" / "cupy" / "_cccl" / "libcudacxx"
+        if cccl.is_dir():
+            dirs.append(cccl)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(str(d) for d in dirs)
+
+
+def device_arch(device_id: int | None = None) -> str:
+    """``sm_XY`` for the given (default: current) device, or EPKERN_NVRTC_ARCH when set."""
+    forced = _env.nvrtc_arch()
+    if forced:
+        return forced
+    from . import _cuda
+
+    _cuda.require_gpu("compiling kernels for the current device")
+    import cupy
+
+    dev = cupy.cuda.Device(device_id) if device_id is not None else cupy.cuda.Device()
+    return f"sm_{dev.compute_capability}"
+
+
+def _define_flags(defines: Mapping[str, object]) -> list[str]:
+    flags = []
+    for name, value in sorted(defines.items()):
+        if not name.isidentifier():
+            raise KernelCompileError(f"bad define name {name!r}")
+        flags.append(f"-D{name}" if value is None else f"-D{name}={value}")
+    return flags
+
+
+@functools.cache
+def _sources_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.cu*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def compile_options(arch: str, defines: Mapping[str, object], debug: bool = False) -> list[str]:
+    opts = [f"-arch={arch}", "-std=c++17"]
+    opts += [f"-I{d}" for d in (str(kernel_dir()), *include_dirs())]
+    if debug:
+        opts += ["-G", "-lineinfo"]
+    else:
+        opts += ["-lineinfo"]
+    return opts + _define_flags(defines)
+
+
+def compile_cubin(source: str, defines: Mapping[str, object] | None = None, arch: str | None = None) -> bytes:
+    """Compile ``kernels/<source>`` to a cubin for ``arch`` (default: the current device). No GPU needed
+    when ``arch`` is given. Raises KernelCompileError with NVRTC's log on failure."""
+    defines = dict(defines or {})
+    arch = arch or device_arch()
+    if not arch.startswith("sm_"):
+        # compute_XY would give PTX, which a driver older than this NVRTC cannot load.
+        raise KernelCompileError(f"arch={arch!r}: expected a real architecture sm_XY (a cubin), not PTX")
+    path = kernel_dir() / source
+    if not path.is_file():
+        raise KernelCompileError(f"no kernel source {source!r} in {kernel_dir()}")
+    nvrtc = _nvrtc()
+    options = compile_options(arch, defines)
+    prog = nvrtc.createProgram(path.read_text(), source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise KernelCompileError(f"NVRTC failed on {source} ({' '.join(options)}):\n{log}") from exc
+        return nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def cache_key(source: str, defines: Mapping[str, object], arch: str) -> str:
+    h = hashlib.sha256()
+    for part in (
+        source,
+        _sources_digest(kernel_dir()),
+        repr(nvrtc_version()),
+        arch,
+        *compile_options(arch, defines),
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def cubin_path(source: str, defines: Mapping[str, object], arch: str) -> Path:
+    """Disk-cached cubin for this specialisation, compiling it on a miss (atomic rename, so concurrent
+    processes never read a half-written file)."""
+    folder = _env.cache_dir() / "cubin"
+    target = folder / f"{Path(source).stem}-{arch}-{cache_key(source, defines, arch)}.cubin"
+    if target.is_file():
+        return target
+    cubin = compile_cubin(source, defines, arch)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(cubin)
+    os.replace(tmp, target)
+    return target
+
+
+_modules: dict[tuple, object] = {}
+_modules_lock = threading.Lock()
+
+
+def get_function(source: str, name: str, defines: Mapping[str, object] | None = None):
+    """The ``cupy.RawKernel`` for ``extern "C"`` kernel ``name`` of ``kernels/<source>``, specialised by
+    ``defines``, for the current device. Cached per (device, source, defines)."""
+    from . import _cuda
+
+    _cuda.require_gpu(f"launching kernel {name}")
+    import cupy
+
+    defines = dict(defines or {})
+    device = cupy.cuda.Device().id
+    key = (device, source, tuple(sorted(defines.items())))
+    module = _modules.get(key)
+    if module is None:
+        with _modules_lock:
+            module = _modules.get(key)
+            if module is None:
+                path = cubin_path(source, defines, device_arch(device))
+                module = cupy.RawModule(path=str(path))
+                _modules[key] = module
+    return module.get_function(name)

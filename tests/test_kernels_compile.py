@@ -1,0 +1,77 @@
+"""Every kernel source compiles to an sm_90 cubin with NVRTC, on a machine without a GPU."""
+
+import pytest
+
+from epkern import kernel_loader
+from epkern.errors import KernelCompileError
+
+# Each .cu file with the specialisations worth compiling in CI: small, typical and extreme ones.
+SPECIMENS = {
+    "layout.cu": [
+        dict(
+            EPK_NUM_EXPERTS=256,
+            EPK_NUM_RANKS=8,
+            EPK_NUM_NODES=0,
+            EPK_TOPK=8,
+            EPK_IDX_T="int64_t",
+            EPK_THREADS=128,
+        ),
+        dict(
+            EPK_NUM_EXPERTS=1024,
+            EPK_NUM_RANKS=64,
+            EPK_NUM_NODES=8,
+            EPK_TOPK=16,
+            EPK_IDX_T="int32_t",
+            EPK_THREADS=256,
+        ),
+        dict(
+            EPK_NUM_EXPERTS=3,
+            EPK_NUM_RANKS=3,
+            EPK_NUM_NODES=0,
+            EPK_TOPK=1,
+            EPK_IDX_T="int64_t",
+            EPK_THREADS=32,
+        ),
+    ],
+}
+
+
+def test_every_source_has_specimens():
+    names = {p.name for p in kernel_loader.kernel_sources()}
+    assert names, "no kernel sources found"
+    assert names == set(SPECIMENS), f"sources without compile specimens: {names - set(SPECIMENS)}"
+
+
+@pytest.mark.parametrize(
+    "source,defines",
+    [(s, d) for s, ds in SPECIMENS.items() for d in ds],
+    ids=lambda v: v if isinstance(v, str) else "-".join(str(x) for x in v.values()),
+)
+def test_compiles_to_sm90_cubin(source, defines):
+    cubin = kernel_loader.compile_cubin(source, defines, arch="sm_90")
+    assert cubin[:4] == b"\x7fELF", "NVRTC did not return an ELF cubin"
+    assert len(cubin) > 1000
+
+
+def test_compile_error_carries_log(tmp_path, monkeypatch):
+    (tmp_path / "epk_common.cuh").write_text("#pragma once\n")
+    (tmp_path / "broken.cu").write_text('extern "C" __global__ void k() { this_is_not_declared(); }\n')
+    monkeypatch.setenv("EPKERN_KERNEL_DIR", str(tmp_path))
+    with pytest.raises(KernelCompileError, match="this_is_not_declared"):
+        kernel_loader.compile_cubin("broken.cu", {}, arch="sm_90")
+
+
+def test_ptx_target_refused():
+    with pytest.raises(KernelCompileError, match="sm_XY"):
+        kernel_loader.compile_cubin("layout.cu", SPECIMENS["layout.cu"][0], arch="compute_90")
+
+
+def test_disk_cache_reuses_cubin(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPKERN_CACHE_DIR", str(tmp_path))
+    spec = SPECIMENS["layout.cu"][0]
+    first = kernel_loader.cubin_path("layout.cu", spec, "sm_90")
+    mtime = first.stat().st_mtime_ns
+    again = kernel_loader.cubin_path("layout.cu", spec, "sm_90")
+    assert again == first and again.stat().st_mtime_ns == mtime
+    other = kernel_loader.cubin_path("layout.cu", {**spec, "EPK_TOPK": 4}, "sm_90")
+    assert other != first
