@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from epkern import _env
+from epkern.errors import ConfigError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "environment.md"
+
+
+def test_every_variable_documented():
+    text = DOC.read_text()
+    for name in _env.VARIABLES:
+        assert f"`{name}`" in text, f"{name} missing from docs/environment.md"
+
+
+def test_only_env_module_reads_epkern_variables():
+    src = Path(__file__).resolve().parents[1] / "src" / "epkern"
+    for path in src.rglob("*.py"):
+        if path.name == "_env.py":
+            continue
+        text = path.read_text()
+        assert "os.environ.get(\"EPKERN_" not in text and "getenv(\"EPKERN_" not in text, path
+
+
+@pytest.mark.parametrize(
+    "name,value,accessor",
+    [
+        ("EPKERN_TIMEOUT_S", "-1", _env.timeout_s),
+        ("EPKERN_TIMEOUT_S", "soon", _env.timeout_s),
+        ("EPKERN_RANKS_PER_NODE", "0", _env.ranks_per_node),
+        ("EPKERN_BACKEND", "tpu", _env.backend),
+        ("EPKERN_NVRTC_ARCH", "compute_90", _env.nvrtc_arch),
+    ],
+)
+def test_bad_values_name_the_variable(monkeypatch, name, value, accessor):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        accessor()
+
+
+def test_defaults(monkeypatch):
+    for name in _env.VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert _env.timeout_s() == 30.0
+    assert _env.backend() == "auto"
+    assert _env.ranks_per_node() is None
+    assert _env.nvrtc_arch() is None
