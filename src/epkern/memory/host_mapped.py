@@ -11,7 +11,7 @@ import ctypes
 
 import numpy as np
 
-from . import _cuda
+from .. import _cuda
 
 
 class HostMapped:

@@ -1,0 +1,345 @@
+"""In-process ranks: one thread per rank, sharing a coordinator.
+
+:func:`run_in_process` is the launcher (works in Jupyter: no signals, no subprocesses)::
+
+    results = run_in_process(fn, 4, *args, ranks_per_node=2, timeout_s=10)   # fn(group, *args)
+
+Failure behaviour — nothing hangs:
+
+- Every collective has a deadline (``timeout_s``, default ``EPKERN_TIMEOUT_S``). A rank that waits longer
+  raises :class:`GroupError` naming the ranks that did not arrive and the operation
+  ("rank 2 did not reach allgather_bytes #5 within 30.0 s").
+- Once any rank fails — its function raised, a deadline passed, a rank returned while others wait for it in
+  a collective, or ranks called different collectives at the same step — the group is *aborted*: every rank
+  blocked in a collective, and every later collective, raises GroupError at once, naming the cause.
+- The launcher then waits for the remaining threads for at most ``timeout_s`` more, abandons any still
+  running (they are daemon threads; Python cannot kill a thread), and raises: the first rank's original
+  exception (with a note saying which rank), or the GroupError that describes the timeout.
+
+Collectives are matched by their position in each rank's sequence of calls, like MPI; a group object
+belongs to one rank (one thread).
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from .. import _env
+from ..errors import ArgumentError, GroupError
+from .base import Group, as_bytes, gpu_count
+from .nodes import check_ranks_per_node, local_hostname, node_map
+
+__all__ = ["ThreadGroup", "make_thread_groups", "run_in_process"]
+
+
+class _Round:
+    __slots__ = ("ops", "values", "arrived", "taken", "done")
+
+    def __init__(self, size: int):
+        self.ops: list[str | None] = [None] * size
+        self.values: list = [None] * size
+        self.arrived = 0
+        self.taken = 0
+        self.done = False
+
+
+class _Coordinator:
+    """Shared state of the ranks of one in-process group."""
+
+    def __init__(self, size: int, timeout_s: float):
+        self.size = size
+        self.timeout_s = timeout_s
+        self.cond = threading.Condition()
+        self.rounds: dict[int, _Round] = {}
+        self.exited: set[int] = set()  # ranks whose function has returned (launcher only)
+        self.failure: BaseException | None = None  # the first cause
+        self.failed_rank: int | None = None
+        self.errors: dict[int, BaseException] = {}  # every rank's own (primary) exception
+
+    # ---- failure ----
+    def fail(self, exc: BaseException, rank: int | None = None) -> None:
+        with self.cond:
+            if rank is not None and not getattr(exc, "_epkern_secondary", False):
+                self.errors.setdefault(rank, exc)
+            if self.failure is None:
+                self.failure = exc
+                self.failed_rank = rank
+            self.cond.notify_all()
+
+    def _describe_failure(self) -> str:
+        exc = self.failure
+        if isinstance(exc, GroupError):
+            return str(exc)
+        who = f"rank {self.failed_rank}" if self.failed_rank is not None else "the launcher"
+        return f"{who} raised {type(exc).__name__}: {exc}"
+
+    def _abandoned(self, rank: int, op: str, seq: int) -> GroupError:
+        err = GroupError(f"rank {rank}: {op} #{seq} abandoned because {self._describe_failure()}")
+        err._epkern_secondary = True
+        return err
+
+    def mark_exited(self, rank: int) -> None:
+        with self.cond:
+            self.exited.add(rank)
+            self.cond.notify_all()
+
+    # ---- the one primitive: everyone deposits a value, everyone gets the list ----
+    def exchange(self, rank: int, seq: int, op: str, value) -> list:
+        with self.cond:
+            if self.failure is not None:
+                raise self._abandoned(rank, op, seq)
+            rnd = self.rounds.get(seq)
+            if rnd is None:
+                rnd = self.rounds[seq] = _Round(self.size)
+            rnd.ops[rank] = op
+            rnd.values[rank] = value
+            rnd.arrived += 1
+            if rnd.arrived == self.size:
+                if len(set(rnd.ops)) > 1:
+                    calls = ", ".join(f"rank {r}: {o}" for r, o in enumerate(rnd.ops))
+                    err = GroupError(f"ranks called different collectives at step #{seq} ({calls})")
+                    self.fail(err)
+                    raise err
+                rnd.done = True
+                self.cond.notify_all()
+            deadline = time.monotonic() + self.timeout_s
+            while not rnd.done:
+                if self.failure is not None:
+                    raise self._abandoned(rank, op, seq)
+                missing = [r for r in range(self.size) if rnd.ops[r] is None]
+                gone = [r for r in missing if r in self.exited]
+                if gone:
+                    err = GroupError(
+                        f"{_ranks(gone)} returned without reaching {op} #{seq} "
+                        f"(rank {rank} was waiting in it)"
+                    )
+                    self.fail(err)
+                    raise err
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    err = GroupError(
+                        f"{_ranks(missing)} did not reach {op} #{seq} within {self.timeout_s} s "
+                        f"(rank {rank} was waiting in it)"
+                    )
+                    self.fail(err)
+                    raise err
+                self.cond.wait(remaining)
+            result = list(rnd.values)
+            rnd.taken += 1
+            if rnd.taken == self.size:
+                del self.rounds[seq]
+            return result
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+class ThreadGroup(Group):
+    """One rank of an in-process group (made by :func:`make_thread_groups` or :func:`run_in_process`)."""
+
+    kind = "threads"
+    is_in_process = True
+
+    def __init__(self, coordinator: _Coordinator, rank: int, device: int | None, nodes):
+        self._coord = coordinator
+        self._rank = rank
+        self._device = device
+        self._nodes = nodes
+        self._seq = 0
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._coord.size
+
+    @property
+    def device(self) -> int | None:
+        return self._device
+
+    @property
+    def timeout_s(self) -> float:
+        """Deadline of every collective of this group."""
+        return self._coord.timeout_s
+
+    def _exchange(self, op: str, value) -> list:
+        self._seq += 1
+        return self._coord.exchange(self._rank, self._seq, op, value)
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        return self._exchange("allgather_bytes", as_bytes(data))
+
+    def allgather_object(self, obj) -> list:
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return [pickle.loads(b) for b in self._exchange("allgather_object", payload)]
+
+    def broadcast_object(self, obj, root: int = 0):
+        root = self._check_root(root)
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self._rank == root else None
+        got = self._exchange(f"broadcast_object(root={root})", payload)[root]
+        return obj if self._rank == root else pickle.loads(got)
+
+    def exchange_object(self, obj) -> list:
+        """Every rank's ``obj`` itself (no copy), indexed by rank: for sharing device arrays and pointers
+        between in-process ranks. The caller owns any synchronisation of what the objects refer to."""
+        return self._exchange("exchange_object", obj)
+
+    def barrier(self) -> None:
+        self._exchange("barrier", None)
+
+    def abort(self, reason: BaseException | str) -> None:
+        """Make every rank's current and later collectives raise GroupError (e.g. from a watchdog)."""
+        exc = reason if isinstance(reason, BaseException) else GroupError(str(reason))
+        self._coord.fail(exc, self._rank)
+
+
+def _check_positive_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ArgumentError(f"{name}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _resolve_devices(num_ranks: int, devices) -> list[int | None]:
+    ndev = gpu_count()
+    if devices is None:
+        return [r % ndev if ndev else None for r in range(num_ranks)]
+    if isinstance(devices, int | str | bytes) or not isinstance(devices, Sequence) or len(devices) == 0:
+        raise ArgumentError(f"devices: expected a non-empty list of CUDA device ordinals, got {devices!r}")
+    for d in devices:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < ndev:
+            have = f"[0, {ndev})" if ndev else "none (no CUDA GPU is visible)"
+            raise ArgumentError(f"devices: {d!r} is not a visible CUDA device ordinal; visible: {have}")
+    return [devices[r % len(devices)] for r in range(num_ranks)]
+
+
+def make_thread_groups(
+    num_ranks: int,
+    *,
+    devices: Sequence[int] | None = None,
+    ranks_per_node: int | None = None,
+    timeout_s: float | None = None,
+) -> list[ThreadGroup]:
+    """The ``num_ranks`` ThreadGroup objects of one in-process group (index = rank); hand one to each thread.
+    :func:`run_in_process` does this and more (failure propagation, device selection per thread)."""
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks <= 0:
+        raise ArgumentError(f"num_ranks: expected a positive integer, got {num_ranks!r}")
+    explicit = check_ranks_per_node(ranks_per_node)
+    rpn = explicit if explicit is not None else _env.ranks_per_node()
+    timeout = _env.timeout_s() if timeout_s is None else _check_positive_number(timeout_s, "timeout_s")
+    nodes = node_map(
+        [local_hostname()] * num_ranks,
+        rpn,
+        "ranks_per_node" if explicit is not None else "EPKERN_RANKS_PER_NODE",
+    )
+    devs = _resolve_devices(num_ranks, devices)
+    coord = _Coordinator(num_ranks, timeout)
+    return [ThreadGroup(coord, r, devs[r], nodes) for r in range(num_ranks)]
+
+
+def _use_device(device: int | None) -> None:
+    if device is None:
+        return
+    import cupy
+
+    cupy.cuda.Device(device).use()
+
+
+def run_in_process(
+    fn: Callable,
+    num_ranks: int,
+    *args,
+    devices: Sequence[int] | None = None,
+    ranks_per_node: int | None = None,
+    timeout_s: float | None = None,
+    **kwargs,
+) -> list:
+    """Run ``fn(group, *args, **kwargs)`` on ``num_ranks`` in-process ranks (one thread each) and return
+    the results by rank.
+
+    Each rank's thread makes its device current first (round-robin over the visible GPUs, or over
+    ``devices``). ``ranks_per_node`` splits the ranks into virtual nodes (default ``EPKERN_RANKS_PER_NODE``).
+    ``timeout_s`` (default ``EPKERN_TIMEOUT_S``) is the deadline of every collective, and how long the
+    launcher waits for the other ranks once one has failed. If any rank raises, the first rank's exception is
+    re-raised here (with a note naming the rank) after every thread has ended or been abandoned.
+    """
+    if not callable(fn):
+        raise ArgumentError(f"fn: expected a callable taking (group, ...), got {type(fn).__name__}")
+    groups = make_thread_groups(
+        num_ranks, devices=devices, ranks_per_node=ranks_per_node, timeout_s=timeout_s
+    )
+    coord = groups[0]._coord
+    results: list = [None] * num_ranks
+    finished: set[int] = set()
+
+    def body(group: ThreadGroup) -> None:
+        rank = group.rank
+        try:
+            _use_device(group.device)
+            results[rank] = fn(group, *args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which re-raises
+            coord.fail(exc, rank)
+        finally:
+            with coord.cond:
+                finished.add(rank)
+                coord.exited.add(rank)
+                coord.cond.notify_all()
+
+    threads = [
+        threading.Thread(target=body, args=(g,), name=f"epkern-rank-{g.rank}", daemon=True) for g in groups
+    ]
+    try:
+        for t in threads:
+            t.start()
+        with coord.cond:
+            grace_end = None
+            while len(finished) < num_ranks:
+                if coord.failure is not None and grace_end is None:
+                    grace_end = time.monotonic() + coord.timeout_s
+                if grace_end is not None:
+                    remaining = grace_end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    coord.cond.wait(min(remaining, 1.0))
+                else:
+                    coord.cond.wait(1.0)  # short waits keep Ctrl-C responsive in the main thread
+            abandoned = sorted(set(range(num_ranks)) - finished)
+    except BaseException as exc:  # KeyboardInterrupt in Jupyter: stop the ranks' collectives, then re-raise
+        coord.fail(exc)
+        raise
+
+    if coord.failure is None:
+        for t in threads:
+            t.join()
+        return results
+    _raise_failure(coord, num_ranks, abandoned)
+
+
+def _raise_failure(coord: _Coordinator, num_ranks: int, abandoned: list[int]):
+    first = coord.failure
+    rank = coord.failed_rank
+    if rank is None:  # a collective-level failure (timeout, a rank returned early, mismatch): a GroupError
+        exc = first
+        note = "epkern.run_in_process: the group was aborted"
+    else:
+        exc = first
+        note = f"epkern.run_in_process: raised on rank {rank} of {num_ranks}"
+    others = {r: e for r, e in coord.errors.items() if e is not first}
+    if others:  # group identical errors: often every rank fails the same way
+        by_text: dict[str, list[int]] = {}
+        for r, e in sorted(others.items()):
+            by_text.setdefault(f"{type(e).__name__}: {e}", []).append(r)
+        first_text = f"{type(first).__name__}: {first}"
+        note += "; " + "; ".join(
+            f"{_ranks(rs)} raised {'the same' if text == first_text else text}"
+            for text, rs in by_text.items()
+        )
+    if abandoned:
+        note += f"; {_ranks(abandoned)} still running after {coord.timeout_s} s, abandoned (daemon threads)"
+    exc.add_note(note)
+    raise exc

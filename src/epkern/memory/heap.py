@@ -1,0 +1,98 @@
+"""A first-fit allocator over a byte range of device memory that peers can address.
+
+Dispatch outputs are allocated here so that senders can write each row straight into its final place in
+the receiver's array (no staging copy). A block returns to the heap when its last user (CuPy arrays
+viewing it, handles) is garbage collected, like CuPy's own pool; reuse is ordered by the stream the
+next user runs on, as in CuPy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import weakref
+
+from ..errors import EpkernError
+
+ALIGN = 256
+
+
+class HeapExhaustedError(EpkernError, MemoryError):
+    """The heap has no free range large enough; the message says how much live outputs hold."""
+
+
+class HeapBlock:
+    """``nbytes`` at ``offset`` in the heap; ``ptr`` is the device address. Freed on garbage collection."""
+
+    __slots__ = ("heap", "offset", "nbytes", "ptr", "_finalizer", "__weakref__")
+
+    def __init__(self, heap: Heap, offset: int, nbytes: int):
+        self.heap = heap
+        self.offset = offset
+        self.nbytes = nbytes
+        self.ptr = heap.base_ptr + offset
+        self._finalizer = weakref.finalize(self, heap._free, offset, nbytes)
+
+    def array(self, shape, dtype, byte_offset: int = 0):
+        """A CuPy array over this block (keeps the block alive)."""
+        import cupy
+        import numpy as np
+
+        shape = tuple(int(s) for s in shape)
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if byte_offset + need > self.nbytes:
+            raise ValueError(f"view of {need} bytes at {byte_offset} exceeds block of {self.nbytes}")
+        mem = cupy.cuda.UnownedMemory(self.ptr, self.nbytes, self)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, byte_offset))
+
+
+class Heap:
+    """First-fit, coalescing allocator over [base_ptr, base_ptr + nbytes)."""
+
+    def __init__(self, base_ptr: int, nbytes: int):
+        self.base_ptr = base_ptr
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+        self._starts: list[int] = [0]  # free ranges, sorted by start
+        self._sizes: dict[int, int] = {0: nbytes} if nbytes > 0 else {}
+        if nbytes <= 0:
+            self._starts = []
+        self.in_use = 0
+
+    def alloc(self, nbytes: int) -> HeapBlock:
+        size = max(ALIGN, -(-int(nbytes) // ALIGN) * ALIGN)
+        with self._lock:
+            for start in self._starts:
+                have = self._sizes[start]
+                if have >= size:
+                    self._starts.remove(start)
+                    del self._sizes[start]
+                    if have > size:
+                        self._insert(start + size, have - size)
+                    self.in_use += size
+                    return HeapBlock(self, start, size)
+        raise HeapExhaustedError(
+            f"output heap exhausted: need {size} bytes, largest free range {self.largest_free()} of "
+            f"{self.nbytes}; {self.in_use} bytes are held by live dispatch outputs/handles "
+            f"(free them, or create the Buffer with a larger num_nvl_bytes)"
+        )
+
+    def largest_free(self) -> int:
+        return max(self._sizes.values(), default=0)
+
+    def _insert(self, start: int, size: int) -> None:
+        bisect.insort(self._starts, start)
+        self._sizes[start] = size
+
+    def _free(self, start: int, size: int) -> None:
+        with self._lock:
+            self.in_use -= size
+            i = bisect.bisect_left(self._starts, start)
+            # merge with the following range
+            if i < len(self._starts) and self._starts[i] == start + size:
+                size += self._sizes.pop(self._starts.pop(i))
+            # merge with the preceding range
+            if i > 0 and self._starts[i - 1] + self._sizes[self._starts[i - 1]] == start:
+                self._sizes[self._starts[i - 1]] += size
+                return
+            self._insert(start, size)

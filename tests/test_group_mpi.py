@@ -1,0 +1,64 @@
+"""The mpi4py group backend under ``mpiexec -n 4`` (the mpich wheel's hydra launcher)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "mpi_group_worker.py"
+
+
+def _mpiexec() -> str | None:
+    # Prefer the one next to this interpreter (a venv's bin/), then PATH.
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def _run(mode: str, env_extra: dict[str, str] | None = None, mpmd_hosts: bool = False):
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(env_extra or {})
+    if mpmd_hosts:  # per-rank EPKERN_HOSTNAME through MPMD segments
+        cmd = [mpiexec]
+        for host in ("hostA", "hostB"):
+            cmd += ["-n", "2", "-env", "EPKERN_HOSTNAME", host, sys.executable, str(WORKER), mode, ":"]
+        cmd = cmd[:-1]
+    else:
+        cmd = [mpiexec, "-n", "4", sys.executable, str(WORKER), mode]
+    if shutil.which("timeout"):
+        cmd = ["timeout", "120", *cmd]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for r in range(4):
+        assert f"OK rank {r}" in proc.stdout, out
+
+
+def test_mpi_group_one_host():
+    _run("plain")
+
+
+def test_mpi_group_virtual_nodes():
+    _run("virtual", {"EPKERN_RANKS_PER_NODE": "2"})
+
+
+def test_mpi_group_hostnames_per_rank():
+    _run("hosts", mpmd_hosts=True)
+
+
+def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():
+    _run("bad-rpn", {"EPKERN_RANKS_PER_NODE": "3"})

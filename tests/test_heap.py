@@ -1,0 +1,38 @@
+import gc
+import random
+
+import pytest
+
+from epkern.memory.heap import ALIGN, Heap, HeapExhaustedError
+
+
+def test_alloc_free_coalesces_back_to_one_range():
+    heap = Heap(base_ptr=1 << 40, nbytes=1 << 20)
+    rng = random.Random()
+    live = []
+    for _ in range(500):
+        if live and rng.random() < 0.45:
+            live.pop(rng.randrange(len(live)))
+        else:
+            try:
+                live.append(heap.alloc(rng.randrange(1, 50_000)))
+            except HeapExhaustedError:
+                live.clear()
+        blocks = sorted((b.offset, b.offset + b.nbytes) for b in live)
+        for (a0, a1), (b0, _) in zip(blocks, blocks[1:], strict=False):
+            assert a1 <= b0, "overlapping blocks"
+        assert all(b.offset % ALIGN == 0 and b.ptr == heap.base_ptr + b.offset for b in live)
+        assert heap.in_use == sum(b.nbytes for b in live)
+    live.clear()
+    gc.collect()
+    assert heap.in_use == 0 and heap.largest_free() == 1 << 20
+
+
+def test_exhaustion_message_says_what_is_held():
+    heap = Heap(base_ptr=0, nbytes=4096)
+    keep = heap.alloc(3000)
+    with pytest.raises(HeapExhaustedError, match="held by live"):
+        heap.alloc(2000)
+    del keep
+    gc.collect()
+    assert heap.alloc(4096).nbytes == 4096
