@@ -79,4 +79,34 @@ EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, in
   __threadfence_system();
 }
 
+// True once *flag has reached `target` (wrap-safe: epochs only grow, compared as a signed difference).
+EPK_DEVICE bool reached(int value, int target) { return static_cast<int>(static_cast<unsigned>(value) -
+                                                                         static_cast<unsigned>(target)) >= 0; }
+
+// Spin until *flag reaches `target` (acquire, system scope) or the deadline passes; on expiry record
+// (rank, phase, peer, value seen, expected) and return false. Every device-side wait goes through here.
+struct Deadline {
+  ErrorRecord *rec;
+  int rank;
+  uint64_t timeout_ns;
+};
+
+EPK_DEVICE bool wait_reached(const int *flag, int target, const Deadline &d, int phase, int peer) {
+  int v = ld_acquire_sys(flag);
+  if (reached(v, target)) return true;
+  const uint64_t start = now_ns();
+  for (unsigned iter = 1;; ++iter) {
+    v = ld_acquire_sys(flag);
+    if (reached(v, target)) return true;
+    if ((iter & 255u) == 0) {
+      if (now_ns() - start > d.timeout_ns) {
+        report_error(d.rec, kTimeout, d.rank, phase, peer, v, target);
+        return false;
+      }
+      // Another thread of this rank already gave up: stop too rather than wait out a second deadline.
+      if (d.rec != nullptr && *reinterpret_cast<volatile int *>(&d.rec->claimed) != 0) return false;
+    }
+  }
+}
+
 }  // namespace epk

@@ -287,6 +287,18 @@ def test_failing_rank_reraised_and_others_get_group_error_promptly():
         assert "rank 2 raised ValueError: rank two broke" in str(exc) and "barrier #1" in str(exc)
 
 
+def test_every_rank_failing_alike_is_reported_once():
+    def fn(group):
+        raise KeyError("same") if group.rank else KeyError("first")
+
+    with pytest.raises(KeyError) as info:
+        run_in_process(fn, 3)
+    note = info.value.__notes__[-1]
+    assert "raised on rank" in note and (
+        "ranks 1, 2 raised KeyError: 'same'" in note or "raised the same" in note
+    )
+
+
 def test_rank_that_never_arrives_times_out():
     release = threading.Event()
     errors = {}
