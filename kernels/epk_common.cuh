@@ -64,7 +64,7 @@ struct ErrorRecord {
   int pad;
 };
 
-enum ErrorCode : int { kOk = 0, kTimeout = 1, kBadIndex = 2 };
+enum ErrorCode : int { kOk = 0, kTimeout = 1, kBadIndex = 2, kOverflow = 3 };
 
 EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, int peer, int seen,
                              int expected) {

@@ -8,7 +8,7 @@ operation on the numpy reference across the group's ranks (arrays are numpy); ``
 from __future__ import annotations
 
 from . import _cuda, _env
-from .errors import ArgumentError, DeviceUnavailableError
+from .errors import ArgumentError
 
 
 class EventHandle:
@@ -56,10 +56,9 @@ class Buffer:
 
             return super().__new__(CpuBuffer)
         _cuda.require_gpu("Buffer(backend='gpu')")
-        raise DeviceUnavailableError(
-            "the GPU Buffer is not implemented yet (intranode kernels are the next milestone); "
-            "use backend='cpu' meanwhile"
-        )
+        from .gpu_buffer import GpuBuffer
+
+        return super().__new__(GpuBuffer)
 
     def __enter__(self):
         return self

@@ -2,7 +2,7 @@
 
 ``HostMapped``: pinned host memory mapped into every device's address space (counters, flags and error
 records the GPU writes and the host polls without a copy). With unified addressing the device pointer
-equals the host pointer; we still ask the runtime for it so the code does not rely on that.
+equals the host pointer.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ class HostMapped:
         self.nbytes = max(int(nbytes), 1)
         self._rt = rt
         self._ptr = rt.hostAlloc(self.nbytes, rt.hostAllocMapped | rt.hostAllocPortable)
-        self.device_ptr = rt.hostGetDevicePointer(self._ptr, 0)
+        # Unified addressing (every 64-bit CUDA platform epkern runs on): the device sees the same
+        # address. CuPy does not wrap cudaHostGetDevicePointer.
+        self.device_ptr = self._ptr
         buf = (ctypes.c_uint8 * self.nbytes).from_address(self._ptr)
         self.host = np.frombuffer(buf, dtype=np.uint8)
         self.host[:] = 0

@@ -1,0 +1,138 @@
+// HT combine: each source rank pulls the returned rows of its tokens straight from the peers that
+// received them and reduces them in float32 (bias_0, bias_1, then destination ranks ascending — the
+// reference's order), writing each combined row once. Peers publish where their inputs are; at the end
+// every rank tells each peer it has finished reading its rows and waits until all have finished with its
+// own, so the caller may reuse its input as soon as the kernel ends.
+//
+// Defines: EPK_NUM_RANKS, EPK_TOPK, EPK_HIDDEN (bf16 elements, multiple of 8), EPK_HAS_WEIGHTS,
+// EPK_THREADS, EPK_UNROLL, EPK_CTRL_BYTES.
+#include "ht_common.cuh"
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kTopk = EPK_TOPK;
+constexpr int kRowVecs = EPK_HIDDEN / 8;  // int4 = 8 bf16
+constexpr bool kHasWeights = EPK_HAS_WEIGHTS != 0;
+constexpr int kThreads = EPK_THREADS;
+constexpr int kUnroll = EPK_UNROLL;
+static_assert(EPK_HIDDEN % 8 == 0, "hidden must be a multiple of 8");
+static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
+
+enum { kInX = 0, kInWeights, kNumIns };
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4 &v) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[2 * j] = __fadd_rn(acc[2 * j], epk::bf16_lo(w[j]));
+    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], epk::bf16_hi(w[j]));
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    epk_ht_combine(int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
+                   const int *__restrict__ send_slot, const int4 *__restrict__ bias0,
+                   const int4 *__restrict__ bias1, const unsigned long long *__restrict__ peers,
+                   int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
+                   epk::ErrorRecord *err, unsigned long long timeout_ns) {
+  const int p = epoch & 1;
+  const int tid = threadIdx.x, lane = tid % 32;
+  __shared__ const char *s_src[kRanks][kNumIns];
+  __shared__ bool s_failed;
+  __shared__ bool s_last;
+  if (tid == 0) s_failed = false;
+  const epk::Deadline deadline{err, rank, timeout_ns};
+  epk::HtCtrl *mine = epk::ctrl_of(peers, rank);
+
+  // 1. Block 0 tells every peer where my (received-side) inputs are.
+  if (blockIdx.x == 0 && tid < kRanks) {
+    const long long my_base = static_cast<long long>(peers[rank]);
+    long long *slot = epk::ctrl_of(peers, tid)->combine_addr[p][rank];
+    slot[kInX] = in_x - my_base;
+    slot[kInWeights] = in_weights - my_base;
+    epk::publish(&epk::ctrl_of(peers, tid)->combine_addr_flag[p][rank], epoch);
+  }
+  if (tid < kRanks) {
+    if (epk::wait_reached(&mine->combine_addr_flag[p][tid], epoch, deadline, /*phase=*/4, tid)) {
+      for (int o = 0; o < kNumIns; ++o)
+        s_src[tid][o] = reinterpret_cast<const char *>(peers[tid] + mine->combine_addr[p][tid][o]);
+    } else {
+      s_failed = true;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // 2. Warp per token: pull and reduce.
+  const int warps = gridDim.x * (kThreads / 32);
+  for (int t = blockIdx.x * (kThreads / 32) + tid / 32; t < num_tokens; t += warps) {
+    int slot = -1;
+    if (lane < kRanks) slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
+    const unsigned dests = __ballot_sync(0xffffffffu, slot >= 0) & ((1u << kRanks) - 1u);
+    int slots[kRanks];
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
+
+    for (int base = 0; base < kRowVecs; base += 32 * kUnroll) {
+      float acc[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+        if (i < kRowVecs) {
+          if (bias0 != nullptr) add_bf16x8(acc[u], bias0[static_cast<int64_t>(t) * kRowVecs + i]);
+          if (bias1 != nullptr) add_bf16x8(acc[u], bias1[static_cast<int64_t>(t) * kRowVecs + i]);
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) {
+        if (!(dests >> d & 1u)) continue;
+        const int4 *row = reinterpret_cast<const int4 *>(s_src[d][kInX]) + static_cast<int64_t>(slots[d]) * kRowVecs;
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * 32 + lane;
+          if (i < kRowVecs) v[u] = row[i];
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + u * 32 + lane < kRowVecs) add_bf16x8(acc[u], v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < kRowVecs) {
+          int4 o;
+          o.x = static_cast<int>(epk::pack_bf16(acc[u][0], acc[u][1]));
+          o.y = static_cast<int>(epk::pack_bf16(acc[u][2], acc[u][3]));
+          o.z = static_cast<int>(epk::pack_bf16(acc[u][4], acc[u][5]));
+          o.w = static_cast<int>(epk::pack_bf16(acc[u][6], acc[u][7]));
+          out_x[static_cast<int64_t>(t) * kRowVecs + i] = o;
+        }
+      }
+    }
+    if constexpr (kHasWeights) {
+      if (lane < kTopk) {
+        float w = 0.f;
+#pragma unroll
+        for (int d = 0; d < kRanks; ++d)
+          if (dests >> d & 1u)
+            w = __fadd_rn(w, reinterpret_cast<const float *>(s_src[d][kInWeights])[static_cast<int64_t>(slots[d]) * kTopk + lane]);
+        out_weights[static_cast<int64_t>(t) * kTopk + lane] = w;
+      }
+    }
+  }
+
+  // 3. Done reading peers' rows: tell them, and wait until every peer is done with mine.
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  if (tid == 0) atomicExch(ticket, 0u);
+  if (tid < kRanks) {
+    epk::publish(&epk::ctrl_of(peers, tid)->combine_done[p][rank], epoch);
+    epk::wait_reached(&mine->combine_done[p][tid], epoch, deadline, /*phase=*/5, tid);
+  }
+}

@@ -1,0 +1,54 @@
+// Shared by the intranode high-throughput kernels: the control area at the start of every rank's
+// symmetric region, and how a rank finds a peer's copy of it.
+//
+// Every slot is doubled and indexed by (epoch & 1): consecutive operations of one kind never share a
+// slot, and two operations apart every peer has provably finished reading it (each operation ends with
+// all ranks having heard from all ranks). Flags hold the epoch of the call that wrote them, so nothing
+// is ever reset.
+#pragma once
+#include "epk_common.cuh"
+
+#ifndef EPK_CTRL_BYTES
+#error "EPK_CTRL_BYTES (size of the control area) must be defined"
+#endif
+
+namespace epk {
+
+constexpr int kMaxPeers = 8;           // ranks reached by IPC in the HT kernels
+constexpr int kMaxLocalExperts = 1024;  // per rank
+
+struct HtCtrl {
+  int notify_flag[2][kMaxPeers];
+  int notify_rows[2][kMaxPeers][kMaxPeers];           // [src][dst]: rows src sends to dst
+  int notify_experts[2][kMaxPeers][kMaxLocalExperts];  // [src][local expert]: selections src sends me
+  int dispatch_addr_flag[2][kMaxPeers];
+  int dispatch_done[2][kMaxPeers];
+  int combine_addr_flag[2][kMaxPeers];
+  int combine_done[2][kMaxPeers];
+  int pad[8];
+  long long dispatch_addr[2][kMaxPeers][8];  // [dst]: dst's output arrays, relative to dst's region base
+  long long combine_addr[2][kMaxPeers][4];   // [src of rows]: its combine inputs, relative to its base
+};
+static_assert(sizeof(HtCtrl) <= EPK_CTRL_BYTES, "control area too small");
+
+EPK_DEVICE HtCtrl *ctrl_of(const unsigned long long *peers, int r) {
+  return reinterpret_cast<HtCtrl *>(peers[r]);
+}
+
+// Stores data-carrying writes must be visible system-wide before the flag that publishes them.
+EPK_DEVICE void publish(int *flag, int epoch) {
+  __threadfence_system();
+  st_release_sys(flag, epoch);
+}
+
+// bf16 <-> float without cuda_bf16.h conversions in the hot loop: exact widening, RNE narrowing.
+EPK_DEVICE float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
+EPK_DEVICE float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+EPK_DEVICE uint32_t f32_to_bf16_bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN stays NaN
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+EPK_DEVICE uint32_t pack_bf16(float lo, float hi) { return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16); }
+
+}  // namespace epk

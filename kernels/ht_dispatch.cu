@@ -1,0 +1,154 @@
+// HT dispatch: each token row is read once from x and written straight into its final row of every
+// destination rank's output (no staging). Destinations publish their output addresses first; after the
+// copies each rank tells every peer it is done and waits until every peer is done with it.
+//
+// Defines: EPK_NUM_RANKS, EPK_TOPK, EPK_ROW_BYTES (bytes of one x row, multiple of 16), EPK_SCALE_COLS
+// (float32 scales per row for FP8 input, else 0), EPK_NUM_LOCAL_EXPERTS, EPK_WITH_META (0: cached
+// dispatch, x and scales only), EPK_THREADS, EPK_UNROLL, EPK_CTRL_BYTES.
+#include "ht_common.cuh"
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kTopk = EPK_TOPK;
+constexpr int kRowVecs = EPK_ROW_BYTES / 16;
+constexpr int kScaleCols = EPK_SCALE_COLS;
+constexpr int kLocalExperts = EPK_NUM_LOCAL_EXPERTS;
+constexpr bool kWithMeta = EPK_WITH_META != 0;
+constexpr int kThreads = EPK_THREADS;
+constexpr int kUnroll = EPK_UNROLL;
+static_assert(EPK_ROW_BYTES % 16 == 0, "row bytes must be a multiple of 16");
+static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
+
+// Output arrays of a destination, in the order they are published.
+enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts };
+
+__device__ __forceinline__ int4 ld_nc(const int4 *p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    epk_ht_dispatch(int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
+                    const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
+                    const float *__restrict__ topk_weights, const bool *__restrict__ is_token_in_rank,
+                    const int *__restrict__ send_slot, const unsigned long long *__restrict__ peers,
+                    long long out_x, long long out_scales, long long out_idx, long long out_weights,
+                    long long out_src, int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
+  const int p = epoch & 1;
+  const int tid = threadIdx.x, lane = tid % 32;
+  __shared__ char *s_dst[kRanks][kNumOuts];
+  __shared__ int s_rows[kRanks];
+  __shared__ bool s_failed;
+  __shared__ bool s_last;
+  if (tid == 0) s_failed = false;
+  const epk::Deadline deadline{err, rank, timeout_ns};
+  epk::HtCtrl *mine = epk::ctrl_of(peers, rank);
+
+  // 1. Block 0 publishes where my outputs are (relative to my region, so each peer adds its own
+  //    mapping of my region; inside one process that is the same address).
+  if (blockIdx.x == 0 && tid < kRanks) {
+    const long long my_base = static_cast<long long>(peers[rank]);
+    long long *slot = epk::ctrl_of(peers, tid)->dispatch_addr[p][rank];
+    slot[kOutX] = out_x - my_base;
+    slot[kOutScales] = out_scales - my_base;
+    slot[kOutIdx] = out_idx - my_base;
+    slot[kOutWeights] = out_weights - my_base;
+    slot[kOutSrc] = out_src - my_base;
+    slot[kOutRows] = out_rows;
+    epk::publish(&epk::ctrl_of(peers, tid)->dispatch_addr_flag[p][rank], epoch);
+  }
+  // 2. Every block learns every destination's outputs.
+  if (tid < kRanks) {
+    if (epk::wait_reached(&mine->dispatch_addr_flag[p][tid], epoch, deadline, /*phase=*/2, tid)) {
+      for (int o = 0; o < kNumOuts; ++o)
+        s_dst[tid][o] = reinterpret_cast<char *>(peers[tid] + mine->dispatch_addr[p][tid][o]);
+      s_rows[tid] = static_cast<int>(mine->dispatch_addr[p][tid][kOutRows]);
+    } else {
+      s_failed = true;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // 3. Warp per token: read the row once, store it to each destination.
+  const int warps = gridDim.x * (kThreads / 32);
+  for (int t = blockIdx.x * (kThreads / 32) + tid / 32; t < num_tokens; t += warps) {
+    int slot = -1;
+    if (lane < kRanks) {
+      slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
+      if (slot >= s_rows[lane]) {  // more rows than the destination allocated (num_worst_tokens too small)
+        epk::report_error(err, epk::kOverflow, rank, /*phase=*/6, lane, slot, s_rows[lane]);
+        slot = -1;
+      }
+    }
+    const unsigned dests = __ballot_sync(0xffffffffu, slot >= 0) & ((1u << kRanks) - 1u);
+    if (dests == 0) continue;
+    int slots[kRanks];
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
+
+    const int4 *src = x + static_cast<int64_t>(t) * kRowVecs;
+    for (int base = 0; base < kRowVecs; base += 32 * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < kRowVecs) v[u] = ld_nc(src + i);
+      }
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) {
+        if (!(dests >> d & 1u)) continue;
+        int4 *dst = reinterpret_cast<int4 *>(s_dst[d][kOutX]) + static_cast<int64_t>(slots[d]) * kRowVecs;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * 32 + lane;
+          if (i < kRowVecs) dst[i] = v[u];
+        }
+      }
+    }
+    if constexpr (kScaleCols > 0) {
+      for (int c = lane; c < kScaleCols; c += 32) {
+        const float s = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
+#pragma unroll
+        for (int d = 0; d < kRanks; ++d)
+          if (dests >> d & 1u)
+            reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
+      }
+    }
+    if constexpr (kWithMeta) {
+      int64_t e = -1;
+      float w = 0.f;
+      if (lane < kTopk) {
+        e = topk_idx[static_cast<int64_t>(t) * kTopk + lane];
+        if (topk_weights != nullptr) w = topk_weights[static_cast<int64_t>(t) * kTopk + lane];
+      }
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) {
+        if (!(dests >> d & 1u)) continue;
+        const int64_t row = slots[d];
+        if (lane < kTopk) {
+          const int64_t local = e - static_cast<int64_t>(d) * kLocalExperts;
+          const bool here = e >= 0 && local >= 0 && local < kLocalExperts;
+          reinterpret_cast<int64_t *>(s_dst[d][kOutIdx])[row * kTopk + lane] = here ? local : -1;
+          if (topk_weights != nullptr)
+            reinterpret_cast<float *>(s_dst[d][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
+        }
+        if (lane == 0) reinterpret_cast<int *>(s_dst[d][kOutSrc])[row] = t;
+      }
+    }
+  }
+
+  // 4. The last block to finish tells every destination this rank is done, then waits for all sources.
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  if (tid == 0) atomicExch(ticket, 0u);
+  if (tid < kRanks) {
+    epk::publish(&epk::ctrl_of(peers, tid)->dispatch_done[p][rank], epoch);
+    epk::wait_reached(&mine->dispatch_done[p][tid], epoch, deadline, /*phase=*/3, tid);
+  }
+}

@@ -1,0 +1,116 @@
+// HT notify: every rank tells every peer how many rows it will send it (and per local expert how many
+// selections), waits for all peers, then computes the handle: rank_prefix_matrix, this rank's receive
+// count and per-expert counts (into host-mapped memory for the host), and send_slot[t, d], the row of
+// token t in rank d's output (-1 if not sent). One block; runs before the host knows output sizes.
+//
+// Defines: EPK_NUM_RANKS, EPK_NUM_LOCAL_EXPERTS, EPK_CTRL_BYTES.
+#include "ht_common.cuh"
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kLocalExperts = EPK_NUM_LOCAL_EXPERTS;
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+static_assert(kRanks <= epk::kMaxPeers, "intranode HT supports up to 8 ranks");
+static_assert(kLocalExperts <= epk::kMaxLocalExperts, "too many local experts");
+
+// host_out layout (int32): [0] epoch when complete, [1] rows received, [2, 2+R) rows from each source,
+// [2+R, 2+R+E_loc) selections per local expert (not yet rounded to expert_alignment).
+extern "C" __global__ void __launch_bounds__(kThreads)
+    epk_ht_notify(int rank, int epoch, int num_tokens, const int *__restrict__ num_tokens_per_rank,
+                  const int *__restrict__ num_tokens_per_expert, const bool *__restrict__ is_token_in_rank,
+                  const unsigned long long *__restrict__ peers, int *__restrict__ rank_prefix_matrix,
+                  int *__restrict__ send_slot, int *host_out, epk::ErrorRecord *err,
+                  unsigned long long timeout_ns) {
+  const int p = epoch & 1;
+  const int tid = threadIdx.x;
+  __shared__ int s_rows[kRanks][kRanks];
+  __shared__ int s_base[kRanks];  // first row of my tokens in each destination
+  __shared__ int s_warp_count[kWarps][kRanks];
+  __shared__ int s_carry[kRanks];
+  __shared__ bool s_failed;
+  if (tid == 0) s_failed = false;
+
+  // 1. Send my counts to every peer.
+  for (int i = tid; i < kRanks * kRanks; i += kThreads) {
+    const int d = i / kRanks, j = i % kRanks;
+    epk::ctrl_of(peers, d)->notify_rows[p][rank][j] = num_tokens_per_rank[j];
+  }
+  for (int i = tid; i < kRanks * kLocalExperts; i += kThreads) {
+    const int d = i / kLocalExperts, e = i % kLocalExperts;
+    epk::ctrl_of(peers, d)->notify_experts[p][rank][e] = num_tokens_per_expert[d * kLocalExperts + e];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (tid < kRanks) epk::publish(&epk::ctrl_of(peers, tid)->notify_flag[p][rank], epoch);
+
+  // 2. Wait for every peer's counts.
+  epk::HtCtrl *mine = epk::ctrl_of(peers, rank);
+  const epk::Deadline deadline{err, rank, timeout_ns};
+  if (tid < kRanks && !epk::wait_reached(&mine->notify_flag[p][tid], epoch, deadline, /*phase=*/1, tid))
+    s_failed = true;
+  __syncthreads();
+  if (s_failed) return;
+
+  // 3. The handle's matrices and this rank's counts.
+  if (tid < kRanks * kRanks) s_rows[tid / kRanks][tid % kRanks] = mine->notify_rows[p][tid / kRanks][tid % kRanks];
+  __syncthreads();
+  if (tid < kRanks) {
+    int prefix = 0, base = 0;
+    for (int s = 0; s < kRanks; ++s) {
+      prefix += s_rows[s][tid];
+      rank_prefix_matrix[s * kRanks + tid] = prefix;
+      if (s < rank) base += s_rows[s][tid];
+    }
+    s_base[tid] = base;
+    s_carry[tid] = 0;
+    host_out[2 + tid] = s_rows[tid][rank];
+  }
+  if (tid == 0) {
+    int total = 0;
+    for (int s = 0; s < kRanks; ++s) total += s_rows[s][rank];
+    host_out[1] = total;
+  }
+  for (int e = tid; e < kLocalExperts; e += kThreads) {
+    int sum = 0;
+    for (int s = 0; s < kRanks; ++s) sum += mine->notify_experts[p][s][e];
+    host_out[2 + kRanks + e] = sum;
+  }
+  __syncthreads();
+
+  // 4. send_slot: per destination, an exclusive scan of is_token_in_rank over tokens, plus the base.
+  const int lane = tid % 32, warp = tid / 32;
+  for (int chunk = 0; chunk < num_tokens; chunk += kThreads) {
+    const int t = chunk + tid;
+    bool in[kRanks];
+    int below[kRanks];
+#pragma unroll
+    for (int j = 0; j < kRanks; ++j) {
+      in[j] = t < num_tokens && is_token_in_rank[static_cast<int64_t>(t) * kRanks + j];
+      const unsigned ballot = __ballot_sync(0xffffffffu, in[j]);
+      below[j] = __popc(ballot & ((1u << lane) - 1u));
+      if (lane == 0) s_warp_count[warp][j] = __popc(ballot);
+    }
+    __syncthreads();
+    if (tid < kRanks) {  // exclusive scan over warps, carried across chunks
+      int run = s_carry[tid];
+      for (int w = 0; w < kWarps; ++w) {
+        const int c = s_warp_count[w][tid];
+        s_warp_count[w][tid] = run;
+        run += c;
+      }
+      s_carry[tid] = run;
+    }
+    __syncthreads();
+    if (t < num_tokens) {
+#pragma unroll
+      for (int j = 0; j < kRanks; ++j)
+        send_slot[static_cast<int64_t>(t) * kRanks + j] = in[j] ? s_base[j] + s_warp_count[warp][j] + below[j] : -1;
+    }
+    __syncthreads();
+  }
+
+  // 5. Tell the host (if it is listening) that the counts are final.
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0 && host_out != nullptr) *reinterpret_cast<volatile int *>(host_out) = epoch;
+}

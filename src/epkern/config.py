@@ -1,0 +1,42 @@
+"""``Config``: launch and capacity settings of the HT kernels (DeepEP's ``deep_ep.Config`` names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._validate import check_int
+
+CTRL_BYTES = 1 << 17  # control area at the start of every rank's symmetric region (kernels/ht_common.cuh)
+
+
+@dataclass(frozen=True)
+class Config:
+    """``num_sms``: blocks each HT kernel launches (one per SM). The chunk sizes are accepted for DeepEP
+    compatibility: epkern's intranode kernels write rows straight into their final place and need no
+    chunked ring buffers, so they do not use them."""
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self):
+        check_int(self.num_sms, "num_sms", min_value=1, max_value=1024)
+        for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
+                     "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
+            check_int(getattr(self, name), name, min_value=1)
+
+    @staticmethod
+    def get_nvl_buffer_size_hint(hidden_bytes: int, num_ranks: int, num_max_tokens_per_rank: int = 4096,
+                                 topk: int = 8) -> int:
+        """Bytes of ``num_nvl_bytes`` for processes on one node: dispatch outputs are allocated in the
+        shared region so peers can write them in place, and combine stages its input there when it is not
+        already inside. Enough for the outputs of two dispatches alive at once plus one staged combine
+        input, every token reaching every rank (the worst case)."""
+        hidden_bytes = check_int(hidden_bytes, "hidden_bytes", min_value=16)
+        num_ranks = check_int(num_ranks, "num_ranks", min_value=1)
+        rows = num_ranks * check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", min_value=1)
+        meta = check_int(topk, "topk", min_value=1) * 12 + 4 + hidden_bytes // 128 * 4
+        per_call = rows * (hidden_bytes + meta) + 5 * 256
+        return CTRL_BYTES + 3 * per_call + (1 << 20)

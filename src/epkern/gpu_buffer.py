@@ -1,0 +1,189 @@
+"""The GPU Buffer: lifecycle, streams, error records, and the intranode high-throughput operations.
+
+One Buffer per rank. Its symmetric region (control area + output heap) is opened by every rank of the
+node; kernels find peers through a device table of region bases. Operations run on a per-Buffer
+communication stream ordered after the caller's stream (or ``previous_event``).
+"""
+
+from __future__ import annotations
+
+import time
+import numpy as np
+
+from . import _env, ht_intranode
+from ._validate import check_int
+from .buffer import Buffer, EventHandle
+from .config import CTRL_BYTES, Config
+from .errors import ArgumentError, EpkernError, GroupError, TimeoutError
+from .group import as_group
+from .memory import Heap, HostMapped, SymmetricRegion
+
+PHASES = {1: "notify (waiting for a peer's counts)", 2: "dispatch (waiting for a peer's output addresses)",
+          3: "dispatch (waiting for a peer to finish sending)", 4: "combine (waiting for a peer's input addresses)",
+          5: "combine (waiting for a peer to finish reading)",
+          6: "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)"}
+ERROR_RECORD_BYTES = 32
+MAX_LOCAL_EXPERTS = 1024
+
+
+class GpuBuffer(Buffer):
+    backend = "gpu"
+
+    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24, *, backend: str | None = None,
+                 timeout_s: float | None = None, **_ignored):
+        import cupy
+
+        self._closed = True
+        self.group = as_group(group)
+        self.rank, self.num_ranks = self.group.rank, self.group.size
+        self.num_nvl_bytes = check_int(num_nvl_bytes, "num_nvl_bytes", min_value=0)
+        self.num_rdma_bytes = check_int(num_rdma_bytes, "num_rdma_bytes", min_value=0)
+        self.low_latency_mode = bool(low_latency_mode)
+        if timeout_s is None:
+            timeout_s = _env.timeout_s()
+        if not (isinstance(timeout_s, int | float) and timeout_s > 0):
+            raise ArgumentError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        if self.group.num_nodes != 1:
+            raise ArgumentError("group: the GPU Buffer supports ranks on one node so far (got "
+                                f"{self.group.num_nodes} nodes); use backend='cpu'")
+        if self.num_ranks > 8:
+            raise ArgumentError(f"group: intranode kernels support up to 8 ranks, got {self.num_ranks}")
+        self.device = self.group.device if self.group.device is not None else cupy.cuda.Device().id
+        with cupy.cuda.Device(self.device):
+            dev = cupy.cuda.Device(self.device)
+            self.num_device_sms = dev.attributes["MultiProcessorCount"]
+            # Ranks sharing this physical GPU (MPS processes or in-process ranks) must all fit at once.
+            ids = self.group.allgather_object((self.group.hostnames[self.rank], dev.pci_bus_id))
+            self.ranks_per_gpu = sum(1 for i in ids if i == ids[self.rank])
+            self.region = SymmetricRegion(self.group, CTRL_BYTES + self.num_nvl_bytes, self.device)
+            self._closed = False
+            self.heap = Heap(self.region.ptr + CTRL_BYTES, self.num_nvl_bytes)
+            self.in_process = bool(getattr(self.group, "is_in_process", False))
+            self.host = HostMapped(ERROR_RECORD_BYTES + 4 * (8 + 8 + MAX_LOCAL_EXPERTS))
+            self.error_record = self.host.view(np.int32, 0, 8)
+            self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
+            self.tickets = cupy.zeros(4, dtype=np.uint32)
+            self.comm_stream = cupy.cuda.Stream(non_blocking=True)
+            self.peer_table = self.region.peer_table
+        self.epoch = 0
+        self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
+        self._broken: str | None = None
+        self.group.barrier()
+
+    # ---- lifecycle ----
+    def destroy(self) -> None:
+        """Frees everything (idempotent). Collective: every rank calls it."""
+        if self._closed:
+            return
+        import cupy
+
+        self._closed = True
+        with cupy.cuda.Device(self.device):
+            try:
+                self.comm_stream.synchronize()
+            except Exception:  # noqa: BLE001 - a failed kernel must not stop the cleanup
+                pass
+            try:
+                self.group.barrier()  # no peer still reads or writes our region
+            except GroupError:
+                pass
+            self.region.close()
+            self.host.close()
+
+    def set_num_sms(self, num_sms: int) -> None:
+        self.num_sms = check_int(num_sms, "num_sms", min_value=1,
+                                 max_value=max(1, self.num_device_sms // self.ranks_per_gpu))
+
+    def get_dispatch_config(self, num_ranks: int | None = None) -> Config:
+        return Config(num_sms=self.num_sms)
+
+    get_combine_config = get_dispatch_config
+
+    # ---- errors ----
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise EpkernError("Buffer was destroyed")
+        self._raise_recorded()
+        if self._broken:
+            raise EpkernError(f"Buffer unusable after an earlier failure ({self._broken}); destroy() it")
+
+    def _raise_recorded(self) -> None:
+        rec = self.error_record
+        if rec[0] == 0:
+            return
+        code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
+        what = PHASES.get(phase, f"phase {phase}")
+        if code == 1:
+            msg = (f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s "
+                   f"(flag {seen}, expected {expected})")
+        else:
+            msg = f"rank {rank}: {what}: error code {code} (peer {peer}, value {seen}, limit {expected})"
+        self._broken = msg
+        raise TimeoutError(msg) if code == 1 else EpkernError(msg)
+
+    def _wait_host_word(self, word: np.ndarray, value: int, phase: str) -> None:
+        """Host-side wait for a host-mapped word written by a kernel, bounded by the deadline."""
+        deadline = time.monotonic() + self.timeout_s + 5.0
+        spins = 0
+        while int(word[0]) != value:
+            self._raise_recorded()
+            spins += 1
+            if spins > 2000:
+                time.sleep(20e-6)  # let other in-process ranks run (GIL) and spare the CPU
+            if time.monotonic() > deadline:
+                self._broken = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
+                raise TimeoutError(self._broken)
+
+    # ---- streams ----
+    def _begin(self, previous_event):
+        import cupy
+
+        compute = cupy.cuda.get_current_stream()
+        if previous_event is not None:
+            if not isinstance(previous_event, EventHandle):
+                raise ArgumentError("previous_event: expected an EventHandle returned by this library")
+            if previous_event.event is not None:
+                self.comm_stream.wait_event(previous_event.event)
+        else:
+            self.comm_stream.wait_event(compute.record())
+        return compute
+
+    def _end(self, compute, async_finish: bool) -> EventHandle:
+        event = self.comm_stream.record()
+        if not async_finish:
+            compute.wait_event(event)
+        return EventHandle(event)
+
+    def _next_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+    def _deadline_args(self):
+        return (np.uintp(self.host.device_ptr), np.uint64(int(self.timeout_s * 1e9)))
+
+    def _alloc_out(self, nbytes_list):
+        """Output arrays peers write into: inside the shared heap between processes; anywhere (CuPy's
+        pool) inside one process, where every rank can address every allocation."""
+        import cupy
+
+        if self.in_process:
+            return [cupy.empty(n, dtype=np.uint8) for n in nbytes_list], ()
+        aligned = [-(-n // 256) * 256 for n in nbytes_list]
+        block = self.heap.alloc(sum(aligned))
+        arrays, off = [], 0
+        for n, a in zip(nbytes_list, aligned, strict=True):
+            arrays.append(block.array((n,), np.uint8, off))
+            off += a
+        return arrays, (block,)
+
+    dispatch = ht_intranode.dispatch
+    combine = ht_intranode.combine
+    get_dispatch_layout = ht_intranode.get_dispatch_layout
+
+    def get_low_latency_rdma_size_hint(self, num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        from . import reference
+
+        return reference.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                                        num_experts)

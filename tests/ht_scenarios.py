@@ -1,0 +1,126 @@
+"""HT dispatch/combine scenarios checked exactly against the reference, run by every rank of a group.
+
+Used by tests/test_ht_gpu.py (in-process ranks) and tests/ht_mpi_worker.py (MPS processes under mpiexec).
+Every rank draws the inputs of *all* ranks from one shared seed, so it can evaluate the reference for the
+whole group locally and compare its own outputs, with no extra communication.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+
+from epkern import reference
+
+BF16 = ml_dtypes.bfloat16
+FP8 = ml_dtypes.float8_e4m3fn
+
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8)
+
+
+def assert_same(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if got.dtype in (np.dtype(BF16), np.dtype(FP8)) or want.dtype in (np.dtype(BF16), np.dtype(FP8)):
+        eq = np.array_equal(bits(got), bits(want))
+    else:
+        eq = np.array_equal(got, want)
+    if not eq:
+        bad = np.argwhere(bits(got).reshape(got.shape[0], -1) != bits(want).reshape(want.shape[0], -1)) \
+            if got.ndim >= 1 and got.size else []
+        raise AssertionError(f"{what}: mismatch, first differing positions {bad[:5]}")
+
+
+def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random"):
+    rng = np.random.default_rng(seed)
+    xs, idxs, ws = [], [], []
+    for r in range(num_ranks):
+        t = num_tokens[r] if isinstance(num_tokens, list | tuple) else num_tokens
+        x = rng.integers(-16, 17, size=(t, hidden)).astype(BF16)
+        if routing == "random":
+            idx = np.argsort(rng.random((t, num_experts)), axis=1)[:, :topk].astype(np.int64)
+            idx[rng.random((t, topk)) < 0.1] = -1
+        elif routing == "skewed":  # every token to expert 0 (rank 0 gets everything)
+            idx = np.full((t, topk), -1, np.int64)
+            idx[:, 0] = 0
+        elif routing == "empty_rank":  # nobody sends to the last rank
+            allowed = num_experts - num_experts // num_ranks
+            idx = np.argsort(rng.random((t, allowed)), axis=1)[:, :topk].astype(np.int64)
+        elif routing == "none":
+            idx = np.full((t, topk), -1, np.int64)
+        else:
+            raise ValueError(routing)
+        w = rng.choice(np.array([0.25, 0.5, 1.0, 2.0], np.float32), size=(t, topk)).astype(np.float32)
+        xs.append(x), idxs.append(idx), ws.append(w)
+    return xs, idxs, ws
+
+
+def shared_seed(group):
+    return group.broadcast_object(int.from_bytes(os.urandom(8), "little"))
+
+
+def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="random", fp8=False,
+                num_worst_tokens=0, expert_alignment=1, iterations=1, seed=None):
+    """Dispatch (non-cached, or worst-tokens), cached dispatch and combine; all exact."""
+    import cupy
+
+    r, R = group.rank, group.size
+    seed = shared_seed(group) if seed is None else seed
+    xs, idxs, ws = make_inputs(seed, R, num_tokens, hidden, num_experts, topk, routing)
+    if fp8:
+        pairs = [reference.per_token_cast_to_fp8(x) for x in xs]
+        inputs = pairs
+    else:
+        inputs = xs
+    ref = reference.ht_dispatch(inputs, idxs, num_experts, topk_weights=ws, expert_alignment=expert_alignment,
+                                num_worst_tokens=num_worst_tokens)
+    mine = ref[r]
+    n_real = len(mine.handle.src_idx) if not num_worst_tokens else int((mine.handle.src_idx >= 0).sum())
+
+    def dev(a):
+        if isinstance(a, tuple):
+            return tuple(dev(v) for v in a)
+        return cupy.asarray(a.view(np.uint8) if a.dtype == np.dtype(FP8) else a)  # CuPy has no float8
+
+    x_dev = dev(inputs[r])
+    idx_dev, w_dev = cupy.asarray(idxs[r]), cupy.asarray(ws[r])
+    for _ in range(iterations):
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, num_experts)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx_dev, topk_weights=w_dev, expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens)
+        n = n_real
+        if fp8:
+            assert_same(cupy.asnumpy(recv_x[0])[:n], mine.recv_x[0][:n], f"rank {r} recv_x fp8")
+            assert_same(cupy.asnumpy(recv_x[1])[:n], mine.recv_x[1][:n], f"rank {r} recv scales")
+        else:
+            assert_same(cupy.asnumpy(recv_x)[:n], mine.recv_x[:n], f"rank {r} recv_x")
+        assert_same(cupy.asnumpy(recv_idx), mine.recv_topk_idx, f"rank {r} recv_topk_idx")
+        assert_same(cupy.asnumpy(recv_w), mine.recv_topk_weights, f"rank {r} recv_topk_weights")
+        assert list(counts) == list(mine.num_recv_tokens_per_expert_list), f"rank {r} per-expert counts"
+        assert_same(cupy.asnumpy(handle.recv_src_idx), mine.handle.src_idx, f"rank {r} src_idx")
+        assert_same(cupy.asnumpy(handle.rank_prefix_matrix), mine.handle.rank_prefix_matrix,
+                    f"rank {r} rank_prefix_matrix")
+
+        if not fp8:
+            # combine(dispatch(x)) with the received rows sent back as they are
+            ys = [res.recv_x for res in ref]
+            want = reference.ht_combine(ys, [res.handle for res in ref],
+                                        topk_weights=[res.recv_topk_weights for res in ref])[r]
+            out, out_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+            assert_same(cupy.asnumpy(out), want[0], f"rank {r} combined_x")
+            assert_same(cupy.asnumpy(out_w), want[1], f"rank {r} combined_topk_weights")
+
+            # cached dispatch of fresh data follows the same layout
+            xs2, _, _ = make_inputs(seed + 1, R, num_tokens, hidden, num_experts, topk, routing)
+            want2 = reference.ht_cached_dispatch(xs2, [res.handle for res in ref])[r]
+            got2, none_idx, _, _, _, _ = buf.dispatch(cupy.asarray(xs2[r]), handle=handle)
+            assert none_idx is None
+            assert_same(cupy.asnumpy(got2)[:n], want2[:n], f"rank {r} cached recv_x")
+    return n_real
