@@ -30,11 +30,12 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4 &v) {
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-    epk_ht_combine(int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
+    epk_ht_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
                    const int *__restrict__ send_slot, const int4 *__restrict__ bias0,
                    const int4 *__restrict__ bias1, const unsigned long long *__restrict__ peers,
                    int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
                    epk::ErrorRecord *err, unsigned long long timeout_ns) {
+  if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32;
   __shared__ const char *s_src[kRanks][kNumIns];

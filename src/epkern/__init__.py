@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from . import errors
 from ._cuda import gpu_available
+from .buffer import Buffer, EventHandle
+from .config import Config
 from .errors import (
     ArgumentError,
     ConfigError,
@@ -20,6 +22,9 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Buffer",
+    "Config",
+    "EventHandle",
     "ArgumentError",
     "ConfigError",
     "DeviceUnavailableError",

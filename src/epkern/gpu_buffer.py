@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import numpy as np
 
-from . import _env, ht_intranode
+from . import _env, ht_intranode, kernel_loader
 from ._validate import check_int
 from .buffer import Buffer, EventHandle
 from .config import CTRL_BYTES, Config
@@ -70,6 +70,7 @@ class GpuBuffer(Buffer):
         self.epoch = 0
         self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
         self._broken: str | None = None
+        self._warmed: set = set()
         self.group.barrier()
 
     # ---- lifecycle ----
@@ -162,6 +163,25 @@ class GpuBuffer(Buffer):
 
     def _deadline_args(self):
         return (np.uintp(self.host.device_ptr), np.uint64(int(self.timeout_s * 1e9)))
+
+    def _launch(self, source: str, name: str, defines: dict, blocks: int, threads: int, args: tuple) -> None:
+        """Launch a (possibly spin-waiting) kernel on the comm stream. The first use of a specialisation
+        is a dry run on every rank, a sync and a group barrier: with CUDA's lazy loading, loading a
+        kernel's code can wait for running kernels, so a rank must never load code while a peer's kernel
+        spins waiting for it (in-process ranks share one context)."""
+        import cupy
+
+        defines = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
+        func = kernel_loader.get_function(source, name, defines)
+        key = (source, name, tuple(sorted(defines.items())))
+        if key not in self._warmed:
+            func((1,), (32,), (np.int32(1), *args))
+            for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0)):
+                cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path
+            self.comm_stream.synchronize()
+            self.group.barrier()
+            self._warmed.add(key)
+        func((blocks,), (threads,), (np.int32(0), *args))
 
     def _alloc_out(self, nbytes_list):
         """Output arrays peers write into: inside the shared heap between processes; anywhere (CuPy's

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import dispatch_layout, kernel_loader
+from . import dispatch_layout
 from ._validate import as_device_array, check_array, check_int
-from .config import CTRL_BYTES
 from .errors import ArgumentError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -40,10 +39,6 @@ class HtHandle:
     hidden: int
     topk: int
     keep: tuple = ()  # heap blocks that peers wrote into
-
-
-def _kernel(source: str, name: str, defines: dict):
-    return kernel_loader.get_function(source, name, {**defines, "EPK_CTRL_BYTES": CTRL_BYTES})
 
 
 def _check_x(self, x):
@@ -75,6 +70,12 @@ def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_
     compute = self._begin(previous_event)
     with cupy.cuda.Device(self.device), self.comm_stream:
         lay = dispatch_layout.get_dispatch_layout(topk_idx, num_experts, self.num_ranks)
+        key = ("layout", num_experts, lay.is_token_in_rank.shape[1], str(getattr(topk_idx, "dtype", "")),
+               getattr(topk_idx, "shape", (0, 0))[-1])
+        if key not in self._warmed:  # see GpuBuffer._launch: load code before any peer spins
+            self.comm_stream.synchronize()
+            self.group.barrier()
+            self._warmed.add(key)
     event = self._end(compute, async_finish)
     return lay.num_tokens_per_rank, lay.num_tokens_per_rdma_rank, lay.num_tokens_per_expert, \
         lay.is_token_in_rank, event
@@ -141,8 +142,8 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
             send_slot = cupy.empty((T, R), dtype=np.int32)
             notify_epoch = self._next_epoch()
             self.notify_out[0] = 0
-            notify = _kernel("ht_notify.cu", "epk_ht_notify", {"EPK_NUM_RANKS": R, "EPK_NUM_LOCAL_EXPERTS": E_loc})
-            notify((1,), (1024,), (np.int32(self.rank), np.int32(notify_epoch), np.int32(T), num_tokens_per_rank,
+            self._launch("ht_notify.cu", "epk_ht_notify", {"EPK_NUM_RANKS": R, "EPK_NUM_LOCAL_EXPERTS": E_loc}, 1,
+                         1024, (np.int32(self.rank), np.int32(notify_epoch), np.int32(T), num_tokens_per_rank,
                                    num_tokens_per_expert, is_token_in_rank, self.peer_table, rank_prefix, send_slot,
                                    np.uintp(self.host.device_ptr + 32), *self._deadline_args()))
             if num_worst_tokens:
@@ -178,13 +179,12 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
                    "EPK_SCALE_COLS": hidden // 128 if scales is not None else 0,
                    "EPK_NUM_LOCAL_EXPERTS": (num_tokens_per_expert.shape[0] // R) if not cached else 1,
                    "EPK_WITH_META": 0 if cached else 1, "EPK_THREADS": THREADS, "EPK_UNROLL": 4}
-        kern = _kernel("ht_dispatch.cu", "epk_ht_dispatch", defines)
 
         def addr(a):
             return np.int64(a.data.ptr) if a is not None else np.int64(0)
 
         meta = (recv_idx, recv_w, recv_src) if not cached else (None, None, None)
-        kern((blocks,), (THREADS,), (
+        self._launch("ht_dispatch.cu", "epk_ht_dispatch", defines, blocks, THREADS, (
             np.int32(self.rank), np.int32(epoch), np.int32(T), data,
             np.uintp(scales.data.ptr if scales is not None else 0),
             np.uintp(topk_idx.data.ptr if not cached else 0),
@@ -239,10 +239,9 @@ def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous
         out = cupy.empty((handle.num_tokens, hidden), dtype=BF16)
         out_w = cupy.empty((handle.num_tokens, handle.topk), dtype=np.float32) if topk_weights is not None else None
         epoch = self._next_epoch()
-        kern = _kernel("ht_combine.cu", "epk_ht_combine", {
-            "EPK_NUM_RANKS": self.num_ranks, "EPK_TOPK": handle.topk, "EPK_HIDDEN": hidden,
-            "EPK_HAS_WEIGHTS": int(topk_weights is not None), "EPK_THREADS": THREADS, "EPK_UNROLL": 2})
-        kern((blocks,), (THREADS,), (
+        defines = {"EPK_NUM_RANKS": self.num_ranks, "EPK_TOPK": handle.topk, "EPK_HIDDEN": hidden,
+                   "EPK_HAS_WEIGHTS": int(topk_weights is not None), "EPK_THREADS": THREADS, "EPK_UNROLL": 2}
+        self._launch("ht_combine.cu", "epk_ht_combine", defines, blocks, THREADS, (
             np.int32(self.rank), np.int32(epoch), np.int32(handle.num_tokens), np.int64(x.data.ptr),
             np.int64(topk_weights.data.ptr if topk_weights is not None else 0), handle.send_slot,
             np.uintp(biases[0].data.ptr if biases else 0), np.uintp(biases[1].data.ptr if len(biases) > 1 else 0),
