@@ -142,6 +142,10 @@ class GpuBuffer(Buffer):
         import cupy
 
         compute = cupy.cuda.get_current_stream()
+        if self.in_process and compute.ptr == 0 and self.num_ranks > 1:
+            raise ArgumentError(
+                "current stream: in-process ranks must each run on their own CUDA stream, not the shared "
+                "legacy default stream (run_in_process sets one; or cupy.cuda.Stream(non_blocking=True).use())")
         if previous_event is not None:
             if not isinstance(previous_event, EventHandle):
                 raise ArgumentError("previous_event: expected an EventHandle returned by this library")

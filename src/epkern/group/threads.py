@@ -243,11 +243,15 @@ def make_thread_groups(
 
 
 def _use_device(device: int | None) -> None:
+    """Make ``device`` current in this rank's thread, with a stream of its own: in-process ranks must
+    not share the legacy default stream, or one rank's wait for its kernel would hold back its peers'
+    kernels on that shared stream (a cross-rank deadlock)."""
     if device is None:
         return
     import cupy
 
     cupy.cuda.Device(device).use()
+    cupy.cuda.Stream(non_blocking=True).use()
 
 
 def run_in_process(
