@@ -7,6 +7,7 @@ communication stream ordered after the caller's stream (or ``previous_event``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import numpy as np
 
@@ -154,6 +155,20 @@ class GpuBuffer(Buffer):
         else:
             self.comm_stream.wait_event(compute.record())
         return compute
+
+    @contextlib.contextmanager
+    def on_comm_stream(self):
+        """Make this Buffer's device and comm stream current, restoring the caller's stream object
+        exactly afterwards (CuPy's ``with stream`` does not always restore a non-default stream)."""
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            previous = cupy.cuda.get_current_stream()
+            self.comm_stream.use()
+            try:
+                yield self.comm_stream
+            finally:
+                previous.use()
 
     def _end(self, compute, async_finish: bool) -> EventHandle:
         event = self.comm_stream.record()

@@ -68,7 +68,7 @@ def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_
 
     self._check_usable()
     compute = self._begin(previous_event)
-    with cupy.cuda.Device(self.device), self.comm_stream:
+    with self.on_comm_stream():
         lay = dispatch_layout.get_dispatch_layout(topk_idx, num_experts, self.num_ranks)
         key = ("layout", num_experts, lay.is_token_in_rank.shape[1], str(getattr(topk_idx, "dtype", "")),
                getattr(topk_idx, "shape", (0, 0))[-1])
@@ -135,7 +135,7 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
                                 f"with at most 1024 experts per rank, got {E}")
 
     compute = self._begin(previous_event)
-    with cupy.cuda.Device(self.device), self.comm_stream:
+    with self.on_comm_stream():
         if not cached:
             E_loc = num_tokens_per_expert.shape[0] // R
             rank_prefix = cupy.empty((R, R), dtype=np.int32)
@@ -227,7 +227,7 @@ def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous
                         self.num_device_sms // self.ranks_per_gpu))
 
     compute = self._begin(previous_event)
-    with cupy.cuda.Device(self.device), self.comm_stream:
+    with self.on_comm_stream():
         keep = []
         if not self.in_process:
             # Peers read these in place: they must live in the shared region; stage them there if not.

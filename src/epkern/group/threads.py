@@ -242,6 +242,9 @@ def make_thread_groups(
     return [ThreadGroup(coord, r, devs[r], nodes) for r in range(num_ranks)]
 
 
+_thread_state = threading.local()
+
+
 def _use_device(device: int | None) -> None:
     """Make ``device`` current in this rank's thread, with a stream of its own: in-process ranks must
     not share the legacy default stream, or one rank's wait for its kernel would hold back its peers'
@@ -251,7 +254,8 @@ def _use_device(device: int | None) -> None:
     import cupy
 
     cupy.cuda.Device(device).use()
-    cupy.cuda.Stream(non_blocking=True).use()
+    _thread_state.stream = cupy.cuda.Stream(non_blocking=True)  # keep it alive: CuPy holds no reference
+    _thread_state.stream.use()
 
 
 def run_in_process(
