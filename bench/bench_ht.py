@@ -1,0 +1,216 @@
+"""Benchmark intranode HT dispatch / combine.
+
+    # 8 MPS processes on one GPU (start MPS first: bash scripts/mps.sh start)
+    mpiexec -n 8 python3 bench/bench_ht.py --tokens 4096 --hidden 7168 --topk 8 --experts 256
+    # or in-process ranks
+    python3 bench/bench_ht.py --inprocess 8 ...
+
+Times are CUDA-event medians on each rank's stream (max over ranks is reported), after warm-up, with a
+group barrier before every timed call so ranks start together. Byte accounting (docs/performance.md):
+logical = received rows x row bytes per rank / time (DeepEP's convention); the HBM floor, when all ranks
+share one GPU, = (rows read + rows written, summed over ranks) x row bytes / measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import copy_bandwidth_gbs  # noqa: E402
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _timed(fn, group, iters):
+    import cupy
+
+    times, host = [], []
+    stream = cupy.cuda.get_current_stream()
+    for _ in range(iters):
+        group.barrier()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        t0 = time.perf_counter()
+        out = fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+    return statistics.median(times), statistics.median(host), out
+
+
+def rank_main(group, args, tokens):
+    import cupy
+
+    from epkern import Buffer, Config
+
+    rng = np.random.default_rng(1234 + group.rank)
+    R = group.size
+    x_np = rng.standard_normal((tokens, args.hidden), dtype=np.float32).astype(BF16)
+    idx_np = np.argsort(rng.random((tokens, args.experts)), axis=1)[:, : args.topk].astype(np.int64)
+    w_np = rng.random((tokens, args.topk), dtype=np.float32)
+    if args.fp8:
+        from epkern import reference as ref
+
+        data, scales = ref.per_token_cast_to_fp8(x_np)
+        x = (cupy.asarray(data.view(np.uint8)), cupy.asarray(scales))
+        row_bytes = args.hidden + args.hidden // 128 * 4
+    else:
+        x = cupy.asarray(x_np)
+        row_bytes = args.hidden * 2
+    idx, w = cupy.asarray(idx_np), cupy.asarray(w_np)
+    nvl = Config.get_nvl_buffer_size_hint(args.hidden * 2, R, num_max_tokens_per_rank=tokens, topk=args.topk)
+    bw = None
+    with Buffer(group, num_nvl_bytes=0 if getattr(group, "is_in_process", False) else nvl, backend="gpu") as buf:
+        if args.num_sms:
+            buf.set_num_sms(args.num_sms)
+        if group.rank == 0:
+            bw = copy_bandwidth_gbs(1 << 30)
+        group.barrier()
+
+        def layout():
+            return buf.get_dispatch_layout(idx, args.experts)
+
+        per_rank, _, per_expert, in_rank, _ = layout()
+
+        def dispatch():
+            return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+
+        for _ in range(3):
+            recv_x, _, recv_w, _, handle, _ = dispatch()
+        y = recv_x if not args.fp8 else cupy.asarray(rng.standard_normal(
+            (handle.num_out_rows, args.hidden), dtype=np.float32).astype(BF16))
+
+        def cached():
+            return buf.dispatch(x, handle=handle)
+
+        def combine():
+            return buf.combine(y, handle, topk_weights=recv_w)
+
+        for _ in range(3):
+            cached(), combine()
+        res = {}
+        res["layout_us"], res["layout_host_us"], _ = _timed(layout, group, args.iters)
+        res["dispatch_us"], res["dispatch_host_us"], _ = _timed(dispatch, group, args.iters)
+        res["cached_dispatch_us"], res["cached_dispatch_host_us"], _ = _timed(cached, group, args.iters)
+        res["combine_us"], res["combine_host_us"], _ = _timed(combine, group, args.iters)
+        res["recv_rows"] = handle.num_recv_tokens
+        res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
+        res["tokens"] = tokens
+        res["num_sms"] = buf.num_sms
+        res["ranks_per_gpu"] = buf.ranks_per_gpu
+        res["row_bytes"] = row_bytes
+        res["copy_bandwidth_GBps"] = bw
+        res["device"] = cupy.cuda.runtime.getDeviceProperties(buf.device)["name"].decode()
+        del recv_x, recv_w, y, handle
+    return res
+
+
+def summarize(per_rank: list[dict], args) -> dict:
+    r0 = per_rank[0]
+    R = len(per_rank)
+    row = r0["row_bytes"]
+    out = {"ranks": R, "tokens_per_rank": r0["tokens"], "hidden": args.hidden, "topk": args.topk,
+           "experts": args.experts, "fp8": args.fp8, "num_sms": r0["num_sms"], "device": r0["device"],
+           "ranks_per_gpu": r0["ranks_per_gpu"], "copy_bandwidth_GBps": r0["copy_bandwidth_GBps"]}
+    recv = sum(p["recv_rows"] for p in per_rank)
+    sent = sum(p["sent_tokens"] for p in per_rank)
+    tokens = sum(p["tokens"] for p in per_rank)
+    for op in ("layout", "dispatch", "cached_dispatch", "combine"):
+        out[f"{op}_us"] = max(p[f"{op}_us"] for p in per_rank)
+        out[f"{op}_host_us"] = statistics.median(p[f"{op}_host_us"] for p in per_rank)
+    # Combine moves BF16 rows whatever the dispatch dtype.
+    for op, rows_read, rows_written, rb in (("dispatch", sent, recv, row), ("cached_dispatch", sent, recv, row),
+                                            ("combine", recv, tokens, args.hidden * 2)):
+        logical_bytes = recv / R * (rb if op != "combine" else args.hidden * 2)
+        out[f"{op}_logical_GBps"] = logical_bytes / (out[f"{op}_us"] * 1e-6) / 1e9
+        if r0["ranks_per_gpu"] == R and r0["copy_bandwidth_GBps"]:
+            floor_bytes = (rows_read + rows_written) * rb
+            out[f"{op}_floor_bytes"] = floor_bytes
+            out[f"{op}_floor_us"] = floor_bytes / (r0["copy_bandwidth_GBps"] * 1e9) * 1e6
+            out[f"{op}_floor_ratio"] = out[f"{op}_floor_us"] / out[f"{op}_us"]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=str, default="4096", help="tokens per rank; a comma list sweeps")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--fp8", action="store_true")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--num-sms", type=int, default=0)
+    p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
+    p.add_argument("--json", type=str, default=None)
+    p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")
+    args = p.parse_args(argv)
+    token_list = [int(t) for t in args.tokens.split(",")]
+
+    results = []
+    for tokens in token_list:
+        if args.inprocess:
+            from epkern.group import run_in_process
+
+            per_rank = run_in_process(rank_main, args.inprocess, args, tokens, timeout_s=600)
+            rank = 0
+        else:
+            from mpi4py import MPI
+
+            from epkern.group import as_group
+
+            group = as_group(MPI.COMM_WORLD)
+            per_rank = group.allgather_object(rank_main(group, args, tokens))
+            rank = group.rank
+        if rank == 0:
+            results.append(summarize(per_rank, args))
+    if results:
+        mode = f"{args.inprocess} in-process ranks" if args.inprocess else f"{results[0]['ranks']} MPI processes"
+        print(f"HT intranode, {mode}, {results[0]['device']}, H={args.hidden} top-{args.topk} "
+              f"E={args.experts} {'FP8' if args.fp8 else 'BF16'} dispatch, SMs/rank={results[0]['num_sms']}, "
+              f"copy bw {results[0]['copy_bandwidth_GBps']:.0f} GB/s")
+        hdr = f"{'tokens':>7} {'op':>16} {'us':>9} {'GB/s logical':>12} {'floor us':>9} {'floor ratio':>11} {'host us':>8}"
+        print(hdr)
+        for r in results:
+            for op in ("dispatch", "cached_dispatch", "combine", "layout"):
+                fl = r.get(f"{op}_floor_us")
+                print(f"{r['tokens_per_rank']:>7} {op:>16} {r[f'{op}_us']:>9.1f} "
+                      f"{r.get(f'{op}_logical_GBps', float('nan')):>12.1f} "
+                      f"{fl if fl else float('nan'):>9.1f} {r.get(f'{op}_floor_ratio', float('nan')):>11.2f} "
+                      f"{r[f'{op}_host_us']:>8.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.plot and len(results) > 1:
+            try:
+                import matplotlib
+
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+
+                fig, ax = plt.subplots(figsize=(6, 4))
+                for op in ("cached_dispatch", "combine"):
+                    ax.plot([r["tokens_per_rank"] for r in results], [r[f"{op}_logical_GBps"] for r in results],
+                            marker="o", label=op)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("tokens per rank")
+                ax.set_ylabel("GB/s per rank (logical)")
+                ax.set_title(mode)
+                ax.legend()
+                fig.tight_layout()
+                fig.savefig(args.plot, dpi=120)
+            except ImportError:
+                print("matplotlib missing: no plot")
+    return results
+
+
+if __name__ == "__main__":
+    main()

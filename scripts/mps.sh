@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Start (or stop) the CUDA MPS daemon so several processes share one GPU concurrently.
+#   bash scripts/mps.sh start | stop
+set -euo pipefail
+export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/epkern-mps-pipe}"
+export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/epkern-mps-log}"
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+case "${1:-start}" in
+  start) nvidia-cuda-mps-control -d && echo "MPS started (pipe $CUDA_MPS_PIPE_DIRECTORY)" ;;
+  stop) echo quit | nvidia-cuda-mps-control && echo "MPS stopped" ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

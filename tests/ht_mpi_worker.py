@@ -1,0 +1,42 @@
+"""Run by tests/test_ht_mps.py (and scripts/gpu_check.sh) under `mpiexec -n R`, one process per rank,
+all on one GPU through MPS: the HT scenarios with CUDA IPC between processes."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ht_scenarios  # noqa: E402
+
+from epkern import Buffer, Config  # noqa: E402
+from epkern.group import as_group  # noqa: E402
+
+
+def main():
+    from mpi4py import MPI
+
+    group = as_group(MPI.COMM_WORLD)
+    R = group.size
+    nvl = Config.get_nvl_buffer_size_hint(7168 * 2, R, num_max_tokens_per_rank=512, topk=8)
+    cases = [
+        dict(num_tokens=300, hidden=2048, num_experts=8 * R, topk=4, routing=routing)
+        for routing in ("random", "skewed", "empty_rank", "none")
+    ] + [
+        dict(num_tokens=257, hidden=7168, num_experts=64, topk=8),
+        dict(num_tokens=1, hidden=4096, num_experts=32, topk=4),
+        dict(num_tokens=0, hidden=4096, num_experts=32, topk=4),
+        dict(num_tokens=300, hidden=2048, num_experts=32, topk=8, fp8=True),
+        dict(num_tokens=100, hidden=2048, num_experts=32, topk=4, num_worst_tokens=400),
+        dict(num_tokens=100, hidden=2048, num_experts=32, topk=4, expert_alignment=16),
+        dict(num_tokens=128, hidden=2048, num_experts=64, topk=8, iterations=20),
+    ]
+    with Buffer(group, num_nvl_bytes=nvl, backend="gpu", timeout_s=20) as buf:
+        for case in cases:
+            ht_scenarios.run_ht_case(buf, group, **case)
+            if group.rank == 0:
+                print("ok", case, flush=True)
+        leaked = buf.heap.in_use
+    print(f"OK rank {group.rank} of {R} heap_in_use_after={leaked}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
