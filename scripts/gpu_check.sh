@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: GPU tests + benchmarks, logs under $OUT (or ./out).
-# Runs from the tree (PYTHONPATH=src); the machine's image has cupy, numpy, ml_dtypes, pytest, hypothesis.
-# Usage: bash scripts/gpu_check.sh [pytest selection...]
+# One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
+# Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
+# Usage: bash scripts/gpu_check.sh [tests|mps|bench|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export EPKERN_CACHE_DIR="${EPKERN_CACHE_DIR:-/tmp/epkern-cache}"
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
+MPIRUN=(mpiexec --allow-run-as-root -x PYTHONPATH -x PYTHONUNBUFFERED -x EPKERN_CACHE_DIR -x CUDA_MPS_PIPE_DIRECTORY)
+what=("$@")
+[ ${#what[@]} -eq 0 ] && what=(all)
+summary=()
+has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
-SEL=("$@")
-[ ${#SEL[@]} -eq 0 ] && SEL=(tests -m gpu)
-timeout 420 python3 -m pytest -q -p no:cacheprovider "${SEL[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-echo "pytest rc=${PIPESTATUS[0]}"
-timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
+if has tests; then
+  timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  summary+=("gpu tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/gpu_tests.log")")
+fi
+if has layoutbench; then
+  timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
+fi
+if has mps || has bench; then bash scripts/mps.sh start; fi
+if has mps; then
+  for n in 2 4 8; do
+    timeout 240 "${MPIRUN[@]}" -n $n python3 tests/ht_mpi_worker.py >"$OUT/mps_$n.log" 2>&1
+    summary+=("mps n=$n rc=$?: $(grep -c '^OK rank' "$OUT/mps_$n.log") OK lines; $(grep -m1 -E 'Error|error' "$OUT/mps_$n.log" | cut -c1-200)")
+  done
+fi
+if has bench; then
+  timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 --json "$OUT/bench_ht_mps8.json" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -7
+fi
+echo "==== summary"
+printf '%s\n' "${summary[@]}"

@@ -89,7 +89,7 @@ def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="rand
 
     x_dev = dev(inputs[r])
     idx_dev, w_dev = cupy.asarray(idxs[r]), cupy.asarray(ws[r])
-    for _ in range(iterations):
+    for it in range(iterations):
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, num_experts)
         recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
             x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -100,7 +100,15 @@ def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="rand
             assert_same(cupy.asnumpy(recv_x[0])[:n], mine.recv_x[0][:n], f"rank {r} recv_x fp8")
             assert_same(cupy.asnumpy(recv_x[1])[:n], mine.recv_x[1][:n], f"rank {r} recv scales")
         else:
-            assert_same(cupy.asnumpy(recv_x)[:n], mine.recv_x[:n], f"rank {r} recv_x")
+            got_np = cupy.asnumpy(recv_x)[:n]
+            if not np.array_equal(bits(got_np), bits(mine.recv_x[:n])):
+                bad_rows = np.nonzero((bits(got_np).reshape(n, -1) != bits(mine.recv_x[:n]).reshape(n, -1)).any(1))[0]
+                want_rows = bits(mine.recv_x[:n]).reshape(n, -1)
+                where = [int(np.nonzero((want_rows == bits(got_np[b]).reshape(-1)).all(1))[0][:1].tolist()[0])
+                         if (want_rows == bits(got_np[b]).reshape(-1)).all(1).any() else -1 for b in bad_rows[:8]]
+                raise AssertionError(f"rank {r} iteration {it} recv_x: {len(bad_rows)} bad rows {bad_rows[:8].tolist()}, "
+                                     f"which hold expected rows {where}; src ranks "
+                                     f"{mine.handle.src_rank[bad_rows[:8]].tolist()}")
         assert_same(cupy.asnumpy(recv_idx), mine.recv_topk_idx, f"rank {r} recv_topk_idx")
         assert_same(cupy.asnumpy(recv_w), mine.recv_topk_weights, f"rank {r} recv_topk_weights")
         assert list(counts) == list(mine.num_recv_tokens_per_expert_list), f"rank {r} per-expert counts"

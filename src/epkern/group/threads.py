@@ -256,6 +256,11 @@ def _use_device(device: int | None) -> None:
     cupy.cuda.Device(device).use()
     _thread_state.stream = cupy.cuda.Stream(non_blocking=True)  # keep it alive: CuPy holds no reference
     _thread_state.stream.use()
+    # Stream-ordered allocation (cudaMallocAsync): a plain cudaMalloc by one rank (CuPy's pool growing)
+    # stops kernels of different streams from running concurrently, so a peer's spin-waiting kernel and
+    # this rank's next kernel would deadlock until the deadline. The allocator is per thread in CuPy.
+    _thread_state.pool = cupy.cuda.MemoryAsyncPool()
+    cupy.cuda.set_allocator(_thread_state.pool.malloc)
 
 
 def run_in_process(
