@@ -1,12 +1,12 @@
 """Quick GPU smoke check that needs no reference module: dtype support, layout vs brute force,
 HT identity combine(dispatch(x)) == x * ranks reached, in-process ranks."""
+
 import time
 import traceback
 
+import cupy
 import ml_dtypes
 import numpy as np
-
-import cupy
 
 BF16 = ml_dtypes.bfloat16
 for name, dt in (("bf16", BF16), ("fp8", ml_dtypes.float8_e4m3fn)):
@@ -28,9 +28,11 @@ for T, E, R, K in ((4096, 256, 8, 8), (0, 64, 8, 4), (16384, 1024, 64, 16)):
         sel = idx[:, k] >= 0
         in_rank[np.nonzero(sel)[0], idx[sel, k] // (E // R)] = True
     per_expert = np.bincount(idx[idx >= 0], minlength=E)
-    ok = (np.array_equal(cupy.asnumpy(lay.is_token_in_rank), in_rank)
-          and np.array_equal(cupy.asnumpy(lay.num_tokens_per_rank), in_rank.sum(0))
-          and np.array_equal(cupy.asnumpy(lay.num_tokens_per_expert), per_expert))
+    ok = (
+        np.array_equal(cupy.asnumpy(lay.is_token_in_rank), in_rank)
+        and np.array_equal(cupy.asnumpy(lay.num_tokens_per_rank), in_rank.sum(0))
+        and np.array_equal(cupy.asnumpy(lay.num_tokens_per_expert), per_expert)
+    )
     print(f"layout T={T} E={E} R={R} K={K}: {'OK' if ok else 'MISMATCH'}")
 
 from epkern import Buffer  # noqa: E402
@@ -46,8 +48,13 @@ def ht(group, T, H, E, K):
         xd, idd, wd = cupy.asarray(x), cupy.asarray(idx), cupy.asarray(w)
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idd, E)
         recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-            xd, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idd, topk_weights=wd)
+            xd,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idd,
+            topk_weights=wd,
+        )
         out, out_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
         reached = cupy.asnumpy(in_rank).sum(1, dtype=np.float32)[:, None]
         want = (x.astype(np.float32) * reached).astype(BF16)
@@ -64,8 +71,10 @@ def ht(group, T, H, E, K):
 for R in (2, 4, 8):
     try:
         res = run_in_process(ht, R, 512, 2048, 8 * R, 4, timeout_s=60)
-        print(f"HT in-process R={R}: identity {[r[0] for r in res]} weights {[r[1] for r in res]} "
-              f"recv {[r[2] for r in res]} cached-dispatch wall us {res[0][3]:.0f}")
+        print(
+            f"HT in-process R={R}: identity {[r[0] for r in res]} weights {[r[1] for r in res]} "
+            f"recv {[r[2] for r in res]} cached-dispatch wall us {res[0][3]:.0f}"
+        )
     except Exception:
         traceback.print_exc()
         print(f"HT in-process R={R}: FAILED")

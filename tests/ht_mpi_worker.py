@@ -6,7 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_scenarios  # noqa: E402
-
 from epkern import Buffer, Config  # noqa: E402
 from epkern.group import as_group  # noqa: E402
 

@@ -31,8 +31,11 @@ def assert_same(got, want, what):
     else:
         eq = np.array_equal(got, want)
     if not eq:
-        bad = np.argwhere(bits(got).reshape(got.shape[0], -1) != bits(want).reshape(want.shape[0], -1)) \
-            if got.ndim >= 1 and got.size else []
+        bad = (
+            np.argwhere(bits(got).reshape(got.shape[0], -1) != bits(want).reshape(want.shape[0], -1))
+            if got.ndim >= 1 and got.size
+            else []
+        )
         raise AssertionError(f"{what}: mismatch, first differing positions {bad[:5]}")
 
 
@@ -64,8 +67,20 @@ def shared_seed(group):
     return group.broadcast_object(int.from_bytes(os.urandom(8), "little"))
 
 
-def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="random", fp8=False,
-                num_worst_tokens=0, expert_alignment=1, iterations=1, seed=None):
+def run_ht_case(
+    buf,
+    group,
+    num_tokens,
+    hidden,
+    num_experts,
+    topk,
+    routing="random",
+    fp8=False,
+    num_worst_tokens=0,
+    expert_alignment=1,
+    iterations=1,
+    seed=None,
+):
     """Dispatch (non-cached, or worst-tokens), cached dispatch and combine; all exact."""
     import cupy
 
@@ -77,8 +92,9 @@ def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="rand
         inputs = pairs
     else:
         inputs = xs
-    ref = reference.ht_dispatch(inputs, idxs, num_experts, topk_weights=ws, expert_alignment=expert_alignment,
-                                num_worst_tokens=num_worst_tokens)
+    ref = reference.ht_dispatch(
+        inputs, idxs, num_experts, topk_weights=ws, expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens
+    )
     mine = ref[r]
     n_real = len(mine.handle.src_idx) if not num_worst_tokens else int((mine.handle.src_idx >= 0).sum())
 
@@ -92,9 +108,15 @@ def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="rand
     for it in range(iterations):
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, num_experts)
         recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-            x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx_dev, topk_weights=w_dev, expert_alignment=expert_alignment,
-            num_worst_tokens=num_worst_tokens)
+            x_dev,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx_dev,
+            topk_weights=w_dev,
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+        )
         n = n_real
         if fp8:
             assert_same(cupy.asnumpy(recv_x[0])[:n], mine.recv_x[0][:n], f"rank {r} recv_x fp8")
@@ -104,23 +126,31 @@ def run_ht_case(buf, group, num_tokens, hidden, num_experts, topk, routing="rand
             if not np.array_equal(bits(got_np), bits(mine.recv_x[:n])):
                 bad_rows = np.nonzero((bits(got_np).reshape(n, -1) != bits(mine.recv_x[:n]).reshape(n, -1)).any(1))[0]
                 want_rows = bits(mine.recv_x[:n]).reshape(n, -1)
-                where = [int(np.nonzero((want_rows == bits(got_np[b]).reshape(-1)).all(1))[0][:1].tolist()[0])
-                         if (want_rows == bits(got_np[b]).reshape(-1)).all(1).any() else -1 for b in bad_rows[:8]]
-                raise AssertionError(f"rank {r} iteration {it} recv_x: {len(bad_rows)} bad rows {bad_rows[:8].tolist()}, "
-                                     f"which hold expected rows {where}; src ranks "
-                                     f"{mine.handle.src_rank[bad_rows[:8]].tolist()}")
+                where = [
+                    int(np.nonzero((want_rows == bits(got_np[b]).reshape(-1)).all(1))[0][:1].tolist()[0])
+                    if (want_rows == bits(got_np[b]).reshape(-1)).all(1).any()
+                    else -1
+                    for b in bad_rows[:8]
+                ]
+                raise AssertionError(
+                    f"rank {r} iteration {it} recv_x: {len(bad_rows)} bad rows {bad_rows[:8].tolist()}, "
+                    f"which hold expected rows {where}; src ranks "
+                    f"{mine.handle.src_rank[bad_rows[:8]].tolist()}"
+                )
         assert_same(cupy.asnumpy(recv_idx), mine.recv_topk_idx, f"rank {r} recv_topk_idx")
         assert_same(cupy.asnumpy(recv_w), mine.recv_topk_weights, f"rank {r} recv_topk_weights")
         assert list(counts) == list(mine.num_recv_tokens_per_expert_list), f"rank {r} per-expert counts"
         assert_same(cupy.asnumpy(handle.recv_src_idx), mine.handle.src_idx, f"rank {r} src_idx")
-        assert_same(cupy.asnumpy(handle.rank_prefix_matrix), mine.handle.rank_prefix_matrix,
-                    f"rank {r} rank_prefix_matrix")
+        assert_same(
+            cupy.asnumpy(handle.rank_prefix_matrix), mine.handle.rank_prefix_matrix, f"rank {r} rank_prefix_matrix"
+        )
 
         if not fp8:
             # combine(dispatch(x)) with the received rows sent back as they are
             ys = [res.recv_x for res in ref]
-            want = reference.ht_combine(ys, [res.handle for res in ref],
-                                        topk_weights=[res.recv_topk_weights for res in ref])[r]
+            want = reference.ht_combine(
+                ys, [res.handle for res in ref], topk_weights=[res.recv_topk_weights for res in ref]
+            )[r]
             out, out_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
             assert_same(cupy.asnumpy(out), want[0], f"rank {r} combined_x")
             assert_same(cupy.asnumpy(out_w), want[1], f"rank {r} combined_topk_weights")

@@ -20,7 +20,7 @@ def test_only_env_module_reads_epkern_variables():
         if path.name == "_env.py":
             continue
         text = path.read_text()
-        assert "os.environ.get(\"EPKERN_" not in text and "getenv(\"EPKERN_" not in text, path
+        assert 'os.environ.get("EPKERN_' not in text and 'getenv("EPKERN_' not in text, path
 
 
 @pytest.mark.parametrize(

@@ -294,9 +294,7 @@ def test_every_rank_failing_alike_is_reported_once():
     with pytest.raises(KeyError) as info:
         run_in_process(fn, 3)
     note = info.value.__notes__[-1]
-    assert "raised on rank" in note and (
-        "ranks 1, 2 raised KeyError: 'same'" in note or "raised the same" in note
-    )
+    assert "raised on rank" in note and ("ranks 1, 2 raised KeyError: 'same'" in note or "raised the same" in note)
 
 
 def test_rank_that_never_arrives_times_out():
@@ -449,9 +447,7 @@ def test_launch_cli(tmp_path, capsys, monkeypatch):
     from epkern import launch
 
     script = tmp_path / "job.py"
-    script.write_text(
-        "def main(group, word):\n    return f'{word} {group.rank}/{group.size} node {group.node}'\n"
-    )
+    script.write_text("def main(group, word):\n    return f'{word} {group.rank}/{group.size} node {group.node}'\n")
     assert launch.main(["-n", "4", "--ranks-per-node", "2", f"{script}:main", "hi"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"rank {r}: hi {r}/4 node {r // 2}" for r in range(4)]
     monkeypatch.setenv("EPKERN_NUM_THREADS_RANKS", "2")

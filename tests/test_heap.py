@@ -19,7 +19,7 @@ def test_alloc_free_coalesces_back_to_one_range():
             except HeapExhaustedError:
                 live.clear()
         blocks = sorted((b.offset, b.offset + b.nbytes) for b in live)
-        for (a0, a1), (b0, _) in zip(blocks, blocks[1:], strict=False):
+        for (_a0, a1), (b0, _) in zip(blocks, blocks[1:], strict=False):
             assert a1 <= b0, "overlapping blocks"
         assert all(b.offset % ALIGN == 0 and b.ptr == heap.base_ptr + b.offset for b in live)
         assert heap.in_use == sum(b.nbytes for b in live)

@@ -7,7 +7,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_scenarios  # noqa: E402
-
 from epkern import Buffer  # noqa: E402
 from epkern.group import run_in_process  # noqa: E402
 

@@ -6,7 +6,40 @@ from epkern import kernel_loader
 from epkern.errors import KernelCompileError
 
 # Each .cu file with the specialisations worth compiling in CI: small, typical and extreme ones.
+CTRL = {"EPK_CTRL_BYTES": 1 << 17}
 SPECIMENS = {
+    "ht_notify.cu": [
+        dict(EPK_NUM_RANKS=8, EPK_NUM_LOCAL_EXPERTS=32, **CTRL),
+        dict(EPK_NUM_RANKS=1, EPK_NUM_LOCAL_EXPERTS=1024, **CTRL),
+    ],
+    "ht_dispatch.cu": [
+        dict(
+            EPK_NUM_RANKS=8,
+            EPK_TOPK=8,
+            EPK_ROW_BYTES=14336,
+            EPK_SCALE_COLS=0,
+            EPK_NUM_LOCAL_EXPERTS=32,
+            EPK_WITH_META=1,
+            EPK_THREADS=512,
+            EPK_UNROLL=4,
+            **CTRL,
+        ),
+        dict(
+            EPK_NUM_RANKS=3,
+            EPK_TOPK=32,
+            EPK_ROW_BYTES=7168,
+            EPK_SCALE_COLS=56,
+            EPK_NUM_LOCAL_EXPERTS=1,
+            EPK_WITH_META=0,
+            EPK_THREADS=512,
+            EPK_UNROLL=4,
+            **CTRL,
+        ),
+    ],
+    "ht_combine.cu": [
+        dict(EPK_NUM_RANKS=8, EPK_TOPK=8, EPK_HIDDEN=7168, EPK_HAS_WEIGHTS=1, EPK_THREADS=512, EPK_UNROLL=2, **CTRL),
+        dict(EPK_NUM_RANKS=2, EPK_TOPK=1, EPK_HIDDEN=8, EPK_HAS_WEIGHTS=0, EPK_THREADS=512, EPK_UNROLL=2, **CTRL),
+    ],
     "layout.cu": [
         dict(
             EPK_NUM_EXPERTS=256,

@@ -30,9 +30,7 @@ def _check(topk_idx_np, num_experts, num_ranks, rank_to_node=None, dtype=np.int6
     if want.num_tokens_per_rdma_rank is None:
         assert got.num_tokens_per_rdma_rank is None
     else:
-        np.testing.assert_array_equal(
-            cupy.asnumpy(got.num_tokens_per_rdma_rank), want.num_tokens_per_rdma_rank
-        )
+        np.testing.assert_array_equal(cupy.asnumpy(got.num_tokens_per_rdma_rank), want.num_tokens_per_rdma_rank)
     assert got.is_token_in_rank.dtype == np.bool_ and got.num_tokens_per_rank.dtype == np.int32
 
 

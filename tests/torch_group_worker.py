@@ -35,9 +35,7 @@ def main(rank: int, world: int, init_file: str) -> None:
 
         for step in range(3):
             mine = np.random.default_rng(10 * step + rank).bytes([0, 1, 5000][(rank + step) % 3])
-            want = [
-                np.random.default_rng(10 * step + r).bytes([0, 1, 5000][(r + step) % 3]) for r in range(world)
-            ]
+            want = [np.random.default_rng(10 * step + r).bytes([0, 1, 5000][(r + step) % 3]) for r in range(world)]
             assert group.allgather_bytes(mine) == want, step
         assert group.allgather_object({"r": rank}) == [{"r": r} for r in range(world)]
         assert group.broadcast_object(f"from {rank}", root=world - 1) == f"from {world - 1}"

@@ -66,9 +66,7 @@ def check_array(
         for axis, (want, got) in enumerate(zip(shape, arr.shape, strict=True)):
             if want is not None and want != got:
                 expected = tuple("*" if s is None else s for s in shape)
-                raise ArgumentError(
-                    f"{name}: expected shape {expected}, got {tuple(arr.shape)} (axis {axis})"
-                )
+                raise ArgumentError(f"{name}: expected shape {expected}, got {tuple(arr.shape)} (axis {axis})")
     if contiguous and not arr.flags.c_contiguous:
         raise ArgumentError(f"{name}: expected a C-contiguous array (strides {arr.strides})")
     if device is not None and getattr(arr, "device", None) is not None and hasattr(arr.device, "id"):
@@ -80,9 +78,7 @@ def check_array(
 def check_num_experts(num_experts, num_ranks: int, name: str = "num_experts") -> int:
     num_experts = check_int(num_experts, name, min_value=1)
     if num_experts % num_ranks != 0:
-        raise ArgumentError(
-            f"{name}: expected a multiple of the number of ranks ({num_ranks}), got {num_experts}"
-        )
+        raise ArgumentError(f"{name}: expected a multiple of the number of ranks ({num_ranks}), got {num_experts}")
     return num_experts
 
 

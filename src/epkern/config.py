@@ -23,13 +23,18 @@ class Config:
 
     def __post_init__(self):
         check_int(self.num_sms, "num_sms", min_value=1, max_value=1024)
-        for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
-                     "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
+        for name in (
+            "num_max_nvl_chunked_send_tokens",
+            "num_max_nvl_chunked_recv_tokens",
+            "num_max_rdma_chunked_send_tokens",
+            "num_max_rdma_chunked_recv_tokens",
+        ):
             check_int(getattr(self, name), name, min_value=1)
 
     @staticmethod
-    def get_nvl_buffer_size_hint(hidden_bytes: int, num_ranks: int, num_max_tokens_per_rank: int = 4096,
-                                 topk: int = 8) -> int:
+    def get_nvl_buffer_size_hint(
+        hidden_bytes: int, num_ranks: int, num_max_tokens_per_rank: int = 4096, topk: int = 8
+    ) -> int:
         """Bytes of ``num_nvl_bytes`` for processes on one node: dispatch outputs are allocated in the
         shared region so peers can write them in place, and combine stages its input there when it is not
         already inside. Enough for the outputs of two dispatches alive at once plus one staged combine

@@ -36,14 +36,19 @@ def _rank_main(group, args, backend):
             t0 = time.perf_counter()
             per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, e)
             recv_x, recv_idx, recv_w, per_expert_list, handle, _ = buf.dispatch(
-                x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=topk_idx, topk_weights=weights)
+                x,
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx,
+                topk_weights=weights,
+            )
             t1 = time.perf_counter()
             y = (recv_x.astype(np.float32) * 2).astype(BF16)  # the stand-in expert
             combined, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w)
             t2 = time.perf_counter()
             reached = in_rank.sum(axis=1, dtype=np.float32)[:, None]
-            want = (x.astype(np.float32) * 2 * reached).astype(BF16)
+            want = (np.float32(0) + x.astype(np.float32) * 2 * reached).astype(BF16)  # +0 where unsent
             assert np.array_equal(combined.view(np.uint16), want.view(np.uint16)), "HT combine mismatch"
             want_w = np.where(topk_idx >= 0, weights, 0).astype(np.float32)
             assert np.array_equal(combined_w, want_w), "HT combined weights mismatch"
@@ -81,8 +86,10 @@ def main(argv=None) -> int:
         print(f"epkern demo on the CPU backend ({why}): the numpy reference across in-process ranks")
     else:
         print("epkern demo on the GPU backend")
-    print(f"  {args.ranks} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, {args.experts} experts, "
-          f"top-{args.topk}, BF16, {args.iters} iterations")
+    print(
+        f"  {args.ranks} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, {args.experts} experts, "
+        f"top-{args.topk}, BF16, {args.iters} iterations"
+    )
     results = run_in_process(_rank_main, args.ranks, args, backend)
     row_bytes = args.hidden * 2
     print("  validated: HT combine(expert(dispatch(x))) and LL weighted combine exact on every rank")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+
 import numpy as np
 
 from . import _env, ht_intranode, kernel_loader
@@ -19,10 +20,14 @@ from .errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from .group import as_group
 from .memory import Heap, HostMapped, SymmetricRegion
 
-PHASES = {1: "notify (waiting for a peer's counts)", 2: "dispatch (waiting for a peer's output addresses)",
-          3: "dispatch (waiting for a peer to finish sending)", 4: "combine (waiting for a peer's input addresses)",
-          5: "combine (waiting for a peer to finish reading)",
-          6: "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)"}
+PHASES = {
+    1: "notify (waiting for a peer's counts)",
+    2: "dispatch (waiting for a peer's output addresses)",
+    3: "dispatch (waiting for a peer to finish sending)",
+    4: "combine (waiting for a peer's input addresses)",
+    5: "combine (waiting for a peer to finish reading)",
+    6: "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)",
+}
 ERROR_RECORD_BYTES = 32
 MAX_LOCAL_EXPERTS = 1024
 
@@ -30,9 +35,18 @@ MAX_LOCAL_EXPERTS = 1024
 class GpuBuffer(Buffer):
     backend = "gpu"
 
-    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
-                 low_latency_mode: bool = False, num_qps_per_rank: int = 24, *, backend: str | None = None,
-                 timeout_s: float | None = None, **_ignored):
+    def __init__(
+        self,
+        group=None,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        *,
+        backend: str | None = None,
+        timeout_s: float | None = None,
+        **_ignored,
+    ):
         import cupy
 
         self._closed = True
@@ -47,8 +61,10 @@ class GpuBuffer(Buffer):
             raise ArgumentError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         if self.group.num_nodes != 1:
-            raise ArgumentError("group: the GPU Buffer supports ranks on one node so far (got "
-                                f"{self.group.num_nodes} nodes); use backend='cpu'")
+            raise ArgumentError(
+                "group: the GPU Buffer supports ranks on one node so far (got "
+                f"{self.group.num_nodes} nodes); use backend='cpu'"
+            )
         if self.num_ranks > 8:
             raise ArgumentError(f"group: intranode kernels support up to 8 ranks, got {self.num_ranks}")
         self.device = self.group.device if self.group.device is not None else cupy.cuda.Device().id
@@ -95,8 +111,9 @@ class GpuBuffer(Buffer):
             self.host.close()
 
     def set_num_sms(self, num_sms: int) -> None:
-        self.num_sms = check_int(num_sms, "num_sms", min_value=1,
-                                 max_value=max(1, self.num_device_sms // self.ranks_per_gpu))
+        self.num_sms = check_int(
+            num_sms, "num_sms", min_value=1, max_value=max(1, self.num_device_sms // self.ranks_per_gpu)
+        )
 
     def get_dispatch_config(self, num_ranks: int | None = None) -> Config:
         return Config(num_sms=self.num_sms)
@@ -118,8 +135,10 @@ class GpuBuffer(Buffer):
         code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
         what = PHASES.get(phase, f"phase {phase}")
         if code == 1:
-            msg = (f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s "
-                   f"(flag {seen}, expected {expected})")
+            msg = (
+                f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s "
+                f"(flag {seen}, expected {expected})"
+            )
         else:
             msg = f"rank {rank}: {what}: error code {code} (peer {peer}, value {seen}, limit {expected})"
         self._broken = msg
@@ -146,7 +165,8 @@ class GpuBuffer(Buffer):
         if self.in_process and compute.ptr == 0 and self.num_ranks > 1:
             raise ArgumentError(
                 "current stream: in-process ranks must each run on their own CUDA stream, not the shared "
-                "legacy default stream (run_in_process sets one; or cupy.cuda.Stream(non_blocking=True).use())")
+                "legacy default stream (run_in_process sets one; or cupy.cuda.Stream(non_blocking=True).use())"
+            )
         if previous_event is not None:
             if not isinstance(previous_event, EventHandle):
                 raise ArgumentError("previous_event: expected an EventHandle returned by this library")
@@ -224,5 +244,6 @@ class GpuBuffer(Buffer):
     def get_low_latency_rdma_size_hint(self, num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
         from . import reference
 
-        return reference.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
-                                                        num_experts)
+        return reference.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )

@@ -62,29 +62,46 @@ def _check_x(self, x):
     return data, None, t, h * 2
 
 
-def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
-                        allocate_on_comm_stream=False):
-    import cupy
+def get_dispatch_layout(
+    self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
+):
 
     self._check_usable()
     compute = self._begin(previous_event)
     with self.on_comm_stream():
         lay = dispatch_layout.get_dispatch_layout(topk_idx, num_experts, self.num_ranks)
-        key = ("layout", num_experts, lay.is_token_in_rank.shape[1], str(getattr(topk_idx, "dtype", "")),
-               getattr(topk_idx, "shape", (0, 0))[-1])
+        key = (
+            "layout",
+            num_experts,
+            lay.is_token_in_rank.shape[1],
+            str(getattr(topk_idx, "dtype", "")),
+            getattr(topk_idx, "shape", (0, 0))[-1],
+        )
         if key not in self._warmed:  # see GpuBuffer._launch: load code before any peer spins
             self.comm_stream.synchronize()
             self.group.barrier()
             self._warmed.add(key)
     event = self._end(compute, async_finish)
-    return lay.num_tokens_per_rank, lay.num_tokens_per_rdma_rank, lay.num_tokens_per_expert, \
-        lay.is_token_in_rank, event
+    return lay.num_tokens_per_rank, lay.num_tokens_per_rdma_rank, lay.num_tokens_per_expert, lay.is_token_in_rank, event
 
 
-def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
-             is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
-             expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
-             async_finish=False, allocate_on_comm_stream=False):
+def dispatch(
+    self,
+    x,
+    handle=None,
+    num_tokens_per_rank=None,
+    num_tokens_per_rdma_rank=None,
+    is_token_in_rank=None,
+    num_tokens_per_expert=None,
+    topk_idx=None,
+    topk_weights=None,
+    expert_alignment: int = 1,
+    num_worst_tokens: int = 0,
+    config=None,
+    previous_event=None,
+    async_finish=False,
+    allocate_on_comm_stream=False,
+):
     import cupy
 
     self._check_usable()
@@ -109,8 +126,12 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
             raise ArgumentError(f"x: expected hidden size {handle.hidden} (as in the handle), got {hidden}")
         topk = handle.topk
     else:
-        for name, arr in (("topk_idx", topk_idx), ("num_tokens_per_rank", num_tokens_per_rank),
-                          ("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert)):
+        for name, arr in (
+            ("topk_idx", topk_idx),
+            ("num_tokens_per_rank", num_tokens_per_rank),
+            ("is_token_in_rank", is_token_in_rank),
+            ("num_tokens_per_expert", num_tokens_per_expert),
+        ):
             if arr is None:
                 raise ArgumentError(f"{name}: required unless a cached handle is given")
         topk_idx = as_device_array(topk_idx, "topk_idx")
@@ -131,8 +152,10 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
         check_array(num_tokens_per_expert, "num_tokens_per_expert", dtypes=(np.int32,), ndim=1, device=self.device)
         E = num_tokens_per_expert.shape[0]
         if E % R or E // R > 1024:
-            raise ArgumentError(f"num_tokens_per_expert: expected a length that is a multiple of {R} ranks "
-                                f"with at most 1024 experts per rank, got {E}")
+            raise ArgumentError(
+                f"num_tokens_per_expert: expected a length that is a multiple of {R} ranks "
+                f"with at most 1024 experts per rank, got {E}"
+            )
 
     compute = self._begin(previous_event)
     with self.on_comm_stream():
@@ -142,22 +165,41 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
             send_slot = cupy.empty((T, R), dtype=np.int32)
             notify_epoch = self._next_epoch()
             self.notify_out[0] = 0
-            self._launch("ht_notify.cu", "epk_ht_notify", {"EPK_NUM_RANKS": R, "EPK_NUM_LOCAL_EXPERTS": E_loc}, 1,
-                         1024, (np.int32(self.rank), np.int32(notify_epoch), np.int32(T), num_tokens_per_rank,
-                                   num_tokens_per_expert, is_token_in_rank, self.peer_table, rank_prefix, send_slot,
-                                   np.uintp(self.host.device_ptr + 32), *self._deadline_args()))
+            self._launch(
+                "ht_notify.cu",
+                "epk_ht_notify",
+                {"EPK_NUM_RANKS": R, "EPK_NUM_LOCAL_EXPERTS": E_loc},
+                1,
+                1024,
+                (
+                    np.int32(self.rank),
+                    np.int32(notify_epoch),
+                    np.int32(T),
+                    num_tokens_per_rank,
+                    num_tokens_per_expert,
+                    is_token_in_rank,
+                    self.peer_table,
+                    rank_prefix,
+                    send_slot,
+                    np.uintp(self.host.device_ptr + 32),
+                    *self._deadline_args(),
+                ),
+            )
             if num_worst_tokens:
                 num_recv, per_expert = -1, []
                 out_rows = num_worst_tokens
             else:
                 self._wait_host_word(self.notify_out, notify_epoch, "dispatch notify")
                 num_recv = int(self.notify_out[1])
-                raw = self.notify_out[2 + R: 2 + R + E_loc].astype(np.int64)
+                raw = self.notify_out[2 + R : 2 + R + E_loc].astype(np.int64)
                 per_expert = [int(-(-c // expert_alignment) * expert_alignment) for c in raw]
                 out_rows = num_recv
         else:
-            rank_prefix, send_slot, is_token_in_rank = handle.rank_prefix_matrix, handle.send_slot, \
-                handle.is_token_in_rank
+            rank_prefix, send_slot, is_token_in_rank = (
+                handle.rank_prefix_matrix,
+                handle.send_slot,
+                handle.is_token_in_rank,
+            )
             out_rows = handle.num_out_rows
         # Outputs, allocated where peers can write them.
         sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
@@ -175,34 +217,67 @@ def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma
                 recv_w.fill(0)
                 recv_src.fill(-1)
         epoch = self._next_epoch()
-        defines = {"EPK_NUM_RANKS": R, "EPK_TOPK": topk, "EPK_ROW_BYTES": row_bytes,
-                   "EPK_SCALE_COLS": hidden // 128 if scales is not None else 0,
-                   "EPK_NUM_LOCAL_EXPERTS": (num_tokens_per_expert.shape[0] // R) if not cached else 1,
-                   "EPK_WITH_META": 0 if cached else 1, "EPK_THREADS": THREADS, "EPK_UNROLL": 4}
+        defines = {
+            "EPK_NUM_RANKS": R,
+            "EPK_TOPK": topk,
+            "EPK_ROW_BYTES": row_bytes,
+            "EPK_SCALE_COLS": hidden // 128 if scales is not None else 0,
+            "EPK_NUM_LOCAL_EXPERTS": (num_tokens_per_expert.shape[0] // R) if not cached else 1,
+            "EPK_WITH_META": 0 if cached else 1,
+            "EPK_THREADS": THREADS,
+            "EPK_UNROLL": 4,
+        }
 
         def addr(a):
             return np.int64(a.data.ptr) if a is not None else np.int64(0)
 
         meta = (recv_idx, recv_w, recv_src) if not cached else (None, None, None)
-        self._launch("ht_dispatch.cu", "epk_ht_dispatch", defines, blocks, THREADS, (
-            np.int32(self.rank), np.int32(epoch), np.int32(T), data,
-            np.uintp(scales.data.ptr if scales is not None else 0),
-            np.uintp(topk_idx.data.ptr if not cached else 0),
-            np.uintp(topk_weights.data.ptr if (not cached and topk_weights is not None) else 0),
-            is_token_in_rank, send_slot, self.peer_table,
-            addr(recv_data), addr(recv_scales), addr(meta[0]), addr(meta[1]), addr(meta[2]), np.int32(out_rows),
-            np.uintp(self.tickets.data.ptr), *self._deadline_args()))
+        self._launch(
+            "ht_dispatch.cu",
+            "epk_ht_dispatch",
+            defines,
+            blocks,
+            THREADS,
+            (
+                np.int32(self.rank),
+                np.int32(epoch),
+                np.int32(T),
+                data,
+                np.uintp(scales.data.ptr if scales is not None else 0),
+                np.uintp(topk_idx.data.ptr if not cached else 0),
+                np.uintp(topk_weights.data.ptr if (not cached and topk_weights is not None) else 0),
+                is_token_in_rank,
+                send_slot,
+                self.peer_table,
+                addr(recv_data),
+                addr(recv_scales),
+                addr(meta[0]),
+                addr(meta[1]),
+                addr(meta[2]),
+                np.int32(out_rows),
+                np.uintp(self.tickets.data.ptr),
+                *self._deadline_args(),
+            ),
+        )
     event = self._end(compute, async_finish)
     recv_x = (recv_data, recv_scales) if scales is not None else recv_data
     if cached:
         return recv_x, None, None, None, handle, event
-    new_handle = HtHandle(rank_prefix, send_slot, is_token_in_rank, recv_src, num_recv, out_rows, T, hidden,
-                          topk, keep)
+    new_handle = HtHandle(rank_prefix, send_slot, is_token_in_rank, recv_src, num_recv, out_rows, T, hidden, topk, keep)
     return (recv_x, recv_idx, recv_w if topk_weights is not None else None, per_expert, new_handle, event)
 
 
-def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False,
-            allocate_on_comm_stream=False):
+def combine(
+    self,
+    x,
+    handle,
+    topk_weights=None,
+    bias=None,
+    config=None,
+    previous_event=None,
+    async_finish=False,
+    allocate_on_comm_stream=False,
+):
     import cupy
 
     self._check_usable()
@@ -215,16 +290,22 @@ def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous
         raise ArgumentError(f"x: expected a hidden size that is a multiple of 8, got {hidden}")
     if topk_weights is not None:
         topk_weights = as_device_array(topk_weights, "topk_weights")
-        check_array(topk_weights, "topk_weights", dtypes=(np.float32,), shape=(handle.num_out_rows, handle.topk),
-                    device=self.device)
+        check_array(
+            topk_weights,
+            "topk_weights",
+            dtypes=(np.float32,),
+            shape=(handle.num_out_rows, handle.topk),
+            device=self.device,
+        )
     biases = [] if bias is None else list(bias) if isinstance(bias, tuple | list) else [bias]
     if len(biases) > 2:
         raise ArgumentError("bias: expected an array or a pair of arrays")
     for i, b in enumerate(biases):
         biases[i] = as_device_array(b, f"bias[{i}]")
         check_array(biases[i], f"bias[{i}]", dtypes=(BF16,), shape=(handle.num_tokens, hidden), device=self.device)
-    blocks = max(1, min(config.num_sms if config is not None else self.num_sms,
-                        self.num_device_sms // self.ranks_per_gpu))
+    blocks = max(
+        1, min(config.num_sms if config is not None else self.num_sms, self.num_device_sms // self.ranks_per_gpu)
+    )
 
     compute = self._begin(previous_event)
     with self.on_comm_stream():
@@ -239,14 +320,36 @@ def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous
         out = cupy.empty((handle.num_tokens, hidden), dtype=BF16)
         out_w = cupy.empty((handle.num_tokens, handle.topk), dtype=np.float32) if topk_weights is not None else None
         epoch = self._next_epoch()
-        defines = {"EPK_NUM_RANKS": self.num_ranks, "EPK_TOPK": handle.topk, "EPK_HIDDEN": hidden,
-                   "EPK_HAS_WEIGHTS": int(topk_weights is not None), "EPK_THREADS": THREADS, "EPK_UNROLL": 2}
-        self._launch("ht_combine.cu", "epk_ht_combine", defines, blocks, THREADS, (
-            np.int32(self.rank), np.int32(epoch), np.int32(handle.num_tokens), np.int64(x.data.ptr),
-            np.int64(topk_weights.data.ptr if topk_weights is not None else 0), handle.send_slot,
-            np.uintp(biases[0].data.ptr if biases else 0), np.uintp(biases[1].data.ptr if len(biases) > 1 else 0),
-            self.peer_table, out, np.uintp(out_w.data.ptr if out_w is not None else 0),
-            np.uintp(self.tickets.data.ptr + 4), *self._deadline_args()))
+        defines = {
+            "EPK_NUM_RANKS": self.num_ranks,
+            "EPK_TOPK": handle.topk,
+            "EPK_HIDDEN": hidden,
+            "EPK_HAS_WEIGHTS": int(topk_weights is not None),
+            "EPK_THREADS": THREADS,
+            "EPK_UNROLL": 2,
+        }
+        self._launch(
+            "ht_combine.cu",
+            "epk_ht_combine",
+            defines,
+            blocks,
+            THREADS,
+            (
+                np.int32(self.rank),
+                np.int32(epoch),
+                np.int32(handle.num_tokens),
+                np.int64(x.data.ptr),
+                np.int64(topk_weights.data.ptr if topk_weights is not None else 0),
+                handle.send_slot,
+                np.uintp(biases[0].data.ptr if biases else 0),
+                np.uintp(biases[1].data.ptr if len(biases) > 1 else 0),
+                self.peer_table,
+                out,
+                np.uintp(out_w.data.ptr if out_w is not None else 0),
+                np.uintp(self.tickets.data.ptr + 4),
+                *self._deadline_args(),
+            ),
+        )
     event = self._end(compute, async_finish)
     del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
     return out, out_w, event

@@ -22,9 +22,7 @@ def as_bytes(data, name: str = "data") -> bytes:
     try:
         return memoryview(data).tobytes()
     except TypeError:
-        raise ArgumentError(
-            f"{name}: expected bytes (or a bytes-like object), got {type(data).__name__}"
-        ) from None
+        raise ArgumentError(f"{name}: expected bytes (or a bytes-like object), got {type(data).__name__}") from None
 
 
 def gpu_count() -> int:
@@ -112,9 +110,7 @@ class Group(abc.ABC):
 
     def allgather_object(self, obj) -> list:
         """Every rank's ``obj`` (pickled; each rank gets copies), indexed by rank."""
-        return [
-            pickle.loads(b) for b in self.allgather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        ]
+        return [pickle.loads(b) for b in self.allgather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))]
 
     def broadcast_object(self, obj, root: int = 0):
         """``obj`` of rank ``root`` on every rank (others' ``obj`` is ignored)."""

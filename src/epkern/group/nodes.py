@@ -90,9 +90,7 @@ def node_map(
     return NodeMap(nodes, local, host_local, hostnames)
 
 
-def node_map_from_entries(
-    entries: Sequence[tuple[str, int | None, str | None]], explicit: bool = False
-) -> NodeMap:
+def node_map_from_entries(entries: Sequence[tuple[str, int | None, str | None]], explicit: bool = False) -> NodeMap:
     """Node map from every rank's :func:`local_entry` (the same result, or the same error, on every rank)."""
     for rank, (_, _, error) in enumerate(entries):
         if error:
@@ -103,6 +101,4 @@ def node_map_from_entries(
         what = "ranks_per_node" if explicit else "EPKERN_RANKS_PER_NODE"
         raise ConfigError(f"{what} differs between ranks ({per_rank}); set it the same on every rank")
     (rpn,) = settings
-    return node_map(
-        [h for h, _, _ in entries], rpn, "ranks_per_node" if explicit else "EPKERN_RANKS_PER_NODE"
-    )
+    return node_map([h for h, _, _ in entries], rpn, "ranks_per_node" if explicit else "EPKERN_RANKS_PER_NODE")

@@ -113,8 +113,7 @@ class _Coordinator:
                 gone = [r for r in missing if r in self.exited]
                 if gone:
                     err = GroupError(
-                        f"{_ranks(gone)} returned without reaching {op} #{seq} "
-                        f"(rank {rank} was waiting in it)"
+                        f"{_ranks(gone)} returned without reaching {op} #{seq} (rank {rank} was waiting in it)"
                     )
                     self.fail(err)
                     raise err
@@ -283,9 +282,7 @@ def run_in_process(
     """
     if not callable(fn):
         raise ArgumentError(f"fn: expected a callable taking (group, ...), got {type(fn).__name__}")
-    groups = make_thread_groups(
-        num_ranks, devices=devices, ranks_per_node=ranks_per_node, timeout_s=timeout_s
-    )
+    groups = make_thread_groups(num_ranks, devices=devices, ranks_per_node=ranks_per_node, timeout_s=timeout_s)
     coord = groups[0]._coord
     results: list = [None] * num_ranks
     finished: set[int] = set()
@@ -303,9 +300,7 @@ def run_in_process(
                 coord.exited.add(rank)
                 coord.cond.notify_all()
 
-    threads = [
-        threading.Thread(target=body, args=(g,), name=f"epkern-rank-{g.rank}", daemon=True) for g in groups
-    ]
+    threads = [threading.Thread(target=body, args=(g,), name=f"epkern-rank-{g.rank}", daemon=True) for g in groups]
     try:
         for t in threads:
             t.start()
@@ -349,8 +344,7 @@ def _raise_failure(coord: _Coordinator, num_ranks: int, abandoned: list[int]):
             by_text.setdefault(f"{type(e).__name__}: {e}", []).append(r)
         first_text = f"{type(first).__name__}: {first}"
         note += "; " + "; ".join(
-            f"{_ranks(rs)} raised {'the same' if text == first_text else text}"
-            for text, rs in by_text.items()
+            f"{_ranks(rs)} raised {'the same' if text == first_text else text}" for text, rs in by_text.items()
         )
     if abandoned:
         note += f"; {_ranks(abandoned)} still running after {coord.timeout_s} s, abandoned (daemon threads)"

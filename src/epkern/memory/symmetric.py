@@ -21,8 +21,10 @@ def _enable_peer_access(device: int, peer: int) -> None:
     if device == peer:
         return
     if not rt.deviceCanAccessPeer(device, peer):
-        raise GroupError(f"GPU {device} cannot access GPU {peer} directly (no P2P); in-process ranks on "
-                         f"these GPUs cannot share memory")
+        raise GroupError(
+            f"GPU {device} cannot access GPU {peer} directly (no P2P); in-process ranks on "
+            f"these GPUs cannot share memory"
+        )
     with cupy.cuda.Device(device):
         try:
             rt.deviceEnablePeerAccess(peer)

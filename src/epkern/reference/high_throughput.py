@@ -94,8 +94,11 @@ def ht_dispatch(xs, topk_idx, num_experts, topk_weights=None, expert_alignment=1
         r_idx[:n] = np.where(here, local, -1)
         r_w = None
         if topk_weights is not None:
-            gw = np.concatenate([np.asarray(topk_weights[s], np.float32)[in_rank[s][:, d]] for s in range(R)]) \
-                if n else np.zeros((0, K), np.float32)
+            gw = (
+                np.concatenate([np.asarray(topk_weights[s], np.float32)[in_rank[s][:, d]] for s in range(R)])
+                if n
+                else np.zeros((0, K), np.float32)
+            )
             r_w = np.zeros((rows, K), np.float32)
             r_w[:n] = np.where(here, gw, np.float32(0))
         if num_worst_tokens:

@@ -22,8 +22,9 @@ class LLDispatchResult:
     hidden: int
 
 
-def ll_dispatch(xs, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=False, round_scale=False,
-                use_ue8m0=False):
+def ll_dispatch(
+    xs, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=False, round_scale=False, use_ue8m0=False
+):
     """Canonical order: per local expert, blocks by source rank ascending, rows by source token ascending.
     No deduplication: each (t, k) selection is one row (a token picking the same expert twice is sent
     twice). Rows past the count are zero. FP8 is the sender's per-token cast."""
@@ -37,8 +38,9 @@ def ll_dispatch(xs, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use
     idxs = []
     for r, (x, i) in enumerate(zip(xs, topk_idx, strict=True)):
         if np.asarray(x).shape[0] > num_max:
-            raise ArgumentError(f"x: rank {r} has {np.asarray(x).shape[0]} tokens, more than "
-                                f"num_max_dispatch_tokens_per_rank={num_max}")
+            raise ArgumentError(
+                f"x: rank {r} has {np.asarray(x).shape[0]} tokens, more than num_max_dispatch_tokens_per_rank={num_max}"
+            )
         idxs.append(check_topk_idx(i, num_experts, f"topk_idx[{r}]"))
     rows = R * num_max
     results = []
@@ -59,12 +61,12 @@ def ll_dispatch(xs, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use
                 hit_t = np.sort(hit_t, kind="stable")
                 n = len(hit_t)
                 layout[e, s] = (pos << 32) | n
-                src_info[e, pos:pos + n] = hit_t
+                src_info[e, pos : pos + n] = hit_t
                 if use_fp8:
-                    data[e, pos:pos + n] = cast[s][0][hit_t]
-                    scales[e, pos:pos + n] = cast[s][1][hit_t]
+                    data[e, pos : pos + n] = cast[s][0][hit_t]
+                    scales[e, pos : pos + n] = cast[s][1][hit_t]
                 else:
-                    data[e, pos:pos + n] = np.asarray(xs[s])[hit_t]
+                    data[e, pos : pos + n] = np.asarray(xs[s])[hit_t]
                 pos += n
             count[e] = pos
         recv_x = (data, scales) if use_fp8 else data
@@ -98,9 +100,9 @@ def canonicalize_ll_recv(recv_x, recv_count, src_info, layout_range, num_ranks):
                 canon[e, s] = pos << 32
                 continue
             assert 0 <= b and b + c <= n, f"expert {e} source {s}: block [{b}, {b + c}) outside [0, {n})"
-            assert not covered[b:b + c].any(), f"expert {e} source {s}: block overlaps another"
-            covered[b:b + c] = True
-            srcs = src_info[e, b:b + c]  # repeats allowed: a token may pick one expert twice
+            assert not covered[b : b + c].any(), f"expert {e} source {s}: block overlaps another"
+            covered[b : b + c] = True
+            srcs = src_info[e, b : b + c]  # repeats allowed: a token may pick one expert twice
             perm = b + np.argsort(srcs, kind="stable")
             order.append(perm)
             canon[e, s] = (pos << 32) | c
