@@ -72,6 +72,7 @@ def rank_main(group, args, tokens):
     with Buffer(group, num_nvl_bytes=0 if getattr(group, "is_in_process", False) else nvl, backend="gpu") as buf:
         if args.num_sms:
             buf.set_num_sms(args.num_sms)
+        buf.ht_threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll = args.threads, args.dunroll, args.cunroll
         if group.rank == 0:
             bw = copy_bandwidth_gbs(1 << 30)
         group.barrier()
@@ -117,6 +118,7 @@ def rank_main(group, args, tokens):
         res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
         res["tokens"] = tokens
         res["num_sms"] = buf.num_sms
+        res["launch"] = (buf.ht_threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll)
         res["ranks_per_gpu"] = buf.ranks_per_gpu
         res["row_bytes"] = row_bytes
         res["copy_bandwidth_GBps"] = bw
@@ -136,6 +138,7 @@ def summarize(per_rank: list[dict], args) -> dict:
         "experts": args.experts,
         "fp8": args.fp8,
         "num_sms": r0["num_sms"],
+        "launch": r0["launch"],
         "device": r0["device"],
         "ranks_per_gpu": r0["ranks_per_gpu"],
         "copy_bandwidth_GBps": r0["copy_bandwidth_GBps"],
@@ -171,6 +174,9 @@ def main(argv=None):
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--num-sms", type=int, default=0)
+    p.add_argument("--threads", type=int, default=512, help="threads per block of the HT copy kernels")
+    p.add_argument("--dunroll", type=int, default=4, help="16-byte loads in flight per lane, dispatch")
+    p.add_argument("--cunroll", type=int, default=2, help="16-byte loads in flight per lane and peer, combine")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")
@@ -199,6 +205,7 @@ def main(argv=None):
         print(
             f"HT intranode, {mode}, {results[0]['device']}, H={args.hidden} top-{args.topk} "
             f"E={args.experts} {'FP8' if args.fp8 else 'BF16'} dispatch, SMs/rank={results[0]['num_sms']}, "
+            f"threads/unroll {results[0]['launch']}, "
             f"copy bw {results[0]['copy_bandwidth_GBps']:.0f} GB/s"
         )
         hdr = (

@@ -88,6 +88,8 @@ class GpuBuffer(Buffer):
         self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
         self._broken: str | None = None
         self._warmed: set = set()
+        # Launch shape of the HT copy kernels (tuned by bench/bench_ht.py; see docs/performance.md).
+        self.ht_threads, self.ht_dispatch_unroll, self.ht_combine_unroll = 512, 4, 2
         self.group.barrier()
 
     # ---- lifecycle ----

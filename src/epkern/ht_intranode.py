@@ -21,7 +21,6 @@ from .errors import ArgumentError
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # CuPy has no float8 dtype: FP8 data travels as its e4m3 bytes (uint8); float8_e4m3fn is accepted too.
 FP8_DTYPES = (np.uint8, np.dtype(ml_dtypes.float8_e4m3fn))
-THREADS = 512
 MAX_TOPK = 32
 
 
@@ -224,8 +223,8 @@ def dispatch(
             "EPK_SCALE_COLS": hidden // 128 if scales is not None else 0,
             "EPK_NUM_LOCAL_EXPERTS": (num_tokens_per_expert.shape[0] // R) if not cached else 1,
             "EPK_WITH_META": 0 if cached else 1,
-            "EPK_THREADS": THREADS,
-            "EPK_UNROLL": 4,
+            "EPK_THREADS": self.ht_threads,
+            "EPK_UNROLL": self.ht_dispatch_unroll,
         }
 
         def addr(a):
@@ -237,7 +236,7 @@ def dispatch(
             "epk_ht_dispatch",
             defines,
             blocks,
-            THREADS,
+            self.ht_threads,
             (
                 np.int32(self.rank),
                 np.int32(epoch),
@@ -325,15 +324,15 @@ def combine(
             "EPK_TOPK": handle.topk,
             "EPK_HIDDEN": hidden,
             "EPK_HAS_WEIGHTS": int(topk_weights is not None),
-            "EPK_THREADS": THREADS,
-            "EPK_UNROLL": 2,
+            "EPK_THREADS": self.ht_threads,
+            "EPK_UNROLL": self.ht_combine_unroll,
         }
         self._launch(
             "ht_combine.cu",
             "epk_ht_combine",
             defines,
             blocks,
-            THREADS,
+            self.ht_threads,
             (
                 np.int32(self.rank),
                 np.int32(epoch),
