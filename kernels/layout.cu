@@ -107,6 +107,21 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
+  if (gridDim.x == 1) {  // small T: one block holds every count, no cross-block reduction needed
+    for (int i = threadIdx.x; i < kCounters; i += kThreads) {
+      const int v = s_count[i];
+      if (i < kRankBase) {
+        num_tokens_per_expert[i] = v;
+      } else if (i < kNodeBase) {
+        num_tokens_per_rank[i - kRankBase] = v;
+      } else if (i < kInvalid) {
+        num_tokens_per_node[i - kNodeBase] = v;
+      } else if (invalid_out != nullptr) {
+        *reinterpret_cast<volatile int *>(invalid_out) = v;
+      }
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < kCounters; i += kThreads)
     if (s_count[i] != 0) atomicAdd(&counters[i], s_count[i]);
   __syncthreads();

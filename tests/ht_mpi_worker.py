@@ -28,7 +28,15 @@ def main():
         dict(num_tokens=100, hidden=2048, num_experts=32, topk=4, expert_alignment=16),
         dict(num_tokens=128, hidden=2048, num_experts=64, topk=8, iterations=20),
     ]
+    if "--absent" in sys.argv:
+        buf = Buffer(group, num_nvl_bytes=nvl, backend="gpu", timeout_s=3)
+        took = ht_scenarios.run_absent_peer(buf, group, absent_rank=R - 1)
+        assert took is None or took < 3 + 5, f"raised after {took:.1f} s"
+        group.barrier()
+        print(f"OK rank {group.rank} of {R} absent-peer raised after {took}", flush=True)
+        return
     with Buffer(group, num_nvl_bytes=nvl, backend="gpu", timeout_s=20) as buf:
+        ht_scenarios.run_bad_inputs(buf, group)
         for case in cases:
             ht_scenarios.run_ht_case(buf, group, **case)
             if group.rank == 0:

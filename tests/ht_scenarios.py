@@ -162,3 +162,84 @@ def run_ht_case(
             assert none_idx is None
             assert_same(cupy.asnumpy(got2)[:n], want2[:n], f"rank {r} cached recv_x")
     return n_real
+
+
+def run_bad_inputs(buf, group):
+    """Every bad argument raises ArgumentError naming it, before anything is launched; the Buffer stays
+    usable (a correct dispatch/combine follows)."""
+    import cupy
+
+    from epkern.errors import ArgumentError
+
+    T, H, E, K = 64, 2048, 8 * group.size, 4
+    x = cupy.asarray(np.ones((T, H), BF16))
+    idx = cupy.asarray(np.argsort(np.random.default_rng(group.rank).random((T, E)), axis=1)[:, :K].astype(np.int64))
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    good = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
+    cases = [
+        (lambda: buf.dispatch(x.astype(cupy.float32), **good), "x"),
+        (lambda: buf.dispatch(x[:, :100], **good), "x"),
+        (lambda: buf.dispatch(x[::2], **good), "topk_idx"),
+        (lambda: buf.dispatch(x, **{**good, "topk_idx": idx.astype(cupy.int32)}), "topk_idx"),
+        (lambda: buf.dispatch(x, **{**good, "topk_weights": cupy.ones((T, K + 1), cupy.float32)}), "topk_weights"),
+        (lambda: buf.dispatch(x, **{**good, "is_token_in_rank": in_rank[:, :1]}), "is_token_in_rank"),
+        (lambda: buf.dispatch(x, **{**good, "num_worst_tokens": -1}), "num_worst_tokens"),
+        (lambda: buf.dispatch(np.ones((T, H), BF16), **good), "x"),
+        (lambda: buf.dispatch(x, handle="nope"), "handle"),
+        (lambda: buf.get_dispatch_layout(idx, E + 1), "num_experts"),
+    ]
+    for call, name in cases:
+        try:
+            call()
+        except ArgumentError as exc:
+            assert name in str(exc), f"error does not name {name}: {exc}"
+        else:
+            raise AssertionError(f"bad {name} accepted")
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, **good)
+    for call, name in (
+        (lambda: buf.combine(recv_x[:1], handle), "x"),
+        (lambda: buf.combine(recv_x, handle, topk_weights=cupy.ones((1, K), cupy.float32)), "topk_weights"),
+        (lambda: buf.combine(recv_x, handle, bias=cupy.ones((1, H), BF16)), "bias"),
+        (lambda: buf.dispatch(x[:1], handle=handle), "x"),
+    ):
+        try:
+            call()
+        except ArgumentError as exc:
+            assert name in str(exc), f"error does not name {name}: {exc}"
+        else:
+            raise AssertionError(f"bad {name} accepted")
+    out, _, _ = buf.combine(recv_x, handle)
+    reached = cupy.asnumpy(in_rank).sum(1, dtype=np.float32)[:, None]
+    assert np.array_equal(cupy.asnumpy(out).astype(np.float32), np.ones((T, H), np.float32) * reached)
+
+
+def run_absent_peer(buf, group, absent_rank):
+    """The absent rank never dispatches; every other rank must raise TimeoutError naming rank, phase and
+    the peer within the Buffer's deadline (no hang). Returns the seconds it took (or None when absent)."""
+    import time
+
+    import cupy
+
+    from epkern.errors import TimeoutError as EpTimeout
+
+    if group.rank == absent_rank:
+        return None
+    T, H, E, K = 32, 2048, 8 * group.size, 2
+    x = cupy.asarray(np.ones((T, H), BF16))
+    idx = cupy.asarray(np.tile(np.arange(K, dtype=np.int64) * (E // K), (T, 1)))
+    in_rank = cupy.ones((T, group.size), dtype=cupy.bool_)
+    per_rank = cupy.full(group.size, T, dtype=cupy.int32)
+    per_expert = cupy.zeros(E, dtype=cupy.int32)
+    t0 = time.monotonic()
+    try:
+        buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx
+        )
+        cupy.cuda.get_current_stream().synchronize()
+        buf._check_usable()
+    except EpTimeout as exc:
+        took = time.monotonic() - t0
+        msg = str(exc)
+        assert f"rank {group.rank}" in msg and "peer" in msg, msg
+        return took
+    raise AssertionError("dispatch with an absent peer did not raise")

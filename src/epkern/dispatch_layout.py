@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import NamedTuple
 
@@ -23,8 +24,18 @@ class DispatchLayout(NamedTuple):
     is_token_in_rank: object  # bool [T, R]
 
 
-def _threads_per_block() -> int:
-    return 128
+SINGLE_BLOCK_MAX_TOKENS = 4096  # up to here one block of 1024 threads does everything (no reduction)
+
+
+def _threads_per_block(num_tokens: int) -> int:
+    return 1024 if num_tokens <= SINGLE_BLOCK_MAX_TOKENS else 256
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
 
 
 class _Workspace:
@@ -89,7 +100,7 @@ def get_dispatch_layout(
         "EPK_NUM_NODES": node_count,
         "EPK_TOPK": topk,
         "EPK_IDX_T": "int64_t" if topk_idx.dtype == np.int64 else "int32_t",
-        "EPK_THREADS": _threads_per_block(),
+        "EPK_THREADS": _threads_per_block(num_tokens),
     }
     kernel = kernel_loader.get_function("layout.cu", "epk_get_dispatch_layout", defines)
 
@@ -102,8 +113,10 @@ def get_dispatch_layout(
     stream = cupy.cuda.get_current_stream()
     ws = _workspace(device, stream.ptr, num_experts + num_ranks + node_count + 1)
     threads = defines["EPK_THREADS"]
-    sm_count = cupy.cuda.Device(device).attributes["MultiProcessorCount"]
-    blocks = max(1, min(-(-num_tokens // threads), 2 * sm_count))
+    if num_tokens <= SINGLE_BLOCK_MAX_TOKENS:
+        blocks = 1
+    else:
+        blocks = max(1, min(-(-num_tokens // threads), 2 * _sm_count(device)))
     invalid_word = ws.invalid.view(np.int32, count=1)
     if check_indices:
         invalid_word[0] = -1  # the kernel overwrites it; -1 left means it did not run

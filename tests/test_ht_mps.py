@@ -1,0 +1,52 @@
+"""HT across processes (CUDA IPC) on one GPU through MPS: tests/ht_mpi_worker.py under mpiexec."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mpiexec(n):
+    exe = shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("mpiexec not found")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    cmd = [exe, "-n", str(n)]
+    if "Open MPI" in version or "OpenRTE" in version:
+        cmd[1:1] = ["--allow-run-as-root", "--oversubscribe"]
+        for var in ("PYTHONPATH", "CUDA_MPS_PIPE_DIRECTORY", "EPKERN_CACHE_DIR"):
+            cmd[1:1] = ["-x", var]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def mps_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env.setdefault("CUDA_MPS_PIPE_DIRECTORY", "/tmp/epkern-mps-pipe")
+    env.setdefault("CUDA_MPS_LOG_DIRECTORY", "/tmp/epkern-mps-log")
+    if shutil.which("nvidia-cuda-mps-control"):
+        subprocess.run(["bash", str(ROOT / "scripts" / "mps.sh"), "start"], env=env, capture_output=True)
+    return env
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_mps_processes(n, mps_env):
+    cmd = _mpiexec(n) + [sys.executable, str(ROOT / "tests" / "ht_mpi_worker.py")]
+    res = subprocess.run(cmd, env=mps_env, capture_output=True, text=True, timeout=400)
+    oks = [line for line in res.stdout.splitlines() if line.startswith("OK rank")]
+    assert res.returncode == 0 and len(oks) == n, res.stdout[-3000:] + res.stderr[-3000:]
+    assert all(line.endswith("heap_in_use_after=0") for line in oks), oks
+
+
+def test_absent_peer_raises_within_deadline(mps_env):
+    cmd = _mpiexec(4) + [sys.executable, str(ROOT / "tests" / "ht_mpi_worker.py"), "--absent"]
+    res = subprocess.run(cmd, env=mps_env, capture_output=True, text=True, timeout=120)
+    oks = [line for line in res.stdout.splitlines() if line.startswith("OK rank")]
+    assert res.returncode == 0 and len(oks) == 4, res.stdout[-3000:] + res.stderr[-3000:]
