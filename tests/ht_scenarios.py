@@ -179,7 +179,7 @@ def run_bad_inputs(buf, group):
     cases = [
         (lambda: buf.dispatch(x.astype(cupy.float32), **good), "x"),
         (lambda: buf.dispatch(x[:, :100], **good), "x"),
-        (lambda: buf.dispatch(x[::2], **good), "topk_idx"),
+        (lambda: buf.dispatch(x[: T // 2], **good), "topk_idx"),
         (lambda: buf.dispatch(x, **{**good, "topk_idx": idx.astype(cupy.int32)}), "topk_idx"),
         (lambda: buf.dispatch(x, **{**good, "topk_weights": cupy.ones((T, K + 1), cupy.float32)}), "topk_weights"),
         (lambda: buf.dispatch(x, **{**good, "is_token_in_rank": in_rank[:, :1]}), "is_token_in_rank"),
@@ -222,8 +222,6 @@ def run_absent_peer(buf, group, absent_rank):
 
     from epkern.errors import TimeoutError as EpTimeout
 
-    if group.rank == absent_rank:
-        return None
     T, H, E, K = 32, 2048, 8 * group.size, 2
     x = cupy.asarray(np.ones((T, H), BF16))
     idx = cupy.asarray(np.tile(np.arange(K, dtype=np.int64) * (E // K), (T, 1)))
