@@ -8,22 +8,30 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export EPKERN_CACHE_DIR="${EPKERN_CACHE_DIR:-/tmp/epkern-cache}"
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 MPIRUN=(mpiexec --allow-run-as-root -x PYTHONPATH -x PYTHONUNBUFFERED -x EPKERN_CACHE_DIR -x CUDA_MPS_PIPE_DIRECTORY)
 what=("$@")
 [ ${#what[@]} -eq 0 ] && what=(all)
 summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# Single-process tests first, without MPS (a process that opened the GPU and the MPS server exclude
+# each other); then MPS for the multi-process tests and benchmarks.
 if has tests; then
-  timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -m "gpu and not mpi" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   summary+=("gpu tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/gpu_tests.log")")
 fi
 if has layoutbench; then
   timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
 fi
-if has mps || has bench; then bash scripts/mps.sh start; fi
+if has mps || has bench; then
+  bash scripts/mps.sh start
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
+fi
 if has mps; then
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
+  summary+=("mps tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/mps_tests.log")")
+fi
+if has mpsraw; then
   for n in 2 4 8; do
     timeout 240 "${MPIRUN[@]}" -n $n python3 tests/ht_mpi_worker.py >"$OUT/mps_$n.log" 2>&1
     summary+=("mps n=$n rc=$?: $(grep -c '^OK rank' "$OUT/mps_$n.log") OK lines; $(grep -m1 -E 'Error|error' "$OUT/mps_$n.log" | cut -c1-200)")
@@ -32,5 +40,6 @@ fi
 if has bench; then
   timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 --json "$OUT/bench_ht_mps8.json" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -7
 fi
+if has mps || has bench; then bash scripts/mps.sh stop; fi
 echo "==== summary"
 printf '%s\n' "${summary[@]}"

@@ -27,12 +27,17 @@ def _mpiexec(n):
 
 @pytest.fixture(scope="module")
 def mps_env():
+    """MPS must already run (bash scripts/mps.sh start, before any CUDA process: a process that opened the
+    GPU without MPS and the MPS server exclude each other), with CUDA_MPS_PIPE_DIRECTORY exported."""
     env = dict(os.environ)
+    if "CUDA_MPS_PIPE_DIRECTORY" not in env or not shutil.which("nvidia-cuda-mps-control"):
+        pytest.skip("MPS is not running (start it first: bash scripts/mps.sh start; export CUDA_MPS_PIPE_DIRECTORY)")
+    probe = subprocess.run(
+        ["nvidia-cuda-mps-control"], input="get_server_list\n", env=env, capture_output=True, text=True, timeout=10
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"MPS control daemon not reachable: {probe.stderr.strip()}")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env.setdefault("CUDA_MPS_PIPE_DIRECTORY", "/tmp/epkern-mps-pipe")
-    env.setdefault("CUDA_MPS_LOG_DIRECTORY", "/tmp/epkern-mps-log")
-    if shutil.which("nvidia-cuda-mps-control"):
-        subprocess.run(["bash", str(ROOT / "scripts" / "mps.sh"), "start"], env=env, capture_output=True)
     return env
 
 

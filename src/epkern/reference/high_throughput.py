@@ -1,4 +1,16 @@
-"""Reference high-throughput dispatch / combine across all ranks at once (semantics.md)."""
+"""Reference high-throughput (HT) dispatch, cached dispatch and combine (semantics.md).
+
+Every function simulates all R ranks at once: arguments and results are lists indexed by rank.
+
+Dispatch is pure data movement (exact). Rank d receives one row per (source rank s, source token t) with
+``is_token_in_rank[s][t, d]`` (deduplicated: a token with several experts on d arrives once), ordered by
+source rank ascending, then source token ascending.
+
+Combine accumulates in float32 with round-to-nearest-even after every addition, in this order:
+``acc = +0.0; acc += bias_0; acc += bias_1; for j = 0..R-1 with is_token_in_rank[t, j]:
+acc += float32(ys[j][send_slot[t, j]])``; then one RNE cast to BF16. The weights sum in the same rank order
+starting from +0.0.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +19,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArgumentError
-from .fp8 import BF16, FP8
-from .layout import check_topk_idx, token_rank_map
+from ._checks import BF16, F32, FP8, check_array, check_int, check_num_experts, check_rank_list, check_topk_idx
+from .layout import token_rank_map
+
+__all__ = ["HTDispatchResult", "HTHandle", "ht_cached_dispatch", "ht_combine", "ht_dispatch"]
 
 
 @dataclass
 class HTHandle:
-    """Per rank. ``rank_prefix_matrix[i, j]``: rows rank j receives from ranks 0..i (inclusive);
-    ``src_idx``/``src_rank``: source of each received row (-1 on padding rows); ``is_token_in_rank`` and
-    ``send_slot`` (row of my token t in rank j's output, -1 if not sent) describe this rank as a sender."""
+    """One rank's HT handle.
+
+    As a receiver (rank ``rank``):
+      ``rank_prefix_matrix`` int32 [R, R]: entry [i, j] = rows rank j receives from ranks 0..i inclusive
+      (column-wise inclusive prefix over source ranks; DeepEP's convention; the same matrix on every rank);
+      ``src_idx`` / ``src_rank`` int32 [N]: source token index / source rank of each received row, -1 on
+      padding rows (N = ``num_worst_tokens`` when that was given, else ``num_recv_tokens``);
+      ``num_recv_tokens``: real received rows.
+    As a sender:
+      ``is_token_in_rank`` bool [T, R] of this rank's own tokens; ``send_slot`` int32 [T, R]: row of
+      rank j's ``recv_x`` that token t landed in, -1 where not sent; ``num_tokens`` = T.
+    ``hidden``, ``num_experts``: of the dispatch, for argument checks.
+    (DeepEP's per-channel prefix matrices depend on the kernel's channel split and are not modelled.)
+    """
 
     rank_prefix_matrix: np.ndarray
     src_idx: np.ndarray
@@ -24,142 +49,281 @@ class HTHandle:
     send_slot: np.ndarray
     num_recv_tokens: int
     num_tokens: int
+    rank: int
+    num_ranks: int
+    hidden: int
+    num_experts: int
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of this rank's recv_x (padding included)."""
+        return len(self.src_idx)
 
 
 @dataclass
 class HTDispatchResult:
-    recv_x: object  # BF16 [N, H] or (e4m3 [N, H], float32 [N, H/128])
-    recv_topk_idx: np.ndarray | None
-    recv_topk_weights: np.ndarray | None
-    num_recv_tokens_per_expert_list: list
+    recv_x: object  # BF16 [N, H], or (e4m3 [N, H], float32 [N, H/128]) for FP8 input
+    recv_topk_idx: np.ndarray | None  # int64 [N, K]: local expert id or -1
+    recv_topk_weights: np.ndarray | None  # float32 [N, K]: weight where recv_topk_idx >= 0, else 0
+    num_recv_tokens_per_expert_list: list  # per local expert, rounded up to expert_alignment; [] with worst tokens
     handle: HTHandle
 
 
-def _split_x(x, name):
-    if isinstance(x, tuple):
-        data, scales = (np.asarray(v) for v in x)
-        if data.dtype != FP8 or scales.dtype != np.float32 or scales.shape != (data.shape[0], data.shape[1] // 128):
-            raise ArgumentError(f"{name}: expected (e4m3 [T, H], float32 [T, H/128])")
+def _split_x(x, name: str):
+    """BF16 [T, H] -> (x, None); (e4m3 [T, H], float32 [T, H/128]) -> (data, scales)."""
+    if isinstance(x, tuple | list):
+        if len(x) != 2:
+            raise ArgumentError(f"{name}: expected a BF16 array or an FP8 pair (x_fp8, scales), got {len(x)} items")
+        data = check_array(x[0], f"{name}[0]", (FP8,), (None, None))
+        if data.shape[1] % 128:
+            raise ArgumentError(f"{name}[0]: expected a hidden size that is a multiple of 128, got {data.shape[1]}")
+        scales = check_array(x[1], f"{name}[1]", (F32,), (data.shape[0], data.shape[1] // 128))
         return data, scales
-    x = np.asarray(x)
-    if x.ndim != 2 or x.dtype != BF16:
-        raise ArgumentError(f"{name}: expected a 2-D BF16 array, got {x.dtype} {x.shape}")
-    return x, None
+    return check_array(x, name, (BF16,), (None, None)), None
+
+
+def _split_xs(xs, name: str = "xs", num_ranks: int | None = None):
+    xs = check_rank_list(xs, name, num_ranks)
+    parts = [_split_x(x, f"{name}[{r}]") for r, x in enumerate(xs)]
+    fp8 = parts[0][1] is not None
+    hidden = parts[0][0].shape[1]
+    for r, (data, scales) in enumerate(parts):
+        if (scales is not None) != fp8:
+            raise ArgumentError(f"{name}[{r}]: expected the same kind (BF16 or FP8 pair) on every rank")
+        if data.shape[1] != hidden:
+            raise ArgumentError(f"{name}[{r}]: expected hidden size {hidden} (as on rank 0), got {data.shape[1]}")
+    return parts, fp8, hidden
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """Unsigned-integer view of the same bytes: rows are moved bit for bit (no float conversion)."""
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def _gather_rows(out: np.ndarray, sources: list, tokens: list) -> None:
+    """out[pos:pos + len(tokens[s])] = sources[s][tokens[s]] for s ascending, packed from row 0."""
+    raw, pos = _raw(out), 0
+    for src, tok in zip(sources, tokens, strict=True):
+        np.take(_raw(np.ascontiguousarray(src)), tok, axis=0, out=raw[pos : pos + len(tok)])
+        pos += len(tok)
 
 
 def ht_dispatch(xs, topk_idx, num_experts, topk_weights=None, expert_alignment=1, num_worst_tokens=0):
-    R = len(xs)
-    if len(topk_idx) != R:
-        raise ArgumentError(f"topk_idx: expected one array per rank ({R}), got {len(topk_idx)}")
-    if num_experts % R:
-        raise ArgumentError(f"num_experts: expected a multiple of {R} ranks, got {num_experts}")
-    if expert_alignment < 1:
-        raise ArgumentError(f"expert_alignment: expected >= 1, got {expert_alignment}")
+    """HT dispatch of all ranks. Returns a list of ``HTDispatchResult`` indexed by rank.
+
+    ``xs[r]``: BF16 [T_r, H] or the FP8 pair (e4m3 [T_r, H], float32 [T_r, H/128]) (the same kind on all
+    ranks); ``topk_idx[r]``: integer [T_r, K] in [-1, num_experts); ``topk_weights``: None or float32
+    [T_r, K] per rank. ``recv_topk_idx`` holds local expert ids (global − d·E_loc) for selections on the
+    receiving rank d, -1 elsewhere; ``recv_topk_weights`` the weight there, +0.0 elsewhere. The per-expert
+    list counts received (row, k) selections per local expert, each rounded up to ``expert_alignment``.
+    ``num_worst_tokens > 0``: every output has that many rows (padding: zero data and scales,
+    ``recv_topk_idx`` -1, weights 0, ``src_idx``/``src_rank`` -1) and the per-expert list is ``[]``;
+    ArgumentError if a rank receives more rows than that.
+    """
+    parts, fp8, hidden = _split_xs(xs)
+    R = len(parts)
+    num_experts = check_num_experts(num_experts, R)
     e_loc = num_experts // R
-    parts = [_split_x(x, f"xs[{r}]") for r, x in enumerate(xs)]
-    idxs = [check_topk_idx(i, num_experts, f"topk_idx[{r}]") for r, i in enumerate(topk_idx)]
-    for r, (d, _) in enumerate(parts):
-        if idxs[r].shape[0] != d.shape[0]:
-            raise ArgumentError(f"topk_idx[{r}]: expected {d.shape[0]} rows, got {idxs[r].shape[0]}")
+    expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
+    num_worst_tokens = check_int(num_worst_tokens, "num_worst_tokens", min_value=0)
+    idx_list = check_rank_list(topk_idx, "topk_idx", R)
+    idxs = [check_topk_idx(i, num_experts, f"topk_idx[{r}]", parts[r][0].shape[0]) for r, i in enumerate(idx_list)]
+    K = idxs[0].shape[1]
+    for r, i in enumerate(idxs):
+        if i.shape[1] != K:
+            raise ArgumentError(f"topk_idx[{r}]: expected K = {K} columns (as on rank 0), got {i.shape[1]}")
+    ws = None
+    if topk_weights is not None:
+        w_list = check_rank_list(topk_weights, "topk_weights", R)
+        ws = [check_array(w, f"topk_weights[{r}]", (F32,), idxs[r].shape) for r, w in enumerate(w_list)]
+
     in_rank = [token_rank_map(i, num_experts, R) for i in idxs]
-    counts = np.array([[m[:, j].sum() for j in range(R)] for m in in_rank], dtype=np.int64)  # [src, dst]
+    counts = np.stack([m.sum(axis=0, dtype=np.int64) for m in in_rank])  # [src, dst]
     prefix = np.cumsum(counts, axis=0).astype(np.int32)
+    recv_n = counts.sum(axis=0)
+    if num_worst_tokens:
+        over = np.nonzero(recv_n > num_worst_tokens)[0]
+        if len(over):
+            d = int(over[0])
+            raise ArgumentError(
+                f"num_worst_tokens: expected at least the received row count, but rank {d} receives "
+                f"{int(recv_n[d])} rows, more than {num_worst_tokens}"
+            )
+    # send_slot[s][t, d] = rows rank d receives from ranks < s + tokens of s before t that go to d
     send_slot = []
     for s in range(R):
         base = counts[:s].sum(axis=0)
-        excl = np.cumsum(in_rank[s], axis=0) - in_rank[s]
-        send_slot.append(np.where(in_rank[s], base[None, :] + excl, -1).astype(np.int32))
+        before = np.cumsum(in_rank[s], axis=0, dtype=np.int64) - in_rank[s]
+        send_slot.append(np.where(in_rank[s], base[None, :] + before, -1).astype(np.int32))
+
     results = []
     for d in range(R):
-        n = int(counts[:, d].sum())
-        rows = n if not num_worst_tokens else num_worst_tokens
-        if num_worst_tokens and n > num_worst_tokens:
-            raise ArgumentError(f"num_worst_tokens: rank {d} receives {n} rows, more than {num_worst_tokens}")
-        src_rank = np.concatenate([np.full(counts[s, d], s, np.int32) for s in range(R)]) if R else []
-        src_idx = np.concatenate([np.nonzero(in_rank[s][:, d])[0].astype(np.int32) for s in range(R)])
-        hdim = parts[0][0].shape[1] if parts else 0
-        data = np.zeros((rows, hdim), parts[0][0].dtype)
-        data[:n] = np.concatenate([parts[s][0][in_rank[s][:, d]] for s in range(R)]) if n else data[:0]
-        recv_x = data
-        if parts and parts[0][1] is not None:
-            sc = np.zeros((rows, hdim // 128), np.float32)
-            if n:
-                sc[:n] = np.concatenate([parts[s][1][in_rank[s][:, d]] for s in range(R)])
-            recv_x = (data, sc)
-        K = idxs[0].shape[1]
-        gidx = np.concatenate([idxs[s][in_rank[s][:, d]] for s in range(R)]) if n else np.zeros((0, K), np.int64)
-        local = gidx - d * e_loc
-        here = (gidx >= 0) & (local >= 0) & (local < e_loc)
-        r_idx = np.full((rows, K), -1, np.int64)
-        r_idx[:n] = np.where(here, local, -1)
-        r_w = None
-        if topk_weights is not None:
-            gw = (
-                np.concatenate([np.asarray(topk_weights[s], np.float32)[in_rank[s][:, d]] for s in range(R)])
-                if n
-                else np.zeros((0, K), np.float32)
-            )
-            r_w = np.zeros((rows, K), np.float32)
-            r_w[:n] = np.where(here, gw, np.float32(0))
+        n = int(recv_n[d])
+        rows = num_worst_tokens if num_worst_tokens else n
+        toks = [np.nonzero(in_rank[s][:, d])[0] for s in range(R)]  # source tokens, ascending
+        src_idx = np.full(rows, -1, np.int32)
+        src_rank = np.full(rows, -1, np.int32)
+        src_idx[:n] = np.concatenate(toks)
+        src_rank[:n] = np.repeat(np.arange(R, dtype=np.int32), counts[:, d])
+
+        data = np.zeros((rows, hidden), parts[0][0].dtype)
+        _gather_rows(data, [p[0] for p in parts], toks)
+        if fp8:
+            scales = np.zeros((rows, hidden // 128), np.float32)
+            _gather_rows(scales, [p[1] for p in parts], toks)
+            recv_x = (data, scales)
+        else:
+            recv_x = data
+
+        gidx = np.concatenate([idxs[s][toks[s]] for s in range(R)])  # [n, K] global ids
+        here = (gidx >= d * e_loc) & (gidx < (d + 1) * e_loc)  # excludes -1
+        recv_idx = np.full((rows, K), -1, np.int64)
+        recv_idx[:n] = np.where(here, gidx - d * e_loc, -1)
+        recv_w = None
+        if ws is not None:
+            gw = np.concatenate([ws[s][toks[s]] for s in range(R)])
+            recv_w = np.zeros((rows, K), np.float32)
+            recv_w[:n] = np.where(here, gw, np.float32(0))
         if num_worst_tokens:
             per_expert = []
         else:
-            c = np.bincount(local[here], minlength=e_loc)
-            per_expert = [int(-(-v // expert_alignment) * expert_alignment) for v in c]
-        s_idx = np.full(rows, -1, np.int32)
-        s_idx[:n] = src_idx
-        s_rank = np.full(rows, -1, np.int32)
-        s_rank[:n] = src_rank
-        handle = HTHandle(prefix, s_idx, s_rank, in_rank[d], send_slot[d], n, parts[d][0].shape[0])
-        results.append(HTDispatchResult(recv_x, r_idx, r_w, per_expert, handle))
+            c = np.bincount(recv_idx[:n][here], minlength=e_loc)
+            per_expert = [int(-(-int(v) // expert_alignment) * expert_alignment) for v in c]
+        handle = HTHandle(
+            rank_prefix_matrix=prefix.copy(),
+            src_idx=src_idx,
+            src_rank=src_rank,
+            is_token_in_rank=in_rank[d],
+            send_slot=send_slot[d],
+            num_recv_tokens=n,
+            num_tokens=parts[d][0].shape[0],
+            rank=d,
+            num_ranks=R,
+            hidden=hidden,
+            num_experts=num_experts,
+        )
+        results.append(HTDispatchResult(recv_x, recv_idx, recv_w, per_expert, handle))
     return results
 
 
+def _check_handles(handles, num_ranks: int) -> list:
+    handles = check_rank_list(handles, "handles", num_ranks)
+    for r, h in enumerate(handles):
+        if not isinstance(h, HTHandle):
+            raise ArgumentError(f"handles[{r}]: expected an HTHandle from ht_dispatch, got {type(h).__name__}")
+        if h.rank != r or h.num_ranks != num_ranks:
+            raise ArgumentError(
+                f"handles[{r}]: expected the handle of rank {r} of {num_ranks}, got rank {h.rank} of {h.num_ranks}"
+            )
+    return handles
+
+
 def ht_cached_dispatch(xs, handles):
-    """recv_x of every rank for new inputs ``xs`` along the layout of ``handles``."""
-    R = len(xs)
-    parts = [_split_x(x, f"xs[{r}]") for r, x in enumerate(xs)]
+    """recv_x of every rank for new inputs ``xs`` (BF16 or FP8 pairs, T_r rows as in the handles) moved along
+    the layout of ``handles`` (one per rank, from one ``ht_dispatch``): the same rows as that dispatch,
+    padding rows (worst-tokens handles) zero."""
+    parts, fp8, hidden = _split_xs(xs)
+    R = len(parts)
+    handles = _check_handles(handles, R)
+    for r, h in enumerate(handles):
+        if parts[r][0].shape[0] != h.num_tokens:
+            got = parts[r][0].shape[0]
+            raise ArgumentError(f"xs[{r}]: expected {h.num_tokens} tokens (as in handles[{r}]), got {got}")
     out = []
     for d in range(R):
-        h = handles[d]
-        rows = len(h.src_idx)
-        data = np.zeros((rows, parts[0][0].shape[1]), parts[0][0].dtype)
-        sc = np.zeros((rows, parts[0][0].shape[1] // 128), np.float32) if parts[0][1] is not None else None
+        rows = handles[d].num_rows
+        data = np.zeros((rows, hidden), parts[0][0].dtype)
+        scales = np.zeros((rows, hidden // 128), np.float32) if fp8 else None
         for s in range(R):
             slots = handles[s].send_slot[:, d]
-            sent = slots >= 0
-            data[slots[sent]] = parts[s][0][sent]
-            if sc is not None:
-                sc[slots[sent]] = parts[s][1][sent]
-        out.append((data, sc) if sc is not None else data)
+            sent = np.nonzero(slots >= 0)[0]
+            rows = _row_selector(slots[sent])
+            _copy_rows(_raw(data), rows, _raw(parts[s][0]), sent)
+            if fp8:
+                _copy_rows(scales, rows, parts[s][1], sent)
+        out.append((data, scales) if fp8 else data)
     return out
 
 
-def ht_combine(ys, handles, topk_weights=None, bias_0=None, bias_1=None):
-    """Per rank (combined_x BF16 [T, H], combined_topk_weights float32 [T, K] or None).
+def _row_selector(slots: np.ndarray):
+    """A slice when the (ascending) slots are consecutive - they are for reference handles: a source rank's
+    rows form one block - else the index array itself."""
+    if len(slots) and int(slots[-1]) - int(slots[0]) + 1 == len(slots):
+        return slice(int(slots[0]), int(slots[-1]) + 1)
+    return slots
 
-    float32, rounded at each step: acc = 0; acc += bias_0; acc += bias_1; then for destination ranks j
-    ascending that token t was sent to: acc += ys[j][send_slot[t, j]]; RNE to BF16. ``bias_0``/``bias_1``:
-    None or a list per rank (entries may be None)."""
+
+def _copy_rows(dst: np.ndarray, rows, src: np.ndarray, tokens: np.ndarray) -> None:
+    """dst[rows] = src[tokens], without a temporary when ``rows`` is a slice."""
+    if isinstance(rows, slice):
+        np.take(np.ascontiguousarray(src), tokens, axis=0, out=dst[rows])
+    else:
+        dst[rows] = src[tokens]
+
+
+def _per_rank_optional(values, name: str, num_ranks: int) -> list:
+    if values is None:
+        return [None] * num_ranks
+    return check_rank_list(values, name, num_ranks)
+
+
+def ht_combine(ys, handles, topk_weights=None, bias_0=None, bias_1=None):
+    """HT combine of all ranks: a list indexed by rank of (combined_x BF16 [T_r, H], combined_topk_weights
+    float32 [T_r, K] or None).
+
+    ``ys[j]``: BF16 [N_j, H], rows aligned with rank j's recv_x (rows past ``num_recv_tokens`` are ignored);
+    ``topk_weights``: None or per rank float32 [N_j, K] (the recv_topk_weights being returned);
+    ``bias_0`` / ``bias_1``: None or per rank BF16 (or float32) [T_r, H] or None.
+    Order (float32, RNE after every addition): acc = +0.0; acc += bias_0; acc += bias_1; for destination
+    ranks j ascending with ``is_token_in_rank[t, j]``: acc += float32(ys[j][send_slot[t, j]]); BF16 RNE. A
+    token sent nowhere gets its biases (or +0.0). combined_topk_weights[t] = +0.0 + the returned weight rows
+    of the ranks it went to, j ascending.
+    """
+    ys = check_rank_list(ys, "ys")
     R = len(ys)
+    handles = _check_handles(handles, R)
+    H = None
+    y_arrs = []
+    for j, y in enumerate(ys):
+        y = check_array(y, f"ys[{j}]", (BF16,), (None, None) if H is None else (None, H))
+        H = y.shape[1]
+        if y.shape[0] < handles[j].num_recv_tokens:
+            raise ArgumentError(
+                f"ys[{j}]: expected at least {handles[j].num_recv_tokens} rows (as received), got {y.shape[0]}"
+            )
+        y_arrs.append(y)
+    w_arrs = None
+    if topk_weights is not None:
+        w_list = check_rank_list(topk_weights, "topk_weights", R)
+        w_arrs, K = [], None
+        for j, w in enumerate(w_list):
+            w = check_array(w, f"topk_weights[{j}]", (F32,), (y_arrs[j].shape[0], K))
+            K = w.shape[1]
+            w_arrs.append(w)
+    biases = []
+    for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
+        b = _per_rank_optional(b, name, R)
+        biases.append(
+            [
+                None if v is None else check_array(v, f"{name}[{s}]", (BF16, F32), (handles[s].num_tokens, H))
+                for s, v in enumerate(b)
+            ]
+        )
+
     out = []
     for s in range(R):
         h = handles[s]
-        T = h.num_tokens
-        H = np.asarray(ys[0]).shape[1]
-        acc = np.zeros((T, H), np.float32)
-        for b in (bias_0, bias_1):
-            if b is not None and b[s] is not None:
-                acc = (acc + np.asarray(b[s]).astype(np.float32)).astype(np.float32)
-        w_acc = None
-        if topk_weights is not None:
-            K = np.asarray(topk_weights[0]).shape[1]
-            w_acc = np.zeros((T, K), np.float32)
+        acc = np.zeros((h.num_tokens, H), np.float32)
+        for b in biases:
+            if b[s] is not None:
+                acc = (acc + b[s].astype(np.float32)).astype(np.float32)
+        w_acc = np.zeros((h.num_tokens, w_arrs[0].shape[1]), np.float32) if w_arrs is not None else None
         for j in range(R):
             slots = h.send_slot[:, j]
-            sent = slots >= 0
-            acc[sent] = (acc[sent] + np.asarray(ys[j])[slots[sent]].astype(np.float32)).astype(np.float32)
+            sent = np.nonzero(slots >= 0)[0]  # distinct rows: each acc row gets one float32 addition
+            rows = _row_selector(slots[sent])
+            acc[sent] += y_arrs[j][rows].astype(np.float32)
             if w_acc is not None:
-                w_acc[sent] = (w_acc[sent] + np.asarray(topk_weights[j], np.float32)[slots[sent]]).astype(np.float32)
+                w_acc[sent] += w_arrs[j][rows]
         out.append((acc.astype(BF16), w_acc))
     return out
