@@ -25,7 +25,7 @@ from .layout import token_rank_map
 __all__ = ["HTDispatchResult", "HTHandle", "ht_cached_dispatch", "ht_combine", "ht_dispatch"]
 
 
-@dataclass
+@dataclass(eq=False)
 class HTHandle:
     """One rank's HT handle.
 
@@ -60,7 +60,7 @@ class HTHandle:
         return len(self.src_idx)
 
 
-@dataclass
+@dataclass(eq=False)
 class HTDispatchResult:
     recv_x: object  # BF16 [N, H], or (e4m3 [N, H], float32 [N, H/128]) for FP8 input
     recv_topk_idx: np.ndarray | None  # int64 [N, K]: local expert id or -1

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(eq=False)
 class LLHandle:
     """What ``ll_combine`` needs of one rank's receive layout. ``src_info`` int32 [E_loc, R·num_max] and
     ``layout_range`` int64 [E_loc, R] may describe any valid arrangement (e.g. a kernel's)."""
@@ -52,7 +52,7 @@ class LLHandle:
     hidden: int
 
 
-@dataclass
+@dataclass(eq=False)
 class LLDispatchResult:
     """One rank's LL receive buffers.
 
@@ -107,11 +107,11 @@ def ll_dispatch(
 
     ``xs[r]``: BF16 [T_r, H], T_r <= ``num_max_dispatch_tokens_per_rank``; ``topk_idx[r]``: integer [T_r, K]
     in [-1, num_experts). No deduplication: every (t, k) with an index >= 0 is one row, so a rank may select
-    one expert at most num_max times in all (ArgumentError otherwise: the block would overflow; only possible
-    with repeated experts in a row). With ``use_fp8``
-    each source token is cast on its sender by ``per_token_cast_to_fp8(x, round_scale, use_ue8m0)`` (H %
-    128 == 0; H % 512 == 0 for UE8M0). ``round_scale`` / ``use_ue8m0`` are ignored without ``use_fp8``;
-    ``use_ue8m0`` needs ``round_scale``.
+    one expert at most num_max times in all (ArgumentError otherwise: the block would overflow; possible only
+    with repeated experts in a row). With ``use_fp8`` each source token is cast on its sender by
+    ``per_token_cast_to_fp8(x, round_scale, use_ue8m0)`` (H % 128 == 0; H % 512 == 0 for UE8M0).
+    ``round_scale`` / ``use_ue8m0`` are ignored without ``use_fp8``; ``use_ue8m0`` needs ``round_scale``.
+    Rows past ``recv_count`` are zero (data and scales); their ``src_info`` is -1.
     """
     xs = check_rank_list(xs, "xs")
     R = len(xs)
@@ -185,38 +185,40 @@ def _unpack_range(layout_range: np.ndarray):
 
 
 def _check_ll_blocks(recv_count, src_info, layout_range, num_ranks: int, num_max: int, allow_repeats: bool):
-    """Validate an LL receive layout; AssertionError on a violation. Returns per expert a list over source
-    ranks of (begin, count)."""
+    """Validate an LL receive layout; AssertionError on a violation (raised explicitly: ``python -O`` keeps
+    the checks). Returns per expert a list over source ranks of (begin, count)."""
     e_loc = recv_count.shape[0]
     begin, count = _unpack_range(layout_range)
     blocks = []
     for e in range(e_loc):
         n = int(recv_count[e])
-        assert 0 <= n <= src_info.shape[1], f"expert {e}: recv_count {n} outside [0, {src_info.shape[1]}]"
+        if not 0 <= n <= src_info.shape[1]:
+            raise AssertionError(f"expert {e}: recv_count {n} outside [0, {src_info.shape[1]}]")
         covered = np.zeros(n, np.int64)
         per_src = []
         for s in range(num_ranks):
             b, c = int(begin[e, s]), int(count[e, s])
-            assert c >= 0, f"expert {e} source rank {s}: negative block count {c}"
+            where = f"expert {e} source rank {s}"
+            if c < 0:
+                raise AssertionError(f"{where}: negative block count {c}")
             per_src.append((b, c))
             if c == 0:
                 continue  # an empty block's begin is not meaningful
-            assert 0 <= b and b + c <= n, f"expert {e} source rank {s}: block [{b}, {b + c}) outside [0, {n})"
+            if b < 0 or b + c > n:
+                raise AssertionError(f"{where}: block [{b}, {b + c}) outside [0, {n}) (recv_count)")
             covered[b : b + c] += 1
             srcs = src_info[e, b : b + c].astype(np.int64)
             bad = (srcs < 0) | (srcs >= num_max)
-            assert not bad.any(), (
-                f"expert {e} source rank {s}: src_info {srcs[bad][:8].tolist()} outside [0, {num_max})"
-            )
+            if bad.any():
+                raise AssertionError(f"{where}: src_info {srcs[bad][:8].tolist()} outside [0, {num_max})")
             if not allow_repeats:
                 uniq, reps = np.unique(srcs, return_counts=True)
-                assert (reps == 1).all(), (
-                    f"expert {e} source rank {s}: repeated source tokens {uniq[reps > 1][:8].tolist()} in one block"
-                )
-        assert (covered <= 1).all(), f"expert {e}: blocks overlap at rows {np.nonzero(covered > 1)[0][:8].tolist()}"
-        assert (covered == 1).all(), (
-            f"expert {e}: rows {np.nonzero(covered == 0)[0][:8].tolist()} of [0, {n}) are in no block"
-        )
+                if (reps > 1).any():
+                    raise AssertionError(f"{where}: repeated source tokens {uniq[reps > 1][:8].tolist()} in one block")
+        if (covered > 1).any():
+            raise AssertionError(f"expert {e}: blocks overlap at rows {np.nonzero(covered > 1)[0][:8].tolist()}")
+        if (covered == 0).any():
+            raise AssertionError(f"expert {e}: rows {np.nonzero(covered == 0)[0][:8].tolist()} of [0, {n}) in no block")
         blocks.append(per_src)
     return blocks
 
@@ -242,22 +244,28 @@ def canonicalize_ll_recv(recv_x, recv_count, src_info, layout_range, num_ranks, 
     recv_count = np.asarray(recv_count)
     src_info = np.asarray(src_info)
     layout_range = np.asarray(layout_range)
-    assert recv_count.ndim == 1, f"recv_count: expected shape [E_loc], got {list(recv_count.shape)}"
-    e_loc = recv_count.shape[0]
-    assert data.ndim == 3 and data.shape[0] == e_loc, (
-        f"recv_x: expected shape [{e_loc}, R*num_max, H], got {list(data.shape)}"
-    )
-    rows = data.shape[1]
-    assert rows % num_ranks == 0, f"recv_x: {rows} rows per expert is not a multiple of {num_ranks} ranks"
-    assert src_info.shape == (e_loc, rows), f"src_info: expected shape [{e_loc}, {rows}], got {list(src_info.shape)}"
-    assert layout_range.shape == (e_loc, num_ranks), (
-        f"layout_range: expected shape [{e_loc}, {num_ranks}], got {list(layout_range.shape)}"
-    )
+    e_loc = recv_count.shape[0] if recv_count.ndim == 1 else -1
+    rows = data.shape[1] if data.ndim == 3 else -1
+    problems = [
+        (recv_count.ndim == 1, f"recv_count: expected shape [E_loc], got {list(recv_count.shape)}"),
+        (
+            data.ndim == 3 and data.shape[0] == e_loc,
+            f"recv_x: expected [{e_loc}, R*num_max, H], got {list(data.shape)}",
+        ),
+        (rows % num_ranks == 0, f"recv_x: {rows} rows per expert is not a multiple of {num_ranks} ranks"),
+        (src_info.shape == (e_loc, rows), f"src_info: expected [{e_loc}, {rows}], got {list(src_info.shape)}"),
+        (
+            layout_range.shape == (e_loc, num_ranks),
+            f"layout_range: expected [{e_loc}, {num_ranks}], got {list(layout_range.shape)}",
+        ),
+    ]
     if scales is not None:
         scales = np.asarray(scales)
-        assert scales.ndim == 3 and scales.shape[:2] == (e_loc, rows), (
-            f"scales: expected shape [{e_loc}, {rows}, S], got {list(scales.shape)}"
-        )
+        ok = scales.ndim == 3 and scales.shape[:2] == (e_loc, rows)
+        problems.append((ok, f"scales: expected [{e_loc}, {rows}, S], got {list(scales.shape)}"))
+    for ok, message in problems:
+        if not ok:
+            raise AssertionError(message)
     blocks = _check_ll_blocks(recv_count, src_info, layout_range, num_ranks, rows // num_ranks, allow_repeats)
     out_x, out_src = [], []
     canon = np.zeros((e_loc, num_ranks), np.int64)
@@ -281,6 +289,8 @@ def ll_combine(ys, dispatch_results, topk_idx, topk_weights):
     described by ``dispatch_results[d]`` (an ``LLDispatchResult`` or ``LLHandle``; any valid arrangement).
     ``topk_idx[s]`` / ``topk_weights[s]`` (float32 [T_s, K]): rank s's original routing, as dispatched.
     combined_x[t] = Σ_k w[t, k] · y(expert topk_idx[t, k], token t) in the module docstring's order.
+    AssertionError if an arrangement is invalid (the checks of ``canonicalize_ll_recv``, repeats allowed);
+    ArgumentError if ``topk_idx`` does not match the rows it describes.
     """
     ys = check_rank_list(ys, "ys")
     R = len(ys)
