@@ -32,6 +32,19 @@ __device__ __forceinline__ void warp_count(int *s_count, int key) {
   const unsigned same = __match_any_sync(0xffffffffu, key);
   if (key >= 0 && (threadIdx.x % 32) == __ffs(same) - 1) atomicAdd(&s_count[key], __popc(same));
 }
+// Counter i (layout above) into its output.
+__device__ __forceinline__ void write_count(int i, int v, int *per_rank, int *per_node, int *per_expert,
+                                            int *invalid_out) {
+  if (i < kRankBase) {
+    per_expert[i] = v;
+  } else if (i < kNodeBase) {
+    per_rank[i - kRankBase] = v;
+  } else if (i < kInvalid) {
+    per_node[i - kNodeBase] = v;
+  } else if (invalid_out != nullptr) {
+    *reinterpret_cast<volatile int *>(invalid_out) = v;
+  }
+}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads)
@@ -108,18 +121,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   if (gridDim.x == 1) {  // small T: one block holds every count, no cross-block reduction needed
-    for (int i = threadIdx.x; i < kCounters; i += kThreads) {
-      const int v = s_count[i];
-      if (i < kRankBase) {
-        num_tokens_per_expert[i] = v;
-      } else if (i < kNodeBase) {
-        num_tokens_per_rank[i - kRankBase] = v;
-      } else if (i < kInvalid) {
-        num_tokens_per_node[i - kNodeBase] = v;
-      } else if (invalid_out != nullptr) {
-        *reinterpret_cast<volatile int *>(invalid_out) = v;
-      }
-    }
+    for (int i = threadIdx.x; i < kCounters; i += kThreads)
+      write_count(i, s_count[i], num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, invalid_out);
     return;
   }
   for (int i = threadIdx.x; i < kCounters; i += kThreads)
@@ -134,17 +137,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 
   // Last block: every other block's counts are in `counters`; read-and-clear them atomically.
   __threadfence();
-  for (int i = threadIdx.x; i < kCounters; i += kThreads) {
-    const int v = atomicExch(&counters[i], 0);
-    if (i < kRankBase) {
-      num_tokens_per_expert[i] = v;
-    } else if (i < kNodeBase) {
-      num_tokens_per_rank[i - kRankBase] = v;
-    } else if (i < kInvalid) {
-      num_tokens_per_node[i - kNodeBase] = v;
-    } else if (invalid_out != nullptr) {
-      *reinterpret_cast<volatile int *>(invalid_out) = v;
-    }
-  }
+  for (int i = threadIdx.x; i < kCounters; i += kThreads)
+    write_count(i, atomicExch(&counters[i], 0), num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert,
+                invalid_out);
   if (threadIdx.x == 0) atomicExch(ticket, 0u);
 }

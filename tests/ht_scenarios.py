@@ -164,12 +164,23 @@ def run_ht_case(
     return n_real
 
 
+def expect_argument_errors(cases):
+    """Each (call, name): the call raises ArgumentError whose message names ``name``."""
+    from epkern.errors import ArgumentError
+
+    for call, name in cases:
+        try:
+            call()
+        except ArgumentError as exc:
+            assert name in str(exc), f"error does not name {name}: {exc}"
+        else:
+            raise AssertionError(f"bad {name} accepted")
+
+
 def run_bad_inputs(buf, group):
     """Every bad argument raises ArgumentError naming it, before anything is launched; the Buffer stays
     usable (a correct dispatch/combine follows)."""
     import cupy
-
-    from epkern.errors import ArgumentError
 
     T, H, E, K = 64, 2048, 8 * group.size, 4
     x = cupy.asarray(np.ones((T, H), BF16))
@@ -188,26 +199,16 @@ def run_bad_inputs(buf, group):
         (lambda: buf.dispatch(x, handle="nope"), "handle"),
         (lambda: buf.get_dispatch_layout(idx, E + 1), "num_experts"),
     ]
-    for call, name in cases:
-        try:
-            call()
-        except ArgumentError as exc:
-            assert name in str(exc), f"error does not name {name}: {exc}"
-        else:
-            raise AssertionError(f"bad {name} accepted")
+    expect_argument_errors(cases)
     recv_x, _, _, _, handle, _ = buf.dispatch(x, **good)
-    for call, name in (
-        (lambda: buf.combine(recv_x[:1], handle), "x"),
-        (lambda: buf.combine(recv_x, handle, topk_weights=cupy.ones((1, K), cupy.float32)), "topk_weights"),
-        (lambda: buf.combine(recv_x, handle, bias=cupy.ones((1, H), BF16)), "bias"),
-        (lambda: buf.dispatch(x[:1], handle=handle), "x"),
-    ):
-        try:
-            call()
-        except ArgumentError as exc:
-            assert name in str(exc), f"error does not name {name}: {exc}"
-        else:
-            raise AssertionError(f"bad {name} accepted")
+    expect_argument_errors(
+        (
+            (lambda: buf.combine(recv_x[:1], handle), "x"),
+            (lambda: buf.combine(recv_x, handle, topk_weights=cupy.ones((1, K), cupy.float32)), "topk_weights"),
+            (lambda: buf.combine(recv_x, handle, bias=cupy.ones((1, H), BF16)), "bias"),
+            (lambda: buf.dispatch(x[:1], handle=handle), "x"),
+        )
+    )
     out, _, _ = buf.combine(recv_x, handle)
     reached = cupy.asnumpy(in_rank).sum(1, dtype=np.float32)[:, None]
     assert np.array_equal(cupy.asnumpy(out).astype(np.float32), np.ones((T, H), np.float32) * reached)
