@@ -62,3 +62,24 @@ def test_mpi_group_hostnames_per_rank():
 
 def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():
     _run("bad-rpn", {"EPKERN_RANKS_PER_NODE": "3"})
+
+
+def test_launch_procs_runs_a_function_per_process(tmp_path):
+    import re
+
+    if shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec")
+    script = tmp_path / "job.py"
+    script.write_text("def main(group, word):\n    return f'{word} {group.rank}/{group.size}'\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    res = subprocess.run(
+        [sys.executable, "-m", "epkern.launch", "--procs", "-n", "3", f"{script}:main", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    # ranks print concurrently: lines may interleave, so find the reports anywhere in the output
+    assert sorted(re.findall(r"rank \d: hi \d/3", res.stdout)) == [f"rank {r}: hi {r}/3" for r in range(3)]
