@@ -38,7 +38,8 @@ if has mpsraw; then
   done
 fi
 if has bench; then
-  timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 --json "$OUT/bench_ht_mps8.json" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -7
+  timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 512,1024,2048,4096 --iters 6 \
+    --json "$OUT/bench_ht_mps8.json" --plot "$OUT/bench_ht_mps8.png" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -18
 fi
 if has mps || has bench; then bash scripts/mps.sh stop; fi
 echo "==== summary"

@@ -67,3 +67,63 @@ def test_absent_peer_raises_in_process():
 
     took = run_in_process(body, 2, timeout_s=60)
     assert took[1] is None and took[0] is not None and took[0] < 10
+
+
+def test_async_finish_and_previous_event():
+    import cupy
+    import numpy as np
+
+    from epkern import EventHandle, reference
+
+    def body(buf, group):
+        R, T, H, E, K = group.size, 96, 2048, 32, 4
+        seed = ht_scenarios.shared_seed(group)
+        xs, idxs, ws = ht_scenarios.make_inputs(seed, R, T, H, E, K)
+        want = reference.ht_dispatch(xs, idxs, E, topk_weights=ws)[group.rank]
+        x, idx, w = cupy.asarray(xs[group.rank]), cupy.asarray(idxs[group.rank]), cupy.asarray(ws[group.rank])
+        per_rank, _, per_expert, in_rank, ev = buf.get_dispatch_layout(idx, E, async_finish=True)
+        assert isinstance(ev, EventHandle)
+        recv_x, recv_idx, recv_w, _, handle, ev = buf.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx,
+            topk_weights=w,
+            previous_event=ev,
+            async_finish=True,
+        )
+        ev.current_stream_wait()
+        ht_scenarios.assert_same(cupy.asnumpy(recv_x), want.recv_x, "async recv_x")
+        out, _, ev = buf.combine(recv_x, handle, previous_event=ev, async_finish=True)
+        ev.synchronize()
+        assert ev.done()
+        reached = want.handle.is_token_in_rank.sum(1).astype(np.float32)[:, None]
+        expect = (np.float32(0) + xs[group.rank].astype(np.float32) * reached).astype(ht_scenarios.BF16)
+        ht_scenarios.assert_same(cupy.asnumpy(out), expect, "async combine")
+
+    _run(4, body)
+
+
+def test_create_destroy_repeatedly_without_leaks():
+    import cupy
+
+    from epkern.errors import EpkernError
+
+    def body(group):
+        free = []
+        for _ in range(6):
+            buf = Buffer(group, num_nvl_bytes=64 << 20, backend="gpu", timeout_s=20)
+            ht_scenarios.run_ht_case(buf, group, 64, 2048, 16, 2)
+            buf.destroy()
+            buf.destroy()  # idempotent
+            with pytest.raises(EpkernError, match="destroyed"):
+                buf.get_dispatch_layout(cupy.zeros((1, 2), cupy.int64), 16)
+            cupy.get_default_memory_pool().free_all_blocks()
+            group.barrier()
+            free.append(cupy.cuda.runtime.memGetInfo()[0])
+        return free
+
+    free = run_in_process(body, 2, timeout_s=300)[0]
+    # after the first cycle (module loads, pools), device memory must not keep shrinking
+    assert free[-1] >= free[1] - (64 << 20), [f >> 20 for f in free]
