@@ -37,10 +37,10 @@ def e4m3_rne(y: float) -> int:
     d = np.abs(VALUES - y)
     best = np.nonzero(d == d.min())[0]
     codes = {int(CODES[i]) for i in best}
-    if len(codes) > 1:  # +0/-0 or a tie
-        if {0x00, 0x80} == codes:
-            return 0x80 if np.signbit(y) else 0x00
-        codes = {c for c in codes if c % 2 == 0}
+    if len(codes) > 1:  # a tie (even mantissa wins), and/or the two zeros
+        codes = {c for c in codes if c % 2 == 0} or codes
+        if {0x00, 0x80} <= codes:  # +0 and -0 are the same value: the sign of y decides
+            codes = {0x80 if np.signbit(y) else 0x00}
     (c,) = codes
     return c
 
