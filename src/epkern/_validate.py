@@ -95,3 +95,11 @@ def check_rank_to_node(rank_to_node, num_ranks: int, name: str = "rank_to_node")
     if nodes and (min(nodes) < 0 or set(nodes) != set(range(max(nodes) + 1))):
         raise ArgumentError(f"{name}: expected node indices 0..N-1 each used at least once, got {nodes}")
     return nodes
+
+
+def bias_list(bias, name: str = "bias") -> list:
+    """combine's ``bias``: None, one array, or a pair -> a list of 0, 1 or 2 arrays (not yet checked)."""
+    biases = [] if bias is None else list(bias) if isinstance(bias, tuple | list) else [bias]
+    if len(biases) > 2:
+        raise ArgumentError(f"{name}: expected an array or a pair of arrays")
+    return biases

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from . import reference
-from ._validate import check_array, check_int, check_num_experts
+from ._validate import bias_list, check_array, check_int, check_num_experts
 from .buffer import Buffer, EventHandle
 from .errors import ArgumentError, EpkernError
 from .group import as_group
@@ -212,9 +212,7 @@ class CpuBuffer(Buffer):
             check_array(topk_weights, "topk_weights", dtypes=(np.float32,), ndim=2)
             if topk_weights.shape[0] != x.shape[0]:
                 raise ArgumentError(f"topk_weights: expected {x.shape[0]} rows, got {topk_weights.shape[0]}")
-        biases = [] if bias is None else list(bias) if isinstance(bias, tuple | list) else [bias]
-        if len(biases) > 2:
-            raise ArgumentError("bias: expected an array or a pair of arrays")
+        biases = bias_list(bias)
         for i, b in enumerate(biases):
             check_array(b, f"bias[{i}]", dtypes=(BF16,), shape=(handle.own.num_tokens, x.shape[1]))
         inputs = self._gather((x, topk_weights))

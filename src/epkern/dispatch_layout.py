@@ -24,13 +24,10 @@ class DispatchLayout(NamedTuple):
     is_token_in_rank: object  # bool [T, R]
 
 
-# Up to here one block does everything (no cross-block reduction). Measured on the H100: one block of 1024
-# threads for T=4096 took 42 us against 8 us for 32 blocks of 128 (docs/performance.md), so only tiny T.
-SINGLE_BLOCK_MAX_TOKENS = 128
-
-
-def _threads_per_block(num_tokens: int) -> int:
-    return 128
+# One token per thread. T <= THREADS runs as one block, which skips the cross-block reduction (the kernel's
+# gridDim == 1 path). Measured on the H100: one block of 1024 threads for T=4096 took 42 us against 8 us for 32
+# blocks of 128 (docs/performance.md), so only tiny T take that path.
+THREADS = 128
 
 
 @functools.cache
@@ -102,7 +99,7 @@ def get_dispatch_layout(
         "EPK_NUM_NODES": node_count,
         "EPK_TOPK": topk,
         "EPK_IDX_T": "int64_t" if topk_idx.dtype == np.int64 else "int32_t",
-        "EPK_THREADS": _threads_per_block(num_tokens),
+        "EPK_THREADS": THREADS,
     }
     kernel = kernel_loader.get_function("layout.cu", "epk_get_dispatch_layout", defines)
 
@@ -114,17 +111,13 @@ def get_dispatch_layout(
 
     stream = cupy.cuda.get_current_stream()
     ws = _workspace(device, stream.ptr, num_experts + num_ranks + node_count + 1)
-    threads = defines["EPK_THREADS"]
-    if num_tokens <= SINGLE_BLOCK_MAX_TOKENS:
-        blocks = 1
-    else:
-        blocks = max(1, min(-(-num_tokens // threads), 2 * _sm_count(device)))
+    blocks = max(1, min(-(-num_tokens // THREADS), 2 * _sm_count(device)))
     invalid_word = ws.invalid.view(np.int32, count=1)
     if check_indices:
         invalid_word[0] = -1  # the kernel overwrites it; -1 left means it did not run
     kernel(
         (blocks,),
-        (threads,),
+        (THREADS,),
         (
             topk_idx,
             np.int32(num_tokens),

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from . import dispatch_layout
-from ._validate import as_device_array, check_array, check_int
+from ._validate import as_device_array, bias_list, check_array, check_int
 from .errors import ArgumentError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -296,9 +296,7 @@ def combine(
             shape=(handle.num_out_rows, handle.topk),
             device=self.device,
         )
-    biases = [] if bias is None else list(bias) if isinstance(bias, tuple | list) else [bias]
-    if len(biases) > 2:
-        raise ArgumentError("bias: expected an array or a pair of arrays")
+    biases = bias_list(bias)
     for i, b in enumerate(biases):
         biases[i] = as_device_array(b, f"bias[{i}]")
         check_array(biases[i], f"bias[{i}]", dtypes=(BF16,), shape=(handle.num_tokens, hidden), device=self.device)
