@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import copy_bandwidth_gbs  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
+# *_pipelined: back-to-back calls (see _pipelined); the others: one call after a barrier, host time included.
+OPS = ("layout", "dispatch", "cached_dispatch", "cached_dispatch_pipelined", "combine", "combine_pipelined")
 
 
 def _timed(fn, group, iters):
@@ -45,6 +47,25 @@ def _timed(fn, group, iters):
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
     return statistics.median(times), statistics.median(host), out
+
+
+def _pipelined(fn, group, calls):
+    """Device time per call of ``calls`` calls enqueued back to back (one barrier before the first): the
+    steady state of a training loop, where the host runs ahead and launch overhead and rank skew are
+    hidden behind the previous call's kernels."""
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    fn()
+    stream.synchronize()
+    group.barrier()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(stream)
+    for _ in range(calls):
+        fn()
+    stop.record(stream)
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls
 
 
 def rank_main(group, args, tokens):
@@ -114,6 +135,10 @@ def rank_main(group, args, tokens):
         res["dispatch_us"], res["dispatch_host_us"], _ = _timed(dispatch, group, args.iters)
         res["cached_dispatch_us"], res["cached_dispatch_host_us"], _ = _timed(cached, group, args.iters)
         res["combine_us"], res["combine_host_us"], _ = _timed(combine, group, args.iters)
+        res["cached_dispatch_pipelined_us"] = _pipelined(cached, group, args.iters)
+        res["combine_pipelined_us"] = _pipelined(combine, group, args.iters)
+        res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]
+        res["combine_pipelined_host_us"] = res["combine_host_us"]
         res["recv_rows"] = handle.num_recv_tokens
         res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
         res["tokens"] = tokens
@@ -146,16 +171,18 @@ def summarize(per_rank: list[dict], args) -> dict:
     recv = sum(p["recv_rows"] for p in per_rank)
     sent = sum(p["sent_tokens"] for p in per_rank)
     tokens = sum(p["tokens"] for p in per_rank)
-    for op in ("layout", "dispatch", "cached_dispatch", "combine"):
+    for op in OPS:
         out[f"{op}_us"] = max(p[f"{op}_us"] for p in per_rank)
         out[f"{op}_host_us"] = statistics.median(p[f"{op}_host_us"] for p in per_rank)
     # Combine moves BF16 rows whatever the dispatch dtype.
     for op, rows_read, rows_written, rb in (
         ("dispatch", sent, recv, row),
         ("cached_dispatch", sent, recv, row),
+        ("cached_dispatch_pipelined", sent, recv, row),
         ("combine", recv, tokens, args.hidden * 2),
+        ("combine_pipelined", recv, tokens, args.hidden * 2),
     ):
-        logical_bytes = recv / R * (rb if op != "combine" else args.hidden * 2)
+        logical_bytes = recv / R * rb
         out[f"{op}_logical_GBps"] = logical_bytes / (out[f"{op}_us"] * 1e-6) / 1e9
         if r0["ranks_per_gpu"] == R and r0["copy_bandwidth_GBps"]:
             floor_bytes = (rows_read + rows_written) * rb
@@ -209,15 +236,15 @@ def main(argv=None):
             f"copy bw {results[0]['copy_bandwidth_GBps']:.0f} GB/s"
         )
         hdr = (
-            f"{'tokens':>7} {'op':>16} {'us':>9} {'GB/s logical':>12} {'floor us':>9} {'floor ratio':>11} "
+            f"{'tokens':>7} {'op':>26} {'us':>9} {'GB/s logical':>12} {'floor us':>9} {'floor ratio':>11} "
             f"{'host us':>8}"
         )
         print(hdr)
         for r in results:
-            for op in ("dispatch", "cached_dispatch", "combine", "layout"):
+            for op in OPS:
                 fl = r.get(f"{op}_floor_us")
                 print(
-                    f"{r['tokens_per_rank']:>7} {op:>16} {r[f'{op}_us']:>9.1f} "
+                    f"{r['tokens_per_rank']:>7} {op:>26} {r[f'{op}_us']:>9.1f} "
                     f"{r.get(f'{op}_logical_GBps', float('nan')):>12.1f} "
                     f"{fl if fl else float('nan'):>9.1f} {r.get(f'{op}_floor_ratio', float('nan')):>11.2f} "
                     f"{r[f'{op}_host_us']:>8.1f}"
@@ -232,7 +259,7 @@ def main(argv=None):
                 import matplotlib.pyplot as plt
 
                 fig, ax = plt.subplots(figsize=(6, 4))
-                for op in ("cached_dispatch", "combine"):
+                for op in ("cached_dispatch", "combine", "cached_dispatch_pipelined", "combine_pipelined"):
                     ax.plot(
                         [r["tokens_per_rank"] for r in results],
                         [r[f"{op}_logical_GBps"] for r in results],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [tests|mps|bench|all]...
+# Usage: bash scripts/gpu_check.sh [tests|layoutbench|patterns|inprocbench|mps|mpsraw|bench|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -19,6 +19,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 if has tests; then
   timeout 400 python3 -m pytest -q -p no:cacheprovider -m "gpu and not mpi" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   summary+=("gpu tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/gpu_tests.log")")
+fi
+if has patterns; then
+  timeout 300 python3 bench/bench_copy_patterns.py --json "$OUT/bench_copy_patterns.json" 2>&1 | tee "$OUT/bench_copy_patterns.log" | tail -4
+fi
+if has inprocbench; then
+  timeout 300 python3 bench/bench_ht.py --inprocess 8 --tokens 4096 --iters 10 \
+    --json "$OUT/bench_ht_inproc8.json" 2>&1 | tee "$OUT/bench_ht_inproc8.log" | tail -9
 fi
 if has layoutbench; then
   timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"

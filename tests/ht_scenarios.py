@@ -164,6 +164,18 @@ def run_ht_case(
     return n_real
 
 
+def run_fresh_iterations(buf, group, iterations, num_tokens=96, hidden=2048, num_experts=64, topk=8):
+    """``iterations`` rounds of layout -> dispatch -> combine -> cached dispatch, each round with fresh inputs
+    and a routing of its own, all exact, and no host-side collective between the calls (the seeds follow
+    from one shared seed)."""
+    base = shared_seed(group)
+    routings = ("random", "random", "skewed", "empty_rank", "none")
+    for it in range(iterations):
+        run_ht_case(
+            buf, group, num_tokens, hidden, num_experts, topk, routing=routings[it % len(routings)], seed=base + it
+        )
+
+
 def expect_argument_errors(cases):
     """Each (call, name): the call raises ArgumentError whose message names ``name``."""
     from epkern.errors import ArgumentError
@@ -198,6 +210,7 @@ def run_bad_inputs(buf, group):
         (lambda: buf.dispatch(np.ones((T, H), BF16), **good), "x"),
         (lambda: buf.dispatch(x, handle="nope"), "handle"),
         (lambda: buf.get_dispatch_layout(idx, E + 1), "num_experts"),
+        (lambda: buf.dispatch(x, **good, allocate_on_comm_stream=True), "allocate_on_comm_stream"),
     ]
     expect_argument_errors(cases)
     recv_x, _, _, _, handle, _ = buf.dispatch(x, **good)

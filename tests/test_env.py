@@ -31,6 +31,7 @@ def test_only_env_module_reads_epkern_variables():
         ("EPKERN_RANKS_PER_NODE", "0", _env.ranks_per_node),
         ("EPKERN_BACKEND", "tpu", _env.backend),
         ("EPKERN_NVRTC_ARCH", "compute_90", _env.nvrtc_arch),
+        ("EPKERN_POISON_OUTPUTS", "yes", _env.poison_outputs),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch, name, value, accessor):
@@ -46,3 +47,4 @@ def test_defaults(monkeypatch):
     assert _env.backend() == "auto"
     assert _env.ranks_per_node() is None
     assert _env.nvrtc_arch() is None
+    assert _env.poison_outputs() is False

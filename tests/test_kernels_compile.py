@@ -40,6 +40,20 @@ SPECIMENS = {
         dict(EPK_NUM_RANKS=8, EPK_TOPK=8, EPK_HIDDEN=7168, EPK_HAS_WEIGHTS=1, EPK_THREADS=512, EPK_UNROLL=2, **CTRL),
         dict(EPK_NUM_RANKS=2, EPK_TOPK=1, EPK_HIDDEN=8, EPK_HAS_WEIGHTS=0, EPK_THREADS=512, EPK_UNROLL=2, **CTRL),
     ],
+    "bench_copy_patterns.cu": [
+        dict(
+            EPK_NUM_RANKS=8,
+            EPK_ROW_BYTES=14336,
+            EPK_THREADS=512,
+            EPK_UNROLL=4,
+            EPK_STORE_CS=1,
+            EPK_LOADS_FIRST=1,
+            **CTRL,
+        ),
+        dict(
+            EPK_NUM_RANKS=2, EPK_ROW_BYTES=16, EPK_THREADS=1024, EPK_UNROLL=1, EPK_STORE_CS=0, EPK_LOADS_FIRST=0, **CTRL
+        ),
+    ],
     "layout.cu": [
         dict(
             EPK_NUM_EXPERTS=256,

@@ -25,6 +25,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EPKERN_NVRTC_ARCH": ("", "compile for this sm_XY instead of the current device's (e.g. sm_90)"),
     "EPKERN_KERNEL_DIR": ("", "load .cu/.cuh sources from this folder instead of the packaged ones"),
     "EPKERN_NUM_THREADS_RANKS": ("", "default number of in-process ranks for the demo and launcher"),
+    "EPKERN_POISON_OUTPUTS": (
+        "0",
+        "1: fill every output with 0xFF bytes (NaN, -1) before the kernels write it, so rows a kernel "
+        "misses show up; a debugging aid costing one fill per output (the tests turn it on)",
+    ),
 }
 
 
@@ -92,3 +97,10 @@ def kernel_dir() -> Path | None:
 
 def num_thread_ranks() -> int | None:
     return _positive_int("EPKERN_NUM_THREADS_RANKS")
+
+
+def poison_outputs() -> bool:
+    raw = _raw("EPKERN_POISON_OUTPUTS") or "0"
+    if raw not in ("0", "1"):
+        raise ConfigError(f"EPKERN_POISON_OUTPUTS={raw!r}: expected 0 or 1")
+    return raw == "1"

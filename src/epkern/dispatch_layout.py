@@ -64,7 +64,7 @@ def _workspace(device: int, stream_ptr: int, num_counters: int) -> _Workspace:
 
 
 def get_dispatch_layout(
-    topk_idx, num_experts: int, num_ranks: int, rank_to_node=None, *, check_indices: bool = True
+    topk_idx, num_experts: int, num_ranks: int, rank_to_node=None, *, check_indices: bool = True, alloc_stream=None
 ) -> DispatchLayout:
     """Counts of tokens per rank / node / expert and the token-to-rank map for ``topk_idx`` [T, K]
     (int64 or int32, entries in [-1, num_experts)), on the current CuPy stream.
@@ -73,6 +73,7 @@ def get_dispatch_layout(
     ``check_indices``: the kernel counts out-of-range indices and the host waits for the stream to raise
     ArgumentError if there were any (entries are otherwise ignored). False makes the call fully
     asynchronous, for hot loops whose indices are known good.
+    ``alloc_stream``: allocate the outputs on this stream instead (the current one waits for it).
     """
     _cuda.require_gpu("get_dispatch_layout")
     import cupy
@@ -103,13 +104,20 @@ def get_dispatch_layout(
     }
     kernel = kernel_loader.get_function("layout.cu", "epk_get_dispatch_layout", defines)
 
-    per_rank = cupy.empty(num_ranks, dtype=np.int32)
-    per_expert = cupy.empty(num_experts, dtype=np.int32)
-    per_node = cupy.empty(node_count, dtype=np.int32) if node_count else None
-    in_rank = cupy.empty((num_tokens, num_ranks), dtype=cupy.bool_)
+    stream = cupy.cuda.get_current_stream()
+    if alloc_stream is not None:
+        alloc_stream.use()
+    try:
+        per_rank = cupy.empty(num_ranks, dtype=np.int32)
+        per_expert = cupy.empty(num_experts, dtype=np.int32)
+        per_node = cupy.empty(node_count, dtype=np.int32) if node_count else None
+        in_rank = cupy.empty((num_tokens, num_ranks), dtype=cupy.bool_)
+    finally:
+        stream.use()
+    if alloc_stream is not None and alloc_stream.ptr != stream.ptr:
+        stream.wait_event(alloc_stream.record())
     rank_to_node_dev = cupy.asarray(np.asarray(nodes, dtype=np.int32)) if node_count else None
 
-    stream = cupy.cuda.get_current_stream()
     ws = _workspace(device, stream.ptr, num_experts + num_ranks + node_count + 1)
     blocks = max(1, min(-(-num_tokens // THREADS), 2 * _sm_count(device)))
     invalid_word = ws.invalid.view(np.int32, count=1)

@@ -60,6 +60,7 @@ class GpuBuffer(Buffer):
         if not (isinstance(timeout_s, int | float) and timeout_s > 0):
             raise ArgumentError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
+        self.poison = _env.poison_outputs()
         if self.group.num_nodes != 1:
             raise ArgumentError(
                 "group: the GPU Buffer supports ranks on one node so far (got "
@@ -160,9 +161,14 @@ class GpuBuffer(Buffer):
                 raise TimeoutError(self._broken)
 
     # ---- streams ----
-    def _begin(self, previous_event):
+    def _begin(self, previous_event, async_finish=False, allocate_on_comm_stream=False):
         import cupy
 
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ArgumentError(
+                "allocate_on_comm_stream: True needs previous_event and async_finish=True (as in DeepEP): "
+                "outputs owned by the comm stream are only safe to use after waiting on the returned event"
+            )
         compute = cupy.cuda.get_current_stream()
         if self.in_process and compute.ptr == 0 and self.num_ranks > 1:
             raise ArgumentError(
@@ -224,20 +230,32 @@ class GpuBuffer(Buffer):
             self._warmed.add(key)
         func((blocks,), (threads,), (np.int32(0), *args))
 
-    def _alloc_out(self, nbytes_list):
-        """Output arrays peers write into: inside the shared heap between processes; anywhere (CuPy's
-        pool) inside one process, where every rank can address every allocation."""
+    def _alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True):
+        """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared
+        heap; inside one process every rank can address every allocation, so they come from the rank's
+        CuPy pool like local outputs, allocated on the comm stream or (DeepEP's default) the caller's."""
         import cupy
 
-        if self.in_process:
-            return [cupy.empty(n, dtype=np.uint8) for n in nbytes_list], ()
-        aligned = [-(-n // 256) * 256 for n in nbytes_list]
-        block = self.heap.alloc(sum(aligned))
-        arrays, off = [], 0
-        for n, a in zip(nbytes_list, aligned, strict=True):
-            arrays.append(block.array((n,), np.uint8, off))
-            off += a
-        return arrays, (block,)
+        keep = ()
+        if shared and not self.in_process:
+            aligned = [-(-n // 256) * 256 for n in nbytes_list]
+            block = self.heap.alloc(sum(aligned))
+            arrays, off = [], 0
+            for n, a in zip(nbytes_list, aligned, strict=True):
+                arrays.append(block.array((n,), np.uint8, off))
+                off += a
+            keep = (block,)
+        elif on_comm_stream:
+            arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
+        else:
+            compute.use()
+            arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
+            self.comm_stream.use()
+            self.comm_stream.wait_event(compute.record())  # the memory is ours in stream order from here
+        if self.poison:
+            for a in arrays:
+                a.fill(0xFF)
+        return arrays, keep
 
     dispatch = ht_intranode.dispatch
     combine = ht_intranode.combine

@@ -66,9 +66,11 @@ def get_dispatch_layout(
 ):
 
     self._check_usable()
-    compute = self._begin(previous_event)
+    compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
     with self.on_comm_stream():
-        lay = dispatch_layout.get_dispatch_layout(topk_idx, num_experts, self.num_ranks)
+        lay = dispatch_layout.get_dispatch_layout(
+            topk_idx, num_experts, self.num_ranks, alloc_stream=None if allocate_on_comm_stream else compute
+        )
         key = (
             "layout",
             num_experts,
@@ -156,7 +158,7 @@ def dispatch(
                 f"with at most 1024 experts per rank, got {E}"
             )
 
-    compute = self._begin(previous_event)
+    compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
     with self.on_comm_stream():
         if not cached:
             E_loc = num_tokens_per_expert.shape[0] // R
@@ -204,7 +206,7 @@ def dispatch(
         sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
         if not cached:
             sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
-        bufs, keep = self._alloc_out(sizes)
+        bufs, keep = self._alloc_out(sizes, compute, allocate_on_comm_stream)
         recv_data = bufs[0].view(data.dtype).reshape(out_rows, hidden)
         recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
         if not cached:
@@ -277,7 +279,6 @@ def combine(
     async_finish=False,
     allocate_on_comm_stream=False,
 ):
-    import cupy
 
     self._check_usable()
     if not isinstance(handle, HtHandle):
@@ -304,7 +305,7 @@ def combine(
         1, min(config.num_sms if config is not None else self.num_sms, self.num_device_sms // self.ranks_per_gpu)
     )
 
-    compute = self._begin(previous_event)
+    compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
     with self.on_comm_stream():
         keep = []
         if not self.in_process:
@@ -314,8 +315,10 @@ def combine(
             if topk_weights is not None:
                 topk_weights, k2 = _in_region(self, topk_weights)
                 keep += k2
-        out = cupy.empty((handle.num_tokens, hidden), dtype=BF16)
-        out_w = cupy.empty((handle.num_tokens, handle.topk), dtype=np.float32) if topk_weights is not None else None
+        sizes = [handle.num_tokens * hidden * 2, handle.num_tokens * handle.topk * 4 if topk_weights is not None else 0]
+        bufs, _ = self._alloc_out(sizes, compute, allocate_on_comm_stream, shared=False)
+        out = bufs[0].view(BF16).reshape(handle.num_tokens, hidden)
+        out_w = bufs[1].view(np.float32).reshape(handle.num_tokens, handle.topk) if topk_weights is not None else None
         epoch = self._next_epoch()
         defines = {
             "EPK_NUM_RANKS": self.num_ranks,

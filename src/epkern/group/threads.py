@@ -255,11 +255,51 @@ def _use_device(device: int | None) -> None:
     cupy.cuda.Device(device).use()
     _thread_state.stream = cupy.cuda.Stream(non_blocking=True)  # keep it alive: CuPy holds no reference
     _thread_state.stream.use()
-    # Stream-ordered allocation (cudaMallocAsync): a plain cudaMalloc by one rank (CuPy's pool growing)
-    # stops kernels of different streams from running concurrently, so a peer's spin-waiting kernel and
-    # this rank's next kernel would deadlock until the deadline. The allocator is per thread in CuPy.
-    _thread_state.pool = cupy.cuda.MemoryAsyncPool()
+    _thread_state.pool, _thread_state.pool_handle = _rank_memory_pool(device)
     cupy.cuda.set_allocator(_thread_state.pool.malloc)
+
+
+def _rank_memory_pool(device: int):
+    """A stream-ordered memory pool (cudaMallocAsync) of this rank alone.
+
+    In-process ranks share one CUDA context, and two of CuPy's defaults would couple their streams:
+    - a plain cudaMalloc/cudaFree (CuPy's MemoryPool growing or trimming) waits for the whole device, so
+      the rank's host thread stops while a peer's kernel spins waiting for a kernel this rank has yet to
+      launch;
+    - the device's shared pool may hand this rank memory another rank freed on its stream and make this
+      rank's stream wait for that stream (``cudaMemPoolReuseAllowInternalDependencies``), which again makes
+      one rank's next kernel wait for a peer's spinning one.
+    Either deadlocks the ranks until the device-side deadline. A pool per rank with internal dependencies
+    off shares nothing; the release threshold keeps freed memory in the pool instead of trimming it at
+    every synchronisation. CuPy's allocator setting is per thread."""
+    import cupy
+    from cupy.cuda import runtime
+
+    props = runtime.MemPoolProps(
+        runtime.cudaMemAllocationTypePinned, runtime.cudaMemHandleTypeNone, runtime.cudaMemLocationTypeDevice, device
+    )
+    handle = runtime.memPoolCreate(props)
+    runtime.memPoolSetAttribute(handle, runtime.cudaMemPoolReuseAllowInternalDependencies, 0)
+    runtime.memPoolSetAttribute(handle, runtime.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
+    handles = ["current"] * runtime.getDeviceCount()
+    handles[device] = handle
+    return cupy.cuda.MemoryAsyncPool(handles), handle
+
+
+def _release_device_state() -> None:
+    """End of a rank's thread: give its pool back (arrays still referenced, e.g. returned results, stay
+    valid: CUDA frees a destroyed pool's memory once its last allocation is freed)."""
+    pool = getattr(_thread_state, "pool", None)
+    if pool is None:
+        return
+    from cupy.cuda import runtime
+
+    try:
+        _thread_state.stream.synchronize()
+        runtime.memPoolDestroy(_thread_state.pool_handle)
+    except Exception:  # noqa: BLE001 - a failed kernel already raised; cleanup must not mask it
+        pass
+    _thread_state.pool = None
 
 
 def run_in_process(
@@ -295,6 +335,7 @@ def run_in_process(
         except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which re-raises
             coord.fail(exc, rank)
         finally:
+            _release_device_state()
             with coord.cond:
                 finished.add(rank)
                 coord.exited.add(rank)
