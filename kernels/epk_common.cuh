@@ -61,8 +61,13 @@ struct ErrorRecord {
   int peer;
   int seen;
   int expected;
-  int pad;
+  int started;  // epoch of the last kernel that began (see mark_started); not part of the error
 };
+
+// Lets the host tell "a peer never answered" from "this call's kernel never ran" when a wait expires.
+EPK_DEVICE void mark_started(ErrorRecord *rec, int epoch) {
+  if (rec != nullptr && blockIdx.x == 0 && threadIdx.x == 0) st_relaxed_sys(&rec->started, epoch);
+}
 
 enum ErrorCode : int { kOk = 0, kTimeout = 1, kBadIndex = 2, kOverflow = 3 };
 

@@ -36,33 +36,26 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                    int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
                    epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
+  epk::mark_started(err, epoch);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32;
   __shared__ const char *s_src[kRanks][kNumIns];
-  __shared__ bool s_failed;
-  __shared__ bool s_last;
-  if (tid == 0) s_failed = false;
   const epk::Deadline deadline{err, rank, timeout_ns};
   epk::HtCtrl *mine = epk::ctrl_of(peers, rank);
 
-  // 1. Block 0 tells every peer where my (received-side) inputs are.
-  if (blockIdx.x == 0 && tid < kRanks) {
-    const long long my_base = static_cast<long long>(peers[rank]);
-    long long *slot = epk::ctrl_of(peers, tid)->combine_addr[p][rank];
-    slot[kInX] = in_x - my_base;
-    slot[kInWeights] = in_weights - my_base;
-    epk::publish(&epk::ctrl_of(peers, tid)->combine_addr_flag[p][rank], epoch);
-  }
-  if (tid < kRanks) {
-    if (epk::wait_reached(&mine->combine_addr_flag[p][tid], epoch, deadline, /*phase=*/4, tid)) {
-      for (int o = 0; o < kNumIns; ++o)
-        s_src[tid][o] = reinterpret_cast<const char *>(peers[tid] + mine->combine_addr[p][tid][o]);
-    } else {
-      s_failed = true;
-    }
-  }
-  __syncthreads();
-  if (s_failed) return;
+  // 1. Tell every peer where my (received-side) inputs are, and learn where theirs are.
+  const long long my_base = static_cast<long long>(peers[rank]);
+  const long long mine_in[kNumIns] = {in_x - my_base, in_weights - my_base};
+  epk::send_entries<kRanks>(
+      peers, epoch, mine_in, [&](epk::HtCtrl *c) { return c->combine_addr[p][rank]; },
+      [&](epk::HtCtrl *c) { return &c->combine_addr_flag[p][rank]; });
+  const bool ok = epk::receive_entries<kRanks>(
+      mine, epoch, deadline, /*phase=*/4, [&](epk::HtCtrl *c, int d) { return &c->combine_addr_flag[p][d]; },
+      [&](int d) {
+        for (int o = 0; o < kNumIns; ++o)
+          s_src[d][o] = reinterpret_cast<const char *>(peers[d] + mine->combine_addr[p][d][o]);
+      });
+  if (!ok) return;
 
   // 2. Warp per token: pull and reduce.
   const int warps = gridDim.x * (kThreads / 32);
@@ -126,14 +119,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   }
 
   // 3. Done reading peers' rows: tell them, and wait until every peer is done with mine.
-  __threadfence_system();
-  __syncthreads();
-  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!s_last) return;
-  if (tid == 0) atomicExch(ticket, 0u);
-  if (tid < kRanks) {
-    epk::publish(&epk::ctrl_of(peers, tid)->combine_done[p][rank], epoch);
-    epk::wait_reached(&mine->combine_done[p][tid], epoch, deadline, /*phase=*/5, tid);
-  }
+  epk::finish_all<kRanks>(
+      ticket, peers, mine, epoch, deadline, /*phase=*/5, [&](epk::HtCtrl *c) { return &c->combine_done[p][rank]; },
+      [&](epk::HtCtrl *c, int d) { return &c->combine_done[p][d]; });
 }

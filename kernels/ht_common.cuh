@@ -41,6 +41,59 @@ EPK_DEVICE void publish(int *flag, int epoch) {
   st_release_sys(flag, epoch);
 }
 
+// ---- the phases that every HT copy kernel shares (entry/flag selectors are lambdas over a peer's HtCtrl) ----
+
+// Block 0 writes this rank's `n` values (addresses relative to its own region base, so each peer adds its
+// own mapping of that region) into every peer's entry, then publishes the peer's flag.
+template <int kRanks, int N, typename EntryOf, typename FlagOf>
+EPK_DEVICE void send_entries(const unsigned long long *peers, int epoch, const long long (&values)[N],
+                             EntryOf entry_of, FlagOf flag_of) {
+  if (blockIdx.x != 0 || threadIdx.x >= kRanks) return;
+  HtCtrl *peer = ctrl_of(peers, threadIdx.x);
+  long long *entry = entry_of(peer);
+#pragma unroll
+  for (int i = 0; i < N; ++i) entry[i] = values[i];
+  publish(flag_of(peer), epoch);
+}
+
+// Every block: thread d < kRanks waits for peer d's flag in my control area and hands the peer's entry
+// to `take(d, entry)`. False in every thread (after one record of the error) if any wait expired.
+template <int kRanks, typename FlagOf, typename Take>
+EPK_DEVICE bool receive_entries(HtCtrl *mine, int epoch, const Deadline &deadline, int phase, FlagOf flag_of,
+                                Take take) {
+  __shared__ bool s_failed;
+  if (threadIdx.x == 0) s_failed = false;
+  __syncthreads();
+  const int d = threadIdx.x;
+  if (d < kRanks) {
+    if (wait_reached(flag_of(mine, d), epoch, deadline, phase, d))
+      take(d);
+    else
+      s_failed = true;
+  }
+  __syncthreads();
+  return !s_failed;
+}
+
+// End of a copy kernel: the last block to finish tells every peer this rank is done (its flag in the peer's
+// control area) and waits until every peer has said the same in mine. The ticket is reset for the next call.
+template <int kRanks, typename MyFlagAt, typename PeerFlagOf>
+EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, HtCtrl *mine, int epoch,
+                           const Deadline &deadline, int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer) {
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  if (threadIdx.x == 0) atomicExch(ticket, 0u);
+  const int d = threadIdx.x;
+  if (d < kRanks) {
+    publish(my_flag_at(ctrl_of(peers, d)), epoch);
+    wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, d);
+  }
+}
+
 // bf16 <-> float without cuda_bf16.h conversions in the hot loop: exact widening, RNE narrowing.
 EPK_DEVICE float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
 EPK_DEVICE float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }

@@ -48,3 +48,14 @@ def test_defaults(monkeypatch):
     assert _env.ranks_per_node() is None
     assert _env.nvrtc_arch() is None
     assert _env.poison_outputs() is False
+
+
+def test_cuda_defaults_documented_and_respect_the_user(monkeypatch):
+    text = DOC.read_text()
+    for name, (value, _why) in _env.CUDA_DEFAULTS.items():
+        assert f"`{name}` | `{value}`" in text
+        monkeypatch.setenv(name, "1")
+        _env.apply_cuda_defaults()
+        import os
+
+        assert os.environ[name] == "1"

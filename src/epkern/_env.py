@@ -33,6 +33,21 @@ VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
+# Variables of CUDA itself that epkern sets at import when the user has not (they act when CUDA starts).
+CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": (
+        "32",
+        "hardware work queues per CUDA context (CUDA's default is 8): in-process ranks need one per stream, "
+        "or one rank's stream wait can hold back a peer's kernel (a deadlock until the device deadline)",
+    ),
+}
+
+
+def apply_cuda_defaults() -> None:
+    for name, (value, _why) in CUDA_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def _raw(name: str) -> str:
     assert name in VARIABLES, name
     return os.environ.get(name, "").strip()

@@ -83,7 +83,9 @@ class GpuBuffer(Buffer):
             self.error_record = self.host.view(np.int32, 0, 8)
             self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
             self.tickets = cupy.zeros(4, dtype=np.uint32)
-            self.comm_stream = cupy.cuda.Stream(non_blocking=True)
+            # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
+            stream_of = getattr(self.group, "stream", None) if self.in_process else None
+            self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
             self.peer_table = self.region.peer_table
         self.epoch = 0
         self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
@@ -157,8 +159,17 @@ class GpuBuffer(Buffer):
             if spins > 2000:
                 time.sleep(20e-6)  # let other in-process ranks run (GIL) and spare the CPU
             if time.monotonic() > deadline:
-                self._broken = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
-                raise TimeoutError(self._broken)
+                msg = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
+                started = int(self.error_record[7])
+                if started != value:
+                    msg += (
+                        f"; this call's kernel never started (the last one that did was call {started}, this is "
+                        f"call {value}): other work held the GPU; with in-process ranks, streams sharing a "
+                        "hardware work queue do this (import epkern before CUDA starts, which sets "
+                        "CUDA_DEVICE_MAX_CONNECTIONS=32, and use run_in_process's streams)"
+                    )
+                self._broken = msg
+                raise TimeoutError(msg)
 
     # ---- streams ----
     def _begin(self, previous_event, async_finish=False, allocate_on_comm_stream=False):

@@ -22,6 +22,7 @@ belongs to one rank (one thread).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
 import time
@@ -162,6 +163,10 @@ class ThreadGroup(Group):
     def device(self) -> int | None:
         return self._device
 
+    def stream(self, role: str):
+        """This rank's persistent stream for ``role`` (see :func:`rank_stream`)."""
+        return rank_stream(self._device, self._rank, role)
+
     @property
     def timeout_s(self) -> float:
         """Deadline of every collective of this group."""
@@ -241,22 +246,58 @@ def make_thread_groups(
     return [ThreadGroup(coord, r, devs[r], nodes) for r in range(num_ranks)]
 
 
-_thread_state = threading.local()
+_streams: dict = {}  # (device, rank, role) -> cupy Stream, made once per process
+_streams_lock = threading.Lock()
 
 
-def _use_device(device: int | None) -> None:
-    """Make ``device`` current in this rank's thread, with a stream of its own: in-process ranks must
-    not share the legacy default stream, or one rank's wait for its kernel would hold back its peers'
-    kernels on that shared stream (a cross-rank deadlock)."""
+def rank_stream(device: int, rank: int, role: str):
+    """The non-blocking CUDA stream of in-process rank ``rank`` for ``role`` ("compute", "comm"), made once
+    per process and reused by every later run and Buffer.
+
+    Why reused: in one CUDA context every new stream takes the next of the device's hardware work queues
+    (CUDA_DEVICE_MAX_CONNECTIONS of them, round-robin). Two ranks' streams on one queue make a wait on one
+    (e.g. the caller's stream waiting for the comm stream's spinning kernel) hold back the other rank's
+    next kernel, which that spinning kernel waits for: a deadlock until the device deadline. A fixed set of
+    2 streams per rank, made first, keeps them on distinct queues (epkern raises the queue count to 32)."""
+    import cupy
+
+    key = (device, rank, role)
+    with _streams_lock:
+        stream = _streams.get(key)
+        if stream is None:
+            with cupy.cuda.Device(device):
+                stream = _streams[key] = cupy.cuda.Stream(non_blocking=True)
+        return stream
+
+
+@contextlib.contextmanager
+def rank_device(device: int | None, rank: int):
+    """For the body of an in-process rank's thread: its device current, its own stream current, and a
+    memory pool of its own as CuPy's allocator in this thread (see _rank_memory_pool)."""
     if device is None:
+        yield
         return
     import cupy
 
-    cupy.cuda.Device(device).use()
-    _thread_state.stream = cupy.cuda.Stream(non_blocking=True)  # keep it alive: CuPy holds no reference
-    _thread_state.stream.use()
-    _thread_state.pool, _thread_state.pool_handle = _rank_memory_pool(device)
-    cupy.cuda.set_allocator(_thread_state.pool.malloc)
+    with cupy.cuda.Device(device):
+        stream = rank_stream(device, rank, "compute")
+        pool, handle = _rank_memory_pool(device)
+        previous = cupy.cuda.get_current_stream()
+        stream.use()
+        try:
+            with cupy.cuda.using_allocator(pool.malloc):  # thread-local, unlike cupy.cuda.set_allocator
+                yield
+        finally:
+            try:
+                stream.synchronize()
+                from cupy.cuda import runtime
+
+                # Arrays still referenced (returned results) stay valid: CUDA frees a destroyed pool's
+                # memory once its last allocation is freed.
+                runtime.memPoolDestroy(handle)
+            except Exception:  # noqa: BLE001 - a failed kernel already raised; cleanup must not mask it
+                pass
+            previous.use()
 
 
 def _rank_memory_pool(device: int):
@@ -266,12 +307,12 @@ def _rank_memory_pool(device: int):
     - a plain cudaMalloc/cudaFree (CuPy's MemoryPool growing or trimming) waits for the whole device, so
       the rank's host thread stops while a peer's kernel spins waiting for a kernel this rank has yet to
       launch;
-    - the device's shared pool may hand this rank memory another rank freed on its stream and make this
-      rank's stream wait for that stream (``cudaMemPoolReuseAllowInternalDependencies``), which again makes
-      one rank's next kernel wait for a peer's spinning one.
+    - a shared pool may hand this rank memory another rank freed on its stream and make this rank's
+      stream wait for that stream (``cudaMemPoolReuseAllowInternalDependencies``), which again makes one
+      rank's next kernel wait for a peer's spinning one.
     Either deadlocks the ranks until the device-side deadline. A pool per rank with internal dependencies
     off shares nothing; the release threshold keeps freed memory in the pool instead of trimming it at
-    every synchronisation. CuPy's allocator setting is per thread."""
+    every synchronisation."""
     import cupy
     from cupy.cuda import runtime
 
@@ -284,22 +325,6 @@ def _rank_memory_pool(device: int):
     handles = ["current"] * runtime.getDeviceCount()
     handles[device] = handle
     return cupy.cuda.MemoryAsyncPool(handles), handle
-
-
-def _release_device_state() -> None:
-    """End of a rank's thread: give its pool back (arrays still referenced, e.g. returned results, stay
-    valid: CUDA frees a destroyed pool's memory once its last allocation is freed)."""
-    pool = getattr(_thread_state, "pool", None)
-    if pool is None:
-        return
-    from cupy.cuda import runtime
-
-    try:
-        _thread_state.stream.synchronize()
-        runtime.memPoolDestroy(_thread_state.pool_handle)
-    except Exception:  # noqa: BLE001 - a failed kernel already raised; cleanup must not mask it
-        pass
-    _thread_state.pool = None
 
 
 def run_in_process(
@@ -330,12 +355,11 @@ def run_in_process(
     def body(group: ThreadGroup) -> None:
         rank = group.rank
         try:
-            _use_device(group.device)
-            results[rank] = fn(group, *args, **kwargs)
+            with rank_device(group.device, rank):
+                results[rank] = fn(group, *args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which re-raises
             coord.fail(exc, rank)
         finally:
-            _release_device_state()
             with coord.cond:
                 finished.add(rank)
                 coord.exited.add(rank)
