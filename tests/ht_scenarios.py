@@ -107,6 +107,9 @@ def run_ht_case(
     idx_dev, w_dev = cupy.asarray(idxs[r]), cupy.asarray(ws[r])
     for it in range(iterations):
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, num_experts)
+        want_layout = reference.get_dispatch_layout(idxs[r], num_experts, R)
+        assert_same(cupy.asnumpy(per_rank), want_layout.num_tokens_per_rank, f"rank {r} it {it} per-rank counts")
+        assert_same(cupy.asnumpy(in_rank), want_layout.is_token_in_rank, f"rank {r} it {it} is_token_in_rank")
         recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
             x_dev,
             num_tokens_per_rank=per_rank,
@@ -118,6 +121,11 @@ def run_ht_case(
             num_worst_tokens=num_worst_tokens,
         )
         n = n_real
+        # metadata first: it tells a layout/notify fault from a copy fault
+        assert_same(
+            cupy.asnumpy(handle.rank_prefix_matrix), mine.handle.rank_prefix_matrix, f"rank {r} rank_prefix_matrix"
+        )
+        assert_same(cupy.asnumpy(handle.recv_src_idx), mine.handle.src_idx, f"rank {r} it {it} src_idx")
         if fp8:
             assert_same(cupy.asnumpy(recv_x[0])[:n], mine.recv_x[0][:n], f"rank {r} recv_x fp8")
             assert_same(cupy.asnumpy(recv_x[1])[:n], mine.recv_x[1][:n], f"rank {r} recv scales")
@@ -132,8 +140,10 @@ def run_ht_case(
                     else -1
                     for b in bad_rows[:8]
                 ]
+                poisoned = int((bits(got_np[bad_rows]).reshape(len(bad_rows), -1) == 0xFF).all(1).sum())
                 raise AssertionError(
-                    f"rank {r} iteration {it} recv_x: {len(bad_rows)} bad rows {bad_rows[:8].tolist()}, "
+                    f"rank {r} iteration {it} recv_x: {len(bad_rows)} bad rows ({poisoned} still poison) "
+                    f"{bad_rows[:8].tolist()}, "
                     f"which hold expected rows {where}; src ranks "
                     f"{mine.handle.src_rank[bad_rows[:8]].tolist()}"
                 )

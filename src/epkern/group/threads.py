@@ -273,15 +273,17 @@ def rank_stream(device: int, rank: int, role: str):
 @contextlib.contextmanager
 def rank_device(device: int | None, rank: int):
     """For the body of an in-process rank's thread: its device current, its own stream current, and a
-    memory pool of its own as CuPy's allocator in this thread (see _rank_memory_pool)."""
+    memory pool of its own as CuPy's allocator in this thread (see _rank_memory_pool). Streams and pools
+    are made once per process and rank; at the end the pool hands its unused memory back to CUDA."""
     if device is None:
         yield
         return
     import cupy
+    from cupy.cuda import runtime
 
     with cupy.cuda.Device(device):
         stream = rank_stream(device, rank, "compute")
-        pool, handle = _rank_memory_pool(device)
+        pool, handle = _rank_memory_pool(device, rank)
         previous = cupy.cuda.get_current_stream()
         stream.use()
         try:
@@ -290,18 +292,17 @@ def rank_device(device: int | None, rank: int):
         finally:
             try:
                 stream.synchronize()
-                from cupy.cuda import runtime
-
-                # Arrays still referenced (returned results) stay valid: CUDA frees a destroyed pool's
-                # memory once its last allocation is freed.
-                runtime.memPoolDestroy(handle)
+                runtime.memPoolTrimTo(handle, 0)
             except Exception:  # noqa: BLE001 - a failed kernel already raised; cleanup must not mask it
                 pass
             previous.use()
 
 
-def _rank_memory_pool(device: int):
-    """A stream-ordered memory pool (cudaMallocAsync) of this rank alone.
+_pools: dict = {}  # (device, rank) -> (cupy MemoryAsyncPool, cudaMemPool_t)
+
+
+def _rank_memory_pool(device: int, rank: int):
+    """A stream-ordered memory pool (cudaMallocAsync) of this rank alone, made once per process.
 
     In-process ranks share one CUDA context, and two of CuPy's defaults would couple their streams:
     - a plain cudaMalloc/cudaFree (CuPy's MemoryPool growing or trimming) waits for the whole device, so
@@ -312,19 +313,27 @@ def _rank_memory_pool(device: int):
       rank's next kernel wait for a peer's spinning one.
     Either deadlocks the ranks until the device-side deadline. A pool per rank with internal dependencies
     off shares nothing; the release threshold keeps freed memory in the pool instead of trimming it at
-    every synchronisation."""
+    every synchronisation (rank_device trims it when the rank's work ends). Pools are never destroyed:
+    arrays from them may outlive the run (returned results) and be freed on any stream later."""
     import cupy
     from cupy.cuda import runtime
 
-    props = runtime.MemPoolProps(
-        runtime.cudaMemAllocationTypePinned, runtime.cudaMemHandleTypeNone, runtime.cudaMemLocationTypeDevice, device
-    )
-    handle = runtime.memPoolCreate(props)
-    runtime.memPoolSetAttribute(handle, runtime.cudaMemPoolReuseAllowInternalDependencies, 0)
-    runtime.memPoolSetAttribute(handle, runtime.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
-    handles = ["current"] * runtime.getDeviceCount()
-    handles[device] = handle
-    return cupy.cuda.MemoryAsyncPool(handles), handle
+    with _streams_lock:
+        made = _pools.get((device, rank))
+        if made is None:
+            props = runtime.MemPoolProps(
+                runtime.cudaMemAllocationTypePinned,
+                runtime.cudaMemHandleTypeNone,
+                runtime.cudaMemLocationTypeDevice,
+                device,
+            )
+            handle = runtime.memPoolCreate(props)
+            runtime.memPoolSetAttribute(handle, runtime.cudaMemPoolReuseAllowInternalDependencies, 0)
+            runtime.memPoolSetAttribute(handle, runtime.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
+            handles = ["current"] * runtime.getDeviceCount()
+            handles[device] = handle
+            made = _pools[(device, rank)] = (cupy.cuda.MemoryAsyncPool(handles), handle)
+        return made
 
 
 def run_in_process(
