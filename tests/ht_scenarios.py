@@ -141,8 +141,14 @@ def run_ht_case(
                     for b in bad_rows[:8]
                 ]
                 poisoned = int((bits(got_np[bad_rows]).reshape(len(bad_rows), -1) == 0xFF).all(1).sum())
+                try:
+                    buf.comm_stream.synchronize()
+                    buf._raise_recorded()
+                    recorded = "no device error recorded"
+                except Exception as exc:  # noqa: BLE001 - reported in the assertion below
+                    recorded = f"device error: {exc}"
                 raise AssertionError(
-                    f"rank {r} iteration {it} recv_x: {len(bad_rows)} bad rows ({poisoned} still poison) "
+                    f"rank {r} iteration {it} recv_x ({recorded}): {len(bad_rows)} bad rows ({poisoned} poison) "
                     f"{bad_rows[:8].tolist()}, "
                     f"which hold expected rows {where}; src ranks "
                     f"{mine.handle.src_rank[bad_rows[:8]].tolist()}"
