@@ -36,7 +36,13 @@ def assert_same(got, want, what):
             if got.ndim >= 1 and got.size
             else []
         )
-        raise AssertionError(f"{what}: mismatch, first differing positions {bad[:5]}")
+        detail = ""
+        if got.dtype.kind in "iub" and got.size:
+            rows = np.nonzero((got != want).reshape(got.shape[0], -1).any(1))[0]
+            first = rows[:6]
+            detail = f"; {len(rows)} rows differ, first {first.tolist()}: got {got[first].tolist()}"
+            detail += f" want {want[first].tolist()}"
+        raise AssertionError(f"{what}: mismatch, first differing positions {bad[:5]}{detail}")
 
 
 def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random"):

@@ -46,6 +46,10 @@ def test_worst_tokens_and_alignment():
     _run(4, lambda buf, g: ht_scenarios.run_ht_case(buf, g, 100, 2048, 32, 4, expert_alignment=16))
 
 
+def test_fresh_iterations_shape_single_call():
+    _run(8, lambda buf, g: ht_scenarios.run_ht_case(buf, g, 96, 2048, 64, 8))
+
+
 def test_100_back_to_back_iterations_fresh_inputs():
     _run(8, lambda buf, g: ht_scenarios.run_fresh_iterations(buf, g, 100), timeout_s=600)
 
