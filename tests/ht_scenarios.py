@@ -192,10 +192,15 @@ def run_fresh_iterations(buf, group, iterations, num_tokens=96, hidden=2048, num
     from one shared seed)."""
     base = shared_seed(group)
     routings = ("random", "random", "skewed", "empty_rank", "none")
+    import time
+
+    t0 = time.monotonic()
     for it in range(iterations):
         run_ht_case(
             buf, group, num_tokens, hidden, num_experts, topk, routing=routings[it % len(routings)], seed=base + it
         )
+        if group.rank == 0 and (it + 1) % 25 == 0:
+            print(f"fresh iterations: {it + 1} done in {time.monotonic() - t0:.1f} s", flush=True)
 
 
 def expect_argument_errors(cases):
