@@ -45,6 +45,14 @@ def assert_same(got, want, what):
         raise AssertionError(f"{what}: mismatch, first differing positions {bad[:5]}{detail}")
 
 
+def settle(buf):
+    """Wait for the Buffer's kernels and raise what they recorded (a timeout, an overflow), so a device-side
+    failure is reported as itself rather than as the wrong rows it leaves behind."""
+    if getattr(buf, "backend", "") == "gpu":
+        buf.comm_stream.synchronize()
+        buf._check_usable()
+
+
 def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random"):
     rng = np.random.default_rng(seed)
     xs, idxs, ws = [], [], []
@@ -126,6 +134,7 @@ def run_ht_case(
             expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens,
         )
+        settle(buf)
         n = n_real
         # metadata first: it tells a layout/notify fault from a copy fault
         assert_same(
@@ -174,6 +183,7 @@ def run_ht_case(
                 ys, [res.handle for res in ref], topk_weights=[res.recv_topk_weights for res in ref]
             )[r]
             out, out_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+            settle(buf)
             assert_same(cupy.asnumpy(out), want[0], f"rank {r} combined_x")
             assert_same(cupy.asnumpy(out_w), want[1], f"rank {r} combined_topk_weights")
 
@@ -181,6 +191,7 @@ def run_ht_case(
             xs2, _, _ = make_inputs(seed + 1, R, num_tokens, hidden, num_experts, topk, routing)
             want2 = reference.ht_cached_dispatch(xs2, [res.handle for res in ref])[r]
             got2, none_idx, _, _, _, _ = buf.dispatch(cupy.asarray(xs2[r]), handle=handle)
+            settle(buf)
             assert none_idx is None
             assert_same(cupy.asnumpy(got2)[:n], want2[:n], f"rank {r} cached recv_x")
     return n_real
