@@ -49,7 +49,9 @@ def settle(buf):
     """Wait for the Buffer's kernels and raise what they recorded (a timeout, an overflow), so a device-side
     failure is reported as itself rather than as the wrong rows it leaves behind."""
     if getattr(buf, "backend", "") == "gpu":
-        buf.comm_stream.synchronize()
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()  # the caller's stream, as a user would
         buf._check_usable()
 
 
