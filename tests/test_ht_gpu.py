@@ -127,3 +127,12 @@ def test_create_destroy_repeatedly_without_leaks():
     free = run_in_process(body, 2, timeout_s=300)[0]
     # after the first cycle (module loads, pools), device memory must not keep shrinking
     assert free[-1] >= free[1] - (64 << 20), [f >> 20 for f in free]
+
+
+def test_demo_on_the_gpu(capsys):
+    from epkern import demo
+
+    args = ["--ranks", "4", "--tokens", "64", "--hidden", "512", "--experts", "16", "--iters", "2", "--backend", "gpu"]
+    assert demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "GPU backend" in out and "validated" in out

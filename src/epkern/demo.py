@@ -17,20 +17,34 @@ import ml_dtypes
 import numpy as np
 
 from . import _env
-from ._cuda import gpu_available
 from .buffer import Buffer, resolve_backend
 from .group import run_in_process
 
 BF16 = ml_dtypes.bfloat16
 
 
+def _host(a):
+    """numpy view of a result (CuPy arrays are copied to the host)."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
 def _rank_main(group, args, backend):
     rng = np.random.default_rng(1000 + group.rank)
     t, h, e, k = args.tokens, args.hidden, args.experts, args.topk
-    x = rng.integers(-8, 9, size=(t, h)).astype(BF16)
-    topk_idx = np.argsort(rng.random((t, e)), axis=1)[:, :k].astype(np.int64)
-    topk_idx[rng.random((t, k)) < 0.05] = -1
-    weights = rng.choice(np.array([0.25, 0.5, 1.0, 2.0], np.float32), size=(t, k)).astype(np.float32)
+    x_np = rng.integers(-8, 9, size=(t, h)).astype(BF16)
+    idx_np = np.argsort(rng.random((t, e)), axis=1)[:, :k].astype(np.int64)
+    idx_np[rng.random((t, k)) < 0.05] = -1
+    w_np = rng.choice(np.array([0.25, 0.5, 1.0, 2.0], np.float32), size=(t, k)).astype(np.float32)
+    if backend == "gpu":
+        import cupy
+
+        x, topk_idx, weights = cupy.asarray(x_np), cupy.asarray(idx_np), cupy.asarray(w_np)
+        to_device = cupy.asarray
+    else:
+        x, topk_idx, weights = x_np, idx_np, w_np
+        to_device = np.asarray
+    # The GPU backend has no LL kernels yet (issue #4): it runs the HT part only.
+    with_ll = backend == "cpu"
     times = {"dispatch": [], "combine": [], "ll_dispatch": [], "ll_combine": []}
     with Buffer(group, backend=backend) as buf:
         for _ in range(args.iters):
@@ -45,14 +59,20 @@ def _rank_main(group, args, backend):
                 topk_weights=weights,
             )
             t1 = time.perf_counter()
-            y = (recv_x.astype(np.float32) * 2).astype(BF16)  # the stand-in expert
+            y = to_device((_host(recv_x).astype(np.float32) * 2).astype(BF16))  # the stand-in expert
+            t1b = time.perf_counter()
             combined, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w)
+            combined, combined_w = _host(combined), _host(combined_w)
             t2 = time.perf_counter()
-            reached = in_rank.sum(axis=1, dtype=np.float32)[:, None]
-            want = (np.float32(0) + x.astype(np.float32) * 2 * reached).astype(BF16)  # +0 where unsent
+            reached = _host(in_rank).sum(axis=1, dtype=np.float32)[:, None]
+            want = (np.float32(0) + x_np.astype(np.float32) * 2 * reached).astype(BF16)  # +0 where unsent
             assert np.array_equal(combined.view(np.uint16), want.view(np.uint16)), "HT combine mismatch"
-            want_w = np.where(topk_idx >= 0, weights, 0).astype(np.float32)
+            want_w = np.where(idx_np >= 0, w_np, 0).astype(np.float32)
             assert np.array_equal(combined_w, want_w), "HT combined weights mismatch"
+            times["dispatch"].append(t1 - t0)
+            times["combine"].append(t2 - t1b)
+            if not with_ll:
+                continue
 
             t3 = time.perf_counter()
             ll_x, ll_count, ll_handle, _, _ = buf.low_latency_dispatch(x, topk_idx, t, e, use_fp8=False)
@@ -62,12 +82,12 @@ def _rank_main(group, args, backend):
             t5 = time.perf_counter()
             acc = np.zeros((t, h), np.float32)
             for kk in range(k):
-                sel = topk_idx[:, kk] >= 0
-                acc[sel] += weights[sel, kk, None] * (x[sel].astype(np.float32) * 2)
+                sel = idx_np[:, kk] >= 0
+                acc[sel] += w_np[sel, kk, None] * (x_np[sel].astype(np.float32) * 2)
             assert np.array_equal(ll_out.view(np.uint16), acc.astype(BF16).view(np.uint16)), "LL mismatch"
-            for name, dt in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4), strict=True):
-                times[name].append(dt)
-        return {name: statistics.median(v) for name, v in times.items()}, int(len(recv_x))
+            times["ll_dispatch"].append(t4 - t3)
+            times["ll_combine"].append(t5 - t4)
+        return {name: statistics.median(v) for name, v in times.items() if v}, int(len(recv_x))
 
 
 def main(argv=None) -> int:
@@ -78,22 +98,26 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--iters", type=int, default=3)
-    # The GPU path joins the demo once intranode HT and LL are complete on in-process ranks (issues #3, #4).
-    p.add_argument("--backend", choices=("cpu",), default="cpu")
+    p.add_argument("--backend", choices=("auto", "gpu", "cpu"), default="auto")
     args = p.parse_args(argv)
 
     backend = resolve_backend(args.backend)
-    why = "a GPU is here, but the demo's GPU path is not finished yet" if gpu_available() else "no CUDA GPU found"
-    print(f"epkern demo on the CPU backend ({why}): the numpy reference across in-process ranks")
+    if backend == "gpu":
+        print("epkern demo on the GPU backend: in-process ranks sharing one GPU, HT kernels over CUDA IPC")
+        print("  (the low-latency part runs on the CPU backend only until the LL kernels land, issue #4)")
+    else:
+        why = "asked for" if args.backend == "cpu" else "no CUDA GPU found"
+        print(f"epkern demo on the CPU backend ({why}): the numpy reference across in-process ranks")
     print(
         f"  {args.ranks} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, {args.experts} experts, "
         f"top-{args.topk}, BF16, {args.iters} iterations"
     )
     results = run_in_process(_rank_main, args.ranks, args, backend)
     row_bytes = args.hidden * 2
-    print("  validated: HT combine(expert(dispatch(x))) and LL weighted combine exact on every rank")
+    ll = " and LL weighted combine" if backend == "cpu" else ""
+    print(f"  validated: HT combine(expert(dispatch(x))){ll} exact on every rank")
     print(f"  {'op':12s} {'median ms (slowest rank)':>26s} {'recv rows (rank 0)':>20s}")
-    for op in ("dispatch", "combine", "ll_dispatch", "ll_combine"):
+    for op in [op for op in ("dispatch", "combine", "ll_dispatch", "ll_combine") if op in results[0][0]]:
         ms = max(r[0][op] for r in results) * 1e3
         print(f"  {op:12s} {ms:26.2f} {results[0][1]:20d}")
     total_rows = sum(r[1] for r in results)
