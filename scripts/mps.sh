@@ -6,7 +6,14 @@ export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/epkern-mps-pipe}
 export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/epkern-mps-log}"
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 case "${1:-start}" in
-  start) nvidia-cuda-mps-control -d && echo "MPS started (pipe $CUDA_MPS_PIPE_DIRECTORY)" ;;
+  start)
+    # The MPS server cannot start while a process without MPS still holds the GPU (a test run that is
+    # still exiting): wait up to 30 s for the GPU to have no compute processes.
+    for _ in $(seq 30); do
+      [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break
+      sleep 1
+    done
+    nvidia-cuda-mps-control -d && echo "MPS started (pipe $CUDA_MPS_PIPE_DIRECTORY)" ;;
   stop) echo quit | nvidia-cuda-mps-control && echo "MPS stopped" ;;
   *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac
