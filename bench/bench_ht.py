@@ -27,17 +27,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import copy_bandwidth_gbs  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
-# *_pipelined: back-to-back calls (see _pipelined); the others: one call after a barrier, host time included.
-OPS = ("layout", "dispatch", "cached_dispatch", "cached_dispatch_pipelined", "combine", "combine_pipelined")
+# One call after a barrier (host time included); *_kernel: the same calls, only the time from each kernel's launch
+# on the comm stream to its end (waiting for slower peers included, the caller's Python before it not);
+# *_pipelined: back-to-back calls (see _pipelined).
+OPS = (
+    "layout",
+    "dispatch",
+    "dispatch_kernel",
+    "cached_dispatch",
+    "cached_dispatch_kernel",
+    "cached_dispatch_pipelined",
+    "combine",
+    "combine_kernel",
+    "combine_pipelined",
+)
 
 
-def _timed(fn, group, iters):
+class KernelClock:
+    """Benchmark-only instrumentation: events on the Buffer's comm stream around every kernel it launches."""
+
+    def __init__(self, buf):
+        self.buf, self.spans, self._launch = buf, [], buf._launch
+        buf._launch = self.launch
+
+    def launch(self, *args, **kwargs):
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(self.buf.comm_stream)
+        self._launch(*args, **kwargs)
+        stop.record(self.buf.comm_stream)
+        self.spans.append((start, stop))
+
+    def take_us(self) -> float:
+        import cupy
+
+        total = 0.0
+        for start, stop in self.spans:
+            stop.synchronize()
+            total += cupy.cuda.get_elapsed_time(start, stop) * 1e3
+        self.spans = []
+        return total
+
+
+def _timed(fn, group, iters, clock=None):
     import cupy
 
-    times, host = [], []
+    times, host, kernel = [], [], []
     stream = cupy.cuda.get_current_stream()
     for _ in range(iters):
         group.barrier()
+        if clock is not None:
+            clock.spans = []
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(stream)
         t0 = time.perf_counter()
@@ -46,7 +87,9 @@ def _timed(fn, group, iters):
         stop.record(stream)
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
-    return statistics.median(times), statistics.median(host), out
+        if clock is not None:
+            kernel.append(clock.take_us())
+    return statistics.median(times), statistics.median(host), (statistics.median(kernel) if kernel else None), out
 
 
 def _pipelined(fn, group, calls):
@@ -131,10 +174,12 @@ def rank_main(group, args, tokens):
         for _ in range(3):
             cached(), combine()
         res = {}
-        res["layout_us"], res["layout_host_us"], _ = _timed(layout, group, args.iters)
-        res["dispatch_us"], res["dispatch_host_us"], _ = _timed(dispatch, group, args.iters)
-        res["cached_dispatch_us"], res["cached_dispatch_host_us"], _ = _timed(cached, group, args.iters)
-        res["combine_us"], res["combine_host_us"], _ = _timed(combine, group, args.iters)
+        clock = KernelClock(buf)
+        res["layout_us"], res["layout_host_us"], _, _ = _timed(layout, group, args.iters)
+        for op, fn in (("dispatch", dispatch), ("cached_dispatch", cached), ("combine", combine)):
+            res[f"{op}_us"], res[f"{op}_host_us"], res[f"{op}_kernel_us"], _ = _timed(fn, group, args.iters, clock)
+            res[f"{op}_kernel_host_us"] = res[f"{op}_host_us"]
+        buf._launch = clock._launch  # pipelined runs without the extra events
         res["cached_dispatch_pipelined_us"] = _pipelined(cached, group, args.iters)
         res["combine_pipelined_us"] = _pipelined(combine, group, args.iters)
         res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]
@@ -177,9 +222,12 @@ def summarize(per_rank: list[dict], args) -> dict:
     # Combine moves BF16 rows whatever the dispatch dtype.
     for op, rows_read, rows_written, rb in (
         ("dispatch", sent, recv, row),
+        ("dispatch_kernel", sent, recv, row),
         ("cached_dispatch", sent, recv, row),
+        ("cached_dispatch_kernel", sent, recv, row),
         ("cached_dispatch_pipelined", sent, recv, row),
         ("combine", recv, tokens, args.hidden * 2),
+        ("combine_kernel", recv, tokens, args.hidden * 2),
         ("combine_pipelined", recv, tokens, args.hidden * 2),
     ):
         logical_bytes = recv / R * rb
