@@ -16,14 +16,6 @@ constexpr int kRowVecs = EPK_ROW_BYTES / 16;
 constexpr int kThreads = EPK_THREADS;
 constexpr int kUnroll = EPK_UNROLL;
 
-__device__ __forceinline__ int4 ld_stream(const int4 *p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ void st_out(int4 *p, const int4 &v) {
 #if EPK_STORE_CS
   asm volatile("st.global.cs.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -55,7 +47,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       int4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (base + u * 32 + lane < kRowVecs) v[u] = ld_stream(src + base + u * 32 + lane);
+        if (base + u * 32 + lane < kRowVecs) v[u] = epk::ld_nc_v4(src + base + u * 32 + lane);
 #pragma unroll
       for (int d = 0; d < kRanks; ++d) {
         if (!(dests >> d & 1u)) continue;
@@ -65,16 +57,6 @@ extern "C" __global__ void __launch_bounds__(kThreads)
           if (base + u * 32 + lane < kRowVecs) st_out(dst + base + u * 32 + lane, v[u]);
       }
     }
-  }
-}
-
-__device__ __forceinline__ void add8(float (&acc)[8], const int4 &v) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc[2 * j] = __fadd_rn(acc[2 * j], epk::bf16_lo(w[j]));
-    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], epk::bf16_hi(w[j]));
   }
 }
 
@@ -95,14 +77,14 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int i = base + u * 32 + lane;
-          v[d][u] = (srcs >> d & 1u) && i < kRowVecs ? ld_stream(in + (d * region_rows + slots[d]) * kRowVecs + i)
+          v[d][u] = (srcs >> d & 1u) && i < kRowVecs ? epk::ld_nc_v4(in + (d * region_rows + slots[d]) * kRowVecs + i)
                                                      : make_int4(0, 0, 0, 0);
         }
 #pragma unroll
       for (int d = 0; d < kRanks; ++d)
         if (srcs >> d & 1u)
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u) add8(acc[u], v[d][u]);
+          for (int u = 0; u < kUnroll; ++u) epk::add_bf16x8(acc[u], v[d][u]);
 #else
 #pragma unroll
       for (int d = 0; d < kRanks; ++d) {
@@ -111,22 +93,17 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int i = base + u * 32 + lane;
-          if (i < kRowVecs) v[u] = ld_stream(in + (d * region_rows + slots[d]) * kRowVecs + i);
+          if (i < kRowVecs) v[u] = epk::ld_nc_v4(in + (d * region_rows + slots[d]) * kRowVecs + i);
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) add8(acc[u], v[u]);
+        for (int u = 0; u < kUnroll; ++u) epk::add_bf16x8(acc[u], v[u]);
       }
 #endif
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * 32 + lane;
         if (i < kRowVecs) {
-          int4 o;
-          o.x = static_cast<int>(epk::pack_bf16(acc[u][0], acc[u][1]));
-          o.y = static_cast<int>(epk::pack_bf16(acc[u][2], acc[u][3]));
-          o.z = static_cast<int>(epk::pack_bf16(acc[u][4], acc[u][5]));
-          o.w = static_cast<int>(epk::pack_bf16(acc[u][6], acc[u][7]));
-          st_out(out + static_cast<int64_t>(t) * kRowVecs + i, o);
+          st_out(out + static_cast<int64_t>(t) * kRowVecs + i, epk::pack_bf16x8(acc[u]));
         }
       }
     }

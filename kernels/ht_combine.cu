@@ -19,16 +19,6 @@ static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-
 
 enum { kInX = 0, kInWeights, kNumIns };
 
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4 &v) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc[2 * j] = __fadd_rn(acc[2 * j], epk::bf16_lo(w[j]));
-    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], epk::bf16_hi(w[j]));
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(kThreads)
     epk_ht_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
                    const int *__restrict__ send_slot, const int4 *__restrict__ bias0,
@@ -75,8 +65,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
         if (i < kRowVecs) {
-          if (bias0 != nullptr) add_bf16x8(acc[u], bias0[static_cast<int64_t>(t) * kRowVecs + i]);
-          if (bias1 != nullptr) add_bf16x8(acc[u], bias1[static_cast<int64_t>(t) * kRowVecs + i]);
+          if (bias0 != nullptr) epk::add_bf16x8(acc[u], bias0[static_cast<int64_t>(t) * kRowVecs + i]);
+          if (bias1 != nullptr) epk::add_bf16x8(acc[u], bias1[static_cast<int64_t>(t) * kRowVecs + i]);
         }
       }
 #pragma unroll
@@ -91,18 +81,13 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
-          if (base + u * 32 + lane < kRowVecs) add_bf16x8(acc[u], v[u]);
+          if (base + u * 32 + lane < kRowVecs) epk::add_bf16x8(acc[u], v[u]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * 32 + lane;
         if (i < kRowVecs) {
-          int4 o;
-          o.x = static_cast<int>(epk::pack_bf16(acc[u][0], acc[u][1]));
-          o.y = static_cast<int>(epk::pack_bf16(acc[u][2], acc[u][3]));
-          o.z = static_cast<int>(epk::pack_bf16(acc[u][4], acc[u][5]));
-          o.w = static_cast<int>(epk::pack_bf16(acc[u][6], acc[u][7]));
-          out_x[static_cast<int64_t>(t) * kRowVecs + i] = o;
+          out_x[static_cast<int64_t>(t) * kRowVecs + i] = epk::pack_bf16x8(acc[u]);
         }
       }
     }

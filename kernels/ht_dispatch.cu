@@ -21,14 +21,6 @@ static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-
 // Output arrays of a destination, in the order they are published.
 enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts };
 
-__device__ __forceinline__ int4 ld_nc(const int4 *p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 extern "C" __global__ void __launch_bounds__(kThreads)
     epk_ht_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
                     const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
@@ -84,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * 32 + lane;
-        if (i < kRowVecs) v[u] = ld_nc(src + i);
+        if (i < kRowVecs) v[u] = epk::ld_nc_v4(src + i);
       }
 #pragma unroll
       for (int d = 0; d < kRanks; ++d) {
