@@ -30,6 +30,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1: fill every output with 0xFF bytes (NaN, -1) before the kernels write it, so rows a kernel "
         "misses show up; a debugging aid costing one fill per output (the tests turn it on)",
     ),
+    "EPKERN_NUM_PROXY_THREADS": ("4", "host proxy threads draining the GPU-to-host trigger FIFOs (PROXY transport)"),
 }
 
 
@@ -119,3 +120,8 @@ def poison_outputs() -> bool:
     if raw not in ("0", "1"):
         raise ConfigError(f"EPKERN_POISON_OUTPUTS={raw!r}: expected 0 or 1")
     return raw == "1"
+
+
+def num_proxy_threads() -> int:
+    value = _positive_int("EPKERN_NUM_PROXY_THREADS")
+    return int(VARIABLES["EPKERN_NUM_PROXY_THREADS"][0]) if value is None else value
