@@ -54,6 +54,7 @@ SPECIMENS = {
             EPK_NUM_RANKS=2, EPK_ROW_BYTES=16, EPK_THREADS=1024, EPK_UNROLL=1, EPK_STORE_CS=0, EPK_LOADS_FIRST=0, **CTRL
         ),
     ],
+    "rdma_selftest.cu": [dict()],
     "layout.cu": [
         dict(
             EPK_NUM_EXPERTS=256,
@@ -79,6 +80,64 @@ SPECIMENS = {
             EPK_IDX_T="int64_t",
             EPK_THREADS=32,
         ),
+    ],
+    # LL: typical DeepEP shapes (BF16 / FP8 / UE8M0), and the extremes (1 rank, H=128, top-32, 32 ranks).
+    "ll_dispatch.cu": [
+        dict(
+            EPK_NUM_RANKS=8,
+            EPK_HIDDEN=7168,
+            EPK_TOPK=8,
+            EPK_USE_FP8=1,
+            EPK_ROUND_SCALE=0,
+            EPK_USE_UE8M0=0,
+            EPK_THREADS=512,
+            **CTRL,
+        ),
+        dict(
+            EPK_NUM_RANKS=8,
+            EPK_HIDDEN=7168,
+            EPK_TOPK=8,
+            EPK_USE_FP8=0,
+            EPK_ROUND_SCALE=0,
+            EPK_USE_UE8M0=0,
+            EPK_THREADS=512,
+            **CTRL,
+        ),
+        dict(
+            EPK_NUM_RANKS=4,
+            EPK_HIDDEN=4096,
+            EPK_TOPK=16,
+            EPK_USE_FP8=1,
+            EPK_ROUND_SCALE=1,
+            EPK_USE_UE8M0=1,
+            EPK_THREADS=512,
+            **CTRL,
+        ),
+        dict(
+            EPK_NUM_RANKS=1,
+            EPK_HIDDEN=128,
+            EPK_TOPK=32,
+            EPK_USE_FP8=1,
+            EPK_ROUND_SCALE=1,
+            EPK_USE_UE8M0=0,
+            EPK_THREADS=512,
+            **CTRL,
+        ),
+        dict(
+            EPK_NUM_RANKS=32,
+            EPK_HIDDEN=384,
+            EPK_TOPK=1,
+            EPK_USE_FP8=0,
+            EPK_ROUND_SCALE=0,
+            EPK_USE_UE8M0=0,
+            EPK_THREADS=512,
+            **CTRL,
+        ),
+    ],
+    "ll_combine.cu": [
+        dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),
+        dict(EPK_NUM_RANKS=1, EPK_HIDDEN=128, EPK_TOPK=32, EPK_THREADS=512, **CTRL),
+        dict(EPK_NUM_RANKS=32, EPK_HIDDEN=8192, EPK_TOPK=1, EPK_THREADS=512, **CTRL),
     ],
 }
 

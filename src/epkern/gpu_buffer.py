@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import _env, ht_intranode, kernel_loader
+from . import _env, ht_intranode, kernel_loader, ll_intranode
 from ._validate import check_int
 from .buffer import Buffer, EventHandle
 from .config import CTRL_BYTES, Config
@@ -28,6 +28,7 @@ PHASES = {
     5: "combine (waiting for a peer to finish reading)",
     6: "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)",
 }
+PHASES.update(ll_intranode.LL_PHASES)  # 7.. : the low-latency kernels
 ERROR_RECORD_BYTES = 32
 MAX_LOCAL_EXPERTS = 1024
 
@@ -75,7 +76,11 @@ class GpuBuffer(Buffer):
             # Ranks sharing this physical GPU (MPS processes or in-process ranks) must all fit at once.
             ids = self.group.allgather_object((self.group.hostnames[self.rank], dev.pci_bus_id))
             self.ranks_per_gpu = sum(1 for i in ids if i == ids[self.rank])
-            self.region = SymmetricRegion(self.group, CTRL_BYTES + self.num_nvl_bytes, self.device)
+            # LL area (num_rdma_bytes) after the control area and the HT heap; the heap is unchanged.
+            self.ll_bytes = ll_intranode.ll_area_bytes(self.num_rdma_bytes, self.low_latency_mode)
+            self.ll_offset = CTRL_BYTES + -(-self.num_nvl_bytes // 256) * 256
+            region_bytes = self.ll_offset + self.ll_bytes if self.ll_bytes else CTRL_BYTES + self.num_nvl_bytes
+            self.region = SymmetricRegion(self.group, region_bytes, self.device)
             self._closed = False
             self.heap = Heap(self.region.ptr + CTRL_BYTES, self.num_nvl_bytes)
             self.in_process = bool(getattr(self.group, "is_in_process", False))
@@ -87,6 +92,7 @@ class GpuBuffer(Buffer):
             stream_of = getattr(self.group, "stream", None) if self.in_process else None
             self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
             self.peer_table = self.region.peer_table
+            ll_intranode.init_low_latency(self)
         self.epoch = 0
         self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
         self._broken: str | None = None
@@ -137,6 +143,8 @@ class GpuBuffer(Buffer):
         rec = self.error_record
         if rec[0] == 0:
             return
+        if int(rec[3]) in ll_intranode.LL_RECOVERABLE_PHASES:
+            ll_intranode.raise_recoverable(self)  # a silent peer (masked) or bad indices: raise, stay usable
         code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
         what = PHASES.get(phase, f"phase {phase}")
         if code == 1:
@@ -278,6 +286,13 @@ class GpuBuffer(Buffer):
     dispatch = ht_intranode.dispatch
     combine = ht_intranode.combine
     get_dispatch_layout = ht_intranode.get_dispatch_layout
+    low_latency_dispatch = ll_intranode.low_latency_dispatch
+    low_latency_combine = ll_intranode.low_latency_combine
+    get_next_low_latency_combine_buffer = ll_intranode.get_next_low_latency_combine_buffer
+    clean_low_latency_buffer = ll_intranode.clean_low_latency_buffer
+    low_latency_update_mask_buffer = ll_intranode.low_latency_update_mask_buffer
+    low_latency_query_mask_buffer = ll_intranode.low_latency_query_mask_buffer
+    low_latency_clean_mask_buffer = ll_intranode.low_latency_clean_mask_buffer
 
     def get_low_latency_rdma_size_hint(self, num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
         from . import reference

@@ -1,0 +1,159 @@
+// LL combine (semantics.md "Low-latency combine"): each expert owner d sends every row it received back to
+// the token's source rank s, into slot [global expert g][source token t] of s's receive region, and after
+// the last row of (local expert, s) one tagged flag for g. The source waits for the flags of all E experts
+// (skipping masked owners), then reduces each token in the reference's order: acc = +0; for k ascending with
+// a selection: acc = fp32(acc + fp32(w[t, k] * y)); one RNE cast to BF16 (no FMA: __fmul_rn / __fadd_rn).
+//
+// Rows are addressed by (g, t), so a token listing one expert twice would have both rows land in one slot
+// (DeepEP's assumption of distinct experts per token; reference/low_latency.py says the same).
+//
+// phase: 1 = send only, 2 = receive only (the recv hook), 3 = both. The send phase gives each (local expert,
+// source rank) pair max(1, warps / pairs) warps; the last of them (a counter in the device state) raises the
+// flag. The receive phase is a warp per token.
+//
+// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS.
+#include "ll_common.cuh"
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kHidden = EPK_HIDDEN;
+constexpr int kTopk = EPK_TOPK;
+constexpr int kThreads = EPK_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kVecs = kHidden / 8;  // int4 (8 BF16) per row
+constexpr int kRowBytes = 2 * kHidden;
+static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
+static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
+static_assert(kRanks >= 1 && kRanks <= 32, "LL kernels handle up to 32 ranks");
+static_assert(kThreads % 32 == 0, "whole warps");
+
+using namespace epk;
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    epk_ll_combine(int dry_run, int rank, int phase, int back, const int4 *__restrict__ x,
+                   const int *__restrict__ src_info, const long long *__restrict__ layout,
+                   const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, int num_tokens,
+                   int4 *__restrict__ out, int num_experts, int num_max, const unsigned long long *__restrict__ peers,
+                   long long ll_off, long long set_stride, long long recv_off, int *state, long long *wait_stats,
+                   ErrorRecord *err, unsigned long long timeout_ns) {
+  if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int gw = blockIdx.x * kWarps + tid / 32, num_warps = gridDim.x * kWarps;
+  const int e_loc = num_experts / kRanks;
+  const unsigned seq = ll::call_seq(state, phase, back);
+  const int tag = ll::tag_of(seq);
+  const long long set_base = static_cast<long long>(seq & 1u) * set_stride;
+  char *const mine = reinterpret_cast<char *>(peers[rank] + ll_off);
+  const Deadline deadline{err, rank, timeout_ns};
+
+  __shared__ int s_mask[kRanks];
+  __shared__ int s_skip[kRanks];  // owners left out of this call's sums: masked, or silent past the deadline
+  __shared__ Route s_route[kRanks];
+  if (tid < kRanks) {
+    s_mask[tid] = ll::ld_volatile(state + ll::kStateMask + tid);
+    s_skip[tid] = s_mask[tid];
+    s_route[tid] = make_route(ll::ld_volatile(state + ll::kStateRoute + tid), peers[tid], ll_off);
+  }
+  __syncthreads();
+
+  if (phase & ll::kSend) {
+    const int pairs = e_loc * kRanks;
+    const int per = max(1, num_warps / pairs);
+    const int rows = kRanks * num_max;
+    for (int p = gw / per; p < pairs; p += num_warps / per) {
+      const int e = p / kRanks, s = p % kRanks, sub = gw % per;
+      if (s_mask[s]) continue;  // every warp of the pair skips: no flag either
+      const long long lr = layout[p];
+      long long begin = lr >> 32;
+      int n = static_cast<int>(lr & 0xffffffffLL);
+      if (n < 0 || n > num_max || begin < 0 || begin + n > rows) {
+        if (sub == 0 && lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, n, num_max);
+        n = 0;
+        begin = 0;
+      }
+      const int g = rank * e_loc + e;
+      for (int i = sub; i < n; i += per) {
+        const long long row = static_cast<long long>(e) * rows + begin + i;
+        const int t = src_info[row];
+        if (t < 0 || t >= num_max) {
+          if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, t, num_max);
+          continue;
+        }
+        const long long off = set_base + recv_off + (static_cast<long long>(g) * num_max + t) * kRowBytes;
+        if (!route_put_warp(s_route[s], off, x + row * kVecs, kRowBytes, lane) && lane == 0)
+          report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+      }
+      __syncwarp();
+      if (lane == 0) {
+        // acq_rel: the last warp of the pair acquires every other warp's released puts before the flag.
+        const unsigned done = atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(state + ll::kStatePair + p), 1u);
+        if (done == static_cast<unsigned>(per - 1)) {
+          state[ll::kStatePair + p] = 0;  // all `per` warps of the pair have counted: reset for the next call
+          if (!route_signal(s_route[s], set_base + 4LL * g, ll::pack_signal(tag, 0)))
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+        }
+      }
+    }
+  }
+
+  if (phase & ll::kRecv) {
+    // 1. Every block waits for all E flags (cheap local polls), so any warp may then read any slot.
+    const int *const sig = reinterpret_cast<const int *>(mine + set_base);
+    for (int g = tid; g < num_experts; g += kThreads) {
+      const int d = g / e_loc;
+      if (s_mask[d]) continue;
+      const uint64_t t0 = now_ns();
+      int v = 0;
+      const int got = ll::wait_signal(sig + g, tag, deadline, ll::kPhaseCombineRecv, d, v);
+      if (got != ll::kArrived) {
+        s_skip[d] = 1;
+        if (got == ll::kExpired) ll::mask_peer(state, d);
+      }
+      if (wait_stats != nullptr && blockIdx.x == 0)
+        atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + d, now_ns() - t0);
+    }
+    __syncthreads();
+    __threadfence();  // the acquires of the waiting threads order every thread's reads of the slots below
+
+    // 2. Warp per token: weighted sum over k in the reference's order.
+    const int4 *const recv = reinterpret_cast<const int4 *>(mine + set_base + recv_off);
+    for (int t = gw; t < num_tokens; t += num_warps) {
+      long long my_g = -1;
+      float my_w = 0.f;
+      if (lane < kTopk) {
+        my_g = topk_idx[static_cast<long long>(t) * kTopk + lane];
+        if (my_g >= 0 && my_g < num_experts && !s_skip[my_g / e_loc])
+          my_w = topk_weights[static_cast<long long>(t) * kTopk + lane];
+        else
+          my_g = -1;  // no selection, a masked owner, or out of range (dispatch skipped it too)
+      }
+      int g_of[kTopk];
+      float w_of[kTopk];
+#pragma unroll
+      for (int k = 0; k < kTopk; ++k) {
+        g_of[k] = static_cast<int>(__shfl_sync(0xffffffffu, my_g, k));
+        w_of[k] = __shfl_sync(0xffffffffu, my_w, k);
+      }
+      for (int c = lane; c < kVecs; c += 32) {
+        float acc[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+#pragma unroll
+        for (int k = 0; k < kTopk; ++k) {
+          if (g_of[k] < 0) continue;
+          float f[8];
+          ll::unpack_bf16x8(ll::ld_cg(recv + (static_cast<long long>(g_of[k]) * num_max + t) * kVecs + c), f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w_of[k], f[j]));
+        }
+        int4 o;
+        o.x = static_cast<int>(ll::pack_bf16(acc[0], acc[1]));
+        o.y = static_cast<int>(ll::pack_bf16(acc[2], acc[3]));
+        o.z = static_cast<int>(ll::pack_bf16(acc[4], acc[5]));
+        o.w = static_cast<int>(ll::pack_bf16(acc[6], acc[7]));
+        out[static_cast<long long>(t) * kVecs + c] = o;
+      }
+    }
+  }
+
+  if (phase & ll::kSend) ll::finish_call(state, seq);
+}

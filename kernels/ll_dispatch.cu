@@ -1,0 +1,214 @@
+// LL dispatch (semantics.md "Low-latency dispatch"): every (token, k) selection of expert g sends the token's
+// message to g's owner d, into slot i of block (local expert, this rank) of d's receive region; once all
+// selections of g are out, one tagged count tells d how many. The receiver waits for the R counts of each
+// local expert, packs the blocks by source rank ascending (begin = counts of lower ranks: deterministic
+// block order; rows within a block follow the sender's slot order) into recv_x / scales / src_info and
+// writes layout_range and recv_count.
+//
+// Message (16 + 2H bytes per slot): int4 header {source token, 0, 0, 0}, then the BF16 row, or the e4m3 row
+// followed by H/128 float32 scales (or H/128 UE8M0 bytes = H/512 packed int32 words).
+//
+// phase: 1 = send only, 2 = receive only (the recv hook), 3 = both. Warps: the send phase walks tokens
+// (warp per token: build the message once in the local staging slot, then one put per selection) and
+// then experts (warp per expert: count, wait for its own puts, signal); the receive phase gives each
+// (local expert, source rank) pair max(1, warps / pairs) warps.
+//
+// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
+// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS.
+#include "ll_common.cuh"
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kHidden = EPK_HIDDEN;
+constexpr int kTopk = EPK_TOPK;
+constexpr bool kFp8 = EPK_USE_FP8 != 0;
+constexpr bool kRoundScale = EPK_ROUND_SCALE != 0;
+constexpr bool kUe8m0 = EPK_USE_UE8M0 != 0;
+constexpr int kThreads = EPK_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kGroups = kHidden / 128;  // FP8 scale groups per row
+constexpr int kScaleBytes = kFp8 ? (kUe8m0 ? kGroups : 4 * kGroups) : 0;
+constexpr int kPayloadBytes = kFp8 ? kHidden + kScaleBytes : 2 * kHidden;
+constexpr int kMsgBytes = (16 + kPayloadBytes + 15) / 16 * 16;  // bytes actually sent
+constexpr int kSlotBytes = 16 + 2 * kHidden;                   // slot stride (fits every message kind)
+static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
+static_assert(!kUe8m0 || (kFp8 && kRoundScale && kHidden % 512 == 0), "UE8M0 needs FP8, round_scale, H % 512");
+static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
+static_assert(kRanks >= 1 && kRanks <= 32, "LL kernels handle up to 32 ranks (one lane per source rank)");
+static_assert(kMsgBytes <= kSlotBytes, "message larger than its slot");
+static_assert(kThreads % 32 == 0, "whole warps");
+
+using namespace epk;
+
+// Message of token t into `msg` (the local staging slot), by one warp.
+__device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int t, char *msg, int lane) {
+  if (lane == 0) *reinterpret_cast<int4 *>(msg) = make_int4(t, 0, 0, 0);
+  if constexpr (!kFp8) {
+    int4 *dst = reinterpret_cast<int4 *>(msg + 16);
+    for (int j = lane; j < kHidden / 8; j += 32) dst[j] = ll::ld_nc(xrow + j);
+  } else {
+    // Half-warp per 128-channel group: lane holds 8 channels (one int4 of BF16); amax over 16 lanes.
+    const int half = lane >> 4, hl = lane & 15;
+    for (int c = 0; c < (kGroups + 1) / 2; ++c) {
+      const int g = 2 * c + half;
+      const bool active = g < kGroups;
+      float f[8];
+      ll::unpack_bf16x8(active ? ll::ld_nc(xrow + g * 16 + hl) : make_int4(0, 0, 0, 0), f);
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(f[j]));
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      amax = fmaxf(amax, 1e-4f);
+      float scale = __fdiv_rn(amax, 448.f);
+      if constexpr (kRoundScale) scale = ll::pow2_ceil(scale);
+      if (active) {
+        uint32_t q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          q[j] = ll::cvt_e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
+        *reinterpret_cast<uint2 *>(msg + 16 + g * 128 + hl * 8) = make_uint2(q[0] | (q[1] << 16), q[2] | (q[3] << 16));
+        if (hl == 0) {
+          if constexpr (kUe8m0)
+            reinterpret_cast<uint8_t *>(msg + 16 + kHidden)[g] = static_cast<uint8_t>(__float_as_uint(scale) >> 23);
+          else
+            reinterpret_cast<float *>(msg + 16 + kHidden)[g] = scale;
+        }
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    epk_ll_dispatch(int dry_run, int rank, int phase, int back, const int4 *__restrict__ x, int num_tokens,
+                    const int64_t *__restrict__ topk_idx, int num_experts, int num_max,
+                    const unsigned long long *__restrict__ peers, long long ll_off, long long set_stride,
+                    long long send_off, long long recv_off, int *state, uint8_t *out_x, void *out_scales,
+                    int *out_src, long long *out_layout, int *out_count, int *recv_stats,
+                    long long *wait_stats, ErrorRecord *err, unsigned long long timeout_ns) {
+  if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int gw = blockIdx.x * kWarps + tid / 32, num_warps = gridDim.x * kWarps;
+  const int e_loc = num_experts / kRanks;
+  const unsigned seq = ll::call_seq(state, phase, back);
+  const int tag = ll::tag_of(seq);
+  const long long set_base = static_cast<long long>(seq & 1u) * set_stride;
+  char *const mine = reinterpret_cast<char *>(peers[rank] + ll_off);
+  const Deadline deadline{err, rank, timeout_ns};
+
+  // Mask and routes, read once per block: every send and wait site of this call sees the same picture.
+  __shared__ int s_mask[kRanks];
+  __shared__ Route s_route[kRanks];
+  if (tid < kRanks) {
+    s_mask[tid] = ll::ld_volatile(state + ll::kStateMask + tid);
+    s_route[tid] = make_route(ll::ld_volatile(state + ll::kStateRoute + tid), peers[tid], ll_off);
+  }
+  __syncthreads();
+
+  if (phase & ll::kSend) {
+    char *const staging = mine + set_base + send_off;
+    int *const slot_ctr = state + ll::kStateSlot;
+    int *const done_ctr = state + ll::kStateDone;
+    // 1. Warp per token: message once, then one put per selection into the owner's slot.
+    for (int t = gw; t < num_tokens; t += num_warps) {
+      char *msg = staging + static_cast<long long>(t) * kSlotBytes;
+      build_message(x + static_cast<long long>(t) * (kHidden / 8), t, msg, lane);
+      __syncwarp();  // the whole message is written (and visible to every lane) before any put reads it
+      const long long my_g = lane < kTopk ? topk_idx[static_cast<long long>(t) * kTopk + lane] : -1;
+      for (int k = 0; k < kTopk; ++k) {
+        const long long g = __shfl_sync(0xffffffffu, my_g, k);
+        if (g < 0 || g >= num_experts) {
+          if (g != -1 && lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
+          continue;
+        }
+        const int d = static_cast<int>(g) / e_loc, e = static_cast<int>(g) % e_loc;
+        if (s_mask[d]) continue;
+        int slot = 0;
+        if (lane == 0) slot = atomicAdd(slot_ctr + g, 1);
+        slot = __shfl_sync(0xffffffffu, slot, 0);
+        if (slot < num_max) {
+          const long long off =
+              set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
+          if (!route_put_warp(s_route[d], off, msg, kMsgBytes, lane) && lane == 0)
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+        } else if (lane == 0) {
+          report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, slot, num_max);
+        }
+        __syncwarp();
+        // Release (GPU scope) after the warp's stores; the expert's count warp acquires it.
+        if (lane == 0) atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(done_ctr + g), 1u);
+      }
+    }
+    // 2. Warp per expert: count its selections, wait until all are out, signal the owner, reset counters.
+    for (int g = gw; g < num_experts; g += num_warps) {
+      const int d = g / e_loc, e = g % e_loc;
+      if (s_mask[d]) continue;
+      int cnt = 0;
+      for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
+      cnt = ll::warp_sum(cnt);
+      if (lane == 0) {
+        ll::wait_local(done_ctr + g, cnt, deadline, ll::kPhaseLocalSends, d);
+        const long long off = set_base + 4LL * (e * kRanks + rank);
+        if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
+          report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+        slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
+        done_ctr[g] = 0;
+      }
+    }
+  }
+
+  if (phase & ll::kRecv) {
+    const int pairs = e_loc * kRanks;
+    const int per = max(1, num_warps / pairs);  // warps per (local expert, source rank) pair
+    const int rows = kRanks * num_max;
+    const char *const recv = mine + set_base + recv_off;
+    const int *const sig = reinterpret_cast<const int *>(mine + set_base);
+    for (int p = gw / per; p < pairs; p += num_warps / per) {
+      const int e = p / kRanks, s = p % kRanks, sub = gw % per;
+      // Lane l < R waits for source rank l's count of expert e (every pair needs all R for the packing).
+      int cnt = 0;
+      if (lane < kRanks && !s_mask[lane]) {
+        const uint64_t t0 = now_ns();
+        int v = 0;
+        const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, ll::kPhaseDispatchRecv, lane, v);
+        if (got == ll::kArrived)
+          cnt = min(v & ll::kCountMask, num_max);
+        else if (got == ll::kExpired)
+          ll::mask_peer(state, lane);
+        if (wait_stats != nullptr && lane == s && sub == 0)
+          atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + s, now_ns() - t0);
+      }
+      __syncwarp();  // the acquiring lanes' view of the messages is every lane's view from here
+      const int begin = ll::warp_sum(lane < s ? cnt : 0);
+      const int total = ll::warp_sum(cnt);
+      const int n = __shfl_sync(0xffffffffu, cnt, s);
+      if (sub == 0 && lane == 0) {
+        out_layout[p] = (static_cast<long long>(begin) << 32) | static_cast<unsigned>(n);
+        if (s == 0) {
+          out_count[e] = total;
+          if (recv_stats != nullptr) atomicAdd(recv_stats + e, total);
+        }
+      }
+      for (int i = sub; i < n; i += per) {
+        const char *msg = recv + (static_cast<long long>(p) * num_max + i) * kSlotBytes;
+        const long long row = static_cast<long long>(e) * rows + begin + i;
+        if (lane == 0) out_src[row] = ll::ld_cg(reinterpret_cast<const int *>(msg));
+        const int4 *src = reinterpret_cast<const int4 *>(msg + 16);
+        if constexpr (!kFp8) {
+          int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 8);
+          for (int j = lane; j < kHidden / 8; j += 32) dst[j] = ll::ld_cg(src + j);
+        } else {
+          int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 16);
+          for (int j = lane; j < kHidden / 16; j += 32) dst[j] = ll::ld_cg(src + j);
+          // Scales are stored column-major, [E_loc][S][rows] (DeepEP's transposed view).
+          constexpr int kWords = kUe8m0 ? kGroups / 4 : kGroups;
+          const int *sc = reinterpret_cast<const int *>(msg + 16 + kHidden);
+          int *out_sc = reinterpret_cast<int *>(out_scales);
+          for (int j = lane; j < kWords; j += 32)
+            out_sc[(static_cast<long long>(e) * kWords + j) * rows + begin + i] = ll::ld_cg(sc + j);
+        }
+      }
+    }
+  }
+
+  if (phase & ll::kSend) ll::finish_call(state, seq);
+}

@@ -1,0 +1,100 @@
+// The low-latency send-site abstraction: one Route per peer, chosen at run time from a per-peer kind.
+//
+// The LL kernels touch a peer's LL area only through the functions below, at exactly four send sites:
+// dispatch data (route_put_warp), dispatch count (route_signal), combine data (route_put_warp) and combine
+// flag (route_signal). Offsets are relative to the peer's LL area base, which is what an RDMA route needs
+// too (remote address = peer's registered LL base + offset), so PROXY (host FIFO) and RDMA (GPU-written
+// WQEs) routes are added here, as new `case`s, without touching the kernels.
+//
+// Today only IPC is implemented: the peer's region is mapped into this process (cudaIpcOpenMemHandle, or
+// a plain pointer for in-process ranks), a put is a warp copy with 16-byte stores, a signal a release
+// store at system scope (the peer and the host may be on another device).
+//
+// Contract of a put: `src` is local device memory, 16-byte aligned, `bytes` a multiple of 16, `dst_off`
+// 16-byte aligned; every lane of the warp calls it (lane = threadIdx.x % 32). The data is not ordered
+// with respect to anything until the caller publishes it: __syncwarp, then one lane's release (atomic or
+// fence) before the route_signal that tells the peer. An RDMA route would need `src` inside the registered
+// LL area (the dispatch staging slot is; a combine from a user array would stage first unless zero_copy).
+#pragma once
+#include "epk_common.cuh"
+
+namespace epk {
+
+enum RouteKind : int { kRouteNone = 0, kRouteIpc = 1, kRouteProxy = 2, kRouteRdma = 3 };
+
+// Error code recorded when a send site meets a route kind this build does not implement.
+constexpr int kUnsupportedRoute = 4;
+
+struct Route {
+  int kind;
+  char *base;  // IPC: the peer's LL area as mapped in this process
+};
+
+EPK_DEVICE Route make_route(int kind, unsigned long long peer_region, long long ll_offset) {
+  Route r;
+  r.kind = kind;
+  r.base = peer_region != 0 ? reinterpret_cast<char *>(peer_region + ll_offset) : nullptr;
+  if (kind == kRouteIpc && r.base == nullptr) r.kind = kRouteNone;  // no mapping: refuse rather than fault
+  return r;
+}
+
+// Warp-wide copy of `bytes` from local `src` to the peer's LL area at `dst_off`. False (in every lane) when
+// the route kind is not implemented; nothing is written then.
+EPK_DEVICE bool route_put_warp(const Route &r, long long dst_off, const void *src, int bytes, int lane) {
+  switch (r.kind) {
+    case kRouteIpc: {
+      const int4 *s = reinterpret_cast<const int4 *>(src);
+      int4 *d = reinterpret_cast<int4 *>(r.base + dst_off);
+      const int n = bytes / 16;
+      // Plain (coherent) loads: `src` may have been written by this warp moments ago (the dispatch staging
+      // slot), which the non-coherent read-only path could miss.
+      int i = lane;
+      for (; i + 96 < n; i += 128) {  // four 16-byte loads in flight per lane before the stores
+        const int4 a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
+        d[i] = a;
+        d[i + 32] = b;
+        d[i + 64] = c;
+        d[i + 96] = e;
+      }
+      for (; i < n; i += 32) d[i] = s[i];
+      return true;
+    }
+    case kRouteProxy:  // host FIFO + proxy thread: not implemented yet
+    case kRouteRdma:   // GPU-written WQEs: not implemented yet
+    default:
+      return false;
+  }
+}
+
+// One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so
+// that every write this thread has observed (the data, published to it by __syncwarp / an acquire) is
+// visible to the peer before the value is. False when the route kind is not implemented.
+EPK_DEVICE bool route_signal(const Route &r, long long off, int value) {
+  switch (r.kind) {
+    case kRouteIpc:
+      __threadfence_system();  // cumulativity for data written by other warps and published to us
+      st_release_sys(reinterpret_cast<int *>(r.base + off), value);
+      return true;
+    case kRouteProxy:
+    case kRouteRdma:
+    default:
+      return false;
+  }
+}
+
+// One-thread atomic add at the peer (release, system scope). Not used by the LL protocol today (signals
+// carry the call's tag, so no counter needs resetting); kept for routes and protocols that count.
+EPK_DEVICE bool route_atomic_add(const Route &r, long long off, int value) {
+  switch (r.kind) {
+    case kRouteIpc:
+      __threadfence_system();
+      atomic_add_release_sys(reinterpret_cast<int *>(r.base + off), value);
+      return true;
+    case kRouteProxy:
+    case kRouteRdma:
+    default:
+      return false;
+  }
+}
+
+}  // namespace epk

@@ -1,0 +1,643 @@
+"""Low-latency (LL) dispatch / combine on one node over CUDA IPC (methods of GpuBuffer).
+
+Kernels: ``kernels/ll_dispatch.cu`` and ``kernels/ll_combine.cu`` (layout and protocol in
+``kernels/ll_common.cuh``; the per-peer send sites in ``kernels/ll_route.cuh``).
+
+- LL area: ``num_rdma_bytes`` of the Buffer's symmetric region, at ``self.ll_offset`` (after the control
+  area and the HT heap). Two alternating buffer sets of ``set_stride`` bytes each; ``ll_layout`` gives the
+  offsets inside a set. The hot path allocates nothing when the ``out_*`` arrays are given.
+- The set a call uses comes from a call counter in the Buffer's device state, advanced by the kernels
+  themselves, so a captured dispatch + combine pair replays correctly in a CUDA graph. The host keeps only a
+  count of the sending launches it issued, to tell a recv hook how many sends came after its own (``back``,
+  a relative number that graph replay preserves).
+- Masked peers (``low_latency_update_mask_buffer``, or a peer that let a wait expire) are skipped at every
+  send and wait site. A deadline expiry raises TimeoutError once (at the next check: the next call or an
+  explicit sync) and leaves that peer masked; the Buffer stays usable. Masking is sticky: a masked rank that
+  comes back needs ``clean_low_latency_buffer`` on every rank (its call counter is behind) and an unmask.
+- Errors recorded by a kernel surface at the next check; the outputs of calls launched between the failing
+  one and that check are not valid. Out-of-range ``topk_idx`` values are found by the kernel (no host sync):
+  they are skipped and raise ArgumentError at that next check.
+- Two sets, as DeepEP: a call reuses the set of the call two before it, so every rank must have run that
+  call's receive (its hook) before any rank issues the new one. The plain sequence dispatch, combine,
+  dispatch, ... (with or without hooks called right away) always satisfies it; two dispatches in flight
+  (send A, send B, hook A, hook B) need every rank past hook A before any rank's combine A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from ._validate import as_device_array, check_array, check_int, check_num_experts
+from .buffer import EventHandle
+from .errors import ArgumentError, TimeoutError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP8_DTYPES = (np.uint8, np.dtype(ml_dtypes.float8_e4m3fn))
+
+# Limits of the kernels (kernels/ll_common.cuh, ll_dispatch.cu).
+MAX_NUM_MAX = 1024  # tokens per rank: the count field of a signal has 11 bits
+MAX_TOPK = 32
+MAX_EXPERTS = 8192
+MAX_RANKS = 32  # one lane per source rank in the receive phase
+THREADS = 512
+
+# Device state words (int32), mirrored from kernels/ll_common.cuh.
+STATE_MAX_RANKS = 1024
+STATE_COUNTER = 0
+STATE_TICKET = 1
+STATE_MASK = 64
+STATE_ROUTE = STATE_MASK + STATE_MAX_RANKS
+STATE_SLOT = STATE_ROUTE + STATE_MAX_RANKS
+STATE_DONE = STATE_SLOT + MAX_EXPERTS
+STATE_PAIR = STATE_DONE + MAX_EXPERTS
+STATE_WORDS = STATE_PAIR + MAX_EXPERTS
+ROUTE_NONE, ROUTE_IPC = 0, 1
+
+PHASE_SEND, PHASE_RECV = 1, 2
+
+# Error-record phases of the LL kernels (added to gpu_buffer.PHASES).
+LL_PHASES = {
+    7: "low-latency dispatch (waiting for a peer's token count)",
+    8: "low-latency dispatch (waiting for this rank's own sends to finish)",
+    9: "low-latency combine (waiting for a peer's expert outputs)",
+    10: "low-latency dispatch (a topk_idx entry outside [-1, num_experts))",
+    11: "low-latency combine (the handle's layout_range / src_info is out of range)",
+    12: "low-latency (no implemented route to a peer)",
+    13: "low-latency dispatch (an expert selected more than num_max_dispatch_tokens_per_rank times)",
+}
+LL_TIMEOUT_PHASES = frozenset({7, 9})  # a silent peer: raise once, mask it, stay usable
+LL_BAD_INDEX_PHASE = 10  # bad topk_idx values: raise ArgumentError, stay usable (the kernel skipped them)
+LL_RECOVERABLE_PHASES = LL_TIMEOUT_PHASES | {LL_BAD_INDEX_PHASE}
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class LLLayout:
+    """Offsets inside one LL buffer set (bytes; kernels/ll_common.cuh). ``per_set`` is what one set needs."""
+
+    num_max: int
+    hidden: int
+    num_experts: int
+    signal_bytes: int
+    send_off: int
+    recv_off: int
+    per_set: int
+
+    @property
+    def slot_bytes(self) -> int:  # dispatch message slot: 16-byte header + the BF16 row (FP8 fits too)
+        return 16 + 2 * self.hidden
+
+
+def ll_layout(num_max: int, hidden: int, num_experts: int) -> LLLayout:
+    """Signals (4·E bytes), send region (dispatch staging num_max · (16 + 2H), or the zero-copy combine
+    buffer E · num_max · 2H), receive region (E · num_max · (16 + 2H): dispatch slots; combine slots of 2H
+    fit). Each region 16-byte aligned. Never more than half of ``get_low_latency_rdma_size_hint``."""
+    slot = 16 + 2 * hidden
+    signal = _align(4 * num_experts, 16)
+    send = _align(max(num_max * slot, num_experts * num_max * 2 * hidden), 16)
+    recv = _align(num_experts * num_max * slot, 16)
+    return LLLayout(num_max, hidden, num_experts, signal, signal, signal + send, signal + send + recv)
+
+
+def ll_area_bytes(num_rdma_bytes: int, low_latency_mode: bool) -> int:
+    """Bytes of the LL area in the symmetric region (0: no LL area)."""
+    return _align(num_rdma_bytes, 256) if (low_latency_mode or num_rdma_bytes > 0) else 0
+
+
+def set_stride_of(ll_bytes: int) -> int:
+    """Bytes per buffer set for an LL area of ``ll_bytes`` (two sets, each 16-byte aligned)."""
+    return ll_bytes // 2 // 16 * 16
+
+
+def min_num_rdma_bytes(num_max: int, hidden: int, num_experts: int) -> int:
+    """The smallest ``num_rdma_bytes`` that holds both sets for these sizes."""
+    return 2 * ll_layout(num_max, hidden, num_experts).per_set
+
+
+@dataclass(eq=False)
+class GpuLLHandle:
+    """What low_latency_combine needs (DeepEP's handle; iterating gives DeepEP's tuple
+    ``(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)``)."""
+
+    src_info: object  # int32 [E_loc, R·num_max] (device)
+    layout_range: object  # int64 [E_loc, R] (device)
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    layout: LLLayout
+    combine_buffer: object = None  # set by get_next_low_latency_combine_buffer
+
+    def _fields(self):
+        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts)
+
+    def __iter__(self):
+        return iter(self._fields())
+
+    def __getitem__(self, i):
+        return self._fields()[i]
+
+    def __len__(self) -> int:
+        return 5
+
+
+# ---- setup (called once from GpuBuffer.__init__) ----
+def init_low_latency(self) -> None:
+    """LL device state (call counter, ticket, mask, routes, per-expert counters), allocated once."""
+    import cupy
+
+    self.ll_state = cupy.zeros(STATE_WORDS, dtype=np.int32)
+    kinds = np.array([ROUTE_IPC if p else ROUTE_NONE for p in self.region.peer_ptrs], dtype=np.int32)
+    self.ll_state[STATE_ROUTE : STATE_ROUTE + self.num_ranks] = cupy.asarray(kinds)
+    cupy.cuda.get_current_stream().synchronize()
+    self._ll_sends = 0  # sending launches issued (host side; the device counter is the truth)
+    self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
+
+
+def _capturing(stream) -> bool:
+    is_capturing = getattr(stream, "is_capturing", None)
+    try:
+        return bool(is_capturing()) if is_capturing is not None else False
+    except Exception:  # noqa: BLE001 - an invalidated capture reports through CuPy later
+        return False
+
+
+def _plan(self, num_max: int, hidden: int, num_experts: int) -> tuple[LLLayout, int]:
+    lay = ll_layout(num_max, hidden, num_experts)
+    stride = set_stride_of(self.ll_bytes)
+    if lay.per_set > stride:
+        from .reference import get_low_latency_rdma_size_hint
+
+        hint = get_low_latency_rdma_size_hint(num_max, hidden, self.num_ranks, num_experts)
+        why = "" if self.ll_bytes else " (the Buffer has no LL area: pass num_rdma_bytes, low_latency_mode=True)"
+        raise ArgumentError(
+            f"num_rdma_bytes: expected at least {2 * lay.per_set} bytes for num_max_dispatch_tokens_per_rank="
+            f"{num_max}, hidden={hidden}, num_experts={num_experts} (get_low_latency_rdma_size_hint gives "
+            f"{hint}), got {self.num_rdma_bytes}{why}"
+        )
+    return lay, stride
+
+
+def _agree(self, num_max: int, hidden: int, num_experts: int, stream) -> None:
+    """First use of these sizes: every rank must use the same (one allgather, then cached). Collective."""
+    key = (num_max, hidden, num_experts)
+    if key in self._ll_checked:
+        return
+    if _capturing(stream):
+        raise ArgumentError(
+            f"num_max_dispatch_tokens_per_rank: sizes {key} are used for the first time inside a CUDA graph "
+            "capture; run one low_latency_dispatch with them before capturing (the first use is collective)"
+        )
+    seen = self.group.allgather_object(key)
+    if any(s != key for s in seen):
+        raise ArgumentError(
+            "num_max_dispatch_tokens_per_rank: (num_max_dispatch_tokens_per_rank, hidden, num_experts) must be "
+            f"the same on all ranks, got {seen}"
+        )
+    self._ll_checked.add(key)
+
+
+def _ensure_warm(self, source: str, name: str, defines: dict, stream) -> None:
+    from .config import CTRL_BYTES
+
+    key = (source, name, tuple(sorted({**defines, "EPK_CTRL_BYTES": CTRL_BYTES}.items())))
+    if key not in self._warmed and _capturing(stream):
+        raise ArgumentError(
+            f"{name}: this specialisation ({defines}) is used for the first time inside a CUDA graph capture; "
+            "call it once before capturing (its first launch synchronises and is collective)"
+        )
+
+
+def _end(self, compute, async_finish: bool) -> EventHandle:
+    """GpuBuffer._end without the host wait while the caller's stream is being captured."""
+    event = self.comm_stream.record()
+    if not async_finish:
+        compute.wait_event(event)
+        if self.in_process and self.num_ranks > 1 and not _capturing(compute):
+            self.comm_stream.synchronize()  # see GpuBuffer._end
+    return EventHandle(event)
+
+
+def _blocks(self) -> int:
+    # Spin-waiting kernels of every rank sharing this GPU must be resident at once: one block per SM each.
+    return max(1, self.num_device_sms // self.ranks_per_gpu)
+
+
+def _ptr(a) -> np.uintp:
+    return np.uintp(a.data.ptr if a is not None else 0)
+
+
+def _check_out(arr, name, dtypes, shape, device):
+    arr = as_device_array(arr, name)
+    return check_array(arr, name, dtypes=dtypes, shape=shape, device=device)
+
+
+def _check_scales_out(arr, name, dtype, shape, device):
+    """Scales are stored column-major (DeepEP): ``arr`` [E_loc, rows, S] must be the transposed view
+    ``base.transpose(0, 2, 1)`` of a C-contiguous base [E_loc, S, rows]."""
+    arr = as_device_array(arr, name)
+    check_array(arr, name, dtypes=(dtype,), shape=shape, contiguous=False, device=device)
+    if not arr.transpose(0, 2, 1).flags.c_contiguous:
+        raise ArgumentError(
+            f"{name}: expected the column-major layout of DeepEP's scales, i.e. "
+            f"cupy.empty(({shape[0]}, {shape[2]}, {shape[1]})).transpose(0, 2, 1) (strides {arr.strides})"
+        )
+    return arr
+
+
+def _check_topk(self, topk_idx, name: str, num_tokens: int | None):
+    topk_idx = as_device_array(topk_idx, name)
+    check_array(topk_idx, name, dtypes=(np.int64,), ndim=2, device=self.device)
+    if num_tokens is not None and topk_idx.shape[0] != num_tokens:
+        raise ArgumentError(f"{name}: expected {num_tokens} rows (one per token of x), got {topk_idx.shape}")
+    if not 1 <= topk_idx.shape[1] <= MAX_TOPK:
+        raise ArgumentError(f"{name}: expected 1..{MAX_TOPK} columns, got {topk_idx.shape[1]}")
+    return topk_idx
+
+
+def _check_common(self, num_max, num_experts):
+    if self.num_ranks > MAX_RANKS:
+        raise ArgumentError(f"group: LL kernels support up to {MAX_RANKS} ranks, got {self.num_ranks}")
+    num_max = check_int(num_max, "num_max_dispatch_tokens_per_rank", min_value=1, max_value=MAX_NUM_MAX)
+    num_experts = check_num_experts(num_experts, self.num_ranks)
+    if num_experts > MAX_EXPERTS:
+        raise ArgumentError(f"num_experts: expected at most {MAX_EXPERTS}, got {num_experts}")
+    return num_max, num_experts
+
+
+# ---- public API ----
+def low_latency_dispatch(
+    self,
+    x,
+    topk_idx,
+    num_max_dispatch_tokens_per_rank,
+    num_experts,
+    cumulative_local_expert_recv_stats=None,
+    dispatch_wait_recv_cost_stats=None,
+    use_fp8=True,
+    round_scale=False,
+    use_ue8m0=False,
+    async_finish=False,
+    return_recv_hook=False,
+    out_x=None,
+    out_scales=None,
+    out_src_info=None,
+    out_layout_range=None,
+    out_count=None,
+):
+    """DeepEP's ``low_latency_dispatch``: returns ``(recv_x, recv_count, handle, event, hook)``.
+
+    ``recv_x``: BF16 [E_loc, R·num_max, H], or with ``use_fp8`` the pair (e4m3 bytes as uint8
+    [E_loc, R·num_max, H], scales): float32 [E_loc, R·num_max, H/128], or with ``use_ue8m0`` int32
+    [E_loc, R·num_max, H/512]; scales are a transposed (column-major) view as in DeepEP. H must be a multiple
+    of 128 (of 512 with UE8M0). ``round_scale`` / ``use_ue8m0`` are ignored without ``use_fp8``.
+    ``out_*``: preallocated outputs of exactly those shapes and dtypes (``out_scales`` as the transposed view
+    of a C-contiguous [E_loc, S, R·num_max] array), so a hot loop allocates nothing.
+    ``return_recv_hook``: only the sends are issued; ``hook()`` issues the receive (no SM held between).
+    """
+    import cupy
+
+    self._check_usable()
+    R, dev = self.num_ranks, self.device
+    num_max, num_experts = _check_common(self, num_max_dispatch_tokens_per_rank, num_experts)
+    e_loc, rows = num_experts // R, R * num_max
+    x = as_device_array(x, "x")
+    check_array(x, "x", dtypes=(BF16,), ndim=2, device=dev)
+    T, H = x.shape
+    if T > num_max:
+        raise ArgumentError(f"x: expected at most num_max_dispatch_tokens_per_rank={num_max} tokens, got {T}")
+    if H <= 0 or H % 128:
+        raise ArgumentError(f"x: expected a hidden size that is a positive multiple of 128, got {H}")
+    use_fp8 = bool(use_fp8)
+    round_scale = bool(round_scale) and use_fp8
+    use_ue8m0 = bool(use_ue8m0) and use_fp8
+    if use_ue8m0 and not round_scale:
+        raise ArgumentError("use_ue8m0: requires round_scale=True (UE8M0 stores powers of two)")
+    if use_ue8m0 and H % 512:
+        raise ArgumentError(f"x: use_ue8m0 packs four scales per int32, so H must be a multiple of 512, got {H}")
+    topk_idx = _check_topk(self, topk_idx, "topk_idx", T)
+    K = topk_idx.shape[1]
+    if cumulative_local_expert_recv_stats is not None:
+        cumulative_local_expert_recv_stats = _check_out(
+            cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", (np.int32,), (e_loc,), dev
+        )
+    if dispatch_wait_recv_cost_stats is not None:
+        dispatch_wait_recv_cost_stats = _check_out(
+            dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", (np.int64,), (R,), dev
+        )
+    data_dtypes = FP8_DTYPES if use_fp8 else (BF16,)
+    S = (H // 512 if use_ue8m0 else H // 128) if use_fp8 else 0
+    scale_dtype = np.int32 if use_ue8m0 else np.float32
+    if out_x is not None:
+        out_x = _check_out(out_x, "out_x", data_dtypes, (e_loc, rows, H), dev)
+    if out_scales is not None:
+        if not use_fp8:
+            raise ArgumentError("out_scales: only with use_fp8=True")
+        out_scales = _check_scales_out(out_scales, "out_scales", scale_dtype, (e_loc, rows, S), dev)
+    if out_src_info is not None:
+        out_src_info = _check_out(out_src_info, "out_src_info", (np.int32,), (e_loc, rows), dev)
+    if out_layout_range is not None:
+        out_layout_range = _check_out(out_layout_range, "out_layout_range", (np.int64,), (e_loc, R), dev)
+    if out_count is not None:
+        out_count = _check_out(out_count, "out_count", (np.int32,), (e_loc,), dev)
+    lay, stride = _plan(self, num_max, H, num_experts)
+    defines = {
+        "EPK_NUM_RANKS": R,
+        "EPK_HIDDEN": H,
+        "EPK_TOPK": K,
+        "EPK_USE_FP8": int(use_fp8),
+        "EPK_ROUND_SCALE": int(round_scale),
+        "EPK_USE_UE8M0": int(use_ue8m0),
+        "EPK_THREADS": THREADS,
+    }
+    caller = cupy.cuda.get_current_stream()
+    _ensure_warm(self, "ll_dispatch.cu", "epk_ll_dispatch", defines, caller)
+    _agree(self, num_max, H, num_experts, caller)  # collective on first use; after every local check
+
+    compute = self._begin(None, async_finish)
+    with self.on_comm_stream():
+        outs = [out_x, out_scales, out_src_info, out_layout_range, out_count]
+        sizes = [
+            e_loc * rows * H * (1 if use_fp8 else 2),
+            e_loc * rows * S * 4,
+            e_loc * rows * 4,
+            e_loc * R * 8,
+            e_loc * 4,
+        ]
+        missing = [i for i, o in enumerate(outs) if o is None and sizes[i] > 0]
+        if missing:
+            bufs, _ = self._alloc_out([sizes[i] for i in missing], compute, False, shared=False)
+            for i, b in zip(missing, bufs, strict=True):
+                if i == 0:
+                    outs[0] = b.view(np.uint8 if use_fp8 else BF16).reshape(e_loc, rows, H)
+                elif i == 1:
+                    outs[1] = b.view(scale_dtype).reshape(e_loc, S, rows).transpose(0, 2, 1)
+                elif i == 2:
+                    outs[2] = b.view(np.int32).reshape(e_loc, rows)
+                elif i == 3:
+                    outs[3] = b.view(np.int64).reshape(e_loc, R)
+                else:
+                    outs[4] = b.view(np.int32).reshape(e_loc)
+        recv_x, recv_scales, src_info, layout_range, recv_count = outs
+
+        def launch(phase: int, back: int) -> None:
+            self._launch(
+                "ll_dispatch.cu",
+                "epk_ll_dispatch",
+                defines,
+                _blocks(self),
+                THREADS,
+                (
+                    np.int32(self.rank),
+                    np.int32(phase),
+                    np.int32(back),
+                    _ptr(x),
+                    np.int32(T),
+                    _ptr(topk_idx),
+                    np.int32(num_experts),
+                    np.int32(num_max),
+                    self.peer_table,
+                    np.int64(self.ll_offset),
+                    np.int64(stride),
+                    np.int64(lay.send_off),
+                    np.int64(lay.recv_off),
+                    self.ll_state,
+                    _ptr(recv_x),
+                    _ptr(recv_scales),
+                    _ptr(src_info),
+                    _ptr(layout_range),
+                    _ptr(recv_count),
+                    _ptr(cumulative_local_expert_recv_stats),
+                    _ptr(dispatch_wait_recv_cost_stats),
+                    *self._deadline_args(),
+                ),
+            )
+
+        launch(PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV, 0)
+        self._ll_sends += 1
+    event = _end(self, compute, async_finish)
+    handle = GpuLLHandle(src_info, layout_range, num_max, H, num_experts, lay)
+    hook = _make_hook(self, launch, x, topk_idx) if return_recv_hook else None
+    out = (recv_x, recv_scales) if use_fp8 else recv_x
+    return out, recv_count, handle, event, hook
+
+
+def _make_hook(self, launch, *keep):
+    """The receive phase of the call just issued, for ``return_recv_hook``: finds its own call by counting
+    the sends issued after it. Runs on the caller's current stream order, like any call."""
+    sent_at = self._ll_sends
+    called = []
+
+    def hook():
+        if called:
+            raise ArgumentError("hook: a receive hook can be called once")
+        self._check_usable()
+        called.append(True)
+        compute = self._begin(None)
+        with self.on_comm_stream():
+            launch(PHASE_RECV, self._ll_sends - sent_at)
+        _end(self, compute, False)
+
+    hook.inputs = keep  # the call's inputs stay alive as long as its receive may still be enqueued
+    return hook
+
+
+def low_latency_combine(
+    self,
+    x,
+    topk_idx,
+    topk_weights,
+    handle,
+    use_logfmt=False,
+    zero_copy=False,
+    async_finish=False,
+    return_recv_hook=False,
+    out=None,
+    combine_wait_recv_cost_stats=None,
+):
+    """DeepEP's ``low_latency_combine``: returns ``(combined_x, event, hook)``.
+
+    ``x``: BF16 [E_loc, R·num_max, H], rows as received. ``zero_copy``: the expert outputs were written into
+    ``get_next_low_latency_combine_buffer(handle)`` (``x`` is checked but not read). ``out``: preallocated
+    BF16 [T, H]. Tokens whose expert lives on a masked rank get nothing from that expert."""
+    import cupy
+
+    self._check_usable()
+    if not isinstance(handle, GpuLLHandle):
+        raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
+    if use_logfmt:
+        raise ArgumentError("use_logfmt: not supported")
+    R, dev = self.num_ranks, self.device
+    num_max, H, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+    e_loc, rows = num_experts // R, R * num_max
+    x = as_device_array(x, "x")
+    check_array(x, "x", dtypes=(BF16,), shape=(e_loc, rows, H), device=dev)
+    topk_idx = _check_topk(self, topk_idx, "topk_idx", None)
+    T, K = topk_idx.shape
+    if T > num_max:
+        raise ArgumentError(f"topk_idx: expected at most num_max_dispatch_tokens_per_rank={num_max} rows, got {T}")
+    topk_weights = as_device_array(topk_weights, "topk_weights")
+    check_array(topk_weights, "topk_weights", dtypes=(np.float32,), shape=(T, K), device=dev)
+    if out is not None:
+        out = _check_out(out, "out", (BF16,), (T, H), dev)
+    if combine_wait_recv_cost_stats is not None:
+        combine_wait_recv_cost_stats = _check_out(
+            combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", (np.int64,), (R,), dev
+        )
+    lay, stride = _plan(self, num_max, H, num_experts)
+    src = x
+    if zero_copy:
+        src = handle.combine_buffer if handle.combine_buffer is not None else _combine_buffer(self, handle)
+    defines = {"EPK_NUM_RANKS": R, "EPK_HIDDEN": H, "EPK_TOPK": K, "EPK_THREADS": THREADS}
+    caller = cupy.cuda.get_current_stream()
+    _ensure_warm(self, "ll_combine.cu", "epk_ll_combine", defines, caller)
+
+    compute = self._begin(None, async_finish)
+    with self.on_comm_stream():
+        if out is None:
+            bufs, _ = self._alloc_out([T * H * 2], compute, False, shared=False)
+            out = bufs[0].view(BF16).reshape(T, H)
+
+        def launch(phase: int, back: int) -> None:
+            self._launch(
+                "ll_combine.cu",
+                "epk_ll_combine",
+                defines,
+                _blocks(self),
+                THREADS,
+                (
+                    np.int32(self.rank),
+                    np.int32(phase),
+                    np.int32(back),
+                    _ptr(src),
+                    handle.src_info,
+                    handle.layout_range,
+                    _ptr(topk_idx),
+                    _ptr(topk_weights),
+                    np.int32(T),
+                    _ptr(out),
+                    np.int32(num_experts),
+                    np.int32(num_max),
+                    self.peer_table,
+                    np.int64(self.ll_offset),
+                    np.int64(stride),
+                    np.int64(lay.recv_off),
+                    self.ll_state,
+                    _ptr(combine_wait_recv_cost_stats),
+                    *self._deadline_args(),
+                ),
+            )
+
+        launch(PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV, 0)
+        self._ll_sends += 1
+    event = _end(self, compute, async_finish)
+    hook = _make_hook(self, launch, x, topk_idx, topk_weights) if return_recv_hook else None
+    return out, event, hook
+
+
+def _combine_buffer(self, handle: GpuLLHandle):
+    """The send region of the set the next call will use, as BF16 [E_loc, R·num_max, H]. The combine reads
+    it in place; only a dispatch between the caller's writes and that combine could overwrite it."""
+    import cupy
+
+    lay, stride = _plan(self, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+    e_loc = handle.num_experts // self.num_ranks
+    rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
+    parity = (self._ll_sends + 1) & 1
+    ptr = self.region.ptr + self.ll_offset + parity * stride + lay.send_off
+    nbytes = e_loc * rows * handle.hidden * 2
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
+    return cupy.ndarray((e_loc, rows, handle.hidden), BF16, cupy.cuda.MemoryPointer(mem, 0))
+
+
+def get_next_low_latency_combine_buffer(self, handle):
+    """Where to write the expert outputs for ``low_latency_combine(..., zero_copy=True)``: BF16
+    [E_loc, R·num_max, H] inside this Buffer's LL area."""
+    self._check_usable()
+    if not isinstance(handle, GpuLLHandle):
+        raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
+    handle.combine_buffer = _combine_buffer(self, handle)
+    return handle.combine_buffer
+
+
+def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+    """Zero the LL area and the call counters on every rank (collective). Not needed between calls (signals
+    carry the call's tag); use it after a failure or to bring a masked rank back (then unmask it)."""
+    import cupy
+
+    self._check_usable()
+    num_max, num_experts = _check_common(self, num_max_dispatch_tokens_per_rank, num_experts)
+    hidden = check_int(hidden, "hidden", min_value=128)
+    if hidden % 128:
+        raise ArgumentError(f"hidden: expected a multiple of 128, got {hidden}")
+    _plan(self, num_max, hidden, num_experts)
+    with self.on_comm_stream():
+        self.comm_stream.synchronize()
+        self.group.barrier()  # no peer still writes into our area
+        if self.ll_bytes:
+            cupy.cuda.runtime.memsetAsync(self.region.ptr + self.ll_offset, 0, self.ll_bytes, self.comm_stream.ptr)
+        self.ll_state[STATE_COUNTER:STATE_MASK] = 0
+        self.ll_state[STATE_SLOT:STATE_WORDS] = 0
+        self.comm_stream.synchronize()
+        self.group.barrier()  # every rank restarts from call 0 together
+    self._ll_sends = 0
+
+
+def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+    """Mask (``mask=True``) or unmask a rank: LL calls skip a masked rank at every send and wait."""
+    self._check_usable()
+    r = check_int(rank_to_mask, "rank_to_mask", min_value=0, max_value=self.num_ranks - 1)
+    with self.on_comm_stream():
+        self.ll_state[STATE_MASK + r] = 1 if mask else 0
+
+
+def low_latency_query_mask_buffer(self, mask_status=None):
+    """int32 [R]: 1 where a rank is masked. Written into ``mask_status`` (int32 [R] device array) if given."""
+    import cupy
+
+    self._check_usable()
+    R = self.num_ranks
+    if mask_status is not None:
+        mask_status = _check_out(mask_status, "mask_status", (np.int32,), (R,), self.device)
+    with self.on_comm_stream():
+        status = self.ll_state[STATE_MASK : STATE_MASK + R].copy()
+        if mask_status is not None:
+            mask_status[...] = status
+            status = mask_status
+    cupy.cuda.get_current_stream().wait_event(self.comm_stream.record())
+    return status
+
+
+def low_latency_clean_mask_buffer(self):
+    """Unmask every rank."""
+    self._check_usable()
+    with self.on_comm_stream():
+        self.ll_state[STATE_MASK : STATE_MASK + self.num_ranks] = 0
+
+
+def raise_recoverable(self) -> None:
+    """Called by GpuBuffer._raise_recorded for an LL error the Buffer survives: clear the record, mask the
+    silent peer (the kernel did too) and raise once."""
+    rec = self.error_record
+    code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
+    rec[1:7] = 0
+    rec[0] = 0  # released last: a later kernel may claim it again
+    what = LL_PHASES.get(phase, f"phase {phase}")
+    if phase == LL_BAD_INDEX_PHASE:
+        raise ArgumentError(
+            f"topk_idx: rank {rank}: entry {seen} outside [-1, {expected}) in an earlier low_latency_dispatch "
+            "(ignored by the kernel; that call's outputs lack those selections)"
+        )
+    if 0 <= peer < self.num_ranks:
+        with self.on_comm_stream():
+            self.ll_state[STATE_MASK + peer] = 1
+    raise TimeoutError(
+        f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s (tag seen {seen}, "
+        f"expected {expected}); peer {peer} is now masked (low_latency_query_mask_buffer) and this call's "
+        "outputs are not valid"
+    )

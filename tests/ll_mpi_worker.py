@@ -1,0 +1,56 @@
+"""LL scenarios across processes (CUDA IPC) on one GPU through MPS, one process per rank:
+
+    mpiexec -n 4 python tests/ll_mpi_worker.py            # the cases below, exact
+    mpiexec -n 4 python tests/ll_mpi_worker.py --absent   # the last rank stops; the others raise once, go on
+
+MPS must run first (bash scripts/mps.sh start; export CUDA_MPS_PIPE_DIRECTORY), as for tests/ht_mpi_worker.py.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("EPKERN_POISON_OUTPUTS", "1")  # unwritten output rows fail the exact comparison
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ll_scenarios  # noqa: E402
+from epkern import Buffer  # noqa: E402
+from epkern.group import as_group  # noqa: E402
+
+
+def main():
+    from mpi4py import MPI
+
+    group = as_group(MPI.COMM_WORLD)
+    R = group.size
+    H, num_max = 2048, 128
+    nbytes = ll_scenarios.ll_buffer_bytes(num_max, 7168, R, 8 * R)
+    if "--absent" in sys.argv:
+        with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=3) as buf:
+            took = ll_scenarios.run_absent_rank(buf, group, absent_rank=R - 1, hidden=H, num_max=64)
+            assert took is None or took < 3 + 10, f"raised after {took:.1f} s"
+        print(f"OK rank {group.rank} of {R} absent-rank raised after {took}", flush=True)
+        return
+    cases = [dict(routing=routing) for routing in ("random", "skewed", "none")] + [
+        dict(use_fp8=True),
+        dict(use_fp8=True, round_scale=True),
+        dict(use_fp8=True, round_scale=True, use_ue8m0=True),
+        dict(hook=True, zero_copy=True, prealloc=True),
+        dict(hook=True, use_fp8=True, prealloc=True, stats=True),
+        dict(async_finish=True, stats=True),
+    ]
+    with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20) as buf:
+        ll_scenarios.run_ll_bad_inputs(buf, group)
+        for case in cases:
+            ll_scenarios.run_ll_case(buf, group, 100, H, 8 * R, 8, num_max=num_max, **case)
+            if group.rank == 0:
+                print("ok", case, flush=True)
+        ll_scenarios.run_ll_case(buf, group, [0, 1, 5, num_max][:R] + [3] * max(0, R - 4), H, 8 * R, 4)
+        ll_scenarios.run_ll_case(buf, group, 96, 7168, 8 * R, 8, use_fp8=True)
+        ll_scenarios.run_double_batch(buf, group)
+        ll_scenarios.run_graph_replays(buf, group, 100)
+    print(f"OK rank {group.rank} of {R}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

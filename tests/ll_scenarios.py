@@ -1,0 +1,440 @@
+"""LL dispatch/combine scenarios checked exactly against the reference, run by every rank of a group.
+
+Used by tests/test_ll_gpu.py (in-process ranks) and tests/ll_mpi_worker.py (MPS processes under mpiexec).
+Every rank draws the inputs of *all* ranks from one shared seed and evaluates the reference for the whole
+group locally. Receive blocks are compared after ``canonicalize_ll_recv`` (the kernels' row order within a
+block is arrival order); combine inputs are a function of (expert, source rank, source token, channel) so
+the expected result needs no exchange of expert outputs, and small integers with power-of-two weights make
+combine exact (max diff 0).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from epkern import reference
+from ht_scenarios import BF16, assert_same, expect_argument_errors, settle, shared_seed
+
+FP8 = ml_dtypes.float8_e4m3fn
+
+
+def make_ll_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random", absent=()):
+    """Per rank: x BF16 [T, H] small integers, topk_idx int64 [T, K] with distinct experts per token and ~10%
+    -1, weights float32 powers of two. ``absent`` ranks have no tokens (their experts may still be selected:
+    see ``without_experts_of``)."""
+    rng = np.random.default_rng(seed)
+    xs, idxs, ws = [], [], []
+    for r in range(num_ranks):
+        t = num_tokens[r] if isinstance(num_tokens, list | tuple) else num_tokens
+        if r in absent:
+            t = 0
+        x = rng.integers(-16, 17, size=(t, hidden)).astype(BF16)
+        if routing == "random":
+            idx = np.argsort(rng.random((t, num_experts)), axis=1)[:, :topk].astype(np.int64)
+            idx[rng.random((t, topk)) < 0.1] = -1
+        elif routing == "skewed":  # every token to expert 0, the rest unused
+            idx = np.full((t, topk), -1, np.int64)
+            idx[:, 0] = 0
+        elif routing == "none":
+            idx = np.full((t, topk), -1, np.int64)
+        else:
+            raise ValueError(routing)
+        w = rng.choice(np.array([0.25, 0.5, 1.0, 2.0], np.float32), size=(t, topk)).astype(np.float32)
+        xs.append(x), idxs.append(idx), ws.append(w)
+    return xs, idxs, ws
+
+
+def without_experts_of(idxs, ranks, num_experts, num_ranks):
+    """``idxs`` with the selections of the experts of ``ranks`` replaced by -1: what the reference must see
+    when those ranks are masked (the kernels get the selections and must skip them)."""
+    e_loc = num_experts // num_ranks
+    out = []
+    for idx in idxs:
+        idx = idx.copy()
+        for a in ranks:
+            idx[(idx >= a * e_loc) & (idx < (a + 1) * e_loc)] = -1
+        out.append(idx)
+    return out
+
+
+def bf16_copy(dst, src):
+    """dst[...] = src for BF16 device arrays, as raw 16-bit words (no BF16 arithmetic kernels needed)."""
+    dst.view(np.uint16)[...] = src.view(np.uint16)
+
+
+def expert_output(g, s, t, hidden):
+    """Expert g's output for token t of source rank s (rows [n, H], BF16, small integers: exact)."""
+    h = np.arange(hidden, dtype=np.int64)
+    t = np.asarray(t, np.int64)[:, None]
+    return (((t * 7 + g * 3 + s * 5 + h[None, :]) % 17) - 8).astype(BF16)
+
+
+def expert_outputs_for(layout_range, src_info, rank, num_ranks, num_max, hidden, e_loc):
+    """The combine input [E_loc, R·num_max, H] of `rank` for a receive layout (kernel's or reference's):
+    each valid row gets expert_output(g, s, t); rows past the blocks are zero (never sent)."""
+    y = np.zeros((e_loc, num_ranks * num_max, hidden), BF16)
+    lr = np.asarray(layout_range).astype(np.int64)
+    for e in range(e_loc):
+        for s in range(num_ranks):
+            b, c = int(lr[e, s] >> 32), int(lr[e, s] & 0xFFFFFFFF)
+            if c:
+                y[e, b : b + c] = expert_output(rank * e_loc + e, s, src_info[e, b : b + c], hidden)
+    return y
+
+
+def _raw(a):
+    a = np.asarray(a)
+    return a.view(np.uint8) if a.dtype == np.dtype(FP8) else a
+
+
+def check_dispatch(r, R, got_x, got_count, got_src, got_layout, want, what, masked=()):
+    """Kernel receive buffers of rank r against the reference result ``want`` (exact, after canonicalising
+    both). ``got_x``: numpy array or (data, scales) pair."""
+    assert_same(got_count, want.recv_count, f"{what}: recv_count")
+    mine = reference.canonicalize_ll_recv(got_x, got_count, got_src, got_layout, R)
+    ref_x = (_raw(want.recv_x[0]), want.recv_x[1]) if isinstance(want.recv_x, tuple) else want.recv_x
+    ref = reference.canonicalize_ll_recv(ref_x, want.recv_count, want.src_info, want.layout_range, R)
+    assert_same(mine.layout_range, ref.layout_range, f"{what}: canonical layout_range")
+    for e in range(len(ref.src_info)):
+        assert_same(mine.src_info[e], ref.src_info[e], f"{what}: expert {e} src_info")
+        if isinstance(got_x, tuple):
+            assert_same(mine.recv_x[e][0], ref.recv_x[e][0], f"{what}: expert {e} fp8 data")
+            assert_same(mine.recv_x[e][1], ref.recv_x[e][1], f"{what}: expert {e} scales")
+        else:
+            assert_same(mine.recv_x[e], ref.recv_x[e], f"{what}: expert {e} recv_x")
+    for s in masked:
+        assert not (np.asarray(got_layout)[:, s] & 0xFFFFFFFF).any(), f"{what}: rows from masked rank {s}"
+
+
+def ll_buffer_bytes(num_max, hidden, num_ranks, num_experts):
+    return reference.get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
+
+
+def run_ll_case(
+    buf,
+    group,
+    num_tokens,
+    hidden,
+    num_experts,
+    topk,
+    num_max=128,
+    routing="random",
+    use_fp8=False,
+    round_scale=False,
+    use_ue8m0=False,
+    hook=False,
+    zero_copy=False,
+    prealloc=False,
+    async_finish=False,
+    stats=False,
+    seed=None,
+    absent=(),
+):
+    """One dispatch + combine with the given flags; everything exact. ``absent``: ranks that do not take part
+    and that every participating rank has masked already (the caller makes sure)."""
+    import cupy
+
+    r, R = group.rank, group.size
+    e_loc, rows = num_experts // R, R * num_max
+    seed = shared_seed(group) if seed is None else seed
+    xs, idxs, ws = make_ll_inputs(seed, R, num_tokens, hidden, num_experts, topk, routing, absent)
+    ref_idxs = without_experts_of(idxs, absent, num_experts, R)
+    want = reference.ll_dispatch(xs, ref_idxs, num_max, num_experts, use_fp8, round_scale, use_ue8m0)
+    x_dev, idx_dev, w_dev = cupy.asarray(xs[r]), cupy.asarray(idxs[r]), cupy.asarray(ws[r])
+    what = f"rank {r} (fp8={use_fp8}, round={round_scale}, ue8m0={use_ue8m0}, hook={hook}, zero_copy={zero_copy})"
+
+    outs = {}
+    if prealloc:
+        if use_fp8:
+            S, sdt = (hidden // 512, np.int32) if use_ue8m0 else (hidden // 128, np.float32)
+            outs["out_x"] = cupy.empty((e_loc, rows, hidden), np.uint8)
+            outs["out_scales"] = cupy.empty((e_loc, S, rows), sdt).transpose(0, 2, 1)
+        else:
+            outs["out_x"] = cupy.empty((e_loc, rows, hidden), BF16)
+        outs["out_src_info"] = cupy.empty((e_loc, rows), np.int32)
+        outs["out_layout_range"] = cupy.empty((e_loc, R), np.int64)
+        outs["out_count"] = cupy.empty((e_loc,), np.int32)
+    recv_stats = cupy.zeros(e_loc, np.int32) if stats else None
+    wait_stats = cupy.zeros(R, np.int64) if stats else None
+    recv_x, count, handle, event, recv_hook = buf.low_latency_dispatch(
+        x_dev,
+        idx_dev,
+        num_max,
+        num_experts,
+        cumulative_local_expert_recv_stats=recv_stats,
+        dispatch_wait_recv_cost_stats=wait_stats,
+        use_fp8=use_fp8,
+        round_scale=round_scale,
+        use_ue8m0=use_ue8m0,
+        async_finish=async_finish,
+        return_recv_hook=hook,
+        **outs,
+    )
+    assert (recv_hook is not None) == hook
+    if hook:
+        recv_hook()
+    if async_finish:
+        event.current_stream_wait()
+    settle(buf)
+    for name, arr in outs.items():  # the preallocated arrays are the outputs
+        got = {"out_x": recv_x[0] if use_fp8 else recv_x, "out_count": count, "out_src_info": handle.src_info}
+        got.update(out_scales=recv_x[1] if use_fp8 else None, out_layout_range=handle.layout_range)
+        assert got[name] is arr, f"{what}: {name} was not used as the output"
+    src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
+    got_x = (cupy.asnumpy(recv_x[0]), cupy.asnumpy(recv_x[1])) if use_fp8 else cupy.asnumpy(recv_x)
+    check_dispatch(r, R, got_x, cupy.asnumpy(count), src_np, lr_np, want[r], what, masked=absent)
+    if stats:
+        assert_same(cupy.asnumpy(recv_stats), want[r].recv_count, f"{what}: cumulative recv stats")
+
+    # Combine: expert outputs as a function of (g, s, t, h), laid out as this rank received.
+    y = expert_outputs_for(lr_np, src_np, r, R, num_max, hidden, e_loc)
+    ys_ref = [
+        expert_outputs_for(want[d].layout_range, want[d].src_info, d, R, num_max, hidden, e_loc) for d in range(R)
+    ]
+    expect = reference.ll_combine(ys_ref, want, ref_idxs, ws)[r]
+    y_dev = cupy.asarray(y)
+    if zero_copy:
+        zbuf = buf.get_next_low_latency_combine_buffer(handle)
+        assert zbuf.shape == (e_loc, rows, hidden) and zbuf.dtype == np.dtype(BF16)
+        bf16_copy(zbuf, y_dev)
+        y_dev = zbuf
+    out = cupy.empty((x_dev.shape[0], hidden), BF16) if prealloc else None
+    wait_c = cupy.zeros(R, np.int64) if stats else None
+    combined, event, chook = buf.low_latency_combine(
+        y_dev,
+        idx_dev,
+        w_dev,
+        handle,
+        zero_copy=zero_copy,
+        async_finish=async_finish,
+        return_recv_hook=hook,
+        out=out,
+        combine_wait_recv_cost_stats=wait_c,
+    )
+    if prealloc:
+        assert combined is out
+    if hook:
+        chook()
+    if async_finish:
+        event.current_stream_wait()
+    settle(buf)
+    assert_same(cupy.asnumpy(combined), expect, f"{what}: combined_x")
+    return want[r]
+
+
+def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=64):
+    """Two dispatches in flight with hooks (DeepEP's two-batch overlap): send A, send B, recv A, recv B, then
+    combine A and combine B, each exact."""
+    import cupy
+
+    r, R = group.rank, group.size
+    E = num_experts or 8 * R
+    e_loc = E // R
+    seed = shared_seed(group)
+    batches = []
+    for b in range(2):
+        xs, idxs, ws = make_ll_inputs(seed + b, R, num_max - 3 * b, hidden, E, topk)
+        want = reference.ll_dispatch(xs, idxs, num_max, E)
+        dev = (cupy.asarray(xs[r]), cupy.asarray(idxs[r]), cupy.asarray(ws[r]))
+        res = buf.low_latency_dispatch(dev[0], dev[1], num_max, E, use_fp8=False, return_recv_hook=True)
+        batches.append((xs, idxs, ws, want, dev, res))
+    for *_, res in batches:
+        res[4]()  # recv hooks in order
+    settle(buf)
+    # Combine A reuses dispatch A's buffer set: every rank must have received A before any rank combines
+    # (DeepEP's rule of at most two LL results alive; see ll_intranode.py).
+    group.barrier()
+    for b, (_, _, _, want, _, res) in enumerate(batches):
+        recv_x, count, handle = res[0], res[1], res[2]
+        src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
+        check_dispatch(r, R, cupy.asnumpy(recv_x), cupy.asnumpy(count), src_np, lr_np, want[r], f"batch {b}")
+    for b, (_, idxs, ws, want, dev, res) in enumerate(batches):
+        handle = res[2]
+        y = expert_outputs_for(
+            cupy.asnumpy(handle.layout_range), cupy.asnumpy(handle.src_info), r, R, num_max, hidden, e_loc
+        )
+        ys_ref = [
+            expert_outputs_for(want[d].layout_range, want[d].src_info, d, R, num_max, hidden, e_loc) for d in range(R)
+        ]
+        expect = reference.ll_combine(ys_ref, want, idxs, ws)[r]
+        out, _, _ = buf.low_latency_combine(cupy.asarray(y), dev[1], dev[2], handle)
+        settle(buf)
+        assert_same(cupy.asnumpy(out), expect, f"rank {r} batch {b} combined_x")
+
+
+def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=4, num_max=128, use_fp8=False):
+    """Capture one dispatch + combine (combine of the received rows as they are) into a CUDA graph, then
+    replay it ``replays`` times on fresh inputs copied into the captured arrays; every replay exact. No
+    host collective between replays: the set each call uses comes from the device counter."""
+    import cupy
+
+    r, R = group.rank, group.size
+    E = 8 * R
+    e_loc, rows = E // R, R * num_max
+    base = shared_seed(group)
+    x_dev = cupy.zeros((num_tokens, hidden), BF16)
+    idx_dev = cupy.full((num_tokens, topk), -1, np.int64)
+    w_dev = cupy.zeros((num_tokens, topk), np.float32)
+    outs = dict(
+        out_x=cupy.empty((e_loc, rows, hidden), np.uint8 if use_fp8 else BF16),
+        out_src_info=cupy.empty((e_loc, rows), np.int32),
+        out_layout_range=cupy.empty((e_loc, R), np.int64),
+        out_count=cupy.empty((e_loc,), np.int32),
+    )
+    if use_fp8:
+        outs["out_scales"] = cupy.empty((e_loc, hidden // 128, rows), np.float32).transpose(0, 2, 1)
+    y_dev = cupy.zeros((e_loc, rows, hidden), BF16)
+    out = cupy.empty((num_tokens, hidden), BF16)
+
+    def load(it):
+        xs, idxs, ws = make_ll_inputs(base + it, R, num_tokens, hidden, E, topk)
+        x_dev.set(xs[r])
+        idx_dev.set(idxs[r])
+        w_dev.set(ws[r])
+        return xs, idxs, ws
+
+    def calls():
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs)
+        # Expert outputs: the BF16 rows as received (a captured copy); FP8 runs check the dispatch only.
+        if not use_fp8:
+            bf16_copy(y_dev, recv_x)
+        combined, _, _ = buf.low_latency_combine(y_dev, idx_dev, w_dev, handle, out=out)
+        return handle, combined
+
+    def check(it, xs, idxs, ws, handle):
+        want = reference.ll_dispatch(xs, idxs, num_max, E, use_fp8=use_fp8)
+        src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
+        got_x = (
+            (cupy.asnumpy(outs["out_x"]), cupy.asnumpy(outs["out_scales"])) if use_fp8 else cupy.asnumpy(outs["out_x"])
+        )
+        check_dispatch(r, R, got_x, cupy.asnumpy(outs["out_count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
+        if not use_fp8:
+            expect = reference.ll_combine([w.recv_x for w in want], want, idxs, ws)[r]
+            assert_same(cupy.asnumpy(out), expect, f"rank {r} replay {it} combined_x")
+
+    stream = cupy.cuda.get_current_stream()
+    data = load(-1)
+    handle, _ = calls()  # eager: compiles, agrees on sizes, warms every specialisation
+    settle(buf)
+    check(-1, *data, handle)
+    group.barrier()
+    stream.begin_capture()
+    handle, _ = calls()
+    graph = stream.end_capture()
+    for it in range(replays):
+        data = load(it)
+        graph.launch(stream)
+        settle(buf)
+        check(it, *data, handle)
+    group.barrier()
+
+
+def run_ll_bad_inputs(buf, group, num_max=64, hidden=2048):
+    """Every bad argument raises ArgumentError naming it before anything is launched; bad topk_idx values
+    (found by the kernel) raise ArgumentError at the next check; the Buffer stays usable throughout."""
+    import cupy
+
+    R = group.size
+    E, K, T = 8 * R, 4, 32
+    e_loc, rows = E // R, R * num_max
+    x = cupy.asarray(np.ones((T, hidden), BF16))
+    idx = cupy.asarray(np.tile(np.arange(K, dtype=np.int64), (T, 1)))
+    d = buf.low_latency_dispatch
+    ok = dict(use_fp8=False)
+    cases = [
+        (lambda: d(x.astype(cupy.float32), idx, num_max, E, **ok), "x"),
+        (lambda: d(x[:, :100], idx, num_max, E, **ok), "x"),
+        (lambda: d(cupy.asarray(np.ones((num_max + 1, hidden), BF16)), idx, num_max, E, **ok), "x"),
+        (lambda: d(np.ones((T, hidden), BF16), idx, num_max, E, **ok), "x"),
+        (lambda: d(x, idx.astype(cupy.int32), num_max, E, **ok), "topk_idx"),
+        (lambda: d(x, idx[:-1], num_max, E, **ok), "topk_idx"),
+        (lambda: d(x, cupy.zeros((T, 33), cupy.int64), num_max, E, **ok), "topk_idx"),
+        (lambda: d(x, idx, 1025, E, **ok), "num_max_dispatch_tokens_per_rank"),
+        (lambda: d(x, idx, num_max, E + 1, **ok), "num_experts"),
+        (lambda: d(x, idx, 1024, 64 * R, **ok), "num_rdma_bytes"),
+        (lambda: d(x, idx, num_max, E, use_fp8=True, use_ue8m0=True), "use_ue8m0"),
+        (lambda: d(x, idx, num_max, E, out_x=cupy.empty((e_loc, rows, hidden + 128), BF16), **ok), "out_x"),
+        (lambda: d(x, idx, num_max, E, out_count=cupy.empty((e_loc,), np.int64), **ok), "out_count"),
+        (lambda: d(x, idx, num_max, E, out_src_info=cupy.empty((e_loc, rows + 1), np.int32), **ok), "out_src_info"),
+        (lambda: d(x, idx, num_max, E, out_layout_range=cupy.empty((e_loc, R), np.int32), **ok), "out_layout_range"),
+        (
+            lambda: d(
+                x, idx, num_max, E, use_fp8=True, out_scales=cupy.empty((e_loc, rows, hidden // 128), np.float32)
+            ),
+            "out_scales",
+        ),
+        (lambda: d(x, idx, num_max, E, out_scales=cupy.empty((1,), np.float32), **ok), "out_scales"),
+        (
+            lambda: d(x, idx, num_max, E, cumulative_local_expert_recv_stats=cupy.zeros(e_loc + 1, np.int32), **ok),
+            "cumulative_local_expert_recv_stats",
+        ),
+    ]
+    expect_argument_errors(cases)
+    recv_x, _, handle, _, _ = d(x, idx, num_max, E, **ok)
+    settle(buf)
+    w = cupy.ones((T, K), np.float32)
+    c = buf.low_latency_combine
+    expect_argument_errors(
+        (
+            (lambda: c(recv_x[:, :1], idx, w, handle), "x"),
+            (lambda: c(recv_x, idx, w, "nope"), "handle"),
+            (lambda: c(recv_x, idx, w.astype(cupy.float64), handle), "topk_weights"),
+            (lambda: c(recv_x, idx, w[:1], handle), "topk_weights"),
+            (lambda: c(recv_x, idx, w, handle, out=cupy.empty((T + 1, hidden), BF16)), "out"),
+            (lambda: c(recv_x, idx, w, handle, use_logfmt=True), "use_logfmt"),
+            (lambda: c(recv_x, cupy.zeros((num_max + 1, K), cupy.int64), w, handle), "topk_idx"),
+        )
+    )
+    # Bad values, found on the device: ArgumentError at the next check, then everything works again.
+    bad = idx.copy()
+    bad[0, 0] = E + 5
+    from epkern.errors import ArgumentError
+
+    d(x, bad, num_max, E, **ok)
+    try:
+        settle(buf)
+    except ArgumentError as exc:
+        assert "topk_idx" in str(exc), exc
+    else:
+        raise AssertionError("out-of-range topk_idx value accepted")
+    group.barrier()
+    run_ll_case(buf, group, T, hidden, E, K, num_max=num_max)
+
+
+def run_absent_rank(buf, group, absent_rank, num_tokens=48, hidden=2048, topk=4, num_max=64):
+    """The absent rank stops after a warm-up; every other rank's next call raises TimeoutError once (naming
+    rank, phase and the peer) and masks it; later calls work exactly without it. Returns the seconds the
+    failing call took (None on the absent rank)."""
+    import time
+
+    import cupy
+
+    from epkern.errors import TimeoutError as EpTimeout
+
+    r, R = group.rank, group.size
+    E = 8 * R
+    run_ll_case(buf, group, num_tokens, hidden, E, topk, num_max=num_max)  # every specialisation loaded
+    group.barrier()
+    if r == absent_rank:
+        return None
+    x = cupy.asarray(np.ones((num_tokens, hidden), BF16))
+    idx = cupy.asarray(np.tile(np.arange(topk, dtype=np.int64), (num_tokens, 1)))
+    t0 = time.monotonic()
+    try:
+        buf.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)
+        settle(buf)
+    except EpTimeout as exc:
+        took = time.monotonic() - t0
+        msg = str(exc)
+        assert f"rank {r}" in msg and f"peer {absent_rank}" in msg and "low-latency" in msg, msg
+    else:
+        raise AssertionError("dispatch with an absent peer did not raise")
+    mask = cupy.asnumpy(buf.low_latency_query_mask_buffer())
+    assert mask.tolist() == [int(s == absent_rank) for s in range(R)], mask
+    # Raised once: the Buffer works on, exactly, without the absent rank (its experts contribute nothing).
+    # The survivors meet through the device protocol only (no group collective: the absent rank is gone).
+    rng_seed = 1234
+    for it in range(3):
+        run_ll_case(buf, group, num_tokens, hidden, E, topk, num_max=num_max, seed=rng_seed + it, absent=(absent_rank,))
+    return took

@@ -1,0 +1,181 @@
+"""Low-latency dispatch/combine on one GPU with in-process ranks, exact against the reference."""
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ll_scenarios  # noqa: E402
+from epkern import Buffer  # noqa: E402
+from epkern.group import run_in_process  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+H = 2048
+NUM_MAX = 128
+
+
+def _run(num_ranks, body, timeout_s=300, buffer_timeout_s=20, num_max=NUM_MAX, hidden=H, num_experts=None):
+    E = num_experts or 8 * num_ranks
+    nbytes = ll_scenarios.ll_buffer_bytes(num_max, hidden, num_ranks, E)
+
+    def rank_main(group):
+        with Buffer(
+            group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=buffer_timeout_s
+        ) as buf:
+            return body(buf, group)
+
+    return run_in_process(rank_main, num_ranks, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+@pytest.mark.parametrize("routing", ["random", "skewed", "none"])
+def test_bf16_routings(num_ranks, routing):
+    _run(num_ranks, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 100, H, 8 * num_ranks, 4, routing=routing))
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_fp8(num_ranks):
+    def body(buf, g):
+        for round_scale, ue8m0 in ((False, False), (True, False), (True, True)):
+            ll_scenarios.run_ll_case(
+                buf, g, 100, H, 8 * num_ranks, 8, use_fp8=True, round_scale=round_scale, use_ue8m0=ue8m0
+            )
+
+    _run(num_ranks, body)
+
+
+@pytest.mark.parametrize("hidden", [128, 384, 4096, 7168])
+def test_hidden_sizes(hidden):
+    _run(4, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 77, hidden, 32, 8), hidden=hidden)
+    _run(4, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 77, hidden, 32, 8, use_fp8=True), hidden=hidden)
+    if hidden % 512 == 0:
+        _run(
+            4,
+            lambda buf, g: ll_scenarios.run_ll_case(
+                buf, g, 77, hidden, 32, 8, use_fp8=True, round_scale=True, use_ue8m0=True
+            ),
+            hidden=hidden,
+        )
+
+
+def test_zero_tokens_on_some_ranks():
+    _run(4, lambda buf, g: ll_scenarios.run_ll_case(buf, g, [0, 5, 1, NUM_MAX], H, 32, 4))
+    _run(4, lambda buf, g: ll_scenarios.run_ll_case(buf, g, [0, 0, 0, 0], H, 32, 4))
+
+
+def test_topk_limits_and_many_experts():
+    _run(2, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 64, H, 64, 32), num_experts=64)
+    _run(8, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 128, H, 256, 8), num_experts=256)
+
+
+def test_num_max_1024():
+    _run(
+        2,
+        lambda buf, g: ll_scenarios.run_ll_case(buf, g, 1024, 1024, 16, 4, num_max=1024),
+        num_max=1024,
+        hidden=1024,
+    )
+
+
+FLAGS = ("hook", "use_fp8", "round_scale", "use_ue8m0", "zero_copy", "prealloc", "async_finish", "stats")
+
+
+def _flag_sets():
+    for values in itertools.product((False, True), repeat=len(FLAGS)):
+        f = dict(zip(FLAGS, values, strict=True))
+        if (f["round_scale"] or f["use_ue8m0"]) and not f["use_fp8"]:
+            continue
+        if f["use_ue8m0"] and not f["round_scale"]:
+            continue
+        yield f
+
+
+def test_every_flag_combination():
+    """Every valid combination of hook, fp8, round_scale, ue8m0, zero_copy, preallocated outputs,
+    async_finish and stats, back to back on one Buffer (also exercises many alternations of the sets)."""
+
+    def body(buf, g):
+        for f in _flag_sets():
+            ll_scenarios.run_ll_case(buf, g, 90, H, 32, 8, **f)
+
+    _run(4, body, timeout_s=900)
+
+
+def test_many_iterations_fresh_inputs():
+    def body(buf, g):
+        base = ll_scenarios.shared_seed(g)
+        for it in range(100):
+            ll_scenarios.run_ll_case(buf, g, 96, H, 64, 8, seed=base + it, use_fp8=it % 3 == 0, hook=it % 2 == 1)
+
+    _run(8, body, timeout_s=900)
+
+
+def test_double_batch_hooks():
+    _run(4, lambda buf, g: ll_scenarios.run_double_batch(buf, g))
+
+
+def test_cuda_graph_100_replays():
+    _run(4, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 100), timeout_s=600)
+
+
+def test_cuda_graph_fp8_dispatch():
+    _run(2, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 20, use_fp8=True))
+
+
+def test_bad_inputs_keep_buffer_usable():
+    _run(2, ll_scenarios.run_ll_bad_inputs)
+
+
+def test_absent_rank_is_masked_and_others_continue():
+    took = _run(4, lambda buf, g: ll_scenarios.run_absent_rank(buf, g, absent_rank=3), buffer_timeout_s=3)
+    assert took[3] is None
+    assert all(t is not None and t < 3 + 10 for t in took[:3]), took
+
+
+def test_mask_api_and_explicit_mask():
+    """Masking a rank by hand on every rank: its experts contribute nothing, it sends nothing; unmasking
+    (with the rank taking part again) restores the full result."""
+
+    def body(buf, g):
+        R = g.size
+        ll_scenarios.run_ll_case(buf, g, 64, H, 8 * R, 4)  # every rank: load the kernels, agree on sizes
+        for r in range(R):
+            buf.low_latency_update_mask_buffer(r, r == R - 1)
+        import cupy
+        import numpy as np
+
+        status = cupy.zeros(R, np.int32)
+        assert buf.low_latency_query_mask_buffer(status) is status
+        assert cupy.asnumpy(status).tolist() == [0] * (R - 1) + [1]
+        if g.rank != R - 1:
+            # the masked rank does not take part (its calls would wait for itself: it is masked everywhere)
+            seed = 99
+            ll_scenarios.run_ll_case(buf, g, 64, H, 8 * R, 4, seed=seed, absent=(R - 1,), num_max=NUM_MAX)
+        g.barrier()
+        buf.clean_low_latency_buffer(NUM_MAX, H, 8 * R)  # the masked rank's call counter is behind
+        buf.low_latency_clean_mask_buffer()
+        assert cupy.asnumpy(buf.low_latency_query_mask_buffer()).tolist() == [0] * R
+        ll_scenarios.run_ll_case(buf, g, 64, H, 8 * R, 4)
+
+    _run(4, body)
+
+
+def test_handle_is_deepep_tuple():
+    def body(buf, g):
+        import cupy
+        import numpy as np
+
+        R = g.size
+        x = cupy.asarray(np.ones((8, H), ll_scenarios.BF16))
+        idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64), (8, 1)))
+        _, _, handle, _, hook = buf.low_latency_dispatch(x, idx, NUM_MAX, 8 * R, use_fp8=False)
+        assert hook is None
+        src_info, layout_range, num_max, hidden, num_experts = handle
+        assert (num_max, hidden, num_experts) == (NUM_MAX, H, 8 * R)
+        assert src_info.shape == (8, R * NUM_MAX) and layout_range.shape == (8, R)
+        ll_scenarios.settle(buf)
+
+    _run(2, body)
