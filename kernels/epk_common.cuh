@@ -114,4 +114,55 @@ EPK_DEVICE bool wait_reached(const int *flag, int target, const Deadline &d, int
   }
 }
 
+// ---- bf16 data (HT and LL kernels) ----
+// bf16 <-> float without cuda_bf16.h conversions in the hot loop: exact widening, RNE narrowing.
+EPK_DEVICE float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
+EPK_DEVICE float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+EPK_DEVICE uint32_t f32_to_bf16_bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN stays NaN
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+EPK_DEVICE uint32_t pack_bf16(float lo, float hi) { return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16); }
+
+// acc[0..8) += the 8 bf16 values of v (float32, round-to-nearest adds in element order).
+EPK_DEVICE void add_bf16x8(float (&acc)[8], const int4 &v) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[2 * j] = __fadd_rn(acc[2 * j], bf16_lo(w[j]));
+    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], bf16_hi(w[j]));
+  }
+}
+
+EPK_DEVICE int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 o;
+  o.x = static_cast<int>(pack_bf16(acc[0], acc[1]));
+  o.y = static_cast<int>(pack_bf16(acc[2], acc[3]));
+  o.z = static_cast<int>(pack_bf16(acc[4], acc[5]));
+  o.w = static_cast<int>(pack_bf16(acc[6], acc[7]));
+  return o;
+}
+
+// 16-byte load of data read once (no L1 allocation, read-only path).
+EPK_DEVICE int4 ld_nc_v4(const int4 *p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The 8 bf16 values of v as float32 (exact).
+EPK_DEVICE void unpack_bf16x8(const int4 &v, float (&f)[8]) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = bf16_lo(w[j]);
+    f[2 * j + 1] = bf16_hi(w[j]);
+  }
+}
+
 }  // namespace epk

@@ -141,16 +141,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < kTopk; ++k) {
           if (g_of[k] < 0) continue;
           float f[8];
-          ll::unpack_bf16x8(ll::ld_cg(recv + (static_cast<long long>(g_of[k]) * num_max + t) * kVecs + c), f);
+          epk::unpack_bf16x8(ll::ld_cg(recv + (static_cast<long long>(g_of[k]) * num_max + t) * kVecs + c), f);
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w_of[k], f[j]));
         }
-        int4 o;
-        o.x = static_cast<int>(ll::pack_bf16(acc[0], acc[1]));
-        o.y = static_cast<int>(ll::pack_bf16(acc[2], acc[3]));
-        o.z = static_cast<int>(ll::pack_bf16(acc[4], acc[5]));
-        o.w = static_cast<int>(ll::pack_bf16(acc[6], acc[7]));
-        out[static_cast<long long>(t) * kVecs + c] = o;
+        out[static_cast<long long>(t) * kVecs + c] = epk::pack_bf16x8(acc);
       }
     }
   }

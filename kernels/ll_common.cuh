@@ -132,34 +132,6 @@ EPK_DEVICE int ld_cg(const int *p) {
   asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
-// 16-byte read-only load (inputs that no one writes while the kernel runs).
-EPK_DEVICE int4 ld_nc(const int4 *p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// bf16 <-> float: exact widening, round-to-nearest-even narrowing (as ht_common.cuh).
-EPK_DEVICE float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
-EPK_DEVICE float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
-EPK_DEVICE uint32_t f32_to_bf16_bits(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN stays NaN
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-EPK_DEVICE uint32_t pack_bf16(float lo, float hi) { return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16); }
-
-EPK_DEVICE void unpack_bf16x8(const int4 &v, float (&f)[8]) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[2 * j] = bf16_lo(w[j]);
-    f[2 * j + 1] = bf16_hi(w[j]);
-  }
-}
 
 // ---- FP8 cast (reference/fp8.py, bit-exact) ----
 // 2^ceil(log2(s)) for positive float32 s, exactly: s itself when already a power of two, else the next one.

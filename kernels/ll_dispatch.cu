@@ -44,7 +44,7 @@ __device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int
   if (lane == 0) *reinterpret_cast<int4 *>(msg) = make_int4(t, 0, 0, 0);
   if constexpr (!kFp8) {
     int4 *dst = reinterpret_cast<int4 *>(msg + 16);
-    for (int j = lane; j < kHidden / 8; j += 32) dst[j] = ll::ld_nc(xrow + j);
+    for (int j = lane; j < kHidden / 8; j += 32) dst[j] = epk::ld_nc_v4(xrow + j);
   } else {
     // Half-warp per 128-channel group: lane holds 8 channels (one int4 of BF16); amax over 16 lanes.
     const int half = lane >> 4, hl = lane & 15;
@@ -52,7 +52,7 @@ __device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int
       const int g = 2 * c + half;
       const bool active = g < kGroups;
       float f[8];
-      ll::unpack_bf16x8(active ? ll::ld_nc(xrow + g * 16 + hl) : make_int4(0, 0, 0, 0), f);
+      epk::unpack_bf16x8(active ? epk::ld_nc_v4(xrow + g * 16 + hl) : make_int4(0, 0, 0, 0), f);
       float amax = 0.f;
 #pragma unroll
       for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(f[j]));
