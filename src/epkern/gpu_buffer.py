@@ -221,12 +221,13 @@ class GpuBuffer(Buffer):
         event = self.comm_stream.record()
         if not async_finish:
             compute.wait_event(event)
-            if self.in_process and self.num_ranks > 1:
+            if self.in_process and self.num_ranks > 1 and not ll_intranode.capturing(compute):
                 # Measured on the H100: with in-process ranks, outputs read on the caller's stream right
                 # after a call were sometimes not yet written although that stream waits for this event
                 # (MPS processes never showed it; cause not found yet, docs/architecture.md). Waiting for the
                 # comm stream here made 100 back-to-back iterations exact. Costs the host/device overlap
-                # of in-process ranks only; async_finish=True keeps it asynchronous.
+                # of in-process ranks only; async_finish=True keeps it asynchronous. Not while the caller's
+                # stream is captured into a CUDA graph (a sync there would invalidate the capture).
                 self.comm_stream.synchronize()
         return EventHandle(event)
 

@@ -31,7 +31,6 @@ import ml_dtypes
 import numpy as np
 
 from ._validate import as_device_array, check_array, check_int, check_num_experts
-from .buffer import EventHandle
 from .errors import ArgumentError, TimeoutError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -159,7 +158,7 @@ def init_low_latency(self) -> None:
     self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
 
 
-def _capturing(stream) -> bool:
+def capturing(stream) -> bool:
     is_capturing = getattr(stream, "is_capturing", None)
     try:
         return bool(is_capturing()) if is_capturing is not None else False
@@ -188,7 +187,7 @@ def _agree(self, num_max: int, hidden: int, num_experts: int, stream) -> None:
     key = (num_max, hidden, num_experts)
     if key in self._ll_checked:
         return
-    if _capturing(stream):
+    if capturing(stream):
         raise ArgumentError(
             f"num_max_dispatch_tokens_per_rank: sizes {key} are used for the first time inside a CUDA graph "
             "capture; run one low_latency_dispatch with them before capturing (the first use is collective)"
@@ -206,21 +205,11 @@ def _ensure_warm(self, source: str, name: str, defines: dict, stream) -> None:
     from .config import CTRL_BYTES
 
     key = (source, name, tuple(sorted({**defines, "EPK_CTRL_BYTES": CTRL_BYTES}.items())))
-    if key not in self._warmed and _capturing(stream):
+    if key not in self._warmed and capturing(stream):
         raise ArgumentError(
             f"{name}: this specialisation ({defines}) is used for the first time inside a CUDA graph capture; "
             "call it once before capturing (its first launch synchronises and is collective)"
         )
-
-
-def _end(self, compute, async_finish: bool) -> EventHandle:
-    """GpuBuffer._end without the host wait while the caller's stream is being captured."""
-    event = self.comm_stream.record()
-    if not async_finish:
-        compute.wait_event(event)
-        if self.in_process and self.num_ranks > 1 and not _capturing(compute):
-            self.comm_stream.synchronize()  # see GpuBuffer._end
-    return EventHandle(event)
 
 
 def _blocks(self) -> int:
@@ -420,7 +409,7 @@ def low_latency_dispatch(
 
         launch(PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV, 0)
         self._ll_sends += 1
-    event = _end(self, compute, async_finish)
+    event = self._end(compute, async_finish)
     handle = GpuLLHandle(src_info, layout_range, num_max, H, num_experts, lay)
     hook = _make_hook(self, launch, x, topk_idx) if return_recv_hook else None
     out = (recv_x, recv_scales) if use_fp8 else recv_x
@@ -441,7 +430,7 @@ def _make_hook(self, launch, *keep):
         compute = self._begin(None)
         with self.on_comm_stream():
             launch(PHASE_RECV, self._ll_sends - sent_at)
-        _end(self, compute, False)
+        self._end(compute, False)
 
     hook.inputs = keep  # the call's inputs stay alive as long as its receive may still be enqueued
     return hook
@@ -535,7 +524,7 @@ def low_latency_combine(
 
         launch(PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV, 0)
         self._ll_sends += 1
-    event = _end(self, compute, async_finish)
+    event = self._end(compute, async_finish)
     hook = _make_hook(self, launch, x, topk_idx, topk_weights) if return_recv_hook else None
     return out, event, hook
 
