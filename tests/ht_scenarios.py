@@ -55,11 +55,15 @@ def settle(buf):
         buf._check_usable()
 
 
-def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random"):
+def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random", absent=()):
+    """Per rank: x BF16 [T, H] small integers, topk_idx int64 [T, K] (distinct experts per token, ~10% -1 for
+    "random"), weights float32 powers of two. ``absent`` ranks get no tokens."""
     rng = np.random.default_rng(seed)
     xs, idxs, ws = [], [], []
     for r in range(num_ranks):
         t = num_tokens[r] if isinstance(num_tokens, list | tuple) else num_tokens
+        if r in absent:
+            t = 0
         x = rng.integers(-16, 17, size=(t, hidden)).astype(BF16)
         if routing == "random":
             idx = np.argsort(rng.random((t, num_experts)), axis=1)[:, :topk].astype(np.int64)

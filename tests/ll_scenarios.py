@@ -14,35 +14,15 @@ import ml_dtypes
 import numpy as np
 
 from epkern import reference
-from ht_scenarios import BF16, assert_same, expect_argument_errors, settle, shared_seed
+from ht_scenarios import BF16, assert_same, expect_argument_errors, make_inputs, settle, shared_seed
 
 FP8 = ml_dtypes.float8_e4m3fn
 
 
 def make_ll_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random", absent=()):
-    """Per rank: x BF16 [T, H] small integers, topk_idx int64 [T, K] with distinct experts per token and ~10%
-    -1, weights float32 powers of two. ``absent`` ranks have no tokens (their experts may still be selected:
-    see ``without_experts_of``)."""
-    rng = np.random.default_rng(seed)
-    xs, idxs, ws = [], [], []
-    for r in range(num_ranks):
-        t = num_tokens[r] if isinstance(num_tokens, list | tuple) else num_tokens
-        if r in absent:
-            t = 0
-        x = rng.integers(-16, 17, size=(t, hidden)).astype(BF16)
-        if routing == "random":
-            idx = np.argsort(rng.random((t, num_experts)), axis=1)[:, :topk].astype(np.int64)
-            idx[rng.random((t, topk)) < 0.1] = -1
-        elif routing == "skewed":  # every token to expert 0, the rest unused
-            idx = np.full((t, topk), -1, np.int64)
-            idx[:, 0] = 0
-        elif routing == "none":
-            idx = np.full((t, topk), -1, np.int64)
-        else:
-            raise ValueError(routing)
-        w = rng.choice(np.array([0.25, 0.5, 1.0, 2.0], np.float32), size=(t, topk)).astype(np.float32)
-        xs.append(x), idxs.append(idx), ws.append(w)
-    return xs, idxs, ws
+    """ht_scenarios.make_inputs; ``absent`` ranks have no tokens (their experts may still be selected: see
+    ``without_experts_of``)."""
+    return make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing, absent)
 
 
 def without_experts_of(idxs, ranks, num_experts, num_ranks):
