@@ -1,4 +1,5 @@
-"""HT across processes (CUDA IPC) on one GPU through MPS: tests/ht_mpi_worker.py under mpiexec."""
+"""HT and LL across processes (CUDA IPC) on one GPU through MPS: tests/ht_mpi_worker.py and
+tests/ll_mpi_worker.py under mpiexec."""
 
 import os
 import shutil
@@ -41,17 +42,28 @@ def mps_env():
     return env
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_mps_processes(n, mps_env):
-    cmd = _mpiexec(n) + [sys.executable, str(ROOT / "tests" / "ht_mpi_worker.py")]
-    res = subprocess.run(cmd, env=mps_env, capture_output=True, text=True, timeout=400)
+def _run_worker(worker, n, mps_env, *args, timeout=400):
+    cmd = _mpiexec(n) + [sys.executable, str(ROOT / "tests" / worker), *args]
+    res = subprocess.run(cmd, env=mps_env, capture_output=True, text=True, timeout=timeout)
     oks = [line for line in res.stdout.splitlines() if line.startswith("OK rank")]
     assert res.returncode == 0 and len(oks) == n, res.stdout[-3000:] + res.stderr[-3000:]
+    return oks
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_mps_processes(n, mps_env):
+    oks = _run_worker("ht_mpi_worker.py", n, mps_env)
     assert all(line.endswith("heap_in_use_after=0") for line in oks), oks
 
 
 def test_absent_peer_raises_within_deadline(mps_env):
-    cmd = _mpiexec(4) + [sys.executable, str(ROOT / "tests" / "ht_mpi_worker.py"), "--absent"]
-    res = subprocess.run(cmd, env=mps_env, capture_output=True, text=True, timeout=120)
-    oks = [line for line in res.stdout.splitlines() if line.startswith("OK rank")]
-    assert res.returncode == 0 and len(oks) == 4, res.stdout[-3000:] + res.stderr[-3000:]
+    _run_worker("ht_mpi_worker.py", 4, mps_env, "--absent", timeout=120)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_ll_mps_processes(n, mps_env):
+    _run_worker("ll_mpi_worker.py", n, mps_env)
+
+
+def test_ll_absent_rank_is_masked(mps_env):
+    _run_worker("ll_mpi_worker.py", 4, mps_env, "--absent", timeout=120)
