@@ -2,6 +2,7 @@
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
 # Usage: bash scripts/gpu_check.sh [tests|layoutbench|patterns|inprocbench|mps|mpsraw|bench|all]...
+# Each of tests / mps / bench takes minutes: under a 10-minute limit per command, run them as separate calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -35,7 +36,7 @@ if has mps || has bench; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
 if has mps; then
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
+  timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
   summary+=("mps tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/mps_tests.log")")
 fi
 if has mpsraw; then
