@@ -18,8 +18,7 @@ constexpr int kUnroll = EPK_UNROLL;
 
 __device__ __forceinline__ void st_out(int4 *p, const int4 &v) {
 #if EPK_STORE_CS
-  asm volatile("st.global.cs.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
+  asm volatile("st.global.cs.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 #else
   *p = v;
 #endif
@@ -35,8 +34,8 @@ __device__ __forceinline__ unsigned load_slots(const int *slot, int64_t t, int l
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-    epk_bench_scatter(int num_tokens, const int4 *__restrict__ x, const int *__restrict__ slot,
-                      int4 *__restrict__ out, long long region_rows) {
+    epk_bench_scatter(int num_tokens, const int4 *__restrict__ x, const int *__restrict__ slot, int4 *__restrict__ out,
+                      long long region_rows) {
   const int lane = threadIdx.x % 32;
   const int warps = gridDim.x * (kThreads / 32);
   for (int t = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; t < num_tokens; t += warps) {
@@ -61,8 +60,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-    epk_bench_gather(int num_tokens, const int4 *__restrict__ in, const int *__restrict__ slot,
-                     int4 *__restrict__ out, long long region_rows) {
+    epk_bench_gather(int num_tokens, const int4 *__restrict__ in, const int *__restrict__ slot, int4 *__restrict__ out,
+                     long long region_rows) {
   const int lane = threadIdx.x % 32;
   const int warps = gridDim.x * (kThreads / 32);
   for (int t = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; t < num_tokens; t += warps) {

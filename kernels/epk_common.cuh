@@ -71,8 +71,7 @@ EPK_DEVICE void mark_started(ErrorRecord *rec, int epoch) {
 
 enum ErrorCode : int { kOk = 0, kTimeout = 1, kBadIndex = 2, kOverflow = 3 };
 
-EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, int peer, int seen,
-                             int expected) {
+EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, int peer, int seen, int expected) {
   if (rec == nullptr) return;
   if (atomicCAS(&rec->claimed, 0, 1) != 0) return;
   rec->code = code;
@@ -85,8 +84,9 @@ EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, in
 }
 
 // True once *flag has reached `target` (wrap-safe: epochs only grow, compared as a signed difference).
-EPK_DEVICE bool reached(int value, int target) { return static_cast<int>(static_cast<unsigned>(value) -
-                                                                         static_cast<unsigned>(target)) >= 0; }
+EPK_DEVICE bool reached(int value, int target) {
+  return static_cast<int>(static_cast<unsigned>(value) - static_cast<unsigned>(target)) >= 0;
+}
 
 // Spin until *flag reaches `target` (acquire, system scope) or the deadline passes; on expiry record
 // (rank, phase, peer, value seen, expected) and return false. Every device-side wait goes through here.

@@ -21,10 +21,10 @@ enum { kInX = 0, kInWeights, kNumIns };
 
 extern "C" __global__ void __launch_bounds__(kThreads)
     epk_ht_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
-                   const int *__restrict__ send_slot, const int4 *__restrict__ bias0,
-                   const int4 *__restrict__ bias1, const unsigned long long *__restrict__ peers,
-                   int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
-                   epk::ErrorRecord *err, unsigned long long timeout_ns) {
+                   const int *__restrict__ send_slot, const int4 *__restrict__ bias0, const int4 *__restrict__ bias1,
+                   const unsigned long long *__restrict__ peers, int4 *__restrict__ out_x,
+                   float *__restrict__ out_weights, unsigned *ticket, epk::ErrorRecord *err,
+                   unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
@@ -97,7 +97,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int d = 0; d < kRanks; ++d)
           if (dests >> d & 1u)
-            w = __fadd_rn(w, reinterpret_cast<const float *>(s_src[d][kInWeights])[static_cast<int64_t>(slots[d]) * kTopk + lane]);
+            w = __fadd_rn(w, reinterpret_cast<const float *>(
+                                 s_src[d][kInWeights])[static_cast<int64_t>(slots[d]) * kTopk + lane]);
         out_weights[static_cast<int64_t>(t) * kTopk + lane] = w;
       }
     }

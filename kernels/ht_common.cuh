@@ -14,12 +14,12 @@
 
 namespace epk {
 
-constexpr int kMaxPeers = 8;           // ranks reached by IPC in the HT kernels
+constexpr int kMaxPeers = 8;            // ranks reached by IPC in the HT kernels
 constexpr int kMaxLocalExperts = 1024;  // per rank
 
 struct HtCtrl {
   int notify_flag[2][kMaxPeers];
-  int notify_rows[2][kMaxPeers][kMaxPeers];           // [src][dst]: rows src sends to dst
+  int notify_rows[2][kMaxPeers][kMaxPeers];            // [src][dst]: rows src sends to dst
   int notify_experts[2][kMaxPeers][kMaxLocalExperts];  // [src][local expert]: selections src sends me
   int dispatch_addr_flag[2][kMaxPeers];
   int dispatch_done[2][kMaxPeers];
@@ -31,9 +31,7 @@ struct HtCtrl {
 };
 static_assert(sizeof(HtCtrl) <= EPK_CTRL_BYTES, "control area too small");
 
-EPK_DEVICE HtCtrl *ctrl_of(const unsigned long long *peers, int r) {
-  return reinterpret_cast<HtCtrl *>(peers[r]);
-}
+EPK_DEVICE HtCtrl *ctrl_of(const unsigned long long *peers, int r) { return reinterpret_cast<HtCtrl *>(peers[r]); }
 
 // Stores data-carrying writes must be visible system-wide before the flag that publishes them.
 EPK_DEVICE void publish(int *flag, int epoch) {
@@ -46,8 +44,8 @@ EPK_DEVICE void publish(int *flag, int epoch) {
 // Block 0 writes this rank's `n` values (addresses relative to its own region base, so each peer adds its
 // own mapping of that region) into every peer's entry, then publishes the peer's flag.
 template <int kRanks, int N, typename EntryOf, typename FlagOf>
-EPK_DEVICE void send_entries(const unsigned long long *peers, int epoch, const long long (&values)[N],
-                             EntryOf entry_of, FlagOf flag_of) {
+EPK_DEVICE void send_entries(const unsigned long long *peers, int epoch, const long long (&values)[N], EntryOf entry_of,
+                             FlagOf flag_of) {
   if (blockIdx.x != 0 || threadIdx.x >= kRanks) return;
   HtCtrl *peer = ctrl_of(peers, threadIdx.x);
   long long *entry = entry_of(peer);
@@ -93,6 +91,5 @@ EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, Ht
     wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, d);
   }
 }
-
 
 }  // namespace epk

@@ -25,9 +25,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     epk_ht_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
                     const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
                     const float *__restrict__ topk_weights, const bool *__restrict__ is_token_in_rank,
-                    const int *__restrict__ send_slot, const unsigned long long *__restrict__ peers,
-                    long long out_x, long long out_scales, long long out_idx, long long out_weights,
-                    long long out_src, int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
+                    const int *__restrict__ send_slot, const unsigned long long *__restrict__ peers, long long out_x,
+                    long long out_scales, long long out_idx, long long out_weights, long long out_src, int out_rows,
+                    unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   epk::mark_started(err, epoch);
   const int p = epoch & 1;

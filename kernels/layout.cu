@@ -7,8 +7,8 @@
 // counts), EPK_TOPK, EPK_IDX_T (int64_t or int32_t), EPK_THREADS.
 #include "epk_common.cuh"
 
-#if !defined(EPK_NUM_EXPERTS) || !defined(EPK_NUM_RANKS) || !defined(EPK_NUM_NODES) || \
-    !defined(EPK_TOPK) || !defined(EPK_IDX_T) || !defined(EPK_THREADS)
+#if !defined(EPK_NUM_EXPERTS) || !defined(EPK_NUM_RANKS) || !defined(EPK_NUM_NODES) || !defined(EPK_TOPK) || \
+    !defined(EPK_IDX_T) || !defined(EPK_THREADS)
 #error "layout.cu needs EPK_NUM_EXPERTS, EPK_NUM_RANKS, EPK_NUM_NODES, EPK_TOPK, EPK_IDX_T, EPK_THREADS"
 #endif
 
@@ -51,8 +51,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     epk_get_dispatch_layout(const EPK_IDX_T *__restrict__ topk_idx, int num_tokens,
                             const int *__restrict__ rank_to_node, int *__restrict__ num_tokens_per_rank,
                             int *__restrict__ num_tokens_per_node, int *__restrict__ num_tokens_per_expert,
-                            bool *__restrict__ is_token_in_rank, unsigned *ticket, int *counters,
-                            int *invalid_out) {
+                            bool *__restrict__ is_token_in_rank, unsigned *ticket, int *counters, int *invalid_out) {
   __shared__ int s_count[kCounters];
   __shared__ bool s_last;
   for (int i = threadIdx.x; i < kCounters; i += kThreads) s_count[i] = 0;

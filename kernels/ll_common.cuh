@@ -29,9 +29,9 @@ namespace ll {
 // ---- device state (int32 words; mirrored by STATE_* in src/epkern/ll_intranode.py) ----
 constexpr int kMaxRanks = 1024;
 constexpr int kMaxExperts = 8192;
-constexpr int kStateCounter = 0;   // seq of the last call that sent
-constexpr int kStateTicket = 1;    // blocks of the running sending kernel that finished
-constexpr int kStateMask = 64;     // [kMaxRanks]: 1 = peer masked (skipped at every send and wait)
+constexpr int kStateCounter = 0;                      // seq of the last call that sent
+constexpr int kStateTicket = 1;                       // blocks of the running sending kernel that finished
+constexpr int kStateMask = 64;                        // [kMaxRanks]: 1 = peer masked (skipped at every send and wait)
 constexpr int kStateRoute = kStateMask + kMaxRanks;   // [kMaxRanks]: RouteKind of each peer
 constexpr int kStateSlot = kStateRoute + kMaxRanks;   // [kMaxExperts]: dispatch slot allocator per expert
 constexpr int kStateDone = kStateSlot + kMaxExperts;  // [kMaxExperts]: dispatch puts finished per expert
@@ -41,13 +41,13 @@ constexpr int kStateWords = kStatePair + kMaxExperts;
 // ---- phases of a launch (bit mask) and of an error record (PHASES in gpu_buffer.py) ----
 constexpr int kSend = 1;
 constexpr int kRecv = 2;
-constexpr int kPhaseDispatchRecv = 7;   // waiting for a peer's token count
-constexpr int kPhaseLocalSends = 8;     // waiting for this rank's own dispatch puts (a bug if it expires)
-constexpr int kPhaseCombineRecv = 9;    // waiting for a peer's expert outputs
-constexpr int kPhaseBadIndex = 10;      // a topk_idx entry outside [-1, num_experts)
-constexpr int kPhaseBadHandle = 11;     // a layout_range / src_info entry out of range in combine
-constexpr int kPhaseRoute = 12;         // a peer's route kind is not implemented
-constexpr int kPhaseOverflow = 13;      // more selections of one expert than num_max slots
+constexpr int kPhaseDispatchRecv = 7;  // waiting for a peer's token count
+constexpr int kPhaseLocalSends = 8;    // waiting for this rank's own dispatch puts (a bug if it expires)
+constexpr int kPhaseCombineRecv = 9;   // waiting for a peer's expert outputs
+constexpr int kPhaseBadIndex = 10;     // a topk_idx entry outside [-1, num_experts)
+constexpr int kPhaseBadHandle = 11;    // a layout_range / src_info entry out of range in combine
+constexpr int kPhaseRoute = 12;        // a peer's route kind is not implemented
+constexpr int kPhaseOverflow = 13;     // more selections of one expert than num_max slots
 
 constexpr int kCountBits = 11;
 constexpr int kCountMask = (1 << kCountBits) - 1;

@@ -29,7 +29,7 @@ constexpr int kGroups = kHidden / 128;  // FP8 scale groups per row
 constexpr int kScaleBytes = kFp8 ? (kUe8m0 ? kGroups : 4 * kGroups) : 0;
 constexpr int kPayloadBytes = kFp8 ? kHidden + kScaleBytes : 2 * kHidden;
 constexpr int kMsgBytes = (16 + kPayloadBytes + 15) / 16 * 16;  // bytes actually sent
-constexpr int kSlotBytes = 16 + 2 * kHidden;                   // slot stride (fits every message kind)
+constexpr int kSlotBytes = 16 + 2 * kHidden;                    // slot stride (fits every message kind)
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(!kUe8m0 || (kFp8 && kRoundScale && kHidden % 512 == 0), "UE8M0 needs FP8, round_scale, H % 512");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
@@ -64,8 +64,7 @@ __device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int
       if (active) {
         uint32_t q[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          q[j] = ll::cvt_e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
+        for (int j = 0; j < 4; ++j) q[j] = ll::cvt_e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
         *reinterpret_cast<uint2 *>(msg + 16 + g * 128 + hl * 8) = make_uint2(q[0] | (q[1] << 16), q[2] | (q[3] << 16));
         if (hl == 0) {
           if constexpr (kUe8m0)
@@ -82,9 +81,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     epk_ll_dispatch(int dry_run, int rank, int phase, int back, const int4 *__restrict__ x, int num_tokens,
                     const int64_t *__restrict__ topk_idx, int num_experts, int num_max,
                     const unsigned long long *__restrict__ peers, long long ll_off, long long set_stride,
-                    long long send_off, long long recv_off, int *state, uint8_t *out_x, void *out_scales,
-                    int *out_src, long long *out_layout, int *out_count, int *recv_stats,
-                    long long *wait_stats, ErrorRecord *err, unsigned long long timeout_ns) {
+                    long long send_off, long long recv_off, int *state, uint8_t *out_x, void *out_scales, int *out_src,
+                    long long *out_layout, int *out_count, int *recv_stats, long long *wait_stats, ErrorRecord *err,
+                    unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   const int tid = threadIdx.x, lane = tid & 31;
   const int gw = blockIdx.x * kWarps + tid / 32, num_warps = gridDim.x * kWarps;
@@ -117,7 +116,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < kTopk; ++k) {
         const long long g = __shfl_sync(0xffffffffu, my_g, k);
         if (g < 0 || g >= num_experts) {
-          if (g != -1 && lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
+          if (g != -1 && lane == 0)
+            report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
           continue;
         }
         const int d = static_cast<int>(g) / e_loc, e = static_cast<int>(g) % e_loc;

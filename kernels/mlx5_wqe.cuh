@@ -45,8 +45,8 @@ EPK_DEVICE uint32_t bswap32(uint32_t x) {
   return (x >> 24) | ((x >> 8) & 0x0000ff00u) | ((x << 8) & 0x00ff0000u) | (x << 24);
 }
 
-EPK_DEVICE Seg ctrl_seg(uint32_t pi, uint32_t opcode, uint32_t qpn, uint32_t ds, uint32_t fm_ce_se,
-                        uint32_t opmod = 0, uint32_t signature = 0, uint32_t imm = 0) {
+EPK_DEVICE Seg ctrl_seg(uint32_t pi, uint32_t opcode, uint32_t qpn, uint32_t ds, uint32_t fm_ce_se, uint32_t opmod = 0,
+                        uint32_t signature = 0, uint32_t imm = 0) {
   Seg s;
   s.w[0] = bswap32(((opmod & 0xffu) << 24) | ((pi & 0xffffu) << 8) | (opcode & 0xffu));
   s.w[1] = bswap32(((qpn & 0xffffffu) << 8) | (ds & 0xffu));
@@ -222,7 +222,8 @@ EPK_DEVICE bool wait_sq_space(const unsigned long long *retired, uint64_t end, u
     if (end - r <= wqe_cnt) return true;
     if ((iter & 255u) == 0) {
       if (now_ns() - start > d.timeout_ns) {
-        report_error(d.rec, kTimeout, d.rank, kPhaseSqSpace, peer, static_cast<int>(end - r), static_cast<int>(wqe_cnt));
+        report_error(d.rec, kTimeout, d.rank, kPhaseSqSpace, peer, static_cast<int>(end - r),
+                     static_cast<int>(wqe_cnt));
         return false;
       }
       if (d.rec != nullptr && *reinterpret_cast<volatile int *>(&d.rec->claimed) != 0) return false;

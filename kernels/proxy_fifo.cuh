@@ -156,8 +156,8 @@ EPK_DEVICE bool wait_space(const Fifo &f, uint64_t ticket, const Deadline &d, in
 EPK_DEVICE void write_record(const Fifo &f, uint64_t ticket, uint32_t op, uint32_t peer, uint32_t qp,
                              uint64_t local_offset, uint64_t remote_offset, uint64_t value) {
   unsigned long long *rec = reinterpret_cast<unsigned long long *>(
-      f.base + kFifoHeaderBytes + static_cast<uint64_t>(static_cast<uint32_t>(ticket) & (f.capacity - 1)) *
-                                      kTriggerBytes);
+      f.base + kFifoHeaderBytes +
+      static_cast<uint64_t>(static_cast<uint32_t>(ticket) & (f.capacity - 1)) * kTriggerBytes);
   rec[0] = local_offset;
   rec[1] = remote_offset;
   rec[2] = value;

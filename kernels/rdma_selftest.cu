@@ -70,8 +70,8 @@ extern "C" __global__ void epk_selftest_write_wqes(uint8_t *sq, uint32_t wqe_cnt
 // otherwise one per thread (push). tickets[i] receives the ticket. FIFO f: block fifo_base[f], its reservation
 // counter at fifo_head[f] (0: the head word inside the block).
 extern "C" __global__ void epk_selftest_push_triggers(const uint64_t *fifo_base, const uint64_t *fifo_head,
-                                                      int num_fifos, uint32_t capacity, const uint64_t *triggers,
-                                                      int n, int warp_aggregated, unsigned long long *tickets,
+                                                      int num_fifos, uint32_t capacity, const uint64_t *triggers, int n,
+                                                      int warp_aggregated, unsigned long long *tickets,
                                                       epk::ErrorRecord *err, uint64_t timeout_ns) {
   using namespace epk::proxy;
   const epk::Deadline d{err, 0, timeout_ns};
