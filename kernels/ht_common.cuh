@@ -1,10 +1,10 @@
 // Shared by the intranode high-throughput kernels: the control area at the start of every rank's
 // symmetric region, and how a rank finds a peer's copy of it.
 //
-// Every slot is doubled and indexed by (epoch & 1): consecutive operations of one kind never share a
-// slot, and two operations apart every peer has provably finished reading it (each operation ends with
-// all ranks having heard from all ranks). Flags hold the epoch of the call that wrote them, so nothing
-// is ever reset.
+// Every slot is doubled and indexed by (epoch & 1). Reuse of a slot is safe whatever the parity sequence
+// (consecutive cached dispatches, for one, share a parity): every operation ends with each rank having
+// heard "done" from every peer, so when a rank writes a slot again every peer has finished reading it.
+// Flags hold the epoch of the call that wrote them, so nothing is ever reset.
 #pragma once
 #include "epk_common.cuh"
 
