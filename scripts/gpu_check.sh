@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [tests|layoutbench|patterns|inprocbench|mps|mpsraw|bench|all]...
+# Usage: bash scripts/gpu_check.sh [tests|layoutbench|patterns|inprocbench|llbench|mps|mpsraw|bench|llmpsbench|all]...
 # Each of tests / mps / bench takes minutes: under a 10-minute limit per command, run them as separate calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +28,14 @@ if has inprocbench; then
   timeout 300 python3 bench/bench_ht.py --inprocess 8 --tokens 4096 --iters 10 \
     --json "$OUT/bench_ht_inproc8.json" 2>&1 | tee "$OUT/bench_ht_inproc8.log" | tail -9
 fi
+if has llbench; then
+  timeout 500 python3 bench/bench_ll.py --inprocess 8 --tokens 128 --json "$OUT/bench_ll_inproc8.json" 2>&1 |
+    tee "$OUT/bench_ll_inproc8.log" | tail -14
+fi
 if has layoutbench; then
   timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
 fi
-if has mps || has bench; then
+if has mps || has bench || has llmpsbench; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
@@ -49,6 +53,12 @@ if has bench; then
   timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 512,1024,2048,4096 --iters 6 \
     --json "$OUT/bench_ht_mps8.json" --plot "$OUT/bench_ht_mps8.png" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -18
 fi
-if has mps || has bench; then bash scripts/mps.sh stop; fi
+if has llmpsbench; then
+  for fp8 in "" --fp8; do
+    timeout 280 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 \
+      --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
+  done
+fi
+if has mps || has bench || has llmpsbench; then bash scripts/mps.sh stop; fi
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
