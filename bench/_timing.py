@@ -72,3 +72,34 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     dst = cupy.empty_like(src)
     us = event_median_us(lambda: dst.__setitem__(slice(None), src), iters=20, warmup=3)
     return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+class KernelClock:
+    """Benchmark-only: events on a Buffer's comm stream around every kernel it launches (wraps
+    ``buf._launch``; ``restore()`` undoes it). ``take()`` returns each kernel's device µs since the last take."""
+
+    def __init__(self, buf):
+        self.buf, self.spans, self._launch = buf, [], buf._launch
+        buf._launch = self.launch
+
+    def launch(self, *args, **kwargs):
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(self.buf.comm_stream)
+        self._launch(*args, **kwargs)
+        stop.record(self.buf.comm_stream)
+        self.spans.append((start, stop))
+
+    def take(self) -> list[float]:
+        import cupy
+
+        out = []
+        for start, stop in self.spans:
+            stop.synchronize()
+            out.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
+        self.spans = []
+        return out
+
+    def restore(self):
+        self.buf._launch = self._launch

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copy_bandwidth_gbs  # noqa: E402
+from _timing import KernelClock, copy_bandwidth_gbs  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 # One call after a barrier (host time included); *_kernel: the same calls, only the time from each kernel's launch
@@ -41,33 +41,6 @@ OPS = (
     "combine_kernel",
     "combine_pipelined",
 )
-
-
-class KernelClock:
-    """Benchmark-only instrumentation: events on the Buffer's comm stream around every kernel it launches."""
-
-    def __init__(self, buf):
-        self.buf, self.spans, self._launch = buf, [], buf._launch
-        buf._launch = self.launch
-
-    def launch(self, *args, **kwargs):
-        import cupy
-
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(self.buf.comm_stream)
-        self._launch(*args, **kwargs)
-        stop.record(self.buf.comm_stream)
-        self.spans.append((start, stop))
-
-    def take_us(self) -> float:
-        import cupy
-
-        total = 0.0
-        for start, stop in self.spans:
-            stop.synchronize()
-            total += cupy.cuda.get_elapsed_time(start, stop) * 1e3
-        self.spans = []
-        return total
 
 
 def _timed(fn, group, iters, clock=None):
@@ -88,7 +61,7 @@ def _timed(fn, group, iters, clock=None):
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
         if clock is not None:
-            kernel.append(clock.take_us())
+            kernel.append(sum(clock.take()))
     return statistics.median(times), statistics.median(host), (statistics.median(kernel) if kernel else None), out
 
 
@@ -179,7 +152,7 @@ def rank_main(group, args, tokens):
         for op, fn in (("dispatch", dispatch), ("cached_dispatch", cached), ("combine", combine)):
             res[f"{op}_us"], res[f"{op}_host_us"], res[f"{op}_kernel_us"], _ = _timed(fn, group, args.iters, clock)
             res[f"{op}_kernel_host_us"] = res[f"{op}_host_us"]
-        buf._launch = clock._launch  # pipelined runs without the extra events
+        clock.restore()  # pipelined runs without the extra events
         res["cached_dispatch_pipelined_us"] = _pipelined(cached, group, args.iters)
         res["combine_pipelined_us"] = _pipelined(combine, group, args.iters)
         res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]

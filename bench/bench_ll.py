@@ -58,7 +58,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copy_bandwidth_gbs  # noqa: E402
+from _timing import KernelClock, copy_bandwidth_gbs  # noqa: E402
 from epkern import reference  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
@@ -336,36 +336,6 @@ def expected_combine_identity(x, idx, w) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- GPU timing helpers
-class KernelClock:
-    """Benchmark-only: events on the Buffer's comm stream around every kernel it launches (as bench_ht.py)."""
-
-    def __init__(self, buf):
-        self.buf, self.spans, self._launch = buf, [], buf._launch
-        buf._launch = self.launch
-
-    def launch(self, *args, **kwargs):
-        import cupy
-
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(self.buf.comm_stream)
-        self._launch(*args, **kwargs)
-        stop.record(self.buf.comm_stream)
-        self.spans.append((start, stop))
-
-    def take(self) -> list[float]:
-        import cupy
-
-        out = []
-        for start, stop in self.spans:
-            stop.synchronize()
-            out.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
-        self.spans = []
-        return out
-
-    def restore(self):
-        self.buf._launch = self._launch
-
-
 def _settle(buf):
     import cupy
 
