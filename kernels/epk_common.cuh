@@ -30,6 +30,23 @@ EPK_DEVICE int ld_acquire_gpu(const int *p) {
 EPK_DEVICE void st_release_sys(int *p, int v) {
   asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// Unsigned 32- and 64-bit forms (FIFO indices, doorbell records and registers).
+EPK_DEVICE unsigned ld_acquire_sys(const unsigned *p) {
+  unsigned v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+EPK_DEVICE uint64_t ld_acquire_sys(const unsigned long long *p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+EPK_DEVICE void st_release_sys(unsigned *p, unsigned v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+EPK_DEVICE void st_release_sys(unsigned long long *p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 EPK_DEVICE void st_relaxed_sys(int *p, int v) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }

@@ -193,18 +193,6 @@ EPK_DEVICE uint64_t doorbell_value(uint64_t pi, uint32_t qpn) {
 constexpr int kPhaseSqSpace = 0x601;   // ErrorRecord phase: waiting for send-ring space
 constexpr int kPhaseSqCommit = 0x602;  // ErrorRecord phase: waiting for earlier reservations to be rung
 
-EPK_DEVICE uint64_t ld_acquire_sys_u64(const unsigned long long *p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-EPK_DEVICE void st_release_sys_u64(unsigned long long *p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-EPK_DEVICE void st_release_sys_u32(uint32_t *p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 // Slot reservation on the producer index: n consecutive WQEBBs, returns the first (monotonic 64-bit).
 EPK_DEVICE uint64_t reserve_wqes(unsigned long long *pi_counter, uint32_t n) {
   return atomicAdd(pi_counter, static_cast<unsigned long long>(n));
@@ -214,11 +202,11 @@ EPK_DEVICE uint64_t reserve_wqes(unsigned long long *pi_counter, uint32_t n) {
 // `retired` is advanced by whoever polls the CQ. False (error recorded) at the deadline.
 EPK_DEVICE bool wait_sq_space(const unsigned long long *retired, uint64_t end, uint32_t wqe_cnt, const Deadline &d,
                               int peer) {
-  uint64_t r = ld_acquire_sys_u64(retired);
+  uint64_t r = ld_acquire_sys(retired);
   if (end - r <= wqe_cnt) return true;
   const uint64_t start = now_ns();
   for (unsigned iter = 1;; ++iter) {
-    r = ld_acquire_sys_u64(retired);
+    r = ld_acquire_sys(retired);
     if (end - r <= wqe_cnt) return true;
     if ((iter & 255u) == 0) {
       if (now_ns() - start > d.timeout_ns) {
@@ -234,8 +222,8 @@ EPK_DEVICE bool wait_sq_space(const unsigned long long *retired, uint64_t end, u
 // Post: make the WQEs visible at system scope, store the send doorbell record, then ONE 8-byte doorbell write.
 EPK_DEVICE void post_doorbell(uint32_t *dbrec, unsigned long long *db_reg, uint64_t pi, uint32_t qpn) {
   __threadfence_system();
-  st_release_sys_u32(dbrec + kMlx5SndDbr, dbrec_value(pi));
-  st_release_sys_u64(db_reg, doorbell_value(pi, qpn));
+  st_release_sys(dbrec + kMlx5SndDbr, dbrec_value(pi));
+  st_release_sys(db_reg, doorbell_value(pi, qpn));
 }
 
 // Ring the doorbell for reservation [start, end) once every earlier reservation has been rung (`ready` holds
@@ -243,11 +231,11 @@ EPK_DEVICE void post_doorbell(uint32_t *dbrec, unsigned long long *db_reg, uint6
 // monotonic when several warps post to one QP. False (error recorded) at the deadline.
 EPK_DEVICE bool commit_in_order(unsigned long long *ready, uint64_t start, uint64_t end, uint32_t *dbrec,
                                 unsigned long long *db_reg, uint32_t qpn, const Deadline &d, int peer) {
-  uint64_t v = ld_acquire_sys_u64(ready);
+  uint64_t v = ld_acquire_sys(ready);
   if (v != start) {
     const uint64_t t0 = now_ns();
     for (unsigned iter = 1; v != start; ++iter) {
-      v = ld_acquire_sys_u64(ready);
+      v = ld_acquire_sys(ready);
       if ((iter & 255u) == 0 && v != start) {
         if (now_ns() - t0 > d.timeout_ns) {
           report_error(d.rec, kTimeout, d.rank, kPhaseSqCommit, peer, static_cast<int>(v), static_cast<int>(start));
@@ -258,7 +246,7 @@ EPK_DEVICE bool commit_in_order(unsigned long long *ready, uint64_t start, uint6
     }
   }
   post_doorbell(dbrec, db_reg, end, qpn);
-  st_release_sys_u64(ready, end);
+  st_release_sys(ready, end);
   return true;
 }
 #endif  // __CUDACC__

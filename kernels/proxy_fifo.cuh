@@ -85,19 +85,10 @@ EPK_DEVICE Fifo make_fifo(uint8_t *base, unsigned long long *head, uint32_t capa
 
 // ---- primitives (system scope: the proxy is a host thread) ----
 #if defined(__CUDACC__)
-EPK_DEVICE uint64_t ld_acquire_u64(const unsigned long long *p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-EPK_DEVICE uint32_t ld_acquire_u32(const uint32_t *p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-EPK_DEVICE void st_release_u64(unsigned long long *p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
+// The names the host build defines too (below); on the device, epk_common.cuh's system-scope primitives.
+EPK_DEVICE uint64_t ld_acquire_u64(const unsigned long long *p) { return ld_acquire_sys(p); }
+EPK_DEVICE uint32_t ld_acquire_u32(const uint32_t *p) { return ld_acquire_sys(p); }
+EPK_DEVICE void st_release_u64(unsigned long long *p, uint64_t v) { st_release_sys(p, v); }
 EPK_DEVICE uint64_t fetch_add_u64(unsigned long long *p, uint64_t v) {
   return atomicAdd(p, static_cast<unsigned long long>(v));
 }
