@@ -48,11 +48,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   __shared__ int s_mask[kRanks];
   __shared__ int s_skip[kRanks];  // owners left out of this call's sums: masked, or silent past the deadline
   __shared__ Route s_route[kRanks];
-  if (tid < kRanks) {
-    s_mask[tid] = ll::ld_volatile(state + ll::kStateMask + tid);
-    s_skip[tid] = s_mask[tid];
-    s_route[tid] = make_route(ll::ld_volatile(state + ll::kStateRoute + tid), peers[tid], ll_off);
-  }
+  ll::load_peers(state, peers, ll_off, s_mask, s_route);
+  if (tid < kRanks) s_skip[tid] = s_mask[tid];  // this thread loaded s_mask[tid] just above
   __syncthreads();
 
   if (phase & ll::kSend) {

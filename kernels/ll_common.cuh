@@ -112,6 +112,18 @@ EPK_DEVICE bool wait_local(const int *p, int target, const Deadline &d, int phas
   }
 }
 
+// Every peer's mask bit and route, read once per block so every send and wait site of a call sees the same
+// picture. Threads below R load; the caller synchronises the block before use.
+template <int R>
+EPK_DEVICE void load_peers(const int *state, const unsigned long long *peers, long long ll_off, int (&mask)[R],
+                           Route (&route)[R]) {
+  const int p = threadIdx.x;
+  if (p < R) {
+    mask[p] = ld_volatile(state + kStateMask + p);
+    route[p] = make_route(ld_volatile(state + kStateRoute + p), peers[p], ll_off);
+  }
+}
+
 // A peer that did not answer within the deadline is masked for every later call (host raises once).
 EPK_DEVICE void mask_peer(int *state, int peer) { atomicExch(state + kStateMask + peer, 1); }
 

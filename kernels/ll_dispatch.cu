@@ -97,10 +97,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   // Mask and routes, read once per block: every send and wait site of this call sees the same picture.
   __shared__ int s_mask[kRanks];
   __shared__ Route s_route[kRanks];
-  if (tid < kRanks) {
-    s_mask[tid] = ll::ld_volatile(state + ll::kStateMask + tid);
-    s_route[tid] = make_route(ll::ld_volatile(state + ll::kStateRoute + tid), peers[tid], ll_off);
-  }
+  ll::load_peers(state, peers, ll_off, s_mask, s_route);
   __syncthreads();
 
   if (phase & ll::kSend) {
