@@ -270,9 +270,30 @@ class _Fault(Exception):
         self.syndrome = syndrome
 
 
-class EmulatedNic:
+class NicObservation:
+    """Counters and fault report shared by every NIC backend: each keeps its QPs in ``self._qps``, its recorded
+    faults in ``self.faults`` and a ``self.name``; ``kind`` names the backend in messages."""
+
+    kind = "NIC"
+
+    def counters(self) -> QpCounters:
+        total = QpCounters()
+        for qp in list(self._qps):
+            total += qp.counters
+        return total
+
+    def check(self) -> None:
+        """Raise :class:`NicError` listing every recorded fault (tests call this at the end)."""
+        if self.faults:
+            lines = "; ".join(f"qpn {f.qpn} wqe {f.wqe_counter}: {f.message}" for f in self.faults)
+            raise NicError(f"{self.kind} {self.name}: {len(self.faults)} fault(s): {lines}")
+
+
+class EmulatedNic(NicObservation):
     """One emulated NIC with one progress thread. ``memory`` is its :class:`MemoryAccess` (a fresh
     :class:`HostMemory` by default). Use as a context manager or call :meth:`close`."""
+
+    kind = "emulated NIC"
 
     POLL_MIN_S = 20e-6
     POLL_MAX_S = 5e-3
@@ -330,19 +351,6 @@ class EmulatedNic:
         with self._cv:
             self._qps.append(qp)
         return qp
-
-    # --- observation ---
-    def counters(self) -> QpCounters:
-        total = QpCounters()
-        for qp in list(self._qps):
-            total += qp.counters
-        return total
-
-    def check(self) -> None:
-        """Raise :class:`NicError` listing every recorded fault (tests call this at the end)."""
-        if self.faults:
-            lines = "; ".join(f"qpn {f.qpn} wqe {f.wqe_counter}: {f.message}" for f in self.faults)
-            raise NicError(f"emulated NIC {self.name}: {len(self.faults)} fault(s): {lines}")
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait until every doorbell seen so far has been processed. True when idle."""

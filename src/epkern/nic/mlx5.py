@@ -41,7 +41,7 @@ import numpy as np
 from .. import _verbs_cffi as V
 from ..errors import DeviceUnavailableError
 from . import wqe as W
-from .emulated import NicError, NicFault, QpCounters
+from .emulated import NicError, NicFault, NicObservation, QpCounters
 
 __all__ = [
     "HostPageRegistry",
@@ -645,11 +645,13 @@ class Mlx5QueuePair:
         return self._gpu
 
 
-class Mlx5Nic:
+class Mlx5Nic(NicObservation):
     """One opened mlx5 device: PD, MRs, CQs, RC QPs. Close with :meth:`close` (idempotent) or a ``with`` block.
 
     ``gid_index``: the GID used for RoCE (the peer's GID enables the GRH); default 0. ``verbs`` is the
     ``_verbs_cffi``-like module used (tests pass a fake)."""
+
+    kind = "mlx5 NIC"
 
     def __init__(
         self,
@@ -796,18 +798,7 @@ class Mlx5Nic:
             for i, q in enumerate(row):
                 q.connect(remote[p][i])
 
-    # --- observation ---
-    def counters(self) -> QpCounters:
-        total = QpCounters()
-        for qp in list(self._qps):
-            total += qp.counters
-        return total
-
-    def check(self) -> None:
-        if self.faults:
-            lines = "; ".join(f"qpn {f.qpn} wqe {f.wqe_counter}: {f.message}" for f in self.faults)
-            raise NicError(f"mlx5 NIC {self.name}: {len(self.faults)} fault(s): {lines}")
-
+    # --- observation (counters, check: NicObservation) ---
     def wait_idle(self, timeout: float = 5.0) -> bool:  # noqa: ARG002 - interface parity with EmulatedNic
         return True
 
