@@ -250,8 +250,8 @@ class GpuBuffer(Buffer):
         key = (source, name, tuple(sorted(defines.items())))
         if key not in self._warmed:
             func((1,), (32,), (np.int32(1), *args))
-            for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0)):
-                cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path
+            for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
+                cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
             self.comm_stream.synchronize()
             self.group.barrier()
             self._warmed.add(key)
