@@ -247,7 +247,7 @@ def make_thread_groups(
 
 
 _streams: dict = {}  # (device, rank, role) -> cupy Stream, made once per process
-_streams_lock = threading.Lock()
+_per_rank_lock = threading.Lock()  # guards _streams and _pools
 
 
 def rank_stream(device: int, rank: int, role: str):
@@ -262,7 +262,7 @@ def rank_stream(device: int, rank: int, role: str):
     import cupy
 
     key = (device, rank, role)
-    with _streams_lock:
+    with _per_rank_lock:
         stream = _streams.get(key)
         if stream is None:
             with cupy.cuda.Device(device):
@@ -318,7 +318,7 @@ def _rank_memory_pool(device: int, rank: int):
     import cupy
     from cupy.cuda import runtime
 
-    with _streams_lock:
+    with _per_rank_lock:
         made = _pools.get((device, rank))
         if made is None:
             props = runtime.MemPoolProps(
