@@ -35,7 +35,7 @@ fi
 if has layoutbench; then
   timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
 fi
-if has mps || has bench || has llmpsbench; then
+if has mps || has mpsraw || has bench || has llmpsbench; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
@@ -44,9 +44,16 @@ if has mps; then
   summary+=("mps tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/mps_tests.log")")
 fi
 if has mpsraw; then
-  for n in 2 4 8; do
-    timeout 240 "${MPIRUN[@]}" -n $n python3 tests/ht_mpi_worker.py >"$OUT/mps_$n.log" 2>&1
-    summary+=("mps n=$n rc=$?: $(grep -c '^OK rank' "$OUT/mps_$n.log") OK lines; $(grep -m1 -E 'Error|error' "$OUT/mps_$n.log" | cut -c1-200)")
+  # The MPS workers one by one, each under its own limit (STEP_TIMEOUT), with their wall time: partial
+  # results survive a slow step. MPS_STEPS picks and orders them ("ht:8 ll:8 ..."; ":absent" = --absent).
+  for step in ${MPS_STEPS:-ht:8 ll:8 ht:4 ll:4 ht:2 ll:2 ht:4:absent ll:4:absent}; do
+    IFS=: read -r kind n extra <<<"$step"
+    log="$OUT/mps_${kind}_${n}${extra:+_$extra}.log"
+    t0=$(date +%s)
+    timeout "${STEP_TIMEOUT:-240}" "${MPIRUN[@]}" --oversubscribe -n "$n" python3 "tests/${kind}_mpi_worker.py" \
+      ${extra:+--$extra} >"$log" 2>&1
+    rc=$?
+    summary+=("mps $step rc=$rc $(($(date +%s) - t0)) s: $(grep -c '^OK rank' "$log") OK; $(grep -m1 -E 'Error|error' "$log" | cut -c1-240)")
   done
 fi
 if has bench; then
@@ -59,6 +66,6 @@ if has llmpsbench; then
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
 fi
-if has mps || has bench || has llmpsbench; then bash scripts/mps.sh stop; fi
+if has mps || has mpsraw || has bench || has llmpsbench; then bash scripts/mps.sh stop; fi
 echo "==== summary"
 printf '%s\n' "${summary[@]}"

@@ -38,6 +38,15 @@ def without_experts_of(idxs, ranks, num_experts, num_ranks):
     return out
 
 
+def to_host(a):
+    """Device array to numpy through a contiguous copy on the current stream. Measured on the H100:
+    cupy.asnumpy of a non-contiguous array (the column-major FP8 scales) in an in-process rank's thread
+    left the legacy default stream current (CuPy 14.2), and the next epkern call then refused it."""
+    import cupy
+
+    return cupy.asnumpy(cupy.ascontiguousarray(a))
+
+
 def bf16_copy(dst, src):
     """dst[...] = src for BF16 device arrays, as raw 16-bit words (no BF16 arithmetic kernels needed)."""
     dst.view(np.uint16)[...] = src.view(np.uint16)
@@ -162,7 +171,7 @@ def run_ll_case(
         got.update(out_scales=recv_x[1] if use_fp8 else None, out_layout_range=handle.layout_range)
         assert got[name] is arr, f"{what}: {name} was not used as the output"
     src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
-    got_x = (cupy.asnumpy(recv_x[0]), cupy.asnumpy(recv_x[1])) if use_fp8 else cupy.asnumpy(recv_x)
+    got_x = (cupy.asnumpy(recv_x[0]), to_host(recv_x[1])) if use_fp8 else cupy.asnumpy(recv_x)
     check_dispatch(r, R, got_x, cupy.asnumpy(count), src_np, lr_np, want[r], what, masked=absent)
     if stats:
         assert_same(cupy.asnumpy(recv_stats), want[r].recv_count, f"{what}: cumulative recv stats")
@@ -285,9 +294,7 @@ def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=
     def check(it, xs, idxs, ws, handle):
         want = reference.ll_dispatch(xs, idxs, num_max, E, use_fp8=use_fp8)
         src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
-        got_x = (
-            (cupy.asnumpy(outs["out_x"]), cupy.asnumpy(outs["out_scales"])) if use_fp8 else cupy.asnumpy(outs["out_x"])
-        )
+        got_x = (cupy.asnumpy(outs["out_x"]), to_host(outs["out_scales"])) if use_fp8 else cupy.asnumpy(outs["out_x"])
         check_dispatch(r, R, got_x, cupy.asnumpy(outs["out_count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
         if not use_fp8:
             expect = reference.ll_combine([w.recv_x for w in want], want, idxs, ws)[r]
@@ -416,5 +423,29 @@ def run_absent_rank(buf, group, absent_rank, num_tokens=48, hidden=2048, topk=4,
     # The survivors meet through the device protocol only (no group collective: the absent rank is gone).
     rng_seed = 1234
     for it in range(3):
-        run_ll_case(buf, group, num_tokens, hidden, E, topk, num_max=num_max, seed=rng_seed + it, absent=(absent_rank,))
+        try:
+            run_ll_case(
+                buf, group, num_tokens, hidden, E, topk, num_max=num_max, seed=rng_seed + it, absent=(absent_rank,)
+            )
+        except Exception:
+            print(f"DIAG rank {r} it {it}: {ll_signal_dump(buf, E)}", flush=True)
+            raise
     return took
+
+
+def ll_signal_dump(buf, num_experts):
+    """Diagnostics: this rank's LL call counter, ticket, mask and the tags in both signal sets."""
+    import cupy
+
+    from epkern.ll_intranode import STATE_MASK, set_stride_of
+
+    cupy.cuda.runtime.deviceSynchronize()
+    st = cupy.asnumpy(buf.ll_state[:2]).tolist()
+    mask = cupy.asnumpy(buf.ll_state[STATE_MASK : STATE_MASK + buf.num_ranks]).tolist()
+    stride = set_stride_of(buf.ll_bytes)
+    sets = []
+    for p in range(2):
+        words = np.empty(num_experts, np.int32)
+        cupy.cuda.runtime.memcpy(words.ctypes.data, buf.region.ptr + buf.ll_offset + p * stride, 4 * num_experts, 2)
+        sets.append((words >> 11).tolist())
+    return f"counter,ticket={st} mask={mask} set0 tags={sets[0]} set1 tags={sets[1]}"

@@ -179,3 +179,36 @@ def test_handle_is_deepep_tuple():
         ll_scenarios.settle(buf)
 
     _run(2, body)
+
+
+def test_first_use_of_a_new_cupy_kernel_while_a_peer_spins():
+    """Rank 0 is already spinning in its combine when rank 1 compiles and launches a CuPy kernel never loaded
+    before (unique source). With CUDA's lazy loading the load waited for rank 0's kernel, a stall until the
+    deadline (measured on the H100); epkern's CUDA_MODULE_LOADING=EAGER default must make it pass."""
+    import time
+    import uuid
+
+    import cupy
+    import numpy as np
+
+    from ht_scenarios import settle
+
+    def body(buf, g):
+        r = g.rank
+        x = cupy.asarray(np.ones((16, H), ll_scenarios.BF16))
+        idx = cupy.asarray(np.tile(np.arange(4, dtype=np.int64), (16, 1)))
+        w = cupy.ones((16, 4), np.float32)
+        recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, 16, use_fp8=False)
+        settle(buf)
+        g.barrier()
+        if r == 1:
+            time.sleep(0.5)  # rank 0's combine is spinning for ours by now
+            fresh = cupy.ElementwiseKernel("int32 a", "int32 b", f"b = a + {uuid.uuid4().int % 1000}", f"k{r}")
+            t0 = time.monotonic()
+            fresh(cupy.arange(4, dtype=np.int32))
+            cupy.cuda.get_current_stream().synchronize()
+            assert time.monotonic() - t0 < 5, "loading a new kernel waited for the peer's spinning kernel"
+        buf.low_latency_combine(recv, idx, w, handle)
+        settle(buf)
+
+    _run(2, body)

@@ -41,6 +41,12 @@ CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
         "hardware work queues per CUDA context (CUDA's default is 8): in-process ranks need one per stream, "
         "or one rank's stream wait can hold back a peer's kernel (a deadlock until the device deadline)",
     ),
+    "CUDA_MODULE_LOADING": (
+        "EAGER",
+        "load a module's kernels when the module is loaded (CUDA's default, LAZY, loads each at its first launch, "
+        "which can wait for the kernels running in the context: with in-process ranks, a peer's spinning kernel; "
+        "measured on the H100: a rank's first use of a CuPy kernel stalled until the device deadline)",
+    ),
 }
 
 

@@ -192,7 +192,9 @@ class GpuBuffer(Buffer):
         if self.in_process and compute.ptr == 0 and self.num_ranks > 1:
             raise ArgumentError(
                 "current stream: in-process ranks must each run on their own CUDA stream, not the shared "
-                "legacy default stream (run_in_process sets one; or cupy.cuda.Stream(non_blocking=True).use())"
+                "legacy default stream (run_in_process sets one; or cupy.cuda.Stream(non_blocking=True).use()). "
+                "Note: CuPy 14's ndarray.get()/cupy.asnumpy of a non-contiguous array leaves the legacy stream "
+                "current in the calling thread; copy with cupy.ascontiguousarray first"
             )
         if previous_event is not None:
             if not isinstance(previous_event, EventHandle):
