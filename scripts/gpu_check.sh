@@ -2,7 +2,9 @@
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
 # Usage: bash scripts/gpu_check.sh [tests|layoutbench|patterns|inprocbench|llbench|mps|mpsraw|bench|llmpsbench|all]...
-# Each of tests / mps / bench takes minutes: under a 10-minute limit per command, run them as separate calls.
+# Each of tests / mps / bench takes minutes: under a 10-minute limit per command, run them as separate calls,
+# or shorten them: TESTS_TIMEOUT (s, default 400), TEST_FILES (default: tests), PYTEST_EXTRA (e.g. --timeout=60),
+# TESTS_TAG (log name), STEP_TIMEOUT / MPS_STEPS (mpsraw), LLBENCH_VARIANTS ("bf16 fp8") and LLBENCH_TIMEOUT (llmpsbench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -18,8 +20,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # Single-process tests first, without MPS (a process that opened the GPU and the MPS server exclude
 # each other); then MPS for the multi-process tests and benchmarks.
 if has tests; then
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -m "gpu and not mpi" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-  summary+=("gpu tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/gpu_tests.log")")
+  # shellcheck disable=SC2086
+  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 ${PYTEST_EXTRA:-} \
+    -m "gpu and not mpi" ${TEST_FILES:-tests} 2>&1 | tee "$OUT/${TESTS_TAG:-gpu_tests}.log" | tail -15
+  summary+=("${TESTS_TAG:-gpu_tests} rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/${TESTS_TAG:-gpu_tests}.log")")
 fi
 if has patterns; then
   timeout 300 python3 bench/bench_copy_patterns.py --json "$OUT/bench_copy_patterns.json" 2>&1 | tee "$OUT/bench_copy_patterns.log" | tail -4
@@ -61,8 +65,9 @@ if has bench; then
     --json "$OUT/bench_ht_mps8.json" --plot "$OUT/bench_ht_mps8.png" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -18
 fi
 if has llmpsbench; then
-  for fp8 in "" --fp8; do
-    timeout 280 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 \
+  for variant in ${LLBENCH_VARIANTS:-bf16 fp8}; do
+    fp8=""; [ "$variant" = fp8 ] && fp8=--fp8
+    timeout "${LLBENCH_TIMEOUT:-280}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 \
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
 fi
