@@ -321,6 +321,11 @@ def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=
     host collective between replays: the set each call uses comes from the device counter."""
     import cupy
 
+    if cupy.cuda.get_current_stream().ptr == 0:
+        # CUDA cannot capture the legacy default stream, which MPI ranks run on unless they pick one
+        # (seen on the H200: "cannot capture on the default (legacy) stream" in tests/ll_mpi_worker.py).
+        with cupy.cuda.Stream(non_blocking=True):
+            return run_graph_replays(buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8)
     r, R = group.rank, group.size
     E = 8 * R
     e_loc, rows = E // R, R * num_max

@@ -39,7 +39,10 @@ CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
     "CUDA_DEVICE_MAX_CONNECTIONS": (
         "32",
         "hardware work queues per CUDA context (CUDA's default is 8): in-process ranks need one per stream, "
-        "or one rank's stream wait can hold back a peer's kernel (a deadlock until the device deadline)",
+        "or one rank's stream wait can hold back a peer's kernel (a deadlock until the device deadline). "
+        "Not set under CUDA MPS (CUDA_MPS_PIPE_DIRECTORY set, or the default pipe /tmp/nvidia-mps/control "
+        "present): measured on the H200, 8 MPS clients with 32 each got cudaErrorDevicesUnavailable, 4 got "
+        "cudaErrorMemoryAllocation at context creation; with CUDA's 8, all 8 ran",
     ),
     "CUDA_MODULE_LOADING": (
         "EAGER",
@@ -50,8 +53,23 @@ CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
 }
 
 
+# Set only outside MPS: the MPS server shares a fixed pool of hardware channels among all its clients.
+_NOT_UNDER_MPS = {"CUDA_DEVICE_MAX_CONNECTIONS"}
+MPS_DEFAULT_PIPE = "/tmp/nvidia-mps"
+
+
+def under_mps() -> bool:
+    """Whether CUDA in this process will connect to an MPS server (its pipe directory is named or the
+    default one has a control socket): decided before CUDA starts, from the environment alone."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "").strip()
+    return bool(pipe) or os.path.exists(os.path.join(MPS_DEFAULT_PIPE, "control"))
+
+
 def apply_cuda_defaults() -> None:
+    mps = under_mps()
     for name, (value, _why) in CUDA_DEFAULTS.items():
+        if mps and name in _NOT_UNDER_MPS:
+            continue
         os.environ.setdefault(name, value)
 
 
