@@ -78,6 +78,18 @@ EPK_DEVICE void finish_call(int *state, unsigned seq) {
 
 enum WaitResult : int { kArrived = 0, kExpired = 1, kGaveUp = 2 };
 
+// Pause between polls after the first 32 (EPKERN_LL_POLL_SLEEP_NS; 0 = none). Thousands of threads per rank
+// poll peers' signals with system-scope acquire loads while the senders' copies are in flight; an experiment
+// to measure whether that polling slows the copies (not yet measured).
+#ifndef EPK_POLL_SLEEP_NS
+#define EPK_POLL_SLEEP_NS 0
+#endif
+EPK_DEVICE void poll_pause(unsigned iter) {
+  if constexpr (EPK_POLL_SLEEP_NS > 0) {
+    if (iter >= 32u) __nanosleep(EPK_POLL_SLEEP_NS);
+  }
+}
+
 // Spin until the tagged signal at `p` carries `tag` (acquire, system scope) or the deadline passes. On
 // expiry record (rank, phase, peer, value seen, expected tag) and return kExpired; kGaveUp when another
 // thread of this rank recorded an error first (stop rather than wait out a second deadline).
@@ -86,6 +98,7 @@ EPK_DEVICE int wait_signal(const int *p, int tag, const Deadline &d, int phase, 
   if ((value >> kCountBits) == tag) return kArrived;
   const uint64_t start = now_ns();
   for (unsigned iter = 1;; ++iter) {
+    poll_pause(iter);
     value = ld_acquire_sys(p);
     if ((value >> kCountBits) == tag) return kArrived;
     if ((iter & 255u) == 0) {

@@ -31,6 +31,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "misses show up; a debugging aid costing one fill per output (the tests turn it on)",
     ),
     "EPKERN_NUM_PROXY_THREADS": ("4", "host proxy threads draining the GPU-to-host trigger FIFOs (PROXY transport)"),
+    "EPKERN_LL_POLL_SLEEP_NS": (
+        "0",
+        "LL kernels: nanoseconds a waiting thread sleeps (__nanosleep) between polls of a peer's signal after its "
+        "first 32 polls; 0 = poll without pause. An experiment knob (compiled in as a define)",
+    ),
 }
 
 
@@ -149,3 +154,14 @@ def poison_outputs() -> bool:
 def num_proxy_threads() -> int:
     value = _positive_int("EPKERN_NUM_PROXY_THREADS")
     return int(VARIABLES["EPKERN_NUM_PROXY_THREADS"][0]) if value is None else value
+
+
+def ll_poll_sleep_ns() -> int:
+    raw = _raw("EPKERN_LL_POLL_SLEEP_NS") or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"EPKERN_LL_POLL_SLEEP_NS={raw!r}: expected an integer in [0, 100000]") from None
+    if not 0 <= value <= 100000:
+        raise ConfigError(f"EPKERN_LL_POLL_SLEEP_NS={raw!r}: expected an integer in [0, 100000]")
+    return value

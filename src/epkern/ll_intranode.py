@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from . import _env
 from ._validate import as_device_array, check_array, check_int, check_num_experts
 from .errors import ArgumentError, TimeoutError
 
@@ -343,6 +344,7 @@ def low_latency_dispatch(
         "EPK_ROUND_SCALE": int(round_scale),
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
+        "EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(),
     }
     caller = cupy.cuda.get_current_stream()
     _ensure_warm(self, "ll_dispatch.cu", "epk_ll_dispatch", defines, caller)
@@ -482,7 +484,13 @@ def low_latency_combine(
     src = x
     if zero_copy:
         src = handle.combine_buffer if handle.combine_buffer is not None else _combine_buffer(self, handle)
-    defines = {"EPK_NUM_RANKS": R, "EPK_HIDDEN": H, "EPK_TOPK": K, "EPK_THREADS": THREADS}
+    defines = {
+        "EPK_NUM_RANKS": R,
+        "EPK_HIDDEN": H,
+        "EPK_TOPK": K,
+        "EPK_THREADS": THREADS,
+        "EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(),
+    }
     caller = cupy.cuda.get_current_stream()
     _ensure_warm(self, "ll_combine.cu", "epk_ll_combine", defines, caller)
 
