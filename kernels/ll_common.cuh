@@ -78,29 +78,45 @@ EPK_DEVICE void finish_call(int *state, unsigned seq) {
 
 enum WaitResult : int { kArrived = 0, kExpired = 1, kGaveUp = 2 };
 
-// Pause between polls after the first 32 (EPKERN_LL_POLL_SLEEP_NS; 0 = none). Thousands of threads per rank
-// poll peers' signals with system-scope acquire loads while the senders' copies are in flight; an experiment
-// to measure whether that polling slows the copies (not yet measured).
+// Polling experiments (not yet measured; defaults = the code that ran exact on the H200). Thousands of threads
+// per rank poll peers' signals while the senders' copies are in flight:
+//   EPK_POLL_SLEEP_NS (EPKERN_LL_POLL_SLEEP_NS): __nanosleep between polls after the first 32 (0 = none);
+//   EPK_POLL_RELAXED (EPKERN_LL_POLL_RELAXED): poll with relaxed (volatile) loads and make one acquire load once
+//   the tag shows, instead of an acquire load per poll. Same ordering: the acquire load reads the released value
+//   (or a later one, which cannot exist within a call: the slot's next writer is two calls later).
 #ifndef EPK_POLL_SLEEP_NS
 #define EPK_POLL_SLEEP_NS 0
+#endif
+#ifndef EPK_POLL_RELAXED
+#define EPK_POLL_RELAXED 0
 #endif
 EPK_DEVICE void poll_pause(unsigned iter) {
   if constexpr (EPK_POLL_SLEEP_NS > 0) {
     if (iter >= 32u) __nanosleep(EPK_POLL_SLEEP_NS);
   }
 }
+EPK_DEVICE int poll_load(const int *p) {
+  if constexpr (EPK_POLL_RELAXED != 0) return ld_volatile(p);
+  return ld_acquire_sys(p);
+}
 
 // Spin until the tagged signal at `p` carries `tag` (acquire, system scope) or the deadline passes. On
 // expiry record (rank, phase, peer, value seen, expected tag) and return kExpired; kGaveUp when another
 // thread of this rank recorded an error first (stop rather than wait out a second deadline).
 EPK_DEVICE int wait_signal(const int *p, int tag, const Deadline &d, int phase, int peer, int &value) {
-  value = ld_acquire_sys(p);
-  if ((value >> kCountBits) == tag) return kArrived;
+  value = poll_load(p);
+  if ((value >> kCountBits) == tag) {
+    if constexpr (EPK_POLL_RELAXED != 0) value = ld_acquire_sys(p);
+    return kArrived;
+  }
   const uint64_t start = now_ns();
   for (unsigned iter = 1;; ++iter) {
     poll_pause(iter);
-    value = ld_acquire_sys(p);
-    if ((value >> kCountBits) == tag) return kArrived;
+    value = poll_load(p);
+    if ((value >> kCountBits) == tag) {
+      if constexpr (EPK_POLL_RELAXED != 0) value = ld_acquire_sys(p);
+      return kArrived;
+    }
     if ((iter & 255u) == 0) {
       if (now_ns() - start > d.timeout_ns) {
         report_error(d.rec, kTimeout, d.rank, phase, peer, value >> kCountBits, tag);

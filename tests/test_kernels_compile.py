@@ -133,12 +133,32 @@ SPECIMENS = {
             EPK_THREADS=512,
             **CTRL,
         ),
+        dict(
+            EPK_NUM_RANKS=8,
+            EPK_HIDDEN=7168,
+            EPK_TOPK=8,
+            EPK_USE_FP8=0,
+            EPK_ROUND_SCALE=0,
+            EPK_USE_UE8M0=0,
+            EPK_THREADS=512,
+            EPK_POLL_SLEEP_NS=100,
+            EPK_POLL_RELAXED=1,
+            **CTRL,
+        ),
     ],
     "ll_combine.cu": [
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),
         dict(EPK_NUM_RANKS=1, EPK_HIDDEN=128, EPK_TOPK=32, EPK_THREADS=512, **CTRL),
         dict(EPK_NUM_RANKS=32, EPK_HIDDEN=8192, EPK_TOPK=1, EPK_THREADS=512, **CTRL),
-        dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, EPK_POLL_SLEEP_NS=200, **CTRL),
+        dict(
+            EPK_NUM_RANKS=8,
+            EPK_HIDDEN=7168,
+            EPK_TOPK=8,
+            EPK_THREADS=512,
+            EPK_POLL_SLEEP_NS=200,
+            EPK_POLL_RELAXED=1,
+            **CTRL,
+        ),
     ],
 }
 

@@ -36,6 +36,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "LL kernels: nanoseconds a waiting thread sleeps (__nanosleep) between polls of a peer's signal after its "
         "first 32 polls; 0 = poll without pause. An experiment knob (compiled in as a define)",
     ),
+    "EPKERN_LL_POLL_RELAXED": (
+        "0",
+        "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
+        "load per poll). An experiment knob (compiled in as a define)",
+    ),
 }
 
 
@@ -165,3 +170,10 @@ def ll_poll_sleep_ns() -> int:
     if not 0 <= value <= 100000:
         raise ConfigError(f"EPKERN_LL_POLL_SLEEP_NS={raw!r}: expected an integer in [0, 100000]")
     return value
+
+
+def ll_poll_relaxed() -> int:
+    raw = _raw("EPKERN_LL_POLL_RELAXED") or "0"
+    if raw not in ("0", "1"):
+        raise ConfigError(f"EPKERN_LL_POLL_RELAXED={raw!r}: expected 0 or 1")
+    return int(raw)

@@ -213,6 +213,11 @@ def _ensure_warm(self, source: str, name: str, defines: dict, stream) -> None:
         )
 
 
+def _poll_defines() -> dict:
+    """The polling experiment knobs (docs/environment.md), compiled into both LL kernels."""
+    return {"EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(), "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
+
+
 def _blocks(self) -> int:
     # Spin-waiting kernels of every rank sharing this GPU must be resident at once: one block per SM each.
     return max(1, self.num_device_sms // self.ranks_per_gpu)
@@ -344,7 +349,7 @@ def low_latency_dispatch(
         "EPK_ROUND_SCALE": int(round_scale),
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
-        "EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(),
+        **_poll_defines(),
     }
     caller = cupy.cuda.get_current_stream()
     _ensure_warm(self, "ll_dispatch.cu", "epk_ll_dispatch", defines, caller)
@@ -489,7 +494,7 @@ def low_latency_combine(
         "EPK_HIDDEN": H,
         "EPK_TOPK": K,
         "EPK_THREADS": THREADS,
-        "EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(),
+        **_poll_defines(),
     }
     caller = cupy.cuda.get_current_stream()
     _ensure_warm(self, "ll_combine.cu", "epk_ll_combine", defines, caller)
