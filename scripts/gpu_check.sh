@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [tests|layoutbench|patterns|inprocbench|llbench|mps|mpsraw|bench|llmpsbench|all]...
-# Each of tests / mps / bench takes minutes: under a 10-minute limit per command, run them as separate calls,
-# or shorten them: TESTS_TIMEOUT (s, default 400), TEST_FILES (default: tests), PYTEST_EXTRA (e.g. --timeout=60),
-# TESTS_TAG (log name), STEP_TIMEOUT / MPS_STEPS (mpsraw), LLBENCH_VARIANTS ("bf16 fp8") and LLBENCH_TIMEOUT (llmpsbench).
+# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|bench|mps|tests|layoutbench|patterns|inprocbench|llbench|all]...
+# Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
+# server exclude each other, and a crashed in-process run can hold the GPU for a while).
+# Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
+# LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab), TEST_FILES (tests: each file in
+# its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
+# PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
+# Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
+# variant ~9 s, bench_ht at 4096 tokens ~6 s, rdma tests 3 s, the in-process LL tests 2-3 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -17,29 +22,7 @@ what=("$@")
 summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-# Single-process tests first, without MPS (a process that opened the GPU and the MPS server exclude
-# each other); then MPS for the multi-process tests and benchmarks.
-if has tests; then
-  # shellcheck disable=SC2086
-  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 ${PYTEST_EXTRA:-} \
-    -m "gpu and not mpi" ${TEST_FILES:-tests} 2>&1 | tee "$OUT/${TESTS_TAG:-gpu_tests}.log" | tail -15
-  summary+=("${TESTS_TAG:-gpu_tests} rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/${TESTS_TAG:-gpu_tests}.log")")
-fi
-if has patterns; then
-  timeout 300 python3 bench/bench_copy_patterns.py --json "$OUT/bench_copy_patterns.json" 2>&1 | tee "$OUT/bench_copy_patterns.log" | tail -4
-fi
-if has inprocbench; then
-  timeout 300 python3 bench/bench_ht.py --inprocess 8 --tokens 4096 --iters 10 \
-    --json "$OUT/bench_ht_inproc8.json" 2>&1 | tee "$OUT/bench_ht_inproc8.log" | tail -9
-fi
-if has llbench; then
-  timeout 500 python3 bench/bench_ll.py --inprocess 8 --tokens 128 --json "$OUT/bench_ll_inproc8.json" 2>&1 |
-    tee "$OUT/bench_ll_inproc8.log" | tail -14
-fi
-if has layoutbench; then
-  timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
-fi
-if has mps || has mpsraw || has bench || has llmpsbench; then
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
@@ -71,6 +54,46 @@ if has llmpsbench; then
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
 fi
-if has mps || has mpsraw || has bench || has llmpsbench; then bash scripts/mps.sh stop; fi
+if has pollab; then
+  # LL polling experiments (docs/environment.md): bench_ll BF16 for each EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS.
+  for v in ${POLL_VARIANTS:-0:0 1:0 0:200 1:200}; do
+    IFS=: read -r relaxed sleep_ns <<<"$v"
+    EPKERN_LL_POLL_RELAXED=$relaxed EPKERN_LL_POLL_SLEEP_NS=$sleep_ns timeout "${LLBENCH_TIMEOUT:-120}" \
+      "${MPIRUN[@]}" -x EPKERN_LL_POLL_RELAXED -x EPKERN_LL_POLL_SLEEP_NS -n 8 python3 bench/bench_ll.py --tokens 128 \
+      --iters 10 --calls 50 --json "$OUT/bench_ll_poll_${relaxed}_${sleep_ns}.json" >"$OUT/bench_ll_poll_${relaxed}_${sleep_ns}.log" 2>&1
+    summary+=("pollab relaxed=$relaxed sleep=$sleep_ns rc=$?: $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_poll_${relaxed}_${sleep_ns}.log" | awk '{printf "%s %s us; ", $2, $3}')")
+  done
+fi
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab; then bash scripts/mps.sh stop; sleep 2; fi
+if has tests; then
+  for f in ${TEST_FILES:-tests/test_rdma_gpu.py tests/test_layout_gpu.py tests/test_ll_gpu.py tests/test_ht_gpu.py tests/test_nic_device_ranks.py}; do
+    [ -f "$f" ] || continue
+    log="$OUT/pytest_$(basename "$f" .py).log"
+    # shellcheck disable=SC2086
+    timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 ${PYTEST_EXTRA:-} \
+      -m "gpu and not mpi" "$f" >"$log" 2>&1
+    rc=$?
+    summary+=("$(basename "$f") rc=$rc: $(tail -1 "$log")")
+  done
+fi
+if has patterns; then
+  timeout 300 python3 bench/bench_copy_patterns.py --json "$OUT/bench_copy_patterns.json" 2>&1 | tee "$OUT/bench_copy_patterns.log" | tail -4
+fi
+if has inprocbench; then
+  timeout 300 python3 bench/bench_ht.py --inprocess 8 --tokens 4096 --iters 10 \
+    --json "$OUT/bench_ht_inproc8.json" 2>&1 | tee "$OUT/bench_ht_inproc8.log" | tail -9
+fi
+if has llbench; then
+  timeout 500 python3 bench/bench_ll.py --inprocess 8 --tokens 128 --json "$OUT/bench_ll_inproc8.json" 2>&1 |
+    tee "$OUT/bench_ll_inproc8.log" | tail -14
+fi
+if has layoutbench; then
+  timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
+fi
 echo "==== summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+# The device tool returns at most 8 files: with PACK=1 (default) every log goes into one archive.
+if [ "${PACK:-1}" = 1 ]; then
+  (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name logs.tgz -printf '%P\n' >/tmp/gpu_check_files &&
+    tar czf logs.tgz -T /tmp/gpu_check_files && xargs rm -f </tmp/gpu_check_files)
+fi
