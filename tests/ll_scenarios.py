@@ -330,6 +330,7 @@ def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=
     E = 8 * R
     e_loc, rows = E // R, R * num_max
     base = shared_seed(group)
+    key = ("graph", base, R, num_tokens, hidden, topk, num_max, use_fp8)
     x_dev = cupy.zeros((num_tokens, hidden), BF16)
     idx_dev = cupy.full((num_tokens, topk), -1, np.int64)
     w_dev = cupy.zeros((num_tokens, topk), np.float32)
@@ -360,7 +361,7 @@ def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=
         return handle, combined
 
     def check(it, xs, idxs, ws, handle):
-        want, combined_ref = shared_reference(("graph", base, it, R, use_fp8), lambda: whole_group(xs, idxs, ws))
+        want, combined_ref = shared_reference(key + (it,), lambda: whole_group(xs, idxs, ws))
         src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
         got_x = (cupy.asnumpy(outs["out_x"]), to_host(outs["out_scales"])) if use_fp8 else cupy.asnumpy(outs["out_x"])
         check_dispatch(r, R, got_x, cupy.asnumpy(outs["out_count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
