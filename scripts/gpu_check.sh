@@ -27,17 +27,17 @@ if has mps || has mpsraw || has bench || has llmpsbench || has pollab; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
 if has mps; then
-  timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
+  timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
   summary+=("mps tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/mps_tests.log")")
 fi
 if has mpsraw; then
   # The MPS workers one by one, each under its own limit (STEP_TIMEOUT), with their wall time: partial
-  # results survive a slow step. MPS_STEPS picks and orders them ("ht:8 ll:8 ..."; ":absent" = --absent).
-  for step in ${MPS_STEPS:-ht:8 ll:8 ht:4 ll:4 ht:2 ll:2 ht:4:absent ll:4:absent}; do
+  # results survive a slow step. MPS_STEPS picks and orders them ("ht:8 ll:8 nic:2 ..."; ":absent" = --absent).
+  for step in ${MPS_STEPS:-ht:8 ll:8 nic:2 ht:4 ll:4 ht:2 ll:2 ht:4:absent ll:4:absent}; do
     IFS=: read -r kind n extra <<<"$step"
     log="$OUT/mps_${kind}_${n}${extra:+_$extra}.log"
     t0=$(date +%s)
-    timeout "${STEP_TIMEOUT:-240}" "${MPIRUN[@]}" --oversubscribe -n "$n" python3 "tests/${kind}_mpi_worker.py" \
+    timeout "${STEP_TIMEOUT:-240}" "${MPIRUN[@]}" --oversubscribe -n "$n" python3 -m mpi4py "tests/${kind}_mpi_worker.py" \
       ${extra:+--$extra} >"$log" 2>&1
     rc=$?
     summary+=("mps $step rc=$rc $(($(date +%s) - t0)) s: $(grep -c '^OK rank' "$log") OK; $(grep -m1 -E 'Error|error' "$log" | cut -c1-240)")

@@ -55,6 +55,7 @@ SPECIMENS = {
         ),
     ],
     "rdma_selftest.cu": [dict()],
+    "nic_fetch_add.cu": [dict()],
     "layout.cu": [
         dict(
             EPK_NUM_EXPERTS=256,

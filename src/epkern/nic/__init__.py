@@ -1,9 +1,11 @@
 """NIC layer for RDMA: the mlx5 WQE format (:mod:`.wqe`), an emulated NIC (:mod:`.emulated`) that executes
-those WQEs in software for tests without InfiniBand, and the PROXY transport's trigger FIFO (:mod:`.fifo`) and host
-proxy service (:mod:`.proxy`). The real mlx5 backend (:mod:`.mlx5`) is imported lazily, on first use of one of its
-names, so that importing this package never needs rdma-core."""
+those WQEs in software for tests without InfiniBand, its GPU-memory backend :class:`DeviceMemory`
+(:mod:`.device_memory`; CuPy is imported only when it first touches memory), and the PROXY transport's trigger FIFO
+(:mod:`.fifo`) and host proxy service (:mod:`.proxy`). The real mlx5 backend (:mod:`.mlx5`) is imported lazily, on
+first use of one of its names, so that importing this package never needs rdma-core."""
 
-from . import fifo, proxy, wqe
+from . import device_memory, fifo, proxy, wqe
+from .device_memory import DeviceMemory
 from .emulated import (
     Access,
     CompletionQueue,
@@ -23,6 +25,7 @@ from .wqe import WqeFormatError
 __all__ = [
     "Access",
     "CompletionQueue",
+    "DeviceMemory",
     "EmulatedNic",
     "FifoProducer",
     "HostMemory",
@@ -47,6 +50,7 @@ __all__ = [
     "Mlx5MemoryRegion",
     "Mlx5Nic",
     "Mlx5QueuePair",
+    "device_memory",
     "fifo",
     "mlx5",
     "proxy",

@@ -11,11 +11,12 @@ How the NIC thread touches the memory:
   private non-blocking stream of the calling thread (made on first use in that thread, one per device), then a
   synchronize of that stream. Never the legacy default stream: in-process ranks keep kernels spinning on their own
   streams, and a copy on the legacy stream would wait for them.
-- ``atomic_fetch_add64``: a one-thread kernel doing ``atomicAdd_system`` on the 64-bit word, the old value stored
-  in an 8-byte device buffer and copied back, on the same private stream. System scope, so the add is atomic with
-  respect to device code and to other processes on the GPU (MPS clients of an IPC-opened allocation). On pinned
-  host memory of a platform without native host atomics (``hostNativeAtomicSupported`` = 0, most x86 PCIe hosts)
-  it is atomic only among devices, not against the host CPU.
+- ``atomic_fetch_add64``: a one-thread kernel (``kernels/nic_fetch_add.cu``) doing ``atomicAdd_system`` on the
+  64-bit word, the old value stored in an 8-byte device buffer (``cudaMallocAsync`` on that stream at the first
+  atomic) and copied back, on the same private stream. System scope, so the add is atomic with respect to device
+  code and to other processes on the GPU (MPS clients of an IPC-opened allocation). On pinned host memory of a
+  platform without native host atomics (``hostNativeAtomicSupported`` = 0, most x86 PCIe hosts) it is atomic only
+  among devices, not against the host CPU.
 
 All calls on one object are serialised by a lock. Nothing touches CUDA (or imports CuPy) until the first
 ``read``/``write``/``atomic_fetch_add64`` of a non-empty range: constructing the object and adding ranges works
@@ -42,26 +43,14 @@ __all__ = ["DeviceMemory"]
 _MASK64 = (1 << 64) - 1
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction inferred from the addresses (unified addressing)
 
-_FETCH_ADD_SRC = r"""
-extern "C" __global__ void epk_nic_fetch_add64(unsigned long long* target, unsigned long long add,
-                                               unsigned long long* old) {
-    *old = atomicAdd_system(target, add);
-}
-"""
-
-_kernel = None
-_kernel_lock = threading.Lock()
 _local = threading.local()  # per thread: {device ordinal: cupy Stream}
 
 
 def _fetch_add_kernel():
-    global _kernel
-    with _kernel_lock:
-        if _kernel is None:
-            import cupy
+    """kernels/nic_fetch_add.cu, through the project's NVRTC pipeline (cubin, disk cache)."""
+    from .. import kernel_loader
 
-            _kernel = cupy.RawKernel(_FETCH_ADD_SRC, "epk_nic_fetch_add64")
-        return _kernel
+    return kernel_loader.get_function("nic_fetch_add.cu", "epk_nic_fetch_add64")
 
 
 def _thread_stream(device: int):
@@ -91,8 +80,10 @@ class DeviceMemory:
         self._lock = threading.Lock()
         self._bases: list[int] = []
         self._sizes: dict[int, int] = {}
+        self._first: int | None = None  # base of the first added range (names the device by default)
         self._old: int = 0  # 8-byte device buffer for fetch-add results (allocated at the first atomic)
         self._old_device: int | None = None
+        self._old_async = False  # allocated with cudaMallocAsync (freed with cudaFreeAsync)
         self._closed = False
 
     # --- ranges ---
@@ -109,6 +100,8 @@ class DeviceMemory:
         with self._lock:
             if ptr not in self._sizes:
                 bisect.insort(self._bases, ptr)
+            if self._first is None:
+                self._first = ptr
             self._sizes[ptr] = nbytes
         return ptr
 
@@ -117,6 +110,8 @@ class DeviceMemory:
         with self._lock:
             if self._sizes.pop(int(ptr), None) is not None:
                 self._bases.remove(int(ptr))
+                if self._first == int(ptr):
+                    self._first = self._bases[0] if self._bases else None
 
     def _check(self, addr: int, n: int) -> None:
         """Raise unless ``[addr, addr + n)`` lies inside one added range (called with the lock held)."""
@@ -134,9 +129,9 @@ class DeviceMemory:
         if self._device is None:
             import cupy.cuda.runtime as rt
 
-            if not self._bases:
+            if self._first is None:
                 raise NicError("DeviceMemory: no range added, so no device to use")
-            self._device = int(rt.pointerGetAttributes(self._bases[0]).device)
+            self._device = int(rt.pointerGetAttributes(self._first).device)
         return self._device
 
     def _open(self):
@@ -151,10 +146,10 @@ class DeviceMemory:
             self._check(addr, n)
             if n == 0:
                 return b""
+            device, stream = self._open()
             import cupy
             import cupy.cuda.runtime as rt
 
-            device, stream = self._open()
             out = np.empty(n, dtype=np.uint8)
             with cupy.cuda.Device(device):
                 rt.memcpyAsync(out.ctypes.data, addr, n, _MEMCPY_DEFAULT, stream.ptr)
@@ -168,10 +163,10 @@ class DeviceMemory:
             self._check(addr, src.size)
             if src.size == 0:
                 return
+            device, stream = self._open()
             import cupy
             import cupy.cuda.runtime as rt
 
-            device, stream = self._open()
             with cupy.cuda.Device(device):
                 rt.memcpyAsync(addr, src.ctypes.data, src.size, _MEMCPY_DEFAULT, stream.ptr)
                 stream.synchronize()  # `src` must outlive the copy
@@ -182,16 +177,13 @@ class DeviceMemory:
             self._check(addr, 8)
             if addr % 8:
                 raise NicError(f"64-bit atomic at 0x{addr:x} is not 8-byte aligned")
+            device, stream = self._open()
             import cupy
             import cupy.cuda.runtime as rt
 
-            device, stream = self._open()
             with cupy.cuda.Device(device):
-                if self._old_device != device:
-                    if self._old:
-                        rt.free(self._old)
-                    self._old, self._old_device = 0, None
-                    self._old = rt.malloc(8)
+                if not self._old:
+                    self._alloc_old(rt, stream)
                     self._old_device = device
                 kernel = _fetch_add_kernel()
                 with stream:
@@ -200,6 +192,14 @@ class DeviceMemory:
                 rt.memcpyAsync(out.ctypes.data, self._old, 8, _MEMCPY_DEFAULT, stream.ptr)
                 stream.synchronize()
             return int(out[0])
+
+    def _alloc_old(self, rt, stream) -> None:
+        # Stream-ordered, so the NIC thread does not wait for the whole device as a plain cudaMalloc may (a peer
+        # rank's kernel may be spinning); cudaMalloc where the stream-ordered allocator is not supported.
+        try:
+            self._old, self._old_async = rt.mallocAsync(8, stream.ptr), True
+        except rt.CUDARuntimeError:
+            self._old, self._old_async = rt.malloc(8), False
 
     # --- lifecycle ---
     def close(self) -> None:
@@ -214,7 +214,12 @@ class DeviceMemory:
                 import cupy.cuda.runtime as rt
 
                 with cupy.cuda.Device(self._old_device):
-                    rt.free(self._old)
+                    if self._old_async:
+                        stream = _thread_stream(self._old_device)
+                        rt.freeAsync(self._old, stream.ptr)
+                        stream.synchronize()
+                    else:
+                        rt.free(self._old)
                 self._old, self._old_device = 0, None
 
     def __enter__(self):

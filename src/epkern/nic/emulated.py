@@ -2,8 +2,9 @@
 
 The bytes are the real ones (:mod:`epkern.nic.wqe`): whoever posts work writes mlx5 WQEs into ``QueuePair.sq``,
 stores the producer index in the send doorbell record and writes the 8-byte doorbell word, exactly as on
-hardware. The NIC thread parses each WQE and executes it through a :class:`MemoryAccess` object (host memory
-now; pinned GPU-mapped host memory and GPU memory later), writing 64-byte CQEs with the owner-bit convention.
+hardware. The NIC thread parses each WQE and executes it through a :class:`MemoryAccess` object (host memory,
+or GPU-visible memory through :class:`epkern.nic.device_memory.DeviceMemory`), writing 64-byte CQEs with the
+owner-bit convention.
 
 It is strict: a bad opcode, a ds count that does not match the segments, an unknown key, a missing access
 right, misalignment or a range outside the MR puts the QP into the error state, writes an error CQE (opcode 13
@@ -61,8 +62,8 @@ class Access(enum.IntFlag):
 
 
 class MemoryAccess(Protocol):
-    """How the NIC touches memory, by address. Implementations: :class:`HostMemory` (numpy, CPU); later pinned
-    GPU-mapped host memory and GPU memory."""
+    """How the NIC touches memory, by address. Implementations: :class:`HostMemory` (numpy, CPU) and
+    :class:`epkern.nic.device_memory.DeviceMemory` (GPU memory, IPC-opened peer memory, pinned host-mapped memory)."""
 
     def read(self, addr: int, n: int) -> bytes: ...
 
@@ -490,14 +491,16 @@ class EmulatedNic(NicObservation):
             qp.counters.wqes += 1
             qp.counters.bytes += nbytes
             if wqe.signaled:
+                # Counted before the CQE shows: a host that has seen the CQE reads counters that include it.
+                qp.counters.cqes += 1
                 if not qp.cq._push(opcode=W.MLX5_CQE_REQ, qpn=qp.qpn, wqe_counter=counter, byte_cnt=nbytes):
+                    qp.counters.cqes -= 1
                     qp._ci += wqe.nbb
                     fault = NicFault(qp.qpn, counter, 0, "CQ overrun (host did not consume completions)")
                     qp.state, qp.error = QueuePair.ERROR, fault
                     qp.counters.errors += 1
                     self.faults.append(fault)
                     return
-                qp.counters.cqes += 1
             qp._ci += wqe.nbb
 
     # --- execution ---
