@@ -17,6 +17,13 @@
 // EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS.
 #include "ll_common.cuh"
 
+// EPK_LL_RECV_PER_EXPERT (EPKERN_LL_RECV_PER_EXPERT): receive by one block per local expert with R waiting lanes,
+// instead of max(1, warps / pairs) warps per (expert, source) pair each waiting for all R counts (R^2 waiters per
+// expert). An experiment (not yet run on a GPU); 0, the default, is the code that ran exact on the H200.
+#ifndef EPK_LL_RECV_PER_EXPERT
+#define EPK_LL_RECV_PER_EXPERT 0
+#endif
+
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kHidden = EPK_HIDDEN;
 constexpr int kTopk = EPK_TOPK;
@@ -74,6 +81,28 @@ __device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int
         }
       }
     }
+  }
+}
+
+// Received message `msg` into output row `row` (of `rows` per local expert) of local expert e, by one warp:
+// source token into src_info, the BF16 row or the e4m3 row and its scales (column-major [E_loc][S][rows]).
+__device__ __forceinline__ void unpack_message(const char *msg, long long row, int e, int rows, uint8_t *out_x,
+                                               void *out_scales, int *out_src, int lane) {
+  if (lane == 0) out_src[row] = ll::ld_cg(reinterpret_cast<const int *>(msg));
+  const int4 *src = reinterpret_cast<const int4 *>(msg + 16);
+  if constexpr (!kFp8) {
+    int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 8);
+    for (int j = lane; j < kHidden / 8; j += 32) dst[j] = ll::ld_cg(src + j);
+  } else {
+    int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 16);
+    for (int j = lane; j < kHidden / 16; j += 32) dst[j] = ll::ld_cg(src + j);
+    // Scales are stored column-major, [E_loc][S][rows] (DeepEP's transposed view).
+    constexpr int kWords = kUe8m0 ? kGroups / 4 : kGroups;
+    const int *sc = reinterpret_cast<const int *>(msg + 16 + kHidden);
+    int *out_sc = reinterpret_cast<int *>(out_scales);
+    const long long col = row - static_cast<long long>(e) * rows;
+    for (int j = lane; j < kWords; j += 32)
+      out_sc[(static_cast<long long>(e) * kWords + j) * rows + col] = ll::ld_cg(sc + j);
   }
 }
 
@@ -154,6 +183,58 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   }
 
   if (phase & ll::kRecv) {
+#if EPK_LL_RECV_PER_EXPERT
+    // One block per local expert at a time: warp 0's lanes l < R wait for source l's count (R waiters per expert),
+    // then every warp of the block unpacks the expert's rows, flattened over the sources in rank order.
+    __shared__ int s_begin[kRanks + 1];
+    const int rows = kRanks * num_max;
+    const char *const recv = mine + set_base + recv_off;
+    const int *const sig = reinterpret_cast<const int *>(mine + set_base);
+    const int warp = tid / 32;
+    for (int e = blockIdx.x; e < e_loc; e += gridDim.x) {
+      if (warp == 0) {
+        int cnt = 0;
+        if (lane < kRanks && !s_mask[lane]) {
+          const uint64_t t0 = now_ns();
+          int v = 0;
+          const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, ll::kPhaseDispatchRecv, lane, v);
+          if (got == ll::kArrived)
+            cnt = min(v & ll::kCountMask, num_max);
+          else if (got == ll::kExpired)
+            ll::mask_peer(state, lane);
+          if (wait_stats != nullptr)
+            atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, now_ns() - t0);
+        }
+        __syncwarp();    // the acquiring lanes' view of the messages is every lane's view from here
+        int incl = cnt;  // inclusive prefix over lanes (sources) of the counts
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int up = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += up;
+        }
+        if (lane < kRanks) {
+          s_begin[lane + 1] = incl;
+          out_layout[e * kRanks + lane] = (static_cast<long long>(incl - cnt) << 32) | static_cast<unsigned>(cnt);
+        }
+        if (lane == 0) s_begin[0] = 0;
+        if (lane == kRanks - 1) {
+          out_count[e] = incl;
+          if (recv_stats != nullptr) atomicAdd(recv_stats + e, incl);
+        }
+      }
+      __syncthreads();
+      __threadfence();  // warp 0's acquires order every warp's reads of the messages below (as in combine)
+      const int total = s_begin[kRanks];
+      for (int j = warp; j < total; j += kWarps) {
+        int s = 0;
+        while (s_begin[s + 1] <= j) ++s;  // the source whose rows hold j (at most R steps)
+        const int i = j - s_begin[s];
+        const char *msg = recv + (static_cast<long long>(e * kRanks + s) * num_max + i) * kSlotBytes;
+        unpack_message(msg, static_cast<long long>(e) * rows + j, e, rows, out_x, out_scales, out_src, lane);
+      }
+      __syncthreads();  // s_begin is the next expert's
+    }
+#else
     const int pairs = e_loc * kRanks;
     const int per = max(1, num_warps / pairs);  // warps per (local expert, source rank) pair
     const int rows = kRanks * num_max;
@@ -187,24 +268,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       }
       for (int i = sub; i < n; i += per) {
         const char *msg = recv + (static_cast<long long>(p) * num_max + i) * kSlotBytes;
-        const long long row = static_cast<long long>(e) * rows + begin + i;
-        if (lane == 0) out_src[row] = ll::ld_cg(reinterpret_cast<const int *>(msg));
-        const int4 *src = reinterpret_cast<const int4 *>(msg + 16);
-        if constexpr (!kFp8) {
-          int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 8);
-          for (int j = lane; j < kHidden / 8; j += 32) dst[j] = ll::ld_cg(src + j);
-        } else {
-          int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 16);
-          for (int j = lane; j < kHidden / 16; j += 32) dst[j] = ll::ld_cg(src + j);
-          // Scales are stored column-major, [E_loc][S][rows] (DeepEP's transposed view).
-          constexpr int kWords = kUe8m0 ? kGroups / 4 : kGroups;
-          const int *sc = reinterpret_cast<const int *>(msg + 16 + kHidden);
-          int *out_sc = reinterpret_cast<int *>(out_scales);
-          for (int j = lane; j < kWords; j += 32)
-            out_sc[(static_cast<long long>(e) * kWords + j) * rows + begin + i] = ll::ld_cg(sc + j);
-        }
+        unpack_message(msg, static_cast<long long>(e) * rows + begin + i, e, rows, out_x, out_scales, out_src, lane);
       }
     }
+#endif
   }
 
   if (phase & ll::kSend) ll::finish_call(state, seq);

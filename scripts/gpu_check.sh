@@ -5,7 +5,7 @@
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
-# LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab), TEST_FILES (tests: each file in
+# LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns:per_expert ...", pollab), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
 # Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
@@ -55,13 +55,17 @@ if has llmpsbench; then
   done
 fi
 if has pollab; then
-  # LL polling experiments (docs/environment.md): bench_ll BF16 for each EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS.
-  for v in ${POLL_VARIANTS:-0:0 1:0 0:200 1:200}; do
-    IFS=: read -r relaxed sleep_ns <<<"$v"
-    EPKERN_LL_POLL_RELAXED=$relaxed EPKERN_LL_POLL_SLEEP_NS=$sleep_ns timeout "${LLBENCH_TIMEOUT:-120}" \
-      "${MPIRUN[@]}" -x EPKERN_LL_POLL_RELAXED -x EPKERN_LL_POLL_SLEEP_NS -n 8 python3 bench/bench_ll.py --tokens 128 \
-      --iters 10 --calls 50 --json "$OUT/bench_ll_poll_${relaxed}_${sleep_ns}.json" >"$OUT/bench_ll_poll_${relaxed}_${sleep_ns}.log" 2>&1
-    summary+=("pollab relaxed=$relaxed sleep=$sleep_ns rc=$?: $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_poll_${relaxed}_${sleep_ns}.log" | awk '{printf "%s %s us; ", $2, $3}')")
+  # LL experiments (docs/environment.md), 8 MPS ranks, BF16, validated exactly before timing: each variant is
+  # EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS:EPKERN_LL_RECV_PER_EXPERT.
+  for v in ${POLL_VARIANTS:-0:0:0 1:0:0 0:200:0 0:0:1 1:200:1}; do
+    IFS=: read -r relaxed sleep_ns per_expert <<<"$v"
+    tag="${relaxed}_${sleep_ns}_${per_expert:-0}"
+    EPKERN_LL_POLL_RELAXED=$relaxed EPKERN_LL_POLL_SLEEP_NS=$sleep_ns EPKERN_LL_RECV_PER_EXPERT=${per_expert:-0} \
+      timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -x EPKERN_LL_POLL_RELAXED -x EPKERN_LL_POLL_SLEEP_NS \
+      -x EPKERN_LL_RECV_PER_EXPERT -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 50 \
+      --json "$OUT/bench_ll_exp_$tag.json" >"$OUT/bench_ll_exp_$tag.log" 2>&1
+    rc=$?
+    summary+=("pollab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$OUT/bench_ll_exp_$tag.log" | head -1) $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_exp_$tag.log" | awk '{printf "%s %s us; ", $2, $3}')")
   done
 fi
 if has mps || has mpsraw || has bench || has llmpsbench || has pollab; then bash scripts/mps.sh stop; sleep 2; fi

@@ -36,6 +36,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "LL kernels: nanoseconds a waiting thread sleeps (__nanosleep) between polls of a peer's signal after its "
         "first 32 polls; 0 = poll without pause. An experiment knob (compiled in as a define)",
     ),
+    "EPKERN_LL_RECV_PER_EXPERT": (
+        "0",
+        "LL dispatch: 1 = receive by one block per local expert with R waiting lanes (0 = warps per (expert, "
+        "source) pair, each waiting for all R counts). An experiment knob (compiled in as a define)",
+    ),
     "EPKERN_LL_POLL_RELAXED": (
         "0",
         "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
@@ -150,10 +155,7 @@ def num_thread_ranks() -> int | None:
 
 
 def poison_outputs() -> bool:
-    raw = _raw("EPKERN_POISON_OUTPUTS") or "0"
-    if raw not in ("0", "1"):
-        raise ConfigError(f"EPKERN_POISON_OUTPUTS={raw!r}: expected 0 or 1")
-    return raw == "1"
+    return _zero_or_one("EPKERN_POISON_OUTPUTS") == 1
 
 
 def num_proxy_threads() -> int:
@@ -172,8 +174,16 @@ def ll_poll_sleep_ns() -> int:
     return value
 
 
-def ll_poll_relaxed() -> int:
-    raw = _raw("EPKERN_LL_POLL_RELAXED") or "0"
+def _zero_or_one(name: str) -> int:
+    raw = _raw(name) or "0"
     if raw not in ("0", "1"):
-        raise ConfigError(f"EPKERN_LL_POLL_RELAXED={raw!r}: expected 0 or 1")
+        raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
     return int(raw)
+
+
+def ll_poll_relaxed() -> int:
+    return _zero_or_one("EPKERN_LL_POLL_RELAXED")
+
+
+def ll_recv_per_expert() -> int:
+    return _zero_or_one("EPKERN_LL_RECV_PER_EXPERT")

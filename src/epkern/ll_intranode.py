@@ -349,6 +349,7 @@ def low_latency_dispatch(
         "EPK_ROUND_SCALE": int(round_scale),
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
+        "EPK_LL_RECV_PER_EXPERT": _env.ll_recv_per_expert(),
         **_poll_defines(),
     }
     caller = cupy.cuda.get_current_stream()
