@@ -84,6 +84,21 @@ __device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int
   }
 }
 
+// Lane l < R of an unmasked source l waits for l's count of local expert e (the call's tag); returns the count,
+// 0 for other lanes, masked sources and a source that stays silent past the deadline (masked from then on).
+// `waited`: the lane's wait in ns (0 where it did not wait).
+__device__ __forceinline__ int wait_count(const int *sig, int e, int tag, const Deadline &deadline, int *state,
+                                          const int *s_mask, int num_max, int lane, unsigned long long &waited) {
+  if (lane >= kRanks || s_mask[lane]) return 0;
+  const uint64_t t0 = now_ns();
+  int v = 0;
+  const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, ll::kPhaseDispatchRecv, lane, v);
+  waited = now_ns() - t0;
+  if (got == ll::kArrived) return min(v & ll::kCountMask, num_max);
+  if (got == ll::kExpired) ll::mask_peer(state, lane);
+  return 0;
+}
+
 // Received message `msg` into output row `row` (of `rows` per local expert) of local expert e, by one warp:
 // source token into src_info, the BF16 row or the e4m3 row and its scales (column-major [E_loc][S][rows]).
 __device__ __forceinline__ void unpack_message(const char *msg, long long row, int e, int rows, uint8_t *out_x,
@@ -193,18 +208,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const int warp = tid / 32;
     for (int e = blockIdx.x; e < e_loc; e += gridDim.x) {
       if (warp == 0) {
-        int cnt = 0;
-        if (lane < kRanks && !s_mask[lane]) {
-          const uint64_t t0 = now_ns();
-          int v = 0;
-          const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, ll::kPhaseDispatchRecv, lane, v);
-          if (got == ll::kArrived)
-            cnt = min(v & ll::kCountMask, num_max);
-          else if (got == ll::kExpired)
-            ll::mask_peer(state, lane);
-          if (wait_stats != nullptr)
-            atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, now_ns() - t0);
-        }
+        unsigned long long waited = 0;
+        const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited);
+        if (wait_stats != nullptr && lane < kRanks)
+          atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, waited);
         __syncwarp();    // the acquiring lanes' view of the messages is every lane's view from here
         int incl = cnt;  // inclusive prefix over lanes (sources) of the counts
 #pragma unroll
@@ -243,18 +250,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     for (int p = gw / per; p < pairs; p += num_warps / per) {
       const int e = p / kRanks, s = p % kRanks, sub = gw % per;
       // Lane l < R waits for source rank l's count of expert e (every pair needs all R for the packing).
-      int cnt = 0;
-      if (lane < kRanks && !s_mask[lane]) {
-        const uint64_t t0 = now_ns();
-        int v = 0;
-        const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, ll::kPhaseDispatchRecv, lane, v);
-        if (got == ll::kArrived)
-          cnt = min(v & ll::kCountMask, num_max);
-        else if (got == ll::kExpired)
-          ll::mask_peer(state, lane);
-        if (wait_stats != nullptr && lane == s && sub == 0)
-          atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + s, now_ns() - t0);
-      }
+      unsigned long long waited = 0;
+      const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited);
+      if (wait_stats != nullptr && lane == s && sub == 0)
+        atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + s, waited);
       __syncwarp();  // the acquiring lanes' view of the messages is every lane's view from here
       const int begin = ll::warp_sum(lane < s ? cnt : 0);
       const int total = ll::warp_sum(cnt);
