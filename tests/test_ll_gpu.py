@@ -155,6 +155,7 @@ def test_mask_api_and_explicit_mask():
         # Diagnostics for the failure seen on the H200 (rank 2's dispatch never saw rank 0's count of the
         # masked call; docs/architecture.md): every rank's counter, mask and signal tags before and after.
         print(f"rank {g.rank} before the masked call: {ll_scenarios.ll_signal_dump(buf, 8 * R)}", flush=True)
+        g.barrier()  # the dump synchronises the device: no rank may be in the masked call yet
         if g.rank != R - 1:
             # the masked rank does not take part (its calls would wait for itself: it is masked everywhere)
             seed = 99
