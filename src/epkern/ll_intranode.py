@@ -157,6 +157,9 @@ def init_low_latency(self) -> None:
     cupy.cuda.get_current_stream().synchronize()
     self._ll_sends = 0  # sending launches issued (host side; the device counter is the truth)
     self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
+    # The experiment knobs (docs/environment.md), read once per Buffer so the hot path reads no environment.
+    self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(), "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
+    self._ll_recv_per_expert = _env.ll_recv_per_expert()
 
 
 def capturing(stream) -> bool:
@@ -211,11 +214,6 @@ def _ensure_warm(self, source: str, name: str, defines: dict, stream) -> None:
             f"{name}: this specialisation ({defines}) is used for the first time inside a CUDA graph capture; "
             "call it once before capturing (its first launch synchronises and is collective)"
         )
-
-
-def _poll_defines() -> dict:
-    """The polling experiment knobs (docs/environment.md), compiled into both LL kernels."""
-    return {"EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(), "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
 
 
 def _blocks(self) -> int:
@@ -349,8 +347,8 @@ def low_latency_dispatch(
         "EPK_ROUND_SCALE": int(round_scale),
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
-        "EPK_LL_RECV_PER_EXPERT": _env.ll_recv_per_expert(),
-        **_poll_defines(),
+        "EPK_LL_RECV_PER_EXPERT": self._ll_recv_per_expert,
+        **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
     _ensure_warm(self, "ll_dispatch.cu", "epk_ll_dispatch", defines, caller)
@@ -495,7 +493,7 @@ def low_latency_combine(
         "EPK_HIDDEN": H,
         "EPK_TOPK": K,
         "EPK_THREADS": THREADS,
-        **_poll_defines(),
+        **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
     _ensure_warm(self, "ll_combine.cu", "epk_ll_combine", defines, caller)
