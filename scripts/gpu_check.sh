@@ -68,7 +68,11 @@ if has pollab; then
     summary+=("pollab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$OUT/bench_ll_exp_$tag.log" | head -1) $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_exp_$tag.log" | awk '{printf "%s %s us; ", $2, $3}')")
   done
 fi
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab; then bash scripts/mps.sh stop; sleep 2; fi
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab; then
+  bash scripts/mps.sh stop
+  sleep 2
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY # the in-process runs below are no MPS clients
+fi
 if has tests; then
   for f in ${TEST_FILES:-tests/test_rdma_gpu.py tests/test_layout_gpu.py tests/test_ll_gpu.py tests/test_ht_gpu.py tests/test_nic_device_ranks.py}; do
     [ -f "$f" ] || continue

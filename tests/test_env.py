@@ -61,27 +61,30 @@ def test_cuda_defaults_documented_and_respect_the_user(monkeypatch):
         assert os.environ[name] == "1"
 
 
-@pytest.mark.parametrize("pipe", ["/tmp/some-mps-pipe", ""])
-def test_connections_left_to_cuda_under_mps(monkeypatch, tmp_path, pipe):
+@pytest.mark.parametrize("named", [True, False])
+def test_connections_left_to_cuda_under_mps(monkeypatch, tmp_path, named):
     """Under MPS, CUDA_DEVICE_MAX_CONNECTIONS stays unset (32 per client exhausted the MPS server's channels
-    with 8 processes on the H200); outside MPS it is set. MPS is recognised by its pipe directory variable
-    or the default pipe's control socket."""
+    with 8 processes on the H200); outside MPS it is set. MPS is recognised by the control daemon's socket in
+    the pipe directory (CUDA_MPS_PIPE_DIRECTORY, else the default); a named directory without it is not MPS."""
     import os
 
     for name in _env.CUDA_DEFAULTS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(_env, "MPS_DEFAULT_PIPE", str(tmp_path))
-    if pipe:
-        monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", pipe)
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    if named:
+        monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipe))
+        monkeypatch.setattr(_env, "MPS_DEFAULT_PIPE", str(tmp_path / "absent"))
     else:
         monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-        (tmp_path / "control").touch()
+        monkeypatch.setattr(_env, "MPS_DEFAULT_PIPE", str(pipe))
+    assert not _env.under_mps()  # no daemon behind the directory yet
+    (pipe / "control").touch()
     assert _env.under_mps()
     _env.apply_cuda_defaults()
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
     assert os.environ["CUDA_MODULE_LOADING"] == "EAGER"
-    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-    (tmp_path / "control").unlink(missing_ok=True)
+    (pipe / "control").unlink()
     assert not _env.under_mps()
     _env.apply_cuda_defaults()
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"

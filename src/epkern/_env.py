@@ -55,8 +55,8 @@ CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
         "32",
         "hardware work queues per CUDA context (CUDA's default is 8): in-process ranks need one per stream, "
         "or one rank's stream wait can hold back a peer's kernel (a deadlock until the device deadline). "
-        "Not set under CUDA MPS (CUDA_MPS_PIPE_DIRECTORY set, or the default pipe /tmp/nvidia-mps/control "
-        "present): measured on the H200, 8 MPS clients with 32 each got cudaErrorDevicesUnavailable, 4 got "
+        "Not set under CUDA MPS (a control socket in CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps): "
+        "measured on the H200, 8 MPS clients with 32 each got cudaErrorDevicesUnavailable, 4 got "
         "cudaErrorMemoryAllocation at context creation; with CUDA's 8, all 8 ran",
     ),
     "CUDA_MODULE_LOADING": (
@@ -74,10 +74,11 @@ MPS_DEFAULT_PIPE = "/tmp/nvidia-mps"
 
 
 def under_mps() -> bool:
-    """Whether CUDA in this process will connect to an MPS server (its pipe directory is named or the
-    default one has a control socket): decided before CUDA starts, from the environment alone."""
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "").strip()
-    return bool(pipe) or os.path.exists(os.path.join(MPS_DEFAULT_PIPE, "control"))
+    """Whether CUDA in this process will connect to an MPS server: its pipe directory
+    (``CUDA_MPS_PIPE_DIRECTORY``, else /tmp/nvidia-mps) holds the control daemon's socket. Decided before CUDA
+    starts; a pipe directory named without a daemon behind it does not count (CUDA then runs without MPS)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "").strip() or MPS_DEFAULT_PIPE
+    return os.path.exists(os.path.join(pipe, "control"))
 
 
 def apply_cuda_defaults() -> None:
