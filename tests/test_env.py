@@ -88,3 +88,19 @@ def test_connections_left_to_cuda_under_mps(monkeypatch, tmp_path, named):
     assert not _env.under_mps()
     _env.apply_cuda_defaults()
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+
+
+def test_child_environment_drops_only_the_defaults_epkern_set(monkeypatch, tmp_path):
+    import os
+
+    for name in _env.CUDA_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_env, "_applied", set())
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(_env, "MPS_DEFAULT_PIPE", str(tmp_path))  # no daemon
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "LAZY")  # the user's own value
+    _env.apply_cuda_defaults()
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32" and os.environ["CUDA_MODULE_LOADING"] == "LAZY"
+    child = _env.child_environment(dict(os.environ))
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in child and child["CUDA_MODULE_LOADING"] == "LAZY"
+    assert child["PATH"] == os.environ["PATH"]

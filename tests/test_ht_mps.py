@@ -30,7 +30,9 @@ def _mpiexec(n):
 def mps_env():
     """MPS must already run (bash scripts/mps.sh start, before any CUDA process: a process that opened the
     GPU without MPS and the MPS server exclude each other), with CUDA_MPS_PIPE_DIRECTORY exported."""
-    env = dict(os.environ)
+    from epkern import _env
+
+    env = _env.child_environment(dict(os.environ))  # the workers decide the CUDA defaults under MPS themselves
     if "CUDA_MPS_PIPE_DIRECTORY" not in env or not shutil.which("nvidia-cuda-mps-control"):
         pytest.skip("MPS is not running (start it first: bash scripts/mps.sh start; export CUDA_MPS_PIPE_DIRECTORY)")
     probe = subprocess.run(

@@ -81,12 +81,23 @@ def under_mps() -> bool:
     return os.path.exists(os.path.join(pipe, "control"))
 
 
+_applied: set[str] = set()
+
+
 def apply_cuda_defaults() -> None:
     mps = under_mps()
     for name, (value, _why) in CUDA_DEFAULTS.items():
-        if mps and name in _NOT_UNDER_MPS:
+        if mps and name in _NOT_UNDER_MPS or name in os.environ:
             continue
-        os.environ.setdefault(name, value)
+        os.environ[name] = value
+        _applied.add(name)
+
+
+def child_environment(env: dict) -> dict:
+    """``env`` without the CUDA defaults epkern set in this process (a user's own values stay): a child
+    process decides them again at its own import, e.g. under an MPS daemon this process started after its
+    import (epkern-launch --mps), where 32 connections would keep the clients from starting."""
+    return {k: v for k, v in env.items() if not (k in _applied and v == CUDA_DEFAULTS[k][0])}
 
 
 def _raw(name: str) -> str:

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if ns.procs:
         if ns.ranks is None:
             p.error("--procs needs -n/--ranks")
-        env = dict(os.environ)
+        env = _env.child_environment(dict(os.environ))
         if ns.mps:
             start_mps(env)
         if ns.ranks_per_node:
