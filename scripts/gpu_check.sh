@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|bench|mps|tests|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|bench|mps|tests|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
@@ -82,6 +83,29 @@ if has tests; then
       -m "gpu and not mpi" "$f" >"$log" 2>&1
     rc=$?
     summary+=("$(basename "$f") rc=$rc: $(tail -1 "$log")")
+  done
+fi
+if has multigpu; then
+  # Issue #6, a machine of several GPUs (no MPS): one process per GPU. NVLink multicast stays off throughout.
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  ngpu=$(nvidia-smi -L | wc -l)
+fi
+if has multigpu && [ "$ngpu" -lt 2 ]; then
+  summary+=("multigpu: skipped, $ngpu GPU")
+elif has multigpu; then
+  MG=("${MPIRUN[@]}" -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -n "$ngpu")
+  timeout 180 python3 bench/bench_p2p.py --json "$OUT/bench_p2p.json" >"$OUT/bench_p2p.log" 2>&1
+  summary+=("p2p rc=$?: $(tail -1 "$OUT/bench_p2p.log")")
+  for w in ht ll; do
+    timeout "${STEP_TIMEOUT:-240}" "${MG[@]}" python3 -m mpi4py "tests/${w}_mpi_worker.py" >"$OUT/multigpu_${w}.log" 2>&1
+    summary+=("$ngpu-GPU $w worker rc=$?: $(grep -c '^OK rank' "$OUT/multigpu_${w}.log") OK")
+  done
+  for fp8 in "" --fp8; do
+    timeout 300 "${MG[@]}" python3 bench/bench_ht.py --tokens 4096 $fp8 --json "$OUT/mg_ht$fp8.json" >"$OUT/mg_ht$fp8.log" 2>&1
+    timeout 300 "${MG[@]}" python3 bench/bench_ll.py --tokens 128 $fp8 --json "$OUT/mg_ll$fp8.json" >"$OUT/mg_ll$fp8.log" 2>&1
+    timeout 300 "${MG[@]}" python3 bench/bench_a2a_nccl.py --tokens 4096 $fp8 --json "$OUT/mg_a2a$fp8.json" \
+      >"$OUT/mg_a2a$fp8.log" 2>&1
+    summary+=("$ngpu-GPU benches ${fp8:-bf16}: ht/ll/a2a logs under mg_*$fp8.log")
   done
 fi
 if has patterns; then

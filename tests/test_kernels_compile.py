@@ -56,6 +56,7 @@ SPECIMENS = {
     ],
     "rdma_selftest.cu": [dict()],
     "nic_fetch_add.cu": [dict()],
+    "bench_p2p.cu": [dict()],
     "layout.cu": [
         dict(
             EPK_NUM_EXPERTS=256,
