@@ -174,6 +174,22 @@ EPK_DEVICE int ld_cg(const int *p) {
   return v;
 }
 
+// Warp copy of `n` 16-byte vectors with kInFlight loads per lane issued before their stores. One load per lane at
+// a time leaves a warp ~512 bytes in flight, far below what hides DRAM latency (on the H200 the LL receive half,
+// which copied that way, moved ~66 GB/s per rank). Lane l copies vectors l, l + 32, ...
+template <int kInFlight, typename Load>
+EPK_DEVICE void warp_copy_v4(int4 *dst, const int4 *src, int n, int lane, Load load) {
+  int i = lane;
+  for (; i + 32 * (kInFlight - 1) < n; i += 32 * kInFlight) {
+    int4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) v[u] = load(src + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) dst[i + 32 * u] = v[u];
+  }
+  for (; i < n; i += 32) dst[i] = load(src + i);
+}
+
 // ---- FP8 cast (reference/fp8.py, bit-exact) ----
 // 2^ceil(log2(s)) for positive float32 s, exactly: s itself when already a power of two, else the next one.
 // inf / NaN stay as they are (as the reference's pow2_ceil).

@@ -37,6 +37,7 @@ constexpr int kScaleBytes = kFp8 ? (kUe8m0 ? kGroups : 4 * kGroups) : 0;
 constexpr int kPayloadBytes = kFp8 ? kHidden + kScaleBytes : 2 * kHidden;
 constexpr int kMsgBytes = (16 + kPayloadBytes + 15) / 16 * 16;  // bytes actually sent
 constexpr int kSlotBytes = 16 + 2 * kHidden;                    // slot stride (fits every message kind)
+constexpr int kCopyInFlight = 3;                                // 16-byte loads per lane before their stores
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(!kUe8m0 || (kFp8 && kRoundScale && kHidden % 512 == 0), "UE8M0 needs FP8, round_scale, H % 512");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
@@ -50,8 +51,8 @@ using namespace epk;
 __device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int t, char *msg, int lane) {
   if (lane == 0) *reinterpret_cast<int4 *>(msg) = make_int4(t, 0, 0, 0);
   if constexpr (!kFp8) {
-    int4 *dst = reinterpret_cast<int4 *>(msg + 16);
-    for (int j = lane; j < kHidden / 8; j += 32) dst[j] = epk::ld_nc_v4(xrow + j);
+    ll::warp_copy_v4<kCopyInFlight>(reinterpret_cast<int4 *>(msg + 16), xrow, kHidden / 8, lane,
+                                    [](const int4 *p) { return epk::ld_nc_v4(p); });
   } else {
     // Half-warp per 128-channel group: lane holds 8 channels (one int4 of BF16); amax over 16 lanes.
     const int half = lane >> 4, hl = lane & 15;
@@ -105,12 +106,13 @@ __device__ __forceinline__ void unpack_message(const char *msg, long long row, i
                                                void *out_scales, int *out_src, int lane) {
   if (lane == 0) out_src[row] = ll::ld_cg(reinterpret_cast<const int *>(msg));
   const int4 *src = reinterpret_cast<const int4 *>(msg + 16);
+  const auto load = [](const int4 *p) { return ll::ld_cg(p); };
   if constexpr (!kFp8) {
-    int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 8);
-    for (int j = lane; j < kHidden / 8; j += 32) dst[j] = ll::ld_cg(src + j);
+    ll::warp_copy_v4<kCopyInFlight>(reinterpret_cast<int4 *>(out_x) + row * (kHidden / 8), src, kHidden / 8, lane,
+                                    load);
   } else {
-    int4 *dst = reinterpret_cast<int4 *>(out_x) + row * (kHidden / 16);
-    for (int j = lane; j < kHidden / 16; j += 32) dst[j] = ll::ld_cg(src + j);
+    ll::warp_copy_v4<kCopyInFlight>(reinterpret_cast<int4 *>(out_x) + row * (kHidden / 16), src, kHidden / 16, lane,
+                                    load);
     // Scales are stored column-major, [E_loc][S][rows] (DeepEP's transposed view).
     constexpr int kWords = kUe8m0 ? kGroups / 4 : kGroups;
     const int *sc = reinterpret_cast<const int *>(msg + 16 + kHidden);

@@ -1,5 +1,7 @@
 """Every kernel source compiles to an sm_90 cubin with NVRTC, on a machine without a GPU."""
 
+import re
+
 import pytest
 
 from epkern import kernel_loader
@@ -194,15 +196,39 @@ def test_every_source_has_specimens():
     assert names == set(SPECIMENS), f"sources without compile specimens: {names - set(SPECIMENS)}"
 
 
-@pytest.mark.parametrize(
+EVERY_SPECIMEN = pytest.mark.parametrize(
     "source,defines",
     [(s, d) for s, ds in SPECIMENS.items() for d in ds],
     ids=lambda v: v if isinstance(v, str) else "-".join(str(x) for x in v.values()),
 )
+
+
+@EVERY_SPECIMEN
 def test_compiles_to_sm90_cubin(source, defines):
     cubin = kernel_loader.compile_cubin(source, defines, arch="sm_90")
     assert cubin[:4] == b"\x7fELF", "NVRTC did not return an ELF cubin"
     assert len(cubin) > 1000
+
+
+# Specimens known to spill, with why that is accepted (ptxas targets 64 registers for 512-thread blocks here).
+SPILL_ALLOWED = {
+    # the copy-pattern sweep's deepest unroll: the benchmark measures exactly this trade-off
+    "bench_copy_patterns.cu": lambda d: d.get("EPK_UNROLL") == 4,
+    # 8 bytes at the widest group (32 ranks, top-1): the extreme of the supported range, not a hot configuration
+    "ll_combine.cu": lambda d: d["EPK_NUM_RANKS"] == 32,
+}
+
+
+@EVERY_SPECIMEN
+def test_no_register_spills(source, defines):
+    """Spilled registers go through local memory inside the copy loops: every specimen fits its registers but
+    the SPILL_ALLOWED ones (a 4-deep copy unroll in ll_dispatch.cu spilled, a 3-deep one did not)."""
+    report = kernel_loader.ptxas_report(source, defines, arch="sm_90")
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills, report
+    if source in SPILL_ALLOWED and SPILL_ALLOWED[source](defines):
+        return
+    assert all(st == "0" and ld == "0" for st, ld in spills), report
 
 
 def test_compile_error_carries_log(tmp_path, monkeypatch):

@@ -159,6 +159,22 @@ def compile_cubin(source: str, defines: Mapping[str, object] | None = None, arch
         nvrtc.destroyProgram(prog)
 
 
+def ptxas_report(source: str, defines: Mapping[str, object] | None = None, arch: str = "sm_90") -> str:
+    """ptxas's resource report (registers, stack frame, spill stores/loads per entry function) for this
+    specialisation, compiled as :func:`compile_cubin` compiles it; no GPU needed."""
+    nvrtc = _nvrtc()
+    options = compile_options(arch, dict(defines or {})) + ["--ptxas-options=-v"]
+    prog = nvrtc.createProgram((kernel_dir() / source).read_text(), source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            raise KernelCompileError(f"NVRTC failed on {source}:\n{nvrtc.getProgramLog(prog)}") from exc
+        return nvrtc.getProgramLog(prog).rstrip("\x00")
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
 def cache_key(source: str, defines: Mapping[str, object], arch: str) -> str:
     h = hashlib.sha256()
     for part in (
