@@ -196,6 +196,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
         done_ctr[g] = 0;
       }
+      // Reconverge before anything else: without this, lanes 1..31 ran ahead into the receive phase and spun
+      // on peers' counts while lane 0 still waited here, and a warp whose spinning lanes are scheduled ahead
+      // of lane 0 holds back the count every peer waits for (suspected cause of the fused dispatch's 4.4 ms
+      // against 0.35 ms for its two halves, and of a count that never arrived; not yet measured).
+      __syncwarp();
     }
   }
 
