@@ -78,8 +78,8 @@ EPK_DEVICE void finish_call(int *state, unsigned seq) {
 
 enum WaitResult : int { kArrived = 0, kExpired = 1, kGaveUp = 2 };
 
-// Polling experiments (not yet measured; defaults = the code that ran exact on the H200). Thousands of threads
-// per rank poll peers' signals while the senders' copies are in flight:
+// Polling experiments (not yet measured; the defaults poll as the code that ran exact on the H200). Thousands of
+// threads per rank poll peers' signals while the senders' copies are in flight:
 //   EPK_POLL_SLEEP_NS (EPKERN_LL_POLL_SLEEP_NS): __nanosleep between polls after the first 32 (0 = none);
 //   EPK_POLL_RELAXED (EPKERN_LL_POLL_RELAXED): poll with relaxed (volatile) loads and make one acquire load once
 //   the tag shows, instead of an acquire load per poll. Same ordering: the acquire load reads the released value

@@ -19,7 +19,7 @@
 
 // EPK_LL_RECV_PER_EXPERT (EPKERN_LL_RECV_PER_EXPERT): receive by one block per local expert with R waiting lanes,
 // instead of max(1, warps / pairs) warps per (expert, source) pair each waiting for all R counts (R^2 waiters per
-// expert). An experiment (not yet run on a GPU); 0, the default, is the code that ran exact on the H200.
+// expert). An experiment (not yet run on a GPU); 0, the default, is the receive design that ran exact on the H200.
 #ifndef EPK_LL_RECV_PER_EXPERT
 #define EPK_LL_RECV_PER_EXPERT 0
 #endif
