@@ -134,19 +134,12 @@ def compile_options(arch: str, defines: Mapping[str, object], debug: bool = Fals
     return opts + _define_flags(defines)
 
 
-def compile_cubin(source: str, defines: Mapping[str, object] | None = None, arch: str | None = None) -> bytes:
-    """Compile ``kernels/<source>`` to a cubin for ``arch`` (default: the current device). No GPU needed
-    when ``arch`` is given. Raises KernelCompileError with NVRTC's log on failure."""
-    defines = dict(defines or {})
-    arch = arch or device_arch()
-    if not arch.startswith("sm_"):
-        # compute_XY would give PTX, which a driver older than this NVRTC cannot load.
-        raise KernelCompileError(f"arch={arch!r}: expected a real architecture sm_XY (a cubin), not PTX")
+def _run_nvrtc(source: str, options: list[str]) -> tuple[bytes, str]:
+    """Compile ``kernels/<source>`` with ``options``: (cubin, NVRTC's log). KernelCompileError on failure."""
     path = kernel_dir() / source
     if not path.is_file():
         raise KernelCompileError(f"no kernel source {source!r} in {kernel_dir()}")
     nvrtc = _nvrtc()
-    options = compile_options(arch, defines)
     prog = nvrtc.createProgram(path.read_text(), source, [], [])
     try:
         try:
@@ -154,25 +147,25 @@ def compile_cubin(source: str, defines: Mapping[str, object] | None = None, arch
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
             raise KernelCompileError(f"NVRTC failed on {source} ({' '.join(options)}):\n{log}") from exc
-        return nvrtc.getCUBIN(prog)
+        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog).rstrip("\x00")
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def compile_cubin(source: str, defines: Mapping[str, object] | None = None, arch: str | None = None) -> bytes:
+    """Compile ``kernels/<source>`` to a cubin for ``arch`` (default: the current device). No GPU needed
+    when ``arch`` is given. Raises KernelCompileError with NVRTC's log on failure."""
+    arch = arch or device_arch()
+    if not arch.startswith("sm_"):
+        # compute_XY would give PTX, which a driver older than this NVRTC cannot load.
+        raise KernelCompileError(f"arch={arch!r}: expected a real architecture sm_XY (a cubin), not PTX")
+    return _run_nvrtc(source, compile_options(arch, dict(defines or {})))[0]
 
 
 def ptxas_report(source: str, defines: Mapping[str, object] | None = None, arch: str = "sm_90") -> str:
     """ptxas's resource report (registers, stack frame, spill stores/loads per entry function) for this
     specialisation, compiled as :func:`compile_cubin` compiles it; no GPU needed."""
-    nvrtc = _nvrtc()
-    options = compile_options(arch, dict(defines or {})) + ["--ptxas-options=-v"]
-    prog = nvrtc.createProgram((kernel_dir() / source).read_text(), source, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(prog, options)
-        except nvrtc.NVRTCError as exc:
-            raise KernelCompileError(f"NVRTC failed on {source}:\n{nvrtc.getProgramLog(prog)}") from exc
-        return nvrtc.getProgramLog(prog).rstrip("\x00")
-    finally:
-        nvrtc.destroyProgram(prog)
+    return _run_nvrtc(source, compile_options(arch, dict(defines or {})) + ["--ptxas-options=-v"])[1]
 
 
 def cache_key(source: str, defines: Mapping[str, object], arch: str) -> str:
