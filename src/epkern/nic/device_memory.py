@@ -36,7 +36,7 @@ import threading
 
 import numpy as np
 
-from .emulated import NicError
+from .emulated import NicError, range_base
 
 __all__ = ["DeviceMemory"]
 
@@ -117,11 +117,8 @@ class DeviceMemory:
         """Raise unless ``[addr, addr + n)`` lies inside one added range (called with the lock held)."""
         if n < 0:
             raise NicError(f"negative length {n} at 0x{addr:x}")
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0:
-            base = self._bases[i]
-            if addr + n <= base + self._sizes[base]:
-                return
+        if range_base(self._bases, self._sizes.__getitem__, addr, n) is not None:
+            return
         raise NicError(f"address range 0x{addr:x}+{n} is not inside memory known to this DeviceMemory")
 
     # --- CUDA (lazy) ---

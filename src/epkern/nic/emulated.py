@@ -72,6 +72,15 @@ class MemoryAccess(Protocol):
     def atomic_fetch_add64(self, addr: int, value: int) -> int: ...
 
 
+def range_base(bases: list[int], size_of, addr: int, n: int) -> int | None:
+    """The base of the added range holding ``[addr, addr + n)``: ``bases`` sorted, ``size_of(base)`` its
+    length (memory backends' second line of defence behind the MR checks). None if no range holds it."""
+    i = bisect.bisect_right(bases, addr) - 1
+    if i >= 0 and addr + n <= bases[i] + size_of(bases[i]):
+        return bases[i]
+    return None
+
+
 class HostMemory:
     """:class:`MemoryAccess` over numpy arrays added with :meth:`add`; addresses are their real host addresses.
 
@@ -97,12 +106,9 @@ class HostMemory:
         return base
 
     def _view(self, addr: int, n: int) -> np.ndarray:
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0:
-            base = self._bases[i]
-            arr = self._arrays[base]
-            if addr + n <= base + arr.shape[0]:
-                return arr[addr - base : addr - base + n]
+        base = range_base(self._bases, lambda b: self._arrays[b].shape[0], addr, n)
+        if base is not None:
+            return self._arrays[base][addr - base : addr - base + n]
         raise NicError(f"address range 0x{addr:x}+{n} is not inside memory known to this HostMemory")
 
     def read(self, addr: int, n: int) -> bytes:
