@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 bench/bench_a2a_nccl.py --tokens 4096 --hidden 7168 --topk 8 --experts 256
     mpiexec -n 8 python3 bench/bench_a2a_nccl.py ...        # Open MPI / MPICH rank variables are understood
 
-Inputs are drawn exactly as bench_ht.py draws them (same seeds, same order), so both move the same rows:
+Inputs come from bench/_workload.py as for bench_ht.py (same seeds), so both move the same rows:
 dispatch sends each token once to every rank holding one of its experts (rows grouped by destination, token
 order within a group); combine sends the received rows back and sums them per token. Reported per op (CUDA
 events, median over iterations after warm-up, a collective before each, the maximum over ranks):
@@ -27,31 +27,24 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workload import add_workload_args, ht_rank_inputs  # noqa: E402
 
 # Before torch or NCCL start: multicast objects can take a shared host's GPUs out of service.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(NO_MULTICAST)
 
-BF16 = ml_dtypes.bfloat16
 OPS = ("dispatch_a2a", "dispatch", "combine_a2a", "combine")
 _RANK_VARS = (  # (rank, world size, local rank) as launchers name them
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
 )
-
-
-def make_rank_inputs(rank: int, tokens: int, hidden: int, experts: int, topk: int):
-    """x (BF16 [T, H]), topk_idx (int64 [T, K]) and weights as bench_ht.py.rank_main draws them."""
-    rng = np.random.default_rng(1234 + rank)
-    x = rng.standard_normal((tokens, hidden), dtype=np.float32).astype(BF16)
-    idx = np.argsort(rng.random((tokens, experts)), axis=1)[:, :topk].astype(np.int64)
-    w = rng.random((tokens, topk), dtype=np.float32)
-    return x, idx, w
 
 
 def a2a_plan(topk_idx: np.ndarray, num_experts: int, num_ranks: int):
@@ -81,7 +74,7 @@ def expected_recv(rank: int, world: int, tokens: int, hidden: int, experts: int,
     """What ``rank`` must receive: every source's rows for it, sources ascending (all_to_all_single's order)."""
     parts = []
     for s in range(world):
-        x, idx, _ = make_rank_inputs(s, tokens, hidden, experts, topk)
+        x, idx, _ = ht_rank_inputs(s, tokens, hidden, experts, topk)
         index, counts = a2a_plan(idx, experts, world)
         begin = int(counts[:rank].sum())
         parts.append(rows_of(x, fp8)[index[begin : begin + int(counts[rank])]])
@@ -119,7 +112,7 @@ def rank_main(args, tokens: int) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
-    x_np, idx_np, w_np = make_rank_inputs(rank, tokens, args.hidden, args.experts, args.topk)
+    x_np, idx_np, w_np = ht_rank_inputs(rank, tokens, args.hidden, args.experts, args.topk)
     send_index, send_counts = a2a_plan(idx_np, args.experts, world)
     counts = torch.from_numpy(send_counts).to(dev)
     every = torch.empty((world, world), dtype=torch.int64, device=dev)
@@ -182,10 +175,7 @@ def rank_main(args, tokens: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=str, default="4096", help="tokens per rank; a comma list sweeps")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    add_workload_args(p, tokens="4096")
     p.add_argument("--fp8", action="store_true", help="dispatch e4m3 rows with their scales")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)

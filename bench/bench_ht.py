@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import KernelClock, copy_bandwidth_gbs  # noqa: E402
+from _workload import add_workload_args, ht_rank_inputs  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 # One call after a barrier (host time included); *_kernel: the same calls, only the time from each kernel's launch
@@ -89,11 +90,9 @@ def rank_main(group, args, tokens):
 
     from epkern import Buffer, Config
 
-    rng = np.random.default_rng(1234 + group.rank)
     R = group.size
-    x_np = rng.standard_normal((tokens, args.hidden), dtype=np.float32).astype(BF16)
-    idx_np = np.argsort(rng.random((tokens, args.experts)), axis=1)[:, : args.topk].astype(np.int64)
-    w_np = rng.random((tokens, args.topk), dtype=np.float32)
+    rng = np.random.default_rng(1234 + group.rank)
+    x_np, idx_np, w_np = ht_rank_inputs(group.rank, tokens, args.hidden, args.experts, args.topk, rng)
     if args.fp8:
         from epkern import reference as ref
 
@@ -215,10 +214,7 @@ def summarize(per_rank: list[dict], args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=str, default="4096", help="tokens per rank; a comma list sweeps")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    add_workload_args(p, tokens="4096")
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--num-sms", type=int, default=0)

@@ -59,6 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import KernelClock, copy_bandwidth_gbs  # noqa: E402
+from _workload import add_workload_args  # noqa: E402
 from epkern import reference  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
@@ -677,10 +678,7 @@ def _plot(results, path, mode):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=str, default="128", help="tokens per rank; a comma list sweeps")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    add_workload_args(p, tokens="128")
     p.add_argument("--num-max", type=int, default=0, help="num_max_dispatch_tokens_per_rank (default: max tokens)")
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (combine is BF16 either way)")
     p.add_argument("--round-scale", action="store_true", help="FP8 scales rounded to powers of two")
