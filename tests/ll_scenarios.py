@@ -154,6 +154,27 @@ def ll_buffer_bytes(num_max, hidden, num_ranks, num_experts):
     return reference.get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
 
 
+def group_reference(
+    seed, R, num_tokens, hidden, num_experts, topk, num_max, routing="random", use_fp8=False, round_scale=False,
+    use_ue8m0=False, absent=()
+):  # fmt: skip
+    """Every rank's inputs and the whole group's reference: (xs, idxs, ws, dispatch results, combined x of
+    each rank for the expert outputs of ``expert_outputs_for``), computed once per process (shared_reference)."""
+
+    def compute():
+        e_loc = num_experts // R
+        xs, idxs, ws = make_ll_inputs(seed, R, num_tokens, hidden, num_experts, topk, routing, absent)
+        ref_idxs = without_experts_of(idxs, absent, num_experts, R)
+        want = reference.ll_dispatch(xs, ref_idxs, num_max, num_experts, use_fp8, round_scale, use_ue8m0)
+        ys_ref = [
+            expert_outputs_for(want[d].layout_range, want[d].src_info, d, R, num_max, hidden, e_loc) for d in range(R)
+        ]
+        return xs, idxs, ws, want, reference.ll_combine(ys_ref, want, ref_idxs, ws)
+
+    key = ("ll_case", seed, R, str(num_tokens), hidden, num_experts, topk, num_max, routing, use_fp8, round_scale)
+    return shared_reference(key + (use_ue8m0, tuple(absent)), compute)
+
+
 def run_ll_case(
     buf,
     group,
@@ -182,18 +203,9 @@ def run_ll_case(
     e_loc, rows = num_experts // R, R * num_max
     seed = shared_seed(group) if seed is None else seed
 
-    def whole_group_reference():
-        xs, idxs, ws = make_ll_inputs(seed, R, num_tokens, hidden, num_experts, topk, routing, absent)
-        ref_idxs = without_experts_of(idxs, absent, num_experts, R)
-        want = reference.ll_dispatch(xs, ref_idxs, num_max, num_experts, use_fp8, round_scale, use_ue8m0)
-        ys_ref = [
-            expert_outputs_for(want[d].layout_range, want[d].src_info, d, R, num_max, hidden, e_loc) for d in range(R)
-        ]
-        return xs, idxs, ws, want, reference.ll_combine(ys_ref, want, ref_idxs, ws)
-
-    key = ("ll_case", seed, R, str(num_tokens), hidden, num_experts, topk, num_max, routing, use_fp8, round_scale)
-    key += (use_ue8m0, tuple(absent))
-    xs, idxs, ws, want, expected = shared_reference(key, whole_group_reference)
+    xs, idxs, ws, want, expected = group_reference(
+        seed, R, num_tokens, hidden, num_experts, topk, num_max, routing, use_fp8, round_scale, use_ue8m0, absent
+    )
     x_dev, idx_dev, w_dev = cupy.asarray(xs[r]), cupy.asarray(idxs[r]), cupy.asarray(ws[r])
     what = f"rank {r} (fp8={use_fp8}, round={round_scale}, ue8m0={use_ue8m0}, hook={hook}, zero_copy={zero_copy})"
 
@@ -286,33 +298,28 @@ def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=
     seed = shared_seed(group)
     batches = []
     for b in range(2):
-        xs, idxs, ws = make_ll_inputs(seed + b, R, num_max - 3 * b, hidden, E, topk)
-        want = reference.ll_dispatch(xs, idxs, num_max, E)
+        xs, idxs, ws, want, expected = group_reference(seed + b, R, num_max - 3 * b, hidden, E, topk, num_max)
         dev = (cupy.asarray(xs[r]), cupy.asarray(idxs[r]), cupy.asarray(ws[r]))
         res = buf.low_latency_dispatch(dev[0], dev[1], num_max, E, use_fp8=False, return_recv_hook=True)
-        batches.append((xs, idxs, ws, want, dev, res))
+        batches.append((expected, want, dev, res))
     for *_, res in batches:
         res[4]()  # recv hooks in order
     settle(buf)
     # Combine A reuses dispatch A's buffer set: every rank must have received A before any rank combines
     # (DeepEP's rule of at most two LL results alive; see ll_intranode.py).
     group.barrier()
-    for b, (_, _, _, want, _, res) in enumerate(batches):
+    for b, (_, want, _, res) in enumerate(batches):
         recv_x, count, handle = res[0], res[1], res[2]
         src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
         check_dispatch(r, R, cupy.asnumpy(recv_x), cupy.asnumpy(count), src_np, lr_np, want[r], f"batch {b}")
-    for b, (_, idxs, ws, want, dev, res) in enumerate(batches):
+    for b, (expected, _, dev, res) in enumerate(batches):
         handle = res[2]
         y = expert_outputs_for(
             cupy.asnumpy(handle.layout_range), cupy.asnumpy(handle.src_info), r, R, num_max, hidden, e_loc
         )
-        ys_ref = [
-            expert_outputs_for(want[d].layout_range, want[d].src_info, d, R, num_max, hidden, e_loc) for d in range(R)
-        ]
-        expect = reference.ll_combine(ys_ref, want, idxs, ws)[r]
         out, _, _ = buf.low_latency_combine(cupy.asarray(y), dev[1], dev[2], handle)
         settle(buf)
-        assert_same(cupy.asnumpy(out), expect, f"rank {r} batch {b} combined_x")
+        assert_same(cupy.asnumpy(out), expected[r], f"rank {r} batch {b} combined_x")
 
 
 def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=4, num_max=128, use_fp8=False):
