@@ -109,6 +109,7 @@ def rank_main(group, args, tokens):
         if args.num_sms:
             buf.set_num_sms(args.num_sms)
         buf.ht_threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll = args.threads, args.dunroll, args.cunroll
+        buf.ht_blocks_per_sm, buf.ht_combine_loads_first = args.blocks_per_sm, args.loads_first
         if group.rank == 0:
             bw = copy_bandwidth_gbs(1 << 30)
         group.barrier()
@@ -160,7 +161,13 @@ def rank_main(group, args, tokens):
         res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
         res["tokens"] = tokens
         res["num_sms"] = buf.num_sms
-        res["launch"] = (buf.ht_threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll)
+        res["launch"] = (
+            buf.ht_threads,
+            buf.ht_blocks_per_sm,
+            buf.ht_dispatch_unroll,
+            buf.ht_combine_unroll,
+            buf.ht_combine_loads_first,
+        )
         res["ranks_per_gpu"] = buf.ranks_per_gpu
         res["row_bytes"] = row_bytes
         res["copy_bandwidth_GBps"] = bw
@@ -221,6 +228,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=512, help="threads per block of the HT copy kernels")
     p.add_argument("--dunroll", type=int, default=4, help="16-byte loads in flight per lane, dispatch")
     p.add_argument("--cunroll", type=int, default=2, help="16-byte loads in flight per lane and peer, combine")
+    p.add_argument("--blocks-per-sm", type=int, default=1, help="blocks of the HT copy kernels per SM of num_sms")
+    p.add_argument("--loads-first", type=int, default=0, help="combine: 1 = every peer's loads before the adds")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")
@@ -249,7 +258,7 @@ def main(argv=None):
         print(
             f"HT intranode, {mode}, {results[0]['device']}, H={args.hidden} top-{args.topk} "
             f"E={args.experts} {'FP8' if args.fp8 else 'BF16'} dispatch, SMs/rank={results[0]['num_sms']}, "
-            f"threads/unroll {results[0]['launch']}, "
+            f"threads/blocks-per-SM/dunroll/cunroll/loads-first {results[0]['launch']}, "
             f"copy bw {results[0]['copy_bandwidth_GBps']:.0f} GB/s"
         )
         hdr = (

@@ -5,7 +5,8 @@
 // own, so the caller may reuse its input as soon as the kernel ends.
 //
 // Defines: EPK_NUM_RANKS, EPK_TOPK, EPK_HIDDEN (bf16 elements, multiple of 8), EPK_HAS_WEIGHTS,
-// EPK_THREADS, EPK_UNROLL, EPK_CTRL_BYTES.
+// EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL, EPK_LOADS_FIRST (1: every peer's loads
+// of a chunk are issued before the first add), EPK_CTRL_BYTES.
 #include "ht_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -14,12 +15,13 @@ constexpr int kRowVecs = EPK_HIDDEN / 8;  // int4 = 8 bf16
 constexpr bool kHasWeights = EPK_HAS_WEIGHTS != 0;
 constexpr int kThreads = EPK_THREADS;
 constexpr int kUnroll = EPK_UNROLL;
+constexpr int kMinBlocks = EPK_MIN_BLOCKS;  // blocks per SM the launch needs resident (caps registers)
 static_assert(EPK_HIDDEN % 8 == 0, "hidden must be a multiple of 8");
 static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
 
 enum { kInX = 0, kInWeights, kNumIns };
 
-extern "C" __global__ void __launch_bounds__(kThreads)
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
     epk_ht_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
                    const int *__restrict__ send_slot, const int4 *__restrict__ bias0, const int4 *__restrict__ bias1,
                    const unsigned long long *__restrict__ peers, int4 *__restrict__ out_x,
@@ -69,6 +71,24 @@ extern "C" __global__ void __launch_bounds__(kThreads)
           if (bias1 != nullptr) epk::add_bf16x8(acc[u], bias1[static_cast<int64_t>(t) * kRowVecs + i]);
         }
       }
+#if EPK_LOADS_FIRST
+      // Every peer's loads in flight before the first add (kRanks * kUnroll per lane); same add order.
+      int4 v[kRanks][kUnroll];
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) {
+        const int4 *row = reinterpret_cast<const int4 *>(s_src[d][kInX]) + static_cast<int64_t>(slots[d]) * kRowVecs;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * 32 + lane;
+          if ((dests >> d & 1u) && i < kRowVecs) v[d][u] = row[i];
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d)
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if ((dests >> d & 1u) && base + u * 32 + lane < kRowVecs) epk::add_bf16x8(acc[u], v[d][u]);
+#else
 #pragma unroll
       for (int d = 0; d < kRanks; ++d) {
         if (!(dests >> d & 1u)) continue;
@@ -83,6 +103,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         for (int u = 0; u < kUnroll; ++u)
           if (base + u * 32 + lane < kRowVecs) epk::add_bf16x8(acc[u], v[u]);
       }
+#endif
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * 32 + lane;

@@ -4,7 +4,7 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_TOPK, EPK_ROW_BYTES (bytes of one x row, multiple of 16), EPK_SCALE_COLS
 // (float32 scales per row for FP8 input, else 0), EPK_NUM_LOCAL_EXPERTS, EPK_WITH_META (0: cached
-// dispatch, x and scales only), EPK_THREADS, EPK_UNROLL, EPK_CTRL_BYTES.
+// dispatch, x and scales only), EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL, EPK_CTRL_BYTES.
 #include "ht_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -15,13 +15,14 @@ constexpr int kLocalExperts = EPK_NUM_LOCAL_EXPERTS;
 constexpr bool kWithMeta = EPK_WITH_META != 0;
 constexpr int kThreads = EPK_THREADS;
 constexpr int kUnroll = EPK_UNROLL;
+constexpr int kMinBlocks = EPK_MIN_BLOCKS;  // blocks per SM the launch needs resident (caps registers)
 static_assert(EPK_ROW_BYTES % 16 == 0, "row bytes must be a multiple of 16");
 static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
 
 // Output arrays of a destination, in the order they are published.
 enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts };
 
-extern "C" __global__ void __launch_bounds__(kThreads)
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
     epk_ht_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
                     const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
                     const float *__restrict__ topk_weights, const bool *__restrict__ is_token_in_rank,

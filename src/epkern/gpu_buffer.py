@@ -97,8 +97,11 @@ class GpuBuffer(Buffer):
         self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
         self._broken: str | None = None
         self._warmed: set = set()
-        # Launch shape of the HT copy kernels (tuned by bench/bench_ht.py; see docs/performance.md).
-        self.ht_threads, self.ht_dispatch_unroll, self.ht_combine_unroll = 512, 4, 2
+        # Launch shape of the HT copy kernels (tuned by bench/bench_ht.py; see docs/performance.md): threads
+        # per block, blocks per SM of num_sms (the kernels are compiled to fit that many per SM), loads in
+        # flight per lane, and whether combine issues every peer's loads before adding (loads_first).
+        self.ht_threads, self.ht_blocks_per_sm = 512, 1
+        self.ht_dispatch_unroll, self.ht_combine_unroll, self.ht_combine_loads_first = 4, 2, 0
         self.group.barrier()
 
     # ---- lifecycle ----
@@ -125,6 +128,14 @@ class GpuBuffer(Buffer):
         self.num_sms = check_int(
             num_sms, "num_sms", min_value=1, max_value=max(1, self.num_device_sms // self.ranks_per_gpu)
         )
+
+    def ht_grid(self, config) -> int:
+        """Blocks of one HT copy kernel: num_sms (the config's or the Buffer's, at most this rank's share of the
+        device's SMs) times ht_blocks_per_sm, so that every rank sharing the GPU is resident at once."""
+        if config is not None:
+            check_int(config.num_sms, "config.num_sms", min_value=1)
+        sms = min(config.num_sms if config is not None else self.num_sms, self.num_device_sms // self.ranks_per_gpu)
+        return max(1, sms) * self.ht_blocks_per_sm
 
     def get_dispatch_config(self, num_ranks: int | None = None) -> Config:
         return Config(num_sms=self.num_sms)

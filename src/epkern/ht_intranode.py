@@ -111,10 +111,7 @@ def dispatch(
     hidden = data.shape[1]
     num_worst_tokens = check_int(num_worst_tokens, "num_worst_tokens", min_value=0)
     expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
-    if config is not None:
-        check_int(config.num_sms, "config.num_sms", min_value=1)
-    blocks = min(config.num_sms if config is not None else self.num_sms, self.num_device_sms // self.ranks_per_gpu)
-    blocks = max(1, blocks)
+    blocks = self.ht_grid(config)
     cached = handle is not None
     if cached:
         if not isinstance(handle, HtHandle):
@@ -226,6 +223,7 @@ def dispatch(
             "EPK_NUM_LOCAL_EXPERTS": (num_tokens_per_expert.shape[0] // R) if not cached else 1,
             "EPK_WITH_META": 0 if cached else 1,
             "EPK_THREADS": self.ht_threads,
+            "EPK_MIN_BLOCKS": self.ht_blocks_per_sm,
             "EPK_UNROLL": self.ht_dispatch_unroll,
         }
 
@@ -301,9 +299,7 @@ def combine(
     for i, b in enumerate(biases):
         biases[i] = as_device_array(b, f"bias[{i}]")
         check_array(biases[i], f"bias[{i}]", dtypes=(BF16,), shape=(handle.num_tokens, hidden), device=self.device)
-    blocks = max(
-        1, min(config.num_sms if config is not None else self.num_sms, self.num_device_sms // self.ranks_per_gpu)
-    )
+    blocks = self.ht_grid(config)
 
     compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
     with self.on_comm_stream():
@@ -326,7 +322,9 @@ def combine(
             "EPK_HIDDEN": hidden,
             "EPK_HAS_WEIGHTS": int(topk_weights is not None),
             "EPK_THREADS": self.ht_threads,
+            "EPK_MIN_BLOCKS": self.ht_blocks_per_sm,
             "EPK_UNROLL": self.ht_combine_unroll,
+            "EPK_LOADS_FIRST": self.ht_combine_loads_first,
         }
         self._launch(
             "ht_combine.cu",

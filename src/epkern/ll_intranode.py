@@ -157,8 +157,11 @@ def init_low_latency(self) -> None:
     cupy.cuda.get_current_stream().synchronize()
     self._ll_sends = 0  # sending launches issued (host side; the device counter is the truth)
     self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
-    # The experiment knobs (docs/environment.md), read once per Buffer so the hot path reads no environment.
-    self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": _env.ll_poll_sleep_ns(), "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
+    # The polling knobs (docs/environment.md), read once per Buffer so the hot path reads no environment.
+    sleep_ns = _env.ll_poll_sleep_ns()
+    if sleep_ns is None:  # auto: measured on 8 ranks of one H200, docs/performance.md
+        sleep_ns = 200 if self.ranks_per_gpu > 1 else 0
+    self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": sleep_ns, "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
     self._ll_recv_per_expert = _env.ll_recv_per_expert()
 
 
