@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|htsweep|bench|mps|tests|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|htsweep|patternmps|bench|patternsplit|mps|tests|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
 # LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns:per_expert ...", pollab),
-# HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...", htsweep), TEST_FILES (tests: each file in
+# HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
 # Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
@@ -24,7 +24,7 @@ what=("$@")
 summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has htsweep; then
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has htsweep || has patternmps; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
@@ -72,16 +72,25 @@ if has pollab; then
 fi
 if has htsweep; then
   # HT launch shapes, 8 MPS ranks, 4096 tokens, BF16: each variant threads:blocks_per_sm:dunroll:cunroll:loads_first.
-  for v in ${HTSWEEP_VARIANTS:-512:1:4:2:0 512:2:4:2:0 1024:1:4:2:0 512:1:4:1:1 256:4:4:2:0}; do
-    IFS=: read -r th bps du cu lf <<<"$v"
-    log="$OUT/bench_ht_sweep_${th}_${bps}_${du}_${cu}_${lf}.log"
-    timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 --iters 6 \
-      --threads "$th" --blocks-per-sm "$bps" --dunroll "$du" --cunroll "$cu" --loads-first "$lf" >"$log" 2>&1
-    rc=$?
-    summary+=("htsweep $v rc=$rc: $(grep -E '^ +4096 +(cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined) ' "$log" | awk '{printf "%s %s us %s; ", $2, $3, $6}')")
+  # HTSWEEP_NP: the rank counts ("8", or "2 4 8"): 4096 tokens per rank each.
+  for np_ in ${HTSWEEP_NP:-8}; do
+    for v in ${HTSWEEP_VARIANTS:-512:1:4:2:0 512:2:4:2:0 1024:1:4:2:0 512:1:4:1:1 256:4:4:2:0}; do
+      IFS=: read -r th bps du cu lf <<<"$v"
+      log="$OUT/bench_ht_sweep_n${np_}_${th}_${bps}_${du}_${cu}_${lf}.log"
+      timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -n "$np_" python3 bench/bench_ht.py --tokens 4096 --iters 6 \
+        --threads "$th" --blocks-per-sm "$bps" --dunroll "$du" --cunroll "$cu" --loads-first "$lf" >"$log" 2>&1
+      rc=$?
+      summary+=("htsweep n=$np_ $v rc=$rc: $(grep -E '^ +4096 +(cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined) ' "$log" | awk '{printf "%s %s us %s; ", $2, $3, $6}')")
+    done
   done
 fi
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has htsweep; then
+if has patternmps; then
+  # The copy loops alone as 8 MPS processes, each its own rank's share on its own memory (no IPC, no sync).
+  timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_copy_patterns.py --mpi ${PATTERN_SHAPES:---shape 512:4:1:0:0 --shape 512:2:1:0:1 --shape 512:2:1:0:0} \
+    --json "$OUT/bench_copy_patterns_mps8.json" >"$OUT/bench_copy_patterns_mps8.log" 2>&1
+  summary+=("patternmps rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_mps8.log" | tr '\n' ' ')")
+fi
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has htsweep || has patternmps; then
   bash scripts/mps.sh stop
   sleep 2
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY # the in-process runs below are no MPS clients
@@ -122,6 +131,14 @@ elif has multigpu; then
 fi
 if has patterns; then
   timeout 300 python3 bench/bench_copy_patterns.py --json "$OUT/bench_copy_patterns.json" 2>&1 | tee "$OUT/bench_copy_patterns.log" | tail -4
+fi
+if has patternsplit; then
+  # One process, the work as 1 and as 8 concurrent launches on 8 streams (8 ranks' kernels without MPS).
+  for split in 1 8; do
+    timeout 200 python3 bench/bench_copy_patterns.py --split $split ${PATTERN_SHAPES:---shape 512:4:1:0:0 --shape 512:2:1:0:1 --shape 512:2:1:0:0} \
+      --json "$OUT/bench_copy_patterns_split$split.json" >"$OUT/bench_copy_patterns_split$split.log" 2>&1
+    summary+=("patternsplit $split rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_split$split.log" | tr '\n' ' ')")
+  done
 fi
 if has inprocbench; then
   timeout 300 python3 bench/bench_ht.py --inprocess 8 --tokens 4096 --iters 10 \
