@@ -89,7 +89,7 @@ def main(argv=None):
     fan = cupy.asarray((slot_np >= 0).sum(1).astype(np.float32))[:, None]
     want_gather = ((x * fan).view(cupy.uint32) >> 16).astype(cupy.uint16)
     rows_d = [cupy.asarray(np.nonzero(slot_np[:, d] >= 0)[0]) for d in range(R)]
-    first_row = [int(slot_np[:, d][slot_np[:, d] >= 0].min(initial=0)) for d in range(R)]
+    first_row = [int(slot_np[:, d][slot_np[:, d] >= 0].min(initial=region_rows)) % region_rows for d in range(R)]
 
     def check_scatter():
         for d in range(R):

@@ -103,7 +103,9 @@ def rank_main(group, args, tokens):
         x = cupy.asarray(x_np)
         row_bytes = args.hidden * 2
     idx, w = cupy.asarray(idx_np), cupy.asarray(w_np)
-    nvl = Config.get_nvl_buffer_size_hint(args.hidden * 2, R, num_max_tokens_per_rank=tokens, topk=args.topk)
+    # The hint covers two dispatches' outputs and one staged combine input alive at once; the bench keeps a
+    # non-cached and a cached dispatch's outputs, the expert output and a combine alive: twice the hint.
+    nvl = 2 * Config.get_nvl_buffer_size_hint(args.hidden * 2, R, num_max_tokens_per_rank=tokens, topk=args.topk)
     bw = None
     with Buffer(group, num_nvl_bytes=0 if getattr(group, "is_in_process", False) else nvl, backend="gpu") as buf:
         if args.num_sms:
