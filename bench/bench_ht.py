@@ -85,6 +85,38 @@ def _pipelined(fn, group, calls):
     return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls
 
 
+def _probe(buf, group, calls: dict, n: int = 5) -> dict:
+    """Phase timestamps of the last of ``n`` back-to-back calls of each kernel (the probe build): per
+    rank, ns on the GPU's global timer, [first block start, last block start, last 'entries received',
+    last 'copies done', 'every peer done']."""
+    import cupy
+
+    buf.ht_probe = 1
+    out = {}
+    for source, fn in calls.items():
+        fn()  # the probe build's first use (dry run and barrier) outside the sequence
+        cupy.cuda.get_current_stream().synchronize()
+        group.barrier()
+        for _ in range(n):
+            fn()
+        p = buf.read_ht_probe(source)
+        out[source] = [int(p[:, 0].min())] + [int(p[:, c].max()) for c in range(4)]
+    buf.ht_probe = 0
+    return out
+
+
+def print_probe(per_rank: list[dict]) -> None:
+    """Rank by rank, µs from the earliest start of any rank: when its blocks started, had every peer's
+    entries, finished their copies, and heard every peer done."""
+    for source in per_rank[0]["probe"]:
+        rows = [p["probe"][source] for p in per_rank]
+        t0 = min(r[0] for r in rows)
+        print(f"probe {source} (µs from the first block start of any rank, last of 5 back-to-back calls):")
+        print("  rank  start_first  start_last  entries_last  copies_last  all_done")
+        for rank, r in enumerate(rows):
+            print(f"  {rank:4d}" + "".join(f"  {(v - t0) / 1e3:11.1f}" for v in r))
+
+
 def rank_main(group, args, tokens):
     import cupy
 
@@ -157,6 +189,8 @@ def rank_main(group, args, tokens):
         clock.restore()  # pipelined runs without the extra events
         res["cached_dispatch_pipelined_us"] = _pipelined(cached, group, args.iters)
         res["combine_pipelined_us"] = _pipelined(combine, group, args.iters)
+        if args.probe:
+            res["probe"] = _probe(buf, group, {"ht_dispatch.cu": cached, "ht_combine.cu": combine})
         res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]
         res["combine_pipelined_host_us"] = res["combine_host_us"]
         res["recv_rows"] = handle.num_recv_tokens
@@ -232,6 +266,7 @@ def main(argv=None):
     p.add_argument("--cunroll", type=int, default=2, help="16-byte loads in flight per lane and peer, combine")
     p.add_argument("--blocks-per-sm", type=int, default=1, help="blocks of the HT copy kernels per SM of num_sms")
     p.add_argument("--loads-first", type=int, default=0, help="combine: 1 = every peer's loads before the adds")
+    p.add_argument("--probe", action="store_true", help="also print the kernels' phase timestamps per rank")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")
@@ -255,6 +290,8 @@ def main(argv=None):
             rank = group.rank
         if rank == 0:
             results.append(summarize(per_rank, args))
+            if args.probe:
+                print_probe(per_rank)
     if results:
         mode = f"{args.inprocess} in-process ranks" if args.inprocess else f"{results[0]['ranks']} MPI processes"
         print(

@@ -31,6 +31,22 @@ struct HtCtrl {
 };
 static_assert(sizeof(HtCtrl) <= EPK_CTRL_BYTES, "control area too small");
 
+// EPK_PROBE=1 (a diagnostic build, GpuBuffer.ht_probe): thread 0 of each block records the global timer (ns,
+// one clock for every process on the GPU) at the kernel's phase boundaries: 0 start, 1 peers' entries
+// received, 2 copies done, 3 every peer done (the last block only).
+#ifndef EPK_PROBE
+#define EPK_PROBE 0
+#endif
+constexpr int kProbeBlocks = 1024;
+#if EPK_PROBE
+__device__ unsigned long long epk_probe[kProbeBlocks][4];
+#endif
+EPK_DEVICE void probe(int point) {
+#if EPK_PROBE
+  if (threadIdx.x == 0 && blockIdx.x < kProbeBlocks) epk_probe[blockIdx.x][point] = now_ns();
+#endif
+}
+
 EPK_DEVICE HtCtrl *ctrl_of(const unsigned long long *peers, int r) { return reinterpret_cast<HtCtrl *>(peers[r]); }
 
 // Stores data-carrying writes must be visible system-wide before the flag that publishes them.
@@ -81,6 +97,7 @@ EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, Ht
   __shared__ bool s_last;
   __threadfence_system();
   __syncthreads();
+  probe(2);  // every warp of the block has finished its copies
   if (threadIdx.x == 0) s_last = atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!s_last) return;
@@ -89,6 +106,10 @@ EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, Ht
   if (d < kRanks) {
     publish(my_flag_at(ctrl_of(peers, d)), epoch);
     wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, d);
+  }
+  if constexpr (EPK_PROBE) {
+    __syncthreads();
+    probe(3);
   }
 }
 

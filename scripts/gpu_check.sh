@@ -78,7 +78,7 @@ if has htsweep; then
       IFS=: read -r th bps du cu lf <<<"$v"
       log="$OUT/bench_ht_sweep_n${np_}_${th}_${bps}_${du}_${cu}_${lf}.log"
       timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -n "$np_" python3 bench/bench_ht.py --tokens 4096 --iters 6 \
-        --threads "$th" --blocks-per-sm "$bps" --dunroll "$du" --cunroll "$cu" --loads-first "$lf" >"$log" 2>&1
+        --threads "$th" --blocks-per-sm "$bps" --dunroll "$du" --cunroll "$cu" --loads-first "$lf" ${HTSWEEP_EXTRA:-} >"$log" 2>&1
       rc=$?
       summary+=("htsweep n=$np_ $v rc=$rc: $(grep -E '^ +4096 +(cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined) ' "$log" | awk '{printf "%s %s us %s; ", $2, $3, $6}')")
     done

@@ -102,6 +102,9 @@ class GpuBuffer(Buffer):
         # flight per lane, and whether combine issues every peer's loads before adding (loads_first).
         self.ht_threads, self.ht_blocks_per_sm = 512, 1
         self.ht_dispatch_unroll, self.ht_combine_unroll, self.ht_combine_loads_first = 4, 2, 0
+        # Diagnostic build of the HT copy kernels recording phase timestamps (read_ht_probe); 0 in use.
+        self.ht_probe = 0
+        self._last_defines: dict = {}  # source -> defines of its last launch (for read_ht_probe)
         self.group.barrier()
 
     # ---- lifecycle ----
@@ -260,6 +263,7 @@ class GpuBuffer(Buffer):
 
         defines = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
         func = kernel_loader.get_function(source, name, defines)
+        self._last_defines[source] = defines
         key = (source, name, tuple(sorted(defines.items())))
         if key not in self._warmed:
             func((1,), (32,), (np.int32(1), *args))
@@ -269,6 +273,21 @@ class GpuBuffer(Buffer):
             self.group.barrier()
             self._warmed.add(key)
         func((blocks,), (threads,), (np.int32(0), *args))
+
+    def read_ht_probe(self, source: str):
+        """Phase timestamps (ns, the GPU's global timer) of the last launch of HT kernel ``source``
+        ("ht_dispatch.cu" / "ht_combine.cu") built with ``ht_probe = 1``: int64 [blocks, 4] of start, peers'
+        entries received, copies done, every peer done (the last block's; 0 elsewhere). Syncs the comm stream."""
+        import cupy
+
+        defines = self._last_defines.get(source)
+        if defines is None or not defines.get("EPK_PROBE"):
+            raise ArgumentError(f"source: no launch of {source} with ht_probe = 1 on this Buffer")
+        self.comm_stream.synchronize()
+        ptr = kernel_loader.get_module(source, defines).get_global("epk_probe")
+        blocks = self.ht_grid(None)
+        raw = cupy.ndarray((1024, 4), dtype=np.uint64, memptr=ptr)[:blocks].get().astype(np.int64)
+        return raw
 
     def _alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True):
         """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared

@@ -224,6 +224,7 @@ def dispatch(
             "EPK_WITH_META": 0 if cached else 1,
             "EPK_THREADS": self.ht_threads,
             "EPK_MIN_BLOCKS": self.ht_blocks_per_sm,
+            "EPK_PROBE": self.ht_probe,
             "EPK_UNROLL": self.ht_dispatch_unroll,
         }
 
@@ -323,6 +324,7 @@ def combine(
             "EPK_HAS_WEIGHTS": int(topk_weights is not None),
             "EPK_THREADS": self.ht_threads,
             "EPK_MIN_BLOCKS": self.ht_blocks_per_sm,
+            "EPK_PROBE": self.ht_probe,
             "EPK_UNROLL": self.ht_combine_unroll,
             "EPK_LOADS_FIRST": self.ht_combine_loads_first,
         }

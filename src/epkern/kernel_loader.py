@@ -208,6 +208,12 @@ def get_function(source: str, name: str, defines: Mapping[str, object] | None = 
     from . import _cuda
 
     _cuda.require_gpu(f"launching kernel {name}")
+    return get_module(source, defines).get_function(name)
+
+
+def get_module(source: str, defines: Mapping[str, object] | None = None):
+    """The ``cupy.RawModule`` of ``kernels/<source>`` specialised by ``defines`` (its functions and
+    ``__device__`` globals), for the current device; cached like :func:`get_function`."""
     import cupy
 
     defines = dict(defines or {})
@@ -221,4 +227,4 @@ def get_function(source: str, name: str, defines: Mapping[str, object] | None = 
                 path = cubin_path(source, defines, device_arch(device))
                 module = cupy.RawModule(path=str(path))
                 _modules[key] = module
-    return module.get_function(name)
+    return module
