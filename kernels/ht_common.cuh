@@ -38,9 +38,13 @@ static_assert(sizeof(HtCtrl) <= EPK_CTRL_BYTES, "control area too small");
 #define EPK_PROBE 0
 #endif
 constexpr int kProbeBlocks = 1024;
+}  // namespace epk
 #if EPK_PROBE
-__device__ unsigned long long epk_probe[kProbeBlocks][4];
+extern "C" {  // C linkage, so the host finds it by name (the braces make it a definition)
+__device__ unsigned long long epk_probe[epk::kProbeBlocks][4];
+}
 #endif
+namespace epk {
 EPK_DEVICE void probe(int point) {
 #if EPK_PROBE
   if (threadIdx.x == 0 && blockIdx.x < kProbeBlocks) epk_probe[blockIdx.x][point] = now_ns();
