@@ -8,6 +8,7 @@ Two modes separate what the real HT calls add to the copy loops: ``--split S`` r
 concurrent launches on S streams (S kernels of 1/S of the tokens and of the blocks, as S ranks would), and
 ``--mpi`` (under mpiexec with MPS) has every process copy its own rank's share on its own allocations, with
 no IPC and no synchronisation inside the kernels; the time is the wall time between two barriers.
+``--mpi --ipc`` does the same into the next process's memory through a CUDA IPC mapping.
 ``--shape threads:unroll:blocks_per_sm:store_cs:loads_first`` (repeatable) limits the sweep.
 
 Every variant's output is checked (integer-valued data, exact) before it is timed.
@@ -53,6 +54,7 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--split", type=int, default=1, help="the work as this many concurrent launches (streams)")
     p.add_argument("--mpi", action="store_true", help="each MPI process copies its own rank's share")
+    p.add_argument("--ipc", action="store_true", help="with --mpi: into the next process's memory (CUDA IPC)")
     p.add_argument("--shape", action="append", default=[], help="threads:unroll:blocks_per_sm:store_cs:loads_first")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args(argv)
@@ -63,6 +65,8 @@ def main(argv=None):
     recv = int(per_region.sum())
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     comm, me, procs = None, 0, 1
+    if args.ipc and not args.mpi:
+        raise SystemExit("--ipc needs --mpi")
     if args.mpi:
         from mpi4py import MPI
 
@@ -84,6 +88,16 @@ def main(argv=None):
     x_bf16 = (x.view(cupy.uint32) >> 16).astype(cupy.uint16)  # exact: small integers
     slot = cupy.asarray(slot_np)
     regions = cupy.empty((R * region_rows, args.hidden), dtype=cupy.uint16)
+    if args.ipc:
+        # Every process writes and reads the next process's regions through a CUDA IPC mapping instead of its
+        # own (same sizes, same access pattern): what the HT kernels do to peers sharing the GPU.
+        rt = cupy.cuda.runtime
+        nbytes = regions.nbytes
+        own = rt.malloc(nbytes)  # raw cudaMalloc: the handle then covers exactly this allocation
+        handles = comm.allgather(bytes(rt.ipcGetMemHandle(own)))
+        peer_ptr = rt.ipcOpenMemHandle(handles[(me + 1) % procs], rt.cudaIpcMemLazyEnablePeerAccess)
+        mem = cupy.cuda.UnownedMemory(peer_ptr, nbytes, owner=None)
+        regions = cupy.ndarray(regions.shape, dtype=cupy.uint16, memptr=cupy.cuda.MemoryPointer(mem, 0))
     out = cupy.empty((T, args.hidden), dtype=cupy.uint16)
     # expected gather output: each token's rows summed = x * number of regions it went to
     fan = cupy.asarray((slot_np >= 0).sum(1).astype(np.float32))[:, None]

@@ -86,7 +86,7 @@ if has htsweep; then
 fi
 if has patternmps; then
   # The copy loops alone as 8 MPS processes, each its own rank's share on its own memory (no IPC, no sync).
-  timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_copy_patterns.py --mpi ${PATTERN_SHAPES:---shape 512:4:1:0:0 --shape 512:2:1:0:1 --shape 512:2:1:0:0} \
+  timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_copy_patterns.py --mpi ${PATTERN_IPC:-} ${PATTERN_SHAPES:---shape 512:4:1:0:0 --shape 512:2:1:0:1 --shape 512:2:1:0:0} \
     --json "$OUT/bench_copy_patterns_mps8.json" >"$OUT/bench_copy_patterns_mps8.log" 2>&1
   summary+=("patternmps rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_mps8.log" | tr '\n' ' ')")
 fi
