@@ -8,7 +8,8 @@ Two modes separate what the real HT calls add to the copy loops: ``--split S`` r
 concurrent launches on S streams (S kernels of 1/S of the tokens and of the blocks, as S ranks would), and
 ``--mpi`` (under mpiexec with MPS) has every process copy its own rank's share on its own allocations, with
 no IPC and no synchronisation inside the kernels; the time is the wall time between two barriers.
-``--mpi --ipc`` does the same into the next process's memory through a CUDA IPC mapping.
+``--mpi --ipc legacy|vmm`` does the same into the next process's memory, mapped by cudaIpcOpenMemHandle or
+by the VMM API (epkern.memory.vmm).
 ``--shape threads:unroll:blocks_per_sm:store_cs:loads_first`` (repeatable) limits the sweep.
 
 Every variant's output is checked (integer-valued data, exact) before it is timed.
@@ -54,7 +55,12 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--split", type=int, default=1, help="the work as this many concurrent launches (streams)")
     p.add_argument("--mpi", action="store_true", help="each MPI process copies its own rank's share")
-    p.add_argument("--ipc", action="store_true", help="with --mpi: into the next process's memory (CUDA IPC)")
+    p.add_argument(
+        "--ipc",
+        choices=("legacy", "vmm"),
+        default=None,
+        help="with --mpi: into the next process's memory, opened by cudaIpcOpenMemHandle (legacy) or cuMemMap (vmm)",
+    )
     p.add_argument("--shape", action="append", default=[], help="threads:unroll:blocks_per_sm:store_cs:loads_first")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args(argv)
@@ -93,9 +99,20 @@ def main(argv=None):
         # own (same sizes, same access pattern): what the HT kernels do to peers sharing the GPU.
         rt = cupy.cuda.runtime
         nbytes = regions.nbytes
-        own = rt.malloc(nbytes)  # raw cudaMalloc: the handle then covers exactly this allocation
-        handles = comm.allgather(bytes(rt.ipcGetMemHandle(own)))
-        peer_ptr = rt.ipcOpenMemHandle(handles[(me + 1) % procs], rt.cudaIpcMemLazyEnablePeerAccess)
+        nxt, prv = (me + 1) % procs, (me - 1) % procs
+        if args.ipc == "legacy":
+            own = rt.malloc(nbytes)  # raw cudaMalloc: the handle then covers exactly this allocation
+            handles = comm.allgather(bytes(rt.ipcGetMemHandle(own)))
+            peer_ptr = rt.ipcOpenMemHandle(handles[nxt], rt.cudaIpcMemLazyEnablePeerAccess)
+        else:  # vmm: cuMemCreate, the descriptor passed over a Unix socket, cuMemMap in the importer
+            from epkern.memory import vmm
+
+            dev = cupy.cuda.Device().id
+            own_map = vmm.Mapping(nbytes, dev)
+            fd = own_map.export_fd()
+            fds = vmm.share_fds(comm.allgather, me, fd, sorted({nxt, prv} - {me}))
+            peer_map = vmm.Mapping(nbytes, dev, fd=fds[nxt])
+            peer_ptr = peer_map.ptr
         mem = cupy.cuda.UnownedMemory(peer_ptr, nbytes, owner=None)
         regions = cupy.ndarray(regions.shape, dtype=cupy.uint16, memptr=cupy.cuda.MemoryPointer(mem, 0))
     out = cupy.empty((T, args.hidden), dtype=cupy.uint16)
