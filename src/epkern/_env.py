@@ -31,6 +31,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "misses show up; a debugging aid costing one fill per output (the tests turn it on)",
     ),
     "EPKERN_NUM_PROXY_THREADS": ("4", "host proxy threads draining the GPU-to-host trigger FIFOs (PROXY transport)"),
+    "EPKERN_IPC": (
+        "auto",
+        "how processes of one node map each other's symmetric regions: vmm (cuMemCreate/cuMemMap, descriptors "
+        "over Unix sockets), legacy (cudaIpcOpenMemHandle; copies into it ran at half speed on an H200), auto "
+        "(vmm where every rank's driver has it)",
+    ),
     "EPKERN_LL_POLL_SLEEP_NS": (
         "auto",
         "LL kernels: nanoseconds a waiting thread sleeps (__nanosleep) between polls of a peer's signal after its "
@@ -174,6 +180,13 @@ def poison_outputs() -> bool:
 def num_proxy_threads() -> int:
     value = _positive_int("EPKERN_NUM_PROXY_THREADS")
     return int(VARIABLES["EPKERN_NUM_PROXY_THREADS"][0]) if value is None else value
+
+
+def ipc_mode() -> str:
+    value = (_raw("EPKERN_IPC") or "auto").lower()
+    if value not in ("auto", "vmm", "legacy"):
+        raise ConfigError(f"EPKERN_IPC={value!r}: expected one of auto, vmm, legacy")
+    return value
 
 
 def ll_poll_sleep_ns() -> int | None:

@@ -1,17 +1,22 @@
 """A region of device memory of the same size on every rank, addressable by every rank on its node.
 
-Between processes the region is exported with ``cudaIpcGetMemHandle`` and opened by each peer with
-``cudaIpcOpenMemHandle`` (this also works between MPS clients on one GPU). Inside one process
+Between processes the region is a VMM allocation (``cuMemCreate``) that each peer maps itself from a file
+descriptor (epkern.memory.vmm; also between MPS clients on one GPU), or, with ``EPKERN_IPC=legacy`` or a
+driver without the VMM calls, a ``cudaMalloc`` exported with ``cudaIpcGetMemHandle`` and opened with
+``cudaIpcOpenMemHandle`` (copies into such a mapping ran at half the speed, docs/performance.md). Inside one process
 (in-process ranks) the pointers are used directly — opening one's own allocation is not allowed — and
 peer access is enabled between distinct GPUs. Ranks on other nodes get a null pointer (RDMA routes).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from .. import _cuda
+from .. import _cuda, _env
 from ..errors import GroupError
+from . import vmm
 
 
 def _enable_peer_access(device: int, peer: int) -> None:
@@ -45,20 +50,58 @@ class SymmetricRegion:
         self.group = group
         self.nbytes = int(nbytes)
         self.device = device
-        self._opened: list[int] = []
+        self._opened: list[int] = []  # legacy IPC mappings of peers
+        self._maps: list[vmm.Mapping] = []  # VMM mappings: mine first, then peers'
         self._rt = rt
+        same_node = [n == group.node for n in group.node_of_rank]
+        in_process = getattr(group, "is_in_process", False)
+        mode = "direct" if in_process else _env.ipc_mode()
+        if mode != "direct":
+            # Collective choice: every process of the group must map the same way.
+            with cupy.cuda.Device(device):
+                rt.deviceSynchronize()  # the device's context exists before any driver call
+                can_vmm = mode != "legacy" and vmm.supported(device)
+            votes = group.allgather_object((mode, can_vmm))
+            if any(m == "vmm" for m, _ in votes) and not all(c for _, c in votes):
+                bad = [r for r, (_, c) in enumerate(votes) if not c]
+                raise GroupError(f"EPKERN_IPC=vmm: ranks {bad} cannot map peers' memory with the VMM API")
+            mode = "vmm" if all(c for _, c in votes) else "legacy"
+        self.mode = mode
         with cupy.cuda.Device(device):
-            # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation.
-            self.ptr = rt.malloc(max(self.nbytes, 256))
+            if mode == "vmm":
+                self._maps.append(vmm.Mapping(max(self.nbytes, 256), device))
+                self.ptr = self._maps[0].ptr
+            else:
+                # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation.
+                self.ptr = rt.malloc(max(self.nbytes, 256))
             rt.memset(self.ptr, 0, max(self.nbytes, 256))
             rt.deviceSynchronize()
-        same_node = [n == group.node for n in group.node_of_rank]
-        if getattr(group, "is_in_process", False):
+        if mode == "direct":
             infos = group.exchange_object((self.ptr, device))
             for r, (_, dev) in enumerate(infos):
                 if same_node[r]:
                     _enable_peer_access(device, dev)
             self.peer_ptrs = [p if same_node[r] else 0 for r, (p, _) in enumerate(infos)]
+        elif mode == "vmm":
+            peers = [r for r in range(group.size) if same_node[r] and r != group.rank]
+            fd = self._maps[0].export_fd()
+            try:
+                fds = vmm.share_fds(group.allgather_object, group.rank, fd, peers, timeout_s=_env.timeout_s())
+            finally:
+                os.close(fd)
+            self.peer_ptrs = []
+            with cupy.cuda.Device(device):
+                for r in range(group.size):
+                    if r == group.rank:
+                        self.peer_ptrs.append(self.ptr)
+                    elif same_node[r]:
+                        try:
+                            self._maps.append(vmm.Mapping(max(self.nbytes, 256), device, fd=fds[r]))
+                        finally:
+                            os.close(fds[r])
+                        self.peer_ptrs.append(self._maps[-1].ptr)
+                    else:
+                        self.peer_ptrs.append(0)
         else:
             handle = bytes(rt.ipcGetMemHandle(self.ptr))
             handles = group.allgather_object(handle)
@@ -88,5 +131,11 @@ class SymmetricRegion:
                 self._rt.ipcCloseMemHandle(p)
             self._opened.clear()
             self.peer_table = None
-            self._rt.free(self.ptr)
+            if self._maps:
+                self._rt.deviceSynchronize()  # nothing of ours still runs on the mappings
+                for m in reversed(self._maps):  # peers' mappings first, then mine
+                    m.close()
+                self._maps.clear()
+            else:
+                self._rt.free(self.ptr)
         self.ptr = 0

@@ -109,10 +109,10 @@ def granularity(device: int) -> int:
     return int(g.value)
 
 
-def supported() -> bool:
-    """Whether the driver has the VMM calls (it loads and answers a granularity query on device 0)."""
+def supported(device: int = 0) -> bool:
+    """Whether the driver has the VMM calls (it loads and answers a granularity query for ``device``)."""
     try:
-        return granularity(0) > 0
+        return granularity(device) > 0
     except (OSError, AttributeError, EpkernError):
         return False
 
