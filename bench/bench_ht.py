@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import KernelClock, copy_bandwidth_gbs  # noqa: E402
+from _timing import KernelClock, copy_bandwidth_gbs, profile_text  # noqa: E402
 from _workload import add_workload_args, ht_rank_inputs  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
@@ -189,6 +189,12 @@ def rank_main(group, args, tokens):
         clock.restore()  # pipelined runs without the extra events
         res["cached_dispatch_pipelined_us"] = _pipelined(cached, group, args.iters)
         res["combine_pipelined_us"] = _pipelined(combine, group, args.iters)
+        if args.profile:  # every rank calls (the kernels wait for peers); rank 0 prints
+            for name, fn in (("cached dispatch", cached), ("combine", combine)):
+                group.barrier()
+                text = profile_text(fn, args.iters)
+                if group.rank == 0:
+                    print(f"==== profile: {args.iters} {name} calls\n{text}")
         if args.probe:
             res["probe"] = _probe(buf, group, {"ht_dispatch.cu": cached, "ht_combine.cu": combine})
         res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]
@@ -263,10 +269,11 @@ def main(argv=None):
     p.add_argument("--num-sms", type=int, default=0)
     p.add_argument("--threads", type=int, default=512, help="threads per block of the HT copy kernels")
     p.add_argument("--dunroll", type=int, default=4, help="16-byte loads in flight per lane, dispatch")
-    p.add_argument("--cunroll", type=int, default=2, help="16-byte loads in flight per lane and peer, combine")
+    p.add_argument("--cunroll", type=int, default=1, help="16-byte loads in flight per lane and peer, combine")
     p.add_argument("--blocks-per-sm", type=int, default=1, help="blocks of the HT copy kernels per SM of num_sms")
-    p.add_argument("--loads-first", type=int, default=0, help="combine: 1 = every peer's loads before the adds")
+    p.add_argument("--loads-first", type=int, default=1, help="combine: 1 = every peer's loads before the adds")
     p.add_argument("--probe", action="store_true", help="also print the kernels' phase timestamps per rank")
+    p.add_argument("--profile", action="store_true", help="rank 0 prints a cProfile of the cached dispatch's host path")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")

@@ -58,7 +58,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import KernelClock, copy_bandwidth_gbs  # noqa: E402
+from _timing import KernelClock, copy_bandwidth_gbs, profile_text  # noqa: E402
 from _workload import add_workload_args  # noqa: E402
 from epkern import reference  # noqa: E402
 
@@ -624,6 +624,13 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     res["dispatch_pipelined_us"] = _pipelined(lambda: dispatch(async_finish=True)[3], group, args.calls)
     res["combine_pipelined_us"] = _pipelined(lambda: combine(async_finish=True)[1], group, args.calls)
     res["pair_pipelined_us"] = _pipelined(pair, group, args.calls)
+    if args.profile:  # every rank calls (the kernels wait for peers); rank 0 prints
+        named = (("low_latency_dispatch (preallocated outputs)", dispatch), ("low_latency_combine (out=)", combine))
+        for name, fn in named:
+            group.barrier()
+            text = profile_text(lambda fn=fn: fn(async_finish=True), args.calls)
+            if group.rank == 0:
+                print(f"==== profile: {args.calls} {name} calls\n{text}")
     res["dispatch_host_us"] = _host_per_call(lambda: dispatch()[3], group, args.calls)
     res["combine_host_us"] = _host_per_call(lambda: combine()[1], group, args.calls)
     res["dispatch_host_async_us"] = _host_per_call(lambda: dispatch(async_finish=True)[3], group, args.calls)
@@ -689,6 +696,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout-s", type=float, default=30.0, help="Buffer deadline of every device-side wait")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA graph replay")
+    p.add_argument("--profile", action="store_true", help="rank 0 prints a cProfile of the host path per call")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of logical GB/s against tokens per rank")

@@ -101,7 +101,7 @@ class GpuBuffer(Buffer):
         # per block, blocks per SM of num_sms (the kernels are compiled to fit that many per SM), loads in
         # flight per lane, and whether combine issues every peer's loads before adding (loads_first).
         self.ht_threads, self.ht_blocks_per_sm = 512, 1
-        self.ht_dispatch_unroll, self.ht_combine_unroll, self.ht_combine_loads_first = 4, 2, 0
+        self.ht_dispatch_unroll, self.ht_combine_unroll, self.ht_combine_loads_first = 4, 1, 1
         # Diagnostic build of the HT copy kernels recording phase timestamps (read_ht_probe); 0 in use.
         self.ht_probe = 0
         self._last_defines: dict = {}  # source -> defines of its last launch (for read_ht_probe)
