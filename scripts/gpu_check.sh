@@ -52,7 +52,7 @@ fi
 if has llmpsbench; then
   for variant in ${LLBENCH_VARIANTS:-bf16 fp8}; do
     fp8=""; [ "$variant" = fp8 ] && fp8=--fp8
-    timeout "${LLBENCH_TIMEOUT:-280}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 \
+    timeout "${LLBENCH_TIMEOUT:-280}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 ${LLBENCH_EXTRA:-} \
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
 fi
