@@ -10,19 +10,14 @@
 //
 // phase: 1 = send only, 2 = receive only (the recv hook), 3 = both. Warps: the send phase walks tokens
 // (warp per token: build the message once in the local staging slot, then one put per selection) and
-// then experts (warp per expert: count, wait for its own puts, signal); the receive phase gives each
-// (local expert, source rank) pair max(1, warps / pairs) warps.
+// then experts (warp per expert: count, wait for its own puts, signal); the receive phase takes one local
+// expert per block at a time (R waiting lanes, then every warp of the block unpacks its rows). The receive
+// that gave each (expert, source) pair its own warps, each waiting for all R counts (R^2 waiters per expert),
+// was 13x slower on 8 ranks sharing an H200 (docs/performance.md) and is gone.
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
 // EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS.
 #include "ll_common.cuh"
-
-// EPK_LL_RECV_PER_EXPERT (EPKERN_LL_RECV_PER_EXPERT): receive by one block per local expert with R waiting lanes,
-// instead of max(1, warps / pairs) warps per (expert, source) pair each waiting for all R counts (R^2 waiters per
-// expert). An experiment (not yet run on a GPU); 0, the default, is the receive design that ran exact on the H200.
-#ifndef EPK_LL_RECV_PER_EXPERT
-#define EPK_LL_RECV_PER_EXPERT 0
-#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kHidden = EPK_HIDDEN;
@@ -123,7 +118,9 @@ __device__ __forceinline__ void unpack_message(const char *msg, long long row, i
   }
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads)
+// Two blocks per SM (at most 64 registers at 512 threads): the spin-waiting LL kernels of every rank sharing
+// a GPU, a dispatch and a combine each, must be resident at once.
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
     epk_ll_dispatch(int dry_run, int rank, int phase, int back, const int4 *__restrict__ x, int num_tokens,
                     const int64_t *__restrict__ topk_idx, int num_experts, int num_max,
                     const unsigned long long *__restrict__ peers, long long ll_off, long long set_stride,
@@ -150,36 +147,38 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     char *const staging = mine + set_base + send_off;
     int *const slot_ctr = state + ll::kStateSlot;
     int *const done_ctr = state + ll::kStateDone;
-    // 1. Warp per token: message once, then one put per selection into the owner's slot.
+    // 1. Warp per token: message once, then one put to all its selections' owners' slots.
     for (int t = gw; t < num_tokens; t += num_warps) {
       char *msg = staging + static_cast<long long>(t) * kSlotBytes;
       build_message(x + static_cast<long long>(t) * (kHidden / 8), t, msg, lane);
       __syncwarp();  // the whole message is written (and visible to every lane) before any put reads it
-      const long long my_g = lane < kTopk ? topk_idx[static_cast<long long>(t) * kTopk + lane] : -1;
-      for (int k = 0; k < kTopk; ++k) {
-        const long long g = __shfl_sync(0xffffffffu, my_g, k);
-        if (g < 0 || g >= num_experts) {
-          if (g != -1 && lane == 0)
-            report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
-          continue;
+      // Lane k < kTopk takes selection k: checks it, claims its slot in the owner's block, and is destination k
+      // of one put that reads the message once for all selections.
+      const long long g = lane < kTopk ? topk_idx[static_cast<long long>(t) * kTopk + lane] : -1;
+      bool active = false;
+      int d = 0;
+      long long off = 0;
+      if (g < -1 || g >= num_experts) {
+        report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
+      } else if (g >= 0) {
+        d = static_cast<int>(g) / e_loc;
+        const int e = static_cast<int>(g) % e_loc;
+        if (!s_mask[d]) {
+          const int slot = atomicAdd(slot_ctr + g, 1);
+          if (slot < num_max) {
+            active = true;
+            off = set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
+          } else {
+            report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, slot, num_max);
+          }
         }
-        const int d = static_cast<int>(g) / e_loc, e = static_cast<int>(g) % e_loc;
-        if (s_mask[d]) continue;
-        int slot = 0;
-        if (lane == 0) slot = atomicAdd(slot_ctr + g, 1);
-        slot = __shfl_sync(0xffffffffu, slot, 0);
-        if (slot < num_max) {
-          const long long off =
-              set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
-          if (!route_put_warp(s_route[d], off, msg, kMsgBytes, lane) && lane == 0)
-            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
-        } else if (lane == 0) {
-          report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, slot, num_max);
-        }
-        __syncwarp();
-        // Release (GPU scope) after the warp's stores; the expert's count warp acquires it.
-        if (lane == 0) atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(done_ctr + g), 1u);
       }
+      const bool counted = g >= 0 && g < num_experts && !s_mask[d];  // counted by its expert's count warp
+      const unsigned unsupported = route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane);
+      if (unsupported >> lane & 1u) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+      __syncwarp();
+      // Release (GPU scope) after the warp's stores; the expert's count warp acquires it.
+      if (counted) atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(done_ctr + g), 1u);
     }
     // 2. Warp per expert: count its selections, wait until all are out, signal the owner, reset counters.
     for (int g = gw; g < num_experts; g += num_warps) {
@@ -205,7 +204,6 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   }
 
   if (phase & ll::kRecv) {
-#if EPK_LL_RECV_PER_EXPERT
     // One block per local expert at a time: warp 0's lanes l < R wait for source l's count (R waiters per expert),
     // then every warp of the block unpacks the expert's rows, flattened over the sources in rank order.
     __shared__ int s_begin[kRanks + 1];
@@ -248,36 +246,6 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();  // s_begin is the next expert's
     }
-#else
-    const int pairs = e_loc * kRanks;
-    const int per = max(1, num_warps / pairs);  // warps per (local expert, source rank) pair
-    const int rows = kRanks * num_max;
-    const char *const recv = mine + set_base + recv_off;
-    const int *const sig = reinterpret_cast<const int *>(mine + set_base);
-    for (int p = gw / per; p < pairs; p += num_warps / per) {
-      const int e = p / kRanks, s = p % kRanks, sub = gw % per;
-      // Lane l < R waits for source rank l's count of expert e (every pair needs all R for the packing).
-      unsigned long long waited = 0;
-      const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited);
-      if (wait_stats != nullptr && lane == s && sub == 0)
-        atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + s, waited);
-      __syncwarp();  // the acquiring lanes' view of the messages is every lane's view from here
-      const int begin = ll::warp_sum(lane < s ? cnt : 0);
-      const int total = ll::warp_sum(cnt);
-      const int n = __shfl_sync(0xffffffffu, cnt, s);
-      if (sub == 0 && lane == 0) {
-        out_layout[p] = (static_cast<long long>(begin) << 32) | static_cast<unsigned>(n);
-        if (s == 0) {
-          out_count[e] = total;
-          if (recv_stats != nullptr) atomicAdd(recv_stats + e, total);
-        }
-      }
-      for (int i = sub; i < n; i += per) {
-        const char *msg = recv + (static_cast<long long>(p) * num_max + i) * kSlotBytes;
-        unpack_message(msg, static_cast<long long>(e) * rows + begin + i, e, rows, out_x, out_scales, out_src, lane);
-      }
-    }
-#endif
   }
 
   if (phase & ll::kSend) ll::finish_call(state, seq);

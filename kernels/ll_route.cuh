@@ -1,10 +1,10 @@
 // The low-latency send-site abstraction: one Route per peer, chosen at run time from a per-peer kind.
 //
 // The LL kernels touch a peer's LL area only through the functions below, at exactly four send sites:
-// dispatch data (route_put_warp), dispatch count (route_signal), combine data (route_put_warp) and combine
-// flag (route_signal). Offsets are relative to the peer's LL area base, which is what an RDMA route needs
-// too (remote address = peer's registered LL base + offset), so PROXY (host FIFO) and RDMA (GPU-written
-// WQEs) routes are added here, as new `case`s, without touching the kernels.
+// dispatch data (route_put_warp_lanes: one message to all its selections), dispatch count (route_signal),
+// combine data (route_put_warp) and combine flag (route_signal). Offsets are relative to the peer's LL area base, which
+// is what an RDMA route needs too (remote address = peer's registered LL base + offset), so PROXY (host FIFO) and RDMA
+// (GPU-written WQEs) routes are added here, as new `case`s, without touching the kernels.
 //
 // Today only IPC is implemented: the peer's region is mapped into this process (cudaIpcOpenMemHandle, or
 // a plain pointer for in-process ranks), a put is a warp copy with 16-byte stores, a signal a release
@@ -64,6 +64,39 @@ EPK_DEVICE bool route_put_warp(const Route &r, long long dst_off, const void *sr
     default:
       return false;
   }
+}
+
+// The same message to several peers at once, by one warp: lane k's (`my_route`, `my_off`) is destination k when
+// `my_active`. Each 16-byte chunk of `src` is loaded once and stored to every IPC destination (one read of the
+// message however many selections it has). Returns the ballot of active lanes whose route kind is not
+// implemented (nothing written for them). Same contract as route_put_warp.
+template <int kLanes>  // lanes that can be destinations (0..kLanes-1)
+EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off, bool my_active, const void *src,
+                                         int bytes, int lane) {
+  const bool ipc = my_active && my_route.kind == kRouteIpc;
+  const unsigned ipc_lanes = __ballot_sync(0xffffffffu, ipc);
+  const unsigned unsupported = __ballot_sync(0xffffffffu, my_active && !ipc);
+  const unsigned long long my_dst = ipc ? reinterpret_cast<unsigned long long>(my_route.base + my_off) : 0ull;
+  const int4 *s = reinterpret_cast<const int4 *>(src);
+  const int n = bytes / 16;
+  // Warp-uniform trip count (the shuffles need every lane); three 16-byte loads in flight per lane (four spilled
+  // in the FP8 build), then the stores of those chunks to every destination.
+  constexpr int kInFlight = 3;
+  for (int base = 0; base < n; base += 32 * kInFlight) {
+    int4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (base + 32 * u + lane < n) v[u] = s[base + 32 * u + lane];
+#pragma unroll
+    for (int k = 0; k < kLanes; ++k) {
+      if (!(ipc_lanes >> k & 1u)) continue;
+      int4 *d = reinterpret_cast<int4 *>(__shfl_sync(0xffffffffu, my_dst, k));
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)
+        if (base + 32 * u + lane < n) d[base + 32 * u + lane] = v[u];
+    }
+  }
+  return unsupported;
 }
 
 // One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so

@@ -6,7 +6,7 @@
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
-# LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns:per_expert ...", pollab),
+# LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab),
 # HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
@@ -58,13 +58,13 @@ if has llmpsbench; then
 fi
 if has pollab; then
   # LL experiments (docs/environment.md), 8 MPS ranks, BF16, validated exactly before timing: each variant is
-  # EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS:EPKERN_LL_RECV_PER_EXPERT.
-  for v in ${POLL_VARIANTS:-0:0:0 1:0:0 0:200:0 0:0:1 1:200:1}; do
-    IFS=: read -r relaxed sleep_ns per_expert <<<"$v"
-    tag="${relaxed}_${sleep_ns}_${per_expert:-0}"
-    EPKERN_LL_POLL_RELAXED=$relaxed EPKERN_LL_POLL_SLEEP_NS=$sleep_ns EPKERN_LL_RECV_PER_EXPERT=${per_expert:-0} \
+  # EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS.
+  for v in ${POLL_VARIANTS:-1:200 1:0 0:200 1:1000}; do
+    IFS=: read -r relaxed sleep_ns <<<"$v"
+    tag="${relaxed}_${sleep_ns}"
+    EPKERN_LL_POLL_RELAXED=$relaxed EPKERN_LL_POLL_SLEEP_NS=$sleep_ns \
       timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -x EPKERN_LL_POLL_RELAXED -x EPKERN_LL_POLL_SLEEP_NS \
-      -x EPKERN_LL_RECV_PER_EXPERT -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 50 \
+      -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 50 \
       --json "$OUT/bench_ll_exp_$tag.json" >"$OUT/bench_ll_exp_$tag.log" 2>&1
     rc=$?
     summary+=("pollab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$OUT/bench_ll_exp_$tag.log" | head -1) $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_exp_$tag.log" | awk '{printf "%s %s us; ", $2, $3}')")

@@ -180,7 +180,6 @@ SPECIMENS = {
             EPK_THREADS=512,
             EPK_POLL_SLEEP_NS=100,
             EPK_POLL_RELAXED=1,
-            EPK_LL_RECV_PER_EXPERT=1,
             **CTRL,
         ),
         dict(
@@ -191,7 +190,6 @@ SPECIMENS = {
             EPK_ROUND_SCALE=1,
             EPK_USE_UE8M0=1,
             EPK_THREADS=512,
-            EPK_LL_RECV_PER_EXPERT=1,
             **CTRL,
         ),
         dict(
@@ -202,7 +200,6 @@ SPECIMENS = {
             EPK_ROUND_SCALE=0,
             EPK_USE_UE8M0=0,
             EPK_THREADS=512,
-            EPK_LL_RECV_PER_EXPERT=1,
             **CTRL,
         ),
     ],

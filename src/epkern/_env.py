@@ -43,11 +43,6 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "first 32 polls; 0 = poll without pause; auto = 200 when ranks share a GPU (spinning warps then take "
         "issue slots and memory bandwidth from the ranks still copying), else 0. Compiled in as a define",
     ),
-    "EPKERN_LL_RECV_PER_EXPERT": (
-        "1",
-        "LL dispatch: 1 = receive by one block per local expert with R waiting lanes (0 = warps per (expert, "
-        "source) pair, each waiting for all R counts; 13x slower on 8 ranks of one H200). Compiled in as a define",
-    ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
         "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
@@ -212,7 +207,3 @@ def _zero_or_one(name: str) -> int:
 
 def ll_poll_relaxed() -> int:
     return _zero_or_one("EPKERN_LL_POLL_RELAXED")
-
-
-def ll_recv_per_expert() -> int:
-    return _zero_or_one("EPKERN_LL_RECV_PER_EXPERT")

@@ -162,7 +162,6 @@ def init_low_latency(self) -> None:
     if sleep_ns is None:  # auto: measured on 8 ranks of one H200, docs/performance.md
         sleep_ns = 200 if self.ranks_per_gpu > 1 else 0
     self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": sleep_ns, "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
-    self._ll_recv_per_expert = _env.ll_recv_per_expert()
 
 
 def capturing(stream) -> bool:
@@ -350,7 +349,6 @@ def low_latency_dispatch(
         "EPK_ROUND_SCALE": int(round_scale),
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
-        "EPK_LL_RECV_PER_EXPERT": self._ll_recv_per_expert,
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
