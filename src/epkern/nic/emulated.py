@@ -13,6 +13,8 @@ with an mlx5 syndrome) and records a :class:`NicFault`; nothing is written to th
 Doorbells reach the thread either through :meth:`QueuePair.ring_doorbell` (host code; wakes the thread) or, with
 ``EmulatedNic(poll_doorbells=True)``, by the thread watching every QP's doorbell word with an exponential
 backoff (for device code that writes the word itself). Idle, the thread sleeps on a condition variable.
+A polled word is memory, not MMIO: doorbells stored between two scans count once in ``counters.doorbells``
+(their WQEs all run, up to the doorbell record), so there it is at most the number of doorbells rung.
 """
 
 from __future__ import annotations
@@ -402,7 +404,8 @@ class EmulatedNic(NicObservation):
             self._cv.notify_all()
 
     def _scan_doorbells(self) -> None:
-        """Poll mode: a changed doorbell word is a doorbell (called with the lock held)."""
+        """Poll mode: a changed doorbell word is a doorbell (called with the lock held). Words stored since the
+        last scan are seen as one: only the latest is left to read."""
         for qp in self._qps:
             cur = qp.db_reg.tobytes()
             if cur != qp._last_db:
