@@ -183,6 +183,25 @@ def test_poll_mode_sees_doorbell_word_written_directly():
         p.close()
 
 
+def test_poll_mode_two_doorbells_between_scans_count_once_and_both_batches_run():
+    """A polled doorbell word is memory: two doorbells stored while the NIC cannot scan (its condition lock
+    held here) leave only the second word to see. It counts one doorbell and still runs both batches, since
+    it executes every WQE up to the doorbell record (the behaviour tests/test_nic_mlx5.py allows for)."""
+    p = Pair(poll=True)
+    try:
+        with p.a._cv:  # the progress thread scans only while holding it
+            for first in (0, 64):
+                p.write(first, first, 64, signaled=True)
+                W.encode_dbrec(p.qp.dbrec, p.pi)
+                p.qp.db_reg[:] = np.frombuffer(W.doorbell_value(p.pi, p.qp.qpn), dtype=np.uint8)
+        cqes = p.cq.wait(2)
+        assert len(cqes) == 2 and not any(c.is_error for c in cqes)
+        assert np.array_equal(p.dst[:128], p.src[:128])
+        assert p.qp.counters.doorbells == 1 and p.qp.counters.wqes == 2
+    finally:
+        p.close()
+
+
 # --- rejections: error state, error CQE, recorded fault, target untouched ---------------------------------------
 
 
