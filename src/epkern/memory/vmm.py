@@ -56,6 +56,21 @@ class _AccessDesc(ctypes.Structure):  # CUmemAccessDesc
     _fields_ = [("location", _Location), ("flags", ctypes.c_int)]
 
 
+_u64, _size_t, _vp = ctypes.c_ulonglong, ctypes.c_size_t, ctypes.c_void_p
+# The driver calls bound here, as cuda.h declares them (tests/test_vmm_layout.py checks them against it).
+SIGNATURES = {
+    "cuMemGetAllocationGranularity": [ctypes.POINTER(_size_t), ctypes.POINTER(_AllocationProp), ctypes.c_int],
+    "cuMemCreate": [ctypes.POINTER(_u64), _size_t, ctypes.POINTER(_AllocationProp), _u64],
+    "cuMemExportToShareableHandle": [_vp, _u64, ctypes.c_int, _u64],
+    "cuMemImportFromShareableHandle": [ctypes.POINTER(_u64), _vp, ctypes.c_int],
+    "cuMemAddressReserve": [ctypes.POINTER(_u64), _size_t, _size_t, _u64, _u64],
+    "cuMemMap": [_u64, _size_t, _size_t, _u64, _u64],
+    "cuMemSetAccess": [_u64, _size_t, ctypes.POINTER(_AccessDesc), _size_t],
+    "cuMemUnmap": [_u64, _size_t],
+    "cuMemAddressFree": [_u64, _size_t],
+    "cuMemRelease": [_u64],
+    "cuGetErrorName": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+}
 _lib = None
 
 
@@ -63,21 +78,7 @@ def _driver():
     global _lib
     if _lib is None:
         lib = ctypes.CDLL("libcuda.so.1")
-        u64, size_t, vp = ctypes.c_ulonglong, ctypes.c_size_t, ctypes.c_void_p
-        sigs = {
-            "cuMemGetAllocationGranularity": [ctypes.POINTER(size_t), ctypes.POINTER(_AllocationProp), ctypes.c_int],
-            "cuMemCreate": [ctypes.POINTER(u64), size_t, ctypes.POINTER(_AllocationProp), u64],
-            "cuMemExportToShareableHandle": [vp, u64, ctypes.c_int, u64],
-            "cuMemImportFromShareableHandle": [ctypes.POINTER(u64), vp, ctypes.c_int],
-            "cuMemAddressReserve": [ctypes.POINTER(u64), size_t, size_t, u64, u64],
-            "cuMemMap": [u64, size_t, size_t, u64, u64],
-            "cuMemSetAccess": [u64, size_t, ctypes.POINTER(_AccessDesc), size_t],
-            "cuMemUnmap": [u64, size_t],
-            "cuMemAddressFree": [u64, size_t],
-            "cuMemRelease": [u64],
-            "cuGetErrorName": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
-        }
-        for name, args in sigs.items():
+        for name, args in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
         _lib = lib
