@@ -54,3 +54,15 @@ def test_missing_peer_raises_instead_of_hanging():
 
     out = run_in_process(fn, 2, timeout_s=60)
     assert out[1] != "ok"
+
+
+def test_mapping_choice_is_collective():
+    from epkern.errors import GroupError
+    from epkern.memory.symmetric import choose_mapping
+
+    assert choose_mapping([("auto", True), ("auto", True)]) == "vmm"
+    assert choose_mapping([("auto", True), ("auto", False)]) == "legacy"
+    # legacy asked anywhere: that rank reports it cannot (can_vmm is False there), so every rank goes legacy
+    assert choose_mapping([("legacy", False), ("auto", True)]) == "legacy"
+    with pytest.raises(GroupError, match=r"ranks \[1\]"):
+        choose_mapping([("vmm", True), ("auto", False)])

@@ -38,6 +38,18 @@ def _enable_peer_access(device: int, peer: int) -> None:
                 raise
 
 
+def choose_mapping(votes) -> str:
+    """The group's way of mapping peers from every rank's (EPKERN_IPC, VMM usable here): vmm when every rank
+    can, else legacy; GroupError (on every rank alike) when a rank asked for vmm and some rank cannot."""
+    can = [bool(c) for _, c in votes]
+    if all(can):
+        return "vmm"
+    if any(m == "vmm" for m, _ in votes):
+        bad = [r for r, c in enumerate(can) if not c]
+        raise GroupError(f"EPKERN_IPC=vmm: ranks {bad} cannot map peers' memory with the VMM API")
+    return "legacy"
+
+
 class SymmetricRegion:
     """``nbytes`` of zeroed device memory per rank. ``peer_ptrs[r]``: rank r's region as seen from here
     (0 for ranks off this node); ``peer_table``: the same as a device uint64 array."""
@@ -61,11 +73,7 @@ class SymmetricRegion:
             with cupy.cuda.Device(device):
                 rt.deviceSynchronize()  # the device's context exists before any driver call
                 can_vmm = mode != "legacy" and vmm.supported(device)
-            votes = group.allgather_object((mode, can_vmm))
-            if any(m == "vmm" for m, _ in votes) and not all(c for _, c in votes):
-                bad = [r for r, (_, c) in enumerate(votes) if not c]
-                raise GroupError(f"EPKERN_IPC=vmm: ranks {bad} cannot map peers' memory with the VMM API")
-            mode = "vmm" if all(c for _, c in votes) else "legacy"
+            mode = choose_mapping(group.allgather_object((mode, can_vmm)))
         self.mode = mode
         with cupy.cuda.Device(device):
             if mode == "vmm":
