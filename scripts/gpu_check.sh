@@ -19,6 +19,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export EPKERN_CACHE_DIR="${EPKERN_CACHE_DIR:-/tmp/epkern-cache}"
 MPIRUN=(mpiexec --allow-run-as-root -x PYTHONPATH -x PYTHONUNBUFFERED -x EPKERN_CACHE_DIR -x CUDA_MPS_PIPE_DIRECTORY)
+# Every other EPKERN_* variable set here (experiments such as EPKERN_LL_FAST_HOST=1) reaches the ranks too.
+for v in $(compgen -e | grep '^EPKERN_' | grep -v '^EPKERN_CACHE_DIR$'); do MPIRUN+=(-x "$v"); done
 what=("$@")
 [ ${#what[@]} -eq 0 ] && what=(all)
 summary=()

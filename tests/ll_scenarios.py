@@ -322,17 +322,20 @@ def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=
         assert_same(cupy.asnumpy(out), expected[r], f"rank {r} batch {b} combined_x")
 
 
-def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=4, num_max=128, use_fp8=False):
+def run_graph_replays(
+    buf, group, replays=100, num_tokens=96, hidden=2048, topk=4, num_max=128, use_fp8=False, graph=True
+):
     """Capture one dispatch + combine (combine of the received rows as they are) into a CUDA graph, then
     replay it ``replays`` times on fresh inputs copied into the captured arrays; every replay exact. No
-    host collective between replays: the set each call uses comes from the device counter."""
+    host collective between replays: the set each call uses comes from the device counter. ``graph=False``:
+    the same ``replays`` iterations as eager calls on the same arrays (what EPKERN_LL_FAST_HOST replays)."""
     import cupy
 
     if cupy.cuda.get_current_stream().ptr == 0:
         # CUDA cannot capture the legacy default stream, which MPI ranks run on unless they pick one
         # (seen on the H200: "cannot capture on the default (legacy) stream" in tests/ll_mpi_worker.py).
         with cupy.cuda.Stream(non_blocking=True):
-            return run_graph_replays(buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8)
+            return run_graph_replays(buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph)
     r, R = group.rank, group.size
     E = 8 * R
     e_loc, rows = E // R, R * num_max
@@ -385,12 +388,20 @@ def run_graph_replays(buf, group, replays=100, num_tokens=96, hidden=2048, topk=
     settle(buf)
     check(-1, *data, handle)
     group.barrier()
+    if not graph:
+        for it in range(replays):
+            data = load(it)
+            handle, _ = calls()
+            settle(buf)
+            check(it, *data, handle)
+        group.barrier()
+        return
     stream.begin_capture()
     handle, _ = calls()
-    graph = stream.end_capture()
+    captured = stream.end_capture()
     for it in range(replays):
         data = load(it)
-        graph.launch(stream)
+        captured.launch(stream)
         settle(buf)
         check(it, *data, handle)
     group.barrier()

@@ -43,6 +43,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "first 32 polls; 0 = poll without pause; auto = 200 when ranks share a GPU (spinning warps then take "
         "issue slots and memory bandwidth from the ranks still copying), else 0. Compiled in as a define",
     ),
+    "EPKERN_LL_FAST_HOST": (
+        "0",
+        "1: an LL call whose arrays (by identity) and flags repeat one of the last two validated calls of that op "
+        "only launches (no checks, no argument packing); an experiment, not yet run on a GPU (ll_plans.py)",
+    ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
         "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
@@ -203,6 +208,10 @@ def _zero_or_one(name: str) -> int:
     if raw not in ("0", "1"):
         raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
     return int(raw)
+
+
+def ll_fast_host() -> bool:
+    return _zero_or_one("EPKERN_LL_FAST_HOST") == 1
 
 
 def ll_poll_relaxed() -> int:

@@ -115,6 +115,9 @@ class GpuBuffer(Buffer):
         import cupy
 
         self._closed = True
+        plans = getattr(self, "_ll_plans", None)
+        if plans is not None:
+            plans.clear()  # the replay plans hold the caller's arrays
         with cupy.cuda.Device(self.device):
             try:
                 self.comm_stream.synchronize()
