@@ -1,0 +1,306 @@
+"""A stand-in for the parts of CuPy that epkern's GPU host paths touch, backed by numpy, so that those paths
+(argument checks, output allocation, launch-argument packing, streams and events, the LL replay plans) run
+on a machine without a GPU. Kernels are recorded, not run; array contents are host memory the kernels never
+see. Used by tests/test_gpu_host_paths_cpu.py and bench/bench_host_cpu.py through :func:`installed`.
+
+Only what those paths use is here; anything else raises AttributeError, which is the point: a host path that
+starts using more of CuPy shows up as a failing CPU test, not as a surprise on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import sys
+import threading
+import types
+
+import numpy as np
+
+_ids = itertools.count(1)
+
+
+class UnownedMemory:
+    def __init__(self, ptr, size, owner, device_id=None):
+        self.ptr, self.size, self.owner = int(ptr), int(size), owner
+
+
+class MemoryPointer:
+    def __init__(self, mem, offset=0):
+        self.mem, self.offset = mem, int(offset)
+        self.ptr = mem.ptr + self.offset
+
+
+class _Data:
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class Device:
+    attributes = {"MultiProcessorCount": 132}
+    pci_bus_id = "0000:00:00.0"
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+class ndarray:  # noqa: N801 - CuPy's name
+    """A numpy array with a device pointer of its own (its host address, or the memptr given)."""
+
+    def __init__(self, shape, dtype=float, memptr=None, strides=None, *, _np=None, _ptr=None):
+        self._a = np.empty(shape, dtype) if _np is None else _np
+        if _ptr is not None:
+            self._ptr = _ptr
+        else:
+            self._ptr = memptr.ptr if memptr is not None else self._a.__array_interface__["data"][0]
+
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    data = property(lambda self: _Data(self._ptr))
+    device = property(lambda self: Device(0))
+
+    def _same_start(self, a):  # views that begin where this array begins
+        return ndarray(None, _np=a, _ptr=self._ptr)
+
+    def view(self, dtype):
+        return self._same_start(self._a.view(dtype))
+
+    def reshape(self, *shape):
+        return self._same_start(self._a.reshape(*shape))
+
+    def transpose(self, *axes):
+        return self._same_start(self._a.transpose(*axes))
+
+    def __getitem__(self, key):
+        sub = self._a[key]
+        if not isinstance(sub, np.ndarray):
+            return sub
+        offset = sub.__array_interface__["data"][0] - self._a.__array_interface__["data"][0]
+        return ndarray(None, _np=sub, _ptr=self._ptr + offset)
+
+    def __setitem__(self, key, value):
+        self._a[key] = value._a if isinstance(value, ndarray) else value
+
+    def fill(self, value):
+        self._a.fill(value)
+
+    def get(self):
+        return self._a.copy()
+
+    def set(self, a):
+        self._a[...] = a
+
+    def __len__(self):
+        return len(self._a)
+
+
+def asarray(a, dtype=None):
+    if isinstance(a, ndarray):
+        return a
+    return ndarray(None, _np=np.array(a, dtype=dtype))
+
+
+def zeros(shape, dtype=float):
+    return ndarray(None, _np=np.zeros(shape, dtype))
+
+
+def empty(shape, dtype=float):
+    return ndarray(None, _np=np.empty(shape, dtype))
+
+
+def full(shape, value, dtype=None):
+    return ndarray(None, _np=np.full(shape, value, dtype))
+
+
+def asnumpy(a):
+    return a._a.copy() if isinstance(a, ndarray) else np.asarray(a)
+
+
+def ascontiguousarray(a):
+    return ndarray(None, _np=np.ascontiguousarray(a._a))
+
+
+class Event:
+    def __init__(self, *args, **kwargs):
+        self.done = True
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+_current = threading.local()
+
+
+class Stream:
+    def __init__(self, null=False, non_blocking=False, ptr=None):
+        self.ptr = 0 if null else (next(_ids) if ptr is None else ptr)
+        self.recorded = 0
+        self.waits = 0
+
+    def record(self, event=None):
+        self.recorded += 1
+        return event if event is not None else Event()
+
+    def wait_event(self, event):
+        self.waits += 1
+
+    def use(self):
+        _current.stream = self
+        return self
+
+    def synchronize(self):
+        pass
+
+    def is_capturing(self):
+        return False
+
+    def __enter__(self):
+        self._prev = get_current_stream()
+        return self.use()
+
+    def __exit__(self, *exc):
+        self._prev.use()
+        return False
+
+
+def get_current_stream():
+    s = getattr(_current, "stream", None)
+    if s is None:
+        s = _current.stream = Stream(ptr=next(_ids))  # a non-default stream, as run_in_process gives
+    return s
+
+
+def _memset_async(ptr, value, nbytes, stream=0):
+    ctypes.memset(ptr, value, nbytes)  # fake "device" memory is host memory (FakeRegion)
+
+
+def _module():
+    cupy = types.ModuleType("cupy")
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.runtime = types.SimpleNamespace(memsetAsync=_memset_async)
+    for name in ("ndarray", "asarray", "zeros", "empty", "full", "asnumpy", "ascontiguousarray"):
+        setattr(cupy, name, globals()[name])
+    for name in ("UnownedMemory", "MemoryPointer", "Device", "Event", "Stream", "get_current_stream"):
+        setattr(cuda, name, globals()[name])
+    for name in ("bool_", "int8", "uint8", "int32", "uint32", "int64", "uint64", "float32", "uint16"):
+        setattr(cupy, name, getattr(np, name))
+    cupy.cuda = cuda
+    cupy.__path__ = []  # a package, so "import cupy.cuda" finds the submodule below
+    return cupy, cuda
+
+
+class FakeRegion:
+    """SymmetricRegion on one rank: a pointer of its own, no peers."""
+
+    def __init__(self, group, nbytes, device):
+        self.nbytes = int(nbytes)
+        self._mem = np.zeros(max(self.nbytes, 256) // 8 + 1, np.uint64)
+        self.ptr = self._mem.ctypes.data
+        self.peer_ptrs = [self.ptr if r == group.rank else 0 for r in range(group.size)]
+        self.peer_table = ndarray(None, _np=np.array(self.peer_ptrs, dtype=np.uint64))
+        self.mode = "fake"
+
+    def close(self):
+        self.ptr = 0
+
+
+class FakeHostMapped:
+    def __init__(self, nbytes):
+        self.host = np.zeros(max(int(nbytes), 1), np.uint8)
+        self.nbytes = self.host.nbytes
+        self.device_ptr = self.host.ctypes.data
+
+    def view(self, dtype, offset=0, count=None):
+        dtype = np.dtype(dtype)
+        count = (self.nbytes - offset) // dtype.itemsize if count is None else count
+        return self.host[offset : offset + count * dtype.itemsize].view(dtype)
+
+    def close(self):
+        pass
+
+
+class Launches(list):
+    """Every kernel launch: (source, name, defines, grid, block, args)."""
+
+
+@contextlib.contextmanager
+def installed(monkeypatch=None):
+    """Fake CuPy in sys.modules, GPU checks passing, SymmetricRegion/HostMapped faked, kernels recorded.
+    Yields the list of launches. ``monkeypatch``: pytest's (undone after the test), else undone on exit."""
+    from epkern import _cuda, gpu_buffer, kernel_loader
+
+    launches = Launches()
+    cupy, cuda = _module()
+
+    def get_function(source, name, defines=None):
+        frozen = dict(defines or {})
+        return lambda grid, block, args: launches.append((source, name, frozen, grid, block, tuple(args)))
+
+    patches = [
+        (sys.modules, "cupy", cupy, True),
+        (sys.modules, "cupy.cuda", cuda, True),
+        (kernel_loader, "get_function", get_function, False),
+        (_cuda, "require_gpu", lambda what="": None, False),
+        (gpu_buffer, "SymmetricRegion", FakeRegion, False),
+        (gpu_buffer, "HostMapped", FakeHostMapped, False),
+    ]
+    saved = []
+    for target, name, value, is_item in patches:
+        if monkeypatch is not None:
+            (monkeypatch.setitem if is_item else monkeypatch.setattr)(target, name, value)
+        else:
+            saved.append((target, name, is_item, target.get(name) if is_item else getattr(target, name)))
+            if is_item:
+                target[name] = value
+            else:
+                setattr(target, name, value)
+    try:
+        yield launches
+    finally:
+        for target, name, is_item, old in reversed(saved):
+            if is_item:
+                if old is None:
+                    target.pop(name, None)
+                else:
+                    target[name] = old
+            else:
+                setattr(target, name, old)
+
+
+def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True):
+    """A real GpuBuffer of one rank over the fakes (call inside :func:`installed`). ``processes``: outputs
+    come from the shared heap, as for MPS processes (a one-rank group is otherwise in-process)."""
+    from epkern.gpu_buffer import GpuBuffer
+    from epkern.group.base import SingleGroup
+
+    buf = GpuBuffer(
+        SingleGroup(), num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode
+    )
+    if processes:
+        buf.in_process = False
+    return buf
+
+
+def real_launches(launches):
+    """The launches that are not first-use dry runs (their first argument, dry_run, is 0)."""
+    return [launch for launch in launches if int(launch[5][0]) == 0]

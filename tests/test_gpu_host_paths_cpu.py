@@ -1,0 +1,200 @@
+"""The GPU backend's host paths on a CPU, over a fake CuPy (tests/fake_cupy.py): HT dispatch / cached dispatch /
+combine and LL dispatch / combine build the launches they should (kernel, grid, the arguments the kernels
+take, pointers of the arrays returned), checks fire before any launch, and the LL replay plans
+(EPKERN_LL_FAST_HOST) launch exactly what the full path launches. Kernels do not run: outputs are not checked
+here (the GPU tests do that)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fake_cupy as F
+from epkern.errors import ArgumentError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+T, H, K, E = 64, 1024, 4, 8
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    with F.installed(monkeypatch) as launches:
+        yield launches
+
+
+def _ptr(a):
+    return a.data.ptr
+
+
+def _ht_inputs():
+    import cupy
+
+    rng = np.random.default_rng(0)
+    x = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
+    idx = cupy.asarray(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64))
+    w = cupy.asarray(np.ones((T, K), np.float32))
+    per_rank = cupy.asarray(np.array([T], np.int32))
+    in_rank = cupy.asarray(np.ones((T, 1), bool))
+    per_expert = cupy.asarray(np.full(E, T * K // E, np.int32))
+    return x, idx, w, per_rank, in_rank, per_expert
+
+
+def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
+    buf = F.fake_buffer()
+    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        topk_weights=w,
+        num_worst_tokens=T,
+    )
+    names = [launch[1] for launch in F.real_launches(fake)]
+    assert names == ["epk_ht_notify", "epk_ht_dispatch"]
+    disp = F.real_launches(fake)[-1]
+    assert disp[3] == (buf.ht_grid(None),) and disp[4] == (buf.ht_threads,)
+    args = disp[5]
+    assert int(args[1]) == buf.rank and int(args[3]) == T and args[4] is x
+    assert int(args[11]) == _ptr(recv_x) and int(args[13]) == _ptr(recv_idx) and int(args[14]) == _ptr(recv_w)
+    assert recv_x.shape == (T, H) and recv_idx.shape == (T, K)
+
+    before = len(fake)
+    cached_x, *_ = buf.dispatch(x, handle=handle)
+    cached = F.real_launches(fake[before:])
+    assert [c[1] for c in cached] == ["epk_ht_dispatch"] and cached[0][2]["EPK_WITH_META"] == 0
+    assert int(cached[0][5][11]) == _ptr(cached_x) and int(cached[0][5][2]) > int(args[2])  # a new epoch
+
+    before = len(fake)
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    comb = F.real_launches(fake[before:])
+    assert [c[1] for c in comb] == ["epk_ht_combine"]
+    assert comb[0][2]["EPK_LOADS_FIRST"] == buf.ht_combine_loads_first
+    assert combined.shape == (T, H) and combined_w.shape == (T, K)
+    buf.destroy()
+
+
+def test_ht_bad_input_raises_before_any_launch(fake):
+    import cupy
+
+    buf = F.fake_buffer()
+    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    _, _, recv_w, _, handle, _ = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=idx, topk_weights=w, num_worst_tokens=T,
+    )  # fmt: skip
+    before = len(fake)
+    with pytest.raises(ArgumentError, match="x: expected 64 tokens"):
+        buf.dispatch(cupy.asarray(np.zeros((T + 1, H), BF16)), handle=handle)
+    with pytest.raises(ArgumentError, match="topk_weights"):
+        buf.combine(cupy.asarray(np.zeros((handle.num_out_rows, H), BF16)), handle, topk_weights=idx)
+    assert len(fake) == before
+    buf.destroy()
+
+
+NUM_MAX = 64
+
+
+def _ll_setup(use_fp8=False):
+    import cupy
+
+    rng = np.random.default_rng(1)
+    e_loc, rows = E, NUM_MAX
+    x = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
+    idx = cupy.asarray(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64))
+    w = cupy.asarray(np.ones((T, K), np.float32))
+    outs = dict(
+        out_x=cupy.empty((e_loc, rows, H), np.uint8 if use_fp8 else BF16),
+        out_src_info=cupy.empty((e_loc, rows), np.int32),
+        out_layout_range=cupy.empty((e_loc, 1), np.int64),
+        out_count=cupy.empty((e_loc,), np.int32),
+    )
+    if use_fp8:
+        outs["out_scales"] = cupy.empty((e_loc, H // 128, rows), np.float32).transpose(0, 2, 1)
+    y = cupy.empty((e_loc, rows, H), BF16)
+    out = cupy.empty((T, H), BF16)
+    return x, idx, w, outs, y, out
+
+
+def _ll_buffer():
+    from epkern.ll_intranode import min_num_rdma_bytes
+
+    return F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(NUM_MAX, H, E), low_latency_mode=True)
+
+
+def _ll_pairs(buf, launches, n, use_fp8=False, hook=False):
+    """n dispatch + combine pairs on the same arrays; the launches of each call (dry runs left out)."""
+    x, idx, w, outs, y, out = _ll_setup(use_fp8)
+    per_call = []
+    for _ in range(n):
+        before = len(launches)
+        recv, count, handle, _, dhook = buf.low_latency_dispatch(
+            x, idx, NUM_MAX, E, use_fp8=use_fp8, return_recv_hook=hook, **outs
+        )
+        if hook:
+            dhook()
+        per_call.append(F.real_launches(launches[before:]))
+        assert handle.src_info is outs["out_src_info"] and count is outs["out_count"]
+        before = len(launches)
+        combined, _, chook = buf.low_latency_combine(y, idx, w, handle, out=out, return_recv_hook=hook)
+        if hook:
+            chook()
+        per_call.append(F.real_launches(launches[before:]))
+        assert combined is out
+    return per_call
+
+
+def _same(a, b):
+    """Two launch records equal: kernel, defines, grid, block, and every argument (arrays by identity)."""
+    assert a[:5] == b[:5]
+    assert len(a[5]) == len(b[5])
+    for u, v in zip(a[5], b[5], strict=True):
+        assert (u is v) if hasattr(u, "shape") and not isinstance(u, np.generic) else (int(u) == int(v)), (u, v)
+
+
+@pytest.mark.parametrize("use_fp8,hook", [(False, False), (True, False), (False, True)])
+def test_ll_replay_launches_what_the_full_path_launches(fake, monkeypatch, use_fp8, hook):
+    """With EPKERN_LL_FAST_HOST=1 the first pair takes the full path and the next ones replay it: every
+    replayed launch equals the full path's launch of the same call, argument for argument."""
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    calls = _ll_pairs(buf, fake, 4, use_fp8, hook)
+    assert buf._ll_replays == 2 * 3  # every call after the first pair
+    first_dispatch, first_combine = calls[0], calls[1]
+    for i, launches in enumerate(calls):
+        want = first_dispatch if i % 2 == 0 else first_combine
+        assert len(launches) == len(want) == (2 if hook else 1)  # send (and the hook's receive)
+        for a, b in zip(launches, want, strict=True):
+            _same(a, b)
+    if hook:  # the hook's receive counts back to its own call
+        assert [int(launch[5][2]) for launch in first_dispatch] == [1, 2] and int(first_dispatch[1][5][3]) == 0
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "0")
+    slow = _ll_buffer()
+    _ll_pairs(slow, fake, 2, use_fp8, hook)
+    assert slow._ll_replays == 0 and len(slow._ll_plans) == 0
+
+
+def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
+    import cupy
+
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    assert buf._ll_replays == 1
+    buf.low_latency_dispatch(cupy.asarray(x.get()), idx, NUM_MAX, E, use_fp8=False, **outs)  # another x
+    assert buf._ll_replays == 1
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # outputs allocated: never a plan
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
+    assert buf._ll_replays == 1
+    idx._a = idx._a[: T // 2]  # the same object, now with another shape (as an in-place reshape would)
+    with pytest.raises(ArgumentError, match="topk_idx: expected 64 rows"):
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    assert buf._ll_replays == 1
+    buf.clean_low_latency_buffer(NUM_MAX, H, E)
+    assert len(buf._ll_plans) == 0
+    buf.destroy()
+    assert len(buf._ll_plans) == 0
