@@ -110,19 +110,25 @@ def profile_text(fn, calls: int, top: int = 25) -> str:
     functions by own time, as µs per call of ``fn`` (own and cumulative), to find where the host's time per
     call goes. Time inside Cython methods without profiling hooks (CuPy's kernel launch) counts as the
     caller's own time."""
-    import cProfile
-    import pstats
-
     import cupy
 
     fn()
     cupy.cuda.get_current_stream().synchronize()
+    text = profile_text_host(fn, calls, top)
+    cupy.cuda.get_current_stream().synchronize()
+    return text
+
+
+def profile_text_host(fn, calls: int, top: int = 25) -> str:
+    """The profile of :func:`profile_text` without the stream syncs (host-only callers)."""
+    import cProfile
+    import pstats
+
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
         fn()
     prof.disable()
-    cupy.cuda.get_current_stream().synchronize()
     stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
     total = sum(v[2] for v in stats.values())
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]

@@ -97,6 +97,8 @@ class GpuBuffer(Buffer):
         self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
         self._broken: str | None = None
         self._warmed: set = set()
+        self._launch_cache: dict = {}  # (source, name, defines items) -> (kernel, defines with EPK_CTRL_BYTES)
+        self._launch_warm: set = set()  # the same keys, once their specialisation is in _warmed
         # Launch shape of the HT copy kernels (tuned by bench/bench_ht.py; see docs/performance.md): threads
         # per block, blocks per SM of num_sms (the kernels are compiled to fit that many per SM), loads in
         # flight per lane, and whether combine issues every peer's loads before adding (loads_first).
@@ -255,7 +257,14 @@ class GpuBuffer(Buffer):
         return self.epoch
 
     def _deadline_args(self):
-        return (np.uintp(self.host.device_ptr), np.uint64(int(self.timeout_s * 1e9)))
+        # (error record, timeout in ns): fixed for the Buffer's life, built once (a per-call cost otherwise)
+        args = self.__dict__.get("_deadline_cache")
+        if args is None or args[0] != (self.host.device_ptr, self.timeout_s):
+            args = self._deadline_cache = (
+                (self.host.device_ptr, self.timeout_s),
+                (np.uintp(self.host.device_ptr), np.uint64(int(self.timeout_s * 1e9))),
+            )
+        return args[1]
 
     def _launch(self, source: str, name: str, defines: dict, blocks: int, threads: int, args: tuple) -> None:
         """Launch a (possibly spin-waiting) kernel on the comm stream. The first use of a specialisation
@@ -264,17 +273,25 @@ class GpuBuffer(Buffer):
         spins waiting for it (in-process ranks share one context)."""
         import cupy
 
-        defines = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
-        func = kernel_loader.get_function(source, name, defines)
-        self._last_defines[source] = defines
-        key = (source, name, tuple(sorted(defines.items())))
-        if key not in self._warmed:
+        # Call sites build their defines in a fixed order, so the unsorted items find this specialisation's
+        # kernel without re-sorting and re-resolving it on every call.
+        site = (source, name, tuple(defines.items()))
+        cached = self._launch_cache.get(site)
+        if cached is None:
+            full = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
+            cached = self._launch_cache[site] = (kernel_loader.get_function(source, name, full), full)
+        func, full = cached
+        self._last_defines[source] = full
+        key = (source, name, tuple(sorted(full.items()))) if site not in self._launch_warm else None
+        if key is not None and key not in self._warmed:
             func((1,), (32,), (np.int32(1), *args))
             for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
                 cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
             self.comm_stream.synchronize()
             self.group.barrier()
             self._warmed.add(key)
+        if key is not None:
+            self._launch_warm.add(site)
         func((blocks,), (threads,), (np.int32(0), *args))
 
     def read_ht_probe(self, source: str):

@@ -9,6 +9,7 @@ next user runs on, as in CuPy.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import weakref
 
@@ -39,7 +40,7 @@ class HeapBlock:
         import numpy as np
 
         shape = tuple(int(s) for s in shape)
-        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        need = math.prod(shape) * np.dtype(dtype).itemsize  # math.prod: a per-call hot spot as np.prod
         if byte_offset + need > self.nbytes:
             raise ValueError(f"view of {need} bytes at {byte_offset} exceeds block of {self.nbytes}")
         mem = cupy.cuda.UnownedMemory(self.ptr, self.nbytes, self)

@@ -1,0 +1,96 @@
+"""Python host time per call of the GPU backend's hot paths, on a CPU, over the fake CuPy of the tests
+(tests/fake_cupy.py: kernels recorded, not run). It measures epkern's own Python (checks, argument
+packing, allocation from the shared heap, streams and events), not CuPy's launch cost or a GPU: use it to
+compare host-path changes; bench_ht.py / bench_ll.py measure the real thing on a GPU.
+
+    python3 bench/bench_host_cpu.py [--calls 1000] [--repeats 7] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_cupy as F  # noqa: E402
+from _timing import profile_text_host  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def cases(T=128, H=7168, K=8, E=256, num_max=128):
+    """(name, fn) of each hot path, on one fake rank; built inside F.installed()."""
+    import cupy
+
+    from epkern.ll_intranode import min_num_rdma_bytes
+
+    rng = np.random.default_rng(0)
+    out = []
+    buf = F.fake_buffer(num_nvl_bytes=1 << 26)
+    x = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
+    idx = cupy.asarray(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64))
+    w = cupy.asarray(np.ones((T, K), np.float32))
+    per_rank = cupy.asarray(np.array([T], np.int32))
+    in_rank = cupy.asarray(np.ones((T, 1), bool))
+    per_expert = cupy.asarray(np.full(E, T * K // E, np.int32))
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=idx, topk_weights=w, num_worst_tokens=T,
+    )  # fmt: skip
+    out.append(("ht cached dispatch", lambda: buf.dispatch(x, handle=handle)))
+    out.append(("ht combine", lambda: buf.combine(recv_x, handle, topk_weights=recv_w)))
+    for fast in ("0", "1"):
+        os.environ["EPKERN_LL_FAST_HOST"] = fast
+        ll = F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(num_max, H, E), low_latency_mode=True)
+        outs = dict(
+            out_x=cupy.empty((E, num_max, H), BF16),
+            out_src_info=cupy.empty((E, num_max), np.int32),
+            out_layout_range=cupy.empty((E, 1), np.int64),
+            out_count=cupy.empty((E,), np.int32),
+        )
+        y, combined = cupy.empty((E, num_max, H), BF16), cupy.empty((T, H), BF16)
+        h = ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, **outs)[2]
+
+        def lld(ll=ll, outs=outs):
+            return ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, async_finish=True, **outs)
+
+        def llc(ll=ll, h=h, y=y, combined=combined):
+            return ll.low_latency_combine(y, idx, w, h, out=combined, async_finish=True)
+
+        tag = " (EPKERN_LL_FAST_HOST=1)" if fast == "1" else ""
+        out.append((f"ll dispatch, preallocated{tag}", lld))
+        out.append((f"ll combine, out={tag}", llc))
+    os.environ.pop("EPKERN_LL_FAST_HOST", None)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--profile", action="store_true", help="also the top functions of each path")
+    args = p.parse_args(argv)
+    with F.installed():
+        for name, fn in cases():
+            fn()
+            runs = []
+            for _ in range(args.repeats):  # the fastest run: the least disturbed by whatever else runs here
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    fn()
+                runs.append((time.perf_counter() - t0) / args.calls * 1e6)
+            print(f"{name:48s} {min(runs):7.1f} us per call (best of {args.repeats} runs of {args.calls})")
+            if args.profile:
+                print(profile_text_host(fn, args.calls, top=12))
+
+
+if __name__ == "__main__":
+    main()
