@@ -32,15 +32,9 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
 
     from epkern.ll_intranode import min_num_rdma_bytes
 
-    rng = np.random.default_rng(0)
     out = []
     buf = F.fake_buffer(num_nvl_bytes=1 << 26)
-    x = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
-    idx = cupy.asarray(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64))
-    w = cupy.asarray(np.ones((T, K), np.float32))
-    per_rank = cupy.asarray(np.array([T], np.int32))
-    in_rank = cupy.asarray(np.ones((T, 1), bool))
-    per_expert = cupy.asarray(np.full(E, T * K // E, np.int32))
+    x, idx, w, per_rank, in_rank, per_expert = F.ht_inputs(T, H, K, E)
     recv_x, _, recv_w, _, handle, _ = buf.dispatch(
         x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
         topk_idx=idx, topk_weights=w, num_worst_tokens=T,

@@ -304,3 +304,19 @@ def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False,
 def real_launches(launches):
     """The launches that are not first-use dry runs (their first argument, dry_run, is 0)."""
     return [launch for launch in launches if int(launch[5][0]) == 0]
+
+
+def ht_inputs(T, H, K, E, seed=0):
+    """One rank's HT inputs as fake arrays: x (small integers, BF16), topk_idx (K distinct experts of E per
+    token), weights, and the layout a one-rank group gets (every token to rank 0)."""
+    import cupy
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    x = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(ml_dtypes.bfloat16))
+    idx = cupy.asarray(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64))
+    w = cupy.asarray(np.ones((T, K), np.float32))
+    per_rank = cupy.asarray(np.array([T], np.int32))
+    in_rank = cupy.asarray(np.ones((T, 1), bool))
+    per_expert = cupy.asarray(np.full(E, T * K // E, np.int32))
+    return x, idx, w, per_rank, in_rank, per_expert

@@ -28,16 +28,7 @@ def _ptr(a):
 
 
 def _ht_inputs():
-    import cupy
-
-    rng = np.random.default_rng(0)
-    x = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
-    idx = cupy.asarray(np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64))
-    w = cupy.asarray(np.ones((T, K), np.float32))
-    per_rank = cupy.asarray(np.array([T], np.int32))
-    in_rank = cupy.asarray(np.ones((T, 1), bool))
-    per_expert = cupy.asarray(np.full(E, T * K // E, np.int32))
-    return x, idx, w, per_rank, in_rank, per_expert
+    return F.ht_inputs(T, H, K, E)
 
 
 def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
