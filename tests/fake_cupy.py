@@ -243,18 +243,38 @@ class Launches(list):
     """Every kernel launch: (source, name, defines, grid, block, args)."""
 
 
+def emulate_ht_notify_one_rank(args):
+    """What ht_notify leaves in host-mapped memory for a one-rank group: the rows this rank receives (its
+    tokens in is_token_in_rank), the per-expert counts, then the call's epoch (written last, as the kernel)."""
+    epoch, in_rank, per_expert, host_ptr = int(args[2]), args[6]._a, args[5]._a, int(args[10])
+    words = (ctypes.c_int32 * (3 + len(per_expert))).from_address(host_ptr)
+    words[1] = int(in_rank[:, 0].sum())
+    words[2] = words[1]  # rows from rank 0 (the only source)
+    for e, c in enumerate(per_expert):
+        words[3 + e] = int(c)
+    words[0] = epoch
+
+
 @contextlib.contextmanager
-def installed(monkeypatch=None):
+def installed(monkeypatch=None, emulate=None):
     """Fake CuPy in sys.modules, GPU checks passing, SymmetricRegion/HostMapped faked, kernels recorded.
-    Yields the list of launches. ``monkeypatch``: pytest's (undone after the test), else undone on exit."""
+    Yields the list of launches. ``monkeypatch``: pytest's (undone after the test), else undone on exit.
+    ``emulate``: {kernel name: fn(args)} run at each real (not dry-run) launch of that kernel."""
     from epkern import _cuda, gpu_buffer, kernel_loader
 
     launches = Launches()
     cupy, cuda = _module()
+    emulate = emulate or {}
 
     def get_function(source, name, defines=None):
         frozen = dict(defines or {})
-        return lambda grid, block, args: launches.append((source, name, frozen, grid, block, tuple(args)))
+
+        def launch(grid, block, args):
+            launches.append((source, name, frozen, grid, block, tuple(args)))
+            if name in emulate and int(args[0]) == 0:
+                emulate[name](args)
+
+        return launch
 
     patches = [
         (sys.modules, "cupy", cupy, True),
@@ -287,14 +307,18 @@ def installed(monkeypatch=None):
                 setattr(target, name, old)
 
 
-def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True):
+def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True, timeout_s=None):
     """A real GpuBuffer of one rank over the fakes (call inside :func:`installed`). ``processes``: outputs
     come from the shared heap, as for MPS processes (a one-rank group is otherwise in-process)."""
     from epkern.gpu_buffer import GpuBuffer
     from epkern.group.base import SingleGroup
 
     buf = GpuBuffer(
-        SingleGroup(), num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode
+        SingleGroup(),
+        num_nvl_bytes=num_nvl_bytes,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=low_latency_mode,
+        timeout_s=timeout_s,
     )
     if processes:
         buf.in_process = False

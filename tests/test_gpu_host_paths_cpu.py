@@ -85,6 +85,44 @@ def test_ht_bad_input_raises_before_any_launch(fake):
     buf.destroy()
 
 
+def test_ht_dispatch_waits_for_the_counts_then_sizes_its_outputs(monkeypatch):
+    """Non-cached dispatch: the host waits for ht_notify's counts in host-mapped memory (emulated here for one
+    rank), sizes recv_x by them and rounds the per-expert counts up to expert_alignment."""
+    with F.installed(monkeypatch, emulate={"epk_ht_notify": F.emulate_ht_notify_one_rank}) as launches:
+        buf = F.fake_buffer()
+        x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=w, expert_alignment=24,
+        )  # fmt: skip
+        assert recv_x.shape == (T, H) and handle.num_recv_tokens == T and handle.num_out_rows == T
+        assert counts == [48] * E  # 32 selections per expert, rounded up to a multiple of 24
+        assert [launch[1] for launch in F.real_launches(launches)] == ["epk_ht_notify", "epk_ht_dispatch"]
+        buf.destroy()
+
+
+def test_ht_dispatch_raises_when_the_counts_never_come(fake):
+    """No kernel writes the counts: the host wait ends at the Buffer's deadline (+5 s) with an error naming
+    the rank, the phase and that the call's kernel never started; the Buffer is then unusable."""
+    import time
+
+    from epkern.errors import EpkernError, TimeoutError
+
+    buf = F.fake_buffer(timeout_s=0.2)
+    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"rank 0: dispatch notify: no answer .* never started"):
+        buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=w,
+        )  # fmt: skip
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(EpkernError, match="unusable"):
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                     topk_idx=idx)  # fmt: skip
+    buf.destroy()
+
+
 NUM_MAX = 64
 
 
