@@ -59,8 +59,9 @@ class Device:
 class ndarray:  # noqa: N801 - CuPy's name
     """A numpy array with a device pointer of its own (its host address, or the memptr given)."""
 
-    def __init__(self, shape, dtype=float, memptr=None, strides=None, *, _np=None, _ptr=None):
+    def __init__(self, shape, dtype=float, memptr=None, strides=None, *, _np=None, _ptr=None, _keep=None):
         self._a = np.empty(shape, dtype) if _np is None else _np
+        self._keep = memptr if memptr is not None else _keep  # as CuPy: the memory (and its owner) stays alive
         if _ptr is not None:
             self._ptr = _ptr
         else:
@@ -77,7 +78,7 @@ class ndarray:  # noqa: N801 - CuPy's name
     device = property(lambda self: Device(0))
 
     def _same_start(self, a):  # views that begin where this array begins
-        return ndarray(None, _np=a, _ptr=self._ptr)
+        return ndarray(None, _np=a, _ptr=self._ptr, _keep=self._keep)
 
     def view(self, dtype):
         return self._same_start(self._a.view(dtype))
@@ -93,7 +94,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         if not isinstance(sub, np.ndarray):
             return sub
         offset = sub.__array_interface__["data"][0] - self._a.__array_interface__["data"][0]
-        return ndarray(None, _np=sub, _ptr=self._ptr + offset)
+        return ndarray(None, _np=sub, _ptr=self._ptr + offset, _keep=self._keep)
 
     def __setitem__(self, key, value):
         self._a[key] = value._a if isinstance(value, ndarray) else value

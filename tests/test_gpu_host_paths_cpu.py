@@ -123,6 +123,32 @@ def test_ht_dispatch_raises_when_the_counts_never_come(fake):
     buf.destroy()
 
 
+def test_ht_outputs_return_to_the_heap_when_dropped(fake):
+    """A dispatch's outputs live in the shared heap; dropping them returns their block at once (by reference
+    count: no cycle may hold it until the cyclic garbage collector runs)."""
+    import gc
+
+    buf = F.fake_buffer()
+    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    gc.disable()
+    try:
+        out = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=w, num_worst_tokens=T,
+        )  # fmt: skip
+        handle = out[4]
+        held = buf.heap.in_use
+        cached = buf.dispatch(x, handle=handle)
+        assert buf.heap.in_use > held
+        del cached
+        assert buf.heap.in_use == held
+        del out, handle
+        assert buf.heap.in_use == 0
+    finally:
+        gc.enable()
+    buf.destroy()
+
+
 NUM_MAX = 64
 
 

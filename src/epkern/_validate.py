@@ -42,6 +42,9 @@ def as_device_array(obj, name: str):
     raise ArgumentError(f"{name}: expected a GPU array, got {type(obj).__name__}")
 
 
+_ALLOWED: dict = {}  # dtypes tuple -> [np.dtype]
+
+
 def check_array(
     arr,
     name: str,
@@ -54,7 +57,11 @@ def check_array(
 ):
     """Checks dtype (one of ``dtypes``), ndim/shape (None entries match any size), C-contiguity and,
     for CuPy arrays, the device. Returns ``arr``."""
-    allowed = [np.dtype(d) for d in dtypes]
+    allowed = _ALLOWED.get(dtypes)
+    if allowed is None:  # callers pass constant tuples: convert each one once (a per-call cost otherwise)
+        allowed = [np.dtype(d) for d in dtypes]
+        if isinstance(dtypes, tuple):
+            _ALLOWED[dtypes] = allowed
     if arr.dtype not in allowed:
         names = " or ".join(str(d) for d in allowed)
         raise ArgumentError(f"{name}: expected dtype {names}, got {arr.dtype}")

@@ -7,7 +7,6 @@ communication stream ordered after the caller's stream (or ``previous_event``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -31,6 +30,30 @@ PHASES = {
 PHASES.update(ll_intranode.LL_PHASES)  # 7.. : the low-latency kernels
 ERROR_RECORD_BYTES = 32
 MAX_LOCAL_EXPERTS = 1024
+
+
+class _CommStreamScope:
+    """GpuBuffer.on_comm_stream's context (a class: a generator-based context manager cost a few µs per call)."""
+
+    __slots__ = ("buf", "device", "previous")
+
+    def __init__(self, buf):
+        self.buf = buf
+
+    def __enter__(self):
+        import cupy
+
+        self.device = cupy.cuda.Device(self.buf.device)
+        self.device.__enter__()
+        self.previous = cupy.cuda.get_current_stream()
+        return self.buf.comm_stream.use()
+
+    def __exit__(self, *exc):
+        try:
+            self.previous.use()
+        finally:
+            self.device.__exit__(*exc)
+        return False
 
 
 class GpuBuffer(Buffer):
@@ -224,19 +247,10 @@ class GpuBuffer(Buffer):
             self.comm_stream.wait_event(compute.record())
         return compute
 
-    @contextlib.contextmanager
     def on_comm_stream(self):
         """Make this Buffer's device and comm stream current, restoring the caller's stream object
         exactly afterwards (CuPy's ``with stream`` does not always restore a non-default stream)."""
-        import cupy
-
-        with cupy.cuda.Device(self.device):
-            previous = cupy.cuda.get_current_stream()
-            self.comm_stream.use()
-            try:
-                yield self.comm_stream
-            finally:
-                previous.use()
+        return _CommStreamScope(self)
 
     def _end(self, compute, async_finish: bool) -> EventHandle:
         event = self.comm_stream.record()

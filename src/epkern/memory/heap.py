@@ -13,6 +13,8 @@ import math
 import threading
 import weakref
 
+import numpy as np
+
 from ..errors import EpkernError
 
 ALIGN = 256
@@ -37,12 +39,13 @@ class HeapBlock:
     def array(self, shape, dtype, byte_offset: int = 0):
         """A CuPy array over this block (keeps the block alive)."""
         import cupy
-        import numpy as np
 
         shape = tuple(int(s) for s in shape)
         need = math.prod(shape) * np.dtype(dtype).itemsize  # math.prod: a per-call hot spot as np.prod
         if byte_offset + need > self.nbytes:
             raise ValueError(f"view of {need} bytes at {byte_offset} exceeds block of {self.nbytes}")
+        # A new UnownedMemory per view: caching one on the block would make a block <-> memory cycle, and the
+        # block would then return to the heap only when the cyclic garbage collector runs.
         mem = cupy.cuda.UnownedMemory(self.ptr, self.nbytes, self)
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, byte_offset))
 
