@@ -102,6 +102,9 @@ class ndarray:  # noqa: N801 - CuPy's name
     def fill(self, value):
         self._a.fill(value)
 
+    def copy(self):
+        return ndarray(None, _np=self._a.copy())
+
     def get(self):
         return self._a.copy()
 
@@ -324,6 +327,13 @@ def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False,
     if processes:
         buf.in_process = False
     return buf
+
+
+def record_kernel_error(buf, code, phase, peer, seen=0, expected=0):
+    """What a kernel's report_error leaves in the Buffer's host-mapped error record (claimed last)."""
+    rec = buf.error_record
+    rec[1:7] = (code, buf.rank, phase, peer, seen, expected)
+    rec[0] = 1
 
 
 def real_launches(launches):

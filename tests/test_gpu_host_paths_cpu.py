@@ -253,3 +253,71 @@ def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     assert len(buf._ll_plans) == 0
     buf.destroy()
     assert len(buf._ll_plans) == 0
+
+
+def test_ll_silent_peer_raises_once_masks_it_and_the_buffer_goes_on(fake):
+    """A kernel that recorded an LL wait timeout (phase 7): the next call raises TimeoutError naming rank,
+    phase and peer, masks the peer, clears the record; the call after that launches normally."""
+    from epkern.errors import TimeoutError
+
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    F.record_kernel_error(buf, code=1, phase=7, peer=0, seen=3, expected=5)
+    before = len(fake)
+    with pytest.raises(TimeoutError, match=r"rank 0: low-latency dispatch .*peer 0 did not answer.*now masked"):
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    assert len(fake) == before  # raised before launching
+    assert list(buf.low_latency_query_mask_buffer().get()) == [1]
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    assert len(F.real_launches(fake[before:])) == 1
+    buf.low_latency_clean_mask_buffer()
+    assert list(buf.low_latency_query_mask_buffer().get()) == [0]
+    buf.destroy()
+
+
+def test_ll_bad_index_report_is_an_argument_error_and_ht_errors_break_the_buffer(fake):
+    from epkern.errors import EpkernError, TimeoutError
+
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    F.record_kernel_error(buf, code=2, phase=10, peer=-1, seen=99, expected=E)
+    with pytest.raises(ArgumentError, match=r"topk_idx: rank 0: entry 99 outside \[-1, 8\)"):
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)  # usable
+    F.record_kernel_error(buf, code=1, phase=3, peer=0, seen=4, expected=5)  # an HT wait: not recoverable
+    with pytest.raises(TimeoutError, match="rank 0: dispatch .waiting for a peer to finish sending.: peer 0"):
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    before = len(fake)
+    with pytest.raises(EpkernError, match="peer 0 did not answer"):  # unusable: every call says why
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    assert len(fake) == before and buf._broken
+    buf.destroy()
+
+
+def test_ht_fp8_dispatch_and_combine_with_biases(fake):
+    import cupy
+
+    buf = F.fake_buffer()
+    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    x8 = cupy.asarray(np.zeros((T, H), np.uint8))
+    scales = cupy.asarray(np.ones((T, H // 128), np.float32))
+    (recv8, recv_scales), _, recv_w, _, handle, _ = buf.dispatch(
+        (x8, scales), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=idx, topk_weights=w, num_worst_tokens=T,
+    )  # fmt: skip
+    disp = F.real_launches(fake)[-1]
+    assert disp[2]["EPK_ROW_BYTES"] == H and disp[2]["EPK_SCALE_COLS"] == H // 128
+    assert int(disp[5][5]) == scales.data.ptr and int(disp[5][12]) == recv_scales.data.ptr
+    assert recv8.shape == (T, H) and recv_scales.shape == (T, H // 128)
+    y = cupy.asarray(np.zeros((T, H), BF16))  # outside the shared region: combine stages it first
+    b0, b1 = cupy.asarray(np.zeros((T, H), BF16)), cupy.asarray(np.zeros((T, H), BF16))
+    before = len(fake)
+    buf.combine(y, handle, topk_weights=recv_w, bias=(b0, b1))
+    comb = F.real_launches(fake[before:])[-1]
+    assert comb[1] == "epk_ht_combine" and int(comb[5][7]) == b0.data.ptr and int(comb[5][8]) == b1.data.ptr
+    staged = int(comb[5][4])  # y is outside the shared region: the kernel reads a staged copy inside it
+    assert staged != y.data.ptr and buf.region.ptr <= staged < buf.region.ptr + buf.region.nbytes
+    with pytest.raises(ArgumentError, match=r"bias\[1\]"):
+        buf.combine(y, handle, topk_weights=recv_w, bias=(b0, cupy.asarray(np.zeros((T, H + 8), BF16))))
+    buf.destroy()
