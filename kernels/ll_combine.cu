@@ -9,9 +9,10 @@
 //
 // phase: 1 = send only, 2 = receive only (the recv hook), 3 = both. The send phase gives each (local expert,
 // source rank) pair max(1, warps / pairs) warps; the last of them (a counter in the device state) raises the
-// flag. The receive phase is a warp per token.
+// flag. The receive phase is a warp per token, or up to EPK_LL_COMBINE_SPLIT warps per token when warps
+// outnumber tokens.
 //
-// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS.
+// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_SPLIT.
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -21,6 +22,11 @@ constexpr int kThreads = EPK_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecs = kHidden / 8;  // int4 (8 BF16) per row
 constexpr int kRowBytes = 2 * kHidden;
+#ifndef EPK_LL_COMBINE_SPLIT
+#define EPK_LL_COMBINE_SPLIT 1
+#endif
+constexpr int kSplit = EPK_LL_COMBINE_SPLIT;  // EPKERN_LL_COMBINE_SPLIT: most warps reducing one token
+static_assert(kSplit >= 1 && kSplit <= 8, "combine split in 1..8");
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
 static_assert(kRanks >= 1 && kRanks <= 32, "LL kernels handle up to 32 ranks");
@@ -111,9 +117,12 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     __threadfence();  // the acquires of the waiting threads order every thread's reads of the slots below
 
-    // 2. Warp per token: weighted sum over k in the reference's order.
+    // 2. Warp per token (or per part of a token: up to kSplit warps when warps outnumber tokens, each taking
+    // every parts-th run of 32 vectors): weighted sum over k in the reference's order.
     const int4 *const recv = reinterpret_cast<const int4 *>(mine + set_base + recv_off);
-    for (int t = gw; t < num_tokens; t += num_warps) {
+    const int parts = max(1, min(kSplit, num_tokens > 0 ? num_warps / num_tokens : 1));
+    for (int item = gw; item < num_tokens * parts; item += num_warps) {
+      const int t = item / parts, part = item % parts;
       long long my_g = -1;
       float my_w = 0.f;
       if (lane < kTopk) {
@@ -130,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         g_of[k] = static_cast<int>(__shfl_sync(0xffffffffu, my_g, k));
         w_of[k] = __shfl_sync(0xffffffffu, my_w, k);
       }
-      for (int c = lane; c < kVecs; c += 32) {
+      for (int c = 32 * part + lane; c < kVecs; c += 32 * parts) {
         float acc[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j] = 0.f;

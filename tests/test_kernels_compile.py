@@ -214,6 +214,7 @@ SPECIMENS = {
             EPK_THREADS=512,
             EPK_POLL_SLEEP_NS=200,
             EPK_POLL_RELAXED=1,
+            EPK_LL_COMBINE_SPLIT=4,
             **CTRL,
         ),
     ],

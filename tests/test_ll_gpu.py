@@ -37,6 +37,20 @@ def test_bf16_routings(num_ranks, routing):
     _run(num_ranks, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 100, H, 8 * num_ranks, 4, routing=routing))
 
 
+@pytest.mark.parametrize("split", [2, 8])
+def test_combine_split_exact(monkeypatch, split):
+    """EPKERN_LL_COMBINE_SPLIT: several warps per token in the combine's reduction, same sums (few tokens, so
+    the split is taken: a rank's kernel has far more warps than 20 tokens)."""
+    monkeypatch.setenv("EPKERN_LL_COMBINE_SPLIT", str(split))
+
+    def body(buf, g):
+        assert buf._ll_combine_split == split
+        ll_scenarios.run_ll_case(buf, g, 20, H, 32, 4)
+        ll_scenarios.run_ll_case(buf, g, 100, H, 32, 8, hook=True)
+
+    _run(4, body)
+
+
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_fp8(num_ranks):
     def body(buf, g):

@@ -43,6 +43,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "first 32 polls; 0 = poll without pause; auto = 200 when ranks share a GPU (spinning warps then take "
         "issue slots and memory bandwidth from the ranks still copying), else 0. Compiled in as a define",
     ),
+    "EPKERN_LL_COMBINE_SPLIT": (
+        "1",
+        "LL combine: up to this many warps (1..8) reduce one token when warps outnumber tokens (1 = a warp per "
+        "token); an experiment, not yet run on a GPU. Compiled in as a define",
+    ),
     "EPKERN_LL_FAST_HOST": (
         "0",
         "1: an LL call whose arrays (by identity) and flags repeat one of the last two validated calls of that op "
@@ -207,6 +212,13 @@ def _zero_or_one(name: str) -> int:
     raw = _raw(name) or VARIABLES[name][0]
     if raw not in ("0", "1"):
         raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+    return int(raw)
+
+
+def ll_combine_split() -> int:
+    raw = _raw("EPKERN_LL_COMBINE_SPLIT") or VARIABLES["EPKERN_LL_COMBINE_SPLIT"][0]
+    if raw not in tuple("12345678"):
+        raise ConfigError(f"EPKERN_LL_COMBINE_SPLIT={raw!r}: expected an integer in 1..8")
     return int(raw)
 
 

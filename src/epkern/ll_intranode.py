@@ -165,6 +165,7 @@ def init_low_latency(self) -> None:
     if sleep_ns is None:  # auto: measured on 8 ranks of one H200, docs/performance.md
         sleep_ns = 200 if self.ranks_per_gpu > 1 else 0
     self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": sleep_ns, "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
+    self._ll_combine_split = _env.ll_combine_split()
 
 
 def capturing(stream) -> bool:
@@ -570,6 +571,7 @@ def low_latency_combine(
         "EPK_HIDDEN": H,
         "EPK_TOPK": K,
         "EPK_THREADS": THREADS,
+        "EPK_LL_COMBINE_SPLIT": self._ll_combine_split,
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
