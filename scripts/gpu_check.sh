@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|htsweep|patternmps|bench|patternsplit|mps|tests|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|llab|htsweep|patternmps|bench|patternsplit|mps|tests|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
 # LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab),
+# LLAB_VARIANTS ("VAR=v,VAR2=w ..." or "-" for the defaults, llab),
 # HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
@@ -26,7 +27,7 @@ what=("$@")
 summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has htsweep || has patternmps; then
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has llab || has htsweep || has patternmps; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
@@ -72,6 +73,22 @@ if has pollab; then
     summary+=("pollab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$OUT/bench_ll_exp_$tag.log" | head -1) $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_exp_$tag.log" | awk '{printf "%s %s us; ", $2, $3}')")
   done
 fi
+if has llab; then
+  # LL A/B over EPKERN_* settings, 8 MPS ranks, BF16, 128 tokens, validated exactly before timing: each variant is
+  # comma-separated assignments ("EPKERN_LL_FAST_HOST=1,EPKERN_LL_COMBINE_SPLIT=2"); "-" = the defaults.
+  for v in ${LLAB_VARIANTS:-- EPKERN_LL_FAST_HOST=1 EPKERN_LL_COMBINE_SPLIT=2 EPKERN_LL_COMBINE_SPLIT=4}; do
+    assigns=(); xs=()
+    if [ "$v" != - ]; then
+      IFS=, read -ra assigns <<<"$v"
+      for a in "${assigns[@]}"; do xs+=(-x "${a%%=*}"); done
+    fi
+    log="$OUT/bench_ll_ab_$(echo "$v" | tr ',=' '_-').log"
+    env "${assigns[@]}" timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" "${xs[@]}" -n 8 python3 bench/bench_ll.py \
+      --tokens 128 --iters 10 --calls 50 >"$log" 2>&1
+    rc=$?
+    summary+=("llab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "$log" | awk '{printf "%s %s us; ", $2, $3}')")
+  done
+fi
 if has htsweep; then
   # HT launch shapes, 8 MPS ranks, 4096 tokens, BF16: each variant threads:blocks_per_sm:dunroll:cunroll:loads_first.
   # HTSWEEP_NP: the rank counts ("8", or "2 4 8"): 4096 tokens per rank each.
@@ -92,7 +109,7 @@ if has patternmps; then
     --json "$OUT/bench_copy_patterns_mps8.json" >"$OUT/bench_copy_patterns_mps8.log" 2>&1
   summary+=("patternmps rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_mps8.log" | tr '\n' ' ')")
 fi
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has htsweep || has patternmps; then
+if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has llab || has htsweep || has patternmps; then
   bash scripts/mps.sh stop
   sleep 2
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY # the in-process runs below are no MPS clients
