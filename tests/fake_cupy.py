@@ -278,6 +278,7 @@ def installed(monkeypatch=None, emulate=None):
             if name in emulate and int(args[0]) == 0:
                 emulate[name](args)
 
+        launch.kernel = types.SimpleNamespace(ptr=next(_ids))  # RawKernel.kernel.ptr: the CUfunction
         return launch
 
     patches = [

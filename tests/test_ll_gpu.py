@@ -141,14 +141,15 @@ def test_cuda_graph_fp8_dispatch():
     _run(2, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 20, use_fp8=True))
 
 
-@pytest.mark.parametrize("use_fp8", [False, True])
-def test_fast_host_replays_repeat_calls_exactly(monkeypatch, use_fp8):
-    """EPKERN_LL_FAST_HOST=1: 50 eager dispatch + combine pairs on the same arrays with fresh contents; every
-    call after the first replays its plan (checked), every result exact."""
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+@pytest.mark.parametrize("mode,use_fp8", [("1", False), ("1", True), ("2", False), ("2", True)])
+def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8):
+    """EPKERN_LL_FAST_HOST=1 (CuPy launch) / 2 (cuLaunchKernel, arguments packed once): 50 eager dispatch +
+    combine pairs on the same arrays with fresh contents; every call after the first replays its plan
+    (checked), every result exact."""
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", mode)
 
     def body(buf, g):
-        assert buf._ll_fast_host
+        assert buf._ll_fast_host == int(mode)
         ll_scenarios.run_graph_replays(buf, g, 50, use_fp8=use_fp8, graph=False)
         assert len(buf._ll_plans) == 2, "the dispatch and the combine were not kept as plans"
         assert buf._ll_replays == 2 * 50, f"{buf._ll_replays} of 100 calls replayed a plan"

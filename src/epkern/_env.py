@@ -51,7 +51,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EPKERN_LL_FAST_HOST": (
         "0",
         "1: an LL call whose arrays (by identity) and flags repeat one of the last two validated calls of that op "
-        "only launches (no checks, no argument packing); an experiment, not yet run on a GPU (ll_plans.py)",
+        "only launches (no checks, no argument packing); 2: the same, launched through cuLaunchKernel with the "
+        "arguments packed once; an experiment, not yet run on a GPU (ll_plans.py)",
     ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
@@ -222,8 +223,11 @@ def ll_combine_split() -> int:
     return int(raw)
 
 
-def ll_fast_host() -> bool:
-    return _zero_or_one("EPKERN_LL_FAST_HOST") == 1
+def ll_fast_host() -> int:
+    raw = _raw("EPKERN_LL_FAST_HOST") or "0"
+    if raw not in ("0", "1", "2"):
+        raise ConfigError(f"EPKERN_LL_FAST_HOST={raw!r}: expected 0, 1 or 2")
+    return int(raw)
 
 
 def ll_poll_relaxed() -> int:

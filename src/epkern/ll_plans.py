@@ -1,4 +1,4 @@
-"""Replaying a validated LL call (EPKERN_LL_FAST_HOST=1, an experiment not yet run on a GPU).
+"""Replaying a validated LL call (EPKERN_LL_FAST_HOST=1 or 2, an experiment not yet run on a GPU).
 
 A decode loop calls low_latency_dispatch / low_latency_combine with the same preallocated arrays every step.
 When a call's arrays (by identity, and x's / topk's shapes) and flags equal those of one of the last two
@@ -54,12 +54,25 @@ class CallPlans:
 
 def launcher(buf, source: str, name: str, defines: dict, blocks: int, threads: int, rest: tuple):
     """launch(phase, back) of an already launched (so loaded and warmed) specialisation: the kernel and
-    every argument but phase and back resolved once."""
+    every argument but phase and back resolved once. On the Buffer's comm stream (callers are inside
+    ``on_comm_stream``). ``buf._ll_fast_host == 2``: through cuLaunchKernel with the arguments packed once."""
     from . import kernel_loader
     from .config import CTRL_BYTES
 
     func = kernel_loader.get_function(source, name, {**defines, "EPK_CTRL_BYTES": CTRL_BYTES})
     grid, block, head = (blocks,), (threads,), (np.int32(0), np.int32(buf.rank))
+    if getattr(buf, "_ll_fast_host", 1) == 2:
+        from ._driver_launch import DriverLaunch
+
+        packed = DriverLaunch(func.kernel.ptr, blocks, threads, (*head, np.int32(0), np.int32(0), *rest))
+        stream = buf.comm_stream
+
+        def launch_driver(phase: int, back: int) -> None:
+            packed.set(2, phase)
+            packed.set(3, back)
+            packed.launch(stream.ptr)
+
+        return launch_driver
 
     def launch(phase: int, back: int) -> None:
         func(grid, block, (*head, np.int32(phase), np.int32(back), *rest))

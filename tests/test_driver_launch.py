@@ -1,0 +1,100 @@
+"""epkern._driver_launch on the CPU: the packed kernel parameters hold exactly the values CuPy would pass
+(numpy scalars by dtype, arrays as pointers), launches go through cuLaunchKernel with them (a stand-in driver
+decodes what it is given), and an LL replay with EPKERN_LL_FAST_HOST=2 launches what the full path launches."""
+
+from __future__ import annotations
+
+import ctypes
+import types
+
+import numpy as np
+import pytest
+
+import fake_cupy as F
+from epkern import _driver_launch as D
+from epkern.errors import EpkernError
+
+_DECODE = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32}
+
+
+def _decode(params, like):
+    """Read each parameter back with the type its argument in ``like`` has."""
+    out = []
+    for i, a in enumerate(like):
+        if not isinstance(a, np.generic):  # a device array: its pointer
+            ctype = ctypes.c_uint64
+        else:
+            ctype = _DECODE.get(a.dtype, ctypes.c_int64 if isinstance(a, np.int64) else ctypes.c_uint64)
+        out.append(int(ctype.from_address(params[i]).value))
+    return out
+
+
+def _as_ints(args):
+    return [int(a.data.ptr) if hasattr(getattr(a, "data", None), "ptr") else int(a) for a in args]
+
+
+class _Driver:
+    """Stands in for libcuda: records (function, grid, block, stream, params) of every launch."""
+
+    def __init__(self, status=0):
+        self.calls, self.status = [], status
+
+    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):  # noqa: N802 - the driver's name
+        self.calls.append((f.value, (gx, gy, gz), (bx, by, bz), smem, stream.value, params, extra))
+        return self.status
+
+
+def test_pack_lays_out_values_as_cupy_passes_them():
+    arr = types.SimpleNamespace(data=types.SimpleNamespace(ptr=0xDEAD0000))
+    args = (np.int32(-3), np.uint32(7), np.int64(-(1 << 40)), np.uint64(1 << 63), np.uintp(0x1234), arr)
+    values = D.pack(args)
+    assert [ctypes.sizeof(v) for v in values] == [4, 4, 8, 8, 8, 8]
+    assert [bytes(v) for v in values[:5]] == [a.tobytes() for a in args[:5]]
+    assert values[5].value == 0xDEAD0000
+    with pytest.raises(TypeError, match="argument 0: numpy float32"):
+        D.pack((np.float32(1),))
+    with pytest.raises(TypeError, match="argument 1: expected a numpy scalar or a device array"):
+        D.pack((np.int32(1), 5))
+
+
+def test_launch_passes_the_packed_parameters_and_updates_set_ones(monkeypatch):
+    driver = _Driver()
+    monkeypatch.setattr(D, "_lib", driver)
+    args = (np.int32(0), np.int32(5), np.int32(1), np.int32(0), np.uintp(0xABC), np.int64(42))
+    launch = D.DriverLaunch(0x77, 16, 512, args)
+    launch.launch(0x99)
+    assert _decode(driver.calls[0][5], args) == [0, 5, 1, 0, 0xABC, 42]  # read before the next set()
+    launch.set(2, 2)
+    launch.set(3, 1)
+    launch.launch(0x99)
+    assert _decode(driver.calls[1][5], args) == [0, 5, 2, 1, 0xABC, 42]
+    assert [c[:5] for c in driver.calls] == [(0x77, (16, 1, 1), (512, 1, 1), 0, 0x99)] * 2
+    assert driver.calls[0][6] is None
+    monkeypatch.setattr(D, "_lib", _Driver(status=700))
+    with pytest.raises(EpkernError, match="cuLaunchKernel failed: CUresult 700"):
+        launch.launch(0x99)
+
+
+def test_ll_replay_through_the_driver_launches_what_the_full_path_launches(monkeypatch):
+    from test_gpu_host_paths_cpu import NUM_MAX, E, _ll_buffer, _ll_setup
+
+    driver = _Driver()
+    monkeypatch.setattr(D, "_lib", driver)
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "2")
+    with F.installed(monkeypatch) as launches:
+        buf = _ll_buffer()
+        x, idx, w, outs, y, out = _ll_setup()
+        handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
+        buf.low_latency_combine(y, idx, w, handle, out=out)
+        full = F.real_launches(launches)
+        assert [launch[1] for launch in full] == ["epk_ll_dispatch", "epk_ll_combine"]
+        for _ in range(3):
+            handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
+            buf.low_latency_combine(y, idx, w, handle, out=out)
+        assert len(F.real_launches(launches)) == 2 and len(driver.calls) == 6 and buf._ll_replays == 6
+        for i, call in enumerate(driver.calls):
+            want = full[i % 2]
+            assert call[1] == want[3] + (1, 1) and call[2] == want[4] + (1, 1)
+            assert call[4] == buf.comm_stream.ptr
+            assert _decode(call[5], want[5]) == _as_ints(want[5])
+        buf.destroy()
