@@ -117,7 +117,10 @@ class GpuBuffer(Buffer):
             self.peer_table = self.region.peer_table
             ll_intranode.init_low_latency(self)
         self.epoch = 0
-        self.num_sms = max(1, min(24, self.num_device_sms // self.ranks_per_gpu))
+        # SMs per HT kernel: 24 on a GPU of its own (DeepEP-like; the rest stays for compute); ranks sharing a GPU
+        # (MPS processes or in-process ranks standing in for several GPUs) each take their share of all of it.
+        share = self.num_device_sms // self.ranks_per_gpu
+        self.num_sms = max(1, min(24, share) if self.ranks_per_gpu == 1 else share)
         self._broken: str | None = None
         self._warmed: set = set()
         self._launch_cache: dict = {}  # (source, name, defines items) -> (kernel, defines with EPK_CTRL_BYTES)
