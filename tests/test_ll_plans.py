@@ -35,6 +35,8 @@ def test_keeps_the_last_two_and_refreshes_on_hit():
 
 
 def test_launcher_passes_the_kernels_argument_order(monkeypatch):
+    import fake_cupy
+
     calls = []
 
     def fake_get_function(source, name, defines):
@@ -43,8 +45,9 @@ def test_launcher_passes_the_kernels_argument_order(monkeypatch):
 
     from epkern import kernel_loader
 
+    monkeypatch.setitem(__import__("sys").modules, "cupy", fake_cupy._module()[0])
     monkeypatch.setattr(kernel_loader, "get_function", fake_get_function)
-    buf = types.SimpleNamespace(rank=3)
+    buf = types.SimpleNamespace(rank=3, device=0)  # no _launch_cache: the launcher looks the kernel up
     rest = (np.uintp(1234), np.int32(7))
     launch = ll_plans.launcher(buf, "ll_dispatch.cu", "epk_ll_dispatch", {"EPK_TOPK": 8}, 16, 512, rest)
     launch(1, 0)

@@ -56,15 +56,22 @@ def launcher(buf, source: str, name: str, defines: dict, blocks: int, threads: i
     """launch(phase, back) of an already launched (so loaded and warmed) specialisation: the kernel and
     every argument but phase and back resolved once. On the Buffer's comm stream (callers are inside
     ``on_comm_stream``). ``buf._ll_fast_host == 2``: through cuLaunchKernel with the arguments packed once."""
+    import cupy
+
     from . import kernel_loader
     from .config import CTRL_BYTES
 
-    func = kernel_loader.get_function(source, name, {**defines, "EPK_CTRL_BYTES": CTRL_BYTES})
+    # The kernel GpuBuffer._launch resolved for this call site (on the Buffer's device), else a lookup there.
+    cached = getattr(buf, "_launch_cache", {}).get((source, name, tuple(defines.items())))
+    with cupy.cuda.Device(buf.device):
+        full = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
+        func = cached[0] if cached else kernel_loader.get_function(source, name, full)
+        function_ptr = func.kernel.ptr if getattr(buf, "_ll_fast_host", 1) == 2 else None
     grid, block, head = (blocks,), (threads,), (np.int32(0), np.int32(buf.rank))
-    if getattr(buf, "_ll_fast_host", 1) == 2:
+    if function_ptr is not None:
         from ._driver_launch import DriverLaunch
 
-        packed = DriverLaunch(func.kernel.ptr, blocks, threads, (*head, np.int32(0), np.int32(0), *rest))
+        packed = DriverLaunch(function_ptr, blocks, threads, (*head, np.int32(0), np.int32(0), *rest))
         stream = buf.comm_stream
 
         def launch_driver(phase: int, back: int) -> None:
