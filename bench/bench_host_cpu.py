@@ -35,11 +35,9 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
 
     out = []
     buf = F.fake_buffer(num_nvl_bytes=1 << 26)
-    x, idx, w, per_rank, in_rank, per_expert = F.ht_inputs(T, H, K, E)
-    recv_x, _, recv_w, _, handle, _ = buf.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx, topk_weights=w, num_worst_tokens=T,
-    )  # fmt: skip
+    inputs = F.ht_inputs(T, H, K, E)
+    x, idx, w = inputs[:3]
+    recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     out.append(("ht cached dispatch", lambda: buf.dispatch(x, handle=handle)))
     out.append(("ht combine", lambda: buf.combine(recv_x, handle, topk_weights=recv_w)))
     for fast in ("0", "1", "2"):

@@ -356,3 +356,18 @@ def ht_inputs(T, H, K, E, seed=0):
     in_rank = cupy.asarray(np.ones((T, 1), bool))
     per_expert = cupy.asarray(np.full(E, T * K // E, np.int32))
     return x, idx, w, per_rank, in_rank, per_expert
+
+
+def full_dispatch(buf, inputs, x=None, **kwargs):
+    """A non-cached buf.dispatch of :func:`ht_inputs`' ``inputs`` (``x`` instead of theirs if given); keyword
+    arguments go to dispatch (topk_weights=None drops the weights)."""
+    x0, idx, w, per_rank, in_rank, per_expert = inputs
+    kwargs.setdefault("topk_weights", w)
+    return buf.dispatch(
+        x0 if x is None else x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        **kwargs,
+    )

@@ -33,16 +33,9 @@ def _ht_inputs():
 
 def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
     buf = F.fake_buffer()
-    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
-    recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
-        x,
-        num_tokens_per_rank=per_rank,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=idx,
-        topk_weights=w,
-        num_worst_tokens=T,
-    )
+    inputs = _ht_inputs()
+    x = inputs[0]
+    recv_x, recv_idx, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     names = [launch[1] for launch in F.real_launches(fake)]
     assert names == ["epk_ht_notify", "epk_ht_dispatch"]
     disp = F.real_launches(fake)[-1]
@@ -71,11 +64,9 @@ def test_ht_bad_input_raises_before_any_launch(fake):
     import cupy
 
     buf = F.fake_buffer()
-    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
-    _, _, recv_w, _, handle, _ = buf.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx, topk_weights=w, num_worst_tokens=T,
-    )  # fmt: skip
+    inputs = _ht_inputs()
+    idx = inputs[1]
+    _, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     before = len(fake)
     with pytest.raises(ArgumentError, match="x: expected 64 tokens"):
         buf.dispatch(cupy.asarray(np.zeros((T + 1, H), BF16)), handle=handle)
@@ -90,11 +81,7 @@ def test_ht_dispatch_waits_for_the_counts_then_sizes_its_outputs(monkeypatch):
     rank), sizes recv_x by them and rounds the per-expert counts up to expert_alignment."""
     with F.installed(monkeypatch, emulate={"epk_ht_notify": F.emulate_ht_notify_one_rank}) as launches:
         buf = F.fake_buffer()
-        x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
-        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx, topk_weights=w, expert_alignment=24,
-        )  # fmt: skip
+        recv_x, recv_idx, recv_w, counts, handle, _ = F.full_dispatch(buf, _ht_inputs(), expert_alignment=24)
         assert recv_x.shape == (T, H) and handle.num_recv_tokens == T and handle.num_out_rows == T
         assert counts == [48] * E  # 32 selections per expert, rounded up to a multiple of 24
         assert [launch[1] for launch in F.real_launches(launches)] == ["epk_ht_notify", "epk_ht_dispatch"]
@@ -109,17 +96,13 @@ def test_ht_dispatch_raises_when_the_counts_never_come(fake):
     from epkern.errors import EpkernError, TimeoutError
 
     buf = F.fake_buffer(timeout_s=0.2)
-    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    inputs = _ht_inputs()
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"rank 0: dispatch notify: no answer .* never started"):
-        buf.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx, topk_weights=w,
-        )  # fmt: skip
+        F.full_dispatch(buf, inputs)
     assert time.monotonic() - t0 < 10
     with pytest.raises(EpkernError, match="unusable"):
-        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                     topk_idx=idx)  # fmt: skip
+        F.full_dispatch(buf, inputs, topk_weights=None)
     buf.destroy()
 
 
@@ -129,13 +112,11 @@ def test_ht_outputs_return_to_the_heap_when_dropped(fake):
     import gc
 
     buf = F.fake_buffer()
-    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
+    inputs = _ht_inputs()
+    x = inputs[0]
     gc.disable()
     try:
-        out = buf.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx, topk_weights=w, num_worst_tokens=T,
-        )  # fmt: skip
+        out = F.full_dispatch(buf, inputs, num_worst_tokens=T)
         handle = out[4]
         held = buf.heap.in_use
         cached = buf.dispatch(x, handle=handle)
@@ -299,13 +280,11 @@ def test_ht_fp8_dispatch_and_combine_with_biases(fake):
     import cupy
 
     buf = F.fake_buffer()
-    x, idx, w, per_rank, in_rank, per_expert = _ht_inputs()
     x8 = cupy.asarray(np.zeros((T, H), np.uint8))
     scales = cupy.asarray(np.ones((T, H // 128), np.float32))
-    (recv8, recv_scales), _, recv_w, _, handle, _ = buf.dispatch(
-        (x8, scales), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx, topk_weights=w, num_worst_tokens=T,
-    )  # fmt: skip
+    (recv8, recv_scales), _, recv_w, _, handle, _ = F.full_dispatch(
+        buf, _ht_inputs(), x=(x8, scales), num_worst_tokens=T
+    )
     disp = F.real_launches(fake)[-1]
     assert disp[2]["EPK_ROW_BYTES"] == H and disp[2]["EPK_SCALE_COLS"] == H // 128
     assert int(disp[5][5]) == scales.data.ptr and int(disp[5][12]) == recv_scales.data.ptr

@@ -9,6 +9,15 @@ from epkern.errors import KernelCompileError
 
 # Each .cu file with the specialisations worth compiling in CI: small, typical and extreme ones.
 CTRL = {"EPK_CTRL_BYTES": 1 << 17}
+HT_COMBINE_KEYS = (
+    "EPK_NUM_RANKS",
+    "EPK_TOPK",
+    "EPK_HIDDEN",
+    "EPK_HAS_WEIGHTS",
+    "EPK_MIN_BLOCKS",
+    "EPK_UNROLL",
+    "EPK_LOADS_FIRST",
+)
 SPECIMENS = {
     "ht_notify.cu": [
         dict(EPK_NUM_RANKS=8, EPK_NUM_LOCAL_EXPERTS=32, **CTRL),
@@ -41,39 +50,10 @@ SPECIMENS = {
         ),
     ],
     "ht_combine.cu": [
-        dict(
-            EPK_NUM_RANKS=8,
-            EPK_TOPK=8,
-            EPK_HIDDEN=7168,
-            EPK_HAS_WEIGHTS=1,
-            EPK_THREADS=512,
-            EPK_MIN_BLOCKS=1,
-            EPK_UNROLL=1,
-            EPK_LOADS_FIRST=1,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=8,
-            EPK_TOPK=8,
-            EPK_HIDDEN=7168,
-            EPK_HAS_WEIGHTS=1,
-            EPK_THREADS=512,
-            EPK_MIN_BLOCKS=2,
-            EPK_UNROLL=2,
-            EPK_LOADS_FIRST=0,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=2,
-            EPK_TOPK=1,
-            EPK_HIDDEN=8,
-            EPK_HAS_WEIGHTS=0,
-            EPK_THREADS=512,
-            EPK_MIN_BLOCKS=1,
-            EPK_UNROLL=2,
-            EPK_LOADS_FIRST=1,
-            **CTRL,
-        ),
+        # (ranks, top-k, hidden, weights, blocks per SM, unroll, loads first): the default shape, a 2-blocks/SM
+        # one, and the smallest
+        dict(zip(HT_COMBINE_KEYS, values, strict=True), EPK_THREADS=512, **CTRL)
+        for values in ((8, 8, 7168, 1, 1, 1, 1), (8, 8, 7168, 1, 2, 2, 0), (2, 1, 8, 0, 1, 2, 1))
     ],
     "bench_copy_patterns.cu": [
         dict(
