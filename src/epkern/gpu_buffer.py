@@ -108,6 +108,8 @@ class GpuBuffer(Buffer):
             self.heap = Heap(self.region.ptr + CTRL_BYTES, self.num_nvl_bytes)
             self.in_process = bool(getattr(self.group, "is_in_process", False))
             self.host = HostMapped(ERROR_RECORD_BYTES + 4 * (8 + 8 + MAX_LOCAL_EXPERTS))
+            # (error record, timeout in ns) that every kernel takes: fixed for the Buffer's life
+            self._deadline = (np.uintp(self.host.device_ptr), np.uint64(int(self.timeout_s * 1e9)))
             self.error_record = self.host.view(np.int32, 0, 8)
             self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
             self.tickets = cupy.zeros(4, dtype=np.uint32)
@@ -123,8 +125,8 @@ class GpuBuffer(Buffer):
         self.num_sms = max(1, min(24, share) if self.ranks_per_gpu == 1 else share)
         self._broken: str | None = None
         self._warmed: set = set()
-        self._launch_cache: dict = {}  # (source, name, defines items) -> (kernel, defines with EPK_CTRL_BYTES)
-        self._launch_warm: set = set()  # the same keys, once their specialisation is in _warmed
+        # (source, name, defines items) -> [kernel, defines with EPK_CTRL_BYTES, warmed (in _warmed)]
+        self._launch_cache: dict = {}
         # Launch shape of the HT copy kernels (tuned by bench/bench_ht.py; see docs/performance.md): threads
         # per block, blocks per SM of num_sms (the kernels are compiled to fit that many per SM), loads in
         # flight per lane, and whether combine issues every peer's loads before adding (loads_first).
@@ -274,14 +276,7 @@ class GpuBuffer(Buffer):
         return self.epoch
 
     def _deadline_args(self):
-        # (error record, timeout in ns): fixed for the Buffer's life, built once (a per-call cost otherwise)
-        args = self.__dict__.get("_deadline_cache")
-        if args is None or args[0] != (self.host.device_ptr, self.timeout_s):
-            args = self._deadline_cache = (
-                (self.host.device_ptr, self.timeout_s),
-                (np.uintp(self.host.device_ptr), np.uint64(int(self.timeout_s * 1e9))),
-            )
-        return args[1]
+        return self._deadline
 
     def _launch(self, source: str, name: str, defines: dict, blocks: int, threads: int, args: tuple) -> None:
         """Launch a (possibly spin-waiting) kernel on the comm stream. The first use of a specialisation
@@ -293,22 +288,22 @@ class GpuBuffer(Buffer):
         # Call sites build their defines in a fixed order, so the unsorted items find this specialisation's
         # kernel without re-sorting and re-resolving it on every call.
         site = (source, name, tuple(defines.items()))
-        cached = self._launch_cache.get(site)
-        if cached is None:
+        entry = self._launch_cache.get(site)
+        if entry is None:
             full = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
-            cached = self._launch_cache[site] = (kernel_loader.get_function(source, name, full), full)
-        func, full = cached
+            entry = self._launch_cache[site] = [kernel_loader.get_function(source, name, full), full, False]
+        func, full, warmed = entry
         self._last_defines[source] = full
-        key = (source, name, tuple(sorted(full.items()))) if site not in self._launch_warm else None
-        if key is not None and key not in self._warmed:
-            func((1,), (32,), (np.int32(1), *args))
-            for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
-                cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
-            self.comm_stream.synchronize()
-            self.group.barrier()
-            self._warmed.add(key)
-        if key is not None:
-            self._launch_warm.add(site)
+        if not warmed:
+            key = (source, name, tuple(sorted(full.items())))
+            if key not in self._warmed:
+                func((1,), (32,), (np.int32(1), *args))
+                for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
+                    cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
+                self.comm_stream.synchronize()
+                self.group.barrier()
+                self._warmed.add(key)
+            entry[2] = True
         func((blocks,), (threads,), (np.int32(0), *args))
 
     def read_ht_probe(self, source: str):
