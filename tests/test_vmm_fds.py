@@ -66,3 +66,79 @@ def test_mapping_choice_is_collective():
     assert choose_mapping([("legacy", False), ("auto", True)]) == "legacy"
     with pytest.raises(GroupError, match=r"ranks \[1\]"):
         choose_mapping([("vmm", True), ("auto", False)])
+
+
+class _Group:
+    """Three ranks, rank 0 here; rank 2 on another node. allgather gives every rank this rank's object
+    (what the others would send differs only in content, which these tests do not look at)."""
+
+    rank, size, node, node_of_rank = 0, 3, "a", ["a", "a", "b"]
+
+    def allgather_object(self, obj):
+        return [obj] * self.size
+
+
+class _Runtime:
+    cudaIpcMemLazyEnablePeerAccess = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, args))
+            return {"malloc": 0x1000, "ipcGetMemHandle": b"h", "ipcOpenMemHandle": 0x2000}.get(name)
+
+        return call
+
+
+@pytest.mark.parametrize("ipc", ["legacy", "vmm"])
+def test_symmetric_region_maps_same_node_peers_only(monkeypatch, ipc):
+    """The peer pointers: mine at my rank, a mapping for the same-node peer, 0 for the other node's rank;
+    close() undoes each mapping and frees my region (with CUDA and the VMM calls stood in for)."""
+    import sys
+
+    import fake_cupy
+    from epkern.memory import symmetric
+
+    cupy, cuda = fake_cupy._module()
+    rt = _Runtime()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.runtime", rt)
+    monkeypatch.setattr(cuda, "runtime", rt, raising=False)
+    monkeypatch.setattr(symmetric._cuda, "require_gpu", lambda what="": None)
+    monkeypatch.setenv("EPKERN_IPC", ipc)
+    mapped, closed = [], []
+
+    class Mapping:
+        def __init__(self, nbytes, device, fd=None):
+            self.ptr = 0x3000 if fd is None else 0x4000 + fd
+            mapped.append((nbytes, fd))
+
+        def export_fd(self):
+            return os.open(os.devnull, os.O_RDONLY)
+
+        def close(self):
+            closed.append(self.ptr)
+
+    peer_fd = os.open(os.devnull, os.O_RDONLY)
+    monkeypatch.setattr(vmm, "Mapping", Mapping)
+    monkeypatch.setattr(vmm, "supported", lambda device=0: True)
+    monkeypatch.setattr(vmm, "share_fds", lambda allgather, rank, fd, peers, timeout_s: {p: peer_fd for p in peers})
+    region = symmetric.SymmetricRegion(_Group(), 100, 0)
+    assert region.mode == ipc
+    if ipc == "vmm":
+        assert region.peer_ptrs == [0x3000, 0x4000 + peer_fd, 0]
+        assert mapped == [(256, None), (256, peer_fd)]
+        with pytest.raises(OSError):
+            os.fstat(peer_fd)  # the peer's descriptor is closed once mapped
+    else:
+        assert region.peer_ptrs == [0x1000, 0x2000, 0]
+        assert [c[0] for c in rt.calls].count("ipcOpenMemHandle") == 1
+    region.close()
+    if ipc == "vmm":
+        assert closed == [0x4000 + peer_fd, 0x3000]  # peers' mappings first, then mine
+    else:
+        names = [c[0] for c in rt.calls]
+        assert names[-2:] == ["ipcCloseMemHandle", "free"] and rt.calls[-1][1] == (0x1000,)

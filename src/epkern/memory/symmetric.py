@@ -75,14 +75,15 @@ class SymmetricRegion:
                 can_vmm = mode != "legacy" and vmm.supported(device)
             mode = choose_mapping(group.allgather_object((mode, can_vmm)))
         self.mode = mode
+        size = max(self.nbytes, 256)
         with cupy.cuda.Device(device):
             if mode == "vmm":
-                self._maps.append(vmm.Mapping(max(self.nbytes, 256), device))
+                self._maps.append(vmm.Mapping(size, device))
                 self.ptr = self._maps[0].ptr
             else:
                 # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation.
-                self.ptr = rt.malloc(max(self.nbytes, 256))
-            rt.memset(self.ptr, 0, max(self.nbytes, 256))
+                self.ptr = rt.malloc(size)
+            rt.memset(self.ptr, 0, size)
             rt.deviceSynchronize()
         if mode == "direct":
             infos = group.exchange_object((self.ptr, device))
@@ -90,40 +91,32 @@ class SymmetricRegion:
                 if same_node[r]:
                     _enable_peer_access(device, dev)
             self.peer_ptrs = [p if same_node[r] else 0 for r, (p, _) in enumerate(infos)]
-        elif mode == "vmm":
-            peers = [r for r in range(group.size) if same_node[r] and r != group.rank]
-            fd = self._maps[0].export_fd()
-            try:
-                fds = vmm.share_fds(group.allgather_object, group.rank, fd, peers, timeout_s=_env.timeout_s())
-            finally:
-                os.close(fd)
-            self.peer_ptrs = []
-            with cupy.cuda.Device(device):
-                for r in range(group.size):
-                    if r == group.rank:
-                        self.peer_ptrs.append(self.ptr)
-                    elif same_node[r]:
-                        try:
-                            self._maps.append(vmm.Mapping(max(self.nbytes, 256), device, fd=fds[r]))
-                        finally:
-                            os.close(fds[r])
-                        self.peer_ptrs.append(self._maps[-1].ptr)
-                    else:
-                        self.peer_ptrs.append(0)
         else:
-            handle = bytes(rt.ipcGetMemHandle(self.ptr))
-            handles = group.allgather_object(handle)
-            self.peer_ptrs = []
+            if mode == "vmm":
+                peers = [r for r in range(group.size) if same_node[r] and r != group.rank]
+                fd = self._maps[0].export_fd()
+                try:
+                    fds = vmm.share_fds(group.allgather_object, group.rank, fd, peers, timeout_s=_env.timeout_s())
+                finally:
+                    os.close(fd)
+
+                def open_peer(r):
+                    try:
+                        self._maps.append(vmm.Mapping(size, device, fd=fds[r]))
+                    finally:
+                        os.close(fds[r])
+                    return self._maps[-1].ptr
+            else:
+                handles = group.allgather_object(bytes(rt.ipcGetMemHandle(self.ptr)))
+
+                def open_peer(r):
+                    self._opened.append(rt.ipcOpenMemHandle(handles[r], rt.cudaIpcMemLazyEnablePeerAccess))
+                    return self._opened[-1]
+
             with cupy.cuda.Device(device):
-                for r, h in enumerate(handles):
-                    if r == group.rank:
-                        self.peer_ptrs.append(self.ptr)
-                    elif same_node[r]:
-                        p = rt.ipcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess)
-                        self._opened.append(p)
-                        self.peer_ptrs.append(p)
-                    else:
-                        self.peer_ptrs.append(0)
+                self.peer_ptrs = [
+                    self.ptr if r == group.rank else open_peer(r) if same_node[r] else 0 for r in range(group.size)
+                ]
         with cupy.cuda.Device(device):
             self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
 
