@@ -27,7 +27,11 @@ what=("$@")
 summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has llab || has htsweep || has patternmps; then
+mps_steps() { # does any requested step run under MPS?
+  for w in mps mpsraw bench llmpsbench pollab llab htsweep patternmps; do has "$w" && return 0; done
+  return 1
+}
+if mps_steps; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
 fi
@@ -59,34 +63,31 @@ if has llmpsbench; then
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
 fi
+# One LL A/B variant, 8 MPS ranks, BF16, 128 tokens, validated exactly before timing: $1 = summary label, $2 = log
+# name, $3 = comma-separated EPKERN_* assignments ("-" = the defaults).
+ll_ab() {
+  local label=$1 log="$OUT/$2.log" v=$3 assigns=() xs=() a
+  if [ "$v" != - ]; then
+    IFS=, read -ra assigns <<<"$v"
+    for a in "${assigns[@]}"; do xs+=(-x "${a%%=*}"); done
+  fi
+  env "${assigns[@]}" timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" "${xs[@]}" -n 8 python3 bench/bench_ll.py \
+    --tokens 128 --iters 10 --calls 50 --json "$OUT/$2.json" >"$log" 2>&1
+  local rc=$?
+  summary+=("$label rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "$log" | awk '{printf "%s %s us; ", $2, $3}')")
+}
 if has pollab; then
-  # LL experiments (docs/environment.md), 8 MPS ranks, BF16, validated exactly before timing: each variant is
-  # EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS.
+  # The polling designs (docs/environment.md): each variant is EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS.
   for v in ${POLL_VARIANTS:-1:200 1:0 0:200 1:1000}; do
     IFS=: read -r relaxed sleep_ns <<<"$v"
-    tag="${relaxed}_${sleep_ns}"
-    EPKERN_LL_POLL_RELAXED=$relaxed EPKERN_LL_POLL_SLEEP_NS=$sleep_ns \
-      timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -x EPKERN_LL_POLL_RELAXED -x EPKERN_LL_POLL_SLEEP_NS \
-      -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 50 \
-      --json "$OUT/bench_ll_exp_$tag.json" >"$OUT/bench_ll_exp_$tag.log" 2>&1
-    rc=$?
-    summary+=("pollab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$OUT/bench_ll_exp_$tag.log" | head -1) $(grep -E '^ +128 +(dispatch|combine|pair_graph) ' "$OUT/bench_ll_exp_$tag.log" | awk '{printf "%s %s us; ", $2, $3}')")
+    ll_ab "pollab $v" "bench_ll_exp_${relaxed}_${sleep_ns}" "EPKERN_LL_POLL_RELAXED=$relaxed,EPKERN_LL_POLL_SLEEP_NS=$sleep_ns"
   done
 fi
 if has llab; then
-  # LL A/B over EPKERN_* settings, 8 MPS ranks, BF16, 128 tokens, validated exactly before timing: each variant is
-  # comma-separated assignments ("EPKERN_LL_FAST_HOST=1,EPKERN_LL_COMBINE_SPLIT=2"); "-" = the defaults.
-  for v in ${LLAB_VARIANTS:-- EPKERN_LL_FAST_HOST=1 EPKERN_LL_COMBINE_SPLIT=2 EPKERN_LL_COMBINE_SPLIT=4}; do
-    assigns=(); xs=()
-    if [ "$v" != - ]; then
-      IFS=, read -ra assigns <<<"$v"
-      for a in "${assigns[@]}"; do xs+=(-x "${a%%=*}"); done
-    fi
-    log="$OUT/bench_ll_ab_$(echo "$v" | tr ',=' '_-').log"
-    env "${assigns[@]}" timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" "${xs[@]}" -n 8 python3 bench/bench_ll.py \
-      --tokens 128 --iters 10 --calls 50 >"$log" 2>&1
-    rc=$?
-    summary+=("llab $v rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "$log" | awk '{printf "%s %s us; ", $2, $3}')")
+  # LL A/B over EPKERN_* settings: each variant is comma-separated assignments
+  # ("EPKERN_LL_FAST_HOST=1,EPKERN_LL_COMBINE_SPLIT=2"); "-" = the defaults.
+  for v in ${LLAB_VARIANTS:-- EPKERN_LL_FAST_HOST=1 EPKERN_LL_FAST_HOST=2 EPKERN_LL_COMBINE_SPLIT=2 EPKERN_LL_COMBINE_SPLIT=4}; do
+    ll_ab "llab $v" "bench_ll_ab_$(echo "$v" | tr ',=' '_-')" "$v"
   done
 fi
 if has htsweep; then
@@ -109,7 +110,7 @@ if has patternmps; then
     --json "$OUT/bench_copy_patterns_mps8.json" >"$OUT/bench_copy_patterns_mps8.log" 2>&1
   summary+=("patternmps rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_mps8.log" | tr '\n' ' ')")
 fi
-if has mps || has mpsraw || has bench || has llmpsbench || has pollab || has llab || has htsweep || has patternmps; then
+if mps_steps; then
   bash scripts/mps.sh stop
   sleep 2
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY # the in-process runs below are no MPS clients
