@@ -18,6 +18,14 @@ HT_COMBINE_KEYS = (
     "EPK_UNROLL",
     "EPK_LOADS_FIRST",
 )
+LL_DISPATCH_KEYS = ("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_USE_FP8", "EPK_ROUND_SCALE", "EPK_USE_UE8M0")
+
+
+def _specimens(keys, *rows, **extra):
+    """One specimen per row of values for ``keys``, at 512 threads, with ``extra`` defines and the control area."""
+    return [dict(zip(keys, row, strict=True), EPK_THREADS=512, **extra, **CTRL) for row in rows]
+
+
 SPECIMENS = {
     "ht_notify.cu": [
         dict(EPK_NUM_RANKS=8, EPK_NUM_LOCAL_EXPERTS=32, **CTRL),
@@ -49,12 +57,10 @@ SPECIMENS = {
             **CTRL,
         ),
     ],
-    "ht_combine.cu": [
-        # (ranks, top-k, hidden, weights, blocks per SM, unroll, loads first): the default shape, a 2-blocks/SM
-        # one, and the smallest
-        dict(zip(HT_COMBINE_KEYS, values, strict=True), EPK_THREADS=512, **CTRL)
-        for values in ((8, 8, 7168, 1, 1, 1, 1), (8, 8, 7168, 1, 2, 2, 0), (2, 1, 8, 0, 1, 2, 1))
-    ],
+    # the default shape, a 2-blocks/SM one, and the smallest
+    "ht_combine.cu": _specimens(
+        HT_COMBINE_KEYS, (8, 8, 7168, 1, 1, 1, 1), (8, 8, 7168, 1, 2, 2, 0), (2, 1, 8, 0, 1, 2, 1)
+    ),
     "bench_copy_patterns.cu": [
         dict(
             EPK_NUM_RANKS=8,
@@ -100,88 +106,16 @@ SPECIMENS = {
     ],
     # LL: typical DeepEP shapes (BF16 / FP8 / UE8M0), and the extremes (1 rank, H=128, top-32, 32 ranks).
     "ll_dispatch.cu": [
-        dict(
-            EPK_NUM_RANKS=8,
-            EPK_HIDDEN=7168,
-            EPK_TOPK=8,
-            EPK_USE_FP8=1,
-            EPK_ROUND_SCALE=0,
-            EPK_USE_UE8M0=0,
-            EPK_THREADS=512,
-            **CTRL,
+        *_specimens(
+            LL_DISPATCH_KEYS,
+            (8, 7168, 8, 1, 0, 0),
+            (8, 7168, 8, 0, 0, 0),
+            (4, 4096, 16, 1, 1, 1),
+            (1, 128, 32, 1, 1, 0),
+            (32, 384, 1, 0, 0, 0),
         ),
-        dict(
-            EPK_NUM_RANKS=8,
-            EPK_HIDDEN=7168,
-            EPK_TOPK=8,
-            EPK_USE_FP8=0,
-            EPK_ROUND_SCALE=0,
-            EPK_USE_UE8M0=0,
-            EPK_THREADS=512,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=4,
-            EPK_HIDDEN=4096,
-            EPK_TOPK=16,
-            EPK_USE_FP8=1,
-            EPK_ROUND_SCALE=1,
-            EPK_USE_UE8M0=1,
-            EPK_THREADS=512,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=1,
-            EPK_HIDDEN=128,
-            EPK_TOPK=32,
-            EPK_USE_FP8=1,
-            EPK_ROUND_SCALE=1,
-            EPK_USE_UE8M0=0,
-            EPK_THREADS=512,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=32,
-            EPK_HIDDEN=384,
-            EPK_TOPK=1,
-            EPK_USE_FP8=0,
-            EPK_ROUND_SCALE=0,
-            EPK_USE_UE8M0=0,
-            EPK_THREADS=512,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=8,
-            EPK_HIDDEN=7168,
-            EPK_TOPK=8,
-            EPK_USE_FP8=0,
-            EPK_ROUND_SCALE=0,
-            EPK_USE_UE8M0=0,
-            EPK_THREADS=512,
-            EPK_POLL_SLEEP_NS=100,
-            EPK_POLL_RELAXED=1,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=8,
-            EPK_HIDDEN=7168,
-            EPK_TOPK=8,
-            EPK_USE_FP8=1,
-            EPK_ROUND_SCALE=1,
-            EPK_USE_UE8M0=1,
-            EPK_THREADS=512,
-            **CTRL,
-        ),
-        dict(
-            EPK_NUM_RANKS=1,
-            EPK_HIDDEN=128,
-            EPK_TOPK=32,
-            EPK_USE_FP8=0,
-            EPK_ROUND_SCALE=0,
-            EPK_USE_UE8M0=0,
-            EPK_THREADS=512,
-            **CTRL,
-        ),
+        *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), EPK_POLL_SLEEP_NS=100, EPK_POLL_RELAXED=1),
+        *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 1, 1, 1), (1, 128, 32, 0, 0, 0)),
     ],
     "ll_combine.cu": [
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),

@@ -3,6 +3,7 @@ replayed calls themselves run only on a GPU (tests/test_ll_gpu.py with EPKERN_LL
 
 from __future__ import annotations
 
+import sys
 import types
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_launcher_passes_the_kernels_argument_order(monkeypatch):
 
     from epkern import kernel_loader
 
-    monkeypatch.setitem(__import__("sys").modules, "cupy", fake_cupy._module()[0])
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy._module()[0])
     monkeypatch.setattr(kernel_loader, "get_function", fake_get_function)
     buf = types.SimpleNamespace(rank=3, device=0)  # no _launch_cache: the launcher looks the kernel up
     rest = (np.uintp(1234), np.int32(7))
