@@ -209,25 +209,24 @@ def ll_poll_sleep_ns() -> int | None:
     return value
 
 
-def _zero_or_one(name: str) -> int:
+def _int_choice(name: str, allowed: range, expected: str) -> int:
+    """A variable that takes one of a few small integers (``expected`` says which, in the error)."""
     raw = _raw(name) or VARIABLES[name][0]
-    if raw not in ("0", "1"):
-        raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+    if raw not in {str(v) for v in allowed}:
+        raise ConfigError(f"{name}={raw!r}: expected {expected}")
     return int(raw)
+
+
+def _zero_or_one(name: str) -> int:
+    return _int_choice(name, range(2), "0 or 1")
 
 
 def ll_combine_split() -> int:
-    raw = _raw("EPKERN_LL_COMBINE_SPLIT") or VARIABLES["EPKERN_LL_COMBINE_SPLIT"][0]
-    if raw not in tuple("12345678"):
-        raise ConfigError(f"EPKERN_LL_COMBINE_SPLIT={raw!r}: expected an integer in 1..8")
-    return int(raw)
+    return _int_choice("EPKERN_LL_COMBINE_SPLIT", range(1, 9), "an integer in 1..8")
 
 
 def ll_fast_host() -> int:
-    raw = _raw("EPKERN_LL_FAST_HOST") or "0"
-    if raw not in ("0", "1", "2"):
-        raise ConfigError(f"EPKERN_LL_FAST_HOST={raw!r}: expected 0, 1 or 2")
-    return int(raw)
+    return _int_choice("EPKERN_LL_FAST_HOST", range(3), "0, 1 or 2")
 
 
 def ll_poll_relaxed() -> int:
