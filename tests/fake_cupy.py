@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import os
 import sys
 import threading
 import types
@@ -201,7 +202,7 @@ def _memset_async(ptr, value, nbytes, stream=0):
 def _module():
     cupy = types.ModuleType("cupy")
     cuda = types.ModuleType("cupy.cuda")
-    cuda.runtime = types.SimpleNamespace(memsetAsync=_memset_async)
+    cuda.runtime = types.SimpleNamespace(memsetAsync=_memset_async, getDevice=lambda: 0)
     for name in ("ndarray", "asarray", "zeros", "empty", "full", "asnumpy", "ascontiguousarray"):
         setattr(cupy, name, globals()[name])
     for name in ("UnownedMemory", "MemoryPointer", "Device", "Event", "Stream", "get_current_stream"):
@@ -274,7 +275,7 @@ def installed(monkeypatch=None, emulate=None):
         frozen = dict(defines or {})
 
         def launch(grid, block, args):
-            launches.append((source, name, frozen, grid, block, tuple(args)))
+            launches.append((source, name, frozen, grid, block, tuple(args), get_current_stream().ptr))
             if name in emulate and int(args[0]) == 0:
                 emulate[name](args)
 
@@ -288,6 +289,9 @@ def installed(monkeypatch=None, emulate=None):
         (_cuda, "require_gpu", lambda what="": None, False),
         (gpu_buffer, "SymmetricRegion", FakeRegion, False),
         (gpu_buffer, "HostMapped", FakeHostMapped, False),
+        # Replays launch through the recorded kernels (the default, 2, would call libcuda; tests of mode 2 set it
+        # and stand in for the driver).
+        (os.environ, "EPKERN_LL_FAST_HOST", os.environ.get("EPKERN_LL_FAST_HOST", "1"), True),
     ]
     saved = []
     for target, name, value, is_item in patches:

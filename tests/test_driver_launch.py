@@ -92,9 +92,22 @@ def test_ll_replay_through_the_driver_launches_what_the_full_path_launches(monke
             handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
             buf.low_latency_combine(y, idx, w, handle, out=out)
         assert len(F.real_launches(launches)) == 2 and len(driver.calls) == 6 and buf._ll_replays == 6
+        import cupy  # the fake, while installed
+
+        caller = cupy.cuda.get_current_stream()
+        assert {launch[6] for launch in full} == {buf.comm_stream.ptr} != {caller.ptr}
         for i, call in enumerate(driver.calls):
             want = full[i % 2]
             assert call[1] == want[3] + (1, 1) and call[2] == want[4] + (1, 1)
-            assert call[4] == buf.comm_stream.ptr
+            # The caller's stream follows all of the Buffer's work (it waited for the first pair): the
+            # replays go straight onto it.
+            assert call[4] == caller.ptr
             assert _decode(call[5], want[5]) == _as_ints(want[5])
+        # async_finish: through the comm stream, which first waits for the last launch on the caller's stream.
+        waits = buf.comm_stream.waits
+        buf.low_latency_combine(y, idx, w, handle, out=out)  # (a plan of async_finish=False: direct)
+        buf.low_latency_combine(y, idx, w, handle, out=out, async_finish=True)  # a new plan: full path
+        buf.low_latency_combine(y, idx, w, handle, out=out, async_finish=True)  # its replay
+        assert driver.calls[-1][4] == buf.comm_stream.ptr and buf.comm_stream.waits >= waits + 3
+        assert buf._joined_ptr is None and buf._direct_stream is None
         buf.destroy()

@@ -300,3 +300,36 @@ def test_ht_fp8_dispatch_and_combine_with_biases(fake):
     with pytest.raises(ArgumentError, match=r"bias\[1\]"):
         buf.combine(y, handle, topk_weights=recv_w, bias=(b0, cupy.asarray(np.zeros((T, H + 8), BF16))))
     buf.destroy()
+
+
+def test_ll_replays_go_onto_the_callers_stream_only_while_it_follows_all_buffer_work(fake, monkeypatch):
+    """A replayed call with async_finish=False launches straight onto the caller's stream when that stream is
+    ordered after everything the Buffer launched; any comm-stream work in between (a mask update, another
+    stream current) sends the next call back through the comm stream, which first waits for the direct launch."""
+    import cupy
+
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    caller, comm = cupy.cuda.get_current_stream(), buf.comm_stream
+
+    def dispatch_stream():
+        before = len(fake)
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+        (launch,) = F.real_launches(fake[before:])
+        return launch[6]
+
+    assert dispatch_stream() == comm.ptr  # validated: the full path
+    assert dispatch_stream() == caller.ptr == buf._direct_stream.ptr  # replayed onto the caller's stream
+    assert dispatch_stream() == caller.ptr
+    waits = comm.waits
+    buf.low_latency_update_mask_buffer(0, mask=False)  # comm-stream work: joins the direct launches first
+    assert comm.waits == waits + 1 and buf._direct_stream is None and buf._joined_ptr is None
+    assert dispatch_stream() == comm.ptr  # the caller's stream does not follow the mask update yet
+    assert dispatch_stream() == caller.ptr  # ... and does after that call's wait
+    other = cupy.cuda.Stream(non_blocking=True)
+    other.use()
+    assert dispatch_stream() == comm.ptr  # another stream: the comm stream waits for it and the last launch
+    assert dispatch_stream() == other.ptr
+    caller.use()
+    buf.destroy()

@@ -43,10 +43,12 @@ class _CommStreamScope:
     def __enter__(self):
         import cupy
 
-        self.device = cupy.cuda.Device(self.buf.device)
+        buf = self.buf
+        self.device = cupy.cuda.Device(buf.device)
         self.device.__enter__()
         self.previous = cupy.cuda.get_current_stream()
-        return self.buf.comm_stream.use()
+        buf._join_direct()
+        return buf.comm_stream.use()
 
     def __exit__(self, *exc):
         try:
@@ -116,6 +118,11 @@ class GpuBuffer(Buffer):
             # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
             stream_of = getattr(self.group, "stream", None) if self.in_process else None
             self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
+            # Stream order of the Buffer's work (LL calls replayed straight onto the caller's stream,
+            # ll_intranode._replay): the stream of the last such launch, while nothing came after it on the
+            # comm stream; and the stream that is ordered after all of this Buffer's work (None: no stream).
+            self._direct_stream = None
+            self._joined_ptr = None
             self.peer_table = self.region.peer_table
             ll_intranode.init_low_latency(self)
         self.epoch = 0
@@ -257,8 +264,18 @@ class GpuBuffer(Buffer):
         exactly afterwards (CuPy's ``with stream`` does not always restore a non-default stream)."""
         return _CommStreamScope(self)
 
+    def _join_direct(self) -> None:
+        """Before work on the comm stream: it waits for the last launch made straight onto a caller's stream
+        (nothing orders the two otherwise); from here no stream is known to follow all of this Buffer's work."""
+        direct = self._direct_stream
+        if direct is not None:
+            self._direct_stream = None
+            self.comm_stream.wait_event(direct.record())
+        self._joined_ptr = None
+
     def _end(self, compute, async_finish: bool) -> EventHandle:
         event = self.comm_stream.record()
+        self._joined_ptr = None if async_finish else compute.ptr
         if not async_finish:
             compute.wait_event(event)
             if self.in_process and self.num_ranks > 1 and not ll_intranode.capturing(compute):

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _env, ll_plans
 from ._validate import as_device_array, check_array, check_int, check_num_experts
+from .buffer import EventHandle
 from .errors import ArgumentError, TimeoutError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -467,10 +468,28 @@ def low_latency_dispatch(
 def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
     """A repeat of a validated call with the same arrays and flags (EPKERN_LL_FAST_HOST): the launch only.
     Returns (event, hook); the hook keeps the plan's first ``hook_refs`` arrays (the call's inputs) alive."""
+    import cupy
+
     self._ll_replays += 1
+    phase = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
+    compute = cupy.cuda.get_current_stream()
+    if (
+        not async_finish
+        and not return_recv_hook
+        and compute.ptr == self._joined_ptr
+        and cupy.cuda.runtime.getDevice() == self.device
+    ):
+        # The caller's stream already follows all of this Buffer's work, and the caller waits for this call:
+        # the launch goes straight onto that stream, with no comm-stream round trip (two events, two waits).
+        plan.launch(phase, 0, compute.ptr)
+        self._ll_sends += 1
+        self._direct_stream = compute
+        if self.in_process and self.num_ranks > 1 and not capturing(compute):
+            compute.synchronize()  # as GpuBuffer._end does for in-process ranks
+        return EventHandle(None), None
     compute = self._begin(None, async_finish)
     with self.on_comm_stream():
-        plan.launch(PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV, 0)
+        plan.launch(phase, 0)
         self._ll_sends += 1
     event = self._end(compute, async_finish)
     hook = _make_hook(self, plan.launch, *plan.refs[:hook_refs]) if return_recv_hook else None

@@ -53,9 +53,10 @@ class CallPlans:
 
 
 def launcher(buf, source: str, name: str, defines: dict, blocks: int, threads: int, rest: tuple):
-    """launch(phase, back) of an already launched (so loaded and warmed) specialisation: the kernel and
-    every argument but phase and back resolved once. On the Buffer's comm stream (callers are inside
-    ``on_comm_stream``). ``buf._ll_fast_host == 2``: through cuLaunchKernel with the arguments packed once."""
+    """launch(phase, back, stream_ptr=None) of an already launched (so loaded and warmed) specialisation: the
+    kernel and every argument but phase and back resolved once. On the current stream: the Buffer's comm stream
+    inside ``on_comm_stream``, or the caller's (``_replay``'s direct launch, which passes its ``stream_ptr``).
+    ``buf._ll_fast_host == 2``: through cuLaunchKernel with the arguments packed once."""
     import cupy
 
     from . import kernel_loader
@@ -74,14 +75,14 @@ def launcher(buf, source: str, name: str, defines: dict, blocks: int, threads: i
         packed = DriverLaunch(function_ptr, blocks, threads, (*head, np.int32(0), np.int32(0), *rest))
         stream = buf.comm_stream
 
-        def launch_driver(phase: int, back: int) -> None:
+        def launch_driver(phase: int, back: int, stream_ptr: int | None = None) -> None:
             packed.set(2, phase)
             packed.set(3, back)
-            packed.launch(stream.ptr)
+            packed.launch(stream.ptr if stream_ptr is None else stream_ptr)
 
         return launch_driver
 
-    def launch(phase: int, back: int) -> None:
+    def launch(phase: int, back: int, stream_ptr: int | None = None) -> None:  # CuPy: the current stream
         func(grid, block, (*head, np.int32(phase), np.int32(back), *rest))
 
     return launch
