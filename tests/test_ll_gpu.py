@@ -141,11 +141,13 @@ def test_cuda_graph_fp8_dispatch():
     _run(2, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 20, use_fp8=True))
 
 
-@pytest.mark.parametrize("mode,use_fp8", [("1", False), ("1", True), ("2", False), ("2", True)])
+@pytest.mark.parametrize(
+    "mode,use_fp8", [("1", False), ("1", True), ("2", False), ("2", True), ("3", False), ("3", True)]
+)
 def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8):
-    """EPKERN_LL_FAST_HOST=1 (CuPy launch) / 2 (cuLaunchKernel, arguments packed once): 50 eager dispatch +
-    combine pairs on the same arrays with fresh contents; every call after the first replays its plan
-    (checked), every result exact."""
+    """EPKERN_LL_FAST_HOST=1 (CuPy launch) / 2 (cuLaunchKernel, arguments packed once) / 3 (a captured
+    one-kernel graph): 50 eager dispatch + combine pairs on the same arrays with fresh contents; every call
+    after the first replays its plan straight onto the caller's stream (checked), every result exact."""
     monkeypatch.setenv("EPKERN_LL_FAST_HOST", mode)
 
     def body(buf, g):
@@ -153,6 +155,9 @@ def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8):
         ll_scenarios.run_graph_replays(buf, g, 50, use_fp8=use_fp8, graph=False)
         assert len(buf._ll_plans) == 2, "the dispatch and the combine were not kept as plans"
         assert buf._ll_replays == 2 * 50, f"{buf._ll_replays} of 100 calls replayed a plan"
+        assert buf._ll_direct == buf._ll_replays, f"{buf._ll_direct} replays went onto the caller's stream"
+        if mode == "3":
+            assert all(len(p.graphs) == 1 for p in buf._ll_plans._plans.values()), "no captured launch kept"
 
     _run(4, body)
 

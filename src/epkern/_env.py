@@ -52,8 +52,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "2",
         "1: an LL call whose arrays (by identity) and flags repeat one of the last two validated calls of that op "
         "only launches (no checks, no argument packing), onto the caller's stream when it follows all of the "
-        "Buffer's work; 2: the same, launched through cuLaunchKernel with the arguments packed once; 0: every "
-        "call validated (ll_plans.py)",
+        "Buffer's work; 2: the same, launched through cuLaunchKernel with the arguments packed once; 3: as 2, "
+        "and a launch onto the caller's stream replays a one-kernel CUDA graph captured once; 0: every call "
+        "validated (ll_plans.py)",
     ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
@@ -227,7 +228,7 @@ def ll_combine_split() -> int:
 
 
 def ll_fast_host() -> int:
-    return _int_choice("EPKERN_LL_FAST_HOST", range(3), "0, 1 or 2")
+    return _int_choice("EPKERN_LL_FAST_HOST", range(4), "0, 1, 2 or 3")
 
 
 def ll_poll_relaxed() -> int:

@@ -160,6 +160,7 @@ def init_low_latency(self) -> None:
     self._ll_fast_host = _env.ll_fast_host()  # repeat calls replay a validated call's launch (ll_plans.py)
     self._ll_plans = ll_plans.CallPlans()
     self._ll_replays = 0  # calls served by a plan (tests check the fast path was taken)
+    self._ll_direct = 0  # ... of them launched straight onto the caller's stream
     self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
     # The polling knobs (docs/environment.md), read once per Buffer so the hot path reads no environment.
     sleep_ns = _env.ll_poll_sleep_ns()
@@ -481,8 +482,15 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
     ):
         # The caller's stream already follows all of this Buffer's work, and the caller waits for this call:
         # the launch goes straight onto that stream, with no comm-stream round trip (two events, two waits).
-        plan.launch(phase, 0, compute.ptr)
+        if self._ll_fast_host == 3 and not capturing(compute):
+            graph = plan.graphs.get(phase)
+            if graph is None:
+                graph = plan.graphs[phase] = ll_plans.capture_launch(plan.launch, phase)
+            graph.launch(compute)
+        else:
+            plan.launch(phase, 0, compute.ptr)
         self._ll_sends += 1
+        self._ll_direct += 1
         self._direct_stream = compute
         if self.in_process and self.num_ranks > 1 and not capturing(compute):
             compute.synchronize()  # as GpuBuffer._end does for in-process ranks

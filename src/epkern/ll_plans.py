@@ -12,7 +12,7 @@ shape check. Calls that allocate an output, and zero-copy combines (whose buffer
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,23 @@ class Plan:
     launch: object  # launch(phase, back): the kernel launch with the validated arguments
     result: object  # what the call returns besides event and hook
     refs: tuple  # the call's arrays, kept alive (ids in the key stay theirs)
+    graphs: dict = field(default_factory=dict)  # phase -> that launch captured once (EPKERN_LL_FAST_HOST=3)
+
+
+def capture_launch(launch, phase: int):
+    """A CUDA graph of the one launch ``launch(phase, 0)``, captured on a stream of its own (relaxed mode: other
+    threads, such as in-process ranks, are not disturbed). Launching it costs the host about a fifth of a
+    cuLaunchKernel under MPS (2.3 against 13 µs measured on 8 ranks of an H200). The kernel reads its call
+    counter from the device, so every replay is the next call, as a replayed graph of a captured pair is."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    stream.begin_capture()
+    try:
+        launch(phase, 0, stream.ptr)
+    finally:
+        graph = stream.end_capture()
+    return graph
 
 
 class CallPlans:
@@ -56,7 +73,7 @@ def launcher(buf, source: str, name: str, defines: dict, blocks: int, threads: i
     """launch(phase, back, stream_ptr=None) of an already launched (so loaded and warmed) specialisation: the
     kernel and every argument but phase and back resolved once. On the current stream: the Buffer's comm stream
     inside ``on_comm_stream``, or the caller's (``_replay``'s direct launch, which passes its ``stream_ptr``).
-    ``buf._ll_fast_host == 2``: through cuLaunchKernel with the arguments packed once."""
+    ``buf._ll_fast_host >= 2``: through cuLaunchKernel with the arguments packed once."""
     import cupy
 
     from . import kernel_loader
@@ -67,7 +84,7 @@ def launcher(buf, source: str, name: str, defines: dict, blocks: int, threads: i
     with cupy.cuda.Device(buf.device):
         full = {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}
         func = cached[0] if cached else kernel_loader.get_function(source, name, full)
-        function_ptr = func.kernel.ptr if getattr(buf, "_ll_fast_host", 1) == 2 else None
+        function_ptr = func.kernel.ptr if getattr(buf, "_ll_fast_host", 1) >= 2 else None
     grid, block, head = (blocks,), (threads,), (np.int32(0), np.int32(buf.rank))
     if function_ptr is not None:
         from ._driver_launch import DriverLaunch
