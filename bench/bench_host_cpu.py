@@ -40,7 +40,7 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
     recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     out.append(("ht cached dispatch", lambda: buf.dispatch(x, handle=handle)))
     out.append(("ht combine", lambda: buf.combine(recv_x, handle, topk_weights=recv_w)))
-    for fast in ("0", "1", "2"):
+    for fast in ("0", "1", "2", "3"):
         os.environ["EPKERN_LL_FAST_HOST"] = fast
         ll = F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(num_max, H, E), low_latency_mode=True)
         outs = dict(
@@ -52,15 +52,17 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
         y, combined = cupy.empty((E, num_max, H), BF16), cupy.empty((T, H), BF16)
         h = ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, **outs)[2]
 
-        def lld(ll=ll, outs=outs):
-            return ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, async_finish=True, **outs)
+        for asy in (True, False):  # async_finish=False replays go straight onto the caller's stream
 
-        def llc(ll=ll, h=h, y=y, combined=combined):
-            return ll.low_latency_combine(y, idx, w, h, out=combined, async_finish=True)
+            def lld(ll=ll, outs=outs, asy=asy):
+                return ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, async_finish=asy, **outs)
 
-        tag = f" (EPKERN_LL_FAST_HOST={fast})" if fast != "0" else ""
-        out.append((f"ll dispatch, preallocated{tag}", lld))
-        out.append((f"ll combine, out={tag}", llc))
+            def llc(ll=ll, h=h, y=y, combined=combined, asy=asy):
+                return ll.low_latency_combine(y, idx, w, h, out=combined, async_finish=asy)
+
+            tag = (f" (EPKERN_LL_FAST_HOST={fast})" if fast != "0" else "") + (" async" if asy else "")
+            out.append((f"ll dispatch, preallocated{tag}", lld))
+            out.append((f"ll combine, out={tag}", llc))
     os.environ.pop("EPKERN_LL_FAST_HOST", None)
     return out
 

@@ -156,6 +156,16 @@ class Event:
 _current = threading.local()
 
 
+class Graph:
+    """A captured graph: what was captured is not kept (kernels do not run here); its launches are counted."""
+
+    def __init__(self):
+        self.launched_on = []  # stream ptr of each launch
+
+    def launch(self, stream=None):
+        self.launched_on.append((stream or get_current_stream()).ptr)
+
+
 class Stream:
     def __init__(self, null=False, non_blocking=False, ptr=None):
         self.ptr = 0 if null else (next(_ids) if ptr is None else ptr)
@@ -177,7 +187,14 @@ class Stream:
         pass
 
     def is_capturing(self):
-        return False
+        return getattr(self, "_capturing", False)
+
+    def begin_capture(self, mode=None):
+        self._capturing = True
+
+    def end_capture(self):
+        self._capturing = False
+        return Graph()
 
     def __enter__(self):
         self._prev = get_current_stream()

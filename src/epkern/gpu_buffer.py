@@ -187,6 +187,10 @@ class GpuBuffer(Buffer):
 
     # ---- errors ----
     def _check_usable(self) -> None:
+        if self._closed or self._broken or self.error_record[0]:  # one test on the hot path
+            self._check_usable_slow()
+
+    def _check_usable_slow(self) -> None:
         if self._closed:
             raise EpkernError("Buffer was destroyed")
         self._raise_recorded()
@@ -274,8 +278,13 @@ class GpuBuffer(Buffer):
         self._joined_ptr = None
 
     def _end(self, compute, async_finish: bool) -> EventHandle:
+        import cupy
+
         event = self.comm_stream.record()
-        self._joined_ptr = None if async_finish else compute.ptr
+        # compute follows all of this Buffer's work from here. Only a stream of the Buffer's device qualifies
+        # (CuPy's current stream is per device, so a match later also means the Buffer's device is current).
+        joined = not async_finish and cupy.cuda.runtime.getDevice() == self.device
+        self._joined_ptr = compute.ptr if joined else None
         if not async_finish:
             compute.wait_event(event)
             if self.in_process and self.num_ranks > 1 and not ll_intranode.capturing(compute):

@@ -309,7 +309,38 @@ def low_latency_dispatch(
     self._check_usable()
     plan_key = plan_shapes = None
     if self._ll_fast_host:
+        # The flags as given (True and 1 are one key); the arrays by identity. Written out: this is the
+        # whole host cost of a replayed call besides the launch.
+        plan_key = (
+            "dispatch",
+            id(x),
+            id(topk_idx),
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+            id(cumulative_local_expert_recv_stats),
+            id(dispatch_wait_recv_cost_stats),
+            id(out_x),
+            id(out_scales),
+            id(out_src_info),
+            id(out_layout_range),
+            id(out_count),
+        )
+        plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
+        plan = self._ll_plans.get(plan_key, plan_shapes)
+        if plan is not None:
+            event, hook = _replay(self, plan, async_finish, return_recv_hook, 2)
+            out, recv_count, handle_fields = plan.result
+            return out, recv_count, GpuLLHandle(*handle_fields), event, hook
+        # The caller's objects, before the checks rebind any (x to a CuPy view), inputs first (a hook keeps
+        # those alive): a plan holds them so that the ids in its key stay theirs.
         plan_refs = (
+            x,
+            topk_idx,
             cumulative_local_expert_recv_stats,
             dispatch_wait_recv_cost_stats,
             out_x,
@@ -318,26 +349,6 @@ def low_latency_dispatch(
             out_layout_range,
             out_count,
         )
-        plan_key = (
-            "dispatch",
-            id(x),
-            id(topk_idx),
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            bool(use_fp8),
-            bool(round_scale),
-            bool(use_ue8m0),
-            bool(async_finish),
-            bool(return_recv_hook),
-            *map(id, plan_refs),
-        )
-        plan_inputs = (x, topk_idx)  # the caller's objects (x is rebound to a CuPy view below)
-        plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
-        plan = self._ll_plans.get(plan_key, plan_shapes)
-        if plan is not None:
-            event, hook = _replay(self, plan, async_finish, return_recv_hook, 2)
-            out, recv_count, handle_fields = plan.result
-            return out, recv_count, GpuLLHandle(*handle_fields), event, hook
     R, dev = self.num_ranks, self.device
     num_max, num_experts = _check_common(self, num_max_dispatch_tokens_per_rank, num_experts)
     e_loc, rows = num_experts // R, R * num_max
@@ -462,7 +473,7 @@ def low_latency_dispatch(
     if plan_key is not None and not missing:  # every output preallocated: repeat calls can replay this one
         fast = ll_plans.launcher(self, "ll_dispatch.cu", "epk_ll_dispatch", defines, _blocks(self), THREADS, rest)
         result = (out, recv_count, (src_info, layout_range, num_max, H, num_experts, lay))
-        self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, result, (*plan_inputs, *plan_refs)))
+        self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, result, plan_refs))
     return out, recv_count, handle, event, hook
 
 
@@ -474,14 +485,10 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
     self._ll_replays += 1
     phase = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
     compute = cupy.cuda.get_current_stream()
-    if (
-        not async_finish
-        and not return_recv_hook
-        and compute.ptr == self._joined_ptr
-        and cupy.cuda.runtime.getDevice() == self.device
-    ):
-        # The caller's stream already follows all of this Buffer's work, and the caller waits for this call:
-        # the launch goes straight onto that stream, with no comm-stream round trip (two events, two waits).
+    if compute.ptr == self._joined_ptr and not async_finish and not return_recv_hook:
+        # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and
+        # the caller waits for this call: the launch goes straight onto that stream, with no comm-stream round
+        # trip (two events, two waits).
         if self._ll_fast_host == 3 and not capturing(compute):
             graph = plan.graphs.get(phase)
             if graph is None:
@@ -547,30 +554,35 @@ def low_latency_combine(
     self._check_usable()
     plan_key = plan_shapes = None
     preallocated = out is not None
-    if self._ll_fast_host and preallocated and not zero_copy:
+    if self._ll_fast_host and preallocated and not zero_copy and type(handle) is GpuLLHandle:
         # The handle object is new on every dispatch; its arrays and sizes are what the launch uses.
-        plan_refs = (getattr(handle, "src_info", None), getattr(handle, "layout_range", None), out)
         plan_key = (
             "combine",
             id(x),
             id(topk_idx),
             id(topk_weights),
-            type(handle),
-            getattr(handle, "num_max_dispatch_tokens_per_rank", None),
-            getattr(handle, "hidden", None),
-            getattr(handle, "num_experts", None),
-            bool(use_logfmt),
-            bool(async_finish),
-            bool(return_recv_hook),
+            handle.num_max_dispatch_tokens_per_rank,
+            handle.hidden,
+            handle.num_experts,
+            use_logfmt,
+            async_finish,
+            return_recv_hook,
             id(combine_wait_recv_cost_stats),
-            *map(id, plan_refs),
+            id(handle.src_info),
+            id(handle.layout_range),
+            id(out),
         )
-        plan_inputs = (x, topk_idx, topk_weights, combine_wait_recv_cost_stats)  # the caller's objects
-        plan_shapes = tuple(getattr(a, "shape", None) for a in plan_inputs[:3])
+        plan_shapes = (
+            getattr(x, "shape", None),
+            getattr(topk_idx, "shape", None),
+            getattr(topk_weights, "shape", None),
+        )
         plan = self._ll_plans.get(plan_key, plan_shapes)
         if plan is not None:
             event, hook = _replay(self, plan, async_finish, return_recv_hook, 3)
             return plan.result, event, hook
+        # The caller's objects before the checks rebind any, inputs first (a hook keeps those alive).
+        plan_refs = (x, topk_idx, topk_weights, combine_wait_recv_cost_stats, handle.src_info, handle.layout_range, out)
     if not isinstance(handle, GpuLLHandle):
         raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
     if use_logfmt:
@@ -648,7 +660,7 @@ def low_latency_combine(
     hook = _make_hook(self, launch, x, topk_idx, topk_weights) if return_recv_hook else None
     if plan_key is not None and preallocated and not zero_copy:  # repeat calls can replay this one
         fast = ll_plans.launcher(self, "ll_combine.cu", "epk_ll_combine", defines, _blocks(self), THREADS, rest)
-        self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, out, (*plan_inputs, *plan_refs)))
+        self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, out, plan_refs))
     return out, event, hook
 
 
