@@ -49,7 +49,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "token; 4 took combine from 218 to 161 us pipelined on 8 ranks of an H200). Compiled in as a define",
     ),
     "EPKERN_LL_FAST_HOST": (
-        "2",
+        "3",
         "1: an LL call whose arrays (by identity) and flags repeat one of the last two validated calls of that op "
         "only launches (no checks, no argument packing), onto the caller's stream when it follows all of the "
         "Buffer's work; 2: the same, launched through cuLaunchKernel with the arguments packed once; 3: as 2, "
