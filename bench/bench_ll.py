@@ -87,6 +87,8 @@ HOST_OPS = (
     "combine_call_host",
     "combine_host",
     "combine_host_async",
+    "dispatch_host_prepared",
+    "combine_host_prepared",
     "graph_launch_host",
 )
 FLOOR_TARGET = 0.70
@@ -639,6 +641,13 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     res["combine_host_us"] = _host_per_call(lambda: combine()[1], group, args.calls)
     res["dispatch_host_async_us"] = _host_per_call(lambda: dispatch(async_finish=True)[3], group, args.calls)
     res["combine_host_async_us"] = _host_per_call(lambda: combine(async_finish=True)[1], group, args.calls)
+    # The same calls prepared once (Buffer.prepare_low_latency_dispatch / _combine): no argument list per call.
+    prep_d = buf.prepare_low_latency_dispatch(
+        x, idx, num_max, E, use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, **outs
+    )
+    prep_c = buf.prepare_low_latency_combine(y, idx, w, handle, out=out_c)
+    res["dispatch_host_prepared_us"] = _host_per_call(lambda: prep_d()[3], group, args.calls)
+    res["combine_host_prepared_us"] = _host_per_call(lambda: prep_c()[1], group, args.calls)
     _settle(buf)
     if args.no_graph:
         res["pair_graph_us"] = res["graph_launch_host_us"] = None

@@ -323,19 +323,29 @@ def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=
 
 
 def run_graph_replays(
-    buf, group, replays=100, num_tokens=96, hidden=2048, topk=4, num_max=128, use_fp8=False, graph=True
+    buf,
+    group,
+    replays=100,
+    num_tokens=96,
+    hidden=2048,
+    topk=4,
+    num_max=128,
+    use_fp8=False,
+    graph=True,
+    prepared=False,
 ):
     """Capture one dispatch + combine (combine of the received rows as they are) into a CUDA graph, then
     replay it ``replays`` times on fresh inputs copied into the captured arrays; every replay exact. No
     host collective between replays: the set each call uses comes from the device counter. ``graph=False``:
-    the same ``replays`` iterations as eager calls on the same arrays (what EPKERN_LL_FAST_HOST replays)."""
+    the same ``replays`` iterations as eager calls on the same arrays (what EPKERN_LL_FAST_HOST replays);
+    ``prepared``: those eager calls through prepare_low_latency_dispatch / _combine."""
     import cupy
 
     if cupy.cuda.get_current_stream().ptr == 0:
         # CUDA cannot capture the legacy default stream, which MPI ranks run on unless they pick one
         # (seen on the H200: "cannot capture on the default (legacy) stream" in tests/ll_mpi_worker.py).
         with cupy.cuda.Stream(non_blocking=True):
-            return run_graph_replays(buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph)
+            return run_graph_replays(buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph, prepared)
     r, R = group.rank, group.size
     E = 8 * R
     e_loc, rows = E // R, R * num_max
@@ -362,12 +372,24 @@ def run_graph_replays(
         w_dev.set(ws[r])
         return xs, idxs, ws
 
+    prepared_calls = []  # (dispatch, combine) once the first dispatch gave a handle
+
     def calls():
-        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs)
+        if prepared and not prepared_calls:
+            prepared_calls.append(buf.prepare_low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs))
+        if prepared:
+            recv_x, count, handle, _, _ = prepared_calls[0]()
+        else:
+            recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs)
         # Expert outputs: the BF16 rows as received (a captured copy); FP8 runs check the dispatch only.
         if not use_fp8:
             bf16_copy(y_dev, recv_x)
-        combined, _, _ = buf.low_latency_combine(y_dev, idx_dev, w_dev, handle, out=out)
+        if prepared and len(prepared_calls) == 1:
+            prepared_calls.append(buf.prepare_low_latency_combine(y_dev, idx_dev, w_dev, handle, out=out))
+        if prepared:
+            combined, _, _ = prepared_calls[1]()
+        else:
+            combined, _, _ = buf.low_latency_combine(y_dev, idx_dev, w_dev, handle, out=out)
         return handle, combined
 
     def check(it, xs, idxs, ws, handle):

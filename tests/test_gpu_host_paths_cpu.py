@@ -333,3 +333,54 @@ def test_ll_replays_go_onto_the_callers_stream_only_while_it_follows_all_buffer_
     assert dispatch_stream() == other.ptr
     caller.use()
     buf.destroy()
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_prepared_ll_calls_replay_what_the_validated_calls_launch(fake, monkeypatch, hook):
+    """prepare_low_latency_dispatch / _combine: the first call is the validated call, later ones replay its
+    launch (argument for argument); a reshaped input or a cleaned buffer sends the next call the validated way."""
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    dispatch = buf.prepare_low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, return_recv_hook=hook, **outs)
+    handle = None
+    per_call = []
+    for _ in range(4):
+        before = len(fake)
+        recv, count, h, _, dhook = dispatch()
+        if hook:
+            dhook()
+        assert recv is outs["out_x"] and count is outs["out_count"] and h.src_info is outs["out_src_info"]
+        if handle is None:
+            handle = h
+            combine = buf.prepare_low_latency_combine(y, idx, w, handle, out=out, return_recv_hook=hook)
+        got, _, chook = combine()
+        if hook:
+            chook()
+        assert got is out
+        per_call.append(F.real_launches(fake[before:]))
+    assert buf._ll_replays == 2 * 3
+    for launches in per_call[1:]:
+        assert len(launches) == len(per_call[0]) == (4 if hook else 2)
+        for a, b in zip(launches, per_call[0], strict=True):
+            _same(a, b)
+    replays = buf._ll_replays
+    buf.clean_low_latency_buffer(NUM_MAX, H, E)  # plans dropped: the next calls are validated (and re-planned)
+    for _ in range(2):
+        hook_of_call = dispatch()[4]
+        if hook:
+            hook_of_call()
+    assert buf._ll_replays == replays + 1
+    idx._a = idx._a[: T // 2]  # reshaped in place: validated again, and refused
+    with pytest.raises(ArgumentError, match="topk_idx: expected 64 rows"):
+        dispatch()
+    buf.destroy()
+
+
+def test_prepared_ll_calls_on_the_cpu_backend_are_the_calls():
+    import epkern
+
+    buf = epkern.Buffer(None, num_rdma_bytes=1 << 20, low_latency_mode=True, backend="cpu")
+    call = buf.prepare_low_latency_dispatch(1, 2, k=3)
+    assert call.func == buf.low_latency_dispatch and call.args == (1, 2) and call.keywords == {"k": 3}
+    buf.destroy()

@@ -162,6 +162,18 @@ def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8):
     _run(4, body)
 
 
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_prepared_calls_repeat_exactly(use_fp8):
+    """prepare_low_latency_dispatch / _combine: 40 pairs on the same arrays with fresh contents; every call after
+    the first replays its plan onto the caller's stream (checked), every result exact."""
+
+    def body(buf, g):
+        ll_scenarios.run_graph_replays(buf, g, 40, use_fp8=use_fp8, graph=False, prepared=True)
+        assert buf._ll_replays == 2 * 40 and buf._ll_direct == buf._ll_replays, (buf._ll_replays, buf._ll_direct)
+
+    _run(4, body)
+
+
 def test_bad_inputs_keep_buffer_usable():
     _run(2, ll_scenarios.run_ll_bad_inputs)
 

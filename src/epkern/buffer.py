@@ -7,6 +7,8 @@ operation on the numpy reference across the group's ranks (arrays are numpy); ``
 
 from __future__ import annotations
 
+import functools
+
 from . import _cuda, _env
 from .errors import ArgumentError
 
@@ -69,3 +71,11 @@ class Buffer:
 
     def destroy(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    # A callable repeating one LL call with the same arguments (the GPU backend replays its validated launch:
+    # ll_prepared.py); here, the call itself.
+    def prepare_low_latency_dispatch(self, *args, **kwargs):
+        return functools.partial(self.low_latency_dispatch, *args, **kwargs)
+
+    def prepare_low_latency_combine(self, *args, **kwargs):
+        return functools.partial(self.low_latency_combine, *args, **kwargs)

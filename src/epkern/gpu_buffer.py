@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import _env, ht_intranode, kernel_loader, ll_intranode
+from . import _env, ht_intranode, kernel_loader, ll_intranode, ll_prepared
 from ._validate import check_int
 from .buffer import Buffer, EventHandle
 from .config import CTRL_BYTES, Config
@@ -384,6 +384,8 @@ class GpuBuffer(Buffer):
     low_latency_update_mask_buffer = ll_intranode.low_latency_update_mask_buffer
     low_latency_query_mask_buffer = ll_intranode.low_latency_query_mask_buffer
     low_latency_clean_mask_buffer = ll_intranode.low_latency_clean_mask_buffer
+    prepare_low_latency_dispatch = ll_prepared.prepare_low_latency_dispatch
+    prepare_low_latency_combine = ll_prepared.prepare_low_latency_combine
 
     def get_low_latency_rdma_size_hint(self, num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
         from . import reference

@@ -48,6 +48,8 @@ class CallPlans:
     def __init__(self, size: int = 2):
         self.size = size
         self._plans: OrderedDict = OrderedDict()
+        self.last_put: Plan | None = None  # the plan of the latest put (ll_prepared.py reads it)
+        self.generation = 0  # advanced by clear(): plans held outside (prepared calls) are stale then
 
     def get(self, key, shapes) -> Plan | None:
         plan = self._plans.get(key)
@@ -57,6 +59,7 @@ class CallPlans:
         return plan
 
     def put(self, key, plan: Plan) -> None:
+        self.last_put = plan
         self._plans[key] = plan
         self._plans.move_to_end(key)
         while len(self._plans) > self.size:
@@ -64,6 +67,8 @@ class CallPlans:
 
     def clear(self) -> None:
         self._plans.clear()
+        self.last_put = None
+        self.generation += 1
 
     def __len__(self) -> int:
         return len(self._plans)
