@@ -15,8 +15,16 @@
 // that gave each (expert, source) pair its own warps, each waiting for all R counts (R^2 waiters per expert),
 // was 13x slower on 8 ranks sharing an H200 (docs/performance.md) and is gone.
 //
+// Pulled variant (EPK_LL_PULL, EPKERN_LL_DISPATCH_PULL=1): the send phase only stages each message once and
+// lists, per expert, the tokens in slot order (int32 [E][num_max] at the start of this rank's receive region,
+// which the pulled dispatch does not otherwise use); the count signal is the same. The receiver reads each
+// row straight from the sender's staging slot (through the peer's route) into recv_x: one remote read per row
+// instead of a put into a receive slot and a read back (18 row transfers per token against 27, floor 9).
+// The staging and the list stay untouched until every rank has run this call's receive: their set is next
+// written two calls later, as for the receive slots.
+//
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
-// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS.
+// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -33,6 +41,10 @@ constexpr int kPayloadBytes = kFp8 ? kHidden + kScaleBytes : 2 * kHidden;
 constexpr int kMsgBytes = (16 + kPayloadBytes + 15) / 16 * 16;  // bytes actually sent
 constexpr int kSlotBytes = 16 + 2 * kHidden;                    // slot stride (fits every message kind)
 constexpr int kCopyInFlight = 3;                                // 16-byte loads per lane before their stores
+#ifndef EPK_LL_PULL
+#define EPK_LL_PULL 0
+#endif
+constexpr bool kPull = EPK_LL_PULL != 0;
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(!kUe8m0 || (kFp8 && kRoundScale && kHidden % 512 == 0), "UE8M0 needs FP8, round_scale, H % 512");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
@@ -145,6 +157,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
 
   if (phase & ll::kSend) {
     char *const staging = mine + set_base + send_off;
+    int *const token_list = reinterpret_cast<int *>(mine + set_base + recv_off);  // pulled: [E][num_max]
     int *const slot_ctr = state + ll::kStateSlot;
     int *const done_ctr = state + ll::kStateDone;
     // 1. Warp per token: message once, then one put to all its selections' owners' slots.
@@ -167,15 +180,24 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
           const int slot = atomicAdd(slot_ctr + g, 1);
           if (slot < num_max) {
             active = true;
-            off = set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
+            if constexpr (kPull)
+              off = static_cast<long long>(slot) << 32;  // only the slot is needed (the list entry)
+            else
+              off = set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
           } else {
             report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, slot, num_max);
           }
         }
       }
       const bool counted = g >= 0 && g < num_experts && !s_mask[d];  // counted by its expert's count warp
-      const unsigned unsupported = route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane);
-      if (unsupported >> lane & 1u) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+      if constexpr (kPull) {
+        // The owner reads the staged message itself; the list tells it which (slot order).
+        if (active) token_list[g * num_max + (off >> 32)] = t;
+      } else {
+        const unsigned unsupported = route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane);
+        if (unsupported >> lane & 1u)
+          report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+      }
       __syncwarp();
       // Release (GPU scope) after the warp's stores; the expert's count warp acquires it.
       if (counted) atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(done_ctr + g), 1u);
@@ -241,7 +263,25 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         int s = 0;
         while (s_begin[s + 1] <= j) ++s;  // the source whose rows hold j (at most R steps)
         const int i = j - s_begin[s];
-        const char *msg = recv + (static_cast<long long>(e * kRanks + s) * num_max + i) * kSlotBytes;
+        const char *msg;
+        if constexpr (kPull) {
+          // Source s listed its tokens for expert (rank, e) in slot order; the row is its staged message.
+          const char *peer = route_peer_ptr(s_route[s], set_base);
+          if (peer == nullptr) {
+            if (lane == 0) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+            continue;
+          }
+          const int *list = reinterpret_cast<const int *>(peer + recv_off);
+          int t = lane == 0 ? ll::ld_cg(list + (static_cast<long long>(rank) * e_loc + e) * num_max + i) : 0;
+          t = __shfl_sync(0xffffffffu, t, 0);
+          if (t < 0 || t >= num_max) {  // cannot happen unless the list is corrupt: refuse rather than fault
+            if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, s, t, num_max);
+            continue;
+          }
+          msg = peer + send_off + static_cast<long long>(t) * kSlotBytes;
+        } else {
+          msg = recv + (static_cast<long long>(e * kRanks + s) * num_max + i) * kSlotBytes;
+        }
         unpack_message(msg, static_cast<long long>(e) * rows + j, e, rows, out_x, out_scales, out_src, lane);
       }
       __syncthreads();  // s_begin is the next expert's

@@ -2,7 +2,8 @@
 //
 // The LL kernels touch a peer's LL area only through the functions below, at exactly four send sites:
 // dispatch data (route_put_warp_lanes: one message to all its selections), dispatch count (route_signal),
-// combine data (route_put_warp) and combine flag (route_signal). Offsets are relative to the peer's LL area base, which
+// combine data (route_put_warp) and combine flag (route_signal); and one read site, the pulled dispatch's
+// reads of a peer's staged messages (route_peer_ptr). Offsets are relative to the peer's LL area base, which
 // is what an RDMA route needs too (remote address = peer's registered LL base + offset), so PROXY (host FIFO) and RDMA
 // (GPU-written WQEs) routes are added here, as new `case`s, without touching the kernels.
 //
@@ -97,6 +98,13 @@ EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off
     }
   }
   return unsupported;
+}
+
+// A pointer through which this GPU reads the peer's LL area at `off` (the pulled dispatch reads staged messages
+// and token lists with it), or nullptr when the route kind gives no load path (an RDMA route would read into a
+// local bounce buffer instead). Reads through it must bypass L1 (ll::ld_cg): the peer wrote the data.
+EPK_DEVICE const char *route_peer_ptr(const Route &r, long long off) {
+  return r.kind == kRouteIpc ? r.base + off : nullptr;
 }
 
 // One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so

@@ -56,6 +56,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "and a launch onto the caller's stream replays a one-kernel CUDA graph captured once; 0: every call "
         "validated (ll_plans.py)",
     ),
+    "EPKERN_LL_DISPATCH_PULL": (
+        "0",
+        "LL dispatch: 1 = receivers pull each row from the sender's staged message (one remote read, no put "
+        "into receive slots); 0 = senders put every message into the owners' receive slots. Compiled in",
+    ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
         "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
@@ -225,6 +230,10 @@ def _zero_or_one(name: str) -> int:
 
 def ll_combine_split() -> int:
     return _int_choice("EPKERN_LL_COMBINE_SPLIT", range(1, 9), "an integer in 1..8")
+
+
+def ll_dispatch_pull() -> int:
+    return _zero_or_one("EPKERN_LL_DISPATCH_PULL")
 
 
 def ll_fast_host() -> int:

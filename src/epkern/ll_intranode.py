@@ -168,6 +168,7 @@ def init_low_latency(self) -> None:
         sleep_ns = 200 if self.ranks_per_gpu > 1 else 0
     self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": sleep_ns, "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
     self._ll_combine_split = _env.ll_combine_split()
+    self._ll_dispatch_pull = _env.ll_dispatch_pull()
 
 
 def capturing(stream) -> bool:
@@ -400,6 +401,7 @@ def low_latency_dispatch(
         "EPK_ROUND_SCALE": int(round_scale),
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
+        "EPK_LL_PULL": self._ll_dispatch_pull,
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
