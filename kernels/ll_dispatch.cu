@@ -42,7 +42,7 @@ constexpr int kMsgBytes = (16 + kPayloadBytes + 15) / 16 * 16;  // bytes actuall
 constexpr int kSlotBytes = 16 + 2 * kHidden;                    // slot stride (fits every message kind)
 constexpr int kCopyInFlight = 3;                                // 16-byte loads per lane before their stores
 #ifndef EPK_LL_PULL
-#define EPK_LL_PULL 0
+#define EPK_LL_PULL 1
 #endif
 constexpr bool kPull = EPK_LL_PULL != 0;
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");

@@ -116,7 +116,7 @@ SPECIMENS = {
         ),
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), EPK_POLL_SLEEP_NS=100, EPK_POLL_RELAXED=1),
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 1, 1, 1), (1, 128, 32, 0, 0, 0)),
-        # the pulled dispatch (EPKERN_LL_DISPATCH_PULL=1): BF16, FP8, UE8M0 and the extremes
+        # the pushed dispatch (EPKERN_LL_DISPATCH_PULL=0; the rows above compile the default, pulled one)
         *_specimens(
             LL_DISPATCH_KEYS,
             (8, 7168, 8, 0, 0, 0),
@@ -124,7 +124,7 @@ SPECIMENS = {
             (4, 4096, 16, 1, 1, 1),
             (32, 384, 1, 0, 0, 0),
             (1, 128, 32, 1, 1, 0),
-            EPK_LL_PULL=1,
+            EPK_LL_PULL=0,
             EPK_POLL_SLEEP_NS=200,
             EPK_POLL_RELAXED=1,
         ),
