@@ -54,42 +54,74 @@ static_assert(kThreads % 32 == 0, "whole warps");
 
 using namespace epk;
 
-// Message of token t into `msg` (the local staging slot), by one warp.
-__device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int t, char *msg, int lane) {
-  if (lane == 0) *reinterpret_cast<int4 *>(msg) = make_int4(t, 0, 0, 0);
+// One 128-channel group of the FP8 message by a half-warp (hl = lane in the half): amax over the 16 lanes, the
+// scale (a power of two with round_scale), the e4m3 bytes and the scale (float32, or the UE8M0 byte).
+__device__ __forceinline__ void convert_group(int4 raw, int g, bool active, char *msg, int hl) {
+  float f[8];
+  epk::unpack_bf16x8(raw, f);
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(f[j]));
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  amax = fmaxf(amax, 1e-4f);
+  float scale = __fdiv_rn(amax, 448.f);
+  if constexpr (kRoundScale) scale = ll::pow2_ceil(scale);
+  if (active) {
+    uint32_t q[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q[j] = ll::cvt_e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
+    *reinterpret_cast<uint2 *>(msg + 16 + g * 128 + hl * 8) = make_uint2(q[0] | (q[1] << 16), q[2] | (q[3] << 16));
+    if (hl == 0) {
+      if constexpr (kUe8m0)
+        reinterpret_cast<uint8_t *>(msg + 16 + kHidden)[g] = static_cast<uint8_t>(__float_as_uint(scale) >> 23);
+      else
+        reinterpret_cast<float *>(msg + 16 + kHidden)[g] = scale;
+    }
+  }
+}
+
+// Part `part` of `parts` of the message of token t into `msg` (the local staging slot), by one warp: the header
+// (part 0) and a contiguous share of the row (BF16 vectors, or FP8 group pairs).
+__device__ __forceinline__ void build_message(const int4 *__restrict__ xrow, int t, char *msg, int lane, int part,
+                                              int parts) {
+  if (lane == 0 && part == 0) *reinterpret_cast<int4 *>(msg) = make_int4(t, 0, 0, 0);
   if constexpr (!kFp8) {
-    ll::warp_copy_v4<kCopyInFlight>(reinterpret_cast<int4 *>(msg + 16), xrow, kHidden / 8, lane,
+    constexpr int n = kHidden / 8;
+    const int lo = n * part / parts, hi = n * (part + 1) / parts;
+    ll::warp_copy_v4<kCopyInFlight>(reinterpret_cast<int4 *>(msg + 16) + lo, xrow + lo, hi - lo, lane,
                                     [](const int4 *p) { return epk::ld_nc_v4(p); });
   } else {
-    // Half-warp per 128-channel group: lane holds 8 channels (one int4 of BF16); amax over 16 lanes.
+    // Half-warp per 128-channel group: lane holds 8 channels (one int4 of BF16); amax over 16 lanes. The loads of
+    // kGroupsInFlight groups are issued before any is converted: one load at a time left the send phase a chain
+    // of 28 DRAM round trips per token at H 7168 (90 us for the FP8 send phase on 8 ranks of an H200).
+    constexpr int kPairs = (kGroups + 1) / 2;  // iterations of the two half-warps
+    constexpr int kGroupsInFlight = 4;
     const int half = lane >> 4, hl = lane & 15;
-    for (int c = 0; c < (kGroups + 1) / 2; ++c) {
-      const int g = 2 * c + half;
-      const bool active = g < kGroups;
-      float f[8];
-      epk::unpack_bf16x8(active ? epk::ld_nc_v4(xrow + g * 16 + hl) : make_int4(0, 0, 0, 0), f);
-      float amax = 0.f;
+    const int lo = kPairs * part / parts, hi = kPairs * (part + 1) / parts;
+    for (int c0 = lo; c0 < hi; c0 += kGroupsInFlight) {
+      int4 raw[kGroupsInFlight];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(f[j]));
+      for (int u = 0; u < kGroupsInFlight; ++u) {
+        const int g = 2 * (c0 + u) + half;
+        raw[u] = c0 + u < hi && g < kGroups ? epk::ld_nc_v4(xrow + g * 16 + hl) : make_int4(0, 0, 0, 0);
+      }
 #pragma unroll
-      for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      amax = fmaxf(amax, 1e-4f);
-      float scale = __fdiv_rn(amax, 448.f);
-      if constexpr (kRoundScale) scale = ll::pow2_ceil(scale);
-      if (active) {
-        uint32_t q[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) q[j] = ll::cvt_e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
-        *reinterpret_cast<uint2 *>(msg + 16 + g * 128 + hl * 8) = make_uint2(q[0] | (q[1] << 16), q[2] | (q[3] << 16));
-        if (hl == 0) {
-          if constexpr (kUe8m0)
-            reinterpret_cast<uint8_t *>(msg + 16 + kHidden)[g] = static_cast<uint8_t>(__float_as_uint(scale) >> 23);
-          else
-            reinterpret_cast<float *>(msg + 16 + kHidden)[g] = scale;
-        }
+      for (int u = 0; u < kGroupsInFlight; ++u) {
+        if (c0 + u >= hi) break;  // warp-uniform: both half-warps run the same iterations
+        const int g = 2 * (c0 + u) + half;
+        const bool active = g < kGroups;
+        convert_group(raw[u], g, active, msg, hl);
       }
     }
   }
+}
+
+// Warps per token in the send phase: 1 pushed (each warp's put reads its whole message); pulled, up to 4 when
+// warps outnumber tokens (128 tokens left half of a rank's 256 warps idle).
+__device__ __forceinline__ int send_parts(int num_tokens, int num_warps) {
+  if constexpr (!kPull) return 1;
+  return num_tokens > 0 ? max(1, min(4, num_warps / num_tokens)) : 1;
 }
 
 // Lane l < R of an unmasked source l waits for l's count of local expert e (the call's tag); returns the count,
@@ -160,10 +192,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     int *const token_list = reinterpret_cast<int *>(mine + set_base + recv_off);  // pulled: [E][num_max]
     int *const slot_ctr = state + ll::kStateSlot;
     int *const done_ctr = state + ll::kStateDone;
-    // 1. Warp per token: message once, then one put to all its selections' owners' slots.
-    for (int t = gw; t < num_tokens; t += num_warps) {
+    // 1. Warp per token: message once, then one put to all its selections' owners' slots. Pulled, idle warps
+    // share the tokens' rows: `parts` warps per token (each counts every selection as done once its share is
+    // written; part 0 claims the slots), so the expert's count warp waits for cnt * parts.
+    const int parts = send_parts(num_tokens, num_warps);
+    for (int item = gw; item < num_tokens * parts; item += num_warps) {
+      const int t = item / parts, part = item - t * parts;
       char *msg = staging + static_cast<long long>(t) * kSlotBytes;
-      build_message(x + static_cast<long long>(t) * (kHidden / 8), t, msg, lane);
+      build_message(x + static_cast<long long>(t) * (kHidden / 8), t, msg, lane, part, parts);
       __syncwarp();  // the whole message is written (and visible to every lane) before any put reads it
       // Lane k < kTopk takes selection k: checks it, claims its slot in the owner's block, and is destination k
       // of one put that reads the message once for all selections.
@@ -176,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       } else if (g >= 0) {
         d = static_cast<int>(g) / e_loc;
         const int e = static_cast<int>(g) % e_loc;
-        if (!s_mask[d]) {
+        if (!s_mask[d] && part == 0) {
           const int slot = atomicAdd(slot_ctr + g, 1);
           if (slot < num_max) {
             active = true;
@@ -210,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
       cnt = ll::warp_sum(cnt);
       if (lane == 0) {
-        ll::wait_local(done_ctr + g, cnt, deadline, ll::kPhaseLocalSends, d);
+        ll::wait_local(done_ctr + g, cnt * parts, deadline, ll::kPhaseLocalSends, d);
         const long long off = set_base + 4LL * (e * kRanks + rank);
         if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
           report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
