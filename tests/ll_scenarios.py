@@ -536,9 +536,11 @@ def run_absent_rank(buf, group, absent_rank, num_tokens=48, hidden=2048, topk=4,
         raise AssertionError("dispatch with an absent peer did not raise")
     mask = cupy.asnumpy(buf.low_latency_query_mask_buffer())
     assert mask.tolist() == [int(s == absent_rank) for s in range(R)], mask
-    # State at the start of the post-mask calls (pytest shows it only when the test fails; see
-    # docs/architecture.md, Known problems).
-    print(f"DIAG rank {r} after masking (took {took:.2f} s): {ll_signal_dump(buf, E)}", flush=True)
+    # Host state at the start of the post-mask calls (pytest shows it only when the test fails; see
+    # docs/architecture.md, Known problems). No device dump here: a device-wide sync in one in-process rank
+    # would wait for the peers' kernels that already spin for this rank's next call.
+    rec = [int(v) for v in buf.error_record[:7]]
+    print(f"DIAG rank {r} after masking (took {took:.2f} s): sends={buf._ll_sends} error_record={rec}", flush=True)
     # Raised once: the Buffer works on, exactly, without the absent rank (its experts contribute nothing).
     # The survivors meet through the device protocol only (no group collective: the absent rank is gone).
     for it in range(3):
