@@ -19,6 +19,14 @@ HT_COMBINE_KEYS = (
     "EPK_LOADS_FIRST",
 )
 LL_DISPATCH_KEYS = ("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_USE_FP8", "EPK_ROUND_SCALE", "EPK_USE_UE8M0")
+# (ranks, hidden, top-k, FP8, round_scale, UE8M0)
+LL_DISPATCH_SHAPES = (
+    (8, 7168, 8, 1, 0, 0),
+    (8, 7168, 8, 0, 0, 0),
+    (4, 4096, 16, 1, 1, 1),
+    (1, 128, 32, 1, 1, 0),
+    (32, 384, 1, 0, 0, 0),
+)
 
 
 def _specimens(keys, *rows, **extra):
@@ -104,30 +112,13 @@ SPECIMENS = {
             EPK_THREADS=32,
         ),
     ],
-    # LL: typical DeepEP shapes (BF16 / FP8 / UE8M0), and the extremes (1 rank, H=128, top-32, 32 ranks).
+    # LL: typical DeepEP shapes (BF16 / FP8 / UE8M0), and the extremes (1 rank, H=128, top-32, 32 ranks), as the
+    # default (pulled) dispatch and as the pushed one (EPKERN_LL_DISPATCH_PULL=0).
     "ll_dispatch.cu": [
-        *_specimens(
-            LL_DISPATCH_KEYS,
-            (8, 7168, 8, 1, 0, 0),
-            (8, 7168, 8, 0, 0, 0),
-            (4, 4096, 16, 1, 1, 1),
-            (1, 128, 32, 1, 1, 0),
-            (32, 384, 1, 0, 0, 0),
-        ),
+        *_specimens(LL_DISPATCH_KEYS, *LL_DISPATCH_SHAPES),
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), EPK_POLL_SLEEP_NS=100, EPK_POLL_RELAXED=1),
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 1, 1, 1), (1, 128, 32, 0, 0, 0)),
-        # the pushed dispatch (EPKERN_LL_DISPATCH_PULL=0; the rows above compile the default, pulled one)
-        *_specimens(
-            LL_DISPATCH_KEYS,
-            (8, 7168, 8, 0, 0, 0),
-            (8, 7168, 8, 1, 0, 0),
-            (4, 4096, 16, 1, 1, 1),
-            (32, 384, 1, 0, 0, 0),
-            (1, 128, 32, 1, 1, 0),
-            EPK_LL_PULL=0,
-            EPK_POLL_SLEEP_NS=200,
-            EPK_POLL_RELAXED=1,
-        ),
+        *_specimens(LL_DISPATCH_KEYS, *LL_DISPATCH_SHAPES, EPK_LL_PULL=0, EPK_POLL_SLEEP_NS=200, EPK_POLL_RELAXED=1),
     ],
     "ll_combine.cu": [
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),

@@ -37,21 +37,6 @@ class _Prepared:
         self.plan, self.generation = plans.last_put, plans.generation
         return result
 
-
-class PreparedDispatch(_Prepared):
-    def __call__(self):
-        from .ll_intranode import GpuLLHandle, _replay
-
-        buf, plan = self.buf, self.plan
-        buf._check_usable()
-        if plan is None or self.generation != buf._ll_plans.generation or plan.shapes != _shapes(self.inputs):
-            return self._validated()
-        event, hook = _replay(buf, plan, self.async_finish, self.hook, self.refs)
-        out, recv_count, handle_fields = plan.result
-        return out, recv_count, GpuLLHandle(*handle_fields), event, hook
-
-
-class PreparedCombine(_Prepared):
     def __call__(self):
         from .ll_intranode import _replay
 
@@ -60,6 +45,21 @@ class PreparedCombine(_Prepared):
         if plan is None or self.generation != buf._ll_plans.generation or plan.shapes != _shapes(self.inputs):
             return self._validated()
         event, hook = _replay(buf, plan, self.async_finish, self.hook, self.refs)
+        return self._result(plan, event, hook)
+
+
+class PreparedDispatch(_Prepared):
+    @staticmethod
+    def _result(plan, event, hook):
+        from .ll_intranode import GpuLLHandle
+
+        out, recv_count, handle_fields = plan.result
+        return out, recv_count, GpuLLHandle(*handle_fields), event, hook
+
+
+class PreparedCombine(_Prepared):
+    @staticmethod
+    def _result(plan, event, hook):
         return plan.result, event, hook
 
 
