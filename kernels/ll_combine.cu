@@ -12,7 +12,16 @@
 // flag. The receive phase is a warp per token, or up to EPK_LL_COMBINE_SPLIT warps per token when warps
 // outnumber tokens.
 //
-// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_SPLIT.
+// Pulled variant (EPK_LL_COMBINE_PULL, zero-copy combines with EPKERN_LL_COMBINE_PULL=1): the expert outputs already
+// lie in each owner's LL area (the send region of this call's set), so the owner sends only where each row is:
+// for every row of (local expert e, source s) the 4-byte row index into s's table row_of[g][t] (int32 [E][num_max]
+// at the start of s's receive region, unused otherwise in a pulled combine), then the flag; the source reads
+// each selected row straight from the owner's buffer. 1152 row transfers at 128 tokens, top-8 (the floor's
+// count) against 3200 pushed. The owner's buffer is next written two calls later, after every rank has run
+// this call's receive (the rule the two sets rely on).
+//
+// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_SPLIT,
+// EPK_LL_COMBINE_PULL (0 / 1).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -27,6 +36,10 @@ constexpr int kRowBytes = 2 * kHidden;
 #endif
 constexpr int kSplit = EPK_LL_COMBINE_SPLIT;  // EPKERN_LL_COMBINE_SPLIT: most warps reducing one token
 static_assert(kSplit >= 1 && kSplit <= 8, "combine split in 1..8");
+#ifndef EPK_LL_COMBINE_PULL
+#define EPK_LL_COMBINE_PULL 0
+#endif
+constexpr bool kPull = EPK_LL_COMBINE_PULL != 0;
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
 static_assert(kRanks >= 1 && kRanks <= 32, "LL kernels handle up to 32 ranks");
@@ -39,8 +52,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                    const int *__restrict__ src_info, const long long *__restrict__ layout,
                    const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, int num_tokens,
                    int4 *__restrict__ out, int num_experts, int num_max, const unsigned long long *__restrict__ peers,
-                   long long ll_off, long long set_stride, long long recv_off, int *state, long long *wait_stats,
-                   ErrorRecord *err, unsigned long long timeout_ns) {
+                   long long ll_off, long long set_stride, long long send_off, long long recv_off, int *state,
+                   long long *wait_stats, ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   const int tid = threadIdx.x, lane = tid & 31;
   const int gw = blockIdx.x * kWarps + tid / 32, num_warps = gridDim.x * kWarps;
@@ -74,16 +87,31 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         begin = 0;
       }
       const int g = rank * e_loc + e;
-      for (int i = sub; i < n; i += per) {
-        const long long row = static_cast<long long>(e) * rows + begin + i;
-        const int t = src_info[row];
-        if (t < 0 || t >= num_max) {
-          if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, t, num_max);
-          continue;
+      if constexpr (kPull) {
+        // A lane per row: the row's index in this owner's buffer, into the source's table at [g][t].
+        for (int i = sub * 32 + lane; i < n; i += per * 32) {
+          const long long row = static_cast<long long>(e) * rows + begin + i;
+          const int t = src_info[row];
+          if (t < 0 || t >= num_max) {
+            report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, t, num_max);
+            continue;
+          }
+          const long long off = set_base + recv_off + 4LL * (static_cast<long long>(g) * num_max + t);
+          if (!route_store_word(s_route[s], off, static_cast<int>(row)))
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
         }
-        const long long off = set_base + recv_off + (static_cast<long long>(g) * num_max + t) * kRowBytes;
-        if (!route_put_warp(s_route[s], off, x + row * kVecs, kRowBytes, lane) && lane == 0)
-          report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+      } else {
+        for (int i = sub; i < n; i += per) {
+          const long long row = static_cast<long long>(e) * rows + begin + i;
+          const int t = src_info[row];
+          if (t < 0 || t >= num_max) {
+            if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, t, num_max);
+            continue;
+          }
+          const long long off = set_base + recv_off + (static_cast<long long>(g) * num_max + t) * kRowBytes;
+          if (!route_put_warp(s_route[s], off, x + row * kVecs, kRowBytes, lane) && lane == 0)
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+        }
       }
       __syncwarp();
       if (lane == 0) {
@@ -132,12 +160,34 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         else
           my_g = -1;  // no selection, a masked owner, or out of range (dispatch skipped it too)
       }
+      // Pulled: the row of each selection in its owner's buffer, as the owner named it in row_of[g][t].
+      const int4 *my_row = nullptr;
+      if constexpr (kPull) {
+        if (my_g >= 0) {
+          const int row = ll::ld_cg(reinterpret_cast<const int *>(recv) + my_g * num_max + t);
+          const int d = static_cast<int>(my_g) / e_loc;
+          const char *peer = route_peer_ptr(s_route[d], set_base + send_off);
+          if (peer == nullptr) {
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+            my_g = -1;
+          } else if (row < 0 || row >= e_loc * kRanks * num_max) {
+            report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, d, row, e_loc * kRanks * num_max);
+            my_g = -1;
+          } else {
+            my_row = reinterpret_cast<const int4 *>(peer) + static_cast<long long>(row) * kVecs;
+          }
+        }
+      }
       int g_of[kTopk];
       float w_of[kTopk];
+      const int4 *row_of_k[kPull ? kTopk : 1];
 #pragma unroll
       for (int k = 0; k < kTopk; ++k) {
         g_of[k] = static_cast<int>(__shfl_sync(0xffffffffu, my_g, k));
         w_of[k] = __shfl_sync(0xffffffffu, my_w, k);
+        if constexpr (kPull)
+          row_of_k[k] =
+              reinterpret_cast<const int4 *>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_row), k));
       }
       for (int c = 32 * part + lane; c < kVecs; c += 32 * parts) {
         float acc[8];
@@ -147,7 +197,12 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < kTopk; ++k) {
           if (g_of[k] < 0) continue;
           float f[8];
-          epk::unpack_bf16x8(ll::ld_cg(recv + (static_cast<long long>(g_of[k]) * num_max + t) * kVecs + c), f);
+          const int4 *src_vec;
+          if constexpr (kPull)
+            src_vec = row_of_k[k] + c;
+          else
+            src_vec = recv + (static_cast<long long>(g_of[k]) * num_max + t) * kVecs + c;
+          epk::unpack_bf16x8(ll::ld_cg(src_vec), f);
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w_of[k], f[j]));
         }

@@ -2,8 +2,9 @@
 //
 // The LL kernels touch a peer's LL area only through the functions below, at exactly four send sites:
 // dispatch data (route_put_warp_lanes: one message to all its selections), dispatch count (route_signal),
-// combine data (route_put_warp) and combine flag (route_signal); and one read site, the pulled dispatch's
-// reads of a peer's staged messages (route_peer_ptr). Offsets are relative to the peer's LL area base, which
+// combine data (route_put_warp, or the pulled combine's row indices, route_store_word) and combine flag
+// (route_signal); and one read site, the pulled dispatch's and combine's reads of a peer's staged rows
+// (route_peer_ptr). Offsets are relative to the peer's LL area base, which
 // is what an RDMA route needs too (remote address = peer's registered LL base + offset), so PROXY (host FIFO) and RDMA
 // (GPU-written WQEs) routes are added here, as new `case`s, without touching the kernels.
 //
@@ -105,6 +106,20 @@ EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off
 // local bounce buffer instead). Reads through it must bypass L1 (ll::ld_cg): the peer wrote the data.
 EPK_DEVICE const char *route_peer_ptr(const Route &r, long long off) {
   return r.kind == kRouteIpc ? r.base + off : nullptr;
+}
+
+// One-thread store of a 4-byte word at the peer's LL area + `off` (the pulled combine's row indices), unordered
+// until the caller publishes it (as a put). False when the route kind is not implemented.
+EPK_DEVICE bool route_store_word(const Route &r, long long off, int value) {
+  switch (r.kind) {
+    case kRouteIpc:
+      *reinterpret_cast<int *>(r.base + off) = value;
+      return true;
+    case kRouteProxy:
+    case kRouteRdma:
+    default:
+      return false;
+  }
 }
 
 // One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so

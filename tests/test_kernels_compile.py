@@ -134,6 +134,19 @@ SPECIMENS = {
             EPK_LL_COMBINE_SPLIT=4,
             **CTRL,
         ),
+        # the pulled zero-copy combine (EPKERN_LL_COMBINE_PULL=1)
+        dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, EPK_LL_COMBINE_PULL=1, **CTRL),
+        dict(
+            EPK_NUM_RANKS=4,
+            EPK_HIDDEN=2048,
+            EPK_TOPK=4,
+            EPK_THREADS=512,
+            EPK_LL_COMBINE_PULL=1,
+            EPK_LL_COMBINE_SPLIT=4,
+            EPK_POLL_SLEEP_NS=200,
+            EPK_POLL_RELAXED=1,
+            **CTRL,
+        ),
     ],
 }
 

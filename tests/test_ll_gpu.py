@@ -119,6 +119,21 @@ def test_every_flag_combination():
     _run(4, body, timeout_s=900)
 
 
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_pulled_zero_copy_combine(monkeypatch, num_ranks):
+    """EPKERN_LL_COMBINE_PULL=1: zero-copy combines read the expert outputs from the owners' buffers; every flag
+    set with zero_copy (hooks, FP8 dispatch, preallocated outputs, async), exact."""
+    monkeypatch.setenv("EPKERN_LL_COMBINE_PULL", "1")
+
+    def body(buf, g):
+        assert buf._ll_combine_pull == 1
+        for f in _flag_sets():
+            if f["zero_copy"]:
+                ll_scenarios.run_ll_case(buf, g, 90, H, 8 * num_ranks, 8, **f)
+
+    _run(num_ranks, body, timeout_s=900)
+
+
 def test_many_iterations_fresh_inputs():
     def body(buf, g):
         base = ll_scenarios.shared_seed(g)

@@ -62,6 +62,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "into receive slots; BF16 dispatch 167 -> 106 us pipelined on 8 ranks of an H200); 0 = senders put "
         "every message into the owners' receive slots. Compiled in",
     ),
+    "EPKERN_LL_COMBINE_PULL": (
+        "0",
+        "LL combine with zero_copy=True: 1 = owners send only each row's index and the sources read the expert "
+        "outputs straight from the owners' buffers; 0 = owners put every row into the sources' slots. Written, "
+        "not yet run on a GPU. Compiled in",
+    ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
         "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
@@ -235,6 +241,10 @@ def ll_combine_split() -> int:
 
 def ll_dispatch_pull() -> int:
     return _zero_or_one("EPKERN_LL_DISPATCH_PULL")
+
+
+def ll_combine_pull() -> int:
+    return _zero_or_one("EPKERN_LL_COMBINE_PULL")
 
 
 def ll_fast_host() -> int:

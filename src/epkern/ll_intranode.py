@@ -169,6 +169,7 @@ def init_low_latency(self) -> None:
     self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": sleep_ns, "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
     self._ll_combine_split = _env.ll_combine_split()
     self._ll_dispatch_pull = _env.ll_dispatch_pull()
+    self._ll_combine_pull = _env.ll_combine_pull()
 
 
 def capturing(stream) -> bool:
@@ -616,6 +617,8 @@ def low_latency_combine(
         "EPK_TOPK": K,
         "EPK_THREADS": THREADS,
         "EPK_LL_COMBINE_SPLIT": self._ll_combine_split,
+        # Zero-copy outputs lie in the owners' LL areas: sources may read them there (EPKERN_LL_COMBINE_PULL).
+        "EPK_LL_COMBINE_PULL": int(bool(zero_copy) and self._ll_combine_pull),
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
@@ -640,6 +643,7 @@ def low_latency_combine(
             self.peer_table,
             np.int64(self.ll_offset),
             np.int64(stride),
+            np.int64(lay.send_off),
             np.int64(lay.recv_off),
             self.ll_state,
             _ptr(combine_wait_recv_cost_stats),
