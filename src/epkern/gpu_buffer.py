@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import _env, ht_intranode, kernel_loader, ll_intranode, ll_prepared
+from . import _env, ht_intranode, kernel_loader, ll_intranode, ll_masks, ll_prepared
 from ._validate import check_int
 from .buffer import Buffer, EventHandle
 from .config import CTRL_BYTES, Config
@@ -202,7 +202,7 @@ class GpuBuffer(Buffer):
         if rec[0] == 0:
             return
         if int(rec[3]) in ll_intranode.LL_RECOVERABLE_PHASES:
-            ll_intranode.raise_recoverable(self)  # a silent peer (masked) or bad indices: raise, stay usable
+            ll_masks.raise_recoverable(self)  # a silent peer (masked) or bad indices: raise, stay usable
         code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
         what = PHASES.get(phase, f"phase {phase}")
         if code == 1:
@@ -380,10 +380,10 @@ class GpuBuffer(Buffer):
     low_latency_dispatch = ll_intranode.low_latency_dispatch
     low_latency_combine = ll_intranode.low_latency_combine
     get_next_low_latency_combine_buffer = ll_intranode.get_next_low_latency_combine_buffer
-    clean_low_latency_buffer = ll_intranode.clean_low_latency_buffer
-    low_latency_update_mask_buffer = ll_intranode.low_latency_update_mask_buffer
-    low_latency_query_mask_buffer = ll_intranode.low_latency_query_mask_buffer
-    low_latency_clean_mask_buffer = ll_intranode.low_latency_clean_mask_buffer
+    clean_low_latency_buffer = ll_masks.clean_low_latency_buffer
+    low_latency_update_mask_buffer = ll_masks.low_latency_update_mask_buffer
+    low_latency_query_mask_buffer = ll_masks.low_latency_query_mask_buffer
+    low_latency_clean_mask_buffer = ll_masks.low_latency_clean_mask_buffer
     prepare_low_latency_dispatch = ll_prepared.prepare_low_latency_dispatch
     prepare_low_latency_combine = ll_prepared.prepare_low_latency_combine
 

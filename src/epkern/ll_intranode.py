@@ -4,8 +4,9 @@ Kernels: ``kernels/ll_dispatch.cu`` and ``kernels/ll_combine.cu`` (layout and pr
 ``kernels/ll_common.cuh``; the per-peer send sites in ``kernels/ll_route.cuh``).
 
 - LL area: ``num_rdma_bytes`` of the Buffer's symmetric region, at ``self.ll_offset`` (after the control
-  area and the HT heap). Two alternating buffer sets of ``set_stride`` bytes each; ``ll_layout`` gives the
-  offsets inside a set. The hot path allocates nothing when the ``out_*`` arrays are given.
+  area and the HT heap). Two alternating buffer sets of ``set_stride`` bytes each; ``ll_layout`` (ll_layout.py,
+  with the limits and the device-state words) gives the offsets inside a set. Masks, the buffer clean and the
+  raise-once path of a silent peer are in ll_masks.py. The hot path allocates nothing when the ``out_*`` arrays are given.
 - The set a call uses comes from a call counter in the Buffer's device state, advanced by the kernels
   themselves, so a captured dispatch + combine pair replays correctly in a CUDA graph. The host keeps only a
   count of the sending launches it issued, to tell a recv hook how many sends came after its own (``back``,
@@ -33,92 +34,39 @@ import numpy as np
 from . import _env, ll_plans
 from ._validate import as_device_array, check_array, check_int, check_num_experts
 from .buffer import EventHandle
-from .errors import ArgumentError, TimeoutError
+from .errors import ArgumentError
+from .ll_layout import (  # noqa: F401 - re-exported: the LL names tests and benchmarks know from here
+    LL_BAD_INDEX_PHASE,
+    LL_PHASES,
+    LL_RECOVERABLE_PHASES,
+    LL_TIMEOUT_PHASES,
+    MAX_EXPERTS,
+    MAX_NUM_MAX,
+    MAX_RANKS,
+    MAX_TOPK,
+    PHASE_RECV,
+    PHASE_SEND,
+    ROUTE_IPC,
+    ROUTE_NONE,
+    STATE_COUNTER,
+    STATE_DONE,
+    STATE_MASK,
+    STATE_MAX_RANKS,
+    STATE_PAIR,
+    STATE_ROUTE,
+    STATE_SLOT,
+    STATE_TICKET,
+    STATE_WORDS,
+    THREADS,
+    LLLayout,
+    ll_area_bytes,
+    ll_layout,
+    min_num_rdma_bytes,
+    set_stride_of,
+)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8_DTYPES = (np.uint8, np.dtype(ml_dtypes.float8_e4m3fn))
-
-# Limits of the kernels (kernels/ll_common.cuh, ll_dispatch.cu).
-MAX_NUM_MAX = 1024  # tokens per rank: the count field of a signal has 11 bits
-MAX_TOPK = 32
-MAX_EXPERTS = 8192
-MAX_RANKS = 32  # one lane per source rank in the receive phase
-THREADS = 512
-
-# Device state words (int32), mirrored from kernels/ll_common.cuh.
-STATE_MAX_RANKS = 1024
-STATE_COUNTER = 0
-STATE_TICKET = 1
-STATE_MASK = 64
-STATE_ROUTE = STATE_MASK + STATE_MAX_RANKS
-STATE_SLOT = STATE_ROUTE + STATE_MAX_RANKS
-STATE_DONE = STATE_SLOT + MAX_EXPERTS
-STATE_PAIR = STATE_DONE + MAX_EXPERTS
-STATE_WORDS = STATE_PAIR + MAX_EXPERTS
-ROUTE_NONE, ROUTE_IPC = 0, 1
-
-PHASE_SEND, PHASE_RECV = 1, 2
-
-# Error-record phases of the LL kernels (added to gpu_buffer.PHASES).
-LL_PHASES = {
-    7: "low-latency dispatch (waiting for a peer's token count)",
-    8: "low-latency dispatch (waiting for this rank's own sends to finish)",
-    9: "low-latency combine (waiting for a peer's expert outputs)",
-    10: "low-latency dispatch (a topk_idx entry outside [-1, num_experts))",
-    11: "low-latency combine (the handle's layout_range / src_info is out of range)",
-    12: "low-latency (no implemented route to a peer)",
-    13: "low-latency dispatch (an expert selected more than num_max_dispatch_tokens_per_rank times)",
-}
-LL_TIMEOUT_PHASES = frozenset({7, 9})  # a silent peer: raise once, mask it, stay usable
-LL_BAD_INDEX_PHASE = 10  # bad topk_idx values: raise ArgumentError, stay usable (the kernel skipped them)
-LL_RECOVERABLE_PHASES = LL_TIMEOUT_PHASES | {LL_BAD_INDEX_PHASE}
-
-
-def _align(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
-@dataclass(frozen=True)
-class LLLayout:
-    """Offsets inside one LL buffer set (bytes; kernels/ll_common.cuh). ``per_set`` is what one set needs."""
-
-    num_max: int
-    hidden: int
-    num_experts: int
-    signal_bytes: int
-    send_off: int
-    recv_off: int
-    per_set: int
-
-    @property
-    def slot_bytes(self) -> int:  # dispatch message slot: 16-byte header + the BF16 row (FP8 fits too)
-        return 16 + 2 * self.hidden
-
-
-def ll_layout(num_max: int, hidden: int, num_experts: int) -> LLLayout:
-    """Signals (4·E bytes), send region (dispatch staging num_max · (16 + 2H), or the zero-copy combine
-    buffer E · num_max · 2H), receive region (E · num_max · (16 + 2H): dispatch slots; combine slots of 2H
-    fit). Each region 16-byte aligned. Never more than half of ``get_low_latency_rdma_size_hint``."""
-    slot = 16 + 2 * hidden
-    signal = _align(4 * num_experts, 16)
-    send = _align(max(num_max * slot, num_experts * num_max * 2 * hidden), 16)
-    recv = _align(num_experts * num_max * slot, 16)
-    return LLLayout(num_max, hidden, num_experts, signal, signal, signal + send, signal + send + recv)
-
-
-def ll_area_bytes(num_rdma_bytes: int, low_latency_mode: bool) -> int:
-    """Bytes of the LL area in the symmetric region (0: no LL area)."""
-    return _align(num_rdma_bytes, 256) if (low_latency_mode or num_rdma_bytes > 0) else 0
-
-
-def set_stride_of(ll_bytes: int) -> int:
-    """Bytes per buffer set for an LL area of ``ll_bytes`` (two sets, each 16-byte aligned)."""
-    return ll_bytes // 2 // 16 * 16
-
-
-def min_num_rdma_bytes(num_max: int, hidden: int, num_experts: int) -> int:
-    """The smallest ``num_rdma_bytes`` that holds both sets for these sizes."""
-    return 2 * ll_layout(num_max, hidden, num_experts).per_set
 
 
 @dataclass(eq=False)
@@ -693,82 +641,3 @@ def get_next_low_latency_combine_buffer(self, handle):
         raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
     handle.combine_buffer = _combine_buffer(self, handle)
     return handle.combine_buffer
-
-
-def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
-    """Zero the LL area and the call counters on every rank (collective). Not needed between calls (signals
-    carry the call's tag); use it after a failure or to bring a masked rank back (then unmask it)."""
-    import cupy
-
-    self._check_usable()
-    num_max, num_experts = _check_common(self, num_max_dispatch_tokens_per_rank, num_experts)
-    hidden = check_int(hidden, "hidden", min_value=128)
-    if hidden % 128:
-        raise ArgumentError(f"hidden: expected a multiple of 128, got {hidden}")
-    _plan(self, num_max, hidden, num_experts)
-    with self.on_comm_stream():
-        self.comm_stream.synchronize()
-        self.group.barrier()  # no peer still writes into our area
-        if self.ll_bytes:
-            cupy.cuda.runtime.memsetAsync(self.region.ptr + self.ll_offset, 0, self.ll_bytes, self.comm_stream.ptr)
-        self.ll_state[STATE_COUNTER:STATE_MASK] = 0
-        self.ll_state[STATE_SLOT:STATE_WORDS] = 0
-        self.comm_stream.synchronize()
-        self.group.barrier()  # every rank restarts from call 0 together
-    self._ll_sends = 0
-    self._ll_plans.clear()
-
-
-def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
-    """Mask (``mask=True``) or unmask a rank: LL calls skip a masked rank at every send and wait."""
-    self._check_usable()
-    r = check_int(rank_to_mask, "rank_to_mask", min_value=0, max_value=self.num_ranks - 1)
-    with self.on_comm_stream():
-        self.ll_state[STATE_MASK + r] = 1 if mask else 0
-
-
-def low_latency_query_mask_buffer(self, mask_status=None):
-    """int32 [R]: 1 where a rank is masked. Written into ``mask_status`` (int32 [R] device array) if given."""
-    import cupy
-
-    self._check_usable()
-    R = self.num_ranks
-    if mask_status is not None:
-        mask_status = _check_out(mask_status, "mask_status", (np.int32,), (R,), self.device)
-    with self.on_comm_stream():
-        status = self.ll_state[STATE_MASK : STATE_MASK + R].copy()
-        if mask_status is not None:
-            mask_status[...] = status
-            status = mask_status
-    cupy.cuda.get_current_stream().wait_event(self.comm_stream.record())
-    return status
-
-
-def low_latency_clean_mask_buffer(self):
-    """Unmask every rank."""
-    self._check_usable()
-    with self.on_comm_stream():
-        self.ll_state[STATE_MASK : STATE_MASK + self.num_ranks] = 0
-
-
-def raise_recoverable(self) -> None:
-    """Called by GpuBuffer._raise_recorded for an LL error the Buffer survives: clear the record, mask the
-    silent peer (the kernel did too) and raise once."""
-    rec = self.error_record
-    code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
-    rec[1:7] = 0
-    rec[0] = 0  # released last: a later kernel may claim it again
-    what = LL_PHASES.get(phase, f"phase {phase}")
-    if phase == LL_BAD_INDEX_PHASE:
-        raise ArgumentError(
-            f"topk_idx: rank {rank}: entry {seen} outside [-1, {expected}) in an earlier low_latency_dispatch "
-            "(ignored by the kernel; that call's outputs lack those selections)"
-        )
-    if 0 <= peer < self.num_ranks:
-        with self.on_comm_stream():
-            self.ll_state[STATE_MASK + peer] = 1
-    raise TimeoutError(
-        f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s (tag seen {seen}, "
-        f"expected {expected}); peer {peer} is now masked (low_latency_query_mask_buffer) and this call's "
-        "outputs are not valid"
-    )

@@ -1,0 +1,88 @@
+"""Layout and limits of the low-latency (LL) kernels: the LL area inside the symmetric region, the device state
+words and the error-record phases (mirrored from kernels/ll_common.cuh and ll_dispatch.cu)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Limits of the kernels (kernels/ll_common.cuh, ll_dispatch.cu).
+MAX_NUM_MAX = 1024  # tokens per rank: the count field of a signal has 11 bits
+MAX_TOPK = 32
+MAX_EXPERTS = 8192
+MAX_RANKS = 32  # one lane per source rank in the receive phase
+THREADS = 512
+
+# Device state words (int32), mirrored from kernels/ll_common.cuh.
+STATE_MAX_RANKS = 1024
+STATE_COUNTER = 0
+STATE_TICKET = 1
+STATE_MASK = 64
+STATE_ROUTE = STATE_MASK + STATE_MAX_RANKS
+STATE_SLOT = STATE_ROUTE + STATE_MAX_RANKS
+STATE_DONE = STATE_SLOT + MAX_EXPERTS
+STATE_PAIR = STATE_DONE + MAX_EXPERTS
+STATE_WORDS = STATE_PAIR + MAX_EXPERTS
+ROUTE_NONE, ROUTE_IPC = 0, 1
+
+PHASE_SEND, PHASE_RECV = 1, 2
+
+# Error-record phases of the LL kernels (added to gpu_buffer.PHASES).
+LL_PHASES = {
+    7: "low-latency dispatch (waiting for a peer's token count)",
+    8: "low-latency dispatch (waiting for this rank's own sends to finish)",
+    9: "low-latency combine (waiting for a peer's expert outputs)",
+    10: "low-latency dispatch (a topk_idx entry outside [-1, num_experts))",
+    11: "low-latency combine (the handle's layout_range / src_info is out of range)",
+    12: "low-latency (no implemented route to a peer)",
+    13: "low-latency dispatch (an expert selected more than num_max_dispatch_tokens_per_rank times)",
+}
+LL_TIMEOUT_PHASES = frozenset({7, 9})  # a silent peer: raise once, mask it, stay usable
+LL_BAD_INDEX_PHASE = 10  # bad topk_idx values: raise ArgumentError, stay usable (the kernel skipped them)
+LL_RECOVERABLE_PHASES = LL_TIMEOUT_PHASES | {LL_BAD_INDEX_PHASE}
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class LLLayout:
+    """Offsets inside one LL buffer set (bytes; kernels/ll_common.cuh). ``per_set`` is what one set needs."""
+
+    num_max: int
+    hidden: int
+    num_experts: int
+    signal_bytes: int
+    send_off: int
+    recv_off: int
+    per_set: int
+
+    @property
+    def slot_bytes(self) -> int:  # dispatch message slot: 16-byte header + the BF16 row (FP8 fits too)
+        return 16 + 2 * self.hidden
+
+
+def ll_layout(num_max: int, hidden: int, num_experts: int) -> LLLayout:
+    """Signals (4·E bytes), send region (dispatch staging num_max · (16 + 2H), or the zero-copy combine
+    buffer E · num_max · 2H), receive region (E · num_max · (16 + 2H): dispatch slots; combine slots of 2H
+    fit). Each region 16-byte aligned. Never more than half of ``get_low_latency_rdma_size_hint``."""
+    slot = 16 + 2 * hidden
+    signal = _align(4 * num_experts, 16)
+    send = _align(max(num_max * slot, num_experts * num_max * 2 * hidden), 16)
+    recv = _align(num_experts * num_max * slot, 16)
+    return LLLayout(num_max, hidden, num_experts, signal, signal, signal + send, signal + send + recv)
+
+
+def ll_area_bytes(num_rdma_bytes: int, low_latency_mode: bool) -> int:
+    """Bytes of the LL area in the symmetric region (0: no LL area)."""
+    return _align(num_rdma_bytes, 256) if (low_latency_mode or num_rdma_bytes > 0) else 0
+
+
+def set_stride_of(ll_bytes: int) -> int:
+    """Bytes per buffer set for an LL area of ``ll_bytes`` (two sets, each 16-byte aligned)."""
+    return ll_bytes // 2 // 16 * 16
+
+
+def min_num_rdma_bytes(num_max: int, hidden: int, num_experts: int) -> int:
+    """The smallest ``num_rdma_bytes`` that holds both sets for these sizes."""
+    return 2 * ll_layout(num_max, hidden, num_experts).per_set
