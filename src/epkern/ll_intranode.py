@@ -6,7 +6,8 @@ Kernels: ``kernels/ll_dispatch.cu`` and ``kernels/ll_combine.cu`` (layout and pr
 - LL area: ``num_rdma_bytes`` of the Buffer's symmetric region, at ``self.ll_offset`` (after the control
   area and the HT heap). Two alternating buffer sets of ``set_stride`` bytes each; ``ll_layout`` (ll_layout.py,
   with the limits and the device-state words) gives the offsets inside a set. Masks, the buffer clean and the
-  raise-once path of a silent peer are in ll_masks.py. The hot path allocates nothing when the ``out_*`` arrays are given.
+  raise-once path of a silent peer are in ll_masks.py. The hot path allocates nothing when the ``out_*``
+  arrays are given.
 - The set a call uses comes from a call counter in the Buffer's device state, advanced by the kernels
   themselves, so a captured dispatch + combine pair replays correctly in a CUDA graph. The host keeps only a
   count of the sending launches it issued, to tell a recv hook how many sends came after its own (``back``,
