@@ -384,3 +384,17 @@ def test_prepared_ll_calls_on_the_cpu_backend_are_the_calls():
     call = buf.prepare_low_latency_dispatch(1, 2, k=3)
     assert call.func == buf.low_latency_dispatch and call.args == (1, 2) and call.keywords == {"k": 3}
     buf.destroy()
+
+
+def test_ll_double_batch_alternation_keeps_replaying(fake, monkeypatch):
+    """Two sets of arrays used in turn (a double-batch loop) keep four plans, so every call after the first
+    pair of each set replays."""
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    batches = [_ll_setup(), _ll_setup()]
+    for _ in range(3):
+        for x, idx, w, outs, y, out in batches:
+            handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
+            buf.low_latency_combine(y, idx, w, handle, out=out)
+    assert len(buf._ll_plans) == 4 and buf._ll_replays == 2 * 2 * 2  # rounds 2 and 3, both batches, both ops
+    buf.destroy()

@@ -1,12 +1,12 @@
-"""Replaying a validated LL call (EPKERN_LL_FAST_HOST=1 or 2, an experiment not yet run on a GPU).
+"""Replaying a validated LL call (EPKERN_LL_FAST_HOST=1, 2 or 3; 3 by default; run on an H200, docs/performance.md).
 
 A decode loop calls low_latency_dispatch / low_latency_combine with the same preallocated arrays every step.
-When a call's arrays (by identity, and x's / topk's shapes) and flags equal those of one of the last two
-validated calls of that op, the call only launches: the checks, the argument packing and the kernel lookup
-are the first call's. A plan holds strong references to its call's arrays, so their ids cannot be reused
-while it is kept (two plans per Buffer: a double-batch loop alternates two sets of arrays). Contents may
-change freely (the kernels check index ranges on the device); an array reshaped in place is seen by the
-shape check. Calls that allocate an output, and zero-copy combines (whose buffer alternates), never replay.
+When a call's arrays (by identity, and x's / topk's shapes) and flags equal those of one of the last four
+validated calls (two per op: a double-batch loop alternates two sets of arrays), the call only launches: the
+checks, the argument packing and the kernel lookup are the first call's. A plan holds strong references to its
+call's arrays, so their ids cannot be reused while it is kept. Contents may change freely (the kernels check
+index ranges on the device); an array reshaped in place is seen by the shape check. Calls that allocate an
+output, and zero-copy combines (whose buffer alternates), never replay.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def capture_launch(launch, phase: int):
 class CallPlans:
     """The last ``size`` validated calls, by key (the ids of the arrays and the flags)."""
 
-    def __init__(self, size: int = 2):
+    def __init__(self, size: int = 4):
         self.size = size
         self._plans: OrderedDict = OrderedDict()
         self.last_put: Plan | None = None  # the plan of the latest put (ll_prepared.py reads it)
