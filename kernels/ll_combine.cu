@@ -13,12 +13,12 @@
 // outnumber tokens.
 //
 // Pulled variant (EPK_LL_COMBINE_PULL, zero-copy combines with EPKERN_LL_COMBINE_PULL=1): the expert outputs already
-// lie in each owner's LL area (the send region of this call's set), so the owner sends only where each row is:
-// for every row of (local expert e, source s) the 4-byte row index into s's table row_of[g][t] (int32 [E][num_max]
-// at the start of s's receive region, unused otherwise in a pulled combine), then the flag; the source reads
-// each selected row straight from the owner's buffer. 1152 row transfers at 128 tokens, top-8 (the floor's
-// count) against 3200 pushed. The owner's buffer is next written two calls later, after every rank has run
-// this call's receive (the rule the two sets rely on).
+// lie in each owner's LL area (get_next_low_latency_combine_buffer), so the owner sends only where each row is:
+// for every row of (local expert e, source s) its offset in the owner's LL area (16-byte units) into s's table
+// row_of[g][t] (int32 [E][num_max] at the start of s's receive region, unused otherwise in a pulled combine),
+// then the flag; the source reads each selected row straight from the owner's buffer. 1152 row transfers at 128 tokens,
+// top-8 (the floor's count) against 3200 pushed. The owner's buffer is next written two calls later, after every rank
+// has run this call's receive (the rule the two sets rely on).
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_SPLIT,
 // EPK_LL_COMBINE_PULL (0 / 1).
@@ -52,8 +52,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                    const int *__restrict__ src_info, const long long *__restrict__ layout,
                    const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, int num_tokens,
                    int4 *__restrict__ out, int num_experts, int num_max, const unsigned long long *__restrict__ peers,
-                   long long ll_off, long long set_stride, long long send_off, long long recv_off, int *state,
-                   long long *wait_stats, ErrorRecord *err, unsigned long long timeout_ns) {
+                   long long ll_off, long long set_stride, long long recv_off, int *state, long long *wait_stats,
+                   ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   const int tid = threadIdx.x, lane = tid & 31;
   const int gw = blockIdx.x * kWarps + tid / 32, num_warps = gridDim.x * kWarps;
@@ -88,7 +88,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       }
       const int g = rank * e_loc + e;
       if constexpr (kPull) {
-        // A lane per row: the row's index in this owner's buffer, into the source's table at [g][t].
+        // A lane per row: where the row lies in this owner's LL area (in 16-byte units, so the source finds it
+        // whichever set the caller's buffer is in), into the source's table at [g][t].
+        const long long x_units = (reinterpret_cast<const char *>(x) - mine) / 16;
         for (int i = sub * 32 + lane; i < n; i += per * 32) {
           const long long row = static_cast<long long>(e) * rows + begin + i;
           const int t = src_info[row];
@@ -97,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             continue;
           }
           const long long off = set_base + recv_off + 4LL * (static_cast<long long>(g) * num_max + t);
-          if (!route_store_word(s_route[s], off, static_cast<int>(row)))
+          if (!route_store_word(s_route[s], off, static_cast<int>(x_units + row * kVecs)))
             report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
         }
       } else {
@@ -148,6 +150,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     // 2. Warp per token (or per part of a token: up to kSplit warps when warps outnumber tokens, each taking
     // every parts-th run of 32 vectors): weighted sum over k in the reference's order.
     const int4 *const recv = reinterpret_cast<const int4 *>(mine + set_base + recv_off);
+    const int area_units = static_cast<int>(2 * set_stride / 16);  // pulled: the LL area (both sets) in 16 B
     const int parts = max(1, min(kSplit, num_tokens > 0 ? num_warps / num_tokens : 1));
     for (int item = gw; item < num_tokens * parts; item += num_warps) {
       const int t = item / parts, part = item % parts;
@@ -164,17 +167,17 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       const int4 *my_row = nullptr;
       if constexpr (kPull) {
         if (my_g >= 0) {
-          const int row = ll::ld_cg(reinterpret_cast<const int *>(recv) + my_g * num_max + t);
+          const int units = ll::ld_cg(reinterpret_cast<const int *>(recv) + my_g * num_max + t);
           const int d = static_cast<int>(my_g) / e_loc;
-          const char *peer = route_peer_ptr(s_route[d], set_base + send_off);
-          if (peer == nullptr) {
-            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
-            my_g = -1;
-          } else if (row < 0 || row >= e_loc * kRanks * num_max) {
-            report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, d, row, e_loc * kRanks * num_max);
+          const char *peer = route_peer_ptr(s_route[d], 0);
+          const bool no_route = peer == nullptr, out_of_range = units < 0 || units > area_units - kVecs;
+          if (no_route || out_of_range) {  // one report site (each call site of report_error costs a stack frame)
+            report_error(err, no_route ? kUnsupportedRoute : kBadIndex, rank,
+                         no_route ? ll::kPhaseRoute : ll::kPhaseBadHandle, d, no_route ? s_route[d].kind : units,
+                         area_units);
             my_g = -1;
           } else {
-            my_row = reinterpret_cast<const int4 *>(peer) + static_cast<long long>(row) * kVecs;
+            my_row = reinterpret_cast<const int4 *>(peer) + units;
           }
         }
       }

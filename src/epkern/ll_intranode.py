@@ -592,7 +592,6 @@ def low_latency_combine(
             self.peer_table,
             np.int64(self.ll_offset),
             np.int64(stride),
-            np.int64(lay.send_off),
             np.int64(lay.recv_off),
             self.ll_state,
             _ptr(combine_wait_recv_cost_stats),
