@@ -32,6 +32,11 @@ ERROR_RECORD_BYTES = 32
 MAX_LOCAL_EXPERTS = 1024
 
 
+def _warm_key(source: str, name: str, full_defines: dict) -> tuple:
+    """A specialisation's key in GpuBuffer._warmed (its defines in sorted order)."""
+    return (source, name, tuple(sorted(full_defines.items())))
+
+
 class _CommStreamScope:
     """GpuBuffer.on_comm_stream's context (a class: a generator-based context manager cost a few µs per call)."""
 
@@ -128,8 +133,9 @@ class GpuBuffer(Buffer):
         self.epoch = 0
         # SMs per HT kernel: 24 on a GPU of its own (DeepEP-like; the rest stays for compute); ranks sharing a GPU
         # (MPS processes or in-process ranks standing in for several GPUs) each take their share of all of it.
-        share = self.num_device_sms // self.ranks_per_gpu
-        self.num_sms = max(1, min(24, share) if self.ranks_per_gpu == 1 else share)
+        # This rank's share of the device's SMs: what a kernel of every rank sharing the GPU may use at once.
+        self.sm_share = max(1, self.num_device_sms // self.ranks_per_gpu)
+        self.num_sms = min(24, self.sm_share) if self.ranks_per_gpu == 1 else self.sm_share
         self._broken: str | None = None
         self._warmed: set = set()
         # (source, name, defines items) -> [kernel, defines with EPK_CTRL_BYTES, warmed (in _warmed)]
@@ -168,16 +174,14 @@ class GpuBuffer(Buffer):
             self.host.close()
 
     def set_num_sms(self, num_sms: int) -> None:
-        self.num_sms = check_int(
-            num_sms, "num_sms", min_value=1, max_value=max(1, self.num_device_sms // self.ranks_per_gpu)
-        )
+        self.num_sms = check_int(num_sms, "num_sms", min_value=1, max_value=self.sm_share)
 
     def ht_grid(self, config) -> int:
         """Blocks of one HT copy kernel: num_sms (the config's or the Buffer's, at most this rank's share of the
         device's SMs) times ht_blocks_per_sm, so that every rank sharing the GPU is resident at once."""
         if config is not None:
             check_int(config.num_sms, "config.num_sms", min_value=1)
-        sms = min(config.num_sms if config is not None else self.num_sms, self.num_device_sms // self.ranks_per_gpu)
+        sms = min(config.num_sms if config is not None else self.num_sms, self.sm_share)
         return max(1, sms) * self.ht_blocks_per_sm
 
     def get_dispatch_config(self, num_ranks: int | None = None) -> Config:
@@ -321,7 +325,7 @@ class GpuBuffer(Buffer):
         func, full, warmed = entry
         self._last_defines[source] = full
         if not warmed:
-            key = (source, name, tuple(sorted(full.items())))
+            key = _warm_key(source, name, full)
             if key not in self._warmed:
                 func((1,), (32,), (np.int32(1), *args))
                 for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
@@ -331,6 +335,13 @@ class GpuBuffer(Buffer):
                 self._warmed.add(key)
             entry[2] = True
         func((blocks,), (threads,), (np.int32(0), *args))
+
+    def _is_warm(self, source: str, name: str, defines: dict) -> bool:
+        """Whether this specialisation had its first-use warm-up (``_launch``) on this Buffer."""
+        entry = self._launch_cache.get((source, name, tuple(defines.items())))
+        if entry is not None and entry[2]:
+            return True
+        return _warm_key(source, name, {**defines, "EPK_CTRL_BYTES": CTRL_BYTES}) in self._warmed
 
     def read_ht_probe(self, source: str):
         """Phase timestamps (ns, the GPU's global timer) of the last launch of HT kernel ``source``

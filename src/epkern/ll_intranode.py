@@ -165,13 +165,7 @@ def _agree(self, num_max: int, hidden: int, num_experts: int, stream) -> None:
 
 
 def _ensure_warm(self, source: str, name: str, defines: dict, stream) -> None:
-    from .config import CTRL_BYTES
-
-    entry = self._launch_cache.get((source, name, tuple(defines.items())))
-    if entry is not None and entry[2]:  # GpuBuffer._launch warmed this call site already
-        return
-    key = (source, name, tuple(sorted({**defines, "EPK_CTRL_BYTES": CTRL_BYTES}.items())))
-    if key not in self._warmed and capturing(stream):
+    if not self._is_warm(source, name, defines) and capturing(stream):
         raise ArgumentError(
             f"{name}: this specialisation ({defines}) is used for the first time inside a CUDA graph capture; "
             "call it once before capturing (its first launch synchronises and is collective)"
@@ -180,7 +174,7 @@ def _ensure_warm(self, source: str, name: str, defines: dict, stream) -> None:
 
 def _blocks(self) -> int:
     # Spin-waiting kernels of every rank sharing this GPU must be resident at once: one block per SM each.
-    return max(1, self.num_device_sms // self.ranks_per_gpu)
+    return self.sm_share
 
 
 def _ptr(a) -> np.uintp:
@@ -284,9 +278,7 @@ def low_latency_dispatch(
         plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
         plan = self._ll_plans.get(plan_key, plan_shapes)
         if plan is not None:
-            event, hook = _replay(self, plan, async_finish, return_recv_hook, 2)
-            out, recv_count, handle_fields = plan.result
-            return out, recv_count, GpuLLHandle(*handle_fields), event, hook
+            return dispatch_returns(plan, *_replay(self, plan, async_finish, return_recv_hook, 2))
         # The caller's objects, before the checks rebind any (x to a CuPy view), inputs first (a hook keeps
         # those alive): a plan holds them so that the ids in its key stay theirs.
         plan_refs = (
@@ -429,6 +421,12 @@ def low_latency_dispatch(
     return out, recv_count, handle, event, hook
 
 
+def dispatch_returns(plan, event, hook):
+    """What a replayed low_latency_dispatch returns (a new handle over the plan's outputs, as every call)."""
+    out, recv_count, handle_fields = plan.result
+    return out, recv_count, GpuLLHandle(*handle_fields), event, hook
+
+
 def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
     """A repeat of a validated call with the same arrays and flags (EPKERN_LL_FAST_HOST): the launch only.
     Returns (event, hook); the hook keeps the plan's first ``hook_refs`` arrays (the call's inputs) alive."""
@@ -441,7 +439,9 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and
         # the caller waits for this call: the launch goes straight onto that stream, with no comm-stream round
         # trip (two events, two waits).
-        if self._ll_fast_host == 3 and not capturing(compute):
+        in_process_sync = self.in_process and self.num_ranks > 1
+        captured = capturing(compute) if self._ll_fast_host == 3 or in_process_sync else False
+        if self._ll_fast_host == 3 and not captured:
             graph = plan.graphs.get(phase)
             if graph is None:
                 graph = plan.graphs[phase] = ll_plans.capture_launch(plan.launch, phase)
@@ -451,7 +451,7 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         self._ll_sends += 1
         self._ll_direct += 1
         self._direct_stream = compute
-        if self.in_process and self.num_ranks > 1 and not capturing(compute):
+        if in_process_sync and not captured:
             compute.synchronize()  # as GpuBuffer._end does for in-process ranks
         return EventHandle(None), None
     compute = self._begin(None, async_finish)
@@ -612,7 +612,7 @@ def low_latency_combine(
         self._ll_sends += 1
     event = self._end(compute, async_finish)
     hook = _make_hook(self, launch, x, topk_idx, topk_weights) if return_recv_hook else None
-    if plan_key is not None and preallocated and not zero_copy:  # repeat calls can replay this one
+    if plan_key is not None:  # preallocated, not zero-copy: repeat calls can replay this one
         fast = ll_plans.launcher(self, "ll_combine.cu", "epk_ll_combine", defines, _blocks(self), THREADS, rest)
         self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, out, plan_refs))
     return out, event, hook

@@ -51,10 +51,9 @@ class _Prepared:
 class PreparedDispatch(_Prepared):
     @staticmethod
     def _result(plan, event, hook):
-        from .ll_intranode import GpuLLHandle
+        from .ll_intranode import dispatch_returns
 
-        out, recv_count, handle_fields = plan.result
-        return out, recv_count, GpuLLHandle(*handle_fields), event, hook
+        return dispatch_returns(plan, event, hook)
 
 
 class PreparedCombine(_Prepared):
