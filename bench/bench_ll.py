@@ -658,7 +658,7 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     prep_d = buf.prepare_low_latency_dispatch(
         x, idx, num_max, E, use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, **outs
     )
-    prep_c = buf.prepare_low_latency_combine(y, idx, w, handle, out=out_c)
+    prep_c = buf.prepare_low_latency_combine(y, idx, w, handle, out=out_c, zero_copy=args.zero_copy)
     res["dispatch_host_prepared_us"] = _host_per_call(lambda: prep_d()[3], group, args.calls)
     res["combine_host_prepared_us"] = _host_per_call(lambda: prep_c()[1], group, args.calls)
     _settle(buf)

@@ -21,7 +21,7 @@
 // has run this call's receive (the rule the two sets rely on).
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_SPLIT,
-// EPK_LL_COMBINE_PULL (0 / 1).
+// EPK_LL_COMBINE_PULL (0 / 1), EPK_LL_COMBINE_AHEAD (1..16).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -40,6 +40,12 @@ static_assert(kSplit >= 1 && kSplit <= 8, "combine split in 1..8");
 #define EPK_LL_COMBINE_PULL 0
 #endif
 constexpr bool kPull = EPK_LL_COMBINE_PULL != 0;
+#ifndef EPK_LL_COMBINE_AHEAD
+#define EPK_LL_COMBINE_AHEAD 8
+#endif
+// EPKERN_LL_COMBINE_AHEAD: selections whose 16-byte loads a lane issues before adding them (1 = one at a time).
+constexpr int kAhead = EPK_LL_COMBINE_AHEAD < kTopk ? EPK_LL_COMBINE_AHEAD : kTopk;
+static_assert(EPK_LL_COMBINE_AHEAD >= 1 && EPK_LL_COMBINE_AHEAD <= 16, "combine loads ahead in 1..16");
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
 static_assert(kRanks >= 1 && kRanks <= 32, "LL kernels handle up to 32 ranks");
@@ -47,7 +53,9 @@ static_assert(kThreads % 32 == 0, "whole warps");
 
 using namespace epk;
 
-extern "C" __global__ void __launch_bounds__(kThreads)
+// Two blocks per SM (at most 64 registers at 512 threads), as the dispatch: the spin-waiting LL kernels of every
+// rank sharing a GPU, a dispatch and a combine each, must be resident at once.
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
     epk_ll_combine(int dry_run, int rank, int phase, int back, const int4 *__restrict__ x,
                    const int *__restrict__ src_info, const long long *__restrict__ layout,
                    const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, int num_tokens,
@@ -181,33 +189,40 @@ extern "C" __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-      int g_of[kTopk];
-      float w_of[kTopk];
-      const int4 *row_of_k[kPull ? kTopk : 1];
-#pragma unroll
-      for (int k = 0; k < kTopk; ++k) {
-        g_of[k] = static_cast<int>(__shfl_sync(0xffffffffu, my_g, k));
-        w_of[k] = __shfl_sync(0xffffffffu, my_w, k);
-        if constexpr (kPull)
-          row_of_k[k] =
-              reinterpret_cast<const int4 *>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_row), k));
-      }
+      // Lane k < kTopk holds selection k's row (its start) and weight; the loop below fetches them by shuffle
+      // (registers: 64 per thread for two blocks per SM, and kAhead loads in flight take 4 * kAhead of them).
+      const int4 *my_src = nullptr;
+      if constexpr (kPull)
+        my_src = my_row;
+      else if (my_g >= 0)
+        my_src = recv + (my_g * num_max + t) * kVecs;
+      const unsigned valid = __ballot_sync(0xffffffffu, my_src != nullptr);  // warp-uniform: bit k = selection k
       for (int c = 32 * part + lane; c < kVecs; c += 32 * parts) {
         float acc[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+        // kAhead selections' loads are issued before any is added (the adds keep k ascending): one load at a
+        // time left each lane a chain of K dependent round trips per vector.
 #pragma unroll
-        for (int k = 0; k < kTopk; ++k) {
-          if (g_of[k] < 0) continue;
-          float f[8];
-          const int4 *src_vec;
-          if constexpr (kPull)
-            src_vec = row_of_k[k] + c;
-          else
-            src_vec = recv + (static_cast<long long>(g_of[k]) * num_max + t) * kVecs + c;
-          epk::unpack_bf16x8(ll::ld_cg(src_vec), f);
+        for (int k0 = 0; k0 < kTopk; k0 += kAhead) {
+          int4 v[kAhead];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w_of[k], f[j]));
+          for (int u = 0; u < kAhead; ++u) {
+            const int k = k0 + u < kTopk ? k0 + u : kTopk - 1;
+            const auto row = reinterpret_cast<const int4 *>(
+                __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_src), k));
+            v[u] = k0 + u < kTopk && (valid >> k & 1u) ? ll::ld_cg(row + c) : make_int4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int u = 0; u < kAhead; ++u) {
+            const int k = k0 + u < kTopk ? k0 + u : kTopk - 1;
+            const float w = __shfl_sync(0xffffffffu, my_w, k);
+            if (k0 + u >= kTopk || !(valid >> k & 1u)) continue;
+            float f[8];
+            epk::unpack_bf16x8(v[u], f);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
+          }
         }
         out[static_cast<long long>(t) * kVecs + c] = epk::pack_bf16x8(acc);
       }

@@ -24,7 +24,7 @@
 // written two calls later, as for the receive slots.
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
-// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1).
+// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1), EPK_LL_COPY_INFLIGHT (1..8).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -40,7 +40,12 @@ constexpr int kScaleBytes = kFp8 ? (kUe8m0 ? kGroups : 4 * kGroups) : 0;
 constexpr int kPayloadBytes = kFp8 ? kHidden + kScaleBytes : 2 * kHidden;
 constexpr int kMsgBytes = (16 + kPayloadBytes + 15) / 16 * 16;  // bytes actually sent
 constexpr int kSlotBytes = 16 + 2 * kHidden;                    // slot stride (fits every message kind)
-constexpr int kCopyInFlight = 3;                                // 16-byte loads per lane before their stores
+#ifndef EPK_LL_COPY_INFLIGHT
+#define EPK_LL_COPY_INFLIGHT 3
+#endif
+// EPKERN_LL_COPY_INFLIGHT: 16-byte loads per lane before their stores (FP8: at most 4, more spill at 64 registers).
+constexpr int kCopyInFlight = kFp8 && EPK_LL_COPY_INFLIGHT > 4 ? 4 : EPK_LL_COPY_INFLIGHT;
+static_assert(kCopyInFlight >= 1 && kCopyInFlight <= 8, "copy loads in flight in 1..8");
 #ifndef EPK_LL_PULL
 #define EPK_LL_PULL 1
 #endif

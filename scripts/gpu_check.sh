@@ -7,7 +7,7 @@
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
 # LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab),
-# LLAB_VARIANTS ("VAR=v,VAR2=w ..." or "-" for the defaults, llab),
+# LLAB_VARIANTS ("VAR=v,VAR2=w ..." or "-" for the defaults, llab), LLAB_EXTRA (bench_ll.py options, e.g. --zero-copy),
 # HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
@@ -72,7 +72,7 @@ ll_ab() {
     for a in "${assigns[@]}"; do xs+=(-x "${a%%=*}"); done
   fi
   env "${assigns[@]}" timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" "${xs[@]}" -n 8 python3 bench/bench_ll.py \
-    --tokens 128 --iters 10 --calls 50 --json "$OUT/$2.json" >"$log" 2>&1
+    --tokens 128 --iters 10 --calls 50 ${LLAB_EXTRA:-} --json "$OUT/$2.json" >"$log" 2>&1
   local rc=$?
   summary+=("$label rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "$log" | awk '{printf "%s %s us; ", $2, $3}')")
 }

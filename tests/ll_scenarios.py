@@ -333,19 +333,24 @@ def run_graph_replays(
     use_fp8=False,
     graph=True,
     prepared=False,
+    zero_copy=False,
 ):
     """Capture one dispatch + combine (combine of the received rows as they are) into a CUDA graph, then
     replay it ``replays`` times on fresh inputs copied into the captured arrays; every replay exact. No
     host collective between replays: the set each call uses comes from the device counter. ``graph=False``:
     the same ``replays`` iterations as eager calls on the same arrays (what EPKERN_LL_FAST_HOST replays);
-    ``prepared``: those eager calls through prepare_low_latency_dispatch / _combine."""
+    ``prepared``: those eager calls through prepare_low_latency_dispatch / _combine. ``zero_copy``: the expert
+    outputs go into get_next_low_latency_combine_buffer (the set alternates between calls, not between replays
+    of a captured pair) and the combine reads them there."""
     import cupy
 
     if cupy.cuda.get_current_stream().ptr == 0:
         # CUDA cannot capture the legacy default stream, which MPI ranks run on unless they pick one
         # (seen on the H200: "cannot capture on the default (legacy) stream" in tests/ll_mpi_worker.py).
         with cupy.cuda.Stream(non_blocking=True):
-            return run_graph_replays(buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph, prepared)
+            return run_graph_replays(
+                buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph, prepared, zero_copy
+            )
     r, R = group.rank, group.size
     E = 8 * R
     e_loc, rows = E // R, R * num_max
@@ -382,14 +387,17 @@ def run_graph_replays(
         else:
             recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs)
         # Expert outputs: the BF16 rows as received (a captured copy); FP8 runs check the dispatch only.
+        y = buf.get_next_low_latency_combine_buffer(handle) if zero_copy else y_dev
         if not use_fp8:
-            bf16_copy(y_dev, recv_x)
+            bf16_copy(y, recv_x)
         if prepared and len(prepared_calls) == 1:
-            prepared_calls.append(buf.prepare_low_latency_combine(y_dev, idx_dev, w_dev, handle, out=out))
+            prepared_calls.append(
+                buf.prepare_low_latency_combine(y, idx_dev, w_dev, handle, out=out, zero_copy=zero_copy)
+            )
         if prepared:
             combined, _, _ = prepared_calls[1]()
         else:
-            combined, _, _ = buf.low_latency_combine(y_dev, idx_dev, w_dev, handle, out=out)
+            combined, _, _ = buf.low_latency_combine(y, idx_dev, w_dev, handle, out=out, zero_copy=zero_copy)
         return handle, combined
 
     def check(it, xs, idxs, ws, handle):

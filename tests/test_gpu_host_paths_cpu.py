@@ -398,3 +398,48 @@ def test_ll_double_batch_alternation_keeps_replaying(fake, monkeypatch):
             buf.low_latency_combine(y, idx, w, handle, out=out)
     assert len(buf._ll_plans) == 4 and buf._ll_replays == 2 * 2 * 2  # rounds 2 and 3, both batches, both ops
     buf.destroy()
+
+
+def test_ll_zero_copy_combine_replays_per_set(fake, monkeypatch):
+    """A zero-copy combine reads the buffer of the set it runs in: one plan per set, each replay launched with
+    its own set's buffer (the one get_next_low_latency_combine_buffer returned just before). An extra dispatch
+    now and then moves the combine to the other set."""
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    seen = []
+    for i in range(6):
+        for _ in range(1 + i % 2):
+            handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
+        zbuf = buf.get_next_low_latency_combine_buffer(handle)
+        assert zbuf is buf.get_next_low_latency_combine_buffer(handle)  # one array per set: stable ids
+        parity = (buf._ll_sends + 1) & 1
+        before = len(fake)
+        assert buf.low_latency_combine(zbuf, idx, w, handle, out=out, zero_copy=True)[0] is out
+        (launch,) = F.real_launches(fake[before:])
+        assert int(launch[5][4]) == zbuf.data.ptr, f"combine {i} read another buffer than get_next gave"
+        seen.append((parity, zbuf.data.ptr))
+    assert [p for p, _ in seen] == [0, 1, 1, 0, 0, 1]
+    assert len({ptr for _, ptr in seen}) == 2 and len({(p, ptr) for p, ptr in seen}) == 2
+    assert len(buf._ll_plans) == 3  # the dispatch, and the combine once per set
+    assert buf._ll_replays == 8 + 4  # 9 dispatches, 6 combines: all but the first of each (per set)
+    buf.destroy()
+
+
+def test_prepared_zero_copy_combine_keeps_a_plan_per_set(fake, monkeypatch):
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
+    combine = buf.prepare_low_latency_combine(y, idx, w, handle, out=out, zero_copy=True)
+    for i in range(6):
+        if i:
+            for _ in range(1 + i % 2):
+                buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+        want = buf.get_next_low_latency_combine_buffer(handle).data.ptr
+        before = len(fake)
+        assert combine()[0] is out
+        (launch,) = F.real_launches(fake[before:])
+        assert int(launch[5][4]) == want, f"prepared combine {i} read another set's buffer"
+    assert buf._ll_replays == 8 + 4  # dispatches after the first, combines after the first of each set
+    buf.destroy()

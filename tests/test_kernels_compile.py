@@ -119,6 +119,9 @@ SPECIMENS = {
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), EPK_POLL_SLEEP_NS=100, EPK_POLL_RELAXED=1),
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 1, 1, 1), (1, 128, 32, 0, 0, 0)),
         *_specimens(LL_DISPATCH_KEYS, *LL_DISPATCH_SHAPES, EPK_LL_PULL=0, EPK_POLL_SLEEP_NS=200, EPK_POLL_RELAXED=1),
+        # rows copied with more loads in flight (EPKERN_LL_COPY_INFLIGHT), BF16 and FP8
+        *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), (8, 7168, 8, 1, 1, 1), EPK_LL_COPY_INFLIGHT=6),
+        *_specimens(LL_DISPATCH_KEYS, (2, 256, 4, 0, 0, 0), EPK_LL_COPY_INFLIGHT=1),
     ],
     "ll_combine.cu": [
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),
@@ -134,6 +137,10 @@ SPECIMENS = {
             EPK_LL_COMBINE_SPLIT=4,
             **CTRL,
         ),
+        # one selection's load at a time (EPKERN_LL_COMBINE_AHEAD=1, the code up to session C) and a partial last
+        # chunk of loads (top-6 with 4 ahead)
+        dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, EPK_LL_COMBINE_AHEAD=1, **CTRL),
+        dict(EPK_NUM_RANKS=4, EPK_HIDDEN=1024, EPK_TOPK=6, EPK_THREADS=512, EPK_LL_COMBINE_AHEAD=4, **CTRL),
         # the pulled zero-copy combine (EPKERN_LL_COMBINE_PULL=1)
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, EPK_LL_COMBINE_PULL=1, **CTRL),
         dict(

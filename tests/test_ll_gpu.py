@@ -152,24 +152,32 @@ def test_cuda_graph_100_replays():
     _run(4, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 100), timeout_s=600)
 
 
+def test_cuda_graph_zero_copy_combine():
+    """A captured pair whose combine is zero-copy: each replay's combine reads the set the capture wrote."""
+    _run(4, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 30, zero_copy=True))
+
+
 def test_cuda_graph_fp8_dispatch():
     _run(2, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 20, use_fp8=True))
 
 
 @pytest.mark.parametrize(
-    "mode,use_fp8", [("1", False), ("1", True), ("2", False), ("2", True), ("3", False), ("3", True)]
+    "mode,use_fp8,zero_copy",
+    [("1", False, 0), ("1", True, 0), ("2", False, 0), ("2", True, 0), ("3", False, 0), ("3", True, 0), ("3", False, 1)],
 )
-def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8):
+def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8, zero_copy):
     """EPKERN_LL_FAST_HOST=1 (CuPy launch) / 2 (cuLaunchKernel, arguments packed once) / 3 (a captured
     one-kernel graph): 50 eager dispatch + combine pairs on the same arrays with fresh contents; every call
-    after the first replays its plan straight onto the caller's stream (checked), every result exact."""
+    after the first replays its plan straight onto the caller's stream (checked), every result exact. Zero-copy:
+    the combine reads get_next_low_latency_combine_buffer's set (in a loop of pairs always the even one)."""
     monkeypatch.setenv("EPKERN_LL_FAST_HOST", mode)
 
     def body(buf, g):
         assert buf._ll_fast_host == int(mode)
-        ll_scenarios.run_graph_replays(buf, g, 50, use_fp8=use_fp8, graph=False)
+        ll_scenarios.run_graph_replays(buf, g, 50, use_fp8=use_fp8, graph=False, zero_copy=bool(zero_copy))
         assert len(buf._ll_plans) == 2, "the dispatch and the combine were not kept as plans"
-        assert buf._ll_replays == 2 * 50, f"{buf._ll_replays} of 100 calls replayed a plan"
+        replays = 2 * 50
+        assert buf._ll_replays == replays, f"{buf._ll_replays} of 100 calls replayed a plan, expected {replays}"
         assert buf._ll_direct == buf._ll_replays, f"{buf._ll_direct} replays went onto the caller's stream"
         if mode == "3":
             assert all(len(p.graphs) == 1 for p in buf._ll_plans._plans.values()), "no captured launch kept"
@@ -177,14 +185,15 @@ def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8):
     _run(4, body)
 
 
-@pytest.mark.parametrize("use_fp8", [False, True])
-def test_prepared_calls_repeat_exactly(use_fp8):
+@pytest.mark.parametrize("use_fp8,zero_copy", [(False, 0), (True, 0), (False, 1)])
+def test_prepared_calls_repeat_exactly(use_fp8, zero_copy):
     """prepare_low_latency_dispatch / _combine: 40 pairs on the same arrays with fresh contents; every call after
     the first replays its plan onto the caller's stream (checked), every result exact."""
 
     def body(buf, g):
-        ll_scenarios.run_graph_replays(buf, g, 40, use_fp8=use_fp8, graph=False, prepared=True)
-        assert buf._ll_replays == 2 * 40 and buf._ll_direct == buf._ll_replays, (buf._ll_replays, buf._ll_direct)
+        ll_scenarios.run_graph_replays(buf, g, 40, use_fp8=use_fp8, graph=False, prepared=True, zero_copy=bool(zero_copy))
+        want = 2 * 40
+        assert buf._ll_replays == want and buf._ll_direct == buf._ll_replays, (buf._ll_replays, buf._ll_direct, want)
 
     _run(4, body)
 

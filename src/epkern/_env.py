@@ -63,10 +63,20 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "every message into the owners' receive slots. Compiled in",
     ),
     "EPKERN_LL_COMBINE_PULL": (
-        "0",
+        "1",
         "LL combine with zero_copy=True: 1 = owners send only each row's index and the sources read the expert "
-        "outputs straight from the owners' buffers; 0 = owners put every row into the sources' slots. Written, "
-        "not yet run on a GPU. Compiled in",
+        "outputs straight from the owners' buffers (combine 165 -> 107 us pipelined on 8 ranks of an H200); "
+        "0 = owners put every row into the sources' slots. Compiled in",
+    ),
+    "EPKERN_LL_COMBINE_AHEAD": (
+        "8",
+        "LL combine: selections (1..16) whose 16-byte loads each lane issues before adding them up (1 = one "
+        "selection's load at a time, as up to session C). Compiled in as a define",
+    ),
+    "EPKERN_LL_COPY_INFLIGHT": (
+        "3",
+        "LL dispatch: 16-byte loads (1..8) each lane has in flight while copying a row (staging, and the "
+        "receive's copy into recv_x). Compiled in as a define",
     ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
@@ -237,6 +247,14 @@ def _zero_or_one(name: str) -> int:
 
 def ll_combine_split() -> int:
     return _int_choice("EPKERN_LL_COMBINE_SPLIT", range(1, 9), "an integer in 1..8")
+
+
+def ll_combine_ahead() -> int:
+    return _int_choice("EPKERN_LL_COMBINE_AHEAD", range(1, 17), "an integer in 1..16")
+
+
+def ll_copy_inflight() -> int:
+    return _int_choice("EPKERN_LL_COPY_INFLIGHT", range(1, 9), "an integer in 1..8")
 
 
 def ll_dispatch_pull() -> int:

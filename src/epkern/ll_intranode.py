@@ -81,7 +81,6 @@ class GpuLLHandle:
     hidden: int
     num_experts: int
     layout: LLLayout
-    combine_buffer: object = None  # set by get_next_low_latency_combine_buffer
 
     def _fields(self):
         return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts)
@@ -107,7 +106,8 @@ def init_low_latency(self) -> None:
     cupy.cuda.get_current_stream().synchronize()
     self._ll_sends = 0  # sending launches issued (host side; the device counter is the truth)
     self._ll_fast_host = _env.ll_fast_host()  # repeat calls replay a validated call's launch (ll_plans.py)
-    self._ll_plans = ll_plans.CallPlans()
+    self._ll_plans = ll_plans.CallPlans(8)
+    self._ll_combine_views: dict = {}  # (num_max, hidden, num_experts, set) -> the zero-copy combine buffer
     self._ll_replays = 0  # calls served by a plan (tests check the fast path was taken)
     self._ll_direct = 0  # ... of them launched straight onto the caller's stream
     self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
@@ -117,6 +117,8 @@ def init_low_latency(self) -> None:
         sleep_ns = 200 if self.ranks_per_gpu > 1 else 0
     self._ll_poll_defines = {"EPK_POLL_SLEEP_NS": sleep_ns, "EPK_POLL_RELAXED": _env.ll_poll_relaxed()}
     self._ll_combine_split = _env.ll_combine_split()
+    self._ll_combine_ahead = _env.ll_combine_ahead()
+    self._ll_copy_inflight = _env.ll_copy_inflight()
     self._ll_dispatch_pull = _env.ll_dispatch_pull()
     self._ll_combine_pull = _env.ll_combine_pull()
 
@@ -344,6 +346,7 @@ def low_latency_dispatch(
         "EPK_USE_UE8M0": int(use_ue8m0),
         "EPK_THREADS": THREADS,
         "EPK_LL_PULL": self._ll_dispatch_pull,
+        "EPK_LL_COPY_INFLIGHT": self._ll_copy_inflight,
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
@@ -506,10 +509,12 @@ def low_latency_combine(
     self._check_usable()
     plan_key = plan_shapes = None
     preallocated = out is not None
-    if self._ll_fast_host and preallocated and not zero_copy and type(handle) is GpuLLHandle:
-        # The handle object is new on every dispatch; its arrays and sizes are what the launch uses.
+    if self._ll_fast_host and preallocated and type(handle) is GpuLLHandle:
+        # The handle object is new on every dispatch; its arrays and sizes are what the launch uses. A zero-copy
+        # combine reads the buffer of the set it runs in: one plan per set.
         plan_key = (
             "combine",
+            (self._ll_sends + 1) & 1 if zero_copy else -1,
             id(x),
             id(topk_idx),
             id(topk_weights),
@@ -557,15 +562,14 @@ def low_latency_combine(
             combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", (np.int64,), (R,), dev
         )
     lay, stride = _plan(self, num_max, H, num_experts)
-    src = x
-    if zero_copy:
-        src = handle.combine_buffer if handle.combine_buffer is not None else _combine_buffer(self, handle)
+    src = _combine_buffer(self, handle) if zero_copy else x
     defines = {
         "EPK_NUM_RANKS": R,
         "EPK_HIDDEN": H,
         "EPK_TOPK": K,
         "EPK_THREADS": THREADS,
         "EPK_LL_COMBINE_SPLIT": self._ll_combine_split,
+        "EPK_LL_COMBINE_AHEAD": self._ll_combine_ahead,
         # Zero-copy outputs lie in the owners' LL areas: sources may read them there (EPKERN_LL_COMBINE_PULL).
         "EPK_LL_COMBINE_PULL": int(bool(zero_copy) and self._ll_combine_pull),
         **self._ll_poll_defines,
@@ -612,32 +616,37 @@ def low_latency_combine(
         self._ll_sends += 1
     event = self._end(compute, async_finish)
     hook = _make_hook(self, launch, x, topk_idx, topk_weights) if return_recv_hook else None
-    if plan_key is not None:  # preallocated, not zero-copy: repeat calls can replay this one
+    if plan_key is not None:  # preallocated: repeat calls can replay this one
         fast = ll_plans.launcher(self, "ll_combine.cu", "epk_ll_combine", defines, _blocks(self), THREADS, rest)
         self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, out, plan_refs))
     return out, event, hook
 
 
 def _combine_buffer(self, handle: GpuLLHandle):
-    """The send region of the set the next call will use, as BF16 [E_loc, R·num_max, H]. The combine reads
-    it in place; only a dispatch between the caller's writes and that combine could overwrite it."""
+    """The send region of the set the next call will use, as BF16 [E_loc, R·num_max, H]: a zero-copy combine
+    reads it in place (any LL call between the caller's writes and that combine overwrites it or reads the
+    other set). One array object per (shape, set), so repeated zero-copy combines replay (ll_plans.py)."""
     import cupy
 
-    lay, stride = _plan(self, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
-    e_loc = handle.num_experts // self.num_ranks
-    rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
+    num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
     parity = (self._ll_sends + 1) & 1
-    ptr = self.region.ptr + self.ll_offset + parity * stride + lay.send_off
-    nbytes = e_loc * rows * handle.hidden * 2
-    mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
-    return cupy.ndarray((e_loc, rows, handle.hidden), BF16, cupy.cuda.MemoryPointer(mem, 0))
+    key = (num_max, hidden, num_experts, parity)
+    views = self._ll_combine_views
+    view = views.get(key)
+    if view is None:
+        lay, stride = _plan(self, num_max, hidden, num_experts)
+        e_loc, rows = num_experts // self.num_ranks, self.num_ranks * num_max
+        ptr = self.region.ptr + self.ll_offset + parity * stride + lay.send_off
+        mem = cupy.cuda.UnownedMemory(ptr, e_loc * rows * hidden * 2, self)
+        view = views[key] = cupy.ndarray((e_loc, rows, hidden), BF16, cupy.cuda.MemoryPointer(mem, 0))
+    return view
 
 
 def get_next_low_latency_combine_buffer(self, handle):
     """Where to write the expert outputs for ``low_latency_combine(..., zero_copy=True)``: BF16
-    [E_loc, R·num_max, H] inside this Buffer's LL area."""
+    [E_loc, R·num_max, H] inside this Buffer's LL area (of the set the next LL call uses; call it after the
+    dispatch, write, then combine with no LL call in between)."""
     self._check_usable()
     if not isinstance(handle, GpuLLHandle):
         raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
-    handle.combine_buffer = _combine_buffer(self, handle)
-    return handle.combine_buffer
+    return _combine_buffer(self, handle)

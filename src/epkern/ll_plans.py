@@ -2,11 +2,12 @@
 
 A decode loop calls low_latency_dispatch / low_latency_combine with the same preallocated arrays every step.
 When a call's arrays (by identity, and x's / topk's shapes) and flags equal those of one of the last four
-validated calls (two per op: a double-batch loop alternates two sets of arrays), the call only launches: the
+validated calls (eight: a double-batch loop alternates two sets of arrays, and a zero-copy combine has a plan per
+buffer set, since it reads the set it runs in), the call only launches: the
 checks, the argument packing and the kernel lookup are the first call's. A plan holds strong references to its
 call's arrays, so their ids cannot be reused while it is kept. Contents may change freely (the kernels check
 index ranges on the device); an array reshaped in place is seen by the shape check. Calls that allocate an
-output, and zero-copy combines (whose buffer alternates), never replay.
+output never replay.
 """
 
 from __future__ import annotations

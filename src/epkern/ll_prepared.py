@@ -7,8 +7,8 @@ The first call goes the validated way (``low_latency_dispatch`` / ``low_latency_
 without building the plan key from a dozen arguments (ll_intranode._replay: straight onto the caller's stream
 when it follows all of the Buffer's work). Only the shapes of the inputs are rechecked (an array reshaped in
 place). Whatever makes the Buffer drop its plans (``clean_low_latency_buffer``) sends the next call the
-validated way again. Without a plan (fast host off, an output left to the library, a zero-copy combine)
-every call is the validated call.
+validated way again. Without a plan (fast host off, an output left to the library) every call is the
+validated call. A zero-copy combine reads the buffer of the set it runs in, so it keeps a plan per set.
 """
 
 from __future__ import annotations
@@ -19,31 +19,48 @@ def _shapes(arrays) -> tuple:
 
 
 class _Prepared:
-    __slots__ = ("buf", "call", "args", "kwargs", "inputs", "plan", "generation", "async_finish", "hook", "refs")
+    __slots__ = (
+        "buf",
+        "call",
+        "args",
+        "kwargs",
+        "inputs",
+        "plans",
+        "generation",
+        "async_finish",
+        "hook",
+        "refs",
+        "per_set",
+    )
 
-    def __init__(self, buf, call, args, kwargs, inputs, hook_refs):
+    def __init__(self, buf, call, args, kwargs, inputs, hook_refs, per_set=False):
         self.buf, self.call, self.args, self.kwargs = buf, call, args, kwargs
         self.inputs = inputs  # the arrays whose shapes a replay rechecks
-        self.plan, self.generation = None, -1
+        self.plans, self.generation = [None, None], -1  # by set (per_set), else only [0]
         self.async_finish = bool(kwargs.get("async_finish", False))
         self.hook = bool(kwargs.get("return_recv_hook", False))
         self.refs = hook_refs
+        self.per_set = per_set  # the launch depends on the set the call runs in (a zero-copy combine)
 
-    def _validated(self):
+    def _validated(self, slot):
         buf = self.buf
         plans = buf._ll_plans
         plans.last_put = None
         result = self.call(buf, *self.args, **self.kwargs)
-        self.plan, self.generation = plans.last_put, plans.generation
+        if self.generation != plans.generation:
+            self.plans = [None, None]
+        self.plans[slot], self.generation = plans.last_put, plans.generation
         return result
 
     def __call__(self):
         from .ll_intranode import _replay
 
-        buf, plan = self.buf, self.plan
+        buf = self.buf
         buf._check_usable()
+        slot = (buf._ll_sends + 1) & 1 if self.per_set else 0
+        plan = self.plans[slot]
         if plan is None or self.generation != buf._ll_plans.generation or plan.shapes != _shapes(self.inputs):
-            return self._validated()
+            return self._validated(slot)
         event, hook = _replay(buf, plan, self.async_finish, self.hook, self.refs)
         return self._result(plan, event, hook)
 
@@ -81,4 +98,5 @@ def prepare_low_latency_combine(self, *args, **kwargs):
     from .ll_intranode import low_latency_combine
 
     inputs = (_arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "topk_idx"), _arg(args, kwargs, 2, "topk_weights"))
-    return PreparedCombine(self, low_latency_combine, args, kwargs, inputs, 3)
+    per_set = bool(_arg(args, kwargs, 5, "zero_copy"))
+    return PreparedCombine(self, low_latency_combine, args, kwargs, inputs, 3, per_set)
