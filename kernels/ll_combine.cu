@@ -197,7 +197,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       else if (my_g >= 0)
         my_src = recv + (my_g * num_max + t) * kVecs;
       const unsigned valid = __ballot_sync(0xffffffffu, my_src != nullptr);  // warp-uniform: bit k = selection k
-      for (int c = 32 * part + lane; c < kVecs; c += 32 * parts) {
+      // The loop is warp-uniform (the shuffles below need every lane; H = 128 leaves lanes 16..31 without a vector).
+      for (int c0 = 32 * part; c0 < kVecs; c0 += 32 * parts) {
+        const int c = c0 + lane;
+        const bool has_vec = c < kVecs;
         float acc[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j] = 0.f;
@@ -211,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
             const int k = k0 + u < kTopk ? k0 + u : kTopk - 1;
             const auto row = reinterpret_cast<const int4 *>(
                 __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_src), k));
-            v[u] = k0 + u < kTopk && (valid >> k & 1u) ? ll::ld_cg(row + c) : make_int4(0, 0, 0, 0);
+            v[u] = has_vec && k0 + u < kTopk && (valid >> k & 1u) ? ll::ld_cg(row + c) : make_int4(0, 0, 0, 0);
           }
 #pragma unroll
           for (int u = 0; u < kAhead; ++u) {
@@ -224,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
             for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
           }
         }
-        out[static_cast<long long>(t) * kVecs + c] = epk::pack_bf16x8(acc);
+        if (has_vec) out[static_cast<long long>(t) * kVecs + c] = epk::pack_bf16x8(acc);
       }
     }
   }
