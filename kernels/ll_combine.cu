@@ -232,5 +232,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  ll::note_seen_mask(state, 1, seq, s_mask);  // at the end: no registers held across the call
   if (phase & ll::kSend) ll::finish_call(state, seq);
 }

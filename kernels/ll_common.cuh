@@ -153,6 +153,21 @@ EPK_DEVICE void load_peers(const int *state, const unsigned long long *peers, lo
   }
 }
 
+// Diagnostics (the flaky absent-rank test, docs/architecture.md "Known problems"): at its end, thread 0 of blocks 0..14
+// stores (seq << 32) | the mask bits its block loaded into int64 slot `which * 15 + block` at state words 2..61 (which:
+// 0 dispatch, 1 combine); tests/ll_scenarios.ll_signal_dump prints them. One store per block and call.
+constexpr int kStateSeenMask = 2;
+constexpr int kSeenBlocks = 15;
+template <int R>
+EPK_DEVICE void note_seen_mask(int *state, int which, unsigned seq, const int (&mask)[R]) {
+  if (threadIdx.x != 0 || blockIdx.x >= kSeenBlocks) return;
+  unsigned bits = 0;
+#pragma unroll
+  for (int p = 0; p < R; ++p) bits |= (mask[p] != 0 ? 1u : 0u) << p;
+  reinterpret_cast<unsigned long long *>(state + kStateSeenMask)[which * kSeenBlocks + blockIdx.x] =
+      (static_cast<unsigned long long>(seq) << 32) | bits;
+}
+
 // A peer that did not answer within the deadline is masked for every later call (host raises once).
 EPK_DEVICE void mask_peer(int *state, int peer) { atomicExch(state + kStateMask + peer, 1); }
 

@@ -24,7 +24,8 @@
 // written two calls later, as for the receive slots.
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
-// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1), EPK_LL_COPY_INFLIGHT (1..8).
+// EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1),
+// EPK_LL_COPY_INFLIGHT (1..8).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -329,5 +330,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  ll::note_seen_mask(state, 0, seq, s_mask);  // at the end: no registers held across the call
   if (phase & ll::kSend) ll::finish_call(state, seq);
 }

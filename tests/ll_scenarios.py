@@ -567,9 +567,16 @@ def ll_signal_dump(buf, num_experts):
     import cupy
 
     from epkern.ll_intranode import STATE_MASK, set_stride_of
+    from epkern.ll_layout import SEEN_BLOCKS, STATE_SEEN_MASK
 
     cupy.cuda.runtime.deviceSynchronize()
     st = cupy.asnumpy(buf.ll_state[:2]).tolist()
+    # The mask bits each of blocks 0..14 loaded at the start of the last dispatch / combine, with its seq.
+    seen_words = cupy.asnumpy(buf.ll_state[STATE_SEEN_MASK : STATE_SEEN_MASK + 4 * SEEN_BLOCKS]).view(np.uint64)
+    seen = {
+        kind: [(int(v >> 32), int(v & 0xFFFFFFFF)) for v in seen_words[i * SEEN_BLOCKS : (i + 1) * SEEN_BLOCKS]]
+        for i, kind in enumerate(("dispatch", "combine"))
+    }
     mask = cupy.asnumpy(buf.ll_state[STATE_MASK : STATE_MASK + buf.num_ranks]).tolist()
     stride = set_stride_of(buf.ll_bytes)
     sets = []
@@ -581,4 +588,4 @@ def ll_signal_dump(buf, num_experts):
     # phase, peer, seen, expected) - a record still claimed here was never raised.
     rec = [int(v) for v in buf.error_record[:7]]
     host = f"host sends={buf._ll_sends} replays={buf._ll_replays} error_record={rec}"
-    return f"counter,ticket={st} mask={mask} {host} set0 {sets[0]} set1 {sets[1]}"
+    return f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} set0 {sets[0]} set1 {sets[1]}"

@@ -163,7 +163,15 @@ def test_cuda_graph_fp8_dispatch():
 
 @pytest.mark.parametrize(
     "mode,use_fp8,zero_copy",
-    [("1", False, 0), ("1", True, 0), ("2", False, 0), ("2", True, 0), ("3", False, 0), ("3", True, 0), ("3", False, 1)],
+    [
+        ("1", False, 0),
+        ("1", True, 0),
+        ("2", False, 0),
+        ("2", True, 0),
+        ("3", False, 0),
+        ("3", True, 0),
+        ("3", False, 1),
+    ],
 )
 def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8, zero_copy):
     """EPKERN_LL_FAST_HOST=1 (CuPy launch) / 2 (cuLaunchKernel, arguments packed once) / 3 (a captured
@@ -191,7 +199,9 @@ def test_prepared_calls_repeat_exactly(use_fp8, zero_copy):
     the first replays its plan onto the caller's stream (checked), every result exact."""
 
     def body(buf, g):
-        ll_scenarios.run_graph_replays(buf, g, 40, use_fp8=use_fp8, graph=False, prepared=True, zero_copy=bool(zero_copy))
+        ll_scenarios.run_graph_replays(
+            buf, g, 40, use_fp8=use_fp8, graph=False, prepared=True, zero_copy=bool(zero_copy)
+        )
         want = 2 * 40
         assert buf._ll_replays == want and buf._ll_direct == buf._ll_replays, (buf._ll_replays, buf._ll_direct, want)
 
