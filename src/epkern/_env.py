@@ -50,7 +50,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "EPKERN_LL_FAST_HOST": (
         "3",
-        "1: an LL call whose arrays (by identity) and flags repeat one of the last two validated calls of that op "
+        "1: an LL call whose arrays (by identity) and flags repeat one of the last eight validated calls "
         "only launches (no checks, no argument packing), onto the caller's stream when it follows all of the "
         "Buffer's work; 2: the same, launched through cuLaunchKernel with the arguments packed once; 3: as 2, "
         "and a launch onto the caller's stream replays a one-kernel CUDA graph captured once; 0: every call "
