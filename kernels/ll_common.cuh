@@ -36,7 +36,9 @@ constexpr int kStateRoute = kStateMask + kMaxRanks;   // [kMaxRanks]: RouteKind 
 constexpr int kStateSlot = kStateRoute + kMaxRanks;   // [kMaxExperts]: dispatch slot allocator per expert
 constexpr int kStateDone = kStateSlot + kMaxExperts;  // [kMaxExperts]: dispatch puts finished per expert
 constexpr int kStatePair = kStateDone + kMaxExperts;  // [kMaxExperts]: combine warps finished per (e, src)
-constexpr int kStateWords = kStatePair + kMaxExperts;
+constexpr int kStateSent = kStatePair + kMaxExperts;  // [kMaxExperts]: diagnostics, dispatch count of g: -seq
+                                                      // once its warp waits for the local sends, seq once sent
+constexpr int kStateWords = kStateSent + kMaxExperts;
 
 // ---- phases of a launch (bit mask) and of an error record (PHASES in gpu_buffer.py) ----
 constexpr int kSend = 1;

@@ -252,10 +252,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
       cnt = ll::warp_sum(cnt);
       if (lane == 0) {
+        state[ll::kStateSent + g] = -static_cast<int>(seq);  // diagnostics (ll_signal_dump)
         ll::wait_local(done_ctr + g, cnt * parts, deadline, ll::kPhaseLocalSends, d);
         const long long off = set_base + 4LL * (e * kRanks + rank);
         if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
           report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+        state[ll::kStateSent + g] = static_cast<int>(seq);
         slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
         done_ctr[g] = 0;
       }

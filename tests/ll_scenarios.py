@@ -567,7 +567,7 @@ def ll_signal_dump(buf, num_experts):
     import cupy
 
     from epkern.ll_intranode import STATE_MASK, set_stride_of
-    from epkern.ll_layout import SEEN_BLOCKS, STATE_SEEN_MASK
+    from epkern.ll_layout import SEEN_BLOCKS, STATE_DONE, STATE_ROUTE, STATE_SEEN_MASK, STATE_SENT, STATE_SLOT
 
     cupy.cuda.runtime.deviceSynchronize()
     st = cupy.asnumpy(buf.ll_state[:2]).tolist()
@@ -588,4 +588,13 @@ def ll_signal_dump(buf, num_experts):
     # phase, peer, seen, expected) - a record still claimed here was never raised.
     rec = [int(v) for v in buf.error_record[:7]]
     host = f"host sends={buf._ll_sends} replays={buf._ll_replays} error_record={rec}"
-    return f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} set0 {sets[0]} set1 {sets[1]}"
+
+    # Per expert: the dispatch count's progress (-seq waiting for the local sends, seq sent), and the counters.
+    def words(base):
+        return cupy.asnumpy(buf.ll_state[base : base + num_experts]).tolist()
+
+    routes = cupy.asnumpy(buf.ll_state[STATE_ROUTE : STATE_ROUTE + buf.num_ranks]).tolist()
+    counters = f"sent={words(STATE_SENT)} slot={words(STATE_SLOT)} done={words(STATE_DONE)} routes={routes}"
+    return (
+        f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} {counters} set0 {sets[0]} set1 {sets[1]}"
+    )

@@ -72,6 +72,10 @@ def test_state_and_phase_constants_match_the_kernels():
         ("STATE_WORDS", "kStateWords"),
     ):
         assert getattr(ll_intranode, py) == c[cu], py
+    from epkern import ll_layout
+
+    assert ll_layout.STATE_SENT == c["kStateSent"] and ll_layout.STATE_SEEN_MASK == c["kStateSeenMask"]
+    assert ll_layout.SEEN_BLOCKS == c["kSeenBlocks"] and 2 + 4 * ll_layout.SEEN_BLOCKS <= ll_layout.STATE_MASK
     phases = {v for k, v in c.items() if k.startswith("kPhase")}
     assert phases == set(ll_intranode.LL_PHASES)
     assert c["kPhaseDispatchRecv"] in ll_intranode.LL_TIMEOUT_PHASES
