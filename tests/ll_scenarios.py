@@ -595,6 +595,9 @@ def ll_signal_dump(buf, num_experts):
 
     routes = cupy.asnumpy(buf.ll_state[STATE_ROUTE : STATE_ROUTE + buf.num_ranks]).tolist()
     counters = f"sent={words(STATE_SENT)} slot={words(STATE_SLOT)} done={words(STATE_DONE)} routes={routes}"
+    # Where this rank's kernels send to (peer table + ll_off) and where it reads its own area.
+    peers = [hex(int(v)) for v in cupy.asnumpy(buf.peer_table).ravel()[: buf.num_ranks]]
+    counters += f" peers={peers} ll_offset={buf.ll_offset} region={hex(buf.region.ptr)}"
     return (
         f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} {counters} set0 {sets[0]} set1 {sets[1]}"
     )
