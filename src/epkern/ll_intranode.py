@@ -277,7 +277,10 @@ def low_latency_dispatch(
             id(out_layout_range),
             id(out_count),
         )
-        plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
+        try:
+            plan_shapes = (x.shape, topk_idx.shape)
+        except AttributeError:  # not arrays: the checks below say so
+            plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
         plan = self._ll_plans.get(plan_key, plan_shapes)
         if plan is not None:
             return dispatch_returns(plan, *_replay(self, plan, async_finish, return_recv_hook, 2))
@@ -419,15 +422,19 @@ def low_latency_dispatch(
     out = (recv_x, recv_scales) if use_fp8 else recv_x
     if plan_key is not None and not missing:  # every output preallocated: repeat calls can replay this one
         fast = ll_plans.launcher(self, "ll_dispatch.cu", "epk_ll_dispatch", defines, _blocks(self), THREADS, rest)
-        result = (out, recv_count, (src_info, layout_range, num_max, H, num_experts, lay))
+        result = (out, recv_count, handle)
         self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, result, plan_refs))
     return out, recv_count, handle, event, hook
 
 
 def dispatch_returns(plan, event, hook):
-    """What a replayed low_latency_dispatch returns (a new handle over the plan's outputs, as every call)."""
-    out, recv_count, handle_fields = plan.result
-    return out, recv_count, GpuLLHandle(*handle_fields), event, hook
+    """What a replayed low_latency_dispatch returns: the validated call's outputs and handle (the handle only
+    names those preallocated arrays and the sizes, so every replay may share it)."""
+    out, recv_count, handle = plan.result
+    return out, recv_count, handle, event, hook
+
+
+_NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
 
 
 def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
@@ -443,7 +450,12 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         # the caller waits for this call: the launch goes straight onto that stream, with no comm-stream round
         # trip (two events, two waits).
         in_process_sync = self.in_process and self.num_ranks > 1
-        captured = capturing(compute) if self._ll_fast_host == 3 or in_process_sync else False
+        captured = False
+        if self._ll_fast_host == 3 or in_process_sync:
+            try:  # capturing(), inlined: this is the whole host path of a replay
+                captured = bool(compute.is_capturing())
+            except Exception:  # noqa: BLE001 - no is_capturing, or an invalidated capture (CuPy reports it later)
+                captured = False
         if self._ll_fast_host == 3 and not captured:
             graph = plan.graphs.get(phase)
             if graph is None:
@@ -456,7 +468,7 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         self._direct_stream = compute
         if in_process_sync and not captured:
             compute.synchronize()  # as GpuBuffer._end does for in-process ranks
-        return EventHandle(None), None
+        return _NO_EVENT, None
     compute = self._begin(None, async_finish)
     with self.on_comm_stream():
         plan.launch(phase, 0)
@@ -529,11 +541,10 @@ def low_latency_combine(
             id(handle.layout_range),
             id(out),
         )
-        plan_shapes = (
-            getattr(x, "shape", None),
-            getattr(topk_idx, "shape", None),
-            getattr(topk_weights, "shape", None),
-        )
+        try:
+            plan_shapes = (x.shape, topk_idx.shape, topk_weights.shape)
+        except AttributeError:  # not arrays: the checks below say so
+            plan_shapes = tuple(getattr(a, "shape", None) for a in (x, topk_idx, topk_weights))
         plan = self._ll_plans.get(plan_key, plan_shapes)
         if plan is not None:
             event, hook = _replay(self, plan, async_finish, return_recv_hook, 3)

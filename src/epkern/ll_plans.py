@@ -53,10 +53,12 @@ class CallPlans:
         self.generation = 0  # advanced by clear(): plans held outside (prepared calls) are stale then
 
     def get(self, key, shapes) -> Plan | None:
-        plan = self._plans.get(key)
+        plans = self._plans
+        plan = plans.get(key)
         if plan is None or plan.shapes != shapes:
             return None
-        self._plans.move_to_end(key)
+        if len(plans) >= self.size:  # least-recently-used order matters only once a put may evict
+            plans.move_to_end(key)
         return plan
 
     def put(self, key, plan: Plan) -> None:
