@@ -186,6 +186,10 @@ class Stream:
     def synchronize(self):
         pass
 
+    @property
+    def done(self):  # cudaStreamQuery: the fake's kernels never run, so its work is always done unless a test hangs it
+        return not getattr(self, "hung", False)
+
     def is_capturing(self):
         return getattr(self, "_capturing", False)
 

@@ -443,3 +443,27 @@ def test_prepared_zero_copy_combine_keeps_a_plan_per_set(fake, monkeypatch):
         assert int(launch[5][4]) == want, f"prepared combine {i} read another set's buffer"
     assert buf._ll_replays == 8 + 4  # dispatches after the first, combines after the first of each set
     buf.destroy()
+
+
+def test_a_kernel_that_never_ends_raises_instead_of_hanging(fake, monkeypatch):
+    """Host waits on GPU work are bounded: work still running HOST_MARGIN_S after the device-side deadline is a
+    kernel that never ends (a bug); the wait raises TimeoutError naming rank and phase and the Buffer is unusable."""
+    import time
+
+    import cupy
+
+    from epkern import gpu_buffer
+    from epkern.errors import EpkernError
+    from epkern.errors import TimeoutError as EpTimeout
+
+    monkeypatch.setattr(gpu_buffer, "HOST_MARGIN_S", 0.05)
+    buf = F.fake_buffer(timeout_s=0.05)
+    stream = cupy.cuda.Stream()
+    buf._sync_bounded(stream, "a phase")  # done: returns at once
+    stream.hung = True
+    t0 = time.monotonic()
+    with pytest.raises(EpTimeout, match=r"rank 0: a phase: the GPU work of this call did not finish within 0\.1 s"):
+        buf._sync_bounded(stream, "a phase")
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(EpkernError, match="unusable"):
+        buf._check_usable()

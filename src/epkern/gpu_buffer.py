@@ -19,6 +19,9 @@ from .errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from .group import as_group
 from .memory import Heap, HostMapped, SymmetricRegion
 
+# Host waits for GPU work end this long after the device-side deadline (timeout_s) has passed.
+HOST_MARGIN_S = 5.0
+
 PHASES = {
     1: "notify (waiting for a peer's counts)",
     2: "dispatch (waiting for a peer's output addresses)",
@@ -219,9 +222,31 @@ class GpuBuffer(Buffer):
         self._broken = msg
         raise TimeoutError(msg) if code == 1 else EpkernError(msg)
 
+    def _sync_bounded(self, stream, phase: str) -> None:
+        """``stream.synchronize()`` bounded by the deadline: every device-side wait ends within ``timeout_s``, so
+        work still running ``HOST_MARGIN_S`` later is a kernel that never ends (a bug, e.g. a warp deadlocked
+        on itself): raise TimeoutError naming rank and phase and mark the Buffer unusable, rather than hang."""
+        if stream.done:
+            return
+        deadline = time.monotonic() + self.timeout_s + HOST_MARGIN_S
+        spins = 0
+        while not stream.done:
+            spins += 1
+            if spins > 50:
+                time.sleep(20e-6)  # other in-process ranks need the GIL to launch what this call may wait for
+            if time.monotonic() > deadline:
+                self._raise_recorded()  # a device-side error recorded meanwhile explains it better
+                msg = (
+                    f"rank {self.rank}: {phase}: the GPU work of this call did not finish within "
+                    f"{self.timeout_s + HOST_MARGIN_S:g} s although every device-side wait ends within "
+                    f"{self.timeout_s:g} s (a kernel that never ends); the Buffer is unusable"
+                )
+                self._broken = msg
+                raise TimeoutError(msg)
+
     def _wait_host_word(self, word: np.ndarray, value: int, phase: str) -> None:
         """Host-side wait for a host-mapped word written by a kernel, bounded by the deadline."""
-        deadline = time.monotonic() + self.timeout_s + 5.0
+        deadline = time.monotonic() + self.timeout_s + HOST_MARGIN_S
         spins = 0
         while int(word[0]) != value:
             self._raise_recorded()
@@ -298,7 +323,7 @@ class GpuBuffer(Buffer):
                 # comm stream here made 100 back-to-back iterations exact. Costs the host/device overlap
                 # of in-process ranks only; async_finish=True keeps it asynchronous. Not while the caller's
                 # stream is captured into a CUDA graph (a sync there would invalidate the capture).
-                self.comm_stream.synchronize()
+                self._sync_bounded(self.comm_stream, "waiting for this call's kernels (in-process ranks)")
         return EventHandle(event)
 
     def _next_epoch(self) -> int:

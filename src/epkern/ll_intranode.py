@@ -467,7 +467,7 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         self._ll_direct += 1
         self._direct_stream = compute
         if in_process_sync and not captured:
-            compute.synchronize()  # as GpuBuffer._end does for in-process ranks
+            self._sync_bounded(compute, "waiting for this call's kernel (in-process ranks)")  # as GpuBuffer._end
         return _NO_EVENT, None
     compute = self._begin(None, async_finish)
     with self.on_comm_stream():
