@@ -51,7 +51,8 @@ def settle(buf):
     if getattr(buf, "backend", "") == "gpu":
         import cupy
 
-        cupy.cuda.get_current_stream().synchronize()  # the caller's stream, as a user would
+        # The caller's stream, as a user would; bounded (a kernel that never ends fails the test, not CI's clock).
+        buf._sync_bounded(cupy.cuda.get_current_stream(), "the test waiting for the caller's stream")
         buf._check_usable()
 
 
