@@ -37,6 +37,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "over Unix sockets), legacy (cudaIpcOpenMemHandle; copies into it ran at half speed on an H200), auto "
         "(vmm where every rank's driver has it)",
     ),
+    "EPKERN_REUSE_DIRECT_REGIONS": (
+        "0",
+        "in-process ranks: 1 = a Buffer's freed symmetric region is kept and handed to the next region of the "
+        "same size on that GPU (no cudaFree / cudaMalloc between Buffers; an experiment for the absent-rank "
+        "failure, docs/architecture.md); 0 = freed",
+    ),
     "EPKERN_LL_POLL_SLEEP_NS": (
         "auto",
         "LL kernels: nanoseconds a waiting thread sleeps (__nanosleep) between polls of a peer's signal after its "
@@ -247,6 +253,10 @@ def _zero_or_one(name: str) -> int:
 
 def ll_combine_split() -> int:
     return _int_choice("EPKERN_LL_COMBINE_SPLIT", range(1, 9), "an integer in 1..8")
+
+
+def reuse_direct_regions() -> int:
+    return _zero_or_one("EPKERN_REUSE_DIRECT_REGIONS")
 
 
 def ll_combine_ahead() -> int:
