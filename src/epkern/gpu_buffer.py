@@ -222,49 +222,53 @@ class GpuBuffer(Buffer):
         self._broken = msg
         raise TimeoutError(msg) if code == 1 else EpkernError(msg)
 
-    def _sync_bounded(self, stream, phase: str) -> None:
-        """``stream.synchronize()`` bounded by the deadline: every device-side wait ends within ``timeout_s``, so
-        work still running ``HOST_MARGIN_S`` later is a kernel that never ends (a bug, e.g. a warp deadlocked
-        on itself): raise TimeoutError naming rank and phase and mark the Buffer unusable, rather than hang."""
-        if stream.done:
-            return
+    def _poll_until(self, ready, spins_before_sleep: int, check_record: bool) -> bool:
+        """Poll ``ready()`` until it holds (True) or the host deadline passes (False): ``timeout_s`` (every
+        device-side wait ends by then) plus ``HOST_MARGIN_S``. ``check_record``: raise a recorded device error
+        while polling. After ``spins_before_sleep`` polls, sleep 20 µs between them (other in-process ranks need
+        the GIL to launch what this rank may wait for; spares the CPU)."""
         deadline = time.monotonic() + self.timeout_s + HOST_MARGIN_S
         spins = 0
-        while not stream.done:
+        while not ready():
+            if check_record:
+                self._raise_recorded()
             spins += 1
-            if spins > 50:
-                time.sleep(20e-6)  # other in-process ranks need the GIL to launch what this call may wait for
+            if spins > spins_before_sleep:
+                time.sleep(20e-6)
             if time.monotonic() > deadline:
-                self._raise_recorded()  # a device-side error recorded meanwhile explains it better
-                msg = (
-                    f"rank {self.rank}: {phase}: the GPU work of this call did not finish within "
-                    f"{self.timeout_s + HOST_MARGIN_S:g} s although every device-side wait ends within "
-                    f"{self.timeout_s:g} s (a kernel that never ends); the Buffer is unusable"
-                )
-                self._broken = msg
-                raise TimeoutError(msg)
+                return False
+        return True
+
+    def _sync_bounded(self, stream, phase: str) -> None:
+        """``stream.synchronize()`` bounded by the deadline: work still running ``HOST_MARGIN_S`` after every
+        device-side wait has ended is a kernel that never ends (a bug, e.g. a warp deadlocked on itself): raise
+        TimeoutError naming rank and phase and mark the Buffer unusable, rather than hang."""
+        if stream.done or self._poll_until(lambda: stream.done, 50, False):
+            return
+        self._raise_recorded()  # a device-side error recorded meanwhile explains it better
+        msg = (
+            f"rank {self.rank}: {phase}: the GPU work of this call did not finish within "
+            f"{self.timeout_s + HOST_MARGIN_S:g} s although every device-side wait ends within "
+            f"{self.timeout_s:g} s (a kernel that never ends); the Buffer is unusable"
+        )
+        self._broken = msg
+        raise TimeoutError(msg)
 
     def _wait_host_word(self, word: np.ndarray, value: int, phase: str) -> None:
         """Host-side wait for a host-mapped word written by a kernel, bounded by the deadline."""
-        deadline = time.monotonic() + self.timeout_s + HOST_MARGIN_S
-        spins = 0
-        while int(word[0]) != value:
-            self._raise_recorded()
-            spins += 1
-            if spins > 2000:
-                time.sleep(20e-6)  # let other in-process ranks run (GIL) and spare the CPU
-            if time.monotonic() > deadline:
-                msg = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
-                started = int(self.error_record[7])
-                if started != value:
-                    msg += (
-                        f"; this call's kernel never started (the last one that did was call {started}, this is "
-                        f"call {value}): other work held the GPU; with in-process ranks, streams sharing a "
-                        "hardware work queue do this (import epkern before CUDA starts, which sets "
-                        "CUDA_DEVICE_MAX_CONNECTIONS=32, and use run_in_process's streams)"
-                    )
-                self._broken = msg
-                raise TimeoutError(msg)
+        if self._poll_until(lambda: int(word[0]) == value, 2000, True):
+            return
+        msg = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
+        started = int(self.error_record[7])
+        if started != value:
+            msg += (
+                f"; this call's kernel never started (the last one that did was call {started}, this is "
+                f"call {value}): other work held the GPU; with in-process ranks, streams sharing a "
+                "hardware work queue do this (import epkern before CUDA starts, which sets "
+                "CUDA_DEVICE_MAX_CONNECTIONS=32, and use run_in_process's streams)"
+            )
+        self._broken = msg
+        raise TimeoutError(msg)
 
     # ---- streams ----
     def _begin(self, previous_event, async_finish=False, allocate_on_comm_stream=False):

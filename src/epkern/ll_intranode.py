@@ -277,10 +277,7 @@ def low_latency_dispatch(
             id(out_layout_range),
             id(out_count),
         )
-        try:
-            plan_shapes = (x.shape, topk_idx.shape)
-        except AttributeError:  # not arrays: the checks below say so
-            plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
+        plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
         plan = self._ll_plans.get(plan_key, plan_shapes)
         if plan is not None:
             return dispatch_returns(plan, *_replay(self, plan, async_finish, return_recv_hook, 2))
@@ -450,12 +447,7 @@ def _replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         # the caller waits for this call: the launch goes straight onto that stream, with no comm-stream round
         # trip (two events, two waits).
         in_process_sync = self.in_process and self.num_ranks > 1
-        captured = False
-        if self._ll_fast_host == 3 or in_process_sync:
-            try:  # capturing(), inlined: this is the whole host path of a replay
-                captured = bool(compute.is_capturing())
-            except Exception:  # noqa: BLE001 - no is_capturing, or an invalidated capture (CuPy reports it later)
-                captured = False
+        captured = capturing(compute) if self._ll_fast_host == 3 or in_process_sync else False
         if self._ll_fast_host == 3 and not captured:
             graph = plan.graphs.get(phase)
             if graph is None:
@@ -541,10 +533,11 @@ def low_latency_combine(
             id(handle.layout_range),
             id(out),
         )
-        try:
-            plan_shapes = (x.shape, topk_idx.shape, topk_weights.shape)
-        except AttributeError:  # not arrays: the checks below say so
-            plan_shapes = tuple(getattr(a, "shape", None) for a in (x, topk_idx, topk_weights))
+        plan_shapes = (
+            getattr(x, "shape", None),
+            getattr(topk_idx, "shape", None),
+            getattr(topk_weights, "shape", None),
+        )
         plan = self._ll_plans.get(plan_key, plan_shapes)
         if plan is not None:
             event, hook = _replay(self, plan, async_finish, return_recv_hook, 3)

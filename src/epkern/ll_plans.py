@@ -1,10 +1,10 @@
 """Replaying a validated LL call (EPKERN_LL_FAST_HOST=1, 2 or 3; 3 by default; run on an H200, docs/performance.md).
 
 A decode loop calls low_latency_dispatch / low_latency_combine with the same preallocated arrays every step.
-When a call's arrays (by identity, and x's / topk's shapes) and flags equal those of one of the last four
-validated calls (eight: a double-batch loop alternates two sets of arrays, and a zero-copy combine has a plan per
-buffer set, since it reads the set it runs in), the call only launches: the
-checks, the argument packing and the kernel lookup are the first call's. A plan holds strong references to its
+When a call's arrays (by identity, and x's / topk's shapes) and flags equal those of one of the last eight
+validated calls (a double-batch loop alternates two sets of arrays, and a zero-copy combine has a plan per
+buffer set, since it reads the set it runs in), the call only launches: the checks, the argument packing and
+the kernel lookup are the first call's. A plan holds strong references to its
 call's arrays, so their ids cannot be reused while it is kept. Contents may change freely (the kernels check
 index ranges on the device); an array reshaped in place is seen by the shape check. Calls that allocate an
 output never replay.

@@ -93,16 +93,17 @@ class SymmetricRegion:
             mode = choose_mapping(group.allgather_object((mode, can_vmm)))
         self.mode = mode
         size = max(self.nbytes, 256)
+        self._size = size
+        # In-process, EPKERN_REUSE_DIRECT_REGIONS=1: take a region an earlier Buffer freed (one of this size), and
+        # keep this one for a later Buffer when closed.
+        self._keep = mode == "direct" and _env.reuse_direct_regions() == 1
         with cupy.cuda.Device(device):
             if mode == "vmm":
                 self._maps.append(vmm.Mapping(size, device))
                 self.ptr = self._maps[0].ptr
             else:
-                # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation. In-process,
-                # EPKERN_REUSE_DIRECT_REGIONS=1 takes a region an earlier Buffer freed, if one of this size is kept.
-                self._keep = mode == "direct" and _env.reuse_direct_regions() == 1
+                # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation.
                 self.ptr = (_take_kept(device, size) if self._keep else 0) or rt.malloc(size)
-            self._size = size
             rt.memset(self.ptr, 0, size)
             rt.deviceSynchronize()
         if mode == "direct":
@@ -157,7 +158,7 @@ class SymmetricRegion:
                 for m in reversed(self._maps):  # peers' mappings first, then mine
                     m.close()
                 self._maps.clear()
-            elif getattr(self, "_keep", False):
+            elif self._keep:
                 self._rt.deviceSynchronize()  # nothing still runs on it when the next region takes it
                 _keep(self.device, self._size, self.ptr)
             else:
