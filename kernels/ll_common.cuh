@@ -38,7 +38,10 @@ constexpr int kStateDone = kStateSlot + kMaxExperts;  // [kMaxExperts]: dispatch
 constexpr int kStatePair = kStateDone + kMaxExperts;  // [kMaxExperts]: combine warps finished per (e, src)
 constexpr int kStateSent = kStatePair + kMaxExperts;  // [kMaxExperts]: diagnostics, dispatch count of g: -seq
                                                       // once its warp waits for the local sends, seq once sent
-constexpr int kStateWords = kStateSent + kMaxExperts;
+constexpr int kStateReadback = kStateSent + kMaxExperts;  // [kMaxExperts]: diagnostics (EPK_LL_DIAG), the count
+                                                          // word read back from the owner right after its store
+constexpr int kStateSentAddr = kStateReadback + kMaxExperts;  // [kMaxExperts] int64: ... and the address stored to
+constexpr int kStateWords = kStateSentAddr + 2 * kMaxExperts;
 
 // ---- phases of a launch (bit mask) and of an error record (PHASES in gpu_buffer.py) ----
 constexpr int kSend = 1;

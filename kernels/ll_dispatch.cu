@@ -25,7 +25,7 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
 // EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1),
-// EPK_LL_COPY_INFLIGHT (1..8).
+// EPK_LL_COPY_INFLIGHT (1..8), EPK_LL_DIAG (0 / 1).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -51,6 +51,10 @@ static_assert(kCopyInFlight >= 1 && kCopyInFlight <= 8, "copy loads in flight in
 #define EPK_LL_PULL 1
 #endif
 constexpr bool kPull = EPK_LL_PULL != 0;
+#ifndef EPK_LL_DIAG
+#define EPK_LL_DIAG 0
+#endif
+constexpr bool kDiag = EPK_LL_DIAG != 0;  // EPKERN_LL_DIAG: the absent-rank diagnostics (docs/architecture.md)
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
 static_assert(!kUe8m0 || (kFp8 && kRoundScale && kHidden % 512 == 0), "UE8M0 needs FP8, round_scale, H % 512");
 static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
@@ -258,6 +262,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
           report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
         state[ll::kStateSent + g] = static_cast<int>(seq);
+        if constexpr (kDiag) {  // where the count went and what that word holds right after (same thread: ours or later)
+          if (s_route[d].kind == kRouteIpc) {
+            const int *word = reinterpret_cast<const int *>(s_route[d].base + off);
+            state[ll::kStateReadback + g] = ld_acquire_sys(word);
+            reinterpret_cast<unsigned long long *>(state + ll::kStateSentAddr)[g] =
+                reinterpret_cast<unsigned long long>(word);
+          }
+        }
         slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
         done_ctr[g] = 0;
       }

@@ -9,7 +9,7 @@
 # LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab),
 # LLAB_VARIANTS ("VAR=v,VAR2=w ..." or "-" for the defaults, llab), LLAB_EXTRA (bench_ll.py options, e.g. --zero-copy),
 # HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
-# its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
+# its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file), REPRO_VARIANTS (absentrepro),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
 # Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
 # variant ~9 s, bench_ht at 4096 tokens ~6 s, rdma tests 3 s, the in-process LL tests 2-3 min.
@@ -119,11 +119,17 @@ if has absentrepro; then
   # The reproducer of the absent-rank failure (docs/architecture.md, Known problems): another LL test first in the
   # same process; it failed as the first run of every fresh H200 machine tried (4 of 4), never on later runs.
   # Runs before the other in-process tests (cold kernel caches of its own); no MPS step should come first.
-  for i in $(seq 1 "${REPRO_RUNS:-2}"); do
+  # REPRO_VARIANTS: one run each, in order, each with a cold kernel cache of its own: comma-separated EPKERN_*
+  # assignments, "-" = the defaults. Every run keeps the count-signal diagnostics (EPKERN_LL_DIAG=1).
+  i=0
+  for v in ${REPRO_VARIANTS:-- - EPKERN_REUSE_DIRECT_REGIONS=1}; do
+    i=$((i + 1))
     log="$OUT/absent_repro_$i.log"
-    EPKERN_CACHE_DIR="/tmp/epkern-cache-repro-$i" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE -m "gpu and not mpi" \
-      tests/test_ll_gpu.py -k "zero_tokens or absent" >"$log" 2>&1
-    summary+=("absent repro $i rc=$?: $(tail -1 "$log")")
+    assigns=(EPKERN_LL_DIAG=1)
+    [ "$v" != - ] && IFS=, read -ra more <<<"$v" && assigns+=("${more[@]}")
+    env "${assigns[@]}" EPKERN_CACHE_DIR="/tmp/epkern-cache-repro-$i" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q \
+      -p no:cacheprovider -rfE -m "gpu and not mpi" tests/test_ll_gpu.py -k "zero_tokens or absent" >"$log" 2>&1
+    summary+=("absent repro $i ($v) rc=$?: $(tail -1 "$log")")
   done
 fi
 if has tests; then

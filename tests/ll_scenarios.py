@@ -567,7 +567,16 @@ def ll_signal_dump(buf, num_experts):
     import cupy
 
     from epkern.ll_intranode import STATE_MASK, set_stride_of
-    from epkern.ll_layout import SEEN_BLOCKS, STATE_DONE, STATE_ROUTE, STATE_SEEN_MASK, STATE_SENT, STATE_SLOT
+    from epkern.ll_layout import (
+        SEEN_BLOCKS,
+        STATE_DONE,
+        STATE_READBACK,
+        STATE_ROUTE,
+        STATE_SEEN_MASK,
+        STATE_SENT,
+        STATE_SENT_ADDR,
+        STATE_SLOT,
+    )
 
     cupy.cuda.runtime.deviceSynchronize()
     st = cupy.asnumpy(buf.ll_state[:2]).tolist()
@@ -598,6 +607,9 @@ def ll_signal_dump(buf, num_experts):
     # Where this rank's kernels send to (peer table + ll_off) and where it reads its own area.
     peers = [hex(int(v)) for v in cupy.asnumpy(buf.peer_table).ravel()[: buf.num_ranks]]
     counters += f" peers={peers} ll_offset={buf.ll_offset} region={hex(buf.region.ptr)}"
+    if buf._ll_diag:  # EPKERN_LL_DIAG=1: per expert, the count word read back right after its store, and where
+        addrs = cupy.asnumpy(buf.ll_state[STATE_SENT_ADDR : STATE_SENT_ADDR + 2 * num_experts]).view(np.uint64)
+        counters += f" readback={words(STATE_READBACK)} sent_to={[hex(int(a)) for a in addrs]}"
     return (
         f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} {counters} set0 {sets[0]} set1 {sets[1]}"
     )

@@ -122,6 +122,7 @@ SPECIMENS = {
         # rows copied with more loads in flight (EPKERN_LL_COPY_INFLIGHT), BF16 and FP8
         *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), (8, 7168, 8, 1, 1, 1), EPK_LL_COPY_INFLIGHT=6),
         *_specimens(LL_DISPATCH_KEYS, (2, 256, 4, 0, 0, 0), EPK_LL_COPY_INFLIGHT=1),
+        *_specimens(LL_DISPATCH_KEYS, (4, 2048, 4, 0, 0, 0), EPK_LL_DIAG=1),  # the absent-rank diagnostics
     ],
     "ll_combine.cu": [
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),

@@ -84,6 +84,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "LL dispatch: 16-byte loads (1..8) each lane has in flight while copying a row (staging, and the "
         "receive's copy into recv_x). Compiled in as a define",
     ),
+    "EPKERN_LL_DIAG": (
+        "0",
+        "LL dispatch diagnostics: 1 = each count signal's address and the word read back right after its store "
+        "are kept in the device state (tests/ll_scenarios.ll_signal_dump prints them; the absent-rank failure, "
+        "docs/architecture.md). Compiled in",
+    ),
     "EPKERN_LL_POLL_RELAXED": (
         "1",
         "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
@@ -273,6 +279,10 @@ def ll_dispatch_pull() -> int:
 
 def ll_combine_pull() -> int:
     return _zero_or_one("EPKERN_LL_COMBINE_PULL")
+
+
+def ll_diag() -> int:
+    return _zero_or_one("EPKERN_LL_DIAG")
 
 
 def ll_fast_host() -> int:

@@ -121,6 +121,7 @@ def init_low_latency(self) -> None:
     self._ll_copy_inflight = _env.ll_copy_inflight()
     self._ll_dispatch_pull = _env.ll_dispatch_pull()
     self._ll_combine_pull = _env.ll_combine_pull()
+    self._ll_diag = _env.ll_diag()
 
 
 def capturing(stream) -> bool:
@@ -347,6 +348,7 @@ def low_latency_dispatch(
         "EPK_THREADS": THREADS,
         "EPK_LL_PULL": self._ll_dispatch_pull,
         "EPK_LL_COPY_INFLIGHT": self._ll_copy_inflight,
+        "EPK_LL_DIAG": self._ll_diag,
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
