@@ -220,10 +220,16 @@ def _memset_async(ptr, value, nbytes, stream=0):
     ctypes.memset(ptr, value, nbytes)  # fake "device" memory is host memory (FakeRegion)
 
 
+def _memcpy_async(dst, src, nbytes, kind, stream=0):
+    ctypes.memmove(dst, src, nbytes)
+
+
 def _module():
     cupy = types.ModuleType("cupy")
     cuda = types.ModuleType("cupy.cuda")
-    cuda.runtime = types.SimpleNamespace(memsetAsync=_memset_async, getDevice=lambda: 0)
+    cuda.runtime = types.SimpleNamespace(
+        memsetAsync=_memset_async, memcpyAsync=_memcpy_async, memcpyDeviceToDevice=3, getDevice=lambda: 0
+    )
     for name in ("ndarray", "asarray", "zeros", "empty", "full", "asnumpy", "ascontiguousarray"):
         setattr(cupy, name, globals()[name])
     for name in ("UnownedMemory", "MemoryPointer", "Device", "Event", "Stream", "get_current_stream"):

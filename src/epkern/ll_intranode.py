@@ -101,6 +101,7 @@ def init_low_latency(self) -> None:
     import cupy
 
     self.ll_state = cupy.zeros(STATE_WORDS, dtype=np.int32)
+    self._ll_one = cupy.asarray(np.ones(1, np.int32))  # source of the state words set to 1 (ll_masks.py)
     kinds = np.array([ROUTE_IPC if p else ROUTE_NONE for p in self.region.peer_ptrs], dtype=np.int32)
     self.ll_state[STATE_ROUTE : STATE_ROUTE + self.num_ranks] = cupy.asarray(kinds)
     cupy.cuda.get_current_stream().synchronize()

@@ -10,6 +10,36 @@ from .errors import ArgumentError, TimeoutError
 from .ll_layout import LL_BAD_INDEX_PHASE, LL_PHASES, STATE_COUNTER, STATE_MASK, STATE_SLOT, STATE_WORDS
 
 
+# The LL state is written and read here by plain copies and memsets, never by a CuPy elementwise kernel: the
+# first use of such a kernel compiles and loads a module, and these calls run where peers' kernels may be
+# spinning in the same context (the raise-once path right after a deadline; docs/architecture.md, Known problems).
+def _set_state_words(self, start: int, count: int, value: int) -> None:
+    """ll_state[start : start + count] = value (0 or 1), on the current stream, without a kernel."""
+    import cupy
+
+    stream = cupy.cuda.get_current_stream().ptr
+    dst = self.ll_state.data.ptr + 4 * start
+    if value == 0:
+        cupy.cuda.runtime.memsetAsync(dst, 0, 4 * count, stream)
+        return
+    src = self._ll_one.data.ptr
+    for i in range(count):
+        cupy.cuda.runtime.memcpyAsync(dst + 4 * i, src, 4, cupy.cuda.runtime.memcpyDeviceToDevice, stream)
+
+
+def _copy_state_words(self, dst, start: int, count: int) -> None:
+    """dst (contiguous int32 [count]) = ll_state[start : start + count], on the current stream, without a kernel."""
+    import cupy
+
+    cupy.cuda.runtime.memcpyAsync(
+        dst.data.ptr,
+        self.ll_state.data.ptr + 4 * start,
+        4 * count,
+        cupy.cuda.runtime.memcpyDeviceToDevice,
+        cupy.cuda.get_current_stream().ptr,
+    )
+
+
 def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
     """Zero the LL area and the call counters on every rank (collective). Not needed between calls (signals
     carry the call's tag); use it after a failure or to bring a masked rank back (then unmask it)."""
@@ -28,8 +58,8 @@ def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num
         self.group.barrier()  # no peer still writes into our area
         if self.ll_bytes:
             cupy.cuda.runtime.memsetAsync(self.region.ptr + self.ll_offset, 0, self.ll_bytes, self.comm_stream.ptr)
-        self.ll_state[STATE_COUNTER:STATE_MASK] = 0
-        self.ll_state[STATE_SLOT:STATE_WORDS] = 0
+        _set_state_words(self, STATE_COUNTER, STATE_MASK - STATE_COUNTER, 0)
+        _set_state_words(self, STATE_SLOT, STATE_WORDS - STATE_SLOT, 0)
         self.comm_stream.synchronize()
         self.group.barrier()  # every rank restarts from call 0 together
     self._ll_sends = 0
@@ -41,7 +71,7 @@ def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
     self._check_usable()
     r = check_int(rank_to_mask, "rank_to_mask", min_value=0, max_value=self.num_ranks - 1)
     with self.on_comm_stream():
-        self.ll_state[STATE_MASK + r] = 1 if mask else 0
+        _set_state_words(self, STATE_MASK + r, 1, 1 if mask else 0)
 
 
 def low_latency_query_mask_buffer(self, mask_status=None):
@@ -55,9 +85,10 @@ def low_latency_query_mask_buffer(self, mask_status=None):
     if mask_status is not None:
         mask_status = _check_out(mask_status, "mask_status", (np.int32,), (R,), self.device)
     with self.on_comm_stream():
-        status = self.ll_state[STATE_MASK : STATE_MASK + R].copy()
-        if mask_status is not None:
-            mask_status[...] = status
+        status = mask_status if mask_status is not None and mask_status.flags.c_contiguous else cupy.empty(R, np.int32)
+        _copy_state_words(self, status, STATE_MASK, R)
+        if mask_status is not None and status is not mask_status:
+            mask_status[...] = status  # a strided caller array: one CuPy copy kernel
             status = mask_status
     cupy.cuda.get_current_stream().wait_event(self.comm_stream.record())
     return status
@@ -67,7 +98,7 @@ def low_latency_clean_mask_buffer(self):
     """Unmask every rank."""
     self._check_usable()
     with self.on_comm_stream():
-        self.ll_state[STATE_MASK : STATE_MASK + self.num_ranks] = 0
+        _set_state_words(self, STATE_MASK, self.num_ranks, 0)
 
 
 def raise_recoverable(self) -> None:
@@ -85,7 +116,7 @@ def raise_recoverable(self) -> None:
         )
     if 0 <= peer < self.num_ranks:
         with self.on_comm_stream():
-            self.ll_state[STATE_MASK + peer] = 1
+            _set_state_words(self, STATE_MASK + peer, 1, 1)
     raise TimeoutError(
         f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s (tag seen {seen}, "
         f"expected {expected}); peer {peer} is now masked (low_latency_query_mask_buffer) and this call's "
