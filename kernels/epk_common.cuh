@@ -30,6 +30,9 @@ EPK_DEVICE int ld_acquire_gpu(const int *p) {
 EPK_DEVICE void st_release_sys(int *p, int v) {
   asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+EPK_DEVICE void st_release_gpu(int *p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 // Unsigned 32- and 64-bit forms (FIFO indices, doorbell records and registers).
 EPK_DEVICE unsigned ld_acquire_sys(const unsigned *p) {
   unsigned v;

@@ -5,10 +5,13 @@
 //   set p (p = call seq & 1) at p * set_stride, each set:
 //     [0, 4E)                 signals: dispatch count of (local expert e, source rank s) at index e*R + s,
 //                             combine flag of global expert g at index g (both int32, tagged, see below)
+//     [4E, 8E)                the direct dispatch's fill counter of each local expert (int32, reset by the
+//                             owner's receive; no other mode writes there)
 //     [send_off, ...)         send region: dispatch staging (one message per source token), and the
 //                             zero-copy combine buffer [E_loc, R*num_max, H] BF16 (never both in one call)
 //     [recv_off, ...)         receive region: dispatch slots [E_loc][R][num_max] messages of 16 + 2H bytes,
-//                             or combine slots [E][num_max] rows of 2H bytes
+//                             or combine slots [E][num_max] rows of 2H bytes, or the direct dispatch's
+//                             outputs (recv_x, scales, src_info, layout_range, count; ll_dispatch_direct.cuh)
 //   Host side: src/epkern/ll_intranode.py (ll_layout) computes the offsets; they fit the size hint.
 //
 // Call counter: the Buffer's device state holds the seq of the last call that sent. A kernel that sends
@@ -41,7 +44,13 @@ constexpr int kStateSent = kStatePair + kMaxExperts;  // [kMaxExperts]: diagnost
 constexpr int kStateReadback = kStateSent + kMaxExperts;  // [kMaxExperts]: diagnostics (EPK_LL_DIAG), the count
                                                           // word read back from the owner right after its store
 constexpr int kStateSentAddr = kStateReadback + kMaxExperts;  // [kMaxExperts] int64: ... and the address stored to
-constexpr int kStateWords = kStateSentAddr + 2 * kMaxExperts;
+constexpr int kMaxSelections = 1024 * 32;  // num_max * top-k at most
+// The direct dispatch (EPK_LL_DIRECT): per expert, the begin of this rank's block at its owner and the seq once
+// published; per selection (t * K + k), its slot within the block (token order).
+constexpr int kStateBegin = kStateSentAddr + 2 * kMaxExperts;
+constexpr int kStateBeginTag = kStateBegin + kMaxExperts;
+constexpr int kStateSlotOf = kStateBeginTag + kMaxExperts;
+constexpr int kStateWords = kStateSlotOf + kMaxSelections;
 
 // ---- phases of a launch (bit mask) and of an error record (PHASES in gpu_buffer.py) ----
 constexpr int kSend = 1;

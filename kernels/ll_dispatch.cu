@@ -25,7 +25,7 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
 // EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1),
-// EPK_LL_COPY_INFLIGHT (1..8), EPK_LL_DIAG (0 / 1).
+// EPK_LL_COPY_INFLIGHT (1..8), EPK_LL_DIAG (0 / 1), EPK_LL_DIRECT (0 / 1: ll_dispatch_direct.cuh).
 #include "ll_common.cuh"
 
 constexpr int kRanks = EPK_NUM_RANKS;
@@ -51,6 +51,10 @@ static_assert(kCopyInFlight >= 1 && kCopyInFlight <= 8, "copy loads in flight in
 #define EPK_LL_PULL 1
 #endif
 constexpr bool kPull = EPK_LL_PULL != 0;
+#ifndef EPK_LL_DIRECT
+#define EPK_LL_DIRECT 0
+#endif
+constexpr bool kDirect = EPK_LL_DIRECT != 0;  // zero_copy_recv: rows written once into the owners' outputs
 #ifndef EPK_LL_DIAG
 #define EPK_LL_DIAG 0
 #endif
@@ -138,13 +142,16 @@ __device__ __forceinline__ int send_parts(int num_tokens, int num_warps) {
 // 0 for other lanes, masked sources and a source that stays silent past the deadline (masked from then on).
 // `waited`: the lane's wait in ns (0 where it did not wait).
 __device__ __forceinline__ int wait_count(const int *sig, int e, int tag, const Deadline &deadline, int *state,
-                                          const int *s_mask, int num_max, int lane, unsigned long long &waited) {
+                                          const int *s_mask, int num_max, int lane, unsigned long long &waited,
+                                          bool &arrived) {
+  arrived = false;
   if (lane >= kRanks || s_mask[lane]) return 0;
   const uint64_t t0 = now_ns();
   int v = 0;
   const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, ll::kPhaseDispatchRecv, lane, v);
   waited = now_ns() - t0;
-  if (got == ll::kArrived) return min(v & ll::kCountMask, num_max);
+  arrived = got == ll::kArrived;
+  if (arrived) return min(v & ll::kCountMask, num_max);
   if (got == ll::kExpired) ll::mask_peer(state, lane);
   return 0;
 }
@@ -172,6 +179,8 @@ __device__ __forceinline__ void unpack_message(const char *msg, long long row, i
   }
 }
 
+#include "ll_dispatch_direct.cuh"
+
 // Two blocks per SM (at most 64 registers at 512 threads): the spin-waiting LL kernels of every rank sharing
 // a GPU, a dispatch and a combine each, must be resident at once.
 extern "C" __global__ void __launch_bounds__(kThreads, 2)
@@ -197,152 +206,164 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
   ll::load_peers(state, peers, ll_off, s_mask, s_route);
   __syncthreads();
 
-  if (phase & ll::kSend) {
-    char *const staging = mine + set_base + send_off;
-    int *const token_list = reinterpret_cast<int *>(mine + set_base + recv_off);  // pulled: [E][num_max]
-    int *const slot_ctr = state + ll::kStateSlot;
-    int *const done_ctr = state + ll::kStateDone;
-    // 1. Warp per token: message once, then one put to all its selections' owners' slots. Pulled, idle warps
-    // share the tokens' rows: `parts` warps per token (each counts every selection as done once its share is
-    // written; part 0 claims the slots), so the expert's count warp waits for cnt * parts.
-    const int parts = send_parts(num_tokens, num_warps);
-    for (int item = gw; item < num_tokens * parts; item += num_warps) {
-      const int t = item / parts, part = item - t * parts;
-      char *msg = staging + static_cast<long long>(t) * kSlotBytes;
-      build_message(x + static_cast<long long>(t) * (kHidden / 8), t, msg, lane, part, parts);
-      __syncwarp();  // the whole message is written (and visible to every lane) before any put reads it
-      // Lane k < kTopk takes selection k: checks it, claims its slot in the owner's block, and is destination k
-      // of one put that reads the message once for all selections.
-      const long long g = lane < kTopk ? topk_idx[static_cast<long long>(t) * kTopk + lane] : -1;
-      bool active = false;
-      int d = 0;
-      long long off = 0;
-      if (g < -1 || g >= num_experts) {
-        report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
-      } else if (g >= 0) {
-        d = static_cast<int>(g) / e_loc;
-        const int e = static_cast<int>(g) % e_loc;
-        if (!s_mask[d] && part == 0) {
-          const int slot = atomicAdd(slot_ctr + g, 1);
-          if (slot < num_max) {
-            active = true;
-            if constexpr (kPull)
-              off = static_cast<long long>(slot) << 32;  // only the slot is needed (the list entry)
-            else
-              off = set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
-          } else {
-            report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, slot, num_max);
+  if constexpr (kDirect) {
+    if (phase & ll::kSend)
+      direct::send(rank, seq, tag, set_base, x, num_tokens, topk_idx, num_experts, num_max, send_off, recv_off, state,
+                   s_mask, s_route, mine, err, deadline, lane, gw, num_warps);
+    if (phase & ll::kRecv)
+      direct::recv(tag, set_base, num_experts, s_mask, mine, state, out_layout, out_count, recv_stats, wait_stats,
+                   deadline, num_max, lane);
+  } else {
+    if (phase & ll::kSend) {
+      char *const staging = mine + set_base + send_off;
+      int *const token_list = reinterpret_cast<int *>(mine + set_base + recv_off);  // pulled: [E][num_max]
+      int *const slot_ctr = state + ll::kStateSlot;
+      int *const done_ctr = state + ll::kStateDone;
+      // 1. Warp per token: message once, then one put to all its selections' owners' slots. Pulled, idle warps
+      // share the tokens' rows: `parts` warps per token (each counts every selection as done once its share is
+      // written; part 0 claims the slots), so the expert's count warp waits for cnt * parts.
+      const int parts = send_parts(num_tokens, num_warps);
+      for (int item = gw; item < num_tokens * parts; item += num_warps) {
+        const int t = item / parts, part = item - t * parts;
+        char *msg = staging + static_cast<long long>(t) * kSlotBytes;
+        build_message(x + static_cast<long long>(t) * (kHidden / 8), t, msg, lane, part, parts);
+        __syncwarp();  // the whole message is written (and visible to every lane) before any put reads it
+        // Lane k < kTopk takes selection k: checks it, claims its slot in the owner's block, and is destination k
+        // of one put that reads the message once for all selections.
+        const long long g = lane < kTopk ? topk_idx[static_cast<long long>(t) * kTopk + lane] : -1;
+        bool active = false;
+        int d = 0;
+        long long off = 0;
+        if (g < -1 || g >= num_experts) {
+          report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
+        } else if (g >= 0) {
+          d = static_cast<int>(g) / e_loc;
+          const int e = static_cast<int>(g) % e_loc;
+          if (!s_mask[d] && part == 0) {
+            const int slot = atomicAdd(slot_ctr + g, 1);
+            if (slot < num_max) {
+              active = true;
+              if constexpr (kPull)
+                off = static_cast<long long>(slot) << 32;  // only the slot is needed (the list entry)
+              else
+                off = set_base + recv_off + (static_cast<long long>(e * kRanks + rank) * num_max + slot) * kSlotBytes;
+            } else {
+              report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, slot, num_max);
+            }
           }
         }
-      }
-      const bool counted = g >= 0 && g < num_experts && !s_mask[d];  // counted by its expert's count warp
-      if constexpr (kPull) {
-        // The owner reads the staged message itself; the list tells it which (slot order).
-        if (active) token_list[g * num_max + (off >> 32)] = t;
-      } else {
-        const unsigned unsupported = route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane);
-        if (unsupported >> lane & 1u)
-          report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
-      }
-      __syncwarp();
-      // Release (GPU scope) after the warp's stores; the expert's count warp acquires it.
-      if (counted) atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(done_ctr + g), 1u);
-    }
-    // 2. Warp per expert: count its selections, wait until all are out, signal the owner, reset counters.
-    for (int g = gw; g < num_experts; g += num_warps) {
-      const int d = g / e_loc, e = g % e_loc;
-      if (s_mask[d]) continue;
-      int cnt = 0;
-      for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
-      cnt = ll::warp_sum(cnt);
-      if (lane == 0) {
-        state[ll::kStateSent + g] = -static_cast<int>(seq);  // diagnostics (ll_signal_dump)
-        ll::wait_local(done_ctr + g, cnt * parts, deadline, ll::kPhaseLocalSends, d);
-        const long long off = set_base + 4LL * (e * kRanks + rank);
-        if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
-          report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
-        state[ll::kStateSent + g] = static_cast<int>(seq);
-        if constexpr (kDiag) {  // where the count went and what that word holds right after (same thread: ours or later)
-          if (s_route[d].kind == kRouteIpc) {
-            const int *word = reinterpret_cast<const int *>(s_route[d].base + off);
-            state[ll::kStateReadback + g] = ld_acquire_sys(word);
-            reinterpret_cast<unsigned long long *>(state + ll::kStateSentAddr)[g] =
-                reinterpret_cast<unsigned long long>(word);
-          }
-        }
-        slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
-        done_ctr[g] = 0;
-      }
-      // Reconverge before anything else: without this, lanes 1..31 ran ahead into the receive phase and spun
-      // on peers' counts while lane 0 still waited here, and a warp whose spinning lanes are scheduled ahead
-      // of lane 0 holds back the count every peer waits for (suspected cause of the fused dispatch's 4.4 ms
-      // against 0.35 ms for its two halves, and of a count that never arrived; not yet measured).
-      __syncwarp();
-    }
-  }
-
-  if (phase & ll::kRecv) {
-    // One block per local expert at a time: warp 0's lanes l < R wait for source l's count (R waiters per expert),
-    // then every warp of the block unpacks the expert's rows, flattened over the sources in rank order.
-    __shared__ int s_begin[kRanks + 1];
-    const int rows = kRanks * num_max;
-    const char *const recv = mine + set_base + recv_off;
-    const int *const sig = reinterpret_cast<const int *>(mine + set_base);
-    const int warp = tid / 32;
-    for (int e = blockIdx.x; e < e_loc; e += gridDim.x) {
-      if (warp == 0) {
-        unsigned long long waited = 0;
-        const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited);
-        if (wait_stats != nullptr && lane < kRanks)
-          atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, waited);
-        __syncwarp();    // the acquiring lanes' view of the messages is every lane's view from here
-        int incl = cnt;  // inclusive prefix over lanes (sources) of the counts
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int up = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += up;
-        }
-        if (lane < kRanks) {
-          s_begin[lane + 1] = incl;
-          out_layout[e * kRanks + lane] = (static_cast<long long>(incl - cnt) << 32) | static_cast<unsigned>(cnt);
-        }
-        if (lane == 0) s_begin[0] = 0;
-        if (lane == kRanks - 1) {
-          out_count[e] = incl;
-          if (recv_stats != nullptr) atomicAdd(recv_stats + e, incl);
-        }
-      }
-      __syncthreads();
-      __threadfence();  // warp 0's acquires order every warp's reads of the messages below (as in combine)
-      const int total = s_begin[kRanks];
-      for (int j = warp; j < total; j += kWarps) {
-        int s = 0;
-        while (s_begin[s + 1] <= j) ++s;  // the source whose rows hold j (at most R steps)
-        const int i = j - s_begin[s];
-        const char *msg;
+        const bool counted = g >= 0 && g < num_experts && !s_mask[d];  // counted by its expert's count warp
         if constexpr (kPull) {
-          // Source s listed its tokens for expert (rank, e) in slot order; the row is its staged message.
-          const char *peer = route_peer_ptr(s_route[s], set_base);
-          if (peer == nullptr) {
-            if (lane == 0) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
-            continue;
-          }
-          const int *list = reinterpret_cast<const int *>(peer + recv_off);
-          int t = lane == 0 ? ll::ld_cg(list + (static_cast<long long>(rank) * e_loc + e) * num_max + i) : 0;
-          t = __shfl_sync(0xffffffffu, t, 0);
-          if (t < 0 || t >= num_max) {  // cannot happen unless the list is corrupt: refuse rather than fault
-            if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, s, t, num_max);
-            continue;
-          }
-          msg = peer + send_off + static_cast<long long>(t) * kSlotBytes;
+          // The owner reads the staged message itself; the list tells it which (slot order).
+          if (active) token_list[g * num_max + (off >> 32)] = t;
         } else {
-          msg = recv + (static_cast<long long>(e * kRanks + s) * num_max + i) * kSlotBytes;
+          const unsigned unsupported = route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane);
+          if (unsupported >> lane & 1u)
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
         }
-        unpack_message(msg, static_cast<long long>(e) * rows + j, e, rows, out_x, out_scales, out_src, lane);
+        __syncwarp();
+        // Release (GPU scope) after the warp's stores; the expert's count warp acquires it.
+        if (counted) atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(done_ctr + g), 1u);
       }
-      __syncthreads();  // s_begin is the next expert's
+      // 2. Warp per expert: count its selections, wait until all are out, signal the owner, reset counters.
+      for (int g = gw; g < num_experts; g += num_warps) {
+        const int d = g / e_loc, e = g % e_loc;
+        if (s_mask[d]) continue;
+        int cnt = 0;
+        for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
+        cnt = ll::warp_sum(cnt);
+        if (lane == 0) {
+          state[ll::kStateSent + g] = -static_cast<int>(seq);  // diagnostics (ll_signal_dump)
+          ll::wait_local(done_ctr + g, cnt * parts, deadline, ll::kPhaseLocalSends, d);
+          const long long off = set_base + 4LL * (e * kRanks + rank);
+          if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
+            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+          state[ll::kStateSent + g] = static_cast<int>(seq);
+          if constexpr (kDiag) {  // where the count went and what that word holds right after (same thread: ours or
+                                  // later)
+            if (s_route[d].kind == kRouteIpc) {
+              const int *word = reinterpret_cast<const int *>(s_route[d].base + off);
+              state[ll::kStateReadback + g] = ld_acquire_sys(word);
+              reinterpret_cast<unsigned long long *>(state + ll::kStateSentAddr)[g] =
+                  reinterpret_cast<unsigned long long>(word);
+            }
+          }
+          slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
+          done_ctr[g] = 0;
+        }
+        // Reconverge before anything else: without this, lanes 1..31 ran ahead into the receive phase and spun
+        // on peers' counts while lane 0 still waited here, and a warp whose spinning lanes are scheduled ahead
+        // of lane 0 holds back the count every peer waits for (suspected cause of the fused dispatch's 4.4 ms
+        // against 0.35 ms for its two halves, and of a count that never arrived; not yet measured).
+        __syncwarp();
+      }
     }
-  }
+
+    if (phase & ll::kRecv) {
+      // One block per local expert at a time: warp 0's lanes l < R wait for source l's count (R waiters per expert),
+      // then every warp of the block unpacks the expert's rows, flattened over the sources in rank order.
+      __shared__ int s_begin[kRanks + 1];
+      const int rows = kRanks * num_max;
+      const char *const recv = mine + set_base + recv_off;
+      const int *const sig = reinterpret_cast<const int *>(mine + set_base);
+      const int warp = tid / 32;
+      for (int e = blockIdx.x; e < e_loc; e += gridDim.x) {
+        if (warp == 0) {
+          unsigned long long waited = 0;
+          bool arrived = false;
+          const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited, arrived);
+          if (wait_stats != nullptr && lane < kRanks)
+            atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, waited);
+          __syncwarp();    // the acquiring lanes' view of the messages is every lane's view from here
+          int incl = cnt;  // inclusive prefix over lanes (sources) of the counts
+#pragma unroll
+          for (int o = 1; o < 32; o <<= 1) {
+            const int up = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += up;
+          }
+          if (lane < kRanks) {
+            s_begin[lane + 1] = incl;
+            out_layout[e * kRanks + lane] = (static_cast<long long>(incl - cnt) << 32) | static_cast<unsigned>(cnt);
+          }
+          if (lane == 0) s_begin[0] = 0;
+          if (lane == kRanks - 1) {
+            out_count[e] = incl;
+            if (recv_stats != nullptr) atomicAdd(recv_stats + e, incl);
+          }
+        }
+        __syncthreads();
+        __threadfence();  // warp 0's acquires order every warp's reads of the messages below (as in combine)
+        const int total = s_begin[kRanks];
+        for (int j = warp; j < total; j += kWarps) {
+          int s = 0;
+          while (s_begin[s + 1] <= j) ++s;  // the source whose rows hold j (at most R steps)
+          const int i = j - s_begin[s];
+          const char *msg;
+          if constexpr (kPull) {
+            // Source s listed its tokens for expert (rank, e) in slot order; the row is its staged message.
+            const char *peer = route_peer_ptr(s_route[s], set_base);
+            if (peer == nullptr) {
+              if (lane == 0) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+              continue;
+            }
+            const int *list = reinterpret_cast<const int *>(peer + recv_off);
+            int t = lane == 0 ? ll::ld_cg(list + (static_cast<long long>(rank) * e_loc + e) * num_max + i) : 0;
+            t = __shfl_sync(0xffffffffu, t, 0);
+            if (t < 0 || t >= num_max) {  // cannot happen unless the list is corrupt: refuse rather than fault
+              if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, s, t, num_max);
+              continue;
+            }
+            msg = peer + send_off + static_cast<long long>(t) * kSlotBytes;
+          } else {
+            msg = recv + (static_cast<long long>(e * kRanks + s) * num_max + i) * kSlotBytes;
+          }
+          unpack_message(msg, static_cast<long long>(e) * rows + j, e, rows, out_x, out_scales, out_src, lane);
+        }
+        __syncthreads();  // s_begin is the next expert's
+      }
+    }
+
+  }  // !kDirect
 
   ll::note_seen_mask(state, 0, seq, s_mask);  // at the end: no registers held across the call
   if (phase & ll::kSend) ll::finish_call(state, seq);

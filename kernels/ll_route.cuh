@@ -1,7 +1,8 @@
 // The low-latency send-site abstraction: one Route per peer, chosen at run time from a per-peer kind.
 //
 // The LL kernels touch a peer's LL area only through the functions below, at exactly four send sites:
-// dispatch data (route_put_warp_lanes: one message to all its selections), dispatch count (route_signal),
+// dispatch data (route_put_warp_lanes: one message to all its selections; the direct dispatch also stores
+// src_info / scales / layout_range words and reserves its block with route_fetch_add), dispatch count (route_signal),
 // combine data (route_put_warp, or the pulled combine's row indices, route_store_word) and combine flag
 // (route_signal); and one read site, the pulled dispatch's and combine's reads of a peer's staged rows
 // (route_peer_ptr). Offsets are relative to the peer's LL area base, which
@@ -72,7 +73,7 @@ EPK_DEVICE bool route_put_warp(const Route &r, long long dst_off, const void *sr
 // `my_active`. Each 16-byte chunk of `src` is loaded once and stored to every IPC destination (one read of the
 // message however many selections it has). Returns the ballot of active lanes whose route kind is not
 // implemented (nothing written for them). Same contract as route_put_warp.
-template <int kLanes>  // lanes that can be destinations (0..kLanes-1)
+template <int kLanes, int kInFlight = 3>  // lanes that can be destinations (0..kLanes-1); 16-byte loads per lane
 EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off, bool my_active, const void *src,
                                          int bytes, int lane) {
   const bool ipc = my_active && my_route.kind == kRouteIpc;
@@ -81,9 +82,8 @@ EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off
   const unsigned long long my_dst = ipc ? reinterpret_cast<unsigned long long>(my_route.base + my_off) : 0ull;
   const int4 *s = reinterpret_cast<const int4 *>(src);
   const int n = bytes / 16;
-  // Warp-uniform trip count (the shuffles need every lane); three 16-byte loads in flight per lane (four spilled
-  // in the FP8 build), then the stores of those chunks to every destination.
-  constexpr int kInFlight = 3;
+  // Warp-uniform trip count (the shuffles need every lane); kInFlight 16-byte loads in flight per lane (three by
+  // default; four spilled in the FP8 build), then the stores of those chunks to every destination.
   for (int base = 0; base < n; base += 32 * kInFlight) {
     int4 v[kInFlight];
 #pragma unroll
@@ -120,6 +120,27 @@ EPK_DEVICE bool route_store_word(const Route &r, long long off, int value) {
     default:
       return false;
   }
+}
+
+// One-thread stores of an 8-byte word (the direct dispatch's layout_range entry) and of one byte (its UE8M0
+// scales) at the peer's LL area + `off`, unordered until published. False when the route kind is not implemented.
+EPK_DEVICE bool route_store_dword(const Route &r, long long off, long long value) {
+  if (r.kind != kRouteIpc) return false;
+  *reinterpret_cast<long long *>(r.base + off) = value;
+  return true;
+}
+EPK_DEVICE bool route_store_byte(const Route &r, long long off, unsigned char value) {
+  if (r.kind != kRouteIpc) return false;
+  *reinterpret_cast<unsigned char *>(r.base + off) = value;
+  return true;
+}
+
+// One-thread fetch-and-add at the peer's LL area + `off` (relaxed, system scope): the direct dispatch reserves
+// its block of an owner's expert with it. Returns the old value, or -1 when the route kind is not implemented
+// (an RDMA route would post an atomic WQE and wait for its completion).
+EPK_DEVICE int route_fetch_add(const Route &r, long long off, int value) {
+  if (r.kind != kRouteIpc) return -1;
+  return atomicAdd_system(reinterpret_cast<int *>(r.base + off), value);
 }
 
 // One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so

@@ -25,7 +25,11 @@ STATE_PAIR = STATE_DONE + MAX_EXPERTS
 STATE_SENT = STATE_PAIR + MAX_EXPERTS  # diagnostics: per expert, -seq while its count waits, seq once sent
 STATE_READBACK = STATE_SENT + MAX_EXPERTS  # diagnostics (EPKERN_LL_DIAG=1): count word read back after its store
 STATE_SENT_ADDR = STATE_READBACK + MAX_EXPERTS  # int64 per expert: the address it was stored to
-STATE_WORDS = STATE_SENT_ADDR + 2 * MAX_EXPERTS
+MAX_SELECTIONS = 1024 * 32  # num_max * top-k at most
+STATE_BEGIN = STATE_SENT_ADDR + 2 * MAX_EXPERTS  # the direct dispatch: begin of this rank's block per expert
+STATE_BEGIN_TAG = STATE_BEGIN + MAX_EXPERTS  # ... the seq once published
+STATE_SLOT_OF = STATE_BEGIN_TAG + MAX_EXPERTS  # ... each selection's slot in its block
+STATE_WORDS = STATE_SLOT_OF + MAX_SELECTIONS
 ROUTE_NONE, ROUTE_IPC = 0, 1
 
 PHASE_SEND, PHASE_RECV = 1, 2
@@ -67,14 +71,40 @@ class LLLayout:
 
 
 def ll_layout(num_max: int, hidden: int, num_experts: int) -> LLLayout:
-    """Signals (4·E bytes), send region (dispatch staging num_max · (16 + 2H), or the zero-copy combine
+    """Signals (4·E bytes) and the direct dispatch's fill counters (4·E), send region (dispatch staging num_max · (16 + 2H), or the zero-copy combine
     buffer E · num_max · 2H), receive region (E · num_max · (16 + 2H): dispatch slots; combine slots of 2H
     fit). Each region 16-byte aligned. Never more than half of ``get_low_latency_rdma_size_hint``."""
     slot = 16 + 2 * hidden
-    signal = _align(4 * num_experts, 16)
+    signal = _align(8 * num_experts, 16)  # the signals, then the direct dispatch's fill counters
     send = _align(max(num_max * slot, num_experts * num_max * 2 * hidden), 16)
     recv = _align(num_experts * num_max * slot, 16)
     return LLLayout(num_max, hidden, num_experts, signal, signal, signal + send, signal + send + recv)
+
+
+@dataclass(frozen=True)
+class DirectRecvLayout:
+    """Where the direct dispatch (``zero_copy_recv``) keeps one call's outputs, as byte offsets from the start of
+    the set's receive region (kernels/ll_dispatch_direct.cuh computes the same): recv_x [E_loc, R·num_max, H]
+    (BF16, or e4m3 bytes), the scales (column-major [E_loc, S, R·num_max]), src_info, layout_range, count."""
+
+    x_off: int
+    scales_off: int
+    src_off: int
+    layout_off: int
+    count_off: int
+    end: int
+
+
+def direct_recv_layout(lay: LLLayout, num_ranks: int, use_fp8: bool, num_scales: int) -> DirectRecvLayout:
+    e_loc, rows = lay.num_experts // num_ranks, num_ranks * lay.num_max
+    scales_off = _align(e_loc * rows * lay.hidden * (1 if use_fp8 else 2), 16)
+    src_off = _align(scales_off + (e_loc * rows * num_scales * 4 if use_fp8 else 0), 16)
+    layout_off = _align(src_off + e_loc * rows * 4, 16)
+    count_off = _align(layout_off + e_loc * num_ranks * 8, 16)
+    end = count_off + e_loc * 4
+    if end > lay.per_set - lay.recv_off:  # cannot happen (the receive region holds R·num_max slots of 16 + 2H)
+        raise AssertionError(f"direct dispatch outputs ({end} bytes) exceed the receive region")
+    return DirectRecvLayout(0, scales_off, src_off, layout_off, count_off, end)
 
 
 def ll_area_bytes(num_rdma_bytes: int, low_latency_mode: bool) -> int:
