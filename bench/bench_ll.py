@@ -235,7 +235,8 @@ def format_report(results: list[dict], mode: str) -> str:
         dtype += " ue8m0" if r0["ue8m0"] else (" round_scale" if r0["round_scale"] else "")
     lines = [
         f"LL intranode, {mode}, {r0['device']}, H={r0['hidden']} top-{r0['topk']} E={r0['experts']} {dtype} "
-        f"dispatch{', zero-copy combine' if r0.get('zero_copy') else ''}, num_max={r0['num_max']}, "
+        f"dispatch{', zero-copy recv' if r0.get('zero_copy_recv') else ''}"
+        f"{', zero-copy combine' if r0.get('zero_copy') else ''}, num_max={r0['num_max']}, "
         f"blocks/kernel={r0['blocks']}, ranks/GPU={r0['ranks_per_gpu']}, "
         f"LL area {r0['num_rdma_bytes'] / 2**30:.2f} GiB/rank, copy bw {_f(r0['copy_bandwidth_GBps'], 0, 0)} GB/s, "
         f"validated={all(r['validated'] for r in results)}",
@@ -507,6 +508,8 @@ def rank_main(group, args, token_list):
         if args.fp8:
             S, sdt = (H // 512, np.int32) if args.ue8m0 else (H // 128, np.float32)
             outs["out_scales"] = cupy.empty((e_loc, S, rows), sdt).transpose(0, 2, 1)
+        if args.zero_copy_recv:  # the outputs are the Buffer's views (each dispatch returns its set's)
+            outs = {}
         y = cupy.empty((e_loc, rows, H), BF16)  # combine input: the stand-in expert's outputs
         y.view(np.uint16).fill(0)
         common = {
@@ -518,6 +521,7 @@ def rank_main(group, args, token_list):
             "round_scale": args.round_scale,
             "ue8m0": args.ue8m0,
             "zero_copy": args.zero_copy,
+            "zero_copy_recv": args.zero_copy_recv,
             "device": cupy.cuda.runtime.getDeviceProperties(buf.device)["name"].decode(),
             "ranks_per_gpu": buf.ranks_per_gpu,
             "copy_bandwidth_GBps": bw,
@@ -551,9 +555,11 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     x_np, idx_np, w_np = make_rank_inputs(args.seed, rank, tokens, H, E, K)
     x, idx, w = cupy.asarray(x_np), cupy.asarray(idx_np), cupy.asarray(w_np)
     out_c = cupy.empty((tokens, H), BF16)
+    out_kw = outs or {"zero_copy_recv": True}
+    latest = {}  # the last dispatch's outputs (with --zero-copy-recv: its set's views)
 
     def dispatch(async_finish=False, hook=False):
-        return buf.low_latency_dispatch(
+        res = buf.low_latency_dispatch(
             x,
             idx,
             num_max,
@@ -563,11 +569,22 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
             use_ue8m0=ue8m0,
             async_finish=async_finish,
             return_recv_hook=hook,
-            **outs,
+            **out_kw,
         )
+        recv_x, handle = res[0], res[2]
+        latest.update(
+            out_x=recv_x[0] if fp8 else recv_x,
+            out_scales=recv_x[1] if fp8 else None,
+            out_count=res[1],
+            out_src_info=handle.src_info,
+            out_layout_range=handle.layout_range,
+            handle=handle,
+        )
+        return res
 
-    # First use: compiles, loads and agrees on the sizes (collective). The handle's src_info / layout_range are
-    # the preallocated arrays, rewritten by every later dispatch, so this one handle serves every combine.
+    # First use: compiles, loads and agrees on the sizes (collective). With preallocated outputs the handle's
+    # src_info / layout_range are those arrays, rewritten by every later dispatch, so one handle serves every
+    # combine; with --zero-copy-recv each combine takes the last dispatch's (the set's views).
     handle = dispatch()[2]
 
     def combine(async_finish=False, hook=False):
@@ -575,7 +592,7 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
             y,
             idx,
             w,
-            handle,
+            latest["handle"],
             zero_copy=args.zero_copy,
             async_finish=async_finish,
             return_recv_hook=hook,
@@ -584,7 +601,7 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
 
     def layout_now():
         idxs = [make_rank_routing(args.seed, s, tokens, E, K)[0] for s in range(R)]
-        count, src, lr = (cupy.asnumpy(outs[k]) for k in ("out_count", "out_src_info", "out_layout_range"))
+        count, src, lr = (cupy.asnumpy(latest[k]) for k in ("out_count", "out_src_info", "out_layout_range"))
         return check_recv_layout(count, src, lr, idxs, rank, E)
 
     def validate():
@@ -597,18 +614,18 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
         y.view(np.uint16).fill(0)
         if len(got["row"]):
             e_d, r_d = cupy.asarray(got["e"]), cupy.asarray(got["row"])
-            data = cupy.asnumpy(outs["out_x"].view(np.uint8 if fp8 else np.uint16)[e_d, r_d])
+            data = cupy.asnumpy(latest["out_x"].view(np.uint8 if fp8 else np.uint16)[e_d, r_d])
             if not np.array_equal(data, want_data):
                 bad = np.nonzero((data != want_data).any(axis=1))[0]
                 raise AssertionError(f"rank {rank}: {len(bad)} received rows differ, first {bad[:8].tolist()}")
             if fp8:
-                sc = cupy.asnumpy(outs["out_scales"][e_d, r_d])
+                sc = cupy.asnumpy(latest["out_scales"][e_d, r_d])
                 if not np.array_equal(sc.view(np.int32), want_scales.view(np.int32)):
                     raise AssertionError(f"rank {rank}: received FP8 scales differ from the reference")
             ident, _ = expected_recv_rows(xs, got, False)  # identity expert: each row's BF16 source row
             y.view(np.uint16)[e_d, r_d] = cupy.asarray(ident)
         if args.zero_copy:  # the expert outputs where the next combine reads them (only this call's are checked)
-            buf.get_next_low_latency_combine_buffer(handle).view(np.uint16)[...] = y.view(np.uint16)
+            buf.get_next_low_latency_combine_buffer(latest["handle"]).view(np.uint16)[...] = y.view(np.uint16)
         combine()
         _settle(buf)
         want = expected_combine_identity(x_np, idx_np, w_np)
@@ -656,7 +673,7 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     res["combine_host_async_us"] = _host_per_call(lambda: combine(async_finish=True)[1], group, args.calls)
     # The same calls prepared once (Buffer.prepare_low_latency_dispatch / _combine): no argument list per call.
     prep_d = buf.prepare_low_latency_dispatch(
-        x, idx, num_max, E, use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, **outs
+        x, idx, num_max, E, use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, **out_kw
     )
     prep_c = buf.prepare_low_latency_combine(y, idx, w, handle, out=out_c, zero_copy=args.zero_copy)
     res["dispatch_host_prepared_us"] = _host_per_call(lambda: prep_d()[3], group, args.calls)
@@ -679,7 +696,7 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
         tokens=tokens,
         selections=int(valid.sum()),
         sent_tokens=int(valid.any(axis=1).sum()),
-        recv_rows=int(cupy.asnumpy(outs["out_count"]).sum()),
+        recv_rows=int(cupy.asnumpy(latest["out_count"]).sum()),
         validated=True,
     )
     return res
@@ -727,6 +744,11 @@ def parse_args(argv=None):
         action="store_true",
         help="combine with zero_copy=True (outputs written into get_next_low_latency_combine_buffer; validated once, "
         "the timed calls read whatever the buffers hold)",
+    )
+    p.add_argument(
+        "--zero-copy-recv",
+        action="store_true",
+        help="dispatch with zero_copy_recv=True (rows written once into the Buffer's views; no preallocated outputs)",
     )
     p.add_argument("--profile", action="store_true", help="rank 0 prints a cProfile of the host path per call")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")

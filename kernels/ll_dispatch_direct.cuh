@@ -30,11 +30,10 @@ struct Offsets {  // bytes from the start of the set's receive region (ll_layout
 __device__ __forceinline__ long long align16(long long n) { return (n + 15) / 16 * 16; }
 
 __device__ __forceinline__ Offsets direct_offsets(int e_loc, int rows) {
-  constexpr int kScaleWords = kFp8 ? (kUe8m0 ? kGroups / 4 : kGroups) : 0;
   Offsets o;
   o.x = 0;
-  o.scales = align16(static_cast<long long>(e_loc) * rows * (kFp8 ? kHidden : 2 * kHidden));
-  o.src = align16(o.scales + static_cast<long long>(e_loc) * rows * kScaleWords * 4);
+  o.scales = align16(static_cast<long long>(e_loc) * rows * kHidden);
+  o.src = align16(static_cast<long long>(e_loc) * rows * 2 * kHidden);  // past every combine's slots (ll_layout.py)
   o.layout = align16(o.src + static_cast<long long>(e_loc) * rows * 4);
   o.count = align16(o.layout + static_cast<long long>(e_loc) * kRanks * 8);
   return o;

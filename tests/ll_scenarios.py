@@ -194,9 +194,12 @@ def run_ll_case(
     stats=False,
     seed=None,
     absent=(),
+    zero_copy_recv=False,
 ):
     """One dispatch + combine with the given flags; everything exact. ``absent``: ranks that do not take part
-    and that every participating rank has masked already (the caller makes sure)."""
+    and that every participating rank has masked already (the caller makes sure). ``zero_copy_recv``: the
+    dispatch outputs are the Buffer's views (poisoned first on every rank, then a barrier, unless ranks are
+    absent)."""
     import cupy
 
     r, R = group.rank, group.size
@@ -207,7 +210,10 @@ def run_ll_case(
         seed, R, num_tokens, hidden, num_experts, topk, num_max, routing, use_fp8, round_scale, use_ue8m0, absent
     )
     x_dev, idx_dev, w_dev = cupy.asarray(xs[r]), cupy.asarray(idxs[r]), cupy.asarray(ws[r])
-    what = f"rank {r} (fp8={use_fp8}, round={round_scale}, ue8m0={use_ue8m0}, hook={hook}, zero_copy={zero_copy})"
+    what = (
+        f"rank {r} (fp8={use_fp8}, round={round_scale}, ue8m0={use_ue8m0}, hook={hook}, zero_copy={zero_copy}, "
+        f"zero_copy_recv={zero_copy_recv})"
+    )
 
     outs = {}
     if prealloc:
@@ -220,6 +226,9 @@ def run_ll_case(
         outs["out_src_info"] = cupy.empty((e_loc, rows), np.int32)
         outs["out_layout_range"] = cupy.empty((e_loc, R), np.int64)
         outs["out_count"] = cupy.empty((e_loc,), np.int32)
+    if zero_copy_recv and not absent:
+        poison_direct_outputs(buf, num_max, hidden, num_experts)
+        group.barrier()  # no peer writes into our outputs before we poisoned them
     recv_stats = cupy.zeros(e_loc, np.int32) if stats else None
     wait_stats = cupy.zeros(R, np.int64) if stats else None
     recv_x, count, handle, event, recv_hook = buf.low_latency_dispatch(
@@ -235,6 +244,7 @@ def run_ll_case(
         async_finish=async_finish,
         return_recv_hook=hook,
         **outs,
+        **({"zero_copy_recv": True} if zero_copy_recv else {}),
     )
     assert (recv_hook is not None) == hook
     if hook:
@@ -287,7 +297,22 @@ def run_ll_case(
     return want[r]
 
 
-def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=64):
+def poison_direct_outputs(buf, num_max, hidden, num_experts):
+    """0xFF over the zero_copy_recv outputs of the next LL call's set (rows never written stay visible)."""
+    import cupy
+
+    from epkern.ll_intranode import _plan, direct_recv_layout
+
+    lay, stride = _plan(buf, num_max, hidden, num_experts)
+    parity = (buf._ll_sends + 1) & 1
+    d = direct_recv_layout(lay, buf.num_ranks)
+    ptr = buf.region.ptr + buf.ll_offset + parity * stride + lay.recv_off
+    stream = cupy.cuda.get_current_stream()
+    cupy.cuda.runtime.memsetAsync(ptr, 0xFF, d.end, stream.ptr)
+    stream.synchronize()  # done before the barrier that follows
+
+
+def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=64, zero_copy_recv=False):
     """Two dispatches in flight with hooks (DeepEP's two-batch overlap): send A, send B, recv A, recv B, then
     combine A and combine B, each exact."""
     import cupy
@@ -300,7 +325,9 @@ def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=
     for b in range(2):
         xs, idxs, ws, want, expected = group_reference(seed + b, R, num_max - 3 * b, hidden, E, topk, num_max)
         dev = (cupy.asarray(xs[r]), cupy.asarray(idxs[r]), cupy.asarray(ws[r]))
-        res = buf.low_latency_dispatch(dev[0], dev[1], num_max, E, use_fp8=False, return_recv_hook=True)
+        res = buf.low_latency_dispatch(
+            dev[0], dev[1], num_max, E, use_fp8=False, return_recv_hook=True, zero_copy_recv=zero_copy_recv
+        )
         batches.append((expected, want, dev, res))
     for *_, res in batches:
         res[4]()  # recv hooks in order
@@ -334,6 +361,7 @@ def run_graph_replays(
     graph=True,
     prepared=False,
     zero_copy=False,
+    zero_copy_recv=False,
 ):
     """Capture one dispatch + combine (combine of the received rows as they are) into a CUDA graph, then
     replay it ``replays`` times on fresh inputs copied into the captured arrays; every replay exact. No
@@ -341,7 +369,8 @@ def run_graph_replays(
     the same ``replays`` iterations as eager calls on the same arrays (what EPKERN_LL_FAST_HOST replays);
     ``prepared``: those eager calls through prepare_low_latency_dispatch / _combine. ``zero_copy``: the expert
     outputs go into get_next_low_latency_combine_buffer (the set alternates between calls, not between replays
-    of a captured pair) and the combine reads them there."""
+    of a captured pair) and the combine reads them there. ``zero_copy_recv``: the dispatch outputs are the
+    Buffer's views (those of one set: a captured pair always runs its dispatch in the same set)."""
     import cupy
 
     if cupy.cuda.get_current_stream().ptr == 0:
@@ -349,8 +378,9 @@ def run_graph_replays(
         # (seen on the H200: "cannot capture on the default (legacy) stream" in tests/ll_mpi_worker.py).
         with cupy.cuda.Stream(non_blocking=True):
             return run_graph_replays(
-                buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph, prepared, zero_copy
-            )
+                buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph, prepared, zero_copy,
+                zero_copy_recv,
+            )  # fmt: skip
     r, R = group.rank, group.size
     E = 8 * R
     e_loc, rows = E // R, R * num_max
@@ -367,6 +397,9 @@ def run_graph_replays(
     )
     if use_fp8:
         outs["out_scales"] = cupy.empty((e_loc, hidden // 128, rows), np.float32).transpose(0, 2, 1)
+    if zero_copy_recv:
+        outs = {"zero_copy_recv": True}
+    last = {}  # the outputs of the last dispatch (zero_copy_recv: the Buffer's views)
     y_dev = cupy.zeros((e_loc, rows, hidden), BF16)
     out = cupy.empty((num_tokens, hidden), BF16)
 
@@ -386,6 +419,7 @@ def run_graph_replays(
             recv_x, count, handle, _, _ = prepared_calls[0]()
         else:
             recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs)
+        last.update(recv_x=recv_x, count=count)
         # Expert outputs: the BF16 rows as received (a captured copy); FP8 runs check the dispatch only.
         y = buf.get_next_low_latency_combine_buffer(handle) if zero_copy else y_dev
         if not use_fp8:
@@ -403,8 +437,9 @@ def run_graph_replays(
     def check(it, xs, idxs, ws, handle):
         want, combined_ref = shared_reference(key + (it,), lambda: whole_group(xs, idxs, ws))
         src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
-        got_x = (cupy.asnumpy(outs["out_x"]), to_host(outs["out_scales"])) if use_fp8 else cupy.asnumpy(outs["out_x"])
-        check_dispatch(r, R, got_x, cupy.asnumpy(outs["out_count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
+        recv_x = last["recv_x"]
+        got_x = (cupy.asnumpy(recv_x[0]), to_host(recv_x[1])) if use_fp8 else cupy.asnumpy(recv_x)
+        check_dispatch(r, R, got_x, cupy.asnumpy(last["count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
         if not use_fp8:
             assert_same(cupy.asnumpy(out), combined_ref[r], f"rank {r} replay {it} combined_x")
 

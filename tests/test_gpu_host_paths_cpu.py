@@ -467,3 +467,41 @@ def test_a_kernel_that_never_ends_raises_instead_of_hanging(fake, monkeypatch):
     assert time.monotonic() - t0 < 5
     with pytest.raises(EpkernError, match="unusable"):
         buf._check_usable()
+
+
+def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monkeypatch):
+    """zero_copy_recv: the outputs are views into the receive region of the set each call runs in (what the
+    direct kernel is launched with), one plan per set; out_* with it, and a combine whose x lies where that
+    combine receives, are refused before any launch."""
+    from epkern.errors import ArgumentError
+    from epkern.ll_intranode import _plan, direct_recv_layout
+
+    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    before = len(fake)
+    with pytest.raises(ArgumentError, match="out_count: not with zero_copy_recv"):
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, out_count=outs["out_count"], zero_copy_recv=True)
+    assert not F.real_launches(fake[before:])
+    lay, stride = _plan(buf, NUM_MAX, H, E)
+    d = direct_recv_layout(lay, 1)
+    got = []
+    for _ in range(5):
+        parity = (buf._ll_sends + 1) & 1
+        base = buf.region.ptr + buf.ll_offset + parity * stride + lay.recv_off
+        before = len(fake)
+        recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, zero_copy_recv=True)
+        (launch,) = F.real_launches(fake[before:])
+        assert dict(launch[2])["EPK_LL_DIRECT"] == 1
+        assert recv.data.ptr == base + d.x_off and int(launch[5][15]) == recv.data.ptr
+        assert handle.src_info.data.ptr == base + d.src_off and handle.layout_range.data.ptr == base + d.layout_off
+        assert count.data.ptr == base + d.count_off and recv.shape == (E, NUM_MAX, H)
+        got.append((parity, recv))
+    assert [p for p, _ in got] == [1, 0, 1, 0, 1]  # call seq 1, 2, ...: set = seq & 1
+    assert got[0][1] is got[2][1] and got[1][1] is got[3][1]  # one set of views per set: replays
+    assert buf._ll_replays == 3
+    # The next call (seq 6) is a combine in set 0: got[3]'s output lies where it receives; got[4]'s (set 1) not.
+    with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
+        buf.low_latency_combine(got[3][1], idx, w, handle, out=out)
+    assert buf.low_latency_combine(got[4][1], idx, w, handle, out=out)[0] is out
+    buf.destroy()

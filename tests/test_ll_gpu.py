@@ -148,6 +148,61 @@ def test_double_batch_hooks():
     _run(4, lambda buf, g: ll_scenarios.run_double_batch(buf, g))
 
 
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_zero_copy_recv(num_ranks):
+    """zero_copy_recv: rows written once into the Buffer's views (poisoned before each call); BF16 and FP8
+    (every scale format), hooks, zero-copy combine, zero tokens on some ranks, skewed routing, exact."""
+    E = 8 * num_ranks
+
+    def body(buf, g):
+        case = ll_scenarios.run_ll_case
+        case(buf, g, 100, H, E, 8, zero_copy_recv=True)
+        case(buf, g, 100, H, E, 8, zero_copy_recv=True, hook=True, zero_copy=True)
+        for rs, ue in ((False, False), (True, False), (True, True)):
+            case(buf, g, 100, H, E, 8, zero_copy_recv=True, use_fp8=True, round_scale=rs, use_ue8m0=ue)
+        case(buf, g, 100, H, E, 8, zero_copy_recv=True, use_fp8=True, hook=True, async_finish=True, stats=True)
+        case(buf, g, [0, 7, NUM_MAX, 1, 0, 3, 64, 2][:num_ranks], H, E, 4, zero_copy_recv=True)
+        case(buf, g, 100, H, E, 8, zero_copy_recv=True, routing="skewed")
+        case(buf, g, 100, H, E, 8, zero_copy_recv=False)  # modes alternate on one Buffer
+        case(buf, g, 100, H, E, 8, zero_copy_recv=True)
+
+    _run(num_ranks, body, timeout_s=600)
+
+
+def test_zero_copy_recv_double_batch_and_alias_check():
+    """Two zero_copy_recv dispatches in flight (hooks), then both combines (each in its dispatch's set); a
+    combine whose x is the output lying where that combine receives is refused before any launch."""
+
+    def body(buf, g):
+        import cupy
+        import numpy as np
+
+        from epkern.errors import ArgumentError
+
+        ll_scenarios.run_double_batch(buf, g, zero_copy_recv=True)
+        R = g.size
+        x = cupy.asarray(np.ones((16, H), ll_scenarios.BF16))
+        idx = cupy.asarray(np.tile(np.arange(4, dtype=np.int64), (16, 1)))
+        w = cupy.ones((16, 4), np.float32)
+        recv_a, _, handle_a, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, 8 * R, use_fp8=False, zero_copy_recv=True)
+        recv_b, _, handle_b, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, 8 * R, use_fp8=False, zero_copy_recv=True)
+        ll_scenarios.settle(buf)
+        g.barrier()
+        with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
+            buf.low_latency_combine(recv_a, idx, w, handle_a)
+        ll_scenarios.barrier_if_in_process(buf, g)
+        out_a, _, _ = buf.low_latency_combine(recv_a.copy(), idx, w, handle_a)
+        with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
+            buf.low_latency_combine(recv_b, idx, w, handle_b)  # B's combine runs in B's set too
+        out_b, _, _ = buf.low_latency_combine(recv_b.copy(), idx, w, handle_b)
+        ll_scenarios.settle(buf)
+        want = np.ones((16, H), np.float32) * 4  # identity experts, four selections of weight 1
+        for out in (out_a, out_b):
+            assert (cupy.asnumpy(out).astype(np.float32) == want).all()
+
+    _run(2, body)
+
+
 def test_cuda_graph_100_replays():
     _run(4, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 100), timeout_s=600)
 
@@ -155,6 +210,17 @@ def test_cuda_graph_100_replays():
 def test_cuda_graph_zero_copy_combine():
     """A captured pair whose combine is zero-copy: each replay's combine reads the set the capture wrote."""
     _run(4, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 30, zero_copy=True))
+
+
+def test_cuda_graph_zero_copy_recv():
+    """A captured pair whose dispatch writes the Buffer's views (and a zero-copy combine), replayed exactly; and
+    the same pair as prepared eager calls (one plan per set)."""
+
+    def body(buf, g):
+        ll_scenarios.run_graph_replays(buf, g, 30, zero_copy_recv=True, zero_copy=True)
+        ll_scenarios.run_graph_replays(buf, g, 10, graph=False, prepared=True, zero_copy_recv=True)
+
+    _run(4, body)
 
 
 def test_cuda_graph_fp8_dispatch():

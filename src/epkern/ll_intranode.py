@@ -60,6 +60,7 @@ from .ll_layout import (  # noqa: F401 - re-exported: the LL names tests and ben
     STATE_WORDS,
     THREADS,
     LLLayout,
+    direct_recv_layout,
     ll_area_bytes,
     ll_layout,
     min_num_rdma_bytes,
@@ -109,6 +110,7 @@ def init_low_latency(self) -> None:
     self._ll_fast_host = _env.ll_fast_host()  # repeat calls replay a validated call's launch (ll_plans.py)
     self._ll_plans = ll_plans.CallPlans(8)
     self._ll_combine_views: dict = {}  # (num_max, hidden, num_experts, set) -> the zero-copy combine buffer
+    self._ll_recv_views: dict = {}  # (sizes, fp8, ue8m0, set) -> the zero_copy_recv outputs (_direct_outputs)
     self._ll_replays = 0  # calls served by a plan (tests check the fast path was taken)
     self._ll_direct = 0  # ... of them launched straight onto the caller's stream
     self._ll_checked: set = set()  # (num_max, hidden, num_experts) agreed on by every rank
@@ -242,6 +244,7 @@ def low_latency_dispatch(
     out_src_info=None,
     out_layout_range=None,
     out_count=None,
+    zero_copy_recv=False,
 ):
     """DeepEP's ``low_latency_dispatch``: returns ``(recv_x, recv_count, handle, event, hook)``.
 
@@ -252,6 +255,13 @@ def low_latency_dispatch(
     ``out_*``: preallocated outputs of exactly those shapes and dtypes (``out_scales`` as the transposed view
     of a C-contiguous [E_loc, S, R·num_max] array), so a hot loop allocates nothing.
     ``return_recv_hook``: only the sends are issued; ``hook()`` issues the receive (no SM held between).
+    ``zero_copy_recv`` (epkern's own): every output is a view into this Buffer's LL area, where each sender
+    writes its rows once, straight into their final place (no staging, no copy at the receiver; blocks in arrival
+    order). The next LL call uses the other buffer set; the one after it writes this set again, and peers may
+    start it as soon as they have this rank's part of the next call. So read the outputs with work enqueued
+    before the next LL call (the expert computation before its combine); the handle stays valid for that
+    combine, also when it runs in this set (two-batch overlap; a combine whose ``x`` is such an output is
+    refused there). ``out_*`` cannot be given with it.
     """
     import cupy
 
@@ -278,6 +288,8 @@ def low_latency_dispatch(
             id(out_src_info),
             id(out_layout_range),
             id(out_count),
+            # the outputs of a zero_copy_recv call are the set's: one plan per set
+            (self._ll_sends + 1) & 1 if zero_copy_recv else -1,
         )
         plan_shapes = (getattr(x, "shape", None), getattr(topk_idx, "shape", None))
         plan = self._ll_plans.get(plan_key, plan_shapes)
@@ -326,6 +338,21 @@ def low_latency_dispatch(
     data_dtypes = FP8_DTYPES if use_fp8 else (BF16,)
     S = (H // 512 if use_ue8m0 else H // 128) if use_fp8 else 0
     scale_dtype = np.int32 if use_ue8m0 else np.float32
+    zero_copy_recv = bool(zero_copy_recv)
+    if zero_copy_recv:
+        given = [
+            n
+            for n, o in (
+                ("out_x", out_x),
+                ("out_scales", out_scales),
+                ("out_src_info", out_src_info),
+                ("out_layout_range", out_layout_range),
+                ("out_count", out_count),
+            )
+            if o is not None
+        ]
+        if given:
+            raise ArgumentError(f"{given[0]}: not with zero_copy_recv=True (the outputs are views into the Buffer)")
     if out_x is not None:
         out_x = _check_out(out_x, "out_x", data_dtypes, (e_loc, rows, H), dev)
     if out_scales is not None:
@@ -350,6 +377,7 @@ def low_latency_dispatch(
         "EPK_LL_PULL": self._ll_dispatch_pull,
         "EPK_LL_COPY_INFLIGHT": self._ll_copy_inflight,
         "EPK_LL_DIAG": self._ll_diag,
+        "EPK_LL_DIRECT": int(zero_copy_recv),
         **self._ll_poll_defines,
     }
     caller = cupy.cuda.get_current_stream()
@@ -358,6 +386,10 @@ def low_latency_dispatch(
 
     compute = self._begin(None, async_finish)
     with self.on_comm_stream():
+        if zero_copy_recv:
+            out_x, out_scales, out_src_info, out_layout_range, out_count = _direct_outputs(
+                self, lay, stride, use_fp8, use_ue8m0, S
+            )
         outs = [out_x, out_scales, out_src_info, out_layout_range, out_count]
         sizes = [
             e_loc * rows * H * (1 if use_fp8 else 2),
@@ -425,6 +457,38 @@ def low_latency_dispatch(
         result = (out, recv_count, handle)
         self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, result, plan_refs))
     return out, recv_count, handle, event, hook
+
+
+def _direct_outputs(self, lay, stride, use_fp8: bool, use_ue8m0: bool, S: int):
+    """The zero_copy_recv outputs of the call about to be issued: views into the receive region of its set
+    (ll_layout.direct_recv_layout; the direct kernel's senders write there). One set of views per (sizes, set)."""
+    import cupy
+
+    R = self.num_ranks
+    parity = (self._ll_sends + 1) & 1
+    key = (lay.num_max, lay.hidden, lay.num_experts, use_fp8, use_ue8m0, parity)
+    views = self._ll_recv_views.get(key)
+    if views is None:
+        d = direct_recv_layout(lay, R)
+        e_loc, rows, H = lay.num_experts // R, R * lay.num_max, lay.hidden
+        base = self.region.ptr + self.ll_offset + parity * stride + lay.recv_off
+        mem = cupy.cuda.UnownedMemory(base, d.end, self)
+
+        def at(off, dtype, shape):
+            return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, off))
+
+        x = at(d.x_off, np.uint8 if use_fp8 else BF16, (e_loc, rows, H))
+        scales = None
+        if use_fp8:
+            scales = at(d.scales_off, np.int32 if use_ue8m0 else np.float32, (e_loc, S, rows)).transpose(0, 2, 1)
+        views = self._ll_recv_views[key] = (
+            x,
+            scales,
+            at(d.src_off, np.int32, (e_loc, rows)),
+            at(d.layout_off, np.int64, (e_loc, R)),
+            at(d.count_off, np.int32, (e_loc,)),
+        )
+    return views
 
 
 def dispatch_returns(plan, event, hook):
@@ -569,6 +633,8 @@ def low_latency_combine(
             combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", (np.int64,), (R,), dev
         )
     lay, stride = _plan(self, num_max, H, num_experts)
+    if not zero_copy:
+        _check_outside_combine_slots(self, x, lay, stride, num_experts)
     src = _combine_buffer(self, handle) if zero_copy else x
     defines = {
         "EPK_NUM_RANKS": R,
@@ -627,6 +693,21 @@ def low_latency_combine(
         fast = ll_plans.launcher(self, "ll_combine.cu", "epk_ll_combine", defines, _blocks(self), THREADS, rest)
         self._ll_plans.put(plan_key, ll_plans.Plan(plan_shapes, fast, out, plan_refs))
     return out, event, hook
+
+
+def _check_outside_combine_slots(self, x, lay, stride, num_experts) -> None:
+    """A combine (not zero-copy) gets its peers' rows in the receive region of its set: ``x`` must not lie there
+    (the zero_copy_recv output of the dispatch two LL calls back, as in two-batch overlap)."""
+    parity = (self._ll_sends + 1) & 1
+    lo = self.region.ptr + self.ll_offset + parity * stride + lay.recv_off
+    hi = lo + num_experts * lay.num_max * 2 * lay.hidden
+    start = x.data.ptr
+    if start < hi and lo < start + x.nbytes:
+        raise ArgumentError(
+            "x: lies in this Buffer's receive area that this combine overwrites (the zero_copy_recv output of the "
+            "dispatch two LL calls back); copy it first, or write the expert outputs into "
+            "get_next_low_latency_combine_buffer and combine with zero_copy=True"
+        )
 
 
 def _combine_buffer(self, handle: GpuLLHandle):

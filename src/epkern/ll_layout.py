@@ -71,9 +71,10 @@ class LLLayout:
 
 
 def ll_layout(num_max: int, hidden: int, num_experts: int) -> LLLayout:
-    """Signals (4·E bytes) and the direct dispatch's fill counters (4·E), send region (dispatch staging num_max · (16 + 2H), or the zero-copy combine
-    buffer E · num_max · 2H), receive region (E · num_max · (16 + 2H): dispatch slots; combine slots of 2H
-    fit). Each region 16-byte aligned. Never more than half of ``get_low_latency_rdma_size_hint``."""
+    """Signals (4·E bytes) and the direct dispatch's fill counters (4·E), send region (dispatch staging
+    num_max · (16 + 2H), or the zero-copy combine buffer E · num_max · 2H), receive region (E · num_max ·
+    (16 + 2H): dispatch slots; combine slots of 2H fit; the direct dispatch's outputs). Each region 16-byte
+    aligned. Never more than half of ``get_low_latency_rdma_size_hint``."""
     slot = 16 + 2 * hidden
     signal = _align(8 * num_experts, 16)  # the signals, then the direct dispatch's fill counters
     send = _align(max(num_max * slot, num_experts * num_max * 2 * hidden), 16)
@@ -95,10 +96,12 @@ class DirectRecvLayout:
     end: int
 
 
-def direct_recv_layout(lay: LLLayout, num_ranks: int, use_fp8: bool, num_scales: int) -> DirectRecvLayout:
+def direct_recv_layout(lay: LLLayout, num_ranks: int) -> DirectRecvLayout:
     e_loc, rows = lay.num_experts // num_ranks, num_ranks * lay.num_max
-    scales_off = _align(e_loc * rows * lay.hidden * (1 if use_fp8 else 2), 16)
-    src_off = _align(scales_off + (e_loc * rows * num_scales * 4 if use_fp8 else 0), 16)
+    scales_off = _align(e_loc * rows * lay.hidden, 16)  # FP8: after the e4m3 rows, within the BF16 rows' size
+    # The handle's arrays past E·num_max·2H, where no combine writes (its slots and row lists lie before): a
+    # combine that runs in this set (two calls later) leaves the handle of this dispatch intact.
+    src_off = _align(e_loc * rows * lay.hidden * 2, 16)
     layout_off = _align(src_off + e_loc * rows * 4, 16)
     count_off = _align(layout_off + e_loc * num_ranks * 8, 16)
     end = count_off + e_loc * 4

@@ -8,7 +8,8 @@ without building the plan key from a dozen arguments (ll_intranode._replay: stra
 when it follows all of the Buffer's work). Only the shapes of the inputs are rechecked (an array reshaped in
 place). Whatever makes the Buffer drop its plans (``clean_low_latency_buffer``) sends the next call the
 validated way again. Without a plan (fast host off, an output left to the library) every call is the
-validated call. A zero-copy combine reads the buffer of the set it runs in, so it keeps a plan per set.
+validated call. A zero-copy combine reads the buffer of the set it runs in, and a zero_copy_recv dispatch
+writes its outputs there, so they keep a plan per set.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def prepare_low_latency_dispatch(self, *args, **kwargs):
     from .ll_intranode import low_latency_dispatch
 
     inputs = (_arg(args, kwargs, 0, "x"), _arg(args, kwargs, 1, "topk_idx"))
-    return PreparedDispatch(self, low_latency_dispatch, args, kwargs, inputs, 2)
+    per_set = bool(kwargs.get("zero_copy_recv", False))  # its outputs are the set's views
+    return PreparedDispatch(self, low_latency_dispatch, args, kwargs, inputs, 2, per_set)
 
 
 def prepare_low_latency_combine(self, *args, **kwargs):
