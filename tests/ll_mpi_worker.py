@@ -38,6 +38,9 @@ def main():
         dict(hook=True, zero_copy=True, prealloc=True),
         dict(hook=True, use_fp8=True, prealloc=True, stats=True),
         dict(async_finish=True, stats=True),
+        dict(zero_copy_recv=True),
+        dict(zero_copy_recv=True, use_fp8=True, round_scale=True, use_ue8m0=True, hook=True, zero_copy=True),
+        dict(zero_copy_recv=True, use_fp8=True, routing="skewed"),
     ]
     with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20) as buf:
         ll_scenarios.run_ll_bad_inputs(buf, group)
@@ -49,6 +52,8 @@ def main():
         ll_scenarios.run_ll_case(buf, group, 96, 7168, 8 * R, 8, use_fp8=True)
         ll_scenarios.run_double_batch(buf, group)
         ll_scenarios.run_graph_replays(buf, group, 100)
+        ll_scenarios.run_double_batch(buf, group, zero_copy_recv=True)
+        ll_scenarios.run_graph_replays(buf, group, 30, zero_copy_recv=True, zero_copy=True)
     print(f"OK rank {group.rank} of {R}", flush=True)
 
 
