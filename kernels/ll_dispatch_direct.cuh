@@ -115,8 +115,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     bool active = false;
     long long row = 0;
     if (counted) {
-      const int slot = slot_of[t * kTopk + lane];
       const int begin = wait_begin(state, static_cast<int>(g), seq, deadline, d);
+      const int slot = slot_of[t * kTopk + lane];  // after the acquire that publishes it (phase A's expert warp)
       active = begin >= 0 && slot < num_max;
       row = static_cast<long long>(e) * rows + begin + slot;
     }
