@@ -99,6 +99,7 @@ def warm_harness_kernels():
         to_host(cupy.zeros((2, 3, 4), dt).transpose(0, 2, 1))
     a = cupy.zeros((2, 3, 4), BF16)
     bf16_copy(a, cupy.asarray(np.ones((2, 3, 4), BF16)))
+    a.copy()
     for dt, v in ((np.int64, -1), (np.int32, 0), (np.float32, 1), (np.uint8, 0xFF)):
         cupy.full(4, v, dt)
     cupy.arange(4, dtype=np.int32)
