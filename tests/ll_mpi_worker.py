@@ -31,6 +31,13 @@ def main():
             assert took is None or took < 3 + 10, f"raised after {took:.1f} s"
         print(f"OK rank {group.rank} of {R} absent-rank raised after {took}", flush=True)
         return
+    if "--graph-zero-copy-recv" in sys.argv:  # the zero_copy_recv graph replays alone (diagnostics)
+        with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20) as buf:
+            ll_scenarios.run_ll_case(buf, group, 100, H, 8 * R, 8, num_max=num_max, zero_copy_recv=True)
+            ll_scenarios.run_graph_replays(buf, group, 30, zero_copy_recv=True, zero_copy=True)
+            ll_scenarios.run_graph_replays(buf, group, 30, zero_copy_recv=True)
+        print(f"OK rank {group.rank} of {R}", flush=True)
+        return
     cases = [dict(routing=routing) for routing in ("random", "skewed", "none")] + [
         dict(use_fp8=True),
         dict(use_fp8=True, round_scale=True),

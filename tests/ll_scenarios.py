@@ -313,6 +313,26 @@ def poison_direct_outputs(buf, num_max, hidden, num_experts):
     stream.synchronize()  # done before the barrier that follows
 
 
+def direct_dump(buf, num_max, hidden, num_experts, layout_range, want):
+    """Diagnostics of a zero_copy_recv failure: counters, the fill counters of both sets, the kernel's and the
+    reference's (begin, count) blocks per expert and source."""
+    import cupy
+
+    from epkern.ll_intranode import _plan
+
+    lay, stride = _plan(buf, num_max, hidden, num_experts)
+    fills = []
+    for p in range(2):
+        words = np.empty(num_experts // buf.num_ranks, np.int32)
+        src = buf.region.ptr + buf.ll_offset + p * stride + 4 * num_experts
+        cupy.cuda.runtime.memcpy(words.ctypes.data, src, words.nbytes, 2)
+        fills.append(words.tolist())
+    st = cupy.asnumpy(buf.ll_state[:2]).tolist()
+    blocks = [[(int(v) >> 32, int(v) & 0xFFFFFFFF) for v in row] for row in np.asarray(layout_range)]
+    ref = [[(int(v) >> 32, int(v) & 0xFFFFFFFF) for v in row] for row in np.asarray(want.layout_range)]
+    return f"counter,ticket={st} sends={buf._ll_sends} fill={fills} blocks={blocks} reference={ref}"
+
+
 def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=64, zero_copy_recv=False):
     """Two dispatches in flight with hooks (DeepEP's two-batch overlap): send A, send B, recv A, recv B, then
     combine A and combine B, each exact."""
@@ -440,7 +460,12 @@ def run_graph_replays(
         src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
         recv_x = last["recv_x"]
         got_x = (cupy.asnumpy(recv_x[0]), to_host(recv_x[1])) if use_fp8 else cupy.asnumpy(recv_x)
-        check_dispatch(r, R, got_x, cupy.asnumpy(last["count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
+        try:
+            check_dispatch(r, R, got_x, cupy.asnumpy(last["count"]), src_np, lr_np, want[r], f"rank {r} replay {it}")
+        except AssertionError:
+            if zero_copy_recv:  # diagnostics of the direct dispatch's block reservations
+                print(f"DIAG rank {r} replay {it}: {direct_dump(buf, num_max, hidden, E, lr_np, want[r])}", flush=True)
+            raise
         if not use_fp8:
             assert_same(cupy.asnumpy(out), combined_ref[r], f"rank {r} replay {it} combined_x")
 
