@@ -41,10 +41,10 @@ constexpr int kStateDone = kStateSlot + kMaxExperts;  // [kMaxExperts]: dispatch
 constexpr int kStatePair = kStateDone + kMaxExperts;  // [kMaxExperts]: combine warps finished per (e, src)
 constexpr int kStateSent = kStatePair + kMaxExperts;  // [kMaxExperts]: diagnostics, dispatch count of g: -seq
                                                       // once its warp waits for the local sends, seq once sent
-constexpr int kStateReadback = kStateSent + kMaxExperts;  // [kMaxExperts]: diagnostics (EPK_LL_DIAG), the count
-                                                          // word read back from the owner right after its store
+constexpr int kStateReadback = kStateSent + kMaxExperts;      // [kMaxExperts]: diagnostics (EPK_LL_DIAG), the count
+                                                              // word read back from the owner right after its store
 constexpr int kStateSentAddr = kStateReadback + kMaxExperts;  // [kMaxExperts] int64: ... and the address stored to
-constexpr int kMaxSelections = 1024 * 32;  // num_max * top-k at most
+constexpr int kMaxSelections = 1024 * 32;                     // num_max * top-k at most
 // The direct dispatch (EPK_LL_DIRECT): per expert, the begin of this rank's block at its owner and the seq once
 // published; per selection (t * K + k), its slot within the block (token order).
 constexpr int kStateBegin = kStateSentAddr + 2 * kMaxExperts;

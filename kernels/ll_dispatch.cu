@@ -211,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       direct::send(rank, seq, tag, set_base, x, num_tokens, topk_idx, num_experts, num_max, send_off, recv_off, state,
                    s_mask, s_route, mine, err, deadline, lane, gw, num_warps);
     if (phase & ll::kRecv)
-      direct::recv(tag, set_base, num_experts, s_mask, mine, state, out_layout, out_count, recv_stats, wait_stats,
+      direct::recv(seq, tag, set_base, num_experts, s_mask, mine, state, out_layout, out_count, recv_stats, wait_stats,
                    deadline, num_max, lane);
   } else {
     if (phase & ll::kSend) {

@@ -6,16 +6,16 @@
 //
 // Send phase, three loops over the rank's warps:
 //   A. warp per expert g: scan topk_idx in order (ballots) giving each selection of g its slot (token order)
-//      and the count n; lane 0 reserves n rows of g's owner with one fetch-add on the owner's fill counter of g
-//      (begin = the old value: blocks follow arrival order, as semantics.md allows), writes the block's
+//      and the count n; lane 0 reserves n rows of g's owner on the owner's tagged fill word of g (route_reserve;
+//      begin = the rows taken before: blocks follow arrival order, as semantics.md allows), writes the block's
 //      layout_range entry (begin << 32 | n) at the owner, and publishes begin to this rank's warps (tag = seq).
 //   B. warp per (token, part) as in the pulled dispatch: lanes k < K take selection k, wait for their expert's
 //      begin, and one put sends the token's row share to every selection's row (BF16 straight from x; FP8
 //      from the local staging slot the warp just built, plus the share's scales); part 0 stores src_info.
 //   C. warp per expert: once all its puts are done, the tagged count signal (release) as in the other modes.
 // Receive phase: per local expert, lanes s < R wait for source s's count; the count of rows is their sum (the
-// fill counter's final value); layout_range entries of masked or silent sources are written (0) here, the
-// fill counter is reset for the set's next use (two calls later). Nothing is copied.
+// fill word's final count); layout_range entries of masked or silent sources are written (0) here, and the fill
+// word is cleared (compare-and-swap: only if no later call reserved there yet). Nothing is copied.
 //
 // Included by ll_dispatch.cu after its constants and message helpers (kRanks, kHidden, kTopk, kFp8, kUe8m0,
 // kGroups, build_message, send_parts).
@@ -38,6 +38,9 @@ __device__ __forceinline__ Offsets direct_offsets(int e_loc, int rows) {
   o.count = align16(o.layout + static_cast<long long>(e_loc) * kRanks * 8);
   return o;
 }
+
+// The tag of a call's fill words (route_reserve): 1..0xFFFF, never 0 (a cleared word is empty to every call).
+__device__ __forceinline__ unsigned fill_tag(unsigned seq) { return 1u + seq % 0xFFFFu; }
 
 // Wait (this rank's own warps) until expert g's begin is published for this call; returns it, or -1 on expiry.
 __device__ __forceinline__ int wait_begin(const int *state, int g, unsigned seq, const Deadline &deadline, int d) {
@@ -78,7 +81,7 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     if (lane == 0 && !s_mask[d]) {
       const int n = min(base, num_max);
       if (base > num_max) report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, base, num_max);
-      int begin = n > 0 ? route_fetch_add(s_route[d], fill_base + 4LL * e, n) : 0;
+      int begin = n > 0 ? route_reserve(s_route[d], fill_base + 4LL * e, fill_tag(seq), n) : 0;
       if (begin < 0 || begin + n > rows) {  // no route, or a fill counter not reset: refuse rather than overrun
         report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, begin);
         begin = -1;
@@ -180,8 +183,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
 }
 
 // Receive phase: block per local expert; warp 0's lanes s < R wait for source s's count.
-__device__ void recv(int tag, long long set_base, int num_experts, const int *s_mask, char *mine, int *state,
-                     long long *out_layout, int *out_count, int *recv_stats, long long *wait_stats,
+__device__ void recv(unsigned seq, int tag, long long set_base, int num_experts, const int *s_mask, char *mine,
+                     int *state, long long *out_layout, int *out_count, int *recv_stats, long long *wait_stats,
                      const Deadline &deadline, int num_max, int lane) {
   const int e_loc = num_experts / kRanks;
   const int *const sig = reinterpret_cast<const int *>(mine + set_base);
@@ -198,7 +201,10 @@ __device__ void recv(int tag, long long set_base, int num_experts, const int *s_
     if (lane == 0) {
       out_count[e] = total;
       if (recv_stats != nullptr) atomicAdd(recv_stats + e, total);
-      fill[e] = 0;  // every unmasked source reserved before it signalled; next use two calls later
+      // Clear this call's fill word unless a later call already reserved there (then it holds another tag):
+      // every unmasked source reserved before it signalled. A word never cleared only counts as empty anyway.
+      atomicCAS_system(reinterpret_cast<unsigned *>(fill + e), (fill_tag(seq) << 16) | static_cast<unsigned>(total),
+                       0u);
     }
   }
 }

@@ -2,7 +2,7 @@
 //
 // The LL kernels touch a peer's LL area only through the functions below, at exactly four send sites:
 // dispatch data (route_put_warp_lanes: one message to all its selections; the direct dispatch also stores
-// src_info / scales / layout_range words and reserves its block with route_fetch_add), dispatch count (route_signal),
+// src_info / scales / layout_range words and reserves its block with route_reserve), dispatch count (route_signal),
 // combine data (route_put_warp, or the pulled combine's row indices, route_store_word) and combine flag
 // (route_signal); and one read site, the pulled dispatch's and combine's reads of a peer's staged rows
 // (route_peer_ptr). Offsets are relative to the peer's LL area base, which
@@ -135,12 +135,22 @@ EPK_DEVICE bool route_store_byte(const Route &r, long long off, unsigned char va
   return true;
 }
 
-// One-thread fetch-and-add at the peer's LL area + `off` (relaxed, system scope): the direct dispatch reserves
-// its block of an owner's expert with it. Returns the old value, or -1 when the route kind is not implemented
-// (an RDMA route would post an atomic WQE and wait for its completion).
-EPK_DEVICE int route_fetch_add(const Route &r, long long off, int value) {
+// One-thread reservation of `n` rows in a tagged fill word at the peer's LL area + `off` (the direct dispatch's
+// block of an owner's expert): the word holds (tag << 16 | rows taken) of the call that wrote it last, so a word
+// left by an earlier call counts as empty and no reset races with the reservations (a plain reset by the owner
+// let 8 MPS ranks' next reservations start from stale counts). Returns the begin, or -1 when the route kind is
+// not implemented (an RDMA route would post a masked compare-and-swap). At most one retry per concurrent
+// reserver of the word (R ranks), so no deadline is needed. `tag` in 1..0xFFFF, rows taken below 0x10000.
+EPK_DEVICE int route_reserve(const Route &r, long long off, unsigned tag, int n) {
   if (r.kind != kRouteIpc) return -1;
-  return atomicAdd_system(reinterpret_cast<int *>(r.base + off), value);
+  unsigned *p = reinterpret_cast<unsigned *>(r.base + off);
+  unsigned old = *reinterpret_cast<volatile unsigned *>(p);  // a first guess: the compare-and-swap checks it
+  for (;;) {
+    const unsigned taken = (old >> 16) == tag ? (old & 0xFFFFu) : 0u;
+    const unsigned seen = atomicCAS_system(p, old, (tag << 16) | (taken + static_cast<unsigned>(n)));
+    if (seen == old) return static_cast<int>(taken);
+    old = seen;
+  }
 }
 
 // One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so
