@@ -418,9 +418,16 @@ def run_graph_replays(
     )
     if use_fp8:
         outs["out_scales"] = cupy.empty((e_loc, hidden // 128, rows), np.float32).transpose(0, 2, 1)
+    snap = {}
     if zero_copy_recv:
+        # The outputs are the Buffer's views, which peers write again as soon as they pass this pair's combine
+        # (the next replay starts with no host barrier): copied inside the pair, before its combine, as an expert
+        # computation would read them, and checked there (memcpy nodes: no kernel is loaded mid-replay).
+        snap = {k: cupy.empty(v.shape, v.dtype) for k, v in outs.items()}
+        if use_fp8:
+            snap["out_scales"] = cupy.empty((e_loc, hidden // 128, rows), np.float32)
         outs = {"zero_copy_recv": True}
-    last = {}  # the outputs of the last dispatch (zero_copy_recv: the Buffer's views)
+    last = {}  # the outputs of the last dispatch (zero_copy_recv: the snapshots of the Buffer's views)
     y_dev = cupy.zeros((e_loc, rows, hidden), BF16)
     out = cupy.empty((num_tokens, hidden), BF16)
 
@@ -440,7 +447,19 @@ def run_graph_replays(
             recv_x, count, handle, _, _ = prepared_calls[0]()
         else:
             recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_dev, idx_dev, num_max, E, use_fp8=use_fp8, **outs)
-        last.update(recv_x=recv_x, count=count)
+        if zero_copy_recv:
+            stream = cupy.cuda.get_current_stream()
+            data, scales = (recv_x[0], recv_x[1].transpose(0, 2, 1)) if use_fp8 else (recv_x, None)
+            views = dict(out_x=data, out_scales=scales, out_src_info=handle.src_info,
+                         out_layout_range=handle.layout_range, out_count=count)  # fmt: skip
+            for k, dst in snap.items():
+                src = views[k]
+                cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, dst.nbytes, 3, stream.ptr)
+            recv_x = (snap["out_x"], snap["out_scales"].transpose(0, 2, 1)) if use_fp8 else snap["out_x"]
+            last.update(recv_x=recv_x, count=snap["out_count"], src=snap["out_src_info"])
+            last.update(layout=snap["out_layout_range"])
+        else:
+            last.update(recv_x=recv_x, count=count, src=handle.src_info, layout=handle.layout_range)
         # Expert outputs: the BF16 rows as received (a captured copy); FP8 runs check the dispatch only.
         y = buf.get_next_low_latency_combine_buffer(handle) if zero_copy else y_dev
         if not use_fp8:
@@ -457,7 +476,7 @@ def run_graph_replays(
 
     def check(it, xs, idxs, ws, handle):
         want, combined_ref = shared_reference(key + (it,), lambda: whole_group(xs, idxs, ws))
-        src_np, lr_np = cupy.asnumpy(handle.src_info), cupy.asnumpy(handle.layout_range)
+        src_np, lr_np = cupy.asnumpy(last["src"]), cupy.asnumpy(last["layout"])
         recv_x = last["recv_x"]
         got_x = (cupy.asnumpy(recv_x[0]), to_host(recv_x[1])) if use_fp8 else cupy.asnumpy(recv_x)
         try:
