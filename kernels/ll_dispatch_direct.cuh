@@ -67,13 +67,25 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
   int *const done_ctr = state + ll::kStateDone;
   const int n_sel = num_tokens * kTopk;
 
-  // A. Slots, counts and block reservations, warp per expert.
+  // A. Slots, counts and block reservations, warp per expert. topk_idx is staged in shared memory once per block
+  // (valid entries; -2 for a bad one): the scan reads 32 entries per ballot, and a global load per step made it a
+  // chain of L2 round trips before any row could move. Calls with more selections read it in place.
+  constexpr int kStagedSelections = 4096;
+  __shared__ int s_idx[kStagedSelections];
+  const bool staged = n_sel <= kStagedSelections;  // uniform over the block
+  if (staged) {
+    for (int i = threadIdx.x; i < n_sel; i += blockDim.x) {
+      const long long v = topk_idx[i];
+      s_idx[i] = v >= -1 && v < num_experts ? static_cast<int>(v) : -2;
+    }
+    __syncthreads();
+  }
   for (int g = gw; g < num_experts; g += num_warps) {
     const int d = g / e_loc, e = g % e_loc;
     int base = 0;
     for (int i0 = 0; i0 < n_sel; i0 += 32) {
       const int i = i0 + lane;
-      const bool m = i < n_sel && topk_idx[i] == g;
+      const bool m = i < n_sel && (staged ? s_idx[i] == g : topk_idx[i] == g);
       const unsigned b = __ballot_sync(0xffffffffu, m);
       if (m) slot_of[i] = base + __popc(b & ((1u << lane) - 1u));
       base += __popc(b);
@@ -129,7 +141,7 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
       const int lo = n * part / parts, hi = n * (part + 1) / parts;
       const long long off = out_base + o.x + row * (2 * kHidden) + 16LL * lo;
       const unsigned unsupported =
-          route_put_warp_lanes<kTopk>(s_route[d], off, active, xrow + lo, 16 * (hi - lo), lane);
+          route_put_warp_lanes<kTopk, kCopyInFlight>(s_route[d], off, active, xrow + lo, 16 * (hi - lo), lane);
       if (unsupported >> lane & 1u) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
     } else {
       const char *msg = staging + static_cast<long long>(t) * kSlotBytes;

@@ -125,6 +125,7 @@ SPECIMENS = {
         *_specimens(LL_DISPATCH_KEYS, (4, 2048, 4, 0, 0, 0), EPK_LL_DIAG=1),  # the absent-rank diagnostics
         # the direct dispatch (zero_copy_recv)
         *_specimens(LL_DISPATCH_KEYS, *LL_DISPATCH_SHAPES, (8, 7168, 8, 1, 1, 1), EPK_LL_DIRECT=1),
+        *_specimens(LL_DISPATCH_KEYS, (8, 7168, 8, 0, 0, 0), EPK_LL_DIRECT=1, EPK_LL_COPY_INFLIGHT=6),
     ],
     "ll_combine.cu": [
         dict(EPK_NUM_RANKS=8, EPK_HIDDEN=7168, EPK_TOPK=8, EPK_THREADS=512, **CTRL),

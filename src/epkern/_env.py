@@ -81,8 +81,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "EPKERN_LL_COPY_INFLIGHT": (
         "3",
-        "LL dispatch: 16-byte loads (1..8) each lane has in flight while copying a row (staging, and the "
-        "receive's copy into recv_x). Compiled in as a define",
+        "LL dispatch: 16-byte loads (1..8) each lane has in flight while copying a row (staging, the "
+        "receive's copy into recv_x, and the direct dispatch's BF16 puts). Compiled in as a define",
     ),
     "EPKERN_LL_DIAG": (
         "0",
