@@ -179,6 +179,28 @@ __device__ __forceinline__ void unpack_message(const char *msg, long long row, i
   }
 }
 
+// Lane 0 of expert g's count warp (owner d, local expert e there): once this rank's `done` puts for g are counted,
+// the tagged count `cnt` to the owner (route_signal), and the diagnostics words (ll_signal_dump; with EPK_LL_DIAG
+// also the signal's address and the word read back right after the store).
+__device__ __forceinline__ void signal_count(int *state, int g, int d, int e, int rank, unsigned seq, int tag, int cnt,
+                                             int done, int num_max, long long set_base, const int *done_ctr,
+                                             const Route &route, ErrorRecord *err, const Deadline &deadline) {
+  state[ll::kStateSent + g] = -static_cast<int>(seq);
+  ll::wait_local(done_ctr + g, done, deadline, ll::kPhaseLocalSends, d);
+  const long long off = set_base + 4LL * (e * kRanks + rank);
+  if (!route_signal(route, off, ll::pack_signal(tag, min(cnt, num_max))))
+    report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, route.kind, 0);
+  state[ll::kStateSent + g] = static_cast<int>(seq);
+  if constexpr (kDiag) {  // the same thread reads back what it stored (its value, or a later one)
+    if (route.kind == kRouteIpc) {
+      const int *word = reinterpret_cast<const int *>(route.base + off);
+      state[ll::kStateReadback + g] = ld_acquire_sys(word);
+      reinterpret_cast<unsigned long long *>(state + ll::kStateSentAddr)[g] =
+          reinterpret_cast<unsigned long long>(word);
+    }
+  }
+}
+
 #include "ll_dispatch_direct.cuh"
 
 // Two blocks per SM (at most 64 registers at 512 threads): the spin-waiting LL kernels of every rank sharing
@@ -273,21 +295,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
         cnt = ll::warp_sum(cnt);
         if (lane == 0) {
-          state[ll::kStateSent + g] = -static_cast<int>(seq);  // diagnostics (ll_signal_dump)
-          ll::wait_local(done_ctr + g, cnt * parts, deadline, ll::kPhaseLocalSends, d);
-          const long long off = set_base + 4LL * (e * kRanks + rank);
-          if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
-            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
-          state[ll::kStateSent + g] = static_cast<int>(seq);
-          if constexpr (kDiag) {  // where the count went and what that word holds right after (same thread: ours or
-                                  // later)
-            if (s_route[d].kind == kRouteIpc) {
-              const int *word = reinterpret_cast<const int *>(s_route[d].base + off);
-              state[ll::kStateReadback + g] = ld_acquire_sys(word);
-              reinterpret_cast<unsigned long long *>(state + ll::kStateSentAddr)[g] =
-                  reinterpret_cast<unsigned long long>(word);
-            }
-          }
+          signal_count(state, g, d, e, rank, seq, tag, cnt, cnt * parts, num_max, set_base, done_ctr, s_route[d], err,
+                       deadline);
           slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
           done_ctr[g] = 0;
         }

@@ -18,7 +18,7 @@
 // word is cleared (compare-and-swap: only if no later call reserved there yet). Nothing is copied.
 //
 // Included by ll_dispatch.cu after its constants and message helpers (kRanks, kHidden, kTopk, kFp8, kUe8m0,
-// kGroups, build_message, send_parts).
+// kGroups, build_message, send_parts, wait_count, signal_count).
 #pragma once
 
 namespace direct {
@@ -181,12 +181,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     if (s_mask[d]) continue;
     if (lane == 0) {
       const int cnt = cnt_of[g];
-      state[ll::kStateSent + g] = -static_cast<int>(seq);  // diagnostics (ll_signal_dump)
-      ll::wait_local(done_ctr + g, cnt * parts, deadline, ll::kPhaseLocalSends, d);
-      const long long off = set_base + 4LL * (e * kRanks + rank);
-      if (!route_signal(s_route[d], off, ll::pack_signal(tag, min(cnt, num_max))))
-        report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
-      state[ll::kStateSent + g] = static_cast<int>(seq);
+      signal_count(state, g, d, e, rank, seq, tag, cnt, cnt * parts, num_max, set_base, done_ctr, s_route[d], err,
+                   deadline);
       cnt_of[g] = 0;
       done_ctr[g] = 0;
     }
