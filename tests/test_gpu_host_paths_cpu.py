@@ -467,6 +467,12 @@ def test_a_kernel_that_never_ends_raises_instead_of_hanging(fake, monkeypatch):
     assert time.monotonic() - t0 < 5
     with pytest.raises(EpkernError, match="unusable"):
         buf._check_usable()
+    # destroy() waits for the comm stream with the same bound: a hung one leaves the memory allocated and raises.
+    buf.comm_stream.hung = True
+    t0 = time.monotonic()
+    with pytest.raises(EpTimeout, match=r"rank 0: destroy: .* its memory is left allocated"):
+        buf.destroy()
+    assert time.monotonic() - t0 < 5 and buf.region.ptr != 0
 
 
 def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monkeypatch):

@@ -165,16 +165,31 @@ class GpuBuffer(Buffer):
         if plans is not None:
             plans.clear()  # the replay plans hold the caller's arrays
         with cupy.cuda.Device(self.device):
-            try:
-                self.comm_stream.synchronize()
-            except Exception:  # noqa: BLE001 - a failed kernel must not stop the cleanup
-                pass
+            if not self._comm_idle_bounded():
+                # A kernel that never ends still runs on our memory: freeing it would hand it to whatever is
+                # allocated next. Leave it allocated and say so rather than hang here.
+                raise TimeoutError(
+                    f"rank {self.rank}: destroy: the Buffer's GPU work did not finish within "
+                    f"{self.timeout_s + HOST_MARGIN_S:g} s (a kernel that never ends); its memory is left allocated"
+                )
             try:
                 self.group.barrier()  # no peer still reads or writes our region
             except GroupError:
                 pass
             self.region.close()
             self.host.close()
+
+    def _comm_idle_bounded(self) -> bool:
+        """True once the comm stream is idle (or failed: nothing runs on it any more), False when work still runs
+        past the host deadline (destroy's bounded stand-in for ``comm_stream.synchronize()``)."""
+
+        def idle() -> bool:
+            try:
+                return bool(self.comm_stream.done)
+            except Exception:  # noqa: BLE001 - a failed kernel must not stop the cleanup
+                return True
+
+        return idle() or self._poll_until(idle, 50, False)
 
     def set_num_sms(self, num_sms: int) -> None:
         self.num_sms = check_int(num_sms, "num_sms", min_value=1, max_value=self.sm_share)
