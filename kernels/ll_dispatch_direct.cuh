@@ -23,8 +23,10 @@
 
 namespace direct {
 
-struct Offsets {  // bytes from the start of the set's receive region (ll_layout.direct_recv_layout)
-  long long x, scales, src, layout, count;
+// Bytes from the start of the set's receive region (ll_layout.direct_recv_layout) of what senders write; the
+// receiver writes recv_count through its own output pointer.
+struct Offsets {
+  long long x, scales, src, layout;
 };
 
 __device__ __forceinline__ long long align16(long long n) { return (n + 15) / 16 * 16; }
@@ -35,7 +37,6 @@ __device__ __forceinline__ Offsets direct_offsets(int e_loc, int rows) {
   o.scales = align16(static_cast<long long>(e_loc) * rows * kHidden);
   o.src = align16(static_cast<long long>(e_loc) * rows * 2 * kHidden);  // past every combine's slots (ll_layout.py)
   o.layout = align16(o.src + static_cast<long long>(e_loc) * rows * 4);
-  o.count = align16(o.layout + static_cast<long long>(e_loc) * kRanks * 8);
   return o;
 }
 

@@ -302,12 +302,11 @@ def poison_direct_outputs(buf, num_max, hidden, num_experts):
     """0xFF over the zero_copy_recv outputs of the next LL call's set (rows never written stay visible)."""
     import cupy
 
-    from epkern.ll_intranode import _plan, direct_recv_layout
+    from epkern.ll_intranode import _next_set, _plan, direct_recv_layout
 
     lay, stride = _plan(buf, num_max, hidden, num_experts)
-    parity = (buf._ll_sends + 1) & 1
     d = direct_recv_layout(lay, buf.num_ranks)
-    ptr = buf.region.ptr + buf.ll_offset + parity * stride + lay.recv_off
+    ptr = _next_set(buf, stride)[1] + lay.recv_off
     stream = cupy.cuda.get_current_stream()
     cupy.cuda.runtime.memsetAsync(ptr, 0xFF, d.end, stream.ptr)
     stream.synchronize()  # done before the barrier that follows

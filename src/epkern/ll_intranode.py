@@ -459,19 +459,25 @@ def low_latency_dispatch(
     return out, recv_count, handle, event, hook
 
 
+def _next_set(self, stride: int) -> tuple[int, int]:
+    """(parity, address) of the buffer set the next LL call runs in, as the host counts the sending calls."""
+    parity = (self._ll_sends + 1) & 1
+    return parity, self.region.ptr + self.ll_offset + parity * stride
+
+
 def _direct_outputs(self, lay, stride, use_fp8: bool, use_ue8m0: bool, S: int):
     """The zero_copy_recv outputs of the call about to be issued: views into the receive region of its set
     (ll_layout.direct_recv_layout; the direct kernel's senders write there). One set of views per (sizes, set)."""
     import cupy
 
     R = self.num_ranks
-    parity = (self._ll_sends + 1) & 1
+    parity, set_ptr = _next_set(self, stride)
     key = (lay.num_max, lay.hidden, lay.num_experts, use_fp8, use_ue8m0, parity)
     views = self._ll_recv_views.get(key)
     if views is None:
         d = direct_recv_layout(lay, R)
         e_loc, rows, H = lay.num_experts // R, R * lay.num_max, lay.hidden
-        base = self.region.ptr + self.ll_offset + parity * stride + lay.recv_off
+        base = set_ptr + lay.recv_off
         mem = cupy.cuda.UnownedMemory(base, d.end, self)
 
         def at(off, dtype, shape):
@@ -698,8 +704,7 @@ def low_latency_combine(
 def _check_outside_combine_slots(self, x, lay, stride, num_experts) -> None:
     """A combine (not zero-copy) gets its peers' rows in the receive region of its set: ``x`` must not lie there
     (the zero_copy_recv output of the dispatch two LL calls back, as in two-batch overlap)."""
-    parity = (self._ll_sends + 1) & 1
-    lo = self.region.ptr + self.ll_offset + parity * stride + lay.recv_off
+    lo = _next_set(self, stride)[1] + lay.recv_off
     hi = lo + num_experts * lay.num_max * 2 * lay.hidden
     start = x.data.ptr
     if start < hi and lo < start + x.nbytes:
@@ -717,14 +722,13 @@ def _combine_buffer(self, handle: GpuLLHandle):
     import cupy
 
     num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-    parity = (self._ll_sends + 1) & 1
-    key = (num_max, hidden, num_experts, parity)
+    key = (num_max, hidden, num_experts, (self._ll_sends + 1) & 1)  # the set of the next call
     views = self._ll_combine_views
     view = views.get(key)
     if view is None:
         lay, stride = _plan(self, num_max, hidden, num_experts)
         e_loc, rows = num_experts // self.num_ranks, self.num_ranks * num_max
-        ptr = self.region.ptr + self.ll_offset + parity * stride + lay.send_off
+        ptr = _next_set(self, stride)[1] + lay.send_off
         mem = cupy.cuda.UnownedMemory(ptr, e_loc * rows * hidden * 2, self)
         view = views[key] = cupy.ndarray((e_loc, rows, hidden), BF16, cupy.cuda.MemoryPointer(mem, 0))
     return view

@@ -85,11 +85,8 @@ def low_latency_query_mask_buffer(self, mask_status=None):
     if mask_status is not None:
         mask_status = _check_out(mask_status, "mask_status", (np.int32,), (R,), self.device)
     with self.on_comm_stream():
-        status = mask_status if mask_status is not None and mask_status.flags.c_contiguous else cupy.empty(R, np.int32)
+        status = mask_status if mask_status is not None else cupy.empty(R, np.int32)  # _check_out: contiguous
         _copy_state_words(self, status, STATE_MASK, R)
-        if mask_status is not None and status is not mask_status:
-            mask_status[...] = status  # a strided caller array: one CuPy copy kernel
-            status = mask_status
     cupy.cuda.get_current_stream().wait_event(self.comm_stream.record())
     return status
 
