@@ -86,9 +86,9 @@ class KernelClock:
         import cupy
 
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(self.buf.comm_stream)
+        start.record(self.buf._backend.rt.comm_stream)
         self._launch(*args, **kwargs)
-        stop.record(self.buf.comm_stream)
+        stop.record(self.buf._backend.rt.comm_stream)
         self.spans.append((start, stop))
 
     def take(self) -> list[float]:

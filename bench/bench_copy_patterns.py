@@ -30,6 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import copy_bandwidth_gbs, event_median_us  # noqa: E402
 
+KERNEL = Path(__file__).resolve().parent / "kernels" / "bench_copy_patterns.cu"
+
 
 def routing(ranks, tokens, experts, topk, seed=7):
     """slot[t, d] over all ranks' tokens (rank-major): the row of token t in region d, as dispatch lays
@@ -171,7 +173,7 @@ def main(argv=None):
             EPK_CTRL_BYTES=1 << 17,
         )
 
-    fill = kernel_loader.get_function("bench_copy_patterns.cu", "epk_bench_scatter", defines_of(512, 4, 0, 0))
+    fill = kernel_loader.get_function(KERNEL, "epk_bench_scatter", defines_of(512, 4, 0, 0))
     results = []
     floor = {"scatter": int((slot_full >= 0).any(1).sum()) + recv, "gather": recv + T_all}
     shapes = [tuple(int(v) for v in sh.split(":")) for sh in args.shape] or list(
@@ -183,7 +185,7 @@ def main(argv=None):
         if threads * blocks_per_sm > 2048 or (kind == "gather" and first and unroll > 4):
             continue
         defines = defines_of(threads, unroll, cs, first)
-        fn = kernel_loader.get_function("bench_copy_patterns.cu", f"epk_bench_{kind}", defines)
+        fn = kernel_loader.get_function(KERNEL, f"epk_bench_{kind}", defines)
         grid = sms_mine * blocks_per_sm
         if kind == "scatter":
             regions.fill(0xFFFF)

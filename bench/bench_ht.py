@@ -99,7 +99,7 @@ def _probe(buf, group, calls: dict, n: int = 5) -> dict:
         group.barrier()
         for _ in range(n):
             fn()
-        p = buf.read_ht_probe(source)
+        p = buf._backend.ht.read_probe(source)
         out[source] = [int(p[:, 0].min())] + [int(p[:, c].max()) for c in range(4)]
     buf.ht_probe = 0
     return out
@@ -142,8 +142,8 @@ def rank_main(group, args, tokens):
     with Buffer(group, num_nvl_bytes=0 if getattr(group, "is_in_process", False) else nvl, backend="gpu") as buf:
         if args.num_sms:
             buf.set_num_sms(args.num_sms)
-        buf.ht_threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll = args.threads, args.dunroll, args.cunroll
-        buf.ht_blocks_per_sm, buf.ht_combine_loads_first = args.blocks_per_sm, args.loads_first
+        buf._backend.ht.tuning.threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll = args.threads, args.dunroll, args.cunroll
+        buf.ht_blocks_per_sm, buf._backend.ht.tuning.combine_loads_first = args.blocks_per_sm, args.loads_first
         if group.rank == 0:
             bw = copy_bandwidth_gbs(1 << 30)
         group.barrier()
@@ -202,18 +202,18 @@ def rank_main(group, args, tokens):
         res["recv_rows"] = handle.num_recv_tokens
         res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
         res["tokens"] = tokens
-        res["num_sms"] = buf.num_sms
+        res["num_sms"] = buf._backend.ht.num_sms
         res["launch"] = (
-            buf.ht_threads,
+            buf._backend.ht.tuning.threads,
             buf.ht_blocks_per_sm,
             buf.ht_dispatch_unroll,
             buf.ht_combine_unroll,
-            buf.ht_combine_loads_first,
+            buf._backend.ht.tuning.combine_loads_first,
         )
-        res["ranks_per_gpu"] = buf.ranks_per_gpu
+        res["ranks_per_gpu"] = buf._backend.rt.ranks_per_gpu
         res["row_bytes"] = row_bytes
         res["copy_bandwidth_GBps"] = bw
-        res["device"] = cupy.cuda.runtime.getDeviceProperties(buf.device)["name"].decode()
+        res["device"] = cupy.cuda.runtime.getDeviceProperties(buf._backend.rt.device)["name"].decode()
     return res
 
 

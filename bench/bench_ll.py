@@ -345,7 +345,7 @@ def _settle(buf):
     import cupy
 
     cupy.cuda.get_current_stream().synchronize()
-    buf._check_usable()  # raises what a kernel recorded (timeout, bad index)
+    buf._backend.rt.check_usable()  # raises what a kernel recorded (timeout, bad index)
 
 
 def _collective_check(group, fn):
@@ -522,8 +522,8 @@ def rank_main(group, args, token_list):
             "ue8m0": args.ue8m0,
             "zero_copy": args.zero_copy,
             "zero_copy_recv": args.zero_copy_recv,
-            "device": cupy.cuda.runtime.getDeviceProperties(buf.device)["name"].decode(),
-            "ranks_per_gpu": buf.ranks_per_gpu,
+            "device": cupy.cuda.runtime.getDeviceProperties(buf._backend.rt.device)["name"].decode(),
+            "ranks_per_gpu": buf._backend.rt.ranks_per_gpu,
             "copy_bandwidth_GBps": bw,
             "blocks": _kernel_blocks(buf),
             "num_rdma_bytes": nbytes,

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+KERNEL = Path(__file__).resolve().parent / "kernels" / "bench_p2p.cu"
+
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
@@ -75,7 +77,7 @@ def main(argv=None):
             src[g] = cupy.arange(nbytes // 4, dtype=cupy.int32)
             dst[g] = {s: cupy.zeros(nbytes // 4, dtype=cupy.int32) for s in range(n) if s != g}
             streams[g] = {s: cupy.cuda.Stream(non_blocking=True) for s in range(n) if s != g}
-            kernels[g] = kernel_loader.get_function("bench_p2p.cu", "epk_bench_pull")
+            kernels[g] = kernel_loader.get_function(KERNEL, "epk_bench_pull")
     vecs = nbytes // 16
     sms = {g: cupy.cuda.runtime.getDeviceProperties(g)["multiProcessorCount"] for g in range(n)}
 

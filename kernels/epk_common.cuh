@@ -2,6 +2,7 @@
 // (NVRTC has no <cstdint>), memory-ordering primitives with explicit scope, and the error record
 // that a kernel fills in host-mapped memory before it gives up on a wait.
 #pragma once
+#include "epk_constants.cuh"
 
 typedef signed char int8_t;
 typedef unsigned char uint8_t;
@@ -83,6 +84,7 @@ struct ErrorRecord {
   int expected;
   int started;  // epoch of the last kernel that began (see mark_started); not part of the error
 };
+static_assert(sizeof(ErrorRecord) == EPK_ERROR_RECORD_BYTES, "the host allocates EPK_ERROR_RECORD_BYTES");
 
 // Lets the host tell "a peer never answered" from "this call's kernel never ran" when a wait expires.
 EPK_DEVICE void mark_started(ErrorRecord *rec, int epoch) {

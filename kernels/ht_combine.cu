@@ -5,9 +5,37 @@
 // own, so the caller may reuse its input as soon as the kernel ends.
 //
 // Defines: EPK_NUM_RANKS, EPK_TOPK, EPK_HIDDEN (bf16 elements, multiple of 8), EPK_HAS_WEIGHTS,
-// EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL, EPK_LOADS_FIRST (1: every peer's loads
-// of a chunk are issued before the first add), EPK_CTRL_BYTES.
+// EPK_THREADS, EPK_MIN_BLOCKS, EPK_PROBE (ht_phases.cuh), EPK_UNROLL, EPK_LOADS_FIRST (1: every peer's loads
+// of a chunk are issued before the first add).
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
 #include "ht_common.cuh"
+#include "ht_phases.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_TOPK
+#error "EPK_TOPK must be defined"
+#endif
+#ifndef EPK_HIDDEN
+#error "EPK_HIDDEN must be defined"
+#endif
+#ifndef EPK_HAS_WEIGHTS
+#error "EPK_HAS_WEIGHTS must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
+#endif
+#ifndef EPK_MIN_BLOCKS
+#error "EPK_MIN_BLOCKS must be defined"
+#endif
+#ifndef EPK_UNROLL
+#error "EPK_UNROLL must be defined"
+#endif
+#ifndef EPK_LOADS_FIRST
+#error "EPK_LOADS_FIRST must be defined"
+#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kTopk = EPK_TOPK;
@@ -43,7 +71,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
       peers, epoch, mine_in, [&](epk::HtCtrl *c) { return c->combine_addr[p][rank]; },
       [&](epk::HtCtrl *c) { return &c->combine_addr_flag[p][rank]; });
   const bool ok = epk::receive_entries<kRanks>(
-      mine, epoch, deadline, /*phase=*/4, [&](epk::HtCtrl *c, int d) { return &c->combine_addr_flag[p][d]; },
+      mine, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_ADDRS,
+      [&](epk::HtCtrl *c, int d) { return &c->combine_addr_flag[p][d]; },
       [&](int d) {
         for (int o = 0; o < kNumIns; ++o)
           s_src[d][o] = reinterpret_cast<const char *>(peers[d] + mine->combine_addr[p][d][o]);
@@ -129,6 +158,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // 3. Done reading peers' rows: tell them, and wait until every peer is done with mine.
   epk::finish_all<kRanks>(
-      ticket, peers, mine, epoch, deadline, /*phase=*/5, [&](epk::HtCtrl *c) { return &c->combine_done[p][rank]; },
+      ticket, peers, mine, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
+      [&](epk::HtCtrl *c) { return &c->combine_done[p][rank]; },
       [&](epk::HtCtrl *c, int d) { return &c->combine_done[p][d]; });
 }

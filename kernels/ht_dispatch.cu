@@ -4,8 +4,39 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_TOPK, EPK_ROW_BYTES (bytes of one x row, multiple of 16), EPK_SCALE_COLS
 // (float32 scales per row for FP8 input, else 0), EPK_NUM_LOCAL_EXPERTS, EPK_WITH_META (0: cached
-// dispatch, x and scales only), EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL, EPK_CTRL_BYTES.
+// dispatch, x and scales only), EPK_THREADS, EPK_MIN_BLOCKS, EPK_PROBE (ht_phases.cuh), EPK_UNROLL.
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
 #include "ht_common.cuh"
+#include "ht_phases.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_TOPK
+#error "EPK_TOPK must be defined"
+#endif
+#ifndef EPK_ROW_BYTES
+#error "EPK_ROW_BYTES must be defined"
+#endif
+#ifndef EPK_SCALE_COLS
+#error "EPK_SCALE_COLS must be defined"
+#endif
+#ifndef EPK_NUM_LOCAL_EXPERTS
+#error "EPK_NUM_LOCAL_EXPERTS must be defined"
+#endif
+#ifndef EPK_WITH_META
+#error "EPK_WITH_META must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
+#endif
+#ifndef EPK_MIN_BLOCKS
+#error "EPK_MIN_BLOCKS must be defined"
+#endif
+#ifndef EPK_UNROLL
+#error "EPK_UNROLL must be defined"
+#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kTopk = EPK_TOPK;
@@ -47,7 +78,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
       peers, epoch, mine_out, [&](epk::HtCtrl *c) { return c->dispatch_addr[p][rank]; },
       [&](epk::HtCtrl *c) { return &c->dispatch_addr_flag[p][rank]; });
   const bool ok = epk::receive_entries<kRanks>(
-      mine, epoch, deadline, /*phase=*/2, [&](epk::HtCtrl *c, int d) { return &c->dispatch_addr_flag[p][d]; },
+      mine, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_ADDRS,
+      [&](epk::HtCtrl *c, int d) { return &c->dispatch_addr_flag[p][d]; },
       [&](int d) {
         for (int o = 0; o < kNumOuts; ++o)
           s_dst[d][o] = reinterpret_cast<char *>(peers[d] + mine->dispatch_addr[p][d][o]);
@@ -63,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (lane < kRanks) {
       slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
       if (slot >= s_rows[lane]) {  // more rows than the destination allocated (num_worst_tokens too small)
-        epk::report_error(err, epk::kOverflow, rank, /*phase=*/6, lane, slot, s_rows[lane]);
+        epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, lane, slot, s_rows[lane]);
         slot = -1;
       }
     }
@@ -126,6 +158,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // 4. Tell every destination this rank is done; wait until every source is done with me.
   epk::finish_all<kRanks>(
-      ticket, peers, mine, epoch, deadline, /*phase=*/3, [&](epk::HtCtrl *c) { return &c->dispatch_done[p][rank]; },
+      ticket, peers, mine, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
+      [&](epk::HtCtrl *c) { return &c->dispatch_done[p][rank]; },
       [&](epk::HtCtrl *c, int d) { return &c->dispatch_done[p][d]; });
 }

@@ -3,8 +3,17 @@
 // count and per-expert counts (into host-mapped memory for the host), and send_slot[t, d], the row of
 // token t in rank d's output (-1 if not sent). One block; runs before the host knows output sizes.
 //
-// Defines: EPK_NUM_RANKS, EPK_NUM_LOCAL_EXPERTS, EPK_CTRL_BYTES.
+// Defines: EPK_NUM_RANKS, EPK_NUM_LOCAL_EXPERTS.
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
 #include "ht_common.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_NUM_LOCAL_EXPERTS
+#error "EPK_NUM_LOCAL_EXPERTS must be defined"
+#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kLocalExperts = EPK_NUM_LOCAL_EXPERTS;
@@ -47,7 +56,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   // 2. Wait for every peer's counts.
   epk::HtCtrl *mine = epk::ctrl_of(peers, rank);
   const epk::Deadline deadline{err, rank, timeout_ns};
-  if (tid < kRanks && !epk::wait_reached(&mine->notify_flag[p][tid], epoch, deadline, /*phase=*/1, tid))
+  if (tid < kRanks && !epk::wait_reached(&mine->notify_flag[p][tid], epoch, deadline, EPK_ERR_PHASE_HT_NOTIFY, tid))
     s_failed = true;
   __syncthreads();
   if (s_failed) return;

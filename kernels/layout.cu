@@ -7,9 +7,23 @@
 // counts), EPK_TOPK, EPK_IDX_T (int64_t or int32_t), EPK_THREADS.
 #include "epk_common.cuh"
 
-#if !defined(EPK_NUM_EXPERTS) || !defined(EPK_NUM_RANKS) || !defined(EPK_NUM_NODES) || !defined(EPK_TOPK) || \
-    !defined(EPK_IDX_T) || !defined(EPK_THREADS)
-#error "layout.cu needs EPK_NUM_EXPERTS, EPK_NUM_RANKS, EPK_NUM_NODES, EPK_TOPK, EPK_IDX_T, EPK_THREADS"
+#ifndef EPK_NUM_EXPERTS
+#error "EPK_NUM_EXPERTS must be defined"
+#endif
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_NUM_NODES
+#error "EPK_NUM_NODES must be defined"
+#endif
+#ifndef EPK_TOPK
+#error "EPK_TOPK must be defined"
+#endif
+#ifndef EPK_IDX_T
+#error "EPK_IDX_T must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
 #endif
 
 namespace {

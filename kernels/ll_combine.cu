@@ -9,8 +9,8 @@
 //
 // phase: 1 = send only, 2 = receive only (the recv hook), 3 = both. The send phase gives each (local expert,
 // source rank) pair max(1, warps / pairs) warps; the last of them (a counter in the device state) raises the
-// flag. The receive phase is a warp per token, or up to EPK_LL_COMBINE_SPLIT warps per token when warps
-// outnumber tokens.
+// flag. The receive phase is a warp per token, or up to kCombineSplit (4) warps per token when warps outnumber
+// tokens.
 //
 // Pulled variant (EPK_LL_COMBINE_PULL, zero-copy combines with EPKERN_LL_COMBINE_PULL=1): the expert outputs already
 // lie in each owner's LL area (get_next_low_latency_combine_buffer), so the owner sends only where each row is:
@@ -20,9 +20,28 @@
 // top-8 (the floor's count) against 3200 pushed. The owner's buffer is next written two calls later, after every rank
 // has run this call's receive (the rule the two sets rely on).
 //
-// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_SPLIT,
-// EPK_LL_COMBINE_PULL (0 / 1), EPK_LL_COMBINE_AHEAD (1..16).
+// Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_PULL (0 / 1),
+// EPK_POLL_SLEEP_NS (ll_common.cuh). No other define is read.
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
 #include "ll_common.cuh"
+#include "ll_route.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_HIDDEN
+#error "EPK_HIDDEN must be defined"
+#endif
+#ifndef EPK_TOPK
+#error "EPK_TOPK must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
+#endif
+#ifndef EPK_LL_COMBINE_PULL
+#error "EPK_LL_COMBINE_PULL must be defined"
+#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kHidden = EPK_HIDDEN;
@@ -31,24 +50,16 @@ constexpr int kThreads = EPK_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kVecs = kHidden / 8;  // int4 (8 BF16) per row
 constexpr int kRowBytes = 2 * kHidden;
-#ifndef EPK_LL_COMBINE_SPLIT
-#define EPK_LL_COMBINE_SPLIT 1
-#endif
-constexpr int kSplit = EPK_LL_COMBINE_SPLIT;  // EPKERN_LL_COMBINE_SPLIT: most warps reducing one token
-static_assert(kSplit >= 1 && kSplit <= 8, "combine split in 1..8");
-#ifndef EPK_LL_COMBINE_PULL
-#define EPK_LL_COMBINE_PULL 0
-#endif
+// Most warps reducing one token (EPKERN_LL_COMBINE_SPLIT's A/B: 4 is the kept value, docs/performance.md).
+constexpr int kCombineSplit = 4;
 constexpr bool kPull = EPK_LL_COMBINE_PULL != 0;
-#ifndef EPK_LL_COMBINE_AHEAD
-#define EPK_LL_COMBINE_AHEAD 8
-#endif
-// EPKERN_LL_COMBINE_AHEAD: selections whose 16-byte loads a lane issues before adding them (1 = one at a time).
-constexpr int kAhead = EPK_LL_COMBINE_AHEAD < kTopk ? EPK_LL_COMBINE_AHEAD : kTopk;
-static_assert(EPK_LL_COMBINE_AHEAD >= 1 && EPK_LL_COMBINE_AHEAD <= 16, "combine loads ahead in 1..16");
+// Selections whose 16-byte loads a lane issues before adding them (EPKERN_LL_COMBINE_AHEAD's A/B: 8 is the kept
+// value), at most top-k.
+constexpr int kCombineAhead = 8;
+constexpr int kAhead = kCombineAhead < kTopk ? kCombineAhead : kTopk;
 static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
-static_assert(kTopk >= 1 && kTopk <= 32, "top-k in 1..32");
-static_assert(kRanks >= 1 && kRanks <= 32, "LL kernels handle up to 32 ranks");
+static_assert(kTopk >= 1 && kTopk <= EPK_LL_MAX_TOPK, "top-k in 1..32");
+static_assert(kRanks >= 1 && kRanks <= EPK_LL_MAX_RANKS, "LL kernels handle up to 32 ranks");
 static_assert(kThreads % 32 == 0, "whole warps");
 
 using namespace epk;
@@ -79,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
   if (tid < kRanks) s_skip[tid] = s_mask[tid];  // this thread loaded s_mask[tid] just above
   __syncthreads();
 
-  if (phase & ll::kSend) {
+  if (phase & EPK_PHASE_SEND) {
     const int pairs = e_loc * kRanks;
     const int per = max(1, num_warps / pairs);
     const int rows = kRanks * num_max;
@@ -90,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       long long begin = lr >> 32;
       int n = static_cast<int>(lr & 0xffffffffLL);
       if (n < 0 || n > num_max || begin < 0 || begin + n > rows) {
-        if (sub == 0 && lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, n, num_max);
+        if (sub == 0 && lane == 0) report_error(err, kBadIndex, rank, EPK_ERR_PHASE_LL_BAD_HANDLE, s, n, num_max);
         n = 0;
         begin = 0;
       }
@@ -103,40 +114,40 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
           const long long row = static_cast<long long>(e) * rows + begin + i;
           const int t = src_info[row];
           if (t < 0 || t >= num_max) {
-            report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, t, num_max);
+            report_error(err, kBadIndex, rank, EPK_ERR_PHASE_LL_BAD_HANDLE, s, t, num_max);
             continue;
           }
           const long long off = set_base + recv_off + 4LL * (static_cast<long long>(g) * num_max + t);
           if (!route_store_word(s_route[s], off, static_cast<int>(x_units + row * kVecs)))
-            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+            report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, s, s_route[s].kind, 0);
         }
       } else {
         for (int i = sub; i < n; i += per) {
           const long long row = static_cast<long long>(e) * rows + begin + i;
           const int t = src_info[row];
           if (t < 0 || t >= num_max) {
-            if (lane == 0) report_error(err, kBadIndex, rank, ll::kPhaseBadHandle, s, t, num_max);
+            if (lane == 0) report_error(err, kBadIndex, rank, EPK_ERR_PHASE_LL_BAD_HANDLE, s, t, num_max);
             continue;
           }
           const long long off = set_base + recv_off + (static_cast<long long>(g) * num_max + t) * kRowBytes;
           if (!route_put_warp(s_route[s], off, x + row * kVecs, kRowBytes, lane) && lane == 0)
-            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+            report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, s, s_route[s].kind, 0);
         }
       }
       __syncwarp();
       if (lane == 0) {
         // acq_rel: the last warp of the pair acquires every other warp's released puts before the flag.
-        const unsigned done = atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(state + ll::kStatePair + p), 1u);
+        const unsigned done = atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(state + EPK_STATE_PAIR + p), 1u);
         if (done == static_cast<unsigned>(per - 1)) {
-          state[ll::kStatePair + p] = 0;  // all `per` warps of the pair have counted: reset for the next call
+          state[EPK_STATE_PAIR + p] = 0;  // all `per` warps of the pair have counted: reset for the next call
           if (!route_signal(s_route[s], set_base + 4LL * g, ll::pack_signal(tag, 0)))
-            report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, s, s_route[s].kind, 0);
+            report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, s, s_route[s].kind, 0);
         }
       }
     }
   }
 
-  if (phase & ll::kRecv) {
+  if (phase & EPK_PHASE_RECV) {
     // 1. Every block waits for all E flags (cheap local polls), so any warp may then read any slot.
     const int *const sig = reinterpret_cast<const int *>(mine + set_base);
     for (int g = tid; g < num_experts; g += kThreads) {
@@ -144,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
       if (s_mask[d]) continue;
       const uint64_t t0 = now_ns();
       int v = 0;
-      const int got = ll::wait_signal(sig + g, tag, deadline, ll::kPhaseCombineRecv, d, v);
+      const int got = ll::wait_signal(sig + g, tag, deadline, EPK_ERR_PHASE_LL_COMBINE_RECV, d, v);
       if (got != ll::kArrived) {
         s_skip[d] = 1;
         if (got == ll::kExpired) ll::mask_peer(state, d);
@@ -155,11 +166,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     __threadfence();  // the acquires of the waiting threads order every thread's reads of the slots below
 
-    // 2. Warp per token (or per part of a token: up to kSplit warps when warps outnumber tokens, each taking
+    // 2. Warp per token (or per part of a token: up to kCombineSplit warps when warps outnumber tokens, each taking
     // every parts-th run of 32 vectors): weighted sum over k in the reference's order.
     const int4 *const recv = reinterpret_cast<const int4 *>(mine + set_base + recv_off);
     const int area_units = static_cast<int>(2 * set_stride / 16);  // pulled: the LL area (both sets) in 16 B
-    const int parts = max(1, min(kSplit, num_tokens > 0 ? num_warps / num_tokens : 1));
+    const int parts = max(1, min(kCombineSplit, num_tokens > 0 ? num_warps / num_tokens : 1));
     for (int item = gw; item < num_tokens * parts; item += num_warps) {
       const int t = item / parts, part = item % parts;
       long long my_g = -1;
@@ -181,8 +192,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
           const bool no_route = peer == nullptr, out_of_range = units < 0 || units > area_units - kVecs;
           if (no_route || out_of_range) {  // one report site (each call site of report_error costs a stack frame)
             report_error(err, no_route ? kUnsupportedRoute : kBadIndex, rank,
-                         no_route ? ll::kPhaseRoute : ll::kPhaseBadHandle, d, no_route ? s_route[d].kind : units,
-                         area_units);
+                         no_route ? EPK_ERR_PHASE_LL_ROUTE : EPK_ERR_PHASE_LL_BAD_HANDLE, d,
+                         no_route ? s_route[d].kind : units, area_units);
             my_g = -1;
           } else {
             my_row = reinterpret_cast<const int4 *>(peer) + units;
@@ -232,6 +243,5 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  ll::note_seen_mask(state, 1, seq, s_mask);  // at the end: no registers held across the call
-  if (phase & ll::kSend) ll::finish_call(state, seq);
+  if (phase & EPK_PHASE_SEND) ll::finish_call(state, seq);
 }

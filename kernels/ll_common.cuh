@@ -12,7 +12,7 @@
 //     [recv_off, ...)         receive region: dispatch slots [E_loc][R][num_max] messages of 16 + 2H bytes,
 //                             or combine slots [E][num_max] rows of 2H bytes, or the direct dispatch's
 //                             outputs (recv_x, scales, src_info, layout_range, count; ll_dispatch_direct.cuh)
-//   Host side: src/epkern/ll_intranode.py (ll_layout) computes the offsets; they fit the size hint.
+//   Host side: src/epkern/ll_layout.py (ll_layout) computes the offsets; they fit the size hint.
 //
 // Call counter: the Buffer's device state holds the seq of the last call that sent. A kernel that sends
 // takes seq = counter + 1 and its last block writes the counter back at the end; a receive-only kernel (the
@@ -24,47 +24,24 @@
 // never satisfies a wait.
 #pragma once
 #include "epk_common.cuh"
+#include "epk_constants.cuh"
 #include "ll_route.cuh"
+
+#ifndef EPK_POLL_SLEEP_NS
+#error "EPK_POLL_SLEEP_NS must be defined"
+#endif
 
 namespace epk {
 namespace ll {
 
-// ---- device state (int32 words; mirrored by STATE_* in src/epkern/ll_intranode.py) ----
-constexpr int kMaxRanks = 1024;
-constexpr int kMaxExperts = 8192;
-constexpr int kStateCounter = 0;                      // seq of the last call that sent
-constexpr int kStateTicket = 1;                       // blocks of the running sending kernel that finished
-constexpr int kStateMask = 64;                        // [kMaxRanks]: 1 = peer masked (skipped at every send and wait)
-constexpr int kStateRoute = kStateMask + kMaxRanks;   // [kMaxRanks]: RouteKind of each peer
-constexpr int kStateSlot = kStateRoute + kMaxRanks;   // [kMaxExperts]: dispatch slot allocator per expert
-constexpr int kStateDone = kStateSlot + kMaxExperts;  // [kMaxExperts]: dispatch puts finished per expert
-constexpr int kStatePair = kStateDone + kMaxExperts;  // [kMaxExperts]: combine warps finished per (e, src)
-constexpr int kStateSent = kStatePair + kMaxExperts;  // [kMaxExperts]: diagnostics, dispatch count of g: -seq
-                                                      // once its warp waits for the local sends, seq once sent
-constexpr int kStateReadback = kStateSent + kMaxExperts;      // [kMaxExperts]: diagnostics (EPK_LL_DIAG), the count
-                                                              // word read back from the owner right after its store
-constexpr int kStateSentAddr = kStateReadback + kMaxExperts;  // [kMaxExperts] int64: ... and the address stored to
-constexpr int kMaxSelections = 1024 * 32;                     // num_max * top-k at most
-// The direct dispatch (EPK_LL_DIRECT): per expert, the begin of this rank's block at its owner and the seq once
-// published; per selection (t * K + k), its slot within the block (token order).
-constexpr int kStateBegin = kStateSentAddr + 2 * kMaxExperts;
-constexpr int kStateBeginTag = kStateBegin + kMaxExperts;
-constexpr int kStateSlotOf = kStateBeginTag + kMaxExperts;
-constexpr int kStateWords = kStateSlotOf + kMaxSelections;
-
-// ---- phases of a launch (bit mask) and of an error record (PHASES in gpu_buffer.py) ----
-constexpr int kSend = 1;
-constexpr int kRecv = 2;
-constexpr int kPhaseDispatchRecv = 7;  // waiting for a peer's token count
-constexpr int kPhaseLocalSends = 8;    // waiting for this rank's own dispatch puts (a bug if it expires)
-constexpr int kPhaseCombineRecv = 9;   // waiting for a peer's expert outputs
-constexpr int kPhaseBadIndex = 10;     // a topk_idx entry outside [-1, num_experts)
-constexpr int kPhaseBadHandle = 11;    // a layout_range / src_info entry out of range in combine
-constexpr int kPhaseRoute = 12;        // a peer's route kind is not implemented
-constexpr int kPhaseOverflow = 13;     // more selections of one expert than num_max slots
+// The device state's words (EPK_STATE_*), the limits (EPK_LL_*), the launch phase bits (EPK_PHASE_*) and the
+// error-record phases (EPK_ERR_PHASE_LL_*) are in epk_constants.cuh, shared with the Python side.
+static_assert(EPK_LL_MAX_RANKS <= 32, "one lane per source rank");
+static_assert(EPK_LL_MAX_RANKS <= EPK_STATE_MAX_RANKS, "the per-peer state arrays hold every rank");
 
 constexpr int kCountBits = 11;
 constexpr int kCountMask = (1 << kCountBits) - 1;
+static_assert(EPK_LL_MAX_NUM_MAX <= kCountMask, "a signal's count field holds num_max");
 
 EPK_DEVICE int tag_of(unsigned seq) { return 1 + static_cast<int>(seq % 0xFFFFFu); }
 EPK_DEVICE int pack_signal(int tag, int count) { return (tag << kCountBits) | count; }
@@ -72,8 +49,8 @@ EPK_DEVICE int pack_signal(int tag, int count) { return (tag << kCountBits) | co
 EPK_DEVICE int ld_volatile(const int *p) { return *reinterpret_cast<const volatile int *>(p); }
 
 EPK_DEVICE unsigned call_seq(const int *state, int phase, int back) {
-  const unsigned last = static_cast<unsigned>(ld_volatile(state + kStateCounter));
-  return (phase & kSend) ? last + 1u : last - static_cast<unsigned>(back);
+  const unsigned last = static_cast<unsigned>(ld_volatile(state + EPK_STATE_COUNTER));
+  return (phase & EPK_PHASE_SEND) ? last + 1u : last - static_cast<unsigned>(back);
 }
 
 // End of a kernel that sent: the last block to get here publishes `seq` as the counter for the next call.
@@ -82,9 +59,9 @@ EPK_DEVICE void finish_call(int *state, unsigned seq) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    if (atomicAdd(state + kStateTicket, 1) == static_cast<int>(gridDim.x) - 1) {
-      state[kStateCounter] = static_cast<int>(seq);
-      state[kStateTicket] = 0;
+    if (atomicAdd(state + EPK_STATE_TICKET, 1) == static_cast<int>(gridDim.x) - 1) {
+      state[EPK_STATE_COUNTER] = static_cast<int>(seq);
+      state[EPK_STATE_TICKET] = 0;
       __threadfence();
     }
   }
@@ -92,43 +69,32 @@ EPK_DEVICE void finish_call(int *state, unsigned seq) {
 
 enum WaitResult : int { kArrived = 0, kExpired = 1, kGaveUp = 2 };
 
-// Polling experiments (not yet measured; the defaults poll as the code that ran exact on the H200). Thousands of
-// threads per rank poll peers' signals while the senders' copies are in flight:
-//   EPK_POLL_SLEEP_NS (EPKERN_LL_POLL_SLEEP_NS): __nanosleep between polls after the first 32 (0 = none);
-//   EPK_POLL_RELAXED (EPKERN_LL_POLL_RELAXED): poll with relaxed (volatile) loads and make one acquire load once
-//   the tag shows, instead of an acquire load per poll. Same ordering: the acquire load reads the released value
-//   (or a later one, which cannot exist within a call: the slot's next writer is two calls later).
-#ifndef EPK_POLL_SLEEP_NS
-#define EPK_POLL_SLEEP_NS 0
-#endif
-#ifndef EPK_POLL_RELAXED
-#define EPK_POLL_RELAXED 0
-#endif
+// Thousands of threads per rank poll peers' signals while the senders' copies are in flight. A poll is a relaxed
+// (volatile) load; once the tag shows, one acquire load re-reads the word: the same ordering as an acquire load per
+// poll, since the acquire load reads the released value (or a later one, which cannot exist within a call: the
+// slot's next writer is two calls later). EPK_POLL_SLEEP_NS (EPKERN_LL_POLL_SLEEP_NS): __nanosleep between polls
+// after the first 32 (0 = none).
 EPK_DEVICE void poll_pause(unsigned iter) {
   if constexpr (EPK_POLL_SLEEP_NS > 0) {
     if (iter >= 32u) __nanosleep(EPK_POLL_SLEEP_NS);
   }
-}
-EPK_DEVICE int poll_load(const int *p) {
-  if constexpr (EPK_POLL_RELAXED != 0) return ld_volatile(p);
-  return ld_acquire_sys(p);
 }
 
 // Spin until the tagged signal at `p` carries `tag` (acquire, system scope) or the deadline passes. On
 // expiry record (rank, phase, peer, value seen, expected tag) and return kExpired; kGaveUp when another
 // thread of this rank recorded an error first (stop rather than wait out a second deadline).
 EPK_DEVICE int wait_signal(const int *p, int tag, const Deadline &d, int phase, int peer, int &value) {
-  value = poll_load(p);
+  value = ld_volatile(p);
   if ((value >> kCountBits) == tag) {
-    if constexpr (EPK_POLL_RELAXED != 0) value = ld_acquire_sys(p);
+    value = ld_acquire_sys(p);
     return kArrived;
   }
   const uint64_t start = now_ns();
   for (unsigned iter = 1;; ++iter) {
     poll_pause(iter);
-    value = poll_load(p);
+    value = ld_volatile(p);
     if ((value >> kCountBits) == tag) {
-      if constexpr (EPK_POLL_RELAXED != 0) value = ld_acquire_sys(p);
+      value = ld_acquire_sys(p);
       return kArrived;
     }
     if ((iter & 255u) == 0) {
@@ -162,28 +128,13 @@ EPK_DEVICE void load_peers(const int *state, const unsigned long long *peers, lo
                            Route (&route)[R]) {
   const int p = threadIdx.x;
   if (p < R) {
-    mask[p] = ld_volatile(state + kStateMask + p);
-    route[p] = make_route(ld_volatile(state + kStateRoute + p), peers[p], ll_off);
+    mask[p] = ld_volatile(state + EPK_STATE_MASK + p);
+    route[p] = make_route(ld_volatile(state + EPK_STATE_ROUTE + p), peers[p], ll_off);
   }
 }
 
-// Diagnostics (the flaky absent-rank test, docs/architecture.md "Known problems"): at its end, thread 0 of blocks 0..14
-// stores (seq << 32) | the mask bits its block loaded into int64 slot `which * 15 + block` at state words 2..61 (which:
-// 0 dispatch, 1 combine); tests/ll_scenarios.ll_signal_dump prints them. One store per block and call.
-constexpr int kStateSeenMask = 2;
-constexpr int kSeenBlocks = 15;
-template <int R>
-EPK_DEVICE void note_seen_mask(int *state, int which, unsigned seq, const int (&mask)[R]) {
-  if (threadIdx.x != 0 || blockIdx.x >= kSeenBlocks) return;
-  unsigned bits = 0;
-#pragma unroll
-  for (int p = 0; p < R; ++p) bits |= (mask[p] != 0 ? 1u : 0u) << p;
-  reinterpret_cast<unsigned long long *>(state + kStateSeenMask)[which * kSeenBlocks + blockIdx.x] =
-      (static_cast<unsigned long long>(seq) << 32) | bits;
-}
-
 // A peer that did not answer within the deadline is masked for every later call (host raises once).
-EPK_DEVICE void mask_peer(int *state, int peer) { atomicExch(state + kStateMask + peer, 1); }
+EPK_DEVICE void mask_peer(int *state, int peer) { atomicExch(state + EPK_STATE_MASK + peer, 1); }
 
 EPK_DEVICE int warp_sum(int v) {
 #pragma unroll

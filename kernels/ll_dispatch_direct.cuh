@@ -17,10 +17,16 @@
 // fill word's final count); layout_range entries of masked or silent sources are written (0) here, and the fill
 // word is cleared (compare-and-swap: only if no later call reserved there yet). Nothing is copied.
 //
-// Included by ll_dispatch.cu after its constants and message helpers (kRanks, kHidden, kTopk, kFp8, kUe8m0,
-// kGroups, build_message, send_parts, wait_count, signal_count).
+// Uses the dispatch's specialisation and message helpers (ll_dispatch_common.cuh); the kernel is ll_dispatch.cu.
 #pragma once
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
+#include "ll_common.cuh"
+#include "ll_dispatch_common.cuh"
+#include "ll_route.cuh"
 
+namespace epk {
+namespace ll_dispatch {
 namespace direct {
 
 // Bytes from the start of the set's receive region (ll_layout.direct_recv_layout) of what senders write; the
@@ -45,12 +51,12 @@ __device__ __forceinline__ unsigned fill_tag(unsigned seq) { return 1u + seq % 0
 
 // Wait (this rank's own warps) until expert g's begin is published for this call; returns it, or -1 on expiry.
 __device__ __forceinline__ int wait_begin(const int *state, int g, unsigned seq, const Deadline &deadline, int d) {
-  const int *tag = state + ll::kStateBeginTag + g;
+  const int *tag = state + EPK_STATE_BEGIN_TAG + g;
   const uint64_t start = now_ns();
   for (unsigned iter = 0;; ++iter) {
-    if (ld_acquire_gpu(tag) == static_cast<int>(seq)) return ld_acquire_gpu(state + ll::kStateBegin + g);
+    if (ld_acquire_gpu(tag) == static_cast<int>(seq)) return ld_acquire_gpu(state + EPK_STATE_BEGIN + g);
     if ((iter & 255u) == 255u && now_ns() - start > deadline.timeout_ns) {
-      report_error(deadline.rec, kTimeout, deadline.rank, ll::kPhaseLocalSends, d, -1, static_cast<int>(seq));
+      report_error(deadline.rec, kTimeout, deadline.rank, EPK_ERR_PHASE_LL_LOCAL_SENDS, d, -1, static_cast<int>(seq));
       return -1;
     }
   }
@@ -63,9 +69,9 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
   const int e_loc = num_experts / kRanks, rows = kRanks * num_max;
   const long long out_base = set_base + recv_off;            // the owners' outputs, in their LL areas
   const long long fill_base = set_base + 4LL * num_experts;  // the owners' fill counters
-  int *const slot_of = state + ll::kStateSlotOf;
-  int *const cnt_of = state + ll::kStateSlot;  // the expert's count of valid selections (the other modes' slots)
-  int *const done_ctr = state + ll::kStateDone;
+  int *const slot_of = state + EPK_STATE_SLOT_OF;
+  int *const cnt_of = state + EPK_STATE_SLOT;  // the expert's count of valid selections (the other modes' slots)
+  int *const done_ctr = state + EPK_STATE_DONE;
   const int n_sel = num_tokens * kTopk;
 
   // A. Slots, counts and block reservations, warp per expert. topk_idx is staged in shared memory once per block
@@ -93,22 +99,22 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     }
     if (lane == 0 && !s_mask[d]) {
       const int n = min(base, num_max);
-      if (base > num_max) report_error(err, kOverflow, rank, ll::kPhaseOverflow, d, base, num_max);
+      if (base > num_max) report_error(err, kOverflow, rank, EPK_ERR_PHASE_LL_OVERFLOW, d, base, num_max);
       int begin = n > 0 ? route_reserve(s_route[d], fill_base + 4LL * e, fill_tag(seq), n) : 0;
       if (begin < 0 || begin + n > rows) {  // no route, or a fill counter not reset: refuse rather than overrun
-        report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, begin);
+        report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, s_route[d].kind, begin);
         begin = -1;
       } else {
         const long long entry = (static_cast<long long>(begin) << 32) | static_cast<unsigned>(n);
         route_store_dword(s_route[d], out_base + direct_offsets(e_loc, rows).layout + 8LL * (e * kRanks + rank), entry);
       }
       cnt_of[g] = base;
-      state[ll::kStateBegin + g] = begin;
+      state[EPK_STATE_BEGIN + g] = begin;
     }
     __syncwarp();  // every lane's slot_of stores come before lane 0's release below
     if (lane == 0 && !s_mask[d]) {
       __threadfence();
-      st_release_gpu(state + ll::kStateBeginTag + g, static_cast<int>(seq));
+      st_release_gpu(state + EPK_STATE_BEGIN_TAG + g, static_cast<int>(seq));
     }
   }
 
@@ -125,7 +131,7 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     const long long g = lane < kTopk ? topk_idx[static_cast<long long>(t) * kTopk + lane] : -1;
     const bool valid = g >= 0 && g < num_experts;
     if (g < -1 || g >= num_experts)
-      report_error(err, kBadIndex, rank, ll::kPhaseBadIndex, -1, static_cast<int>(g), num_experts);
+      report_error(err, kBadIndex, rank, EPK_ERR_PHASE_LL_BAD_INDEX, -1, static_cast<int>(g), num_experts);
     const int d = valid ? static_cast<int>(g) / e_loc : 0, e = valid ? static_cast<int>(g) % e_loc : 0;
     const bool counted = valid && !s_mask[d];
     bool active = false;
@@ -143,7 +149,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
       const long long off = out_base + o.x + row * (2 * kHidden) + 16LL * lo;
       const unsigned unsupported =
           route_put_warp_lanes<kTopk, kCopyInFlight>(s_route[d], off, active, xrow + lo, 16 * (hi - lo), lane);
-      if (unsupported >> lane & 1u) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+      if (unsupported >> lane & 1u)
+        report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, s_route[d].kind, 0);
     } else {
       const char *msg = staging + static_cast<long long>(t) * kSlotBytes;
       constexpr int kPairs = (kGroups + 1) / 2;
@@ -151,7 +158,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
       const long long off = out_base + o.x + row * kHidden + 128LL * glo;
       const unsigned unsupported =
           route_put_warp_lanes<kTopk, 2>(s_route[d], off, active, msg + 16 + 128 * glo, 128 * (ghi - glo), lane);
-      if (unsupported >> lane & 1u) report_error(err, kUnsupportedRoute, rank, ll::kPhaseRoute, d, s_route[d].kind, 0);
+      if (unsupported >> lane & 1u)
+        report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, s_route[d].kind, 0);
       // The share's scales, column-major [E_loc][S][rows]: each destination lane stores its row's (few, small;
       // a warp-wide loop over destinations spilled registers).
       if (active) {
@@ -182,8 +190,7 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     if (s_mask[d]) continue;
     if (lane == 0) {
       const int cnt = cnt_of[g];
-      signal_count(state, g, d, e, rank, seq, tag, cnt, cnt * parts, num_max, set_base, done_ctr, s_route[d], err,
-                   deadline);
+      signal_count(g, d, e, rank, tag, cnt, cnt * parts, num_max, set_base, done_ctr, s_route[d], err, deadline);
       cnt_of[g] = 0;
       done_ctr[g] = 0;
     }
@@ -219,3 +226,5 @@ __device__ void recv(unsigned seq, int tag, long long set_base, int num_experts,
 }
 
 }  // namespace direct
+}  // namespace ll_dispatch
+}  // namespace epk

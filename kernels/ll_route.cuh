@@ -20,10 +20,17 @@
 // LL area (the dispatch staging slot is; a combine from a user array would stage first unless zero_copy).
 #pragma once
 #include "epk_common.cuh"
+#include "epk_constants.cuh"
 
 namespace epk {
 
-enum RouteKind : int { kRouteNone = 0, kRouteIpc = 1, kRouteProxy = 2, kRouteRdma = 3 };
+// The kinds (EPK_ROUTE_*, epk_constants.cuh) are written into the device state by the host.
+enum RouteKind : int {
+  kRouteNone = EPK_ROUTE_NONE,
+  kRouteIpc = EPK_ROUTE_IPC,
+  kRouteProxy = EPK_ROUTE_PROXY,
+  kRouteRdma = EPK_ROUTE_RDMA
+};
 
 // Error code recorded when a send site meets a route kind this build does not implement.
 constexpr int kUnsupportedRoute = 4;

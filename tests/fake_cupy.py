@@ -157,18 +157,27 @@ _current = threading.local()
 
 
 class Graph:
-    """A captured graph: what was captured is not kept (kernels do not run here); its launches are counted."""
+    """A captured graph: the launches captured into it (fake driver launches) run again, on the stream it is
+    launched on, at each of its launches; its launches are counted."""
 
-    def __init__(self):
+    def __init__(self, captured=()):
         self.launched_on = []  # stream ptr of each launch
+        self.captured = list(captured)  # fn(stream_ptr) of each captured launch
 
     def launch(self, stream=None):
-        self.launched_on.append((stream or get_current_stream()).ptr)
+        ptr = (stream or get_current_stream()).ptr
+        self.launched_on.append(ptr)
+        for fn in self.captured:
+            fn(ptr)
+
+
+_streams: dict = {}  # ptr -> Stream (the fake driver finds a capturing stream by its pointer)
 
 
 class Stream:
     def __init__(self, null=False, non_blocking=False, ptr=None):
         self.ptr = 0 if null else (next(_ids) if ptr is None else ptr)
+        _streams[self.ptr] = self
         self.recorded = 0
         self.waits = 0
 
@@ -195,10 +204,11 @@ class Stream:
 
     def begin_capture(self, mode=None):
         self._capturing = True
+        self.captured = []
 
     def end_capture(self):
         self._capturing = False
-        return Graph()
+        return Graph(self.captured)
 
     def __enter__(self):
         self._prev = get_current_stream()
@@ -292,7 +302,9 @@ def installed(monkeypatch=None, emulate=None):
     """Fake CuPy in sys.modules, GPU checks passing, SymmetricRegion/HostMapped faked, kernels recorded.
     Yields the list of launches. ``monkeypatch``: pytest's (undone after the test), else undone on exit.
     ``emulate``: {kernel name: fn(args)} run at each real (not dry-run) launch of that kernel."""
-    from epkern import _cuda, gpu_buffer, kernel_loader
+    from epkern import _cuda, kernel_loader
+    from epkern.gpu import runtime
+    from epkern.gpu.ll import plans
 
     launches = Launches()
     cupy, cuda = _module()
@@ -307,18 +319,42 @@ def installed(monkeypatch=None, emulate=None):
                 emulate[name](args)
 
         launch.kernel = types.SimpleNamespace(ptr=next(_ids))  # RawKernel.kernel.ptr: the CUfunction
+        launch.record = lambda grid, block, args, stream_ptr: launches.append(
+            (source, name, frozen, grid, block, tuple(args), stream_ptr)
+        )
+        functions[launch.kernel.ptr] = launch
         return launch
+
+    functions = {}
+
+    class DriverLaunch:
+        """epkern._cuda_driver.DriverLaunch over the recorded kernels: a launch is recorded with the stream it
+        names, or captured when that stream is capturing (a graph launch records it again)."""
+
+        def __init__(self, function_ptr, grid, block, args):
+            self.func = functions[function_ptr]
+            self.grid, self.block, self.args = (int(grid),), (int(block),), list(args)
+
+        def set(self, i, value):
+            self.args[i] = type(self.args[i])(value)
+
+        def launch(self, stream_ptr):
+            args = tuple(self.args)
+            fn = lambda ptr: self.func.record(self.grid, self.block, args, ptr)  # noqa: E731
+            stream = _streams.get(stream_ptr)
+            if stream is not None and stream.is_capturing():
+                stream.captured.append(fn)
+            else:
+                fn(stream_ptr)
 
     patches = [
         (sys.modules, "cupy", cupy, True),
         (sys.modules, "cupy.cuda", cuda, True),
         (kernel_loader, "get_function", get_function, False),
         (_cuda, "require_gpu", lambda what="": None, False),
-        (gpu_buffer, "SymmetricRegion", FakeRegion, False),
-        (gpu_buffer, "HostMapped", FakeHostMapped, False),
-        # Replays launch through the recorded kernels (the default, 2, would call libcuda; tests of mode 2 set it
-        # and stand in for the driver).
-        (os.environ, "EPKERN_LL_FAST_HOST", os.environ.get("EPKERN_LL_FAST_HOST", "1"), True),
+        (runtime, "SymmetricRegion", FakeRegion, False),
+        (runtime, "HostMapped", FakeHostMapped, False),
+        (plans, "DriverLaunch", DriverLaunch, False),  # replays launch through the recorded kernels, not libcuda
     ]
     saved = []
     for target, name, value, is_item in patches:
@@ -343,27 +379,30 @@ def installed(monkeypatch=None, emulate=None):
                 setattr(target, name, old)
 
 
-def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True, timeout_s=None):
-    """A real GpuBuffer of one rank over the fakes (call inside :func:`installed`). ``processes``: outputs
+def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True, timeout_s=None,
+                _tuning=None):  # fmt: skip
+    """A real GPU Buffer of one rank over the fakes (call inside :func:`installed`). ``processes``: outputs
     come from the shared heap, as for MPS processes (a one-rank group is otherwise in-process)."""
-    from epkern.gpu_buffer import GpuBuffer
+    import epkern
     from epkern.group.base import SingleGroup
 
-    buf = GpuBuffer(
+    buf = epkern.Buffer(
         SingleGroup(),
         num_nvl_bytes=num_nvl_bytes,
         num_rdma_bytes=num_rdma_bytes,
         low_latency_mode=low_latency_mode,
         timeout_s=timeout_s,
+        backend="gpu",
+        _tuning=_tuning,
     )
     if processes:
-        buf.in_process = False
+        buf._backend.rt.in_process = False
     return buf
 
 
 def record_kernel_error(buf, code, phase, peer, seen=0, expected=0):
     """What a kernel's report_error leaves in the Buffer's host-mapped error record (claimed last)."""
-    rec = buf.error_record
+    rec = buf._backend.rt.error_record
     rec[1:7] = (code, buf.rank, phase, peer, seen, expected)
     rec[0] = 1
 

@@ -44,7 +44,7 @@ def main():
             if group.rank == 0:
                 print("ok", case, flush=True)
         ht_scenarios.run_fresh_iterations(buf, group, 100)
-        leaked = buf.heap.in_use
+        leaked = buf._backend.rt.heap.in_use
     print(f"OK rank {group.rank} of {R} heap_in_use_after={leaked}", flush=True)
 
 

@@ -52,8 +52,8 @@ def settle(buf):
         import cupy
 
         # The caller's stream, as a user would; bounded (a kernel that never ends fails the test, not CI's clock).
-        buf._sync_bounded(cupy.cuda.get_current_stream(), "the test waiting for the caller's stream")
-        buf._check_usable()
+        buf._backend.rt.sync_bounded(cupy.cuda.get_current_stream(), "the test waiting for the caller's stream")
+        buf._backend.rt.check_usable()
 
 
 def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random", absent=()):
@@ -164,8 +164,8 @@ def run_ht_case(
                 ]
                 poisoned = int((bits(got_np[bad_rows]).reshape(len(bad_rows), -1) == 0xFF).all(1).sum())
                 try:
-                    buf.comm_stream.synchronize()
-                    buf._raise_recorded()
+                    buf._backend.rt.comm_stream.synchronize()
+                    buf._backend.rt.raise_recorded()
                     recorded = "no device error recorded"
                 except Exception as exc:  # noqa: BLE001 - reported in the assertion below
                     recorded = f"device error: {exc}"
@@ -297,7 +297,7 @@ def run_absent_peer(buf, group, absent_rank):
     try:
         buf.dispatch(x, **args)
         cupy.cuda.get_current_stream().synchronize()
-        buf._check_usable()
+        buf._backend.rt.check_usable()
     except EpTimeout as exc:
         took = time.monotonic() - t0
         msg = str(exc)

@@ -323,13 +323,13 @@ def direct_dump(buf, num_max, hidden, num_experts, layout_range, want):
     fills = []
     for p in range(2):
         words = np.empty(num_experts // buf.num_ranks, np.int32)
-        src = buf.region.ptr + buf.ll_offset + p * stride + 4 * num_experts
+        src = buf._backend.rt.region.ptr + buf._backend.rt.ll_offset + p * stride + 4 * num_experts
         cupy.cuda.runtime.memcpy(words.ctypes.data, src, words.nbytes, 2)
         fills.append(words.tolist())
-    st = cupy.asnumpy(buf.ll_state[:2]).tolist()
+    st = cupy.asnumpy(buf._backend.ll.state[:2]).tolist()
     blocks = [[(int(v) >> 32, int(v) & 0xFFFFFFFF) for v in row] for row in np.asarray(layout_range)]
     ref = [[(int(v) >> 32, int(v) & 0xFFFFFFFF) for v in row] for row in np.asarray(want.layout_range)]
-    return f"counter,ticket={st} sends={buf._ll_sends} fill={fills} blocks={blocks} reference={ref}"
+    return f"counter,ticket={st} sends={buf._backend.ll.sends} fill={fills} blocks={blocks} reference={ref}"
 
 
 def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=64, zero_copy_recv=False):
@@ -626,8 +626,8 @@ def run_absent_rank(buf, group, absent_rank, num_tokens=48, hidden=2048, topk=4,
     # Host state at the start of the post-mask calls (pytest shows it only when the test fails; see
     # docs/architecture.md, Known problems). No device dump here: a device-wide sync in one in-process rank
     # would wait for the peers' kernels that already spin for this rank's next call.
-    rec = [int(v) for v in buf.error_record[:7]]
-    print(f"DIAG rank {r} after masking (took {took:.2f} s): sends={buf._ll_sends} error_record={rec}", flush=True)
+    rec = [int(v) for v in buf._backend.rt.error_record[:7]]
+    print(f"DIAG rank {r} after masking (took {took:.2f} s): sends={buf._backend.ll.sends} error_record={rec}", flush=True)
     # Raised once: the Buffer works on, exactly, without the absent rank (its experts contribute nothing).
     # The survivors meet through the device protocol only (no group collective: the absent rank is gone).
     for it in range(3):
@@ -658,36 +658,36 @@ def ll_signal_dump(buf, num_experts):
     )
 
     cupy.cuda.runtime.deviceSynchronize()
-    st = cupy.asnumpy(buf.ll_state[:2]).tolist()
+    st = cupy.asnumpy(buf._backend.ll.state[:2]).tolist()
     # The mask bits each of blocks 0..14 loaded at the start of the last dispatch / combine, with its seq.
-    seen_words = cupy.asnumpy(buf.ll_state[STATE_SEEN_MASK : STATE_SEEN_MASK + 4 * SEEN_BLOCKS]).view(np.uint64)
+    seen_words = cupy.asnumpy(buf._backend.ll.state[STATE_SEEN_MASK : STATE_SEEN_MASK + 4 * SEEN_BLOCKS]).view(np.uint64)
     seen = {
         kind: [(int(v >> 32), int(v & 0xFFFFFFFF)) for v in seen_words[i * SEEN_BLOCKS : (i + 1) * SEEN_BLOCKS]]
         for i, kind in enumerate(("dispatch", "combine"))
     }
-    mask = cupy.asnumpy(buf.ll_state[STATE_MASK : STATE_MASK + buf.num_ranks]).tolist()
-    stride = set_stride_of(buf.ll_bytes)
+    mask = cupy.asnumpy(buf._backend.ll.state[STATE_MASK : STATE_MASK + buf.num_ranks]).tolist()
+    stride = set_stride_of(buf._backend.rt.ll_bytes)
     sets = []
     for p in range(2):
         words = np.empty(num_experts, np.int32)
-        cupy.cuda.runtime.memcpy(words.ctypes.data, buf.region.ptr + buf.ll_offset + p * stride, 4 * num_experts, 2)
+        cupy.cuda.runtime.memcpy(words.ctypes.data, buf._backend.rt.region.ptr + buf._backend.rt.ll_offset + p * stride, 4 * num_experts, 2)
         sets.append(f"tags={(words >> 11).tolist()} counts={(words & 0x7FF).tolist()}")
     # The host's view too: sending calls issued, calls replayed, and the error record (claimed, code, rank,
     # phase, peer, seen, expected) - a record still claimed here was never raised.
-    rec = [int(v) for v in buf.error_record[:7]]
-    host = f"host sends={buf._ll_sends} replays={buf._ll_replays} error_record={rec}"
+    rec = [int(v) for v in buf._backend.rt.error_record[:7]]
+    host = f"host sends={buf._backend.ll.sends} replays={buf._backend.ll.replays} error_record={rec}"
 
     # Per expert: the dispatch count's progress (-seq waiting for the local sends, seq sent), and the counters.
     def words(base):
-        return cupy.asnumpy(buf.ll_state[base : base + num_experts]).tolist()
+        return cupy.asnumpy(buf._backend.ll.state[base : base + num_experts]).tolist()
 
-    routes = cupy.asnumpy(buf.ll_state[STATE_ROUTE : STATE_ROUTE + buf.num_ranks]).tolist()
+    routes = cupy.asnumpy(buf._backend.ll.state[STATE_ROUTE : STATE_ROUTE + buf.num_ranks]).tolist()
     counters = f"sent={words(STATE_SENT)} slot={words(STATE_SLOT)} done={words(STATE_DONE)} routes={routes}"
     # Where this rank's kernels send to (peer table + ll_off) and where it reads its own area.
-    peers = [hex(int(v)) for v in cupy.asnumpy(buf.peer_table).ravel()[: buf.num_ranks]]
-    counters += f" peers={peers} ll_offset={buf.ll_offset} region={hex(buf.region.ptr)}"
+    peers = [hex(int(v)) for v in cupy.asnumpy(buf._backend.rt.peer_table).ravel()[: buf.num_ranks]]
+    counters += f" peers={peers} ll_offset={buf._backend.rt.ll_offset} region={hex(buf._backend.rt.region.ptr)}"
     if buf._ll_diag:  # EPKERN_LL_DIAG=1: per expert, the count word read back right after its store, and where
-        addrs = cupy.asnumpy(buf.ll_state[STATE_SENT_ADDR : STATE_SENT_ADDR + 2 * num_experts]).view(np.uint64)
+        addrs = cupy.asnumpy(buf._backend.ll.state[STATE_SENT_ADDR : STATE_SENT_ADDR + 2 * num_experts]).view(np.uint64)
         counters += f" readback={words(STATE_READBACK)} sent_to={[hex(int(a)) for a in addrs]}"
     return (
         f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} {counters} set0 {sets[0]} set1 {sets[1]}"

@@ -1,6 +1,8 @@
-"""epkern._driver_launch on the CPU: the packed kernel parameters hold exactly the values CuPy would pass
+"""epkern._cuda_driver on the CPU: the packed kernel parameters hold exactly the values CuPy would pass
 (numpy scalars by dtype, arrays as pointers), launches go through cuLaunchKernel with them (a stand-in driver
-decodes what it is given), and an LL replay with EPKERN_LL_FAST_HOST=2 launches what the full path launches."""
+decodes what it is given), an LL replay with EPKERN_LL_FAST_HOST=2 launches what the full path launches, a
+refused call is named by cuGetErrorName, and without libcuda every call raises DeviceUnavailableError.
+(tests/test_vmm_layout.py checks the bindings against cuda.h and calls each through a compiled stand-in.)"""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 
 import fake_cupy as F
-from epkern import _driver_launch as D
-from epkern.errors import EpkernError
+from epkern import _cuda_driver as D
+from epkern.errors import DeviceUnavailableError, EpkernError
 
 _DECODE = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32}
 
@@ -36,12 +38,20 @@ def _as_ints(args):
 class _Driver:
     """Stands in for libcuda: records (function, grid, block, stream, params) of every launch."""
 
+    NAMES = {700: b"CUDA_ERROR_ILLEGAL_ADDRESS"}
+
     def __init__(self, status=0):
         self.calls, self.status = [], status
 
     def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):  # noqa: N802 - the driver's name
         self.calls.append((f.value, (gx, gy, gz), (bx, by, bz), smem, stream.value, params, extra))
         return self.status
+
+    def cuGetErrorName(self, status, name_ref):  # noqa: N802
+        if status not in self.NAMES:
+            return 1  # CUDA_ERROR_INVALID_VALUE, as the driver answers for an unknown code
+        name_ref._obj.value = self.NAMES[status]
+        return 0
 
 
 def test_pack_lays_out_values_as_cupy_passes_them():
@@ -71,8 +81,39 @@ def test_launch_passes_the_packed_parameters_and_updates_set_ones(monkeypatch):
     assert [c[:5] for c in driver.calls] == [(0x77, (16, 1, 1), (512, 1, 1), 0, 0x99)] * 2
     assert driver.calls[0][6] is None
     monkeypatch.setattr(D, "_lib", _Driver(status=700))
-    with pytest.raises(EpkernError, match="cuLaunchKernel failed: CUresult 700"):
+    with pytest.raises(D.DriverError, match=r"cuLaunchKernel failed: CUDA_ERROR_ILLEGAL_ADDRESS \(CUresult 700\)"):
         launch.launch(0x99)
+    monkeypatch.setattr(D, "_lib", _Driver(status=12345))
+    with pytest.raises(EpkernError, match=r"cuLaunchKernel failed: CUresult 12345$") as err:
+        launch.launch(0x99)
+    assert (err.value.call, err.value.status, err.value.name) == ("cuLaunchKernel", 12345, "")
+
+
+def test_without_libcuda_every_call_raises_device_unavailable(monkeypatch):
+    """Importing needs no driver; the first call loads it, and its absence is a DeviceUnavailableError."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has a CUDA driver")
+    monkeypatch.setattr(D, "_lib", None)
+    for call in (D.library, lambda: D.mem_get_allocation_granularity(0), lambda: D.error_name(1)):
+        with pytest.raises(DeviceUnavailableError, match=r"libcuda\.so\.1"):
+            call()
+    launch = D.DriverLaunch(0x77, 1, 32, (np.int32(1),))
+    with pytest.raises(DeviceUnavailableError):
+        launch.launch(0)
+    assert D._lib is None
+
+
+def test_a_driver_without_a_bound_call_is_refused():
+    class Old:  # a driver that has every call but the last of SIGNATURES
+        def __getattr__(self, name):
+            if name == list(D.SIGNATURES)[-1]:
+                raise AttributeError(name)
+            return types.SimpleNamespace()
+
+    with pytest.raises(DeviceUnavailableError, match=f"no {list(D.SIGNATURES)[-1]} "):
+        D._bind(Old())
 
 
 def test_ll_replay_through_the_driver_launches_what_the_full_path_launches(monkeypatch):

@@ -39,7 +39,7 @@ def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
     names = [launch[1] for launch in F.real_launches(fake)]
     assert names == ["epk_ht_notify", "epk_ht_dispatch"]
     disp = F.real_launches(fake)[-1]
-    assert disp[3] == (buf.ht_grid(None),) and disp[4] == (buf.ht_threads,)
+    assert disp[3] == (buf._backend.ht.grid(None),) and disp[4] == (buf._backend.ht.tuning.threads,)
     args = disp[5]
     assert int(args[1]) == buf.rank and int(args[3]) == T and args[4] is x
     assert int(args[11]) == _ptr(recv_x) and int(args[13]) == _ptr(recv_idx) and int(args[14]) == _ptr(recv_w)
@@ -55,7 +55,7 @@ def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
     combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
     comb = F.real_launches(fake[before:])
     assert [c[1] for c in comb] == ["epk_ht_combine"]
-    assert comb[0][2]["EPK_LOADS_FIRST"] == buf.ht_combine_loads_first
+    assert comb[0][2]["EPK_LOADS_FIRST"] == buf._backend.ht.tuning.combine_loads_first
     assert combined.shape == (T, H) and combined_w.shape == (T, K)
     buf.destroy()
 
@@ -118,13 +118,13 @@ def test_ht_outputs_return_to_the_heap_when_dropped(fake):
     try:
         out = F.full_dispatch(buf, inputs, num_worst_tokens=T)
         handle = out[4]
-        held = buf.heap.in_use
+        held = buf._backend.rt.heap.in_use
         cached = buf.dispatch(x, handle=handle)
-        assert buf.heap.in_use > held
+        assert buf._backend.rt.heap.in_use > held
         del cached
-        assert buf.heap.in_use == held
+        assert buf._backend.rt.heap.in_use == held
         del out, handle
-        assert buf.heap.in_use == 0
+        assert buf._backend.rt.heap.in_use == 0
     finally:
         gc.enable()
     buf.destroy()
@@ -197,7 +197,7 @@ def test_ll_replay_launches_what_the_full_path_launches(fake, monkeypatch, use_f
     monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     calls = _ll_pairs(buf, fake, 4, use_fp8, hook)
-    assert buf._ll_replays == 2 * 3  # every call after the first pair
+    assert buf._backend.ll.replays == 2 * 3  # every call after the first pair
     first_dispatch, first_combine = calls[0], calls[1]
     for i, launches in enumerate(calls):
         want = first_dispatch if i % 2 == 0 else first_combine
@@ -220,20 +220,20 @@ def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     x, idx, w, outs, y, out = _ll_setup()
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
-    assert buf._ll_replays == 1
+    assert buf._backend.ll.replays == 1
     buf.low_latency_dispatch(cupy.asarray(x.get()), idx, NUM_MAX, E, use_fp8=False, **outs)  # another x
-    assert buf._ll_replays == 1
+    assert buf._backend.ll.replays == 1
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # outputs allocated: never a plan
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
-    assert buf._ll_replays == 1
+    assert buf._backend.ll.replays == 1
     idx._a = idx._a[: T // 2]  # the same object, now with another shape (as an in-place reshape would)
     with pytest.raises(ArgumentError, match="topk_idx: expected 64 rows"):
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
-    assert buf._ll_replays == 1
+    assert buf._backend.ll.replays == 1
     buf.clean_low_latency_buffer(NUM_MAX, H, E)
-    assert len(buf._ll_plans) == 0
+    assert len(buf._backend.ll.plans) == 0
     buf.destroy()
-    assert len(buf._ll_plans) == 0
+    assert len(buf._backend.ll.plans) == 0
 
 
 def test_ll_silent_peer_raises_once_masks_it_and_the_buffer_goes_on(fake):
@@ -272,7 +272,7 @@ def test_ll_bad_index_report_is_an_argument_error_and_ht_errors_break_the_buffer
     before = len(fake)
     with pytest.raises(EpkernError, match="peer 0 did not answer"):  # unusable: every call says why
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
-    assert len(fake) == before and buf._broken
+    assert len(fake) == before and buf._backend.rt.broken
     buf.destroy()
 
 
@@ -296,7 +296,7 @@ def test_ht_fp8_dispatch_and_combine_with_biases(fake):
     comb = F.real_launches(fake[before:])[-1]
     assert comb[1] == "epk_ht_combine" and int(comb[5][7]) == b0.data.ptr and int(comb[5][8]) == b1.data.ptr
     staged = int(comb[5][4])  # y is outside the shared region: the kernel reads a staged copy inside it
-    assert staged != y.data.ptr and buf.region.ptr <= staged < buf.region.ptr + buf.region.nbytes
+    assert staged != y.data.ptr and buf._backend.rt.region.ptr <= staged < buf._backend.rt.region.ptr + buf._backend.rt.region.nbytes
     with pytest.raises(ArgumentError, match=r"bias\[1\]"):
         buf.combine(y, handle, topk_weights=recv_w, bias=(b0, cupy.asarray(np.zeros((T, H + 8), BF16))))
     buf.destroy()
@@ -311,7 +311,7 @@ def test_ll_replays_go_onto_the_callers_stream_only_while_it_follows_all_buffer_
     monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
-    caller, comm = cupy.cuda.get_current_stream(), buf.comm_stream
+    caller, comm = cupy.cuda.get_current_stream(), buf._backend.rt.comm_stream
 
     def dispatch_stream():
         before = len(fake)
@@ -320,11 +320,11 @@ def test_ll_replays_go_onto_the_callers_stream_only_while_it_follows_all_buffer_
         return launch[6]
 
     assert dispatch_stream() == comm.ptr  # validated: the full path
-    assert dispatch_stream() == caller.ptr == buf._direct_stream.ptr  # replayed onto the caller's stream
+    assert dispatch_stream() == caller.ptr == buf._backend.rt.direct_stream.ptr  # replayed onto the caller's stream
     assert dispatch_stream() == caller.ptr
     waits = comm.waits
     buf.low_latency_update_mask_buffer(0, mask=False)  # comm-stream work: joins the direct launches first
-    assert comm.waits == waits + 1 and buf._direct_stream is None and buf._joined_ptr is None
+    assert comm.waits == waits + 1 and buf._backend.rt.direct_stream is None and buf._backend.rt.joined_ptr is None
     assert dispatch_stream() == comm.ptr  # the caller's stream does not follow the mask update yet
     assert dispatch_stream() == caller.ptr  # ... and does after that call's wait
     other = cupy.cuda.Stream(non_blocking=True)
@@ -359,18 +359,18 @@ def test_prepared_ll_calls_replay_what_the_validated_calls_launch(fake, monkeypa
             chook()
         assert got is out
         per_call.append(F.real_launches(fake[before:]))
-    assert buf._ll_replays == 2 * 3
+    assert buf._backend.ll.replays == 2 * 3
     for launches in per_call[1:]:
         assert len(launches) == len(per_call[0]) == (4 if hook else 2)
         for a, b in zip(launches, per_call[0], strict=True):
             _same(a, b)
-    replays = buf._ll_replays
+    replays = buf._backend.ll.replays
     buf.clean_low_latency_buffer(NUM_MAX, H, E)  # plans dropped: the next calls are validated (and re-planned)
     for _ in range(2):
         hook_of_call = dispatch()[4]
         if hook:
             hook_of_call()
-    assert buf._ll_replays == replays + 1
+    assert buf._backend.ll.replays == replays + 1
     idx._a = idx._a[: T // 2]  # reshaped in place: validated again, and refused
     with pytest.raises(ArgumentError, match="topk_idx: expected 64 rows"):
         dispatch()
@@ -396,7 +396,7 @@ def test_ll_double_batch_alternation_keeps_replaying(fake, monkeypatch):
         for x, idx, w, outs, y, out in batches:
             handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
             buf.low_latency_combine(y, idx, w, handle, out=out)
-    assert len(buf._ll_plans) == 4 and buf._ll_replays == 2 * 2 * 2  # rounds 2 and 3, both batches, both ops
+    assert len(buf._backend.ll.plans) == 4 and buf._backend.ll.replays == 2 * 2 * 2  # rounds 2 and 3, both batches, both ops
     buf.destroy()
 
 
@@ -413,7 +413,7 @@ def test_ll_zero_copy_combine_replays_per_set(fake, monkeypatch):
             handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
         zbuf = buf.get_next_low_latency_combine_buffer(handle)
         assert zbuf is buf.get_next_low_latency_combine_buffer(handle)  # one array per set: stable ids
-        parity = (buf._ll_sends + 1) & 1
+        parity = (buf._backend.ll.sends + 1) & 1
         before = len(fake)
         assert buf.low_latency_combine(zbuf, idx, w, handle, out=out, zero_copy=True)[0] is out
         (launch,) = F.real_launches(fake[before:])
@@ -421,8 +421,8 @@ def test_ll_zero_copy_combine_replays_per_set(fake, monkeypatch):
         seen.append((parity, zbuf.data.ptr))
     assert [p for p, _ in seen] == [0, 1, 1, 0, 0, 1]
     assert len({ptr for _, ptr in seen}) == 2 and len({(p, ptr) for p, ptr in seen}) == 2
-    assert len(buf._ll_plans) == 3  # the dispatch, and the combine once per set
-    assert buf._ll_replays == 8 + 4  # 9 dispatches, 6 combines: all but the first of each (per set)
+    assert len(buf._backend.ll.plans) == 3  # the dispatch, and the combine once per set
+    assert buf._backend.ll.replays == 8 + 4  # 9 dispatches, 6 combines: all but the first of each (per set)
     buf.destroy()
 
 
@@ -441,7 +441,7 @@ def test_prepared_zero_copy_combine_keeps_a_plan_per_set(fake, monkeypatch):
         assert combine()[0] is out
         (launch,) = F.real_launches(fake[before:])
         assert int(launch[5][4]) == want, f"prepared combine {i} read another set's buffer"
-    assert buf._ll_replays == 8 + 4  # dispatches after the first, combines after the first of each set
+    assert buf._backend.ll.replays == 8 + 4  # dispatches after the first, combines after the first of each set
     buf.destroy()
 
 
@@ -459,20 +459,20 @@ def test_a_kernel_that_never_ends_raises_instead_of_hanging(fake, monkeypatch):
     monkeypatch.setattr(gpu_buffer, "HOST_MARGIN_S", 0.05)
     buf = F.fake_buffer(timeout_s=0.05)
     stream = cupy.cuda.Stream()
-    buf._sync_bounded(stream, "a phase")  # done: returns at once
+    buf._backend.rt.sync_bounded(stream, "a phase")  # done: returns at once
     stream.hung = True
     t0 = time.monotonic()
     with pytest.raises(EpTimeout, match=r"rank 0: a phase: the GPU work of this call did not finish within 0\.1 s"):
-        buf._sync_bounded(stream, "a phase")
+        buf._backend.rt.sync_bounded(stream, "a phase")
     assert time.monotonic() - t0 < 5
     with pytest.raises(EpkernError, match="unusable"):
-        buf._check_usable()
+        buf._backend.rt.check_usable()
     # destroy() waits for the comm stream with the same bound: a hung one leaves the memory allocated and raises.
-    buf.comm_stream.hung = True
+    buf._backend.rt.comm_stream.hung = True
     t0 = time.monotonic()
     with pytest.raises(EpTimeout, match=r"rank 0: destroy: .* its memory is left allocated"):
         buf.destroy()
-    assert time.monotonic() - t0 < 5 and buf.region.ptr != 0
+    assert time.monotonic() - t0 < 5 and buf._backend.rt.region.ptr != 0
 
 
 def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monkeypatch):
@@ -493,8 +493,8 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
     d = direct_recv_layout(lay, 1)
     got = []
     for _ in range(5):
-        parity = (buf._ll_sends + 1) & 1
-        base = buf.region.ptr + buf.ll_offset + parity * stride + lay.recv_off
+        parity = (buf._backend.ll.sends + 1) & 1
+        base = buf._backend.rt.region.ptr + buf._backend.rt.ll_offset + parity * stride + lay.recv_off
         before = len(fake)
         recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, zero_copy_recv=True)
         (launch,) = F.real_launches(fake[before:])
@@ -505,7 +505,7 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
         got.append((parity, recv))
     assert [p for p, _ in got] == [1, 0, 1, 0, 1]  # call seq 1, 2, ...: set = seq & 1
     assert got[0][1] is got[2][1] and got[1][1] is got[3][1]  # one set of views per set: replays
-    assert buf._ll_replays == 3
+    assert buf._backend.ll.replays == 3
     # The next call (seq 6) is a combine in set 0: got[3]'s output lies where it receives; got[4]'s (set 1) not.
     with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
         buf.low_latency_combine(got[3][1], idx, w, handle, out=out)

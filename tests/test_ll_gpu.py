@@ -255,12 +255,12 @@ def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8, zero
     def body(buf, g):
         assert buf._ll_fast_host == int(mode)
         ll_scenarios.run_graph_replays(buf, g, 50, use_fp8=use_fp8, graph=False, zero_copy=bool(zero_copy))
-        assert len(buf._ll_plans) == 2, "the dispatch and the combine were not kept as plans"
+        assert len(buf._backend.ll.plans) == 2, "the dispatch and the combine were not kept as plans"
         replays = 2 * 50
-        assert buf._ll_replays == replays, f"{buf._ll_replays} of 100 calls replayed a plan, expected {replays}"
-        assert buf._ll_direct == buf._ll_replays, f"{buf._ll_direct} replays went onto the caller's stream"
+        assert buf._backend.ll.replays == replays, f"{buf._backend.ll.replays} of 100 calls replayed a plan, expected {replays}"
+        assert buf._backend.ll.direct == buf._backend.ll.replays, f"{buf._backend.ll.direct} replays went onto the caller's stream"
         if mode == "3":
-            assert all(len(p.graphs) == 1 for p in buf._ll_plans._plans.values()), "no captured launch kept"
+            assert all(len(p.graphs) == 1 for p in buf._backend.ll.plans._plans.values()), "no captured launch kept"
 
     _run(4, body)
 
@@ -275,7 +275,7 @@ def test_prepared_calls_repeat_exactly(use_fp8, zero_copy):
             buf, g, 40, use_fp8=use_fp8, graph=False, prepared=True, zero_copy=bool(zero_copy)
         )
         want = 2 * 40
-        assert buf._ll_replays == want and buf._ll_direct == buf._ll_replays, (buf._ll_replays, buf._ll_direct, want)
+        assert buf._backend.ll.replays == want and buf._backend.ll.direct == buf._backend.ll.replays, (buf._backend.ll.replays, buf._backend.ll.direct, want)
 
     _run(4, body)
 

@@ -265,6 +265,31 @@ def test_host_page_registry_refcounts_and_flags():
     assert fc2.log == [("reg", 0x20000, 4096, 3), ("unreg", 0x20000)] and reg2.registered_pages == {}
 
 
+def test_cuda_glue_answers_through_the_driver_binding_and_raises_nic_errors(monkeypatch):
+    """_Cuda's driver calls go through epkern._cuda_driver (a stand-in libcuda here); a refused call is a
+    NicError named by cuGetErrorName."""
+    from epkern import _cuda_driver
+
+    class Driver:
+        def cuMemHostGetDevicePointer_v2(self, out, addr, flags):  # noqa: N802 - the driver's names
+            out._obj.value = addr + (1 << 48)
+            return 0
+
+        def cuMemGetAddressRange_v2(self, base, size, ptr):  # noqa: N802
+            return 1  # CUDA_ERROR_INVALID_VALUE
+
+        def cuGetErrorName(self, status, name):  # noqa: N802
+            name._obj.value = b"CUDA_ERROR_INVALID_VALUE"
+            return 0
+
+    monkeypatch.setattr(_cuda_driver, "_lib", Driver())
+    cuda = object.__new__(M._Cuda)  # without CuPy's runtime (the one call needing it is stood in for)
+    cuda.rt = types.SimpleNamespace(pointerGetAttributes=lambda ptr: None)
+    assert cuda.device_pointer(0x1000) == 0x1000 + (1 << 48)
+    with pytest.raises(NicError, match=r"cuMemGetAddressRange failed: CUDA_ERROR_INVALID_VALUE .*0x2000"):
+        cuda.address_range(0x2000)
+
+
 def test_cpu_fences_run():
     f = M._Fences.get()
     f.sfence()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from epkern.nic import (
 from epkern.nic import fifo as F
 from epkern.nic import wqe as W
 
-SRC = "rdma_selftest.cu"
+SRC = Path(__file__).resolve().parent / "kernels" / "rdma_selftest.cu"
 RDMA_WRITE, INLINE_U32, INLINE_U64, FETCH_ADD, NOP = range(5)
 ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_ATOMIC
 

@@ -1,6 +1,6 @@
 """epkern.memory.vmm's descriptor exchange (CPU: plain files stand in for exported GPU allocations) and its
-driver binding's refusal without a GPU. The GPU mapping itself runs in bench_copy_patterns --ipc vmm and
-the MPS workers (docs/performance.md)."""
+refusal without a driver. Its driver calls go through a stand-in libcuda in tests/test_vmm_layout.py; the GPU
+mapping itself runs in bench_copy_patterns --ipc vmm and the MPS workers (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,17 @@ def test_missing_peer_raises_instead_of_hanging():
 
     out = run_in_process(fn, 2, timeout_s=60)
     assert out[1] != "ok"
+
+
+def test_vmm_is_unsupported_without_a_driver(monkeypatch):
+    import ctypes.util
+
+    from epkern import _cuda_driver
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has a CUDA driver")
+    monkeypatch.setattr(_cuda_driver, "_lib", None)
+    assert vmm.supported(0) is False
 
 
 def test_mapping_choice_is_collective():

@@ -13,7 +13,7 @@ from .errors import ConfigError
 
 # name -> (default, one-line description); docs/environment.md is generated from the same facts.
 VARIABLES: dict[str, tuple[str, str]] = {
-    "EPKERN_BACKEND": ("auto", "auto | gpu | cpu: where Buffer runs; auto picks gpu when CuPy sees a device"),
+    "EPKERN_BACKEND": ("auto", "auto, gpu or cpu: where Buffer runs; auto picks gpu when CuPy sees a device"),
     "EPKERN_RANKS_PER_NODE": (
         "",
         "split the ranks into virtual nodes of this many consecutive ranks "
@@ -36,64 +36,6 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "how processes of one node map each other's symmetric regions: vmm (cuMemCreate/cuMemMap, descriptors "
         "over Unix sockets), legacy (cudaIpcOpenMemHandle; copies into it ran at half speed on an H200), auto "
         "(vmm where every rank's driver has it)",
-    ),
-    "EPKERN_REUSE_DIRECT_REGIONS": (
-        "0",
-        "in-process ranks: 1 = a Buffer's freed symmetric region is kept and handed to the next region of the "
-        "same size on that GPU (no cudaFree / cudaMalloc between Buffers; an experiment for the absent-rank "
-        "failure, docs/architecture.md); 0 = freed",
-    ),
-    "EPKERN_LL_POLL_SLEEP_NS": (
-        "auto",
-        "LL kernels: nanoseconds a waiting thread sleeps (__nanosleep) between polls of a peer's signal after its "
-        "first 32 polls; 0 = poll without pause; auto = 200 when ranks share a GPU (spinning warps then take "
-        "issue slots and memory bandwidth from the ranks still copying), else 0. Compiled in as a define",
-    ),
-    "EPKERN_LL_COMBINE_SPLIT": (
-        "4",
-        "LL combine: up to this many warps (1..8) reduce one token when warps outnumber tokens (1 = a warp per "
-        "token; 4 took combine from 218 to 161 us pipelined on 8 ranks of an H200). Compiled in as a define",
-    ),
-    "EPKERN_LL_FAST_HOST": (
-        "3",
-        "1: an LL call whose arrays (by identity) and flags repeat one of the last eight validated calls "
-        "only launches (no checks, no argument packing), onto the caller's stream when it follows all of the "
-        "Buffer's work; 2: the same, launched through cuLaunchKernel with the arguments packed once; 3: as 2, "
-        "and a launch onto the caller's stream replays a one-kernel CUDA graph captured once; 0: every call "
-        "validated (ll_plans.py)",
-    ),
-    "EPKERN_LL_DISPATCH_PULL": (
-        "1",
-        "LL dispatch: 1 = receivers pull each row from the sender's staged message (one remote read, no put "
-        "into receive slots; BF16 dispatch 167 -> 106 us pipelined on 8 ranks of an H200); 0 = senders put "
-        "every message into the owners' receive slots. Compiled in",
-    ),
-    "EPKERN_LL_COMBINE_PULL": (
-        "1",
-        "LL combine with zero_copy=True: 1 = owners send only each row's index and the sources read the expert "
-        "outputs straight from the owners' buffers (combine 165 -> 107 us pipelined on 8 ranks of an H200); "
-        "0 = owners put every row into the sources' slots. Compiled in",
-    ),
-    "EPKERN_LL_COMBINE_AHEAD": (
-        "8",
-        "LL combine: selections (1..16) whose 16-byte loads each lane issues before adding them up (1 = one "
-        "selection's load at a time, as up to session C). Compiled in as a define",
-    ),
-    "EPKERN_LL_COPY_INFLIGHT": (
-        "3",
-        "LL dispatch: 16-byte loads (1..8) each lane has in flight while copying a row (staging, the "
-        "receive's copy into recv_x, and the direct dispatch's BF16 puts). Compiled in as a define",
-    ),
-    "EPKERN_LL_DIAG": (
-        "0",
-        "LL dispatch diagnostics: 1 = each count signal's address and the word read back right after its store "
-        "are kept in the device state (tests/ll_scenarios.ll_signal_dump prints them; the absent-rank failure, "
-        "docs/architecture.md). Compiled in",
-    ),
-    "EPKERN_LL_POLL_RELAXED": (
-        "1",
-        "LL kernels: 1 = poll peers' signals with relaxed loads and acquire once the signal shows (0 = an acquire "
-        "load per poll). Compiled in as a define",
     ),
 }
 
@@ -231,63 +173,44 @@ def ipc_mode() -> str:
     return value
 
 
-def ll_poll_sleep_ns() -> int | None:
-    """None for auto (the caller knows whether ranks share a GPU)."""
-    raw = _raw("EPKERN_LL_POLL_SLEEP_NS") or "auto"
-    if raw == "auto":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"EPKERN_LL_POLL_SLEEP_NS={raw!r}: expected auto or an integer in [0, 100000]") from None
-    if not 0 <= value <= 100000:
-        raise ConfigError(f"EPKERN_LL_POLL_SLEEP_NS={raw!r}: expected auto or an integer in [0, 100000]")
-    return value
-
-
-def _int_choice(name: str, allowed: range, expected: str) -> int:
-    """A variable that takes one of a few small integers (``expected`` says which, in the error)."""
+def _zero_or_one(name: str) -> int:
     raw = _raw(name) or VARIABLES[name][0]
-    if raw not in {str(v) for v in allowed}:
-        raise ConfigError(f"{name}={raw!r}: expected {expected}")
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
     return int(raw)
 
 
-def _zero_or_one(name: str) -> int:
-    return _int_choice(name, range(2), "0 or 1")
+def markdown() -> str:
+    """docs/environment.md, generated from VARIABLES and CUDA_DEFAULTS (tests/test_env.py checks it is current)."""
+    lines = [
+        "# Environment variables",
+        "",
+        "<!-- generated by `python -m epkern._env > docs/environment.md`; edit src/epkern/_env.py instead -->",
+        "",
+        "Every variable epkern reads starts with `EPKERN_` and is read in one place, `src/epkern/_env.py`, when it "
+        "is needed (not at import), so it can be set after `import epkern`. They are for deployment and debugging; "
+        "tuning goes through typed objects, not the environment. A bad value raises `epkern.ConfigError` naming the "
+        "variable.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, (default, why) in VARIABLES.items():
+        lines.append(f"| `{name}` | {f'`{default}`' if default else '(unset)'} | {why} |")
+    lines += [
+        "",
+        "## CUDA variables epkern sets",
+        "",
+        "At `import epkern`, before anything starts CUDA, epkern sets these if they are unset (a value you set wins). "
+        "They act only when CUDA creates its context, so import epkern before your first CUDA call.",
+        "",
+        "| variable | value | why |",
+        "|---|---|---|",
+    ]
+    for name, (value, why) in CUDA_DEFAULTS.items():
+        lines.append(f"| `{name}` | `{value}` | {why} |")
+    return "\n".join(lines) + "\n"
 
 
-def ll_combine_split() -> int:
-    return _int_choice("EPKERN_LL_COMBINE_SPLIT", range(1, 9), "an integer in 1..8")
-
-
-def reuse_direct_regions() -> int:
-    return _zero_or_one("EPKERN_REUSE_DIRECT_REGIONS")
-
-
-def ll_combine_ahead() -> int:
-    return _int_choice("EPKERN_LL_COMBINE_AHEAD", range(1, 17), "an integer in 1..16")
-
-
-def ll_copy_inflight() -> int:
-    return _int_choice("EPKERN_LL_COPY_INFLIGHT", range(1, 9), "an integer in 1..8")
-
-
-def ll_dispatch_pull() -> int:
-    return _zero_or_one("EPKERN_LL_DISPATCH_PULL")
-
-
-def ll_combine_pull() -> int:
-    return _zero_or_one("EPKERN_LL_COMBINE_PULL")
-
-
-def ll_diag() -> int:
-    return _zero_or_one("EPKERN_LL_DIAG")
-
-
-def ll_fast_host() -> int:
-    return _int_choice("EPKERN_LL_FAST_HOST", range(4), "0, 1, 2 or 3")
-
-
-def ll_poll_relaxed() -> int:
-    return _zero_or_one("EPKERN_LL_POLL_RELAXED")
+if __name__ == "__main__":
+    print(markdown(), end="")

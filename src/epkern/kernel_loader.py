@@ -1,12 +1,19 @@
-"""Run-time compilation of the CUDA sources in ``kernels/``.
+"""Run-time compilation of the CUDA sources: the library's ``kernels/`` and, by absolute path, sources beside
+their users (``bench/kernels/``, ``tests/kernels/``).
 
 NVRTC is called directly (``cupy_backends.cuda.libs.nvrtc``) so the same code path compiles on a machine
 without a GPU (tests compile every source to an sm_90 cubin there) and on the GPU. A compiled cubin is
-keyed by a hash of every kernel source, the defines, the options, the NVRTC version and the target; it is
-kept in memory per process and on disk under ``EPKERN_CACHE_DIR``, and loaded with ``cupy.RawModule``.
+keyed by a hash of the compiled source and the headers it includes (transitively), the defines, the options,
+the NVRTC version and the target; it is kept in memory per process and on disk under ``EPKERN_CACHE_DIR``, and
+loaded with ``cupy.RawModule``.
+
+A source is either the name of a file in the library's kernels folder (``"ll_dispatch.cu"``) or an absolute
+:class:`pathlib.Path` to a ``.cu`` anywhere; quoted includes are looked up in the including file's folder, then
+the source's folder, then the library's kernels folder (so a benchmark kernel can include ``epk_common.cuh``).
 
 Specialisation is by preprocessor defines (``-DEPK_TOPK=8`` ...): each kernel is an ``extern "C"``
-function, so names need no mangling, and the defines make loop bounds compile-time constants.
+function, so names need no mangling, and the defines make loop bounds compile-time constants. A kernel reads
+no define it does not require: a missing one fails to compile.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -41,8 +49,67 @@ def kernel_dir() -> Path:
 
 
 def kernel_sources() -> list[Path]:
-    """Every compilable source (.cu) shipped with epkern."""
+    """Every compilable source (.cu) shipped with epkern (the library's kernels folder only)."""
     return sorted(kernel_dir().glob("*.cu"))
+
+
+Source = str | Path
+"""A kernel source: a file name in :func:`kernel_dir`, or the absolute path of a .cu anywhere."""
+
+
+def source_path(source: Source) -> Path:
+    """The file a source names. KernelCompileError when it is not a file (or a relative Path, or a str that is
+    more than a file name: sources outside the library's folder are given as absolute Paths)."""
+    if isinstance(source, Path):
+        if not source.is_absolute():
+            raise KernelCompileError(f"kernel source {source}: a Path must be absolute")
+        path = source
+    elif isinstance(source, str):
+        if not source or Path(source).name != source:
+            raise KernelCompileError(
+                f"kernel source {source!r}: a str names a file in {kernel_dir()}; pass other files as an absolute Path"
+            )
+        path = kernel_dir() / source
+    else:
+        raise KernelCompileError(f"kernel source {source!r}: expected a file name (str) or an absolute Path")
+    if not path.is_file():
+        raise KernelCompileError(f"no kernel source {path}")
+    return path
+
+
+def source_include_dirs(source: Source | None = None) -> tuple[Path, ...]:
+    """The kernel folders on the include path of ``source``: its own folder, then the library's kernels folder
+    (only the latter for None or a library source)."""
+    lib = kernel_dir()
+    if source is None:
+        return (lib,)
+    folder = source_path(source).parent
+    return (lib,) if folder == lib else (folder, lib)
+
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*(?:"([^"\n]+)"|<([^>\n]+)>)', re.M)
+
+
+def included_files(source: Source) -> list[Path]:
+    """The source and every header it includes, transitively, that is found in the kernel folders (as NVRTC
+    looks a header up: the including file's folder first for ``"x"``, then :func:`source_include_dirs`). Headers
+    found elsewhere (CUDA's, CCCL's) are not listed. Includes are followed whatever ``#if`` surrounds them."""
+    path = source_path(source)
+    folders = source_include_dirs(source)
+    found = [path]
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        for quoted, angled in _INCLUDE.findall(current.read_text()):
+            where = (current.parent, *folders) if quoted else folders
+            for folder in where:
+                header = folder / (quoted or angled)
+                if header.is_file():
+                    if header not in found:
+                        found.append(header)
+                        todo.append(header)
+                    break
+    return found
 
 
 @functools.cache
@@ -115,18 +182,12 @@ def _define_flags(defines: Mapping[str, object]) -> list[str]:
     return flags
 
 
-@functools.cache
-def _sources_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.glob("*.cu*")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def compile_options(arch: str, defines: Mapping[str, object], debug: bool = False) -> list[str]:
+def compile_options(
+    arch: str, defines: Mapping[str, object], debug: bool = False, *, source: Source | None = None
+) -> list[str]:
+    """NVRTC's options for ``source`` (its include folders; None: the library's folder only)."""
     opts = [f"-arch={arch}", "-std=c++17"]
-    opts += [f"-I{d}" for d in (str(kernel_dir()), *include_dirs())]
+    opts += [f"-I{d}" for d in (*(str(f) for f in source_include_dirs(source)), *include_dirs())]
     if debug:
         opts += ["-G", "-lineinfo"]
     else:
@@ -134,59 +195,65 @@ def compile_options(arch: str, defines: Mapping[str, object], debug: bool = Fals
     return opts + _define_flags(defines)
 
 
-def _run_nvrtc(source: str, options: list[str]) -> tuple[bytes, str]:
-    """Compile ``kernels/<source>`` with ``options``: (cubin, NVRTC's log). KernelCompileError on failure."""
-    path = kernel_dir() / source
-    if not path.is_file():
-        raise KernelCompileError(f"no kernel source {source!r} in {kernel_dir()}")
+def _run_nvrtc(source: Source, options: list[str]) -> tuple[bytes, str]:
+    """Compile ``source`` with ``options``: (cubin, NVRTC's log). KernelCompileError on failure."""
+    path = source_path(source)
     nvrtc = _nvrtc()
-    prog = nvrtc.createProgram(path.read_text(), source, [], [])
+    # The program is named by its absolute path: NVRTC looks up the quoted includes of a program in the folder of
+    # its name, which for a bare name would be the process's working directory.
+    prog = nvrtc.createProgram(path.read_text(), str(path), [], [])
     try:
         try:
             nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
-            raise KernelCompileError(f"NVRTC failed on {source} ({' '.join(options)}):\n{log}") from exc
+            raise KernelCompileError(f"NVRTC failed on {path.name} ({' '.join(options)}):\n{log}") from exc
         return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog).rstrip("\x00")
     finally:
         nvrtc.destroyProgram(prog)
 
 
-def compile_cubin(source: str, defines: Mapping[str, object] | None = None, arch: str | None = None) -> bytes:
-    """Compile ``kernels/<source>`` to a cubin for ``arch`` (default: the current device). No GPU needed
-    when ``arch`` is given. Raises KernelCompileError with NVRTC's log on failure."""
-    arch = arch or device_arch()
+def _check_arch(arch: str) -> None:
     if not arch.startswith("sm_"):
         # compute_XY would give PTX, which a driver older than this NVRTC cannot load.
         raise KernelCompileError(f"arch={arch!r}: expected a real architecture sm_XY (a cubin), not PTX")
-    return _run_nvrtc(source, compile_options(arch, dict(defines or {})))[0]
 
 
-def ptxas_report(source: str, defines: Mapping[str, object] | None = None, arch: str = "sm_90") -> str:
+def compile_cubin(source: Source, defines: Mapping[str, object] | None = None, arch: str | None = None) -> bytes:
+    """Compile ``source`` (a name in the library's kernels folder, or an absolute Path) to a cubin for ``arch``
+    (default: the current device). No GPU needed when ``arch`` is given. Raises KernelCompileError with NVRTC's
+    log on failure."""
+    arch = arch or device_arch()
+    _check_arch(arch)
+    return _run_nvrtc(source, compile_options(arch, dict(defines or {}), source=source))[0]
+
+
+def ptxas_report(source: Source, defines: Mapping[str, object] | None = None, arch: str = "sm_90") -> str:
     """ptxas's resource report (registers, stack frame, spill stores/loads per entry function) for this
     specialisation, compiled as :func:`compile_cubin` compiles it; no GPU needed."""
-    return _run_nvrtc(source, compile_options(arch, dict(defines or {})) + ["--ptxas-options=-v"])[1]
+    _check_arch(arch)
+    options = compile_options(arch, dict(defines or {}), source=source) + ["--ptxas-options=-v"]
+    return _run_nvrtc(source, options)[1]
 
 
-def cache_key(source: str, defines: Mapping[str, object], arch: str) -> str:
+def cache_key(source: Source, defines: Mapping[str, object], arch: str) -> str:
+    """Hash of what the cubin depends on: the source and the headers it includes (paths and contents; no other
+    kernel file), the options with the defines, the NVRTC version and the target."""
     h = hashlib.sha256()
-    for part in (
-        source,
-        _sources_digest(kernel_dir()),
-        repr(nvrtc_version()),
-        arch,
-        *compile_options(arch, defines),
-    ):
+    parts = [str(source_path(source)), repr(nvrtc_version()), arch, *compile_options(arch, defines, source=source)]
+    for path in included_files(source):
+        parts += [str(path), hashlib.sha256(path.read_bytes()).hexdigest()]
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
 
 
-def cubin_path(source: str, defines: Mapping[str, object], arch: str) -> Path:
+def cubin_path(source: Source, defines: Mapping[str, object], arch: str) -> Path:
     """Disk-cached cubin for this specialisation, compiling it on a miss (atomic rename, so concurrent
     processes never read a half-written file)."""
     folder = _env.cache_dir() / "cubin"
-    target = folder / f"{Path(source).stem}-{arch}-{cache_key(source, defines, arch)}.cubin"
+    target = folder / f"{source_path(source).stem}-{arch}-{cache_key(source, defines, arch)}.cubin"
     if target.is_file():
         return target
     cubin = compile_cubin(source, defines, arch)
@@ -202,18 +269,19 @@ _modules: dict[tuple, object] = {}
 _modules_lock = threading.Lock()
 
 
-def get_function(source: str, name: str, defines: Mapping[str, object] | None = None):
-    """The ``cupy.RawKernel`` for ``extern "C"`` kernel ``name`` of ``kernels/<source>``, specialised by
-    ``defines``, for the current device. Cached per (device, source, defines)."""
+def get_function(source: Source, name: str, defines: Mapping[str, object] | None = None):
+    """The ``cupy.RawKernel`` for ``extern "C"`` kernel ``name`` of ``source`` (a name in the library's kernels
+    folder, or an absolute Path), specialised by ``defines``, for the current device. Cached per (device, source,
+    defines)."""
     from . import _cuda
 
     _cuda.require_gpu(f"launching kernel {name}")
     return get_module(source, defines).get_function(name)
 
 
-def get_module(source: str, defines: Mapping[str, object] | None = None):
-    """The ``cupy.RawModule`` of ``kernels/<source>`` specialised by ``defines`` (its functions and
-    ``__device__`` globals), for the current device; cached like :func:`get_function`."""
+def get_module(source: Source, defines: Mapping[str, object] | None = None):
+    """The ``cupy.RawModule`` of ``source`` specialised by ``defines`` (its functions and ``__device__``
+    globals), for the current device; cached like :func:`get_function`."""
     import cupy
 
     defines = dict(defines or {})

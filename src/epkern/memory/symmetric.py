@@ -11,7 +11,6 @@ peer access is enabled between distinct GPUs. Ranks on other nodes get a null po
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 
@@ -51,22 +50,6 @@ def choose_mapping(votes) -> str:
     return "legacy"
 
 
-# In-process regions kept for reuse (EPKERN_REUSE_DIRECT_REGIONS=1): (device, size) -> freed pointers.
-_kept_direct: dict[tuple[int, int], list[int]] = {}
-_kept_lock = threading.Lock()
-
-
-def _take_kept(device: int, size: int) -> int:
-    with _kept_lock:
-        ptrs = _kept_direct.get((device, size))
-        return ptrs.pop() if ptrs else 0
-
-
-def _keep(device: int, size: int, ptr: int) -> None:
-    with _kept_lock:
-        _kept_direct.setdefault((device, size), []).append(ptr)
-
-
 class SymmetricRegion:
     """``nbytes`` of zeroed device memory per rank. ``peer_ptrs[r]``: rank r's region as seen from here
     (0 for ranks off this node); ``peer_table``: the same as a device uint64 array."""
@@ -93,17 +76,13 @@ class SymmetricRegion:
             mode = choose_mapping(group.allgather_object((mode, can_vmm)))
         self.mode = mode
         size = max(self.nbytes, 256)
-        self._size = size
-        # In-process, EPKERN_REUSE_DIRECT_REGIONS=1: take a region an earlier Buffer freed (one of this size), and
-        # keep this one for a later Buffer when closed.
-        self._keep = mode == "direct" and _env.reuse_direct_regions() == 1
         with cupy.cuda.Device(device):
             if mode == "vmm":
                 self._maps.append(vmm.Mapping(size, device))
                 self.ptr = self._maps[0].ptr
             else:
                 # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation.
-                self.ptr = (_take_kept(device, size) if self._keep else 0) or rt.malloc(size)
+                self.ptr = rt.malloc(size)
             rt.memset(self.ptr, 0, size)
             rt.deviceSynchronize()
         if mode == "direct":
@@ -158,9 +137,6 @@ class SymmetricRegion:
                 for m in reversed(self._maps):  # peers' mappings first, then mine
                     m.close()
                 self._maps.clear()
-            elif self._keep:
-                self._rt.deviceSynchronize()  # nothing still runs on it when the next region takes it
-                _keep(self.device, self._size, self.ptr)
             else:
                 self._rt.free(self.ptr)
         self.ptr = 0

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _cuda_driver as driver
 from .. import _verbs_cffi as V
 from ..errors import DeviceUnavailableError
 from . import wqe as W
@@ -71,7 +72,6 @@ CQE_SIZES = (64, 128)
 HOST_REGISTER_PORTABLE = 0x01
 HOST_REGISTER_MAPPED = 0x02
 HOST_REGISTER_IOMEMORY = 0x04
-CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD = 0x1
 
 SYNDROME_NAMES = {
     W.MLX5_CQE_SYNDROME_LOCAL_LENGTH_ERR: "LOCAL_LENGTH_ERR",
@@ -276,7 +276,8 @@ def _u8_view(addr: int, nbytes: int) -> np.ndarray:
 
 
 class _Cuda:
-    """The few driver calls CuPy does not wrap (ctypes on libcuda.so.1) plus cupy's cudaHostRegister."""
+    """The driver calls of this module (epkern._cuda_driver; their errors raised as :class:`NicError`) plus CuPy's
+    cudaHostRegister."""
 
     _inst: _Cuda | None = None
     _lock = threading.Lock()
@@ -286,23 +287,8 @@ class _Cuda:
             import cupy.cuda.runtime as rt
         except Exception as e:  # noqa: BLE001
             raise DeviceUnavailableError(f"mapping mlx5 queues into the GPU needs CuPy ({e})") from None
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as e:
-            raise DeviceUnavailableError(f"libcuda.so.1 cannot be loaded ({e})") from None
+        driver.library()  # DeviceUnavailableError here, not at the first call, without a driver
         self.rt = rt
-        self.lib = lib
-        u64p, szp = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t)
-        lib.cuMemGetAddressRange_v2.argtypes = [u64p, szp, ctypes.c_uint64]
-        lib.cuMemGetHandleForAddressRange.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_uint64,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_ulonglong,
-        ]
-        lib.cuMemHostGetDevicePointer_v2.argtypes = [u64p, ctypes.c_void_p, ctypes.c_uint]
-        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
 
     @classmethod
     def get(cls) -> _Cuda:
@@ -311,26 +297,19 @@ class _Cuda:
                 cls._inst = cls()
             return cls._inst
 
-    def _check(self, call: str, rc: int, detail: str = "") -> None:
-        if rc != 0:
-            name = ctypes.c_char_p()
-            self.lib.cuGetErrorName(rc, ctypes.byref(name))
-            text = name.value.decode() if name.value else str(rc)
-            raise NicError(f"{call} failed: {text}" + (f" ({detail})" if detail else ""))
+    @staticmethod
+    def _call(fn, *args):
+        try:
+            return fn(*args)
+        except driver.DriverError as e:
+            raise NicError(str(e)) from None
 
     def address_range(self, ptr: int) -> tuple[int, int]:
         self.rt.pointerGetAttributes(ptr)  # a runtime call: makes the primary context current on this thread
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        self._check("cuMemGetAddressRange", self.lib.cuMemGetAddressRange_v2(base, size, ptr), f"0x{ptr:x}")
-        return base.value, size.value
+        return self._call(driver.mem_get_address_range, ptr)
 
     def dmabuf_fd(self, start: int, size: int) -> int:
-        fd = ctypes.c_int(-1)
-        rc = self.lib.cuMemGetHandleForAddressRange(
-            ctypes.byref(fd), start, size, CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0
-        )
-        self._check("cuMemGetHandleForAddressRange(DMA_BUF_FD)", rc, f"0x{start:x}+{size}")
-        return fd.value
+        return self._call(driver.mem_get_dmabuf_fd, start, size)
 
     def host_register(self, addr: int, size: int, flags: int) -> None:
         self.rt.hostRegister(addr, size, flags)
@@ -339,9 +318,7 @@ class _Cuda:
         self.rt.hostUnregister(addr)
 
     def device_pointer(self, addr: int) -> int:
-        d = ctypes.c_uint64()
-        self._check("cuMemHostGetDevicePointer", self.lib.cuMemHostGetDevicePointer_v2(d, addr, 0), f"0x{addr:x}")
-        return d.value
+        return self._call(driver.mem_host_get_device_pointer, addr)
 
 
 class HostPageRegistry:

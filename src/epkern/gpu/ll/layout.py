@@ -1,51 +1,46 @@
 """Layout and limits of the low-latency (LL) kernels: the LL area inside the symmetric region, the device state
-words and the error-record phases (mirrored from kernels/ll_common.cuh and ll_dispatch.cu)."""
+words and the error-record phases. The numbers are kernels/epk_constants.cuh's (read by kernel_constants)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Limits of the kernels (kernels/ll_common.cuh, ll_dispatch.cu).
-MAX_NUM_MAX = 1024  # tokens per rank: the count field of a signal has 11 bits
-MAX_TOPK = 32
-MAX_EXPERTS = 8192
-MAX_RANKS = 32  # one lane per source rank in the receive phase
-THREADS = 512
+from ... import kernel_constants as K
 
-# Device state words (int32), mirrored from kernels/ll_common.cuh.
-STATE_MAX_RANKS = 1024
-STATE_COUNTER = 0
-STATE_TICKET = 1
-STATE_SEEN_MASK, SEEN_BLOCKS = 2, 15  # diagnostics: int64 (seq << 32 | mask bits) per kernel kind and block
-STATE_MASK = 64
-STATE_ROUTE = STATE_MASK + STATE_MAX_RANKS
-STATE_SLOT = STATE_ROUTE + STATE_MAX_RANKS
-STATE_DONE = STATE_SLOT + MAX_EXPERTS
-STATE_PAIR = STATE_DONE + MAX_EXPERTS
-STATE_SENT = STATE_PAIR + MAX_EXPERTS  # diagnostics: per expert, -seq while its count waits, seq once sent
-STATE_READBACK = STATE_SENT + MAX_EXPERTS  # diagnostics (EPKERN_LL_DIAG=1): count word read back after its store
-STATE_SENT_ADDR = STATE_READBACK + MAX_EXPERTS  # int64 per expert: the address it was stored to
-MAX_SELECTIONS = 1024 * 32  # num_max * top-k at most
-STATE_BEGIN = STATE_SENT_ADDR + 2 * MAX_EXPERTS  # the direct dispatch: begin of this rank's block per expert
-STATE_BEGIN_TAG = STATE_BEGIN + MAX_EXPERTS  # ... the seq once published
-STATE_SLOT_OF = STATE_BEGIN_TAG + MAX_EXPERTS  # ... each selection's slot in its block
-STATE_WORDS = STATE_SLOT_OF + MAX_SELECTIONS
-ROUTE_NONE, ROUTE_IPC = 0, 1
+# Limits of the kernels.
+MAX_NUM_MAX = K.get("EPK_LL_MAX_NUM_MAX")  # tokens per rank: the count field of a signal has 11 bits
+MAX_TOPK = K.get("EPK_LL_MAX_TOPK")
+MAX_EXPERTS = K.get("EPK_LL_MAX_EXPERTS")
+MAX_RANKS = K.get("EPK_LL_MAX_RANKS")  # one lane per source rank in the receive phase
+THREADS = K.get("EPK_LL_THREADS")
 
-PHASE_SEND, PHASE_RECV = 1, 2
+# Device state words (int32).
+STATE_MAX_RANKS = K.get("EPK_STATE_MAX_RANKS")
+STATE_COUNTER = K.get("EPK_STATE_COUNTER")
+STATE_TICKET = K.get("EPK_STATE_TICKET")
+STATE_MASK = K.get("EPK_STATE_MASK")
+STATE_ROUTE = K.get("EPK_STATE_ROUTE")
+STATE_SLOT = K.get("EPK_STATE_SLOT")
+STATE_WORDS = K.get("EPK_STATE_WORDS")
+ROUTE_NONE, ROUTE_IPC = K.get("EPK_ROUTE_NONE"), K.get("EPK_ROUTE_IPC")
 
-# Error-record phases of the LL kernels (added to gpu_buffer.PHASES).
+PHASE_SEND, PHASE_RECV = K.get("EPK_PHASE_SEND"), K.get("EPK_PHASE_RECV")
+
+# Error-record phases of the LL kernels (added to the runtime's phases).
 LL_PHASES = {
-    7: "low-latency dispatch (waiting for a peer's token count)",
-    8: "low-latency dispatch (waiting for this rank's own sends to finish)",
-    9: "low-latency combine (waiting for a peer's expert outputs)",
-    10: "low-latency dispatch (a topk_idx entry outside [-1, num_experts))",
-    11: "low-latency combine (the handle's layout_range / src_info is out of range)",
-    12: "low-latency (no implemented route to a peer)",
-    13: "low-latency dispatch (an expert selected more than num_max_dispatch_tokens_per_rank times)",
+    K.get("EPK_ERR_PHASE_LL_DISPATCH_RECV"): "low-latency dispatch (waiting for a peer's token count)",
+    K.get("EPK_ERR_PHASE_LL_LOCAL_SENDS"): "low-latency dispatch (waiting for this rank's own sends to finish)",
+    K.get("EPK_ERR_PHASE_LL_COMBINE_RECV"): "low-latency combine (waiting for a peer's expert outputs)",
+    K.get("EPK_ERR_PHASE_LL_BAD_INDEX"): "low-latency dispatch (a topk_idx entry outside [-1, num_experts))",
+    K.get("EPK_ERR_PHASE_LL_BAD_HANDLE"): "low-latency combine (the handle's layout_range / src_info is out of range)",
+    K.get("EPK_ERR_PHASE_LL_ROUTE"): "low-latency (no implemented route to a peer)",
+    K.get("EPK_ERR_PHASE_LL_OVERFLOW"): (
+        "low-latency dispatch (an expert selected more than num_max_dispatch_tokens_per_rank times)"
+    ),
 }
-LL_TIMEOUT_PHASES = frozenset({7, 9})  # a silent peer: raise once, mask it, stay usable
-LL_BAD_INDEX_PHASE = 10  # bad topk_idx values: raise ArgumentError, stay usable (the kernel skipped them)
+# A silent peer: raise once, mask it, stay usable.
+LL_TIMEOUT_PHASES = frozenset({K.get("EPK_ERR_PHASE_LL_DISPATCH_RECV"), K.get("EPK_ERR_PHASE_LL_COMBINE_RECV")})
+LL_BAD_INDEX_PHASE = K.get("EPK_ERR_PHASE_LL_BAD_INDEX")  # bad topk_idx values: ArgumentError, stay usable
 LL_RECOVERABLE_PHASES = LL_TIMEOUT_PHASES | {LL_BAD_INDEX_PHASE}
 
 

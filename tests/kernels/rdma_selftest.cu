@@ -1,7 +1,8 @@
 // Self-test kernels for the device-side RDMA writers (mlx5_wqe.cuh) and the proxy FIFO producer
 // (proxy_fifo.cuh). tests/test_rdma_gpu.py decodes what they write with epkern.nic.wqe / epkern.nic.fifo and
 // compares it with the Python encoders, and drives the emulated NIC and the proxy service with them.
-// No specialisation defines are needed.
+// No specialisation defines are needed. The headers are the library's (kernels/, on the include path after this
+// file's folder).
 #include "epk_common.cuh"
 #include "mlx5_wqe.cuh"
 #include "proxy_fifo.cuh"

@@ -9,7 +9,27 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_ROW_BYTES (multiple of 16), EPK_THREADS, EPK_UNROLL, EPK_STORE_CS (1:
 // streaming stores, st.global.cs), EPK_LOADS_FIRST (gather: 1 issues every region's loads before adding).
-#include "ht_common.cuh"
+// The library's kernels folder (epk_common.cuh) is on the include path after this file's folder.
+#include "epk_common.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_ROW_BYTES
+#error "EPK_ROW_BYTES must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
+#endif
+#ifndef EPK_UNROLL
+#error "EPK_UNROLL must be defined"
+#endif
+#ifndef EPK_STORE_CS
+#error "EPK_STORE_CS must be defined"
+#endif
+#ifndef EPK_LOADS_FIRST
+#error "EPK_LOADS_FIRST must be defined"
+#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
 constexpr int kRowVecs = EPK_ROW_BYTES / 16;

@@ -1,0 +1,60 @@
+// Constants shared by the kernels and the Python side, defined once: src/epkern/kernel_constants.py parses this
+// file (the Python modules take their values from there, never from a copy).
+//
+// Form (the parser accepts nothing else): blank lines, `//` comments, `#pragma once`, and one definition per line,
+//   constexpr int EPK_NAME = <expression>;  // optional comment
+// where <expression> uses decimal or hex integers, + - * <<, parentheses and names defined above it.
+#pragma once
+
+// ---- HT (intranode high-throughput) ----
+constexpr int EPK_CTRL_BYTES = 1 << 17;         // control area at the start of every rank's symmetric region
+constexpr int EPK_HT_MAX_PEERS = 8;             // ranks reached by IPC in the HT kernels
+constexpr int EPK_HT_MAX_LOCAL_EXPERTS = 1024;  // per rank (ht_notify's per-expert counts)
+constexpr int EPK_ERROR_RECORD_BYTES = 32;      // sizeof(epk::ErrorRecord), host-mapped
+
+// ---- LL (low-latency) limits ----
+constexpr int EPK_LL_MAX_NUM_MAX = 1024;  // tokens per rank: the count field of a signal has 11 bits
+constexpr int EPK_LL_MAX_TOPK = 32;
+constexpr int EPK_LL_MAX_EXPERTS = 8192;
+constexpr int EPK_LL_MAX_RANKS = 32;  // one lane per source rank in the dispatch's receive phase
+constexpr int EPK_LL_THREADS = 512;   // threads per block of both LL kernels
+constexpr int EPK_LL_MAX_SELECTIONS = EPK_LL_MAX_NUM_MAX * EPK_LL_MAX_TOPK;  // num_max * top-k at most
+
+// ---- LL device state (int32 words of the Buffer's state array) ----
+constexpr int EPK_STATE_MAX_RANKS = 1024;  // entries of the per-peer arrays (words 2..63 are unused)
+constexpr int EPK_STATE_COUNTER = 0;       // seq of the last call that sent
+constexpr int EPK_STATE_TICKET = 1;        // blocks of the running sending kernel that finished
+constexpr int EPK_STATE_MASK = 64;         // [STATE_MAX_RANKS]: 1 = peer masked (skipped at every send and wait)
+constexpr int EPK_STATE_ROUTE = EPK_STATE_MASK + EPK_STATE_MAX_RANKS;  // [STATE_MAX_RANKS]: route kind of each peer
+constexpr int EPK_STATE_SLOT = EPK_STATE_ROUTE + EPK_STATE_MAX_RANKS;  // [LL_MAX_EXPERTS]: dispatch slot allocator
+constexpr int EPK_STATE_DONE = EPK_STATE_SLOT + EPK_LL_MAX_EXPERTS;    // [LL_MAX_EXPERTS]: dispatch puts finished
+constexpr int EPK_STATE_PAIR = EPK_STATE_DONE + EPK_LL_MAX_EXPERTS;    // [LL_MAX_EXPERTS]: combine warps per (e, src)
+constexpr int EPK_STATE_BEGIN = EPK_STATE_PAIR + EPK_LL_MAX_EXPERTS;   // direct dispatch: begin of this rank's block
+constexpr int EPK_STATE_BEGIN_TAG = EPK_STATE_BEGIN + EPK_LL_MAX_EXPERTS;    // ... and the seq once published
+constexpr int EPK_STATE_SLOT_OF = EPK_STATE_BEGIN_TAG + EPK_LL_MAX_EXPERTS;  // [LL_MAX_SELECTIONS]: slot in block
+constexpr int EPK_STATE_WORDS = EPK_STATE_SLOT_OF + EPK_LL_MAX_SELECTIONS;
+
+// ---- LL route kinds (per peer, in the device state) ----
+constexpr int EPK_ROUTE_NONE = 0;
+constexpr int EPK_ROUTE_IPC = 1;
+constexpr int EPK_ROUTE_PROXY = 2;  // not implemented yet
+constexpr int EPK_ROUTE_RDMA = 3;   // not implemented yet
+
+// ---- LL launch phases (bit mask: the `phase` argument of both LL kernels) ----
+constexpr int EPK_PHASE_SEND = 1;
+constexpr int EPK_PHASE_RECV = 2;
+
+// ---- phases of an error record (ErrorRecord.phase) ----
+constexpr int EPK_ERR_PHASE_HT_NOTIFY = 1;             // notify: waiting for a peer's counts
+constexpr int EPK_ERR_PHASE_HT_DISPATCH_ADDRS = 2;     // dispatch: waiting for a peer's output addresses
+constexpr int EPK_ERR_PHASE_HT_DISPATCH_DONE = 3;      // dispatch: waiting for a peer to finish sending
+constexpr int EPK_ERR_PHASE_HT_COMBINE_ADDRS = 4;      // combine: waiting for a peer's input addresses
+constexpr int EPK_ERR_PHASE_HT_COMBINE_DONE = 5;       // combine: waiting for a peer to finish reading
+constexpr int EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW = 6;  // dispatch: a destination has fewer rows than tokens sent
+constexpr int EPK_ERR_PHASE_LL_DISPATCH_RECV = 7;      // LL dispatch: waiting for a peer's token count
+constexpr int EPK_ERR_PHASE_LL_LOCAL_SENDS = 8;        // LL dispatch: waiting for this rank's own puts (a bug)
+constexpr int EPK_ERR_PHASE_LL_COMBINE_RECV = 9;       // LL combine: waiting for a peer's expert outputs
+constexpr int EPK_ERR_PHASE_LL_BAD_INDEX = 10;         // LL dispatch: a topk_idx entry outside [-1, num_experts)
+constexpr int EPK_ERR_PHASE_LL_BAD_HANDLE = 11;        // LL combine: a layout_range / src_info entry out of range
+constexpr int EPK_ERR_PHASE_LL_ROUTE = 12;             // LL: a peer's route kind is not implemented
+constexpr int EPK_ERR_PHASE_LL_OVERFLOW = 13;          // LL dispatch: more selections of one expert than num_max

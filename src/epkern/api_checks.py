@@ -1,0 +1,125 @@
+"""Argument checks of the public calls that both backends make the same way (shapes, dtypes, value ranges).
+
+Arrays are numpy (CPU backend) or CuPy (GPU backend, converted by the caller with ``as_device_array`` and
+checked on ``device``); every error names the argument and what was expected, before anything runs.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ._validate import check_array, check_int
+from .errors import ArgumentError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# CuPy has no float8 dtype: FP8 data crosses the API as its e4m3 bytes (uint8) on both backends;
+# ml_dtypes.float8_e4m3fn is accepted as input too.
+FP8_DTYPES = (np.uint8, np.dtype(ml_dtypes.float8_e4m3fn))
+HT_MAX_TOPK = 32
+HT_MAX_LOCAL_EXPERTS = 1024
+
+
+def ht_x(x, device=None, convert=None):
+    """``x`` of HT dispatch: BF16 [T, H] or the FP8 pair (e4m3 [T, H], float32 [T, H/128]). Returns
+    (data, scales or None, T, row bytes). ``convert(obj, name)``: the backend's array conversion."""
+    convert = convert or (lambda a, _name: a)
+    if isinstance(x, tuple | list):
+        if len(x) != 2:
+            raise ArgumentError("x: expected a BF16 array or an FP8 pair (x_fp8, scales)")
+        data = convert(x[0], "x[0]")
+        scales = convert(x[1], "x[1]")
+        check_array(data, "x[0]", dtypes=FP8_DTYPES, ndim=2, device=device)
+        t, h = data.shape
+        if h % 128:
+            raise ArgumentError(f"x[0]: expected a hidden size that is a multiple of 128, got {h}")
+        check_array(scales, "x[1]", dtypes=(np.float32,), shape=(t, h // 128), device=device)
+        return data, scales, t, h
+    data = convert(x, "x")
+    check_array(data, "x", dtypes=(BF16,), ndim=2, device=device)
+    t, h = data.shape
+    if (h * 2) % 16:
+        raise ArgumentError(f"x: expected hidden size × 2 bytes to be a multiple of 16, got H={h}")
+    return data, None, t, h * 2
+
+
+def topk_idx(arr, name: str, num_tokens: int | None, max_topk: int, device=None):
+    """int64 [T, K] with 1 <= K <= max_topk (and T = num_tokens when given)."""
+    check_array(arr, name, dtypes=(np.int64,), ndim=2, device=device)
+    if num_tokens is not None and arr.shape[0] != num_tokens:
+        raise ArgumentError(f"{name}: expected {num_tokens} rows (one per token of x), got {tuple(arr.shape)}")
+    if not 1 <= arr.shape[1] <= max_topk:
+        raise ArgumentError(f"{name}: expected 1..{max_topk} columns, got {arr.shape[1]}")
+    return arr
+
+
+def ht_dispatch_layout_inputs(num_ranks, T, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, device=None):
+    """The layout arrays of a non-cached HT dispatch; returns the number of experts."""
+    check_array(num_tokens_per_rank, "num_tokens_per_rank", dtypes=(np.int32,), shape=(num_ranks,), device=device)
+    check_array(is_token_in_rank, "is_token_in_rank", dtypes=(np.bool_,), shape=(T, num_ranks), device=device)
+    check_array(num_tokens_per_expert, "num_tokens_per_expert", dtypes=(np.int32,), ndim=1, device=device)
+    E = num_tokens_per_expert.shape[0]
+    if E % num_ranks or E // num_ranks > HT_MAX_LOCAL_EXPERTS or E == 0:
+        raise ArgumentError(
+            f"num_tokens_per_expert: expected a length that is a positive multiple of {num_ranks} ranks "
+            f"with at most {HT_MAX_LOCAL_EXPERTS} experts per rank, got {E}"
+        )
+    return E
+
+
+def ll_dispatch_flags(use_fp8, round_scale, use_ue8m0, hidden: int):
+    """(use_fp8, round_scale, use_ue8m0, scale columns S) as the kernels take them; round_scale / use_ue8m0 are
+    ignored without use_fp8."""
+    use_fp8 = bool(use_fp8)
+    round_scale = bool(round_scale) and use_fp8
+    use_ue8m0 = bool(use_ue8m0) and use_fp8
+    if use_ue8m0 and not round_scale:
+        raise ArgumentError("use_ue8m0: requires round_scale=True (UE8M0 stores powers of two)")
+    if use_ue8m0 and hidden % 512:
+        raise ArgumentError(f"x: use_ue8m0 packs four scales per int32, so H must be a multiple of 512, got {hidden}")
+    S = (hidden // 512 if use_ue8m0 else hidden // 128) if use_fp8 else 0
+    return use_fp8, round_scale, use_ue8m0, S
+
+
+def ll_x(x, num_max: int, device=None):
+    """LL dispatch ``x``: BF16 [T, H], T <= num_max, H a positive multiple of 128. Returns (T, H)."""
+    check_array(x, "x", dtypes=(BF16,), ndim=2, device=device)
+    T, H = x.shape
+    if T > num_max:
+        raise ArgumentError(f"x: expected at most num_max_dispatch_tokens_per_rank={num_max} tokens, got {T}")
+    if H <= 0 or H % 128:
+        raise ArgumentError(f"x: expected a hidden size that is a positive multiple of 128, got {H}")
+    return T, H
+
+
+def ll_hidden(hidden) -> int:
+    hidden = check_int(hidden, "hidden", min_value=128)
+    if hidden % 128:
+        raise ArgumentError(f"hidden: expected a multiple of 128, got {hidden}")
+    return hidden
+
+
+def no_logfmt(use_logfmt) -> None:
+    if use_logfmt:
+        raise ArgumentError("use_logfmt: not supported")
+
+
+def out_array(arr, name, dtypes, shape, device=None, convert=None):
+    """A preallocated output: exactly ``shape``, one of ``dtypes``, C-contiguous."""
+    if convert is not None:
+        arr = convert(arr, name)
+    return check_array(arr, name, dtypes=dtypes, shape=shape, device=device)
+
+
+def scales_out(arr, name, dtype, shape, device=None, convert=None):
+    """Scales are stored column-major (DeepEP): ``arr`` [E_loc, rows, S] must be the transposed view
+    ``base.transpose(0, 2, 1)`` of a C-contiguous base [E_loc, S, rows]."""
+    if convert is not None:
+        arr = convert(arr, name)
+    check_array(arr, name, dtypes=(dtype,), shape=shape, contiguous=False, device=device)
+    if not arr.transpose(0, 2, 1).flags.c_contiguous:
+        raise ArgumentError(
+            f"{name}: expected the column-major layout of DeepEP's scales, i.e. "
+            f"empty(({shape[0]}, {shape[2]}, {shape[1]})).transpose(0, 2, 1) (strides {arr.strides})"
+        )
+    return arr

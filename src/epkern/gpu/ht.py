@@ -1,0 +1,331 @@
+"""Intranode high-throughput (HT) get_dispatch_layout / dispatch / combine on the GPU.
+
+Flow of a non-cached dispatch: ``ht_notify`` exchanges counts and computes the handle (send slots, prefix
+matrix) -> the host reads the receive count from host-mapped memory and allocates outputs -> ``ht_dispatch``
+writes every row straight into its final place in each destination's output. Cached dispatch and
+``num_worst_tokens`` skip the host wait. Combine pulls returned rows from the peers and reduces them in the
+reference's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import api_checks, dispatch_layout
+from .._validate import as_device_array, bias_list, check_array, check_int
+from ..config import Config
+from ..errors import ArgumentError
+from .kernels import HT_COMBINE, HT_DISPATCH, HT_NOTIFY
+from .tuning import HtTuning
+
+BF16 = api_checks.BF16
+
+
+@dataclass
+class HtHandle:
+    """What combine and cached dispatch need (DeepEP's handle, intranode)."""
+
+    rank_prefix_matrix: object  # int32 [R, R]: rows rank j receives from ranks 0..i
+    send_slot: object  # int32 [T, R]: row of token t in rank d's output, -1 if not sent
+    is_token_in_rank: object  # bool [T, R]
+    recv_src_idx: object  # int32 [N]: source token index of each received row
+    num_recv_tokens: int  # real rows received (-1 when unknown on the host: num_worst_tokens)
+    num_out_rows: int  # rows of recv_x (num_worst_tokens when used)
+    num_tokens: int
+    hidden: int
+    topk: int
+    keep: tuple = ()  # heap blocks that peers wrote into
+
+
+class HtEngine:
+    def __init__(self, rt, tuning: HtTuning):
+        self.rt = rt
+        self.tuning = tuning
+        # SMs per HT kernel: 24 on a GPU of its own (DeepEP-like; the rest stays for compute); ranks sharing a GPU
+        # (MPS processes or in-process ranks standing in for several GPUs) each take their share of all of it.
+        self.num_sms = min(24, rt.sm_share) if rt.ranks_per_gpu == 1 else rt.sm_share
+
+    def set_num_sms(self, num_sms: int) -> None:
+        self.num_sms = check_int(num_sms, "num_sms", min_value=1, max_value=self.rt.sm_share)
+
+    def get_config(self) -> Config:
+        return Config(num_sms=self.num_sms)
+
+    def grid(self, config) -> int:
+        """Blocks of one HT copy kernel: num_sms (the config's or the Buffer's, at most this rank's share of the
+        device's SMs) times blocks_per_sm, so that every rank sharing the GPU is resident at once."""
+        if config is not None:
+            if not isinstance(config, Config):
+                raise ArgumentError(f"config: expected an epkern.Config, got {type(config).__name__}")
+        sms = min(config.num_sms if config is not None else self.num_sms, self.rt.sm_share)
+        return max(1, sms) * self.tuning.blocks_per_sm
+
+    def _device_array(self, obj, name):
+        return as_device_array(obj, name)
+
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream):
+        rt = self.rt
+        rt.check_usable()
+        compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
+        with rt.on_comm_stream():
+            lay = dispatch_layout.get_dispatch_layout(
+                topk_idx, num_experts, rt.num_ranks, alloc_stream=None if allocate_on_comm_stream else compute
+            )
+            shape = getattr(topk_idx, "shape", (0, 0))
+            rt.warm_once(("layout", num_experts, rt.num_ranks, str(getattr(topk_idx, "dtype", "")), shape[-1]))
+        event = rt.end(compute, async_finish)
+        return (
+            lay.num_tokens_per_rank,
+            lay.num_tokens_per_rdma_rank,
+            lay.num_tokens_per_expert,
+            lay.is_token_in_rank,
+            event,
+        )
+
+    def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                 previous_event, async_finish, allocate_on_comm_stream):  # fmt: skip
+        import cupy
+
+        rt = self.rt
+        rt.check_usable()
+        R, dev = rt.num_ranks, rt.device
+        data, scales, T, row_bytes = api_checks.ht_x(x, dev, as_device_array)
+        hidden = data.shape[1]
+        num_worst_tokens = check_int(num_worst_tokens, "num_worst_tokens", min_value=0)
+        expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
+        blocks = self.grid(config)
+        cached = handle is not None
+        if cached:
+            if not isinstance(handle, HtHandle):
+                raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
+            if topk_idx is not None or topk_weights is not None:
+                raise ArgumentError("topk_idx: must be None for a cached dispatch (handle given)")
+            if handle.num_tokens != T:
+                raise ArgumentError(f"x: expected {handle.num_tokens} tokens (as in the handle), got {T}")
+            if handle.hidden != hidden:
+                raise ArgumentError(f"x: expected hidden size {handle.hidden} (as in the handle), got {hidden}")
+            topk = handle.topk
+        else:
+            for name, arr in (
+                ("topk_idx", topk_idx),
+                ("num_tokens_per_rank", num_tokens_per_rank),
+                ("is_token_in_rank", is_token_in_rank),
+                ("num_tokens_per_expert", num_tokens_per_expert),
+            ):
+                if arr is None:
+                    raise ArgumentError(f"{name}: required unless a cached handle is given")
+            topk_idx = as_device_array(topk_idx, "topk_idx")
+            api_checks.topk_idx(topk_idx, "topk_idx", T, api_checks.HT_MAX_TOPK, dev)
+            topk = topk_idx.shape[1]
+            if topk_weights is not None:
+                topk_weights = as_device_array(topk_weights, "topk_weights")
+                check_array(topk_weights, "topk_weights", dtypes=(np.float32,), shape=(T, topk), device=dev)
+            num_tokens_per_rank = as_device_array(num_tokens_per_rank, "num_tokens_per_rank")
+            is_token_in_rank = as_device_array(is_token_in_rank, "is_token_in_rank")
+            num_tokens_per_expert = as_device_array(num_tokens_per_expert, "num_tokens_per_expert")
+            api_checks.ht_dispatch_layout_inputs(
+                R, T, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, dev
+            )
+
+        tun = self.tuning
+        compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
+        with rt.on_comm_stream():
+            if not cached:
+                E_loc = num_tokens_per_expert.shape[0] // R
+                rank_prefix = cupy.empty((R, R), dtype=np.int32)
+                send_slot = cupy.empty((T, R), dtype=np.int32)
+                notify_epoch = rt.next_epoch()
+                rt.notify_out[0] = 0
+                rt.launch(
+                    HT_NOTIFY,
+                    HT_NOTIFY.defines(EPK_NUM_RANKS=R, EPK_NUM_LOCAL_EXPERTS=E_loc),
+                    1,
+                    1024,
+                    HT_NOTIFY.pack(
+                        dry_run=0,
+                        rank=rt.rank,
+                        epoch=notify_epoch,
+                        num_tokens=T,
+                        num_tokens_per_rank=num_tokens_per_rank,
+                        num_tokens_per_expert=num_tokens_per_expert,
+                        is_token_in_rank=is_token_in_rank,
+                        peers=rt.peer_table,
+                        rank_prefix_matrix=rank_prefix,
+                        send_slot=send_slot,
+                        host_out=rt.notify_out_ptr,
+                        **rt.deadline(),
+                    ),
+                )
+                if num_worst_tokens:
+                    num_recv, per_expert = -1, []
+                    out_rows = num_worst_tokens
+                else:
+                    rt.wait_host_word(rt.notify_out, notify_epoch, "dispatch notify")
+                    num_recv = int(rt.notify_out[1])
+                    raw = rt.notify_out[2 + R : 2 + R + E_loc].astype(np.int64)
+                    per_expert = [int(-(-c // expert_alignment) * expert_alignment) for c in raw]
+                    out_rows = num_recv
+            else:
+                rank_prefix, send_slot, is_token_in_rank = (
+                    handle.rank_prefix_matrix,
+                    handle.send_slot,
+                    handle.is_token_in_rank,
+                )
+                out_rows = handle.num_out_rows
+            # Outputs, allocated where peers can write them.
+            sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
+            if not cached:
+                sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
+            bufs, keep = rt.alloc_out(sizes, compute, allocate_on_comm_stream)
+            recv_data = bufs[0].view(data.dtype).reshape(out_rows, hidden)
+            recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
+            recv_idx = recv_w = recv_src = None
+            if not cached:
+                recv_idx = bufs[2].view(np.int64).reshape(out_rows, topk)
+                recv_w = bufs[3].view(np.float32).reshape(out_rows, topk)
+                recv_src = bufs[4].view(np.int32)
+                if num_worst_tokens:  # rows past the real count: no selection
+                    recv_idx.fill(-1)
+                    recv_w.fill(0)
+                    recv_src.fill(-1)
+            defines = HT_DISPATCH.defines(
+                EPK_NUM_RANKS=R,
+                EPK_TOPK=topk,
+                EPK_ROW_BYTES=row_bytes,
+                EPK_SCALE_COLS=hidden // 128 if scales is not None else 0,
+                EPK_NUM_LOCAL_EXPERTS=(num_tokens_per_expert.shape[0] // R) if not cached else 1,
+                EPK_WITH_META=0 if cached else 1,
+                EPK_THREADS=tun.threads,
+                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+                EPK_PROBE=tun.probe,
+                EPK_UNROLL=tun.dispatch_unroll,
+            )
+            rt.launch(
+                HT_DISPATCH,
+                defines,
+                blocks,
+                tun.threads,
+                HT_DISPATCH.pack(
+                    dry_run=0,
+                    rank=rt.rank,
+                    epoch=rt.next_epoch(),
+                    num_tokens=T,
+                    x=data,
+                    x_scales=scales,
+                    topk_idx=None if cached else topk_idx,
+                    topk_weights=None if cached else topk_weights,
+                    is_token_in_rank=is_token_in_rank,
+                    send_slot=send_slot,
+                    peers=rt.peer_table,
+                    out_x=recv_data.data.ptr,
+                    out_scales=recv_scales.data.ptr if recv_scales is not None else 0,
+                    out_idx=recv_idx.data.ptr if recv_idx is not None else 0,
+                    out_weights=recv_w.data.ptr if recv_w is not None else 0,
+                    out_src=recv_src.data.ptr if recv_src is not None else 0,
+                    out_rows=out_rows,
+                    ticket=rt.tickets.data.ptr,
+                    **rt.deadline(),
+                ),
+            )
+        event = rt.end(compute, async_finish)
+        recv_x = (recv_data, recv_scales) if scales is not None else recv_data
+        if cached:
+            return recv_x, None, None, None, handle, event
+        new_handle = HtHandle(
+            rank_prefix, send_slot, is_token_in_rank, recv_src, num_recv, out_rows, T, hidden, topk, keep
+        )
+        return recv_x, recv_idx, recv_w if topk_weights is not None else None, per_expert, new_handle, event
+
+    def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
+        rt = self.rt
+        rt.check_usable()
+        dev = rt.device
+        if not isinstance(handle, HtHandle):
+            raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
+        x = as_device_array(x, "x")
+        check_array(x, "x", dtypes=(BF16,), shape=(handle.num_out_rows, None), device=dev)
+        hidden = x.shape[1]
+        if hidden % 8:
+            raise ArgumentError(f"x: expected a hidden size that is a multiple of 8, got {hidden}")
+        if topk_weights is not None:
+            topk_weights = as_device_array(topk_weights, "topk_weights")
+            check_array(
+                topk_weights, "topk_weights", dtypes=(np.float32,), shape=(handle.num_out_rows, handle.topk), device=dev
+            )
+        biases = bias_list(bias)
+        for i, b in enumerate(biases):
+            biases[i] = as_device_array(b, f"bias[{i}]")
+            check_array(biases[i], f"bias[{i}]", dtypes=(BF16,), shape=(handle.num_tokens, hidden), device=dev)
+        blocks = self.grid(config)
+        tun = self.tuning
+
+        compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
+        with rt.on_comm_stream():
+            keep = []
+            if not rt.in_process:
+                # Peers read these in place: they must live in the shared region; stage them there if not.
+                x, k1 = rt.in_region(x)
+                keep += k1
+                if topk_weights is not None:
+                    topk_weights, k2 = rt.in_region(topk_weights)
+                    keep += k2
+            T, K = handle.num_tokens, handle.topk
+            sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
+            bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False)
+            out = bufs[0].view(BF16).reshape(T, hidden)
+            out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
+            defines = HT_COMBINE.defines(
+                EPK_NUM_RANKS=rt.num_ranks,
+                EPK_TOPK=K,
+                EPK_HIDDEN=hidden,
+                EPK_HAS_WEIGHTS=int(topk_weights is not None),
+                EPK_THREADS=tun.threads,
+                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+                EPK_PROBE=tun.probe,
+                EPK_UNROLL=tun.combine_unroll,
+                EPK_LOADS_FIRST=tun.combine_loads_first,
+            )
+            rt.launch(
+                HT_COMBINE,
+                defines,
+                blocks,
+                tun.threads,
+                HT_COMBINE.pack(
+                    dry_run=0,
+                    rank=rt.rank,
+                    epoch=rt.next_epoch(),
+                    num_tokens=T,
+                    in_x=x.data.ptr,
+                    in_weights=topk_weights.data.ptr if topk_weights is not None else 0,
+                    send_slot=handle.send_slot,
+                    bias0=biases[0] if biases else None,
+                    bias1=biases[1] if len(biases) > 1 else None,
+                    peers=rt.peer_table,
+                    out_x=out,
+                    out_weights=out_w,
+                    ticket=rt.tickets.data.ptr + 4,
+                    **rt.deadline(),
+                ),
+            )
+        event = rt.end(compute, async_finish)
+        del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
+        return out, out_w, event
+
+    def read_probe(self, source: str):
+        """Phase timestamps (ns, the GPU's global timer) of the last launch of HT kernel ``source``
+        ("ht_dispatch.cu" / "ht_combine.cu") built with ``HtTuning(probe=1)``: int64 [blocks, 4] of start, peers'
+        entries received, copies done, every peer done (the last block's; 0 elsewhere). Syncs the comm stream."""
+        import cupy
+
+        from .. import kernel_loader
+
+        defines = self.rt.last_defines(source)
+        if defines is None or not defines.get("EPK_PROBE"):
+            raise ArgumentError(f"source: no launch of {source} with HtTuning(probe=1) on this Buffer")
+        self.rt.comm_stream.synchronize()
+        ptr = kernel_loader.get_module(source, defines).get_global("epk_probe")
+        blocks = self.grid(None)
+        return cupy.ndarray((1024, 4), dtype=np.uint64, memptr=ptr)[:blocks].get().astype(np.int64)

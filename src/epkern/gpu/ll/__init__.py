@@ -1,0 +1,1 @@
+"""The low-latency engine (engine.py) and its calls."""

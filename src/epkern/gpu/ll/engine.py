@@ -1,0 +1,318 @@
+"""The low-latency (LL) engine of one Buffer: device state, the per-size states, replay plans, the hooks and
+the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its maintenance.
+
+- LL area: ``num_rdma_bytes`` of the Buffer's symmetric region, at ``rt.ll_offset`` (after the control area and
+  the HT heap). Two alternating buffer sets of ``stride`` bytes each; ``layout.ll_layout`` gives the offsets
+  inside a set. The hot path allocates nothing when the ``out_*`` arrays are given.
+- The set a call uses comes from a call counter in the device state, advanced by the kernels themselves, so a
+  captured dispatch + combine pair replays correctly in a CUDA graph. The host keeps only a count of the sending
+  launches it issued (``sends``), to tell a recv hook how many sends came after its own (``back``, a relative
+  number that graph replay preserves), and to know which set the next call runs in.
+- Masked peers are skipped at every send and wait site. A deadline expiry raises TimeoutError once (at the next
+  check) and leaves that peer masked; the Buffer stays usable (masks.py).
+- Two sets, as DeepEP: a call reuses the set of the call two before it, so every rank must have run that call's
+  receive (its hook) before any rank issues the new one.
+- Pull or push is chosen from the routes: receivers pull rows from peers reached by IPC; any other route would
+  push (no such route exists yet: cross-node LL, issue #17).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import ArgumentError
+from ...events import EventHandle
+from ..runtime import capturing
+from . import plans as ll_plans
+from .layout import (
+    LL_PHASES,
+    LL_RECOVERABLE_PHASES,
+    PHASE_RECV,
+    PHASE_SEND,
+    ROUTE_IPC,
+    ROUTE_NONE,
+    STATE_ROUTE,
+    STATE_WORDS,
+    THREADS,
+    LLLayout,
+    direct_recv_layout,
+    ll_layout,
+    set_stride_of,
+)
+
+
+@dataclass(eq=False)
+class GpuLLHandle:
+    """What low_latency_combine needs (DeepEP's handle; iterating gives DeepEP's tuple
+    ``(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)``)."""
+
+    src_info: object  # int32 [E_loc, R·num_max] (device)
+    layout_range: object  # int64 [E_loc, R] (device)
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    layout: LLLayout
+
+    def _fields(self):
+        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts)
+
+    def __iter__(self):
+        return iter(self._fields())
+
+    def __getitem__(self, i):
+        return self._fields()[i]
+
+    def __len__(self) -> int:
+        return 5
+
+
+class SizeState:
+    """Everything the engine keeps for one (num_max, hidden, num_experts): the layout of a set, whether every rank
+    agreed on the sizes, and the views into the LL area (zero-copy combine buffers and zero_copy_recv outputs,
+    one per set)."""
+
+    __slots__ = ("key", "layout", "stride", "agreed", "combine_views", "recv_views")
+
+    def __init__(self, key, layout: LLLayout, stride: int):
+        self.key, self.layout, self.stride = key, layout, stride
+        self.agreed = False
+        self.combine_views: dict = {}  # parity -> BF16 [E_loc, R·num_max, H]
+        self.recv_views: dict = {}  # (use_fp8, use_ue8m0, parity) -> the zero_copy_recv outputs
+
+
+_NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
+
+
+class LLEngine:
+    def __init__(self, rt, tuning):
+        import cupy
+
+        self.rt = rt
+        self.tuning = tuning
+        self.state = cupy.zeros(STATE_WORDS, dtype=np.int32)
+        self.one = cupy.asarray(np.ones(1, np.int32))  # source of the state words set to 1 (masks.py)
+        routes = [ROUTE_IPC if p else ROUTE_NONE for p in rt.region.peer_ptrs]
+        self.state[STATE_ROUTE : STATE_ROUTE + rt.num_ranks] = cupy.asarray(np.array(routes, dtype=np.int32))
+        cupy.cuda.get_current_stream().synchronize()
+        self.sends = 0  # sending launches issued (host side; the device counter is the truth)
+        self.replay_on = bool(tuning.replay)
+        self.plans = ll_plans.CallPlans(8)
+        self.sizes: dict = {}  # (num_max, hidden, num_experts) -> SizeState
+        self.replays = 0  # calls served by a plan (tests check the fast path was taken)
+        self.direct = 0  # ... of them launched straight onto the caller's stream
+        # Pull where every peer is reached by IPC (each of them maps our area); push otherwise.
+        all_ipc = all(r == ROUTE_IPC for i, r in enumerate(routes) if i != rt.rank)
+        self.dispatch_pull = int(all_ipc if tuning.dispatch_pull is None else tuning.dispatch_pull)
+        self.combine_pull = int(all_ipc if tuning.combine_pull is None else tuning.combine_pull)
+        sleep_ns = tuning.poll_sleep_ns
+        if sleep_ns is None:  # measured on 8 ranks of one H200, docs/performance.md
+            sleep_ns = 200 if rt.ranks_per_gpu > 1 else 0
+        self.poll_sleep_ns = int(sleep_ns)
+        rt.phases.update(LL_PHASES)
+
+    def register_recoverable(self, handler) -> None:
+        self.rt.recoverable_phases = LL_RECOVERABLE_PHASES
+        self.rt.on_recoverable = handler
+
+    def blocks(self) -> int:
+        # Spin-waiting kernels of every rank sharing this GPU must be resident at once: one block per SM each.
+        return self.rt.sm_share
+
+    # ---- sizes ----
+    def size_state(self, num_max: int, hidden: int, num_experts: int) -> SizeState:
+        key = (num_max, hidden, num_experts)
+        st = self.sizes.get(key)
+        if st is not None:
+            return st
+        rt = self.rt
+        lay = ll_layout(num_max, hidden, num_experts)
+        stride = set_stride_of(rt.ll_bytes)
+        if lay.per_set > stride:
+            from ...reference import get_low_latency_rdma_size_hint
+
+            hint = get_low_latency_rdma_size_hint(num_max, hidden, rt.num_ranks, num_experts)
+            why = "" if rt.ll_bytes else " (the Buffer has no LL area: pass num_rdma_bytes, low_latency_mode=True)"
+            raise ArgumentError(
+                f"num_rdma_bytes: expected at least {2 * lay.per_set} bytes for num_max_dispatch_tokens_per_rank="
+                f"{num_max}, hidden={hidden}, num_experts={num_experts} (get_low_latency_rdma_size_hint gives "
+                f"{hint}), got {rt.ll_bytes}{why}"
+            )
+        st = self.sizes[key] = SizeState(key, lay, stride)
+        return st
+
+    def agree(self, st: SizeState, stream) -> None:
+        """First use of these sizes: every rank must use the same (one allgather). Collective."""
+        if st.agreed:
+            return
+        if capturing(stream):
+            raise ArgumentError(
+                f"num_max_dispatch_tokens_per_rank: sizes {st.key} are used for the first time inside a CUDA graph "
+                "capture; run one low_latency_dispatch with them before capturing (the first use is collective)"
+            )
+        seen = self.rt.group.allgather_object(st.key)
+        if any(s != st.key for s in seen):
+            raise ArgumentError(
+                "num_max_dispatch_tokens_per_rank: (num_max_dispatch_tokens_per_rank, hidden, num_experts) must be "
+                f"the same on all ranks, got {seen}"
+            )
+        st.agreed = True
+
+    def ensure_warm(self, spec, defines: dict, stream) -> None:
+        if not self.rt.is_warm(spec, defines) and capturing(stream):
+            raise ArgumentError(
+                f"{spec.name}: this specialisation ({defines}) is used for the first time inside a CUDA graph "
+                "capture; call it once before capturing (its first launch synchronises and is collective)"
+            )
+
+    # ---- the two buffer sets ----
+    def next_parity(self) -> int:
+        return (self.sends + 1) & 1
+
+    def next_set(self, stride: int) -> tuple[int, int]:
+        """(parity, address) of the buffer set the next LL call runs in, as the host counts the sending calls."""
+        parity = (self.sends + 1) & 1
+        return parity, self.rt.region.ptr + self.rt.ll_offset + parity * stride
+
+    def _view(self, ptr: int, nbytes: int, dtype, shape):
+        import cupy
+
+        mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+    def direct_outputs(self, st: SizeState, use_fp8: bool, use_ue8m0: bool, S: int):
+        """The zero_copy_recv outputs of the call about to be issued: views into the receive region of its set
+        (layout.direct_recv_layout; the direct kernel's senders write there). One set of views per set."""
+        from ...api_checks import BF16
+
+        R, lay = self.rt.num_ranks, st.layout
+        parity, set_ptr = self.next_set(st.stride)
+        key = (use_fp8, use_ue8m0, parity)
+        views = st.recv_views.get(key)
+        if views is None:
+            d = direct_recv_layout(lay, R)
+            e_loc, rows, H = lay.num_experts // R, R * lay.num_max, lay.hidden
+            base = set_ptr + lay.recv_off
+
+            def at(off, dtype, shape):
+                return self._view(base + off, int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype, shape)
+
+            x = at(d.x_off, np.uint8 if use_fp8 else BF16, (e_loc, rows, H))
+            scales = None
+            if use_fp8:
+                scales = at(d.scales_off, np.int32 if use_ue8m0 else np.float32, (e_loc, S, rows)).transpose(0, 2, 1)
+            views = st.recv_views[key] = (
+                x,
+                scales,
+                at(d.src_off, np.int32, (e_loc, rows)),
+                at(d.layout_off, np.int64, (e_loc, R)),
+                at(d.count_off, np.int32, (e_loc,)),
+            )
+        return views
+
+    def combine_buffer(self, st: SizeState):
+        """The send region of the set the next call will use, as BF16 [E_loc, R·num_max, H]: a zero-copy combine
+        reads it in place. One array object per set, so repeated zero-copy combines replay."""
+        from ...api_checks import BF16
+
+        parity, set_ptr = self.next_set(st.stride)
+        view = st.combine_views.get(parity)
+        if view is None:
+            lay, R = st.layout, self.rt.num_ranks
+            e_loc, rows = lay.num_experts // R, R * lay.num_max
+            shape = (e_loc, rows, lay.hidden)
+            view = st.combine_views[parity] = self._view(set_ptr + lay.send_off, e_loc * rows * lay.hidden * 2, BF16,
+                                                         shape)  # fmt: skip
+        return view
+
+    def check_outside_combine_slots(self, x, st: SizeState) -> None:
+        """A combine (not zero-copy) gets its peers' rows in the receive region of its set: ``x`` must not lie
+        there (the zero_copy_recv output of the dispatch two LL calls back, as in two-batch overlap)."""
+        lay = st.layout
+        lo = self.next_set(st.stride)[1] + lay.recv_off
+        hi = lo + lay.num_experts * lay.num_max * 2 * lay.hidden
+        start = x.data.ptr
+        if start < hi and lo < start + x.nbytes:
+            raise ArgumentError(
+                "x: lies in this Buffer's receive area that this combine overwrites (the zero_copy_recv output of "
+                "the dispatch two LL calls back); copy it first, or write the expert outputs into "
+                "get_next_low_latency_combine_buffer and combine with zero_copy=True"
+            )
+
+    # ---- launches ----
+    def issue(self, spec, defines: dict, args: tuple, phase: int, back: int) -> None:
+        """One validated launch of ``spec`` on the comm stream (inside ``rt.on_comm_stream``)."""
+        self.rt.launch(spec, defines, self.blocks(), THREADS, ll_plans.with_phase(spec, args, phase, back))
+
+    def first_phase(self, return_recv_hook: bool) -> int:
+        return PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
+
+    def replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
+        """A repeat of a validated call with the same arrays and flags: the launch only. Returns (event, hook);
+        the hook keeps the plan's first ``hook_refs`` arrays (the call's inputs) alive."""
+        import cupy
+
+        rt = self.rt
+        self.replays += 1
+        phase = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
+        compute = cupy.cuda.get_current_stream()
+        if compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook:
+            # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and
+            # the caller waits for this call: the launch goes straight onto that stream as a captured graph, with no
+            # comm-stream round trip (two events, two waits).
+            in_process_sync = rt.in_process and rt.num_ranks > 1
+            if capturing(compute):
+                plan.launch(phase, 0, compute.ptr)
+                captured = True
+            else:
+                graph = plan.graphs.get(phase)
+                if graph is None:
+                    graph = plan.graphs[phase] = ll_plans.capture_launch(plan.launch, phase)
+                graph.launch(compute)
+                captured = False
+            self.sends += 1
+            self.direct += 1
+            rt.direct_stream = compute
+            if in_process_sync and not captured:
+                rt.sync_bounded(compute, "waiting for this call's kernel (in-process ranks)")  # as Runtime.end
+            return _NO_EVENT, None
+        compute = rt.begin(None, async_finish)
+        with rt.on_comm_stream():
+            plan.launch(phase, 0)
+            self.sends += 1
+        event = rt.end(compute, async_finish)
+        hook = self.make_hook(plan.launch, *plan.refs[:hook_refs]) if return_recv_hook else None
+        return event, hook
+
+    def make_hook(self, launch, *keep):
+        """The receive phase of the call just issued, for ``return_recv_hook``: finds its own call by counting
+        the sends issued after it. Runs on the caller's current stream order, like any call."""
+        sent_at = self.sends
+        called = []
+        rt = self.rt
+
+        def hook():
+            if called:
+                raise ArgumentError("hook: a receive hook can be called once")
+            rt.check_usable()
+            called.append(True)
+            compute = rt.begin(None)
+            with rt.on_comm_stream():
+                launch(PHASE_RECV, self.sends - sent_at)
+            rt.end(compute, False)
+
+        hook.inputs = keep  # the call's inputs stay alive as long as its receive may still be enqueued
+        return hook
+
+    def validated_launcher(self, spec, defines: dict, args: tuple):
+        """launch(phase, back) of a validated call through the runtime (first use warms up)."""
+
+        def launch(phase: int, back: int) -> None:
+            self.issue(spec, defines, args, phase, back)
+
+        return launch
+
+    def keep_plan(self, key, shapes, spec, defines, args, result, refs) -> None:
+        fast = ll_plans.launcher(self.rt, spec, defines, self.blocks(), THREADS, args)
+        self.plans.put(key, ll_plans.Plan(shapes, fast, result, refs))

@@ -1,0 +1,394 @@
+"""The GPU runtime one Buffer's parts share: device, symmetric region, comm stream and its ordering with the
+caller's stream, the host-mapped error record and every host-side wait's deadline, output allocation, and
+kernel launches (with the collective first-use warm-up).
+
+It knows nothing of HT or LL: the LL engine registers a handler for the errors it survives
+(``recoverable_phases`` / ``on_recoverable``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import kernel_constants as K
+from .. import kernel_loader
+from ..events import EventHandle
+from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
+from ..memory import Heap, HostMapped, SymmetricRegion
+from .ll.layout import ll_area_bytes
+
+# Host waits for GPU work end this long after the device-side deadline (timeout_s) has passed.
+HOST_MARGIN_S = 5.0
+ERROR_RECORD_BYTES = 32
+MAX_LOCAL_EXPERTS = 1024
+CTRL_BYTES = K.get("EPK_CTRL_BYTES")
+
+# Error-record phases (numbers in kernels/epk_constants.cuh) and what each was waiting for.
+PHASES = {
+    K.get("EPK_ERR_PHASE_HT_NOTIFY"): "notify (waiting for a peer's counts)",
+    K.get("EPK_ERR_PHASE_HT_DISPATCH_ADDRS"): "dispatch (waiting for a peer's output addresses)",
+    K.get("EPK_ERR_PHASE_HT_DISPATCH_DONE"): "dispatch (waiting for a peer to finish sending)",
+    K.get("EPK_ERR_PHASE_HT_COMBINE_ADDRS"): "combine (waiting for a peer's input addresses)",
+    K.get("EPK_ERR_PHASE_HT_COMBINE_DONE"): "combine (waiting for a peer to finish reading)",
+    K.get("EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW"): (
+        "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)"
+    ),
+}
+
+
+def capturing(stream) -> bool:
+    """Whether ``stream`` is being captured into a CUDA graph."""
+    is_capturing = getattr(stream, "is_capturing", None)
+    try:
+        return bool(is_capturing()) if is_capturing is not None else False
+    except Exception:  # noqa: BLE001 - an invalidated capture reports through CuPy later
+        return False
+
+
+class _CommStreamScope:
+    """Runtime.on_comm_stream's context (a class: a generator-based context manager cost a few µs per call)."""
+
+    __slots__ = ("rt", "device", "previous")
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def __enter__(self):
+        import cupy
+
+        rt = self.rt
+        self.device = cupy.cuda.Device(rt.device)
+        self.device.__enter__()
+        self.previous = cupy.cuda.get_current_stream()
+        rt.join_direct()
+        return rt.comm_stream.use()
+
+    def __exit__(self, *exc):
+        try:
+            self.previous.use()
+        finally:
+            self.device.__exit__(*exc)
+        return False
+
+
+class Runtime:
+    """Per rank and Buffer. Region = control area (CTRL_BYTES) + HT heap (num_nvl_bytes) + LL area."""
+
+    def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool, timeout_s: float,
+                 poison: bool):  # fmt: skip
+        import cupy
+
+        self.closed = True
+        self.group = group
+        self.rank, self.num_ranks = group.rank, group.size
+        self.timeout_s = float(timeout_s)
+        self.poison = poison
+        self.in_process = bool(getattr(group, "is_in_process", False))
+        self.device = group.device if group.device is not None else cupy.cuda.Device().id
+        self.broken: str | None = None
+        self.recoverable_phases: frozenset = frozenset()
+        self.on_recoverable = None  # fn(code, rank, phase, peer, seen, expected), set by the LL engine
+        self.phases = dict(PHASES)
+        self.epoch = 0
+        self._warmed: set = set()
+        # (source, name, defines items) -> [kernel, warmed]
+        self._launch_cache: dict = {}
+        self._last_defines: dict = {}  # source -> defines of its last launch (read_ht_probe)
+        with cupy.cuda.Device(self.device):
+            dev = cupy.cuda.Device(self.device)
+            self.num_device_sms = dev.attributes["MultiProcessorCount"]
+            # Ranks sharing this physical GPU (MPS processes or in-process ranks) must all fit at once.
+            ids = group.allgather_object((group.hostnames[self.rank], dev.pci_bus_id))
+            self.ranks_per_gpu = sum(1 for i in ids if i == ids[self.rank])
+            # LL area (num_rdma_bytes) after the control area and the HT heap; the heap is unchanged.
+            self.ll_bytes = ll_area_bytes(num_rdma_bytes, low_latency_mode)
+            self.ll_offset = CTRL_BYTES + -(-num_nvl_bytes // 256) * 256
+            region_bytes = self.ll_offset + self.ll_bytes if self.ll_bytes else CTRL_BYTES + num_nvl_bytes
+            self.region = SymmetricRegion(group, region_bytes, self.device)
+            self.closed = False
+            self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes)
+            self.host = HostMapped(ERROR_RECORD_BYTES + 4 * (8 + 8 + MAX_LOCAL_EXPERTS))
+            self.error_record = self.host.view(np.int32, 0, 8)
+            self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
+            self.notify_out_ptr = self.host.device_ptr + ERROR_RECORD_BYTES
+            self.timeout_ns = int(self.timeout_s * 1e9)
+            self.tickets = cupy.zeros(4, dtype=np.uint32)
+            # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
+            stream_of = getattr(group, "stream", None) if self.in_process else None
+            self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
+            # Stream order of the Buffer's work (LL calls replayed straight onto the caller's stream): the stream
+            # of the last such launch, while nothing came after it on the comm stream; and the stream that is
+            # ordered after all of this Buffer's work (None: no stream).
+            self.direct_stream = None
+            self.joined_ptr = None
+            self.peer_table = self.region.peer_table
+        # This rank's share of the device's SMs: what a kernel of every rank sharing the GPU may use at once.
+        self.sm_share = max(1, self.num_device_sms // self.ranks_per_gpu)
+
+    def deadline(self) -> dict:
+        """The deadline arguments every kernel takes: the error record and the timeout in ns."""
+        return {"err": self.host.device_ptr, "timeout_ns": self.timeout_ns}
+
+    # ---- lifecycle ----
+    def destroy(self) -> None:
+        """Frees everything (idempotent). Collective: every rank calls it."""
+        if self.closed:
+            return
+        import cupy
+
+        self.closed = True
+        with cupy.cuda.Device(self.device):
+            if not self._comm_idle_bounded():
+                # A kernel that never ends still runs on our memory: freeing it would hand it to whatever is
+                # allocated next. Leave it allocated and say so rather than hang here.
+                raise TimeoutError(
+                    f"rank {self.rank}: destroy: the Buffer's GPU work did not finish within "
+                    f"{self.timeout_s + HOST_MARGIN_S:g} s (a kernel that never ends); its memory is left allocated"
+                )
+            try:
+                self.group.barrier()  # no peer still reads or writes our region
+            except GroupError:
+                pass
+            self.region.close()
+            self.host.close()
+
+    def _comm_idle_bounded(self) -> bool:
+        def idle() -> bool:
+            try:
+                return bool(self.comm_stream.done)
+            except Exception:  # noqa: BLE001 - a failed kernel must not stop the cleanup
+                return True
+
+        return idle() or self.poll_until(idle, 50, False)
+
+    # ---- errors ----
+    def check_usable(self) -> None:
+        if self.closed or self.broken or self.error_record[0]:  # one test on the hot path
+            self._check_usable_slow()
+
+    def _check_usable_slow(self) -> None:
+        if self.closed:
+            raise EpkernError("Buffer was destroyed")
+        self.raise_recorded()
+        if self.broken:
+            raise EpkernError(f"Buffer unusable after an earlier failure ({self.broken}); destroy() it")
+
+    def raise_recorded(self) -> None:
+        rec = self.error_record
+        if rec[0] == 0:
+            return
+        code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
+        if phase in self.recoverable_phases:
+            rec[1:7] = 0
+            rec[0] = 0  # released last: a later kernel may claim it again
+            self.on_recoverable(code, rank, phase, peer, seen, expected)  # raises; the Buffer stays usable
+        what = self.phases.get(phase, f"phase {phase}")
+        if code == 1:
+            msg = (
+                f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s "
+                f"(flag {seen}, expected {expected})"
+            )
+        else:
+            msg = f"rank {rank}: {what}: error code {code} (peer {peer}, value {seen}, limit {expected})"
+        self.broken = msg
+        raise TimeoutError(msg) if code == 1 else EpkernError(msg)
+
+    def poll_until(self, ready, spins_before_sleep: int, check_record: bool) -> bool:
+        """Poll ``ready()`` until it holds (True) or the host deadline passes (False): ``timeout_s`` (every
+        device-side wait ends by then) plus ``HOST_MARGIN_S``. ``check_record``: raise a recorded device error
+        while polling. After ``spins_before_sleep`` polls, sleep 20 µs between them (other in-process ranks need
+        the GIL to launch what this rank may wait for; spares the CPU)."""
+        deadline = time.monotonic() + self.timeout_s + HOST_MARGIN_S
+        spins = 0
+        while not ready():
+            if check_record:
+                self.raise_recorded()
+            spins += 1
+            if spins > spins_before_sleep:
+                time.sleep(20e-6)
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    def sync_bounded(self, stream, phase: str) -> None:
+        """``stream.synchronize()`` bounded by the deadline: work still running ``HOST_MARGIN_S`` after every
+        device-side wait has ended is a kernel that never ends: raise TimeoutError naming rank and phase and mark
+        the Buffer unusable, rather than hang."""
+        if stream.done or self.poll_until(lambda: stream.done, 50, False):
+            return
+        self.raise_recorded()  # a device-side error recorded meanwhile explains it better
+        msg = (
+            f"rank {self.rank}: {phase}: the GPU work of this call did not finish within "
+            f"{self.timeout_s + HOST_MARGIN_S:g} s although every device-side wait ends within "
+            f"{self.timeout_s:g} s (a kernel that never ends); the Buffer is unusable"
+        )
+        self.broken = msg
+        raise TimeoutError(msg)
+
+    def wait_host_word(self, word: np.ndarray, value: int, phase: str) -> None:
+        """Host-side wait for a host-mapped word written by a kernel, bounded by the deadline."""
+        if self.poll_until(lambda: int(word[0]) == value, 2000, True):
+            return
+        msg = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
+        started = int(self.error_record[7])
+        if started != value:
+            msg += (
+                f"; this call's kernel never started (the last one that did was call {started}, this is "
+                f"call {value}): other work held the GPU; with in-process ranks, streams sharing a "
+                "hardware work queue do this (import epkern before CUDA starts, which sets "
+                "CUDA_DEVICE_MAX_CONNECTIONS=32, and use run_in_process's streams)"
+            )
+        self.broken = msg
+        raise TimeoutError(msg)
+
+    # ---- streams ----
+    def begin(self, previous_event, async_finish=False, allocate_on_comm_stream=False):
+        """Order the comm stream after the caller's stream (or ``previous_event``); returns the caller's stream."""
+        import cupy
+
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ArgumentError(
+                "allocate_on_comm_stream: True needs previous_event and async_finish=True (as in DeepEP): "
+                "outputs owned by the comm stream are only safe to use after waiting on the returned event"
+            )
+        compute = cupy.cuda.get_current_stream()
+        if self.in_process and compute.ptr == 0 and self.num_ranks > 1:
+            raise ArgumentError(
+                "current stream: in-process ranks must each run on their own CUDA stream, not the shared "
+                "legacy default stream (run_in_process sets one; or cupy.cuda.Stream(non_blocking=True).use()). "
+                "Note: CuPy 14's ndarray.get()/cupy.asnumpy of a non-contiguous array leaves the legacy stream "
+                "current in the calling thread; copy with cupy.ascontiguousarray first"
+            )
+        if previous_event is not None:
+            if not isinstance(previous_event, EventHandle):
+                raise ArgumentError("previous_event: expected an EventHandle returned by this library")
+            if previous_event.event is not None:
+                self.comm_stream.wait_event(previous_event.event)
+        else:
+            self.comm_stream.wait_event(compute.record())
+        return compute
+
+    def on_comm_stream(self):
+        """Make this Buffer's device and comm stream current, restoring the caller's stream object exactly
+        afterwards (CuPy's ``with stream`` does not always restore a non-default stream)."""
+        return _CommStreamScope(self)
+
+    def join_direct(self) -> None:
+        """Before work on the comm stream: it waits for the last launch made straight onto a caller's stream
+        (nothing orders the two otherwise); from here no stream is known to follow all of this Buffer's work."""
+        direct = self.direct_stream
+        if direct is not None:
+            self.direct_stream = None
+            self.comm_stream.wait_event(direct.record())
+        self.joined_ptr = None
+
+    def end(self, compute, async_finish: bool) -> EventHandle:
+        import cupy
+
+        event = self.comm_stream.record()
+        # compute follows all of this Buffer's work from here. Only a stream of the Buffer's device qualifies
+        # (CuPy's current stream is per device, so a match later also means the Buffer's device is current).
+        joined = not async_finish and cupy.cuda.runtime.getDevice() == self.device
+        self.joined_ptr = compute.ptr if joined else None
+        if not async_finish:
+            compute.wait_event(event)
+            if self.in_process and self.num_ranks > 1 and not capturing(compute):
+                # Measured on the H100: with in-process ranks, outputs read on the caller's stream right after a
+                # call were sometimes not yet written although that stream waits for this event (MPS processes
+                # never showed it; docs/architecture.md, Known problems). Waiting for the comm stream here made
+                # 100 back-to-back iterations exact. Not while the caller's stream is captured into a CUDA graph.
+                self.sync_bounded(self.comm_stream, "waiting for this call's kernels (in-process ranks)")
+        return EventHandle(event)
+
+    def next_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+    # ---- kernels ----
+    def kernel(self, spec, defines: dict):
+        """The loaded kernel of one specialisation (cached per call site's define order)."""
+        site = (spec.source, spec.name, tuple(defines.items()))
+        entry = self._launch_cache.get(site)
+        if entry is None:
+            entry = self._launch_cache[site] = [kernel_loader.get_function(spec.source, spec.name, defines), False]
+        return entry
+
+    def launch(self, spec, defines: dict, blocks: int, threads: int, args: tuple) -> None:
+        """Launch a (possibly spin-waiting) kernel on the current (comm) stream; ``args`` packed by ``spec``
+        with dry_run 0. The first use of a specialisation is a dry run on every rank, a sync and a group barrier:
+        with CUDA's lazy loading, loading a kernel's code can wait for running kernels, so a rank must never load
+        code while a peer's kernel spins waiting for it (in-process ranks share one context)."""
+        import cupy
+
+        entry = self.kernel(spec, defines)
+        func = entry[0]
+        self._last_defines[spec.source] = defines
+        if not entry[1]:
+            key = (spec.source, spec.name, tuple(sorted(defines.items())))
+            if key not in self._warmed:
+                func((1,), (32,), (np.int32(1), *args[1:]))
+                for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
+                    cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
+                self.comm_stream.synchronize()
+                self.group.barrier()
+                self._warmed.add(key)
+            entry[1] = True
+        func((blocks,), (threads,), args)
+
+    def is_warm(self, spec, defines: dict) -> bool:
+        """Whether this specialisation had its first-use warm-up (``launch``) on this Buffer."""
+        entry = self._launch_cache.get((spec.source, spec.name, tuple(defines.items())))
+        if entry is not None and entry[1]:
+            return True
+        return (spec.source, spec.name, tuple(sorted(defines.items()))) in self._warmed
+
+    def warm_once(self, key) -> bool:
+        """First time ``key`` is seen: sync the comm stream and barrier (code loaded before any peer spins)."""
+        if key in self._warmed:
+            return False
+        self.comm_stream.synchronize()
+        self.group.barrier()
+        self._warmed.add(key)
+        return True
+
+    def last_defines(self, source: str) -> dict | None:
+        return self._last_defines.get(source)
+
+    def alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True):
+        """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared heap;
+        inside one process every rank can address every allocation, so they come from the rank's CuPy pool like
+        local outputs, allocated on the comm stream or (DeepEP's default) the caller's."""
+        import cupy
+
+        keep = ()
+        if shared and not self.in_process:
+            aligned = [-(-n // 256) * 256 for n in nbytes_list]
+            block = self.heap.alloc(sum(aligned))
+            arrays, off = [], 0
+            for n, a in zip(nbytes_list, aligned, strict=True):
+                arrays.append(block.array((n,), np.uint8, off))
+                off += a
+            keep = (block,)
+        elif on_comm_stream:
+            arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
+        else:
+            compute.use()
+            arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
+            self.comm_stream.use()
+            self.comm_stream.wait_event(compute.record())  # the memory is ours in stream order from here
+        if self.poison:
+            for a in arrays:
+                a.fill(0xFF)
+        return arrays, keep
+
+    def in_region(self, arr):
+        """``arr`` if it lies in this rank's region, else a copy staged into the heap (and the block to keep)."""
+        base, end = self.region.ptr, self.region.ptr + self.region.nbytes
+        if base <= arr.data.ptr and arr.data.ptr + arr.nbytes <= end:
+            return arr, []
+        block = self.heap.alloc(arr.nbytes)
+        staged = block.array(arr.shape, arr.dtype)
+        staged[...] = arr
+        return staged, [block]
