@@ -75,12 +75,14 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 
 class KernelClock:
-    """Benchmark-only: events on a Buffer's comm stream around every kernel it launches (wraps
-    ``buf._launch``; ``restore()`` undoes it). ``take()`` returns each kernel's device µs since the last take."""
+    """Benchmark-only: events on a Buffer's comm stream around every kernel it launches through the runtime
+    (wraps the GPU runtime's ``launch``; ``restore()`` undoes it). Replayed LL calls bypass it. ``take()`` returns
+    each kernel's device µs since the last take."""
 
     def __init__(self, buf):
-        self.buf, self.spans, self._launch = buf, [], buf._launch
-        buf._launch = self.launch
+        self.rt = buf._backend.rt
+        self.buf, self.spans, self._launch = buf, [], self.rt.launch
+        self.rt.launch = self.launch
 
     def launch(self, *args, **kwargs):
         import cupy
@@ -102,7 +104,7 @@ class KernelClock:
         return out
 
     def restore(self):
-        self.buf._launch = self._launch
+        del self.rt.launch  # the class's method again
 
 
 def profile_text(fn, calls: int, top: int = 25) -> str:

@@ -9,7 +9,6 @@ compare host-path changes; bench_ht.py / bench_ll.py measure the real thing on a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import types
@@ -31,7 +30,8 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
     """(name, fn) of each hot path, on one fake rank; built inside F.installed()."""
     import cupy
 
-    from epkern.ll_intranode import min_num_rdma_bytes
+    from epkern.gpu.ll.layout import min_num_rdma_bytes
+    from epkern.gpu.tuning import LLTuning, Tuning
 
     out = []
     buf = F.fake_buffer(num_nvl_bytes=1 << 26)
@@ -40,9 +40,13 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
     recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     out.append(("ht cached dispatch", lambda: buf.dispatch(x, handle=handle)))
     out.append(("ht combine", lambda: buf.combine(recv_x, handle, topk_weights=recv_w)))
-    for fast in ("0", "1", "2", "3"):
-        os.environ["EPKERN_LL_FAST_HOST"] = fast
-        ll = F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(num_max, H, E), low_latency_mode=True)
+    for replay in (False, True):
+        ll = F.fake_buffer(
+            num_nvl_bytes=0,
+            num_rdma_bytes=min_num_rdma_bytes(num_max, H, E),
+            low_latency_mode=True,
+            _tuning=Tuning(ll=LLTuning(replay=replay)),
+        )
         outs = dict(
             out_x=cupy.empty((E, num_max, H), BF16),
             out_src_info=cupy.empty((E, num_max), np.int32),
@@ -60,10 +64,9 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
             def llc(ll=ll, h=h, y=y, combined=combined, asy=asy):
                 return ll.low_latency_combine(y, idx, w, h, out=combined, async_finish=asy)
 
-            tag = (f" (EPKERN_LL_FAST_HOST={fast})" if fast != "0" else "") + (" async" if asy else "")
+            tag = (" (replayed)" if replay else "") + (" async" if asy else "")
             out.append((f"ll dispatch, preallocated{tag}", lld))
             out.append((f"ll combine, out={tag}", llc))
-    os.environ.pop("EPKERN_LL_FAST_HOST", None)
     return out
 
 
@@ -73,11 +76,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--profile", action="store_true", help="also the top functions of each path")
     args = p.parse_args(argv)
-    from epkern import _driver_launch
+    from epkern import _cuda_driver
+    from epkern.gpu.ll import plans
 
-    # EPKERN_LL_FAST_HOST=2 calls cuLaunchKernel: a no-op stand-in here, so its row is the packing's cost only
-    _driver_launch._lib = types.SimpleNamespace(cuLaunchKernel=lambda *a: 0)
+    # Replays launch through the real packed cuLaunchKernel call into a no-op stand-in for libcuda: their rows are
+    # epkern's Python and the ctypes call only (the fake's recording stand-in would add its own bookkeeping).
+    _cuda_driver._lib = types.SimpleNamespace(cuLaunchKernel=lambda *a: 0)
     with F.installed():
+        plans.DriverLaunch = _cuda_driver.DriverLaunch
         for name, fn in cases():
             fn()
             runs = []

@@ -91,7 +91,8 @@ def _probe(buf, group, calls: dict, n: int = 5) -> dict:
     last 'copies done', 'every peer done']."""
     import cupy
 
-    buf.ht_probe = 1
+    ht = buf._backend.ht
+    ht.retune(probe=1)
     out = {}
     for source, fn in calls.items():
         fn()  # the probe build's first use (dry run and barrier) outside the sequence
@@ -101,7 +102,7 @@ def _probe(buf, group, calls: dict, n: int = 5) -> dict:
             fn()
         p = buf._backend.ht.read_probe(source)
         out[source] = [int(p[:, 0].min())] + [int(p[:, c].max()) for c in range(4)]
-    buf.ht_probe = 0
+    ht.retune(probe=0)
     return out
 
 
@@ -121,6 +122,7 @@ def rank_main(group, args, tokens):
     import cupy
 
     from epkern import Buffer, Config
+    from epkern.gpu.tuning import HtTuning, Tuning
 
     R = group.size
     rng = np.random.default_rng(1234 + group.rank)
@@ -139,11 +141,19 @@ def rank_main(group, args, tokens):
     # non-cached and a cached dispatch's outputs, the expert output and a combine alive: twice the hint.
     nvl = 2 * Config.get_nvl_buffer_size_hint(args.hidden * 2, R, num_max_tokens_per_rank=tokens, topk=args.topk)
     bw = None
-    with Buffer(group, num_nvl_bytes=0 if getattr(group, "is_in_process", False) else nvl, backend="gpu") as buf:
+    tuning = Tuning(
+        ht=HtTuning(
+            threads=args.threads,
+            blocks_per_sm=args.blocks_per_sm,
+            dispatch_unroll=args.dunroll,
+            combine_unroll=args.cunroll,
+            combine_loads_first=args.loads_first,
+        )
+    )
+    nvl_bytes = 0 if getattr(group, "is_in_process", False) else nvl
+    with Buffer(group, num_nvl_bytes=nvl_bytes, backend="gpu", _tuning=tuning) as buf:
         if args.num_sms:
             buf.set_num_sms(args.num_sms)
-        buf._backend.ht.tuning.threads, buf.ht_dispatch_unroll, buf.ht_combine_unroll = args.threads, args.dunroll, args.cunroll
-        buf.ht_blocks_per_sm, buf._backend.ht.tuning.combine_loads_first = args.blocks_per_sm, args.loads_first
         if group.rank == 0:
             bw = copy_bandwidth_gbs(1 << 30)
         group.barrier()
@@ -203,13 +213,8 @@ def rank_main(group, args, tokens):
         res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
         res["tokens"] = tokens
         res["num_sms"] = buf._backend.ht.num_sms
-        res["launch"] = (
-            buf._backend.ht.tuning.threads,
-            buf.ht_blocks_per_sm,
-            buf.ht_dispatch_unroll,
-            buf.ht_combine_unroll,
-            buf._backend.ht.tuning.combine_loads_first,
-        )
+        t = buf._backend.ht.tuning
+        res["launch"] = (t.threads, t.blocks_per_sm, t.dispatch_unroll, t.combine_unroll, t.combine_loads_first)
         res["ranks_per_gpu"] = buf._backend.rt.ranks_per_gpu
         res["row_bytes"] = row_bytes
         res["copy_bandwidth_GBps"] = bw

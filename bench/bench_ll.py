@@ -22,7 +22,7 @@ Measured per op (dispatch, combine), times max over ranks of each rank's value:
   stream waits for the last call only), device time per call; median of 3 repetitions.
 - ``op_host`` / ``op_host_async``: host time of the Python call only, ``--calls`` calls back to back then one sync
   (``async_finish`` False / True). In-process ranks: the False form synchronises the comm stream inside every call
-  (gpu_buffer._end) and all ranks share one interpreter, so use MPS processes for this number.
+  (epkern.gpu.runtime.Runtime.end) and all ranks share one interpreter, so use MPS processes for this number.
 - ``pair_pipelined``: dispatch + combine pairs back to back (eager). ``pair_graph``: one dispatch + combine pair
   captured once into a CUDA graph (after warm-up: every kernel specialisation and the size agreement are used
   before capture; ranks capture one after another), replayed ``--calls`` times; device time per pair. Python per
@@ -540,9 +540,7 @@ def rank_main(group, args, token_list):
 
 
 def _kernel_blocks(buf) -> int:
-    from epkern import ll_intranode
-
-    return ll_intranode._blocks(buf)
+    return buf._backend.ll.blocks()
 
 
 def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
@@ -639,9 +637,10 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     _settle(buf)
 
     res = {}
-    # The kernel spans come from wrapping buf._launch, which a replayed call (EPKERN_LL_FAST_HOST) bypasses:
-    # these calls go the validated way; the kernels they time are the same.
-    fast_host, buf._ll_fast_host = buf._ll_fast_host, 0
+    # The kernel spans come from wrapping the runtime's launch, which a replayed call bypasses: these calls go the
+    # validated way; the kernels they time are the same.
+    eng = buf._backend.ll
+    replay_on, eng.replay_on = eng.replay_on, False
     clock = KernelClock(buf)
     try:
         for op, fn in (("dispatch", dispatch), ("combine", combine)):
@@ -650,7 +649,7 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
         res["dispatch_send_us"], res["dispatch_recv_us"], res["combine_send_us"], res["combine_recv_us"] = phases
     finally:
         clock.restore()
-        buf._ll_fast_host = fast_host
+        eng.replay_on = replay_on
     _settle(buf)
 
     def pair():

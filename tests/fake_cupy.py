@@ -16,10 +16,12 @@ import os
 import sys
 import threading
 import types
+import weakref
 
 import numpy as np
 
 _ids = itertools.count(1)
+_arrays = weakref.WeakValueDictionary()  # device pointer -> the fake array allocated there (the latest)
 
 
 class UnownedMemory:
@@ -67,6 +69,7 @@ class ndarray:  # noqa: N801 - CuPy's name
             self._ptr = _ptr
         else:
             self._ptr = memptr.ptr if memptr is not None else self._a.__array_interface__["data"][0]
+            _arrays[self._ptr] = self  # kernels get pointers: emulations find the array again
 
     shape = property(lambda self: self._a.shape)
     dtype = property(lambda self: self._a.dtype)
@@ -285,10 +288,15 @@ class Launches(list):
     """Every kernel launch: (source, name, defines, grid, block, args)."""
 
 
+def _array(arg):
+    """A kernel argument as the fake array it points to (arrays are passed as themselves or as addresses)."""
+    return arg if isinstance(arg, ndarray) else _arrays[int(arg)]
+
+
 def emulate_ht_notify_one_rank(args):
     """What ht_notify leaves in host-mapped memory for a one-rank group: the rows this rank receives (its
     tokens in is_token_in_rank), the per-expert counts, then the call's epoch (written last, as the kernel)."""
-    epoch, in_rank, per_expert, host_ptr = int(args[2]), args[6]._a, args[5]._a, int(args[10])
+    epoch, in_rank, per_expert, host_ptr = int(args[2]), _array(args[6])._a, _array(args[5])._a, int(args[10])
     words = (ctypes.c_int32 * (3 + len(per_expert))).from_address(host_ptr)
     words[1] = int(in_rank[:, 0].sum())
     words[2] = words[1]  # rows from rank 0 (the only source)
@@ -441,3 +449,8 @@ def full_dispatch(buf, inputs, x=None, **kwargs):
         topk_idx=idx,
         **kwargs,
     )
+
+
+def addr(arg) -> int:
+    """The address a pointer argument carries (a device array passes its own)."""
+    return arg.data.ptr if isinstance(arg, ndarray) else int(arg)

@@ -302,11 +302,13 @@ def poison_direct_outputs(buf, num_max, hidden, num_experts):
     """0xFF over the zero_copy_recv outputs of the next LL call's set (rows never written stay visible)."""
     import cupy
 
-    from epkern.ll_intranode import _next_set, _plan, direct_recv_layout
+    from epkern.gpu.ll.layout import direct_recv_layout
 
-    lay, stride = _plan(buf, num_max, hidden, num_experts)
+    eng = buf._backend.ll
+    st = eng.size_state(num_max, hidden, num_experts)
+    lay, stride = st.layout, st.stride
     d = direct_recv_layout(lay, buf.num_ranks)
-    ptr = _next_set(buf, stride)[1] + lay.recv_off
+    ptr = eng.next_set(stride)[1] + lay.recv_off
     stream = cupy.cuda.get_current_stream()
     cupy.cuda.runtime.memsetAsync(ptr, 0xFF, d.end, stream.ptr)
     stream.synchronize()  # done before the barrier that follows
@@ -317,9 +319,8 @@ def direct_dump(buf, num_max, hidden, num_experts, layout_range, want):
     reference's (begin, count) blocks per expert and source."""
     import cupy
 
-    from epkern.ll_intranode import _plan
-
-    lay, stride = _plan(buf, num_max, hidden, num_experts)
+    st = buf._backend.ll.size_state(num_max, hidden, num_experts)
+    lay, stride = st.layout, st.stride
     fills = []
     for p in range(2):
         words = np.empty(num_experts // buf.num_ranks, np.int32)
@@ -353,7 +354,7 @@ def run_double_batch(buf, group, hidden=2048, num_experts=None, topk=4, num_max=
         res[4]()  # recv hooks in order
     settle(buf)
     # Combine A reuses dispatch A's buffer set: every rank must have received A before any rank combines
-    # (DeepEP's rule of at most two LL results alive; see ll_intranode.py).
+    # (DeepEP's rule of at most two LL results alive; see epkern/gpu/ll/engine.py).
     group.barrier()
     for b, (_, want, _, res) in enumerate(batches):
         recv_x, count, handle = res[0], res[1], res[2]
@@ -386,7 +387,7 @@ def run_graph_replays(
     """Capture one dispatch + combine (combine of the received rows as they are) into a CUDA graph, then
     replay it ``replays`` times on fresh inputs copied into the captured arrays; every replay exact. No
     host collective between replays: the set each call uses comes from the device counter. ``graph=False``:
-    the same ``replays`` iterations as eager calls on the same arrays (what EPKERN_LL_FAST_HOST replays);
+    the same ``replays`` iterations as eager calls on the same arrays (what epkern.gpu.ll.plans replays);
     ``prepared``: those eager calls through prepare_low_latency_dispatch / _combine. ``zero_copy``: the expert
     outputs go into get_next_low_latency_combine_buffer (the set alternates between calls, not between replays
     of a captured pair) and the combine reads them there. ``zero_copy_recv``: the dispatch outputs are the
@@ -645,26 +646,10 @@ def ll_signal_dump(buf, num_experts):
     """Diagnostics: this rank's LL call counter, ticket, mask and the tags in both signal sets."""
     import cupy
 
-    from epkern.ll_intranode import STATE_MASK, set_stride_of
-    from epkern.ll_layout import (
-        SEEN_BLOCKS,
-        STATE_DONE,
-        STATE_READBACK,
-        STATE_ROUTE,
-        STATE_SEEN_MASK,
-        STATE_SENT,
-        STATE_SENT_ADDR,
-        STATE_SLOT,
-    )
+    from epkern.gpu.ll.layout import STATE_DONE, STATE_MASK, STATE_ROUTE, STATE_SLOT, set_stride_of
 
     cupy.cuda.runtime.deviceSynchronize()
     st = cupy.asnumpy(buf._backend.ll.state[:2]).tolist()
-    # The mask bits each of blocks 0..14 loaded at the start of the last dispatch / combine, with its seq.
-    seen_words = cupy.asnumpy(buf._backend.ll.state[STATE_SEEN_MASK : STATE_SEEN_MASK + 4 * SEEN_BLOCKS]).view(np.uint64)
-    seen = {
-        kind: [(int(v >> 32), int(v & 0xFFFFFFFF)) for v in seen_words[i * SEEN_BLOCKS : (i + 1) * SEEN_BLOCKS]]
-        for i, kind in enumerate(("dispatch", "combine"))
-    }
     mask = cupy.asnumpy(buf._backend.ll.state[STATE_MASK : STATE_MASK + buf.num_ranks]).tolist()
     stride = set_stride_of(buf._backend.rt.ll_bytes)
     sets = []
@@ -677,18 +662,15 @@ def ll_signal_dump(buf, num_experts):
     rec = [int(v) for v in buf._backend.rt.error_record[:7]]
     host = f"host sends={buf._backend.ll.sends} replays={buf._backend.ll.replays} error_record={rec}"
 
-    # Per expert: the dispatch count's progress (-seq waiting for the local sends, seq sent), and the counters.
+    # Per expert: the counters.
     def words(base):
         return cupy.asnumpy(buf._backend.ll.state[base : base + num_experts]).tolist()
 
     routes = cupy.asnumpy(buf._backend.ll.state[STATE_ROUTE : STATE_ROUTE + buf.num_ranks]).tolist()
-    counters = f"sent={words(STATE_SENT)} slot={words(STATE_SLOT)} done={words(STATE_DONE)} routes={routes}"
+    counters = f"slot={words(STATE_SLOT)} done={words(STATE_DONE)} routes={routes}"
     # Where this rank's kernels send to (peer table + ll_off) and where it reads its own area.
     peers = [hex(int(v)) for v in cupy.asnumpy(buf._backend.rt.peer_table).ravel()[: buf.num_ranks]]
     counters += f" peers={peers} ll_offset={buf._backend.rt.ll_offset} region={hex(buf._backend.rt.region.ptr)}"
-    if buf._ll_diag:  # EPKERN_LL_DIAG=1: per expert, the count word read back right after its store, and where
-        addrs = cupy.asnumpy(buf._backend.ll.state[STATE_SENT_ADDR : STATE_SENT_ADDR + 2 * num_experts]).view(np.uint64)
-        counters += f" readback={words(STATE_READBACK)} sent_to={[hex(int(a)) for a in addrs]}"
     return (
-        f"counter,ticket={st} mask={mask} {host} seen (seq, mask bits)={seen} {counters} set0 {sets[0]} set1 {sets[1]}"
+        f"counter,ticket={st} mask={mask} {host} {counters} set0 {sets[0]} set1 {sets[1]}"
     )

@@ -1,7 +1,7 @@
 """epkern._cuda_driver on the CPU: the packed kernel parameters hold exactly the values CuPy would pass
 (numpy scalars by dtype, arrays as pointers), launches go through cuLaunchKernel with them (a stand-in driver
-decodes what it is given), an LL replay with EPKERN_LL_FAST_HOST=2 launches what the full path launches, a
-refused call is named by cuGetErrorName, and without libcuda every call raises DeviceUnavailableError.
+decodes what it is given), LL replays pass the driver what the full path passed CuPy, a refused call is named
+by cuGetErrorName, and without libcuda every call raises DeviceUnavailableError.
 (tests/test_vmm_layout.py checks the bindings against cuda.h and calls each through a compiled stand-in.)"""
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class _Driver:
     def __init__(self, status=0):
         self.calls, self.status = [], status
 
-    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):  # noqa: N802 - the driver's name
-        self.calls.append((f.value, (gx, gy, gz), (bx, by, bz), smem, stream.value, params, extra))
+    def cuLaunchKernel(self, *args):  # noqa: N802 - the driver's name
+        f, gx, gy, gz, bx, by, bz, smem, stream = (a.value for a in args[:9])  # ctypes values, as the driver gets
+        self.calls.append((f, (gx, gy, gz), (bx, by, bz), smem, stream, args[9], args[10]))
         return self.status
 
     def cuGetErrorName(self, status, name_ref):  # noqa: N802
@@ -116,39 +117,33 @@ def test_a_driver_without_a_bound_call_is_refused():
         D._bind(Old())
 
 
-def test_ll_replay_through_the_driver_launches_what_the_full_path_launches(monkeypatch):
+def test_ll_replays_pass_the_driver_what_the_full_path_passed_cupy(monkeypatch):
+    """The LL engine's replays through the real DriverLaunch (fake_cupy stands in a recording one; this test puts
+    the real one back, over the stand-in driver): every parameter the driver gets is the value the full path gave
+    CuPy, with the same grid and block, on the comm stream."""
+    from epkern.gpu.ll import plans
     from test_gpu_host_paths_cpu import NUM_MAX, E, _ll_buffer, _ll_setup
 
     driver = _Driver()
     monkeypatch.setattr(D, "_lib", driver)
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "2")
     with F.installed(monkeypatch) as launches:
+        monkeypatch.setattr(plans, "DriverLaunch", D.DriverLaunch)
         buf = _ll_buffer()
         x, idx, w, outs, y, out = _ll_setup()
-        handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
-        buf.low_latency_combine(y, idx, w, handle, out=out)
+
+        def pair():
+            handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, async_finish=True, **outs)[2]
+            buf.low_latency_combine(y, idx, w, handle, out=out, async_finish=True)
+
+        pair()
         full = F.real_launches(launches)
         assert [launch[1] for launch in full] == ["epk_ll_dispatch", "epk_ll_combine"]
         for _ in range(3):
-            handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
-            buf.low_latency_combine(y, idx, w, handle, out=out)
-        assert len(F.real_launches(launches)) == 2 and len(driver.calls) == 6 and buf._ll_replays == 6
-        import cupy  # the fake, while installed
-
-        caller = cupy.cuda.get_current_stream()
-        assert {launch[6] for launch in full} == {buf.comm_stream.ptr} != {caller.ptr}
+            pair()
+        assert len(F.real_launches(launches)) == 2 and len(driver.calls) == 6 and buf._backend.ll.replays == 6
         for i, call in enumerate(driver.calls):
             want = full[i % 2]
-            assert call[1] == want[3] + (1, 1) and call[2] == want[4] + (1, 1)
-            # The caller's stream follows all of the Buffer's work (it waited for the first pair): the
-            # replays go straight onto it.
-            assert call[4] == caller.ptr
+            assert call[1] == want[3] + (1, 1) and call[2] == want[4] + (1, 1) and call[3] == 0
+            assert call[4] == want[6]  # the comm stream, as the full path's launch
             assert _decode(call[5], want[5]) == _as_ints(want[5])
-        # async_finish: through the comm stream, which first waits for the last launch on the caller's stream.
-        waits = buf.comm_stream.waits
-        buf.low_latency_combine(y, idx, w, handle, out=out)  # (a plan of async_finish=False: direct)
-        buf.low_latency_combine(y, idx, w, handle, out=out, async_finish=True)  # a new plan: full path
-        buf.low_latency_combine(y, idx, w, handle, out=out, async_finish=True)  # its replay
-        assert driver.calls[-1][4] == buf.comm_stream.ptr and buf.comm_stream.waits >= waits + 3
-        assert buf._joined_ptr is None and buf._direct_stream is None
         buf.destroy()

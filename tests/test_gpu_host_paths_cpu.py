@@ -1,7 +1,7 @@
 """The GPU backend's host paths on a CPU, over a fake CuPy (tests/fake_cupy.py): HT dispatch / cached dispatch /
 combine and LL dispatch / combine build the launches they should (kernel, grid, the arguments the kernels
 take, pointers of the arrays returned), checks fire before any launch, and the LL replay plans
-(EPKERN_LL_FAST_HOST) launch exactly what the full path launches. Kernels do not run: outputs are not checked
+(epkern.gpu.ll.plans) launch exactly what the full path launches. Kernels do not run: outputs are not checked
 here (the GPU tests do that)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 
 import fake_cupy as F
 from epkern.errors import ArgumentError
+from epkern.gpu.tuning import LLTuning, Tuning
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 T, H, K, E = 64, 1024, 4, 8
@@ -41,15 +42,15 @@ def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
     disp = F.real_launches(fake)[-1]
     assert disp[3] == (buf._backend.ht.grid(None),) and disp[4] == (buf._backend.ht.tuning.threads,)
     args = disp[5]
-    assert int(args[1]) == buf.rank and int(args[3]) == T and args[4] is x
-    assert int(args[11]) == _ptr(recv_x) and int(args[13]) == _ptr(recv_idx) and int(args[14]) == _ptr(recv_w)
+    assert F.addr(args[1]) == buf.rank and F.addr(args[3]) == T and F.addr(args[4]) == x.data.ptr
+    assert F.addr(args[11]) == _ptr(recv_x) and F.addr(args[13]) == _ptr(recv_idx) and F.addr(args[14]) == _ptr(recv_w)
     assert recv_x.shape == (T, H) and recv_idx.shape == (T, K)
 
     before = len(fake)
     cached_x, *_ = buf.dispatch(x, handle=handle)
     cached = F.real_launches(fake[before:])
     assert [c[1] for c in cached] == ["epk_ht_dispatch"] and cached[0][2]["EPK_WITH_META"] == 0
-    assert int(cached[0][5][11]) == _ptr(cached_x) and int(cached[0][5][2]) > int(args[2])  # a new epoch
+    assert F.addr(cached[0][5][11]) == _ptr(cached_x) and F.addr(cached[0][5][2]) > F.addr(args[2])  # a new epoch
 
     before = len(fake)
     combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
@@ -154,10 +155,12 @@ def _ll_setup(use_fp8=False):
     return x, idx, w, outs, y, out
 
 
-def _ll_buffer():
-    from epkern.ll_intranode import min_num_rdma_bytes
+def _ll_buffer(_tuning=None):
+    from epkern.gpu.ll.layout import min_num_rdma_bytes
 
-    return F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(NUM_MAX, H, E), low_latency_mode=True)
+    return F.fake_buffer(
+        num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(NUM_MAX, H, E), low_latency_mode=True, _tuning=_tuning
+    )
 
 
 def _ll_pairs(buf, launches, n, use_fp8=False, hook=False):
@@ -192,9 +195,8 @@ def _same(a, b):
 
 @pytest.mark.parametrize("use_fp8,hook", [(False, False), (True, False), (False, True)])
 def test_ll_replay_launches_what_the_full_path_launches(fake, monkeypatch, use_fp8, hook):
-    """With EPKERN_LL_FAST_HOST=1 the first pair takes the full path and the next ones replay it: every
+    """The first pair takes the full path and the next ones replay it: every
     replayed launch equals the full path's launch of the same call, argument for argument."""
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     calls = _ll_pairs(buf, fake, 4, use_fp8, hook)
     assert buf._backend.ll.replays == 2 * 3  # every call after the first pair
@@ -205,17 +207,15 @@ def test_ll_replay_launches_what_the_full_path_launches(fake, monkeypatch, use_f
         for a, b in zip(launches, want, strict=True):
             _same(a, b)
     if hook:  # the hook's receive counts back to its own call
-        assert [int(launch[5][2]) for launch in first_dispatch] == [1, 2] and int(first_dispatch[1][5][3]) == 0
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "0")
-    slow = _ll_buffer()
+        assert [F.addr(launch[5][2]) for launch in first_dispatch] == [1, 2] and int(first_dispatch[1][5][3]) == 0
+    slow = _ll_buffer(_tuning=Tuning(ll=LLTuning(replay=False)))
     _ll_pairs(slow, fake, 2, use_fp8, hook)
-    assert slow._ll_replays == 0 and len(slow._ll_plans) == 0
+    assert slow._backend.ll.replays == 0 and len(slow._backend.ll.plans) == 0
 
 
 def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     import cupy
 
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
@@ -287,15 +287,15 @@ def test_ht_fp8_dispatch_and_combine_with_biases(fake):
     )
     disp = F.real_launches(fake)[-1]
     assert disp[2]["EPK_ROW_BYTES"] == H and disp[2]["EPK_SCALE_COLS"] == H // 128
-    assert int(disp[5][5]) == scales.data.ptr and int(disp[5][12]) == recv_scales.data.ptr
+    assert F.addr(disp[5][5]) == scales.data.ptr and F.addr(disp[5][12]) == recv_scales.data.ptr
     assert recv8.shape == (T, H) and recv_scales.shape == (T, H // 128)
     y = cupy.asarray(np.zeros((T, H), BF16))  # outside the shared region: combine stages it first
     b0, b1 = cupy.asarray(np.zeros((T, H), BF16)), cupy.asarray(np.zeros((T, H), BF16))
     before = len(fake)
     buf.combine(y, handle, topk_weights=recv_w, bias=(b0, b1))
     comb = F.real_launches(fake[before:])[-1]
-    assert comb[1] == "epk_ht_combine" and int(comb[5][7]) == b0.data.ptr and int(comb[5][8]) == b1.data.ptr
-    staged = int(comb[5][4])  # y is outside the shared region: the kernel reads a staged copy inside it
+    assert comb[1] == "epk_ht_combine" and F.addr(comb[5][7]) == b0.data.ptr and F.addr(comb[5][8]) == b1.data.ptr
+    staged = F.addr(comb[5][4])  # y is outside the shared region: the kernel reads a staged copy inside it
     assert staged != y.data.ptr and buf._backend.rt.region.ptr <= staged < buf._backend.rt.region.ptr + buf._backend.rt.region.nbytes
     with pytest.raises(ArgumentError, match=r"bias\[1\]"):
         buf.combine(y, handle, topk_weights=recv_w, bias=(b0, cupy.asarray(np.zeros((T, H + 8), BF16))))
@@ -308,7 +308,6 @@ def test_ll_replays_go_onto_the_callers_stream_only_while_it_follows_all_buffer_
     stream current) sends the next call back through the comm stream, which first waits for the direct launch."""
     import cupy
 
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
     caller, comm = cupy.cuda.get_current_stream(), buf._backend.rt.comm_stream
@@ -339,7 +338,6 @@ def test_ll_replays_go_onto_the_callers_stream_only_while_it_follows_all_buffer_
 def test_prepared_ll_calls_replay_what_the_validated_calls_launch(fake, monkeypatch, hook):
     """prepare_low_latency_dispatch / _combine: the first call is the validated call, later ones replay its
     launch (argument for argument); a reshaped input or a cleaned buffer sends the next call the validated way."""
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
     dispatch = buf.prepare_low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, return_recv_hook=hook, **outs)
@@ -389,7 +387,6 @@ def test_prepared_ll_calls_on_the_cpu_backend_are_the_calls():
 def test_ll_double_batch_alternation_keeps_replaying(fake, monkeypatch):
     """Two sets of arrays used in turn (a double-batch loop) keep four plans, so every call after the first
     pair of each set replays."""
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     batches = [_ll_setup(), _ll_setup()]
     for _ in range(3):
@@ -404,7 +401,6 @@ def test_ll_zero_copy_combine_replays_per_set(fake, monkeypatch):
     """A zero-copy combine reads the buffer of the set it runs in: one plan per set, each replay launched with
     its own set's buffer (the one get_next_low_latency_combine_buffer returned just before). An extra dispatch
     now and then moves the combine to the other set."""
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
     seen = []
@@ -417,7 +413,7 @@ def test_ll_zero_copy_combine_replays_per_set(fake, monkeypatch):
         before = len(fake)
         assert buf.low_latency_combine(zbuf, idx, w, handle, out=out, zero_copy=True)[0] is out
         (launch,) = F.real_launches(fake[before:])
-        assert int(launch[5][4]) == zbuf.data.ptr, f"combine {i} read another buffer than get_next gave"
+        assert F.addr(launch[5][4]) == zbuf.data.ptr, f"combine {i} read another buffer than get_next gave"
         seen.append((parity, zbuf.data.ptr))
     assert [p for p, _ in seen] == [0, 1, 1, 0, 0, 1]
     assert len({ptr for _, ptr in seen}) == 2 and len({(p, ptr) for p, ptr in seen}) == 2
@@ -427,7 +423,6 @@ def test_ll_zero_copy_combine_replays_per_set(fake, monkeypatch):
 
 
 def test_prepared_zero_copy_combine_keeps_a_plan_per_set(fake, monkeypatch):
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
     handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
@@ -440,7 +435,7 @@ def test_prepared_zero_copy_combine_keeps_a_plan_per_set(fake, monkeypatch):
         before = len(fake)
         assert combine()[0] is out
         (launch,) = F.real_launches(fake[before:])
-        assert int(launch[5][4]) == want, f"prepared combine {i} read another set's buffer"
+        assert F.addr(launch[5][4]) == want, f"prepared combine {i} read another set's buffer"
     assert buf._backend.ll.replays == 8 + 4  # dispatches after the first, combines after the first of each set
     buf.destroy()
 
@@ -452,11 +447,11 @@ def test_a_kernel_that_never_ends_raises_instead_of_hanging(fake, monkeypatch):
 
     import cupy
 
-    from epkern import gpu_buffer
     from epkern.errors import EpkernError
     from epkern.errors import TimeoutError as EpTimeout
+    from epkern.gpu import runtime
 
-    monkeypatch.setattr(gpu_buffer, "HOST_MARGIN_S", 0.05)
+    monkeypatch.setattr(runtime, "HOST_MARGIN_S", 0.05)
     buf = F.fake_buffer(timeout_s=0.05)
     stream = cupy.cuda.Stream()
     buf._backend.rt.sync_bounded(stream, "a phase")  # done: returns at once
@@ -480,16 +475,16 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
     direct kernel is launched with), one plan per set; out_* with it, and a combine whose x lies where that
     combine receives, are refused before any launch."""
     from epkern.errors import ArgumentError
-    from epkern.ll_intranode import _plan, direct_recv_layout
+    from epkern.gpu.ll.layout import direct_recv_layout
 
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", "1")
     buf = _ll_buffer()
     x, idx, w, outs, y, out = _ll_setup()
     before = len(fake)
     with pytest.raises(ArgumentError, match="out_count: not with zero_copy_recv"):
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, out_count=outs["out_count"], zero_copy_recv=True)
     assert not F.real_launches(fake[before:])
-    lay, stride = _plan(buf, NUM_MAX, H, E)
+    st = buf._backend.ll.size_state(NUM_MAX, H, E)
+    lay, stride = st.layout, st.stride
     d = direct_recv_layout(lay, 1)
     got = []
     for _ in range(5):
@@ -499,7 +494,7 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
         recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, zero_copy_recv=True)
         (launch,) = F.real_launches(fake[before:])
         assert dict(launch[2])["EPK_LL_DIRECT"] == 1
-        assert recv.data.ptr == base + d.x_off and int(launch[5][15]) == recv.data.ptr
+        assert recv.data.ptr == base + d.x_off and F.addr(launch[5][15]) == recv.data.ptr
         assert handle.src_info.data.ptr == base + d.src_off and handle.layout_range.data.ptr == base + d.layout_off
         assert count.data.ptr == base + d.count_off and recv.shape == (E, NUM_MAX, H)
         got.append((parity, recv))

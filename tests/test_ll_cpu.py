@@ -1,19 +1,20 @@
-"""CPU checks of the LL GPU path's pure-Python parts: the LL area layout against the size hint, the device
-state constants against kernels/ll_common.cuh, argument validation that needs no GPU, the handle, and a
-numpy model of the kernels' protocol (slot order, block packing, combine addressing) against the reference."""
+"""CPU checks of the LL GPU path's pure-Python parts: the LL area layout against the size hint, the constants
+Python takes from kernels/epk_constants.cuh, argument validation that needs no GPU, the handle, and a numpy model
+of the kernels' protocol (slot order, block packing, combine addressing) against the reference."""
 
-import re
 import types
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from epkern import gpu_buffer, ll_intranode, reference
+from epkern import kernel_constants, reference
 from epkern.errors import ArgumentError
+from epkern.gpu import runtime
+from epkern.gpu.ll import layout as L
+from epkern.gpu.ll.dispatch import check_common
+from epkern.gpu.ll.engine import GpuLLHandle, LLEngine
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 BF16 = ml_dtypes.bfloat16
 
 
@@ -21,10 +22,10 @@ BF16 = ml_dtypes.bfloat16
 @pytest.mark.parametrize("hidden", [128, 256, 384, 512, 2048, 4096, 7168, 8192])
 @pytest.mark.parametrize("num_experts", [1, 2, 3, 8, 64, 256, 288, 8192])
 def test_layout_fits_size_hint(num_max, hidden, num_experts):
-    lay = ll_intranode.ll_layout(num_max, hidden, num_experts)
+    lay = L.ll_layout(num_max, hidden, num_experts)
     hint = reference.get_low_latency_rdma_size_hint(num_max, hidden, 1, num_experts)
-    assert ll_intranode.min_num_rdma_bytes(num_max, hidden, num_experts) <= hint
-    stride = ll_intranode.set_stride_of(ll_intranode.ll_area_bytes(hint, True))
+    assert L.min_num_rdma_bytes(num_max, hidden, num_experts) <= hint
+    stride = L.set_stride_of(L.ll_area_bytes(hint, True))
     assert lay.per_set <= stride, (lay, stride)
     for off in (lay.signal_bytes, lay.send_off, lay.recv_off, lay.per_set, stride):
         assert off % 16 == 0
@@ -39,89 +40,60 @@ def test_layout_fits_size_hint(num_max, hidden, num_experts):
 
 
 def test_area_only_when_asked():
-    assert ll_intranode.ll_area_bytes(0, False) == 0
-    assert ll_intranode.ll_area_bytes(0, True) == 0
-    assert ll_intranode.ll_area_bytes(1000, False) == 1024
-    assert ll_intranode.set_stride_of(1024) == 512
+    assert L.ll_area_bytes(0, False) == 0
+    assert L.ll_area_bytes(0, True) == 0
+    assert L.ll_area_bytes(1000, False) == 1024
+    assert L.set_stride_of(1024) == 512
 
 
-def _header_constants():
-    text = (KERNELS / "ll_common.cuh").read_text()
-    consts = {}
-    for name, expr in re.findall(r"constexpr int (k\w+) = ([^;]+);", text):
-        for prev, value in sorted(consts.items(), key=lambda kv: -len(kv[0])):
-            expr = re.sub(rf"\b{prev}\b", str(value), expr)
-        expr = expr.split("//")[0]
-        if re.fullmatch(r"[\d\s+*()<-]+", expr):
-            consts[name] = eval(expr)  # noqa: S307 - integer arithmetic from our own header
-    return consts
+def test_every_error_phase_of_the_kernels_has_a_description():
+    """Each EPK_ERR_PHASE_* of the header is named by the runtime (HT) or the LL layout (LL), and the LL phases the
+    Buffer survives are the LL ones that say so."""
+    c = kernel_constants.values()
+    phases = {v for k, v in c.items() if k.startswith("EPK_ERR_PHASE_")}
+    assert phases == set(runtime.PHASES) | set(L.LL_PHASES) and not set(runtime.PHASES) & set(L.LL_PHASES)
+    assert L.LL_TIMEOUT_PHASES == {c["EPK_ERR_PHASE_LL_DISPATCH_RECV"], c["EPK_ERR_PHASE_LL_COMBINE_RECV"]}
+    assert L.LL_BAD_INDEX_PHASE == c["EPK_ERR_PHASE_LL_BAD_INDEX"]
+    assert L.STATE_WORDS == c["EPK_STATE_WORDS"] and L.STATE_MASK == c["EPK_STATE_MASK"]
+    assert runtime.CTRL_BYTES == c["EPK_CTRL_BYTES"] == 1 << 17
 
 
-def test_state_and_phase_constants_match_the_kernels():
-    c = _header_constants()
-    assert c["kMaxRanks"] == ll_intranode.STATE_MAX_RANKS
-    assert c["kMaxExperts"] == ll_intranode.MAX_EXPERTS
-    for py, cu in (
-        ("STATE_COUNTER", "kStateCounter"),
-        ("STATE_TICKET", "kStateTicket"),
-        ("STATE_MASK", "kStateMask"),
-        ("STATE_ROUTE", "kStateRoute"),
-        ("STATE_SLOT", "kStateSlot"),
-        ("STATE_DONE", "kStateDone"),
-        ("STATE_PAIR", "kStatePair"),
-        ("STATE_WORDS", "kStateWords"),
-    ):
-        assert getattr(ll_intranode, py) == c[cu], py
-    from epkern import ll_layout
-
-    assert ll_layout.STATE_SENT == c["kStateSent"] and ll_layout.STATE_SEEN_MASK == c["kStateSeenMask"]
-    assert ll_layout.SEEN_BLOCKS == c["kSeenBlocks"] and 2 + 4 * ll_layout.SEEN_BLOCKS <= ll_layout.STATE_MASK
-    phases = {v for k, v in c.items() if k.startswith("kPhase")}
-    assert phases == set(ll_intranode.LL_PHASES)
-    assert c["kPhaseDispatchRecv"] in ll_intranode.LL_TIMEOUT_PHASES
-    assert c["kPhaseCombineRecv"] in ll_intranode.LL_TIMEOUT_PHASES
-    assert c["kPhaseBadIndex"] == ll_intranode.LL_BAD_INDEX_PHASE
-    assert c["kSend"] == ll_intranode.PHASE_SEND and c["kRecv"] == ll_intranode.PHASE_RECV
-    for p, text in ll_intranode.LL_PHASES.items():
-        assert gpu_buffer.PHASES[p] == text
-    assert set(range(1, 7)) <= set(gpu_buffer.PHASES)  # the HT phases are still there
-    route = (KERNELS / "ll_route.cuh").read_text()
-    assert "kRouteIpc = 1" in route and ll_intranode.ROUTE_IPC == 1
+def _engine(num_ranks=4, num_rdma_bytes=0, low_latency_mode=True):
+    ll_bytes = L.ll_area_bytes(num_rdma_bytes, low_latency_mode)
+    rt = types.SimpleNamespace(num_ranks=num_ranks, ll_bytes=ll_bytes)
+    eng = LLEngine.__new__(LLEngine)  # the size checks only: no device state
+    eng.rt, eng.sizes = rt, {}
+    return eng
 
 
-def _fake(num_ranks=4, num_rdma_bytes=0, low_latency_mode=True):
-    ll_bytes = ll_intranode.ll_area_bytes(num_rdma_bytes, low_latency_mode)
-    return types.SimpleNamespace(num_ranks=num_ranks, num_rdma_bytes=num_rdma_bytes, ll_bytes=ll_bytes)
-
-
-def test_plan_names_num_rdma_bytes():
+def test_size_state_names_num_rdma_bytes():
     hint = reference.get_low_latency_rdma_size_hint(128, 7168, 4, 32)
-    lay, stride = ll_intranode._plan(_fake(num_rdma_bytes=hint), 128, 7168, 32)
-    assert lay.per_set <= stride
+    st = _engine(num_rdma_bytes=hint).size_state(128, 7168, 32)
+    assert st.layout.per_set <= st.stride and not st.agreed
     with pytest.raises(ArgumentError, match=rf"num_rdma_bytes: .*{hint}"):
-        ll_intranode._plan(_fake(num_rdma_bytes=hint // 2), 128, 7168, 32)
+        _engine(num_rdma_bytes=hint // 2).size_state(128, 7168, 32)
     with pytest.raises(ArgumentError, match="num_rdma_bytes: .*low_latency_mode"):
-        ll_intranode._plan(_fake(num_rdma_bytes=0), 128, 7168, 32)
+        _engine(num_rdma_bytes=0).size_state(128, 7168, 32)
 
 
 def test_common_checks():
-    f = _fake()
-    assert ll_intranode._check_common(f, 1024, 8) == (1024, 8)
+    f = _engine()
+    assert check_common(f, 1024, 8) == (1024, 8)
     with pytest.raises(ArgumentError, match="num_max_dispatch_tokens_per_rank"):
-        ll_intranode._check_common(f, 1025, 8)
+        check_common(f, 1025, 8)
     with pytest.raises(ArgumentError, match="num_max_dispatch_tokens_per_rank"):
-        ll_intranode._check_common(f, 0, 8)
+        check_common(f, 0, 8)
     with pytest.raises(ArgumentError, match="num_experts"):
-        ll_intranode._check_common(f, 8, 6)
+        check_common(f, 8, 6)
     with pytest.raises(ArgumentError, match="num_experts"):
-        ll_intranode._check_common(f, 8, 8196)
+        check_common(f, 8, 8196)
     with pytest.raises(ArgumentError, match="group"):
-        ll_intranode._check_common(_fake(num_ranks=64), 8, 64)
+        check_common(_engine(num_ranks=64), 8, 64)
 
 
 def test_handle_unpacks_like_deepep():
-    lay = ll_intranode.ll_layout(8, 128, 4)
-    h = ll_intranode.GpuLLHandle("src", "range", 8, 128, 4, lay)
+    lay = L.ll_layout(8, 128, 4)
+    h = GpuLLHandle("src", "range", 8, 128, 4, lay)
     assert tuple(h) == ("src", "range", 8, 128, 4) and len(h) == 5 and h[1] == "range"
 
 

@@ -17,14 +17,21 @@ H = 2048
 NUM_MAX = 128
 
 
-def _run(num_ranks, body, timeout_s=300, buffer_timeout_s=20, num_max=NUM_MAX, hidden=H, num_experts=None):
+def _run(
+    num_ranks, body, timeout_s=300, buffer_timeout_s=20, num_max=NUM_MAX, hidden=H, num_experts=None, tuning=None
+):
     E = num_experts or 8 * num_ranks
     nbytes = ll_scenarios.ll_buffer_bytes(num_max, hidden, num_ranks, E)
 
     def rank_main(group):
         ll_scenarios.warm_harness_kernels()
         with Buffer(
-            group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=buffer_timeout_s
+            group,
+            num_rdma_bytes=nbytes,
+            low_latency_mode=True,
+            backend="gpu",
+            timeout_s=buffer_timeout_s,
+            _tuning=tuning,
         ) as buf:
             return body(buf, group)
 
@@ -35,20 +42,6 @@ def _run(num_ranks, body, timeout_s=300, buffer_timeout_s=20, num_max=NUM_MAX, h
 @pytest.mark.parametrize("routing", ["random", "skewed", "none"])
 def test_bf16_routings(num_ranks, routing):
     _run(num_ranks, lambda buf, g: ll_scenarios.run_ll_case(buf, g, 100, H, 8 * num_ranks, 4, routing=routing))
-
-
-@pytest.mark.parametrize("split", [2, 8])
-def test_combine_split_exact(monkeypatch, split):
-    """EPKERN_LL_COMBINE_SPLIT: several warps per token in the combine's reduction, same sums (few tokens, so
-    the split is taken: a rank's kernel has far more warps than 20 tokens)."""
-    monkeypatch.setenv("EPKERN_LL_COMBINE_SPLIT", str(split))
-
-    def body(buf, g):
-        assert buf._ll_combine_split == split
-        ll_scenarios.run_ll_case(buf, g, 20, H, 32, 4)
-        ll_scenarios.run_ll_case(buf, g, 100, H, 32, 8, hook=True)
-
-    _run(4, body)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
@@ -116,17 +109,30 @@ def test_every_flag_combination():
         for f in _flag_sets():
             ll_scenarios.run_ll_case(buf, g, 90, H, 32, 8, **f)
 
-    _run(4, body, timeout_s=900)
+    _run(num_ranks, body, timeout_s=900)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 8])
+def test_push_paths_exact(num_ranks):
+    """The push protocol (senders put every row into the owners' slots), which routes other than IPC will use:
+    forced through the private tuning object, every flag set exact."""
+    from epkern.gpu.tuning import LLTuning, Tuning
+
+    def body(buf, g):
+        assert buf._backend.ll.combine_pull == 0 and buf._backend.ll.dispatch_pull == 0
+        for f in _flag_sets():
+            ll_scenarios.run_ll_case(buf, g, 90, H, 8 * num_ranks, 8, **f)
+
+    _run(num_ranks, body, timeout_s=900, tuning=Tuning(ll=LLTuning(dispatch_pull=False, combine_pull=False)))
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_pulled_zero_copy_combine(monkeypatch, num_ranks):
-    """EPKERN_LL_COMBINE_PULL=1: zero-copy combines read the expert outputs from the owners' buffers; every flag
-    set with zero_copy (hooks, FP8 dispatch, preallocated outputs, async), exact."""
-    monkeypatch.setenv("EPKERN_LL_COMBINE_PULL", "1")
+def test_pulled_zero_copy_combine(num_ranks):
+    """IPC peers pull: zero-copy combines read the expert outputs from the owners' buffers; every flag set with
+    zero_copy (hooks, FP8 dispatch, preallocated outputs, async), exact."""
 
     def body(buf, g):
-        assert buf._ll_combine_pull == 1
+        assert buf._backend.ll.combine_pull == 1 and buf._backend.ll.dispatch_pull == 1
         for f in _flag_sets():
             if f["zero_copy"]:
                 ll_scenarios.run_ll_case(buf, g, 90, H, 8 * num_ranks, 8, **f)
@@ -233,34 +239,20 @@ def test_cuda_graph_fp8_dispatch():
     _run(2, lambda buf, g: ll_scenarios.run_graph_replays(buf, g, 20, use_fp8=True))
 
 
-@pytest.mark.parametrize(
-    "mode,use_fp8,zero_copy",
-    [
-        ("1", False, 0),
-        ("1", True, 0),
-        ("2", False, 0),
-        ("2", True, 0),
-        ("3", False, 0),
-        ("3", True, 0),
-        ("3", False, 1),
-    ],
-)
-def test_fast_host_replays_repeat_calls_exactly(monkeypatch, mode, use_fp8, zero_copy):
-    """EPKERN_LL_FAST_HOST=1 (CuPy launch) / 2 (cuLaunchKernel, arguments packed once) / 3 (a captured
-    one-kernel graph): 50 eager dispatch + combine pairs on the same arrays with fresh contents; every call
-    after the first replays its plan straight onto the caller's stream (checked), every result exact. Zero-copy:
-    the combine reads get_next_low_latency_combine_buffer's set (in a loop of pairs always the even one)."""
-    monkeypatch.setenv("EPKERN_LL_FAST_HOST", mode)
+@pytest.mark.parametrize("use_fp8,zero_copy", [(False, 0), (True, 0), (False, 1)])
+def test_replays_repeat_calls_exactly(use_fp8, zero_copy):
+    """50 eager dispatch + combine pairs on the same arrays with fresh contents; every call after the first
+    replays its plan straight onto the caller's stream as its captured one-kernel graph (checked), every result
+    exact. Zero-copy: the combine reads get_next_low_latency_combine_buffer's set (in a loop of pairs always the
+    even one)."""
 
     def body(buf, g):
-        assert buf._ll_fast_host == int(mode)
+        eng = buf._backend.ll
         ll_scenarios.run_graph_replays(buf, g, 50, use_fp8=use_fp8, graph=False, zero_copy=bool(zero_copy))
-        assert len(buf._backend.ll.plans) == 2, "the dispatch and the combine were not kept as plans"
-        replays = 2 * 50
-        assert buf._backend.ll.replays == replays, f"{buf._backend.ll.replays} of 100 calls replayed a plan, expected {replays}"
-        assert buf._backend.ll.direct == buf._backend.ll.replays, f"{buf._backend.ll.direct} replays went onto the caller's stream"
-        if mode == "3":
-            assert all(len(p.graphs) == 1 for p in buf._backend.ll.plans._plans.values()), "no captured launch kept"
+        assert len(eng.plans) == 2, "the dispatch and the combine were not kept as plans"
+        assert eng.replays == 2 * 50, f"{eng.replays} of 100 calls replayed a plan"
+        assert eng.direct == eng.replays, f"{eng.direct} replays went onto the caller's stream"
+        assert all(len(p.graphs) == 1 for p in eng.plans._plans.values()), "no captured launch kept"
 
     _run(4, body)
 

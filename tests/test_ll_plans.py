@@ -1,5 +1,5 @@
-"""ll_plans (EPKERN_LL_FAST_HOST): the plan cache and the replay launcher's argument order, on the CPU. The
-replayed calls themselves run only on a GPU (tests/test_ll_gpu.py with EPKERN_LL_FAST_HOST=1)."""
+"""epkern.gpu.ll.plans: the plan cache and the replay launcher's argument order, on the CPU. The replayed calls
+themselves run on a GPU (tests/test_ll_gpu.py) and over the fake CuPy (tests/test_gpu_host_paths_cpu.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import types
 
 import numpy as np
 
-from epkern import ll_plans
+from epkern.gpu.ll import plans as ll_plans
 
 
 def _plan(tag, shapes=((4, 8),)):
@@ -35,28 +35,39 @@ def test_keeps_the_last_two_and_refreshes_on_hit():
     assert len(plans) == 0
 
 
-def test_launcher_passes_the_kernels_argument_order(monkeypatch):
-    import fake_cupy
+def test_launcher_sets_phase_and_back_in_the_described_order(monkeypatch):
+    """The replay launcher lays the validated call's packed arguments out once and changes only phase and back
+    (at the places epkern.gpu.kernels.LL_DISPATCH names) on each launch, on the comm stream unless told."""
+    from epkern.gpu import kernels as KS
 
-    calls = []
+    made = []
 
-    def fake_get_function(source, name, defines):
-        calls.append(("lookup", source, name, dict(defines)))
-        return lambda grid, block, args: calls.append(("launch", grid, block, args))
+    class Recorder:
+        def __init__(self, function_ptr, grid, block, args):
+            self.ptr, self.grid, self.block, self.args, self.launched = function_ptr, grid, block, list(args), []
+            made.append(self)
 
-    from epkern import kernel_loader
+        def set(self, i, value):
+            self.args[i] = np.int32(value)
 
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy._module()[0])
-    monkeypatch.setattr(kernel_loader, "get_function", fake_get_function)
-    buf = types.SimpleNamespace(rank=3, device=0)  # no _launch_cache: the launcher looks the kernel up
-    rest = (np.uintp(1234), np.int32(7))
-    launch = ll_plans.launcher(buf, "ll_dispatch.cu", "epk_ll_dispatch", {"EPK_TOPK": 8}, 16, 512, rest)
+        def launch(self, stream_ptr):
+            self.launched.append((stream_ptr, tuple(int(a) for a in self.args)))
+
+    monkeypatch.setattr(ll_plans, "DriverLaunch", Recorder)
+    func = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=0xF00))
+    rt = types.SimpleNamespace(
+        device=0, comm_stream=types.SimpleNamespace(ptr=0xC0), kernel=lambda spec, defines: [func, True]
+    )
+    monkeypatch.setitem(sys.modules, "cupy", __import__("fake_cupy")._module()[0])
+    args = KS.LL_DISPATCH.pack(**{n: i + 1 for i, (n, _) in enumerate(KS.LL_DISPATCH.args)})
+    launch = ll_plans.launcher(rt, KS.LL_DISPATCH, {}, 16, 512, args)
     launch(1, 0)
-    launch(2, 1)
-    lookups = [c for c in calls if c[0] == "lookup"]
-    assert len(lookups) == 1 and lookups[0][3]["EPK_TOPK"] == 8 and "EPK_CTRL_BYTES" in lookups[0][3]
-    launches = [c for c in calls if c[0] == "launch"]
-    assert [c[1:3] for c in launches] == [((16,), (512,))] * 2
-    # (dry_run = 0, rank, phase, back, *rest): GpuBuffer._launch's order
-    assert [tuple(int(v) for v in c[3]) for c in launches] == [(0, 3, 1, 0, 1234, 7), (0, 3, 2, 1, 1234, 7)]
-    assert all(isinstance(c[3][i], np.int32) for c in launches for i in range(4))
+    launch(2, 5, 0xCA11)
+    (rec,) = made
+    assert rec.ptr == 0xF00 and (rec.grid, rec.block) == (16, 512)
+    want = [int(a) for a in args]
+    i_phase, i_back = KS.LL_DISPATCH.index("phase"), KS.LL_DISPATCH.index("back")
+    first, second = list(want), list(want)
+    first[i_phase], first[i_back] = 1, 0
+    second[i_phase], second[i_back] = 2, 5
+    assert rec.launched == [(0xC0, tuple(first)), (0xCA11, tuple(second))]

@@ -1,6 +1,7 @@
 """The device RDMA writers and proxy FIFO producer, without a GPU.
 
-1. ``rdma_selftest.cu`` (with ``mlx5_wqe.cuh`` and ``proxy_fifo.cuh``) compiles to an sm_90 cubin with NVRTC.
+1. ``tests/kernels/rdma_selftest.cu`` (with the library's ``mlx5_wqe.cuh`` and ``proxy_fifo.cuh``) compiles to an
+   sm_90 cubin with NVRTC.
 2. The headers' portable parts (WQE bytes, doorbell values, the FIFO push protocol on C++ atomics) are built with
    the host C++ compiler and run here: WQEs must equal the Python encoder's bytes, and C++ producer threads must
    drive the Python proxy service exactly. The device-only parts (PTX ordering, warp aggregation, doorbell
@@ -26,11 +27,14 @@ from epkern.nic import fifo as F
 from epkern.nic import wqe as W
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+SELFTEST = Path(__file__).resolve().parent / "kernels" / "rdma_selftest.cu"
 
 
 def test_selftest_compiles_to_sm90_cubin():
-    cubin = kernel_loader.compile_cubin("rdma_selftest.cu", {}, arch="sm_90")
+    cubin = kernel_loader.compile_cubin(SELFTEST, {}, arch="sm_90")
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000
+    names = {p.name for p in kernel_loader.included_files(SELFTEST)}
+    assert {"mlx5_wqe.cuh", "proxy_fifo.cuh", "epk_common.cuh"} <= names
 
 
 def test_headers_compile_alone():

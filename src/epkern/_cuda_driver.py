@@ -6,8 +6,8 @@ raises :class:`DriverError`, named by ``cuGetErrorName``. The prototypes in :dat
 enum values below are those of ``cuda.h`` (tests/test_vmm_layout.py compiles them against it).
 
 - Kernel launches (``cuLaunchKernel``): :class:`DriverLaunch` packs a kernel's arguments once (:func:`pack`) and
-  relaunches them with one ctypes call. CuPy's launch converts every argument on every call (about 20 for the LL
-  kernels), which was most of what a replayed LL call cost on the host (``EPKERN_LL_FAST_HOST=2``).
+  relaunches them with one ctypes call (replayed LL calls, epkern.gpu.ll.plans). CuPy's launch converts every
+  argument on every call (about 20 for the LL kernels), which was most of what a replayed LL call cost on the host.
 - Virtual memory management (``cuMemCreate`` / ``cuMemMap`` / ...; epkern.memory.vmm): physical allocations
   exported and imported as POSIX file descriptors, mapped read-write.
 - Address queries and dma-buf export for the mlx5 NIC (epkern.nic.mlx5).
@@ -165,22 +165,25 @@ def pack(args) -> list:
 
 class DriverLaunch:
     """One kernel's launch (``cuLaunchKernel``) with its arguments packed once; ``launch(stream_ptr)`` after
-    ``set(i, value)`` for the arguments that change. Holds the arrays it was given (their memory stays alive)."""
+    ``set(i, value)`` for the arguments that change. Holds the arrays it was given (their memory stays alive).
+
+    Every argument of the call is a ctypes value built here, so a launch converts none (1.1 µs of host time for
+    two set() and a launch, against 1.7 µs with Python ints; docs/_driver_notes.md). One thread at a time."""
 
     def __init__(self, function_ptr: int, grid: int, block: int, args: tuple):
         self._keep = args
         self._values = pack(args)
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
-        self._function = ctypes.c_void_p(function_ptr)
-        self._grid, self._block = int(grid), int(block)
+        self._stream = ctypes.c_void_p()
+        dims = [ctypes.c_uint(int(d)) for d in (grid, 1, 1, block, 1, 1)]
+        self._call = (ctypes.c_void_p(function_ptr), *dims, ctypes.c_uint(0), self._stream, self._params, None)
 
     def set(self, i: int, value: int) -> None:
         self._values[i].value = value
 
     def launch(self, stream_ptr: int) -> None:
-        status = (_lib or library()).cuLaunchKernel(
-            self._function, self._grid, 1, 1, self._block, 1, 1, 0, ctypes.c_void_p(stream_ptr), self._params, None
-        )
+        self._stream.value = stream_ptr
+        status = (_lib or library()).cuLaunchKernel(*self._call)
         if status != 0:
             check(status, "cuLaunchKernel")
 

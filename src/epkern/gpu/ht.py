@@ -9,7 +9,7 @@ reference's order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class HtEngine:
         # SMs per HT kernel: 24 on a GPU of its own (DeepEP-like; the rest stays for compute); ranks sharing a GPU
         # (MPS processes or in-process ranks standing in for several GPUs) each take their share of all of it.
         self.num_sms = min(24, rt.sm_share) if rt.ranks_per_gpu == 1 else rt.sm_share
+
+    def retune(self, **changes) -> None:
+        """Benchmarks only: the same Buffer with other HtTuning fields (e.g. ``probe=1``)."""
+        self.tuning = replace(self.tuning, **changes)
 
     def set_num_sms(self, num_sms: int) -> None:
         self.num_sms = check_int(num_sms, "num_sms", min_value=1, max_value=self.rt.sm_share)

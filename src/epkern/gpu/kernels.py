@@ -12,15 +12,28 @@ from dataclasses import dataclass
 import numpy as np
 
 I32, I64, U64, PTR = "i32", "i64", "u64", "ptr"
-_SCALAR = {I32: np.int32, I64: np.int64, U64: np.uint64}
+_NULL = np.uintp(0)
 
 
-def _pointer(value) -> np.uintp:
+def _pointer(value):
+    """A pointer argument: a device array stays itself (CuPy and the driver launch pass its address), an integer
+    address becomes a 64-bit scalar, None the null pointer."""
     if value is None:
-        return np.uintp(0)
+        return _NULL
     if isinstance(value, int | np.integer):
         return np.uintp(value)
-    return np.uintp(value.data.ptr)
+    return value
+
+
+def _packer(name: str, args: tuple):
+    """pack(**arguments) for one kernel, as generated code: Python's own argument binding names a missing or
+    unknown argument, and a call costs one conversion per argument (this runs on every validated launch)."""
+    conv = {I32: "_i32", I64: "_i64", U64: "_u64", PTR: "_ptr"}
+    params = ", ".join(n for n, _ in args)
+    body = ", ".join(f"{conv[k]}({n})" for n, k in args)
+    namespace = {"_i32": np.int32, "_i64": np.int64, "_u64": np.uint64, "_ptr": _pointer}
+    exec(f"def pack_{name}(*, {params}):\n    return ({body},)\n", namespace)  # noqa: S102 - our own names
+    return namespace[f"pack_{name}"]
 
 
 @dataclass(frozen=True)
@@ -30,25 +43,22 @@ class KernelSpec:
     params: tuple[str, ...]  # -D defines, all required
     args: tuple[tuple[str, str], ...]  # (name as in the C signature, kind)
 
+    def __post_init__(self):
+        object.__setattr__(self, "pack", _packer(self.name, self.args))
+        object.__setattr__(self, "_index", {n: i for i, (n, _) in enumerate(self.args)})
+
     def defines(self, **values) -> dict:
         """The defines of one specialisation, in the spec's order (a fixed order keys the launch cache)."""
-        if set(values) != set(self.params):
+        if len(values) != len(self.params) or not all(p in values for p in self.params):
             missing, extra = set(self.params) - set(values), set(values) - set(self.params)
             raise TypeError(f"{self.name}: defines missing {sorted(missing)}, unknown {sorted(extra)}")
         return {p: values[p] for p in self.params}
 
-    def pack(self, **values) -> tuple:
-        """Arguments in signature order: scalars as numpy scalars of their C type, pointers (device arrays,
-        integer addresses or None) as 64-bit addresses. Every argument must be named."""
-        if len(values) != len(self.args):
-            names = {n for n, _ in self.args}
-            raise TypeError(
-                f"{self.name}: arguments missing {sorted(names - set(values))}, unknown {sorted(set(values) - names)}"
-            )
-        return tuple(_pointer(values[n]) if k == PTR else _SCALAR[k](values[n]) for n, k in self.args)
+    # pack(**arguments) -> tuple: the arguments in signature order, scalars as numpy scalars of their C type,
+    # pointers as device arrays or 64-bit addresses (see _pointer); set per spec in __post_init__.
 
     def index(self, arg: str) -> int:
-        return [n for n, _ in self.args].index(arg)
+        return self._index[arg]
 
 
 def _args(*names_kinds: str) -> tuple[tuple[str, str], ...]:
