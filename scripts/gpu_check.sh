@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|pollab|llab|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
-# LLBENCH_TIMEOUT (llmpsbench), POLL_VARIANTS ("relaxed:sleep_ns ...", pollab),
-# LLAB_VARIANTS ("VAR=v,VAR2=w ..." or "-" for the defaults, llab), LLAB_EXTRA (bench_ll.py options, e.g. --zero-copy),
-# HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
-# its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file), REPRO_VARIANTS (absentrepro),
+# LLBENCH_TIMEOUT (llmpsbench), LLBENCH_EXTRA (bench_ll.py options, e.g. --zero-copy), HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
+# its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
 # PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
 # Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
 # variant ~9 s, bench_ht at 4096 tokens ~6 s, rdma tests 3 s, the in-process LL tests 2-3 min.
@@ -20,7 +18,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export EPKERN_CACHE_DIR="${EPKERN_CACHE_DIR:-/tmp/epkern-cache}"
 MPIRUN=(mpiexec --allow-run-as-root -x PYTHONPATH -x PYTHONUNBUFFERED -x EPKERN_CACHE_DIR -x CUDA_MPS_PIPE_DIRECTORY)
-# Every other EPKERN_* variable set here (experiments such as EPKERN_LL_FAST_HOST=1) reaches the ranks too.
+# Every other EPKERN_* variable set here (EPKERN_TIMEOUT_S, EPKERN_IPC, ...) reaches the ranks too.
 for v in $(compgen -e | grep '^EPKERN_' | grep -v '^EPKERN_CACHE_DIR$'); do MPIRUN+=(-x "$v"); done
 what=("$@")
 [ ${#what[@]} -eq 0 ] && what=(all)
@@ -28,7 +26,7 @@ summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench pollab llab htsweep patternmps; do has "$w" && return 0; done
+  for w in mps mpsraw bench llmpsbench htsweep patternmps; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -63,33 +61,6 @@ if has llmpsbench; then
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
 fi
-# One LL A/B variant, 8 MPS ranks, BF16, 128 tokens, validated exactly before timing: $1 = summary label, $2 = log
-# name, $3 = comma-separated EPKERN_* assignments ("-" = the defaults).
-ll_ab() {
-  local label=$1 log="$OUT/$2.log" v=$3 assigns=() xs=() a
-  if [ "$v" != - ]; then
-    IFS=, read -ra assigns <<<"$v"
-    for a in "${assigns[@]}"; do xs+=(-x "${a%%=*}"); done
-  fi
-  env "${assigns[@]}" timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" "${xs[@]}" -n 8 python3 bench/bench_ll.py \
-    --tokens 128 --iters 10 --calls 50 ${LLAB_EXTRA:-} --json "$OUT/$2.json" >"$log" 2>&1
-  local rc=$?
-  summary+=("$label rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "$log" | awk '{printf "%s %s us; ", $2, $3}')")
-}
-if has pollab; then
-  # The polling designs (docs/environment.md): each variant is EPKERN_LL_POLL_RELAXED:EPKERN_LL_POLL_SLEEP_NS.
-  for v in ${POLL_VARIANTS:-1:200 1:0 0:200 1:1000}; do
-    IFS=: read -r relaxed sleep_ns <<<"$v"
-    ll_ab "pollab $v" "bench_ll_exp_${relaxed}_${sleep_ns}" "EPKERN_LL_POLL_RELAXED=$relaxed,EPKERN_LL_POLL_SLEEP_NS=$sleep_ns"
-  done
-fi
-if has llab; then
-  # LL A/B over EPKERN_* settings: each variant is comma-separated assignments
-  # ("EPKERN_LL_FAST_HOST=1,EPKERN_LL_COMBINE_SPLIT=2"); "-" = the defaults.
-  for v in ${LLAB_VARIANTS:-- EPKERN_LL_FAST_HOST=1 EPKERN_LL_FAST_HOST=2 EPKERN_LL_COMBINE_SPLIT=2 EPKERN_LL_COMBINE_SPLIT=4}; do
-    ll_ab "llab $v" "bench_ll_ab_$(echo "$v" | tr ',=' '_-')" "$v"
-  done
-fi
 if has htsweep; then
   # HT launch shapes, 8 MPS ranks, 4096 tokens, BF16: each variant threads:blocks_per_sm:dunroll:cunroll:loads_first.
   # HTSWEEP_NP: the rank counts ("8", or "2 4 8"): 4096 tokens per rank each.
@@ -117,20 +88,11 @@ if mps_steps; then
 fi
 if has absentrepro; then
   # The reproducer of the absent-rank failure (docs/architecture.md, Known problems): another LL test first in the
-  # same process; it failed as the first run of every fresh H200 machine tried (4 of 4), never on later runs.
-  # Runs before the other in-process tests (cold kernel caches of its own); no MPS step should come first.
-  # REPRO_VARIANTS: one run each, in order, each with a cold kernel cache of its own: comma-separated EPKERN_*
-  # assignments, "-" = the defaults. Every run keeps the count-signal diagnostics (EPKERN_LL_DIAG=1).
-  i=0
-  for v in ${REPRO_VARIANTS:-- - EPKERN_REUSE_DIRECT_REGIONS=1}; do
-    i=$((i + 1))
-    log="$OUT/absent_repro_$i.log"
-    assigns=(EPKERN_LL_DIAG=1)
-    [ "$v" != - ] && IFS=, read -ra more <<<"$v" && assigns+=("${more[@]}")
-    env "${assigns[@]}" EPKERN_CACHE_DIR="/tmp/epkern-cache-repro-$i" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q \
-      -p no:cacheprovider -rfE -m "gpu and not mpi" tests/test_ll_gpu.py -k "zero_tokens or absent" >"$log" 2>&1
-    summary+=("absent repro $i ($v) rc=$?: $(tail -1 "$log")")
-  done
+  # same process, with a cold kernel cache of its own; runs before the other in-process tests.
+  log="$OUT/absent_repro.log"
+  EPKERN_CACHE_DIR="/tmp/epkern-cache-repro" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q \
+    -p no:cacheprovider -rfE -m "gpu and not mpi" tests/test_ll_gpu.py -k "zero_tokens or absent" >"$log" 2>&1
+  summary+=("absent repro rc=$?: $(tail -1 "$log")")
 fi
 if has tests; then
   for f in ${TEST_FILES:-tests/test_rdma_gpu.py tests/test_layout_gpu.py tests/test_ll_gpu.py tests/test_ht_gpu.py tests/test_nic_device_ranks.py}; do
@@ -145,7 +107,7 @@ if has tests; then
 fi
 if has absentloop; then
   # The flaky in-process absent-rank LL test (docs/architecture.md, Known problems): ABSENT_RUNS runs, each with
-  # a cold kernel cache (the failures were seen on fresh machines only); the logs keep the DIAG dumps.
+  # a cold kernel cache (the failures were seen on fresh machines only); the logs keep the signal dumps.
   for i in $(seq 1 "${ABSENT_RUNS:-4}"); do
     log="$OUT/absent_run_$i.log"
     EPKERN_CACHE_DIR="/tmp/epkern-cache-absent-$i" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \

@@ -28,6 +28,8 @@ def _bad_calls(group):
     idx = np.argsort(rng.random((10, 8)), axis=1)[:, :2].astype(np.int64)
     errors = []
     with Buffer(group, backend="cpu") as buf:
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 8)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
         for call, match in (
             (lambda: buf.get_dispatch_layout(idx, 7), "num_experts"),
             (lambda: buf.get_dispatch_layout(idx.astype(np.float32), 8), "topk_idx"),
@@ -36,7 +38,7 @@ def _bad_calls(group):
                 lambda: buf.dispatch(x.astype(np.float32), topk_idx=idx, num_tokens_per_expert=np.zeros(8, np.int32)),
                 "x",
             ),
-            (lambda: buf.dispatch(x, topk_idx=idx[:5], num_tokens_per_expert=np.zeros(8, np.int32)), "topk_idx"),
+            (lambda: buf.dispatch(x, topk_idx=idx[:5], **layout), "topk_idx"),
             (lambda: buf.low_latency_dispatch(x, idx, 5, 8), "num_max_dispatch_tokens_per_rank"),
             (lambda: buf.low_latency_dispatch(x, idx, 16, 8, use_ue8m0=True), "use_ue8m0"),
         ):

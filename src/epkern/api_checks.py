@@ -123,3 +123,93 @@ def scales_out(arr, name, dtype, shape, device=None, convert=None):
             f"empty(({shape[0]}, {shape[2]}, {shape[1]})).transpose(0, 2, 1) (strides {arr.strides})"
         )
     return arr
+
+
+# ---- added for the CPU backend; each mirrors the GPU side's check and message (named in its docstring) ----
+
+
+def stream_args(previous_event, async_finish, allocate_on_comm_stream) -> None:
+    """DeepEP's stream arguments, checked as gpu/runtime.py ``Runtime.begin`` checks them."""
+    from .events import EventHandle
+
+    if allocate_on_comm_stream and (previous_event is None or not async_finish):
+        raise ArgumentError(
+            "allocate_on_comm_stream: True needs previous_event and async_finish=True (as in DeepEP): "
+            "outputs owned by the comm stream are only safe to use after waiting on the returned event"
+        )
+    if previous_event is not None and not isinstance(previous_event, EventHandle):
+        raise ArgumentError("previous_event: expected an EventHandle returned by this library")
+
+
+def config(cfg) -> None:
+    """An HT call's ``config``: None or an ``epkern.Config`` (gpu/ht.py ``HtEngine.grid``)."""
+    from .config import Config
+
+    if cfg is not None and not isinstance(cfg, Config):
+        raise ArgumentError(f"config: expected an epkern.Config, got {type(cfg).__name__}")
+
+
+def layout_topk_idx(arr, num_experts, num_ranks: int) -> int:
+    """``get_dispatch_layout``'s arguments as dispatch_layout.py checks them (int64 or int32 [T, K], top-k and
+    expert limits of the layout kernel). Returns num_experts."""
+    from . import dispatch_layout as DL
+    from ._validate import check_num_experts
+
+    num_experts = check_num_experts(num_experts, num_ranks)
+    if num_experts > DL.MAX_EXPERTS:
+        raise ArgumentError(f"num_experts: expected at most {DL.MAX_EXPERTS}, got {num_experts}")
+    check_array(arr, "topk_idx", dtypes=(np.int64, np.int32), ndim=2)
+    num_tokens, topk = arr.shape
+    if not 1 <= topk <= DL.MAX_TOPK:
+        raise ArgumentError(f"topk_idx: expected 1..{DL.MAX_TOPK} columns (top-k), got shape {arr.shape}")
+    if num_tokens >= 2**31 // max(topk, num_ranks):
+        raise ArgumentError(f"topk_idx: too many tokens ({num_tokens})")
+    return num_experts
+
+
+def topk_values(arr, name: str, num_experts: int) -> None:
+    """Every entry of a host ``topk_idx`` in [-1, num_experts) (the text of the GPU layout kernel's report)."""
+    bad = int(np.count_nonzero((arr < -1) | (arr >= num_experts)))
+    if bad:
+        raise ArgumentError(f"{name}: expected entries in [-1, {num_experts}), found {bad} outside that range")
+
+
+def ll_sizes(num_max, num_experts, num_ranks: int) -> tuple[int, int]:
+    """(num_max, num_experts) of an LL call within the LL kernels' limits (gpu/ll/dispatch.py ``check_common``,
+    less its rank limit: the number of ranks is a property of the backend, not an argument)."""
+    from . import kernel_constants as K
+    from ._validate import check_num_experts
+
+    num_max = check_int(num_max, "num_max_dispatch_tokens_per_rank", min_value=1,
+                        max_value=K.get("EPK_LL_MAX_NUM_MAX"))  # fmt: skip
+    num_experts = check_num_experts(num_experts, num_ranks)
+    max_experts = K.get("EPK_LL_MAX_EXPERTS")
+    if num_experts > max_experts:
+        raise ArgumentError(f"num_experts: expected at most {max_experts}, got {num_experts}")
+    return num_max, num_experts
+
+
+def ll_max_topk() -> int:
+    """Top-k limit of the LL calls (kernels/epk_constants.cuh)."""
+    from . import kernel_constants as K
+
+    return K.get("EPK_LL_MAX_TOPK")
+
+
+def ll_area(num_rdma_bytes: int, low_latency_mode: bool, num_max: int, hidden: int, num_experts: int,
+            num_ranks: int) -> None:  # fmt: skip
+    """The Buffer's LL area (``num_rdma_bytes``) holds both buffer sets of LL calls of these sizes
+    (gpu/ll/engine.py ``LLEngine.size_state``: the same rule and message)."""
+    from .gpu.ll.layout import ll_area_bytes, ll_layout, set_stride_of
+    from .reference import get_low_latency_rdma_size_hint
+
+    ll_bytes = ll_area_bytes(num_rdma_bytes, low_latency_mode)
+    lay = ll_layout(num_max, hidden, num_experts)
+    if lay.per_set > set_stride_of(ll_bytes):
+        hint = get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
+        why = "" if ll_bytes else " (the Buffer has no LL area: pass num_rdma_bytes, low_latency_mode=True)"
+        raise ArgumentError(
+            f"num_rdma_bytes: expected at least {2 * lay.per_set} bytes for num_max_dispatch_tokens_per_rank="
+            f"{num_max}, hidden={hidden}, num_experts={num_experts} (get_low_latency_rdma_size_hint gives "
+            f"{hint}), got {ll_bytes}{why}"
+        )

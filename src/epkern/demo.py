@@ -46,7 +46,8 @@ def _rank_main(group, args, backend):
     # The GPU backend has no LL kernels yet (issue #4): it runs the HT part only.
     with_ll = backend == "cpu"
     times = {"dispatch": [], "combine": [], "ll_dispatch": [], "ll_combine": []}
-    with Buffer(group, backend=backend) as buf:
+    ll_bytes = Buffer.get_low_latency_rdma_size_hint(t, h, group.size, e) if with_ll else 0
+    with Buffer(group, num_rdma_bytes=ll_bytes, backend=backend) as buf:
         for _ in range(args.iters):
             t0 = time.perf_counter()
             per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, e)
