@@ -170,7 +170,6 @@ def main(argv=None):
             EPK_UNROLL=unroll,
             EPK_STORE_CS=cs,
             EPK_LOADS_FIRST=first,
-            EPK_CTRL_BYTES=1 << 17,
         )
 
     fill = kernel_loader.get_function(KERNEL, "epk_bench_scatter", defines_of(512, 4, 0, 0))

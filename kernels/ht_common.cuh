@@ -7,10 +7,6 @@
 // Flags hold the epoch of the call that wrote them, so nothing is ever reset.
 #pragma once
 #include "epk_common.cuh"
-
-#ifdef EPK_CTRL_BYTES  // a define would replace the constant's name in epk_constants.cuh
-#error "EPK_CTRL_BYTES is a constant of epk_constants.cuh, not a define"
-#endif
 #include "epk_constants.cuh"
 
 namespace epk {

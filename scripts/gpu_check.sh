@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -26,7 +26,7 @@ summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench htsweep patternmps; do has "$w" && return 0; done
+  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -59,6 +59,22 @@ if has llmpsbench; then
     fp8=""; [ "$variant" = fp8 ] && fp8=--fp8
     timeout "${LLBENCH_TIMEOUT:-280}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 ${LLBENCH_EXTRA:-} \
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
+  done
+fi
+if has abbench; then
+  # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,
+  # HT at 4096 tokens and LL at 128 tokens (BF16), base and this tree alternately AB_ROUNDS times, same machine.
+  for round in $(seq 1 "${AB_ROUNDS:-2}"); do
+    for side in base new; do
+      dir=$PWD; [ "$side" = base ] && dir=$(cd "${AB_BASE:-.base}" && pwd)
+      log="$OUT/ab_${side}_${round}"
+      (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 \
+        --iters 10 --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
+      summary+=("ab $side $round ht rc=$?: $(grep -E '^ +4096 +(dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|cached_dispatch_host|combine_host) ' "${log}_ht.log" | awk '{printf "%s %s; ", $2, $3}')")
+      (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 \
+        --iters 10 --calls 50 --json "${log}_ll.json" >"${log}_ll.log" 2>&1)
+      summary+=("ab $side $round ll rc=$?: $(grep -o 'validated=[A-Za-z]*' "${log}_ll.log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "${log}_ll.log" | awk '{printf "%s %s; ", $2, $3}')")
+    done
   done
 fi
 if has htsweep; then

@@ -15,7 +15,7 @@ import sysconfig
 import pytest
 
 from epkern import _verbs_cffi as verbs
-from epkern._verbs_cffi import _cdef, _verbs
+from epkern._verbs_cffi import _cdef, _library
 from epkern.errors import EpkernError
 
 HEADERS = ("/usr/include/infiniband/verbs.h", "/usr/include/infiniband/mlx5dv.h")
@@ -23,7 +23,7 @@ HEADERS = ("/usr/include/infiniband/verbs.h", "/usr/include/infiniband/mlx5dv.h"
 
 def test_import_loads_nothing():
     code = (
-        "import epkern, epkern._verbs_cffi as v, epkern._verbs_cffi._verbs as m; "
+        "import epkern, epkern._verbs_cffi as v, epkern._verbs_cffi._library as m; "
         "assert m._ffi is None and m._libs == {}, (m._ffi, m._libs); print('ok')"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -67,8 +67,8 @@ def test_device_list_and_rdma_available():
 
 def test_missing_library_is_explained(monkeypatch):
     verbs.get_ffi()
-    monkeypatch.setattr(_verbs, "LIBIBVERBS", "libepkern-does-not-exist.so.1")
-    monkeypatch.setattr(_verbs, "_libs", {})
+    monkeypatch.setattr(_library, "LIBIBVERBS", "libepkern-does-not-exist.so.1")
+    monkeypatch.setattr(_library, "_libs", {})
     with pytest.raises(verbs.RdmaUnavailableError, match="libepkern-does-not-exist.so.1 could not be loaded") as e:
         verbs.device_list()
     assert isinstance(e.value, EpkernError)

@@ -461,9 +461,9 @@ class CpuBackend:
         self._ll_area(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         return self._combine_buffer(handle)
 
-    def clean_low_latency_buffer(self, num_max, hidden, num_experts) -> None:
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
         self._usable()
-        num_max, num_experts = api_checks.ll_sizes(num_max, num_experts, self.num_ranks)
+        num_max, num_experts = api_checks.ll_sizes(num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks)
         hidden = api_checks.ll_hidden(hidden)
         self._ll_area(num_max, hidden, num_experts)
         self.group.barrier()  # collective, as on the GPU; masks stay (as on the GPU)

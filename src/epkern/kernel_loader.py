@@ -173,11 +173,23 @@ def device_arch(device_id: int | None = None) -> str:
     return f"sm_{dev.compute_capability}"
 
 
+def _constant_names() -> set[str]:
+    """The names of epk_constants.cuh (empty when the kernels folder has none, as a test's folder may not)."""
+    from . import kernel_constants
+
+    if not kernel_constants.header_path().is_file():
+        return set()
+    return set(kernel_constants.values())
+
+
 def _define_flags(defines: Mapping[str, object]) -> list[str]:
     flags = []
+    constants = _constant_names() if defines else set()
     for name, value in sorted(defines.items()):
         if not name.isidentifier():
             raise KernelCompileError(f"bad define name {name!r}")
+        if name in constants:  # the macro would replace the constant's name in the header
+            raise KernelCompileError(f"{name} is a constant of epk_constants.cuh (kernel_constants), not a define")
         flags.append(f"-D{name}" if value is None else f"-D{name}={value}")
     return flags
 
