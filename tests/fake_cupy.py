@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
-import os
 import sys
 import threading
 import types
@@ -387,8 +386,9 @@ def installed(monkeypatch=None, emulate=None):
                 setattr(target, name, old)
 
 
-def fake_buffer(num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True, timeout_s=None,
-                _tuning=None):  # fmt: skip
+def fake_buffer(
+    num_nvl_bytes=1 << 24, num_rdma_bytes=0, low_latency_mode=False, processes=True, timeout_s=None, _tuning=None
+):
     """A real GPU Buffer of one rank over the fakes (call inside :func:`installed`). ``processes``: outputs
     come from the shared heap, as for MPS processes (a one-rank group is otherwise in-process)."""
     import epkern

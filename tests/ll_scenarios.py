@@ -156,9 +156,19 @@ def ll_buffer_bytes(num_max, hidden, num_ranks, num_experts):
 
 
 def group_reference(
-    seed, R, num_tokens, hidden, num_experts, topk, num_max, routing="random", use_fp8=False, round_scale=False,
-    use_ue8m0=False, absent=()
-):  # fmt: skip
+    seed,
+    R,
+    num_tokens,
+    hidden,
+    num_experts,
+    topk,
+    num_max,
+    routing="random",
+    use_fp8=False,
+    round_scale=False,
+    use_ue8m0=False,
+    absent=(),
+):
     """Every rank's inputs and the whole group's reference: (xs, idxs, ws, dispatch results, combined x of
     each rank for the expert outputs of ``expert_outputs_for``), computed once per process (shared_reference)."""
 
@@ -320,7 +330,7 @@ def direct_dump(buf, num_max, hidden, num_experts, layout_range, want):
     import cupy
 
     st = buf._backend.ll.size_state(num_max, hidden, num_experts)
-    lay, stride = st.layout, st.stride
+    stride = st.stride
     fills = []
     for p in range(2):
         words = np.empty(num_experts // buf.num_ranks, np.int32)
@@ -399,9 +409,19 @@ def run_graph_replays(
         # (seen on the H200: "cannot capture on the default (legacy) stream" in tests/ll_mpi_worker.py).
         with cupy.cuda.Stream(non_blocking=True):
             return run_graph_replays(
-                buf, group, replays, num_tokens, hidden, topk, num_max, use_fp8, graph, prepared, zero_copy,
+                buf,
+                group,
+                replays,
+                num_tokens,
+                hidden,
+                topk,
+                num_max,
+                use_fp8,
+                graph,
+                prepared,
+                zero_copy,
                 zero_copy_recv,
-            )  # fmt: skip
+            )
     r, R = group.rank, group.size
     E = 8 * R
     e_loc, rows = E // R, R * num_max
@@ -450,8 +470,13 @@ def run_graph_replays(
         if zero_copy_recv:
             stream = cupy.cuda.get_current_stream()
             data, scales = (recv_x[0], recv_x[1].transpose(0, 2, 1)) if use_fp8 else (recv_x, None)
-            views = dict(out_x=data, out_scales=scales, out_src_info=handle.src_info,
-                         out_layout_range=handle.layout_range, out_count=count)  # fmt: skip
+            views = dict(
+                out_x=data,
+                out_scales=scales,
+                out_src_info=handle.src_info,
+                out_layout_range=handle.layout_range,
+                out_count=count,
+            )
             for k, dst in snap.items():
                 src = views[k]
                 cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, dst.nbytes, 3, stream.ptr)
@@ -628,7 +653,9 @@ def run_absent_rank(buf, group, absent_rank, num_tokens=48, hidden=2048, topk=4,
     # docs/architecture.md, Known problems). No device dump here: a device-wide sync in one in-process rank
     # would wait for the peers' kernels that already spin for this rank's next call.
     rec = [int(v) for v in buf._backend.rt.error_record[:7]]
-    print(f"DIAG rank {r} after masking (took {took:.2f} s): sends={buf._backend.ll.sends} error_record={rec}", flush=True)
+    print(
+        f"DIAG rank {r} after masking (took {took:.2f} s): sends={buf._backend.ll.sends} error_record={rec}", flush=True
+    )
     # Raised once: the Buffer works on, exactly, without the absent rank (its experts contribute nothing).
     # The survivors meet through the device protocol only (no group collective: the absent rank is gone).
     for it in range(3):
@@ -655,7 +682,9 @@ def ll_signal_dump(buf, num_experts):
     sets = []
     for p in range(2):
         words = np.empty(num_experts, np.int32)
-        cupy.cuda.runtime.memcpy(words.ctypes.data, buf._backend.rt.region.ptr + buf._backend.rt.ll_offset + p * stride, 4 * num_experts, 2)
+        cupy.cuda.runtime.memcpy(
+            words.ctypes.data, buf._backend.rt.region.ptr + buf._backend.rt.ll_offset + p * stride, 4 * num_experts, 2
+        )
         sets.append(f"tags={(words >> 11).tolist()} counts={(words & 0x7FF).tolist()}")
     # The host's view too: sending calls issued, calls replayed, and the error record (claimed, code, rank,
     # phase, peer, seen, expected) - a record still claimed here was never raised.
@@ -671,6 +700,4 @@ def ll_signal_dump(buf, num_experts):
     # Where this rank's kernels send to (peer table + ll_off) and where it reads its own area.
     peers = [hex(int(v)) for v in cupy.asnumpy(buf._backend.rt.peer_table).ravel()[: buf.num_ranks]]
     counters += f" peers={peers} ll_offset={buf._backend.rt.ll_offset} region={hex(buf._backend.rt.region.ptr)}"
-    return (
-        f"counter,ticket={st} mask={mask} {host} {counters} set0 {sets[0]} set1 {sets[1]}"
-    )
+    return f"counter,ticket={st} mask={mask} {host} {counters} set0 {sets[0]} set1 {sets[1]}"

@@ -296,7 +296,10 @@ def test_ht_fp8_dispatch_and_combine_with_biases(fake):
     comb = F.real_launches(fake[before:])[-1]
     assert comb[1] == "epk_ht_combine" and F.addr(comb[5][7]) == b0.data.ptr and F.addr(comb[5][8]) == b1.data.ptr
     staged = F.addr(comb[5][4])  # y is outside the shared region: the kernel reads a staged copy inside it
-    assert staged != y.data.ptr and buf._backend.rt.region.ptr <= staged < buf._backend.rt.region.ptr + buf._backend.rt.region.nbytes
+    assert (
+        staged != y.data.ptr
+        and buf._backend.rt.region.ptr <= staged < buf._backend.rt.region.ptr + buf._backend.rt.region.nbytes
+    )
     with pytest.raises(ArgumentError, match=r"bias\[1\]"):
         buf.combine(y, handle, topk_weights=recv_w, bias=(b0, cupy.asarray(np.zeros((T, H + 8), BF16))))
     buf.destroy()
@@ -393,7 +396,9 @@ def test_ll_double_batch_alternation_keeps_replaying(fake, monkeypatch):
         for x, idx, w, outs, y, out in batches:
             handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
             buf.low_latency_combine(y, idx, w, handle, out=out)
-    assert len(buf._backend.ll.plans) == 4 and buf._backend.ll.replays == 2 * 2 * 2  # rounds 2 and 3, both batches, both ops
+    assert (
+        len(buf._backend.ll.plans) == 4 and buf._backend.ll.replays == 2 * 2 * 2
+    )  # rounds 2 and 3, both batches, both ops
     buf.destroy()
 
 

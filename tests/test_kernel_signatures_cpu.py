@@ -56,12 +56,30 @@ def test_description_matches_the_c_signature(spec):
 def test_every_define_is_required_and_described(spec):
     """The kernel compiles with exactly the described defines, and without any one of them it does not."""
     sample = {
-        "EPK_IDX_T": "int64_t", "EPK_THREADS": 512, "EPK_NUM_RANKS": 2, "EPK_NUM_EXPERTS": 16, "EPK_NUM_NODES": 0,
-        "EPK_TOPK": 4, "EPK_NUM_LOCAL_EXPERTS": 8, "EPK_ROW_BYTES": 2048, "EPK_SCALE_COLS": 0, "EPK_WITH_META": 1,
-        "EPK_MIN_BLOCKS": 1, "EPK_PROBE": 0, "EPK_UNROLL": 1, "EPK_HIDDEN": 1024, "EPK_HAS_WEIGHTS": 1,
-        "EPK_LOADS_FIRST": 1, "EPK_USE_FP8": 0, "EPK_ROUND_SCALE": 0, "EPK_USE_UE8M0": 0, "EPK_LL_PULL": 1,
-        "EPK_LL_DIRECT": 0, "EPK_POLL_SLEEP_NS": 0, "EPK_LL_COMBINE_PULL": 1,
-    }  # fmt: skip
+        "EPK_IDX_T": "int64_t",
+        "EPK_THREADS": 512,
+        "EPK_NUM_RANKS": 2,
+        "EPK_NUM_EXPERTS": 16,
+        "EPK_NUM_NODES": 0,
+        "EPK_TOPK": 4,
+        "EPK_NUM_LOCAL_EXPERTS": 8,
+        "EPK_ROW_BYTES": 2048,
+        "EPK_SCALE_COLS": 0,
+        "EPK_WITH_META": 1,
+        "EPK_MIN_BLOCKS": 1,
+        "EPK_PROBE": 0,
+        "EPK_UNROLL": 1,
+        "EPK_HIDDEN": 1024,
+        "EPK_HAS_WEIGHTS": 1,
+        "EPK_LOADS_FIRST": 1,
+        "EPK_USE_FP8": 0,
+        "EPK_ROUND_SCALE": 0,
+        "EPK_USE_UE8M0": 0,
+        "EPK_LL_PULL": 1,
+        "EPK_LL_DIRECT": 0,
+        "EPK_POLL_SLEEP_NS": 0,
+        "EPK_LL_COMBINE_PULL": 1,
+    }
     defines = {p: sample[p] for p in spec.params}
     kernel_loader.compile_cubin(spec.source, defines, arch="sm_90")
     dropped = spec.params[-1]

@@ -27,6 +27,8 @@ from epkern.nic import Access, EmulatedNic, FifoProducer, PeerRoute, ProxyError,
 from epkern.nic import mlx5 as M
 from epkern.nic import wqe as W
 from epkern.nic.emulated import NicError
+from epkern.nic.mlx5_cuda import CudaCalls
+from epkern.nic.mlx5_host_io import CpuFences
 
 RDMA_OK, RDMA_WHY = V.rdma_available()
 ALL = int(Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_ATOMIC)
@@ -283,7 +285,7 @@ def test_cuda_glue_answers_through_the_driver_binding_and_raises_nic_errors(monk
             return 0
 
     monkeypatch.setattr(_cuda_driver, "_lib", Driver())
-    cuda = object.__new__(M._Cuda)  # without CuPy's runtime (the one call needing it is stood in for)
+    cuda = object.__new__(CudaCalls)  # without CuPy's runtime (the one call needing it is stood in for)
     cuda.rt = types.SimpleNamespace(pointerGetAttributes=lambda ptr: None)
     assert cuda.device_pointer(0x1000) == 0x1000 + (1 << 48)
     with pytest.raises(NicError, match=r"cuMemGetAddressRange failed: CUDA_ERROR_INVALID_VALUE .*0x2000"):
@@ -291,10 +293,10 @@ def test_cuda_glue_answers_through_the_driver_binding_and_raises_nic_errors(monk
 
 
 def test_cpu_fences_run():
-    f = M._Fences.get()
+    f = CpuFences.get()
     f.sfence()
     f.lfence()
-    assert M._Fences.get() is f
+    assert CpuFences.get() is f
 
 
 # --- the fake _verbs_cffi layer: an emulated NIC plays the hardware --------------------------------------------------

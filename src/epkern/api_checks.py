@@ -180,8 +180,7 @@ def ll_sizes(num_max, num_experts, num_ranks: int) -> tuple[int, int]:
     from . import kernel_constants as K
     from ._validate import check_num_experts
 
-    num_max = check_int(num_max, "num_max_dispatch_tokens_per_rank", min_value=1,
-                        max_value=K.get("EPK_LL_MAX_NUM_MAX"))  # fmt: skip
+    num_max = check_int(num_max, "num_max_dispatch_tokens_per_rank", min_value=1, max_value=K.get("EPK_LL_MAX_NUM_MAX"))
     num_experts = check_num_experts(num_experts, num_ranks)
     max_experts = K.get("EPK_LL_MAX_EXPERTS")
     if num_experts > max_experts:
@@ -196,8 +195,9 @@ def ll_max_topk() -> int:
     return K.get("EPK_LL_MAX_TOPK")
 
 
-def ll_area(num_rdma_bytes: int, low_latency_mode: bool, num_max: int, hidden: int, num_experts: int,
-            num_ranks: int) -> None:  # fmt: skip
+def ll_area(
+    num_rdma_bytes: int, low_latency_mode: bool, num_max: int, hidden: int, num_experts: int, num_ranks: int
+) -> None:
     """The Buffer's LL area (``num_rdma_bytes``) holds both buffer sets of LL calls of these sizes
     (gpu/ll/engine.py ``LLEngine.size_state``: the same rule and message)."""
     from .gpu.ll.layout import ll_area_bytes, ll_layout, set_stride_of

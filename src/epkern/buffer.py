@@ -116,9 +116,14 @@ class Buffer:
                 raise ArgumentError(f"_tuning: expected an epkern.gpu.tuning.Tuning, got {type(_tuning).__name__}")
         choice = resolve_backend(backend)
         options = BufferOptions(
-            num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank, float(timeout_s),
-            _env.poison_outputs(), _tuning,
-        )  # fmt: skip
+            num_nvl_bytes,
+            num_rdma_bytes,
+            low_latency_mode,
+            num_qps_per_rank,
+            float(timeout_s),
+            _env.poison_outputs(),
+            _tuning,
+        )
         group = as_group(comm if group is None else group)
         if choice == "cpu":
             from .cpu_backend import CpuBackend
@@ -166,15 +171,18 @@ class Buffer:
         return self._backend.get_config()
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:  # fmt: skip
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
         """Bytes of ``num_rdma_bytes`` that low-latency calls of these sizes need (both buffer sets)."""
-        return reference.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
-                                                        num_experts)  # fmt: skip
+        return reference.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )
 
     # ---- high throughput ----
-    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
-                            allocate_on_comm_stream=False):  # fmt: skip
+    def get_dispatch_layout(
+        self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
+    ):
         """Count what a dispatch of ``topk_idx`` sends.
 
         Args:
@@ -184,13 +192,27 @@ class Buffer:
             ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] or None,
             num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event)``.
         """
-        return self._backend.get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish,
-                                                 allocate_on_comm_stream)  # fmt: skip
+        return self._backend.get_dispatch_layout(
+            topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
+        )
 
-    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
-                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
-                 expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
-                 async_finish=False, allocate_on_comm_stream=False):  # fmt: skip
+    def dispatch(
+        self,
+        x,
+        handle=None,
+        num_tokens_per_rank=None,
+        num_tokens_per_rdma_rank=None,
+        is_token_in_rank=None,
+        num_tokens_per_expert=None,
+        topk_idx=None,
+        topk_weights=None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config=None,
+        previous_event=None,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    ):
         """High-throughput dispatch: every token goes once to each rank holding one of its experts.
 
         Args:
@@ -209,13 +231,34 @@ class Buffer:
             a cached dispatch returns ``(recv_x, None, None, None, handle, event)``. FP8 ``recv_x`` is the pair
             (uint8 e4m3 bytes, float32 scales) on both backends.
         """
-        return self._backend.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                                      num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                                      num_worst_tokens, config, previous_event, async_finish,
-                                      allocate_on_comm_stream)  # fmt: skip
+        return self._backend.dispatch(
+            x,
+            handle,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
-    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False,
-                allocate_on_comm_stream=False):  # fmt: skip
+    def combine(
+        self,
+        x,
+        handle,
+        topk_weights=None,
+        bias=None,
+        config=None,
+        previous_event=None,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    ):
         """High-throughput combine: each received row goes back to its source, where they are summed in float32
         (bias 0, bias 1, then ranks in ascending order) and rounded to BF16.
 
@@ -225,15 +268,31 @@ class Buffer:
         Returns:
             ``(combined_x BF16 [T, H], combined_topk_weights float32 [T, K] or None, event)``.
         """
-        return self._backend.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                     allocate_on_comm_stream)  # fmt: skip
+        return self._backend.combine(
+            x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
+        )
 
     # ---- low latency ----
-    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
-                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
-                             return_recv_hook=False, out_x=None, out_scales=None, out_src_info=None,
-                             out_layout_range=None, out_count=None, zero_copy_recv=False):  # fmt: skip
+    def low_latency_dispatch(
+        self,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        cumulative_local_expert_recv_stats=None,
+        dispatch_wait_recv_cost_stats=None,
+        use_fp8=True,
+        round_scale=False,
+        use_ue8m0=False,
+        async_finish=False,
+        return_recv_hook=False,
+        out_x=None,
+        out_scales=None,
+        out_src_info=None,
+        out_layout_range=None,
+        out_count=None,
+        zero_copy_recv=False,
+    ):
         """Low-latency dispatch; returns ``(recv_x, recv_count, handle, event, hook)``.
 
         ``x``: BF16 [T, H], T <= num_max_dispatch_tokens_per_rank, H a multiple of 128. ``topk_idx``: int64 [T, K].
@@ -250,14 +309,38 @@ class Buffer:
         sender writes its rows once; read them with work enqueued before the next LL call. Not with ``out_*``.
         """
         return self._backend.low_latency_dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
-            dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, out_x,
-            out_scales, out_src_info, out_layout_range, out_count, zero_copy_recv,
-        )  # fmt: skip
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+            out_x,
+            out_scales,
+            out_src_info,
+            out_layout_range,
+            out_count,
+            zero_copy_recv,
+        )
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
-                            async_finish=False, return_recv_hook=False, out=None,
-                            combine_wait_recv_cost_stats=None):  # fmt: skip
+    def low_latency_combine(
+        self,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt=False,
+        zero_copy=False,
+        async_finish=False,
+        return_recv_hook=False,
+        out=None,
+        combine_wait_recv_cost_stats=None,
+    ):
         """Low-latency combine; returns ``(combined_x BF16 [T, H], event, hook)``.
 
         ``x``: BF16 [E_loc, R·num_max, H], rows as received. ``topk_idx`` int64 [T, K] and ``topk_weights``
@@ -265,9 +348,18 @@ class Buffer:
         ``get_next_low_latency_combine_buffer(handle)`` (``x`` is checked but not read). ``out``: preallocated
         BF16 [T, H]. Tokens whose expert lives on a masked rank get nothing from that expert.
         """
-        return self._backend.low_latency_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
-                                                 async_finish, return_recv_hook, out,
-                                                 combine_wait_recv_cost_stats)  # fmt: skip
+        return self._backend.low_latency_combine(
+            x,
+            topk_idx,
+            topk_weights,
+            handle,
+            use_logfmt,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
+            combine_wait_recv_cost_stats,
+        )
 
     def get_next_low_latency_combine_buffer(self, handle):
         """Where to write the expert outputs for ``low_latency_combine(..., zero_copy=True)``: BF16

@@ -147,7 +147,6 @@ class CpuBackend:
         self.options = options
         nodes = group.node_of_rank
         self._rank_to_node = nodes if len(set(nodes)) > 1 else None
-        self._num_nodes = len(set(nodes))
         self.num_sms = DEFAULT_NUM_SMS
         self._closed = False
         self._mask = np.zeros(self.num_ranks, np.int32)  # 1 where this rank masked a peer
@@ -223,10 +222,14 @@ class CpuBackend:
             recv = reference.ht_cached_dispatch(self._gather(ref_x), handle.handles)[self.rank]
             return _fp8_out(recv), None, None, None, handle, EventHandle()
 
-        for name, arr in (("topk_idx", topk_idx), ("num_tokens_per_rank", num_tokens_per_rank),
-                          ("is_token_in_rank", is_token_in_rank), ("num_tokens_per_expert", num_tokens_per_expert)):
+        for name, arr in (
+            ("topk_idx", topk_idx),
+            ("num_tokens_per_rank", num_tokens_per_rank),
+            ("is_token_in_rank", is_token_in_rank),
+            ("num_tokens_per_expert", num_tokens_per_expert),
+        ):
             if arr is None:
-                raise ArgumentError(f"{name}: required unless a cached handle is given")  # fmt: skip
+                raise ArgumentError(f"{name}: required unless a cached handle is given")
         topk_idx = api_checks.topk_idx(_host(topk_idx, "topk_idx"), "topk_idx", T, api_checks.HT_MAX_TOPK)
         topk = topk_idx.shape[1]
         if topk_weights is not None:

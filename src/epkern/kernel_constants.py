@@ -1,6 +1,6 @@
 """Constants shared with the kernels, read from their one definition: ``kernels/epk_constants.cuh``.
 
-The header is parsed once, at the first access, from :func:`epkern.kernel_loader.kernel_dir`. Its form is
+The header is parsed once, at the first access, from :func:`epkern.kernel_files.kernel_dir`. Its form is
 deliberately trivial (``constexpr int EPK_NAME = <expression>;``, expressions of integers, ``+ - * <<``,
 parentheses and names defined earlier), and it is evaluated by the small parser below, never by ``eval``.
 
@@ -135,9 +135,9 @@ def parse(text: str, where: str = HEADER) -> dict[str, int]:
 
 
 def header_path() -> Path:
-    from . import kernel_loader
+    from . import kernel_files
 
-    return kernel_loader.kernel_dir() / HEADER
+    return kernel_files.kernel_dir() / HEADER
 
 
 def _load() -> dict[str, int]:

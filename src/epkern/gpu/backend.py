@@ -31,8 +31,14 @@ class GpuBackend:
         if group.size > MAX_RANKS:
             raise ArgumentError(f"group: intranode kernels support up to {MAX_RANKS} ranks, got {group.size}")
         tuning = options.tuning or Tuning()
-        self.rt = Runtime(group, options.num_nvl_bytes, options.num_rdma_bytes, options.low_latency_mode,
-                          options.timeout_s, options.poison)  # fmt: skip
+        self.rt = Runtime(
+            group,
+            options.num_nvl_bytes,
+            options.num_rdma_bytes,
+            options.low_latency_mode,
+            options.timeout_s,
+            options.poison,
+        )
         import cupy
 
         with cupy.cuda.Device(self.rt.device):

@@ -88,9 +88,23 @@ class HtEngine:
             event,
         )
 
-    def dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
-                 previous_event, async_finish, allocate_on_comm_stream):  # fmt: skip
+    def dispatch(
+        self,
+        x,
+        handle,
+        num_tokens_per_rank,
+        num_tokens_per_rdma_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        expert_alignment,
+        num_worst_tokens,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
         import cupy
 
         rt = self.rt
@@ -184,7 +198,8 @@ class HtEngine:
             if not cached:
                 sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
             bufs, keep = rt.alloc_out(sizes, compute, allocate_on_comm_stream)
-            recv_data = bufs[0].view(data.dtype).reshape(out_rows, hidden)
+            # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
+            recv_data = bufs[0].view(np.uint8 if scales is not None else data.dtype).reshape(out_rows, hidden)
             recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
             recv_idx = recv_w = recv_src = None
             if not cached:

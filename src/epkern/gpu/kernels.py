@@ -62,7 +62,7 @@ class KernelSpec:
 
 
 def _args(*names_kinds: str) -> tuple[tuple[str, str], ...]:
-    """"name:kind" strings -> ((name, kind), ...)."""
+    """ "name:kind" strings -> ((name, kind), ...)."""
     return tuple(tuple(s.split(":")) for s in names_kinds)  # type: ignore[misc]
 
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from .. import kernel_constants as K
 from .. import kernel_loader
-from ..events import EventHandle
 from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
+from ..events import EventHandle
 from ..memory import Heap, HostMapped, SymmetricRegion
 from .ll.layout import ll_area_bytes
 
@@ -76,8 +76,9 @@ class _CommStreamScope:
 class Runtime:
     """Per rank and Buffer. Region = control area (CTRL_BYTES) + HT heap (num_nvl_bytes) + LL area."""
 
-    def __init__(self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool, timeout_s: float,
-                 poison: bool):  # fmt: skip
+    def __init__(
+        self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool, timeout_s: float, poison: bool
+    ):
         import cupy
 
         self.closed = True

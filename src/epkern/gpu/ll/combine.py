@@ -18,8 +18,19 @@ class LLCombine:
     def __init__(self, eng):
         self.eng = eng
 
-    def __call__(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out,
-                 combine_wait_recv_cost_stats):  # fmt: skip
+    def __call__(
+        self,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt,
+        zero_copy,
+        async_finish,
+        return_recv_hook,
+        out,
+        combine_wait_recv_cost_stats,
+    ):
         import cupy
 
         eng = self.eng

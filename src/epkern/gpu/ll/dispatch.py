@@ -39,9 +39,26 @@ class LLDispatch:
     def __init__(self, eng):
         self.eng = eng
 
-    def __call__(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
-                 dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
-                 out_x, out_scales, out_src_info, out_layout_range, out_count, zero_copy_recv):  # fmt: skip
+    def __call__(
+        self,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        cumulative_local_expert_recv_stats,
+        dispatch_wait_recv_cost_stats,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        async_finish,
+        return_recv_hook,
+        out_x,
+        out_scales,
+        out_src_info,
+        out_layout_range,
+        out_count,
+        zero_copy_recv,
+    ):
         import cupy
 
         eng = self.eng
@@ -101,9 +118,13 @@ class LLDispatch:
         conv = as_device_array
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats = api_checks.out_array(
-                cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", (np.int32,), (e_loc,), dev,
+                cumulative_local_expert_recv_stats,
+                "cumulative_local_expert_recv_stats",
+                (np.int32,),
+                (e_loc,),
+                dev,
                 conv,
-            )  # fmt: skip
+            )
         if dispatch_wait_recv_cost_stats is not None:
             dispatch_wait_recv_cost_stats = api_checks.out_array(
                 dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", (np.int64,), (R,), dev, conv
@@ -155,8 +176,13 @@ class LLDispatch:
                     st, use_fp8, use_ue8m0, S
                 )
             outs = [out_x, out_scales, out_src_info, out_layout_range, out_count]
-            sizes = [e_loc * rows * H * (1 if use_fp8 else 2), e_loc * rows * S * 4, e_loc * rows * 4, e_loc * R * 8,
-                     e_loc * 4]  # fmt: skip
+            sizes = [
+                e_loc * rows * H * (1 if use_fp8 else 2),
+                e_loc * rows * S * 4,
+                e_loc * rows * 4,
+                e_loc * R * 8,
+                e_loc * 4,
+            ]
             missing = [i for i, o in enumerate(outs) if o is None and sizes[i] > 0]
             if missing:
                 bufs, _ = rt.alloc_out([sizes[i] for i in missing], compute, False, shared=False)

@@ -222,8 +222,9 @@ class LLEngine:
             lay, R = st.layout, self.rt.num_ranks
             e_loc, rows = lay.num_experts // R, R * lay.num_max
             shape = (e_loc, rows, lay.hidden)
-            view = st.combine_views[parity] = self._view(set_ptr + lay.send_off, e_loc * rows * lay.hidden * 2, BF16,
-                                                         shape)  # fmt: skip
+            view = st.combine_views[parity] = self._view(
+                set_ptr + lay.send_off, e_loc * rows * lay.hidden * 2, BF16, shape
+            )
         return view
 
     def check_outside_combine_slots(self, x, st: SizeState) -> None:

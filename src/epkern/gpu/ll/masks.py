@@ -72,8 +72,9 @@ class LLMasks:
         rt.check_usable()
         R = rt.num_ranks
         if mask_status is not None:
-            mask_status = api_checks.out_array(mask_status, "mask_status", (np.int32,), (R,), rt.device,
-                                               as_device_array)  # fmt: skip
+            mask_status = api_checks.out_array(
+                mask_status, "mask_status", (np.int32,), (R,), rt.device, as_device_array
+            )
         with rt.on_comm_stream():
             status = mask_status if mask_status is not None else cupy.empty(R, np.int32)
             cupy.cuda.runtime.memcpyAsync(

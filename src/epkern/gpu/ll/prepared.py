@@ -20,8 +20,20 @@ def _shapes(arrays) -> tuple:
 
 
 class Prepared:
-    __slots__ = ("eng", "call", "args", "kwargs", "inputs", "plans", "generation", "async_finish", "hook", "refs",
-                 "per_set", "dispatch")  # fmt: skip
+    __slots__ = (
+        "eng",
+        "call",
+        "args",
+        "kwargs",
+        "inputs",
+        "plans",
+        "generation",
+        "async_finish",
+        "hook",
+        "refs",
+        "per_set",
+        "dispatch",
+    )
 
     def __init__(self, eng, call, args, kwargs, inputs, hook_refs, per_set, dispatch):
         self.eng, self.call, self.args, self.kwargs = eng, call, args, kwargs
