@@ -63,9 +63,10 @@ if has llmpsbench; then
 fi
 if has abbench; then
   # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,
-  # HT at 4096 tokens and LL at 128 tokens (BF16), base and this tree alternately AB_ROUNDS times, same machine.
+  # HT at 4096 tokens and LL at 128 tokens (BF16), base and this tree AB_ROUNDS times, the first side alternating, same machine.
   for round in $(seq 1 "${AB_ROUNDS:-2}"); do
-    for side in base new; do
+    sides="base new"; [ $((round % 2)) = 0 ] && sides="new base" # alternate which side runs first
+    for side in $sides; do
       dir=$PWD; [ "$side" = base ] && dir=$(cd "${AB_BASE:-.base}" && pwd)
       log="$OUT/ab_${side}_${round}"
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 \

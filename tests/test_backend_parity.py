@@ -746,8 +746,12 @@ def test_help_lists_every_method_with_its_docstring():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_gpu_for_real(case):
-    """The same list on a GPU: one rank (its own process group), real CuPy arrays and kernels."""
+    """The same list on a GPU: one rank (its own process group), real CuPy arrays and kernels. CuPy cannot hold a
+    float8_e4m3fn array (such inputs reach the GPU backend only through DLPack), so those cases run over the fake."""
     import cupy
+
+    if "e4m3fn" in case.id:
+        pytest.skip("CuPy has no float8_e4m3fn arrays to pass (the case runs over the fake CuPy)")
 
     from epkern.group.base import SingleGroup
 

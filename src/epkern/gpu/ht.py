@@ -184,7 +184,7 @@ class HtEngine:
                     rt.wait_host_word(rt.notify_out, notify_epoch, "dispatch notify")
                     num_recv = int(rt.notify_out[1])
                     raw = rt.notify_out[2 + R : 2 + R + E_loc].astype(np.int64)
-                    per_expert = [int(-(-c // expert_alignment) * expert_alignment) for c in raw]
+                    per_expert = (-(-raw // expert_alignment) * expert_alignment).tolist()
                     out_rows = num_recv
             else:
                 rank_prefix, send_slot, is_token_in_rank = (
