@@ -18,6 +18,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8_DTYPES = (np.uint8, np.dtype(ml_dtypes.float8_e4m3fn))
 HT_MAX_TOPK = 32
 HT_MAX_LOCAL_EXPERTS = 1024
+LAYOUT_MAX_TOPK, LAYOUT_MAX_EXPERTS = 32, 8192  # get_dispatch_layout's kernel (kernels/layout.cu)
 
 
 def ht_x(x, device=None, convert=None):
@@ -65,6 +66,44 @@ def ht_dispatch_layout_inputs(num_ranks, T, num_tokens_per_rank, is_token_in_ran
             f"with at most {HT_MAX_LOCAL_EXPERTS} experts per rank, got {E}"
         )
     return E
+
+
+def ht_cached_handle(handle, handle_type, topk_idx, topk_weights, num_tokens: int, hidden: int) -> None:
+    """A cached dispatch: ``handle`` of this backend's type, no topk arguments, x of the handle's sizes."""
+    if not isinstance(handle, handle_type):
+        raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
+    if topk_idx is not None or topk_weights is not None:
+        raise ArgumentError("topk_idx: must be None for a cached dispatch (handle given)")
+    if handle.num_tokens != num_tokens:
+        raise ArgumentError(f"x: expected {handle.num_tokens} tokens (as in the handle), got {num_tokens}")
+    if handle.hidden != hidden:
+        raise ArgumentError(f"x: expected hidden size {handle.hidden} (as in the handle), got {hidden}")
+
+
+def ht_layout_given(topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert) -> None:
+    """A non-cached dispatch needs the layout arrays."""
+    for name, arr in (
+        ("topk_idx", topk_idx),
+        ("num_tokens_per_rank", num_tokens_per_rank),
+        ("is_token_in_rank", is_token_in_rank),
+        ("num_tokens_per_expert", num_tokens_per_expert),
+    ):
+        if arr is None:
+            raise ArgumentError(f"{name}: required unless a cached handle is given")
+
+
+def ll_combine_x(x, handle, handle_type, use_logfmt, num_ranks: int, device=None, convert=None):
+    """An LL combine's handle (of this backend's type), ``use_logfmt`` and ``x`` (BF16 [E_loc, R·num_max, H]).
+    Returns (x, num_max, hidden, num_experts)."""
+    if not isinstance(handle, handle_type):
+        raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
+    no_logfmt(use_logfmt)
+    num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+    if convert is not None:
+        x = convert(x, "x")
+    shape = (num_experts // num_ranks, num_ranks * num_max, hidden)
+    check_array(x, "x", dtypes=(BF16,), shape=shape, device=device)
+    return x, num_max, hidden, num_experts
 
 
 def ll_dispatch_flags(use_fp8, round_scale, use_ue8m0, hidden: int):
@@ -125,11 +164,12 @@ def scales_out(arr, name, dtype, shape, device=None, convert=None):
     return arr
 
 
-# ---- added for the CPU backend; each mirrors the GPU side's check and message (named in its docstring) ----
+# ---- stream arguments, config, layout and LL sizes ----
 
 
 def stream_args(previous_event, async_finish, allocate_on_comm_stream) -> None:
-    """DeepEP's stream arguments, checked as gpu/runtime.py ``Runtime.begin`` checks them."""
+    """DeepEP's stream arguments (``previous_event`` an EventHandle; ``allocate_on_comm_stream`` only with it and
+    ``async_finish``)."""
     from .events import EventHandle
 
     if allocate_on_comm_stream and (previous_event is None or not async_finish):
@@ -142,26 +182,25 @@ def stream_args(previous_event, async_finish, allocate_on_comm_stream) -> None:
 
 
 def config(cfg) -> None:
-    """An HT call's ``config``: None or an ``epkern.Config`` (gpu/ht.py ``HtEngine.grid``)."""
+    """An HT call's ``config``: None or an ``epkern.Config``."""
     from .config import Config
 
     if cfg is not None and not isinstance(cfg, Config):
         raise ArgumentError(f"config: expected an epkern.Config, got {type(cfg).__name__}")
 
 
-def layout_topk_idx(arr, num_experts, num_ranks: int) -> int:
-    """``get_dispatch_layout``'s arguments as dispatch_layout.py checks them (int64 or int32 [T, K], top-k and
-    expert limits of the layout kernel). Returns num_experts."""
-    from . import dispatch_layout as DL
+def layout_topk_idx(arr, num_experts, num_ranks: int, device=None) -> int:
+    """``get_dispatch_layout``'s arguments (int64 or int32 [T, K], top-k and expert limits of the layout kernel).
+    Returns num_experts."""
     from ._validate import check_num_experts
 
     num_experts = check_num_experts(num_experts, num_ranks)
-    if num_experts > DL.MAX_EXPERTS:
-        raise ArgumentError(f"num_experts: expected at most {DL.MAX_EXPERTS}, got {num_experts}")
-    check_array(arr, "topk_idx", dtypes=(np.int64, np.int32), ndim=2)
+    if num_experts > LAYOUT_MAX_EXPERTS:
+        raise ArgumentError(f"num_experts: expected at most {LAYOUT_MAX_EXPERTS}, got {num_experts}")
+    check_array(arr, "topk_idx", dtypes=(np.int64, np.int32), ndim=2, device=device)
     num_tokens, topk = arr.shape
-    if not 1 <= topk <= DL.MAX_TOPK:
-        raise ArgumentError(f"topk_idx: expected 1..{DL.MAX_TOPK} columns (top-k), got shape {arr.shape}")
+    if not 1 <= topk <= LAYOUT_MAX_TOPK:
+        raise ArgumentError(f"topk_idx: expected 1..{LAYOUT_MAX_TOPK} columns (top-k), got shape {arr.shape}")
     if num_tokens >= 2**31 // max(topk, num_ranks):
         raise ArgumentError(f"topk_idx: too many tokens ({num_tokens})")
     return num_experts
@@ -175,8 +214,8 @@ def topk_values(arr, name: str, num_experts: int) -> None:
 
 
 def ll_sizes(num_max, num_experts, num_ranks: int) -> tuple[int, int]:
-    """(num_max, num_experts) of an LL call within the LL kernels' limits (gpu/ll/dispatch.py ``check_common``,
-    less its rank limit: the number of ranks is a property of the backend, not an argument)."""
+    """(num_max, num_experts) of an LL call within the LL kernels' limits (the GPU adds its rank limit: the number
+    of ranks is a property of the backend, not an argument)."""
     from . import kernel_constants as K
     from ._validate import check_num_experts
 
@@ -198,8 +237,7 @@ def ll_max_topk() -> int:
 def ll_area(
     num_rdma_bytes: int, low_latency_mode: bool, num_max: int, hidden: int, num_experts: int, num_ranks: int
 ) -> None:
-    """The Buffer's LL area (``num_rdma_bytes``) holds both buffer sets of LL calls of these sizes
-    (gpu/ll/engine.py ``LLEngine.size_state``: the same rule and message)."""
+    """The Buffer's LL area (``num_rdma_bytes``) holds both buffer sets of LL calls of these sizes."""
     from .gpu.ll.layout import ll_area_bytes, ll_layout, set_stride_of
     from .reference import get_low_latency_rdma_size_hint
 

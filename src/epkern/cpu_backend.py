@@ -39,6 +39,7 @@ from ._validate import bias_list, check_array, check_int
 from .config import Config
 from .errors import ArgumentError, EpkernError
 from .events import EventHandle
+from .handles import DeepEPTuple
 
 BF16 = api_checks.BF16
 FP8 = np.dtype(reference.FP8)
@@ -69,7 +70,7 @@ class CpuHTHandle:
 
 
 @dataclass(eq=False)
-class CpuLLHandle:
+class CpuLLHandle(DeepEPTuple):
     """LL handle of the CPU backend. Iterating gives DeepEP's tuple ``(src_info, layout_range,
     num_max_dispatch_tokens_per_rank, hidden, num_experts)``, as the GPU handle does."""
 
@@ -82,18 +83,6 @@ class CpuLLHandle:
     ref_handles: list  # every rank's reference LLHandle
     sent_idx: list  # every rank's topk_idx as delivered: -1 where a mask dropped the selection
     topk_idx: np.ndarray  # this rank's topk_idx as given
-
-    def _fields(self):
-        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts)
-
-    def __iter__(self):
-        return iter(self._fields())
-
-    def __getitem__(self, i):
-        return self._fields()[i]
-
-    def __len__(self) -> int:
-        return 5
 
 
 def _host(obj, name: str):
@@ -210,26 +199,12 @@ class CpuBackend:
         expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
         api_checks.config(config)
         if handle is not None:
-            if not isinstance(handle, CpuHTHandle):
-                raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
-            if topk_idx is not None or topk_weights is not None:
-                raise ArgumentError("topk_idx: must be None for a cached dispatch (handle given)")
-            if handle.num_tokens != T:
-                raise ArgumentError(f"x: expected {handle.num_tokens} tokens (as in the handle), got {T}")
-            if handle.hidden != hidden:
-                raise ArgumentError(f"x: expected hidden size {handle.hidden} (as in the handle), got {hidden}")
+            api_checks.ht_cached_handle(handle, CpuHTHandle, topk_idx, topk_weights, T, hidden)
             api_checks.stream_args(previous_event, async_finish, allocate_on_comm_stream)
             recv = reference.ht_cached_dispatch(self._gather(ref_x), handle.handles)[self.rank]
             return _fp8_out(recv), None, None, None, handle, EventHandle()
 
-        for name, arr in (
-            ("topk_idx", topk_idx),
-            ("num_tokens_per_rank", num_tokens_per_rank),
-            ("is_token_in_rank", is_token_in_rank),
-            ("num_tokens_per_expert", num_tokens_per_expert),
-        ):
-            if arr is None:
-                raise ArgumentError(f"{name}: required unless a cached handle is given")
+        api_checks.ht_layout_given(topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
         topk_idx = api_checks.topk_idx(_host(topk_idx, "topk_idx"), "topk_idx", T, api_checks.HT_MAX_TOPK)
         topk = topk_idx.shape[1]
         if topk_weights is not None:
@@ -394,13 +369,9 @@ class CpuBackend:
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
                             return_recv_hook, out, combine_wait_recv_cost_stats):  # fmt: skip
         self._usable()
-        if not isinstance(handle, CpuLLHandle):
-            raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
-        api_checks.no_logfmt(use_logfmt)
         R, s = self.num_ranks, self.rank
-        num_max, H, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        e_loc, rows = num_experts // R, R * num_max
-        x = check_array(_host(x, "x"), "x", dtypes=(BF16,), shape=(e_loc, rows, H))
+        x, num_max, H, num_experts = api_checks.ll_combine_x(x, handle, CpuLLHandle, use_logfmt, R, None, _host)
+        e_loc = num_experts // R
         topk_idx = api_checks.topk_idx(_host(topk_idx, "topk_idx"), "topk_idx", None, api_checks.ll_max_topk())
         T, K = topk_idx.shape
         if T > num_max:

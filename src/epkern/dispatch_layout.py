@@ -8,12 +8,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _cuda, kernel_loader
-from ._validate import as_device_array, check_array, check_int, check_num_experts, check_rank_to_node
+from . import _cuda, api_checks, kernel_loader
+from ._validate import as_device_array, check_int, check_rank_to_node
 from .errors import ArgumentError
 
-MAX_TOPK = 32
-MAX_EXPERTS = 8192
+MAX_TOPK, MAX_EXPERTS = api_checks.LAYOUT_MAX_TOPK, api_checks.LAYOUT_MAX_EXPERTS
 MAX_RANKS = 1024
 
 
@@ -79,19 +78,12 @@ def get_dispatch_layout(
     import cupy
 
     num_ranks = check_int(num_ranks, "num_ranks", min_value=1, max_value=MAX_RANKS)
-    num_experts = check_num_experts(num_experts, num_ranks)
-    if num_experts > MAX_EXPERTS:
-        raise ArgumentError(f"num_experts: expected at most {MAX_EXPERTS}, got {num_experts}")
-    nodes = check_rank_to_node(rank_to_node, num_ranks)
-    num_nodes = (max(nodes) + 1) if nodes else 1
     topk_idx = as_device_array(topk_idx, "topk_idx")
     device = cupy.cuda.Device().id
-    check_array(topk_idx, "topk_idx", dtypes=(np.int64, np.int32), ndim=2, device=device)
+    num_experts = api_checks.layout_topk_idx(topk_idx, num_experts, num_ranks, device)
+    nodes = check_rank_to_node(rank_to_node, num_ranks)
+    num_nodes = (max(nodes) + 1) if nodes else 1
     num_tokens, topk = topk_idx.shape
-    if not 1 <= topk <= MAX_TOPK:
-        raise ArgumentError(f"topk_idx: expected 1..{MAX_TOPK} columns (top-k), got shape {topk_idx.shape}")
-    if num_tokens >= 2**31 // max(topk, num_ranks):
-        raise ArgumentError(f"topk_idx: too many tokens ({num_tokens})")
 
     node_count = num_nodes if num_nodes > 1 else 0
     defines = {

@@ -60,9 +60,7 @@ class HtEngine:
     def grid(self, config) -> int:
         """Blocks of one HT copy kernel: num_sms (the config's or the Buffer's, at most this rank's share of the
         device's SMs) times blocks_per_sm, so that every rank sharing the GPU is resident at once."""
-        if config is not None:
-            if not isinstance(config, Config):
-                raise ArgumentError(f"config: expected an epkern.Config, got {type(config).__name__}")
+        api_checks.config(config)
         sms = min(config.num_sms if config is not None else self.num_sms, self.rt.sm_share)
         return max(1, sms) * self.tuning.blocks_per_sm
 
@@ -117,24 +115,10 @@ class HtEngine:
         blocks = self.grid(config)
         cached = handle is not None
         if cached:
-            if not isinstance(handle, HtHandle):
-                raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
-            if topk_idx is not None or topk_weights is not None:
-                raise ArgumentError("topk_idx: must be None for a cached dispatch (handle given)")
-            if handle.num_tokens != T:
-                raise ArgumentError(f"x: expected {handle.num_tokens} tokens (as in the handle), got {T}")
-            if handle.hidden != hidden:
-                raise ArgumentError(f"x: expected hidden size {handle.hidden} (as in the handle), got {hidden}")
+            api_checks.ht_cached_handle(handle, HtHandle, topk_idx, topk_weights, T, hidden)
             topk = handle.topk
         else:
-            for name, arr in (
-                ("topk_idx", topk_idx),
-                ("num_tokens_per_rank", num_tokens_per_rank),
-                ("is_token_in_rank", is_token_in_rank),
-                ("num_tokens_per_expert", num_tokens_per_expert),
-            ):
-                if arr is None:
-                    raise ArgumentError(f"{name}: required unless a cached handle is given")
+            api_checks.ht_layout_given(topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
             topk_idx = as_device_array(topk_idx, "topk_idx")
             api_checks.topk_idx(topk_idx, "topk_idx", T, api_checks.HT_MAX_TOPK, dev)
             topk = topk_idx.shape[1]

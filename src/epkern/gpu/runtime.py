@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
+from .. import api_checks, kernel_loader
 from .. import kernel_constants as K
-from .. import kernel_loader
 from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from ..events import EventHandle
 from ..memory import Heap, HostMapped, SymmetricRegion
@@ -249,11 +249,7 @@ class Runtime:
         """Order the comm stream after the caller's stream (or ``previous_event``); returns the caller's stream."""
         import cupy
 
-        if allocate_on_comm_stream and (previous_event is None or not async_finish):
-            raise ArgumentError(
-                "allocate_on_comm_stream: True needs previous_event and async_finish=True (as in DeepEP): "
-                "outputs owned by the comm stream are only safe to use after waiting on the returned event"
-            )
+        api_checks.stream_args(previous_event, async_finish, allocate_on_comm_stream)
         compute = cupy.cuda.get_current_stream()
         if self.in_process and compute.ptr == 0 and self.num_ranks > 1:
             raise ArgumentError(
@@ -263,8 +259,6 @@ class Runtime:
                 "current in the calling thread; copy with cupy.ascontiguousarray first"
             )
         if previous_event is not None:
-            if not isinstance(previous_event, EventHandle):
-                raise ArgumentError("previous_event: expected an EventHandle returned by this library")
             if previous_event.event is not None:
                 self.comm_stream.wait_event(previous_event.event)
         else:

@@ -76,14 +76,10 @@ class LLCombine:
                 handle.layout_range,
                 out,
             )
-        if not isinstance(handle, GpuLLHandle):
-            raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
-        api_checks.no_logfmt(use_logfmt)
         R, dev = rt.num_ranks, rt.device
-        num_max, H, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        e_loc, rows = num_experts // R, R * num_max
-        x = as_device_array(x, "x")
-        check_array(x, "x", dtypes=(BF16,), shape=(e_loc, rows, H), device=dev)
+        x, num_max, H, num_experts = api_checks.ll_combine_x(
+            x, handle, GpuLLHandle, use_logfmt, R, dev, as_device_array
+        )
         topk_idx = as_device_array(topk_idx, "topk_idx")
         api_checks.topk_idx(topk_idx, "topk_idx", None, MAX_TOPK, dev)
         T, K = topk_idx.shape

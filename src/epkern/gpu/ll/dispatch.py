@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from ... import api_checks
-from ..._validate import as_device_array, check_int, check_num_experts
+from ..._validate import as_device_array
 from ...errors import ArgumentError
 from ..kernels import LL_DISPATCH
 from .engine import GpuLLHandle
-from .layout import MAX_EXPERTS, MAX_NUM_MAX, MAX_RANKS, MAX_TOPK, THREADS
+from .layout import MAX_RANKS, MAX_TOPK, THREADS
 
 BF16 = api_checks.BF16
 _OUTS = ("out_x", "out_scales", "out_src_info", "out_layout_range", "out_count")
@@ -21,11 +21,7 @@ def check_common(eng, num_max, num_experts):
     R = eng.rt.num_ranks
     if R > MAX_RANKS:
         raise ArgumentError(f"group: LL kernels support up to {MAX_RANKS} ranks, got {R}")
-    num_max = check_int(num_max, "num_max_dispatch_tokens_per_rank", min_value=1, max_value=MAX_NUM_MAX)
-    num_experts = check_num_experts(num_experts, R)
-    if num_experts > MAX_EXPERTS:
-        raise ArgumentError(f"num_experts: expected at most {MAX_EXPERTS}, got {num_experts}")
-    return num_max, num_experts
+    return api_checks.ll_sizes(num_max, num_experts, R)
 
 
 def dispatch_returns(plan, event, hook):

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ... import api_checks
 from ...errors import ArgumentError
 from ...events import EventHandle
+from ...handles import DeepEPTuple
 from ..runtime import capturing
 from . import plans as ll_plans
 from .layout import (
@@ -44,7 +46,7 @@ from .layout import (
 
 
 @dataclass(eq=False)
-class GpuLLHandle:
+class GpuLLHandle(DeepEPTuple):
     """What low_latency_combine needs (DeepEP's handle; iterating gives DeepEP's tuple
     ``(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts)``)."""
 
@@ -54,18 +56,6 @@ class GpuLLHandle:
     hidden: int
     num_experts: int
     layout: LLLayout
-
-    def _fields(self):
-        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts)
-
-    def __iter__(self):
-        return iter(self._fields())
-
-    def __getitem__(self, i):
-        return self._fields()[i]
-
-    def __len__(self) -> int:
-        return 5
 
 
 class SizeState:
@@ -127,18 +117,8 @@ class LLEngine:
         if st is not None:
             return st
         rt = self.rt
-        lay = ll_layout(num_max, hidden, num_experts)
-        stride = set_stride_of(rt.ll_bytes)
-        if lay.per_set > stride:
-            from ...reference import get_low_latency_rdma_size_hint
-
-            hint = get_low_latency_rdma_size_hint(num_max, hidden, rt.num_ranks, num_experts)
-            why = "" if rt.ll_bytes else " (the Buffer has no LL area: pass num_rdma_bytes, low_latency_mode=True)"
-            raise ArgumentError(
-                f"num_rdma_bytes: expected at least {2 * lay.per_set} bytes for num_max_dispatch_tokens_per_rank="
-                f"{num_max}, hidden={hidden}, num_experts={num_experts} (get_low_latency_rdma_size_hint gives "
-                f"{hint}), got {rt.ll_bytes}{why}"
-            )
+        api_checks.ll_area(rt.ll_bytes, True, num_max, hidden, num_experts, rt.num_ranks)
+        lay, stride = ll_layout(num_max, hidden, num_experts), set_stride_of(rt.ll_bytes)
         st = self.sizes[key] = SizeState(key, lay, stride)
         return st
 
