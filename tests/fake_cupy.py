@@ -21,6 +21,7 @@ import numpy as np
 
 _ids = itertools.count(1)
 _arrays = weakref.WeakValueDictionary()  # device pointer -> the fake array allocated there (the latest)
+_registering = False  # only while an emulation may look arrays up (the registry costs host time per array)
 
 
 class UnownedMemory:
@@ -68,7 +69,8 @@ class ndarray:  # noqa: N801 - CuPy's name
             self._ptr = _ptr
         else:
             self._ptr = memptr.ptr if memptr is not None else self._a.__array_interface__["data"][0]
-            _arrays[self._ptr] = self  # kernels get pointers: emulations find the array again
+            if _registering:
+                _arrays[self._ptr] = self  # kernels get pointers: emulations find the array again
 
     shape = property(lambda self: self._a.shape)
     dtype = property(lambda self: self._a.dtype)
@@ -313,9 +315,11 @@ def installed(monkeypatch=None, emulate=None):
     from epkern.gpu import runtime
     from epkern.gpu.ll import plans
 
+    global _registering
     launches = Launches()
     cupy, cuda = _module()
     emulate = emulate or {}
+    registering, _registering = _registering, bool(emulate) or _registering
 
     def get_function(source, name, defines=None):
         frozen = dict(defines or {})
@@ -376,6 +380,7 @@ def installed(monkeypatch=None, emulate=None):
     try:
         yield launches
     finally:
+        _registering = registering
         for target, name, is_item, old in reversed(saved):
             if is_item:
                 if old is None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from ._validate import check_array, check_int
+from . import kernel_constants as K
+from ._validate import check_array, check_int, check_num_experts
+from .config import Config
 from .errors import ArgumentError
+from .events import EventHandle
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # CuPy has no float8 dtype: FP8 data crosses the API as its e4m3 bytes (uint8) on both backends;
@@ -170,8 +173,6 @@ def scales_out(arr, name, dtype, shape, device=None, convert=None):
 def stream_args(previous_event, async_finish, allocate_on_comm_stream) -> None:
     """DeepEP's stream arguments (``previous_event`` an EventHandle; ``allocate_on_comm_stream`` only with it and
     ``async_finish``)."""
-    from .events import EventHandle
-
     if allocate_on_comm_stream and (previous_event is None or not async_finish):
         raise ArgumentError(
             "allocate_on_comm_stream: True needs previous_event and async_finish=True (as in DeepEP): "
@@ -183,8 +184,6 @@ def stream_args(previous_event, async_finish, allocate_on_comm_stream) -> None:
 
 def config(cfg) -> None:
     """An HT call's ``config``: None or an ``epkern.Config``."""
-    from .config import Config
-
     if cfg is not None and not isinstance(cfg, Config):
         raise ArgumentError(f"config: expected an epkern.Config, got {type(cfg).__name__}")
 
@@ -192,8 +191,6 @@ def config(cfg) -> None:
 def layout_topk_idx(arr, num_experts, num_ranks: int, device=None) -> int:
     """``get_dispatch_layout``'s arguments (int64 or int32 [T, K], top-k and expert limits of the layout kernel).
     Returns num_experts."""
-    from ._validate import check_num_experts
-
     num_experts = check_num_experts(num_experts, num_ranks)
     if num_experts > LAYOUT_MAX_EXPERTS:
         raise ArgumentError(f"num_experts: expected at most {LAYOUT_MAX_EXPERTS}, got {num_experts}")
@@ -217,7 +214,6 @@ def ll_sizes(num_max, num_experts, num_ranks: int) -> tuple[int, int]:
     """(num_max, num_experts) of an LL call within the LL kernels' limits (the GPU adds its rank limit: the number
     of ranks is a property of the backend, not an argument)."""
     from . import kernel_constants as K
-    from ._validate import check_num_experts
 
     num_max = check_int(num_max, "num_max_dispatch_tokens_per_rank", min_value=1, max_value=K.get("EPK_LL_MAX_NUM_MAX"))
     num_experts = check_num_experts(num_experts, num_ranks)
@@ -229,8 +225,6 @@ def ll_sizes(num_max, num_experts, num_ranks: int) -> tuple[int, int]:
 
 def ll_max_topk() -> int:
     """Top-k limit of the LL calls (kernels/epk_constants.cuh)."""
-    from . import kernel_constants as K
-
     return K.get("EPK_LL_MAX_TOPK")
 
 

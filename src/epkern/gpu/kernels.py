@@ -46,13 +46,19 @@ class KernelSpec:
     def __post_init__(self):
         object.__setattr__(self, "pack", _packer(self.name, self.args))
         object.__setattr__(self, "_index", {n: i for i, (n, _) in enumerate(self.args)})
+        object.__setattr__(self, "_specialisations", {})  # values in params order -> the defines dict
 
     def defines(self, **values) -> dict:
-        """The defines of one specialisation, in the spec's order (a fixed order keys the launch cache)."""
+        """The defines of one specialisation, in the spec's order (a fixed order keys the launch cache). One dict
+        per specialisation, kept: callers must not change it."""
+        key = tuple(values.get(p) for p in self.params)
+        found = self._specialisations.get(key)
+        if found is not None and len(values) == len(self.params):
+            return found
         if len(values) != len(self.params) or not all(p in values for p in self.params):
             missing, extra = set(self.params) - set(values), set(values) - set(self.params)
             raise TypeError(f"{self.name}: defines missing {sorted(missing)}, unknown {sorted(extra)}")
-        return {p: values[p] for p in self.params}
+        return self._specialisations.setdefault(key, {p: values[p] for p in self.params})
 
     # pack(**arguments) -> tuple: the arguments in signature order, scalars as numpy scalars of their C type,
     # pointers as device arrays or 64-bit addresses (see _pointer); set per spec in __post_init__.

@@ -115,6 +115,7 @@ class Runtime:
             self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
             self.notify_out_ptr = self.host.device_ptr + ERROR_RECORD_BYTES
             self.timeout_ns = int(self.timeout_s * 1e9)
+            self._deadline = {"err": self.host.device_ptr, "timeout_ns": self.timeout_ns}
             self.tickets = cupy.zeros(4, dtype=np.uint32)
             # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
             stream_of = getattr(group, "stream", None) if self.in_process else None
@@ -129,8 +130,8 @@ class Runtime:
         self.sm_share = max(1, self.num_device_sms // self.ranks_per_gpu)
 
     def deadline(self) -> dict:
-        """The deadline arguments every kernel takes: the error record and the timeout in ns."""
-        return {"err": self.host.device_ptr, "timeout_ns": self.timeout_ns}
+        """The deadline arguments every kernel takes: the error record and the timeout in ns (one dict, read-only)."""
+        return self._deadline
 
     # ---- lifecycle ----
     def destroy(self) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ... import api_checks
+from ...api_checks import BF16
 from ...errors import ArgumentError
 from ...events import EventHandle
 from ...handles import DeepEPTuple
@@ -164,8 +165,6 @@ class LLEngine:
     def direct_outputs(self, st: SizeState, use_fp8: bool, use_ue8m0: bool, S: int):
         """The zero_copy_recv outputs of the call about to be issued: views into the receive region of its set
         (layout.direct_recv_layout; the direct kernel's senders write there). One set of views per set."""
-        from ...api_checks import BF16
-
         R, lay = self.rt.num_ranks, st.layout
         parity, set_ptr = self.next_set(st.stride)
         key = (use_fp8, use_ue8m0, parity)
@@ -194,8 +193,6 @@ class LLEngine:
     def combine_buffer(self, st: SizeState):
         """The send region of the set the next call will use, as BF16 [E_loc, R·num_max, H]: a zero-copy combine
         reads it in place. One array object per set, so repeated zero-copy combines replay."""
-        from ...api_checks import BF16
-
         parity, set_ptr = self.next_set(st.stride)
         view = st.combine_views.get(parity)
         if view is None:
