@@ -129,6 +129,18 @@ class Runtime:
         # This rank's share of the device's SMs: what a kernel of every rank sharing the GPU may use at once.
         self.sm_share = max(1, self.num_device_sms // self.ranks_per_gpu)
 
+    def register_phases(self, descriptions: dict, recoverable=frozenset(), handler=None) -> None:
+        """Error-record phases another part's kernels report: their descriptions, and those the Buffer survives
+        (``handler(code, rank, phase, peer, seen, expected)`` raises for them, after the record is cleared)."""
+        self.phases.update(descriptions)
+        if recoverable:
+            self.recoverable_phases = frozenset(recoverable)
+            self.on_recoverable = handler
+
+    def launched_direct(self, stream) -> None:
+        """A launch went straight onto ``stream`` (a caller's): the next comm-stream work waits for it."""
+        self.direct_stream = stream
+
     def deadline(self) -> dict:
         """The deadline arguments every kernel takes: the error record and the timeout in ns (one dict, read-only)."""
         return self._deadline

@@ -137,7 +137,7 @@ class LLCombine:
             )
             launch = eng.validated_launcher(LL_COMBINE, defines, args)
             launch(eng.first_phase(return_recv_hook), 0)
-            eng.sends += 1
+            eng.issued()
         event = rt.end(compute, async_finish)
         hook = eng.make_hook(launch, x, topk_idx, topk_weights) if return_recv_hook else None
         if plan_key is not None:  # preallocated: repeat calls can replay this one

@@ -219,7 +219,7 @@ class LLDispatch:
             )
             launch = eng.validated_launcher(LL_DISPATCH, defines, args)
             launch(eng.first_phase(return_recv_hook), 0)
-            eng.sends += 1
+            eng.issued()
         event = rt.end(compute, async_finish)
         handle = GpuLLHandle(src_info, layout_range, num_max, H, num_experts, lay)
         hook = eng.make_hook(launch, x, topk_idx) if return_recv_hook else None

@@ -101,11 +101,18 @@ class LLEngine:
         if sleep_ns is None:  # measured on 8 ranks of one H200, docs/performance.md
             sleep_ns = 200 if rt.ranks_per_gpu > 1 else 0
         self.poll_sleep_ns = int(sleep_ns)
-        rt.phases.update(LL_PHASES)
 
     def register_recoverable(self, handler) -> None:
-        self.rt.recoverable_phases = LL_RECOVERABLE_PHASES
-        self.rt.on_recoverable = handler
+        self.rt.register_phases(LL_PHASES, LL_RECOVERABLE_PHASES, handler)
+
+    def issued(self) -> None:
+        """A sending launch was issued (the host's count of them; the device counter is the truth)."""
+        self.sends += 1
+
+    def restart(self) -> None:
+        """Every rank restarts from call 0 (after clean_low_latency_buffer): no plan survives."""
+        self.sends = 0
+        self.plans.clear()
 
     def blocks(self) -> int:
         # Spin-waiting kernels of every rank sharing this GPU must be resident at once: one block per SM each.
@@ -249,16 +256,16 @@ class LLEngine:
                     graph = plan.graphs[phase] = ll_plans.capture_launch(plan.launch, phase)
                 graph.launch(compute)
                 captured = False
-            self.sends += 1
+            self.issued()
             self.direct += 1
-            rt.direct_stream = compute
+            rt.launched_direct(compute)
             if in_process_sync and not captured:
                 rt.sync_bounded(compute, "waiting for this call's kernel (in-process ranks)")  # as Runtime.end
             return _NO_EVENT, None
         compute = rt.begin(None, async_finish)
         with rt.on_comm_stream():
             plan.launch(phase, 0)
-            self.sends += 1
+            self.issued()
         event = rt.end(compute, async_finish)
         hook = self.make_hook(plan.launch, *plan.refs[:hook_refs]) if return_recv_hook else None
         return event, hook

@@ -55,8 +55,7 @@ class LLMasks:
             self._set_words(STATE_SLOT, STATE_WORDS - STATE_SLOT, 0)
             rt.comm_stream.synchronize()
             rt.group.barrier()  # every rank restarts from call 0 together
-        eng.sends = 0
-        eng.plans.clear()
+        eng.restart()
 
     def update(self, rank_to_mask, mask) -> None:
         rt = self.eng.rt
