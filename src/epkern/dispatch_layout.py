@@ -11,6 +11,7 @@ import numpy as np
 from . import _cuda, api_checks, kernel_loader
 from ._validate import as_device_array, check_int, check_rank_to_node
 from .errors import ArgumentError
+from .gpu.kernels import LAYOUT
 
 MAX_TOPK, MAX_EXPERTS = api_checks.LAYOUT_MAX_TOPK, api_checks.LAYOUT_MAX_EXPERTS
 MAX_RANKS = 1024
@@ -86,15 +87,15 @@ def get_dispatch_layout(
     num_tokens, topk = topk_idx.shape
 
     node_count = num_nodes if num_nodes > 1 else 0
-    defines = {
-        "EPK_NUM_EXPERTS": num_experts,
-        "EPK_NUM_RANKS": num_ranks,
-        "EPK_NUM_NODES": node_count,
-        "EPK_TOPK": topk,
-        "EPK_IDX_T": "int64_t" if topk_idx.dtype == np.int64 else "int32_t",
-        "EPK_THREADS": THREADS,
-    }
-    kernel = kernel_loader.get_function("layout.cu", "epk_get_dispatch_layout", defines)
+    defines = LAYOUT.defines(
+        EPK_NUM_EXPERTS=num_experts,
+        EPK_NUM_RANKS=num_ranks,
+        EPK_NUM_NODES=node_count,
+        EPK_TOPK=topk,
+        EPK_IDX_T="int64_t" if topk_idx.dtype == np.int64 else "int32_t",
+        EPK_THREADS=THREADS,
+    )
+    kernel = kernel_loader.get_function(LAYOUT.source, LAYOUT.name, defines)
 
     stream = cupy.cuda.get_current_stream()
     if alloc_stream is not None:
@@ -118,17 +119,17 @@ def get_dispatch_layout(
     kernel(
         (blocks,),
         (THREADS,),
-        (
-            topk_idx,
-            np.int32(num_tokens),
-            np.uintp(rank_to_node_dev.data.ptr if rank_to_node_dev is not None else 0),
-            per_rank,
-            np.uintp(per_node.data.ptr if per_node is not None else 0),
-            per_expert,
-            in_rank,
-            ws.counters,
-            np.uintp(ws.counters.data.ptr + 4),
-            np.uintp(ws.invalid.device_ptr if check_indices else 0),
+        LAYOUT.pack(
+            topk_idx=topk_idx,
+            num_tokens=num_tokens,
+            rank_to_node=rank_to_node_dev,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_node=per_node,
+            num_tokens_per_expert=per_expert,
+            is_token_in_rank=in_rank,
+            ticket=ws.counters,
+            counters=ws.counters.data.ptr + 4,
+            invalid_out=ws.invalid.device_ptr if check_indices else 0,
         ),
     )
     if check_indices:
