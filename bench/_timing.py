@@ -6,6 +6,22 @@ import statistics
 import time
 
 
+def need(script: str, gpu: bool = True, modules: tuple = ()) -> None:
+    """Exit with a one-line reason (status 2) when what ``script`` needs is absent: a CUDA GPU, or a module
+    (instead of a CUDA or import traceback on a machine without them)."""
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise SystemExit(f"{script}: needs the Python module {name!r}, which is not installed")
+    if gpu:
+        from epkern import _cuda
+
+        count, why = _cuda._probe()
+        if count == 0:
+            raise SystemExit(f"{script}: needs a CUDA GPU, and there is none here ({why})")
+
+
 def event_median_us(fn, iters: int = 200, warmup: int = 20) -> float:
     """Median over ``iters`` of the device time between events around one ``fn()`` call."""
     import cupy

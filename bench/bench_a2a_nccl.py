@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import need  # noqa: E402
 from _workload import add_workload_args, ht_rank_inputs  # noqa: E402
 
 # Before torch or NCCL start: multicast objects can take a shared host's GPUs out of service.
@@ -181,6 +182,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args(argv)
+    need("bench_a2a_nccl.py", modules=("torch",))
 
     import torch
     import torch.distributed as dist

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copy_bandwidth_gbs, event_median_us  # noqa: E402
+from _timing import copy_bandwidth_gbs, event_median_us, need  # noqa: E402
 
 KERNEL = Path(__file__).resolve().parent / "kernels" / "bench_copy_patterns.cu"
 
@@ -66,6 +66,7 @@ def main(argv=None):
     p.add_argument("--shape", action="append", default=[], help="threads:unroll:blocks_per_sm:store_cs:loads_first")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args(argv)
+    need("bench_copy_patterns.py")
     R, row_bytes = args.ranks, args.hidden * 2
     slot_full, per_region = routing(R, args.tokens, args.experts, args.topk)
     T_all = R * args.tokens

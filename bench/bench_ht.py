@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import KernelClock, copy_bandwidth_gbs, profile_text  # noqa: E402
+from _timing import KernelClock, copy_bandwidth_gbs, need, profile_text  # noqa: E402
 from _workload import add_workload_args, ht_rank_inputs  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
@@ -283,6 +283,7 @@ def main(argv=None):
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")
     args = p.parse_args(argv)
+    need("bench_ht.py")
     token_list = [int(t) for t in args.tokens.split(",")]
 
     results = []

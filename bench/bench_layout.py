@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copy_bandwidth_gbs, event_median_us, graph_average_us, host_overhead_us  # noqa: E402
+from _timing import copy_bandwidth_gbs, event_median_us, graph_average_us, host_overhead_us, need  # noqa: E402
 
 
 def main(argv=None):
@@ -24,6 +24,7 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--json", type=str, default=None, help="also write the results here")
     args = p.parse_args(argv)
+    need("bench_layout.py")
 
     import cupy
 

@@ -58,7 +58,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import KernelClock, copy_bandwidth_gbs, profile_text  # noqa: E402
+from _timing import KernelClock, copy_bandwidth_gbs, need, profile_text  # noqa: E402
 from _workload import add_workload_args  # noqa: E402
 from epkern import reference  # noqa: E402
 
@@ -770,6 +770,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, token_list = parse_args(argv)
+    need("bench_ll.py")
     import epkern  # noqa: F401 - before CUDA starts (sets CUDA_DEVICE_MAX_CONNECTIONS)
 
     if args.inprocess:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import need
+
+    need("bench_p2p.py")
 
     import cupy
 
