@@ -26,7 +26,7 @@ def _mpiexec() -> str | None:
 def _run(mode: str, env_extra: dict[str, str] | None = None, mpmd_hosts: bool = False):
     mpiexec = _mpiexec()
     if mpiexec is None:
-        pytest.skip("mpiexec not found")
+        pytest.skip("mpiexec not found (pip install 'epkern[mpi]' puts one next to the venv's python)")
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
@@ -67,8 +67,11 @@ def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():
 def test_launch_procs_runs_a_function_per_process(tmp_path):
     import re
 
+    # epkern-launch --procs runs the mpiexec on PATH; each rank then needs mpi4py for as_group(None).
     if shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec")
+        pytest.skip("mpiexec not found on PATH (pip install 'epkern[mpi]' and put the venv's bin/ on PATH)")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py not installed (pip install 'epkern[mpi]')")
     script = tmp_path / "job.py"
     script.write_text("def main(group, word):\n    return f'{word} {group.rank}/{group.size}'\n")
     root = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """HT and LL across processes (CUDA IPC) on one GPU through MPS: tests/ht_mpi_worker.py and
 tests/ll_mpi_worker.py under mpiexec."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _mpiexec(n):
     exe = shutil.which("mpiexec")
     if exe is None:
-        pytest.skip("mpiexec not found")
+        pytest.skip("mpiexec not found on PATH (pip install 'epkern[mpi]' and put the venv's bin/ on PATH)")
+    if importlib.util.find_spec("mpi4py") is None:  # the workers import it
+        pytest.skip("mpi4py not installed (pip install 'epkern[mpi]')")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
     cmd = [exe, "-n", str(n)]
     if "Open MPI" in version or "OpenRTE" in version:

@@ -33,3 +33,59 @@ def require_gpu(what: str) -> None:
     count, why = _probe()
     if count == 0:
         raise DeviceUnavailableError(f"{what} needs a CUDA GPU, and there is none: {why}")
+
+
+# CUDA majors epkern has an install extra for (pip install "epkern[cudaXY]").
+_EXTRAS = {12: "cuda12", 13: "cuda13"}
+
+
+def _fmt(major: int, minor: int) -> str:
+    return f"{major}.{minor}"
+
+
+def check_driver_for_nvrtc(driver_version: int, nvrtc: tuple[int, int]) -> None:
+    """DeviceUnavailableError unless a driver of CUDA version ``driver_version`` (as cudaDriverGetVersion gives
+    it: 1000 * major + 10 * minor, e.g. 13000) can load cubins of NVRTC ``nvrtc`` = (major, minor): the driver's
+    CUDA major.minor must be at least NVRTC's. Pure (no GPU needed); the message names both versions and the
+    extra to install."""
+    d_major, d_minor = driver_version // 1000, (driver_version % 1000) // 10
+    n_major, n_minor = int(nvrtc[0]), int(nvrtc[1])
+    if (d_major, d_minor) >= (n_major, n_minor):
+        return
+    driver, compiler = _fmt(d_major, d_minor), _fmt(n_major, n_minor)
+    if d_major == n_major:
+        fix = (
+            f'install NVRTC {driver}: pip install "nvidia-cuda-nvrtc{"-cu12" if d_major == 12 else ""}'
+            f'=={driver}.*" (epkern[{_EXTRAS.get(d_major, f"cuda{d_major}")}] pins the tested minor)'
+        )
+    elif d_major in _EXTRAS:
+        fix = (
+            f"pip uninstall the CUDA {n_major} wheels (cupy-cuda{n_major}x, nvidia-cuda-nvrtc*, "
+            f'nvidia-cuda-runtime*), then pip install "epkern[{_EXTRAS[d_major]}]"'
+        )
+    else:
+        fix = f"update the NVIDIA driver (epkern supports CUDA {' and '.join(map(str, sorted(_EXTRAS)))})"
+    raise DeviceUnavailableError(
+        f"the NVIDIA driver supports CUDA {driver} but NVRTC is {compiler}: the driver cannot load the kernels "
+        f"NVRTC {compiler} compiles; {fix}"
+    )
+
+
+@functools.cache
+def driver_version() -> int | None:
+    """cudaDriverGetVersion (1000 * major + 10 * minor), or None without a GPU or when it cannot be asked."""
+    if not gpu_available():
+        return None
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.driverGetVersion())
+    except Exception:  # noqa: BLE001 - no answer: leave the check to the module load
+        return None
+
+
+def require_driver_for_nvrtc(nvrtc: tuple[int, int]) -> None:
+    """On a machine with a GPU, :func:`check_driver_for_nvrtc` against its driver; nothing without one."""
+    version = driver_version()
+    if version is not None:
+        check_driver_for_nvrtc(version, nvrtc)

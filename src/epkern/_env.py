@@ -6,6 +6,7 @@ variable after ``import epkern``. docs/environment.md lists them for users.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -36,6 +37,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "how processes of one node map each other's symmetric regions: vmm (cuMemCreate/cuMemMap, descriptors "
         "over Unix sockets), legacy (cudaIpcOpenMemHandle; copies into it ran at half speed on an H200), auto "
         "(vmm where every rank's driver has it)",
+    ),
+    "EPKERN_LOG_LEVEL": (
+        "",
+        "DEBUG, INFO, WARNING or ERROR: print the `epkern` logger's records at this level to stderr (INFO: each "
+        "kernel compile and its time; DEBUG: also disk-cache hits and module loads); unset: silent",
     ),
 }
 
@@ -171,6 +177,19 @@ def ipc_mode() -> str:
     if value not in ("auto", "vmm", "legacy"):
         raise ConfigError(f"EPKERN_IPC={value!r}: expected one of auto, vmm, legacy")
     return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level() -> int | None:
+    """The ``logging`` level EPKERN_LOG_LEVEL names, or None when unset (epkern then logs nowhere)."""
+    raw = _raw("EPKERN_LOG_LEVEL").upper()
+    if not raw:
+        return None
+    if raw not in _LOG_LEVELS:
+        raise ConfigError(f"EPKERN_LOG_LEVEL={raw!r}: expected one of {', '.join(_LOG_LEVELS)}")
+    return getattr(logging, raw)
 
 
 def _zero_or_one(name: str) -> int:

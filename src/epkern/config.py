@@ -11,9 +11,25 @@ CTRL_BYTES = 1 << 17  # control area at the start of every rank's symmetric regi
 
 @dataclass(frozen=True)
 class Config:
-    """``num_sms``: blocks each HT kernel launches (one per SM). The chunk sizes are accepted for DeepEP
-    compatibility: epkern's intranode kernels write rows straight into their final place and need no
-    chunked ring buffers, so they do not use them."""
+    """Launch settings of the HT kernels, passed as ``config=`` to ``Buffer.dispatch`` / ``Buffer.combine``
+    (``Buffer.get_dispatch_config()`` / ``get_combine_config()`` return the Buffer's default).
+
+    Args:
+        num_sms: blocks each HT kernel launches (one per SM), 1 to 1024.
+        num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens, num_max_rdma_chunked_send_tokens,
+            num_max_rdma_chunked_recv_tokens: positive ints, accepted for DeepEP compatibility: epkern's
+            intranode kernels write rows straight into their final place and need no chunked ring buffers, so
+            they do not use them.
+
+    Raises ``epkern.ArgumentError`` naming the field on a bad value. The CPU backend checks ``config`` and
+    launches nothing.
+
+    Example::
+
+        config = epkern.Config(num_sms=24)
+        recv_x, *_ = buf.dispatch(x, topk_idx=topk_idx, ..., config=config)
+        nvl_bytes = epkern.Config.get_nvl_buffer_size_hint(hidden * 2, group.size, num_tokens, topk)
+    """
 
     num_sms: int = 20
     num_max_nvl_chunked_send_tokens: int = 6
@@ -35,10 +51,24 @@ class Config:
     def get_nvl_buffer_size_hint(
         hidden_bytes: int, num_ranks: int, num_max_tokens_per_rank: int = 4096, topk: int = 8
     ) -> int:
-        """Bytes of ``num_nvl_bytes`` for processes on one node: dispatch outputs are allocated in the
-        shared region so peers can write them in place, and combine stages its input there when it is not
-        already inside. Enough for the outputs of two dispatches alive at once plus one staged combine
-        input, every token reaching every rank (the worst case)."""
+        """Bytes of ``num_nvl_bytes`` (``Buffer(group, num_nvl_bytes=...)``) for processes on one node:
+        dispatch outputs are allocated in the shared region so peers can write them in place, and combine
+        stages its input there when it is not already inside. Enough for the outputs of two dispatches alive
+        at once plus one staged combine input, every token reaching every rank (the worst case).
+
+        Args:
+            hidden_bytes: bytes of one token row: ``H * 2`` for BF16, ``H`` for FP8 (at least 16).
+            num_ranks: ranks of the group.
+            num_max_tokens_per_rank: the most tokens one rank dispatches in a call (default 4096).
+            topk: K, the experts per token (default 8).
+        Returns:
+            an int number of bytes. Raises ``epkern.ArgumentError`` naming a bad argument.
+
+        Example::
+
+            nvl_bytes = epkern.Config.get_nvl_buffer_size_hint(7168 * 2, 8, num_max_tokens_per_rank=4096, topk=8)
+            buf = epkern.Buffer(group, num_nvl_bytes=nvl_bytes)
+        """
         hidden_bytes = check_int(hidden_bytes, "hidden_bytes", min_value=16)
         num_ranks = check_int(num_ranks, "num_ranks", min_value=1)
         rows = num_ranks * check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", min_value=1)

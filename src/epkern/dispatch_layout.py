@@ -66,14 +66,34 @@ def _workspace(device: int, stream_ptr: int, num_counters: int) -> _Workspace:
 def get_dispatch_layout(
     topk_idx, num_experts: int, num_ranks: int, rank_to_node=None, *, check_indices: bool = True, alloc_stream=None
 ) -> DispatchLayout:
-    """Counts of tokens per rank / node / expert and the token-to-rank map for ``topk_idx`` [T, K]
-    (int64 or int32, entries in [-1, num_experts)), on the current CuPy stream.
+    """Counts of tokens per rank / node / expert and the token-to-rank map for ``topk_idx``, on the current
+    CuPy stream: the GPU layout kernel alone, without a Buffer or a group (``Buffer.get_dispatch_layout`` is
+    this with the group's size and nodes, on either backend). GPU only: raises DeviceUnavailableError without one.
 
-    ``rank_to_node``: node index of every rank; per-node counts are returned when there are 2+ nodes.
-    ``check_indices``: the kernel counts out-of-range indices and the host waits for the stream to raise
-    ArgumentError if there were any (entries are otherwise ignored). False makes the call fully
-    asynchronous, for hot loops whose indices are known good.
-    ``alloc_stream``: allocate the outputs on this stream instead (the current one waits for it).
+    Args:
+        topk_idx: CuPy int64 or int32 [T, K], entries in [-1, num_experts) (-1: no selection); K in 1..32.
+        num_experts: E, a multiple of ``num_ranks``, at most 8192; rank r owns experts [r·E/R, (r+1)·E/R).
+        num_ranks: R, 1 to 1024.
+        rank_to_node: node index of every rank (a sequence of R ints); per-node counts are returned when
+            there are 2+ nodes.
+        check_indices: the kernel counts out-of-range indices and the host waits for the stream to raise
+            ArgumentError if there were any (entries are otherwise ignored). False makes the call fully
+            asynchronous, for hot loops whose indices are known good.
+        alloc_stream: allocate the outputs on this stream instead (the current one waits for it).
+    Returns:
+        ``DispatchLayout(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] or None for
+        one node, num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])`` (CuPy arrays; a NamedTuple,
+        so it unpacks like DeepEP's tuple). ``num_tokens_per_rank[j]``: tokens with at least one expert on
+        rank j; ``num_tokens_per_expert[e]``: (t, k) selections of expert e.
+
+    Example::
+
+        import cupy
+        from epkern.dispatch_layout import get_dispatch_layout
+
+        topk_idx = cupy.asarray([[0, 5], [1, -1], [6, 7]], dtype=cupy.int64)   # T=3, K=2
+        per_rank, _, per_expert, in_rank = get_dispatch_layout(topk_idx, num_experts=8, num_ranks=2)
+        # per_rank [2, 2], per_expert [1, 1, 0, 0, 0, 1, 1, 1], in_rank [[1, 1], [1, 0], [0, 1]]
     """
     _cuda.require_gpu("get_dispatch_layout")
     import cupy

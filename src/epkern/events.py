@@ -4,21 +4,45 @@ from __future__ import annotations
 
 
 class EventHandle:
-    """What ``async_finish=True`` returns. On the CPU backend work is done when the call returns, so the
-    event is already complete; the GPU backend wraps a CuPy event."""
+    """The event every ``Buffer`` call returns (last in its tuple): the end of that call's work.
+
+    With ``async_finish=False`` (the default) the caller's current stream already waits for the call, so the
+    event is rarely needed. With ``async_finish=True`` the caller's stream does not wait: the call runs on the
+    Buffer's communication stream, and this event marks its end; order later work after it with
+    :meth:`current_stream_wait` (device side) or :meth:`synchronize` (host side), or pass it as
+    ``previous_event=`` to a later call, which then waits for it instead of for the current stream.
+
+    On the GPU backend ``event`` is a ``cupy.cuda.Event``; on the CPU backend work is done when the call
+    returns, so ``event`` is None and the handle is already complete (every method returns at once).
+
+    Args:
+        event: a ``cupy.cuda.Event``, or None (complete).
+
+    Example::
+
+        recv_x, _, _, _, handle, event = buf.dispatch(x, ..., async_finish=True)
+        overlap_other_work()                     # on the current stream, concurrent with the dispatch
+        event.current_stream_wait()              # then the current stream waits for the dispatch
+        y = expert(recv_x)
+        combined_x, _, event = buf.combine(y, handle, previous_event=event, async_finish=True)
+        event.synchronize()                      # the host waits for the combine
+    """
 
     def __init__(self, event=None):
         self.event = event
 
     def current_stream_wait(self) -> None:
+        """Make the current CuPy stream wait for the event (no host wait); nothing on the CPU backend."""
         if self.event is not None:
             import cupy
 
             cupy.cuda.get_current_stream().wait_event(self.event)
 
     def synchronize(self) -> None:
+        """Block the host until the event has completed; returns at once on the CPU backend."""
         if self.event is not None:
             self.event.synchronize()
 
     def done(self) -> bool:
+        """Whether the event has completed, without waiting (always True on the CPU backend)."""
         return self.event is None or self.event.done

@@ -25,10 +25,11 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import _env
+from . import _env, _log
 from .errors import KernelCompileError
 from .kernel_files import kernel_dir, kernel_sources  # noqa: F401 - re-exported: the loader's folder
 
@@ -108,13 +109,31 @@ def _site_dirs() -> list[Path]:
     return [Path(p) for p in sys.path if p and Path(p).is_dir()]
 
 
+def _wheel_header_roots() -> list[Path]:
+    """The CUDA header folders of the pip wheels: nvidia-cuda-runtime 13.x (``nvidia/cu13/include``) and
+    nvidia-cuda-runtime-cu12 (``nvidia/cuda_runtime/include``), the one of NVRTC's major first."""
+    layouts = {13: ("nvidia", "cu13", "include"), 12: ("nvidia", "cuda_runtime", "include")}
+    try:
+        major = nvrtc_version()[0]
+    except Exception:  # noqa: BLE001 - no NVRTC: the headers are looked up all the same
+        major = 13
+    order = sorted(layouts, key=lambda m: m != major)
+    return [site.joinpath(*layouts[m]) for site in _site_dirs() for m in order]
+
+
+def _require_driver_for_nvrtc() -> None:
+    """DeviceUnavailableError when this machine's GPU driver is older than NVRTC (it could not load the cubins);
+    nothing without a GPU."""
+    from . import _cuda
+
+    _cuda.require_driver_for_nvrtc(nvrtc_version())
+
+
 @functools.cache
 def include_dirs() -> tuple[str, ...]:
     """Include paths for cuda_bf16.h / cuda_fp8.h (the nvidia-cuda-runtime wheel or a toolkit) and CCCL."""
     dirs: list[Path] = []
-    header_roots = []
-    for site in _site_dirs():
-        header_roots += [site / "nvidia" / "cu13" / "include", site / "nvidia" / "cuda_runtime" / "include"]
+    header_roots = _wheel_header_roots()
     for env_name in ("CUDA_PATH", "CUDA_HOME"):
         if os.environ.get(env_name):
             header_roots.append(Path(os.environ[env_name]) / "include")
@@ -125,7 +144,8 @@ def include_dirs() -> tuple[str, ...]:
             break
     else:
         raise KernelCompileError(
-            "cuda_bf16.h / cuda_fp8.h not found: install nvidia-cuda-runtime==13.0.* (pip) or set CUDA_PATH"
+            "cuda_bf16.h / cuda_fp8.h not found: pip install the nvidia-cuda-runtime wheel of NVRTC's CUDA major "
+            '("epkern[cuda13]" or "epkern[cuda12]") or set CUDA_PATH'
         )
     try:
         import cupy
@@ -216,7 +236,31 @@ def compile_cubin(source: Source, defines: Mapping[str, object] | None = None, a
     log on failure."""
     arch = arch or device_arch()
     _check_arch(arch)
-    return _run_nvrtc(source, compile_options(arch, dict(defines or {}), source=source))[0]
+    defines = dict(defines or {})
+    start = time.perf_counter()
+    cubin, log = _run_nvrtc(source, compile_options(arch, defines, source=source))
+    logger = _log.get_logger()
+    logger.info(
+        "compiled %s for %s in %.2f s (%s)",
+        _describe(source),
+        arch,
+        time.perf_counter() - start,
+        _describe_defines(defines),
+    )
+    if log.strip():
+        logger.debug("NVRTC log of %s:\n%s", _describe(source), log.strip())
+    return cubin
+
+
+def _describe(source: Source) -> str:
+    """A source as the log names it: a library kernel by its file name, any other by its path."""
+    return source if isinstance(source, str) else str(source)
+
+
+def _describe_defines(defines: Mapping[str, object]) -> str:
+    if not defines:
+        return "no defines"
+    return " ".join(name if value is None else f"{name}={value}" for name, value in sorted(defines.items()))
 
 
 def ptxas_report(source: Source, defines: Mapping[str, object] | None = None, arch: str = "sm_90") -> str:
@@ -246,6 +290,7 @@ def cubin_path(source: Source, defines: Mapping[str, object], arch: str) -> Path
     folder = _env.cache_dir() / "cubin"
     target = folder / f"{source_path(source).stem}-{arch}-{cache_key(source, defines, arch)}.cubin"
     if target.is_file():
+        _log.get_logger().debug("cubin cache hit: %s (%s) %s", _describe(source), _describe_defines(defines), target)
         return target
     cubin = compile_cubin(source, defines, arch)
     folder.mkdir(parents=True, exist_ok=True)
@@ -253,6 +298,7 @@ def cubin_path(source: Source, defines: Mapping[str, object], arch: str) -> Path
     with os.fdopen(fd, "wb") as f:
         f.write(cubin)
     os.replace(tmp, target)
+    _log.get_logger().debug("cubin cached: %s", target)
     return target
 
 
@@ -283,7 +329,12 @@ def get_module(source: Source, defines: Mapping[str, object] | None = None):
         with _modules_lock:
             module = _modules.get(key)
             if module is None:
+                _require_driver_for_nvrtc()
                 path = cubin_path(source, defines, device_arch(device))
+                start = time.perf_counter()
                 module = cupy.RawModule(path=str(path))
+                _log.get_logger().debug(
+                    "loaded %s on device %d in %.3f s", path.name, device, time.perf_counter() - start
+                )
                 _modules[key] = module
     return module
