@@ -74,8 +74,17 @@ def under_mps() -> bool:
     """Whether CUDA in this process will connect to an MPS server: its pipe directory
     (``CUDA_MPS_PIPE_DIRECTORY``, else /tmp/nvidia-mps) holds the control daemon's socket. Decided before CUDA
     starts; a pipe directory named without a daemon behind it does not count (CUDA then runs without MPS)."""
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "").strip() or MPS_DEFAULT_PIPE
-    return os.path.exists(os.path.join(pipe, "control"))
+    return os.path.exists(os.path.join(mps_pipe_directory(), "control"))
+
+
+def mps_pipe_directory() -> str:
+    """Where CUDA looks for the MPS control daemon: ``CUDA_MPS_PIPE_DIRECTORY``, else /tmp/nvidia-mps."""
+    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "").strip() or MPS_DEFAULT_PIPE
+
+
+def cuda_variables() -> dict[str, str | None]:
+    """The values of the CUDA variables epkern sets when unset (CUDA_DEFAULTS), None where unset."""
+    return {name: os.environ.get(name) for name in CUDA_DEFAULTS}
 
 
 _applied: set[str] = set()
@@ -192,11 +201,41 @@ def log_level() -> int | None:
     return getattr(logging, raw)
 
 
+def set_variables() -> dict[str, str]:
+    """Every EPKERN_* variable set in the environment, known to epkern or not (a typo), by name."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("EPKERN_")}
+
+
+def refusal(name: str) -> str | None:
+    """Why epkern refuses the current value of ``name`` (the ConfigError its accessor raises), None if it takes
+    it or ``name`` has no checked value."""
+    accessor = _ACCESSORS.get(name)
+    try:
+        if accessor is not None:
+            accessor()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def _zero_or_one(name: str) -> int:
     raw = _raw(name) or VARIABLES[name][0]
     if raw not in ("0", "1"):
         raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
     return int(raw)
+
+
+_ACCESSORS = {
+    "EPKERN_BACKEND": backend,
+    "EPKERN_RANKS_PER_NODE": ranks_per_node,
+    "EPKERN_TIMEOUT_S": timeout_s,
+    "EPKERN_NVRTC_ARCH": nvrtc_arch,
+    "EPKERN_NUM_THREADS_RANKS": num_thread_ranks,
+    "EPKERN_POISON_OUTPUTS": poison_outputs,
+    "EPKERN_NUM_PROXY_THREADS": num_proxy_threads,
+    "EPKERN_IPC": ipc_mode,
+    "EPKERN_LOG_LEVEL": log_level,
+}
 
 
 def markdown() -> str:

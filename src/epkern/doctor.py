@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 
 from . import _cuda, _env
-from .errors import ConfigError
 
 SMOKE_TIMEOUT_S = 120.0
 
@@ -163,10 +162,9 @@ def _pair_link(nvml, a, b) -> str:
 
 
 def mps() -> dict:
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "").strip() or _env.MPS_DEFAULT_PIPE
-    out = {"under_mps": _env.under_mps(), "pipe_directory": pipe}
-    for name in _env.CUDA_DEFAULTS:
-        out[name] = os.environ.get(name, "(unset)")
+    out = {"under_mps": _env.under_mps(), "pipe_directory": _env.mps_pipe_directory()}
+    for name, value in _env.cuda_variables().items():
+        out[name] = "(unset)" if value is None else value
     return out
 
 
@@ -203,34 +201,16 @@ def kernel_cache() -> dict:
 
 # --------------------------------------------------------------------------------------------- environment
 
-_ACCESSORS = {
-    "EPKERN_BACKEND": _env.backend,
-    "EPKERN_RANKS_PER_NODE": _env.ranks_per_node,
-    "EPKERN_TIMEOUT_S": _env.timeout_s,
-    "EPKERN_NVRTC_ARCH": _env.nvrtc_arch,
-    "EPKERN_NUM_THREADS_RANKS": _env.num_thread_ranks,
-    "EPKERN_POISON_OUTPUTS": _env.poison_outputs,
-    "EPKERN_NUM_PROXY_THREADS": _env.num_proxy_threads,
-    "EPKERN_IPC": _env.ipc_mode,
-    "EPKERN_LOG_LEVEL": _env.log_level,
-}
-
 
 def environment() -> dict:
     """Every EPKERN_* variable that is set, with a note where epkern does not know it or refuses its value."""
     out = {}
-    for name in sorted(n for n in os.environ if n.startswith("EPKERN_")):
-        value = os.environ[name]
+    for name, value in _env.set_variables().items():
         if name not in _env.VARIABLES:
             out[name] = f"{value!r}  (not an epkern variable: a typo?)"
             continue
-        out[name] = repr(value)
-        try:
-            _ACCESSORS.get(name, lambda: None)()
-        except ConfigError as exc:
-            out[name] += f"  (refused: {exc})"
-        except Exception:  # noqa: BLE001 - only the refusal is the doctor's business here
-            pass
+        why = _env.refusal(name)
+        out[name] = repr(value) + (f"  (refused: {why})" if why else "")
     return out or {"set": "none (every variable at its default: docs/environment.md)"}
 
 

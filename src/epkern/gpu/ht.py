@@ -64,9 +64,6 @@ class HtEngine:
         sms = min(config.num_sms if config is not None else self.num_sms, self.rt.sm_share)
         return max(1, sms) * self.tuning.blocks_per_sm
 
-    def _device_array(self, obj, name):
-        return as_device_array(obj, name)
-
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()

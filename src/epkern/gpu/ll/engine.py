@@ -156,11 +156,12 @@ class LLEngine:
 
     # ---- the two buffer sets ----
     def next_parity(self) -> int:
+        """The buffer set (0 or 1) the next LL call runs in, as the host counts the sending calls."""
         return (self.sends + 1) & 1
 
     def next_set(self, stride: int) -> tuple[int, int]:
-        """(parity, address) of the buffer set the next LL call runs in, as the host counts the sending calls."""
-        parity = (self.sends + 1) & 1
+        """(parity, address) of the buffer set the next LL call runs in."""
+        parity = self.next_parity()
         return parity, self.rt.region.ptr + self.rt.ll_offset + parity * stride
 
     def _view(self, ptr: int, nbytes: int, dtype, shape):
@@ -240,7 +241,7 @@ class LLEngine:
 
         rt = self.rt
         self.replays += 1
-        phase = PHASE_SEND if return_recv_hook else PHASE_SEND | PHASE_RECV
+        phase = self.first_phase(return_recv_hook)
         compute = cupy.cuda.get_current_stream()
         if compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook:
             # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and

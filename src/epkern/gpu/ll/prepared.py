@@ -57,7 +57,7 @@ class Prepared:
     def __call__(self):
         eng = self.eng
         eng.rt.check_usable()
-        slot = (eng.sends + 1) & 1 if self.per_set else 0
+        slot = eng.next_parity() if self.per_set else 0
         plan = self.plans[slot]
         if plan is None or self.generation != eng.plans.generation or plan.shapes != _shapes(self.inputs):
             return self._validated(slot)
