@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [firsthour|mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -26,12 +26,19 @@ summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps; do has "$w" && return 0; done
+  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps firsthour; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
+fi
+if has firsthour; then
+  # Issue #21: the doctor with MPS running (text and --json); without MPS below, with the demo and the examples.
+  timeout 300 python3 -m epkern.doctor >"$OUT/doctor_mps.txt" 2>&1
+  summary+=("doctor (MPS on) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_mps.txt" | tr -s ' \n' ' ' | cut -c1-240)")
+  timeout 300 python3 -m epkern.doctor --json >"$OUT/doctor_mps.json" 2>"$OUT/doctor_mps_json.err"
+  summary+=("doctor --json (MPS on) rc=$?")
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
@@ -102,6 +109,15 @@ if mps_steps; then
   bash scripts/mps.sh stop
   sleep 2
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY # the in-process runs below are no MPS clients
+fi
+if has firsthour; then
+  timeout 300 python3 -m epkern.doctor >"$OUT/doctor_nomps.txt" 2>&1
+  summary+=("doctor (MPS off) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_nomps.txt" | tr -s ' \n' ' ' | cut -c1-240)")
+  EPKERN_LOG_LEVEL=INFO EPKERN_CACHE_DIR=/tmp/epkern-cache-demo timeout 300 python3 -m epkern.demo --backend gpu \
+    >"$OUT/demo_gpu.log" 2>&1
+  summary+=("demo gpu (cold cache) rc=$?: $(grep -c 'compiled ' "$OUT/demo_gpu.log") compiles; $(grep -m1 validated "$OUT/demo_gpu.log")")
+  timeout 600 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_examples_cpu.py >"$OUT/examples_gpu.log" 2>&1
+  summary+=("examples gpu rc=$?: $(tail -1 "$OUT/examples_gpu.log")")
 fi
 if has absentrepro; then
   # The reproducer of the absent-rank failure (docs/architecture.md, Known problems): another LL test first in the

@@ -1,9 +1,11 @@
 """The examples in examples/ run on the CPU backend: each script as a subprocess (exit code and what it printed),
-the notebook through nbclient; a broken expert makes a script exit 1; README.md's "Using it" snippet is the core
-of examples/ht_train_step.py."""
+the notebook through nbclient (or, without it, its code cells as one script); a broken expert makes a script exit
+1; README.md's "Using it" snippet is the core of examples/ht_train_step.py. The same runs on the GPU backend are
+marked gpu (they run where CuPy sees a GPU)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -17,16 +19,18 @@ EXAMPLES = ROOT / "examples"
 TIMEOUT_S = 300
 
 
-def _env() -> dict:
+def _env(backend: str = "cpu") -> dict:
     env = dict(os.environ)
-    env["EPKERN_BACKEND"] = "cpu"
+    env["EPKERN_BACKEND"] = backend
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     return env
 
 
-def _run(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
+def _run(*argv: str, code: str | None = None, backend: str = "cpu") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code, *argv] if code is not None else [sys.executable, *argv]
-    return subprocess.run(cmd, cwd=EXAMPLES, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    return subprocess.run(
+        cmd, cwd=EXAMPLES, env=_env(backend), capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
@@ -34,15 +38,19 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
+BACKENDS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_ht_train_step(ranks):
-    out = _ok(_run("ht_train_step.py", "--backend", "cpu", "--ranks", str(ranks), "--steps", "2"))
-    assert f"{ranks} in-process ranks, cpu backend" in out
+def test_ht_train_step(ranks, backend):
+    out = _ok(_run("ht_train_step.py", "--backend", backend, "--ranks", str(ranks), "--steps", "2", backend=backend))
+    assert f"{ranks} in-process ranks, {backend} backend" in out
     for rank in range(ranks):
         for step in range(2):
             assert f"rank {rank} step {step}: received" in out
     assert out.count("combined_x, combined weights and grad_x equal numpy") == 2 * ranks
-    assert f"OK: 2 HT train steps exact on {ranks} ranks (cpu backend)" in out
+    assert f"OK: 2 HT train steps exact on {ranks} ranks ({backend} backend)" in out
 
 
 def test_ht_train_step_default_runs_two_ranks():
@@ -50,13 +58,17 @@ def test_ht_train_step_default_runs_two_ranks():
     assert "2 in-process ranks" in out and "OK: 3 HT train steps exact on 2 ranks" in out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_ll_decode_loop(ranks):
-    out = _ok(_run("ll_decode_loop.py", "--backend", "cpu", "--ranks", str(ranks), "--steps", "3"))
-    assert f"{ranks} in-process ranks, cpu backend" in out
+def test_ll_decode_loop(ranks, backend):
+    out = _ok(_run("ll_decode_loop.py", "--backend", backend, "--ranks", str(ranks), "--steps", "3", backend=backend))
+    assert f"{ranks} in-process ranks, {backend} backend" in out
     assert out.count("3 eager decode steps into the same out_* / out= arrays") == ranks
-    assert out.count("CUDA graph part skipped: the cpu backend has no streams to capture") == ranks
-    assert f"OK: LL decode loop exact on {ranks} ranks (cpu backend)" in out
+    if backend == "cpu":
+        assert out.count("CUDA graph part skipped: the cpu backend has no streams to capture") == ranks
+    else:
+        assert out.count("CUDA graph part skipped") == 0
+    assert f"OK: LL decode loop exact on {ranks} ranks ({backend} backend)" in out
 
 
 # A module-level patch before main(): the examples look their helpers up at call time.
@@ -87,22 +99,42 @@ def test_readme_snippet_is_the_core_of_ht_train_step():
     assert "rank 1 step 2: received" in out and "grad_x equal numpy" in out
 
 
+def _notebook_text(nb_cells) -> str:
+    """What the code cells printed (streams) and returned (their text/plain results)."""
+    outputs = [o for c in nb_cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    return "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+def _check_notebook_output(text: str, backend: str) -> None:
+    assert ("CPU backend" if backend == "cpu" else "GPU backend") in text
+    assert "HT: combine(dispatch(x)) exact on all" in text
+    assert "LL: low_latency_combine(low_latency_dispatch(x)) exact on all" in text
+    assert "ArgumentError: topk_idx:" in text
+
+
+def test_notebook_is_committed_with_its_outputs():
+    cells = json.loads((EXAMPLES / "in_process_ranks.ipynb").read_text())["cells"]
+    code_cells = [c for c in cells if c["cell_type"] == "code"]
+    assert code_cells and all(c["outputs"] for c in code_cells)
+    _check_notebook_output(_notebook_text(cells), "cpu")
+
+
 def test_notebook_runs_on_cpu(monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat not installed: the notebook is not executed")
     nbclient = pytest.importorskip("nbclient", reason="nbclient not installed: the notebook is not executed")
     pytest.importorskip("ipykernel", reason="ipykernel not installed: the notebook is not executed")
-    path = EXAMPLES / "in_process_ranks.ipynb"
-    saved = nbformat.read(path, as_version=4)
-    code_cells = [c for c in saved.cells if c.cell_type == "code"]
-    assert all(c.outputs for c in code_cells), "the notebook is committed with its outputs"
     for name, value in _env().items():
         monkeypatch.setenv(name, value)
-    nb = nbformat.read(path, as_version=4)  # executed in memory; the file keeps its saved outputs
+    nb = nbformat.read(EXAMPLES / "in_process_ranks.ipynb", as_version=4)  # run in memory; the file keeps its outputs
     nbclient.NotebookClient(
         nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
     ).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "CPU backend" in text
-    assert "HT: combine(dispatch(x)) exact on all 2 ranks" in text
-    assert "LL: low_latency_combine(low_latency_dispatch(x)) exact on all 2 ranks" in text
-    assert "ArgumentError: topk_idx:" in text
+    _check_notebook_output(_notebook_text(nb.cells), "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_notebook_code_as_a_script(backend):
+    """The notebook's code cells in order as one script (what runs where nbclient is not installed)."""
+    cells = json.loads((EXAMPLES / "in_process_ranks.ipynb").read_text())["cells"]
+    code = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    _check_notebook_output(_ok(_run(code=code, backend=backend)), backend)

@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ PROBE = 'extern "C" __global__ void epk_log_probe(int* out) { out[0] = EPK_LOG_P
 # Compiles a tiny kernel twice (a compile, then a disk-cache hit) to an sm_90 cubin: no GPU needed.
 SCRIPT = """
 import sys
+import threading
+import time
 from pathlib import Path
 from epkern import kernel_loader
 source = Path(sys.argv[1])
@@ -109,3 +113,63 @@ def test_cached_module_path_makes_no_logging_call(monkeypatch):
     monkeypatch.setitem(kernel_loader._modules, (0, "layout.cu", (("EPK_X", 1),)), module)
     monkeypatch.setattr(kernel_loader, "_log", NoLogging())
     assert kernel_loader.get_module("layout.cu", {"EPK_X": 1}) is module
+
+
+def test_one_process_compiles_and_the_others_load_its_cubin(tmp_path):
+    """Four processes ask for the same cubin at once with an empty cache: one compiles, three wait on its lock
+    and load the result (so on a node, one rank compiles)."""
+    source = tmp_path / "log_probe.cu"
+    source.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "EPKERN_LOG_LEVEL"}
+    env.update(EPKERN_CACHE_DIR=str(tmp_path / "cache"), EPKERN_LOG_LEVEL="INFO")
+    script = (
+        "import sys, time; from pathlib import Path; from epkern import kernel_loader\n"
+        "Path(sys.argv[2]).touch()\n"
+        "while not Path(sys.argv[3]).exists(): time.sleep(0.005)\n"
+        "kernel_loader.cubin_path(Path(sys.argv[1]), {'EPK_LOG_PROBE': 5}, 'sm_90')\n"
+    )
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(source), str(tmp_path / f"ready{i}"), str(go)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    errs = [child.communicate(timeout=120)[1] for child in children]
+    assert all(child.returncode == 0 for child in children), errs
+    text = "".join(errs)
+    assert text.count("compiled log_probe") + text.count(f"compiled {source}") == 1, text
+    assert len(list((tmp_path / "cache" / "cubin").glob("*.cubin"))) == 1
+
+
+def test_compile_lock_serialises_compiles_of_one_cubin(tmp_path, monkeypatch):
+    """Deterministic form of the above: threads (each with its own lock file handle) and a slow compiler."""
+    source = tmp_path / "log_probe.cu"
+    source.write_text(PROBE)
+    monkeypatch.setenv("EPKERN_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def slow_compile(*args):
+        calls.append(args)
+        time.sleep(0.3)
+        return b"cubin"
+
+    monkeypatch.setattr(kernel_loader, "compile_cubin", slow_compile)
+    paths = []
+    threads = [
+        threading.Thread(target=lambda: paths.append(kernel_loader.cubin_path(source, {"EPK_LOG_PROBE": 1}, "sm_90")))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and len(set(paths)) == 1 and len(paths) == 4
+    assert paths[0].read_bytes() == b"cubin"

@@ -43,10 +43,8 @@ def _rank_main(group, args, backend):
     else:
         x, topk_idx, weights = x_np, idx_np, w_np
         to_device = np.asarray
-    # The GPU backend has no LL kernels yet (issue #4): it runs the HT part only.
-    with_ll = backend == "cpu"
     times = {"dispatch": [], "combine": [], "ll_dispatch": [], "ll_combine": []}
-    ll_bytes = Buffer.get_low_latency_rdma_size_hint(t, h, group.size, e) if with_ll else 0
+    ll_bytes = Buffer.get_low_latency_rdma_size_hint(t, h, group.size, e)
     with Buffer(group, num_rdma_bytes=ll_bytes, backend=backend) as buf:
         for _ in range(args.iters):
             t0 = time.perf_counter()
@@ -72,14 +70,13 @@ def _rank_main(group, args, backend):
             assert np.array_equal(combined_w, want_w), "HT combined weights mismatch"
             times["dispatch"].append(t1 - t0)
             times["combine"].append(t2 - t1b)
-            if not with_ll:
-                continue
 
             t3 = time.perf_counter()
             ll_x, ll_count, ll_handle, _, _ = buf.low_latency_dispatch(x, topk_idx, t, e, use_fp8=False)
             t4 = time.perf_counter()
-            ll_y = (ll_x.astype(np.float32) * 2).astype(BF16)
+            ll_y = to_device((_host(ll_x).astype(np.float32) * 2).astype(BF16))  # rows past the counts too
             ll_out, _, _ = buf.low_latency_combine(ll_y, topk_idx, weights, ll_handle)
+            ll_out = _host(ll_out)
             t5 = time.perf_counter()
             acc = np.zeros((t, h), np.float32)
             for kk in range(k):
@@ -104,8 +101,7 @@ def main(argv=None) -> int:
 
     backend = resolve_backend(args.backend)
     if backend == "gpu":
-        print("epkern demo on the GPU backend: in-process ranks sharing one GPU, HT kernels over CUDA IPC")
-        print("  (the low-latency part runs on the CPU backend only until the LL kernels land, issue #4)")
+        print("epkern demo on the GPU backend: in-process ranks sharing one GPU, HT and LL kernels over CUDA IPC")
     else:
         why = "asked for" if args.backend == "cpu" else "no CUDA GPU found"
         print(f"epkern demo on the CPU backend ({why}): the numpy reference across in-process ranks")
@@ -115,8 +111,7 @@ def main(argv=None) -> int:
     )
     results = run_in_process(_rank_main, args.ranks, args, backend)
     row_bytes = args.hidden * 2
-    ll = " and LL weighted combine" if backend == "cpu" else ""
-    print(f"  validated: HT combine(expert(dispatch(x))){ll} exact on every rank")
+    print("  validated: HT combine(expert(dispatch(x))) and the LL weighted combine exact on every rank")
     print(f"  {'op':12s} {'median ms (slowest rank)':>26s} {'recv rows (rank 0)':>20s}")
     for op in [op for op in ("dispatch", "combine", "ll_dispatch", "ll_combine") if op in results[0][0]]:
         ms = max(r[0][op] for r in results) * 1e3

@@ -18,6 +18,7 @@ no define it does not require: a missing one fails to compile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -285,21 +286,59 @@ def cache_key(source: Source, defines: Mapping[str, object], arch: str) -> str:
 
 
 def cubin_path(source: Source, defines: Mapping[str, object], arch: str) -> Path:
-    """Disk-cached cubin for this specialisation, compiling it on a miss (atomic rename, so concurrent
-    processes never read a half-written file)."""
+    """Disk-cached cubin for this specialisation, compiling it on a miss. One process per cache folder (so one
+    rank per node, where the ranks share the folder) compiles a given cubin; the others wait on its lock file and
+    load the result. Written by atomic rename, so no process reads a half-written file."""
     folder = _env.cache_dir() / "cubin"
     target = folder / f"{source_path(source).stem}-{arch}-{cache_key(source, defines, arch)}.cubin"
+    logger = _log.get_logger()
     if target.is_file():
-        _log.get_logger().debug("cubin cache hit: %s (%s) %s", _describe(source), _describe_defines(defines), target)
+        logger.debug("cubin cache hit: %s (%s) %s", _describe(source), _describe_defines(defines), target)
         return target
-    cubin = compile_cubin(source, defines, arch)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(cubin)
-    os.replace(tmp, target)
-    _log.get_logger().debug("cubin cached: %s", target)
+    with _compile_lock(target.with_suffix(".lock")) as waited:
+        if target.is_file():
+            logger.info("loaded %s compiled by another process (waited %.2f s)", target.name, waited)
+            return target
+        cubin = compile_cubin(source, defines, arch)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        os.replace(tmp, target)
+    logger.debug("cubin cached: %s", target)
     return target
+
+
+COMPILE_LOCK_WAIT_S = 600.0
+"""How long a process waits for another's compile of the same cubin before compiling it itself (a compile
+takes seconds; a holder that died releases its lock with it, so this only bounds a stuck compiler)."""
+
+
+@contextlib.contextmanager
+def _compile_lock(path: Path):
+    """Exclusive ``flock`` on ``path`` for one compile; yields the seconds spent waiting for it."""
+    import fcntl
+
+    start = time.perf_counter()
+    with open(path, "a+b") as f:
+        locked = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.perf_counter() - start > COMPILE_LOCK_WAIT_S:
+                    _log.get_logger().warning(
+                        "%s: still locked after %.0f s; compiling without it", path, COMPILE_LOCK_WAIT_S
+                    )
+                    break
+                time.sleep(0.02)
+        try:
+            yield time.perf_counter() - start
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _modules: dict[tuple, object] = {}
