@@ -9,8 +9,9 @@ import tempfile
 
 import pytest
 
+from epkern.errors import GroupError
 from epkern.group import run_in_process
-from epkern.memory import vmm
+from epkern.memory import fd_exchange, vmm
 
 
 def _share(group):
@@ -20,7 +21,7 @@ def _share(group):
         f.seek(0)
         mine = f.read()
         peers = [r for r in range(group.size) if r != group.rank]
-        got = vmm.share_fds(group.allgather_object, group.rank, f.fileno(), peers, timeout_s=20)
+        got = fd_exchange.share_fds(group.allgather_bytes, group.rank, f.fileno(), peers, timeout_s=20)
         assert sorted(got) == peers
         texts = {}
         for r, fd in got.items():
@@ -47,13 +48,14 @@ def test_missing_peer_raises_instead_of_hanging():
             peers = peers + [group.size + 5]
         with tempfile.TemporaryFile() as f:
             try:
-                vmm.share_fds(group.allgather_object, group.rank, f.fileno(), peers, timeout_s=3)
-            except Exception as exc:  # noqa: BLE001 - whichever the failing side raises (OSError, GroupError)
-                return type(exc).__name__
+                fd_exchange.share_fds(group.allgather_bytes, group.rank, f.fileno(), peers, timeout_s=3)
+            except GroupError as exc:
+                return str(exc)
         return "ok"
 
     out = run_in_process(fn, 2, timeout_s=60)
-    assert out[1] != "ok"
+    assert out[1] == "rank 1: peers [7] are not ranks of this group of 2", out
+    assert out[0].startswith("rank 0: receiving the memory descriptor of rank 1 failed"), out
 
 
 def test_vmm_is_unsupported_without_a_driver(monkeypatch):
@@ -87,6 +89,9 @@ class _Group:
 
     def allgather_object(self, obj):
         return [obj] * self.size
+
+    def allgather_bytes(self, data):
+        return [data] * self.size
 
 
 class _Runtime:
@@ -136,7 +141,9 @@ def test_symmetric_region_maps_same_node_peers_only(monkeypatch, ipc):
     peer_fd = os.open(os.devnull, os.O_RDONLY)
     monkeypatch.setattr(vmm, "Mapping", Mapping)
     monkeypatch.setattr(vmm, "supported", lambda device=0: True)
-    monkeypatch.setattr(vmm, "share_fds", lambda allgather, rank, fd, peers, timeout_s: {p: peer_fd for p in peers})
+    monkeypatch.setattr(
+        fd_exchange, "share_fds", lambda gather, rank, fd, peers, timeout_s: {p: peer_fd for p in peers}
+    )
     region = symmetric.SymmetricRegion(_Group(), 100, 0)
     assert region.mode == ipc
     if ipc == "vmm":

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _cuda, _env
 from ..errors import GroupError
-from . import vmm
+from . import fd_exchange, vmm
 
 
 def _enable_peer_access(device: int, peer: int) -> None:
@@ -96,7 +96,7 @@ class SymmetricRegion:
                 peers = [r for r in range(group.size) if same_node[r] and r != group.rank]
                 fd = self._maps[0].export_fd()
                 try:
-                    fds = vmm.share_fds(group.allgather_object, group.rank, fd, peers, timeout_s=_env.timeout_s())
+                    fds = fd_exchange.share_fds(group.allgather_bytes, group.rank, fd, peers, _env.timeout_s())
                 finally:
                     os.close(fd)
 

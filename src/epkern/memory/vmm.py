@@ -7,20 +7,15 @@ HBM floor into memory opened with ``cudaIpcOpenMemHandle`` against 0.86 into the
 allocation itself, at the allocation granularity the driver recommends, with read-write access for its
 device.
 
-A physical allocation is exported as a POSIX file descriptor; descriptors travel between processes over
-abstract-namespace Unix sockets (``share_fds``), so this works only between processes of one host.
+A physical allocation is exported as a POSIX file descriptor; descriptors travel between processes over Unix
+sockets (:mod:`.fd_exchange`, which hands them to the group's ranks only), so this works only between processes of
+one host.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import time
-import uuid
-
 from .. import _cuda_driver as driver
-from ..errors import EpkernError, GroupError
+from ..errors import EpkernError
 
 
 def granularity(device: int) -> int:
@@ -66,50 +61,3 @@ class Mapping:
         if self.handle:
             driver.mem_release(self.handle)
             self.handle = 0
-
-
-def share_fds(allgather, rank: int, fd: int, peers: list[int], timeout_s: float = 30.0) -> dict[int, int]:
-    """Every rank's file descriptor ``fd``, duplicated into this process, for the ranks in ``peers``
-    (this host's other ranks). ``allgather(obj)`` is the group's allgather of picklable objects; every
-    rank of it calls this. Descriptors go over abstract Unix sockets (SCM_RIGHTS)."""
-    token = allgather(uuid.uuid4().hex)[0]
-    name = f"\0epkern-fd-{token}-{rank}"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(name)
-    server.listen(max(1, len(peers)))
-    server.settimeout(timeout_s)
-    errors: list[BaseException] = []
-
-    def serve():
-        try:
-            for _ in peers:
-                conn, _ = server.accept()
-                with conn:
-                    socket.send_fds(conn, [b"f"], [fd])
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    allgather(None)  # every server listens before anyone connects
-    got: dict[int, int] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        for peer in peers:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(max(0.1, deadline - time.monotonic()))
-                s.connect(f"\0epkern-fd-{token}-{peer}")
-                _, fds, _, _ = socket.recv_fds(s, 1, 1)
-                if len(fds) != 1:
-                    raise GroupError(f"rank {rank}: no file descriptor came from rank {peer}")
-                got[peer] = fds[0]
-        thread.join(max(0.1, deadline - time.monotonic()))
-        if thread.is_alive() or errors:
-            raise GroupError(f"rank {rank}: handing its memory descriptor to peers failed: {errors or 'timeout'}")
-    except BaseException:
-        for f in got.values():
-            os.close(f)
-        raise
-    finally:
-        server.close()
-    return got
