@@ -22,6 +22,9 @@ def main(mode: str) -> None:
     from epkern.errors import ConfigError
     from epkern.group import MPIGroup, as_group
 
+    if mode == "silent":
+        silent_rank_mode()
+        return
     if mode == "bad-rpn":
         from mpi4py import MPI
 
@@ -71,6 +74,46 @@ def main(mode: str) -> None:
     sub.barrier()
     group.barrier()
     print(f"OK rank {r}", flush=True)
+
+
+def silent_rank_mode() -> None:
+    """Rank 2 stops answering (it sleeps past twice the deadline, as a hung or dead rank would): the others raise
+    GroupError naming it within the deadline (EPKERN_TIMEOUT_S, set by the test), every later collective raises at
+    once, and the survivors make a group of themselves (MPIGroup.subgroup) and run collectives on it. (A SIGKILLed
+    rank: MPICH 5.0.2's hydra ended the whole job even with -disable-auto-cleanup, so it is not run here.)"""
+    import time
+
+    from epkern.errors import GroupError
+    from epkern.group import MPIGroup
+
+    group = MPIGroup()
+    assert group.allgather_object(group.rank) == list(range(group.size))
+    if group.rank == 2:
+        time.sleep(2 * group.timeout_s + 1)
+        print("OK rank 2 (silent)", flush=True)
+        return
+    start = time.monotonic()
+    try:
+        group.barrier()
+    except GroupError as exc:
+        took = time.monotonic() - start
+        assert "rank 2 did not reach barrier" in str(exc), exc
+        assert took < group.timeout_s + 2, took
+        print(f"rank {group.rank}: raised after {took:.2f} s: {exc}", flush=True)
+    else:
+        raise AssertionError("barrier with a dead rank returned")
+    try:
+        group.allgather_bytes(b"x")
+    except GroupError as exc:
+        assert "failed group" in str(exc), exc
+    else:
+        raise AssertionError("a collective on a failed group returned")
+    survivors = group.subgroup([0, 1, 3])
+    assert survivors.size == 3 and survivors.rank == [0, 1, None, 2][group.rank]
+    got = survivors.allgather_bytes(payload(group.rank, 1))
+    assert got == [payload(r, 1) for r in (0, 1, 3)]
+    survivors.barrier()
+    print(f"OK rank {group.rank}", flush=True)
 
 
 if __name__ == "__main__":

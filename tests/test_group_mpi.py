@@ -23,7 +23,7 @@ def _mpiexec() -> str | None:
     return str(here) if here.exists() else shutil.which("mpiexec")
 
 
-def _run(mode: str, env_extra: dict[str, str] | None = None, mpmd_hosts: bool = False):
+def _run(mode: str, env_extra: dict[str, str] | None = None, mpmd_hosts: bool = False, survivors=range(4)):
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install 'epkern[mpi]' puts one next to the venv's python)")
@@ -44,8 +44,9 @@ def _run(mode: str, env_extra: dict[str, str] | None = None, mpmd_hosts: bool = 
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    for r in range(4):
+    for r in survivors:
         assert f"OK rank {r}" in proc.stdout, out
+    return proc.stdout
 
 
 def test_mpi_group_one_host():
@@ -58,6 +59,13 @@ def test_mpi_group_virtual_nodes():
 
 def test_mpi_group_hostnames_per_rank():
     _run("hosts", mpmd_hosts=True)
+
+
+def test_silent_rank_raises_on_the_others_who_carry_on():
+    """A rank that stops answering: the others raise GroupError naming it within EPKERN_TIMEOUT_S + 2 s (not a
+    hang), then form a group of themselves."""
+    out = _run("silent", {"EPKERN_TIMEOUT_S": "3"})
+    assert out.count("rank 2 did not reach barrier #") == 3, out
 
 
 def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():

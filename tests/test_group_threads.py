@@ -23,6 +23,7 @@ from epkern.group import (
     make_thread_groups,
     node_map,
     run_in_process,
+    wire,
 )
 from epkern.group.base import gpu_count
 from epkern.group.nodes import node_map_from_entries
@@ -425,9 +426,12 @@ def test_base_class_defaults():
         def barrier(self):
             pass
 
-    box = [pickle.dumps("root says hi"), b""]
+    box = [wire.encode("root says hi"), b""]
     g = Two(1, box)
     assert g.broadcast_object("ignored", root=0) == "root says hi"
+    box[0] = pickle.dumps("root says hi")  # a peer's pickle is refused, never loaded
+    with pytest.raises(GroupError, match="malformed group data from rank 0"):
+        g.broadcast_object("ignored", root=0)
     with pytest.raises(GroupError, match="in-process"):
         g.exchange_object(1)
 

@@ -7,10 +7,11 @@ variable after ``import epkern``. docs/environment.md lists them for users.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError
 
 # name -> (default, one-line description); docs/environment.md is generated from the same facts.
 VARIABLES: dict[str, tuple[str, str]] = {
@@ -139,6 +140,27 @@ def hostname_override() -> str | None:
     return _raw("EPKERN_HOSTNAME") or None
 
 
+MAX_TIMEOUT_S = 86400.0
+"""Longest deadline accepted (a day): deadlines become int64 nanoseconds on the device, and an infinite or NaN
+one would switch them off."""
+
+
+def _timeout_problem(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected a number of seconds, got {type(value).__name__}"
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        return f"expected a finite number of seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}"
+    return None
+
+
+def check_timeout(value, name: str = "timeout_s") -> float:
+    """``value`` as float seconds, or ArgumentError naming ``name``: finite, positive, at most a day."""
+    problem = _timeout_problem(value)
+    if problem:
+        raise ArgumentError(f"{name}: {problem}")
+    return float(value)
+
+
 def timeout_s() -> float:
     raw = _raw("EPKERN_TIMEOUT_S")
     if not raw:
@@ -147,8 +169,9 @@ def timeout_s() -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"EPKERN_TIMEOUT_S={raw!r}: expected a positive number of seconds") from None
-    if not value > 0:
-        raise ConfigError(f"EPKERN_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    problem = _timeout_problem(value)
+    if problem:
+        raise ConfigError(f"EPKERN_TIMEOUT_S={raw!r}: {problem}")
     return value
 
 

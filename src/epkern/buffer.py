@@ -107,8 +107,7 @@ class Buffer:
             raise ArgumentError("allow_mnnvl: only False is supported (no multi-node NVLink)")
         if timeout_s is None:
             timeout_s = _env.timeout_s()
-        if isinstance(timeout_s, bool) or not (isinstance(timeout_s, int | float) and timeout_s > 0):
-            raise ArgumentError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        timeout_s = _env.check_timeout(timeout_s, "timeout_s")
         if _tuning is not None:
             from .gpu.tuning import Tuning
 

@@ -2,16 +2,17 @@
 
 A group knows its rank and size, the node of every rank (see :mod:`.nodes`), the CUDA device this rank
 should use, and offers four collectives: ``allgather_bytes``, ``allgather_object``, ``broadcast_object`` and
-``barrier``. Collectives are called by every rank of the group in the same order (as in MPI).
+``barrier``. Collectives are called by every rank of the group in the same order (as in MPI). Objects travel
+as plain data (:mod:`.wire`), never pickled.
 """
 
 from __future__ import annotations
 
 import abc
-import pickle
 
 from .. import _cuda
 from ..errors import ArgumentError, GroupError
+from . import wire
 from .nodes import NodeMap, node_map
 
 
@@ -109,14 +110,14 @@ class Group(abc.ABC):
     def barrier(self) -> None: ...
 
     def allgather_object(self, obj) -> list:
-        """Every rank's ``obj`` (pickled; each rank gets copies), indexed by rank."""
-        return [pickle.loads(b) for b in self.allgather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))]
+        """Every rank's ``obj`` (plain data, see :mod:`.wire`; never pickled; each rank gets copies), by rank."""
+        return [wire.decode(b, r) for r, b in enumerate(self.allgather_bytes(wire.encode(obj)))]
 
     def broadcast_object(self, obj, root: int = 0):
-        """``obj`` of rank ``root`` on every rank (others' ``obj`` is ignored)."""
+        """``obj`` (plain data, see :mod:`.wire`) of rank ``root`` on every rank (others' ``obj`` is ignored)."""
         root = self._check_root(root)
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == root else b""
-        return pickle.loads(self.allgather_bytes(payload)[root])
+        payload = wire.encode(obj) if self.rank == root else b""
+        return wire.decode(self.allgather_bytes(payload)[root], root)
 
     def exchange_object(self, obj) -> list:
         """The objects themselves (not copies) of every rank; only for in-process groups."""
@@ -164,7 +165,7 @@ class SingleGroup(Group):
         return [as_bytes(data)]
 
     def allgather_object(self, obj) -> list:
-        return [pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))]
+        return [wire.decode(wire.encode(obj), 0)]
 
     def broadcast_object(self, obj, root: int = 0):
         self._check_root(root)

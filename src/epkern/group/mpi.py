@@ -1,13 +1,16 @@
 """mpi4py backend: a group over an MPI intra-communicator (imported only when used).
 
-Making an :class:`MPIGroup` is collective (it gathers every rank's hostname). Collectives run on the given
-communicator itself, in the order the ranks call them.
+Making an :class:`MPIGroup` is collective (it duplicates the communicator and gathers every rank's
+hostname). Collectives run in the order the ranks call them, on the duplicate (the user's own messages on the
+given communicator never mix with epkern's).
 
-Deadlines: MPI collectives cannot be interrupted from Python, so a rank that never arrives blocks the
-others; ``EPKERN_TIMEOUT_S`` does not apply here. A rank that *dies* makes ``mpiexec`` end the job; a rank
-whose Python code raises should call ``MPI_Abort``: run scripts as ``mpiexec -n N python -m mpi4py
-script.py`` (mpi4py then aborts the whole job on an uncaught exception instead of leaving the other ranks
-waiting), and use ``mpiexec``'s own timeout (``MPIEXEC_TIMEOUT`` for MPICH's hydra) or ``timeout(1)``.
+Deadlines: a blocking MPI collective cannot be interrupted, so epkern's collectives are built from
+non-blocking point-to-point messages polled against a deadline (``timeout_s``, default ``EPKERN_TIMEOUT_S``):
+a rank that never arrives, or died, makes the others raise :class:`GroupError` naming it, and the group is
+unusable after that (every later collective raises the same error at once). Whether the survivors' processes
+live on after a rank dies is the launcher's choice: MPICH's hydra ends the job unless started with
+``mpiexec -disable-auto-cleanup``; Open MPI 5 keeps it with ``mpiexec --with-ft ulfm`` (older Open MPI:
+``--enable-recovery``). The survivors then make a group of themselves with :meth:`MPIGroup.subgroup`.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ class MPIGroup(Group):
     kind = "mpi"
     is_in_process = False
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, timeout_s: float | None = None):
         from mpi4py import MPI
+
+        from .. import _env
 
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -61,7 +66,11 @@ class MPIGroup(Group):
         self._MPI = MPI
         self._rank = comm.Get_rank()
         self._size = comm.Get_size()
-        self._nodes = node_map_from_entries(comm.allgather(local_entry()))
+        self._timeout_s = _env.timeout_s() if timeout_s is None else _env.check_timeout(timeout_s, "timeout_s")
+        self._p2p = comm.Dup()  # epkern's messages only
+        self._seq = 0
+        self._failure: GroupError | None = None
+        self._nodes = node_map_from_entries(self.allgather_object(local_entry()))
 
     @property
     def comm(self):
@@ -82,28 +91,74 @@ class MPIGroup(Group):
         machine still spread over all of its GPUs); None without a GPU."""
         return self._device_by_host_local_rank()
 
+    @property
+    def timeout_s(self) -> float:
+        """Deadline of every collective of this group."""
+        return self._timeout_s
+
     def allgather_bytes(self, data: bytes) -> list[bytes]:
-        import numpy as np
-
-        data = as_bytes(data)
-        sizes = self._comm.allgather(len(data))
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
-        recv = np.empty(offsets[-1], np.uint8)
-        send = np.frombuffer(data, np.uint8) if data else np.empty(0, np.uint8)
-        self._comm.Allgatherv(send, [recv, sizes, offsets[:-1], self._MPI.BYTE])
-        raw = recv.tobytes()
-        return [raw[offsets[r] : offsets[r + 1]] for r in range(self._size)]
-
-    def allgather_object(self, obj) -> list:
-        return self._comm.allgather(obj)
-
-    def broadcast_object(self, obj, root: int = 0):
-        return self._comm.bcast(obj, root=self._check_root(root))
+        return self._exchange("allgather_bytes", as_bytes(data))
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        self._exchange("barrier", b"")
+
+    def subgroup(self, ranks) -> MPIGroup:
+        """A group of ``ranks`` (of this group; ascending) only, made by those ranks alone (MPI_Comm_create_group):
+        how the survivors of a failed rank carry on. Every rank in ``ranks`` calls it; ranks are renumbered."""
+        ranks = sorted({int(r) for r in ranks})
+        if not ranks or ranks[0] < 0 or ranks[-1] >= self._size or self._rank not in ranks:
+            raise ArgumentError(
+                f"ranks: expected ranks of this group of {self._size} including {self._rank}, got {ranks}"
+            )
+        comm = self._comm.Create_group(self._comm.Get_group().Incl(ranks))
+        return MPIGroup(comm, timeout_s=self._timeout_s)
+
+    def _exchange(self, op: str, data: bytes) -> list[bytes]:
+        """Every rank's ``data``: a non-blocking send to each peer and probes for each peer's message until all
+        arrived or the deadline; the tag cycles with the collective's sequence number (per-peer order is kept)."""
+        import time
+
+        MPI = self._MPI
+        if self._failure is not None:
+            raise GroupError(f"rank {self._rank}: {op} on a failed group ({self._failure})")
+        self._seq += 1
+        seq, tag = self._seq, self._seq % 32000
+        comm, rank = self._p2p, self._rank
+        out: list = [None] * self._size
+        out[rank] = data
+        sends = [comm.Isend([data, MPI.BYTE], dest=r, tag=tag) for r in range(self._size) if r != rank]
+        pending = [r for r in range(self._size) if r != rank]
+        deadline = time.monotonic() + self._timeout_s
+        status = MPI.Status()
+        pause = 0.0
+        while pending:
+            for r in list(pending):
+                if comm.Iprobe(source=r, tag=tag, status=status):
+                    buf = bytearray(status.Get_count(MPI.BYTE))
+                    comm.Recv([buf, MPI.BYTE], source=r, tag=tag)
+                    out[r] = bytes(buf)
+                    pending.remove(r)
+                    pause = 0.0
+            if pending:
+                if time.monotonic() > deadline:
+                    self._fail(f"{_ranks(pending)} did not reach {op} #{seq} within {self._timeout_s:g} s", sends)
+                time.sleep(pause)
+                pause = min(0.001, pause + 0.00002)
+        while not MPI.Request.Testall(sends):  # a peer that took our message and died: ours may never complete
+            if time.monotonic() > deadline:
+                self._fail(f"{op} #{seq}: peers stopped receiving (rank(s) gone?)", sends)
+            time.sleep(0.0001)
+        return out
+
+    def _fail(self, why: str, sends) -> None:
+        # The unfinished sends stay posted: cancelling a send to a dead process can end this one (MPICH).
+        self._dead_sends = sends
+        self._failure = GroupError(f"rank {self._rank}: {why}")
+        raise self._failure
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
 def mpi_world() -> Group | None:

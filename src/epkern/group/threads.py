@@ -23,13 +23,13 @@ belongs to one rank (one thread).
 from __future__ import annotations
 
 import contextlib
-import pickle
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from .. import _env
 from ..errors import ArgumentError, GroupError
+from . import wire
 from .base import Group, as_bytes, gpu_count
 from .nodes import check_ranks_per_node, local_hostname, node_map
 
@@ -180,14 +180,14 @@ class ThreadGroup(Group):
         return self._exchange("allgather_bytes", as_bytes(data))
 
     def allgather_object(self, obj) -> list:
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return [pickle.loads(b) for b in self._exchange("allgather_object", payload)]
+        payload = wire.encode(obj)
+        return [wire.decode(b, r) for r, b in enumerate(self._exchange("allgather_object", payload))]
 
     def broadcast_object(self, obj, root: int = 0):
         root = self._check_root(root)
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self._rank == root else None
+        payload = wire.encode(obj) if self._rank == root else None
         got = self._exchange(f"broadcast_object(root={root})", payload)[root]
-        return obj if self._rank == root else pickle.loads(got)
+        return obj if self._rank == root else wire.decode(got, root)
 
     def exchange_object(self, obj) -> list:
         """Every rank's ``obj`` itself (no copy), indexed by rank: for sharing device arrays and pointers
@@ -201,12 +201,6 @@ class ThreadGroup(Group):
         """Make every rank's current and later collectives raise GroupError (e.g. from a watchdog)."""
         exc = reason if isinstance(reason, BaseException) else GroupError(str(reason))
         self._coord.fail(exc, self._rank)
-
-
-def _check_positive_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ArgumentError(f"{name}: expected a positive number of seconds, got {value!r}")
-    return float(value)
 
 
 def _resolve_devices(num_ranks: int, devices) -> list[int | None]:
@@ -235,7 +229,7 @@ def make_thread_groups(
         raise ArgumentError(f"num_ranks: expected a positive integer, got {num_ranks!r}")
     explicit = check_ranks_per_node(ranks_per_node)
     rpn = explicit if explicit is not None else _env.ranks_per_node()
-    timeout = _env.timeout_s() if timeout_s is None else _check_positive_number(timeout_s, "timeout_s")
+    timeout = _env.timeout_s() if timeout_s is None else _env.check_timeout(timeout_s, "timeout_s")
     nodes = node_map(
         [local_hostname()] * num_ranks,
         rpn,

@@ -56,9 +56,7 @@ class TorchGroup(Group):
             raise ArgumentError("group: this process is not a member of the given torch.distributed group")
         self._rank = rank
         self._size = dist.get_world_size(process_group)
-        entries: list = [None] * self._size
-        dist.all_gather_object(entries, local_entry(), group=process_group)
-        self._nodes = node_map_from_entries(entries)
+        self._nodes = node_map_from_entries(self.allgather_object(local_entry()))
 
     @property
     def process_group(self):
@@ -85,12 +83,24 @@ class TorchGroup(Group):
         return self._device_by_host_local_rank()
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
-        return self.allgather_object(as_bytes(data))
+        """Two tensor all_gathers (lengths, then the bytes padded to the longest): torch's all_gather_object
+        would unpickle the peers' data."""
+        import torch
 
-    def allgather_object(self, obj) -> list:
-        out: list = [None] * self._size
-        self._dist.all_gather_object(out, obj, group=self._pg)
-        return out
+        data = as_bytes(data)
+        device = torch.device("cpu")
+        if "nccl" in str(self._dist.get_backend(self._pg)).lower():
+            device = torch.device("cuda", torch.cuda.current_device())
+        n = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        lengths = [torch.empty_like(n) for _ in range(self._size)]
+        self._dist.all_gather(lengths, n, group=self._pg)
+        sizes = [int(t.item()) for t in lengths]
+        mine = torch.zeros(max(sizes) or 1, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        mine = mine.to(device)
+        parts = [torch.empty_like(mine) for _ in range(self._size)]
+        self._dist.all_gather(parts, mine, group=self._pg)
+        return [bytes(p[:size].cpu().numpy().tobytes()) for p, size in zip(parts, sizes, strict=True)]
 
     def barrier(self) -> None:
         self._dist.barrier(group=self._pg)

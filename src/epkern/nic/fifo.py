@@ -269,7 +269,7 @@ class FifoProducer:
 
     def __init__(self, fifo: TriggerFifo, timeout_s: float | None = None):
         self.fifo = fifo
-        self.timeout_s = _env.timeout_s() if timeout_s is None else float(timeout_s)
+        self.timeout_s = _env.timeout_s() if timeout_s is None else _env.check_timeout(timeout_s, "timeout_s")
 
     def _wait(self, ready, what: str, timeout_s: float | None) -> None:
         timeout = self.timeout_s if timeout_s is None else timeout_s

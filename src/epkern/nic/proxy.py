@@ -229,7 +229,7 @@ class ProxyService:
         if max_burst <= 0:
             raise ConfigError(f"max_burst={max_burst!r}: expected a positive integer")
         self.name = name
-        self.timeout_s = _env.timeout_s() if timeout_s is None else float(timeout_s)
+        self.timeout_s = _env.timeout_s() if timeout_s is None else _env.check_timeout(timeout_s, "timeout_s")
         self.max_burst = int(max_burst)
         self.idle_min_s, self.idle_max_s = float(idle_min_s), float(idle_max_s)
         self.local_addr, self.lkey = int(local.addr), int(local.lkey)
