@@ -104,3 +104,59 @@ def test_child_environment_drops_only_the_defaults_epkern_set(monkeypatch, tmp_p
     child = _env.child_environment(dict(os.environ))
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in child and child["CUDA_MODULE_LOADING"] == "LAZY"
     assert child["PATH"] == os.environ["PATH"]
+
+
+def test_import_sets_no_cuda_variable():
+    """import epkern changes nothing for the process (issue #20, finding 5): PyTorch's or CUDA's defaults stay."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in _env.CUDA_DEFAULTS}
+    code = f"import os, epkern; print([n for n in {list(_env.CUDA_DEFAULTS)!r} if n in os.environ])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_in_process_ranks_set_the_cuda_defaults_before_cuda_starts(monkeypatch, tmp_path):
+    import os
+
+    from epkern import _cuda_driver
+    from epkern.group import make_thread_groups
+
+    for name in _env.CUDA_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(_env, "MPS_DEFAULT_PIPE", str(tmp_path))  # no MPS daemon
+    monkeypatch.setattr(_cuda_driver, "initialised", lambda: False)
+    make_thread_groups(2)
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32" and os.environ["CUDA_MODULE_LOADING"] == "EAGER"
+
+
+def test_in_process_ranks_warn_when_cuda_started_without_them(monkeypatch, tmp_path):
+    import os
+
+    from epkern import _cuda_driver
+    from epkern.group import make_thread_groups
+
+    for name in _env.CUDA_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(_env, "MPS_DEFAULT_PIPE", str(tmp_path))
+    monkeypatch.setattr(_cuda_driver, "initialised", lambda: True)
+    with pytest.warns(RuntimeWarning, match=r"CUDA started .* without CUDA_DEVICE_MAX_CONNECTIONS \("):
+        make_thread_groups(2)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ  # too late to act: left unset, not pretended
+
+
+def test_cuda_initialised_probe_without_a_driver(monkeypatch):
+    import ctypes.util
+
+    from epkern import _cuda_driver
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has a CUDA driver")
+    monkeypatch.setattr(_cuda_driver, "_lib", None)
+    assert _cuda_driver.initialised() is False

@@ -6,7 +6,7 @@ first used and says clearly why it is unavailable.
 
 from __future__ import annotations
 
-from . import _env, errors
+from . import errors
 from ._cuda import gpu_available
 from .buffer import Buffer, EventHandle
 from .config import Config
@@ -18,8 +18,6 @@ from .errors import (
     GroupError,
     KernelCompileError,
 )
-
-_env.apply_cuda_defaults()  # before anything starts CUDA in this process (the imports above do not)
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,10 @@ def _probe() -> tuple[int, str]:
         import cupy
     except Exception as exc:  # noqa: BLE001 - any import failure means "no GPU path"
         return 0, f"CuPy cannot be imported ({exc})"
+    from . import _cuda_driver, _env
+
+    if not _cuda_driver.initialised():  # epkern starts CUDA here: the way its in-process ranks need it
+        _env.apply_cuda_defaults()
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # noqa: BLE001 - CUDARuntimeError without a driver/device

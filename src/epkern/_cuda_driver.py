@@ -31,6 +31,7 @@ CU_MEM_LOCATION_TYPE_DEVICE = 1
 CU_MEM_ALLOC_GRANULARITY_RECOMMENDED = 1
 CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD = 1
+CUDA_ERROR_NOT_INITIALIZED = 3
 
 
 # --- cuda.h structs ------------------------------------------------------------------------------------------------
@@ -82,6 +83,7 @@ SIGNATURES: dict[str, list] = {
     "cuMemGetAddressRange_v2": [_P(_u64), _P(_size), _u64],
     "cuMemGetHandleForAddressRange": [_vp, _u64, _size, _enum, _u64],
     "cuMemHostGetDevicePointer_v2": [_P(_u64), _vp, _u32],
+    "cuCtxGetCurrent": [_P(_vp)],
 }
 
 _lib = None  # the bound libcuda (or a test's stand-in)
@@ -112,6 +114,17 @@ def library():
                 raise DeviceUnavailableError(f"the CUDA driver (libcuda.so.1) cannot be loaded: {e}") from None
             _lib = _bind(lib)
     return _lib
+
+
+def initialised() -> bool:
+    """Whether CUDA has started in this process (``cuInit`` ran; it reads the CUDA_* variables), asked without
+    starting it: cuCtxGetCurrent answers CUDA_ERROR_NOT_INITIALIZED before. False without a driver."""
+    try:
+        lib = library()
+    except DeviceUnavailableError:
+        return False
+    ctx = ctypes.c_void_p()
+    return lib.cuCtxGetCurrent(ctypes.byref(ctx)) != CUDA_ERROR_NOT_INITIALIZED
 
 
 class DriverError(EpkernError, RuntimeError):

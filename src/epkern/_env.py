@@ -47,7 +47,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
-# Variables of CUDA itself that epkern sets at import when the user has not (they act when CUDA starts).
+# Variables of CUDA itself that epkern sets where the user has not, never at import: when epkern is the one that
+# starts CUDA in the process (its first GPU query) or makes in-process ranks before CUDA started (they act when CUDA
+# starts). If something else (e.g. torch) started CUDA without them, making in-process ranks warns.
 CUDA_DEFAULTS: dict[str, tuple[str, str]] = {
     "CUDA_DEVICE_MAX_CONNECTIONS": (
         "32",
@@ -91,13 +93,40 @@ def cuda_variables() -> dict[str, str | None]:
 _applied: set[str] = set()
 
 
-def apply_cuda_defaults() -> None:
+def apply_cuda_defaults() -> list[str]:
+    """Set the CUDA_DEFAULTS the user left unset (CUDA_DEVICE_MAX_CONNECTIONS not under MPS); returns their names."""
     mps = under_mps()
+    names = []
     for name, (value, _why) in CUDA_DEFAULTS.items():
         if mps and name in _NOT_UNDER_MPS or name in os.environ:
             continue
         os.environ[name] = value
         _applied.add(name)
+        names.append(name)
+    return names
+
+
+def prepare_cuda_for_in_process_ranks() -> None:
+    """What in-process ranks on a GPU need of CUDA (CUDA_DEFAULTS), set just before they are made; a warning
+    naming the variables when CUDA already started in this process without them (then they cannot act)."""
+    from . import _cuda_driver
+
+    started = _cuda_driver.initialised()
+    missing = [n for n in CUDA_DEFAULTS if n not in os.environ and not (n in _NOT_UNDER_MPS and under_mps())]
+    if not missing:
+        return
+    if started:
+        import warnings
+
+        text = (
+            f"CUDA started in this process before epkern's in-process ranks were made, without {', '.join(missing)} "
+            f"({', '.join(f'{n}={CUDA_DEFAULTS[n][0]}' for n in missing)}): in-process ranks may then wait on "
+            "each other until the device deadline. Set them before CUDA starts (docs/environment.md)."
+        )
+        logging.getLogger("epkern").warning(text)
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
+        return
+    apply_cuda_defaults()
 
 
 def child_environment(env: dict) -> dict:
@@ -282,8 +311,11 @@ def markdown() -> str:
         "",
         "## CUDA variables epkern sets",
         "",
-        "At `import epkern`, before anything starts CUDA, epkern sets these if they are unset (a value you set wins). "
-        "They act only when CUDA creates its context, so import epkern before your first CUDA call.",
+        "`import epkern` sets nothing. epkern sets these, where they are unset (a value you set wins), when it is "
+        "the one that starts CUDA in the process (its first GPU query) and when it makes in-process ranks "
+        "(`run_in_process`, `make_thread_groups`) before CUDA started: they act only when CUDA starts, and only "
+        "in-process ranks need them. If CUDA was started without them (by torch or CuPy), making in-process ranks "
+        "warns: set them in the environment, or let epkern make the first CUDA call.",
         "",
         "| variable | value | why |",
         "|---|---|---|",

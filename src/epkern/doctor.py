@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from . import _cuda, _env
+from .errors import EpkernError
 
 SMOKE_TIMEOUT_S = 120.0
 
@@ -196,7 +197,15 @@ def kernel_cache() -> dict:
         return {"path": str(folder), "cubins": 0, "bytes": 0, "note": "does not exist yet (nothing compiled)"}
     files = [p for p in folder.glob("*.cubin") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    return {"path": str(folder), "cubins": len(files), "bytes": size, "size": f"{size / 2**20:.1f} MiB"}
+    out = {"path": str(folder), "cubins": len(files), "bytes": size, "size": f"{size / 2**20:.1f} MiB"}
+    from . import kernel_loader
+
+    try:
+        kernel_loader.private_cache_folder()
+        out["private"] = "yes (this user's, writable by no one else)"
+    except EpkernError as exc:
+        out["private"] = f"NO: {exc}"
+    return out
 
 
 # --------------------------------------------------------------------------------------------- environment

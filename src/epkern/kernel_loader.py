@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import _env, _log
-from .errors import KernelCompileError
+from .errors import ConfigError, KernelCompileError
 from .kernel_files import kernel_dir, kernel_sources  # noqa: F401 - re-exported: the loader's folder
 
 Source = str | Path
@@ -288,25 +289,85 @@ def cache_key(source: Source, defines: Mapping[str, object], arch: str) -> str:
 def cubin_path(source: Source, defines: Mapping[str, object], arch: str) -> Path:
     """Disk-cached cubin for this specialisation, compiling it on a miss. One process per cache folder (so one
     rank per node, where the ranks share the folder) compiles a given cubin; the others wait on its lock file and
-    load the result. Written by atomic rename, so no process reads a half-written file."""
-    folder = _env.cache_dir() / "cubin"
+    load the result. Written by atomic rename, so no process reads a half-written file.
+
+    The folder must be this user's and writable by no one else (see :func:`private_cache_folder`); a cubin is
+    used only if it is a regular file of this user whose SHA-256 matches the one recorded when it was written
+    (else it is compiled again)."""
+    folder = private_cache_folder()
     target = folder / f"{source_path(source).stem}-{arch}-{cache_key(source, defines, arch)}.cubin"
     logger = _log.get_logger()
-    if target.is_file():
+    if _intact(target):
         logger.debug("cubin cache hit: %s (%s) %s", _describe(source), _describe_defines(defines), target)
         return target
-    folder.mkdir(parents=True, exist_ok=True)
     with _compile_lock(target.with_suffix(".lock")) as waited:
-        if target.is_file():
+        if _intact(target):
             logger.info("loaded %s compiled by another process (waited %.2f s)", target.name, waited)
             return target
         cubin = compile_cubin(source, defines, arch)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(cubin)
-        os.replace(tmp, target)
+        _write_atomically(target.with_suffix(".sha256"), hashlib.sha256(cubin).hexdigest().encode())
+        _write_atomically(target, cubin)
     logger.debug("cubin cached: %s", target)
     return target
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _intact(cubin: Path) -> bool:
+    """Whether ``cubin`` is this user's regular file, writable by no one else, matching its recorded hash."""
+    try:
+        st = os.lstat(cubin)
+    except FileNotFoundError:
+        return False
+    problem = _ownership_problem(st, allow_root=False) or (None if stat.S_ISREG(st.st_mode) else "not a regular file")
+    if problem is None:
+        try:
+            recorded = cubin.with_suffix(".sha256").read_bytes().strip()
+        except OSError:
+            recorded = b""
+        if hashlib.sha256(cubin.read_bytes()).hexdigest().encode() != recorded:
+            problem = "its content does not match the hash recorded when it was written"
+    if problem:
+        _log.get_logger().warning("ignoring cached %s (%s): compiling it again", cubin, problem)
+        cubin.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _ownership_problem(st: os.stat_result, allow_root: bool) -> str | None:
+    """Why a file or folder with this stat could be changed by another user (None when it cannot)."""
+    me = os.geteuid()
+    if st.st_uid != me and not (allow_root and st.st_uid == 0):
+        return f"owned by uid {st.st_uid}, not by this user (uid {me})"
+    if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and allow_root):
+        return f"writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def private_cache_folder() -> Path:
+    """``EPKERN_CACHE_DIR``/cubin, created 0700 if missing; ConfigError if it, the cache folder, or a folder above
+    them could be changed by another user (owned by someone else than this user or root, or writable by others
+    without the sticky bit, as /tmp has): kernels loaded from there would run someone else's code."""
+    root = _env.cache_dir()
+    folder = root / "cubin"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for i, path in enumerate([folder, root, *root.resolve().parents]):
+        st = os.lstat(path) if i < 2 else os.stat(path)
+        if i < 2 and stat.S_ISLNK(st.st_mode):
+            problem = "a symbolic link"
+        else:
+            problem = _ownership_problem(st, allow_root=i >= 2)
+        if problem:
+            raise ConfigError(
+                f"EPKERN_CACHE_DIR: refusing the kernel cache {folder}: {path} is {problem}; kernels loaded from "
+                "there could be another user's code. Set EPKERN_CACHE_DIR to a folder of your own (mode 0700)."
+            )
+    return folder
 
 
 COMPILE_LOCK_WAIT_S = 600.0

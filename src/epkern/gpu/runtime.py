@@ -251,7 +251,7 @@ class Runtime:
             msg += (
                 f"; this call's kernel never started (the last one that did was call {started}, this is "
                 f"call {value}): other work held the GPU; with in-process ranks, streams sharing a "
-                "hardware work queue do this (import epkern before CUDA starts, which sets "
+                "hardware work queue do this (make the ranks before CUDA starts, which sets "
                 "CUDA_DEVICE_MAX_CONNECTIONS=32, and use run_in_process's streams)"
             )
         self.broken = msg

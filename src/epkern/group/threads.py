@@ -227,6 +227,7 @@ def make_thread_groups(
     :func:`run_in_process` does this and more (failure propagation, device selection per thread)."""
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks <= 0:
         raise ArgumentError(f"num_ranks: expected a positive integer, got {num_ranks!r}")
+    _env.prepare_cuda_for_in_process_ranks()  # before _resolve_devices starts CUDA
     explicit = check_ranks_per_node(ranks_per_node)
     rpn = explicit if explicit is not None else _env.ranks_per_node()
     timeout = _env.timeout_s() if timeout_s is None else _env.check_timeout(timeout_s, "timeout_s")
