@@ -98,6 +98,18 @@ LL_HANDLE = Ref(lambda c: LL(c)[2])
 LL_Y = Ref(lambda c: c.xp.zeros(c.shape(("E_loc", "ROWS", H)), BF))
 ZBUF = Ref(lambda c: c.buf.get_next_low_latency_combine_buffer(LL_HANDLE(c)))
 GROUP = Ref(lambda c: c.group)
+
+
+def _other_buffer(c):
+    """A second Buffer of the same group (destroyed with the case's): its handles must not work with c.buf."""
+    c.extra.append(c.make_buffer())
+    return c.extra[-1]
+
+
+OTHER = memo("other", _other_buffer)
+OTHER_HT = memo("other_ht", lambda c: OTHER(c).dispatch(**resolve(dict(x=X, topk_idx=IDX, **LAYOUT), c)))
+OTHER_LL = memo("other_ll", lambda c: OTHER(c).low_latency_dispatch(resolve(X, c), resolve(IDX, c), NUM_MAX, E))
+OTHER_HT_HANDLE, OTHER_LL_HANDLE = Ref(lambda c: OTHER_HT(c)[4]), Ref(lambda c: OTHER_LL(c)[2])
 OBJ = object()
 
 
@@ -228,6 +240,9 @@ def bad(arg):
     return Raises(ArgumentError, arg)
 
 
+FOREIGN = Raises(ArgumentError, "handle", "another Buffer's")
+
+
 def check(spec, value, c, path="result") -> list:
     if spec is None:
         return [] if value is None else [f"{path}: expected None, got {_desc(value)}"]
@@ -290,6 +305,8 @@ CASES = [
     Case("get_combine_config", "get_combine_config", expect=Kind(Config)),
     Case("rdma_size_hint", "get_low_latency_rdma_size_hint", (NUM_MAX, H, 2, E), expect=Kind(int)),
     Case("destroy", "destroy", expect=None),
+    Case("check", "check", expect=None),
+    Case("destroyed/check", "check", expect=Raises(EpkernError, None, "destroyed"), destroyed=True),
     Case("destroyed/dispatch", "dispatch", (X,), dict(topk_idx=IDX, **LAYOUT), Raises(EpkernError, None, "destroyed"),
          destroyed=True),
     Case("destroyed/ll_dispatch", "low_latency_dispatch", *_ll(), expect=Raises(EpkernError, None, "destroyed"),
@@ -387,6 +404,10 @@ CASES = [
     Case("combine/bias_triple", "combine", (RECV_X, HT_HANDLE), {"bias": (X, X, X)}, bad("bias")),
     Case("combine/bad_handle", "combine", (RECV_X, OBJ), expect=bad("handle")),
     Case("combine/ll_handle", "combine", (X, LL_HANDLE), expect=bad("handle")),
+    Case("combine/other_buffers_handle", "combine", (Ref(lambda c: OTHER_HT(c)[0]), OTHER_HT_HANDLE), expect=FOREIGN),
+    Case("cached/other_buffers_handle", "dispatch", (X,), {"handle": OTHER_HT_HANDLE}, FOREIGN),
+    Case("ll_combine/other_buffers_handle", "low_latency_combine", (LL_Y, IDX, WTS, OTHER_LL_HANDLE), expect=FOREIGN),
+    Case("zbuf/other_buffers_handle", "get_next_low_latency_combine_buffer", (OTHER_LL_HANDLE,), expect=FOREIGN),
     Case("combine/bad_config", "combine", (RECV_X, HT_HANDLE), {"config": 3}, bad("config")),
     # ---- LL dispatch ----
     Case("ll_dispatch/bf16", "low_latency_dispatch", *_ll(use_fp8=False), expect=ll_ret()),
@@ -520,7 +541,7 @@ class Ctx:
         self.R, self.rank = group.size, group.rank
         self.E_loc, self.ROWS = E // self.R, self.R * NUM_MAX
         self.data = _inputs(self.rank, self.R)
-        self.memo, self.kwargs, self.buf = {}, {}, None
+        self.memo, self.kwargs, self.buf, self.extra = {}, {}, None, []
 
     def shape(self, shape):
         return tuple(getattr(self, s) if isinstance(s, str) else s for s in shape)
@@ -605,8 +626,10 @@ def run_case(case: Case, c: Ctx) -> list:
             return [f"raised {type(outcome).__name__}: {outcome}"]
         return check(want, result, c)
     finally:
-        if made is not None:
-            made.destroy()
+        for other in [made, *c.extra]:
+            if other is not None:
+                other.destroy()
+        c.extra = []
         buf.destroy()
 
 

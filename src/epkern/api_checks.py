@@ -71,10 +71,25 @@ def ht_dispatch_layout_inputs(num_ranks, T, num_tokens_per_rank, is_token_in_ran
     return E
 
 
-def ht_cached_handle(handle, handle_type, topk_idx, topk_weights, num_tokens: int, hidden: int) -> None:
-    """A cached dispatch: ``handle`` of this backend's type, no topk arguments, x of the handle's sizes."""
+def stamp(handle, owner):
+    """Mark ``handle`` as made by the Buffer whose identity is ``owner`` (see :func:`own_handle`); returns it."""
+    handle._epkern_owner = owner
+    return handle
+
+
+def own_handle(handle, handle_type, owner, call: str) -> None:
+    """``handle`` is of this backend's type and was made by this Buffer (``owner``), by its ``call``."""
     if not isinstance(handle, handle_type):
-        raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
+        raise ArgumentError(f"handle: expected the handle returned by this Buffer's {call}")
+    if getattr(handle, "_epkern_owner", None) is not owner:
+        raise ArgumentError(
+            f"handle: it was returned by another Buffer's {call}; a handle is valid only with the Buffer that made it"
+        )
+
+
+def ht_cached_handle(handle, handle_type, owner, topk_idx, topk_weights, num_tokens: int, hidden: int) -> None:
+    """A cached dispatch: ``handle`` of this backend's type and Buffer, no topk arguments, x of the handle's sizes."""
+    own_handle(handle, handle_type, owner, "dispatch")
     if topk_idx is not None or topk_weights is not None:
         raise ArgumentError("topk_idx: must be None for a cached dispatch (handle given)")
     if handle.num_tokens != num_tokens:
@@ -95,11 +110,10 @@ def ht_layout_given(topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_
             raise ArgumentError(f"{name}: required unless a cached handle is given")
 
 
-def ll_combine_x(x, handle, handle_type, use_logfmt, num_ranks: int, device=None, convert=None):
-    """An LL combine's handle (of this backend's type), ``use_logfmt`` and ``x`` (BF16 [E_loc, R·num_max, H]).
-    Returns (x, num_max, hidden, num_experts)."""
-    if not isinstance(handle, handle_type):
-        raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
+def ll_combine_x(x, handle, handle_type, owner, use_logfmt, num_ranks: int, device=None, convert=None):
+    """An LL combine's handle (of this backend's type and Buffer), ``use_logfmt`` and ``x`` (BF16
+    [E_loc, R·num_max, H]). Returns (x, num_max, hidden, num_experts)."""
+    own_handle(handle, handle_type, owner, "low_latency_dispatch")
     no_logfmt(use_logfmt)
     num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
     if convert is not None:

@@ -8,11 +8,13 @@ shapes and dtypes; what a backend cannot do raises an error naming the backend.
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 
 from . import _cuda, _env, reference
 from ._validate import check_int
-from .errors import ArgumentError
+from .errors import ArgumentError, EpkernError
 from .events import EventHandle
 
 __all__ = ["Buffer", "EventHandle", "resolve_backend"]
@@ -38,6 +40,32 @@ class BufferOptions:
     timeout_s: float
     poison: bool
     tuning: object
+
+
+def _one_thread_at_a_time(method):
+    """A Buffer serves one thread at a time: a call while another thread is inside one of its calls raises
+    (two threads' calls would interleave on one set of buffers and get each other's rows). A thread may call
+    again from inside its own call (prepared calls do)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        guard = self._guard
+        if not guard.acquire(blocking=False):
+            if self._guard_owner == threading.get_ident():
+                return method(self, *args, **kwargs)
+            raise EpkernError(
+                f"Buffer.{name}: another thread is inside this Buffer's {self._guard_call}; a Buffer serves one "
+                "thread at a time (give each thread its own Buffer, or serialise the calls)"
+            )
+        self._guard_owner, self._guard_call = threading.get_ident(), name
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._guard_owner = None
+            guard.release()
+
+    return call
 
 
 def _as_bool(value, name: str) -> bool:
@@ -92,6 +120,7 @@ class Buffer:
         from .group import as_group
 
         self._backend = None
+        self._guard, self._guard_owner, self._guard_call = threading.Lock(), None, ""
         if group is not None and comm is not None:
             raise ArgumentError("comm: give either group or comm, not both")
         num_nvl_bytes = check_int(num_nvl_bytes, "num_nvl_bytes", min_value=0)
@@ -150,21 +179,41 @@ class Buffer:
         self.destroy()
         return False
 
+    @_one_thread_at_a_time
     def destroy(self) -> None:
         """Free the Buffer's memory (idempotent). Collective: every rank calls it. Raises TimeoutError (and leaves
         the memory allocated) if a kernel of this Buffer never ends."""
         if self._backend is not None:
             self._backend.destroy()
 
+    @_one_thread_at_a_time
+    def check(self) -> None:
+        """Raise the failure this Buffer's work recorded so far, if any, without waiting: a peer that did not
+        answer within the deadline (TimeoutError naming rank, phase and peer), a device-side error, or an earlier
+        failure that left the Buffer unusable (EpkernError); after :meth:`destroy`, EpkernError. GPU work still
+        running is not waited for: its failure raises at the next call, at its event's ``synchronize()``, or at a
+        later ``check()``.
+
+        Example::
+
+            recv_x, *_ , event = buf.dispatch(x, ..., async_finish=True)
+            event.synchronize()   # raises this dispatch's failure, if any
+            buf.check()           # or poll without waiting
+        """
+        self._backend.check()
+
     # ---- configuration ----
+    @_one_thread_at_a_time
     def set_num_sms(self, num_sms: int) -> None:
         """SMs (blocks) each high-throughput kernel uses by default (at most this rank's share of the GPU)."""
         self._backend.set_num_sms(num_sms)
 
+    @_one_thread_at_a_time
     def get_dispatch_config(self, num_ranks: int | None = None):
         """The ``Config`` of HT dispatch (its ``num_sms``: this Buffer's default)."""
         return self._backend.get_config()
 
+    @_one_thread_at_a_time
     def get_combine_config(self, num_ranks: int | None = None):
         """The ``Config`` of HT combine (its ``num_sms``: this Buffer's default)."""
         return self._backend.get_config()
@@ -179,6 +228,7 @@ class Buffer:
         )
 
     # ---- high throughput ----
+    @_one_thread_at_a_time
     def get_dispatch_layout(
         self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
     ):
@@ -195,6 +245,7 @@ class Buffer:
             topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )
 
+    @_one_thread_at_a_time
     def dispatch(
         self,
         x,
@@ -247,6 +298,7 @@ class Buffer:
             allocate_on_comm_stream,
         )
 
+    @_one_thread_at_a_time
     def combine(
         self,
         x,
@@ -272,6 +324,7 @@ class Buffer:
         )
 
     # ---- low latency ----
+    @_one_thread_at_a_time
     def low_latency_dispatch(
         self,
         x,
@@ -327,6 +380,7 @@ class Buffer:
             zero_copy_recv,
         )
 
+    @_one_thread_at_a_time
     def low_latency_combine(
         self,
         x,
@@ -360,33 +414,40 @@ class Buffer:
             combine_wait_recv_cost_stats,
         )
 
+    @_one_thread_at_a_time
     def get_next_low_latency_combine_buffer(self, handle):
         """Where to write the expert outputs for ``low_latency_combine(..., zero_copy=True)``: BF16
         [E_loc, R·num_max, H] (call it after the dispatch, write, then combine with no LL call in between)."""
         return self._backend.get_next_low_latency_combine_buffer(handle)
 
+    @_one_thread_at_a_time
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
         """Zero the LL area and the call counters on every rank (collective). Not needed between calls; use it
         after a failure or to bring a masked rank back (then unmask it)."""
         self._backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
+    @_one_thread_at_a_time
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Mask (``mask=True``) or unmask a rank: LL calls skip a masked rank at every send and wait."""
         self._backend.low_latency_update_mask_buffer(rank_to_mask, mask)
 
+    @_one_thread_at_a_time
     def low_latency_query_mask_buffer(self, mask_status=None):
         """int32 [R]: 1 where a rank is masked; written into ``mask_status`` (int32 [R]) if given."""
         return self._backend.low_latency_query_mask_buffer(mask_status)
 
+    @_one_thread_at_a_time
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank."""
         self._backend.low_latency_clean_mask_buffer()
 
+    @_one_thread_at_a_time
     def prepare_low_latency_dispatch(self, *args, **kwargs):
         """A callable repeating ``low_latency_dispatch(*args, **kwargs)`` with the least host work per call (give
         every ``out_*`` so repeats skip validation). Returns what low_latency_dispatch returns."""
         return self._backend.prepare_low_latency_dispatch(self.low_latency_dispatch, args, kwargs)
 
+    @_one_thread_at_a_time
     def prepare_low_latency_combine(self, *args, **kwargs):
         """A callable repeating ``low_latency_combine(*args, **kwargs)`` (give ``out=``); the handle of any dispatch
         over the same preallocated outputs serves every repeat. Returns what low_latency_combine returns."""

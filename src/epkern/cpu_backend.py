@@ -152,6 +152,9 @@ class CpuBackend:
         if self._closed:
             raise EpkernError("Buffer was destroyed")
 
+    def check(self) -> None:
+        self._usable()
+
     def set_num_sms(self, num_sms) -> None:
         self.num_sms = check_int(num_sms, "num_sms", min_value=1, max_value=1024)  # Config's limit
 
@@ -199,7 +202,7 @@ class CpuBackend:
         expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
         api_checks.config(config)
         if handle is not None:
-            api_checks.ht_cached_handle(handle, CpuHTHandle, topk_idx, topk_weights, T, hidden)
+            api_checks.ht_cached_handle(handle, CpuHTHandle, self, topk_idx, topk_weights, T, hidden)
             api_checks.stream_args(previous_event, async_finish, allocate_on_comm_stream)
             recv = reference.ht_cached_dispatch(self._gather(ref_x), handle.handles)[self.rank]
             return _fp8_out(recv), None, None, None, handle, EventHandle()
@@ -228,15 +231,14 @@ class CpuBackend:
                                         topk_weights=weights, expert_alignment=expert_alignment,
                                         num_worst_tokens=num_worst_tokens)  # fmt: skip
         mine = results[self.rank]
-        new_handle = CpuHTHandle(self.rank, [r.handle for r in results], T, hidden, topk)
+        new_handle = api_checks.stamp(CpuHTHandle(self.rank, [r.handle for r in results], T, hidden, topk), self)
         recv_w = mine.recv_topk_weights if topk_weights is not None else None
         return (_fp8_out(mine.recv_x), mine.recv_topk_idx, recv_w, mine.num_recv_tokens_per_expert_list, new_handle,
                 EventHandle())  # fmt: skip
 
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         self._usable()
-        if not isinstance(handle, CpuHTHandle):
-            raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
+        api_checks.own_handle(handle, CpuHTHandle, self, "dispatch")
         x = check_array(_host(x, "x"), "x", dtypes=(BF16,), shape=(handle.num_out_rows, None))
         hidden = x.shape[1]
         if hidden % 8:
@@ -354,6 +356,7 @@ class CpuBackend:
             stats += mine.recv_count
         handle = CpuLLHandle(src_info, layout_range, num_max, H, num_experts, self.rank,
                              [r.handle for r in results], sent_idx, topk_idx.copy())  # fmt: skip
+        api_checks.stamp(handle, self)
         return recv_x, recv_count, handle, EventHandle(), _make_hook() if return_recv_hook else None
 
     def _combine_buffer(self, handle: CpuLLHandle):
@@ -370,7 +373,7 @@ class CpuBackend:
                             return_recv_hook, out, combine_wait_recv_cost_stats):  # fmt: skip
         self._usable()
         R, s = self.num_ranks, self.rank
-        x, num_max, H, num_experts = api_checks.ll_combine_x(x, handle, CpuLLHandle, use_logfmt, R, None, _host)
+        x, num_max, H, num_experts = api_checks.ll_combine_x(x, handle, CpuLLHandle, self, use_logfmt, R, None, _host)
         e_loc = num_experts // R
         topk_idx = api_checks.topk_idx(_host(topk_idx, "topk_idx"), "topk_idx", None, api_checks.ll_max_topk())
         T, K = topk_idx.shape
@@ -430,8 +433,7 @@ class CpuBackend:
 
     def get_next_low_latency_combine_buffer(self, handle):
         self._usable()
-        if not isinstance(handle, CpuLLHandle):
-            raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
+        api_checks.own_handle(handle, CpuLLHandle, self, "low_latency_dispatch")
         self._ll_area(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         return self._combine_buffer(handle)
 

@@ -15,8 +15,14 @@ class EventHandle:
     On the GPU backend ``event`` is a ``cupy.cuda.Event``; on the CPU backend work is done when the call
     returns, so ``event`` is None and the handle is already complete (every method returns at once).
 
+    A failure of the call's GPU work (a peer that never answered, a device-side error) raises here at the
+    latest: :meth:`synchronize` waits at most the Buffer's deadline (plus a margin) and then raises what the
+    kernels recorded; :meth:`current_stream_wait` raises a failure already recorded. Otherwise it raises at the
+    Buffer's next call or :meth:`epkern.Buffer.check`.
+
     Args:
         event: a ``cupy.cuda.Event``, or None (complete).
+        runtime: the Buffer's GPU runtime (its deadline and error record), or None.
 
     Example::
 
@@ -28,20 +34,30 @@ class EventHandle:
         event.synchronize()                      # the host waits for the combine
     """
 
-    def __init__(self, event=None):
+    def __init__(self, event=None, runtime=None):
         self.event = event
+        self._runtime = runtime
 
     def current_stream_wait(self) -> None:
-        """Make the current CuPy stream wait for the event (no host wait); nothing on the CPU backend."""
+        """Make the current CuPy stream wait for the event (no host wait); nothing on the CPU backend. Raises a
+        failure the Buffer's kernels already recorded."""
         if self.event is not None:
             import cupy
 
+            if self._runtime is not None:
+                self._runtime.raise_recorded()
             cupy.cuda.get_current_stream().wait_event(self.event)
 
     def synchronize(self) -> None:
-        """Block the host until the event has completed; returns at once on the CPU backend."""
-        if self.event is not None:
+        """Block the host until the event has completed (at most the Buffer's deadline plus a margin), then raise
+        what the call's kernels recorded (TimeoutError naming rank, phase and peer); returns at once on the CPU
+        backend."""
+        if self.event is None:
+            return
+        if self._runtime is None:
             self.event.synchronize()
+            return
+        self._runtime.wait_event_bounded(self.event, "waiting for an event of this Buffer")
 
     def done(self) -> bool:
         """Whether the event has completed, without waiting (always True on the CPU backend)."""

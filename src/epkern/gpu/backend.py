@@ -6,6 +6,7 @@ defaults and docstrings; tests/test_backend_parity.py checks the CPU backend ans
 
 from __future__ import annotations
 
+from .. import api_checks
 from ..errors import ArgumentError
 from .ht import HtEngine
 from .ll import prepared
@@ -54,6 +55,9 @@ class GpuBackend:
         self.ll.plans.clear()  # the replay plans hold the caller's arrays
         self.rt.destroy()
 
+    def check(self) -> None:
+        self.rt.check_usable()
+
     def set_num_sms(self, num_sms) -> None:
         self.ht.set_num_sms(num_sms)
 
@@ -81,8 +85,7 @@ class GpuBackend:
         from .ll.engine import GpuLLHandle
 
         self.rt.check_usable()
-        if not isinstance(handle, GpuLLHandle):
-            raise ArgumentError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
+        api_checks.own_handle(handle, GpuLLHandle, self.rt, "low_latency_dispatch")
         st = self.ll.size_state(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         return self.ll.combine_buffer(st)
 

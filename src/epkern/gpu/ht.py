@@ -112,7 +112,7 @@ class HtEngine:
         blocks = self.grid(config)
         cached = handle is not None
         if cached:
-            api_checks.ht_cached_handle(handle, HtHandle, topk_idx, topk_weights, T, hidden)
+            api_checks.ht_cached_handle(handle, HtHandle, rt, topk_idx, topk_weights, T, hidden)
             topk = handle.topk
         else:
             api_checks.ht_layout_given(topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
@@ -237,14 +237,14 @@ class HtEngine:
         new_handle = HtHandle(
             rank_prefix, send_slot, is_token_in_rank, recv_src, num_recv, out_rows, T, hidden, topk, keep
         )
+        api_checks.stamp(new_handle, rt)
         return recv_x, recv_idx, recv_w if topk_weights is not None else None, per_expert, new_handle, event
 
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
         dev = rt.device
-        if not isinstance(handle, HtHandle):
-            raise ArgumentError("handle: expected the handle returned by this Buffer's dispatch")
+        api_checks.own_handle(handle, HtHandle, rt, "dispatch")
         x = as_device_array(x, "x")
         check_array(x, "x", dtypes=(BF16,), shape=(handle.num_out_rows, None), device=dev)
         hidden = x.shape[1]

@@ -226,6 +226,18 @@ class Runtime:
                 return False
         return True
 
+    def wait_event_bounded(self, event, phase: str) -> None:
+        """The host waits for ``event`` at most the deadline plus ``HOST_MARGIN_S``, then raises a recorded device
+        failure; TimeoutError (Buffer unusable) if the event never completes."""
+        if not (event.done or self.poll_until(lambda: event.done, 50, True)):
+            self.raise_recorded()
+            self.broken = (
+                f"rank {self.rank}: {phase}: the event did not complete within {self.timeout_s + HOST_MARGIN_S:g} s "
+                "(a kernel that never ends)"
+            )
+            raise TimeoutError(self.broken)
+        self.raise_recorded()
+
     def sync_bounded(self, stream, phase: str) -> None:
         """``stream.synchronize()`` bounded by the deadline: work still running ``HOST_MARGIN_S`` after every
         device-side wait has ended is a kernel that never ends: raise TimeoutError naming rank and phase and mark
@@ -308,7 +320,8 @@ class Runtime:
                 # never showed it; docs/architecture.md, Known problems). Waiting for the comm stream here made
                 # 100 back-to-back iterations exact. Not while the caller's stream is captured into a CUDA graph.
                 self.sync_bounded(self.comm_stream, "waiting for this call's kernels (in-process ranks)")
-        return EventHandle(event)
+                self.raise_recorded()  # this call waited on the host: its own failure raises here
+        return EventHandle(event, self)
 
     def next_epoch(self) -> int:
         self.epoch += 1

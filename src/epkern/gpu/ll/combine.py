@@ -78,7 +78,7 @@ class LLCombine:
             )
         R, dev = rt.num_ranks, rt.device
         x, num_max, H, num_experts = api_checks.ll_combine_x(
-            x, handle, GpuLLHandle, use_logfmt, R, dev, as_device_array
+            x, handle, GpuLLHandle, rt, use_logfmt, R, dev, as_device_array
         )
         topk_idx = as_device_array(topk_idx, "topk_idx")
         api_checks.topk_idx(topk_idx, "topk_idx", None, MAX_TOPK, dev)

@@ -221,7 +221,7 @@ class LLDispatch:
             launch(eng.first_phase(return_recv_hook), 0)
             eng.issued()
         event = rt.end(compute, async_finish)
-        handle = GpuLLHandle(src_info, layout_range, num_max, H, num_experts, lay)
+        handle = api_checks.stamp(GpuLLHandle(src_info, layout_range, num_max, H, num_experts, lay), eng.rt)
         hook = eng.make_hook(launch, x, topk_idx) if return_recv_hook else None
         out = (recv_x, recv_scales) if use_fp8 else recv_x
         if plan_key is not None and not missing:  # every output preallocated: repeat calls can replay this one
