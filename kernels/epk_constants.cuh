@@ -11,6 +11,11 @@ constexpr int EPK_CTRL_BYTES = 1 << 17;         // control area at the start of 
 constexpr int EPK_HT_MAX_PEERS = 8;             // ranks reached by IPC in the HT kernels
 constexpr int EPK_HT_MAX_LOCAL_EXPERTS = 1024;  // per rank (ht_notify's per-expert counts)
 constexpr int EPK_ERROR_RECORD_BYTES = 32;      // sizeof(epk::ErrorRecord), host-mapped
+// ht_notify's host words (int32 indices of host_out): counts, then what the host checks before dispatching
+constexpr int EPK_HT_NOTIFY_SHAPE = 2 + EPK_HT_MAX_PEERS + EPK_HT_MAX_LOCAL_EXPERTS;  // peer+1 (0: all agree), field
+constexpr int EPK_HT_NOTIFY_BAD_INDEX = EPK_HT_NOTIFY_SHAPE + 4;  // 1 + flat index of a bad topk_idx entry, its value
+constexpr int EPK_HT_NOTIFY_WORDS = EPK_HT_NOTIFY_BAD_INDEX + 2;
+constexpr int EPK_HT_SHAPE_FIELDS = 5;  // row bytes, top-k, FP8 scale columns, experts per rank, topk_idx valid
 
 // ---- LL (low-latency) limits ----
 constexpr int EPK_LL_MAX_NUM_MAX = 1024;  // tokens per rank: the count field of a signal has 11 bits
@@ -58,3 +63,4 @@ constexpr int EPK_ERR_PHASE_LL_BAD_INDEX = 10;         // LL dispatch: a topk_id
 constexpr int EPK_ERR_PHASE_LL_BAD_HANDLE = 11;        // LL combine: a layout_range / src_info entry out of range
 constexpr int EPK_ERR_PHASE_LL_ROUTE = 12;             // LL: a peer's route kind is not implemented
 constexpr int EPK_ERR_PHASE_LL_OVERFLOW = 13;          // LL dispatch: more selections of one expert than num_max
+constexpr int EPK_ERR_PHASE_HT_SHAPE = 14;             // dispatch: a destination's call has other shapes

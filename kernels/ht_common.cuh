@@ -14,10 +14,11 @@ namespace epk {
 constexpr int kMaxPeers = EPK_HT_MAX_PEERS;                 // ranks reached by IPC in the HT kernels
 constexpr int kMaxLocalExperts = EPK_HT_MAX_LOCAL_EXPERTS;  // per rank
 
-struct HtCtrl {
+struct HtCtrl {  // (needs epk_constants.cuh)
   int notify_flag[2][kMaxPeers];
-  int notify_rows[2][kMaxPeers][kMaxPeers];            // [src][dst]: rows src sends to dst
-  int notify_experts[2][kMaxPeers][kMaxLocalExperts];  // [src][local expert]: selections src sends me
+  int notify_rows[2][kMaxPeers][kMaxPeers];             // [src][dst]: rows src sends to dst
+  int notify_experts[2][kMaxPeers][kMaxLocalExperts];   // [src][local expert]: selections src sends me
+  int notify_shape[2][kMaxPeers][EPK_HT_SHAPE_FIELDS];  // [src]: the shapes of src's dispatch call
   int dispatch_addr_flag[2][kMaxPeers];
   int dispatch_done[2][kMaxPeers];
   int combine_addr_flag[2][kMaxPeers];

@@ -50,8 +50,13 @@ constexpr int kMinBlocks = EPK_MIN_BLOCKS;  // blocks per SM the launch needs re
 static_assert(EPK_ROW_BYTES % 16 == 0, "row bytes must be a multiple of 16");
 static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
 
-// Output arrays of a destination, in the order they are published.
-enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts };
+// Output arrays of a destination, in the order they are published; then its row count and its call's shapes.
+enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts, kOutShape };
+// What a destination's outputs were sized for: a source whose call differs sends it nothing (and reports it), so a
+// mismatch between ranks' calls can never write past a peer's outputs.
+constexpr long long kShape = static_cast<long long>(EPK_ROW_BYTES) << 33 | static_cast<long long>(kWithMeta) << 32 |
+                             kTopk << 26 | kScaleCols << 10 | (kLocalExperts - 1);
+static_assert(EPK_ROW_BYTES < (1 << 30) && kScaleCols < (1 << 16) && kLocalExperts <= 1024, "shape word fields");
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
     epk_ht_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
@@ -67,13 +72,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int tid = threadIdx.x, lane = tid % 32;
   __shared__ char *s_dst[kRanks][kNumOuts];
   __shared__ int s_rows[kRanks];
+  __shared__ bool s_same[kRanks];
   const epk::Deadline deadline{err, rank, timeout_ns};
   epk::HtCtrl *mine = epk::ctrl_of(peers, rank);
 
   // 1. Tell every source where my outputs are; 2. every block learns every destination's outputs.
   const long long my_base = static_cast<long long>(peers[rank]);
-  const long long mine_out[kNumOuts + 1] = {out_x - my_base,       out_scales - my_base, out_idx - my_base,
-                                            out_weights - my_base, out_src - my_base,    out_rows};
+  const long long mine_out[kNumOuts + 2] = {
+      out_x - my_base, out_scales - my_base, out_idx - my_base, out_weights - my_base, out_src - my_base, out_rows,
+      kShape};
   epk::send_entries<kRanks>(
       peers, epoch, mine_out, [&](epk::HtCtrl *c) { return c->dispatch_addr[p][rank]; },
       [&](epk::HtCtrl *c) { return &c->dispatch_addr_flag[p][rank]; });
@@ -84,6 +91,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int o = 0; o < kNumOuts; ++o)
           s_dst[d][o] = reinterpret_cast<char *>(peers[d] + mine->dispatch_addr[p][d][o]);
         s_rows[d] = static_cast<int>(mine->dispatch_addr[p][d][kOutRows]);
+        s_same[d] = mine->dispatch_addr[p][d][kOutShape] == kShape;
       });
   if (!ok) return;
   epk::probe(1);
@@ -94,7 +102,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
     int slot = -1;
     if (lane < kRanks) {
       slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
-      if (slot >= s_rows[lane]) {  // more rows than the destination allocated (num_worst_tokens too small)
+      if (slot >= 0 && !s_same[lane]) {  // the destination's call has other shapes: send it nothing
+        const long long theirs = mine->dispatch_addr[p][lane][kOutShape];
+        epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, lane, static_cast<int>(theirs >> 33),
+                          EPK_ROW_BYTES);
+        slot = -1;
+      } else if (slot >= s_rows[lane]) {  // more rows than the destination allocated (num_worst_tokens too small)
         epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, lane, slot, s_rows[lane]);
         slot = -1;
       }

@@ -2,6 +2,8 @@
 // selections), waits for all peers, then computes the handle: rank_prefix_matrix, this rank's receive
 // count and per-expert counts (into host-mapped memory for the host), and send_slot[t, d], the row of
 // token t in rank d's output (-1 if not sent). One block; runs before the host knows output sizes.
+// Also for the host to check before it dispatches: whether every peer's call has this call's shapes (row bytes,
+// top-k, FP8 scale columns, experts per rank) and whether every topk_idx entry lies in [-1, num_experts).
 //
 // Defines: EPK_NUM_RANKS, EPK_NUM_LOCAL_EXPERTS.
 #include "epk_common.cuh"
@@ -28,7 +30,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     epk_ht_notify(int dry_run, int rank, int epoch, int num_tokens, const int *__restrict__ num_tokens_per_rank,
                   const int *__restrict__ num_tokens_per_expert, const bool *__restrict__ is_token_in_rank,
                   const unsigned long long *__restrict__ peers, int *__restrict__ rank_prefix_matrix,
-                  int *__restrict__ send_slot, int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
+                  int *__restrict__ send_slot, const int64_t *__restrict__ topk_idx, int topk, int num_experts,
+                  int row_bytes, int scale_cols, int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
@@ -38,7 +41,22 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   __shared__ int s_warp_count[kWarps][kRanks];
   __shared__ int s_carry[kRanks];
   __shared__ bool s_failed;
-  if (tid == 0) s_failed = false;
+  __shared__ unsigned long long s_bad;  // (flat index << 32 | value) of the first bad topk_idx entry
+  __shared__ unsigned s_mismatch;       // (peer << 8 | field) of the first differing shape
+  if (tid == 0) {
+    s_failed = false;
+    s_bad = ~0ull;
+    s_mismatch = ~0u;
+  }
+  __syncthreads();
+  for (long long i = tid; i < static_cast<long long>(num_tokens) * topk; i += kThreads) {
+    const int64_t e = topk_idx[i];
+    if (e < -1 || e >= num_experts)
+      atomicMin(&s_bad, static_cast<unsigned long long>(i) << 32 | static_cast<unsigned>(e));
+  }
+  __syncthreads();
+  // A rank with a bad topk_idx entry differs from the others in the last field: every rank then refuses the call.
+  const int shape[EPK_HT_SHAPE_FIELDS] = {row_bytes, topk, scale_cols, kLocalExperts, s_bad == ~0ull ? 1 : 0};
 
   // 1. Send my counts to every peer.
   for (int i = tid; i < kRanks * kRanks; i += kThreads) {
@@ -49,6 +67,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const int d = i / kLocalExperts, e = i % kLocalExperts;
     epk::ctrl_of(peers, d)->notify_experts[p][rank][e] = num_tokens_per_expert[d * kLocalExperts + e];
   }
+  for (int i = tid; i < kRanks * EPK_HT_SHAPE_FIELDS; i += kThreads)
+    epk::ctrl_of(peers, i / EPK_HT_SHAPE_FIELDS)->notify_shape[p][rank][i % EPK_HT_SHAPE_FIELDS] =
+        shape[i % EPK_HT_SHAPE_FIELDS];
   __threadfence_system();
   __syncthreads();
   if (tid < kRanks) epk::publish(&epk::ctrl_of(peers, tid)->notify_flag[p][rank], epoch);
@@ -61,7 +82,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (s_failed) return;
 
-  // 3. The handle's matrices and this rank's counts.
+  // 3. The shapes every peer called with; the handle's matrices and this rank's counts.
+  if (tid < kRanks * EPK_HT_SHAPE_FIELDS) {
+    const int s = tid / EPK_HT_SHAPE_FIELDS, f = tid % EPK_HT_SHAPE_FIELDS;
+    if (mine->notify_shape[p][s][f] != shape[f]) atomicMin(&s_mismatch, static_cast<unsigned>(s) << 8 | f);
+  }
   if (tid < kRanks * kRanks) s_rows[tid / kRanks][tid % kRanks] = mine->notify_rows[p][tid / kRanks][tid % kRanks];
   __syncthreads();
   if (tid < kRanks) {
@@ -86,6 +111,17 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     host_out[2 + kRanks + e] = sum;
   }
   __syncthreads();
+  if (tid == 0) {
+    const unsigned m = s_mismatch;
+    const int peer = m == ~0u ? -1 : static_cast<int>(m >> 8), field = static_cast<int>(m & 0xff);
+    host_out[EPK_HT_NOTIFY_SHAPE] = peer + 1;
+    host_out[EPK_HT_NOTIFY_SHAPE + 1] = field;
+    host_out[EPK_HT_NOTIFY_SHAPE + 2] = peer >= 0 ? mine->notify_shape[p][peer][field] : 0;
+    host_out[EPK_HT_NOTIFY_SHAPE + 3] = peer >= 0 ? shape[field] : 0;
+    const unsigned long long b = s_bad;
+    host_out[EPK_HT_NOTIFY_BAD_INDEX] = b == ~0ull ? 0 : static_cast<int>(b >> 32) + 1;
+    host_out[EPK_HT_NOTIFY_BAD_INDEX + 1] = static_cast<int>(static_cast<unsigned>(b));
+  }
 
   // 4. send_slot: per destination, an exclusive scan of is_token_in_rank over tokens, plus the base.
   const int lane = tid % 32, warp = tid / 32;

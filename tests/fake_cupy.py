@@ -296,13 +296,28 @@ def _array(arg):
 
 def emulate_ht_notify_one_rank(args):
     """What ht_notify leaves in host-mapped memory for a one-rank group: the rows this rank receives (its
-    tokens in is_token_in_rank), the per-expert counts, then the call's epoch (written last, as the kernel)."""
-    epoch, in_rank, per_expert, host_ptr = int(args[2]), _array(args[6])._a, _array(args[5])._a, int(args[10])
-    words = (ctypes.c_int32 * (3 + len(per_expert))).from_address(host_ptr)
+    tokens in is_token_in_rank), the per-expert counts, the first topk_idx entry outside [-1, num_experts) (no peer
+    to differ from), then the call's epoch (written last, as the kernel)."""
+    from epkern import kernel_constants as K
+    from epkern.gpu.kernels import HT_NOTIFY
+
+    a = {name: args[HT_NOTIFY.index(name)] for name, _ in HT_NOTIFY.args}
+    epoch, in_rank, per_expert = (
+        int(a["epoch"]),
+        _array(a["is_token_in_rank"])._a,
+        _array(a["num_tokens_per_expert"])._a,
+    )
+    words = (ctypes.c_int32 * K.get("EPK_HT_NOTIFY_WORDS")).from_address(int(a["host_out"]))
     words[1] = int(in_rank[:, 0].sum())
     words[2] = words[1]  # rows from rank 0 (the only source)
     for e, c in enumerate(per_expert):
         words[3 + e] = int(c)
+    idx = _array(a["topk_idx"])._a.reshape(-1)
+    bad = np.flatnonzero((idx < -1) | (idx >= int(a["num_experts"])))
+    shape, bad_at = K.get("EPK_HT_NOTIFY_SHAPE"), K.get("EPK_HT_NOTIFY_BAD_INDEX")
+    words[shape] = 0
+    words[bad_at] = int(bad[0]) + 1 if len(bad) else 0
+    words[bad_at + 1] = int(idx[bad[0]]) if len(bad) else 0
     words[0] = epoch
 
 

@@ -272,6 +272,66 @@ def run_bad_inputs(buf, group):
     assert np.array_equal(cupy.asnumpy(out).astype(np.float32), np.ones((T, H), np.float32) * reached)
 
 
+def run_mismatched_calls(buf, group):
+    """Ranks whose dispatch calls differ (rank 1: twice the hidden size; then rank 1: another top-k; then only
+    rank 0 has a topk_idx entry out of range): every rank refuses the same call with ArgumentError naming the
+    argument, nothing is written past a peer's outputs, and a matching call afterwards is exact. Then with
+    num_worst_tokens (no host wait): the dispatch kernel sends nothing to a peer whose call differs and the failure
+    raises at the event's synchronize()."""
+    import cupy
+
+    from epkern.errors import ArgumentError, EpkernError
+
+    T, E = 64, 8 * group.size
+    rng = np.random.default_rng(group.rank)
+
+    def inputs(hidden, topk, bad_index=False):
+        x = cupy.asarray(np.ones((T, hidden), BF16))
+        idx_np = np.argsort(rng.random((T, E)), axis=1)[:, :topk].astype(np.int64)
+        idx = cupy.asarray(idx_np)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        if bad_index:
+            idx[3, 1] = E + 5
+        return x, dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                       topk_idx=idx)  # fmt: skip
+
+    messages = []
+    for hidden, topk, bad in ((1024 * (1 + group.rank), 4, False), (1024, 4 + group.rank, False),
+                              (1024, 4, group.rank == 0)):  # fmt: skip
+        x, args = inputs(hidden, topk, bad)
+        try:
+            buf.dispatch(x, **args)
+        except ArgumentError as exc:
+            messages.append(str(exc))
+        else:
+            raise AssertionError(f"rank {group.rank}: a mismatched dispatch was accepted ({hidden}, {topk}, {bad})")
+    assert messages[0].startswith("x: ") and "row bytes" in messages[0], messages
+    assert messages[1].startswith("topk_idx: ") and "top-k" in messages[1], messages
+    if group.rank == 0:
+        assert messages[2].startswith("topk_idx: entry [3, 1] = ") and f"{E + 5} is outside" in messages[2], messages
+    else:
+        assert messages[2].startswith("topk_idx: ") and "rank 0" in messages[2], messages
+    x, args = inputs(1024, 4)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, **args)
+    out, _, _ = buf.combine(recv_x, handle)
+    reached = cupy.asnumpy(args["is_token_in_rank"]).sum(1, dtype=np.float32)[:, None]
+    assert np.array_equal(cupy.asnumpy(out).astype(np.float32), np.ones((T, 1024), np.float32) * reached)
+    # num_worst_tokens: the host does not wait for the counts, the dispatch kernel itself refuses the peer. Both
+    # specialisations are used by both ranks first (a first use is collective: a rank alone in it would wait).
+    for hidden in (1024, 2048):
+        x, args = inputs(hidden, 4)
+        buf.dispatch(x, **args, num_worst_tokens=T * group.size)
+    cupy.cuda.get_current_stream().synchronize()
+    x, args = inputs(1024 * (1 + group.rank), 4)
+    _, _, _, _, _, event = buf.dispatch(x, **args, num_worst_tokens=T * group.size, async_finish=True)
+    try:
+        event.synchronize()
+    except EpkernError as exc:
+        assert "another row size" in str(exc), exc
+        return str(exc)
+    raise AssertionError("a mismatched num_worst_tokens dispatch did not raise at its event")
+
+
 def run_absent_peer(buf, group, absent_rank):
     """The absent rank never dispatches; every other rank must raise TimeoutError naming rank, phase and
     the peer within the Buffer's deadline (no hang). Returns the seconds it took (or None when absent)."""

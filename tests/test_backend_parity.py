@@ -335,6 +335,10 @@ CASES = [
          bad("previous_event")),
     # ---- HT dispatch ----
     Case("dispatch", "dispatch", (X,), dict(topk_idx=IDX, topk_weights=WTS, **LAYOUT), ht_ret()),
+    Case("dispatch/topk_idx_too_big", "dispatch", (X,), dict(topk_idx=arr("idx_big"), **LAYOUT), bad("topk_idx")),
+    Case("dispatch/topk_idx_below_minus_one", "dispatch", (X,), dict(topk_idx=arr("idx_neg"), **LAYOUT),
+         bad("topk_idx")),
+    Case("combine/other_hidden", "combine", (Ref(lambda c: RECV_X(c)[:, :128].copy()), HT_HANDLE), expect=bad("x")),
     Case("dispatch/no_weights", "dispatch", (X,), dict(topk_idx=IDX, **LAYOUT), ht_ret(weights=False)),
     Case("dispatch/fp8_bytes", "dispatch", (X_FP8,), dict(topk_idx=IDX, topk_weights=WTS, **LAYOUT),
          ht_ret(fp8_pair())),
@@ -568,6 +572,8 @@ def _inputs(rank, R):
         "idx_f32": idx.astype(np.float32),
         "idx_wide": np.zeros((T, 33), np.int64),
         "idx_short": idx[: T - 1].copy(),
+        "idx_big": np.where(np.arange(T * K).reshape(T, K) == 2 * K + 1, E, idx),  # [2, 1] = num_experts
+        "idx_neg": np.where(np.arange(T * K).reshape(T, K) == 5, -2, idx),
         "x_short": x[: T - 1].copy(),
         "x_short_scales": scales[: T - 1].copy(),
         "x_f32": x.astype(np.float32),

@@ -58,6 +58,11 @@ def test_bad_inputs_keep_buffer_usable():
     _run(2, ht_scenarios.run_bad_inputs)
 
 
+def test_mismatched_calls_are_refused_by_every_rank():
+    out = _run(2, ht_scenarios.run_mismatched_calls)
+    assert all("another row size" in m for m in out), out
+
+
 def test_absent_peer_raises_in_process():
     def body(group):
         with Buffer(group, backend="gpu", timeout_s=3) as buf:

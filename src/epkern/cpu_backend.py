@@ -239,7 +239,7 @@ class CpuBackend:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         self._usable()
         api_checks.own_handle(handle, CpuHTHandle, self, "dispatch")
-        x = check_array(_host(x, "x"), "x", dtypes=(BF16,), shape=(handle.num_out_rows, None))
+        x = check_array(_host(x, "x"), "x", dtypes=(BF16,), shape=(handle.num_out_rows, handle.hidden))
         hidden = x.shape[1]
         if hidden % 8:
             raise ArgumentError(f"x: expected a hidden size that is a multiple of 8, got {hidden}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import api_checks, dispatch_layout
+from .. import kernel_constants as K
 from .._validate import as_device_array, bias_list, check_array, check_int
 from ..config import Config
 from ..errors import ArgumentError
@@ -37,6 +38,39 @@ class HtHandle:
     hidden: int
     topk: int
     keep: tuple = ()  # heap blocks that peers wrote into
+
+
+_NOTIFY_SHAPE, _NOTIFY_BAD = K.get("EPK_HT_NOTIFY_SHAPE"), K.get("EPK_HT_NOTIFY_BAD_INDEX")
+# What each shape field of ht_notify is: the argument it comes from and what it holds.
+_SHAPE_FIELDS = (
+    ("x", "row bytes (hidden size x element size)"),
+    ("topk_idx", "top-k (columns)"),
+    ("x", "FP8 scale columns"),
+    ("num_tokens_per_expert", "experts per rank"),
+    ("topk_idx", "all entries in [-1, num_experts) (1: yes)"),
+)
+
+
+def _refuse_mismatched_calls(host_out, topk: int, rank: int) -> None:
+    """What ht_notify found before any row moved: this rank's topk_idx entry outside [-1, num_experts), or a peer
+    whose call differs from this one in a shape (then every rank of the group refuses the same call, and the
+    Buffer stays usable)."""
+    bad = int(host_out[_NOTIFY_BAD])
+    if bad:
+        t, k = divmod(bad - 1, topk)
+        raise ArgumentError(
+            f"topk_idx: entry [{t}, {k}] = {int(host_out[_NOTIFY_BAD + 1])} is outside [-1, num_experts) "
+            "(every rank refuses this dispatch)"
+        )
+    peer = int(host_out[_NOTIFY_SHAPE]) - 1
+    if peer >= 0:
+        field = int(host_out[_NOTIFY_SHAPE + 1])
+        arg, what = _SHAPE_FIELDS[field]
+        theirs, mine = int(host_out[_NOTIFY_SHAPE + 2]), int(host_out[_NOTIFY_SHAPE + 3])
+        raise ArgumentError(
+            f"{arg}: rank {rank}'s dispatch differs from rank {peer}'s in {what}: {mine} here, {theirs} there; "
+            "every rank must dispatch with the same hidden size, dtype, top-k and experts (every rank refuses it)"
+        )
 
 
 class HtEngine:
@@ -154,6 +188,11 @@ class HtEngine:
                         peers=rt.peer_table,
                         rank_prefix_matrix=rank_prefix,
                         send_slot=send_slot,
+                        topk_idx=topk_idx,
+                        topk=topk,
+                        num_experts=num_tokens_per_expert.shape[0],
+                        row_bytes=row_bytes,
+                        scale_cols=hidden // 128 if scales is not None else 0,
                         host_out=rt.notify_out_ptr,
                         **rt.deadline(),
                     ),
@@ -163,6 +202,7 @@ class HtEngine:
                     out_rows = num_worst_tokens
                 else:
                     rt.wait_host_word(rt.notify_out, notify_epoch, "dispatch notify")
+                    _refuse_mismatched_calls(rt.notify_out, topk, rt.rank)
                     num_recv = int(rt.notify_out[1])
                     raw = rt.notify_out[2 + R : 2 + R + E_loc].astype(np.int64)
                     per_expert = (-(-raw // expert_alignment) * expert_alignment).tolist()
@@ -246,7 +286,7 @@ class HtEngine:
         dev = rt.device
         api_checks.own_handle(handle, HtHandle, rt, "dispatch")
         x = as_device_array(x, "x")
-        check_array(x, "x", dtypes=(BF16,), shape=(handle.num_out_rows, None), device=dev)
+        check_array(x, "x", dtypes=(BF16,), shape=(handle.num_out_rows, handle.hidden), device=dev)
         hidden = x.shape[1]
         if hidden % 8:
             raise ArgumentError(f"x: expected a hidden size that is a multiple of 8, got {hidden}")

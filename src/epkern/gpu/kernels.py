@@ -91,7 +91,8 @@ HT_NOTIFY = KernelSpec(
     _args(
         *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
         *("num_tokens_per_expert:ptr", "is_token_in_rank:ptr", "peers:ptr", "rank_prefix_matrix:ptr"),
-        *("send_slot:ptr", "host_out:ptr", *_DEADLINE),
+        *("send_slot:ptr", "topk_idx:ptr", "topk:i32", "num_experts:i32", "row_bytes:i32", "scale_cols:i32"),
+        *("host_out:ptr", *_DEADLINE),
     ),
 )
 

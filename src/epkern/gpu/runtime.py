@@ -22,7 +22,6 @@ from .ll.layout import ll_area_bytes
 # Host waits for GPU work end this long after the device-side deadline (timeout_s) has passed.
 HOST_MARGIN_S = 5.0
 ERROR_RECORD_BYTES = 32
-MAX_LOCAL_EXPERTS = 1024
 CTRL_BYTES = K.get("EPK_CTRL_BYTES")
 
 # Error-record phases (numbers in kernels/epk_constants.cuh) and what each was waiting for.
@@ -34,6 +33,10 @@ PHASES = {
     K.get("EPK_ERR_PHASE_HT_COMBINE_DONE"): "combine (waiting for a peer to finish reading)",
     K.get("EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW"): (
         "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)"
+    ),
+    K.get("EPK_ERR_PHASE_HT_SHAPE"): (
+        "dispatch (a peer's call has another row size, top-k, FP8 scale columns, experts per rank, or is cached "
+        "where this one is not: nothing was sent to it; value = its row bytes, limit = this rank's)"
     ),
 }
 
@@ -110,7 +113,7 @@ class Runtime:
             self.region = SymmetricRegion(group, region_bytes, self.device)
             self.closed = False
             self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes)
-            self.host = HostMapped(ERROR_RECORD_BYTES + 4 * (8 + 8 + MAX_LOCAL_EXPERTS))
+            self.host = HostMapped(ERROR_RECORD_BYTES + 4 * K.get("EPK_HT_NOTIFY_WORDS"))
             self.error_record = self.host.view(np.int32, 0, 8)
             self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
             self.notify_out_ptr = self.host.device_ptr + ERROR_RECORD_BYTES
