@@ -68,6 +68,17 @@ def _one_thread_at_a_time(method):
     return call
 
 
+def _same_on_every_rank(group, **settings) -> None:
+    """Every rank made its Buffer with the same settings (collective; every rank raises the same error): a rank
+    with smaller sizes than its peers would have them write past its memory."""
+    every = group.allgather_object(tuple(settings.values()))
+    for i, name in enumerate(settings):
+        values = [v[i] for v in every]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            raise ArgumentError(f"{name}: every rank of the group must pass the same value ({per_rank})")
+
+
 def _as_bool(value, name: str) -> bool:
     if not isinstance(value, bool | int) or value not in (0, 1):
         raise ArgumentError(f"{name}: expected a bool, got {value!r}")
@@ -153,6 +164,13 @@ class Buffer:
             _tuning,
         )
         group = as_group(comm if group is None else group)
+        _same_on_every_rank(
+            group,
+            backend=choice,
+            num_nvl_bytes=num_nvl_bytes,
+            num_rdma_bytes=num_rdma_bytes,
+            low_latency_mode=low_latency_mode,
+        )
         if choice == "cpu":
             from .cpu_backend import CpuBackend
 

@@ -42,13 +42,18 @@ class GpuBackend:
         )
         import cupy
 
-        with cupy.cuda.Device(self.rt.device):
-            self.ht = HtEngine(self.rt, tuning.ht)
-            self.ll = LLEngine(self.rt, tuning.ll)
-        self.ll_masks = LLMasks(self.ll)
-        self._ll_dispatch = LLDispatch(self.ll)
-        self._ll_combine = LLCombine(self.ll)
-        group.barrier()
+        try:
+            with cupy.cuda.Device(self.rt.device):
+                self.ht = HtEngine(self.rt, tuning.ht)
+                self.ll = LLEngine(self.rt, tuning.ll)
+            self.ll_masks = LLMasks(self.ll)
+            self._ll_dispatch = LLDispatch(self.ll)
+            self._ll_combine = LLCombine(self.ll)
+            group.barrier()
+        except BaseException:
+            with cupy.cuda.Device(self.rt.device):
+                self.rt.release()  # no kernel ran on it: nothing to wait for
+            raise
 
     # ---- lifecycle and settings ----
     def destroy(self) -> None:

@@ -112,23 +112,28 @@ class Runtime:
             region_bytes = self.ll_offset + self.ll_bytes if self.ll_bytes else CTRL_BYTES + num_nvl_bytes
             self.region = SymmetricRegion(group, region_bytes, self.device)
             self.closed = False
-            self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes)
-            self.host = HostMapped(ERROR_RECORD_BYTES + 4 * K.get("EPK_HT_NOTIFY_WORDS"))
-            self.error_record = self.host.view(np.int32, 0, 8)
-            self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
-            self.notify_out_ptr = self.host.device_ptr + ERROR_RECORD_BYTES
-            self.timeout_ns = int(self.timeout_s * 1e9)
-            self._deadline = {"err": self.host.device_ptr, "timeout_ns": self.timeout_ns}
-            self.tickets = cupy.zeros(4, dtype=np.uint32)
-            # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
-            stream_of = getattr(group, "stream", None) if self.in_process else None
-            self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
-            # Stream order of the Buffer's work (LL calls replayed straight onto the caller's stream): the stream
-            # of the last such launch, while nothing came after it on the comm stream; and the stream that is
-            # ordered after all of this Buffer's work (None: no stream).
-            self.direct_stream = None
-            self.joined_ptr = None
-            self.peer_table = self.region.peer_table
+            self.host = None
+            try:
+                self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes)
+                self.host = HostMapped(ERROR_RECORD_BYTES + 4 * K.get("EPK_HT_NOTIFY_WORDS"))
+                self.error_record = self.host.view(np.int32, 0, 8)
+                self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
+                self.notify_out_ptr = self.host.device_ptr + ERROR_RECORD_BYTES
+                self.timeout_ns = int(self.timeout_s * 1e9)
+                self._deadline = {"err": self.host.device_ptr, "timeout_ns": self.timeout_ns}
+                self.tickets = cupy.zeros(4, dtype=np.uint32)
+                # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
+                stream_of = getattr(group, "stream", None) if self.in_process else None
+                self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
+                # Stream order of the Buffer's work (LL calls replayed straight onto the caller's stream): the stream
+                # of the last such launch, while nothing came after it on the comm stream; and the stream that is
+                # ordered after all of this Buffer's work (None: no stream).
+                self.direct_stream = None
+                self.joined_ptr = None
+                self.peer_table = self.region.peer_table
+            except BaseException:
+                self.release()  # nothing ran on the region yet: no peer writes it
+                raise
         # This rank's share of the device's SMs: what a kernel of every rank sharing the GPU may use at once.
         self.sm_share = max(1, self.num_device_sms // self.ranks_per_gpu)
 
@@ -166,10 +171,23 @@ class Runtime:
                 )
             try:
                 self.group.barrier()  # no peer still reads or writes our region
-            except GroupError:
-                pass
-            self.region.close()
+            except GroupError as exc:
+                # A peer that did not arrive may still be writing into this memory: freeing it would hand it to
+                # the next allocation. It stays allocated (a leak, said here) and the failure is raised.
+                raise GroupError(
+                    f"rank {self.rank}: destroy: {exc}; the Buffer's memory is left allocated, since a peer that "
+                    "did not reach destroy may still write into it"
+                ) from None
+            self.release()
+
+    def release(self) -> None:
+        """Free the region and the host-mapped words now, without asking the peers (construction failures;
+        destroy() after its barrier)."""
+        self.closed = True
+        if self.host is not None:
             self.host.close()
+            self.host = None
+        self.region.close()
 
     def _comm_idle_bounded(self) -> bool:
         def idle() -> bool:

@@ -1,0 +1,72 @@
+"""A Buffer's memory and its peers (issue #20, finding 4), without a GPU: ranks that make their Buffers with
+different sizes all refuse (a smaller one would be written past); a construction that fails frees what it had
+allocated; destroy() after a failed barrier leaves the memory allocated (a peer may still write it) and says so."""
+
+from __future__ import annotations
+
+import pytest
+
+import epkern
+import fake_cupy as F
+from epkern.errors import ArgumentError, GroupError
+from epkern.group import run_in_process
+
+
+@pytest.mark.parametrize(
+    "per_rank",
+    [
+        dict(num_nvl_bytes=lambda r: 1 << (20 + r)),
+        dict(num_rdma_bytes=lambda r: 0 if r == 0 else 1 << 20, low_latency_mode=lambda r: True),
+        dict(low_latency_mode=lambda r: r == 1),
+    ],
+    ids=["nvl", "rdma", "ll_mode"],
+)
+def test_ranks_with_other_sizes_all_refuse(per_rank):
+    name = next(n for n in per_rank if n != "low_latency_mode" or len(per_rank) == 1)
+
+    def body(group):
+        kwargs = {k: f(group.rank) for k, f in per_rank.items()}
+        try:
+            epkern.Buffer(group, backend="cpu", **kwargs).destroy()
+        except ArgumentError as exc:
+            return str(exc)
+        return "made"
+
+    out = run_in_process(body, 3, timeout_s=30)
+    assert all(m.startswith(f"{name}: every rank of the group must pass the same value (rank 0: ") for m in out), out
+    assert len(set(out)) == 1
+
+
+def test_a_failed_construction_frees_its_memory(monkeypatch):
+    regions = []
+    with F.installed(monkeypatch):
+        from epkern.gpu import backend, runtime
+
+        real = runtime.SymmetricRegion
+
+        def tracked(*args):
+            regions.append(real(*args))
+            return regions[-1]
+
+        def broken_engine(*args, **kwargs):
+            raise RuntimeError("engine failed")
+
+        monkeypatch.setattr(runtime, "SymmetricRegion", tracked)
+        monkeypatch.setattr(backend, "LLEngine", broken_engine)
+        with pytest.raises(RuntimeError, match="engine failed"):
+            F.fake_buffer()
+    assert len(regions) == 1 and regions[0].ptr == 0
+
+
+def test_destroy_after_a_failed_barrier_keeps_the_memory(monkeypatch):
+    with F.installed(monkeypatch):
+        buf = F.fake_buffer()
+        rt = buf._backend.rt
+
+        def barrier():
+            raise GroupError("rank 1 did not reach barrier #9 within 30 s")
+
+        monkeypatch.setattr(rt.group, "barrier", barrier)
+        with pytest.raises(GroupError, match=r"rank 0: destroy: .* left allocated, since a peer"):
+            buf.destroy()
+        assert rt.region.ptr != 0
