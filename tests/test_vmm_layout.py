@@ -52,6 +52,7 @@ PROTOTYPES = {  # ctypes symbol -> the C prototype its signature in D.SIGNATURES
         "CUresult (*)(void *, CUdeviceptr, size_t, CUmemRangeHandleType, unsigned long long)"
     ),
     "cuMemHostGetDevicePointer_v2": "CUresult (*)(CUdeviceptr *, void *, unsigned int)",
+    "cuCtxGetCurrent": "CUresult (*)(CUcontext *)",
 }
 
 _P = ctypes.POINTER
@@ -75,6 +76,7 @@ C_TYPES = {  # C parameter type -> the ctypes type that passes it
     "CUmemGenericAllocationHandle *": _P(ctypes.c_uint64),
     "const CUmemAllocationProp *": _P(D.CUmemAllocationProp),
     "const CUmemAccessDesc *": _P(D.CUmemAccessDesc),
+    "CUcontext *": _P(ctypes.c_void_p),
 }
 
 # How C names each struct of the module (CUmemAllocFlags is the anonymous allocFlags member of CUmemAllocationProp).
@@ -252,6 +254,11 @@ CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned int f) {
   *d = (CUdeviceptr)(uintptr_t)p + 0x1000;
   return CUDA_SUCCESS;
 }
+CUresult cuCtxGetCurrent(CUcontext *ctx) {
+  say("cuCtxGetCurrent\n");
+  *ctx = 0;
+  return CUDA_ERROR_NOT_INITIALIZED;
+}
 """
 
 
@@ -287,6 +294,7 @@ def test_every_call_goes_through_the_real_bindings(stand_in):
     assert D.mem_get_address_range(ptr + 0x1234) == (ptr, MiB)
     assert D.mem_get_dmabuf_fd(ptr, 2 * MiB) == 11
     assert D.mem_host_get_device_pointer(0x5000) == 0x6000
+    assert D.initialised() is False  # CUDA_ERROR_NOT_INITIALIZED
     launch = D.DriverLaunch(0x77, 16, 512, (np.int32(-3), np.uint64(1 << 63)))
     launch.set(0, 4)
     launch.launch(0x99)
@@ -304,6 +312,7 @@ def test_every_call_goes_through_the_real_bindings(stand_in):
         f"cuMemGetAddressRange_v2 {ptr + 0x1234}",
         f"cuMemGetHandleForAddressRange {ptr} {2 * MiB} 1 0",
         f"cuMemHostGetDevicePointer_v2 {0x5000} 0",
+        "cuCtxGetCurrent",
         f"cuLaunchKernel {0x77} 16 1 1 512 1 1 0 {0x99} 4 {1 << 63} 1",
     ]
     with pytest.raises(D.DriverError, match=r"^cuMemMap failed: CUDA_ERROR_INVALID_VALUE \(CUresult 1\) \[0x7f"):
