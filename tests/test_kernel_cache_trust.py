@@ -105,3 +105,21 @@ def test_a_tampered_cubin_is_compiled_again(tmp_path, monkeypatch, source, tampe
     assert again == path and again.read_bytes() == good and not again.is_symlink()
     text = caplog.text
     assert "ignoring cached" in text and "compiled" in text, text
+
+
+def test_kernel_dir_another_user_can_change_is_refused(tmp_path, monkeypatch):
+    """EPKERN_KERNEL_DIR loads GPU code: a folder (or a source in it) others can write is refused."""
+    from epkern import kernel_files
+
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    (folder / "x.cu").write_text("// test\n")
+    monkeypatch.setenv("EPKERN_KERNEL_DIR", str(folder))
+    assert kernel_files.kernel_dir() == folder
+    os.chmod(folder / "x.cu", 0o666)
+    with pytest.raises(ConfigError, match=r"EPKERN_KERNEL_DIR=.*refused, .*x\.cu is writable by other users"):
+        kernel_files.kernel_dir()
+    os.chmod(folder / "x.cu", 0o644)
+    os.chmod(folder, 0o777)
+    with pytest.raises(ConfigError, match=r"refused, .*kernels is writable by other users"):
+        kernel_files.kernel_dir()

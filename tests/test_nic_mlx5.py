@@ -694,7 +694,9 @@ def test_real_nic_loopback_rdma_write_and_atomic():
         src = np.arange(4096, dtype=np.uint8)
         dst = np.zeros(4096, dtype=np.uint8)
         ctr = np.zeros(2, dtype=np.uint64)
-        ms, md, mc = nic.reg_mr(src), nic.reg_mr(dst), nic.reg_mr(ctr)
+        ms = nic.reg_mr(src)  # local rights only (the default): the source of the write
+        md = nic.reg_mr(dst, access=ALL)
+        mc = nic.reg_mr(ctr, access=ALL)
         pi = W.build_rdma_write(
             qp.sq, 0, qpn=qp.qpn, raddr=md.addr, rkey=md.rkey, laddr=ms.addr, lkey=ms.lkey, length=4096
         )

@@ -258,3 +258,14 @@ def test_abi_layout_matches_headers(tmp_path):
     ):
         assert must in labels, must
     assert {name for name, _ in protos} >= {"ibv_create_qp", "ibv_reg_dmabuf_mr", "mlx5dv_init_obj"}
+
+
+def test_memory_regions_get_local_rights_unless_asked():
+    """Least privilege (issue #20, finding 5): a region registered without access= allows no remote operation."""
+    import inspect
+
+    from epkern.nic import mlx5
+
+    assert verbs.MR_ACCESS == _cdef.CONSTANTS["IBV_ACCESS_LOCAL_WRITE"]
+    for fn in (verbs.reg_mr, verbs.reg_dmabuf_mr, mlx5.Mlx5Nic.reg_mr, mlx5.Mlx5Nic.reg_gpu_mr):
+        assert inspect.signature(fn).parameters["access"].default == verbs.MR_ACCESS, fn

@@ -25,7 +25,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EPKERN_TIMEOUT_S": ("30", "deadline in seconds of every device-side wait and every group operation"),
     "EPKERN_CACHE_DIR": ("~/.cache/epkern", "where compiled kernels (cubins) are cached on disk"),
     "EPKERN_NVRTC_ARCH": ("", "compile for this sm_XY instead of the current device's (e.g. sm_90)"),
-    "EPKERN_KERNEL_DIR": ("", "load .cu/.cuh sources from this folder instead of the packaged ones"),
+    "EPKERN_KERNEL_DIR": (
+        "",
+        "load .cu/.cuh sources from this folder instead of the packaged ones (for kernel development: the folder, "
+        "the folders above it and its sources must be changeable by no other user, else ConfigError)",
+    ),
     "EPKERN_NUM_THREADS_RANKS": ("", "default number of in-process ranks for the demo and launcher"),
     "EPKERN_POISON_OUTPUTS": (
         "0",

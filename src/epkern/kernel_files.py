@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import _env
-from .errors import KernelCompileError
+from . import _env, _trust
+from .errors import ConfigError, KernelCompileError
 
 _PACKAGE_KERNELS = Path(__file__).resolve().parent / "kernels"
 _REPO_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
@@ -18,11 +18,23 @@ def kernel_dir() -> Path:
     if override is not None:
         if not override.is_dir():
             raise KernelCompileError(f"EPKERN_KERNEL_DIR={override}: not a folder")
+        # Sources compiled from there run on the GPU: only a folder (and sources) no other user can change.
+        problem = _trust.folder_problem(override) or next(
+            (f"{p} is {why}" for p in sorted(override.glob("*.cu*")) if (why := _file_problem(p))), None
+        )
+        if problem:
+            raise ConfigError(f"EPKERN_KERNEL_DIR={override}: refused, {problem}")
         return override
     for candidate in (_PACKAGE_KERNELS, _REPO_KERNELS):
         if (candidate / "epk_common.cuh").is_file():
             return candidate
     raise KernelCompileError(f"kernel sources not found in {_PACKAGE_KERNELS} or {_REPO_KERNELS}")
+
+
+def _file_problem(path: Path) -> str | None:
+    import os
+
+    return _trust.ownership_problem(os.lstat(path), allow_root=True)
 
 
 def kernel_sources() -> list[Path]:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import _env, _log
+from . import _env, _log, _trust
 from .errors import ConfigError, KernelCompileError
 from .kernel_files import kernel_dir, kernel_sources  # noqa: F401 - re-exported: the loader's folder
 
@@ -324,7 +324,9 @@ def _intact(cubin: Path) -> bool:
         st = os.lstat(cubin)
     except FileNotFoundError:
         return False
-    problem = _ownership_problem(st, allow_root=False) or (None if stat.S_ISREG(st.st_mode) else "not a regular file")
+    problem = _trust.ownership_problem(st, allow_root=False)
+    if problem is None and not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
     if problem is None:
         try:
             recorded = cubin.with_suffix(".sha256").read_bytes().strip()
@@ -339,16 +341,6 @@ def _intact(cubin: Path) -> bool:
     return True
 
 
-def _ownership_problem(st: os.stat_result, allow_root: bool) -> str | None:
-    """Why a file or folder with this stat could be changed by another user (None when it cannot)."""
-    me = os.geteuid()
-    if st.st_uid != me and not (allow_root and st.st_uid == 0):
-        return f"owned by uid {st.st_uid}, not by this user (uid {me})"
-    if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and allow_root):
-        return f"writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 def private_cache_folder() -> Path:
     """``EPKERN_CACHE_DIR``/cubin, created 0700 if missing; ConfigError if it, the cache folder, or a folder above
     them could be changed by another user (owned by someone else than this user or root, or writable by others
@@ -356,17 +348,12 @@ def private_cache_folder() -> Path:
     root = _env.cache_dir()
     folder = root / "cubin"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for i, path in enumerate([folder, root, *root.resolve().parents]):
-        st = os.lstat(path) if i < 2 else os.stat(path)
-        if i < 2 and stat.S_ISLNK(st.st_mode):
-            problem = "a symbolic link"
-        else:
-            problem = _ownership_problem(st, allow_root=i >= 2)
-        if problem:
-            raise ConfigError(
-                f"EPKERN_CACHE_DIR: refusing the kernel cache {folder}: {path} is {problem}; kernels loaded from "
-                "there could be another user's code. Set EPKERN_CACHE_DIR to a folder of your own (mode 0700)."
-            )
+    problem = _trust.folder_problem(folder, own=2)
+    if problem:
+        raise ConfigError(
+            f"EPKERN_CACHE_DIR: refusing the kernel cache {folder}: {problem}; kernels loaded from there could be "
+            "another user's code. Set EPKERN_CACHE_DIR to a folder of your own (mode 0700)."
+        )
     return folder
 
 

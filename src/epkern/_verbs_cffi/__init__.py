@@ -12,10 +12,11 @@ from ._device import PortAttr, device_list, open_device, query_gid, query_port, 
 from ._handles import CompletionQueue, Context, MemoryRegion, ProtectionDomain, QueuePair
 from ._library import RdmaUnavailableError, VerbsError, get_ffi, mlx5_lib, verbs_lib
 from ._mlx5dv import Mlx5CqInfo, Mlx5QpInfo, mlx5_cq_info, mlx5_qp_info
-from ._resources import DEFAULT_ACCESS, alloc_pd, create_cq, create_rc_qp, reg_dmabuf_mr, reg_mr
+from ._resources import DEFAULT_ACCESS, MR_ACCESS, alloc_pd, create_cq, create_rc_qp, reg_dmabuf_mr, reg_mr
 
 __all__ = [
     "DEFAULT_ACCESS",
+    "MR_ACCESS",
     "CompletionQueue",
     "Context",
     "MemoryRegion",

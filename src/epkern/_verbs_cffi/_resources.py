@@ -16,9 +16,16 @@ def alloc_pd(ctx: Context) -> ProtectionDomain:
 DEFAULT_ACCESS = flag_mask(
     "IBV_ACCESS_LOCAL_WRITE", "IBV_ACCESS_REMOTE_WRITE", "IBV_ACCESS_REMOTE_READ", "IBV_ACCESS_REMOTE_ATOMIC"
 )
+"""The operations a queue pair accepts from its peer (qp_access_flags); each memory region still allows only its
+own rights (:data:`MR_ACCESS` by default)."""
 
 
-def reg_mr(pd: ProtectionDomain, addr: int, length: int, access: int = DEFAULT_ACCESS) -> MemoryRegion:
+MR_ACCESS = flag_mask("IBV_ACCESS_LOCAL_WRITE")
+"""The default rights of a memory region: local writes only. A region that peers write, read or update remotely
+is registered with exactly those rights (``IBV_ACCESS_REMOTE_WRITE`` ...), never all of them by default."""
+
+
+def reg_mr(pd: ProtectionDomain, addr: int, length: int, access: int = MR_ACCESS) -> MemoryRegion:
     """Register host memory ``[addr, addr + length)`` (iova = addr) through ``ibv_reg_mr_iova2``.
 
     The default access has no ``IBV_ACCESS_RELAXED_ORDERING``: in-order delivery on one RC QP is what the
@@ -31,7 +38,7 @@ def reg_mr(pd: ProtectionDomain, addr: int, length: int, access: int = DEFAULT_A
 
 
 def reg_dmabuf_mr(
-    pd: ProtectionDomain, fd: int, offset: int, length: int, iova: int, access: int = DEFAULT_ACCESS
+    pd: ProtectionDomain, fd: int, offset: int, length: int, iova: int, access: int = MR_ACCESS
 ) -> MemoryRegion:
     """Register memory exported as a dma-buf (GPU memory) through ``ibv_reg_dmabuf_mr``.
 

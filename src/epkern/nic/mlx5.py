@@ -149,7 +149,7 @@ class Mlx5Nic(NicObservation):
             return self._bf_locks.setdefault(addr & ~(page_size() - 1), threading.Lock())
 
     # --- memory ---
-    def reg_mr(self, target: np.ndarray | int, length: int | None = None, access: int = V.DEFAULT_ACCESS):
+    def reg_mr(self, target: np.ndarray | int, length: int | None = None, access: int = V.MR_ACCESS):
         """Register host memory: a C-contiguous numpy array (kept alive by the MR) or ``(addr, length)``."""
         self._check_open()
         keep = None
@@ -171,7 +171,7 @@ class Mlx5Nic(NicObservation):
             self._mrs.append(mr)
         return mr
 
-    def reg_gpu_mr(self, target: Any, length: int | None = None, access: int = V.DEFAULT_ACCESS):
+    def reg_gpu_mr(self, target: Any, length: int | None = None, access: int = V.MR_ACCESS):
         """Register GPU memory through dma-buf: a CuPy array (or anything with ``data.ptr``/``nbytes``) or a device
         address with ``length``. The MR's ``addr`` is the device address."""
         self._check_open()
