@@ -93,3 +93,55 @@ def require_driver_for_nvrtc(nvrtc: tuple[int, int]) -> None:
     version = driver_version()
     if version is not None:
         check_driver_for_nvrtc(version, nvrtc)
+
+
+def wait_stream(stream, timeout_s: float, what: str) -> None:
+    """``stream.synchronize()`` bounded: poll the stream until it is idle or ``timeout_s`` passed (then
+    TimeoutError naming ``what``). For host waits outside a Buffer's runtime (which has its own, with its deadline).
+    """
+    import time
+
+    from .errors import TimeoutError
+
+    if stream.done:
+        return
+    deadline, spins = time.monotonic() + timeout_s, 0
+    while not stream.done:
+        spins += 1
+        if spins > 50:
+            time.sleep(20e-6)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: the GPU work did not finish within {timeout_s:g} s")
+
+
+def call_bounded(fn, timeout_s: float, what: str):
+    """``fn()`` (a blocking CUDA call that cannot be polled, e.g. deviceSynchronize) on a helper thread, on the
+    caller's current CUDA device, waited for at most ``timeout_s``; TimeoutError naming ``what`` after that (the
+    thread is left to finish on its own)."""
+    import threading
+
+    import cupy
+
+    from .errors import TimeoutError
+
+    out: list = []
+    device = cupy.cuda.runtime.getDevice()
+
+    def run():
+        try:
+            cupy.cuda.runtime.setDevice(device)  # the current device is per thread
+            out.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            out.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"epkern-bounded-{what[:24]}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not out:
+        raise TimeoutError(
+            f"{what}: did not return within {timeout_s:g} s (the GPU is busy with work that does not end)"
+        )
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value

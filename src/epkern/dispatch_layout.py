@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _cuda, api_checks, kernel_loader
+from . import _cuda, _env, api_checks, kernel_loader
 from ._validate import as_device_array, check_int, check_rank_to_node
 from .errors import ArgumentError
 from .gpu.kernels import LAYOUT
@@ -153,7 +153,7 @@ def get_dispatch_layout(
         ),
     )
     if check_indices:
-        stream.synchronize()
+        _cuda.wait_stream(stream, _env.timeout_s(), "get_dispatch_layout (checking topk_idx)")
         bad = int(invalid_word[0])
         if bad != 0:
             raise ArgumentError(

@@ -365,7 +365,7 @@ class HtEngine:
         defines = self.rt.last_defines(source)
         if defines is None or not defines.get("EPK_PROBE"):
             raise ArgumentError(f"source: no launch of {source} with HtTuning(probe=1) on this Buffer")
-        self.rt.comm_stream.synchronize()
+        self.rt.sync_bounded(self.rt.comm_stream, "reading the HT probe")
         ptr = kernel_loader.get_module(source, defines).get_global("epk_probe")
         blocks = self.grid(None)
         return cupy.ndarray((1024, 4), dtype=np.uint64, memptr=ptr)[:blocks].get().astype(np.int64)

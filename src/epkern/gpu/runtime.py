@@ -373,7 +373,7 @@ class Runtime:
                 func((1,), (32,), (np.int32(1), *args[1:]))
                 for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
                     cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
-                self.comm_stream.synchronize()
+                self.sync_bounded(self.comm_stream, "first use of a kernel")
                 self.group.barrier()
                 self._warmed.add(key)
             entry[1] = True
@@ -390,7 +390,7 @@ class Runtime:
         """First time ``key`` is seen: sync the comm stream and barrier (code loaded before any peer spins)."""
         if key in self._warmed:
             return False
-        self.comm_stream.synchronize()
+        self.sync_bounded(self.comm_stream, "first use of a kernel")
         self.group.barrier()
         self._warmed.add(key)
         return True

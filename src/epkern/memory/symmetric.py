@@ -71,7 +71,8 @@ class SymmetricRegion:
         if mode != "direct":
             # Collective choice: every process of the group must map the same way.
             with cupy.cuda.Device(device):
-                rt.deviceSynchronize()  # the device's context exists before any driver call
+                # the device's context exists before any driver call
+                _cuda.call_bounded(rt.deviceSynchronize, _env.timeout_s(), "creating the Buffer's memory")
                 can_vmm = mode != "legacy" and vmm.supported(device)
             mode = choose_mapping(group.allgather_object((mode, can_vmm)))
         self.mode = mode
@@ -84,7 +85,7 @@ class SymmetricRegion:
                 # A raw cudaMalloc (not CuPy's pool) so the IPC handle covers exactly this allocation.
                 self.ptr = rt.malloc(size)
             rt.memset(self.ptr, 0, size)
-            rt.deviceSynchronize()
+            _cuda.call_bounded(rt.deviceSynchronize, _env.timeout_s(), "clearing the Buffer's memory")
         if mode == "direct":
             infos = group.exchange_object((self.ptr, device))
             for r, (_, dev) in enumerate(infos):
@@ -133,7 +134,7 @@ class SymmetricRegion:
             self._opened.clear()
             self.peer_table = None
             if self._maps:
-                self._rt.deviceSynchronize()  # nothing of ours still runs on the mappings
+                _cuda.call_bounded(self._rt.deviceSynchronize, _env.timeout_s(), "freeing the Buffer's memory")
                 for m in reversed(self._maps):  # peers' mappings first, then mine
                     m.close()
                 self._maps.clear()

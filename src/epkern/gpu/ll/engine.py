@@ -86,7 +86,7 @@ class LLEngine:
         self.one = cupy.asarray(np.ones(1, np.int32))  # source of the state words set to 1 (masks.py)
         routes = [ROUTE_IPC if p else ROUTE_NONE for p in rt.region.peer_ptrs]
         self.state[STATE_ROUTE : STATE_ROUTE + rt.num_ranks] = cupy.asarray(np.array(routes, dtype=np.int32))
-        cupy.cuda.get_current_stream().synchronize()
+        rt.sync_bounded(cupy.cuda.get_current_stream(), "setting up the low-latency state")
         self.sends = 0  # sending launches issued (host side; the device counter is the truth)
         self.replay_on = bool(tuning.replay)
         self.plans = ll_plans.CallPlans(8)

@@ -47,13 +47,13 @@ class LLMasks:
         hidden = api_checks.ll_hidden(hidden)
         eng.size_state(num_max, hidden, num_experts)
         with rt.on_comm_stream():
-            rt.comm_stream.synchronize()
+            rt.sync_bounded(rt.comm_stream, "clean_low_latency_buffer")
             rt.group.barrier()  # no peer still writes into our area
             if rt.ll_bytes:
                 cupy.cuda.runtime.memsetAsync(rt.region.ptr + rt.ll_offset, 0, rt.ll_bytes, rt.comm_stream.ptr)
             self._set_words(STATE_COUNTER, STATE_MASK - STATE_COUNTER, 0)
             self._set_words(STATE_SLOT, STATE_WORDS - STATE_SLOT, 0)
-            rt.comm_stream.synchronize()
+            rt.sync_bounded(rt.comm_stream, "clean_low_latency_buffer")
             rt.group.barrier()  # every rank restarts from call 0 together
         eng.restart()
 
