@@ -70,3 +70,33 @@ def test_destroy_after_a_failed_barrier_keeps_the_memory(monkeypatch):
         with pytest.raises(GroupError, match=r"rank 0: destroy: .* left allocated, since a peer"):
             buf.destroy()
         assert rt.region.ptr != 0
+
+
+def test_views_kept_past_destroy_keep_the_memory(monkeypatch):
+    """HT outputs and handles (heap blocks) and LL views (the zero-copy combine buffer) keep the region alive past
+    destroy(); it is freed when the last of them is gone, and at once when none is alive."""
+    import gc
+
+    with F.installed(monkeypatch, emulate={"epk_ht_notify": F.emulate_ht_notify_one_rank}):
+        from epkern import Buffer
+
+        hint = Buffer.get_low_latency_rdma_size_hint(16, 1024, 1, 8)
+        buf = F.fake_buffer(num_rdma_bytes=hint, low_latency_mode=True)
+        region = buf._backend.rt.region
+        recv_x, _, _, _, handle, _ = F.full_dispatch(buf, F.ht_inputs(64, 1024, 4, 8))
+        x, idx = F.ht_inputs(64, 1024, 4, 8)[:2]
+        _, _, ll_handle, _, _ = buf.low_latency_dispatch(x[:16], idx[:16], 16, 8, use_fp8=False)
+        zbuf = buf.get_next_low_latency_combine_buffer(ll_handle)
+        buf.destroy()
+        assert region.ptr != 0  # recv_x, handle and zbuf still view it
+        del recv_x, handle
+        gc.collect()
+        assert region.ptr != 0  # zbuf still does
+        del zbuf
+        gc.collect()
+        assert region.ptr == 0
+
+        buf = F.fake_buffer()
+        region = buf._backend.rt.region
+        buf.destroy()
+        assert region.ptr == 0  # nothing viewed it: freed at destroy

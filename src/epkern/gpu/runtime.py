@@ -9,6 +9,7 @@ It knows nothing of HT or LL: the LL engine registers a handler for the errors i
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 
@@ -23,6 +24,21 @@ from .ll.layout import ll_area_bytes
 HOST_MARGIN_S = 5.0
 ERROR_RECORD_BYTES = 32
 CTRL_BYTES = K.get("EPK_CTRL_BYTES")
+
+
+def _freer(region, rt):
+    """The free function of a RegionLease: closes ``region`` and the runtime's host words (looked up when it runs:
+    they are made after the lease). Holds no reference to the lease or its views."""
+
+    def free():
+        host = rt.host
+        rt.host = None
+        if host is not None:
+            host.close()
+        region.close()
+
+    return free
+
 
 # Error-record phases (numbers in kernels/epk_constants.cuh) and what each was waiting for.
 PHASES = {
@@ -76,6 +92,21 @@ class _CommStreamScope:
         return False
 
 
+class RegionLease:
+    """What every view into a Buffer's memory keeps alive (HT outputs and handles through their heap blocks, LL
+    views directly): the region and the host words are freed when the runtime has let go of its lease (destroy)
+    and the last such view is gone, so a view kept past destroy() never reads freed (reused) memory."""
+
+    __slots__ = ("_finalizer", "__weakref__")
+
+    def __init__(self, free):
+        self._finalizer = weakref.finalize(self, free)
+
+    @property
+    def freed(self) -> bool:
+        return not self._finalizer.alive
+
+
 class Runtime:
     """Per rank and Buffer. Region = control area (CTRL_BYTES) + HT heap (num_nvl_bytes) + LL area."""
 
@@ -113,8 +144,9 @@ class Runtime:
             self.region = SymmetricRegion(group, region_bytes, self.device)
             self.closed = False
             self.host = None
+            self.lease = RegionLease(_freer(self.region, self))
             try:
-                self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes)
+                self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes, keep=self.lease)
                 self.host = HostMapped(ERROR_RECORD_BYTES + 4 * K.get("EPK_HT_NOTIFY_WORDS"))
                 self.error_record = self.host.view(np.int32, 0, 8)
                 self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
@@ -181,13 +213,12 @@ class Runtime:
             self.release()
 
     def release(self) -> None:
-        """Free the region and the host-mapped words now, without asking the peers (construction failures;
-        destroy() after its barrier)."""
+        """Let go of the region and the host-mapped words, without asking the peers (construction failures;
+        destroy() after its barrier): they are freed now, or when the last view into them is gone."""
         self.closed = True
-        if self.host is not None:
-            self.host.close()
-            self.host = None
-        self.region.close()
+        self.heap = None
+        lease, self.lease = self.lease, None
+        del lease  # the last reference unless views are alive: RegionLease frees it then
 
     def _comm_idle_bounded(self) -> bool:
         def idle() -> bool:
@@ -211,6 +242,8 @@ class Runtime:
             raise EpkernError(f"Buffer unusable after an earlier failure ({self.broken}); destroy() it")
 
     def raise_recorded(self) -> None:
+        if self.host is None:  # freed: destroy() waited for this Buffer's work first
+            return
         rec = self.error_record
         if rec[0] == 0:
             return

@@ -53,7 +53,8 @@ class HeapBlock:
 class Heap:
     """First-fit, coalescing allocator over [base_ptr, base_ptr + nbytes)."""
 
-    def __init__(self, base_ptr: int, nbytes: int):
+    def __init__(self, base_ptr: int, nbytes: int, keep=None):
+        self.keep = keep  # what the memory under the heap lives as long as (every block keeps the heap alive)
         self.base_ptr = base_ptr
         self.nbytes = nbytes
         self._lock = threading.Lock()

@@ -167,7 +167,7 @@ class LLEngine:
     def _view(self, ptr: int, nbytes: int, dtype, shape):
         import cupy
 
-        mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
+        mem = cupy.cuda.UnownedMemory(ptr, nbytes, self.rt.lease)  # the view keeps the memory, not the engine
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
 
     def direct_outputs(self, st: SizeState, use_fp8: bool, use_ue8m0: bool, S: int):
