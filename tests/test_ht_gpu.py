@@ -46,6 +46,19 @@ def test_worst_tokens_and_alignment():
     _run(4, lambda buf, g: ht_scenarios.run_ht_case(buf, g, 100, 2048, 32, 4, expert_alignment=16))
 
 
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_worst_tokens_after_other_calls_in_process(num_ranks):
+    """Issue #20 finding 6: num_worst_tokens = R x 300 with in-process ranks, after other calls, on a fresh Buffer
+    (reported to wait until the deadline; the same calls as MPS processes were exact)."""
+
+    def body(buf, g):
+        ht_scenarios.run_ht_case(buf, g, 300, 2048, 8 * num_ranks, 4)
+        ht_scenarios.run_ht_case(buf, g, 300, 2048, 8 * num_ranks, 4, num_worst_tokens=num_ranks * 300)
+
+    for _ in range(2):  # fresh Buffers
+        _run(num_ranks, body)
+
+
 def test_fresh_iterations_shape_single_call():
     _run(8, lambda buf, g: ht_scenarios.run_ht_case(buf, g, 96, 2048, 64, 8))
 
