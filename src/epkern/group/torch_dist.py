@@ -93,14 +93,21 @@ class TorchGroup(Group):
             device = torch.device("cuda", torch.cuda.current_device())
         n = torch.tensor([len(data)], dtype=torch.int64, device=device)
         lengths = [torch.empty_like(n) for _ in range(self._size)]
-        self._dist.all_gather(lengths, n, group=self._pg)
+        self._torch_call("all_gather", lambda: self._dist.all_gather(lengths, n, group=self._pg))
         sizes = [int(t.item()) for t in lengths]
         mine = torch.zeros(max(sizes) or 1, dtype=torch.uint8)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
         mine = mine.to(device)
         parts = [torch.empty_like(mine) for _ in range(self._size)]
-        self._dist.all_gather(parts, mine, group=self._pg)
+        self._torch_call("all_gather", lambda: self._dist.all_gather(parts, mine, group=self._pg))
         return [bytes(p[:size].cpu().numpy().tobytes()) for p, size in zip(parts, sizes, strict=True)]
 
     def barrier(self) -> None:
-        self._dist.barrier(group=self._pg)
+        self._torch_call("barrier", lambda: self._dist.barrier(group=self._pg))
+
+    def _torch_call(self, op: str, call) -> None:
+        """A torch.distributed collective; its failure (a peer gone, torch's timeout) as GroupError."""
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError / DistBackendError subclasses
+            raise GroupError(f"rank {self._rank}: torch.distributed {op} failed: {type(exc).__name__}: {exc}") from exc
