@@ -4,6 +4,8 @@ allocated; destroy() after a failed barrier leaves the memory allocated (a peer 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import epkern
@@ -100,3 +102,34 @@ def test_views_kept_past_destroy_keep_the_memory(monkeypatch):
         region = buf._backend.rt.region
         buf.destroy()
         assert region.ptr == 0  # nothing viewed it: freed at destroy
+
+
+@pytest.mark.parametrize("peer", ["ended", "alive", "unknown"])
+def test_destroy_frees_when_the_silent_peers_have_ended(monkeypatch, peer):
+    """destroy()'s barrier fails naming the silent ranks: the memory is freed only if each of them is a process of
+    this host that has ended (it writes nothing any more); otherwise it stays allocated and GroupError raises."""
+    import subprocess
+    import sys
+
+    with F.installed(monkeypatch):
+        buf = F.fake_buffer()
+        rt = buf._backend.rt
+        if peer == "ended":
+            child = subprocess.Popen([sys.executable, "-c", "pass"])
+            child.wait()
+            pid = child.pid
+        else:
+            pid = os.getppid() if peer == "alive" else None
+        rt.peer_pids = [None, pid]
+
+        def barrier():
+            raise GroupError("rank 1 did not reach barrier #9 within 30 s", silent_ranks=[1])
+
+        monkeypatch.setattr(rt.group, "barrier", barrier)
+        if peer == "ended":
+            buf.destroy()
+            assert rt.region.ptr == 0
+        else:
+            with pytest.raises(GroupError, match="left allocated"):
+                buf.destroy()
+            assert rt.region.ptr != 0

@@ -24,7 +24,12 @@ class KernelCompileError(EpkernError, RuntimeError):
 
 
 class GroupError(EpkernError, RuntimeError):
-    """A process-group operation failed or ran past its deadline."""
+    """A process-group operation failed or ran past its deadline. ``silent_ranks``: the ranks that did not arrive,
+    where the group knows them (in-process and MPI groups), else None."""
+
+    def __init__(self, *args, silent_ranks=None):
+        super().__init__(*args)
+        self.silent_ranks = None if silent_ranks is None else tuple(silent_ranks)
 
 
 class TimeoutError(EpkernError, RuntimeError):  # noqa: A001 - deliberate: epkern.errors.TimeoutError

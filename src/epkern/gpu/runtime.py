@@ -8,12 +8,13 @@ It knows nothing of HT or LL: the LL engine registers a handler for the errors i
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 
 import numpy as np
 
-from .. import api_checks, kernel_loader
+from .. import _log, api_checks, kernel_loader
 from .. import kernel_constants as K
 from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from ..events import EventHandle
@@ -135,8 +136,13 @@ class Runtime:
             dev = cupy.cuda.Device(self.device)
             self.num_device_sms = dev.attributes["MultiProcessorCount"]
             # Ranks sharing this physical GPU (MPS processes or in-process ranks) must all fit at once.
-            ids = group.allgather_object((group.hostnames[self.rank], dev.pci_bus_id))
+            seen = group.allgather_object((group.hostnames[self.rank], dev.pci_bus_id, os.getpid()))
+            ids = [s[:2] for s in seen]
             self.ranks_per_gpu = sum(1 for i in ids if i == ids[self.rank])
+            # Processes of this host's peers (another process's pid; None for in-process ranks or other hosts).
+            self.peer_pids = [
+                s[2] if s[0] == group.hostnames[self.rank] and s[2] != os.getpid() else None for s in seen
+            ]
             # LL area (num_rdma_bytes) after the control area and the HT heap; the heap is unchanged.
             self.ll_bytes = ll_area_bytes(num_rdma_bytes, low_latency_mode)
             self.ll_offset = CTRL_BYTES + -(-num_nvl_bytes // 256) * 256
@@ -205,12 +211,39 @@ class Runtime:
                 self.group.barrier()  # no peer still reads or writes our region
             except GroupError as exc:
                 # A peer that did not arrive may still be writing into this memory: freeing it would hand it to
-                # the next allocation. It stays allocated (a leak, said here) and the failure is raised.
+                # the next allocation. It stays allocated (a leak, said here) and the failure is raised, unless every
+                # peer that did not arrive is a process of this host that has ended (it writes nothing any more).
+                if self._all_gone(exc.silent_ranks):
+                    _log.get_logger().warning(
+                        "rank %d: destroy: %s; ranks %s have ended, freeing the memory",
+                        self.rank,
+                        exc,
+                        exc.silent_ranks,
+                    )
+                    self.release()
+                    return
                 raise GroupError(
                     f"rank {self.rank}: destroy: {exc}; the Buffer's memory is left allocated, since a peer that "
                     "did not reach destroy may still write into it"
                 ) from None
             self.release()
+
+    def _all_gone(self, ranks) -> bool:
+        """Whether ``ranks`` (not None, not empty) are all processes of this host that no longer exist."""
+        if not ranks:
+            return False
+        for r in ranks:
+            pid = self.peer_pids[r] if 0 <= r < len(self.peer_pids) else None
+            if pid is None:
+                return False
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except OSError:  # exists (another user's, or not signalable): alive
+                return False
+            return False
+        return True
 
     def release(self) -> None:
         """Let go of the region and the host-mapped words, without asking the peers (construction failures;

@@ -120,7 +120,9 @@ class MPIGroup(Group):
 
         MPI = self._MPI
         if self._failure is not None:
-            raise GroupError(f"rank {self._rank}: {op} on a failed group ({self._failure})")
+            raise GroupError(
+                f"rank {self._rank}: {op} on a failed group ({self._failure})", silent_ranks=self._failure.silent_ranks
+            )
         self._seq += 1
         seq, tag = self._seq, self._seq % 32000
         comm, rank = self._p2p, self._rank
@@ -141,7 +143,8 @@ class MPIGroup(Group):
                     pause = 0.0
             if pending:
                 if time.monotonic() > deadline:
-                    self._fail(f"{_ranks(pending)} did not reach {op} #{seq} within {self._timeout_s:g} s", sends)
+                    why = f"{_ranks(pending)} did not reach {op} #{seq} within {self._timeout_s:g} s"
+                    self._fail(why, sends, pending)
                 time.sleep(pause)
                 pause = min(0.001, pause + 0.00002)
         while not MPI.Request.Testall(sends):  # a peer that took our message and died: ours may never complete
@@ -150,10 +153,10 @@ class MPIGroup(Group):
             time.sleep(0.0001)
         return out
 
-    def _fail(self, why: str, sends) -> None:
+    def _fail(self, why: str, sends, silent=None) -> None:
         # The unfinished sends stay posted: cancelling a send to a dead process can end this one (MPICH).
         self._dead_sends = sends
-        self._failure = GroupError(f"rank {self._rank}: {why}")
+        self._failure = GroupError(f"rank {self._rank}: {why}", silent_ranks=silent)
         raise self._failure
 
 

@@ -114,7 +114,8 @@ class _Coordinator:
                 gone = [r for r in missing if r in self.exited]
                 if gone:
                     err = GroupError(
-                        f"{_ranks(gone)} returned without reaching {op} #{seq} (rank {rank} was waiting in it)"
+                        f"{_ranks(gone)} returned without reaching {op} #{seq} (rank {rank} was waiting in it)",
+                        silent_ranks=gone,
                     )
                     self.fail(err)
                     raise err
@@ -122,7 +123,8 @@ class _Coordinator:
                 if remaining <= 0:
                     err = GroupError(
                         f"{_ranks(missing)} did not reach {op} #{seq} within {self.timeout_s} s "
-                        f"(rank {rank} was waiting in it)"
+                        f"(rank {rank} was waiting in it)",
+                        silent_ranks=missing,
                     )
                     self.fail(err)
                     raise err
