@@ -25,6 +25,9 @@ def main(mode: str) -> None:
     if mode == "silent":
         silent_rank_mode()
         return
+    if mode == "late":
+        late_rank_mode()
+        return
     if mode == "bad-rpn":
         from mpi4py import MPI
 
@@ -74,6 +77,32 @@ def main(mode: str) -> None:
     sub.barrier()
     group.barrier()
     print(f"OK rank {r}", flush=True)
+
+
+def late_rank_mode() -> None:
+    """Rank 3 makes its group 2x the deadline late: the others raise GroupError within the deadline + 2 s instead of
+    waiting for it (the group's communicator duplicate is non-blocking and bounded too)."""
+    import time
+
+    from mpi4py import MPI
+
+    from epkern import _env
+    from epkern.errors import GroupError
+    from epkern.group import MPIGroup
+
+    rank, timeout = MPI.COMM_WORLD.Get_rank(), _env.timeout_s()
+    if rank == 3:
+        time.sleep(2 * timeout)
+    start = time.monotonic()
+    try:
+        MPIGroup()
+    except GroupError as exc:
+        took = time.monotonic() - start
+        assert took < timeout + 2, took
+        print(f"rank {rank}: raised after {took:.2f} s: {exc}", flush=True)
+        print(f"OK rank {rank}", flush=True)
+        return
+    raise AssertionError(f"rank {rank}: made a group although rank 3 came {2 * timeout} s late")
 
 
 def silent_rank_mode() -> None:

@@ -68,6 +68,11 @@ def test_silent_rank_raises_on_the_others_who_carry_on():
     assert out.count("rank 2 did not reach barrier #") == 3, out
 
 
+def test_a_rank_making_its_group_late_is_not_waited_for():
+    out = _run("late", {"EPKERN_TIMEOUT_S": "2"}, survivors=(0, 1, 2))
+    assert out.count("raised after") >= 3, out
+
+
 def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():
     _run("bad-rpn", {"EPKERN_RANKS_PER_NODE": "3"})
 

@@ -67,7 +67,7 @@ class MPIGroup(Group):
         self._rank = comm.Get_rank()
         self._size = comm.Get_size()
         self._timeout_s = _env.timeout_s() if timeout_s is None else _env.check_timeout(timeout_s, "timeout_s")
-        self._p2p = comm.Dup()  # epkern's messages only
+        self._p2p = self._dup_bounded(comm)  # epkern's messages only
         self._seq = 0
         self._failure: GroupError | None = None
         self._nodes = node_map_from_entries(self.allgather_object(local_entry()))
@@ -90,6 +90,22 @@ class MPIGroup(Group):
         """Host-local rank modulo the number of visible GPUs (hostname-based, so virtual nodes on one
         machine still spread over all of its GPUs); None without a GPU."""
         return self._device_by_host_local_rank()
+
+    def _dup_bounded(self, comm):
+        """``comm.Dup()`` as the non-blocking Idup polled against the deadline (a rank that never makes its group
+        must not hang the others here either)."""
+        import time
+
+        new, req = comm.Idup()
+        deadline = time.monotonic() + self._timeout_s
+        while not req.Test():
+            if time.monotonic() > deadline:
+                raise GroupError(
+                    f"rank {self._rank}: making the group: not every rank of the communicator arrived within "
+                    f"{self._timeout_s:g} s"
+                )
+            time.sleep(0.0005)
+        return new
 
     @property
     def timeout_s(self) -> float:
