@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [firsthour|mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [faults|firsthour|mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -26,7 +26,7 @@ summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps firsthour; do has "$w" && return 0; done
+  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps firsthour faults; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -39,6 +39,19 @@ if has firsthour; then
   summary+=("doctor (MPS on) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_mps.txt" | tr -s ' \n' ' ' | cut -c1-240)")
   timeout 300 python3 -m epkern.doctor --json >"$OUT/doctor_mps.json" 2>"$OUT/doctor_mps_json.err"
   summary+=("doctor --json (MPS on) rc=$?")
+fi
+if has faults; then
+  # Issue #20: tests/fault_injection.py, 4 MPS processes, rank 3 misbehaves (FAULT_TIMEOUT: the deadline, s).
+  ompi_info 2>/dev/null | grep -m1 "Open MPI:" >"$OUT/ompi.txt"
+  for sc in ${FAULT_SCENARIOS:-ht_dispatch_silent ht_combine_silent late_buffer}; do
+    EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 120 "${MPIRUN[@]}" -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
+      python3 tests/fault_injection.py "$sc" >"$OUT/fault_$sc.log" 2>&1
+    summary+=("fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 '^FAIL' "$OUT/fault_$sc.log" | cut -c1-200)")
+  done
+  # A killed rank: only with a launcher that keeps the job alive (Open MPI's ULFM).
+  EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 120 "${MPIRUN[@]}" --with-ft ulfm -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
+    python3 tests/fault_injection.py kill_ht_dispatch >"$OUT/fault_kill.log" 2>&1
+  summary+=("fault kill_ht_dispatch (ulfm) rc=$?: $(grep -c '^PASS' "$OUT/fault_kill.log") PASS; $(grep -m1 -E '^FAIL|rror' "$OUT/fault_kill.log" | cut -c1-200) [$(cat "$OUT/ompi.txt")]")
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
