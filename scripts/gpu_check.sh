@@ -44,12 +44,12 @@ if has faults; then
   # Issue #20: tests/fault_injection.py, 4 MPS processes, rank 3 misbehaves (FAULT_TIMEOUT: the deadline, s).
   ompi_info 2>/dev/null | grep -m1 "Open MPI:" >"$OUT/ompi.txt"
   for sc in ${FAULT_SCENARIOS:-ht_dispatch_silent ht_combine_silent late_buffer}; do
-    EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 120 "${MPIRUN[@]}" -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
+    EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 60 "${MPIRUN[@]}" -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
       python3 tests/fault_injection.py "$sc" >"$OUT/fault_$sc.log" 2>&1
     summary+=("fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 '^FAIL' "$OUT/fault_$sc.log" | cut -c1-200)")
   done
   # A killed rank: only with a launcher that keeps the job alive (Open MPI's ULFM).
-  EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 120 "${MPIRUN[@]}" --with-ft ulfm -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
+  EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 60 "${MPIRUN[@]}" --with-ft ulfm -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
     python3 tests/fault_injection.py kill_ht_dispatch >"$OUT/fault_kill.log" 2>&1
   summary+=("fault kill_ht_dispatch (ulfm) rc=$?: $(grep -c '^PASS' "$OUT/fault_kill.log") PASS; $(grep -m1 -E '^FAIL|rror' "$OUT/fault_kill.log" | cut -c1-200) [$(cat "$OUT/ompi.txt")]")
 fi
