@@ -308,11 +308,20 @@ def test_cuda_glue_answers_through_the_driver_binding_and_raises_nic_errors(monk
         cuda.address_range(0x2000)
 
 
-def test_cpu_fences_run():
+def _executable_anonymous_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if len(line.split()) == 5 and "x" in line.split()[1])
+
+
+def test_cpu_fences_run_without_executable_memory():
+    """The fences are membarrier(2) calls (issue #20, finding 5): no machine code written into an executable page."""
+    before = _executable_anonymous_mappings()
+    CpuFences._inst = None
     f = CpuFences.get()
     f.sfence()
     f.lfence()
     assert CpuFences.get() is f
+    assert _executable_anonymous_mappings() == before
 
 
 # --- the fake _verbs_cffi layer: an emulated NIC plays the hardware --------------------------------------------------

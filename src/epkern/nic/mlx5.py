@@ -11,8 +11,9 @@ Posting from the host follows rdma-core's ``post_send`` (providers/mlx5/qp.c) an
 written; ``udma_to_device_barrier`` (a compiler barrier on x86-64); the send doorbell record ``dbrec[1]`` =
 BE32(pi & 0xffff) as one 4-byte store; ``mmio_wc_start`` (sfence); ONE 8-byte store of the first qword of the last
 WQE's ctrl segment to the BlueFlame register; ``mmio_flush_writes`` (sfence). Python has no fence instructions, so
-the fences are three-byte functions (``sfence; ret`` / ``lfence; ret``) placed in an executable page at first use
-(x86-64 only; other architectures raise :class:`NicError` on the host posting path — the GPU path needs none).
+each fence is a ``membarrier(2)`` system call, whose full barrier on the calling CPU orders the stores and drains the
+write-combining buffers as ``sfence`` does (``mlx5_host_io.CpuFences``; x86-64 only: other architectures raise
+:class:`NicError` on the host posting path — the GPU path needs none).
 
 :meth:`Mlx5QueuePair.map_for_gpu` makes the send ring and doorbell record (``cudaHostRegister`` with
 ``cudaHostRegisterMapped``) and the doorbell register's UAR page (``cudaHostRegisterIoMemory | Mapped``) visible to
