@@ -55,7 +55,7 @@ enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows 
 // What a destination's outputs were sized for: a source whose call differs sends it nothing (and reports it), so a
 // mismatch between ranks' calls can never write past a peer's outputs.
 constexpr long long kShape = static_cast<long long>(EPK_ROW_BYTES) << 33 | static_cast<long long>(kWithMeta) << 32 |
-                             kTopk << 26 | kScaleCols << 10 | (kLocalExperts - 1);
+                             static_cast<long long>(kTopk) << 26 | kScaleCols << 10 | (kLocalExperts - 1);
 static_assert(EPK_ROW_BYTES < (1 << 30) && kScaleCols < (1 << 16) && kLocalExperts <= 1024, "shape word fields");
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
