@@ -102,6 +102,7 @@ class RegionLease:
 
     def __init__(self, free):
         self._finalizer = weakref.finalize(self, free)
+        self._finalizer.atexit = False  # at interpreter exit the process's memory goes with it: no CUDA calls then
 
     @property
     def freed(self) -> bool:
