@@ -73,6 +73,23 @@ def test_a_rank_making_its_group_late_is_not_waited_for():
     assert out.count("raised after") >= 3, out
 
 
+@pytest.mark.parametrize("scenario", ["ht_dispatch_silent", "ht_combine_silent", "late_buffer"])
+def test_fault_scenarios_on_the_cpu_backend(scenario):
+    """tests/fault_injection.py (the GPU fault scenarios) on the CPU backend: a silent or late rank 3 makes the
+    others raise GroupError naming it within the deadline + 2 s; every rank prints PASS."""
+    mpiexec = _mpiexec()
+    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpiexec or mpi4py not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["EPKERN_TIMEOUT_S"] = "2"
+    cmd = [mpiexec, "-n", "4", sys.executable, str(ROOT / "tests" / "fault_injection.py"), scenario, "cpu"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert sorted(line.split()[3] for line in proc.stdout.splitlines() if line.startswith("PASS ")) == list("0123"), out
+
+
 def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():
     _run("bad-rpn", {"EPKERN_RANKS_PER_NODE": "3"})
 
