@@ -91,7 +91,12 @@ EPK_DEVICE void mark_started(ErrorRecord *rec, int epoch) {
   if (rec != nullptr && blockIdx.x == 0 && threadIdx.x == 0) st_relaxed_sys(&rec->started, epoch);
 }
 
-enum ErrorCode : int { kOk = 0, kTimeout = 1, kBadIndex = 2, kOverflow = 3 };
+enum ErrorCode : int {
+  kOk = 0,
+  kTimeout = EPK_ERR_CODE_TIMEOUT,
+  kBadIndex = EPK_ERR_CODE_BAD_INDEX,
+  kOverflow = EPK_ERR_CODE_OVERFLOW
+};
 
 EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, int peer, int seen, int expected) {
   if (rec == nullptr) return;

@@ -49,6 +49,11 @@ constexpr int EPK_ROUTE_RDMA = 3;   // not implemented yet
 constexpr int EPK_PHASE_SEND = 1;
 constexpr int EPK_PHASE_RECV = 2;
 
+// ---- codes of an error record (ErrorRecord.code) ----
+constexpr int EPK_ERR_CODE_TIMEOUT = 1;    // a peer did not answer within the deadline
+constexpr int EPK_ERR_CODE_BAD_INDEX = 2;  // an index or shape a kernel refused
+constexpr int EPK_ERR_CODE_OVERFLOW = 3;   // more rows than the destination has
+
 // ---- phases of an error record (ErrorRecord.phase) ----
 constexpr int EPK_ERR_PHASE_HT_NOTIFY = 1;             // notify: waiting for a peer's counts
 constexpr int EPK_ERR_PHASE_HT_DISPATCH_ADDRS = 2;     // dispatch: waiting for a peer's output addresses

@@ -25,6 +25,7 @@ from .ll.layout import ll_area_bytes
 HOST_MARGIN_S = 5.0
 ERROR_RECORD_BYTES = 32
 CTRL_BYTES = K.get("EPK_CTRL_BYTES")
+ERR_TIMEOUT = K.get("EPK_ERR_CODE_TIMEOUT")  # ErrorRecord.code of a peer that did not answer
 
 
 def _freer(region, rt):
@@ -287,7 +288,7 @@ class Runtime:
             rec[0] = 0  # released last: a later kernel may claim it again
             self.on_recoverable(code, rank, phase, peer, seen, expected)  # raises; the Buffer stays usable
         what = self.phases.get(phase, f"phase {phase}")
-        if code == 1:
+        if code == ERR_TIMEOUT:
             msg = (
                 f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s "
                 f"(flag {seen}, expected {expected})"
@@ -295,7 +296,7 @@ class Runtime:
         else:
             msg = f"rank {rank}: {what}: error code {code} (peer {peer}, value {seen}, limit {expected})"
         self.broken = msg
-        raise TimeoutError(msg) if code == 1 else EpkernError(msg)
+        raise TimeoutError(msg) if code == ERR_TIMEOUT else EpkernError(msg)
 
     def poll_until(self, ready, spins_before_sleep: int, check_record: bool) -> bool:
         """Poll ``ready()`` until it holds (True) or the host deadline passes (False): ``timeout_s`` (every
