@@ -53,7 +53,7 @@ def settle(buf):
 
         # The caller's stream, as a user would; bounded (a kernel that never ends fails the test, not CI's clock).
         buf._backend.rt.sync_bounded(cupy.cuda.get_current_stream(), "the test waiting for the caller's stream")
-        buf._backend.rt.check_usable()
+        buf.check()
 
 
 def make_inputs(seed, num_ranks, num_tokens, hidden, num_experts, topk, routing="random", absent=()):
@@ -362,7 +362,7 @@ def run_absent_peer(buf, group, absent_rank):
     try:
         buf.dispatch(x, **args)
         cupy.cuda.get_current_stream().synchronize()
-        buf._backend.rt.check_usable()
+        buf.check()
     except EpTimeout as exc:
         took = time.monotonic() - t0
         msg = str(exc)
