@@ -95,23 +95,33 @@ def require_driver_for_nvrtc(nvrtc: tuple[int, int]) -> None:
         check_driver_for_nvrtc(version, nvrtc)
 
 
+def poll_until(ready, timeout_s: float, spins_before_sleep: int = 50, each=None) -> bool:
+    """Poll ``ready()`` until it holds (True) or ``timeout_s`` passed (False), calling ``each()`` (if given) after
+    every failed poll. After ``spins_before_sleep`` polls, sleep 20 µs between them (other in-process ranks need
+    the GIL to launch what this rank may wait for; spares the CPU)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    spins = 0
+    while not ready():
+        if each is not None:
+            each()
+        spins += 1
+        if spins > spins_before_sleep:
+            time.sleep(20e-6)
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
 def wait_stream(stream, timeout_s: float, what: str) -> None:
     """``stream.synchronize()`` bounded: poll the stream until it is idle or ``timeout_s`` passed (then
     TimeoutError naming ``what``). For host waits outside a Buffer's runtime (which has its own, with its deadline).
     """
-    import time
-
     from .errors import TimeoutError
 
-    if stream.done:
-        return
-    deadline, spins = time.monotonic() + timeout_s, 0
-    while not stream.done:
-        spins += 1
-        if spins > 50:
-            time.sleep(20e-6)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: the GPU work did not finish within {timeout_s:g} s")
+    if not (stream.done or poll_until(lambda: stream.done, timeout_s)):
+        raise TimeoutError(f"{what}: the GPU work did not finish within {timeout_s:g} s")
 
 
 def call_bounded(fn, timeout_s: float, what: str):

@@ -97,17 +97,18 @@ def cuda_variables() -> dict[str, str | None]:
 _applied: set[str] = set()
 
 
-def apply_cuda_defaults() -> list[str]:
-    """Set the CUDA_DEFAULTS the user left unset (CUDA_DEVICE_MAX_CONNECTIONS not under MPS); returns their names."""
+def _unset_defaults() -> list[str]:
+    """The CUDA_DEFAULTS epkern would set now: those the user left unset (CUDA_DEVICE_MAX_CONNECTIONS not under
+    MPS)."""
     mps = under_mps()
-    names = []
-    for name, (value, _why) in CUDA_DEFAULTS.items():
-        if mps and name in _NOT_UNDER_MPS or name in os.environ:
-            continue
-        os.environ[name] = value
+    return [n for n in CUDA_DEFAULTS if n not in os.environ and not (mps and n in _NOT_UNDER_MPS)]
+
+
+def apply_cuda_defaults() -> None:
+    """Set the CUDA_DEFAULTS the user left unset (CUDA_DEVICE_MAX_CONNECTIONS not under MPS)."""
+    for name in _unset_defaults():
+        os.environ[name] = CUDA_DEFAULTS[name][0]
         _applied.add(name)
-        names.append(name)
-    return names
 
 
 def prepare_cuda_for_in_process_ranks() -> None:
@@ -115,11 +116,10 @@ def prepare_cuda_for_in_process_ranks() -> None:
     naming the variables when CUDA already started in this process without them (then they cannot act)."""
     from . import _cuda_driver
 
-    started = _cuda_driver.initialised()
-    missing = [n for n in CUDA_DEFAULTS if n not in os.environ and not (n in _NOT_UNDER_MPS and under_mps())]
+    missing = _unset_defaults()
     if not missing:
         return
-    if started:
+    if _cuda_driver.initialised():
         import warnings
 
         text = (

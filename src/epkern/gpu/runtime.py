@@ -9,12 +9,11 @@ It knows nothing of HT or LL: the LL engine registers a handler for the errors i
 from __future__ import annotations
 
 import os
-import time
 import weakref
 
 import numpy as np
 
-from .. import _log, api_checks, kernel_loader
+from .. import _cuda, _log, api_checks, kernel_loader
 from .. import kernel_constants as K
 from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from ..events import EventHandle
@@ -300,44 +299,29 @@ class Runtime:
 
     def poll_until(self, ready, spins_before_sleep: int, check_record: bool) -> bool:
         """Poll ``ready()`` until it holds (True) or the host deadline passes (False): ``timeout_s`` (every
-        device-side wait ends by then) plus ``HOST_MARGIN_S``. ``check_record``: raise a recorded device error
-        while polling. After ``spins_before_sleep`` polls, sleep 20 µs between them (other in-process ranks need
-        the GIL to launch what this rank may wait for; spares the CPU)."""
-        deadline = time.monotonic() + self.timeout_s + HOST_MARGIN_S
-        spins = 0
-        while not ready():
-            if check_record:
-                self.raise_recorded()
-            spins += 1
-            if spins > spins_before_sleep:
-                time.sleep(20e-6)
-            if time.monotonic() > deadline:
-                return False
-        return True
+        device-side wait ends by then) plus ``HOST_MARGIN_S`` (``_cuda.poll_until``). ``check_record``: raise a
+        recorded device error while polling."""
+        each = self.raise_recorded if check_record else None
+        return _cuda.poll_until(ready, self.timeout_s + HOST_MARGIN_S, spins_before_sleep, each)
 
     def wait_event_bounded(self, event, phase: str) -> None:
-        """The host waits for ``event`` at most the deadline plus ``HOST_MARGIN_S``, then raises a recorded device
-        failure; TimeoutError (Buffer unusable) if the event never completes."""
-        if not (event.done or self.poll_until(lambda: event.done, 50, True)):
-            self.raise_recorded()
-            self.broken = (
-                f"rank {self.rank}: {phase}: the event did not complete within {self.timeout_s + HOST_MARGIN_S:g} s "
-                "(a kernel that never ends)"
-            )
-            raise TimeoutError(self.broken)
+        """The host waits for ``event`` (as :meth:`sync_bounded`, raising a recorded device failure while it
+        waits), then raises a failure recorded by then."""
+        self.sync_bounded(event, phase, True, "the event did not complete")
         self.raise_recorded()
 
-    def sync_bounded(self, stream, phase: str) -> None:
-        """``stream.synchronize()`` bounded by the deadline: work still running ``HOST_MARGIN_S`` after every
-        device-side wait has ended is a kernel that never ends: raise TimeoutError naming rank and phase and mark
-        the Buffer unusable, rather than hang."""
-        if stream.done or self.poll_until(lambda: stream.done, 50, False):
+    def sync_bounded(
+        self, waitable, phase: str, check_record: bool = False, what: str = "the GPU work of this call did not finish"
+    ) -> None:
+        """``waitable.synchronize()`` (a stream or an event) bounded by the deadline: work still running
+        ``HOST_MARGIN_S`` after every device-side wait has ended is a kernel that never ends: raise TimeoutError
+        naming rank and phase and mark the Buffer unusable, rather than hang."""
+        if waitable.done or self.poll_until(lambda: waitable.done, 50, check_record):
             return
         self.raise_recorded()  # a device-side error recorded meanwhile explains it better
         msg = (
-            f"rank {self.rank}: {phase}: the GPU work of this call did not finish within "
-            f"{self.timeout_s + HOST_MARGIN_S:g} s although every device-side wait ends within "
-            f"{self.timeout_s:g} s (a kernel that never ends); the Buffer is unusable"
+            f"rank {self.rank}: {phase}: {what} within {self.timeout_s + HOST_MARGIN_S:g} s although every "
+            f"device-side wait ends within {self.timeout_s:g} s (a kernel that never ends); the Buffer is unusable"
         )
         self.broken = msg
         raise TimeoutError(msg)

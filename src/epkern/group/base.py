@@ -26,6 +26,12 @@ def as_bytes(data, name: str = "data") -> bytes:
         raise ArgumentError(f"{name}: expected bytes (or a bytes-like object), got {type(data).__name__}") from None
 
 
+def describe_ranks(ranks) -> str:
+    """ "rank 3" or "ranks 1, 3": the ranks an error names."""
+    ranks = list(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
 def gpu_count() -> int:
     """Number of visible CUDA devices; 0 when CuPy is missing or CUDA reports an error."""
     try:

@@ -19,7 +19,7 @@ import os
 import sys
 
 from ..errors import ArgumentError, GroupError
-from .base import Group, as_bytes
+from .base import Group, as_bytes, describe_ranks
 from .nodes import local_entry, node_map_from_entries
 
 # Set by launchers for each rank: MPICH/hydra and Intel MPI (PMI_*), Open MPI (OMPI_*), PMIx (Slurm, ...).
@@ -159,7 +159,7 @@ class MPIGroup(Group):
                     pause = 0.0
             if pending:
                 if time.monotonic() > deadline:
-                    why = f"{_ranks(pending)} did not reach {op} #{seq} within {self._timeout_s:g} s"
+                    why = f"{describe_ranks(pending)} did not reach {op} #{seq} within {self._timeout_s:g} s"
                     self._fail(why, sends, pending)
                 time.sleep(pause)
                 pause = min(0.001, pause + 0.00002)
@@ -174,10 +174,6 @@ class MPIGroup(Group):
         self._dead_sends = sends
         self._failure = GroupError(f"rank {self._rank}: {why}", silent_ranks=silent)
         raise self._failure
-
-
-def _ranks(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
 def mpi_world() -> Group | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from .. import _env
 from ..errors import ArgumentError, GroupError
 from . import wire
-from .base import Group, as_bytes, gpu_count
+from .base import Group, as_bytes, describe_ranks, gpu_count
 from .nodes import check_ranks_per_node, local_hostname, node_map
 
 __all__ = ["ThreadGroup", "make_thread_groups", "run_in_process"]
@@ -114,7 +114,7 @@ class _Coordinator:
                 gone = [r for r in missing if r in self.exited]
                 if gone:
                     err = GroupError(
-                        f"{_ranks(gone)} returned without reaching {op} #{seq} (rank {rank} was waiting in it)",
+                        f"{describe_ranks(gone)} returned without reaching {op} #{seq} (rank {rank} was waiting in it)",
                         silent_ranks=gone,
                     )
                     self.fail(err)
@@ -122,7 +122,7 @@ class _Coordinator:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     err = GroupError(
-                        f"{_ranks(missing)} did not reach {op} #{seq} within {self.timeout_s} s "
+                        f"{describe_ranks(missing)} did not reach {op} #{seq} within {self.timeout_s} s "
                         f"(rank {rank} was waiting in it)",
                         silent_ranks=missing,
                     )
@@ -134,10 +134,6 @@ class _Coordinator:
             if rnd.taken == self.size:
                 del self.rounds[seq]
             return result
-
-
-def _ranks(ranks: Sequence[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 class ThreadGroup(Group):
@@ -415,9 +411,9 @@ def _raise_failure(coord: _Coordinator, num_ranks: int, abandoned: list[int]):
             by_text.setdefault(f"{type(e).__name__}: {e}", []).append(r)
         first_text = f"{type(first).__name__}: {first}"
         note += "; " + "; ".join(
-            f"{_ranks(rs)} raised {'the same' if text == first_text else text}" for text, rs in by_text.items()
+            f"{describe_ranks(rs)} raised {'the same' if text == first_text else text}" for text, rs in by_text.items()
         )
     if abandoned:
-        note += f"; {_ranks(abandoned)} still running after {coord.timeout_s} s, abandoned (daemon threads)"
+        note += f"; {describe_ranks(abandoned)} still running after {coord.timeout_s} s, abandoned (daemon threads)"
     exc.add_note(note)
     raise exc
