@@ -42,16 +42,19 @@ if has firsthour; then
 fi
 if has faults; then
   # Issue #20: tests/fault_injection.py, 4 MPS processes, rank 3 misbehaves (FAULT_TIMEOUT: the deadline, s).
+  # The kill scenarios need a launcher that keeps the job alive: Open MPI 4 --enable-recovery, 5 --with-ft ulfm.
   ompi_info 2>/dev/null | grep -m1 "Open MPI:" >"$OUT/ompi.txt"
-  for sc in ${FAULT_SCENARIOS:-ht_dispatch_silent ht_combine_silent late_buffer}; do
-    EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 60 "${MPIRUN[@]}" -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
+  ompi_major=$(sed -n 's/.*Open MPI: *v\{0,1\}\([0-9]*\)\..*/\1/p' "$OUT/ompi.txt")
+  ft=(--enable-recovery)
+  [ "${ompi_major:-4}" -ge 5 ] && ft=(--with-ft ulfm)
+  for sc in ${FAULT_SCENARIOS:-ht_dispatch_silent ht_combine_silent late_buffer kill_ht_dispatch kill_ht_combine kill_ll_dispatch}; do
+    extra=()
+    [[ $sc == kill* ]] && extra=("${ft[@]}")
+    EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 90 "${MPIRUN[@]}" "${extra[@]}" -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
       python3 tests/fault_injection.py "$sc" >"$OUT/fault_$sc.log" 2>&1
-    summary+=("fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 '^FAIL' "$OUT/fault_$sc.log" | cut -c1-200)")
+    summary+=("fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 -E '^FAIL|Error' "$OUT/fault_$sc.log" | cut -c1-200)")
   done
-  # A killed rank: only with a launcher that keeps the job alive (Open MPI's ULFM).
-  EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 60 "${MPIRUN[@]}" --with-ft ulfm -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
-    python3 tests/fault_injection.py kill_ht_dispatch >"$OUT/fault_kill.log" 2>&1
-  summary+=("fault kill_ht_dispatch (ulfm) rc=$?: $(grep -c '^PASS' "$OUT/fault_kill.log") PASS; $(grep -m1 -E '^FAIL|rror' "$OUT/fault_kill.log" | cut -c1-200) [$(cat "$OUT/ompi.txt")]")
+  summary+=("faults ran under: $(cat "$OUT/ompi.txt"), kill scenarios with ${ft[*]}")
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8

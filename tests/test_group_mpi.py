@@ -93,6 +93,44 @@ def test_fault_scenarios_on_the_cpu_backend(scenario):
     assert "FAIL " not in proc.stdout, out
 
 
+def _open_mpi_recovery():
+    """Open MPI's launcher with the option that keeps a job alive when a rank dies, or None (MPICH's hydra kills
+    the survivors even with -disable-auto-cleanup: src/epkern/group/mpi.py)."""
+    for exe in ("mpirun.openmpi", "orterun", "mpirun"):
+        path = shutil.which(exe)
+        if path is None:
+            continue
+        version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"(?:Open MPI|OpenRTE)\D*(\d+)\.", version)
+        if m:
+            return [path, "--with-ft", "ulfm"] if int(m.group(1)) >= 5 else [path, "--enable-recovery"]
+    return None
+
+
+@pytest.mark.parametrize("scenario", ["kill_ht_dispatch", "kill_ht_combine", "kill_ll_dispatch"])
+def test_killed_rank_survivors_raise_and_carry_on(scenario):
+    """tests/fault_injection.py's kill scenarios on the CPU backend under Open MPI (a launcher that keeps the job
+    alive): rank 3 SIGKILLed while the others are in the call; they raise GroupError naming it within the deadline
+    + 2 s, destroy the Buffer, make a group of themselves and run exact HT and LL rounds."""
+    launcher = _open_mpi_recovery()
+    if launcher is None or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("no Open MPI launcher (apt-get install openmpi-bin) or no mpi4py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(EPKERN_TIMEOUT_S="2", MPI4PY_MPIABI="openmpi")  # the mpi4py wheel: load Open MPI's libmpi
+    cmd = [*launcher, "--oversubscribe", "-n", "4"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    for name in ("PYTHONPATH", "EPKERN_TIMEOUT_S", "MPI4PY_MPIABI"):
+        cmd += ["-x", name]
+    cmd += [sys.executable, str(ROOT / "tests" / "fault_injection.py"), scenario, "cpu"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    out = proc.stdout + proc.stderr
+    verdicts = re.findall(rf"(PASS|FAIL) {scenario} rank (\d)", proc.stdout)
+    assert sorted(verdicts) == [("PASS", r) for r in "012"], out
+    assert proc.stdout.count("survivors' group: exact HT and LL rounds") == 3, out
+
+
 def test_mpi_group_bad_ranks_per_node_fails_on_every_rank():
     _run("bad-rpn", {"EPKERN_RANKS_PER_NODE": "3"})
 

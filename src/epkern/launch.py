@@ -68,8 +68,11 @@ def start_mps(env: dict) -> None:
 
 
 def mpiexec_command(num_procs: int, env: dict) -> list[str]:
-    """mpiexec for MPICH (hydra) or Open MPI, forwarding the environment epkern needs."""
-    exe = shutil.which("mpiexec")
+    """mpiexec for MPICH (hydra) or Open MPI, forwarding the environment epkern needs. The one beside this
+    interpreter first (``pip install 'epkern[mpi]'`` puts the mpich wheel's there; mpi4py then loads that MPI),
+    then PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    exe = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if exe is None:
         raise SystemExit("epkern-launch: --procs needs mpiexec (pip install 'epkern[mpi]')")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
