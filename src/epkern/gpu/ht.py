@@ -227,10 +227,10 @@ class HtEngine:
                 recv_idx = bufs[2].view(np.int64).reshape(out_rows, topk)
                 recv_w = bufs[3].view(np.float32).reshape(out_rows, topk)
                 recv_src = bufs[4].view(np.int32)
-                if num_worst_tokens:  # rows past the real count: no selection
-                    recv_idx.fill(-1)
-                    recv_w.fill(0)
-                    recv_src.fill(-1)
+                if num_worst_tokens:  # rows past the real count: no selection (-1 is all bytes 0xFF)
+                    rt.fill_bytes(recv_idx, 0xFF)
+                    rt.fill_bytes(recv_w, 0)
+                    rt.fill_bytes(recv_src, 0xFF)
             defines = HT_DISPATCH.defines(
                 EPK_NUM_RANKS=R,
                 EPK_TOPK=topk,

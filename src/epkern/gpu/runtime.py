@@ -414,7 +414,6 @@ class Runtime:
         with dry_run 0. The first use of a specialisation is a dry run on every rank, a sync and a group barrier:
         with CUDA's lazy loading, loading a kernel's code can wait for running kernels, so a rank must never load
         code while a peer's kernel spins waiting for it (in-process ranks share one context)."""
-        import cupy
 
         entry = self.kernel(spec, defines)
         func = entry[0]
@@ -423,8 +422,6 @@ class Runtime:
             key = (spec.source, spec.name, tuple(sorted(defines.items())))
             if key not in self._warmed:
                 func((1,), (32,), (np.int32(1), *args[1:]))
-                for dtype, value in ((np.int64, -1), (np.int32, -1), (np.float32, 0), (np.uint8, 0xFF)):
-                    cupy.full(4, value, dtype=dtype)  # CuPy's fill kernels used on the comm path (uint8: poisoning)
                 self.sync_bounded(self.comm_stream, "first use of a kernel")
                 self.group.barrier()
                 self._warmed.add(key)
@@ -474,8 +471,16 @@ class Runtime:
             self.comm_stream.wait_event(compute.record())  # the memory is ours in stream order from here
         if self.poison:
             for a in arrays:
-                a.fill(0xFF)
+                self.fill_bytes(a, 0xFF)
         return arrays, keep
+
+    def fill_bytes(self, arr, byte: int) -> None:
+        """Every byte of the contiguous device array ``arr`` set to ``byte``, on the comm stream, as a memset: no
+        CuPy kernel, so no module load (which can wait for a peer's spinning kernel) on the call path."""
+        import cupy
+
+        if arr.nbytes:
+            cupy.cuda.runtime.memsetAsync(arr.data.ptr, byte, arr.nbytes, self.comm_stream.ptr)
 
     def in_region(self, arr):
         """``arr`` if it lies in this rank's region, else a copy staged into the heap (and the block to keep)."""
