@@ -21,6 +21,7 @@ In every scenario the device's free memory (MPS: all ranks) after destroy() is c
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -127,6 +128,22 @@ def _names_rank_3(exc) -> bool:
     return "peer 3" in str(exc) or "rank 3" in str(exc)
 
 
+def _call_during_the_fault(scenario, buf, group, cupy, kw, x, timing: dict) -> None:
+    """The survivors' call while rank 3 misbehaves (``timing["from"]``: when the failing call began; the combine's,
+    after the dispatch). Keeps no output: views into the Buffer would keep its memory after destroy()."""
+    if scenario.endswith("_ll_dispatch"):
+        _ll_round(buf, group, cupy)
+        return
+    recv, _, _, _, handle, _ = buf.dispatch(x, **kw)
+    if scenario not in ("ht_combine_silent", "kill_ht_combine"):
+        buf.check()
+        return
+    timing["from"] = time.monotonic()
+    _, _, event = buf.combine(recv, handle, async_finish=True)
+    del recv, handle
+    event.synchronize()
+
+
 def main(scenario: str, backend: str = "gpu") -> None:
     if scenario not in SCENARIOS:
         raise SystemExit(f"scenario: expected one of {', '.join(SCENARIOS)}, got {scenario!r}")
@@ -144,7 +161,14 @@ def main(scenario: str, backend: str = "gpu") -> None:
     with _ll_buffer(group, backend, timeout) as warm:
         _ll_round(warm, group, cupy)
     before = _free_bytes(group, cupy)
-    start, verdict, detail = time.monotonic(), "FAIL", ""
+    start, failed = time.monotonic(), False
+    trail: list[str] = []  # what happened, with seconds since the fault
+
+    def note(what: str, bad: bool = False) -> None:
+        nonlocal failed
+        failed = failed or bad
+        trail.append(f"{'FAILED ' if bad else ''}{time.monotonic() - start:.2f} s {what}"[:320])
+
     buf = None
     survivors = group
     try:
@@ -153,13 +177,12 @@ def main(scenario: str, backend: str = "gpu") -> None:
                 time.sleep(2 * timeout)
             try:
                 buf = Buffer(group, num_nvl_bytes=NVL_BYTES, backend=backend, timeout_s=timeout)
-                detail = "made a Buffer although rank 3 was late" if rank != FAULTY else "late rank made its Buffer"
-                verdict = "PASS" if rank == FAULTY else "FAIL"
+                note("made its Buffer", bad=rank != FAULTY)
             except GroupError as exc:
                 took = time.monotonic() - start
-                ok = rank == FAULTY or (_names_rank_3(exc) and took < timeout + 2)
-                verdict, detail = ("PASS" if ok else "FAIL"), str(exc)[:200]
+                note(f"GroupError: {exc}", bad=rank != FAULTY and not (_names_rank_3(exc) and took < timeout + 2))
             return
+        kw = x = None
         if uses_ll:
             buf = _ll_buffer(group, backend, timeout)
             _ll_round(buf, group, cupy)
@@ -169,61 +192,54 @@ def main(scenario: str, backend: str = "gpu") -> None:
         group.barrier()
         start = time.monotonic()
         if rank == FAULTY:
-            if scenario.endswith("_combine_silent") or scenario == "kill_ht_combine":
+            if scenario in ("ht_combine_silent", "kill_ht_combine"):
                 buf.dispatch(x, **kw)
             if scenario.startswith("kill"):
                 time.sleep(0.3)  # the others are in the call now
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(timeout + 1)
-            verdict, detail = "PASS", "silent, rejoining for destroy"
+            note("silent, rejoining for destroy")
             return
+        timing = {"from": start}
         try:
-            if uses_ll:
-                _ll_round(buf, group, cupy)
-            else:
-                recv, _, _, _, handle, _ = buf.dispatch(x, **kw)
-                if scenario in ("ht_combine_silent", "kill_ht_combine"):
-                    start = time.monotonic()
-                    _, _, event = buf.combine(recv, handle, async_finish=True)
-                    event.synchronize()
-                else:
-                    buf.check()
-            detail = "no error"
+            _call_during_the_fault(scenario, buf, group, cupy, kw, x, timing)
+            note("the call returned without an error", bad=True)
         except silent_error as exc:
-            took = time.monotonic() - start
-            ok = _names_rank_3(exc) and took < timeout + 2
-            verdict, detail = ("PASS" if ok else "FAIL"), f"raised after {took:.2f} s: {str(exc)[:200]}"
-        if verdict == "PASS" and uses_ll and backend == "gpu":
+            took = time.monotonic() - timing["from"]
+            note(f"raised {type(exc).__name__}: {exc}", bad=not (_names_rank_3(exc) and took < timeout + 2))
+        if not failed and uses_ll and backend == "gpu":
             # Raised once; rank 3 masked here; the same Buffer goes on exactly without it (no group collective).
             mask = cupy.asnumpy(buf.low_latency_query_mask_buffer()).tolist()
-            if mask != [int(s == FAULTY) for s in range(group.size)]:
-                verdict, detail = "FAIL", f"mask after the failure: {mask}"
-            else:
+            note(f"mask {mask}", bad=mask != [int(s == FAULTY) for s in range(group.size)])
+            if not failed:
                 for _ in range(3):
                     _ll_round(buf, group, cupy, absent=(FAULTY,))
-                detail += "; masked, 3 exact LL rounds after"
-        if verdict == "PASS" and scenario.startswith("kill"):
+                note("3 exact LL rounds without rank 3 in the same Buffer")
+        if not failed and scenario.startswith("kill"):
             buf.destroy()
             buf = None
+            note("destroyed")
             survivors = _survivors_carry_on(group, backend, timeout, cupy)
-            detail += "; survivors' group: exact HT and LL rounds"
+            note("survivors' group: exact HT and LL rounds")
     except Exception as exc:  # noqa: BLE001 - reported as the scenario's failure
-        verdict, detail = "FAIL", f"{type(exc).__name__}: {exc}"[:300]
+        note(f"{type(exc).__name__}: {exc}", bad=True)
     finally:
-        took = time.monotonic() - start
         if buf is not None:
             try:
                 buf.destroy()
             except Exception as exc:  # noqa: BLE001
-                verdict, detail = "FAIL", f"destroy: {type(exc).__name__}: {exc}"[:300]
+                note(f"destroy: {type(exc).__name__}: {exc}", bad=True)
+        gc.collect()  # a traceback's frames may still hold views of the Buffer
         try:
             after = _free_bytes(survivors, cupy) if before is not None else None
         except GroupError:
             after = None
         memory = "n/a" if after is None else f"{(before - after) / 2**20:+.1f} MiB held"
         if after is not None and before is not None and after < before - (2 << 20):
-            verdict = "FAIL"
-        print(f"{verdict} {scenario} rank {rank} {took:.2f} s: {detail} [memory {memory}]", flush=True)
+            failed = True
+        verdict = "FAIL" if failed else "PASS"
+        took = time.monotonic() - start
+        print(f"{verdict} {scenario} rank {rank} {took:.2f} s: {'; '.join(trail)} [memory {memory}]", flush=True)
 
 
 if __name__ == "__main__":

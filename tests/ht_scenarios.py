@@ -291,7 +291,11 @@ def run_mismatched_calls(buf, group):
         idx = cupy.asarray(idx_np)
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
         if bad_index:
-            idx[3, 1] = E + 5
+            # Made on the host and copied: a CuPy setitem here would be this thread's first use of that CuPy
+            # kernel, whose module load (in-process ranks share one context) waits for the peer's kernel that
+            # already spins for this rank (measured on the H100: a 20 s stall, then epochs out of step).
+            idx_np[3, 1] = E + 5
+            idx = cupy.asarray(idx_np)
         return x, dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                        topk_idx=idx)  # fmt: skip
 

@@ -99,8 +99,9 @@ class LLMasks:
         what = LL_PHASES.get(phase, f"phase {phase}")
         if phase == LL_BAD_INDEX_PHASE:
             raise ArgumentError(
-                f"topk_idx: rank {rank}: entry {seen} outside [-1, {expected}) in an earlier low_latency_dispatch "
-                "(ignored by the kernel; that call's outputs lack those selections)"
+                f"topk_idx: rank {rank}: entry {seen} outside [-1, {expected}) in this low_latency_dispatch or an "
+                "earlier one that did not wait on the host (ignored by the kernel; that call's outputs lack those "
+                "selections)"
             )
         if 0 <= peer < rt.num_ranks:
             with rt.on_comm_stream():
