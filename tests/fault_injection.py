@@ -240,6 +240,11 @@ def main(scenario: str, backend: str = "gpu") -> None:
         verdict = "FAIL" if failed else "PASS"
         took = time.monotonic() - start
         print(f"{verdict} {scenario} rank {rank} {took:.2f} s: {'; '.join(trail)} [memory {memory}]", flush=True)
+    if scenario.startswith("kill"):
+        # MPI_Finalize at exit is collective and can wait forever for the dead rank (seen with Open MPI 4.1 in about
+        # one run in ten): the survivors end here, their work done and reported.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
