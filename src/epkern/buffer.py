@@ -16,6 +16,7 @@ from . import _cuda, _env, reference
 from ._validate import check_int
 from .errors import ArgumentError, EpkernError
 from .events import EventHandle
+from .torch_tensors import accepts_tensors
 
 __all__ = ["Buffer", "EventHandle", "resolve_backend"]
 
@@ -247,6 +248,7 @@ class Buffer:
 
     # ---- high throughput ----
     @_one_thread_at_a_time
+    @accepts_tensors
     def get_dispatch_layout(
         self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
     ):
@@ -264,6 +266,7 @@ class Buffer:
         )
 
     @_one_thread_at_a_time
+    @accepts_tensors
     def dispatch(
         self,
         x,
@@ -317,6 +320,7 @@ class Buffer:
         )
 
     @_one_thread_at_a_time
+    @accepts_tensors
     def combine(
         self,
         x,
@@ -343,6 +347,7 @@ class Buffer:
 
     # ---- low latency ----
     @_one_thread_at_a_time
+    @accepts_tensors
     def low_latency_dispatch(
         self,
         x,
@@ -399,6 +404,7 @@ class Buffer:
         )
 
     @_one_thread_at_a_time
+    @accepts_tensors
     def low_latency_combine(
         self,
         x,
@@ -433,6 +439,7 @@ class Buffer:
         )
 
     @_one_thread_at_a_time
+    @accepts_tensors
     def get_next_low_latency_combine_buffer(self, handle):
         """Where to write the expert outputs for ``low_latency_combine(..., zero_copy=True)``: BF16
         [E_loc, R·num_max, H] (call it after the dispatch, write, then combine with no LL call in between)."""
@@ -450,6 +457,7 @@ class Buffer:
         self._backend.low_latency_update_mask_buffer(rank_to_mask, mask)
 
     @_one_thread_at_a_time
+    @accepts_tensors
     def low_latency_query_mask_buffer(self, mask_status=None):
         """int32 [R]: 1 where a rank is masked; written into ``mask_status`` (int32 [R]) if given."""
         return self._backend.low_latency_query_mask_buffer(mask_status)

@@ -1,0 +1,149 @@
+"""torch tensors in and out of the native API, without copies (issue #19, item 5).
+
+A Buffer call given any ``torch.Tensor`` argument converts every tensor argument to the backend's array type
+(CuPy on the GPU backend, numpy on the CPU backend) as a view of the same memory, and returns its array outputs
+as torch tensors viewing the outputs' memory. Handles and events stay epkern objects (pass them back as they came).
+
+Dtypes: ``torch.bfloat16`` crosses as 16-bit words viewed as epkern's BF16, ``torch.float8_e4m3fn`` as its bytes
+(epkern's e4m3 uint8), float32 / int64 / int32 / bool / uint8 as themselves. On the way back, the data half of
+an FP8 pair ``(e4m3 bytes, scales)`` becomes ``torch.float8_e4m3fn`` again and BF16 arrays ``torch.bfloat16``.
+Other dtypes cross as DLPack gives them and meet the call's own dtype checks; a dtype DLPack cannot carry (e.g.
+``torch.float8_e5m2``) is an ArgumentError naming the argument. Tensors must live where the backend works: CUDA
+tensors for the GPU backend, CPU tensors for the CPU backend. On the GPU backend a call given tensors runs with
+torch's current stream as CuPy's current stream (it is ordered after torch's work on that stream, and without
+``async_finish`` its outputs are ready on it). torch is imported only when a tensor is seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+
+import numpy as np
+
+from .errors import ArgumentError
+
+
+def is_tensor(obj) -> bool:
+    """Whether ``obj`` is a torch tensor (without importing torch if nobody has)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _any_tensor(values) -> bool:
+    for v in values:
+        if is_tensor(v) or (isinstance(v, tuple | list) and any(is_tensor(e) for e in v)):
+            return True
+    return False
+
+
+def to_array(tensor, name: str, backend: str):
+    """A view of ``tensor`` as the backend's array (CuPy for ``"gpu"``, numpy for ``"cpu"``)."""
+    import torch
+
+    from .api_checks import BF16
+
+    tensor = tensor.detach()
+    if backend == "gpu" and tensor.device.type != "cuda":
+        raise ArgumentError(f"{name}: expected a CUDA tensor (the GPU backend), got a tensor on {tensor.device}")
+    if backend == "cpu" and tensor.device.type != "cpu":
+        raise ArgumentError(f"{name}: expected a CPU tensor (the CPU backend), got a tensor on {tensor.device}")
+    as_bf16 = tensor.dtype == torch.bfloat16
+    if as_bf16:
+        tensor = tensor.view(torch.int16)
+    elif tensor.dtype == torch.float8_e4m3fn:
+        tensor = tensor.view(torch.uint8)
+    try:
+        if backend == "gpu":
+            import cupy
+
+            arr = cupy.from_dlpack(tensor)
+        else:
+            arr = np.from_dlpack(tensor)
+    except (BufferError, TypeError, KeyError, RuntimeError, ValueError) as exc:
+        raise ArgumentError(f"{name}: a tensor of dtype {tensor.dtype} cannot cross to epkern ({exc})") from None
+    return arr.view(BF16) if as_bf16 else arr
+
+
+def to_tensor(arr, fp8: bool = False):
+    """A torch tensor viewing ``arr`` (a numpy or CuPy array); ``fp8``: uint8 e4m3 bytes become float8_e4m3fn."""
+    import torch
+
+    from .api_checks import BF16
+
+    bf16 = arr.dtype == BF16
+    if bf16:
+        arr = arr.view(np.int16)
+    out = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else torch.from_dlpack(arr)
+    if bf16:
+        return out.view(torch.bfloat16)
+    if fp8 and out.dtype == torch.uint8:
+        return out.view(torch.float8_e4m3fn)
+    return out
+
+
+def _is_array(obj) -> bool:
+    if isinstance(obj, np.ndarray):
+        return True
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(obj, cupy.ndarray)
+
+
+def _outputs(result):
+    """The call's result with every array a torch tensor (an FP8 pair's data half as float8_e4m3fn)."""
+    if _is_array(result):
+        return to_tensor(result)
+    if isinstance(result, tuple | list):
+        fp8_pair = (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and _is_array(result[0])
+            and _is_array(result[1])
+            and result[0].dtype == np.uint8
+            and result[1].dtype in (np.float32, np.int32)
+        )
+        if fp8_pair:
+            return (to_tensor(result[0], fp8=True), to_tensor(result[1]))
+        converted = [_outputs(v) for v in result]
+        return tuple(converted) if isinstance(result, tuple) else converted
+    return result
+
+
+@contextlib.contextmanager
+def _torch_stream(backend: str):
+    """GPU backend: torch's current stream is CuPy's current stream for the call, so a call given tensors is
+    ordered after the work torch queued for them (a torch side stream too) and its outputs are ready on it."""
+    if backend != "gpu":
+        yield
+        return
+    import cupy
+    import torch
+
+    stream = torch.cuda.current_stream()
+    with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index):
+        yield
+
+
+def accepts_tensors(method):
+    """Buffer methods: torch tensor arguments in, torch tensors out (see the module docstring)."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if not (_any_tensor(args) or _any_tensor(kwargs.values())):
+            return method(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        backend = self.backend
+        with _torch_stream(backend):
+            for name, value in list(bound.arguments.items()):
+                if is_tensor(value):
+                    bound.arguments[name] = to_array(value, name, backend)
+                elif isinstance(value, tuple | list) and any(is_tensor(v) for v in value):
+                    bound.arguments[name] = type(value)(
+                        to_array(v, f"{name}[{i}]", backend) if is_tensor(v) else v for i, v in enumerate(value)
+                    )
+            return _outputs(method(*bound.args, **bound.kwargs))
+
+    return call

@@ -1,0 +1,225 @@
+"""torch tensors through the native API (issue #19, item 5): the same calls with torch tensors and with the
+backend's own arrays give identical results, as torch tensors of DeepEP's dtypes, with no copy at the crossing.
+CPU backend here; the GPU cases (CUDA tensors, CuPy arrays) are marked gpu."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from epkern import Buffer, reference
+from epkern.errors import ArgumentError
+from epkern.group import run_in_process
+
+torch = pytest.importorskip("torch")
+from epkern import torch_tensors  # noqa: E402
+
+BF16 = ml_dtypes.bfloat16
+R, T, H, E, K = 2, 24, 256, 8, 3
+BACKENDS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+def _inputs(rank):
+    rng = np.random.default_rng(100 + rank)
+    x = rng.integers(-8, 9, size=(T, H)).astype(BF16)
+    idx = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64)
+    idx[rng.random((T, K)) < 0.1] = -1
+    w = rng.integers(1, 4, size=(T, K)).astype(np.float32)
+    return x, idx, w
+
+
+def _t(a, device="cpu"):
+    """A torch tensor of ``a`` (BF16 as torch.bfloat16), made without epkern's helpers."""
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device)
+    return torch.from_numpy(a.copy()).to(device)
+
+
+def _arrays(backend):
+    """numpy -> the backend's array type."""
+    if backend == "cpu":
+        return lambda a: a
+    import cupy
+
+    return cupy.asarray
+
+
+def _host(a):
+    """A backend array or a tensor as numpy."""
+    if isinstance(a, torch.Tensor):
+        return _np(a.cpu())
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+def _np(t):
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
+
+
+def _same(a, b):
+    a, b = _host(a), _host(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _ht_round(buf, rank, conv):
+    x, idx, w = _inputs(rank)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(conv(idx), E)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        conv(x), topk_idx=conv(idx), topk_weights=conv(w), num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+    )  # fmt: skip
+    out, out_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    cached, none_idx, _, _, _, _ = buf.dispatch(conv(x), handle=handle)
+    assert none_idx is None
+    return dict(per_rank=per_rank, in_rank=in_rank, recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, counts=counts,
+                out=out, out_w=out_w, cached=cached)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ht_with_torch_tensors_equals_arrays(backend):
+    device = "cuda" if backend == "gpu" else "cpu"
+
+    def body(group):
+        with Buffer(group, backend=backend) as buf:
+            want = _ht_round(buf, group.rank, _arrays(backend))
+            got = _ht_round(buf, group.rank, lambda a: _t(a, device))
+        for key, value in want.items():
+            if key == "counts":
+                assert got[key] == value
+                continue
+            assert isinstance(got[key], torch.Tensor) and got[key].device.type == device, key
+            _same(got[key], value)
+        assert got["recv_x"].dtype == torch.bfloat16 and got["out"].dtype == torch.bfloat16
+        assert got["in_rank"].dtype == torch.bool and got["recv_idx"].dtype == torch.int64
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
+def test_ht_fp8_pair_crosses_as_float8():
+    def body(group):
+        x, idx, _ = _inputs(group.rank)
+        data, scales = reference.per_token_cast_to_fp8(x)
+        with Buffer(group, backend="cpu") as buf:
+            per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+            layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+            want = buf.dispatch((data, scales), topk_idx=idx, **layout)[0]
+            pair = (torch.from_numpy(data.view(np.uint8).copy()).view(torch.float8_e4m3fn), torch.from_numpy(scales))
+            got = buf.dispatch(pair, topk_idx=_t(idx), **layout)[0]
+        assert got[0].dtype == torch.float8_e4m3fn and got[1].dtype == torch.float32
+        _same(_np(got[0]), want[0].view(np.uint8))
+        _same(_np(got[1]), want[1])
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ll_with_torch_tensors_equals_arrays(backend):
+    num_max = 32
+    device = "cuda" if backend == "gpu" else "cpu"
+
+    def round_(buf, rank, conv):
+        x, idx, w = _inputs(rank)
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(conv(x), conv(idx), num_max, E, use_fp8=False)
+        out, _, _ = buf.low_latency_combine(recv_x, conv(idx), conv(w), handle)
+        return recv_x, count, out
+
+    def body(group):
+        nbytes = Buffer.get_low_latency_rdma_size_hint(num_max, H, R, E)
+        with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend=backend) as buf:
+            want = round_(buf, group.rank, _arrays(backend))
+            got = round_(buf, group.rank, lambda a: _t(a, device))
+            mask = buf.low_latency_query_mask_buffer(torch.zeros(R, dtype=torch.int32, device=device))
+        for g, w in zip(got, want, strict=True):
+            assert isinstance(g, torch.Tensor) and g.device.type == device
+            _same(g, w)
+        assert isinstance(mask, torch.Tensor) and mask.tolist() == [0] * R
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
+def test_the_crossing_copies_nothing():
+    for t in (torch.arange(12, dtype=torch.int64).reshape(3, 4), torch.ones(5, 8, dtype=torch.bfloat16),
+              torch.zeros(4, 16, dtype=torch.uint8).view(torch.float8_e4m3fn)):  # fmt: skip
+        arr = torch_tensors.to_array(t, "x", "cpu")
+        assert arr.ctypes.data == t.data_ptr() and arr.nbytes == t.numel() * t.element_size()
+        back = torch_tensors.to_tensor(arr, fp8=t.dtype == torch.float8_e4m3fn)
+        assert back.data_ptr() == t.data_ptr() and back.dtype == t.dtype and back.shape == t.shape
+    # a transposed view (LL FP8 scales are one) keeps its strides
+    base = np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(0, 2, 1)
+    back = torch_tensors.to_tensor(base)
+    assert back.data_ptr() == base.ctypes.data and back.stride() == tuple(s // 4 for s in base.strides)
+
+
+@pytest.mark.gpu
+def test_the_crossing_copies_nothing_on_the_gpu():
+    for t in (torch.arange(12, dtype=torch.int64, device="cuda").reshape(3, 4),
+              torch.ones(5, 8, dtype=torch.bfloat16, device="cuda"),
+              torch.zeros(4, 16, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)):  # fmt: skip
+        arr = torch_tensors.to_array(t, "x", "gpu")
+        assert arr.data.ptr == t.data_ptr() and arr.nbytes == t.numel() * t.element_size()
+        back = torch_tensors.to_tensor(arr, fp8=t.dtype == torch.float8_e4m3fn)
+        assert back.data_ptr() == t.data_ptr() and back.dtype == t.dtype and back.shape == t.shape
+
+
+@pytest.mark.gpu
+def test_calls_follow_torch_current_stream():
+    """x written on a torch side stream after a 0.1 s GPU sleep: a call under that stream must read it after the
+    write (CuPy's stream would not wait for it), and its outputs are ready on that stream."""
+
+    def body(group):
+        x, idx, w = _inputs(group.rank)
+        with Buffer(group, backend="gpu") as buf:
+            want = _ht_round(buf, group.rank, _arrays("gpu"))
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                src = _t(x, "cuda")
+                xt = torch.zeros_like(src)
+                torch.cuda._sleep(200_000_000)
+                xt.copy_(src)
+                # _ht_round draws the same inputs again: its x (the only BF16 [T, H]) becomes xt
+                got = _ht_round(buf, group.rank, lambda a: xt if a.dtype == BF16 else _t(a, "cuda"))
+            side.synchronize()
+        for key in ("recv_x", "out", "cached"):
+            _same(got[key], want[key])
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
+def test_wrong_tensors_name_the_argument():
+    def body(group):
+        x, idx, w = _inputs(group.rank)
+        with Buffer(group, backend="cpu") as buf:
+            with pytest.raises(ArgumentError, match="topk_idx: expected a CPU tensor"):
+                buf.get_dispatch_layout(torch.zeros(T, K, dtype=torch.int64, device="meta"), E)
+            with pytest.raises(ArgumentError, match="^x: expected dtype bfloat16"):
+                buf.low_latency_dispatch(_t(x).to(torch.float16), _t(idx), 32, E)
+            with pytest.raises(ArgumentError, match="^x: "):
+                buf.low_latency_dispatch(_t(x).to(torch.float8_e5m2), _t(idx), 32, E)
+            per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(_t(idx), E)
+            assert isinstance(per_rank, torch.Tensor)  # and the Buffer still works
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
+def test_no_torch_import_without_tensors():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, epkern\n"
+        "from epkern.group import run_in_process\n"
+        "def body(g):\n"
+        "    with epkern.Buffer(g, backend='cpu') as b:\n"
+        "        b.get_dispatch_layout(np.zeros((4, 2), np.int64), 4)\n"
+        "run_in_process(body, 2)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
