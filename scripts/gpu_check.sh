@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [faults|firsthour|mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -26,7 +26,7 @@ summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps firsthour faults; do has "$w" && return 0; done
+  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -55,6 +55,20 @@ if has faults; then
     summary+=("fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 -E '^FAIL|Error' "$OUT/fault_$sc.log" | cut -c1-200)")
   done
   summary+=("faults ran under: $(cat "$OUT/ompi.txt"), kill scenarios with ${ft[*]}")
+fi
+if has deepep; then
+  # Issue #19: tests/deep_ep_worker.py, DeepEP-style scenarios through epkern.deep_ep as DEEPEP_NP processes under
+  # torch.distributed (gloo rendezvous), all on device 0 through MPS.
+  for n in ${DEEPEP_NP:-2 4 8}; do
+    rdv="/tmp/epkern-deepep-rdv-$n-$$"
+    rm -f "$rdv"
+    t0=$(date +%s)
+    for r in $(seq 0 $((n - 1))); do
+      timeout "${STEP_TIMEOUT:-240}" python3 tests/deep_ep_worker.py "$r" "$n" "$rdv" gpu >"$OUT/deepep_${n}_$r.log" 2>&1 &
+    done
+    wait
+    summary+=("deepep n=$n $(($(date +%s) - t0)) s: $(cat "$OUT"/deepep_"${n}"_*.log | grep -c '^OK rank') OK; $(cat "$OUT"/deepep_"${n}"_*.log | grep -m1 -E 'Error|error' | cut -c1-240)")
+  done
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8

@@ -1,0 +1,123 @@
+"""DeepEP-style scenarios through epkern.deep_ep (issue #19), run by every rank of a group: tests/test_deep_ep.py
+(in-process ranks, CPU backend) and tests/deep_ep_worker.py (processes under torch.distributed: gloo on the CPU, MPS
+on a GPU).
+Every rank draws all ranks' inputs from one shared seed and checks its own outputs exactly against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import ht_scenarios
+from epkern import deep_ep, reference
+
+BF16, FP8 = ht_scenarios.BF16, ht_scenarios.FP8
+T, H, K = 40, 256, 4
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def to_tensor(a, device="cpu"):
+    """numpy -> torch (BF16 as torch.bfloat16), a copy made without epkern's helpers."""
+    torch = _torch()
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device)
+    return torch.from_numpy(a.copy()).to(device)
+
+
+def to_numpy(t):
+    torch = _torch()
+    t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
+
+
+def same(got, want, what):
+    ht_scenarios.assert_same(to_numpy(got), want, what)
+
+
+def ht_case(buf, group, routing="random", device="cpu"):
+    """Layout, dispatch, combine and an asynchronous cached dispatch; all exact; DeepEP's handle tuple."""
+    torch = _torch()
+    r, R = group.rank, buf.group_size
+    E = 8 * R
+    seed = ht_scenarios.shared_seed(group)
+    xs, idxs, ws = ht_scenarios.make_inputs(seed, R, T, H, E, K, routing)
+    ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws)
+    mine = ref[r]
+    x, idx, w = to_tensor(xs[r], device), to_tensor(idxs[r], device).to(deep_ep.topk_idx_t), to_tensor(ws[r], device)
+    per_rank, per_rdma, per_expert, in_rank, event = buf.get_dispatch_layout(idx, E)
+    assert per_rdma is None and isinstance(event, deep_ep.EventOverlap)
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, config=deep_ep.Buffer.get_dispatch_config(R),
+    )  # fmt: skip
+    assert isinstance(recv_x, torch.Tensor) and recv_x.device.type == torch.device(device).type
+    same(recv_x, mine.recv_x, "recv_x")
+    same(recv_idx, mine.recv_topk_idx, "recv_topk_idx")
+    same(recv_w, mine.recv_topk_weights, "recv_topk_weights")
+    assert counts == list(mine.num_recv_tokens_per_expert_list)
+    # DeepEP's 6-tuple
+    assert isinstance(handle, tuple) and len(handle) == 6 and handle[1] is None and handle[2] is None
+    same(handle[0], mine.handle.rank_prefix_matrix, "handle rank_prefix_matrix")
+    same(handle[3], mine.handle.src_idx, "handle recv_src_idx")
+    same(handle[4], mine.handle.is_token_in_rank, "handle is_token_in_rank")
+    # combine of the received rows as they are
+    handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
+    want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    same(combined, want[0], "combined_x")
+    same(combined_w, want[1], "combined_topk_weights")
+    # cached dispatch, asynchronous, through the overlap idiom
+    xs2, _, _ = ht_scenarios.make_inputs(seed + 1, R, T, H, E, K, routing)
+    want2 = reference.ht_cached_dispatch(xs2, handles)[r]
+    got2, none_idx, none_w, _, same_handle, event = buf.dispatch(
+        to_tensor(xs2[r], device), handle=handle, async_finish=True
+    )
+    with event:
+        pass
+    assert none_idx is None and none_w is None and same_handle is handle
+    same(got2, want2, "cached recv_x")
+
+
+def ll_case(buf, group, use_fp8=False, num_max=48, device="cpu"):
+    """LL dispatch (with the recv hook) and combine; exact; DeepEP's 5-tuple handle."""
+    torch = _torch()
+    r, R = group.rank, buf.group_size
+    E = 8 * R
+    seed = ht_scenarios.shared_seed(group)
+    xs, idxs, ws = ht_scenarios.make_inputs(seed, R, T, H, E, K)
+    ref = reference.ll_dispatch(xs, idxs, num_max, E, use_fp8=use_fp8)
+    idx = to_tensor(idxs[r], device)
+    recv_x, recv_count, handle, event, hook = buf.low_latency_dispatch(
+        to_tensor(xs[r], device), idx, num_max, E, use_fp8=use_fp8, return_recv_hook=True
+    )
+    hook()
+    mine = ref[r]
+    if use_fp8:
+        assert recv_x[0].dtype == torch.float8_e4m3fn and recv_x[1].dtype == torch.float32
+    else:
+        assert recv_x.dtype == torch.bfloat16
+    same(recv_count, mine.recv_count, "recv_count")
+    assert isinstance(handle, tuple) and len(handle) == 5 and tuple(handle[2:]) == (num_max, H, E)
+    # the combine of BF16 expert outputs (the dequantised rows for FP8), weights as given
+    if use_fp8:
+        data, scales = (to_numpy(v) for v in recv_x)
+        rows = data.reshape(-1, H).view(FP8)
+        back = reference.per_token_cast_back(rows, np.ascontiguousarray(scales).reshape(rows.shape[0], -1))
+        y = to_tensor(back.astype(BF16).reshape(data.shape), device)
+    else:
+        y = recv_x
+    combined, _, _ = buf.low_latency_combine(y, idx, to_tensor(ws[r], device), handle)
+    # every rank's expert outputs and receive layout (the wire carries plain dtypes)
+    ys = [v.view(BF16) for v in group.allgather_object(to_numpy(y).view(np.int16))]
+    infos = group.allgather_object((to_numpy(handle[0]), to_numpy(handle[1])))
+    layouts = [reference.LLHandle(s, lr, num_max, E, H) for s, lr in infos]
+    want = reference.ll_combine(ys, layouts, idxs, ws)[r]
+    same(combined, want, "combined_x")

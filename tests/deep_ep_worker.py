@@ -1,0 +1,49 @@
+"""One rank of tests/test_deep_ep.py under torch.distributed: ``python tests/deep_ep_worker.py RANK WORLD INIT_FILE
+BACKEND`` (gloo, file:// rendezvous; BACKEND cpu or gpu). The group given to ``deep_ep.Buffer`` is
+``dist.group.WORLD``, as DeepEP users pass it. On a GPU every rank uses device 0 (several ranks per GPU: start MPS
+first). Runs tests/deep_ep_scenarios.py's cases and prints "OK rank r"."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(rank: int, world: int, init_file: str, backend: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import deep_ep_scenarios
+    from epkern import deep_ep
+    from epkern.group import as_group
+
+    device = "cuda" if backend == "gpu" else "cpu"
+    if backend == "gpu":
+        torch.cuda.set_device(0)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        group = dist.group.WORLD
+        checks = as_group(group)  # the same ranks, for the scenarios' shared seed and exchanges
+        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 26, backend=backend)
+        assert buf.group is group and buf.group_size == world
+        for routing in ("random", "skewed"):
+            deep_ep_scenarios.ht_case(buf, checks, routing, device)
+        buf.destroy()
+        num_max = 48
+        nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, deep_ep_scenarios.H, world, 8 * world)
+        buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend=backend)
+        for use_fp8 in (False, True):
+            deep_ep_scenarios.ll_case(buf, checks, use_fp8, num_max, device)
+        buf.destroy()
+    finally:
+        dist.destroy_process_group()
+    print(f"OK rank {rank}", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

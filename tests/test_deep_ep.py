@@ -1,0 +1,108 @@
+"""epkern.deep_ep, DeepEP's API on torch tensors (issue #19), in the style of DeepEP's own test programs
+(tests/deep_ep_scenarios.py): random and skewed routings, cached and non-cached HT, LL with BF16 / FP8 / hook, each
+exact against epkern's reference. CPU backend: in-process ranks, and processes under torch.distributed (gloo)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import deep_ep_scenarios  # noqa: E402
+from epkern import deep_ep  # noqa: E402
+from epkern.errors import ArgumentError  # noqa: E402
+from epkern.group import run_in_process  # noqa: E402
+
+T, H, K = deep_ep_scenarios.T, deep_ep_scenarios.H, deep_ep_scenarios.K
+
+
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_ht_dispatch_combine_cached(num_ranks, routing):
+    def body(group):
+        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 24, backend="cpu")
+        assert buf.group is group and buf.group_size == num_ranks and buf.rank == group.rank
+        deep_ep_scenarios.ht_case(buf, group, routing)
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, num_ranks) == [True] * num_ranks
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_ll_dispatch_combine(use_fp8):
+    R, num_max = 2, 48
+
+    def body(group):
+        nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, deep_ep_scenarios.H, R, 8 * R)
+        buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="cpu")
+        deep_ep_scenarios.ll_case(buf, group, use_fp8, num_max)
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_under_torch_distributed(tmp_path, world):
+    """The scenarios as processes under torch.distributed (gloo), the group a ProcessGroup as DeepEP takes it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EPKERN_", "PMI", "OMPI_", "MPI_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, str(ROOT / "tests" / "deep_ep_worker.py")]
+    procs = [
+        subprocess.Popen([*cmd, str(r), str(world), str(tmp_path / "rendezvous"), "cpu"], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]  # fmt: skip
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=150)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0 and f"OK rank {r}" in out, out
+
+
+def test_handles_belong_to_their_buffer_and_the_static_api():
+    def body(group):
+        idx = torch.zeros(T, K, dtype=torch.int64)
+        a = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, backend="cpu")
+        b = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, backend="cpu")
+        layout = a.get_dispatch_layout(idx, 8)
+        kw = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+        x = torch.ones(T, H, dtype=torch.bfloat16)
+        recv_x, _, _, _, handle, _ = a.dispatch(x, topk_idx=idx, **kw)
+        with pytest.raises(ArgumentError, match="another Buffer"):
+            b.combine(recv_x, handle)
+        with pytest.raises(ArgumentError, match="handle: expected"):
+            a.combine(recv_x, tuple(handle))
+        with pytest.raises(ArgumentError, match="previous_event"):
+            a.combine(recv_x, handle, previous_event=object())
+        with pytest.raises(NotImplementedError, match="get_next_low_latency_combine_buffer"):
+            a.get_local_buffer_tensor(torch.bfloat16)
+        a.destroy(), b.destroy()
+        return True
+
+    assert run_in_process(body, 2) == [True, True]
+    assert deep_ep.Buffer.is_sm90_compiled()
+    old = deep_ep.Buffer.num_sms
+    try:
+        deep_ep.Buffer.set_num_sms(24)
+        assert deep_ep.Buffer.get_dispatch_config(8).num_sms == 24 == deep_ep.Buffer.get_combine_config(8).num_sms
+        with pytest.raises(ArgumentError, match="num_sms"):
+            deep_ep.Buffer.set_num_sms(0)
+    finally:
+        deep_ep.Buffer.set_num_sms(old)
+    assert isinstance(deep_ep.Buffer.capture(), deep_ep.EventOverlap)
+    assert deep_ep.topk_idx_t is torch.int64 and deep_ep.Config is not None
+    with pytest.raises(ArgumentError, match="use_fabric"):
+        deep_ep.Buffer(None, use_fabric=True, backend="cpu")
