@@ -21,6 +21,9 @@ What differs, and why:
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from . import torch_tensors
@@ -79,6 +82,49 @@ class _HandleTuple(tuple):
 
 def _tensor(arr):
     return None if arr is None else torch_tensors.to_tensor(arr)
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, tuple | list):
+            yield from _tensors(v)
+        elif torch_tensors.is_tensor(v):
+            yield v
+
+
+def _forwarded(name: str, handle_kind: str | None = None, config_of: str | None = None, *, handle_at=None, event_at):
+    """A DeepEP data call on the native Buffer's method ``name`` (same signature): DeepEP's handle tuples and
+    ``EventOverlap`` in and out (``handle_at`` / ``event_at``: their places in the returned tuple), the class-level
+    config when none is given, the call's tensors kept with an asynchronous call's event."""
+    native = getattr(_NativeBuffer, name)
+    signature = inspect.signature(native)
+
+    @functools.wraps(native)
+    def call(self, *args, **kwargs):
+        bound = signature.bind(self._buf, *args, **kwargs)
+        given = dict(bound.arguments)
+        arguments = bound.arguments
+        if handle_kind is not None:
+            arguments["handle"] = self._native_handle(given.get("handle"), handle_kind)
+        if "previous_event" in given:
+            arguments["previous_event"] = self._native_event(given["previous_event"])
+        if config_of is not None and given.get("config") is None:
+            arguments["config"] = getattr(self, config_of)(self.group_size)
+        out = list(native(*bound.args, **bound.kwargs))
+        if handle_at is not None:
+            native_handle = out[handle_at]
+            if given.get("handle") is not None:
+                out[handle_at] = given["handle"]  # a cached dispatch returns the handle it was given
+            else:
+                out[handle_at] = (
+                    self._ht_handle(native_handle) if name == "dispatch" else self._ll_handle(native_handle)
+                )
+        async_finish = bool(given.get("async_finish", False))
+        extra = tuple(_tensors([*given.values(), *out])) if async_finish else None
+        out[event_at] = EventOverlap(out[event_at], extra, self.backend)
+        return tuple(out)
+
+    return call
 
 
 class Buffer:
@@ -186,9 +232,6 @@ class Buffer:
         )
 
     # ---- helpers ----
-    def _event(self, event, async_finish, extra) -> EventOverlap:
-        return EventOverlap(event, tuple(t for t in extra if t is not None) if async_finish else None, self.backend)
-
     @staticmethod
     def _native_event(previous_event):
         if previous_event is None:
@@ -219,138 +262,15 @@ class Buffer:
         items = (_tensor(native.src_info), _tensor(native.layout_range), *tuple(native)[2:])
         return _HandleTuple(items, native, self)
 
-    # ---- high throughput ----
-    def get_dispatch_layout(
-        self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
-    ):
-        per_rank, per_rdma, per_expert, in_rank, event = self._buf.get_dispatch_layout(
-            topk_idx, num_experts, self._native_event(previous_event), async_finish, allocate_on_comm_stream
-        )
-        return per_rank, per_rdma, per_expert, in_rank, self._event(event, async_finish, (topk_idx,))
+    # ---- data calls: the native methods (DeepEP's signatures, plus epkern's own optional arguments) ----
+    get_dispatch_layout = _forwarded("get_dispatch_layout", event_at=4)
+    dispatch = _forwarded("dispatch", "dispatch", "get_dispatch_config", handle_at=4, event_at=5)
+    combine = _forwarded("combine", "dispatch", "get_combine_config", event_at=2)
+    low_latency_dispatch = _forwarded("low_latency_dispatch", handle_at=2, event_at=3)
+    low_latency_combine = _forwarded("low_latency_combine", "low-latency dispatch", event_at=1)
 
-    def dispatch(
-        self,
-        x,
-        handle=None,
-        num_tokens_per_rank=None,
-        num_tokens_per_rdma_rank=None,
-        is_token_in_rank=None,
-        num_tokens_per_expert=None,
-        topk_idx=None,
-        topk_weights=None,
-        expert_alignment: int = 1,
-        num_worst_tokens: int = 0,
-        config: Config | None = None,
-        previous_event=None,
-        async_finish: bool = False,
-        allocate_on_comm_stream: bool = False,
-    ):
-        config = self.get_dispatch_config(self.group_size) if config is None else config
-        recv_x, recv_idx, recv_w, counts, native, event = self._buf.dispatch(
-            x,
-            self._native_handle(handle, "dispatch"),
-            num_tokens_per_rank,
-            num_tokens_per_rdma_rank,
-            is_token_in_rank,
-            num_tokens_per_expert,
-            topk_idx,
-            topk_weights,
-            expert_alignment,
-            num_worst_tokens,
-            config,
-            self._native_event(previous_event),
-            async_finish,
-            allocate_on_comm_stream,
-        )
-        out_handle = handle if handle is not None else self._ht_handle(native)
-        xs = x if isinstance(x, tuple) else (x,)
-        rx = recv_x if isinstance(recv_x, tuple) else (recv_x,)
-        return recv_x, recv_idx, recv_w, counts, out_handle, self._event(event, async_finish, (*xs, *rx))
-
-    def combine(
-        self,
-        x,
-        handle,
-        topk_weights=None,
-        bias=None,
-        config: Config | None = None,
-        previous_event=None,
-        async_finish: bool = False,
-        allocate_on_comm_stream: bool = False,
-    ):
-        config = self.get_combine_config(self.group_size) if config is None else config
-        combined, combined_w, event = self._buf.combine(
-            x,
-            self._native_handle(handle, "dispatch"),
-            topk_weights,
-            bias,
-            config,
-            self._native_event(previous_event),
-            async_finish,
-            allocate_on_comm_stream,
-        )
-        return combined, combined_w, self._event(event, async_finish, (x, combined))
-
-    # ---- low latency ----
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
         self._buf.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-
-    def low_latency_dispatch(
-        self,
-        x,
-        topk_idx,
-        num_max_dispatch_tokens_per_rank,
-        num_experts,
-        cumulative_local_expert_recv_stats=None,
-        dispatch_wait_recv_cost_stats=None,
-        use_fp8: bool = True,
-        round_scale: bool = False,
-        use_ue8m0: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-    ):
-        recv_x, recv_count, native, event, hook = self._buf.low_latency_dispatch(
-            x,
-            topk_idx,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            cumulative_local_expert_recv_stats,
-            dispatch_wait_recv_cost_stats,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            async_finish,
-            return_recv_hook,
-        )
-        rx = recv_x if isinstance(recv_x, tuple) else (recv_x,)
-        return recv_x, recv_count, self._ll_handle(native), self._event(event, async_finish, (x, *rx)), hook
-
-    def low_latency_combine(
-        self,
-        x,
-        topk_idx,
-        topk_weights,
-        handle,
-        use_logfmt: bool = False,
-        zero_copy: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-        out=None,
-        combine_wait_recv_cost_stats=None,
-    ):
-        combined, event, hook = self._buf.low_latency_combine(
-            x,
-            topk_idx,
-            topk_weights,
-            self._native_handle(handle, "low-latency dispatch"),
-            use_logfmt,
-            zero_copy,
-            async_finish,
-            return_recv_hook,
-            out,
-            combine_wait_recv_cost_stats,
-        )
-        return combined, self._event(event, async_finish, (x, combined)), hook
 
     def get_next_low_latency_combine_buffer(self, handle):
         native = self._native_handle(handle, "low-latency dispatch")
