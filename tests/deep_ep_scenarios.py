@@ -71,7 +71,7 @@ def ht_case(buf, group, routing="random", device="cpu"):
     # combine of the received rows as they are
     handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
     want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
-    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w, previous_event=deep_ep.Buffer.capture())
     same(combined, want[0], "combined_x")
     same(combined_w, want[1], "combined_topk_weights")
     # cached dispatch, asynchronous, through the overlap idiom

@@ -106,3 +106,41 @@ def test_handles_belong_to_their_buffer_and_the_static_api():
     assert deep_ep.topk_idx_t is torch.int64 and deep_ep.Config is not None
     with pytest.raises(ArgumentError, match="use_fabric"):
         deep_ep.Buffer(None, use_fabric=True, backend="cpu")
+
+
+def test_zero_copy_combine_masks_and_event_chaining():
+    """LL zero-copy combine (outputs written into get_next_low_latency_combine_buffer), DeepEP's mask calls, an
+    asynchronous dispatch's EventOverlap."""
+    R, num_max = 2, 48
+    E = 8 * R
+
+    def body(group):
+        nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, H, R, E)
+        buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="cpu")
+        seed = deep_ep_scenarios.ht_scenarios.shared_seed(group)
+        xs, idxs, ws = deep_ep_scenarios.ht_scenarios.make_inputs(seed, R, T, H, E, K)
+        x, idx, w = (deep_ep_scenarios.to_tensor(a) for a in (xs[group.rank], idxs[group.rank], ws[group.rank]))
+        recv_x, _, handle, event, _ = buf.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, async_finish=True)
+        event.current_stream_wait()
+        want, _, _ = buf.low_latency_combine(recv_x, idx, w, handle)
+        # zero copy: the expert outputs written into the Buffer's next combine buffer
+        recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)
+        target = buf.get_next_low_latency_combine_buffer(handle)
+        assert isinstance(target, torch.Tensor) and target.shape == recv_x.shape and target.dtype == torch.bfloat16
+        target.copy_(recv_x)
+        got, _, _ = buf.low_latency_combine(recv_x, idx, w, handle, zero_copy=True)
+        deep_ep_scenarios.same(got, deep_ep_scenarios.to_numpy(want), "zero-copy combined_x")
+        # masks: DeepEP writes the status into the tensor it is given
+        status = torch.ones(R, dtype=torch.int32)
+        buf.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [0] * R
+        buf.low_latency_update_mask_buffer(1 - group.rank, True)
+        buf.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [int(r != group.rank) for r in range(R)]
+        buf.low_latency_clean_mask_buffer()
+        buf.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [0] * R
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, R) == [True] * R
