@@ -1,0 +1,173 @@
+"""The torch front end (epkern.deep_ep) against the native CuPy API, same calls, same group, one run (issue #19).
+
+Each call is timed as users get it: one call, then a device sync (median over ``--iters`` of wall µs), and the host
+time the call itself takes (until it returns). Both APIs get the same inputs; their outputs are compared bitwise
+once. Under mpiexec (``mpiexec -n 8 python bench/bench_deep_ep.py``, MPS on one GPU) or ``--inprocess N``;
+``--backend cpu`` runs the same on CPU tensors (a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+from epkern import Buffer, deep_ep
+from epkern.group import as_group, run_in_process
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _inputs(rank, tokens, hidden, experts, topk, seed):
+    rng = np.random.default_rng(seed + rank)
+    x = rng.integers(-8, 9, size=(tokens, hidden)).astype(BF16)
+    idx = np.argsort(rng.random((tokens, experts)), axis=1)[:, :topk].astype(np.int64)
+    w = rng.integers(1, 4, size=(tokens, topk)).astype(np.float32)
+    return x, idx, w
+
+
+class _Api:
+    """One API's view of the inputs and its device sync."""
+
+    def __init__(self, name, backend):
+        self.name, self.backend = name, backend
+        if name == "deep_ep":
+            import torch
+
+            self.torch = torch
+
+    def array(self, a):
+        if self.name == "deep_ep":
+            torch = self.torch
+            t = torch.from_numpy(a.view(np.int16) if a.dtype == BF16 else a)
+            t = t.view(torch.bfloat16) if a.dtype == BF16 else t
+            return t.to("cuda") if self.backend == "gpu" else t.clone()
+        if self.backend == "gpu":
+            import cupy
+
+            return cupy.asarray(a)
+        return a
+
+    def sync(self):
+        if self.backend != "gpu":
+            return
+        if self.name == "deep_ep":
+            self.torch.cuda.synchronize()
+        else:
+            import cupy
+
+            cupy.cuda.Device().synchronize()
+
+    def host(self, a):
+        if self.name == "deep_ep":
+            a = a.cpu()
+            return a.view(self.torch.int16).numpy() if a.dtype == self.torch.bfloat16 else a.numpy()
+        a = a if isinstance(a, np.ndarray) else a.get()
+        return a.view(np.int16) if a.dtype == BF16 else a
+
+
+def _time(group, api, fn, iters):
+    walls, hosts = [], []
+    for _ in range(iters):
+        group.barrier()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        api.sync()
+        t2 = time.perf_counter()
+        walls.append((t2 - t0) * 1e6)
+        hosts.append((t1 - t0) * 1e6)
+    return statistics.median(walls), statistics.median(hosts)
+
+
+def _measure(group, args, name):
+    """One API's four calls, timed; returns (rows, outputs to compare)."""
+    R, backend = group.size, args.backend
+    api = _Api(name, backend)
+    ht_in = _inputs(group.rank, args.tokens_ht, args.hidden, args.experts, args.topk, 1)
+    ll_in = _inputs(group.rank, args.tokens_ll, args.hidden, args.experts, args.topk, 2)
+    x, idx, w = (api.array(a) for a in ht_in)
+    lx, lidx, lw = (api.array(a) for a in ll_in)
+    make = deep_ep.Buffer if name == "deep_ep" else Buffer
+    ll_bytes = Buffer.get_low_latency_rdma_size_hint(args.tokens_ll, args.hidden, R, args.experts)
+    ht = make(group, num_nvl_bytes=args.nvl_mb << 20, backend=backend)
+    ll = make(group, num_rdma_bytes=ll_bytes, low_latency_mode=True, backend=backend)
+    state = {}
+
+    def ht_dispatch():
+        per_rank, _, per_expert, in_rank, _ = ht.get_dispatch_layout(idx, args.experts)
+        out = ht.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)  # fmt: skip
+        state["recv_x"], state["recv_w"], state["handle"] = out[0], out[2], out[4]
+
+    def ht_combine():
+        state["combined"] = ht.combine(state["recv_x"], state["handle"], topk_weights=state["recv_w"])[0]
+
+    def ll_dispatch():
+        out = ll.low_latency_dispatch(lx, lidx, args.tokens_ll, args.experts, use_fp8=False)
+        state["ll_recv"], state["ll_handle"] = out[0], out[2]
+
+    def ll_combine():
+        state["ll_combined"] = ll.low_latency_combine(state["ll_recv"], lidx, lw, state["ll_handle"])[0]
+
+    calls = (("ht_dispatch", ht_dispatch), ("ht_combine", ht_combine), ("ll_dispatch", ll_dispatch),
+             ("ll_combine", ll_combine))  # fmt: skip
+    for _ in range(args.warmup):
+        for _, fn in calls:
+            fn()
+    api.sync()
+    rows = []
+    for call, fn in calls:
+        wall, host = _time(group, api, fn, args.iters)
+        rows.append(dict(api=name, call=call, wall_us=wall, host_us=host))
+    outputs = [api.host(state[k]) for k in ("recv_x", "combined", "ll_combined")]
+    ht.destroy(), ll.destroy()
+    return rows, outputs
+
+
+def run(group, args):
+    """Both APIs, the native one first; returns (rows, whether their outputs are bitwise equal)."""
+    rows_c, out_c = _measure(group, args, "cupy")
+    rows_t, out_t = _measure(group, args, "deep_ep")
+    return rows_c + rows_t, all(np.array_equal(a, b) for a, b in zip(out_c, out_t, strict=True))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="gpu", choices=("gpu", "cpu"))
+    p.add_argument("--tokens-ht", type=int, default=4096)
+    p.add_argument("--tokens-ll", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--nvl-mb", type=int, default=1024, help="HT Buffer size, MiB")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--inprocess", type=int, default=0, help="this many in-process ranks instead of MPI")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.inprocess:
+        results = run_in_process(lambda g: run(g, args), args.inprocess, timeout_s=600)
+    else:
+        group = as_group(None)
+        results = [run(group, args)]  # every rank runs; rank 0 reports
+        if group.rank != 0:
+            return 0
+    rows, exact = results[0]
+    print(f"{'call':<12} {'api':<8} {'wall us':>10} {'host us':>10}   (rank 0; median of {args.iters})")
+    for row in rows:
+        print(f"{row['call']:<12} {row['api']:<8} {row['wall_us']:>10.1f} {row['host_us']:>10.1f}")
+    print(f"outputs of both APIs bitwise equal: {exact}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows, exact=exact), f, indent=1)
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
