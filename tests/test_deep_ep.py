@@ -106,6 +106,8 @@ def test_handles_belong_to_their_buffer_and_the_static_api():
     assert deep_ep.topk_idx_t is torch.int64 and deep_ep.Config is not None
     with pytest.raises(ArgumentError, match="use_fabric"):
         deep_ep.Buffer(None, use_fabric=True, backend="cpu")
+    with pytest.raises(ArgumentError, match="explicitly_destroy: expected a bool"):
+        deep_ep.Buffer(None, explicitly_destroy="yes", backend="cpu")
 
 
 def test_zero_copy_combine_masks_and_event_chaining():

@@ -156,6 +156,10 @@ class Buffer:
         backend: str | None = None,
         timeout_s: float | None = None,
     ):
+        for name, value in (("use_fabric", use_fabric), ("explicitly_destroy", explicitly_destroy),
+                            ("enable_shrink", enable_shrink)):  # fmt: skip
+            if not isinstance(value, bool | int):
+                raise ArgumentError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
         if use_fabric:
             raise ArgumentError("use_fabric: expected False (epkern does not allocate fabric memory)")
         self._buf = _NativeBuffer(
