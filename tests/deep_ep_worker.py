@@ -1,7 +1,7 @@
 """One rank of tests/test_deep_ep.py under torch.distributed: ``python tests/deep_ep_worker.py RANK WORLD INIT_FILE
 BACKEND`` (gloo, file:// rendezvous; BACKEND cpu or gpu). The group given to ``deep_ep.Buffer`` is
 ``dist.group.WORLD``, as DeepEP users pass it. On a GPU every rank uses device 0 (several ranks per GPU: start MPS
-first). Runs tests/deep_ep_scenarios.py's cases and prints "OK rank r"."""
+first). Runs tests/deep_ep_scenarios.py's cases and tests/deep_ep_readme.py, and prints "OK rank r"."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
         for use_fp8 in (False, True):
             deep_ep_scenarios.ll_case(buf, checks, use_fp8, num_max, device)
         buf.destroy()
+        import deep_ep_readme
+
+        deep_ep_readme.run(group, checks, device)  # DeepEP's README usage, only the import changed
     finally:
         dist.destroy_process_group()
     print(f"OK rank {rank}", flush=True)

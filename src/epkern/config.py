@@ -48,6 +48,14 @@ class Config:
             check_int(getattr(self, name), name, min_value=1)
 
     @staticmethod
+    def get_rdma_buffer_size_hint(hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of ``num_rdma_bytes`` an HT Buffer needs (DeepEP's name): 0, since epkern's HT runs within one node
+        (internode HT is issue #18); the LL size is ``Buffer.get_low_latency_rdma_size_hint``."""
+        check_int(hidden_bytes, "hidden_bytes", min_value=16)
+        check_int(num_ranks, "num_ranks", min_value=1)
+        return 0
+
+    @staticmethod
     def get_nvl_buffer_size_hint(
         hidden_bytes: int, num_ranks: int, num_max_tokens_per_rank: int = 4096, topk: int = 8
     ) -> int:
