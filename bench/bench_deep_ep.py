@@ -17,7 +17,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from epkern import Buffer, deep_ep
+from epkern import Buffer, deep_ep, torch_tensors
 from epkern.group import as_group, run_in_process
 
 BF16 = ml_dtypes.bfloat16
@@ -43,9 +43,7 @@ class _Api:
 
     def array(self, a):
         if self.name == "deep_ep":
-            torch = self.torch
-            t = torch.from_numpy(a.view(np.int16) if a.dtype == BF16 else a)
-            t = t.view(torch.bfloat16) if a.dtype == BF16 else t
+            t = torch_tensors.to_tensor(a)
             return t.to("cuda") if self.backend == "gpu" else t.clone()
         if self.backend == "gpu":
             import cupy
@@ -64,10 +62,11 @@ class _Api:
             cupy.cuda.Device().synchronize()
 
     def host(self, a):
+        """An output as numpy, BF16 as its 16-bit words (compared bitwise)."""
         if self.name == "deep_ep":
-            a = a.cpu()
-            return a.view(self.torch.int16).numpy() if a.dtype == self.torch.bfloat16 else a.numpy()
-        a = a if isinstance(a, np.ndarray) else a.get()
+            a = torch_tensors.to_array(a.cpu(), "output", "cpu")
+        elif not isinstance(a, np.ndarray):
+            a = a.get()
         return a.view(np.int16) if a.dtype == BF16 else a
 
 

@@ -24,15 +24,21 @@ def _mpiexec() -> str | None:
     return str(here) if here.exists() else shutil.which("mpiexec")
 
 
+def _rank_env(**extra) -> dict:
+    """The ranks' environment: this one without EPKERN_* variables, the tree's src/ first, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
 def _run(mode: str, env_extra: dict[str, str] | None = None, mpmd_hosts: bool = False, survivors=range(4)):
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install 'epkern[mpi]' puts one next to the venv's python)")
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py not installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(env_extra or {})
+    env = _rank_env(**(env_extra or {}))
     if mpmd_hosts:  # per-rank EPKERN_HOSTNAME through MPMD segments
         cmd = [mpiexec]
         for host in ("hostA", "hostB"):
@@ -81,9 +87,7 @@ def test_fault_scenarios_on_the_cpu_backend(scenario):
     mpiexec = _mpiexec()
     if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpiexec or mpi4py not installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["EPKERN_TIMEOUT_S"] = "2"
+    env = _rank_env(EPKERN_TIMEOUT_S="2")
     cmd = [mpiexec, "-n", "4", sys.executable, str(ROOT / "tests" / "fault_injection.py"), scenario, "cpu"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
     out = proc.stdout + proc.stderr
@@ -115,9 +119,7 @@ def test_killed_rank_survivors_raise_and_carry_on(scenario):
     launcher = _open_mpi_recovery()
     if launcher is None or importlib.util.find_spec("mpi4py") is None:
         pytest.skip("no Open MPI launcher (apt-get install openmpi-bin) or no mpi4py")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPKERN_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(EPKERN_TIMEOUT_S="2", MPI4PY_MPIABI="openmpi")  # the mpi4py wheel: load Open MPI's libmpi
+    env = _rank_env(EPKERN_TIMEOUT_S="2", MPI4PY_MPIABI="openmpi")  # the mpi4py wheel: load Open MPI's libmpi
     cmd = [*launcher, "--oversubscribe", "-n", "4"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")

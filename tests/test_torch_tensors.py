@@ -2,6 +2,9 @@
 backend's own arrays give identical results, as torch tensors of DeepEP's dtypes, with no copy at the crossing.
 CPU backend here; the GPU cases (CUDA tensors, CuPy arrays) are marked gpu."""
 
+import sys
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -11,6 +14,9 @@ from epkern.errors import ArgumentError
 from epkern.group import run_in_process
 
 torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deep_ep_scenarios import to_numpy as _np  # noqa: E402  (numpy / torch, made without epkern's helpers)
+from deep_ep_scenarios import to_tensor as _t  # noqa: E402
 from epkern import torch_tensors  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
@@ -27,13 +33,6 @@ def _inputs(rank):
     return x, idx, w
 
 
-def _t(a, device="cpu"):
-    """A torch tensor of ``a`` (BF16 as torch.bfloat16), made without epkern's helpers."""
-    if a.dtype == BF16:
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device)
-    return torch.from_numpy(a.copy()).to(device)
-
-
 def _arrays(backend):
     """numpy -> the backend's array type."""
     if backend == "cpu":
@@ -46,16 +45,8 @@ def _arrays(backend):
 def _host(a):
     """A backend array or a tensor as numpy."""
     if isinstance(a, torch.Tensor):
-        return _np(a.cpu())
+        return _np(a)
     return a if isinstance(a, np.ndarray) else a.get()
-
-
-def _np(t):
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(BF16)
-    if t.dtype == torch.float8_e4m3fn:
-        return t.view(torch.uint8).numpy()
-    return t.numpy()
 
 
 def _same(a, b):

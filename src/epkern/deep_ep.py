@@ -26,7 +26,7 @@ import inspect
 
 import torch
 
-from . import torch_tensors
+from . import api_checks, torch_tensors
 from .buffer import Buffer as _NativeBuffer
 from .config import Config
 from .errors import ArgumentError, EpkernError
@@ -35,10 +35,6 @@ from .events import EventHandle
 __all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
 
 topk_idx_t = torch.int64
-
-
-def _on_torch_stream(backend: str):
-    return torch_tensors._torch_stream(backend)
 
 
 class EventOverlap:
@@ -53,7 +49,7 @@ class EventOverlap:
 
     def current_stream_wait(self) -> None:
         if self.event is not None:
-            with _on_torch_stream(self._backend):
+            with torch_tensors.torch_stream(self._backend):
                 self.event.current_stream_wait()
 
     def synchronize(self) -> None:
@@ -69,14 +65,14 @@ class EventOverlap:
 
 
 class _HandleTuple(tuple):
-    """A DeepEP handle tuple that also carries epkern's handle (``native``) and the Buffer that made it."""
+    """A DeepEP handle tuple that also carries epkern's handle (``native``); stamped with the Buffer that made it
+    (``api_checks.stamp``), as native handles are."""
 
     native: object
-    owner: object
 
-    def __new__(cls, items, native, owner):
+    def __new__(cls, items, native):
         obj = super().__new__(cls, items)
-        obj.native, obj.owner = native, owner
+        obj.native = native
         return obj
 
 
@@ -84,18 +80,11 @@ def _tensor(arr):
     return None if arr is None else torch_tensors.to_tensor(arr)
 
 
-def _tensors(values):
-    for v in values:
-        if isinstance(v, tuple | list):
-            yield from _tensors(v)
-        elif torch_tensors.is_tensor(v):
-            yield v
-
-
-def _forwarded(name: str, handle_kind: str | None = None, config_of: str | None = None, *, handle_at=None, event_at):
+def _forwarded(name: str, handle_kind: str | None = None, config_of: str | None = None, *, handle_out=None, event_at):
     """A DeepEP data call on the native Buffer's method ``name`` (same signature): DeepEP's handle tuples and
-    ``EventOverlap`` in and out (``handle_at`` / ``event_at``: their places in the returned tuple), the class-level
-    config when none is given, the call's tensors kept with an asynchronous call's event."""
+    ``EventOverlap`` in and out (``handle_out``: the new handle's place in the returned tuple and the Buffer method
+    that wraps it; ``event_at``: the event's place), the class-level config when none is given, the call's tensors
+    kept with an asynchronous call's event."""
     native = getattr(_NativeBuffer, name)
     signature = inspect.signature(native)
 
@@ -111,16 +100,12 @@ def _forwarded(name: str, handle_kind: str | None = None, config_of: str | None 
         if config_of is not None and given.get("config") is None:
             arguments["config"] = getattr(self, config_of)(self.group_size)
         out = list(native(*bound.args, **bound.kwargs))
-        if handle_at is not None:
-            native_handle = out[handle_at]
-            if given.get("handle") is not None:
-                out[handle_at] = given["handle"]  # a cached dispatch returns the handle it was given
-            else:
-                out[handle_at] = (
-                    self._ht_handle(native_handle) if name == "dispatch" else self._ll_handle(native_handle)
-                )
+        if handle_out is not None:
+            at, wrap = handle_out
+            # a cached dispatch returns the handle it was given
+            out[at] = given["handle"] if given.get("handle") is not None else getattr(self, wrap)(out[at])
         async_finish = bool(given.get("async_finish", False))
-        extra = tuple(_tensors([*given.values(), *out])) if async_finish else None
+        extra = tuple(torch_tensors.tensors_in([*given.values(), *out])) if async_finish else None
         out[event_at] = EventOverlap(out[event_at], extra, self.backend)
         return tuple(out)
 
@@ -206,11 +191,7 @@ class Buffer:
     def get_combine_config(cls, num_ranks: int) -> Config:
         return Config(num_sms=cls.num_sms)
 
-    @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts) -> int:
-        return _NativeBuffer.get_low_latency_rdma_size_hint(
-            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
-        )
+    get_low_latency_rdma_size_hint = staticmethod(_NativeBuffer.get_low_latency_rdma_size_hint)
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -219,7 +200,7 @@ class Buffer:
             return EventOverlap(EventHandle(None))
         import cupy
 
-        with _on_torch_stream("gpu"):
+        with torch_tensors.torch_stream("gpu"):
             return EventOverlap(EventHandle(cupy.cuda.get_current_stream().record()), backend="gpu")
 
     def get_comm_stream(self):
@@ -244,14 +225,11 @@ class Buffer:
             return previous_event.event
         raise ArgumentError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
 
-    def _native_handle(self, handle, kind: str):
+    def _native_handle(self, handle, call: str):
         if handle is None:
             return None
-        if isinstance(handle, _HandleTuple) and handle.owner is self:
-            return handle.native
-        if isinstance(handle, _HandleTuple):
-            raise ArgumentError(f"handle: this {kind} handle was made by another Buffer")
-        raise ArgumentError(f"handle: expected the {kind} handle a dispatch of this Buffer returned")
+        api_checks.own_handle(handle, _HandleTuple, self, call)
+        return handle.native
 
     def _ht_handle(self, native) -> _HandleTuple:
         if self.backend == "gpu":
@@ -260,24 +238,24 @@ class Buffer:
             own = native.own
             fields = (own.rank_prefix_matrix, own.src_idx, own.is_token_in_rank, own.send_slot)
         rank_prefix, src_idx, in_rank, send_slot = (_tensor(f) for f in fields)
-        return _HandleTuple((rank_prefix, None, None, src_idx, in_rank, send_slot), native, self)
+        return api_checks.stamp(_HandleTuple((rank_prefix, None, None, src_idx, in_rank, send_slot), native), self)
 
     def _ll_handle(self, native) -> _HandleTuple:
         items = (_tensor(native.src_info), _tensor(native.layout_range), *tuple(native)[2:])
-        return _HandleTuple(items, native, self)
+        return api_checks.stamp(_HandleTuple(items, native), self)
 
     # ---- data calls: the native methods (DeepEP's signatures, plus epkern's own optional arguments) ----
     get_dispatch_layout = _forwarded("get_dispatch_layout", event_at=4)
-    dispatch = _forwarded("dispatch", "dispatch", "get_dispatch_config", handle_at=4, event_at=5)
+    dispatch = _forwarded("dispatch", "dispatch", "get_dispatch_config", handle_out=(4, "_ht_handle"), event_at=5)
     combine = _forwarded("combine", "dispatch", "get_combine_config", event_at=2)
-    low_latency_dispatch = _forwarded("low_latency_dispatch", handle_at=2, event_at=3)
-    low_latency_combine = _forwarded("low_latency_combine", "low-latency dispatch", event_at=1)
+    low_latency_dispatch = _forwarded("low_latency_dispatch", handle_out=(2, "_ll_handle"), event_at=3)
+    low_latency_combine = _forwarded("low_latency_combine", "low_latency_dispatch", event_at=1)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
         self._buf.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def get_next_low_latency_combine_buffer(self, handle):
-        native = self._native_handle(handle, "low-latency dispatch")
+        native = self._native_handle(handle, "low_latency_dispatch")
         return torch_tensors.to_tensor(self._buf.get_next_low_latency_combine_buffer(native))
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:

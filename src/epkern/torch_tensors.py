@@ -32,11 +32,17 @@ def is_tensor(obj) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _any_tensor(values) -> bool:
+def tensors_in(values):
+    """The torch tensors among ``values`` and inside the tuples / lists among them (one level: an FP8 pair)."""
     for v in values:
-        if is_tensor(v) or (isinstance(v, tuple | list) and any(is_tensor(e) for e in v)):
-            return True
-    return False
+        if is_tensor(v):
+            yield v
+        elif isinstance(v, tuple | list):
+            yield from (e for e in v if is_tensor(e))
+
+
+def _any_tensor(values) -> bool:
+    return any(True for _ in tensors_in(values))
 
 
 def to_array(tensor, name: str, backend: str):
@@ -112,7 +118,7 @@ def _outputs(result):
 
 
 @contextlib.contextmanager
-def _torch_stream(backend: str):
+def torch_stream(backend: str):
     """GPU backend: torch's current stream is CuPy's current stream for the call, so a call given tensors is
     ordered after the work torch queued for them (a torch side stream too) and its outputs are ready on it."""
     if backend != "gpu":
@@ -136,7 +142,7 @@ def accepts_tensors(method):
             return method(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
         backend = self.backend
-        with _torch_stream(backend):
+        with torch_stream(backend):
             for name, value in list(bound.arguments.items()):
                 if is_tensor(value):
                     bound.arguments[name] = to_array(value, name, backend)

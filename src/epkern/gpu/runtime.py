@@ -93,6 +93,16 @@ class _CommStreamScope:
         return False
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists (another user's, or not signalable)
+        return True
+    return True
+
+
 class RegionLease:
     """What every view into a Buffer's memory keeps alive (HT outputs and handles through their heap blocks, LL
     views directly): the region and the host words are freed when the runtime has let go of its lease (destroy)
@@ -235,15 +245,8 @@ class Runtime:
             return False
         for r in ranks:
             pid = self.peer_pids[r] if 0 <= r < len(self.peer_pids) else None
-            if pid is None:
+            if pid is None or _process_exists(pid):
                 return False
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except OSError:  # exists (another user's, or not signalable): alive
-                return False
-            return False
         return True
 
     def release(self) -> None:
@@ -414,7 +417,6 @@ class Runtime:
         with dry_run 0. The first use of a specialisation is a dry run on every rank, a sync and a group barrier:
         with CUDA's lazy loading, loading a kernel's code can wait for running kernels, so a rank must never load
         code while a peer's kernel spins waiting for it (in-process ranks share one context)."""
-
         entry = self.kernel(spec, defines)
         func = entry[0]
         self._last_defines[spec.source] = defines
