@@ -5,7 +5,8 @@
 // Also for the host to check before it dispatches: whether every peer's call has this call's shapes (row bytes,
 // top-k, FP8 scale columns, experts per rank) and whether every topk_idx entry lies in [-1, num_experts).
 //
-// Defines: EPK_NUM_RANKS, EPK_NUM_LOCAL_EXPERTS.
+// Defines: EPK_NUM_RANKS only: the experts per rank are an argument (num_experts / R), so ranks whose calls differ
+// in it still run the same code (one specialisation per Buffer) and the shape check below catches the difference.
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ht_common.cuh"
@@ -13,16 +14,11 @@
 #ifndef EPK_NUM_RANKS
 #error "EPK_NUM_RANKS must be defined"
 #endif
-#ifndef EPK_NUM_LOCAL_EXPERTS
-#error "EPK_NUM_LOCAL_EXPERTS must be defined"
-#endif
 
 constexpr int kRanks = EPK_NUM_RANKS;
-constexpr int kLocalExperts = EPK_NUM_LOCAL_EXPERTS;
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 static_assert(kRanks <= epk::kMaxPeers, "intranode HT supports up to 8 ranks");
-static_assert(kLocalExperts <= epk::kMaxLocalExperts, "too many local experts");
 
 // host_out layout (int32): [0] epoch when complete, [1] rows received, [2, 2+R) rows from each source,
 // [2+R, 2+R+E_loc) selections per local expert (not yet rounded to expert_alignment).
@@ -33,6 +29,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                   int *__restrict__ send_slot, const int64_t *__restrict__ topk_idx, int topk, int num_experts,
                   int row_bytes, int scale_cols, int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
+  // The host checked num_experts (a multiple of R, at most kMaxLocalExperts per rank) before the launch.
+  const int local_experts = num_experts / kRanks;
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
   const int tid = threadIdx.x;
@@ -56,16 +54,16 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   // A rank with a bad topk_idx entry differs from the others in the last field: every rank then refuses the call.
-  const int shape[EPK_HT_SHAPE_FIELDS] = {row_bytes, topk, scale_cols, kLocalExperts, s_bad == ~0ull ? 1 : 0};
+  const int shape[EPK_HT_SHAPE_FIELDS] = {row_bytes, topk, scale_cols, local_experts, s_bad == ~0ull ? 1 : 0};
 
   // 1. Send my counts to every peer.
   for (int i = tid; i < kRanks * kRanks; i += kThreads) {
     const int d = i / kRanks, j = i % kRanks;
     epk::ctrl_of(peers, d)->notify_rows[p][rank][j] = num_tokens_per_rank[j];
   }
-  for (int i = tid; i < kRanks * kLocalExperts; i += kThreads) {
-    const int d = i / kLocalExperts, e = i % kLocalExperts;
-    epk::ctrl_of(peers, d)->notify_experts[p][rank][e] = num_tokens_per_expert[d * kLocalExperts + e];
+  for (int i = tid; i < kRanks * local_experts; i += kThreads) {
+    const int d = i / local_experts, e = i % local_experts;
+    epk::ctrl_of(peers, d)->notify_experts[p][rank][e] = num_tokens_per_expert[d * local_experts + e];
   }
   for (int i = tid; i < kRanks * EPK_HT_SHAPE_FIELDS; i += kThreads)
     epk::ctrl_of(peers, i / EPK_HT_SHAPE_FIELDS)->notify_shape[p][rank][i % EPK_HT_SHAPE_FIELDS] =
@@ -105,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     for (int s = 0; s < kRanks; ++s) total += s_rows[s][rank];
     host_out[1] = total;
   }
-  for (int e = tid; e < kLocalExperts; e += kThreads) {
+  for (int e = tid; e < local_experts; e += kThreads) {
     int sum = 0;
     for (int s = 0; s < kRanks; ++s) sum += mine->notify_experts[p][s][e];
     host_out[2 + kRanks + e] = sum;

@@ -285,11 +285,11 @@ def run_mismatched_calls(buf, group):
     T, E = 64, 8 * group.size
     rng = np.random.default_rng(group.rank)
 
-    def inputs(hidden, topk, bad_index=False):
+    def inputs(hidden, topk, bad_index=False, num_experts=E):
         x = cupy.asarray(np.ones((T, hidden), BF16))
-        idx_np = np.argsort(rng.random((T, E)), axis=1)[:, :topk].astype(np.int64)
+        idx_np = np.argsort(rng.random((T, num_experts)), axis=1)[:, :topk].astype(np.int64)
         idx = cupy.asarray(idx_np)
-        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
         if bad_index:
             # Made on the host and copied: a CuPy setitem here would be this thread's first use of that CuPy
             # kernel, whose module load (in-process ranks share one context) waits for the peer's kernel that
@@ -304,22 +304,30 @@ def run_mismatched_calls(buf, group):
     # top-5 layout waited in its warm-up barrier while rank 0's notify waited for its counts).
     for topk in (4, 5):
         inputs(1024, topk)
+    inputs(1024, 4, num_experts=2 * E)
     messages = []
-    for hidden, topk, bad in ((1024 * (1 + group.rank), 4, False), (1024, 4 + group.rank, False),
-                              (1024, 4, group.rank == 0)):  # fmt: skip
-        x, args = inputs(hidden, topk, bad)
+    calls = (
+        (1024 * (1 + group.rank), 4, False, E),
+        (1024, 4 + group.rank, False, E),
+        (1024, 4, group.rank == 0, E),
+        (1024, 4, False, E * (1 + group.rank)),
+    )
+    for hidden, topk, bad, experts in calls:
+        x, args = inputs(hidden, topk, bad, experts)
         try:
             buf.dispatch(x, **args)
         except ArgumentError as exc:
             messages.append(str(exc))
         else:
-            raise AssertionError(f"rank {group.rank}: a mismatched dispatch was accepted ({hidden}, {topk}, {bad})")
+            raise AssertionError(f"rank {group.rank}: a mismatched dispatch was accepted {hidden, topk, bad, experts}")
     assert messages[0].startswith("x: ") and "row bytes" in messages[0], messages
     assert messages[1].startswith("topk_idx: ") and "top-k" in messages[1], messages
     if group.rank == 0:
         assert messages[2].startswith("topk_idx: entry [3, 1] = ") and f"{E + 5} is outside" in messages[2], messages
     else:
         assert messages[2].startswith("topk_idx: ") and "rank 0" in messages[2], messages
+    # another number of experts: one notify specialisation for any (experts per rank is an argument of the kernel)
+    assert messages[3].startswith("num_tokens_per_expert: ") and "experts per rank" in messages[3], messages
     x, args = inputs(1024, 4)
     recv_x, _, _, _, handle, _ = buf.dispatch(x, **args)
     out, _, _ = buf.combine(recv_x, handle)

@@ -93,7 +93,7 @@ def test_pack_refuses_a_missing_or_unknown_argument():
     with pytest.raises(TypeError, match="missing.*epoch"):
         KS.HT_NOTIFY.pack(**{k: v for k, v in args.items() if k != "epoch"})
     with pytest.raises(TypeError, match="defines missing"):
-        KS.HT_NOTIFY.defines(EPK_NUM_RANKS=2)
+        KS.HT_DISPATCH.defines(EPK_NUM_RANKS=2)
 
 
 @pytest.fixture

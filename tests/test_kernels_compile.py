@@ -60,7 +60,7 @@ DEFINES = {
         "EPK_UNROLL",
         "EPK_LOADS_FIRST",
     ),
-    "ht_notify.cu": ("EPK_NUM_RANKS", "EPK_NUM_LOCAL_EXPERTS"),
+    "ht_notify.cu": ("EPK_NUM_RANKS",),
     "layout.cu": ("EPK_NUM_EXPERTS", "EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_IDX_T", "EPK_THREADS"),
     "nic_fetch_add.cu": (),
     BENCH_KERNELS / "bench_copy_patterns.cu": (
@@ -94,10 +94,7 @@ LL_DISPATCH_SHAPES = (
 LL = dict(EPK_THREADS=512)
 
 SPECIMENS = {
-    "ht_notify.cu": [
-        dict(EPK_NUM_RANKS=8, EPK_NUM_LOCAL_EXPERTS=32),
-        dict(EPK_NUM_RANKS=1, EPK_NUM_LOCAL_EXPERTS=1024),
-    ],
+    "ht_notify.cu": [dict(EPK_NUM_RANKS=8), dict(EPK_NUM_RANKS=1)],
     # (ranks, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, probe, unroll)
     "ht_dispatch.cu": _rows(
         "ht_dispatch.cu",

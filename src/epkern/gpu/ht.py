@@ -174,7 +174,7 @@ class HtEngine:
                 rt.notify_out[0] = 0
                 rt.launch(
                     HT_NOTIFY,
-                    HT_NOTIFY.defines(EPK_NUM_RANKS=R, EPK_NUM_LOCAL_EXPERTS=E_loc),
+                    HT_NOTIFY.defines(EPK_NUM_RANKS=R),
                     1,
                     1024,
                     HT_NOTIFY.pack(

@@ -87,7 +87,7 @@ LAYOUT = KernelSpec(
 HT_NOTIFY = KernelSpec(
     "ht_notify.cu",
     "epk_ht_notify",
-    ("EPK_NUM_RANKS", "EPK_NUM_LOCAL_EXPERTS"),
+    ("EPK_NUM_RANKS",),
     _args(
         *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
         *("num_tokens_per_expert:ptr", "is_token_in_rank:ptr", "peers:ptr", "rank_prefix_matrix:ptr"),
