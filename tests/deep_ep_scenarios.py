@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 import ht_scenarios
+import ll_scenarios
 from epkern import deep_ep, reference
 
 BF16, FP8 = ht_scenarios.BF16, ht_scenarios.FP8
@@ -121,3 +122,44 @@ def ll_case(buf, group, use_fp8=False, num_max=48, device="cpu"):
     layouts = [reference.LLHandle(s, lr, num_max, E, H) for s, lr in infos]
     want = reference.ll_combine(ys, layouts, idxs, ws)[r]
     same(combined, want, "combined_x")
+
+
+def ll_graph_case(buf, group, replays=10, num_max=48, device="cuda"):
+    """DeepEP's CUDA-graph idiom (GPU only): one LL dispatch + combine of the received rows captured with
+    ``torch.cuda.graph`` on static tensors, then replayed on fresh inputs copied into them; every replay exact
+    (recv_count, and the combine against the reference built from every rank's received rows)."""
+    torch = _torch()
+    r, R = group.rank, buf.group_size
+    E = 8 * R
+    seed = ht_scenarios.shared_seed(group)
+    x = torch.zeros((T, H), dtype=torch.bfloat16, device=device)
+    idx = torch.full((T, K), -1, dtype=deep_ep.topk_idx_t, device=device)
+    w = torch.zeros((T, K), dtype=torch.float32, device=device)
+
+    def load(it):
+        xs, idxs, ws = ht_scenarios.make_inputs(seed + it, R, T, H, E, K)
+        for dst, src in ((x, xs), (idx, idxs), (w, ws)):
+            dst.copy_(to_tensor(src[r], device))
+        return xs, idxs, ws
+
+    def pair():
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)
+        combined, _, _ = buf.low_latency_combine(recv_x, idx, w, handle)
+        return recv_x, count, handle, combined
+
+    load(-1)
+    pair()  # eager first: kernels compiled, sizes agreed
+    torch.cuda.synchronize()
+    group.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recv_x, count, handle, combined = pair()
+    for it in range(replays):
+        xs, idxs, ws = load(it)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.ll_dispatch(xs, idxs, num_max, E)
+        got = [to_numpy(t) for t in (recv_x, count, handle[0], handle[1])]
+        ll_scenarios.check_dispatch(r, R, *got, ref[r], f"rank {r} replay {it}")
+        want = reference.ll_combine([res.recv_x for res in ref], ref, idxs, ws)[r]  # x times its weights' sum
+        same(combined, want, f"rank {r} replay {it} combined_x")

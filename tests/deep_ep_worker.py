@@ -39,6 +39,8 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
         buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend=backend)
         for use_fp8 in (False, True):
             deep_ep_scenarios.ll_case(buf, checks, use_fp8, num_max, device)
+        if backend == "gpu":
+            deep_ep_scenarios.ll_graph_case(buf, checks, num_max=num_max)  # torch.cuda.graph capture and replays
         buf.destroy()
         import deep_ep_readme
 
