@@ -87,8 +87,9 @@ def ht_case(buf, group, routing="random", device="cpu"):
     same(got2, want2, "cached recv_x")
 
 
-def ll_case(buf, group, use_fp8=False, num_max=48, device="cpu"):
-    """LL dispatch (with the recv hook) and combine; exact; DeepEP's 5-tuple handle."""
+def ll_case(buf, group, use_fp8=False, num_max=48, device="cpu", zero_copy=False):
+    """LL dispatch (with the recv hook) and combine; exact; DeepEP's 5-tuple handle. ``zero_copy``: the expert
+    outputs are written into ``get_next_low_latency_combine_buffer`` and combined from there."""
     torch = _torch()
     r, R = group.rank, buf.group_size
     E = 8 * R
@@ -115,7 +116,11 @@ def ll_case(buf, group, use_fp8=False, num_max=48, device="cpu"):
         y = to_tensor(back.astype(BF16).reshape(data.shape), device)
     else:
         y = recv_x
-    combined, _, _ = buf.low_latency_combine(y, idx, to_tensor(ws[r], device), handle)
+    if zero_copy:
+        target = buf.get_next_low_latency_combine_buffer(handle)
+        assert target.shape == y.shape and target.dtype == torch.bfloat16
+        target.copy_(y)
+    combined, _, _ = buf.low_latency_combine(y, idx, to_tensor(ws[r], device), handle, zero_copy=zero_copy)
     # every rank's expert outputs and receive layout (the wire carries plain dtypes)
     ys = [v.view(BF16) for v in group.allgather_object(to_numpy(y).view(np.int16))]
     infos = group.allgather_object((to_numpy(handle[0]), to_numpy(handle[1])))

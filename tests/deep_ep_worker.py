@@ -33,12 +33,19 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
         assert buf.group is group and buf.group_size == world
         for routing in ("random", "skewed"):
             deep_ep_scenarios.ht_case(buf, checks, routing, device)
+        if backend == "gpu":
+            with torch.cuda.stream(torch.cuda.Stream()):  # a torch side stream as the current stream
+                deep_ep_scenarios.ht_case(buf, checks, "random", device)
         buf.destroy()
         num_max = 48
         nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, deep_ep_scenarios.H, world, 8 * world)
         buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend=backend)
         for use_fp8 in (False, True):
             deep_ep_scenarios.ll_case(buf, checks, use_fp8, num_max, device)
+        deep_ep_scenarios.ll_case(buf, checks, True, num_max, device, zero_copy=True)
+        if backend == "gpu":
+            with torch.cuda.stream(torch.cuda.Stream()):  # a torch side stream as the current stream
+                deep_ep_scenarios.ll_case(buf, checks, False, num_max, device, zero_copy=True)
         if backend == "gpu":
             deep_ep_scenarios.ll_graph_case(buf, checks, num_max=num_max)  # torch.cuda.graph capture and replays
         buf.destroy()
