@@ -257,6 +257,40 @@ def test_ll_silent_peer_raises_once_masks_it_and_the_buffer_goes_on(fake):
     buf.destroy()
 
 
+def test_ll_silent_peer_raises_once_even_while_the_kernel_still_runs(fake):
+    """The record of a silent peer is cleared only after the recording kernel has ended. The device modelled: a
+    kernel whose later wait on the same peer runs its own deadline and records again if the first record was
+    cleared meanwhile (with it still claimed, that wait gives up). Cleared early, the next call raised a second time
+    (kill_ll_dispatch on the H100)."""
+    import threading
+    import time
+
+    from epkern.errors import TimeoutError
+
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    rt = buf._backend.rt
+    rt.comm_stream.hung = True  # the kernel that recorded the failure is still running
+    F.record_kernel_error(buf, code=1, phase=7, peer=0, seen=3, expected=5)
+
+    def kernel_goes_on():
+        time.sleep(0.3)
+        if rt.error_record[0] == 0:  # its next wait saw no claim: a full deadline, then a second record
+            F.record_kernel_error(buf, code=1, phase=7, peer=0, seen=3, expected=5)
+        rt.comm_stream.hung = False
+
+    device = threading.Thread(target=kernel_goes_on)
+    device.start()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"peer 0 did not answer.*now masked"):
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    device.join()
+    assert time.monotonic() - t0 >= 0.3  # it waited for the kernel to end
+    assert list(buf.low_latency_query_mask_buffer().get()) == [1]  # raised once: this call does not raise again
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    buf.destroy()
+
+
 def test_ll_bad_index_report_is_an_argument_error_and_ht_errors_break_the_buffer(fake):
     from epkern.errors import EpkernError, TimeoutError
 

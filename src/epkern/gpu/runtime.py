@@ -286,6 +286,7 @@ class Runtime:
             return
         code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
         if phase in self.recoverable_phases:
+            self._let_launched_work_end()
             rec[1:7] = 0
             rec[0] = 0  # released last: a later kernel may claim it again
             self.on_recoverable(code, rank, phase, peer, seen, expected)  # raises; the Buffer stays usable
@@ -299,6 +300,20 @@ class Runtime:
             msg = f"rank {rank}: {what}: error code {code} (peer {peer}, value {seen}, limit {expected})"
         self.broken = msg
         raise TimeoutError(msg) if code == ERR_TIMEOUT else EpkernError(msg)
+
+    def _let_launched_work_end(self) -> None:
+        """Before a recoverable error record is cleared: wait (bounded) until the work this Buffer launched has
+        ended. While the record stays claimed, the recording kernel's other waits give up at once; cleared early,
+        a wait that began after the first one expired runs its own full deadline and records again, so the next
+        call raised the same failure a second time (suspected in kill_ll_dispatch on the H100). Work
+        still running at the bound is left to a later check, as before."""
+        waitables = []
+        for stream in (self.comm_stream, self.direct_stream):  # direct: the last launch onto a caller's stream
+            if stream is not None and not capturing(stream):
+                waitables.append(stream if stream is self.comm_stream else stream.record())
+        for waitable in waitables:
+            if not waitable.done:
+                self.poll_until(lambda w=waitable: w.done, 50, False)
 
     def poll_until(self, ready, spins_before_sleep: int, check_record: bool) -> bool:
         """Poll ``ready()`` until it holds (True) or the host deadline passes (False): ``timeout_s`` (every
