@@ -10,6 +10,7 @@ import numpy as np
 import ht_scenarios
 import ll_scenarios
 from epkern import deep_ep, reference
+from epkern.errors import ArgumentError
 
 BF16, FP8 = ht_scenarios.BF16, ht_scenarios.FP8
 T, H, K = 40, 256, 4
@@ -168,3 +169,22 @@ def ll_graph_case(buf, group, replays=10, num_max=48, device="cuda"):
         ll_scenarios.check_dispatch(r, R, *got, ref[r], f"rank {r} replay {it}")
         want = reference.ll_combine([res.recv_x for res in ref], ref, idxs, ws)[r]  # x times its weights' sum
         same(combined, want, f"rank {r} replay {it} combined_x")
+
+
+def local_buffer_case(buf, device="cuda"):
+    """get_local_buffer_tensor (GPU): a view of the LL area, written through one view and read through another
+    at an offset (the same memory, no copy); the view keeps the memory alive; a size beyond the area is refused."""
+    torch = _torch()
+    whole = buf.get_local_buffer_tensor(torch.int32, use_rdma_buffer=True)
+    assert whole.device.type == "cuda" and whole.numel() * 4 <= buf.num_rdma_bytes
+    part = buf.get_local_buffer_tensor(torch.int32, size=(4, 8), offset=64, use_rdma_buffer=True)
+    assert part.data_ptr() == whole.data_ptr() + 64 and part.shape == (4, 8)
+    part.copy_(torch.arange(32, dtype=torch.int32, device=device).view(4, 8))
+    assert whole[16:48].tolist() == list(range(32))
+    try:
+        buf.get_local_buffer_tensor(torch.int32, size=(whole.numel() + 1,), use_rdma_buffer=True)
+    except ArgumentError as exc:
+        assert "size:" in str(exc)
+    else:
+        raise AssertionError("a size beyond the LL area was accepted")
+    return whole

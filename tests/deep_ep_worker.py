@@ -46,9 +46,14 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
         if backend == "gpu":
             with torch.cuda.stream(torch.cuda.Stream()):  # a torch side stream as the current stream
                 deep_ep_scenarios.ll_case(buf, checks, False, num_max, device, zero_copy=True)
+        kept = None
         if backend == "gpu":
             deep_ep_scenarios.ll_graph_case(buf, checks, num_max=num_max)  # torch.cuda.graph capture and replays
+            kept = deep_ep_scenarios.local_buffer_case(buf)
         buf.destroy()
+        if kept is not None:
+            assert kept[16:48].tolist() == list(range(32))  # the view kept the memory past destroy()
+            del kept
         import deep_ep_readme
 
         deep_ep_readme.run(group, checks, device)  # DeepEP's README usage, only the import changed

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import deep_ep_scenarios  # noqa: E402
 from epkern import deep_ep  # noqa: E402
-from epkern.errors import ArgumentError  # noqa: E402
+from epkern.errors import ArgumentError, EpkernError  # noqa: E402
 from epkern.group import run_in_process  # noqa: E402
 
 T, H, K = deep_ep_scenarios.T, deep_ep_scenarios.H, deep_ep_scenarios.K
@@ -87,7 +87,11 @@ def test_handles_belong_to_their_buffer_and_the_static_api():
             a.combine(recv_x, tuple(handle))
         with pytest.raises(ArgumentError, match="previous_event"):
             a.combine(recv_x, handle, previous_event=object())
-        with pytest.raises(NotImplementedError, match="get_next_low_latency_combine_buffer"):
+        with pytest.raises(ArgumentError, match="dtype: expected a torch.dtype"):
+            a.get_local_buffer_tensor("bf16")
+        with pytest.raises(ArgumentError, match="offset: expected a multiple of 2 bytes"):
+            a.get_local_buffer_tensor(torch.bfloat16, offset=3)
+        with pytest.raises(EpkernError, match="CPU backend has no device buffer memory"):
             a.get_local_buffer_tensor(torch.bfloat16)
         a.destroy(), b.destroy()
         return True

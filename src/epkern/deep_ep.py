@@ -10,8 +10,8 @@ Buffer that made one accepts it.
 
 What differs, and why:
 
-- ``get_local_buffer_tensor`` raises NotImplementedError: epkern's kernels own the layout of the Buffer's memory;
-  the zero-copy combine buffer is ``get_next_low_latency_combine_buffer``.
+- ``get_local_buffer_tensor`` views the HT area (the heap of the calls' outputs) or the LL area; their layouts are
+  epkern's own, not DeepEP's channel buffers. GPU backend only.
 - ``num_qps_per_rank``, ``use_fabric``, ``enable_shrink`` are accepted and unused (no RDMA path yet; no fabric
   memory; masks are always available). ``allow_mnnvl=True`` is refused (no multi-node NVLink support).
 - ``explicitly_destroy=False``: memory is freed at ``destroy()`` or at exit, as DeepEP's destructor does.
@@ -27,6 +27,7 @@ import inspect
 import torch
 
 from . import api_checks, torch_tensors
+from ._validate import check_int
 from .buffer import Buffer as _NativeBuffer
 from .config import Config
 from .errors import ArgumentError, EpkernError
@@ -211,10 +212,29 @@ class Buffer:
         return torch.cuda.ExternalStream(stream.ptr)
 
     def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
-        raise NotImplementedError(
-            "get_local_buffer_tensor: epkern's kernels own the layout of the Buffer's memory; for a zero-copy "
-            "combine use get_next_low_latency_combine_buffer(handle)"
-        )
+        """DeepEP's raw view of this rank's Buffer memory: the HT area (``num_nvl_bytes``) or, with
+        ``use_rdma_buffer``, the LL area, from byte ``offset``, as ``dtype`` elements (all that fit, or the first
+        ``size``'s worth shaped as ``size``). The calls' outputs and the kernels' working data live there, so
+        writing it changes them, as in DeepEP. The tensor keeps the memory alive after ``destroy()``."""
+        if not isinstance(dtype, torch.dtype):
+            raise ArgumentError(f"dtype: expected a torch.dtype, got {dtype!r}")
+        element = torch.empty((), dtype=dtype).element_size()
+        offset = check_int(offset, "offset", min_value=0)
+        if offset % element:
+            raise ArgumentError(f"offset: expected a multiple of {element} bytes ({dtype}), got {offset}")
+        if self.backend != "gpu":
+            raise EpkernError("get_local_buffer_tensor: the CPU backend has no device buffer memory")
+        area = self._buf._backend.rt.raw_area(bool(use_rdma_buffer))
+        numel = max(area.nbytes - offset, 0) // element
+        need = numel if size is None else int(torch.Size(size).numel())
+        if need > numel:
+            what = "LL" if use_rdma_buffer else "HT"
+            raise ArgumentError(
+                f"size: {tuple(size)} needs {need} elements of {dtype}; the {what} area holds {numel} from "
+                f"offset {offset}"
+            )
+        t = torch_tensors.to_tensor(area[offset : offset + numel * element]).view(dtype)
+        return t if size is None else t[:need].view(size)
 
     # ---- helpers ----
     @staticmethod

@@ -302,11 +302,9 @@ class Runtime:
         raise TimeoutError(msg) if code == ERR_TIMEOUT else EpkernError(msg)
 
     def _let_launched_work_end(self) -> None:
-        """Before a recoverable error record is cleared: wait (bounded) until the work this Buffer launched has
-        ended. While the record stays claimed, the recording kernel's other waits give up at once; cleared early,
-        a wait that began after the first one expired runs its own full deadline and records again, so the next
-        call raised the same failure a second time (suspected in kill_ll_dispatch on the H100). Work
-        still running at the bound is left to a later check, as before."""
+        """Before a recoverable error record is cleared: wait (bounded) for the work this Buffer launched. While the
+        record stays claimed the recording kernel's other waits give up at once; cleared early, a later wait on the
+        same silent peer ran its own deadline and recorded again: the next call raised a second time."""
         waitables = []
         for stream in (self.comm_stream, self.direct_stream):  # direct: the last launch onto a caller's stream
             if stream is not None and not capturing(stream):
@@ -498,6 +496,18 @@ class Runtime:
 
         if arr.nbytes:
             cupy.cuda.runtime.memsetAsync(arr.data.ptr, byte, arr.nbytes, self.comm_stream.ptr)
+
+    def raw_area(self, ll: bool):
+        """uint8 CuPy view of this rank's HT heap (``ll=False``) or LL area, keeping the memory (deep_ep's raw view)."""
+        import cupy
+
+        self.check_usable()
+        if ll:
+            ptr, nbytes = self.region.ptr + self.ll_offset, self.ll_bytes
+        else:
+            ptr, nbytes = self.heap.base_ptr, self.heap.nbytes
+        mem = cupy.cuda.UnownedMemory(ptr, nbytes, self.lease) if nbytes else None
+        return cupy.ndarray((nbytes,), np.uint8, cupy.cuda.MemoryPointer(mem, 0) if mem else None)
 
     def in_region(self, arr):
         """``arr`` if it lies in this rank's region, else a copy staged into the heap (and the block to keep)."""
