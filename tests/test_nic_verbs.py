@@ -201,6 +201,7 @@ def test_open_choose_gid_validate_and_close_in_order():
         (lambda: nic.reg_mr(0x1000), "length"),
         (lambda: nic.reg_mr("buf"), "target"),
         (lambda: nic.reg_mr(np.zeros(8, np.uint8), access=-1), "access"),
+        (lambda: nic.dereg_mr(object()), "mr: expected a memory region registered by this NIC"),
         (lambda: qp.connect(b"peer"), "peer: expected a PeerInfo"),
         (lambda: nic.connect_mesh(None, 0, [[qp]]), "allgather_bytes"),
         (lambda: nic.connect_mesh(lambda b: [b], 1, [[qp]]), "rank"),
@@ -338,6 +339,22 @@ def test_a_write_past_the_ports_largest_message_is_refused_by_name():
         svc = ProxyService([f], local=mrs[0], peers=routes, num_threads=1, timeout_s=5)
         FifoProducer(f, timeout_s=5).write(1, 0, 0, 0, 4097)
         with pytest.raises(ProxyError, match=r"peer 1 qp 0 .*4097 bytes exceeds the port's largest message \(4096"):
+            svc.close()
+        assert not fake.posts
+    finally:
+        for nic in nics:
+            nic.close()
+
+
+def test_a_misaligned_atomic_result_is_refused_naming_the_qp():
+    fake = FakeProvider()
+    nics, bufs, mrs, qps = _mesh(fake, 2, 1, 4096)
+    try:
+        f = TriggerFifo(8)
+        routes = [PeerRoute(qps[0][p], mrs[p].addr, mrs[p].rkey) for p in range(2)]
+        svc = ProxyService([f], local=mrs[0], peers=routes, atomic_result=(mrs[0].addr + 4, mrs[0].lkey), timeout_s=5)
+        FifoProducer(f, timeout_s=5).atomic_add(1, 0, 8, 1)
+        with pytest.raises(ProxyError, match=r"peer 1 qp 0 .*request 0 of the batch refused: result_addr: .* aligned"):
             svc.close()
         assert not fake.posts
     finally:

@@ -145,17 +145,20 @@ class VerbsQueuePair:
         requests = []
         nbytes = 0
         for k, (op, laddr, lkey, raddr, rkey, value) in enumerate(items):
-            if op == TriggerOp.WRITE:
-                if value > limit:
-                    raise PostFailed(f"a write of {value} bytes exceeds the port's largest message ({limit} bytes)")
-                inline = 0 < value <= self.max_inline_data
-                requests.append(
-                    V.rdma_write(start + k + 1, laddr, lkey, value, raddr, rkey, signaled=k == last, inline=inline)
-                )
-                nbytes += value
-            else:
-                requests.append(V.fetch_add(start + k + 1, laddr, lkey, raddr, rkey, value, signaled=k == last))
-                nbytes += 8
+            try:
+                if op == TriggerOp.WRITE:
+                    if value > limit:
+                        raise PostFailed(f"a write of {value} bytes exceeds the port's largest message ({limit} bytes)")
+                    inline = 0 < value <= self.max_inline_data
+                    requests.append(
+                        V.rdma_write(start + k + 1, laddr, lkey, value, raddr, rkey, signaled=k == last, inline=inline)
+                    )
+                    nbytes += value
+                else:
+                    requests.append(V.fetch_add(start + k + 1, laddr, lkey, raddr, rkey, value, signaled=k == last))
+                    nbytes += 8
+            except ArgumentError as e:  # e.g. a misaligned atomic: refused before anything of the batch is posted
+                raise PostFailed(f"request {k} of the batch refused: {e}") from e
         try:
             self.nic._verbs.post_send(self.handle, requests)
         except V.VerbsError as e:
@@ -287,6 +290,8 @@ class VerbsNic(NicObservation):
         return mr
 
     def dereg_mr(self, mr: VerbsMemoryRegion) -> None:
+        if not isinstance(mr, VerbsMemoryRegion) or mr.nic is not self:
+            raise ArgumentError("mr: expected a memory region registered by this NIC")
         with self._lock:
             if mr in self._mrs:
                 self._mrs.remove(mr)
