@@ -198,6 +198,21 @@ def _prototypes() -> list[tuple[str, str]]:
     return out
 
 
+def _function_pointer_fields(ffi) -> list[tuple[str, str]]:
+    """(label, C static assertion) for every typed function-pointer field of the cdef's structs (the ops table's
+    ``post_send`` and ``poll_cq``, which we call): its cdef type must be the header's, argument for argument."""
+    out = []
+    _, structs, _ = ffi.list_types()
+    for name in structs:
+        ctype = ffi.typeof(f"struct {name}")
+        for fname, field in ctype.fields or ():
+            if field.type.kind == "function":
+                label = f"struct {name}.{fname}"
+                check = f"__builtin_types_compatible_p(__typeof__(((struct {name} *)0)->{fname}), {field.type.cname})"
+                out.append((label, f'_Static_assert({check}, "{label}: cdef type differs from the header");'))
+    return out
+
+
 def test_abi_layout_matches_headers(tmp_path):
     missing = [h for h in HEADERS if not os.path.exists(h)]
     if missing:
@@ -214,11 +229,14 @@ def test_abi_layout_matches_headers(tmp_path):
     abi = verbs.get_ffi()
     items = _layout_items(abi)
     protos = _prototypes()
+    fn_fields = _function_pointer_fields(abi)
     values = ",\n    ".join(expr for _, expr in items)
     source = (
         "#include <stddef.h>\n#include <infiniband/verbs.h>\n#include <infiniband/mlx5dv.h>\n"
         f"static const long long epk_values[] = {{\n    {values}\n}};\n"
         + "\n".join(decl for _, decl in protos)
+        + "\n"
+        + "\n".join(check for _, check in fn_fields)
         + "\nstatic int epk_layout(long long *out, int n) {\n"
         "    int m = (int)(sizeof(epk_values) / sizeof(epk_values[0]));\n"
         "    for (int i = 0; i < m && i < n; i++) out[i] = epk_values[i];\n"
@@ -255,8 +273,23 @@ def test_abi_layout_matches_headers(tmp_path):
         "offsetof(struct ibv_qp_attr, ah_attr.grh.dgid.raw)",
         "sizeof(struct ibv_port_attr)",
         "IBV_ACCESS_RELAXED_ORDERING",
+        # the standard-verbs posting path: the ops table, the work request and the completion
+        "offsetof(struct ibv_context, ops.post_send)",
+        "offsetof(struct ibv_context, ops.poll_cq)",
+        "offsetof(struct ibv_send_wr, wr.rdma.rkey)",
+        "offsetof(struct ibv_send_wr, wr.atomic.compare_add)",
+        "offsetof(struct ibv_send_wr, wr.atomic.rkey)",
+        "sizeof(struct ibv_send_wr)",
+        "sizeof(struct ibv_sge)",
+        "offsetof(struct ibv_wc, vendor_err)",
+        "offsetof(struct ibv_wc, qp_num)",
+        "sizeof(struct ibv_wc)",
+        "offsetof(struct ibv_cq, cqe)",
+        "IBV_WR_ATOMIC_FETCH_AND_ADD",
+        "IBV_WC_REM_ACCESS_ERR",
     ):
         assert must in labels, must
+    assert {label for label, _ in fn_fields} == {"struct ibv_context_ops.post_send", "struct ibv_context_ops.poll_cq"}
     assert {name for name, _ in protos} >= {"ibv_create_qp", "ibv_reg_dmabuf_mr", "mlx5dv_init_obj"}
 
 

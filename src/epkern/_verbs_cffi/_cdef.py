@@ -19,7 +19,9 @@ Notes on symbols (verified with ``nm -D`` on libibverbs.so.1 / libmlx5.so.1 of r
 
 from __future__ import annotations
 
-CDEF = r"""
+from ._cdef_posting import POSTING_CDEF
+
+_CORE_CDEF = r"""
 struct ibv_device;
 struct ibv_context;
 struct ibv_cq;
@@ -323,6 +325,8 @@ struct mlx5dv_obj {
 };
 """
 
+CDEF = _CORE_CDEF + POSTING_CDEF
+
 # Prototypes (each ends with ';'); parsed by the layout test to check each against the real header.
 VERBS_FUNCTIONS = r"""
 struct ibv_device **ibv_get_device_list(int *num_devices);
@@ -343,6 +347,7 @@ int ibv_destroy_cq(struct ibv_cq *cq);
 struct ibv_qp *ibv_create_qp(struct ibv_pd *pd, struct ibv_qp_init_attr *qp_init_attr);
 int ibv_modify_qp(struct ibv_qp *qp, struct ibv_qp_attr *attr, int attr_mask);
 int ibv_destroy_qp(struct ibv_qp *qp);
+const char *ibv_wc_status_str(enum ibv_wc_status status);
 """
 
 MLX5_FUNCTIONS = r"""

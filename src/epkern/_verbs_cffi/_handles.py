@@ -72,6 +72,8 @@ class MemoryRegion(Handle):
 
 
 class CompletionQueue(Handle):
+    """A CQ; ``cqe`` is the number of completions it holds (what the provider made of the request: at least it)."""
+
     _destroy = "ibv_destroy_cq"
 
     def __init__(self, ptr: Any, context: Context, cqe: int):
@@ -81,13 +83,25 @@ class CompletionQueue(Handle):
 
 
 class QueuePair(Handle):
-    """An RC queue pair; ``qp_num`` is what the peer needs (with lid/gid/psn, see :class:`PeerInfo`)."""
+    """An RC queue pair; ``qp_num`` is what the peer needs (with lid/gid/psn, see :class:`PeerInfo`).
+    ``max_send_wr`` and ``max_inline_data`` are what the provider granted (``ibv_create_qp`` writes them back)."""
 
     _destroy = "ibv_destroy_qp"
 
-    def __init__(self, ptr: Any, pd: ProtectionDomain, send_cq: CompletionQueue, recv_cq: CompletionQueue):
+    def __init__(
+        self,
+        ptr: Any,
+        pd: ProtectionDomain,
+        send_cq: CompletionQueue,
+        recv_cq: CompletionQueue,
+        *,
+        max_send_wr: int = 0,
+        max_inline_data: int = 0,
+    ):
         super().__init__(ptr)
         self.pd = pd
         self.send_cq = send_cq
         self.recv_cq = recv_cq
         self.qp_num = int(ptr.qp_num)
+        self.max_send_wr = max_send_wr
+        self.max_inline_data = max_inline_data

@@ -30,12 +30,13 @@ class RdmaUnavailableError(DeviceUnavailableError):
 
 
 class VerbsError(EpkernError, OSError):
-    """A verbs call failed; ``errno`` holds the error number and the message names the call."""
+    """A verbs call failed; ``errno`` holds the error number and the message names the call. ``message``
+    replaces the generic text where the errno says less than the cause (a failed work completion)."""
 
-    def __init__(self, call: str, err: int, detail: str = ""):
+    def __init__(self, call: str, err: int, detail: str = "", *, message: str | None = None):
         text = os.strerror(err) if err else "unknown error (errno not set)"
         name = _errno.errorcode.get(err, str(err))
-        msg = f"{call} failed: {name} ({text})" + (f"; {detail}" if detail else "")
+        msg = message or f"{call} failed: {name} ({text})" + (f"; {detail}" if detail else "")
         super().__init__(err, msg)
         self.call = call
 

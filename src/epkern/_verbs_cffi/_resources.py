@@ -55,7 +55,8 @@ def reg_dmabuf_mr(
 def create_cq(ctx: Context, cqe: int, comp_vector: int = 0) -> CompletionQueue:
     ffi = get_ffi()
     cq = verbs_lib().ibv_create_cq(ctx._require(), cqe, ffi.NULL, ffi.NULL, comp_vector)
-    return CompletionQueue(check_ptr("ibv_create_cq", cq, f"cqe={cqe}"), ctx, cqe)
+    check_ptr("ibv_create_cq", cq, f"cqe={cqe}")
+    return CompletionQueue(cq, ctx, int(cq.cqe))
 
 
 def create_rc_qp(
@@ -85,4 +86,7 @@ def create_rc_qp(
     init.cap.max_inline_data = max_inline_data
     qp = verbs_lib().ibv_create_qp(pd._require(), init)
     check_ptr("ibv_create_qp", qp, f"RC max_send_wr={max_send_wr} max_inline_data={max_inline_data}")
-    return QueuePair(qp, pd, send_cq, recv_cq)
+    cap = init.cap  # ibv_create_qp wrote back what the provider granted
+    return QueuePair(
+        qp, pd, send_cq, recv_cq, max_send_wr=int(cap.max_send_wr), max_inline_data=int(cap.max_inline_data)
+    )

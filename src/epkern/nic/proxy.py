@@ -3,15 +3,17 @@
 Each :class:`~epkern.nic.fifo.TriggerFifo` is owned by one proxy thread (FIFO ``i`` by thread ``i % N``). A thread
 works in *bursts*: it copies out every published record of each of its FIFOs (up to ``max_burst`` per FIFO, and
 stopping at a FLUSH), hands the slots back to the producers, groups the work by queue pair (order kept per QP),
-and posts each QP's group as one batch: mlx5 WQEs built by :mod:`epkern.nic.wqe` written into the send ring,
-every WQE unsignaled except the batch's last, then the doorbell record and ONE doorbell. So a burst costs one
-doorbell per (peer, QP), unless the ring has less free room than the batch, in which case the batch is cut into
-ring-sized pieces. Completions (one CQE per batch) are polled to retire ring slots. A FLUSH records, per QP the
-FIFO used since the previous flush, the producer index after its last WQE; once every one of those has
-completed, the thread stores ``ticket + 1`` into the FIFO's ``flushed`` word (what a kernel polls).
+and posts each QP's group as one batch: every work request unsignaled except the batch's last, then ONE doorbell.
+So a burst costs one doorbell per (peer, QP), unless the send queue has less free room than the batch, in which
+case the batch is cut into queue-sized pieces. Completions (one per batch) are polled to retire the slots. A FLUSH
+records, per QP the FIFO used since the previous flush, the producer index after its last request; once every one
+of those has completed, the thread stores ``ticket + 1`` into the FIFO's ``flushed`` word (what a kernel polls).
 
-Queue pairs are the :class:`~epkern.nic.emulated.QueuePair` interface (``sq``, ``wqe_cnt``, ``qpn``, ``cq``,
-``ring_doorbell``); each QP needs its own CQ. Threads may share a QP (a lock per QP), but giving each thread its
+How a batch reaches a QP is a :class:`~epkern.nic.posting.BatchPoster`: mlx5 WQEs built by :mod:`epkern.nic.wqe`
+written into the send ring and one ``ring_doorbell`` (the :class:`~epkern.nic.emulated.QueuePair` interface:
+``sq``, ``wqe_cnt``, ``qpn``, ``cq``, ``ring_doorbell``; emulated and mlx5 QPs), or a chain of standard verbs work
+requests posted with one ``ibv_post_send`` (:class:`~epkern.nic.verbs.VerbsQueuePair`). Each QP needs its own CQ.
+Threads may share a QP (a lock per QP), but giving each thread its
 own QP per peer (trigger field ``qp``) avoids the contention.
 
 Failures — a malformed trigger, an unknown peer/QP index, an error CQE (the NIC's fault message is quoted, with
@@ -34,8 +36,8 @@ import numpy as np
 
 from .. import _env
 from ..errors import ConfigError
-from . import wqe as W
 from .fifo import MAX_WRITE_BYTES, ProxyError, ProxyTimeoutError, Trigger, TriggerFifo, TriggerOp
+from .posting import PostFailed, WorkItem, batch_poster
 
 __all__ = ["LocalRegion", "PeerRoute", "ProxyService", "ProxyStats"]
 
@@ -73,10 +75,12 @@ class ProxyStats:
 
 
 class _QpState:
-    """Posting state of one QP: producer index, retired index, the batches in flight. Guarded by ``lock``."""
+    """Posting state of one QP: producer index, retired index, the batches in flight. Guarded by ``lock``. How a
+    batch reaches the QP is its :class:`~epkern.nic.posting.BatchPoster`'s business (mlx5 ring or verbs)."""
 
     def __init__(self, qp, peer: int, index: int):
         self.qp = qp
+        self.poster = batch_poster(qp)
         self.peer = peer
         self.index = index
         self.lock = threading.Lock()
@@ -84,91 +88,56 @@ class _QpState:
         self.retired = 0
         self.batches: collections.deque[int] = collections.deque()  # end producer index of each batch in flight
         self.error: str | None = None
-        self.cqe_cnt = getattr(qp.cq, "cqe_cnt", 1 << 30)
 
     @property
     def name(self) -> str:
         return f"peer {self.peer} qp {self.index} (qpn {self.qp.qpn})"
 
     def poll(self) -> str | None:
-        """Consume ready CQEs and retire their batches. Returns an error message once the QP has failed."""
+        """Consume ready completions and retire their batches. Returns an error message once the QP has failed."""
         if self.error:
             return self.error
-        for cqe in self.qp.cq.poll():
-            if cqe.is_error:
-                fault = getattr(self.qp, "error", None)
-                why = f": {fault.message}" if fault is not None else ""
-                self.error = (
-                    f"{self.name}: NIC error completion (syndrome 0x{cqe.syndrome:02x}) for WQE {cqe.wqe_counter}{why}"
-                )
-                return self.error
-            if cqe.qpn != self.qp.qpn:
-                self.error = f"{self.name}: completion for qpn {cqe.qpn} on this QP's CQ (CQs must not be shared)"
+        poster = self.poster
+        for done in poster.completions():
+            if done.error:
+                self.error = f"{self.name}: {done.error}"
                 return self.error
             while self.batches:
                 end = self.batches.popleft()
                 self.retired = end
-                if ((end - 1) & 0xFFFF) == cqe.wqe_counter:
+                if poster.batch_token(end) == done.token:
                     break
             else:
-                self.error = f"{self.name}: completion for WQE {cqe.wqe_counter}, which no batch ends with"
+                self.error = f"{self.name}: completion for {done.token}, which no batch ends with"
                 return self.error
-        fault = getattr(self.qp, "error", None)  # a fault that produced no CQE (e.g. CQ overrun)
+        fault = poster.fault()  # a fault that produced no completion (e.g. CQ overrun)
         if fault is not None and not self.error:
-            self.error = f"{self.name}: NIC fault on WQE {fault.wqe_counter}: {fault.message}"
+            self.error = f"{self.name}: {fault}"
         return self.error
 
-    def post(self, items: list[tuple], deadline: float, stats: ProxyStats) -> None:
-        """Write ``items`` as WQEs, as one batch per ring-full, each ending with a signaled WQE and one doorbell."""
-        qp = self.qp
-        cnt = qp.wqe_cnt
+    def post(self, items: list[WorkItem], deadline: float, stats: ProxyStats) -> None:
+        """Post ``items`` as one batch per free-room-full, each ending with a signaled request and one doorbell."""
+        cnt = self.poster.slots
         i = 0
         sleep = 10e-6
         while i < len(items):
             if self.poll():
                 raise ProxyError(self.error)
             free = cnt - (self.pi - self.retired)
-            if free <= 0 or len(self.batches) >= self.cqe_cnt:
+            if free <= 0 or len(self.batches) >= self.poster.max_batches:
                 if time.monotonic() > deadline:
                     raise ProxyTimeoutError(
-                        f"{self.name}: send ring still full ({self.pi - self.retired} of {cnt} WQEBBs in flight) "
+                        f"{self.name}: send queue still full ({self.pi - self.retired} of {cnt} slots in flight) "
                         "at the deadline"
                     )
                 time.sleep(sleep)
                 sleep = min(sleep * 2, 1e-3)
                 continue
             chunk = items[i : i + free]
-            last = len(chunk) - 1
-            pi = self.pi
-            for k, (op, laddr, lkey, raddr, rkey, value) in enumerate(chunk):
-                if op == TriggerOp.WRITE:
-                    pi += W.build_rdma_write(
-                        qp.sq,
-                        pi,
-                        qpn=qp.qpn,
-                        raddr=raddr,
-                        rkey=rkey,
-                        laddr=laddr,
-                        lkey=lkey,
-                        length=value,
-                        signaled=k == last,
-                    )
-                else:
-                    pi += W.build_fetch_add(
-                        qp.sq,
-                        pi,
-                        qpn=qp.qpn,
-                        raddr=raddr,
-                        rkey=rkey,
-                        add=value,
-                        laddr=laddr,
-                        lkey=lkey,
-                        signaled=k == last,
-                    )
             try:
-                qp.ring_doorbell(pi)
-            except Exception as e:  # noqa: BLE001 - a closed NIC, a broken backend: name the QP
-                self.error = f"{self.name}: doorbell failed: {e}"
+                pi = self.poster.post_batch(chunk, self.pi)
+            except PostFailed as e:
+                self.error = f"{self.name}: {e}"
                 raise ProxyError(self.error) from e
             self.batches.append(pi)
             self.pi = pi
@@ -421,13 +390,13 @@ class ProxyService:
             laddr = self.local_addr + trig.local_offset
             if laddr > _U64:
                 raise ProxyError(f"{where}: local offset 0x{trig.local_offset:x} overflows ({q.name})")
-            return q, (TriggerOp.WRITE, laddr, self.lkey, raddr, rkey, trig.value)
+            return q, WorkItem(TriggerOp.WRITE, laddr, self.lkey, raddr, rkey, trig.value)
         addr, lkey = self._atomic_default or self._atomic[id(q.qp.nic)]
-        return q, (TriggerOp.ATOMIC_ADD, addr, lkey, raddr, rkey, trig.value)
+        return q, WorkItem(TriggerOp.ATOMIC_ADD, addr, lkey, raddr, rkey, trig.value)
 
     def _round(self, w: _Worker) -> bool:
         """One burst: drain, post one batch per QP, start flushes, retire completions. True if anything moved."""
-        batches: dict[_QpState, list[tuple]] = {}
+        batches: dict[_QpState, list[WorkItem]] = {}
         users: dict[_QpState, list[_FifoState]] = {}
         flushes: list[tuple[_FifoState, int]] = []
         moved = False
