@@ -47,6 +47,7 @@ from .mlx5_peers import decode_peer_table, encode_peer_table, exchange_peer_info
 from .mlx5_queues import Mlx5CompletionQueue, Mlx5QueuePair
 from .observation import NicError, NicFault, NicObservation
 from .observation import QpCounters as QpCounters
+from .verbs_objects import close_in_order
 
 __all__ = [
     "HostPageRegistry",
@@ -258,33 +259,11 @@ class Mlx5Nic(NicObservation):
             raise NicError(f"closing mlx5 NIC {self.name}: " + "; ".join(errors))
 
     def _close_quietly(self) -> list[str]:
-        errors: list[str] = []
-
-        def run(what, fn, *args):
-            try:
-                fn(*args)
-            except Exception as e:  # noqa: BLE001 - keep closing the rest
-                errors.append(f"{what}: {e}")
-
-        for addr, length in reversed(self._mapped):
-            run("cudaHostUnregister", self._pages.release, addr, length)
+        unmaps = [
+            ("cudaHostUnregister", self._pages.release, (addr, length)) for addr, length in reversed(self._mapped)
+        ]
         self._mapped.clear()
-        for qp in reversed(self._qps):
-            run(f"destroy QP {qp.qpn}", qp.handle.close)
-            qp.state = Mlx5QueuePair.CLOSED
-        self._qps.clear()
-        for cq in reversed(self._cqs):
-            run(f"destroy CQ {cq.cqn}", cq.handle.close)
-        self._cqs.clear()
-        for mr in reversed(self._mrs):
-            run(f"deregister MR 0x{mr.addr:x}", mr.handle.close)
-        self._mrs.clear()
-        if self._pd is not None:
-            run("dealloc PD", self._pd.close)
-            self._pd = None
-        if self._ctx is not None:
-            run("close device", self._ctx.close)
-        return errors
+        return close_in_order(self, unmaps)
 
     def __enter__(self):
         return self

@@ -30,6 +30,7 @@ from .fifo import TriggerOp
 from .mlx5_peers import exchange_peer_info
 from .observation import NicError, NicFault, NicObservation, QpCounters
 from .posting import BatchDone, PostFailed, WorkItem
+from .verbs_objects import close_in_order
 
 __all__ = ["VerbsCompletionQueue", "VerbsMemoryRegion", "VerbsNic", "VerbsQueuePair", "choose_gid_index"]
 
@@ -353,30 +354,7 @@ class VerbsNic(NicObservation):
             raise NicError(f"closing verbs NIC {self.name}: " + "; ".join(errors))
 
     def _close_quietly(self) -> list[str]:
-        errors: list[str] = []
-
-        def run(what, fn):
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - keep closing the rest
-                errors.append(f"{what}: {e}")
-
-        for qp in reversed(self._qps):
-            run(f"destroy QP {qp.qpn}", qp.handle.close)
-            qp.state = VerbsQueuePair.CLOSED
-        self._qps.clear()
-        for cq in reversed(self._cqs):
-            run("destroy CQ", cq.handle.close)
-        self._cqs.clear()
-        for mr in reversed(self._mrs):
-            run(f"deregister MR 0x{mr.addr:x}", mr.handle.close)
-        self._mrs.clear()
-        if self._pd is not None:
-            run("dealloc PD", self._pd.close)
-            self._pd = None
-        if self._ctx is not None:
-            run("close device", self._ctx.close)
-        return errors
+        return close_in_order(self)
 
     def __enter__(self):
         return self
