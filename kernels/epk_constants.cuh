@@ -26,10 +26,14 @@ constexpr int EPK_LL_THREADS = 512;   // threads per block of both LL kernels
 constexpr int EPK_LL_MAX_SELECTIONS = EPK_LL_MAX_NUM_MAX * EPK_LL_MAX_TOPK;  // num_max * top-k at most
 
 // ---- LL device state (int32 words of the Buffer's state array) ----
-constexpr int EPK_STATE_MAX_RANKS = 1024;  // entries of the per-peer arrays (words 2..63 are unused)
-constexpr int EPK_STATE_COUNTER = 0;       // seq of the last call that sent
-constexpr int EPK_STATE_TICKET = 1;        // blocks of the running sending kernel that finished
-constexpr int EPK_STATE_MASK = 64;         // [STATE_MAX_RANKS]: 1 = peer masked (skipped at every send and wait)
+constexpr int EPK_STATE_MAX_RANKS = 1024;    // entries of the per-peer arrays (words 8..63 are unused)
+constexpr int EPK_STATE_COUNTER = 0;         // seq of the last call that sent
+constexpr int EPK_STATE_TICKET = 1;          // blocks of the running sending kernel that finished
+constexpr int EPK_STATE_PROXY_FIFOS = 2;     // PROXY route: number of trigger FIFOs (0: no PROXY route)
+constexpr int EPK_STATE_PROXY_CAPACITY = 3;  // PROXY route: records per FIFO (a power of two)
+constexpr int EPK_STATE_PROXY_TABLE = 4;     // words 4-5: u64 device address of the FIFO table (ll_route.cuh)
+constexpr int EPK_PROXY_MAX_FIFOS = 64;      // entries of the FIFO table: [base of FIFO i] then [its head word]
+constexpr int EPK_STATE_MASK = 64;           // [STATE_MAX_RANKS]: 1 = peer masked (skipped at every send and wait)
 constexpr int EPK_STATE_ROUTE = EPK_STATE_MASK + EPK_STATE_MAX_RANKS;  // [STATE_MAX_RANKS]: route kind of each peer
 constexpr int EPK_STATE_SLOT = EPK_STATE_ROUTE + EPK_STATE_MAX_RANKS;  // [LL_MAX_EXPERTS]: dispatch slot allocator
 constexpr int EPK_STATE_DONE = EPK_STATE_SLOT + EPK_LL_MAX_EXPERTS;    // [LL_MAX_EXPERTS]: dispatch puts finished
@@ -42,8 +46,8 @@ constexpr int EPK_STATE_WORDS = EPK_STATE_SLOT_OF + EPK_LL_MAX_SELECTIONS;
 // ---- LL route kinds (per peer, in the device state) ----
 constexpr int EPK_ROUTE_NONE = 0;
 constexpr int EPK_ROUTE_IPC = 1;
-constexpr int EPK_ROUTE_PROXY = 2;  // not implemented yet
-constexpr int EPK_ROUTE_RDMA = 3;   // not implemented yet
+constexpr int EPK_ROUTE_PROXY = 2;  // host FIFO + proxy thread (ll_route.cuh; not yet run on a GPU)
+constexpr int EPK_ROUTE_RDMA = 3;   // GPU-written WQEs: not implemented yet
 
 // ---- LL launch phases (bit mask: the `phase` argument of both LL kernels) ----
 constexpr int EPK_PHASE_SEND = 1;

@@ -21,7 +21,7 @@
 // has run this call's receive (the rule the two sets rely on).
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_PULL (0 / 1),
-// EPK_POLL_SLEEP_NS (ll_common.cuh). No other define is read.
+// EPK_POLL_SLEEP_NS (ll_common.cuh), EPK_LL_PROXY (0 / 1: ll_route.cuh). No other define is read.
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ll_common.cuh"
@@ -71,8 +71,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
                    const int *__restrict__ src_info, const long long *__restrict__ layout,
                    const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, int num_tokens,
                    int4 *__restrict__ out, int num_experts, int num_max, const unsigned long long *__restrict__ peers,
-                   long long ll_off, long long set_stride, long long recv_off, int *state, long long *wait_stats,
-                   ErrorRecord *err, unsigned long long timeout_ns) {
+                   long long ll_off, long long set_stride, long long send_off, long long recv_off, int *state,
+                   long long *wait_stats, ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   const int tid = threadIdx.x, lane = tid & 31;
   const int gw = blockIdx.x * kWarps + tid / 32, num_warps = gridDim.x * kWarps;
@@ -86,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
   __shared__ int s_mask[kRanks];
   __shared__ int s_skip[kRanks];  // owners left out of this call's sums: masked, or silent past the deadline
   __shared__ Route s_route[kRanks];
-  ll::load_peers(state, peers, ll_off, s_mask, s_route);
+  ll::load_peers(state, peers, ll_off, mine, 2 * set_stride, s_mask, s_route);
   if (tid < kRanks) s_skip[tid] = s_mask[tid];  // this thread loaded s_mask[tid] just above
   __syncthreads();
 
@@ -94,6 +94,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
     const int pairs = e_loc * kRanks;
     const int per = max(1, num_warps / pairs);
     const int rows = kRanks * num_max;
+    // A PROXY put's source must lie in this rank's registered LL area: a zero-copy buffer (or any x inside the area)
+    // is sent in place; rows of another x are first copied into the send region of this call's set, at the offset
+    // the zero-copy buffer would give them (free: the dispatch staging there belongs to the call two back).
+    const char *const xb = reinterpret_cast<const char *>(x);
+    const bool x_in_area = xb >= mine && xb + static_cast<long long>(e_loc) * rows * kRowBytes <= mine + 2 * set_stride;
+    int4 *const stage_rows = reinterpret_cast<int4 *>(mine + set_base + send_off);
     for (int p = gw / per; p < pairs; p += num_warps / per) {
       const int e = p / kRanks, s = p % kRanks, sub = gw % per;
       if (s_mask[s]) continue;  // every warp of the pair skips: no flag either
@@ -130,7 +136,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
             continue;
           }
           const long long off = set_base + recv_off + (static_cast<long long>(g) * num_max + t) * kRowBytes;
-          if (!route_put_warp(s_route[s], off, x + row * kVecs, kRowBytes, lane) && lane == 0)
+          const int4 *src = x + row * kVecs;
+          if (kProxyRoutes && s_route[s].kind == kRouteProxy && !x_in_area) {  // stage the row (remote routes only)
+            ll::warp_copy_v4<1>(stage_rows + row * kVecs, src, kVecs, lane, [](const int4 *q) { return *q; });
+            src = stage_rows + row * kVecs;
+          }
+          if (!route_put_warp(s_route[s], off, src, kRowBytes, lane, deadline) && lane == 0)
             report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, s, s_route[s].kind, 0);
         }
       }
@@ -140,7 +151,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         const unsigned done = atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(state + EPK_STATE_PAIR + p), 1u);
         if (done == static_cast<unsigned>(per - 1)) {
           state[EPK_STATE_PAIR + p] = 0;  // all `per` warps of the pair have counted: reset for the next call
-          if (!route_signal(s_route[s], set_base + 4LL * g, ll::pack_signal(tag, 0)))
+          // PROXY: the flag is staged at 4E + 4p of this set (ll_common.cuh) and pushed after every data trigger of
+          // the pair (each warp pushed its rows before it counted itself done).
+          const long long stage = set_base + 4LL * (num_experts + p);
+          if (!route_signal(s_route[s], set_base + 4LL * g, ll::pack_signal(tag, 0), stage, deadline))
             report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, s, s_route[s].kind, 0);
         }
       }

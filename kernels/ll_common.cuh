@@ -5,8 +5,10 @@
 //   set p (p = call seq & 1) at p * set_stride, each set:
 //     [0, 4E)                 signals: dispatch count of (local expert e, source rank s) at index e*R + s,
 //                             combine flag of global expert g at index g (both int32, tagged, see below)
-//     [4E, 8E)                the direct dispatch's fill counter of each local expert (int32, reset by the
-//                             owner's receive; no other mode writes there)
+//     [4E, 8E)                the direct dispatch's fill counter of each local expert (int32); or, with PROXY
+//                             routes (never with the direct dispatch), the sender's staged signal words: the
+//                             dispatch count of global expert g at 4E + 4g, the combine flag of pair
+//                             (local expert e, source s) at 4E + 4(e*R + s)
 //     [send_off, ...)         send region: dispatch staging (one message per source token), and the
 //                             zero-copy combine buffer [E_loc, R*num_max, H] BF16 (never both in one call)
 //     [recv_off, ...)         receive region: dispatch slots [E_loc][R][num_max] messages of 16 + 2H bytes,
@@ -122,14 +124,15 @@ EPK_DEVICE bool wait_local(const int *p, int target, const Deadline &d, int phas
 }
 
 // Every peer's mask bit and route, read once per block so every send and wait site of a call sees the same
-// picture. Threads below R load; the caller synchronises the block before use.
+// picture. Threads below R load; the caller synchronises the block before use. `mine`: this rank's LL area,
+// `area_bytes` its size (both sets): the source region of PROXY puts.
 template <int R>
-EPK_DEVICE void load_peers(const int *state, const unsigned long long *peers, long long ll_off, int (&mask)[R],
-                           Route (&route)[R]) {
+EPK_DEVICE void load_peers(const int *state, const unsigned long long *peers, long long ll_off, char *mine,
+                           long long area_bytes, int (&mask)[R], Route (&route)[R]) {
   const int p = threadIdx.x;
   if (p < R) {
     mask[p] = ld_volatile(state + EPK_STATE_MASK + p);
-    route[p] = make_route(ld_volatile(state + EPK_STATE_ROUTE + p), peers[p], ll_off);
+    route[p] = make_route(ld_volatile(state + EPK_STATE_ROUTE + p), p, peers[p], ll_off, state, mine, area_bytes);
   }
 }
 

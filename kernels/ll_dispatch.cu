@@ -24,7 +24,8 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
 // EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1),
-// EPK_LL_DIRECT (0 / 1: ll_dispatch_direct.cuh), EPK_POLL_SLEEP_NS (ll_common.cuh). No other define is read.
+// EPK_LL_DIRECT (0 / 1: ll_dispatch_direct.cuh), EPK_POLL_SLEEP_NS (ll_common.cuh), EPK_LL_PROXY (0 / 1:
+// ll_route.cuh). No other define is read.
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ll_common.cuh"
@@ -86,7 +87,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
   // Mask and routes, read once per block: every send and wait site of this call sees the same picture.
   __shared__ int s_mask[kRanks];
   __shared__ Route s_route[kRanks];
-  ll::load_peers(state, peers, ll_off, s_mask, s_route);
+  ll::load_peers(state, peers, ll_off, mine, 2 * set_stride, s_mask, s_route);
   __syncthreads();
 
   if constexpr (kDirect) {
@@ -140,7 +141,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
           // The owner reads the staged message itself; the list tells it which (slot order).
           if (active) token_list[g * num_max + (off >> 32)] = t;
         } else {
-          const unsigned unsupported = route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane);
+          const unsigned unsupported =
+              route_put_warp_lanes<kTopk>(s_route[d], off, active, msg, kMsgBytes, lane, deadline);
           if (unsupported >> lane & 1u)
             report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, s_route[d].kind, 0);
         }
@@ -156,7 +158,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         for (int i = lane; i < num_tokens * kTopk; i += 32) cnt += topk_idx[i] == g;
         cnt = ll::warp_sum(cnt);
         if (lane == 0) {
-          signal_count(g, d, e, rank, tag, cnt, cnt * parts, num_max, set_base, done_ctr, s_route[d], err, deadline);
+          signal_count(g, d, e, rank, tag, cnt, cnt * parts, num_max, num_experts, set_base, done_ctr, s_route[d], err,
+                       deadline);
           slot_ctr[g] = 0;  // every put of this call took its slot before it was counted done
           done_ctr[g] = 0;
         }

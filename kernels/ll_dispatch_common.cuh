@@ -155,13 +155,15 @@ __device__ __forceinline__ int wait_count(const int *sig, int e, int tag, const 
 }
 
 // Lane 0 of expert g's count warp (owner d, local expert e there): once this rank's `done` puts for g are counted,
-// the tagged count `cnt` to the owner (route_signal).
+// the tagged count `cnt` to the owner (route_signal; a PROXY route stages the word at 4E + 4g of this rank's set,
+// ll_common.cuh, and pushes it after the data warps' triggers, which were pushed before they were counted).
 __device__ __forceinline__ void signal_count(int g, int d, int e, int rank, int tag, int cnt, int done, int num_max,
-                                             long long set_base, const int *done_ctr, const Route &route,
-                                             ErrorRecord *err, const Deadline &deadline) {
+                                             int num_experts, long long set_base, const int *done_ctr,
+                                             const Route &route, ErrorRecord *err, const Deadline &deadline) {
   ll::wait_local(done_ctr + g, done, deadline, EPK_ERR_PHASE_LL_LOCAL_SENDS, d);
   const long long off = set_base + 4LL * (e * kRanks + rank);
-  if (!route_signal(route, off, ll::pack_signal(tag, min(cnt, num_max))))
+  const long long stage = set_base + 4LL * (num_experts + g);
+  if (!route_signal(route, off, ll::pack_signal(tag, min(cnt, num_max)), stage, deadline))
     report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, route.kind, 0);
 }
 

@@ -147,8 +147,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
       constexpr int n = kHidden / 8;
       const int lo = n * part / parts, hi = n * (part + 1) / parts;
       const long long off = out_base + o.x + row * (2 * kHidden) + 16LL * lo;
-      const unsigned unsupported =
-          route_put_warp_lanes<kTopk, kCopyInFlight>(s_route[d], off, active, xrow + lo, 16 * (hi - lo), lane);
+      const unsigned unsupported = route_put_warp_lanes<kTopk, kCopyInFlight>(s_route[d], off, active, xrow + lo,
+                                                                              16 * (hi - lo), lane, deadline);
       if (unsupported >> lane & 1u)
         report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, s_route[d].kind, 0);
     } else {
@@ -156,8 +156,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
       constexpr int kPairs = (kGroups + 1) / 2;
       const int glo = 2 * (kPairs * part / parts), ghi = min(kGroups, 2 * (kPairs * (part + 1) / parts));
       const long long off = out_base + o.x + row * kHidden + 128LL * glo;
-      const unsigned unsupported =
-          route_put_warp_lanes<kTopk, 2>(s_route[d], off, active, msg + 16 + 128 * glo, 128 * (ghi - glo), lane);
+      const unsigned unsupported = route_put_warp_lanes<kTopk, 2>(s_route[d], off, active, msg + 16 + 128 * glo,
+                                                                  128 * (ghi - glo), lane, deadline);
       if (unsupported >> lane & 1u)
         report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, s_route[d].kind, 0);
       // The share's scales, column-major [E_loc][S][rows]: each destination lane stores its row's (few, small;
@@ -190,7 +190,8 @@ __device__ void send(int rank, unsigned seq, int tag, long long set_base, const 
     if (s_mask[d]) continue;
     if (lane == 0) {
       const int cnt = cnt_of[g];
-      signal_count(g, d, e, rank, tag, cnt, cnt * parts, num_max, set_base, done_ctr, s_route[d], err, deadline);
+      signal_count(g, d, e, rank, tag, cnt, cnt * parts, num_max, num_experts, set_base, done_ctr, s_route[d], err,
+                   deadline);
       cnt_of[g] = 0;
       done_ctr[g] = 0;
     }

@@ -5,22 +5,37 @@
 // src_info / scales / layout_range words and reserves its block with route_reserve), dispatch count (route_signal),
 // combine data (route_put_warp, or the pulled combine's row indices, route_store_word) and combine flag
 // (route_signal); and one read site, the pulled dispatch's and combine's reads of a peer's staged rows
-// (route_peer_ptr). Offsets are relative to the peer's LL area base, which
-// is what an RDMA route needs too (remote address = peer's registered LL base + offset), so PROXY (host FIFO) and RDMA
-// (GPU-written WQEs) routes are added here, as new `case`s, without touching the kernels.
+// (route_peer_ptr). Offsets are relative to the peer's LL area base, which is what a NIC route needs too (remote
+// address = peer's registered LL base + offset).
 //
-// Today only IPC is implemented: the peer's region is mapped into this process (cudaIpcOpenMemHandle, or
-// a plain pointer for in-process ranks), a put is a warp copy with 16-byte stores, a signal a release
-// store at system scope (the peer and the host may be on another device).
+// IPC: the peer's region is mapped into this process (a VMM mapping, cudaIpcOpenMemHandle, or a plain pointer for
+// in-process ranks); a put is a warp copy with 16-byte stores, a signal a release store at system scope.
+//
+// PROXY (issue #17; written and compiled, NOT yet run on a GPU): the peer's memory is not mapped here. A put pushes
+// one WRITE trigger (local offset of the source in this rank's registered LL area -> the peer's LL offset) into the
+// FIFO serving the peer (peer % number of FIFOs, so one proxy thread posts all of a peer's triggers on one QP in
+// ticket order); a signal stores its 4-byte word into a staging slot of this rank's LL area (the caller names it)
+// and pushes a 4-byte WRITE. The count / flag is pushed after the data of its destination (the count warp waits
+// for the data warps' put counter; they push before they count), so it lands after the data. Only pushes: the
+// pulled modes, the direct dispatch's stores and reservations and route_peer_ptr have no PROXY form (the host
+// chooses push for any non-IPC peer and refuses zero_copy_recv).
 //
 // Contract of a put: `src` is local device memory, 16-byte aligned, `bytes` a multiple of 16, `dst_off`
-// 16-byte aligned; every lane of the warp calls it (lane = threadIdx.x % 32). The data is not ordered
-// with respect to anything until the caller publishes it: __syncwarp, then one lane's release (atomic or
-// fence) before the route_signal that tells the peer. An RDMA route would need `src` inside the registered
-// LL area (the dispatch staging slot is; a combine from a user array would stage first unless zero_copy).
+// 16-byte aligned; every lane of the warp calls it (lane = threadIdx.x % 32). IPC data is not ordered with respect
+// to anything until the caller publishes it: __syncwarp, then one lane's release (atomic or fence) before the
+// route_signal that tells the peer. A PROXY put needs `src` inside this rank's LL area (the dispatch staging slot
+// is; the combine stages a user array's row there first unless it is already inside, as a zero-copy buffer is).
 #pragma once
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
+#include "proxy_fifo.cuh"
+
+// EPK_LL_PROXY (0 / 1): whether this specialisation has the PROXY route's code. 0 for a Buffer whose peers are all
+// IPC (the kernels are then the IPC-only ones, as before PROXY existed); a PROXY kind met by a build without it is
+// refused like any unimplemented route.
+#ifndef EPK_LL_PROXY
+#error "EPK_LL_PROXY must be defined"
+#endif
 
 namespace epk {
 
@@ -34,43 +49,104 @@ enum RouteKind : int {
 
 // Error code recorded when a send site meets a route kind this build does not implement.
 constexpr int kUnsupportedRoute = 4;
+constexpr bool kProxyRoutes = EPK_LL_PROXY != 0;
 
 struct Route {
   int kind;
   char *base;  // IPC: the peer's LL area as mapped in this process
+#if EPK_LL_PROXY
+  int peer;               // PROXY: the destination rank
+  char *local;            // PROXY: this rank's own LL area (registered on its NIC; trigger offsets are from here)
+  long long local_bytes;  // PROXY: bytes of that area (both sets): a put's source must lie inside
+  proxy::Fifo fifo;       // PROXY: the FIFO serving this peer
+#endif
 };
 
-EPK_DEVICE Route make_route(int kind, unsigned long long peer_region, long long ll_offset) {
+// The route to `peer`: its kind (device state), its region as mapped here (0 for peers off this node), and for
+// PROXY the FIFO table (state words EPK_STATE_PROXY_*: FIFO i's block at table[i], its head word at
+// table[EPK_PROXY_MAX_FIFOS + i]).
+EPK_DEVICE Route make_route(int kind, int peer, unsigned long long peer_region, long long ll_offset, const int *state,
+                            char *mine, long long area_bytes) {
   Route r;
   r.kind = kind;
   r.base = peer_region != 0 ? reinterpret_cast<char *>(peer_region + ll_offset) : nullptr;
   if (kind == kRouteIpc && r.base == nullptr) r.kind = kRouteNone;  // no mapping: refuse rather than fault
+#if !EPK_LL_PROXY
+  if (kind == kRouteProxy) r.kind = kRouteNone;  // a build without the PROXY code
+#else
+  r.peer = peer;
+  r.local = nullptr;
+  r.local_bytes = 0;
+  r.fifo = proxy::make_fifo(nullptr, nullptr, 0);
+  if (kind == kRouteProxy) {
+    const int n = state[EPK_STATE_PROXY_FIFOS];
+    const unsigned long long *table =
+        *reinterpret_cast<unsigned long long *const *>(state + EPK_STATE_PROXY_TABLE);  // 8-byte aligned word
+    if (n <= 0 || n > EPK_PROXY_MAX_FIFOS || table == nullptr) {
+      r.kind = kRouteNone;  // no FIFO set up: refuse rather than fault
+    } else {
+      const int i = peer % n;
+      r.local = mine;
+      r.local_bytes = area_bytes;
+      r.fifo = proxy::make_fifo(reinterpret_cast<uint8_t *>(table[i]),
+                                reinterpret_cast<unsigned long long *>(table[EPK_PROXY_MAX_FIFOS + i]),
+                                static_cast<uint32_t>(state[EPK_STATE_PROXY_CAPACITY]));
+    }
+  }
+#endif
   return r;
 }
 
-// Warp-wide copy of `bytes` from local `src` to the peer's LL area at `dst_off`. False (in every lane) when
-// the route kind is not implemented; nothing is written then.
-EPK_DEVICE bool route_put_warp(const Route &r, long long dst_off, const void *src, int bytes, int lane) {
+// PROXY: one WRITE trigger of `bytes` from local `src` (inside this rank's LL area) to the peer's LL area at
+// `dst_off`, pushed by the calling thread after a system-scope fence (the proxy's NIC reads `src` from the host
+// side: every store the caller published to this thread must be visible first). False when `src` is outside the
+// registered area (nothing pushed); a full FIFO past the deadline or a failed proxy is recorded by proxy::push.
+EPK_DEVICE bool proxy_put(const Route &r, long long dst_off, const void *src, int bytes, const Deadline &d) {
+#if EPK_LL_PROXY
+  const long long off = reinterpret_cast<const char *>(src) - r.local;
+  if (off < 0 || off + bytes > r.local_bytes) return false;
+  __threadfence_system();
+  proxy::push_write(r.fifo, static_cast<uint32_t>(r.peer), 0, static_cast<uint64_t>(off),
+                    static_cast<uint64_t>(dst_off), static_cast<uint32_t>(bytes), d);
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Warp-wide copy of `bytes` from local `src` to the peer's LL area at `dst_off` (PROXY: lane 0 pushes one WRITE
+// once the warp's stores are done). False (in every lane) when the route kind is not implemented, or for PROXY
+// when `src` is outside this rank's LL area; nothing is written then.
+EPK_DEVICE bool route_put_warp(const Route &r, long long dst_off, const void *src, int bytes, int lane,
+                               const Deadline &d) {
   switch (r.kind) {
     case kRouteIpc: {
       const int4 *s = reinterpret_cast<const int4 *>(src);
-      int4 *d = reinterpret_cast<int4 *>(r.base + dst_off);
+      int4 *dst = reinterpret_cast<int4 *>(r.base + dst_off);
       const int n = bytes / 16;
       // Plain (coherent) loads: `src` may have been written by this warp moments ago (the dispatch staging
       // slot), which the non-coherent read-only path could miss.
       int i = lane;
       for (; i + 96 < n; i += 128) {  // four 16-byte loads in flight per lane before the stores
         const int4 a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
-        d[i] = a;
-        d[i + 32] = b;
-        d[i + 64] = c;
-        d[i + 96] = e;
+        dst[i] = a;
+        dst[i + 32] = b;
+        dst[i + 64] = c;
+        dst[i + 96] = e;
       }
-      for (; i < n; i += 32) d[i] = s[i];
+      for (; i < n; i += 32) dst[i] = s[i];
       return true;
     }
-    case kRouteProxy:  // host FIFO + proxy thread: not implemented yet
-    case kRouteRdma:   // GPU-written WQEs: not implemented yet
+    case kRouteProxy: {
+      if constexpr (kProxyRoutes) {
+        __syncwarp();  // the warp's stores to `src` (a staged row) before lane 0's fence and push
+        bool ok = true;
+        if (lane == 0) ok = proxy_put(r, dst_off, src, bytes, d);
+        return __shfl_sync(0xffffffffu, ok, 0);
+      }
+      return false;
+    }
+    case kRouteRdma:  // GPU-written WQEs: not implemented yet
     default:
       return false;
   }
@@ -78,14 +154,16 @@ EPK_DEVICE bool route_put_warp(const Route &r, long long dst_off, const void *sr
 
 // The same message to several peers at once, by one warp: lane k's (`my_route`, `my_off`) is destination k when
 // `my_active`. Each 16-byte chunk of `src` is loaded once and stored to every IPC destination (one read of the
-// message however many selections it has). Returns the ballot of active lanes whose route kind is not
-// implemented (nothing written for them). Same contract as route_put_warp.
+// message however many selections it has); each PROXY lane pushes its own WRITE trigger of the whole message
+// (after the IPC stores, so the message written by this warp is complete). Returns the ballot of active lanes
+// whose route kind is not implemented (nothing written for them). Same contract as route_put_warp.
 template <int kLanes, int kInFlight = 3>  // lanes that can be destinations (0..kLanes-1); 16-byte loads per lane
 EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off, bool my_active, const void *src,
-                                         int bytes, int lane) {
+                                         int bytes, int lane, const Deadline &dl) {
   const bool ipc = my_active && my_route.kind == kRouteIpc;
+  const bool via_proxy = kProxyRoutes && my_active && my_route.kind == kRouteProxy;
   const unsigned ipc_lanes = __ballot_sync(0xffffffffu, ipc);
-  const unsigned unsupported = __ballot_sync(0xffffffffu, my_active && !ipc);
+  unsigned unsupported = __ballot_sync(0xffffffffu, my_active && !ipc && !via_proxy);
   const unsigned long long my_dst = ipc ? reinterpret_cast<unsigned long long>(my_route.base + my_off) : 0ull;
   const int4 *s = reinterpret_cast<const int4 *>(src);
   const int n = bytes / 16;
@@ -103,6 +181,13 @@ EPK_DEVICE unsigned route_put_warp_lanes(const Route &my_route, long long my_off
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)
         if (base + 32 * u + lane < n) d[base + 32 * u + lane] = v[u];
+    }
+  }
+  if constexpr (kProxyRoutes) {
+    if (__any_sync(0xffffffffu, via_proxy)) {  // warp-uniform; not taken when every destination is IPC
+      __syncwarp();  // the message in `src` is complete (written by this warp) before any lane's fence and push
+      const bool pushed = !via_proxy || proxy_put(my_route, my_off, src, bytes, dl);
+      unsupported |= __ballot_sync(0xffffffffu, !pushed);
     }
   }
   return unsupported;
@@ -162,14 +247,25 @@ EPK_DEVICE int route_reserve(const Route &r, long long off, unsigned tag, int n)
 
 // One-thread signal: store `value` at the peer's LL area + `off` with release semantics at system scope, so
 // that every write this thread has observed (the data, published to it by __syncwarp / an acquire) is
-// visible to the peer before the value is. False when the route kind is not implemented.
-EPK_DEVICE bool route_signal(const Route &r, long long off, int value) {
+// visible to the peer before the value is. PROXY: `value` is stored at `stage_off` of this rank's own LL area (a
+// word no other signal of this call uses, left alone until the call two later) and a 4-byte WRITE pushed; it lands
+// after every trigger pushed earlier to the same peer (one FIFO, one QP, ticket order). False when the route kind
+// is not implemented.
+EPK_DEVICE bool route_signal(const Route &r, long long off, int value, long long stage_off, const Deadline &d) {
   switch (r.kind) {
     case kRouteIpc:
       __threadfence_system();  // cumulativity for data written by other warps and published to us
       st_release_sys(reinterpret_cast<int *>(r.base + off), value);
       return true;
-    case kRouteProxy:
+    case kRouteProxy: {
+#if EPK_LL_PROXY
+      int *stage = reinterpret_cast<int *>(r.local + stage_off);
+      *stage = value;
+      return proxy_put(r, off, stage, 4, d);
+#else
+      return false;
+#endif
+    }
     case kRouteRdma:
     default:
       return false;

@@ -28,6 +28,7 @@ DEFINES = {
         "EPK_LL_PULL",
         "EPK_LL_DIRECT",
         "EPK_POLL_SLEEP_NS",
+        "EPK_LL_PROXY",
     ),
     "ll_combine.cu": (
         "EPK_NUM_RANKS",
@@ -36,6 +37,7 @@ DEFINES = {
         "EPK_THREADS",
         "EPK_LL_COMBINE_PULL",
         "EPK_POLL_SLEEP_NS",
+        "EPK_LL_PROXY",
     ),
     "ht_dispatch.cu": (
         "EPK_NUM_RANKS",
@@ -91,7 +93,8 @@ LL_DISPATCH_SHAPES = (
     (1, 128, 32, 1, 1, 0),
     (32, 384, 1, 0, 0, 0),
 )
-LL = dict(EPK_THREADS=512)
+LL = dict(EPK_THREADS=512, EPK_LL_PROXY=0)
+PROXY = dict(EPK_THREADS=512, EPK_LL_PROXY=1)  # a Buffer with a PROXY route (issue #17): pushed modes only
 
 SPECIMENS = {
     "ht_notify.cu": [dict(EPK_NUM_RANKS=8), dict(EPK_NUM_RANKS=1)],
@@ -134,6 +137,8 @@ SPECIMENS = {
             EPK_LL_DIRECT=1,
             EPK_POLL_SLEEP_NS=0,
         ),
+        *_rows("ll_dispatch.cu", *LL_DISPATCH_SHAPES, **PROXY, EPK_LL_PULL=0, EPK_LL_DIRECT=0, EPK_POLL_SLEEP_NS=200),
+        *_rows("ll_dispatch.cu", (8, 7168, 8, 1, 0, 0), **PROXY, EPK_LL_PULL=0, EPK_LL_DIRECT=0, EPK_POLL_SLEEP_NS=0),
     ],
     # (ranks, hidden, top-k): pushed and pulled (zero-copy, EPKERN_LL_COMBINE_PULL=1); top-6 loads fewer
     # selections ahead than the kernel's 8.
@@ -151,6 +156,16 @@ SPECIMENS = {
         *_rows("ll_combine.cu", (8, 7168, 8), **LL, EPK_LL_COMBINE_PULL=0, EPK_POLL_SLEEP_NS=200),
         *_rows("ll_combine.cu", (8, 7168, 8), **LL, EPK_LL_COMBINE_PULL=1, EPK_POLL_SLEEP_NS=0),
         *_rows("ll_combine.cu", (4, 2048, 4), **LL, EPK_LL_COMBINE_PULL=1, EPK_POLL_SLEEP_NS=200),
+        *_rows(
+            "ll_combine.cu",
+            (8, 7168, 8),
+            (1, 128, 32),
+            (4, 1024, 6),
+            (2, 7168, 8),
+            **PROXY,
+            EPK_LL_COMBINE_PULL=0,
+            EPK_POLL_SLEEP_NS=200,
+        ),
     ],
     # (ranks, row bytes, threads, unroll, streaming stores, loads first)
     BENCH_KERNELS / "bench_copy_patterns.cu": _rows(
@@ -270,6 +285,13 @@ SPILL_ALLOWED = {
     # three; BF16 does not spill). Measured on the H200 as part of the direct dispatch's numbers.
     "ll_dispatch.cu": lambda d: d.get("EPK_LL_DIRECT") == 1 and d["EPK_USE_FP8"] == 1,
 }
+# The PROXY builds (EPK_LL_PROXY=1, issue #17; never the IPC-only kernels, which compile exactly as before): a few
+# bytes around the trigger push, outside the copy loops. Not measured on a GPU yet.
+_SPILL_ALLOWED_IPC = dict(SPILL_ALLOWED)
+SPILL_ALLOWED = {
+    name: (lambda d, f=f: d.get("EPK_LL_PROXY") == 1 or f(d)) if name.startswith("ll_") else f
+    for name, f in _SPILL_ALLOWED_IPC.items()
+}
 
 
 def _spill_params():
@@ -354,6 +376,7 @@ def test_included_files_are_transitive_and_only_those():
         "ll_route.cuh",
         "ll_dispatch_common.cuh",
         "ll_dispatch_direct.cuh",
+        "proxy_fifo.cuh",
     }
     assert {p.name for p in kernel_loader.included_files("ht_notify.cu")} == {
         "ht_notify.cu",

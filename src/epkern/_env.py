@@ -37,6 +37,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "misses show up; a debugging aid costing one fill per output (the tests turn it on)",
     ),
     "EPKERN_NUM_PROXY_THREADS": ("4", "host proxy threads draining the GPU-to-host trigger FIFOs (PROXY transport)"),
+    "EPKERN_LL_HYBRID": (
+        "1",
+        "low-latency Buffers spanning nodes: 1 reaches peers of the same node over IPC and only the others over the "
+        "NIC route (PROXY); 0 sends to every other rank over the NIC route (as allow_nvlink_for_low_latency_mode="
+        "False); every rank must agree",
+    ),
     "EPKERN_IPC": (
         "auto",
         "how processes of one node map each other's symmetric regions: vmm (cuMemCreate/cuMemMap, descriptors "
@@ -237,6 +243,10 @@ def num_proxy_threads() -> int:
     return int(VARIABLES["EPKERN_NUM_PROXY_THREADS"][0]) if value is None else value
 
 
+def ll_hybrid() -> bool:
+    return _zero_or_one("EPKERN_LL_HYBRID") == 1
+
+
 def ipc_mode() -> str:
     value = (_raw("EPKERN_IPC") or "auto").lower()
     if value not in ("auto", "vmm", "legacy"):
@@ -289,6 +299,7 @@ _ACCESSORS = {
     "EPKERN_NUM_THREADS_RANKS": num_thread_ranks,
     "EPKERN_POISON_OUTPUTS": poison_outputs,
     "EPKERN_NUM_PROXY_THREADS": num_proxy_threads,
+    "EPKERN_LL_HYBRID": ll_hybrid,
     "EPKERN_IPC": ipc_mode,
     "EPKERN_LOG_LEVEL": log_level,
 }

@@ -41,6 +41,8 @@ class BufferOptions:
     timeout_s: float
     poison: bool
     tuning: object
+    transport: str = "auto"  # LL peers on other nodes: "auto" | "proxy" | "rdma" (gpu/ll/routes.py)
+    hybrid: bool = True  # LL peers of the same node over IPC (allow_nvlink_for_low_latency_mode, EPKERN_LL_HYBRID)
 
 
 def _one_thread_at_a_time(method):
@@ -97,12 +99,20 @@ class Buffer:
         num_rdma_bytes: bytes of the low-latency area (``Buffer.get_low_latency_rdma_size_hint`` sizes it).
         low_latency_mode: make the low-latency area (also made when ``num_rdma_bytes`` > 0).
         num_qps_per_rank: RDMA queue pairs per peer (DeepEP's; validated, used by the RDMA paths: none on one node).
-        allow_nvlink_for_low_latency_mode: DeepEP's; only True (LL peers of one node are reached over NVLink/IPC).
+        allow_nvlink_for_low_latency_mode: DeepEP's: True (default) reaches LL peers of the same node over
+            NVLink/IPC and only the others over the NIC ("hybrid"); False sends to every other rank over the NIC
+            route, same node or not. ``EPKERN_LL_HYBRID=0`` also turns hybrid off.
         allow_mnnvl: DeepEP's; only False (no multi-node NVLink support).
         comm: an mpi4py communicator to use when ``group`` is None.
         backend: ``"auto"`` (default: EPKERN_BACKEND, else gpu when CuPy sees a GPU), ``"gpu"`` or ``"cpu"``.
         timeout_s: deadline of every device-side wait (default EPKERN_TIMEOUT_S, 30 s): a peer that does not answer
             raises ``epkern.errors.TimeoutError`` naming rank, phase and peer instead of hanging.
+        transport: how LL reaches peers over the NIC (GPU backend; the CPU backend moves everything through the
+            group): ``"auto"`` (default: RDMA where the NIC maps its send rings for the GPU, else PROXY; the RDMA
+            route is not built yet, so PROXY), ``"proxy"`` (GPU -> host FIFO -> proxy threads -> NIC; an emulated
+            NIC per rank reaches the ranks of one host) or ``"rdma"`` (a ConfigError until that route exists).
+            A group spanning nodes (``EPKERN_RANKS_PER_NODE`` makes virtual ones) needs an LL-only Buffer
+            (``num_nvl_bytes=0``): high-throughput calls across nodes are not supported (issue #18).
 
     Example::
 
@@ -127,6 +137,7 @@ class Buffer:
         *,
         backend: str | None = None,
         timeout_s: float | None = None,
+        transport: str = "auto",
         _tuning=None,
     ):
         from .group import as_group
@@ -139,11 +150,9 @@ class Buffer:
         num_rdma_bytes = check_int(num_rdma_bytes, "num_rdma_bytes", min_value=0)
         low_latency_mode = _as_bool(low_latency_mode, "low_latency_mode")
         num_qps_per_rank = check_int(num_qps_per_rank, "num_qps_per_rank", min_value=1)
-        if not _as_bool(allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode"):
-            raise ArgumentError(
-                "allow_nvlink_for_low_latency_mode: only True is supported (LL between ranks of one node goes over "
-                "NVLink/IPC; there is no RDMA-only LL path yet)"
-            )
+        hybrid = _as_bool(allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode") and _env.ll_hybrid()
+        if transport not in ("auto", "proxy", "rdma"):
+            raise ArgumentError(f"transport: expected 'auto', 'proxy' or 'rdma', got {transport!r}")
         if _as_bool(allow_mnnvl, "allow_mnnvl"):
             raise ArgumentError("allow_mnnvl: only False is supported (no multi-node NVLink)")
         if timeout_s is None:
@@ -163,6 +172,8 @@ class Buffer:
             float(timeout_s),
             _env.poison_outputs(),
             _tuning,
+            transport,
+            hybrid,
         )
         group = as_group(comm if group is None else group)
         _same_on_every_rank(
@@ -171,6 +182,7 @@ class Buffer:
             num_nvl_bytes=num_nvl_bytes,
             num_rdma_bytes=num_rdma_bytes,
             low_latency_mode=low_latency_mode,
+            transport=transport,
         )
         if choice == "cpu":
             from .cpu_backend import CpuBackend

@@ -1,4 +1,5 @@
-"""The GPU backend of ``epkern.Buffer``: a runtime and the two engines built over it (HT and LL).
+"""The GPU backend of ``epkern.Buffer``: a runtime and the two engines built over it (HT and LL), and the LL
+routes (ll/routes.py: chosen once here, identical on every rank) with the PROXY transport when a route needs it.
 
 Methods take the public Buffer's arguments positionally, in the public order (buffer.py holds the signatures,
 defaults and docstrings; tests/test_backend_parity.py checks the CPU backend answers the same calls).
@@ -10,6 +11,7 @@ from .. import api_checks
 from ..errors import ArgumentError
 from .ht import HtEngine
 from .ll import prepared
+from .ll import routes as ll_routes
 from .ll.combine import LLCombine
 from .ll.dispatch import LLDispatch, check_common
 from .ll.engine import LLEngine
@@ -24,10 +26,13 @@ class GpuBackend:
     name = "gpu"
 
     def __init__(self, group, options):
-        if group.num_nodes != 1:
+        self.cross_node = group.num_nodes != 1
+        ll_only = options.num_nvl_bytes == 0 and (options.low_latency_mode or options.num_rdma_bytes > 0)
+        if self.cross_node and not ll_only:
             raise ArgumentError(
-                f"group: the GPU Buffer supports ranks on one node so far (got {group.num_nodes} nodes); "
-                "use backend='cpu'"
+                f"group: ranks on {group.num_nodes} nodes: the GPU Buffer supports them for low-latency calls only "
+                "(num_nvl_bytes=0 with low_latency_mode or num_rdma_bytes; high-throughput calls across nodes: "
+                "issue #18); or use backend='cpu'"
             )
         if group.size > MAX_RANKS:
             raise ArgumentError(f"group: intranode kernels support up to {MAX_RANKS} ranks, got {group.size}")
@@ -42,16 +47,28 @@ class GpuBackend:
         )
         import cupy
 
+        self.proxy = None
         try:
             with cupy.cuda.Device(self.rt.device):
+                routes = None
+                if self.rt.ll_bytes:
+                    table = ll_routes.choose(group, options.hybrid, options.transport, ll_routes.local_nic(group))
+                    routes = table[group.rank]
+                    if ll_routes.needs_nic(table):
+                        from .ll.proxy import PROXY_PHASES, ProxyTransport
+
+                        self.proxy = ProxyTransport(self.rt, routes)
+                        self.rt.register_phases(PROXY_PHASES)
                 self.ht = HtEngine(self.rt, tuning.ht)
-                self.ll = LLEngine(self.rt, tuning.ll)
+                self.ll = LLEngine(self.rt, tuning.ll, routes, self.proxy)
             self.ll_masks = LLMasks(self.ll)
             self._ll_dispatch = LLDispatch(self.ll)
             self._ll_combine = LLCombine(self.ll)
             group.barrier()
         except BaseException:
             with cupy.cuda.Device(self.rt.device):
+                if self.proxy is not None:
+                    self.proxy.close(raise_errors=False)
                 self.rt.release()  # no kernel ran on it: nothing to wait for
             raise
 
@@ -59,10 +76,45 @@ class GpuBackend:
     def destroy(self) -> None:
         self.ll.plans.clear()  # the replay plans hold the caller's arrays
         self.ll.sizes.clear()  # and the cached views into the LL area (the memory lives while the caller's do)
-        self.rt.destroy()
+        proxy = self.proxy
+        if proxy is None:
+            self.rt.destroy()
+            return
+        failures = []
+
+        def quiesce():  # the barrier must be reached whatever the proxy says: its failure is raised after
+            try:
+                proxy.quiesce()
+            except Exception as exc:  # noqa: BLE001
+                failures.append(exc)
+
+        try:
+            # The proxy drains and stops after this rank's kernels ended and before the barrier: after it, peers
+            # free their memory, which this rank's NIC must not write any more.
+            self.rt.destroy(quiesce=quiesce)
+        finally:
+            proxy.close(raise_errors=not failures)
+        if failures:
+            raise failures[0]
 
     def check(self) -> None:
         self.rt.check_usable()
+        self._check_proxy()
+
+    def _check_proxy(self) -> None:
+        """A failed proxy (NIC fault, bad trigger, deadline) is this Buffer's failure: raise it, naming the rank and
+        the peer; the Buffer is unusable from then on (its FIFOs are dead)."""
+        proxy = self.proxy
+        if proxy is not None and proxy.failed and not self.rt.closed:
+            try:
+                proxy.check()
+            except Exception as exc:
+                self.rt.broken = self.rt.broken or str(exc)
+                raise
+
+    def _refuse_ht_across_nodes(self, what: str) -> None:
+        if self.cross_node:
+            raise ArgumentError(f"{what}: high-throughput calls across nodes are not supported yet (issue #18)")
 
     def set_num_sms(self, num_sms) -> None:
         self.ht.set_num_sms(num_sms)
@@ -75,16 +127,22 @@ class GpuBackend:
         return self.ht.get_dispatch_layout(*args)
 
     def dispatch(self, *args):
+        self._refuse_ht_across_nodes("dispatch")
         return self.ht.dispatch(*args)
 
     def combine(self, *args):
+        self._refuse_ht_across_nodes("combine")
         return self.ht.combine(*args)
 
     # ---- low latency ----
     def low_latency_dispatch(self, *args):
+        if self.proxy is not None:
+            self._check_proxy()
         return self._ll_dispatch(*args)
 
     def low_latency_combine(self, *args):
+        if self.proxy is not None:
+            self._check_proxy()
         return self._ll_combine(*args)
 
     def get_next_low_latency_combine_buffer(self, handle):

@@ -128,7 +128,7 @@ LL_DISPATCH = KernelSpec(
     "epk_ll_dispatch",
     (
         *("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_USE_FP8", "EPK_ROUND_SCALE", "EPK_USE_UE8M0"),
-        *("EPK_THREADS", "EPK_LL_PULL", "EPK_LL_DIRECT", "EPK_POLL_SLEEP_NS"),
+        *("EPK_THREADS", "EPK_LL_PULL", "EPK_LL_DIRECT", "EPK_POLL_SLEEP_NS", "EPK_LL_PROXY"),
     ),
     _args(
         *("dry_run:i32", "rank:i32", "phase:i32", "back:i32", "x:ptr", "num_tokens:i32", "topk_idx:ptr"),
@@ -141,11 +141,15 @@ LL_DISPATCH = KernelSpec(
 LL_COMBINE = KernelSpec(
     "ll_combine.cu",
     "epk_ll_combine",
-    ("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_THREADS", "EPK_LL_COMBINE_PULL", "EPK_POLL_SLEEP_NS"),
+    (
+        *("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_THREADS", "EPK_LL_COMBINE_PULL", "EPK_POLL_SLEEP_NS"),
+        "EPK_LL_PROXY",
+    ),
     _args(
         *("dry_run:i32", "rank:i32", "phase:i32", "back:i32", "x:ptr", "src_info:ptr", "layout:ptr", "topk_idx:ptr"),
         *("topk_weights:ptr", "num_tokens:i32", "out:ptr", "num_experts:i32", "num_max:i32", "peers:ptr"),
-        *("ll_off:i64", "set_stride:i64", "recv_off:i64", "state:ptr", "wait_stats:ptr", *_DEADLINE),
+        *("ll_off:i64", "set_stride:i64", "send_off:i64", "recv_off:i64", "state:ptr", "wait_stats:ptr"),
+        *_DEADLINE,
     ),
 )
 

@@ -140,8 +140,7 @@ class Runtime:
         self.phases = dict(PHASES)
         self.epoch = 0
         self._warmed: set = set()
-        # (source, name, defines items) -> [kernel, warmed]
-        self._launch_cache: dict = {}
+        self._launch_cache: dict = {}  # (source, name, defines items) -> [kernel, warmed]
         self._last_defines: dict = {}  # source -> defines of its last launch (read_ht_probe)
         with cupy.cuda.Device(self.device):
             dev = cupy.cuda.Device(self.device)
@@ -174,9 +173,8 @@ class Runtime:
                 # In-process ranks reuse one comm stream per rank (see epkern.group.threads.rank_stream).
                 stream_of = getattr(group, "stream", None) if self.in_process else None
                 self.comm_stream = stream_of("comm") if stream_of else cupy.cuda.Stream(non_blocking=True)
-                # Stream order of the Buffer's work (LL calls replayed straight onto the caller's stream): the stream
-                # of the last such launch, while nothing came after it on the comm stream; and the stream that is
-                # ordered after all of this Buffer's work (None: no stream).
+                # Stream order of the Buffer's work (LL calls replayed straight onto the caller's stream): the last
+                # such launch's stream, while nothing followed it on the comm stream; the stream after all of it.
                 self.direct_stream = None
                 self.joined_ptr = None
                 self.peer_table = self.region.peer_table
@@ -203,8 +201,9 @@ class Runtime:
         return self._deadline
 
     # ---- lifecycle ----
-    def destroy(self) -> None:
-        """Frees everything (idempotent). Collective: every rank calls it."""
+    def destroy(self, quiesce=None) -> None:
+        """Frees everything (idempotent). Collective: every rank calls it. ``quiesce()`` runs once this rank's work
+        has ended, before the barrier after which peers free their memory (the LL PROXY route's threads stop there)."""
         if self.closed:
             return
         import cupy
@@ -212,12 +211,13 @@ class Runtime:
         self.closed = True
         with cupy.cuda.Device(self.device):
             if not self._comm_idle_bounded():
-                # A kernel that never ends still runs on our memory: freeing it would hand it to whatever is
-                # allocated next. Leave it allocated and say so rather than hang here.
+                # A kernel that never ends still runs on our memory: leave it allocated, say so, do not hang.
                 raise TimeoutError(
                     f"rank {self.rank}: destroy: the Buffer's GPU work did not finish within "
                     f"{self.timeout_s + HOST_MARGIN_S:g} s (a kernel that never ends); its memory is left allocated"
                 )
+            if quiesce is not None:
+                quiesce()
             try:
                 self.group.barrier()  # no peer still reads or writes our region
             except GroupError as exc:

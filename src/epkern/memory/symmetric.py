@@ -121,6 +121,19 @@ class SymmetricRegion:
         with cupy.cuda.Device(device):
             self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
 
+    def export_fd(self) -> int:
+        """A new file descriptor of this region's VMM allocation (the caller closes it); VMM mode only. For a
+        NIC emulation that maps other nodes' regions (memory.wire): ``peer_ptrs`` stays 0 for those on purpose."""
+        if self.mode != "vmm":
+            raise GroupError(f"export_fd: the region is mapped by {self.mode!r}, not by the VMM API")
+        return self._maps[0].export_fd()
+
+    def ipc_handle(self) -> bytes:
+        """This region's legacy IPC handle (``cudaIpcGetMemHandle``); legacy mode only (see export_fd)."""
+        if self.mode != "legacy":
+            raise GroupError(f"ipc_handle: the region is mapped by {self.mode!r}, not by legacy IPC")
+        return bytes(self._rt.ipcGetMemHandle(self.ptr))
+
     def close(self) -> None:
         """Unmaps peers' regions and frees this one (idempotent). Callers barrier first, so no peer is
         still writing here."""

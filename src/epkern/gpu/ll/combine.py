@@ -105,6 +105,7 @@ class LLCombine:
             # Zero-copy outputs lie in the owners' LL areas: sources may read them there.
             EPK_LL_COMBINE_PULL=int(bool(zero_copy) and eng.combine_pull),
             EPK_POLL_SLEEP_NS=eng.poll_sleep_ns,
+            EPK_LL_PROXY=eng.proxy_build,
         )
         eng.ensure_warm(LL_COMBINE, defines, cupy.cuda.get_current_stream())
 
@@ -130,6 +131,7 @@ class LLCombine:
                 peers=rt.peer_table,
                 ll_off=rt.ll_offset,
                 set_stride=st.stride,
+                send_off=st.layout.send_off,
                 recv_off=st.layout.recv_off,
                 state=eng.state,
                 wait_stats=combine_wait_recv_cost_stats,

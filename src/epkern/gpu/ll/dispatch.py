@@ -130,6 +130,11 @@ class LLDispatch:
         zero_copy_recv = bool(zero_copy_recv)
         outs = [out_x, out_scales, out_src_info, out_layout_range, out_count]
         if zero_copy_recv:
+            if eng.proxy_build:
+                raise ArgumentError(
+                    "zero_copy_recv: not with peers reached over the NIC (PROXY route): its senders reserve rows in "
+                    "the owners' memory, which a NIC route cannot do; use zero_copy_recv=False"
+                )
             given = [n for n, o in zip(_OUTS, outs, strict=True) if o is not None]
             if given:
                 raise ArgumentError(f"{given[0]}: not with zero_copy_recv=True (the outputs are views into the Buffer)")
@@ -160,6 +165,7 @@ class LLDispatch:
             EPK_LL_PULL=eng.dispatch_pull,
             EPK_LL_DIRECT=int(zero_copy_recv),
             EPK_POLL_SLEEP_NS=eng.poll_sleep_ns,
+            EPK_LL_PROXY=eng.proxy_build,
         )
         caller = cupy.cuda.get_current_stream()
         eng.ensure_warm(LL_DISPATCH, defines, caller)

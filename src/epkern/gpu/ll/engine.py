@@ -12,8 +12,10 @@ the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its 
   check) and leaves that peer masked; the Buffer stays usable (masks.py).
 - Two sets, as DeepEP: a call reuses the set of the call two before it, so every rank must have run that call's
   receive (its hook) before any rank issues the new one.
-- Pull or push is chosen from the routes: receivers pull rows from peers reached by IPC; any other route would
-  push (no such route exists yet: cross-node LL, issue #17).
+- Routes (routes.py) are chosen at Buffer creation: IPC, or PROXY for peers on other nodes (issue #17; the NIC and
+  proxy threads are the backend's ``ProxyTransport``). Pull or push is chosen from them: receivers pull rows from
+  peers reached by IPC; any other route pushes. The kernels carry the PROXY code only when a route needs it
+  (``EPK_LL_PROXY``), so an all-IPC Buffer runs the same kernels as before.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from .layout import (
     LL_RECOVERABLE_PHASES,
     PHASE_RECV,
     PHASE_SEND,
+    PROXY_MAX_FIFOS,
     ROUTE_IPC,
     ROUTE_NONE,
+    ROUTE_PROXY,
+    STATE_PROXY_CAPACITY,
+    STATE_PROXY_FIFOS,
+    STATE_PROXY_TABLE,
     STATE_ROUTE,
     STATE_WORDS,
     THREADS,
@@ -77,15 +84,30 @@ _NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (noth
 
 
 class LLEngine:
-    def __init__(self, rt, tuning):
+    def __init__(self, rt, tuning, routes=None, proxy=None):
+        """``routes``: this rank's row of the agreed route table (routes.choose); None: IPC where the peer's region
+        is mapped here. ``proxy``: the ProxyTransport serving the PROXY routes (its FIFO table goes into the
+        device state), or None."""
         import cupy
 
         self.rt = rt
         self.tuning = tuning
         self.state = cupy.zeros(STATE_WORDS, dtype=np.int32)
         self.one = cupy.asarray(np.ones(1, np.int32))  # source of the state words set to 1 (masks.py)
-        routes = [ROUTE_IPC if p else ROUTE_NONE for p in rt.region.peer_ptrs]
-        self.state[STATE_ROUTE : STATE_ROUTE + rt.num_ranks] = cupy.asarray(np.array(routes, dtype=np.int32))
+        if routes is None:
+            routes = [ROUTE_IPC if p else ROUTE_NONE for p in rt.region.peer_ptrs]
+        routes = [int(r) for r in routes]
+        self.routes = tuple(routes)
+        self.proxy_build = int(ROUTE_PROXY in routes)  # EPK_LL_PROXY of this Buffer's LL kernels
+        words = np.zeros(STATE_ROUTE + rt.num_ranks, dtype=np.int32)
+        words[STATE_ROUTE:] = routes
+        if proxy is not None:
+            if proxy.num_fifos > PROXY_MAX_FIFOS:
+                raise AssertionError(f"{proxy.num_fifos} FIFOs, the device table holds {PROXY_MAX_FIFOS}")
+            words[STATE_PROXY_FIFOS] = proxy.num_fifos
+            words[STATE_PROXY_CAPACITY] = proxy.capacity
+            words[STATE_PROXY_TABLE : STATE_PROXY_TABLE + 2] = np.array([proxy.table_ptr], np.uint64).view(np.int32)
+        self.state[: len(words)] = cupy.asarray(words)  # the mask words (64..) stay 0: nobody masked
         rt.sync_bounded(cupy.cuda.get_current_stream(), "setting up the low-latency state")
         self.sends = 0  # sending launches issued (host side; the device counter is the truth)
         self.replay_on = bool(tuning.replay)
@@ -97,6 +119,8 @@ class LLEngine:
         all_ipc = all(r == ROUTE_IPC for i, r in enumerate(routes) if i != rt.rank)
         self.dispatch_pull = int(all_ipc if tuning.dispatch_pull is None else tuning.dispatch_pull)
         self.combine_pull = int(all_ipc if tuning.combine_pull is None else tuning.combine_pull)
+        if not all_ipc and (self.dispatch_pull or self.combine_pull):
+            raise ArgumentError("_tuning: pulled LL modes need every peer over IPC; this Buffer has NIC routes")
         sleep_ns = tuning.poll_sleep_ns
         if sleep_ns is None:  # measured on 8 ranks of one H200, docs/performance.md
             sleep_ns = 200 if rt.ranks_per_gpu > 1 else 0

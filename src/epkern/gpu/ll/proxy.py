@@ -1,0 +1,172 @@
+"""The PROXY route's host side for one Buffer (issue #17, step 4): NIC, memory registration, one QP per remote peer,
+trigger FIFOs in host-mapped memory and the proxy threads. Written and CPU-tested over a fake CuPy; NOT yet run on a
+GPU.
+
+- NIC: an ``EmulatedNic`` over ``DeviceMemory`` per rank by default (``nic_factory`` makes another; a real mlx5 NIC
+  is meant to slot in behind the same interface, untested: it would register the LL area as a dma-buf MR and
+  exchange (LL base, rkey, QP info) with ``connect_mesh``'s allgather instead of the wire below).
+- Memory: this rank's LL area is registered with remote-write rights only (the source of its writes needs no
+  right). The emulated NIC is the wire: it copies into the destination from this process, so each remote peer's LL
+  area is mapped here (memory.wire: kept apart from the kernels' peer table, which stays 0 for other nodes) and
+  registered on this NIC with remote-write rights only; the peer's QP is connected in loopback. (A real NIC
+  executes at the responder; the bytes that land are the same.)
+- QPs: one per remote peer, each with its own CQ (the proxy retires batches per CQ): a destination's data and its
+  count / flag go through one RC QP, which keeps their order without a fence between QPs.
+- FIFOs: ``num_fifos = min(threads, remote peers)`` blocks of ``capacity`` records in one host-mapped allocation;
+  the kernels push every trigger for peer p into FIFO ``p % num_fifos`` (ll_route.cuh), FIFO i is drained by
+  proxy thread ``i % threads``, so a peer's triggers are posted by one thread on one QP in ticket order. Each FIFO's
+  head word lives in device memory (faster for the kernels' atomics; only the kernels produce). The device table
+  (``table_ptr``): FIFO i's block at [i], its head at [PROXY_MAX_FIFOS + i].
+- Every wait has the Buffer's deadline (the proxy's ``timeout_s``, the kernels' FIFO waits). A failure of the
+  proxy (bad trigger, NIC fault, deadline) sets every FIFO's error word, so kernels stop waiting and record it, and
+  :meth:`check` raises it naming this rank and the peer.
+- Lifetime: :meth:`quiesce` (the proxy drains and stops: before the destroy barrier, after this rank's kernels
+  ended, so no write of this rank's NIC reaches a peer that frees its memory after the barrier), then
+  :meth:`close` (NIC, memory, wire mappings, FIFOs); a failed construction closes what it made.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ... import _env
+from ...errors import EpkernError
+from .layout import PROXY_MAX_FIFOS, ROUTE_PROXY
+
+DEFAULT_CAPACITY = 4096  # records per FIFO (128 KiB): back-pressure, with the deadline, beyond that
+QP_SLOTS = 256  # WQEs per QP send ring (and CQEs per CQ)
+
+# Error-record phases of proxy_fifo.cuh's waits (registered with the runtime).
+PROXY_PHASES = {
+    0x501: "PROXY route (waiting for a free trigger FIFO slot: the proxy threads are behind or failed)",
+    0x502: "PROXY route (waiting for a FIFO flush)",
+}
+
+
+def _host_mapped(nbytes: int):
+    from ...memory import HostMapped
+
+    return HostMapped(nbytes)
+
+
+class ProxyTransport:
+    """PROXY routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is PROXY get a QP."""
+
+    def __init__(self, rt, routes, *, num_threads=None, capacity=DEFAULT_CAPACITY, nic_factory=None, wire=None):
+        import cupy
+
+        from ...memory.wire import WireMappings
+        from ...nic.device_memory import DeviceMemory
+        from ...nic.emulated import Access, EmulatedNic
+        from ...nic.fifo import TriggerFifo, fifo_nbytes
+        from ...nic.proxy import PeerRoute, ProxyService
+
+        self.rank = rt.rank
+        self.remote = [p for p, k in enumerate(routes) if k == ROUTE_PROXY]
+        threads = _env.num_proxy_threads() if num_threads is None else int(num_threads)
+        self.num_fifos = max(1, min(threads, len(self.remote), PROXY_MAX_FIFOS))
+        self.capacity = int(capacity)
+        self.service = self.nic = self.memory = self.wire = self.host = None
+        self.fifos: list = []
+        self.qps: dict[int, object] = {}
+        self.closed = False
+        try:
+            # Collective (every rank builds its wire, also one without remote peers): the peers' regions, here.
+            self.wire = (wire or WireMappings)(rt.region, rt.group, self.remote, rt.timeout_s)
+            self.memory = DeviceMemory(rt.device)
+            self.nic = (nic_factory or (lambda m: EmulatedNic(m, name=f"rank{rt.rank}")))(self.memory)
+            ll_base = rt.region.ptr + rt.ll_offset
+            self.memory.add(ll_base, rt.ll_bytes)
+            self.local_mr = self.nic.reg_mr(ll_base, rt.ll_bytes, access=Access.REMOTE_WRITE)
+            peers = {}
+            for p in self.remote:
+                peer_ll = self.wire.ptrs[p] + rt.ll_offset
+                self.memory.add(peer_ll, rt.ll_bytes)
+                mr = self.nic.reg_mr(peer_ll, rt.ll_bytes, access=Access.REMOTE_WRITE)
+                qp = self.nic.create_qp(self.nic.create_cq(QP_SLOTS), QP_SLOTS)
+                qp.connect(qp)  # loopback: this NIC writes the peer's mapped area (the wire)
+                self.qps[p] = qp
+                peers[p] = PeerRoute([qp], peer_ll, mr.rkey)
+            block = fifo_nbytes(self.capacity)
+            self.host = _host_mapped(block * self.num_fifos)
+            for i in range(self.num_fifos):
+                fifo = TriggerFifo(self.capacity, self.host.host[i * block : (i + 1) * block], name=f"fifo{i}")
+                self.fifos.append(fifo)
+            self.heads = cupy.zeros(self.num_fifos, dtype=np.uint64)
+            table = np.zeros(2 * PROXY_MAX_FIFOS, dtype=np.uint64)
+            table[: self.num_fifos] = [self.host.device_ptr + i * block for i in range(self.num_fifos)]
+            table[PROXY_MAX_FIFOS : PROXY_MAX_FIFOS + self.num_fifos] = [
+                self.heads.data.ptr + 8 * i for i in range(self.num_fifos)
+            ]
+            self.table = cupy.asarray(table)
+            self.table_ptr = int(self.table.data.ptr)
+            # No atomics are pushed by the LL kernels; the proxy still wants a place for fetch-add results.
+            self.service = ProxyService(
+                self.fifos,
+                local=self.local_mr,
+                peers=peers,
+                num_threads=threads,
+                atomic_result=(ll_base, self.local_mr.lkey),
+                timeout_s=rt.timeout_s,
+                name=f"rank{rt.rank}-ll",
+            )
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
+
+    def fifo_of_peer(self, p: int) -> int:
+        """The FIFO the kernels push peer ``p``'s triggers into (ll_route.cuh's rule)."""
+        return p % self.num_fifos
+
+    @property
+    def failed(self) -> bool:
+        return self.service is not None and self.service.failed
+
+    def check(self) -> None:
+        """Raise the proxy's failure (EpkernError naming this rank and the peer / QP) if it failed."""
+        if self.service is not None and self.service.failed:
+            raise EpkernError(f"rank {self.rank}: PROXY route failed: " + "; ".join(self.service.errors))
+
+    def counters(self) -> dict:
+        """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
+        return {p: dict(vars(qp.counters)) for p, qp in self.qps.items()}
+
+    def quiesce(self) -> None:
+        """Let the proxy threads post what the FIFOs hold, wait for its completions, and stop (idempotent). Raises
+        the proxy's failure, if any, as :meth:`check`."""
+        service = self.service
+        if service is None:
+            return
+        try:
+            service.close()
+        except EpkernError as exc:
+            raise EpkernError(f"rank {self.rank}: PROXY route failed: {exc}") from None
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Stop the proxy, then close the NIC, its memory, the wire mappings and the FIFOs (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        errors = []
+        for step in (self.quiesce, self._close_nic, self._close_memory):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - everything is closed; the first failure is raised after
+                errors.append(exc)
+        self.table = self.heads = None
+        if errors and raise_errors:
+            raise errors[0]
+
+    def _close_nic(self) -> None:
+        if self.nic is not None:
+            self.nic.close()
+        if self.memory is not None:
+            self.memory.close()
+
+    def _close_memory(self) -> None:
+        if self.wire is not None:
+            self.wire.close()
+        self.fifos = []
+        if self.host is not None:
+            self.host.close()
+            self.host = None

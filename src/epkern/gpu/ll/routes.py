@@ -1,0 +1,155 @@
+"""The LL route of every peer, chosen once at Buffer creation (issue #17, step 1): IPC, PROXY or (not built) RDMA.
+
+Inputs, all known on every rank: the node of every rank (``group.node_of_rank``; ``EPKERN_RANKS_PER_NODE`` makes
+virtual nodes), the ``transport=`` choice (``auto`` | ``proxy`` | ``rdma``), hybrid (``allow_nvlink_for_low_latency
+_mode`` and ``EPKERN_LL_HYBRID``: same-node peers over IPC) and every rank's NIC (:class:`NicInfo`, gathered).
+
+- A rank reaches itself over IPC (its own memory: a local copy), always.
+- Hybrid on: a peer of the same node is IPC, a peer of another node takes the NIC route; hybrid off: every other
+  rank takes the NIC route, same node or not.
+- The NIC route: ``auto`` -> RDMA where the NIC gives GPU-mapped send rings, else PROXY. The RDMA route (GPU-written
+  WQEs) is not built yet, so ``auto`` is PROXY today and ``rdma`` is a ConfigError wherever a NIC route is needed.
+- The emulated NIC reaches only ranks of its own host (it is the wire: it copies into the peer's memory mapped in
+  this process), so a remote peer on another host needs a real NIC.
+
+Every rank computes the whole table (R x R) from its own settings; the tables are gathered and must be identical
+(a ConfigError naming the ranks that differ), so no rank launches a kernel that a peer would not answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import ConfigError
+from .layout import ROUTE_IPC, ROUTE_PROXY, ROUTE_RDMA
+
+TRANSPORTS = ("auto", "proxy", "rdma")
+ROUTE_NAMES = {ROUTE_IPC: "ipc", ROUTE_PROXY: "proxy", ROUTE_RDMA: "rdma"}
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    """What a rank says about its NIC: ``kind`` ("emulated", "mlx5", or None: no NIC), the host it is on (the
+    emulated NIC reaches only that host's ranks) and whether its send rings can be mapped for the GPU (RDMA)."""
+
+    kind: str | None
+    host: str
+    gpu_rings: bool = False
+
+    def as_wire(self) -> tuple:
+        return (self.kind, self.host, self.gpu_rings)
+
+    @classmethod
+    def from_wire(cls, t) -> NicInfo:
+        kind, host, rings = t
+        return cls(kind, str(host), bool(rings))
+
+
+def node_identity(group) -> tuple[int, ...] | None:
+    """The node of every rank, or None where the group cannot tell (an object without ``node_of_rank``, or one
+    whose map does not cover the group)."""
+    nodes = getattr(group, "node_of_rank", None)
+    if nodes is None:
+        return None
+    nodes = tuple(int(n) for n in nodes)
+    return nodes if len(nodes) == group.size else None
+
+
+def route_table(nodes, hybrid: bool, transport: str, nics) -> tuple[tuple[int, ...], ...]:
+    """The R x R table of route kinds (row = sender, column = destination), or ConfigError. ``nics``: a NicInfo
+    per rank (only consulted where a NIC route is needed)."""
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"transport: expected one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    size = len(nodes)
+    table = []
+    for r in range(size):
+        row = []
+        for p in range(size):
+            if p == r or (hybrid and nodes[p] == nodes[r]):
+                row.append(ROUTE_IPC)
+            else:
+                row.append(_nic_route(r, p, nodes, transport, nics))
+        table.append(tuple(row))
+    return tuple(table)
+
+
+def _nic_route(r: int, p: int, nodes, transport: str, nics) -> int:
+    where = f"rank {r} -> rank {p} (node {nodes[r]} -> node {nodes[p]})"
+    for who in (r, p):
+        if nics[who].kind is None:
+            raise ConfigError(f"{where} needs a NIC route, but rank {who} has no NIC")
+    if nics[r].kind == "emulated" or nics[p].kind == "emulated":
+        if nics[r].host != nics[p].host:
+            raise ConfigError(
+                f"{where}: the emulated NIC reaches only ranks of its own host (rank {r} is on {nics[r].host!r}, "
+                f"rank {p} on {nics[p].host!r}); ranks on other hosts need a real NIC"
+            )
+    rings = nics[r].gpu_rings and nics[p].gpu_rings
+    if transport == "rdma":
+        why = "" if rings else f"; the NIC of rank {r if not nics[r].gpu_rings else p} has no GPU-mapped send rings"
+        raise ConfigError(
+            f"transport='rdma' ({where}): the RDMA route (GPU-written WQEs) is not built yet{why}; use 'proxy' or "
+            "'auto'"
+        )
+    return ROUTE_PROXY  # auto: RDMA where the rings allow it, once that route exists; PROXY until then
+
+
+def check_identical(tables: list) -> None:
+    """Every rank's table must be the same: ConfigError naming the ranks that differ from the most common one."""
+    tables = [tuple(tuple(row) for row in t) for t in tables]
+    counts: dict = {}
+    for t in tables:
+        counts[t] = counts.get(t, 0) + 1
+    if len(counts) == 1:
+        return
+    common = max(counts, key=lambda t: (counts[t], -tables.index(t)))
+    differ = [r for r, t in enumerate(tables) if t != common]
+    agree = [r for r, t in enumerate(tables) if t == common]
+    raise ConfigError(
+        f"LL routes differ between ranks: ranks {differ} chose other routes than ranks {agree} (transport=, "
+        "allow_nvlink_for_low_latency_mode, EPKERN_LL_HYBRID, EPKERN_RANKS_PER_NODE and the NIC must agree on "
+        f"every rank); rank {differ[0]}: {describe(tables[differ[0]])}; rank {agree[0]}: {describe(common)}"
+    )
+
+
+def describe(table) -> str:
+    """Compact text of a table: one row per sender, e.g. ``[ipc proxy | proxy ipc]``."""
+    return "[" + " | ".join(" ".join(ROUTE_NAMES.get(k, str(k)) for k in row) for row in table) + "]"
+
+
+def local_nic(group) -> NicInfo:
+    """This rank's NIC: the emulated one by default (every rank can make one; it reaches the ranks of its host).
+    A real mlx5 NIC (GPU-mapped rings, other hosts) is not wired into Buffer yet."""
+    return NicInfo("emulated", str(group.hostnames[group.rank]), gpu_rings=False)
+
+
+def choose(group, hybrid: bool, transport: str, nic: NicInfo) -> tuple[tuple[int, ...], ...]:
+    """The agreed table, identical on every rank (collective: two allgathers); row ``group.rank`` is this rank's.
+    ConfigError on every rank alike."""
+    nodes = node_identity(group)
+    if nodes is None:
+        if hybrid and group.size > 1:
+            raise ConfigError(
+                "hybrid LL routes (allow_nvlink_for_low_latency_mode=True, EPKERN_LL_HYBRID=1) need node identity: "
+                f"this group ({type(group).__name__}) does not say which node each rank is on"
+            )
+        nodes = tuple(range(group.size))  # without node identity every other rank is remote
+    nics = [NicInfo.from_wire(t) for t in group.allgather_object(nic.as_wire())]
+    error = None
+    try:
+        table = route_table(nodes, hybrid, transport, nics)
+    except ConfigError as exc:  # every rank must leave the next collective alike
+        error, table = str(exc), ()
+    gathered = group.allgather_object((error, table))
+    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+    if errors:
+        r, e = errors[0]
+        raise ConfigError(e if all(x == e for _, x in errors) else f"rank {r}: {e}")
+    check_identical([t for _, t in gathered])
+    return table
+
+
+def needs_nic(table) -> bool:
+    """Whether any route of the table goes over a NIC (then every rank sets its NIC up: the tables are identical
+    and symmetric, so every rank of a group of more than one node has a remote peer)."""
+    return any(k != ROUTE_IPC for row in table for k in row)
