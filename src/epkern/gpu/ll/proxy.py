@@ -88,13 +88,14 @@ class ProxyTransport:
                 self.qps[p] = qp
                 peers[p] = PeerRoute([qp], peer_ll, mr.rkey)
             block = fifo_nbytes(self.capacity)
-            self.host = _host_mapped(block * self.num_fifos)
+            self.host = _host_mapped(block * self.num_fifos + 64)
+            start = -self.host.device_ptr % 64  # FIFO blocks 64-byte aligned (page-aligned from cudaHostAlloc)
             for i in range(self.num_fifos):
-                fifo = TriggerFifo(self.capacity, self.host.host[i * block : (i + 1) * block], name=f"fifo{i}")
-                self.fifos.append(fifo)
+                at = start + i * block
+                self.fifos.append(TriggerFifo(self.capacity, self.host.host[at : at + block], name=f"fifo{i}"))
             self.heads = cupy.zeros(self.num_fifos, dtype=np.uint64)
             table = np.zeros(2 * PROXY_MAX_FIFOS, dtype=np.uint64)
-            table[: self.num_fifos] = [self.host.device_ptr + i * block for i in range(self.num_fifos)]
+            table[: self.num_fifos] = [self.host.device_ptr + start + i * block for i in range(self.num_fifos)]
             table[PROXY_MAX_FIFOS : PROXY_MAX_FIFOS + self.num_fifos] = [
                 self.heads.data.ptr + 8 * i for i in range(self.num_fifos)
             ]

@@ -1,0 +1,267 @@
+"""LL routes chosen once (issue #17, step 1) and the PROXY transport's host side (step 4), on the CPU.
+
+- The route table (epkern.gpu.ll.routes): hybrid on and off, virtual nodes, every error (rdma not built, a rank with
+  no NIC, the emulated NIC across hosts, ranks that disagree, hybrid without node identity).
+- GPU Buffers of in-process ranks on virtual nodes over the fake CuPy (tests/fake_cupy.py): the table in the device
+  state, the PROXY build of the kernels and push modes, the FIFO table; then what a kernel would push (the Python
+  producer writing the device producer's bytes) goes through the real FIFOs, ProxyService, EmulatedNic and
+  DeviceMemory (the fake's copies are host memmoves) into the peers' LL areas; destroy() leaves no thread behind.
+Kernels do not run here: the GPU tests (tests/test_ll_gpu.py, tests/ll_mpi_worker.py) run them (not yet run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fake_cupy as F
+from epkern.errors import ArgumentError, ConfigError
+from epkern.gpu.ll import routes as R
+from epkern.gpu.ll.layout import ROUTE_IPC, ROUTE_PROXY, min_num_rdma_bytes
+
+I, P = ROUTE_IPC, ROUTE_PROXY
+EMU = [R.NicInfo("emulated", "h0")] * 8
+
+
+def test_hybrid_on_keeps_same_node_peers_on_ipc():
+    table = R.route_table((0, 0, 1, 1), True, "auto", EMU)
+    assert table == ((I, I, P, P), (I, I, P, P), (P, P, I, I), (P, P, I, I))
+    assert R.route_table((0, 0, 0, 0), True, "proxy", EMU) == ((I,) * 4,) * 4
+    assert not R.needs_nic(R.route_table((0, 0, 0, 0), True, "rdma", EMU))  # no NIC route: rdma is not asked
+
+
+def test_hybrid_off_sends_to_every_other_rank_over_the_nic():
+    table = R.route_table((0, 0, 1, 1), False, "auto", EMU)
+    assert [table[r][r] for r in range(4)] == [I] * 4  # a rank reaches itself by a local copy
+    assert all(table[r][p] == P for r in range(4) for p in range(4) if p != r)
+    assert R.route_table((0, 0), False, "proxy", EMU)[0] == (I, P)  # one node, hybrid off: the NIC too
+
+
+def test_nic_route_errors_are_clear():
+    with pytest.raises(ConfigError, match=r"transport='rdma'.*not built yet.*no GPU-mapped send rings"):
+        R.route_table((0, 1), True, "rdma", EMU)
+    rings = [R.NicInfo("mlx5", "h0", True)] * 2
+    with pytest.raises(ConfigError, match=r"RDMA route \(GPU-written WQEs\) is not built yet; use 'proxy'"):
+        R.route_table((0, 1), True, "rdma", rings)
+    with pytest.raises(ConfigError, match=r"rank 0 -> rank 2 .* rank 2 has no NIC"):
+        R.route_table((0, 0, 1, 1), True, "auto", [EMU[0], EMU[0], R.NicInfo(None, "h0"), EMU[0]])
+    with pytest.raises(ConfigError, match=r"emulated NIC reaches only ranks of its own host.*'h1'"):
+        R.route_table((0, 1), True, "proxy", [R.NicInfo("emulated", "h0"), R.NicInfo("emulated", "h1")])
+    with pytest.raises(ConfigError, match="transport: expected"):
+        R.route_table((0, 1), True, "nvlink", EMU)
+
+
+def test_tables_must_be_identical_and_the_differing_ranks_are_named():
+    a = R.route_table((0, 0, 1, 1), True, "auto", EMU)
+    b = R.route_table((0, 0, 1, 1), False, "auto", EMU)
+    R.check_identical([a, a, a])
+    with pytest.raises(ConfigError, match=r"ranks \[2\] chose other routes than ranks \[0, 1, 3\].*rank 2: \[ipc"):
+        R.check_identical([a, a, b, a])
+
+
+class _NoNodes:
+    """A group that does not say which node each rank is on."""
+
+    rank, size = 0, 2
+    hostnames = ("h0", "h0")
+
+    def allgather_object(self, obj):
+        return [obj, obj]
+
+
+def test_hybrid_needs_node_identity():
+    with pytest.raises(ConfigError, match="hybrid LL routes .* need node identity"):
+        R.choose(_NoNodes(), True, "auto", EMU[0])
+    assert R.choose(_NoNodes(), False, "auto", EMU[0]) == ((I, P), (P, I))  # every other rank is remote
+
+
+def test_choose_agrees_over_the_group_or_names_the_rank_that_differs():
+    from epkern.group.threads import run_in_process
+
+    def agreed(group):
+        return R.choose(group, True, "auto", R.local_nic(group))
+
+    tables = run_in_process(agreed, 4, ranks_per_node=2, timeout_s=20)
+    assert tables[0] == tables[3] == ((I, I, P, P), (I, I, P, P), (P, P, I, I), (P, P, I, I))
+
+    def one_differs(group):
+        return R.choose(group, group.rank != 1, "auto", R.local_nic(group))
+
+    with pytest.raises(ConfigError, match=r"ranks \[1\] chose other routes"):
+        run_in_process(one_differs, 4, ranks_per_node=2, timeout_s=20)
+
+    def one_without_nic(group):
+        nic = R.local_nic(group) if group.rank != 3 else R.NicInfo(None, "h")
+        return R.choose(group, True, "proxy", nic)
+
+    with pytest.raises(ConfigError, match="rank 3 has no NIC"):
+        run_in_process(one_without_nic, 4, ranks_per_node=2, timeout_s=20)
+
+
+# ---- GPU Buffers over the fake CuPy ----
+
+H, E, NUM_MAX = 128, 8, 8
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    from epkern.gpu.ll import proxy
+
+    with F.installed(monkeypatch) as launches:
+        import cupy
+
+        monkeypatch.setattr(proxy, "_host_mapped", F.FakeHostMapped)
+        # DeviceMemory (the emulated NIC's memory) imports cupy.cuda.runtime: the fake's memmoves
+        monkeypatch.setitem(sys.modules, "cupy.cuda.runtime", cupy.cuda.runtime)
+        yield launches
+
+
+def _on_ranks(fn, n=4, ranks_per_node=2, **kw):
+    from epkern.group.threads import run_in_process
+
+    return run_in_process(fn, n, ranks_per_node=ranks_per_node, timeout_s=30, **kw)
+
+
+def _buffer(group, **kw):
+    import epkern
+
+    kw.setdefault("num_rdma_bytes", min_num_rdma_bytes(NUM_MAX, H, E))
+    return epkern.Buffer(group, num_nvl_bytes=0, low_latency_mode=True, backend="gpu", timeout_s=20, **kw)
+
+
+def _proxy_threads():
+    return [t for t in threading.enumerate() if t.name.startswith(("epkern-rank", "epkern-emulated-rank"))]
+
+
+def test_ht_across_nodes_is_refused_and_ll_only_is_accepted(fake):
+    import epkern
+
+    def body(group):
+        with pytest.raises(ArgumentError, match="issue #18"):
+            epkern.Buffer(group, num_nvl_bytes=1 << 20, low_latency_mode=True, backend="gpu")
+        buf = _buffer(group)
+        with pytest.raises(ArgumentError, match="high-throughput calls across nodes"):
+            buf.dispatch(None)
+        buf.destroy()
+
+    _on_ranks(body, 2, 1)
+    assert not _proxy_threads()
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_proxy_buffer_state_kernels_and_teardown(fake, hybrid):
+    """Routes in the device state, the PROXY kernels in push mode, the FIFO table, then a proxied write from each
+    rank to each remote peer lands in that peer's LL area (through the real proxy and emulated NIC)."""
+    import cupy
+
+    from epkern.gpu.ll import layout as L
+    from epkern.nic.fifo import FifoProducer
+
+    def body(group):
+        buf = _buffer(group, allow_nvlink_for_low_latency_mode=hybrid)
+        be = buf._backend
+        eng, proxy, rt = be.ll, be.proxy, be.rt
+        want = R.route_table(group.node_of_rank, hybrid, "auto", EMU)[group.rank]
+        state = cupy.asnumpy(eng.state)
+        assert tuple(state[L.STATE_ROUTE : L.STATE_ROUTE + group.size]) == want == eng.routes
+        assert eng.proxy_build == 1 and eng.dispatch_pull == 0 and eng.combine_pull == 0
+        assert state[L.STATE_PROXY_FIFOS] == proxy.num_fifos and state[L.STATE_PROXY_CAPACITY] == proxy.capacity
+        assert int(state[L.STATE_PROXY_TABLE : L.STATE_PROXY_TABLE + 2].view(np.uint64)[0]) == proxy.table_ptr
+        table = cupy.asnumpy(proxy.table)
+        assert [int(table[i]) for i in range(proxy.num_fifos)] == [f.address for f in proxy.fifos]
+        assert sorted(proxy.qps) == [p for p, k in enumerate(want) if k == P]
+
+        x = cupy.asarray(np.ones((4, H), ml_dtypes.bfloat16))
+        idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64), (4, 1)))
+        with pytest.raises(ArgumentError, match="zero_copy_recv: not with peers reached over the NIC"):
+            buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, zero_copy_recv=True)
+        _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
+        w = cupy.asarray(np.ones((4, 2), np.float32))
+        y = cupy.asarray(np.zeros((E // group.size, group.size * NUM_MAX, H), ml_dtypes.bfloat16))
+        buf.low_latency_combine(y, idx, w, handle)
+        ll = [launch for launch in fake if launch[1].startswith("epk_ll_") and launch[6] == rt.comm_stream.ptr]
+        assert {launch[2]["EPK_LL_PROXY"] for launch in ll} == {1}
+        assert {launch[2].get("EPK_LL_PULL", 0) for launch in ll} == {0}
+
+        # What the kernels push: a WRITE of 64 bytes at this rank's LL offset 4096 * (rank + 1) to every remote peer
+        # p, landing at the peer's offset 65536 + 64 * rank (FIFO p % num_fifos, as ll_route.cuh).
+        mine = rt.region.ptr + rt.ll_offset
+        for p in proxy.qps:
+            src = 4096 * (group.rank + 1)
+            ctypes.memmove(mine + src, bytes([group.rank + 1] * 64), 64)
+            FifoProducer(proxy.fifos[proxy.fifo_of_peer(p)]).write(p, 0, src, 65536 + 64 * group.rank, 64)
+        group.barrier()
+        deadline = 200
+        while deadline and any(qp.counters.wqes == 0 for qp in proxy.qps.values()):
+            threading.Event().wait(0.01)
+            deadline -= 1
+        for qp in proxy.qps.values():
+            assert qp.nic.wait_idle(5.0)
+        group.barrier()
+        counts = proxy.counters()
+        assert not proxy.nic.faults and not proxy.service.errors, (proxy.nic.faults, proxy.service.errors)
+        assert all(c["wqes"] == 1 and c["bytes"] == 64 and c["errors"] == 0 for c in counts.values()), counts
+        for p in range(group.size):
+            got = ctypes.string_at(mine + 65536 + 64 * p, 64)
+            assert got == (bytes([p + 1] * 64) if want[p] == P else bytes(64)), (group.rank, p)
+        buf.check()
+        buf.destroy()
+        assert proxy.closed and proxy.service.threads and not any(t.is_alive() for t in proxy.service.threads)
+
+    _on_ranks(body)
+    assert not _proxy_threads()
+
+
+def test_a_proxy_failure_is_a_buffer_error_naming_rank_and_peer(fake):
+    from epkern.errors import EpkernError
+    from epkern.nic.fifo import FifoProducer
+
+    def body(group):
+        buf = _buffer(group, transport="proxy")
+        proxy = buf._backend.proxy
+        peer = next(iter(proxy.qps))
+        if group.rank == 0:  # a write past the peer's LL area: the NIC refuses it, the proxy reports it
+            FifoProducer(proxy.fifos[proxy.fifo_of_peer(peer)]).write(peer, 0, 0, buf._backend.rt.ll_bytes, 64)
+            for _ in range(500):
+                if proxy.failed:
+                    break
+                threading.Event().wait(0.01)
+            with pytest.raises(EpkernError, match=rf"rank 0: PROXY route failed: .*peer {peer} qp 0"):
+                buf.check()
+            with pytest.raises(EpkernError, match="PROXY route failed"):
+                buf.low_latency_dispatch(None, None, NUM_MAX, E)
+        group.barrier()
+        with pytest.raises(EpkernError, match="PROXY route failed") if group.rank == 0 else _nothing():
+            buf.destroy()
+
+    _on_ranks(body, 2, 1)
+    assert not _proxy_threads()
+
+
+class _nothing:  # noqa: N801 - a no-op context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_failed_construction_closes_the_proxy(fake, monkeypatch):
+    from epkern.gpu.ll import engine
+
+    def boom(*a, **k):
+        raise RuntimeError("engine failed")
+
+    monkeypatch.setattr(engine.LLEngine, "__init__", boom)
+
+    def body(group):
+        with pytest.raises(RuntimeError, match="engine failed"):
+            _buffer(group)
+
+    _on_ranks(body, 2, 1)
+    assert not _proxy_threads()
