@@ -2,6 +2,10 @@
 
     mpiexec -n 4 python tests/ll_mpi_worker.py            # the cases below, exact
     mpiexec -n 4 python tests/ll_mpi_worker.py --absent   # the last rank stops; the others raise once, go on
+    mpiexec -n 8 python tests/ll_mpi_worker.py --proxy=4  # virtual nodes of 4 ranks, PROXY route (hybrid on)
+    mpiexec -n 8 python tests/ll_mpi_worker.py --proxy-nohybrid=2   # ... every other rank over the PROXY route
+
+The --proxy cases (issue #17) have NOT YET RUN on a GPU.
 
 MPS must run first (bash scripts/mps.sh start; export CUDA_MPS_PIPE_DIRECTORY), as for tests/ht_mpi_worker.py.
 """
@@ -21,6 +25,9 @@ from epkern.group import as_group  # noqa: E402
 def main():
     from mpi4py import MPI
 
+    proxy = [a for a in sys.argv[1:] if a.startswith("--proxy")]
+    if proxy:  # virtual nodes: set before the group reads the node map
+        os.environ["EPKERN_RANKS_PER_NODE"] = proxy[0].split("=", 1)[1]
     group = as_group(MPI.COMM_WORLD)
     R = group.size
     H, num_max = 2048, 128
@@ -30,6 +37,17 @@ def main():
             took = ll_scenarios.run_absent_rank(buf, group, absent_rank=R - 1, hidden=H, num_max=64)
             assert took is None or took < 3 + 10, f"raised after {took:.1f} s"
         print(f"OK rank {group.rank} of {R} absent-rank raised after {took}", flush=True)
+        return
+    if proxy:
+        import ll_proxy_scenarios
+
+        hybrid = not proxy[0].startswith("--proxy-nohybrid")
+        kw = dict(num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20, transport="proxy")
+        with Buffer(group, allow_nvlink_for_low_latency_mode=hybrid, **kw) as buf:
+            ll_proxy_scenarios.run_proxy_cases(buf, group, hybrid)
+            ll_proxy_scenarios.run_proxy_counters(buf, group, hybrid)
+            ll_scenarios.run_graph_replays(buf, group, 100)
+        print(f"OK rank {group.rank} of {R} proxy {proxy[0]}", flush=True)
         return
     if "--graph-zero-copy-recv" in sys.argv:  # the zero_copy_recv graph replays alone (diagnostics)
         with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20) as buf:

@@ -70,5 +70,11 @@ def test_ll_mps_processes(n, mps_env):
     _run_worker("ll_mpi_worker.py", n, mps_env)
 
 
+@pytest.mark.parametrize("split", ["--proxy=4", "--proxy=2", "--proxy=1", "--proxy-nohybrid=4"])
+def test_ll_proxy_route_virtual_nodes(split, mps_env):
+    """8 MPS processes on virtual nodes, peers on other nodes over the PROXY route (issue #17; not yet run on a GPU)."""
+    _run_worker("ll_mpi_worker.py", 8, mps_env, split, timeout=600)
+
+
 def test_ll_absent_rank_is_masked(mps_env):
     _run_worker("ll_mpi_worker.py", 4, mps_env, "--absent", timeout=120)

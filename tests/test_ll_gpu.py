@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ll_proxy_scenarios  # noqa: E402
 import ll_scenarios  # noqa: E402
 from epkern import Buffer  # noqa: E402
 from epkern.group import run_in_process  # noqa: E402
@@ -17,7 +18,18 @@ H = 2048
 NUM_MAX = 128
 
 
-def _run(num_ranks, body, timeout_s=300, buffer_timeout_s=20, num_max=NUM_MAX, hidden=H, num_experts=None, tuning=None):
+def _run(
+    num_ranks,
+    body,
+    timeout_s=300,
+    buffer_timeout_s=20,
+    num_max=NUM_MAX,
+    hidden=H,
+    num_experts=None,
+    tuning=None,
+    ranks_per_node=None,
+    **buffer_kw,
+):
     E = num_experts or 8 * num_ranks
     nbytes = ll_scenarios.ll_buffer_bytes(num_max, hidden, num_ranks, E)
 
@@ -30,10 +42,11 @@ def _run(num_ranks, body, timeout_s=300, buffer_timeout_s=20, num_max=NUM_MAX, h
             backend="gpu",
             timeout_s=buffer_timeout_s,
             _tuning=tuning,
+            **buffer_kw,
         ) as buf:
             return body(buf, group)
 
-    return run_in_process(rank_main, num_ranks, timeout_s=timeout_s)
+    return run_in_process(rank_main, num_ranks, timeout_s=timeout_s, ranks_per_node=ranks_per_node)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
@@ -369,3 +382,39 @@ def test_first_use_of_a_new_cupy_kernel_while_a_peer_spins():
         settle(buf)
 
     _run(2, body)
+
+
+# ---- the PROXY route across virtual nodes (issue #17) ----
+# NOT YET RUN ON A GPU: written with the PROXY route in a session without one (docs/architecture.md, "Cross-node LL").
+
+
+@pytest.mark.parametrize("num_ranks,ranks_per_node", [(2, 1), (4, 2), (8, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid):
+    """Ranks split into virtual nodes; peers on other nodes (every other rank with hybrid off) over the PROXY route
+    (trigger FIFOs, proxy threads, emulated NIC): every supported flag exact, then the NIC counters of one call."""
+
+    def body(buf, g):
+        ll_proxy_scenarios.run_proxy_cases(buf, g, hybrid)
+        ll_proxy_scenarios.run_proxy_counters(buf, g, hybrid)
+
+    _run(
+        num_ranks,
+        body,
+        timeout_s=900,
+        ranks_per_node=ranks_per_node,
+        transport="proxy",
+        allow_nvlink_for_low_latency_mode=hybrid,
+    )
+
+
+def test_proxy_route_graph_replays():
+    """A captured dispatch + combine pair over the PROXY route (no host call inside: the proxy threads run beside
+    the graph), 100 replays exact, and a zero-copy combine's pair 30 times. (Not yet run on a GPU.)"""
+
+    def body(buf, g):
+        ll_proxy_scenarios.check_routes(buf, g, True)
+        ll_scenarios.run_graph_replays(buf, g, 100)
+        ll_scenarios.run_graph_replays(buf, g, 30, zero_copy=True)
+
+    _run(4, body, timeout_s=900, ranks_per_node=2, transport="auto")

@@ -1,0 +1,73 @@
+"""LL over the PROXY route (issue #17): the cases both the in-process tests (tests/test_ll_gpu.py) and the MPS worker
+(tests/ll_mpi_worker.py --proxy=RPN) run on virtual nodes. NOT YET RUN ON A GPU: written with the route, in a session
+without one; expect first-run debugging."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import ll_scenarios
+from epkern.gpu.ll.layout import ROUTE_IPC, ROUTE_PROXY
+
+# Every flag the PROXY route supports (zero_copy_recv is refused there), one case each.
+PROXY_CASES = (
+    dict(),
+    dict(routing="skewed"),
+    dict(routing="none"),
+    dict(use_fp8=True),
+    dict(use_fp8=True, round_scale=True, use_ue8m0=True),
+    dict(zero_copy=True),
+    dict(hook=True, zero_copy=True, prealloc=True),
+    dict(hook=True, use_fp8=True, prealloc=True, stats=True),
+    dict(async_finish=True, stats=True),
+)
+
+
+def check_routes(buf, group, hybrid: bool) -> list[int]:
+    """The agreed routes: IPC to the same node (hybrid) and to itself, PROXY to the rest; a QP per PROXY peer only
+    (no NIC traffic between ranks of one node in hybrid mode). Returns the remote peers."""
+    nodes, r = group.node_of_rank, group.rank
+    want = [ROUTE_IPC if p == r or (hybrid and nodes[p] == nodes[r]) else ROUTE_PROXY for p in range(group.size)]
+    be = buf._backend
+    assert list(be.ll.routes) == want, (r, be.ll.routes, want)
+    remote = [p for p, k in enumerate(want) if k == ROUTE_PROXY]
+    assert (be.proxy is not None) == bool(remote) and (not remote or sorted(be.proxy.qps) == remote)
+    assert be.ll.dispatch_pull == 0 and be.ll.combine_pull == 0
+    return remote
+
+
+def run_proxy_cases(buf, group, hybrid: bool, num_tokens=90, hidden=2048, topk=8, num_max=128):
+    check_routes(buf, group, hybrid)
+    for case in PROXY_CASES:
+        ll_scenarios.run_ll_case(buf, group, num_tokens, hidden, 8 * group.size, topk, num_max=num_max, **case)
+    ll_scenarios.run_ll_case(buf, group, [0, 1, 5, num_max][: group.size] + [3] * max(0, group.size - 4), hidden,
+                             8 * group.size, 4, num_max=num_max)  # fmt: skip
+
+
+def run_proxy_counters(buf, group, hybrid: bool, num_tokens=64, hidden=2048, topk=4, num_max=128, seed=7):
+    """One BF16 dispatch + combine; each remote peer's QP counters (one QP per peer) grow by exactly the triggers
+    of the protocol: dispatch = one message (16 + 2H bytes) per selection owned by the peer + one 4-byte count per
+    expert of the peer; combine = one row (2H bytes) per selection of the peer's tokens owned here + one 4-byte
+    flag per local expert. Doorbells at most WQEs (one per proxy burst per QP), one CQE per doorbell, no errors."""
+    remote = check_routes(buf, group, hybrid)
+    proxy = buf._backend.proxy
+    R, r = group.size, group.rank
+    E = 8 * R
+    e_loc = E // R
+    group.barrier()
+    before = proxy.counters()
+    ll_scenarios.run_ll_case(buf, group, num_tokens, hidden, E, topk, num_max=num_max, seed=seed)
+    group.barrier()  # every peer received this rank's count and flags: its triggers were all executed
+    for qp in proxy.qps.values():
+        assert qp.nic.wait_idle(10.0)
+    after = proxy.counters()
+    _, idxs, *_ = ll_scenarios.group_reference(seed, R, num_tokens, hidden, E, topk, num_max)
+    for p in remote:
+        sent = int(np.sum((idxs[r] >= p * e_loc) & (idxs[r] < (p + 1) * e_loc)))
+        returned = int(np.sum((idxs[p] >= r * e_loc) & (idxs[p] < (r + 1) * e_loc)))
+        d = {k: after[p][k] - before[p][k] for k in after[p]}
+        wqes = sent + e_loc + returned + e_loc
+        nbytes = sent * (16 + 2 * hidden) + returned * 2 * hidden + 8 * e_loc
+        assert d["wqes"] == wqes and d["bytes"] == nbytes, (r, p, d, wqes, nbytes)
+        assert 1 <= d["doorbells"] <= wqes and d["cqes"] <= d["doorbells"] and d["errors"] == 0, (r, p, d)
+    assert not proxy.failed, proxy.service.errors
