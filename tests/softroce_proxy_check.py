@@ -34,6 +34,7 @@ from epkern import _verbs_cffi as V
 from epkern._verbs_cffi._cdef import CONSTANTS
 from epkern.nic import FifoProducer, PeerRoute, ProxyError, ProxyService, TriggerFifo
 from epkern.nic.verbs import VerbsNic
+from thread_allgather import threaded_allgathers  # beside this script
 
 TIMEOUT_S = 60.0  # every wait below; the whole script is bounded by WATCHDOG_S
 WATCHDOG_S = 240.0
@@ -54,23 +55,6 @@ def check(ok: bool, what: str) -> None:
 
 
 # --- allgathers ---------------------------------------------------------------------------------------------------
-
-
-def threaded_allgathers(n: int):
-    slots: list = [None] * n
-    barrier = threading.Barrier(n, timeout=TIMEOUT_S)
-
-    def make(rank):
-        def allgather(data: bytes) -> list[bytes]:
-            slots[rank] = bytes(data)
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()
-            return out
-
-        return allgather
-
-    return [make(r) for r in range(n)]
 
 
 def socket_allgather(sock: socket.socket, rank: int):
@@ -259,7 +243,7 @@ def reset(rank: Rank) -> None:
 
 
 def in_process_phases(device: str, seed: int) -> None:
-    gathers = threaded_allgathers(2)
+    gathers = threaded_allgathers(2, TIMEOUT_S)
     ranks: list = [None, None]
 
     def make(r):

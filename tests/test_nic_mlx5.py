@@ -29,6 +29,7 @@ from epkern.nic import wqe as W
 from epkern.nic.emulated import NicError
 from epkern.nic.mlx5_cuda import CudaCalls
 from epkern.nic.mlx5_host_io import CpuFences
+from thread_allgather import threaded_allgathers
 
 RDMA_OK, RDMA_WHY = V.rdma_available()
 ALL = int(Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_ATOMIC)
@@ -531,24 +532,6 @@ def test_close_order_idempotence_and_gpu_mapping_bookkeeping(fake):
         q2.ring_doorbell(1)
 
 
-def _allgather_group(n):
-    """allgather_bytes for n threads (one per rank)."""
-    slots = [None] * n
-    barrier = threading.Barrier(n, timeout=10)
-
-    def make(rank):
-        def allgather(data):
-            slots[rank] = bytes(data)
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()
-            return out
-
-        return allgather
-
-    return [make(r) for r in range(n)]
-
-
 def _mesh(n, nqps, size, wqe_cnt=16):
     nics = [M.Mlx5Nic(name=f"rank{r}") for r in range(n)]
     bufs = [np.zeros(2 * size, dtype=np.uint8) for _ in range(n)]
@@ -556,7 +539,7 @@ def _mesh(n, nqps, size, wqe_cnt=16):
     qps = [
         [[nics[r].create_qp(nics[r].create_cq(64), wqe_cnt) for _ in range(nqps)] for _ in range(n)] for r in range(n)
     ]
-    gathers = _allgather_group(n)
+    gathers = threaded_allgathers(n)
     errors = []
 
     def connect(r):

@@ -22,6 +22,7 @@ from epkern.errors import ArgumentError
 from epkern.nic import FifoProducer, PeerRoute, ProxyError, ProxyService, TriggerFifo
 from epkern.nic import verbs as NV
 from epkern.nic.observation import NicError
+from thread_allgather import threaded_allgathers
 
 C = CONSTANTS
 ALL = V.DEFAULT_ACCESS
@@ -140,23 +141,6 @@ class FakeProvider:
             return [cq.done.popleft() for _ in range(min(max_entries, len(cq.done)))]
 
 
-def _allgather_group(n):
-    slots = [None] * n
-    barrier = threading.Barrier(n, timeout=10)
-
-    def make(rank):
-        def allgather(data):
-            slots[rank] = bytes(data)
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()
-            return out
-
-        return allgather
-
-    return [make(r) for r in range(n)]
-
-
 def _mesh(fake, n, nqps, size, max_send_wr=16):
     nics = [NV.VerbsNic("rxe0", name=f"rank{r}", verbs=fake) for r in range(n)]
     bufs = [np.zeros(2 * size, dtype=np.uint8) for _ in range(n)]
@@ -165,7 +149,7 @@ def _mesh(fake, n, nqps, size, max_send_wr=16):
         [[nics[r].create_qp(nics[r].create_cq(32), max_send_wr) for _ in range(nqps)] for _ in range(n)]
         for r in range(n)
     ]
-    gathers = _allgather_group(n)
+    gathers = threaded_allgathers(n)
     threads = [threading.Thread(target=nics[r].connect_mesh, args=(gathers[r], r, qps[r])) for r in range(n)]
     for t in threads:
         t.start()

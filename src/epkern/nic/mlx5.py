@@ -45,9 +45,9 @@ from .mlx5_host_io import be32_store_value as be32_store_value
 from .mlx5_host_io import doorbell_qword, last_wqe_index
 from .mlx5_peers import decode_peer_table, encode_peer_table, exchange_peer_info
 from .mlx5_queues import Mlx5CompletionQueue, Mlx5QueuePair
-from .observation import NicError, NicFault, NicObservation
+from .observation import NicError
 from .observation import QpCounters as QpCounters
-from .verbs_objects import close_in_order
+from .verbs_objects import RegisteredRegion, VerbsBackedNic
 
 __all__ = [
     "HostPageRegistry",
@@ -68,29 +68,23 @@ __all__ = [
 
 RdmaUnavailableError = V.RdmaUnavailableError
 
-IBV_PORT_ACTIVE = 4
 IBV_LINK_LAYER_ETHERNET = 2
 
 
-@dataclass
-class Mlx5MemoryRegion:
-    """A registered region: ``addr`` (the iova remote WQEs name), ``length``, ``lkey``, ``rkey``, ``access``."""
+def _require_mlx5(ctx) -> None:
+    if not ctx.is_mlx5:
+        raise RdmaUnavailableError(f"RDMA device {ctx.name} is not an mlx5 device (mlx5dv unsupported)")
 
-    nic: Mlx5Nic
-    addr: int
-    length: int
-    lkey: int
-    rkey: int
-    access: int
-    handle: Any
-    keepalive: Any = None  # the numpy array registered, kept alive with the MR
+
+@dataclass
+class Mlx5MemoryRegion(RegisteredRegion):
+    """A registered region (host memory, or GPU memory through dma-buf: ``gpu``); ``addr`` is the iova remote WQEs
+    name."""
+
     gpu: bool = False
 
-    def contains(self, addr: int, n: int) -> bool:
-        return self.addr <= addr and addr + n <= self.addr + self.length
 
-
-class Mlx5Nic(NicObservation):
+class Mlx5Nic(VerbsBackedNic):
     """One opened mlx5 device: PD, MRs, CQs, RC QPs. Close with :meth:`close` (idempotent) or a ``with`` block.
 
     ``gid_index``: the GID used for RoCE (the peer's GID enables the GRH); default 0. ``verbs`` is the
@@ -112,39 +106,11 @@ class Mlx5Nic(NicObservation):
         self._verbs = V if verbs is None else verbs
         self.port = int(port)
         self.gid_index = int(gid_index)
-        self.faults: list[NicFault] = []
         self._host_fences = host_fences
         self._pages = page_registry or HostPageRegistry()
         self._mapped: list[tuple[int, int]] = []
-        self._qps: list[Mlx5QueuePair] = []
-        self._cqs: list[Mlx5CompletionQueue] = []
-        self._mrs: list[Mlx5MemoryRegion] = []
         self._bf_locks: dict[int, threading.Lock] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self._pd = None
-        self._ctx = self._verbs.open_device(device_name)  # RdmaUnavailableError (with the reason) when none
-        try:
-            self.name = name or self._ctx.name
-            if not self._ctx.is_mlx5:
-                raise RdmaUnavailableError(f"RDMA device {self._ctx.name} is not an mlx5 device (mlx5dv unsupported)")
-            self.port_attr = self._verbs.query_port(self._ctx, self.port)
-            if self.port_attr.state != IBV_PORT_ACTIVE:
-                raise RdmaUnavailableError(
-                    f"{self._ctx.name} port {self.port} is not ACTIVE (state {self.port_attr.state})"
-                )
-            self._pd = self._verbs.alloc_pd(self._ctx)
-        except BaseException:
-            self._close_quietly()
-            raise
-
-    @property
-    def device_name(self) -> str:
-        return self._ctx.name
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise NicError(f"mlx5 NIC {self.name} is closed")
+        self._open(device_name, name, _require_mlx5)
 
     def _bf_lock(self, addr: int) -> threading.Lock:
         with self._lock:
@@ -198,10 +164,7 @@ class Mlx5Nic(NicObservation):
         return mr
 
     def dereg_mr(self, mr: Mlx5MemoryRegion) -> None:
-        with self._lock:
-            if mr in self._mrs:
-                self._mrs.remove(mr)
-        mr.handle.close()
+        self._forget_mr(mr)
 
     # --- queues ---
     def create_cq(self, cqe_cnt: int = 256) -> Mlx5CompletionQueue:
@@ -248,25 +211,7 @@ class Mlx5Nic(NicObservation):
         return True
 
     # --- lifecycle ---
-    def close(self) -> None:
-        """Unregister GPU mappings, destroy QPs, CQs, MRs, the PD, close the device — in that order. Idempotent.
-        Stop every user first (proxy service, kernels): nothing may touch the rings after this."""
-        if self._closed:
-            return
-        self._closed = True
-        errors = self._close_quietly()
-        if errors:
-            raise NicError(f"closing mlx5 NIC {self.name}: " + "; ".join(errors))
-
-    def _close_quietly(self) -> list[str]:
-        unmaps = [
-            ("cudaHostUnregister", self._pages.release, (addr, length)) for addr, length in reversed(self._mapped)
-        ]
+    def _first_to_close(self) -> list:
+        unmaps = [("cudaHostUnregister", self._pages.release, pages) for pages in reversed(self._mapped)]
         self._mapped.clear()
-        return close_in_order(self, unmaps)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return unmaps

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import pathlib
 import secrets
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,33 +26,19 @@ from .._verbs_cffi._cdef import CONSTANTS
 from ..errors import ArgumentError
 from .fifo import TriggerOp
 from .mlx5_peers import exchange_peer_info
-from .observation import NicError, NicFault, NicObservation, QpCounters
+from .observation import NicError, NicFault, QpCounters
 from .posting import BatchDone, PostFailed, WorkItem
-from .verbs_objects import close_in_order
+from .verbs_objects import RegisteredRegion, VerbsBackedNic
 
 __all__ = ["VerbsCompletionQueue", "VerbsMemoryRegion", "VerbsNic", "VerbsQueuePair", "choose_gid_index"]
 
-IBV_PORT_ACTIVE = 4
 IBV_LINK_LAYER_ETHERNET = 2
 _POLL_BATCH = 64  # completions read per ibv_poll_cq
 _WR_FLUSH_ERR = CONSTANTS["IBV_WC_WR_FLUSH_ERR"]
 
 
-@dataclass
-class VerbsMemoryRegion:
+class VerbsMemoryRegion(RegisteredRegion):
     """A registered host region: ``addr`` (what remote requests name), ``length``, ``lkey``, ``rkey``, ``access``."""
-
-    nic: VerbsNic
-    addr: int
-    length: int
-    lkey: int
-    rkey: int
-    access: int
-    handle: Any
-    keepalive: Any = None  # the numpy array registered, kept alive with the MR
-
-    def contains(self, addr: int, n: int) -> bool:
-        return self.addr <= addr and addr + n <= self.addr + self.length
 
 
 def _ipv4_mapped(gid: bytes) -> bool:
@@ -204,7 +188,7 @@ class VerbsQueuePair:
         return message
 
 
-class VerbsNic(NicObservation):
+class VerbsNic(VerbsBackedNic):
     """One opened RDMA device used through standard verbs: PD, MRs, CQs, RC QPs. Close with :meth:`close`
     (idempotent) or a ``with`` block.
 
@@ -230,37 +214,15 @@ class VerbsNic(NicObservation):
             raise ArgumentError(f"gid_index: expected a non-negative integer or None, got {gid_index!r}")
         self._verbs = V if verbs is None else verbs
         self.port = port
-        self.faults: list[NicFault] = []
-        self._qps: list[VerbsQueuePair] = []
-        self._cqs: list[VerbsCompletionQueue] = []
-        self._mrs: list[VerbsMemoryRegion] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._pd = None
-        self._ctx = self._verbs.open_device(device_name)  # RdmaUnavailableError (with the reason) when none
+        self._open(device_name, name)
         try:
-            self.name = name or self._ctx.name
-            self.port_attr = self._verbs.query_port(self._ctx, port)
-            if self.port_attr.state != IBV_PORT_ACTIVE:
-                raise V.RdmaUnavailableError(
-                    f"{self._ctx.name} port {port} is not ACTIVE (state {self.port_attr.state})"
-                )
             self.gid_index = (
                 choose_gid_index(self._verbs, self._ctx, port, self.port_attr) if gid_index is None else gid_index
             )
             self.max_message_bytes = min(self.port_attr.max_msg_sz or V.MAX_MESSAGE_BYTES, V.MAX_MESSAGE_BYTES)
-            self._pd = self._verbs.alloc_pd(self._ctx)
         except BaseException:
             self._close_quietly()
             raise
-
-    @property
-    def device_name(self) -> str:
-        return self._ctx.name
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise NicError(f"verbs NIC {self.name} is closed")
 
     # --- memory ---
     def reg_mr(self, target: np.ndarray | int, length: int | None = None, access: int = V.MR_ACCESS):
@@ -293,10 +255,7 @@ class VerbsNic(NicObservation):
     def dereg_mr(self, mr: VerbsMemoryRegion) -> None:
         if not isinstance(mr, VerbsMemoryRegion) or mr.nic is not self:
             raise ArgumentError("mr: expected a memory region registered by this NIC")
-        with self._lock:
-            if mr in self._mrs:
-                self._mrs.remove(mr)
-        mr.handle.close()
+        self._forget_mr(mr)
 
     # --- queues ---
     def create_cq(self, cqe_cnt: int = 256) -> VerbsCompletionQueue:
@@ -341,23 +300,3 @@ class VerbsNic(NicObservation):
         for p, row in enumerate(qps):
             for i, q in enumerate(row):
                 q.connect(remote[p][i])
-
-    # --- lifecycle ---
-    def close(self) -> None:
-        """Destroy QPs, CQs, MRs, the PD and close the device, in that order, carrying on past failures and raising
-        them together. Idempotent. Stop every user (the proxy service) first."""
-        if self._closed:
-            return
-        self._closed = True
-        errors = self._close_quietly()
-        if errors:
-            raise NicError(f"closing verbs NIC {self.name}: " + "; ".join(errors))
-
-    def _close_quietly(self) -> list[str]:
-        return close_in_order(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -1,37 +1,129 @@
-"""Closing what a verbs-backed NIC made (``Mlx5Nic`` and ``VerbsNic``): dependents first, every failure kept while
-the rest still closes."""
+"""What the two verbs-backed NICs (``Mlx5Nic`` and ``VerbsNic``) share: opening a device's port and PD, the lists of
+what they made, deregistering, and closing it all in order (dependents first, every failure kept while the rest
+still closes)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .observation import NicError, NicObservation
+
+IBV_PORT_ACTIVE = 4
 
 
-def close_in_order(nic, first: list[tuple[str, Callable, tuple]] = ()) -> list[str]:
-    """Run ``first`` (what, fn, args), then destroy ``nic``'s QPs, CQs and MRs (newest first), its PD and device.
-    Returns the failures as "what: error" lines; the lists and handles on ``nic`` are emptied."""
-    errors: list[str] = []
+@dataclass
+class RegisteredRegion:
+    """A registered region: ``addr`` (what remote requests name), ``length``, ``lkey``, ``rkey``, ``access``."""
 
-    def run(what, fn, *args):
+    nic: Any
+    addr: int
+    length: int
+    lkey: int
+    rkey: int
+    access: int
+    handle: Any
+    keepalive: Any = None  # the numpy array registered, kept alive with the MR
+
+    def contains(self, addr: int, n: int) -> bool:
+        return self.addr <= addr and addr + n <= self.addr + self.length
+
+
+class VerbsBackedNic(NicObservation):
+    """Base of the NICs opened through ``_verbs_cffi``: ``kind`` names the NIC in errors; subclasses set
+    ``_verbs`` (the verbs module) and ``port`` before calling :meth:`_open`."""
+
+    kind = "verbs-backed NIC"
+
+    def _open(self, device_name: str | None, name: str | None, check_device: Callable | None = None) -> None:
+        """Open the device, check it (``check_device(ctx)`` raises for an unusable one) and its port, allocate the PD;
+        on failure close what was made and re-raise."""
+        self.faults = []
+        self._qps: list = []
+        self._cqs: list = []
+        self._mrs: list = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pd = None
+        self._ctx = self._verbs.open_device(device_name)  # RdmaUnavailableError (with the reason) when none
         try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - keep closing the rest
-            errors.append(f"{what}: {e}")
+            self.name = name or self._ctx.name
+            if check_device is not None:
+                check_device(self._ctx)
+            self.port_attr = self._verbs.query_port(self._ctx, self.port)
+            if self.port_attr.state != IBV_PORT_ACTIVE:
+                from .. import _verbs_cffi as V
 
-    for what, fn, args in first:
-        run(what, fn, *args)
-    for qp in reversed(nic._qps):
-        run(f"destroy QP {qp.qpn}", qp.handle.close)
-        qp.state = type(qp).CLOSED
-    nic._qps.clear()
-    for cq in reversed(nic._cqs):
-        run(f"destroy CQ {getattr(cq, 'cqn', '')}".rstrip(), cq.handle.close)
-    nic._cqs.clear()
-    for mr in reversed(nic._mrs):
-        run(f"deregister MR 0x{mr.addr:x}", mr.handle.close)
-    nic._mrs.clear()
-    if nic._pd is not None:
-        run("dealloc PD", nic._pd.close)
-        nic._pd = None
-    if nic._ctx is not None:
-        run("close device", nic._ctx.close)
-    return errors
+                raise V.RdmaUnavailableError(
+                    f"{self._ctx.name} port {self.port} is not ACTIVE (state {self.port_attr.state})"
+                )
+            self._pd = self._verbs.alloc_pd(self._ctx)
+        except BaseException:
+            self._close_quietly()
+            raise
+
+    @property
+    def device_name(self) -> str:
+        return self._ctx.name
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NicError(f"{self.kind} {self.name} is closed")
+
+    def _forget_mr(self, mr) -> None:
+        """Deregister ``mr`` (already checked to be this NIC's)."""
+        with self._lock:
+            if mr in self._mrs:
+                self._mrs.remove(mr)
+        mr.handle.close()
+
+    def close(self) -> None:
+        """Destroy what this NIC made (subclasses' :meth:`_first_to_close` first, then QPs, CQs, MRs, the PD) and
+        close the device, carrying on past failures and raising them together. Idempotent. Stop every user first
+        (proxy service, kernels): nothing may touch the rings after this."""
+        if self._closed:
+            return
+        self._closed = True
+        errors = self._close_quietly()
+        if errors:
+            raise NicError(f"closing {self.kind} {self.name}: " + "; ".join(errors))
+
+    def _first_to_close(self) -> list[tuple[str, Callable, tuple]]:
+        """(what, fn, args) to run before the QPs are destroyed (mlx5: the GPU mappings of the rings)."""
+        return []
+
+    def _close_quietly(self) -> list[str]:
+        errors: list[str] = []
+
+        def run(what, fn, *args):
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - keep closing the rest
+                errors.append(f"{what}: {e}")
+
+        for what, fn, args in self._first_to_close():
+            run(what, fn, *args)
+        for qp in reversed(self._qps):
+            run(f"destroy QP {qp.qpn}", qp.handle.close)
+            qp.state = type(qp).CLOSED
+        self._qps.clear()
+        for cq in reversed(self._cqs):
+            run(f"destroy CQ {getattr(cq, 'cqn', '')}".rstrip(), cq.handle.close)
+        self._cqs.clear()
+        for mr in reversed(self._mrs):
+            run(f"deregister MR 0x{mr.addr:x}", mr.handle.close)
+        self._mrs.clear()
+        if self._pd is not None:
+            run("dealloc PD", self._pd.close)
+            self._pd = None
+        if self._ctx is not None:
+            run("close device", self._ctx.close)
+        return errors
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
