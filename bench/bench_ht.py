@@ -41,6 +41,8 @@ OPS = (
     "combine",
     "combine_kernel",
     "combine_pipelined",
+    "combine_fresh",
+    "combine_buffer",
 )
 
 
@@ -188,12 +190,30 @@ def rank_main(group, args, tokens):
         def combine():
             return buf.combine(y, handle, topk_weights=recv_w)
 
+        # The expert output as a model step makes it: a fresh array outside the Buffer (staged into it by every
+        # combine between processes), and the same values written into get_combine_buffer (read in place).
+        y_fresh = cupy.array(y)
+        y_buf = buf.get_combine_buffer(handle)
+        y_buf[...] = y
+
+        def combine_fresh():
+            return buf.combine(y_fresh, handle, topk_weights=recv_w)
+
+        def combine_buffer():
+            return buf.combine(y_buf, handle, topk_weights=recv_w)
+
         for _ in range(3):
-            cached(), combine()
+            cached(), combine(), combine_fresh(), combine_buffer()
         res = {}
         clock = KernelClock(buf)
         res["layout_us"], res["layout_host_us"], _, _ = _timed(layout, group, args.iters)
-        for op, fn in (("dispatch", dispatch), ("cached_dispatch", cached), ("combine", combine)):
+        for op, fn in (
+            ("dispatch", dispatch),
+            ("cached_dispatch", cached),
+            ("combine", combine),
+            ("combine_fresh", combine_fresh),
+            ("combine_buffer", combine_buffer),
+        ):
             res[f"{op}_us"], res[f"{op}_host_us"], res[f"{op}_kernel_us"], _ = _timed(fn, group, args.iters, clock)
             res[f"{op}_kernel_host_us"] = res[f"{op}_host_us"]
         clock.restore()  # pipelined runs without the extra events
@@ -255,6 +275,8 @@ def summarize(per_rank: list[dict], args) -> dict:
         ("combine", recv, tokens, args.hidden * 2),
         ("combine_kernel", recv, tokens, args.hidden * 2),
         ("combine_pipelined", recv, tokens, args.hidden * 2),
+        ("combine_fresh", recv, tokens, args.hidden * 2),
+        ("combine_buffer", recv, tokens, args.hidden * 2),
     ):
         logical_bytes = recv / R * rb
         out[f"{op}_logical_GBps"] = logical_bytes / (out[f"{op}_us"] * 1e-6) / 1e9

@@ -295,3 +295,32 @@ def _ht_fp8(group):
 
 def test_ht_fp8_inputs_of_either_kind_give_uint8_outputs():
     assert run_in_process(_ht_fp8, 2) == [True, True]
+
+
+def _ht_combine_buffer(group):
+    from epkern import reference
+
+    rng = np.random.default_rng(10 + group.rank)
+    x = rng.integers(-8, 9, size=(T, H)).astype(BF16)
+    idx = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64)
+    with Buffer(group, backend="cpu") as buf:
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        recv_x, _, _, _, handle, _ = buf.dispatch(
+            x, topk_idx=idx, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+        )
+        y = buf.get_combine_buffer(handle)
+        assert y.shape == recv_x.shape and y.dtype == BF16
+        y[...] = recv_x * 2  # the expert writes its output there
+        got, _, _ = buf.combine(y, handle)
+        ref = reference.ht_dispatch(group.allgather_object(x), group.allgather_object(idx), E)
+        twice = [(r.recv_x.astype(np.float32) * 2).astype(BF16) for r in ref]
+        want = reference.ht_combine(twice, [r.handle for r in ref])[group.rank][0]
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+        with Buffer(group, backend="cpu") as other:
+            with pytest.raises(ArgumentError, match="handle"):
+                other.get_combine_buffer(handle)
+    return True
+
+
+def test_ht_combine_buffer_holds_the_expert_output():
+    assert run_in_process(_ht_combine_buffer, 2) == [True, True]

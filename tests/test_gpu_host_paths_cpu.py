@@ -61,6 +61,33 @@ def test_ht_dispatch_cached_and_combine_launch_what_they_return(fake):
     buf.destroy()
 
 
+def test_ht_combine_buffer_is_read_in_place_and_a_fresh_array_is_staged(fake):
+    """get_combine_buffer: an array in the Buffer's heap that the combine kernel reads where it is (its pointer is
+    the kernel's input); an array from elsewhere is first copied into the heap (another pointer)."""
+    import cupy
+
+    buf = F.fake_buffer()
+    rt = buf._backend.rt
+    recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, _ht_inputs(), num_worst_tokens=T)
+    y = buf.get_combine_buffer(handle)
+    assert y.shape == (handle.num_out_rows, H) and y.dtype == BF16
+    assert rt.region.ptr <= y.data.ptr and y.data.ptr + y.nbytes <= rt.region.ptr + rt.region.nbytes
+    before = len(fake)
+    buf.combine(y, handle, topk_weights=recv_w)
+    comb = F.real_launches(fake[before:])[-1]
+    assert F.addr(comb[5][4]) == y.data.ptr  # in_x: read in place
+    fresh = cupy.zeros((handle.num_out_rows, H), BF16)
+    before = len(fake)
+    buf.combine(fresh, handle, topk_weights=recv_w)
+    assert F.addr(F.real_launches(fake[before:])[-1][5][4]) != fresh.data.ptr  # staged into the heap first
+    other = F.fake_buffer()
+    with pytest.raises(ArgumentError, match="handle"):
+        other.get_combine_buffer(handle)
+    other.destroy()
+    del y
+    buf.destroy()
+
+
 def test_ht_bad_input_raises_before_any_launch(fake):
     import cupy
 

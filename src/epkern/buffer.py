@@ -357,6 +357,15 @@ class Buffer:
             x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
         )
 
+    @_one_thread_at_a_time
+    @accepts_tensors
+    def get_combine_buffer(self, handle):
+        """Where to write the expert outputs for ``combine(x, handle)``: BF16 [N, H] (N = the dispatch's received
+        rows) in the Buffer's own memory, so the combine reads it where it is. An array from anywhere else is first
+        copied in (one more read and write of every row); this one is not. Each call returns a new array; it keeps
+        its part of the HT area (``num_nvl_bytes``) until it is dropped."""
+        return self._backend.get_combine_buffer(handle)
+
     # ---- low latency ----
     @_one_thread_at_a_time
     @accepts_tensors

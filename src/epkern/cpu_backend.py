@@ -431,6 +431,11 @@ class CpuBackend:
             ys[dst][e[m], begin + pos[hit][m]] = 0
         return ys
 
+    def get_combine_buffer(self, handle):
+        self._usable()
+        api_checks.own_handle(handle, CpuHTHandle, self, "dispatch")
+        return np.zeros((handle.num_out_rows, handle.hidden), BF16)
+
     def get_next_low_latency_combine_buffer(self, handle):
         self._usable()
         api_checks.own_handle(handle, CpuLLHandle, self, "low_latency_dispatch")

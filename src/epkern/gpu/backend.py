@@ -134,6 +134,9 @@ class GpuBackend:
         self._refuse_ht_across_nodes("combine")
         return self.ht.combine(*args)
 
+    def get_combine_buffer(self, handle):
+        return self.ht.combine_buffer(handle)
+
     # ---- low latency ----
     def low_latency_dispatch(self, *args):
         if self.proxy is not None:

@@ -280,6 +280,20 @@ class HtEngine:
         api_checks.stamp(new_handle, rt)
         return recv_x, recv_idx, recv_w if topk_weights is not None else None, per_expert, new_handle, event
 
+    def combine_buffer(self, handle):
+        """BF16 [N, H] for the expert outputs, in this rank's HT heap (peers read a combine's input in place).
+        In-process ranks read any device memory: a plain array then."""
+        import cupy
+
+        rt = self.rt
+        rt.check_usable()
+        api_checks.own_handle(handle, HtHandle, rt, "dispatch")
+        shape = (handle.num_out_rows, handle.hidden)
+        with cupy.cuda.Device(rt.device):
+            if rt.in_process:
+                return cupy.empty(shape, BF16)
+            return rt.heap.alloc(shape[0] * shape[1] * 2).array(shape, BF16)
+
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
