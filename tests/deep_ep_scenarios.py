@@ -76,6 +76,10 @@ def ht_case(buf, group, routing="random", device="cpu"):
     combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w, previous_event=deep_ep.Buffer.capture())
     same(combined, want[0], "combined_x")
     same(combined_w, want[1], "combined_topk_weights")
+    y = buf.get_combine_buffer(handle)  # epkern's own: the expert output written into the Buffer
+    assert isinstance(y, torch.Tensor) and y.shape == recv_x.shape and y.dtype == torch.bfloat16
+    y.copy_(recv_x)
+    same(buf.combine(y, handle)[0], want[0], "combined_x from get_combine_buffer")
     # cached dispatch, asynchronous, through the overlap idiom
     xs2, _, _ = ht_scenarios.make_inputs(seed + 1, R, T, H, E, K, routing)
     want2 = reference.ht_cached_dispatch(xs2, handles)[r]

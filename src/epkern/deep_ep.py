@@ -10,6 +10,8 @@ Buffer that made one accepts it.
 
 What differs, and why:
 
+- ``get_combine_buffer(handle)`` is epkern's own: where to write the HT expert outputs so a combine reads them in
+  place.
 - ``get_local_buffer_tensor`` views the HT area (the heap of the calls' outputs) or the LL area; their layouts are
   epkern's own, not DeepEP's channel buffers. GPU backend only.
 - ``num_qps_per_rank``, ``use_fabric``, ``enable_shrink`` are accepted and unused (no RDMA path yet; no fabric
@@ -277,6 +279,12 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle):
         native = self._native_handle(handle, "low_latency_dispatch")
         return torch_tensors.to_tensor(self._buf.get_next_low_latency_combine_buffer(native))
+
+    def get_combine_buffer(self, handle):
+        """epkern's own (DeepEP has none): a BF16 [N, H] tensor in the Buffer's memory for the expert outputs, which
+        ``combine(y, handle)`` then reads in place instead of copying them in first (between processes)."""
+        native = self._native_handle(handle, "dispatch")
+        return torch_tensors.to_tensor(self._buf.get_combine_buffer(native))
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         self._buf.low_latency_update_mask_buffer(rank_to_mask, mask)
