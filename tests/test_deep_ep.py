@@ -150,3 +150,42 @@ def test_zero_copy_combine_masks_and_event_chaining():
         return True
 
     assert run_in_process(body, R) == [True] * R
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_ll_outputs_come_from_torch_inside_a_graph_capture(monkeypatch, use_fp8):
+    """Inside a torch.cuda.graph capture the LL outputs are torch's (its graph pool), passed to the native call as
+    out_* arrays: forced here on the CPU backend (no capture without a GPU); the results stay exact."""
+    made = []
+
+    def spy(kind):
+        real = getattr(deep_ep, kind)
+
+        def outputs(buf, args):
+            out = real(buf, args)
+            made.append(out)
+            return out
+
+        return outputs
+
+    monkeypatch.setattr(deep_ep, "_capturing", lambda backend: True)
+    Buffer, forwarded = deep_ep.Buffer, deep_ep._forwarded
+    dispatch = forwarded(
+        "low_latency_dispatch", handle_out=(2, "_ll_handle"), event_at=3, outputs=spy("_ll_dispatch_outputs")
+    )
+    combine = forwarded("low_latency_combine", "low_latency_dispatch", event_at=1, outputs=spy("_ll_combine_outputs"))
+    monkeypatch.setattr(Buffer, "low_latency_dispatch", dispatch)
+    monkeypatch.setattr(Buffer, "low_latency_combine", combine)
+    R, num_max = 2, 48
+
+    def body(group):
+        nbytes = Buffer.get_low_latency_rdma_size_hint(num_max, H, R, 8 * R)
+        buf = Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="cpu")
+        deep_ep_scenarios.ll_case(buf, group, use_fp8, num_max)
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+    kinds = sorted(tuple(sorted(m)) for m in made)
+    want_dispatch = tuple(sorted(["out_x", "out_src_info", "out_layout_range", "out_count"] + ["out_scales"] * use_fp8))
+    assert kinds == sorted([want_dispatch] * R + [("out",)] * R), kinds

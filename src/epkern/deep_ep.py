@@ -83,11 +83,56 @@ def _tensor(arr):
     return None if arr is None else torch_tensors.to_tensor(arr)
 
 
-def _forwarded(name: str, handle_kind: str | None = None, config_of: str | None = None, *, handle_out=None, event_at):
+def _capturing(backend: str) -> bool:
+    """Whether torch's current stream is being captured into a CUDA graph (GPU backend)."""
+    return backend == "gpu" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_LL_OUTS = ("out_x", "out_scales", "out_src_info", "out_layout_range", "out_count")
+
+
+def _ll_dispatch_outputs(buf, args) -> dict:
+    """The LL dispatch's outputs from torch's allocator (inside a capture: the graph's pool, which lives as long as
+    the graph); None of them when the caller gave any, or asked for views, or the sizes are wrong (the call's own
+    checks then name the argument)."""
+    if args["zero_copy_recv"] or any(args[n] is not None for n in _LL_OUTS):
+        return {}
+    x, R, E, num_max = args["x"], buf.group_size, args["num_experts"], args["num_max_dispatch_tokens_per_rank"]
+    sizes_ok = isinstance(E, int) and isinstance(num_max, int) and E > 0 and E % R == 0 and num_max > 0
+    if not (torch.is_tensor(x) and x.dim() == 2 and sizes_ok):
+        return {}
+    e_loc, rows, H, dev = E // R, R * num_max, x.shape[1], x.device
+    fp8 = bool(args["use_fp8"])
+    out = {
+        "out_x": torch.empty((e_loc, rows, H), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=dev),
+        "out_src_info": torch.empty((e_loc, rows), dtype=torch.int32, device=dev),
+        "out_layout_range": torch.empty((e_loc, R), dtype=torch.int64, device=dev),
+        "out_count": torch.empty((e_loc,), dtype=torch.int32, device=dev),
+    }
+    if fp8:  # DeepEP's column-major scales: float32 [.., H/128], or 4 UE8M0 exponents per int32 [.., H/512]
+        ue8m0 = bool(args["use_ue8m0"])
+        base = torch.empty((e_loc, H // (512 if ue8m0 else 128), rows), dtype=torch.int32 if ue8m0 else torch.float32,
+                           device=dev)  # fmt: skip
+        out["out_scales"] = base.transpose(1, 2)
+    return out
+
+
+def _ll_combine_outputs(buf, args) -> dict:
+    x, idx = args["x"], args["topk_idx"]
+    if args["out"] is not None or not (torch.is_tensor(x) and x.dim() == 3 and torch.is_tensor(idx) and idx.dim() == 2):
+        return {}
+    return {"out": torch.empty((idx.shape[0], x.shape[2]), dtype=torch.bfloat16, device=x.device)}
+
+
+def _forwarded(
+    name: str, handle_kind: str | None = None, config_of: str | None = None, *, handle_out=None, event_at, outputs=None
+):
     """A DeepEP data call on the native Buffer's method ``name`` (same signature): DeepEP's handle tuples and
     ``EventOverlap`` in and out (``handle_out``: the new handle's place in the returned tuple and the Buffer method
     that wraps it; ``event_at``: the event's place), the class-level config when none is given, the call's tensors
-    kept with an asynchronous call's event."""
+    kept with an asynchronous call's event. ``outputs(buf, arguments)``: inside a CUDA graph capture, the outputs
+    from torch's allocator (CuPy's pool would allocate memory inside the capture, which torch's capture mode
+    forbids, and could reuse it once the outputs are dropped while the graph still writes it)."""
     native = getattr(_NativeBuffer, name)
     signature = inspect.signature(native)
 
@@ -96,6 +141,10 @@ def _forwarded(name: str, handle_kind: str | None = None, config_of: str | None 
         bound = signature.bind(self._buf, *args, **kwargs)
         given = dict(bound.arguments)
         arguments = bound.arguments
+        if outputs is not None and _capturing(self.backend):
+            full = signature.bind(self._buf, *args, **kwargs)
+            full.apply_defaults()
+            arguments.update(outputs(self, full.arguments))
         if handle_kind is not None:
             arguments["handle"] = self._native_handle(given.get("handle"), handle_kind)
         if "previous_event" in given:
@@ -270,8 +319,12 @@ class Buffer:
     get_dispatch_layout = _forwarded("get_dispatch_layout", event_at=4)
     dispatch = _forwarded("dispatch", "dispatch", "get_dispatch_config", handle_out=(4, "_ht_handle"), event_at=5)
     combine = _forwarded("combine", "dispatch", "get_combine_config", event_at=2)
-    low_latency_dispatch = _forwarded("low_latency_dispatch", handle_out=(2, "_ll_handle"), event_at=3)
-    low_latency_combine = _forwarded("low_latency_combine", "low_latency_dispatch", event_at=1)
+    low_latency_dispatch = _forwarded(
+        "low_latency_dispatch", handle_out=(2, "_ll_handle"), event_at=3, outputs=_ll_dispatch_outputs
+    )
+    low_latency_combine = _forwarded(
+        "low_latency_combine", "low_latency_dispatch", event_at=1, outputs=_ll_combine_outputs
+    )
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
         self._buf.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
