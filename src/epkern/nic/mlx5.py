@@ -25,7 +25,7 @@ rdma-core 44 and the CUDA 13 headers and is tested on the CPU through a fake ``_
 Here: :class:`Mlx5Nic` (opening the device: context, port, PD; MRs; creating CQs and QPs; connecting them;
 closing) and :class:`Mlx5MemoryRegion`. The rest lives in :mod:`.mlx5_queues` (the CQ and the QP state machine),
 :mod:`.mlx5_host_io` (host posting: WQE walk, doorbell values, fences, stores), :mod:`.mlx5_cuda` (GPU mapping of
-the rings and doorbells, dma-buf ranges) and :mod:`.mlx5_peers` (the QP-info exchange); the names listed in
+the rings and doorbells, dma-buf ranges) and :mod:`.qp_exchange` (the QP-info exchange); the names listed in
 ``__all__`` are importable from here.
 """
 
@@ -43,10 +43,10 @@ from .. import _verbs_cffi as V
 from .mlx5_cuda import CudaCalls, HostPageRegistry, Mlx5GpuQp, dmabuf_range, page_range, page_size
 from .mlx5_host_io import be32_store_value as be32_store_value
 from .mlx5_host_io import doorbell_qword, last_wqe_index
-from .mlx5_peers import decode_peer_table, encode_peer_table, exchange_peer_info
 from .mlx5_queues import Mlx5CompletionQueue, Mlx5QueuePair
 from .observation import NicError
 from .observation import QpCounters as QpCounters
+from .qp_exchange import decode_peer_table, encode_peer_table, exchange_peer_info
 from .verbs_objects import RegisteredRegion, VerbsBackedNic
 
 __all__ = [

@@ -25,9 +25,9 @@ from .. import _verbs_cffi as V
 from .._verbs_cffi._cdef import CONSTANTS
 from ..errors import ArgumentError
 from .fifo import TriggerOp
-from .mlx5_peers import exchange_peer_info
 from .observation import NicError, NicFault, QpCounters
 from .posting import BatchDone, PostFailed, WorkItem
+from .qp_exchange import exchange_peer_info
 from .verbs_objects import RegisteredRegion, VerbsBackedNic
 
 __all__ = ["VerbsCompletionQueue", "VerbsMemoryRegion", "VerbsNic", "VerbsQueuePair", "choose_gid_index"]
