@@ -85,7 +85,7 @@ def _tensor(arr):
 
 def _capturing(backend: str) -> bool:
     """Whether torch's current stream is being captured into a CUDA graph (GPU backend)."""
-    return backend == "gpu" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return backend == "gpu" and torch.cuda.is_current_stream_capturing()
 
 
 _LL_OUTS = ("out_x", "out_scales", "out_src_info", "out_layout_range", "out_count")

@@ -17,6 +17,7 @@ from . import wqe as W
 from .mlx5_cuda import HOST_REGISTER_IOMEMORY, HOST_REGISTER_MAPPED, HOST_REGISTER_PORTABLE, Mlx5GpuQp
 from .mlx5_host_io import CpuFences, be32_store_value, doorbell_qword, last_wqe_index, store32, store64, u8_view
 from .observation import NicError, NicFault, QpCounters
+from .verbs_objects import RcConnection
 
 MLX5_CQ_SET_CI = 0  # dbrec word of a CQ that holds the consumer index
 CQE_SIZES = (64, 128)
@@ -132,7 +133,7 @@ class Mlx5CompletionQueue:
         return buf, db
 
 
-class Mlx5QueuePair:
+class Mlx5QueuePair(RcConnection):
     """A real RC QP with the emulated :class:`~epkern.nic.emulated.QueuePair`'s posting interface.
 
     ``sq`` is a numpy view of the send ring (``wqe_cnt`` WQEBBs of 64 bytes), ``dbrec`` of the 8-byte doorbell
@@ -166,21 +167,6 @@ class Mlx5QueuePair:
         self._rung = 0  # producer index of the last doorbell (WQEBBs, monotonic)
         self._gpu: Mlx5GpuQp | None = None
         cq._qps[self.qpn] = self
-
-    # --- connection ---
-    def local_info(self) -> V.PeerInfo:
-        """What the peer's QP needs to connect to this one."""
-        return self.nic._verbs.local_peer_info(self.handle, self.nic.port, self.nic.gid_index, self.psn)
-
-    def connect(self, peer: V.PeerInfo) -> None:
-        """RESET → INIT → RTR → RTS towards ``peer``."""
-        if self.state != self.RESET:
-            raise NicError(f"QP {self.qpn} is {self.state}; connect() needs a fresh QP")
-        self.nic._verbs.connect_rc_qp(
-            self.handle, self.local_info(), peer, port_num=self.nic.port, sgid_index=self.nic.gid_index
-        )
-        self.remote = peer
-        self.state = self.RTS
 
     # --- posting from the host ---
     def ring_doorbell(self, pi: int) -> None:

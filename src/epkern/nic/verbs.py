@@ -25,10 +25,10 @@ from .. import _verbs_cffi as V
 from .._verbs_cffi._cdef import CONSTANTS
 from ..errors import ArgumentError
 from .fifo import TriggerOp
-from .observation import NicError, NicFault, QpCounters
+from .observation import NicFault, QpCounters
 from .posting import BatchDone, PostFailed, WorkItem
 from .qp_exchange import exchange_peer_info
-from .verbs_objects import RegisteredRegion, VerbsBackedNic
+from .verbs_objects import RcConnection, RegisteredRegion, VerbsBackedNic
 
 __all__ = ["VerbsCompletionQueue", "VerbsMemoryRegion", "VerbsNic", "VerbsQueuePair", "choose_gid_index"]
 
@@ -77,7 +77,7 @@ class VerbsCompletionQueue:
         self.cqe_cnt = int(handle.cqe)
 
 
-class VerbsQueuePair:
+class VerbsQueuePair(RcConnection):
     """An RC QP posted with standard verbs; a :class:`~epkern.nic.posting.BatchPoster` for the proxy.
 
     ``slots`` (= the granted ``max_send_wr``) and ``max_batches`` (= its CQ's entries) bound what is in flight;
@@ -101,23 +101,6 @@ class VerbsQueuePair:
         self.counters = QpCounters()
         self.psn = secrets.randbits(24)
         self.remote: V.PeerInfo | None = None
-
-    # --- connection ---
-    def local_info(self) -> V.PeerInfo:
-        """What the peer's QP needs to connect to this one."""
-        return self.nic._verbs.local_peer_info(self.handle, self.nic.port, self.nic.gid_index, self.psn)
-
-    def connect(self, peer: V.PeerInfo) -> None:
-        """RESET → INIT → RTR → RTS towards ``peer``."""
-        if not isinstance(peer, V.PeerInfo):
-            raise ArgumentError(f"peer: expected a PeerInfo, got {type(peer).__name__}")
-        if self.state != self.RESET:
-            raise NicError(f"QP {self.qpn} is {self.state}; connect() needs a fresh QP")
-        self.nic._verbs.connect_rc_qp(
-            self.handle, self.local_info(), peer, port_num=self.nic.port, sgid_index=self.nic.gid_index
-        )
-        self.remote = peer
-        self.state = self.RTS
 
     # --- BatchPoster ---
     def post_batch(self, items: Sequence[WorkItem], start: int) -> int:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _verbs_cffi as V
+from ..errors import ArgumentError
 from .observation import NicError, NicObservation
 
 IBV_PORT_ACTIVE = 4
@@ -29,6 +31,27 @@ class RegisteredRegion:
 
     def contains(self, addr: int, n: int) -> bool:
         return self.addr <= addr and addr + n <= self.addr + self.length
+
+
+class RcConnection:
+    """Connecting an RC QP of a verbs-backed NIC (``self.nic``, ``self.handle``, ``self.psn``, ``self.state`` with
+    RESET / RTS, ``self.remote``): what the peer needs, and RESET -> INIT -> RTR -> RTS towards it."""
+
+    def local_info(self) -> V.PeerInfo:
+        """What the peer's QP needs to connect to this one."""
+        return self.nic._verbs.local_peer_info(self.handle, self.nic.port, self.nic.gid_index, self.psn)
+
+    def connect(self, peer: V.PeerInfo) -> None:
+        """RESET → INIT → RTR → RTS towards ``peer``."""
+        if not isinstance(peer, V.PeerInfo):
+            raise ArgumentError(f"peer: expected a PeerInfo, got {type(peer).__name__}")
+        if self.state != self.RESET:
+            raise NicError(f"QP {self.qpn} is {self.state}; connect() needs a fresh QP")
+        self.nic._verbs.connect_rc_qp(
+            self.handle, self.local_info(), peer, port_num=self.nic.port, sgid_index=self.nic.gid_index
+        )
+        self.remote = peer
+        self.state = self.RTS
 
 
 class VerbsBackedNic(NicObservation):
@@ -54,8 +77,6 @@ class VerbsBackedNic(NicObservation):
                 check_device(self._ctx)
             self.port_attr = self._verbs.query_port(self._ctx, self.port)
             if self.port_attr.state != IBV_PORT_ACTIVE:
-                from .. import _verbs_cffi as V
-
                 raise V.RdmaUnavailableError(
                     f"{self._ctx.name} port {self.port} is not ACTIVE (state {self.port_attr.state})"
                 )
