@@ -9,7 +9,10 @@ once. Under mpiexec (``mpiexec -n 8 python bench/bench_deep_ep.py``, MPS on one 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -84,6 +87,24 @@ def _time(group, api, fn, iters):
     return statistics.median(walls), statistics.median(hosts)
 
 
+def _profile(group, api, fn, iters, label, top=18):
+    """Rank 0 prints the functions taking the most host time (own time) over ``iters`` calls (each synced)."""
+    prof = cProfile.Profile()
+    for _ in range(iters):
+        group.barrier()
+        if group.rank == 0:
+            prof.enable()
+        fn()
+        if group.rank == 0:
+            prof.disable()
+        api.sync()
+    if group.rank == 0:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+        lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+        print(f"---- profile {label} ({iters} calls)\n" + "\n".join(lines[2:]), flush=True)
+
+
 def _measure(group, args, name):
     """One API's four calls, timed; returns (rows, outputs to compare)."""
     R, backend = group.size, args.backend
@@ -124,6 +145,9 @@ def _measure(group, args, name):
     for call, fn in calls:
         wall, host = _time(group, api, fn, args.iters)
         rows.append(dict(api=name, call=call, wall_us=wall, host_us=host))
+    if args.profile:  # after the timing (the profiler slows the host): where each call's host time goes
+        for call, fn in calls:
+            _profile(group, api, fn, args.profile, f"{name} {call}")
     outputs = [api.host(state[k]) for k in ("recv_x", "combined", "ll_combined")]
     ht.destroy(), ll.destroy()
     return rows, outputs
@@ -148,6 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--inprocess", type=int, default=0, help="this many in-process ranks instead of MPI")
+    p.add_argument("--profile", type=int, default=0, help="then profile this many calls of each (rank 0 prints)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.inprocess:

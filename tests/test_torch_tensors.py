@@ -2,6 +2,7 @@
 backend's own arrays give identical results, as torch tensors of DeepEP's dtypes, with no copy at the crossing.
 CPU backend here; the GPU cases (CUDA tensors, CuPy arrays) are marked gpu."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -214,3 +215,27 @@ def test_no_torch_import_without_tensors():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_receive_hook_runs_on_torch_stream_when_called(monkeypatch):
+    """A call's receive hook, called later (e.g. under a torch side stream), runs with torch's current stream at
+    that time as CuPy's, as the call did: torch's reads of recv_count on that stream then follow the receive (seen
+    on the H100: recv_count read as zeros when the hook ran on CuPy's default stream). The hook's kept inputs stay."""
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(backend):
+        entered.append(backend)
+        yield
+
+    monkeypatch.setattr(torch_tensors, "torch_stream", recording)
+    seen = []
+
+    def hook():
+        seen.append(len(entered))
+
+    hook.inputs = ("x", "topk_idx")
+    wrapped = torch_tensors._outputs((np.zeros(2, np.int32), hook), "gpu")[1]
+    assert entered == [] and wrapped.inputs == ("x", "topk_idx")
+    wrapped()
+    assert seen == [1] and entered == ["gpu"]

@@ -97,10 +97,13 @@ def _is_array(obj) -> bool:
     return cupy is not None and isinstance(obj, cupy.ndarray)
 
 
-def _outputs(result):
-    """The call's result with every array a torch tensor (an FP8 pair's data half as float8_e4m3fn)."""
+def _outputs(result, backend: str):
+    """The call's result with every array a torch tensor (an FP8 pair's data half as float8_e4m3fn), and a receive
+    hook that runs on torch's current stream when it is called (as the call did)."""
     if _is_array(result):
         return to_tensor(result)
+    if callable(result):
+        return _on_torch_stream(result, backend)
     if isinstance(result, tuple | list):
         fp8_pair = (
             isinstance(result, tuple)
@@ -112,9 +115,22 @@ def _outputs(result):
         )
         if fp8_pair:
             return (to_tensor(result[0], fp8=True), to_tensor(result[1]))
-        converted = [_outputs(v) for v in result]
+        converted = [_outputs(v, backend) for v in result]
         return tuple(converted) if isinstance(result, tuple) else converted
     return result
+
+
+def _on_torch_stream(fn, backend: str):
+    """``fn`` (a receive hook) running with torch's current stream at the time it is called as CuPy's: a hook
+    called under a torch side stream receives in that stream's order, so torch's reads of the outputs there follow
+    it. ``functools.wraps`` keeps the hook's attributes (the inputs it holds alive)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch_stream(backend):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 @contextlib.contextmanager
@@ -150,6 +166,6 @@ def accepts_tensors(method):
                     bound.arguments[name] = type(value)(
                         to_array(v, f"{name}[{i}]", backend) if is_tensor(v) else v for i, v in enumerate(value)
                     )
-            return _outputs(method(*bound.args, **bound.kwargs))
+            return _outputs(method(*bound.args, **bound.kwargs), backend)
 
     return call

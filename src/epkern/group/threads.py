@@ -23,6 +23,7 @@ belongs to one rank (one thread).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -280,7 +281,7 @@ def rank_device(device: int | None, rank: int):
         previous = cupy.cuda.get_current_stream()
         stream.use()
         try:
-            with cupy.cuda.using_allocator(pool.malloc):  # thread-local, unlike cupy.cuda.set_allocator
+            with cupy.cuda.using_allocator(pool.malloc), _torch_on(stream, device):
                 yield
         finally:
             try:
@@ -289,6 +290,19 @@ def rank_device(device: int | None, rank: int):
             except Exception:  # noqa: BLE001 - a failed kernel already raised; cleanup must not mask it
                 pass
             previous.use()
+
+
+@contextlib.contextmanager
+def _torch_on(stream, device: int):
+    """Where the process has imported torch: the rank's stream as torch's current stream in this thread too
+    (torch's current stream is per thread), so a rank given torch tensors runs on its own stream (calls given
+    tensors follow torch's current stream) and not on the legacy default stream all ranks would share."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        yield
+        return
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr, device=device)):
+        yield
 
 
 _pools: dict = {}  # (device, rank) -> (cupy MemoryAsyncPool, cudaMemPool_t)
