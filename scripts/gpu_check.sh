@@ -8,7 +8,7 @@
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
 # LLBENCH_TIMEOUT (llmpsbench), LLBENCH_EXTRA (bench_ll.py options, e.g. --zero-copy), HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
-# PYTEST_EXTRA, PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
+# PYTEST_EXTRA, DEEPEP_BENCH_EXTRA (bench_deep_ep.py options, e.g. --profile 5), PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
 # Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
 # variant ~9 s, bench_ht at 4096 tokens ~6 s, rdma tests 3 s, the in-process LL tests 2-3 min.
 set -uo pipefail
@@ -70,7 +70,7 @@ if has deepep; then
     summary+=("deepep n=$n $(($(date +%s) - t0)) s: $(cat "$OUT"/deepep_"${n}"_*.log | grep -c '^OK rank') OK; $(cat "$OUT"/deepep_"${n}"_*.log | grep -m1 -E 'Error|error' | cut -c1-240)")
   done
   # The front end against the CuPy API, same calls, one run: 8 MPS processes (HT 4096 tokens, LL 128, H 7168).
-  timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py --json "$OUT/bench_deep_ep_mps8.json" \
+  timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py ${DEEPEP_BENCH_EXTRA:-} --json "$OUT/bench_deep_ep_mps8.json" \
     >"$OUT/bench_deep_ep_mps8.log" 2>&1
   summary+=("bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s; ", $1, $2, $3, $4}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")")
 fi
