@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import pstats
 import statistics
@@ -99,10 +98,13 @@ def _profile(group, api, fn, iters, label, top=18):
             prof.disable()
         api.sync()
     if group.rank == 0:
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
-        lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
-        print(f"---- profile {label} ({iters} calls)\n" + "\n".join(lines[2:]), flush=True)
+        stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, ncalls, own s, cumulative s, callers)
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+        lines = [f"{'calls':>6} {'own us':>8} {'cum us':>8}  (per profiled call) function"]
+        for (path, line, func), (_, ncalls, own, cum, _) in rows:
+            where = f"{path.split('site-packages/')[-1].split('/src/')[-1]}:{line}({func})"
+            lines.append(f"{ncalls / iters:>6.1f} {own / iters * 1e6:>8.1f} {cum / iters * 1e6:>8.1f}  {where}")
+        print(f"---- profile {label} ({iters} calls)\n" + "\n".join(lines), flush=True)
 
 
 def _measure(group, args, name):

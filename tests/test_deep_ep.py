@@ -2,6 +2,7 @@
 (tests/deep_ep_scenarios.py): random and skewed routings, cached and non-cached HT, LL with BF16 / FP8 / hook, each
 exact against epkern's reference. CPU backend: in-process ranks, and processes under torch.distributed (gloo)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -189,3 +190,43 @@ def test_ll_outputs_come_from_torch_inside_a_graph_capture(monkeypatch, use_fp8)
     kinds = sorted(tuple(sorted(m)) for m in made)
     want_dispatch = tuple(sorted(["out_x", "out_src_info", "out_layout_range", "out_count"] + ["out_scales"] * use_fp8))
     assert kinds == sorted([want_dispatch] * R + [("out",)] * R), kinds
+
+
+def test_every_tensor_conversion_runs_on_torch_stream(monkeypatch):
+    """Every output, handle field and Buffer view becomes a torch tensor inside ``torch_stream`` (torch's current
+    stream as CuPy's): outside it, DLPack orders CuPy's stream against torch's with an event — a wasted sync per
+    tensor, and inside a torch.cuda.graph capture a cudaErrorStreamCaptureIsolation (seen on the H200 at the LL
+    handle's fields). The CPU backend runs the same code with a recording stand-in."""
+    from epkern import torch_tensors
+
+    depth, outside = [0], []
+    real_to_tensor = torch_tensors.to_tensor
+
+    @contextlib.contextmanager
+    def counting(backend):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def checking(arr, fp8=False):
+        if depth[0] == 0:
+            outside.append(tuple(arr.shape))
+        return real_to_tensor(arr, fp8)
+
+    monkeypatch.setattr(torch_tensors, "torch_stream", counting)
+    monkeypatch.setattr(torch_tensors, "to_tensor", checking)
+
+    def body(group):
+        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 24, backend="cpu")
+        deep_ep_scenarios.ht_case(buf, group, "random")
+        buf.destroy()
+        nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(48, H, group.size, 8 * group.size)
+        buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="cpu")
+        deep_ep_scenarios.ll_case(buf, group, False, 48, zero_copy=True)
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, 2) == [True] * 2
+    assert outside == []

@@ -138,6 +138,13 @@ def _forwarded(
 
     @functools.wraps(native)
     def call(self, *args, **kwargs):
+        # The whole call on torch's current stream, the handle's and event's tensors too: a conversion outside it
+        # would order CuPy's stream against torch's with an event (a wasted sync; inside a torch.cuda.graph capture,
+        # cudaErrorStreamCaptureIsolation, seen on the H200).
+        with torch_tensors.torch_stream(self.backend):
+            return forward(self, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
         bound = signature.bind(self._buf, *args, **kwargs)
         given = dict(bound.arguments)
         arguments = bound.arguments
@@ -284,7 +291,8 @@ class Buffer:
                 f"size: {tuple(size)} needs {need} elements of {dtype}; the {what} area holds {numel} from "
                 f"offset {offset}"
             )
-        t = torch_tensors.to_tensor(area[offset : offset + numel * element]).view(dtype)
+        with torch_tensors.torch_stream(self.backend):
+            t = torch_tensors.to_tensor(area[offset : offset + numel * element]).view(dtype)
         return t if size is None else t[:need].view(size)
 
     # ---- helpers ----
@@ -331,13 +339,15 @@ class Buffer:
 
     def get_next_low_latency_combine_buffer(self, handle):
         native = self._native_handle(handle, "low_latency_dispatch")
-        return torch_tensors.to_tensor(self._buf.get_next_low_latency_combine_buffer(native))
+        with torch_tensors.torch_stream(self.backend):
+            return torch_tensors.to_tensor(self._buf.get_next_low_latency_combine_buffer(native))
 
     def get_combine_buffer(self, handle):
         """epkern's own (DeepEP has none): a BF16 [N, H] tensor in the Buffer's memory for the expert outputs, which
         ``combine(y, handle)`` then reads in place instead of copying them in first (between processes)."""
         native = self._native_handle(handle, "dispatch")
-        return torch_tensors.to_tensor(self._buf.get_combine_buffer(native))
+        with torch_tensors.torch_stream(self.backend):
+            return torch_tensors.to_tensor(self._buf.get_combine_buffer(native))
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         self._buf.low_latency_update_mask_buffer(rank_to_mask, mask)

@@ -144,6 +144,9 @@ def torch_stream(backend: str):
     import torch
 
     stream = torch.cuda.current_stream()
+    if cupy.cuda.get_current_stream().ptr == stream.cuda_stream:  # already (an outer call, or both the default)
+        yield
+        return
     with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index):
         yield
 
