@@ -39,6 +39,12 @@ def main(argv=None) -> int:
     a = cupy.zeros((128, 7168), dtype=cupy.int16)
     side = torch.cuda.Stream()
 
+    def unowned_view():  # a CuPy view built from the tensor's pointer, holding the tensor (no DLPack)
+        size = t.element_size()
+        mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * size, t, device_id=t.device.index)
+        strides = tuple(st * size for st in t.stride())
+        return cupy.ndarray(tuple(t.shape), cupy.int16, cupy.cuda.MemoryPointer(mem, 0), strides=strides)
+
     def external_stream():
         with cupy.cuda.ExternalStream(side.cuda_stream):
             pass
@@ -50,6 +56,7 @@ def main(argv=None) -> int:
     ways = {
         "torch->cupy cupy.from_dlpack(t)": lambda: cupy.from_dlpack(t),
         "torch->cupy torch_tensors.to_array": lambda: torch_tensors.to_array(t, "t", "gpu"),
+        "torch->cupy UnownedMemory view": unowned_view,
         "cupy->torch torch.from_dlpack(a)": lambda: torch.from_dlpack(a),
         "cupy->torch from_dlpack(a.__dlpack__(stream=-1))": lambda: torch.utils.dlpack.from_dlpack(
             a.__dlpack__(stream=-1)
@@ -61,7 +68,7 @@ def main(argv=None) -> int:
         "torch_tensors.torch_stream('gpu') enter+exit": front_end_stream,
         "torch.cuda.is_current_stream_capturing()": torch.cuda.is_current_stream_capturing,
     }
-    assert cupy.from_dlpack(t).data.ptr == t.data_ptr()
+    assert cupy.from_dlpack(t).data.ptr == t.data_ptr() == unowned_view().data.ptr
     assert torch.utils.dlpack.from_dlpack(a.__dlpack__(stream=-1)).data_ptr() == a.data.ptr
     print(f"{'crossing':<56} {'us':>7}   (one process, median of {args.rounds} x {args.n})")
     for where in ("default stream", "torch side stream"):

@@ -230,3 +230,28 @@ def test_every_tensor_conversion_runs_on_torch_stream(monkeypatch):
 
     assert run_in_process(body, 2) == [True] * 2
     assert outside == []
+
+
+def test_arguments_are_named_as_python_binds_them():
+    """deep_ep names the arguments itself (no inspect.Signature.bind per call): positional and keyword arguments
+    reach the native call under the right names, and the binding errors are Python's TypeErrors."""
+
+    def body(group):
+        nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(48, H, group.size, 8 * group.size)
+        buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="cpu")
+        x = torch.ones((T, H), dtype=torch.bfloat16)
+        idx = torch.arange(T * K, dtype=torch.int64).reshape(T, K) % (8 * group.size)
+        a = buf.low_latency_dispatch(x, idx, 48, 8 * group.size, None, None, False)  # positional up to use_fp8
+        b = buf.low_latency_dispatch(x, topk_idx=idx, num_experts=8 * group.size, num_max_dispatch_tokens_per_rank=48,
+                                     use_fp8=False)  # fmt: skip
+        assert a[0].dtype == b[0].dtype == torch.bfloat16 and torch.equal(a[1], b[1])
+        with pytest.raises(TypeError, match="multiple values for argument 'x'"):
+            buf.low_latency_dispatch(x, idx, 48, 8 * group.size, x=x)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'topk_index'"):
+            buf.low_latency_dispatch(x, topk_index=idx, num_max_dispatch_tokens_per_rank=48, num_experts=16)
+        with pytest.raises(TypeError, match="arguments besides self"):
+            buf.low_latency_dispatch(*([None] * 40))
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, 2) == [True] * 2
