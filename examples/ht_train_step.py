@@ -91,8 +91,10 @@ def train(group, backend="auto", steps=3):
                 num_tokens_per_expert=per_expert,
             )
             recv_idx, recv_w = to_host(recv_idx), to_host(recv_w)  # the stand-in experts run on the host
-            y = expert(to_host(recv_x), recv_idx, recv_w, rank)
-            combined_x, combined_w, _ = buf.combine(to_dev(y), handle, topk_weights=to_dev(recv_w))
+            # the expert output goes straight into the Buffer (e.g. cupy.matmul(..., out=y)): combined in place
+            y = buf.get_combine_buffer(handle)
+            y[...] = to_dev(expert(to_host(recv_x), recv_idx, recv_w, rank))
+            combined_x, combined_w, _ = buf.combine(y, handle, topk_weights=to_dev(recv_w))
 
             # backward: the output gradient takes the same routes (cached dispatch: handle, no layout)
             recv_g, _, _, _, _, _ = buf.dispatch(to_dev(g_np), handle=handle)
