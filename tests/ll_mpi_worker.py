@@ -46,7 +46,7 @@ def main():
         with Buffer(group, allow_nvlink_for_low_latency_mode=hybrid, **kw) as buf:
             ll_proxy_scenarios.run_proxy_cases(buf, group, hybrid)
             ll_proxy_scenarios.run_proxy_counters(buf, group, hybrid)
-            ll_scenarios.run_graph_replays(buf, group, 100)
+            ll_proxy_scenarios.run_proxy_back_to_back(buf, group)  # graph capture is refused over PROXY
         print(f"OK rank {group.rank} of {R} proxy {proxy[0]}", flush=True)
         return
     if "--graph-zero-copy-recv" in sys.argv:  # the zero_copy_recv graph replays alone (diagnostics)

@@ -71,3 +71,39 @@ def run_proxy_counters(buf, group, hybrid: bool, num_tokens=64, hidden=2048, top
         assert d["wqes"] == wqes and d["bytes"] == nbytes, (r, p, d, wqes, nbytes)
         assert 1 <= d["doorbells"] <= wqes and d["cqes"] <= d["doorbells"] and d["errors"] == 0, (r, p, d)
     assert not proxy.failed, proxy.service.errors
+
+
+def run_proxy_back_to_back(buf, group, replays=100):
+    """Dispatch + combine pairs issued back to back, no host wait between the two calls (run_graph_replays without
+    the capture: the pair whose dispatch timed out on PROXY peers' counts on the first GPU run), plain, prepared and
+    zero-copy; then a capture is refused."""
+    ll_scenarios.run_graph_replays(buf, group, replays, graph=False)
+    ll_scenarios.run_graph_replays(buf, group, 30, graph=False, prepared=True)
+    ll_scenarios.run_graph_replays(buf, group, 30, graph=False, zero_copy=True)
+    run_capture_refused(buf, group)
+
+
+def run_capture_refused(buf, group, num_tokens=32, hidden=2048, topk=4, num_max=128):
+    """A CUDA graph capture of an LL call over the PROXY route raises ArgumentError (engine.PROXY_NO_CAPTURE) before
+    anything is launched or counted; an eager pair after it is exact."""
+    import cupy
+
+    from epkern.errors import ArgumentError
+
+    eng = buf._backend.ll
+    x = cupy.zeros((num_tokens, hidden), ll_scenarios.BF16)
+    idx = cupy.full((num_tokens, topk), -1, np.int64)
+    sends = eng.sends
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            buf.low_latency_dispatch(x, idx, num_max, 8 * group.size, use_fp8=False)
+        except ArgumentError as exc:
+            assert "CUDA graph capture: not with peers reached over the PROXY route" in str(exc), exc
+        else:
+            raise AssertionError("a capture over the PROXY route was not refused")
+        finally:
+            stream.end_capture()
+    assert eng.sends == sends
+    ll_scenarios.run_ll_case(buf, group, num_tokens, hidden, 8 * group.size, topk, num_max=num_max)

@@ -265,3 +265,148 @@ def test_a_failed_construction_closes_the_proxy(fake, monkeypatch):
 
     _on_ranks(body, 2, 1)
     assert not _proxy_threads()
+
+
+# ---- nothing queued behind a PROXY kernel (first GPU run, H100: the first dispatch with its combine queued behind it
+# timed out on each of 8 MPS ranks waiting for a PROXY peer's count) ----
+
+
+class _InFlightStream(F.Stream):
+    """A rank's comm stream whose LL kernels stay in flight for a few ``done`` polls (cudaStreamQuery) after their
+    launch: a host that returns from a PROXY call without waiting for them leaves one ``in_flight``."""
+
+    def __init__(self, ptr, launches):
+        super().__init__(ptr=ptr)
+        self.launches, self.seen, self.left = launches, 0, 0
+
+    @property
+    def in_flight(self) -> bool:
+        n = sum(1 for x in self.launches if x[6] == self.ptr and x[1].startswith("epk_ll_") and int(x[5][0]) == 0)
+        if n > self.seen:
+            self.seen, self.left = n, 3
+        return self.left > 0
+
+    @property
+    def done(self) -> bool:
+        if not self.in_flight:
+            return True
+        self.left -= 1
+        return False
+
+
+def _ll_arrays(group):
+    import cupy
+
+    R, e_loc = group.size, E // group.size
+    rows = R * NUM_MAX
+    x = cupy.asarray(np.ones((4, H), ml_dtypes.bfloat16))
+    idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64), (4, 1)))
+    w = cupy.asarray(np.ones((4, 2), np.float32))
+    y = cupy.asarray(np.zeros((e_loc, rows, H), ml_dtypes.bfloat16))
+    outs = dict(
+        out_x=cupy.empty((e_loc, rows, H), ml_dtypes.bfloat16),
+        out_src_info=cupy.empty((e_loc, rows), np.int32),
+        out_layout_range=cupy.empty((e_loc, R), np.int64),
+        out_count=cupy.empty((e_loc,), np.int32),
+    )
+    return x, idx, w, y, outs, cupy.empty((4, H), ml_dtypes.bfloat16)
+
+
+def test_a_proxy_call_returns_only_after_its_kernels_ended(fake):
+    """Every LL call over PROXY (validated, replayed from its plan, async_finish, a receive hook) returns only once its
+    kernels ended, and the caller's stream is made to wait only then: nothing (the next call, the caller's work) is
+    ever queued behind a PROXY kernel, which waits for the emulated NIC's CUDA copies. Before: the caller's stream
+    waited on the running kernel, async_finish returned with it running, and repeats went straight onto the caller's
+    stream."""
+    import cupy
+
+    def body(group):
+        buf = _buffer(group, transport="proxy")
+        rt, eng = buf._backend.rt, buf._backend.ll
+        comm = rt.comm_stream = _InFlightStream(rt.comm_stream.ptr, fake)
+        caller = cupy.cuda.get_current_stream()
+        waits, wait = [], caller.wait_event
+        caller.wait_event = lambda ev: (waits.append(comm.in_flight), wait(ev))[1]
+        x, idx, w, y, outs, out = _ll_arrays(group)
+        for async_finish in (False, True):
+            for _ in range(3):  # validated, then replayed from the plan
+                *_, handle, _, _ = buf.low_latency_dispatch(
+                    x, idx, NUM_MAX, E, use_fp8=False, async_finish=async_finish, **outs
+                )
+                assert not comm.in_flight, async_finish
+                buf.low_latency_combine(y, idx, w, handle, out=out, async_finish=async_finish)
+                assert not comm.in_flight, async_finish
+        *_, handle, _, hook = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, return_recv_hook=True)
+        assert not comm.in_flight
+        hook()
+        assert not comm.in_flight
+        assert waits and not any(waits), waits  # the caller's stream never waited on a kernel in flight
+        assert eng.replays >= 8 and eng.direct == 0, (eng.replays, eng.direct)
+        buf.destroy()
+
+    _on_ranks(body, 2, 1)
+    assert not _proxy_threads()
+
+
+def test_graph_capture_over_the_proxy_route_is_refused(fake):
+    """Inside a CUDA graph capture every LL call of a PROXY Buffer (validated, replayed from a plan, prepared, a
+    receive hook) raises ArgumentError naming the reason, before anything is launched or counted; the Buffer stays
+    usable. An all-IPC Buffer still captures (tests/test_gpu_host_paths_cpu.py)."""
+    import cupy
+
+    def body(group):
+        buf = _buffer(group, transport="proxy")
+        rt, eng = buf._backend.rt, buf._backend.ll
+        x, idx, w, y, outs, out = _ll_arrays(group)
+
+        def dispatch(**kw):
+            return buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **kw)
+
+        *_, handle, _, _ = dispatch(**outs)  # eager: warm, agreed, a plan
+        buf.low_latency_combine(y, idx, w, handle, out=out)
+        prepared = buf.prepare_low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+        prepared()
+        *_, hook = dispatch(return_recv_hook=True)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        mine = (rt.comm_stream.ptr, stream.ptr)
+        launched = sum(1 for x_ in fake if x_[6] in mine)
+        sends = eng.sends
+        calls = [
+            lambda: dispatch(**outs),  # replayed from its plan
+            dispatch,  # validated (outputs allocated)
+            prepared,
+            lambda: buf.low_latency_combine(y, idx, w, handle, out=out),
+            hook,
+        ]
+        with stream:
+            stream.begin_capture()
+            for call in calls:
+                with pytest.raises(ArgumentError, match=r"CUDA graph capture: not with peers reached over the PROXY"):
+                    call()
+            graph = stream.end_capture()
+        assert not graph.captured and eng.sends == sends and sum(1 for x_ in fake if x_[6] in mine) == launched
+        hook()  # the hook was not used up by the refused call
+        dispatch(**outs)
+        buf.check()
+        buf.destroy()
+
+    _on_ranks(body, 2, 1)
+    assert not _proxy_threads()
+
+
+def test_a_timeout_naming_a_proxy_peer_says_what_the_host_side_did(fake):
+    from epkern.errors import TimeoutError as EpkTimeout
+    from epkern.gpu.ll.layout import LL_PHASES
+
+    phase = next(p for p, what in LL_PHASES.items() if "token count" in what)
+
+    def body(group):
+        buf = _buffer(group, transport="proxy")
+        peer = 1 - group.rank
+        with pytest.raises(EpkTimeout, match=rf"peer {peer} did not answer.*\[PROXY route to peer {peer}: FIFO 0 "
+                           r"consumed 0 triggers; QP 0 WQEs posted, 0 executed by the NIC, 0 retired; the NIC "
+                           r"thread's longest pass 0\.\d\d s\]"):  # fmt: skip
+            buf._backend.ll_masks.raise_recoverable(1, group.rank, phase, peer, 22, 24)
+        buf.destroy()
+
+    _on_ranks(body, 2, 1)

@@ -67,6 +67,7 @@ class EmulatedNic(NicObservation, WqeExecution):
         self._cv = threading.Condition()
         self._pending: list[QueuePair] = []
         self._busy = False
+        self.longest_pass_s = 0.0  # longest time the thread spent on one batch of doorbells (a stalled copy shows)
         self._closing = False
         self._closed = False
         self._qps: list[QueuePair] = []
@@ -186,6 +187,7 @@ class EmulatedNic(NicObservation, WqeExecution):
                 work, self._pending = self._pending, []
                 self._busy = True
             backoff = self.POLL_MIN_S
+            started = time.monotonic()
             for qp in work:
                 try:
                     self._process(qp)
@@ -193,4 +195,5 @@ class EmulatedNic(NicObservation, WqeExecution):
                     self._fault(qp, qp._ci, W.MLX5_CQE_SYNDROME_LOCAL_QP_OP_ERR, f"internal error: {e!r}")
             with self._cv:
                 self._busy = False
+                self.longest_pass_s = max(self.longest_pass_s, time.monotonic() - started)
                 self._cv.notify_all()

@@ -302,6 +302,11 @@ class ProxyService:
         if errs:
             raise ProxyError(f"proxy service {self.name}: {len(errs)} error(s): " + "; ".join(errs))
 
+    def posted(self, peer: int) -> list[tuple[int, int]]:
+        """(WQEs posted, WQEs retired) of each QP to ``peer`` (a diagnostic; read without the QP locks)."""
+        states = self._routes.get(int(peer), ((),))[0]
+        return [(q.pi, q.retired) for q in states]
+
     def stats(self) -> ProxyStats:
         total = ProxyStats()
         for w in self._workers:

@@ -107,7 +107,9 @@ class LLCombine:
             EPK_POLL_SLEEP_NS=eng.poll_sleep_ns,
             EPK_LL_PROXY=eng.proxy_build,
         )
-        eng.ensure_warm(LL_COMBINE, defines, cupy.cuda.get_current_stream())
+        caller = cupy.cuda.get_current_stream()
+        eng.refuse_capture(caller)
+        eng.ensure_warm(LL_COMBINE, defines, caller)
 
         compute = rt.begin(None, async_finish)
         with rt.on_comm_stream():
@@ -140,7 +142,7 @@ class LLCombine:
             launch = eng.validated_launcher(LL_COMBINE, defines, args)
             launch(eng.first_phase(return_recv_hook), 0)
             eng.issued()
-        event = rt.end(compute, async_finish)
+        event = eng.end(compute, async_finish)
         hook = eng.make_hook(launch, x, topk_idx, topk_weights) if return_recv_hook else None
         if plan_key is not None:  # preallocated: repeat calls can replay this one
             eng.keep_plan(plan_key, plan_shapes, LL_COMBINE, defines, args, out, plan_refs)

@@ -168,6 +168,7 @@ class LLDispatch:
             EPK_LL_PROXY=eng.proxy_build,
         )
         caller = cupy.cuda.get_current_stream()
+        eng.refuse_capture(caller)
         eng.ensure_warm(LL_DISPATCH, defines, caller)
         eng.agree(st, caller)  # collective on first use; after every local check
 
@@ -226,7 +227,7 @@ class LLDispatch:
             launch = eng.validated_launcher(LL_DISPATCH, defines, args)
             launch(eng.first_phase(return_recv_hook), 0)
             eng.issued()
-        event = rt.end(compute, async_finish)
+        event = eng.end(compute, async_finish)
         handle = api_checks.stamp(GpuLLHandle(src_info, layout_range, num_max, H, num_experts, lay), eng.rt)
         hook = eng.make_hook(launch, x, topk_idx) if return_recv_hook else None
         out = (recv_x, recv_scales) if use_fp8 else recv_x

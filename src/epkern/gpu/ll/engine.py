@@ -16,6 +16,11 @@ the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its 
   proxy threads are the backend's ``ProxyTransport``). Pull or push is chosen from them: receivers pull rows from
   peers reached by IPC; any other route pushes. The kernels carry the PROXY code only when a route needs it
   (``EPK_LL_PROXY``), so an all-IPC Buffer runs the same kernels as before.
+- PROXY calls complete on the host before they return, and CUDA graph capture of them is refused
+  (:data:`PROXY_NO_CAPTURE`): a PROXY kernel waits for the emulated NIC's copies, CUDA work that a host thread
+  issues on a stream of its own, and nothing may sit queued behind that kernel meanwhile. On the H100 (8 MPS
+  processes) the first PROXY dispatch that had its combine queued behind it timed out on every rank waiting for a
+  PROXY peer's count (``tests/ll_scenarios.run_graph_replays``' eager first pair; IPC peers answered).
 """
 
 from __future__ import annotations
@@ -82,6 +87,16 @@ class SizeState:
 
 _NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
 
+PROXY_NO_CAPTURE = (
+    "CUDA graph capture: not with peers reached over the PROXY route (other nodes, emulated NIC). A PROXY kernel "
+    "waits for the emulated NIC's copies, CUDA work a host thread issues on a stream of its own, and in a captured "
+    "pair the combine (and the caller's later work) is queued behind the dispatch while it waits. Seen on the H100 "
+    "(8 MPS processes): the first PROXY dispatch with its combine queued behind it timed out on every rank waiting "
+    "for a PROXY peer's count (suspected: the copies wait behind that work on a shared hardware work queue). Call "
+    "low_latency_dispatch / low_latency_combine without capture (a PROXY call completes before it returns), or "
+    "keep every peer on IPC"
+)
+
 
 class LLEngine:
     def __init__(self, rt, tuning, routes=None, proxy=None):
@@ -99,6 +114,7 @@ class LLEngine:
         routes = [int(r) for r in routes]
         self.routes = tuple(routes)
         self.proxy_build = int(ROUTE_PROXY in routes)  # EPK_LL_PROXY of this Buffer's LL kernels
+        self.proxy = proxy  # named in a PROXY peer's timeout (masks.py)
         words = np.zeros(STATE_ROUTE + rt.num_ranks, dtype=np.int32)
         words[STATE_ROUTE:] = routes
         if proxy is not None:
@@ -170,6 +186,22 @@ class LLEngine:
                 f"the same on all ranks, got {seen}"
             )
         st.agreed = True
+
+    def refuse_capture(self, stream) -> None:
+        """ArgumentError (before anything is launched or counted) for a PROXY Buffer's call inside a CUDA graph
+        capture. Asks CUDA only for PROXY Buffers: the IPC hot path is unchanged."""
+        if self.proxy_build and capturing(stream):
+            raise ArgumentError(PROXY_NO_CAPTURE)
+
+    def end(self, compute, async_finish: bool) -> EventHandle:
+        """``rt.end`` of an LL call. PROXY: first the host waits (bounded, polling: the proxy threads keep running)
+        until this call's kernels ended, so that neither the caller's stream nor the next call is ever queued behind
+        a PROXY kernel (which waits for the emulated NIC's CUDA copies); its own failure raises here."""
+        rt = self.rt
+        if self.proxy_build:
+            rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (PROXY route)", True)
+            rt.raise_recorded()
+        return rt.end(compute, async_finish)
 
     def ensure_warm(self, spec, defines: dict, stream) -> None:
         if not self.rt.is_warm(spec, defines) and capturing(stream):
@@ -264,10 +296,12 @@ class LLEngine:
         import cupy
 
         rt = self.rt
+        compute = cupy.cuda.get_current_stream()
+        self.refuse_capture(compute)
         self.replays += 1
         phase = self.first_phase(return_recv_hook)
-        compute = cupy.cuda.get_current_stream()
-        if compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook:
+        direct = compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook and not self.proxy_build
+        if direct:
             # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and
             # the caller waits for this call: the launch goes straight onto that stream as a captured graph, with no
             # comm-stream round trip (two events, two waits).
@@ -291,7 +325,7 @@ class LLEngine:
         with rt.on_comm_stream():
             plan.launch(phase, 0)
             self.issued()
-        event = rt.end(compute, async_finish)
+        event = self.end(compute, async_finish)
         hook = self.make_hook(plan.launch, *plan.refs[:hook_refs]) if return_recv_hook else None
         return event, hook
 
@@ -306,11 +340,14 @@ class LLEngine:
             if called:
                 raise ArgumentError("hook: a receive hook can be called once")
             rt.check_usable()
+            import cupy
+
+            self.refuse_capture(cupy.cuda.get_current_stream())
             called.append(True)
             compute = rt.begin(None)
             with rt.on_comm_stream():
                 launch(PHASE_RECV, self.sends - sent_at)
-            rt.end(compute, False)
+            self.end(compute, False)
 
         hook.inputs = keep  # the call's inputs stay alive as long as its receive may still be enqueued
         return hook

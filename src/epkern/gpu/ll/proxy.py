@@ -128,6 +128,23 @@ class ProxyTransport:
         if self.service is not None and self.service.failed:
             raise EpkernError(f"rank {self.rank}: PROXY route failed: " + "; ".join(self.service.errors))
 
+    def describe(self, peer: int) -> str:
+        """What the host side did for ``peer`` (a timeout naming it tells the story): its FIFO's consumed
+        triggers, its QP's WQEs posted / executed by the NIC / retired, the NIC thread's longest pass (a copy
+        that cannot run while the kernel waits for it shows as a pass of about the deadline), proxy errors."""
+        qp = self.qps.get(peer)
+        if qp is None or self.service is None:
+            return ""
+        fifo = self.fifo_of_peer(peer)
+        posted, retired = self.service.posted(peer)[0]
+        text = (
+            f"PROXY route to peer {peer}: FIFO {fifo} consumed {self.fifos[fifo].consumed} triggers; QP {posted} "
+            f"WQEs posted, {qp.counters.wqes} executed by the NIC, {retired} retired; the NIC thread's longest "
+            f"pass {getattr(self.nic, 'longest_pass_s', 0.0):.2f} s"
+        )
+        errors = self.service.errors
+        return text + (f"; proxy errors: {'; '.join(errors)}" if errors else "")
+
     def counters(self) -> dict:
         """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
         return {p: dict(vars(qp.counters)) for p, qp in self.qps.items()}
