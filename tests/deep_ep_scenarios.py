@@ -180,7 +180,7 @@ def local_buffer_case(buf, device="cuda"):
     at an offset (the same memory, no copy); the view keeps the memory alive; a size beyond the area is refused."""
     torch = _torch()
     whole = buf.get_local_buffer_tensor(torch.int32, use_rdma_buffer=True)
-    assert whole.device.type == "cuda" and whole.numel() * 4 <= buf.num_rdma_bytes
+    assert whole.device.type == "cuda" and whole.numel() == buf.num_rdma_bytes // 4  # DeepEP: the bytes asked for
     part = buf.get_local_buffer_tensor(torch.int32, size=(4, 8), offset=64, use_rdma_buffer=True)
     assert part.data_ptr() == whole.data_ptr() + 64 and part.shape == (4, 8)
     part.copy_(torch.arange(32, dtype=torch.int32, device=device).view(4, 8))

@@ -159,13 +159,31 @@ def test_the_crossing_copies_nothing():
 
 @pytest.mark.gpu
 def test_the_crossing_copies_nothing_on_the_gpu():
+    """Both ways are views (the CuPy side is built from the tensor's pointer and strides): same pointer, shape,
+    strides and values, for contiguous, transposed, sliced, bool and empty tensors; writes show through."""
+    import cupy
+
+    base = torch.arange(48, dtype=torch.int32, device="cuda").reshape(6, 8)
     for t in (torch.arange(12, dtype=torch.int64, device="cuda").reshape(3, 4),
               torch.ones(5, 8, dtype=torch.bfloat16, device="cuda"),
-              torch.zeros(4, 16, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)):  # fmt: skip
+              torch.zeros(4, 16, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn),
+              base.t(), base[1:5:2, 3:], torch.rand(7, device="cuda") > 0.5,
+              torch.rand(3, 5, device="cuda").t(), torch.empty(0, 4, dtype=torch.int64, device="cuda")):  # fmt: skip
         arr = torch_tensors.to_array(t, "x", "gpu")
-        assert arr.data.ptr == t.data_ptr() and arr.nbytes == t.numel() * t.element_size()
+        assert arr.shape == tuple(t.shape) and arr.strides == tuple(st * t.element_size() for st in t.stride())
+        if t.numel():
+            assert arr.data.ptr == t.data_ptr()
+            flat = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+            flat = flat.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else flat
+            assert np.array_equal(cupy.asnumpy(arr.view(flat.cpu().numpy().dtype)), flat.cpu().numpy())
         back = torch_tensors.to_tensor(arr, fp8=t.dtype == torch.float8_e4m3fn)
-        assert back.data_ptr() == t.data_ptr() and back.dtype == t.dtype and back.shape == t.shape
+        assert back.dtype == t.dtype and back.shape == t.shape and back.stride() == t.stride()
+        if t.numel():
+            assert back.data_ptr() == t.data_ptr()
+    arr = torch_tensors.to_array(base, "x", "gpu")
+    arr[2, 3] = -5  # a write through the CuPy view shows in the tensor
+    torch.cuda.synchronize()
+    assert base[2, 3].item() == -5
 
 
 @pytest.mark.gpu

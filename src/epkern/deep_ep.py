@@ -278,7 +278,8 @@ class Buffer:
 
     def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
         """DeepEP's raw view of this rank's Buffer memory: the HT area (``num_nvl_bytes``) or, with
-        ``use_rdma_buffer``, the LL area, from byte ``offset``, as ``dtype`` elements (all that fit, or the first
+        ``use_rdma_buffer``, the LL area (their first ``num_nvl_bytes`` / ``num_rdma_bytes``, as DeepEP's), from byte
+        ``offset``, as ``dtype`` elements (all that fit, or the first
         ``size``'s worth shaped as ``size``). The calls' outputs and the kernels' working data live there, so
         writing it changes them, as in DeepEP. The tensor keeps the memory alive after ``destroy()``."""
         if not isinstance(dtype, torch.dtype):
@@ -290,6 +291,11 @@ class Buffer:
         if self.backend != "gpu":
             raise EpkernError("get_local_buffer_tensor: the CPU backend has no device buffer memory")
         area = self._buf._backend.rt.raw_area(bool(use_rdma_buffer))
+        # DeepEP's view spans the bytes the Buffer was asked for; epkern's area may be rounded up beyond them
+        # (seen with 2 ranks on the H200: the LL area exceeded num_rdma_bytes)
+        asked = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        if 0 < asked < area.nbytes:
+            area = area[:asked]
         numel = max(area.nbytes - offset, 0) // element
         need = numel if size is None else int(torch.Size(size).numel())
         if need > numel:
