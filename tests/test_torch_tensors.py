@@ -158,11 +158,19 @@ def test_the_crossing_copies_nothing():
 
 
 @pytest.mark.gpu
-def test_the_crossing_copies_nothing_on_the_gpu():
-    """Both ways are views (the CuPy side is built from the tensor's pointer and strides): same pointer, shape,
-    strides and values, for contiguous, transposed, sliced, bool and empty tensors; writes show through."""
+@pytest.mark.parametrize("in_call", [False, True])
+def test_the_crossing_copies_nothing_on_the_gpu(in_call):
+    """Both ways are views: same pointer, shape, strides and values, for contiguous, transposed, sliced, bool and
+    empty tensors; writes show through. ``in_call``: inside ``torch_stream``, as epkern's calls convert (the CuPy
+    side built from the tensor's pointer and strides, the torch side from a capsule without stream handshake);
+    outside it, through DLPack's ordered exchange."""
     import cupy
 
+    with torch_tensors.torch_stream("gpu") if in_call else contextlib.nullcontext():
+        _crossing_checks(cupy)
+
+
+def _crossing_checks(cupy):
     base = torch.arange(48, dtype=torch.int32, device="cuda").reshape(6, 8)
     for t in (torch.arange(12, dtype=torch.int64, device="cuda").reshape(3, 4),
               torch.ones(5, 8, dtype=torch.bfloat16, device="cuda"),
@@ -266,3 +274,38 @@ def test_receive_hook_runs_on_torch_stream_when_called(monkeypatch):
     assert entered == [] and wrapped.inputs == ("x", "topk_idx")
     wrapped()
     assert seen == [1] and entered == ["gpu"]
+
+
+def test_cupy_view_describes_the_tensor_memory(monkeypatch):
+    """The CuPy view made inside a call (``_cupy_view``) from a tensor's pointer, shape and strides covers exactly
+    the tensor's elements: rebuilt over the base tensor's memory from what it handed CuPy, it equals the tensor
+    (contiguous, transposed, sliced with steps, one element), and its byte range lies inside the base."""
+    import types
+
+    made = {}
+
+    class Memory:
+        def __init__(self, ptr, size, owner, device_id=None):
+            made.update(ptr=ptr, size=size, owner=owner)
+
+    class Pointer:
+        def __init__(self, mem, offset):
+            made["offset"] = offset
+
+    class Array:
+        def __init__(self, shape, dtype, memptr, strides=None):
+            made.update(shape=shape, dtype=dtype, strides=strides)
+
+    cuda = types.SimpleNamespace(UnownedMemory=Memory, MemoryPointer=Pointer)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda, ndarray=Array))
+    base = torch.arange(96, dtype=torch.int32).reshape(8, 12)
+    flat = base.numpy().reshape(-1)
+    for t in (base, base.t(), base[1:7:2, 3:11:3], base[2:3, 5:6], base[:, 4], base.t()[::3]):
+        torch_tensors._cupy_view(t)
+        assert made["owner"] is t and made["offset"] == 0 and made["dtype"] == np.int32
+        start = (made["ptr"] - base.data_ptr()) // 4
+        assert 0 <= start and made["ptr"] + made["size"] <= base.data_ptr() + base.numel() * 4
+        view = np.lib.stride_tricks.as_strided(flat[start:], shape=made["shape"], strides=made["strides"])
+        assert np.array_equal(view, t.numpy())
+        last = made["ptr"] + sum((n - 1) * s for n, s in zip(made["shape"], made["strides"], strict=True))
+        assert last + 4 == made["ptr"] + made["size"]  # the extent ends at the last element

@@ -26,6 +26,8 @@ import numpy as np
 
 from .errors import ArgumentError
 
+_in_call = threading.local()  # depth of torch_stream in this thread: an inner one (deep_ep -> native) adds nothing
+
 
 def is_tensor(obj) -> bool:
     """Whether ``obj`` is a torch tensor (without importing torch if nobody has)."""
@@ -63,7 +65,12 @@ def to_array(tensor, name: str, backend: str):
         tensor = tensor.view(torch.uint8)
     try:
         if backend == "gpu":
-            arr = _cupy_view(tensor)
+            if getattr(_in_call, "depth", 0):  # inside a call: CuPy's stream is torch's, no ordering needed
+                arr = _cupy_view(tensor)
+            else:  # a direct use: DLPack orders torch's current stream before CuPy's
+                import cupy
+
+                arr = cupy.from_dlpack(tensor.detach())
         else:
             arr = np.from_dlpack(tensor.detach())
     except (BufferError, TypeError, KeyError, RuntimeError, ValueError) as exc:
@@ -74,9 +81,9 @@ def to_array(tensor, name: str, backend: str):
 def _cupy_view(tensor):
     """A CuPy array over a CUDA tensor's memory, holding the tensor: built from its pointer, shape and strides, as
     DLPack would describe them but without DLPack's stream handshake (on the H200: 3.7 µs against 29 µs for
-    ``cupy.from_dlpack``, whose torch side asks for the current stream; bench/bench_tensor_crossing.py). The call
-    runs on torch's current stream (``torch_stream``), so no ordering is needed. Dtypes DLPack cannot carry are
-    refused like DLPack refuses them."""
+    ``cupy.from_dlpack``, whose torch side asks for the current stream; bench/bench_tensor_crossing.py). Used only
+    inside a call (``torch_stream``), which runs on torch's current stream, so no ordering is needed. Dtypes
+    DLPack cannot carry are refused like DLPack refuses them."""
     import cupy
 
     if not _NUMPY_OF:
@@ -107,9 +114,9 @@ _NUMPY_OF: dict = {}  # torch dtype -> numpy dtype, filled at first use (torch i
 
 def to_tensor(arr, fp8: bool = False):
     """A torch tensor viewing ``arr`` (a numpy or CuPy array); ``fp8``: uint8 e4m3 bytes become float8_e4m3fn.
-    A CuPy array crosses as a DLPack capsule asked for no stream ordering (``stream=-1``): epkern's calls convert
-    inside ``torch_stream``, where CuPy's current stream is torch's (2 µs against 7 µs for ``torch.from_dlpack``,
-    which asks torch for the current stream first; H200)."""
+    Inside an epkern call (``torch_stream``, where CuPy's current stream is torch's) a CuPy array crosses as a DLPack
+    capsule asked for no stream ordering (``stream=-1``: 2 µs against 7 µs for ``torch.from_dlpack``, which asks
+    torch for the current stream first; H200); a direct use goes through ``torch.from_dlpack``, ordered."""
     import torch
     import torch.utils.dlpack
 
@@ -120,8 +127,10 @@ def to_tensor(arr, fp8: bool = False):
         arr = arr.view(np.int16)
     if isinstance(arr, np.ndarray):
         out = torch.from_numpy(arr)
-    else:
+    elif getattr(_in_call, "depth", 0):  # inside a call (torch_stream): no ordering needed
         out = torch.utils.dlpack.from_dlpack(arr.__dlpack__(stream=-1))
+    else:  # a direct use: DLPack orders CuPy's current stream before torch's
+        out = torch.from_dlpack(arr)
     if bf16:
         return out.view(torch.bfloat16)
     if fp8 and out.dtype == torch.uint8:
@@ -170,9 +179,6 @@ def _on_torch_stream(fn, backend: str):
             return fn(*args, **kwargs)
 
     return call
-
-
-_in_call = threading.local()  # depth of torch_stream in this thread: an inner one (deep_ep -> native) adds nothing
 
 
 @contextlib.contextmanager
