@@ -131,7 +131,8 @@ def _buffer(group, **kw):
     import epkern
 
     kw.setdefault("num_rdma_bytes", min_num_rdma_bytes(NUM_MAX, H, E))
-    return epkern.Buffer(group, num_nvl_bytes=0, low_latency_mode=True, backend="gpu", timeout_s=20, **kw)
+    kw.setdefault("timeout_s", 20)
+    return epkern.Buffer(group, num_nvl_bytes=0, low_latency_mode=True, backend="gpu", **kw)
 
 
 def _proxy_threads():
@@ -410,3 +411,75 @@ def test_a_timeout_naming_a_proxy_peer_says_what_the_host_side_did(fake):
         buf.destroy()
 
     _on_ranks(body, 2, 1)
+
+
+def test_after_a_proxy_failure_the_nic_stops_before_the_teardown_barrier():
+    """quiesce() after a failed proxy stops the NIC (an emulated one drops what is still posted) before the
+    teardown's barrier, after which peers free the memory its WRITEs target; a NIC that cannot be stopped in time is
+    NicStillWriting, which makes destroy keep the memory. Without it the NIC executed its backlog in close(), after
+    the memory was freed (on the H200: illegal address, 8 in-process ranks after a PROXY timeout)."""
+    from epkern.errors import EpkernError
+    from epkern.gpu.ll.proxy import NicStillWriting, ProxyTransport
+
+    calls = []
+
+    class Service:
+        def close(self):
+            calls.append("service")
+            raise EpkernError("peer 1 qp 0: NIC error completion")
+
+    class Nic:
+        def __init__(self, ends):
+            self.ends = ends
+
+        def abort(self, timeout_s):
+            calls.append(("abort", timeout_s))
+            return self.ends
+
+    proxy = object.__new__(ProxyTransport)
+    proxy.rank, proxy.timeout_s, proxy.service, proxy.nic = 0, 3.0, Service(), Nic(True)
+    with pytest.raises(EpkernError, match="rank 0: PROXY route failed: peer 1") as err:
+        proxy.quiesce()
+    assert not isinstance(err.value, NicStillWriting) and calls == ["service", ("abort", 3.0)]
+    calls.clear()
+    proxy.nic = Nic(False)
+    with pytest.raises(NicStillWriting, match="still executing a WRITE after 3 s"):
+        proxy.quiesce()
+    assert calls == ["service", ("abort", 3.0)]
+
+
+def test_a_nic_still_writing_keeps_the_memory_and_skips_the_barrier(fake, monkeypatch):
+    """Buffer.destroy when the PROXY NIC cannot be stopped: no barrier (the peer's barrier fails naming this rank,
+    and it keeps its memory too), no release of this rank's memory, and the error names the rank."""
+    from epkern.errors import GroupError
+    from epkern.gpu.ll.proxy import NicStillWriting
+
+    released, raised = {0: [], 1: []}, {}
+    peer_done = threading.Event()
+
+    def body(group):
+        buf = _buffer(group, transport="proxy", timeout_s=2)
+        rank = group.rank
+        monkeypatch.setattr(buf._backend.rt, "release", lambda: released[rank].append(True))
+        if rank == 0:
+
+            def stuck():
+                raise NicStillWriting("rank 0: PROXY route failed (x) and the NIC is still executing a WRITE")
+
+            buf._backend.proxy.quiesce = stuck
+        try:
+            buf.destroy()
+        except Exception as exc:  # noqa: BLE001 - recorded for the checks below
+            raised[rank] = exc
+        if rank == 0:
+            peer_done.wait(30)  # stay alive: the peer's barrier must fail by its deadline, not by our exit
+        else:
+            peer_done.set()
+
+    from epkern.group.threads import run_in_process
+
+    with pytest.raises(GroupError):  # the in-process launcher re-raises the group's failure
+        run_in_process(body, 2, ranks_per_node=1, timeout_s=3)
+    assert isinstance(raised[0], NicStillWriting) and "rank 0" in str(raised[0])
+    assert isinstance(raised[1], GroupError) and "rank 0" in str(raised[1]) and "left allocated" in str(raised[1])
+    assert released == {0: [], 1: []}

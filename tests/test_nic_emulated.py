@@ -387,6 +387,35 @@ def test_close_with_pending_work_drains_and_joins():
     p.close()
 
 
+def test_abort_drops_the_backlog_and_touches_nothing_after():
+    """abort() (a Buffer's teardown after a PROXY failure): the WQE being executed is the last, the rest of the
+    rung work is dropped, and nothing is written once it returns True; close() then waits for nothing. Without it,
+    close() executed the whole backlog — on the H200, after the teardown had freed the target memory."""
+    p = Pair(wqe_cnt=64)
+    writes = []
+    real_write = p.b.memory.write
+
+    def slow_write(addr, data):
+        time.sleep(0.02)
+        real_write(addr, data)
+        writes.append(addr)
+
+    p.b.memory.write = slow_write
+    for k in range(64):
+        p.write(k * 16, k * 16, 16, signaled=(k == 63))
+    p.ring()
+    while not writes:
+        time.sleep(0.005)
+    assert p.a.abort(5.0) and not p.a._thread.is_alive()
+    done = len(writes)
+    time.sleep(0.1)
+    assert 1 <= done < 64 and len(writes) == done  # nothing after abort returned
+    assert not p.dst[done * 16 + 16 :].any()  # the dropped WQEs' rows were never written
+    t0 = time.monotonic()
+    p.close()
+    assert time.monotonic() - t0 < 1.0 and len(writes) == done
+
+
 def test_host_memory_bounds_and_atomics():
     mem = HostMemory()
     a = np.zeros(4, np.uint64)

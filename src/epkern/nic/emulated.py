@@ -69,6 +69,7 @@ class EmulatedNic(NicObservation, WqeExecution):
         self._busy = False
         self.longest_pass_s = 0.0  # longest time the thread spent on one batch of doorbells (a stalled copy shows)
         self._closing = False
+        self._aborting = False  # abort(): the executing loop stops between WQEs
         self._closed = False
         self._qps: list[QueuePair] = []
         self._mrs_l: dict[int, MemoryRegion] = {}
@@ -126,10 +127,26 @@ class EmulatedNic(NicObservation, WqeExecution):
         return True
 
     # --- lifecycle ---
-    def close(self) -> None:
-        """Process the doorbells already rung, stop the thread and join it. Idempotent."""
+    def abort(self, timeout_s: float) -> bool:
+        """Stop without executing what is still posted: rung doorbells are dropped and the WQE being executed is the
+        last; the thread is joined for at most ``timeout_s``. True when it has ended (nothing is touched any more);
+        False while a copy it started still runs. For a Buffer's teardown after a failure, when peers are about to
+        free the memory the posted WRITEs target."""
         with self._cv:
-            if self._closed:
+            self._aborting = self._closing = True
+            self._pending = []
+            self._cv.notify_all()
+        self._thread.join(max(0.0, float(timeout_s)))
+        if self._thread.is_alive():
+            return False
+        self._closed = True
+        return True
+
+    def close(self) -> None:
+        """Process the doorbells already rung, stop the thread and join it. Idempotent. After :meth:`abort` it
+        waits for nothing (a copy the thread still runs ends on its own)."""
+        with self._cv:
+            if self._closed or self._aborting:
                 return
             self._closing = True
             self._cv.notify_all()

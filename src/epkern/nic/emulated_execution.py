@@ -58,7 +58,7 @@ class WqeExecution:
             )
             return
         end = qp._ci + delta
-        while qp._ci < end:
+        while qp._ci < end and not self._aborting:
             counter = qp._ci & 0xFFFF
             try:
                 wqe = W.decode_wqe(qp.sq, qp._ci)

@@ -49,6 +49,10 @@ def _host_mapped(nbytes: int):
     return HostMapped(nbytes)
 
 
+class NicStillWriting(EpkernError):
+    """The PROXY route's NIC could not be stopped: memory it may write must stay allocated (no teardown barrier)."""
+
+
 class ProxyTransport:
     """PROXY routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is PROXY get a QP."""
 
@@ -61,7 +65,7 @@ class ProxyTransport:
         from ...nic.fifo import TriggerFifo, fifo_nbytes
         from ...nic.proxy import PeerRoute, ProxyService
 
-        self.rank = rt.rank
+        self.rank, self.timeout_s = rt.rank, rt.timeout_s
         self.remote = [p for p, k in enumerate(routes) if k == ROUTE_PROXY]
         threads = _env.num_proxy_threads() if num_threads is None else int(num_threads)
         self.num_fifos = max(1, min(threads, len(self.remote), PROXY_MAX_FIFOS))
@@ -151,13 +155,23 @@ class ProxyTransport:
 
     def quiesce(self) -> None:
         """Let the proxy threads post what the FIFOs hold, wait for its completions, and stop (idempotent). Raises
-        the proxy's failure, if any, as :meth:`check`."""
+        the proxy's failure, if any, as :meth:`check`. After a failure the NIC is stopped here too, before the
+        teardown's barrier lets peers free the memory its posted WRITEs target: an emulated NIC drops what is still
+        posted (on the H200, 8 in-process ranks after a PROXY timeout: the NIC executed its backlog during close,
+        after the memory was freed, and the context died of an illegal address). :class:`NicStillWriting` when
+        it cannot be stopped in time: the caller must then keep the memory."""
         service = self.service
         if service is None:
             return
         try:
             service.close()
         except EpkernError as exc:
+            abort = getattr(self.nic, "abort", None)
+            if abort is not None and not abort(self.timeout_s):
+                raise NicStillWriting(
+                    f"rank {self.rank}: PROXY route failed ({exc}) and the NIC is still executing a WRITE after "
+                    f"{self.timeout_s:g} s"
+                ) from None
             raise EpkernError(f"rank {self.rank}: PROXY route failed: {exc}") from None
 
     def close(self, raise_errors: bool = True) -> None:
