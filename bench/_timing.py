@@ -92,20 +92,34 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 class KernelClock:
     """Benchmark-only: events on a Buffer's comm stream around every kernel it launches through the runtime
-    (wraps the GPU runtime's ``launch``; ``restore()`` undoes it). Replayed LL calls bypass it. ``take()`` returns
+    (wraps the GPU runtime's ``launch`` and replayed cached HT dispatches' plan launch; ``restore()`` undoes it).
+    Replayed LL calls bypass it. ``take()`` returns
     each kernel's device µs since the last take."""
 
     def __init__(self, buf):
+        from epkern.gpu import ht_replay
+
         self.rt = buf._backend.rt
         self.buf, self.spans, self._launch = buf, [], self.rt.launch
         self.rt.launch = self.launch
+        # replayed cached HT dispatches launch through their plan: timed the same way
+        self._plans, self._plan_launch = ht_replay.CachedDispatchPlan, ht_replay.CachedDispatchPlan.launch
+        clock = self
+
+        def plan_launch(plan, stream_ptr):
+            clock._timed(lambda: clock._plan_launch(plan, stream_ptr))
+
+        self._plans.launch = plan_launch
 
     def launch(self, *args, **kwargs):
+        self._timed(lambda: self._launch(*args, **kwargs))
+
+    def _timed(self, launch):
         import cupy
 
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(self.buf._backend.rt.comm_stream)
-        self._launch(*args, **kwargs)
+        launch()
         stop.record(self.buf._backend.rt.comm_stream)
         self.spans.append((start, stop))
 
@@ -121,6 +135,7 @@ class KernelClock:
 
     def restore(self):
         del self.rt.launch  # the class's method again
+        self._plans.launch = self._plan_launch
 
 
 def profile_text(fn, calls: int, top: int = 25) -> str:

@@ -75,6 +75,7 @@ class GpuBackend:
     # ---- lifecycle and settings ----
     def destroy(self) -> None:
         self.ll.plans.clear()  # the replay plans hold the caller's arrays
+        self.ht.clear_plans()
         self.ll.sizes.clear()  # and the cached views into the LL area (the memory lives while the caller's do)
         proxy = self.proxy
         if proxy is None:

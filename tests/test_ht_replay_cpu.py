@@ -1,0 +1,128 @@
+"""Replayed cached HT dispatch (epkern.gpu.ht_replay, issue #22 item 2) over the fake CuPy: a repeated cached
+dispatch launches what the full path launches for it (argument for argument, with the new x, epoch and outputs),
+only when the call could not have been validated differently, and never with a dropped handle's pointers."""
+
+from __future__ import annotations
+
+import gc
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fake_cupy as F
+from epkern.errors import ArgumentError, EpkernError
+from epkern.gpu.kernels import HT_DISPATCH
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+T, H, K, E = 64, 1024, 4, 8
+I_X, I_SCALES, I_EPOCH = HT_DISPATCH.index("x"), HT_DISPATCH.index("x_scales"), HT_DISPATCH.index("epoch")
+I_OUT_X, I_OUT_SCALES = HT_DISPATCH.index("out_x"), HT_DISPATCH.index("out_scales")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    with F.installed(monkeypatch) as launches:
+        yield launches
+
+
+def _x(fp8, seed):
+    import cupy
+
+    rng = np.random.default_rng(seed)
+    if fp8:
+        return (cupy.asarray(rng.integers(0, 255, (T, H)).astype(np.uint8)),
+                cupy.asarray(rng.random((T, H // 128)).astype(np.float32)))  # fmt: skip
+    return cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
+
+
+def _cached(buf, fake, x, handle):
+    before = len(fake)
+    out = buf.dispatch(x, handle=handle)
+    launches = F.real_launches(fake[before:])
+    assert [launch[1] for launch in launches] == ["epk_ht_dispatch"]
+    return out, launches[0]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_repeated_cached_dispatch_launches_what_the_full_path_launches(fake, fp8):
+    buf = F.fake_buffer()
+    inputs = F.ht_inputs(T, H, K, E)
+    *_, handle, _ = F.full_dispatch(buf, inputs, x=_x(fp8, 0), num_worst_tokens=T)
+    ht = buf._backend.ht
+    (first_x, *_), full = _cached(buf, fake, _x(fp8, 1), handle)  # validated: the full path, kept as a plan
+    assert ht.replays == 0 and len(ht.plans) == 1
+    for i in range(2, 5):
+        x = _x(fp8, i)  # new arrays each time (a training step's fresh activations), same layout
+        out, again = _cached(buf, fake, x, handle)
+        assert ht.replays == i - 1
+        recv = out[0][0] if fp8 else out[0]
+        assert recv.shape == (T, H) and recv.dtype == (np.uint8 if fp8 else BF16)
+        assert again[:5] == full[:5]  # kernel, defines, grid, block
+        per_call = {I_X: (x[0] if fp8 else x).data.ptr, I_OUT_X: recv.data.ptr}
+        if fp8:
+            per_call.update({I_SCALES: x[1].data.ptr, I_OUT_SCALES: out[0][1].data.ptr})
+            assert out[0][1].shape == (T, H // 128) and out[0][1].dtype == np.float32
+        for j, (u, v) in enumerate(zip(again[5], full[5], strict=True)):
+            if j == I_EPOCH:
+                assert F.addr(u) > F.addr(v)  # a new epoch per call
+            elif j in per_call:
+                assert F.addr(u) == per_call[j]
+            else:
+                assert F.addr(u) == F.addr(v), j
+        assert out[1:4] == (None, None, None) and out[4] is handle
+    assert first_x.shape == (T, H) if not fp8 else first_x[0].shape == (T, H)
+    buf.destroy()
+
+
+def test_only_the_same_handle_and_layout_replay(fake):
+    import cupy
+
+    buf = F.fake_buffer()
+    inputs = F.ht_inputs(T, H, K, E)
+    *_, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
+    ht = buf._backend.ht
+    x = _x(False, 1)
+    buf.dispatch(x, handle=handle)
+    buf.dispatch(x, handle=handle)
+    assert ht.replays == 1
+    # another layout (a strided view: the full path refuses it), a list pair, top-k given: not replayed
+    with pytest.raises(ArgumentError, match="x"):
+        buf.dispatch(cupy.asarray(np.zeros((T, 2 * H), BF16))[:, ::2], handle=handle)
+    with pytest.raises(ArgumentError, match="topk_idx"):
+        buf.dispatch(x, handle=handle, topk_idx=inputs[1])
+    with pytest.raises(ArgumentError, match="num_worst_tokens"):
+        buf.dispatch(x, handle=handle, num_worst_tokens=-1)
+    assert ht.replays == 1
+    # another handle: its own plan after its own validation
+    *_, handle2, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
+    buf.dispatch(x, handle=handle2)
+    assert ht.replays == 1
+    buf.dispatch(x, handle=handle2)
+    assert ht.replays == 2
+    # set_num_sms changes the grid: plans are dropped
+    buf.set_num_sms(max(1, buf._backend.ht.num_sms - 1))
+    buf.dispatch(x, handle=handle2)
+    assert ht.replays == 2
+    buf.destroy()
+    with pytest.raises(EpkernError):
+        buf.dispatch(x, handle=handle2)
+
+
+def test_a_dropped_handle_is_never_replayed_and_not_kept(fake):
+    """A plan holds its handle weakly: once the caller drops the handle, its heap blocks return to the heap, and a
+    new handle that happens to get the same id is validated, not replayed with the old one's pointers."""
+    buf = F.fake_buffer()
+    inputs = F.ht_inputs(T, H, K, E)
+    heap = buf._backend.rt.heap
+    x = _x(False, 1)
+    *_, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
+    buf.dispatch(x, handle=handle)
+    plan = buf._backend.ht.plans.last_put
+    held = heap.in_use
+    assert held > 0 and plan.matches(handle)
+    del handle
+    gc.collect()
+    assert heap.in_use < held and not plan.matches(None)
+    assert plan.handle_ref() is None
+    buf.destroy()
