@@ -201,6 +201,15 @@ def run_ht_case(
             settle(buf)
             assert none_idx is None
             assert_same(cupy.asnumpy(got2)[:n], want2[:n], f"rank {r} cached recv_x")
+            # repeated cached dispatches of fresh data replay the validated launch (gpu/ht_replay.py): exact too
+            replays = buf._backend.ht.replays
+            for k in range(2, 5):
+                xs3, _, _ = make_inputs(seed + k, R, num_tokens, hidden, num_experts, topk, routing)
+                want3 = reference.ht_cached_dispatch(xs3, [res.handle for res in ref])[r]
+                got3 = buf.dispatch(cupy.asarray(xs3[r]), handle=handle)[0]
+                settle(buf)
+                assert_same(cupy.asnumpy(got3)[:n], want3[:n], f"rank {r} replayed cached recv_x {k}")
+            assert buf._backend.ht.replays == replays + 3, "repeated cached dispatches did not replay"
     return n_real
 
 
