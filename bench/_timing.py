@@ -92,7 +92,7 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 class KernelClock:
     """Benchmark-only: events on a Buffer's comm stream around every kernel it launches through the runtime
-    (wraps the GPU runtime's ``launch`` and replayed cached HT dispatches' plan launch; ``restore()`` undoes it).
+    (wraps the GPU runtime's ``launch`` and replayed HT calls' plan launch; ``restore()`` undoes it).
     Replayed LL calls bypass it. ``take()`` returns
     each kernel's device µs since the last take."""
 
@@ -103,7 +103,7 @@ class KernelClock:
         self.buf, self.spans, self._launch = buf, [], self.rt.launch
         self.rt.launch = self.launch
         # replayed cached HT dispatches launch through their plan: timed the same way
-        self._plans, self._plan_launch = ht_replay.CachedDispatchPlan, ht_replay.CachedDispatchPlan.launch
+        self._plans, self._plan_launch = ht_replay._Plan, ht_replay._Plan.launch
         clock = self
 
         def plan_launch(plan, stream_ptr):

@@ -12,7 +12,7 @@ import pytest
 
 import fake_cupy as F
 from epkern.errors import ArgumentError, EpkernError
-from epkern.gpu.kernels import HT_DISPATCH
+from epkern.gpu.kernels import HT_COMBINE, HT_DISPATCH
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 T, H, K, E = 64, 1024, 4, 8
@@ -125,4 +125,65 @@ def test_a_dropped_handle_is_never_replayed_and_not_kept(fake):
     gc.collect()
     assert heap.in_use < held and not plan.matches(None)
     assert plan.handle_ref() is None
+    buf.destroy()
+
+
+I_IN_X, I_IN_W = HT_COMBINE.index("in_x"), HT_COMBINE.index("in_weights")
+I_C_EPOCH, I_C_OUT, I_C_OUT_W = HT_COMBINE.index("epoch"), HT_COMBINE.index("out_x"), HT_COMBINE.index("out_weights")
+I_BIAS0 = HT_COMBINE.index("bias0")
+
+
+def _combine(buf, fake, y, handle, **kw):
+    before = len(fake)
+    out = buf.combine(y, handle, **kw)
+    launches = F.real_launches(fake[before:])
+    assert [launch[1] for launch in launches] == ["epk_ht_combine"]
+    return out, launches[0]
+
+
+def test_a_repeated_combine_launches_what_the_full_path_launches(fake):
+    """Expert outputs are fresh arrays every step (staged into the region between processes, as the full path
+    does): a combine like a validated one replays with the new staged input, weights, bias, epoch and outputs."""
+    import cupy
+
+    buf = F.fake_buffer()
+    rt, ht = buf._backend.rt, buf._backend.ht
+    inputs = F.ht_inputs(T, H, K, E)
+    recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
+
+    def fresh(seed):
+        rng = np.random.default_rng(seed)
+        y = cupy.asarray(rng.integers(-4, 5, recv_x.shape).astype(BF16))
+        w = cupy.asarray(rng.random(recv_w.shape).astype(np.float32))
+        b = cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
+        return y, w, b
+
+    y, w, b = fresh(0)
+    _, full = _combine(buf, fake, y, handle, topk_weights=w, bias=b)
+    assert ht.replays == 0
+    region = (rt.region.ptr, rt.region.ptr + rt.region.nbytes)
+    for i in range(1, 4):
+        y, w, b = fresh(i)
+        (out, out_w, _), again = _combine(buf, fake, y, handle, topk_weights=w, bias=b)
+        assert ht.replays == i and again[:5] == full[:5]
+        assert out.shape == (T, H) and out_w.shape == (T, K)
+        for j, (u, v) in enumerate(zip(again[5], full[5], strict=True)):
+            if j == I_C_EPOCH:
+                assert F.addr(u) > F.addr(v)
+            elif j in (I_IN_X, I_IN_W):  # staged copies inside the shared region (y, w live outside it)
+                assert region[0] <= F.addr(u) < region[1] and F.addr(u) not in (y.data.ptr, w.data.ptr)
+            elif j == I_BIAS0:
+                assert F.addr(u) == b.data.ptr
+            elif j == I_C_OUT:
+                assert F.addr(u) == out.data.ptr
+            elif j == I_C_OUT_W:
+                assert F.addr(u) == out_w.data.ptr
+            else:
+                assert F.addr(u) == F.addr(v), j
+    # no bias, or no weights: another call (validated first), not this plan
+    _combine(buf, fake, y, handle, topk_weights=w)
+    _combine(buf, fake, y, handle)
+    assert ht.replays == 3
+    (out, out_w, _), _ = _combine(buf, fake, y, handle)
+    assert ht.replays == 4 and out_w is None
     buf.destroy()

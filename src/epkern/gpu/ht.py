@@ -318,6 +318,11 @@ class HtEngine:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
+        plan_key = ht_replay.combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream)
+        plan = self.plans.get(plan_key, None) if plan_key is not None else None
+        if plan is not None and plan.matches(handle):  # a combine like a validated one (ht_replay.py)
+            self.replays += 1
+            return plan.run(x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream)
         dev = rt.device
         api_checks.own_handle(handle, HtHandle, rt, "dispatch")
         x = as_device_array(x, "x")
@@ -363,30 +368,29 @@ class HtEngine:
                 EPK_UNROLL=tun.combine_unroll,
                 EPK_LOADS_FIRST=tun.combine_loads_first,
             )
-            rt.launch(
-                HT_COMBINE,
-                defines,
-                blocks,
-                tun.threads,
-                HT_COMBINE.pack(
-                    dry_run=0,
-                    rank=rt.rank,
-                    epoch=rt.next_epoch(),
-                    num_tokens=T,
-                    in_x=x.data.ptr,
-                    in_weights=topk_weights.data.ptr if topk_weights is not None else 0,
-                    send_slot=handle.send_slot,
-                    bias0=biases[0] if biases else None,
-                    bias1=biases[1] if len(biases) > 1 else None,
-                    peers=rt.peer_table,
-                    out_x=out,
-                    out_weights=out_w,
-                    ticket=rt.tickets.data.ptr + 4,
-                    **rt.deadline(),
-                ),
+            args = HT_COMBINE.pack(
+                dry_run=0,
+                rank=rt.rank,
+                epoch=rt.next_epoch(),
+                num_tokens=T,
+                in_x=x.data.ptr,
+                in_weights=topk_weights.data.ptr if topk_weights is not None else 0,
+                send_slot=handle.send_slot,
+                bias0=biases[0] if biases else None,
+                bias1=biases[1] if len(biases) > 1 else None,
+                peers=rt.peer_table,
+                out_x=out,
+                out_weights=out_w,
+                ticket=rt.tickets.data.ptr + 4,
+                **rt.deadline(),
             )
+            rt.launch(HT_COMBINE, defines, blocks, tun.threads, args)
         event = rt.end(compute, async_finish)
         del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
+        if plan_key is not None:
+            self.plans.put(plan_key, ht_replay.CombinePlan(
+                rt, HT_COMBINE, defines, blocks, tun.threads, args, handle, sizes, hidden, topk_weights is not None
+            ))  # fmt: skip
         return out, out_w, event
 
     def read_probe(self, source: str):

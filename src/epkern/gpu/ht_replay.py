@@ -19,6 +19,7 @@ import weakref
 
 import numpy as np
 
+from ..api_checks import BF16
 from ..config import Config
 from .ll import plans as ll_plans
 
@@ -56,24 +57,21 @@ def cached_key(x, handle, config, num_worst_tokens, expert_alignment, topk_idx, 
     return (id(handle), layouts, config, num_worst_tokens, expert_alignment, async_finish, allocate_on_comm_stream)
 
 
-class CachedDispatchPlan:
-    """One validated cached dispatch, ready to launch again (see the module docstring)."""
+def _packed(rt, spec, defines, blocks, threads, args):
+    """The launch of a validated call's ``args`` with every device array as its pointer (a plan holds no array:
+    the per-call ones are set before each launch)."""
+    import cupy
+
+    with cupy.cuda.Device(rt.device):
+        func = rt.kernel(spec, defines)[0]
+    by_value = tuple(np.uint64(a.data.ptr) if hasattr(getattr(a, "data", None), "ptr") else a for a in args)
+    return ll_plans.DriverLaunch(func.kernel.ptr, blocks, threads, by_value)
+
+
+class _Plan:
+    """What both plans share: the handle held weakly, the packed launch (KernelClock wraps ``launch``)."""
 
     shapes = None  # ll_plans.CallPlans compares it; the layouts are in the key
-
-    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, out_rows, hidden, data_dtype, fp8):
-        import cupy
-
-        self.rt, self.handle_ref = rt, weakref.ref(handle)
-        sizes = list(sizes[:2]) if fp8 else [sizes[0]]  # BF16: no (empty) scales output to allocate
-        self.sizes, self.out_rows, self.hidden, self.data_dtype, self.fp8 = sizes, out_rows, hidden, data_dtype, fp8
-        with cupy.cuda.Device(rt.device):
-            func = rt.kernel(spec, defines)[0]
-        # every device array as its pointer: the plan holds no array (the per-call ones are set before each launch)
-        by_value = tuple(np.uint64(a.data.ptr) if hasattr(getattr(a, "data", None), "ptr") else a for a in args)
-        self.packed = ll_plans.DriverLaunch(func.kernel.ptr, blocks, threads, by_value)
-        self.i_x, self.i_scales, self.i_epoch = spec.index("x"), spec.index("x_scales"), spec.index("epoch")
-        self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
 
     def launch(self, stream_ptr: int) -> None:
         """The kernel with the arguments set (bench/_timing.KernelClock wraps this, as it wraps Runtime.launch)."""
@@ -82,6 +80,77 @@ class CachedDispatchPlan:
     def matches(self, handle) -> bool:
         held = self.handle_ref()
         return held is not None and held is handle
+
+
+def combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream) -> tuple | None:
+    """The plan key of a combine, or None where it cannot replay (see :func:`cached_key`)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None or not (config is None or type(config) is Config):
+        return None
+    if not all(type(v) is bool for v in (async_finish, allocate_on_comm_stream)):
+        return None
+    biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
+    if len(biases) > 2:
+        return None
+    layouts = [_layout(a, cupy) for a in (x, *biases)]
+    weights = None if topk_weights is None else _layout(topk_weights, cupy)
+    if None in layouts or (topk_weights is not None and weights is None):
+        return None
+    return ("combine", id(handle), tuple(layouts), weights, config, async_finish, allocate_on_comm_stream)
+
+
+class CombinePlan(_Plan):
+    """One validated combine, ready to launch again: per call the inputs (staged into the region between
+    processes, as the full path does), the biases, a new epoch and the new outputs."""
+
+    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, hidden, with_weights):
+        self.rt, self.handle_ref = rt, weakref.ref(handle)
+        self.sizes, self.hidden, self.with_weights = list(sizes), hidden, with_weights
+        self.packed = _packed(rt, spec, defines, blocks, threads, args)
+        self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "epoch", "out_x",
+                                                 "out_weights")}  # fmt: skip
+
+    def run(self, x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream):
+        rt, i = self.rt, self.index
+        biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
+        compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
+        with rt.on_comm_stream():
+            keep = []
+            if not rt.in_process:  # peers read the inputs in place: in the shared region, staged there if not
+                x, k1 = rt.in_region(x)
+                keep += k1
+                if topk_weights is not None:
+                    topk_weights, k2 = rt.in_region(topk_weights)
+                    keep += k2
+            T, K = handle.num_tokens, handle.topk
+            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False)
+            out = bufs[0].view(BF16).reshape(T, self.hidden)
+            out_w = bufs[1].view(np.float32).reshape(T, K) if self.with_weights else None
+            packed = self.packed
+            packed.set(i["in_x"], x.data.ptr)
+            packed.set(i["epoch"], rt.next_epoch())
+            packed.set(i["out_x"], out.data.ptr)
+            if self.with_weights:
+                packed.set(i["in_weights"], topk_weights.data.ptr)
+                packed.set(i["out_weights"], out_w.data.ptr)
+            for n, b in enumerate(biases):
+                packed.set(i[f"bias{n}"], b.data.ptr)
+            self.launch(rt.comm_stream.ptr)
+        event = rt.end(compute, async_finish)
+        del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
+        return out, out_w, event
+
+
+class CachedDispatchPlan(_Plan):
+    """One validated cached dispatch, ready to launch again (see the module docstring)."""
+
+    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, out_rows, hidden, data_dtype, fp8):
+        self.rt, self.handle_ref = rt, weakref.ref(handle)
+        sizes = list(sizes[:2]) if fp8 else [sizes[0]]  # BF16: no (empty) scales output to allocate
+        self.sizes, self.out_rows, self.hidden, self.data_dtype, self.fp8 = sizes, out_rows, hidden, data_dtype, fp8
+        self.packed = _packed(rt, spec, defines, blocks, threads, args)
+        self.i_x, self.i_scales, self.i_epoch = spec.index("x"), spec.index("x_scales"), spec.index("epoch")
+        self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
 
     def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream):
         """The call again: outputs, pointers, epoch, launch; returns what dispatch returns."""
