@@ -193,6 +193,18 @@ def run_ht_case(
             settle(buf)
             assert_same(cupy.asnumpy(out), want[0], f"rank {r} combined_x")
             assert_same(cupy.asnumpy(out_w), want[1], f"rank {r} combined_topk_weights")
+            # fresh expert outputs (the received rows times k, exact in BF16) combined with the same handle: the
+            # repeats replay the validated combine (gpu/ht_replay.py), each exact; made on the host (no CuPy kernel)
+            replays = buf._backend.ht.replays
+            for k in (2, 3, 5):
+                ys_k = [(y.astype(np.float32) * k).astype(y.dtype) for y in ys]
+                want_k = reference.ht_combine(
+                    ys_k, [res.handle for res in ref], topk_weights=[res.recv_topk_weights for res in ref]
+                )[r]
+                out_k = buf.combine(cupy.asarray(ys_k[r]), handle, topk_weights=recv_w)[0]
+                settle(buf)
+                assert_same(cupy.asnumpy(out_k), want_k[0], f"rank {r} combined_x of fresh outputs x{k}")
+            assert buf._backend.ht.replays >= replays + 2, "repeated combines did not replay"
 
             # cached dispatch of fresh data follows the same layout
             xs2, _, _ = make_inputs(seed + 1, R, num_tokens, hidden, num_experts, topk, routing)
