@@ -344,14 +344,7 @@ class HtEngine:
 
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            keep = []
-            if not rt.in_process:
-                # Peers read these in place: they must live in the shared region; stage them there if not.
-                x, k1 = rt.in_region(x)
-                keep += k1
-                if topk_weights is not None:
-                    topk_weights, k2 = rt.in_region(topk_weights)
-                    keep += k2
+            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights)
             T, K = handle.num_tokens, handle.topk
             sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
             bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False)

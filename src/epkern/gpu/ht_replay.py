@@ -82,6 +82,19 @@ class _Plan:
         return held is not None and held is handle
 
 
+def combine_inputs_in_region(rt, x, topk_weights):
+    """A combine's input and weights where peers read them in place (between processes: the shared region, staged
+    there if not); returns them and the staged blocks to keep until the launch is queued."""
+    keep = []
+    if not rt.in_process:
+        x, k1 = rt.in_region(x)
+        keep += k1
+        if topk_weights is not None:
+            topk_weights, k2 = rt.in_region(topk_weights)
+            keep += k2
+    return x, topk_weights, keep
+
+
 def combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream) -> tuple | None:
     """The plan key of a combine, or None where it cannot replay (see :func:`cached_key`)."""
     cupy = sys.modules.get("cupy")
@@ -115,13 +128,7 @@ class CombinePlan(_Plan):
         biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            keep = []
-            if not rt.in_process:  # peers read the inputs in place: in the shared region, staged there if not
-                x, k1 = rt.in_region(x)
-                keep += k1
-                if topk_weights is not None:
-                    topk_weights, k2 = rt.in_region(topk_weights)
-                    keep += k2
+            x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights)
             T, K = handle.num_tokens, handle.topk
             bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False)
             out = bufs[0].view(BF16).reshape(T, self.hidden)
