@@ -483,3 +483,39 @@ def test_a_nic_still_writing_keeps_the_memory_and_skips_the_barrier(fake, monkey
     assert isinstance(raised[0], NicStillWriting) and "rank 0" in str(raised[0])
     assert isinstance(raised[1], GroupError) and "rank 0" in str(raised[1]) and "left allocated" in str(raised[1])
     assert released == {0: [], 1: []}
+
+
+def test_in_process_nic_copies_use_the_ranks_fixed_nic_stream(fake, monkeypatch):
+    """In-process ranks: the emulated NIC's copies go on the rank's "nic" stream from rank_stream, made with the
+    rank's other streams (consecutive hardware queues) and reused by every Buffer, not on a new stream per NIC
+    thread (H200: 8 in-process ranks over PROXY stalled with the NIC's copies waiting)."""
+    import cupy
+
+    from epkern.group import threads
+
+    made = []
+    real = cupy.cuda.Stream
+
+    def counting(*args, **kwargs):
+        made.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cupy.cuda, "Stream", counting)
+    key = (0, 12345)
+    first = threads.rank_stream(*key, "compute")
+    assert len(made) == len(threads.RANK_STREAM_ROLES)  # all roles of a new rank at once
+    assert threads.rank_stream(*key, "nic") is threads.rank_stream(*key, "nic") and len(made) == 3
+    assert threads.rank_stream(*key, "compute") is first
+    with pytest.raises(ValueError, match="role"):
+        threads.rank_stream(*key, "other")
+
+    def body(group):
+        streams = []
+        for _ in range(2):  # two Buffers: the same stream
+            buf = _buffer(group, transport="proxy")
+            streams.append(buf._backend.proxy.memory._stream)
+            buf.destroy()
+        assert streams[0] is streams[1] is group.stream("nic")
+        return True
+
+    assert _on_ranks(body, 2, 1) == [True, True]

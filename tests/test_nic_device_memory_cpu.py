@@ -299,3 +299,29 @@ def test_two_rank_scenario_through_device_memory_on_a_fake_cuda(fake_cuda, seed)
     assert run_in_process(_scenario_rank, 2, seed, True, timeout_s=30) == [0, 1]
     # per rank: batch 1 is 5 reads + 5 writes, batch 2 is 1 + 1 + 2 (inline) + 2 x (result copy back + write)
     assert fake_cuda.copies == 2 * 18 and fake_cuda.launches == 2 * 2
+
+
+def test_a_given_stream_serves_every_access(fake_cuda):
+    """In-process ranks give DeviceMemory their fixed "nic" stream: every copy and the fetch-add kernel go there,
+    and no per-thread stream is made (each new stream takes the next hardware queue, which may hold a peer's
+    spinning kernel)."""
+    fixed = fake_cuda.cuda.Stream(non_blocking=True)
+    seen = []
+    copy = fake_cuda.cuda.runtime.memcpyAsync
+
+    def recording(dst, src, n, kind, stream):
+        seen.append(stream)
+        copy(dst, src, n, kind, stream)
+
+    fake_cuda.cuda.runtime.memcpyAsync = recording
+    before = set(fake_cuda.streams)
+    words = np.zeros(4, np.uint64)
+    mem = DeviceMemory(0, stream=fixed)
+    mem.add(words.ctypes.data, words.nbytes)
+    mem.write(words.ctypes.data, np.uint64(7).tobytes())
+    assert mem.read(words.ctypes.data, 8) == np.uint64(7).tobytes()
+    assert mem.atomic_fetch_add64(words.ctypes.data + 8, 5) == 0 and words[1] == 5
+    mem.close()
+    assert seen and set(seen) == {fixed.ptr} and set(fake_cuda.streams) == before
+    with pytest.raises(NicError, match="a stream needs its device"):
+        DeviceMemory(stream=fixed)

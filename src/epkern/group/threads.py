@@ -244,23 +244,35 @@ _streams: dict = {}  # (device, rank, role) -> cupy Stream, made once per proces
 _per_rank_lock = threading.Lock()  # guards _streams and _pools
 
 
+RANK_STREAM_ROLES = ("compute", "comm", "nic")
+
+
 def rank_stream(device: int, rank: int, role: str):
-    """The non-blocking CUDA stream of in-process rank ``rank`` for ``role`` ("compute", "comm"), made once
-    per process and reused by every later run and Buffer.
+    """The non-blocking CUDA stream of in-process rank ``rank`` for ``role`` ("compute", "comm", or "nic": the
+    copies of the rank's emulated NIC), made once per process and reused by every later run and Buffer; a rank's
+    roles are made together, so they take consecutive queues.
 
     Why reused: in one CUDA context every new stream takes the next of the device's hardware work queues
     (CUDA_DEVICE_MAX_CONNECTIONS of them, round-robin). Two ranks' streams on one queue make a wait on one
     (e.g. the caller's stream waiting for the comm stream's spinning kernel) hold back the other rank's
     next kernel, which that spinning kernel waits for: a deadlock until the device deadline. A fixed set of
-    2 streams per rank, made first, keeps them on distinct queues (epkern raises the queue count to 32)."""
+    3 streams per rank, made first, keeps them on distinct queues (epkern raises the queue count to 32). The
+    emulated NIC's copies had a new stream per NIC thread (per Buffer) before: on the H200, 8 in-process ranks
+    over the PROXY route stalled with the NIC's copies waiting (suspected: behind a spinning kernel on a shared
+    queue)."""
     import cupy
 
+    if role not in RANK_STREAM_ROLES:
+        raise ValueError(f"role: expected one of {RANK_STREAM_ROLES}, got {role!r}")
     key = (device, rank, role)
     with _per_rank_lock:
         stream = _streams.get(key)
         if stream is None:
             with cupy.cuda.Device(device):
-                stream = _streams[key] = cupy.cuda.Stream(non_blocking=True)
+                for r in RANK_STREAM_ROLES:
+                    if (device, rank, r) not in _streams:
+                        _streams[(device, rank, r)] = cupy.cuda.Stream(non_blocking=True)
+            stream = _streams[key]
         return stream
 
 

@@ -73,10 +73,14 @@ class DeviceMemory:
     ``device``: the CUDA device whose streams and kernel serve the accesses; by default the device of the first
     added range (``cudaPointerGetAttributes``), asked at the first access."""
 
-    def __init__(self, device: int | None = None):
+    def __init__(self, device: int | None = None, stream=None):
         if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
             raise NicError(f"DeviceMemory: device must be a CUDA device ordinal, got {device!r}")
+        if stream is not None and device is None:
+            raise NicError("DeviceMemory: a stream needs its device")
         self._device = device
+        # the stream of every access (default: the calling thread's own): in-process ranks give their fixed one
+        self._stream = stream
         self._lock = threading.Lock()
         self._bases: list[int] = []
         self._sizes: dict[int, int] = {}
@@ -135,7 +139,7 @@ class DeviceMemory:
         if self._closed:
             raise NicError("DeviceMemory is closed")
         device = self._cuda_device()
-        return device, _thread_stream(device)
+        return device, self._stream if self._stream is not None else _thread_stream(device)
 
     def read(self, addr: int, n: int) -> bytes:
         addr, n = int(addr), int(n)
@@ -212,7 +216,7 @@ class DeviceMemory:
 
                 with cupy.cuda.Device(self._old_device):
                     if self._old_async:
-                        stream = _thread_stream(self._old_device)
+                        stream = self._stream if self._stream is not None else _thread_stream(self._old_device)
                         rt.freeAsync(self._old, stream.ptr)
                         stream.synchronize()
                     else:

@@ -77,7 +77,10 @@ class ProxyTransport:
         try:
             # Collective (every rank builds its wire, also one without remote peers): the peers' regions, here.
             self.wire = (wire or WireMappings)(rt.region, rt.group, self.remote, rt.timeout_s)
-            self.memory = DeviceMemory(rt.device)
+            # In-process ranks share one context: the NIC's copies go on the rank's fixed "nic" stream (a queue of
+            # its own; group/threads.rank_stream), not a new stream per NIC thread.
+            stream_of = getattr(rt.group, "stream", None) if rt.in_process else None
+            self.memory = DeviceMemory(rt.device, stream=stream_of("nic") if stream_of is not None else None)
             self.nic = (nic_factory or (lambda m: EmulatedNic(m, name=f"rank{rt.rank}")))(self.memory)
             ll_base = rt.region.ptr + rt.ll_offset
             self.memory.add(ll_base, rt.ll_bytes)
