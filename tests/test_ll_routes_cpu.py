@@ -458,7 +458,7 @@ def test_a_nic_still_writing_keeps_the_memory_and_skips_the_barrier(fake, monkey
     peer_done = threading.Event()
 
     def body(group):
-        buf = _buffer(group, transport="proxy", timeout_s=2)
+        buf = _buffer(group, transport="proxy", timeout_s=5)
         rank = group.rank
         monkeypatch.setattr(buf._backend.rt, "release", lambda: released[rank].append(True))
         if rank == 0:
@@ -479,7 +479,7 @@ def test_a_nic_still_writing_keeps_the_memory_and_skips_the_barrier(fake, monkey
     from epkern.group.threads import run_in_process
 
     with pytest.raises(GroupError):  # the in-process launcher re-raises the group's failure
-        run_in_process(body, 2, ranks_per_node=1, timeout_s=3)
+        run_in_process(body, 2, ranks_per_node=1, timeout_s=5)
     assert isinstance(raised[0], NicStillWriting) and "rank 0" in str(raised[0])
     assert isinstance(raised[1], GroupError) and "rank 0" in str(raised[1]) and "left allocated" in str(raised[1])
     assert released == {0: [], 1: []}
