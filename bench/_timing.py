@@ -152,16 +152,24 @@ def profile_text(fn, calls: int, top: int = 25) -> str:
     return text
 
 
-def profile_text_host(fn, calls: int, top: int = 25) -> str:
-    """The profile of :func:`profile_text` without the stream syncs (host-only callers)."""
+def profile_text_host(fn, calls: int, top: int = 25, between=None) -> str:
+    """The profile of :func:`profile_text` without the stream syncs (host-only callers). ``between()``, if given,
+    runs after every call, not profiled (e.g. a sync and a barrier between collective calls)."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
+    if between is None:
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+    else:
+        for _ in range(calls):
+            prof.enable()
+            fn()
+            prof.disable()
+            between()
     stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
     total = sum(v[2] for v in stats.values())
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]

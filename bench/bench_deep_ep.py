@@ -9,9 +9,7 @@ once. Under mpiexec (``mpiexec -n 8 python bench/bench_deep_ep.py``, MPS on one 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
-import pstats
 import statistics
 import sys
 import time
@@ -19,6 +17,7 @@ import time
 import ml_dtypes
 import numpy as np
 
+from _timing import profile_text_host
 from epkern import Buffer, deep_ep, torch_tensors
 from epkern.group import as_group, run_in_process
 
@@ -87,24 +86,17 @@ def _time(group, api, fn, iters):
 
 
 def _profile(group, api, fn, iters, label, top=18):
-    """Rank 0 prints the functions taking the most host time (own time) over ``iters`` calls (each synced)."""
-    prof = cProfile.Profile()
-    for _ in range(iters):
-        group.barrier()
-        if group.rank == 0:
-            prof.enable()
-        fn()
-        if group.rank == 0:
-            prof.disable()
+    """Every rank profiles ``iters`` calls, each followed by a sync and a barrier (not profiled); rank 0 prints the
+    functions taking the most host time."""
+
+    def settle():
         api.sync()
+        group.barrier()
+
+    settle()
+    text = profile_text_host(fn, iters, top, between=settle)
     if group.rank == 0:
-        stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, ncalls, own s, cumulative s, callers)
-        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-        lines = [f"{'calls':>6} {'own us':>8} {'cum us':>8}  (per profiled call) function"]
-        for (path, line, func), (_, ncalls, own, cum, _) in rows:
-            where = f"{path.split('site-packages/')[-1].split('/src/')[-1]}:{line}({func})"
-            lines.append(f"{ncalls / iters:>6.1f} {own / iters * 1e6:>8.1f} {cum / iters * 1e6:>8.1f}  {where}")
-        print(f"---- profile {label} ({iters} calls)\n" + "\n".join(lines), flush=True)
+        print(f"---- profile {label} ({iters} calls)\n{text}", flush=True)
 
 
 def _measure(group, args, name):
