@@ -135,9 +135,7 @@ class Mlx5Nic(VerbsBackedNic):
                 raise NicError("reg_mr(addr) needs a length")
         h = self._verbs.reg_mr(self._pd, addr, int(length), int(access))
         mr = Mlx5MemoryRegion(self, h.addr, h.length, h.lkey, h.rkey, int(access), h, keep)
-        with self._lock:
-            self._mrs.append(mr)
-        return mr
+        return self._track(self._mrs, mr)
 
     def reg_gpu_mr(self, target: Any, length: int | None = None, access: int = V.MR_ACCESS):
         """Register GPU memory through dma-buf: a CuPy array (or anything with ``data.ptr``/``nbytes``) or a device
@@ -159,9 +157,7 @@ class Mlx5Nic(VerbsBackedNic):
         finally:
             os.close(fd)  # the MR keeps its own reference to the dma-buf
         mr = Mlx5MemoryRegion(self, h.addr, h.length, h.lkey, h.rkey, int(access), h, keep, gpu=True)
-        with self._lock:
-            self._mrs.append(mr)
-        return mr
+        return self._track(self._mrs, mr)
 
     def dereg_mr(self, mr: Mlx5MemoryRegion) -> None:
         self._forget_mr(mr)
@@ -175,9 +171,7 @@ class Mlx5Nic(VerbsBackedNic):
         except BaseException:
             h.close()
             raise
-        with self._lock:
-            self._cqs.append(cq)
-        return cq
+        return self._track(self._cqs, cq)
 
     def create_qp(self, cq: Mlx5CompletionQueue, wqe_cnt: int = 64, *, max_inline_data: int = 16) -> Mlx5QueuePair:
         """An RC QP whose send ring holds at least ``wqe_cnt`` WQEBBs (``qp.wqe_cnt`` is the real size). Its CQ
@@ -193,9 +187,7 @@ class Mlx5Nic(VerbsBackedNic):
         except BaseException:
             h.close()
             raise
-        with self._lock:
-            self._qps.append(qp)
-        return qp
+        return self._track(self._qps, qp)
 
     def connect_mesh(self, allgather_bytes: Callable[[bytes], list[bytes]], rank: int, qps: Sequence[Sequence]):
         """Connect ``qps[peer][i]`` of every rank to ``peer``'s ``qps[rank][i]``; ``allgather_bytes`` is the group's

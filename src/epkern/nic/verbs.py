@@ -231,9 +231,7 @@ class VerbsNic(VerbsBackedNic):
             raise ArgumentError(f"access: expected IBV_ACCESS_* flags, got {access!r}")
         h = self._verbs.reg_mr(self._pd, addr, int(length), access)
         mr = VerbsMemoryRegion(self, h.addr, h.length, h.lkey, h.rkey, access, h, keep)
-        with self._lock:
-            self._mrs.append(mr)
-        return mr
+        return self._track(self._mrs, mr)
 
     def dereg_mr(self, mr: VerbsMemoryRegion) -> None:
         if not isinstance(mr, VerbsMemoryRegion) or mr.nic is not self:
@@ -247,9 +245,7 @@ class VerbsNic(VerbsBackedNic):
         if isinstance(cqe_cnt, bool) or not isinstance(cqe_cnt, int) or cqe_cnt <= 0:
             raise ArgumentError(f"cqe_cnt: expected a positive integer, got {cqe_cnt!r}")
         cq = VerbsCompletionQueue(self, self._verbs.create_cq(self._ctx, cqe_cnt))
-        with self._lock:
-            self._cqs.append(cq)
-        return cq
+        return self._track(self._cqs, cq)
 
     def create_qp(self, cq: VerbsCompletionQueue, max_send_wr: int = 64, *, max_inline_data: int = 64):
         """An RC QP (RESET) whose send queue holds at least ``max_send_wr`` requests; ``cq`` serves as its send and
@@ -265,9 +261,7 @@ class VerbsNic(VerbsBackedNic):
             self._pd, cq.handle, max_send_wr=max_send_wr, max_send_sge=1, max_inline_data=max_inline_data
         )
         qp = VerbsQueuePair(self, cq, h)
-        with self._lock:
-            self._qps.append(qp)
-        return qp
+        return self._track(self._qps, qp)
 
     def connect_mesh(
         self, allgather_bytes: Callable[[bytes], list[bytes]], rank: int, qps: Sequence[Sequence[VerbsQueuePair]]

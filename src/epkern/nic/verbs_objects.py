@@ -93,6 +93,12 @@ class VerbsBackedNic(NicObservation):
         if self._closed:
             raise NicError(f"{self.kind} {self.name} is closed")
 
+    def _track(self, objects: list, obj):
+        """``obj`` (an MR, CQ or QP just made) recorded in ``objects`` for close(); returns it."""
+        with self._lock:
+            objects.append(obj)
+        return obj
+
     def _forget_mr(self, mr) -> None:
         """Deregister ``mr`` (already checked to be this NIC's)."""
         with self._lock:
