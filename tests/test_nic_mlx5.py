@@ -29,6 +29,7 @@ from epkern.nic import wqe as W
 from epkern.nic.emulated import NicError
 from epkern.nic.mlx5_cuda import CudaCalls
 from epkern.nic.mlx5_host_io import CpuFences
+from fake_verbs_handles import LoggedHandles
 from thread_allgather import threaded_allgathers
 
 RDMA_OK, RDMA_WHY = V.rdma_available()
@@ -347,7 +348,7 @@ class RawMemory:
             return old
 
 
-class FakeVerbs:
+class FakeVerbs(LoggedHandles):
     """The subset of ``epkern._verbs_cffi`` that Mlx5Nic uses, backed by EmulatedNic objects."""
 
     names = [
@@ -371,19 +372,6 @@ class FakeVerbs:
         self.emus: list[EmulatedNic] = []
         self.connects: list[tuple] = []
         self._devs = itertools.count()
-
-    def _handle(self, kind, close=None, **attrs):
-        h = types.SimpleNamespace(closed=False, **attrs)
-
-        def _close():
-            if not h.closed:
-                h.closed = True
-                self.log.append(kind)
-                if close:
-                    close()
-
-        h.close = _close
-        return h
 
     def open_device(self, name=None):
         emu = EmulatedNic(memory=RawMemory(), poll_doorbells=True, name=f"fake{next(self._devs)}")

@@ -22,6 +22,7 @@ from epkern.errors import ArgumentError
 from epkern.nic import FifoProducer, PeerRoute, ProxyError, ProxyService, TriggerFifo
 from epkern.nic import verbs as NV
 from epkern.nic.observation import NicError
+from fake_verbs_handles import LoggedHandles
 from thread_allgather import threaded_allgathers
 
 C = CONSTANTS
@@ -29,7 +30,7 @@ ALL = V.DEFAULT_ACCESS
 U64 = (1 << 64) - 1
 
 
-class FakeProvider:
+class FakeProvider(LoggedHandles):
     """The subset of ``epkern._verbs_cffi`` that VerbsNic uses; one "fabric" shared by every fake device."""
 
     def __init__(self, *, max_inline_data=32, max_msg_sz=1 << 23, port_state=4):
@@ -42,19 +43,6 @@ class FakeProvider:
         self._qpns = itertools.count(0x11)
         self._lock = threading.Lock()
         self.PortAttr, self.PeerInfo, self.VerbsError = V.PortAttr, V.PeerInfo, V.VerbsError
-
-    def _handle(self, kind, close=None, **attrs):
-        h = types.SimpleNamespace(closed=False, **attrs)
-
-        def _close():
-            if not h.closed:
-                h.closed = True
-                self.log.append(kind)
-                if close:
-                    close()
-
-        h.close = _close
-        return h
 
     def open_device(self, name=None):
         if name not in (None, "rxe0"):
