@@ -29,7 +29,7 @@ from epkern.nic import wqe as W
 from epkern.nic.emulated import NicError
 from epkern.nic.mlx5_cuda import CudaCalls
 from epkern.nic.mlx5_host_io import CpuFences
-from fake_verbs_handles import LoggedHandles
+from nic_test_support import LoggedHandles, close_services_and_nics
 from thread_allgather import threaded_allgathers
 
 RDMA_OK, RDMA_WHY = V.rdma_available()
@@ -631,13 +631,7 @@ def test_proxy_service_end_to_end_through_mlx5_queue_pairs(fake):
         for nic in nics:
             nic.check()
     finally:
-        for s in services:
-            try:
-                s.close()
-            except ProxyError:
-                pass
-        for nic in nics:
-            nic.close()
+        close_services_and_nics(services, nics)
 
 
 def test_proxy_reports_a_real_format_error_cqe(fake):

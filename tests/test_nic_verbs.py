@@ -22,7 +22,7 @@ from epkern.errors import ArgumentError
 from epkern.nic import FifoProducer, PeerRoute, ProxyError, ProxyService, TriggerFifo
 from epkern.nic import verbs as NV
 from epkern.nic.observation import NicError
-from fake_verbs_handles import LoggedHandles
+from nic_test_support import LoggedHandles, close_services_and_nics
 from thread_allgather import threaded_allgathers
 
 C = CONSTANTS
@@ -262,13 +262,7 @@ def test_proxy_posts_one_chain_per_batch_through_verbs_queue_pairs():
         for nic in nics:
             nic.check()
     finally:
-        for s in services:
-            try:
-                s.close()
-            except ProxyError:
-                pass
-        for nic in nics:
-            nic.close()
+        close_services_and_nics(services, nics)
 
 
 def test_a_bad_rkey_ends_as_a_proxy_error_naming_qp_and_status():
