@@ -14,6 +14,7 @@ checked), so a stale handle's pointers are never launched and its heap blocks ar
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 
@@ -57,21 +58,28 @@ def cached_key(x, handle, config, num_worst_tokens, expert_alignment, topk_idx, 
     return (id(handle), layouts, config, num_worst_tokens, expert_alignment, async_finish, allocate_on_comm_stream)
 
 
-def _packed(rt, spec, defines, blocks, threads, args):
-    """The launch of a validated call's ``args`` with every device array as its pointer (a plan holds no array:
-    the per-call ones are set before each launch)."""
-    import cupy
-
-    with cupy.cuda.Device(rt.device):
-        func = rt.kernel(spec, defines)[0]
-    by_value = tuple(np.uint64(a.data.ptr) if hasattr(getattr(a, "data", None), "ptr") else a for a in args)
-    return ll_plans.DriverLaunch(func.kernel.ptr, blocks, threads, by_value)
-
-
 class _Plan:
-    """What both plans share: the handle held weakly, the packed launch (KernelClock wraps ``launch``)."""
+    """What both plans share: the handle held weakly, the launch packed at the first replay (a plan is made after
+    every validated call, most of which never repeat: building it must cost the full path little), ``launch``
+    (KernelClock wraps it)."""
 
     shapes = None  # ll_plans.CallPlans compares it; the layouts are in the key
+
+    def _keep_launch(self, rt, spec, defines, blocks, threads, args) -> None:
+        """What the launch needs, every device array as its pointer: a plan holds no array (the per-call ones are
+        set before each launch)."""
+        generic = np.generic  # pack() gives numpy scalars, and device arrays for pointers
+        by_value = tuple(a if isinstance(a, generic) else np.uint64(a.data.ptr) for a in args)
+        self._launch_of = (rt, spec, defines, blocks, threads, by_value)
+
+    @functools.cached_property
+    def packed(self):
+        import cupy
+
+        rt, spec, defines, blocks, threads, by_value = self._launch_of
+        with cupy.cuda.Device(rt.device):
+            func = rt.kernel(spec, defines)[0]
+        return ll_plans.DriverLaunch(func.kernel.ptr, blocks, threads, by_value)
 
     def launch(self, stream_ptr: int) -> None:
         """The kernel with the arguments set (bench/_timing.KernelClock wraps this, as it wraps Runtime.launch)."""
@@ -119,7 +127,7 @@ class CombinePlan(_Plan):
     def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, hidden, with_weights):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
         self.sizes, self.hidden, self.with_weights = list(sizes), hidden, with_weights
-        self.packed = _packed(rt, spec, defines, blocks, threads, args)
+        self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "epoch", "out_x",
                                                  "out_weights")}  # fmt: skip
 
@@ -155,7 +163,7 @@ class CachedDispatchPlan(_Plan):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
         sizes = list(sizes[:2]) if fp8 else [sizes[0]]  # BF16: no (empty) scales output to allocate
         self.sizes, self.out_rows, self.hidden, self.data_dtype, self.fp8 = sizes, out_rows, hidden, data_dtype, fp8
-        self.packed = _packed(rt, spec, defines, blocks, threads, args)
+        self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.i_x, self.i_scales, self.i_epoch = spec.index("x"), spec.index("x_scales"), spec.index("epoch")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
 
