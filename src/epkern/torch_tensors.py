@@ -26,7 +26,12 @@ import numpy as np
 
 from .errors import ArgumentError
 
-_in_call = threading.local()  # depth of torch_stream in this thread: an inner one (deep_ep -> native) adds nothing
+
+class _CallDepth(threading.local):
+    depth = 0  # torch_stream open in this thread (1): an inner one (deep_ep -> native) adds nothing
+
+
+_in_call = _CallDepth()
 
 
 def is_tensor(obj) -> bool:
@@ -65,7 +70,7 @@ def to_array(tensor, name: str, backend: str):
         tensor = tensor.view(torch.uint8)
     try:
         if backend == "gpu":
-            if getattr(_in_call, "depth", 0):  # inside a call: CuPy's stream is torch's, no ordering needed
+            if _in_call.depth:  # inside a call: CuPy's stream is torch's, no ordering needed
                 arr = _cupy_view(tensor)
             else:  # a direct use: DLPack orders torch's current stream before CuPy's
                 import cupy
@@ -127,7 +132,7 @@ def to_tensor(arr, fp8: bool = False):
         arr = arr.view(np.int16)
     if isinstance(arr, np.ndarray):
         out = torch.from_numpy(arr)
-    elif getattr(_in_call, "depth", 0):  # inside a call (torch_stream): no ordering needed
+    elif _in_call.depth:  # inside a call (torch_stream): no ordering needed
         out = torch.utils.dlpack.from_dlpack(arr.__dlpack__(stream=-1))
     else:  # a direct use: DLPack orders CuPy's current stream before torch's
         out = torch.from_dlpack(arr)
@@ -186,7 +191,7 @@ def torch_stream(backend: str):
     """GPU backend: torch's current stream is CuPy's current stream for the call, so a call given tensors is
     ordered after the work torch queued for them (a torch side stream too) and its outputs are ready on it. Nested
     (deep_ep's call around the native one) it asks torch only once (``torch.cuda.current_stream()`` costs 5-7 µs)."""
-    if backend != "gpu" or getattr(_in_call, "depth", 0):
+    if backend != "gpu" or _in_call.depth:
         yield
         return
     import cupy
