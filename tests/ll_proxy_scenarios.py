@@ -1,6 +1,7 @@
 """LL over the PROXY route (issue #17): the cases both the in-process tests (tests/test_ll_gpu.py) and the MPS worker
-(tests/ll_mpi_worker.py --proxy=RPN) run on virtual nodes. NOT YET RUN ON A GPU: written with the route, in a session
-without one; expect first-run debugging."""
+(tests/ll_mpi_worker.py --proxy=RPN) run on virtual nodes. First run on the H200 (2026-12-07): exact as 8 MPS
+processes (--proxy=4, --proxy-nohybrid=2) and 2 or 4 in-process ranks; run_proxy_back_to_back passed as MPS
+processes."""
 
 from __future__ import annotations
 

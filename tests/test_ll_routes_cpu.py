@@ -6,7 +6,8 @@
   state, the PROXY build of the kernels and push modes, the FIFO table; then what a kernel would push (the Python
   producer writing the device producer's bytes) goes through the real FIFOs, ProxyService, EmulatedNic and
   DeviceMemory (the fake's copies are host memmoves) into the peers' LL areas; destroy() leaves no thread behind.
-Kernels do not run here: the GPU tests (tests/test_ll_gpu.py, tests/ll_mpi_worker.py) run them (not yet run).
+Kernels do not run here: the GPU tests (tests/test_ll_gpu.py, tests/ll_mpi_worker.py) run them (first run on the
+H200, 2026-12-07).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The PROXY route's host side for one Buffer (issue #17, step 4): NIC, memory registration, one QP per remote peer,
-trigger FIFOs in host-mapped memory and the proxy threads. Written and CPU-tested over a fake CuPy; NOT yet run on a
-GPU.
+trigger FIFOs in host-mapped memory and the proxy threads. CPU-tested over a fake CuPy; on the H200 (2026-12-07) exact
+as 8 MPS processes and 2 or 4 in-process ranks (8 in-process ranks stalled: docs/architecture.md, Known problems).
 
 - NIC: an ``EmulatedNic`` over ``DeviceMemory`` per rank by default (``nic_factory`` makes another; a real mlx5 NIC
   is meant to slot in behind the same interface, untested: it would register the LL area as a dma-buf MR and
