@@ -82,7 +82,7 @@ class HtEngine:
         # SMs per HT kernel: 24 on a GPU of its own (DeepEP-like; the rest stays for compute); ranks sharing a GPU
         # (MPS processes or in-process ranks standing in for several GPUs) each take their share of all of it.
         self.num_sms = min(24, rt.sm_share) if rt.ranks_per_gpu == 1 else rt.sm_share
-        self.plans = ll_plans.CallPlans(8)  # validated cached dispatches (ht_replay.py)
+        self.plans = ll_plans.CallPlans(8)  # validated cached dispatches and combines (ht_replay.py)
         self.replays = 0
 
     def clear_plans(self) -> None:
