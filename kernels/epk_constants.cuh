@@ -33,6 +33,8 @@ constexpr int EPK_STATE_PROXY_FIFOS = 2;     // PROXY route: number of trigger F
 constexpr int EPK_STATE_PROXY_CAPACITY = 3;  // PROXY route: records per FIFO (a power of two)
 constexpr int EPK_STATE_PROXY_TABLE = 4;     // words 4-5: u64 device address of the FIFO table (ll_route.cuh)
 constexpr int EPK_PROXY_MAX_FIFOS = 64;      // entries of the FIFO table: [base of FIFO i] then [its head word]
+constexpr int EPK_STATE_RDMA_TABLE = 6;      // words 6-7: u64 device address of the RDMA QP table (ll_route.cuh)
+constexpr int EPK_RDMA_QP_BYTES = 64;        // one entry of that table (epk::RdmaQp), indexed by peer
 constexpr int EPK_STATE_MASK = 64;           // [STATE_MAX_RANKS]: 1 = peer masked (skipped at every send and wait)
 constexpr int EPK_STATE_ROUTE = EPK_STATE_MASK + EPK_STATE_MAX_RANKS;  // [STATE_MAX_RANKS]: route kind of each peer
 constexpr int EPK_STATE_SLOT = EPK_STATE_ROUTE + EPK_STATE_MAX_RANKS;  // [LL_MAX_EXPERTS]: dispatch slot allocator
@@ -46,8 +48,8 @@ constexpr int EPK_STATE_WORDS = EPK_STATE_SLOT_OF + EPK_LL_MAX_SELECTIONS;
 // ---- LL route kinds (per peer, in the device state) ----
 constexpr int EPK_ROUTE_NONE = 0;
 constexpr int EPK_ROUTE_IPC = 1;
-constexpr int EPK_ROUTE_PROXY = 2;  // host FIFO + proxy thread (ll_route.cuh; not yet run on a GPU)
-constexpr int EPK_ROUTE_RDMA = 3;   // GPU-written WQEs: not implemented yet
+constexpr int EPK_ROUTE_PROXY = 2;  // host FIFO + proxy thread (ll_route.cuh)
+constexpr int EPK_ROUTE_RDMA = 3;   // GPU-written WQEs, the NIC polls the doorbell (ll_route.cuh)
 
 // ---- LL launch phases (bit mask: the `phase` argument of both LL kernels) ----
 constexpr int EPK_PHASE_SEND = 1;

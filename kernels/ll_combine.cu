@@ -21,7 +21,7 @@
 // has run this call's receive (the rule the two sets rely on).
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_THREADS, EPK_LL_COMBINE_PULL (0 / 1),
-// EPK_POLL_SLEEP_NS (ll_common.cuh), EPK_LL_PROXY (0 / 1: ll_route.cuh). No other define is read.
+// EPK_POLL_SLEEP_NS (ll_common.cuh), EPK_LL_NIC (0 or a NIC route kind: ll_route.cuh). No other define is read.
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ll_common.cuh"
@@ -137,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
           }
           const long long off = set_base + recv_off + (static_cast<long long>(g) * num_max + t) * kRowBytes;
           const int4 *src = x + row * kVecs;
-          if (kProxyRoutes && s_route[s].kind == kRouteProxy && !x_in_area) {  // stage the row (remote routes only)
+          if (kNicRoutes && s_route[s].kind == EPK_LL_NIC && !x_in_area) {  // stage the row (NIC routes only)
             ll::warp_copy_v4<1>(stage_rows + row * kVecs, src, kVecs, lane, [](const int4 *q) { return *q; });
             src = stage_rows + row * kVecs;
           }
@@ -151,10 +151,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         const unsigned done = atomic_add_acq_rel_gpu(reinterpret_cast<unsigned *>(state + EPK_STATE_PAIR + p), 1u);
         if (done == static_cast<unsigned>(per - 1)) {
           state[EPK_STATE_PAIR + p] = 0;  // all `per` warps of the pair have counted: reset for the next call
-          // PROXY: the flag is staged at 4E + 4p of this set (ll_common.cuh) and pushed after every data trigger of
-          // the pair (each warp pushed its rows before it counted itself done).
-          const long long stage = set_base + 4LL * (num_experts + p);
-          if (!route_signal(s_route[s], set_base + 4LL * g, ll::pack_signal(tag, 0), stage, deadline))
+          // NIC routes: the flag is staged at 4E + 4(s e_loc + e) of this set (ll_common.cuh); PROXY pushes it after
+          // every data trigger of the pair (each warp pushed its rows before it counted itself done), RDMA sends the
+          // e_loc flags for s as one WRITE once all are staged (after every row posted to s).
+          const long long stage = set_base + 4LL * (num_experts + s * e_loc + e);
+          const SignalBatch batch{e, e_loc, static_cast<unsigned>(tag)};
+          if (!route_signal(s_route[s], set_base + 4LL * g, ll::pack_signal(tag, 0), stage, batch, deadline))
             report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, s, s_route[s].kind, 0);
         }
       }

@@ -3,12 +3,14 @@
 //
 // LL area (num_rdma_bytes at `ll_off` in every rank's symmetric region; offsets below relative to it):
 //   set p (p = call seq & 1) at p * set_stride, each set:
-//     [0, 4E)                 signals: dispatch count of (local expert e, source rank s) at index e*R + s,
-//                             combine flag of global expert g at index g (both int32, tagged, see below)
-//     [4E, 8E)                the direct dispatch's fill counter of each local expert (int32); or, with PROXY
+//     [0, 4E)                 signals: dispatch count of (local expert e, source rank s) at index e*R + s in the
+//                             IPC-only builds, s*E_loc + e in NIC builds (a source's counts consecutive: an RDMA
+//                             route sends them as one WRITE; ll_dispatch_common.cuh, count_word); combine flag of
+//                             global expert g at index g (both int32, tagged, see below)
+//     [4E, 8E)                the direct dispatch's fill counter of each local expert (int32); or, with NIC
 //                             routes (never with the direct dispatch), the sender's staged signal words: the
 //                             dispatch count of global expert g at 4E + 4g, the combine flag of pair
-//                             (local expert e, source s) at 4E + 4(e*R + s)
+//                             (local expert e, destination s) at 4E + 4(s*E_loc + e)
 //     [send_off, ...)         send region: dispatch staging (one message per source token), and the
 //                             zero-copy combine buffer [E_loc, R*num_max, H] BF16 (never both in one call)
 //     [recv_off, ...)         receive region: dispatch slots [E_loc][R][num_max] messages of 16 + 2H bytes,
@@ -125,7 +127,7 @@ EPK_DEVICE bool wait_local(const int *p, int target, const Deadline &d, int phas
 
 // Every peer's mask bit and route, read once per block so every send and wait site of a call sees the same
 // picture. Threads below R load; the caller synchronises the block before use. `mine`: this rank's LL area,
-// `area_bytes` its size (both sets): the source region of PROXY puts.
+// `area_bytes` its size (both sets): the source region of NIC puts.
 template <int R>
 EPK_DEVICE void load_peers(const int *state, const unsigned long long *peers, long long ll_off, char *mine,
                            long long area_bytes, int (&mask)[R], Route (&route)[R]) {

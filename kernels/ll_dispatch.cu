@@ -24,8 +24,8 @@
 //
 // Defines: EPK_NUM_RANKS, EPK_HIDDEN (multiple of 128), EPK_TOPK (<= 32), EPK_USE_FP8, EPK_ROUND_SCALE,
 // EPK_USE_UE8M0 (needs EPK_ROUND_SCALE and EPK_HIDDEN % 512 == 0), EPK_THREADS, EPK_LL_PULL (0 / 1),
-// EPK_LL_DIRECT (0 / 1: ll_dispatch_direct.cuh), EPK_POLL_SLEEP_NS (ll_common.cuh), EPK_LL_PROXY (0 / 1:
-// ll_route.cuh). No other define is read.
+// EPK_LL_DIRECT (0 / 1: ll_dispatch_direct.cuh), EPK_POLL_SLEEP_NS (ll_common.cuh), EPK_LL_NIC (0 or a NIC
+// route kind: ll_route.cuh). No other define is read.
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ll_common.cuh"
@@ -183,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2)
         if (warp == 0) {
           unsigned long long waited = 0;
           bool arrived = false;
-          const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited, arrived);
+          const int cnt = wait_count(sig, e, e_loc, tag, deadline, state, s_mask, num_max, lane, waited, arrived);
           if (wait_stats != nullptr && lane < kRanks)
             atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, waited);
           __syncwarp();    // the acquiring lanes' view of the messages is every lane's view from here

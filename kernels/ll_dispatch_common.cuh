@@ -136,17 +136,26 @@ __device__ __forceinline__ int send_parts(int num_tokens, int num_warps) {
   return num_tokens > 0 ? max(1, min(4, num_warps / num_tokens)) : 1;
 }
 
-// Lane l < R of an unmasked source l waits for l's count of local expert e (the call's tag); returns the count,
-// 0 for other lanes, masked sources and a source that stays silent past the deadline (masked from then on).
-// `waited`: the lane's wait in ns (0 where it did not wait).
-__device__ __forceinline__ int wait_count(const int *sig, int e, int tag, const Deadline &deadline, int *state,
-                                          const int *s_mask, int num_max, int lane, unsigned long long &waited,
-                                          bool &arrived) {
+// Word of the dispatch count of (source s, local expert e) in a set's signals (ll_common.cuh): by expert in the
+// IPC-only builds (e * R + s: the receiving lanes, one per source, read neighbouring words), by source in NIC builds
+// (s * e_loc + e: a source's counts for one owner are consecutive, which an RDMA route sends as one WRITE). Every
+// rank of a Buffer runs the same build (the route table is identical and symmetric).
+__device__ __forceinline__ int count_word(int s, int e, int e_loc) {
+  return kNicRoutes ? s * e_loc + e : e * kRanks + s;
+}
+
+// Lane l < R of an unmasked source l waits for l's count of local expert e (the call's tag, at count_word(l, e));
+// returns the count, 0 for other lanes, masked sources and a source that stays silent past the deadline (masked
+// from then on). `waited`: the lane's wait in ns (0 where it did not wait).
+__device__ __forceinline__ int wait_count(const int *sig, int e, int e_loc, int tag, const Deadline &deadline,
+                                          int *state, const int *s_mask, int num_max, int lane,
+                                          unsigned long long &waited, bool &arrived) {
   arrived = false;
   if (lane >= kRanks || s_mask[lane]) return 0;
   const uint64_t t0 = now_ns();
   int v = 0;
-  const int got = ll::wait_signal(sig + e * kRanks + lane, tag, deadline, EPK_ERR_PHASE_LL_DISPATCH_RECV, lane, v);
+  const int got =
+      ll::wait_signal(sig + count_word(lane, e, e_loc), tag, deadline, EPK_ERR_PHASE_LL_DISPATCH_RECV, lane, v);
   waited = now_ns() - t0;
   arrived = got == ll::kArrived;
   if (arrived) return min(v & ll::kCountMask, num_max);
@@ -155,15 +164,18 @@ __device__ __forceinline__ int wait_count(const int *sig, int e, int tag, const 
 }
 
 // Lane 0 of expert g's count warp (owner d, local expert e there): once this rank's `done` puts for g are counted,
-// the tagged count `cnt` to the owner (route_signal; a PROXY route stages the word at 4E + 4g of this rank's set,
-// ll_common.cuh, and pushes it after the data warps' triggers, which were pushed before they were counted).
+// the tagged count `cnt` to the owner, at count_word(rank, e) of its signals (route_signal; a NIC route stages
+// the word at 4E + 4g of this rank's set, ll_common.cuh: PROXY pushes it after the data warps' triggers, which were
+// pushed before they were counted; RDMA sends the owner's e_loc counts as one WRITE once all are staged).
 __device__ __forceinline__ void signal_count(int g, int d, int e, int rank, int tag, int cnt, int done, int num_max,
                                              int num_experts, long long set_base, const int *done_ctr,
                                              const Route &route, ErrorRecord *err, const Deadline &deadline) {
   ll::wait_local(done_ctr + g, done, deadline, EPK_ERR_PHASE_LL_LOCAL_SENDS, d);
-  const long long off = set_base + 4LL * (e * kRanks + rank);
+  const int e_loc = num_experts / kRanks;
+  const long long off = set_base + 4LL * count_word(rank, e, e_loc);
   const long long stage = set_base + 4LL * (num_experts + g);
-  if (!route_signal(route, off, ll::pack_signal(tag, min(cnt, num_max)), stage, deadline))
+  const SignalBatch batch{e, e_loc, static_cast<unsigned>(tag)};
+  if (!route_signal(route, off, ll::pack_signal(tag, min(cnt, num_max)), stage, batch, deadline))
     report_error(err, kUnsupportedRoute, rank, EPK_ERR_PHASE_LL_ROUTE, d, route.kind, 0);
 }
 

@@ -210,7 +210,7 @@ __device__ void recv(unsigned seq, int tag, long long set_base, int num_experts,
   for (int e = blockIdx.x; e < e_loc; e += gridDim.x) {
     unsigned long long waited = 0;
     bool arrived = false;
-    const int cnt = wait_count(sig, e, tag, deadline, state, s_mask, num_max, lane, waited, arrived);
+    const int cnt = wait_count(sig, e, e_loc, tag, deadline, state, s_mask, num_max, lane, waited, arrived);
     if (wait_stats != nullptr && lane < kRanks)
       atomicAdd(reinterpret_cast<unsigned long long *>(wait_stats) + lane, waited);
     if (lane < kRanks && !arrived) out_layout[e * kRanks + lane] = 0;  // masked or silent: no rows

@@ -6,8 +6,9 @@
 //   1. start = reserve_wqes(pi_counter, n)             slot reservation on the producer index (one atomicAdd)
 //   2. wait_sq_space(retired, start + n, wqe_cnt, ...) the ring must not lap WQEs the NIC has not completed
 //   3. write n WQEs at start .. start+n-1: data WQEs unsignaled, the trailing one signaled
-//   4. commit_in_order(ready, start, start + n, ...)  waits for earlier reservations to be rung, then
+//   4. commit_in_order(ready, start, start + n, ...)  waits for earlier reservations to be committed, then
 //      post_doorbell: system fence, send doorbell record (BE32 pi), ONE 8-byte doorbell write for the batch.
+//      (commit_quiet commits without a doorbell: a later commit_in_order of the QP rings for it.)
 //
 // The byte-layout part (segment values, builders, doorbell values) has no CUDA dependency so that a host C++
 // compiler can check it against the Python encoder (tests/test_nic_proxy.py); the ordering part (reservation,
@@ -226,25 +227,40 @@ EPK_DEVICE void post_doorbell(uint32_t *dbrec, unsigned long long *db_reg, uint6
   st_release_sys(db_reg, doorbell_value(pi, qpn));
 }
 
-// Ring the doorbell for reservation [start, end) once every earlier reservation has been rung (`ready` holds
-// the producer index rung so far; it starts equal to the producer counter). Keeps the doorbell record
-// monotonic when several warps post to one QP. False (error recorded) at the deadline.
-EPK_DEVICE bool commit_in_order(unsigned long long *ready, uint64_t start, uint64_t end, uint32_t *dbrec,
-                                unsigned long long *db_reg, uint32_t qpn, const Deadline &d, int peer) {
+// Wait (bounded) until every reservation before `start` has been committed (`ready` holds the producer index
+// committed so far; it starts equal to the producer counter). False (error recorded) at the deadline.
+EPK_DEVICE bool wait_turn(const unsigned long long *ready, uint64_t start, const Deadline &d, int peer) {
   uint64_t v = ld_acquire_sys(ready);
-  if (v != start) {
-    const uint64_t t0 = now_ns();
-    for (unsigned iter = 1; v != start; ++iter) {
-      v = ld_acquire_sys(ready);
-      if ((iter & 255u) == 0 && v != start) {
-        if (now_ns() - t0 > d.timeout_ns) {
-          report_error(d.rec, kTimeout, d.rank, kPhaseSqCommit, peer, static_cast<int>(v), static_cast<int>(start));
-          return false;
-        }
-        if (d.rec != nullptr && *reinterpret_cast<volatile int *>(&d.rec->claimed) != 0) return false;
+  if (v == start) return true;
+  const uint64_t t0 = now_ns();
+  for (unsigned iter = 1; v != start; ++iter) {
+    v = ld_acquire_sys(ready);
+    if ((iter & 255u) == 0 && v != start) {
+      if (now_ns() - t0 > d.timeout_ns) {
+        report_error(d.rec, kTimeout, d.rank, kPhaseSqCommit, peer, static_cast<int>(v), static_cast<int>(start));
+        return false;
       }
+      if (d.rec != nullptr && *reinterpret_cast<volatile int *>(&d.rec->claimed) != 0) return false;
     }
   }
+  return true;
+}
+
+// Commit reservation [start, end) without a doorbell (its WQEs are rung by a later commit_in_order of the same
+// QP): in reservation order, after a system fence, so that whoever rings sees these WQEs written.
+EPK_DEVICE bool commit_quiet(unsigned long long *ready, uint64_t start, uint64_t end, const Deadline &d, int peer) {
+  if (!wait_turn(ready, start, d, peer)) return false;
+  __threadfence_system();
+  st_release_sys(ready, end);
+  return true;
+}
+
+// Ring the doorbell for reservation [start, end) once every earlier reservation has been committed: keeps the
+// doorbell record monotonic when several warps post to one QP, and covers the quiet commits before it. False
+// (error recorded) at the deadline.
+EPK_DEVICE bool commit_in_order(unsigned long long *ready, uint64_t start, uint64_t end, uint32_t *dbrec,
+                                unsigned long long *db_reg, uint32_t qpn, const Deadline &d, int peer) {
+  if (!wait_turn(ready, start, d, peer)) return false;
   post_doorbell(dbrec, db_reg, end, qpn);
   st_release_sys(ready, end);
   return true;

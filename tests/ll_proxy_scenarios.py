@@ -32,7 +32,7 @@ def check_routes(buf, group, hybrid: bool) -> list[int]:
     be = buf._backend
     assert list(be.ll.routes) == want, (r, be.ll.routes, want)
     remote = [p for p, k in enumerate(want) if k == ROUTE_PROXY]
-    assert (be.proxy is not None) == bool(remote) and (not remote or sorted(be.proxy.qps) == remote)
+    assert (be.nic_routes is not None) == bool(remote) and (not remote or sorted(be.nic_routes.qps) == remote)
     assert be.ll.dispatch_pull == 0 and be.ll.combine_pull == 0
     return remote
 
@@ -51,7 +51,7 @@ def run_proxy_counters(buf, group, hybrid: bool, num_tokens=64, hidden=2048, top
     expert of the peer; combine = one row (2H bytes) per selection of the peer's tokens owned here + one 4-byte
     flag per local expert. Doorbells at most WQEs (one per proxy burst per QP), one CQE per doorbell, no errors."""
     remote = check_routes(buf, group, hybrid)
-    proxy = buf._backend.proxy
+    proxy = buf._backend.nic_routes
     R, r = group.size, group.rank
     E = 8 * R
     e_loc = E // R
@@ -85,7 +85,7 @@ def run_proxy_back_to_back(buf, group, replays=100):
 
 
 def run_capture_refused(buf, group, num_tokens=32, hidden=2048, topk=4, num_max=128):
-    """A CUDA graph capture of an LL call over the PROXY route raises ArgumentError (engine.PROXY_NO_CAPTURE) before
+    """A CUDA graph capture of an LL call over the PROXY route raises ArgumentError (engine.NIC_NO_CAPTURE) before
     anything is launched or counted; an eager pair after it is exact."""
     import cupy
 
@@ -101,7 +101,7 @@ def run_capture_refused(buf, group, num_tokens=32, hidden=2048, topk=4, num_max=
         try:
             buf.low_latency_dispatch(x, idx, num_max, 8 * group.size, use_fp8=False)
         except ArgumentError as exc:
-            assert "CUDA graph capture: not with peers reached over the PROXY route" in str(exc), exc
+            assert "CUDA graph capture: not with peers reached over a NIC route route" in str(exc), exc
         else:
             raise AssertionError("a capture over the PROXY route was not refused")
         finally:

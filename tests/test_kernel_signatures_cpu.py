@@ -79,7 +79,7 @@ def test_every_define_is_required_and_described(spec):
         "EPK_LL_DIRECT": 0,
         "EPK_POLL_SLEEP_NS": 0,
         "EPK_LL_COMBINE_PULL": 1,
-        "EPK_LL_PROXY": 0,
+        "EPK_LL_NIC": 0,
     }
     defines = {p: sample[p] for p in spec.params}
     kernel_loader.compile_cubin(spec.source, defines, arch="sm_90")

@@ -28,7 +28,7 @@ DEFINES = {
         "EPK_LL_PULL",
         "EPK_LL_DIRECT",
         "EPK_POLL_SLEEP_NS",
-        "EPK_LL_PROXY",
+        "EPK_LL_NIC",
     ),
     "ll_combine.cu": (
         "EPK_NUM_RANKS",
@@ -37,7 +37,7 @@ DEFINES = {
         "EPK_THREADS",
         "EPK_LL_COMBINE_PULL",
         "EPK_POLL_SLEEP_NS",
-        "EPK_LL_PROXY",
+        "EPK_LL_NIC",
     ),
     "ht_dispatch.cu": (
         "EPK_NUM_RANKS",
@@ -93,8 +93,9 @@ LL_DISPATCH_SHAPES = (
     (1, 128, 32, 1, 1, 0),
     (32, 384, 1, 0, 0, 0),
 )
-LL = dict(EPK_THREADS=512, EPK_LL_PROXY=0)
-PROXY = dict(EPK_THREADS=512, EPK_LL_PROXY=1)  # a Buffer with a PROXY route (issue #17): pushed modes only
+LL = dict(EPK_THREADS=512, EPK_LL_NIC=0)
+PROXY = dict(EPK_THREADS=512, EPK_LL_NIC=2)  # a Buffer with a PROXY route (issue #17): pushed modes only
+RDMA = dict(EPK_THREADS=512, EPK_LL_NIC=3)  # ... with an RDMA route (GPU-written WQEs): pushed modes only
 
 SPECIMENS = {
     "ht_notify.cu": [dict(EPK_NUM_RANKS=8), dict(EPK_NUM_RANKS=1)],
@@ -139,6 +140,7 @@ SPECIMENS = {
         ),
         *_rows("ll_dispatch.cu", *LL_DISPATCH_SHAPES, **PROXY, EPK_LL_PULL=0, EPK_LL_DIRECT=0, EPK_POLL_SLEEP_NS=200),
         *_rows("ll_dispatch.cu", (8, 7168, 8, 1, 0, 0), **PROXY, EPK_LL_PULL=0, EPK_LL_DIRECT=0, EPK_POLL_SLEEP_NS=0),
+        *_rows("ll_dispatch.cu", *LL_DISPATCH_SHAPES, **RDMA, EPK_LL_PULL=0, EPK_LL_DIRECT=0, EPK_POLL_SLEEP_NS=200),
     ],
     # (ranks, hidden, top-k): pushed and pulled (zero-copy, EPKERN_LL_COMBINE_PULL=1); top-6 loads fewer
     # selections ahead than the kernel's 8.
@@ -163,6 +165,15 @@ SPECIMENS = {
             (4, 1024, 6),
             (2, 7168, 8),
             **PROXY,
+            EPK_LL_COMBINE_PULL=0,
+            EPK_POLL_SLEEP_NS=200,
+        ),
+        *_rows(
+            "ll_combine.cu",
+            (8, 7168, 8),
+            (1, 128, 32),
+            (2, 7168, 8),
+            **RDMA,
             EPK_LL_COMBINE_PULL=0,
             EPK_POLL_SLEEP_NS=200,
         ),
@@ -285,11 +296,11 @@ SPILL_ALLOWED = {
     # three; BF16 does not spill). Measured on the H200 as part of the direct dispatch's numbers.
     "ll_dispatch.cu": lambda d: d.get("EPK_LL_DIRECT") == 1 and d["EPK_USE_FP8"] == 1,
 }
-# The PROXY builds (EPK_LL_PROXY=1, issue #17; never the IPC-only kernels, which compile exactly as before): a few
-# bytes around the trigger push, outside the copy loops. Not measured on a GPU yet.
+# The NIC builds (EPK_LL_NIC=2 PROXY / 3 RDMA, issue #17; never the IPC-only kernels, which compile exactly as
+# before): a few bytes around the trigger push / WQE post, outside the copy loops. Not measured on a GPU yet.
 _SPILL_ALLOWED_IPC = dict(SPILL_ALLOWED)
 SPILL_ALLOWED = {
-    name: (lambda d, f=f: d.get("EPK_LL_PROXY") == 1 or f(d)) if name.startswith("ll_") else f
+    name: (lambda d, f=f: d.get("EPK_LL_NIC", 0) != 0 or f(d)) if name.startswith("ll_") else f
     for name, f in _SPILL_ALLOWED_IPC.items()
 }
 
@@ -376,6 +387,7 @@ def test_included_files_are_transitive_and_only_those():
         "ll_route.cuh",
         "ll_dispatch_common.cuh",
         "ll_dispatch_direct.cuh",
+        "mlx5_wqe.cuh",
         "proxy_fifo.cuh",
     }
     assert {p.name for p in kernel_loader.included_files("ht_notify.cu")} == {
@@ -408,13 +420,13 @@ def test_cache_key_covers_the_source_and_its_headers_only(tmp_path, monkeypatch)
 
     first = key()
     assert key() == first
-    for unrelated in ("ll_dispatch.cu", "ll_dispatch_direct.cuh", "ht_common.cuh", "layout.cu", "mlx5_wqe.cuh"):
+    for unrelated in ("ll_dispatch.cu", "ll_dispatch_direct.cuh", "ht_common.cuh", "layout.cu", "nic_fetch_add.cu"):
         _append(folder / unrelated, "// edited\n")
         assert key() == first, f"editing {unrelated} changed ll_combine.cu's key"
     (folder / "new_kernel.cu").write_text('extern "C" __global__ void k() {}\n')
     assert key() == first
     keys = {first}
-    for included in ("epk_constants.cuh", "ll_route.cuh", "ll_common.cuh", "ll_combine.cu"):
+    for included in ("epk_constants.cuh", "ll_route.cuh", "ll_common.cuh", "ll_combine.cu", "mlx5_wqe.cuh"):
         _append(folder / included, "// edited\n")
         assert key() not in keys, f"editing {included} did not change the key"
         keys.add(key())

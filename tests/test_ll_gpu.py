@@ -424,7 +424,7 @@ def test_proxy_route_back_to_back_calls_and_no_capture():
     """Back-to-back dispatch + combine pairs over the PROXY route with no host wait between the two calls (what failed
     on the first GPU run: the first such pair timed out waiting for PROXY peers' counts; each PROXY call now completes
     before it returns), 100 times exact, also prepared and zero-copy; a CUDA graph capture is refused with
-    ArgumentError (epkern.gpu.ll.engine.PROXY_NO_CAPTURE) and the Buffer stays usable. (In-process, its one GPU run
+    ArgumentError (epkern.gpu.ll.engine.NIC_NO_CAPTURE) and the Buffer stays usable. (In-process, its one GPU run
     came after a test that crashed the context and failed with it; the same cases passed as 8 MPS processes.)"""
 
     def body(buf, g):

@@ -44,11 +44,12 @@ def test_hybrid_off_sends_to_every_other_rank_over_the_nic():
 
 
 def test_nic_route_errors_are_clear():
-    with pytest.raises(ConfigError, match=r"transport='rdma'.*not built yet.*no GPU-mapped send rings"):
-        R.route_table((0, 1), True, "rdma", EMU)
-    rings = [R.NicInfo("mlx5", "h0", True)] * 2
-    with pytest.raises(ConfigError, match=r"RDMA route \(GPU-written WQEs\) is not built yet; use 'proxy'"):
-        R.route_table((0, 1), True, "rdma", rings)
+    no_rings = [R.NicInfo("mlx5", "h0", False), R.NicInfo("mlx5", "h0", True)]
+    with pytest.raises(ConfigError, match=r"transport='rdma'.*rank 0 \(mlx5\) has no GPU-writable send rings"):
+        R.route_table((0, 1), True, "rdma", no_rings)
+    rings = [R.NicInfo("emulated", "h0", True)] * 2
+    assert R.route_table((0, 1), True, "rdma", rings) == ((I, R.ROUTE_RDMA), (R.ROUTE_RDMA, I))
+    assert R.route_table((0, 1), True, "auto", rings) == ((I, P), (P, I))  # auto: PROXY until RDMA ran on a GPU
     with pytest.raises(ConfigError, match=r"rank 0 -> rank 2 .* rank 2 has no NIC"):
         R.route_table((0, 0, 1, 1), True, "auto", [EMU[0], EMU[0], R.NicInfo(None, "h0"), EMU[0]])
     with pytest.raises(ConfigError, match=r"emulated NIC reaches only ranks of its own host.*'h1'"):
@@ -167,11 +168,11 @@ def test_proxy_buffer_state_kernels_and_teardown(fake, hybrid):
     def body(group):
         buf = _buffer(group, allow_nvlink_for_low_latency_mode=hybrid)
         be = buf._backend
-        eng, proxy, rt = be.ll, be.proxy, be.rt
+        eng, proxy, rt = be.ll, be.nic_routes, be.rt
         want = R.route_table(group.node_of_rank, hybrid, "auto", EMU)[group.rank]
         state = cupy.asnumpy(eng.state)
         assert tuple(state[L.STATE_ROUTE : L.STATE_ROUTE + group.size]) == want == eng.routes
-        assert eng.proxy_build == 1 and eng.dispatch_pull == 0 and eng.combine_pull == 0
+        assert eng.nic_build == ROUTE_PROXY and eng.dispatch_pull == 0 and eng.combine_pull == 0
         assert state[L.STATE_PROXY_FIFOS] == proxy.num_fifos and state[L.STATE_PROXY_CAPACITY] == proxy.capacity
         assert int(state[L.STATE_PROXY_TABLE : L.STATE_PROXY_TABLE + 2].view(np.uint64)[0]) == proxy.table_ptr
         table = cupy.asnumpy(proxy.table)
@@ -187,7 +188,7 @@ def test_proxy_buffer_state_kernels_and_teardown(fake, hybrid):
         y = cupy.asarray(np.zeros((E // group.size, group.size * NUM_MAX, H), ml_dtypes.bfloat16))
         buf.low_latency_combine(y, idx, w, handle)
         ll = [launch for launch in fake if launch[1].startswith("epk_ll_") and launch[6] == rt.comm_stream.ptr]
-        assert {launch[2]["EPK_LL_PROXY"] for launch in ll} == {1}
+        assert {launch[2]["EPK_LL_NIC"] for launch in ll} == {ROUTE_PROXY}
         assert {launch[2].get("EPK_LL_PULL", 0) for launch in ll} == {0}
 
         # What the kernels push: a WRITE of 64 bytes at this rank's LL offset 4096 * (rank + 1) to every remote peer
@@ -225,7 +226,7 @@ def test_a_proxy_failure_is_a_buffer_error_naming_rank_and_peer(fake):
 
     def body(group):
         buf = _buffer(group, transport="proxy")
-        proxy = buf._backend.proxy
+        proxy = buf._backend.nic_routes
         peer = next(iter(proxy.qps))
         if group.rank == 0:  # a write past the peer's LL area: the NIC refuses it, the proxy reports it
             FifoProducer(proxy.fifos[proxy.fifo_of_peer(peer)]).write(peer, 0, 0, buf._backend.rt.ll_bytes, 64)
@@ -383,7 +384,7 @@ def test_graph_capture_over_the_proxy_route_is_refused(fake):
         with stream:
             stream.begin_capture()
             for call in calls:
-                with pytest.raises(ArgumentError, match=r"CUDA graph capture: not with peers reached over the PROXY"):
+                with pytest.raises(ArgumentError, match=r"CUDA graph capture: not with peers reached over a NIC route"):
                     call()
             graph = stream.end_capture()
         assert not graph.captured and eng.sends == sends and sum(1 for x_ in fake if x_[6] in mine) == launched
@@ -420,6 +421,7 @@ def test_after_a_proxy_failure_the_nic_stops_before_the_teardown_barrier():
     NicStillWriting, which makes destroy keep the memory. Without it the NIC executed its backlog in close(), after
     the memory was freed (on the H200: illegal address, 8 in-process ranks after a PROXY timeout)."""
     from epkern.errors import EpkernError
+    from epkern.gpu.ll.nic_link import NicLink
     from epkern.gpu.ll.proxy import NicStillWriting, ProxyTransport
 
     calls = []
@@ -438,12 +440,14 @@ def test_after_a_proxy_failure_the_nic_stops_before_the_teardown_barrier():
             return self.ends
 
     proxy = object.__new__(ProxyTransport)
-    proxy.rank, proxy.timeout_s, proxy.service, proxy.nic = 0, 3.0, Service(), Nic(True)
+    proxy.link = link = object.__new__(NicLink)
+    proxy.rank, proxy.service = 0, Service()
+    link.rank, link.timeout_s, link.nic = 0, 3.0, Nic(True)
     with pytest.raises(EpkernError, match="rank 0: PROXY route failed: peer 1") as err:
         proxy.quiesce()
     assert not isinstance(err.value, NicStillWriting) and calls == ["service", ("abort", 3.0)]
     calls.clear()
-    proxy.nic = Nic(False)
+    link.nic = Nic(False)
     with pytest.raises(NicStillWriting, match="still executing a WRITE after 3 s"):
         proxy.quiesce()
     assert calls == ["service", ("abort", 3.0)]
@@ -467,7 +471,7 @@ def test_a_nic_still_writing_keeps_the_memory_and_skips_the_barrier(fake, monkey
             def stuck():
                 raise NicStillWriting("rank 0: PROXY route failed (x) and the NIC is still executing a WRITE")
 
-            buf._backend.proxy.quiesce = stuck
+            buf._backend.nic_routes.quiesce = stuck
         try:
             buf.destroy()
         except Exception as exc:  # noqa: BLE001 - recorded for the checks below
@@ -514,7 +518,7 @@ def test_in_process_nic_copies_use_the_ranks_fixed_nic_stream(fake, monkeypatch)
         streams = []
         for _ in range(2):  # two Buffers: the same stream
             buf = _buffer(group, transport="proxy")
-            streams.append(buf._backend.proxy.memory._stream)
+            streams.append(buf._backend.nic_routes.link.memory._stream)
             buf.destroy()
         assert streams[0] is streams[1] is group.stream("nic")
         return True

@@ -1,5 +1,6 @@
 """The GPU backend of ``epkern.Buffer``: a runtime and the two engines built over it (HT and LL), and the LL
-routes (ll/routes.py: chosen once here, identical on every rank) with the PROXY transport when a route needs it.
+routes (ll/routes.py: chosen once here, identical on every rank) with the NIC transport (PROXY or RDMA) when a route
+needs it.
 
 Methods take the public Buffer's arguments positionally, in the public order (buffer.py holds the signatures,
 defaults and docstrings; tests/test_backend_parity.py checks the CPU backend answers the same calls).
@@ -47,7 +48,7 @@ class GpuBackend:
         )
         import cupy
 
-        self.proxy = None
+        self.nic_routes = None  # ProxyTransport / RdmaTransport when a route goes over the NIC
         try:
             with cupy.cuda.Device(self.rt.device):
                 routes = None
@@ -55,20 +56,17 @@ class GpuBackend:
                     table = ll_routes.choose(group, options.hybrid, options.transport, ll_routes.local_nic(group))
                     routes = table[group.rank]
                     if ll_routes.needs_nic(table):
-                        from .ll.proxy import PROXY_PHASES, ProxyTransport
-
-                        self.proxy = ProxyTransport(self.rt, routes)
-                        self.rt.register_phases(PROXY_PHASES)
+                        self.nic_routes = _nic_transport(self.rt, table, routes)
                 self.ht = HtEngine(self.rt, tuning.ht)
-                self.ll = LLEngine(self.rt, tuning.ll, routes, self.proxy)
+                self.ll = LLEngine(self.rt, tuning.ll, routes, self.nic_routes)
             self.ll_masks = LLMasks(self.ll)
             self._ll_dispatch = LLDispatch(self.ll)
             self._ll_combine = LLCombine(self.ll)
             group.barrier()
         except BaseException:
             with cupy.cuda.Device(self.rt.device):
-                if self.proxy is not None:
-                    self.proxy.close(raise_errors=False)
+                if self.nic_routes is not None:
+                    self.nic_routes.close(raise_errors=False)
                 self.rt.release()  # no kernel ran on it: nothing to wait for
             raise
 
@@ -77,41 +75,41 @@ class GpuBackend:
         self.ll.plans.clear()  # the replay plans hold the caller's arrays
         self.ht.clear_plans()
         self.ll.sizes.clear()  # and the cached views into the LL area (the memory lives while the caller's do)
-        proxy = self.proxy
-        if proxy is None:
+        nic_routes = self.nic_routes
+        if nic_routes is None:
             self.rt.destroy()
             return
         failures = []
-        from .ll.proxy import NicStillWriting
+        from .ll.nic_link import NicStillWriting
 
-        def quiesce():  # the barrier must be reached whatever the proxy says: its failure is raised after
+        def quiesce():  # the barrier must be reached whatever the NIC side says: its failure is raised after
             try:
-                proxy.quiesce()
+                nic_routes.quiesce()
             except NicStillWriting:
                 raise  # no barrier: peers keep their memory (they raise naming this rank), this rank keeps its own
             except Exception as exc:  # noqa: BLE001
                 failures.append(exc)
 
         try:
-            # The proxy drains and stops after this rank's kernels ended and before the barrier: after it, peers
-            # free their memory, which this rank's NIC must not write any more.
+            # The NIC side drains and stops after this rank's kernels ended and before the barrier: after it,
+            # peers free their memory, which this rank's NIC must not write any more.
             self.rt.destroy(quiesce=quiesce)
         finally:
-            proxy.close(raise_errors=not failures)
+            nic_routes.close(raise_errors=not failures)
         if failures:
             raise failures[0]
 
     def check(self) -> None:
         self.rt.check_usable()
-        self._check_proxy()
+        self._check_nic()
 
-    def _check_proxy(self) -> None:
-        """A failed proxy (NIC fault, bad trigger, deadline) is this Buffer's failure: raise it, naming the rank and
-        the peer; the Buffer is unusable from then on (its FIFOs are dead)."""
-        proxy = self.proxy
-        if proxy is not None and proxy.failed and not self.rt.closed:
+    def _check_nic(self) -> None:
+        """A failed NIC route (NIC fault, error completion, bad trigger, deadline) is this Buffer's failure: raise
+        it, naming the rank and the peer; the Buffer is unusable from then on (its FIFOs or QPs are dead)."""
+        nic_routes = self.nic_routes
+        if nic_routes is not None and nic_routes.failed and not self.rt.closed:
             try:
-                proxy.check()
+                nic_routes.check()
             except Exception as exc:
                 self.rt.broken = self.rt.broken or str(exc)
                 raise
@@ -143,13 +141,13 @@ class GpuBackend:
 
     # ---- low latency ----
     def low_latency_dispatch(self, *args):
-        if self.proxy is not None:
-            self._check_proxy()
+        if self.nic_routes is not None:
+            self._check_nic()
         return self._ll_dispatch(*args)
 
     def low_latency_combine(self, *args):
-        if self.proxy is not None:
-            self._check_proxy()
+        if self.nic_routes is not None:
+            self._check_nic()
         return self._ll_combine(*args)
 
     def get_next_low_latency_combine_buffer(self, handle):
@@ -177,3 +175,18 @@ class GpuBackend:
 
     def prepare_low_latency_combine(self, call, args, kwargs):
         return prepared.prepare_combine(self.ll, call, args, kwargs)
+
+
+def _nic_transport(rt, table, routes):
+    """The NIC side of this rank's NIC routes: one transport per Buffer (``transport=`` is the same everywhere, so the
+    table holds one NIC kind), with the error-record phases of its device waits."""
+    kinds = {k for row in table for k in row}
+    if ll_routes.ROUTE_RDMA in kinds:
+        from .ll.rdma import RDMA_PHASES as phases
+        from .ll.rdma import RdmaTransport as transport
+    else:
+        from .ll.proxy import PROXY_PHASES as phases
+        from .ll.proxy import ProxyTransport as transport
+    made = transport(rt, routes)
+    rt.register_phases(phases)
+    return made

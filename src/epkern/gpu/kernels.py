@@ -128,7 +128,7 @@ LL_DISPATCH = KernelSpec(
     "epk_ll_dispatch",
     (
         *("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_USE_FP8", "EPK_ROUND_SCALE", "EPK_USE_UE8M0"),
-        *("EPK_THREADS", "EPK_LL_PULL", "EPK_LL_DIRECT", "EPK_POLL_SLEEP_NS", "EPK_LL_PROXY"),
+        *("EPK_THREADS", "EPK_LL_PULL", "EPK_LL_DIRECT", "EPK_POLL_SLEEP_NS", "EPK_LL_NIC"),
     ),
     _args(
         *("dry_run:i32", "rank:i32", "phase:i32", "back:i32", "x:ptr", "num_tokens:i32", "topk_idx:ptr"),
@@ -143,7 +143,7 @@ LL_COMBINE = KernelSpec(
     "epk_ll_combine",
     (
         *("EPK_NUM_RANKS", "EPK_HIDDEN", "EPK_TOPK", "EPK_THREADS", "EPK_LL_COMBINE_PULL", "EPK_POLL_SLEEP_NS"),
-        "EPK_LL_PROXY",
+        "EPK_LL_NIC",
     ),
     _args(
         *("dry_run:i32", "rank:i32", "phase:i32", "back:i32", "x:ptr", "src_info:ptr", "layout:ptr", "topk_idx:ptr"),

@@ -141,6 +141,11 @@ class QueuePair:
         self._ci = 0  # NIC consumer index in WQEBBs (monotonic)
         self._last_db = bytes(8)
 
+    @property
+    def consumed(self) -> int:
+        """The NIC's consumer index (WQEBBs executed or failed so far, monotonic)."""
+        return self._ci
+
     def connect(self, remote: QueuePair) -> None:
         """Connect to ``remote`` (this side only; connect both for a bidirectional pair) and go to RTS."""
         self.remote = remote

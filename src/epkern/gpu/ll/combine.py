@@ -83,6 +83,7 @@ class LLCombine:
         topk_idx = as_device_array(topk_idx, "topk_idx")
         api_checks.topk_idx(topk_idx, "topk_idx", None, MAX_TOPK, dev)
         T, K = topk_idx.shape
+        eng.check_nic_batch(num_max, K, num_experts // R)
         if T > num_max:
             raise ArgumentError(f"topk_idx: expected at most num_max_dispatch_tokens_per_rank={num_max} rows, got {T}")
         topk_weights = as_device_array(topk_weights, "topk_weights")
@@ -105,7 +106,7 @@ class LLCombine:
             # Zero-copy outputs lie in the owners' LL areas: sources may read them there.
             EPK_LL_COMBINE_PULL=int(bool(zero_copy) and eng.combine_pull),
             EPK_POLL_SLEEP_NS=eng.poll_sleep_ns,
-            EPK_LL_PROXY=eng.proxy_build,
+            EPK_LL_NIC=eng.nic_build,
         )
         caller = cupy.cuda.get_current_stream()
         eng.refuse_capture(caller)

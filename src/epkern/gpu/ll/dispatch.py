@@ -111,6 +111,7 @@ class LLDispatch:
         topk_idx = as_device_array(topk_idx, "topk_idx")
         api_checks.topk_idx(topk_idx, "topk_idx", T, MAX_TOPK, dev)
         K = topk_idx.shape[1]
+        eng.check_nic_batch(num_max, K, e_loc)
         conv = as_device_array
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats = api_checks.out_array(
@@ -130,10 +131,10 @@ class LLDispatch:
         zero_copy_recv = bool(zero_copy_recv)
         outs = [out_x, out_scales, out_src_info, out_layout_range, out_count]
         if zero_copy_recv:
-            if eng.proxy_build:
+            if eng.nic_build:
                 raise ArgumentError(
-                    "zero_copy_recv: not with peers reached over the NIC (PROXY route): its senders reserve rows in "
-                    "the owners' memory, which a NIC route cannot do; use zero_copy_recv=False"
+                    "zero_copy_recv: not with peers reached over the NIC (PROXY or RDMA route): its senders reserve "
+                    "rows in the owners' memory, which a NIC route cannot do; use zero_copy_recv=False"
                 )
             given = [n for n, o in zip(_OUTS, outs, strict=True) if o is not None]
             if given:
@@ -165,7 +166,7 @@ class LLDispatch:
             EPK_LL_PULL=eng.dispatch_pull,
             EPK_LL_DIRECT=int(zero_copy_recv),
             EPK_POLL_SLEEP_NS=eng.poll_sleep_ns,
-            EPK_LL_PROXY=eng.proxy_build,
+            EPK_LL_NIC=eng.nic_build,
         )
         caller = cupy.cuda.get_current_stream()
         eng.refuse_capture(caller)

@@ -12,12 +12,12 @@ the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its 
   check) and leaves that peer masked; the Buffer stays usable (masks.py).
 - Two sets, as DeepEP: a call reuses the set of the call two before it, so every rank must have run that call's
   receive (its hook) before any rank issues the new one.
-- Routes (routes.py) are chosen at Buffer creation: IPC, or PROXY for peers on other nodes (issue #17; the NIC and
-  proxy threads are the backend's ``ProxyTransport``). Pull or push is chosen from them: receivers pull rows from
-  peers reached by IPC; any other route pushes. The kernels carry the PROXY code only when a route needs it
-  (``EPK_LL_PROXY``), so an all-IPC Buffer runs the same kernels as before.
-- PROXY calls complete on the host before they return, and CUDA graph capture of them is refused
-  (:data:`PROXY_NO_CAPTURE`): a PROXY kernel waits for the emulated NIC's copies, CUDA work that a host thread
+- Routes (routes.py) are chosen at Buffer creation: IPC, or a NIC route (PROXY or RDMA) for peers on other nodes
+  (issue #17; the NIC side is the backend's ``ProxyTransport`` / ``RdmaTransport``). Pull or push is chosen from
+  them: receivers pull rows from peers reached by IPC; any other route pushes. The kernels carry a NIC route's code
+  only when a route needs it (``EPK_LL_NIC``), so an all-IPC Buffer runs the same kernels as before.
+- NIC-route calls complete on the host before they return, and CUDA graph capture of them is refused
+  (:data:`NIC_NO_CAPTURE`): such a kernel waits for the emulated NIC's copies, CUDA work that a host thread
   issues on a stream of its own, and nothing may sit queued behind that kernel meanwhile. On the H100 (8 MPS
   processes) the first PROXY dispatch that had its combine queued behind it timed out on every rank waiting for a
   PROXY peer's count (``tests/ll_scenarios.run_graph_replays``' eager first pair; IPC peers answered).
@@ -45,9 +45,11 @@ from .layout import (
     ROUTE_IPC,
     ROUTE_NONE,
     ROUTE_PROXY,
+    ROUTE_RDMA,
     STATE_PROXY_CAPACITY,
     STATE_PROXY_FIFOS,
     STATE_PROXY_TABLE,
+    STATE_RDMA_TABLE,
     STATE_ROUTE,
     STATE_WORDS,
     THREADS,
@@ -87,22 +89,23 @@ class SizeState:
 
 _NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
 
-PROXY_NO_CAPTURE = (
-    "CUDA graph capture: not with peers reached over the PROXY route (other nodes, emulated NIC). A PROXY kernel "
+NIC_NO_CAPTURE = (
+    "CUDA graph capture: not with peers reached over a NIC route (PROXY or RDMA: other nodes, emulated NIC). Such a "
+    "kernel "
     "waits for the emulated NIC's copies, CUDA work a host thread issues on a stream of its own, and in a captured "
     "pair the combine (and the caller's later work) is queued behind the dispatch while it waits. Seen on the H100 "
     "(8 MPS processes): the first PROXY dispatch with its combine queued behind it timed out on every rank waiting "
     "for a PROXY peer's count (suspected: the copies wait behind that work on a shared hardware work queue). Call "
-    "low_latency_dispatch / low_latency_combine without capture (a PROXY call completes before it returns), or "
+    "low_latency_dispatch / low_latency_combine without capture (a NIC-route call completes before it returns), or "
     "keep every peer on IPC"
 )
 
 
 class LLEngine:
-    def __init__(self, rt, tuning, routes=None, proxy=None):
+    def __init__(self, rt, tuning, routes=None, nic_routes=None):
         """``routes``: this rank's row of the agreed route table (routes.choose); None: IPC where the peer's region
-        is mapped here. ``proxy``: the ProxyTransport serving the PROXY routes (its FIFO table goes into the
-        device state), or None."""
+        is mapped here. ``nic_routes``: the ProxyTransport or RdmaTransport serving the NIC routes (its FIFO or QP
+        table goes into the device state), or None."""
         import cupy
 
         self.rt = rt
@@ -113,16 +116,20 @@ class LLEngine:
             routes = [ROUTE_IPC if p else ROUTE_NONE for p in rt.region.peer_ptrs]
         routes = [int(r) for r in routes]
         self.routes = tuple(routes)
-        self.proxy_build = int(ROUTE_PROXY in routes)  # EPK_LL_PROXY of this Buffer's LL kernels
-        self.proxy = proxy  # named in a PROXY peer's timeout (masks.py)
+        # EPK_LL_NIC of this Buffer's LL kernels: the NIC route kind its peers use (one per Buffer), or 0
+        self.nic_build = next((k for k in (ROUTE_PROXY, ROUTE_RDMA) if k in routes), 0)
+        self.nic_routes = nic_routes  # named in a NIC peer's timeout (masks.py)
         words = np.zeros(STATE_ROUTE + rt.num_ranks, dtype=np.int32)
         words[STATE_ROUTE:] = routes
-        if proxy is not None:
-            if proxy.num_fifos > PROXY_MAX_FIFOS:
-                raise AssertionError(f"{proxy.num_fifos} FIFOs, the device table holds {PROXY_MAX_FIFOS}")
-            words[STATE_PROXY_FIFOS] = proxy.num_fifos
-            words[STATE_PROXY_CAPACITY] = proxy.capacity
-            words[STATE_PROXY_TABLE : STATE_PROXY_TABLE + 2] = np.array([proxy.table_ptr], np.uint64).view(np.int32)
+        if self.nic_build == ROUTE_PROXY and nic_routes is not None:
+            if nic_routes.num_fifos > PROXY_MAX_FIFOS:
+                raise AssertionError(f"{nic_routes.num_fifos} FIFOs, the device table holds {PROXY_MAX_FIFOS}")
+            words[STATE_PROXY_FIFOS] = nic_routes.num_fifos
+            words[STATE_PROXY_CAPACITY] = nic_routes.capacity
+            table = np.array([nic_routes.table_ptr], np.uint64).view(np.int32)
+            words[STATE_PROXY_TABLE : STATE_PROXY_TABLE + 2] = table
+        elif self.nic_build == ROUTE_RDMA and nic_routes is not None:
+            words[STATE_RDMA_TABLE : STATE_RDMA_TABLE + 2] = np.array([nic_routes.table_ptr], np.uint64).view(np.int32)
         self.state[: len(words)] = cupy.asarray(words)  # the mask words (64..) stay 0: nobody masked
         rt.sync_bounded(cupy.cuda.get_current_stream(), "setting up the low-latency state")
         self.sends = 0  # sending launches issued (host side; the device counter is the truth)
@@ -188,18 +195,23 @@ class LLEngine:
         st.agreed = True
 
     def refuse_capture(self, stream) -> None:
-        """ArgumentError (before anything is launched or counted) for a PROXY Buffer's call inside a CUDA graph
-        capture. Asks CUDA only for PROXY Buffers: the IPC hot path is unchanged."""
-        if self.proxy_build and capturing(stream):
-            raise ArgumentError(PROXY_NO_CAPTURE)
+        """ArgumentError (before anything is launched or counted) for a NIC-route Buffer's call inside a CUDA graph
+        capture. Asks CUDA only for such Buffers: the IPC hot path is unchanged."""
+        if self.nic_build and capturing(stream):
+            raise ArgumentError(NIC_NO_CAPTURE)
+
+    def check_nic_batch(self, num_max: int, topk: int, e_loc: int) -> None:
+        """RDMA route: one call's WRITEs to one peer must fit its send ring (ArgumentError before any launch)."""
+        if self.nic_build == ROUTE_RDMA and self.nic_routes is not None:
+            self.nic_routes.check_batch(num_max, topk, e_loc, "num_max_dispatch_tokens_per_rank")
 
     def end(self, compute, async_finish: bool) -> EventHandle:
-        """``rt.end`` of an LL call. PROXY: first the host waits (bounded, polling: the proxy threads keep running)
-        until this call's kernels ended, so that neither the caller's stream nor the next call is ever queued behind
-        a PROXY kernel (which waits for the emulated NIC's CUDA copies); its own failure raises here."""
+        """``rt.end`` of an LL call. NIC routes: first the host waits (bounded, polling: the proxy / NIC threads keep
+        running) until this call's kernels ended, so that neither the caller's stream nor the next call is ever
+        queued behind such a kernel (which waits for the emulated NIC's CUDA copies); its own failure raises here."""
         rt = self.rt
-        if self.proxy_build:
-            rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (PROXY route)", True)
+        if self.nic_build:
+            rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
             rt.raise_recorded()
         return rt.end(compute, async_finish)
 
@@ -300,7 +312,7 @@ class LLEngine:
         self.refuse_capture(compute)
         self.replays += 1
         phase = self.first_phase(return_recv_hook)
-        direct = compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook and not self.proxy_build
+        direct = compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook and not self.nic_build
         if direct:
             # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and
             # the caller waits for this call: the launch goes straight onto that stream as a captured graph, with no

@@ -106,8 +106,8 @@ class LLMasks:
         if 0 <= peer < rt.num_ranks:
             with rt.on_comm_stream():
                 self._set_words(STATE_MASK + peer, 1, 1)
-        proxy = getattr(self.eng, "proxy", None)
-        where = proxy.describe(peer) if proxy is not None else ""
+        nic_routes = getattr(self.eng, "nic_routes", None)
+        where = nic_routes.describe(peer) if nic_routes is not None else ""
         raise TimeoutError(
             f"rank {rank}: {what}: peer {peer} did not answer within {rt.timeout_s:g} s (tag seen {seen}, "
             f"expected {expected}); peer {peer} is now masked (low_latency_query_mask_buffer) and this call's "

@@ -1,4 +1,4 @@
-"""The LL route of every peer, chosen once at Buffer creation (issue #17, step 1): IPC, PROXY or (not built) RDMA.
+"""The LL route of every peer, chosen once at Buffer creation (issue #17, step 1): IPC, PROXY or RDMA.
 
 Inputs, all known on every rank: the node of every rank (``group.node_of_rank``; ``EPKERN_RANKS_PER_NODE`` makes
 virtual nodes), the ``transport=`` choice (``auto`` | ``proxy`` | ``rdma``), hybrid (``allow_nvlink_for_low_latency
@@ -7,8 +7,9 @@ _mode`` and ``EPKERN_LL_HYBRID``: same-node peers over IPC) and every rank's NIC
 - A rank reaches itself over IPC (its own memory: a local copy), always.
 - Hybrid on: a peer of the same node is IPC, a peer of another node takes the NIC route; hybrid off: every other
   rank takes the NIC route, same node or not.
-- The NIC route: ``auto`` -> RDMA where the NIC gives GPU-mapped send rings, else PROXY. The RDMA route (GPU-written
-  WQEs) is not built yet, so ``auto`` is PROXY today and ``rdma`` is a ConfigError wherever a NIC route is needed.
+- The NIC route: ``proxy``, or ``rdma`` (GPU-written WQEs; both ends' NICs must give GPU-writable send rings: the
+  emulated NIC does, watching its doorbell words; ConfigError otherwise). ``auto`` is PROXY for now: the RDMA route
+  has not run on a GPU yet (it is to prefer RDMA where the rings allow it once it has).
 - The emulated NIC reaches only ranks of its own host (it is the wire: it copies into the peer's memory mapped in
   this process), so a remote peer on another host needs a real NIC.
 
@@ -84,14 +85,15 @@ def _nic_route(r: int, p: int, nodes, transport: str, nics) -> int:
                 f"{where}: the emulated NIC reaches only ranks of its own host (rank {r} is on {nics[r].host!r}, "
                 f"rank {p} on {nics[p].host!r}); ranks on other hosts need a real NIC"
             )
-    rings = nics[r].gpu_rings and nics[p].gpu_rings
     if transport == "rdma":
-        why = "" if rings else f"; the NIC of rank {r if not nics[r].gpu_rings else p} has no GPU-mapped send rings"
-        raise ConfigError(
-            f"transport='rdma' ({where}): the RDMA route (GPU-written WQEs) is not built yet{why}; use 'proxy' or "
-            "'auto'"
-        )
-    return ROUTE_PROXY  # auto: RDMA where the rings allow it, once that route exists; PROXY until then
+        for who in (r, p):
+            if not nics[who].gpu_rings:
+                raise ConfigError(
+                    f"transport='rdma' ({where}): the NIC of rank {who} ({nics[who].kind}) has no GPU-writable send "
+                    "rings (the RDMA route's kernels post WQEs themselves); use 'proxy' or 'auto'"
+                )
+        return ROUTE_RDMA
+    return ROUTE_PROXY  # auto: PROXY until the RDMA route has run on a GPU (then: RDMA where the rings allow it)
 
 
 def check_identical(tables: list) -> None:
@@ -118,9 +120,10 @@ def describe(table) -> str:
 
 
 def local_nic(group) -> NicInfo:
-    """This rank's NIC: the emulated one by default (every rank can make one; it reaches the ranks of its host).
-    A real mlx5 NIC (GPU-mapped rings, other hosts) is not wired into Buffer yet."""
-    return NicInfo("emulated", str(group.hostnames[group.rank]), gpu_rings=False)
+    """This rank's NIC: the emulated one by default (every rank can make one; it reaches the ranks of its host; its
+    rings live in host-mapped memory that kernels write, and it watches their doorbell words). A real mlx5 NIC
+    (GPU-mapped rings, other hosts) is not wired into Buffer yet."""
+    return NicInfo("emulated", str(group.hostnames[group.rank]), gpu_rings=True)
 
 
 def choose(group, hybrid: bool, transport: str, nic: NicInfo) -> tuple[tuple[int, ...], ...]:

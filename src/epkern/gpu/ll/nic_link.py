@@ -1,0 +1,98 @@
+"""What both NIC routes of a Buffer (PROXY: ``proxy.py``, RDMA: ``rdma.py``) set up the same way for one rank: the
+NIC, this rank's LL area registered on it, and one QP per remote peer with the peer's LL area as its target.
+
+- NIC: an ``EmulatedNic`` over ``DeviceMemory`` per rank by default (``nic_factory`` makes another; a real mlx5 NIC
+  is meant to slot in behind the same interface, untested: it would register the LL area as a dma-buf MR and
+  exchange (LL base, rkey, QP info) with ``connect_mesh``'s allgather instead of the wire below).
+- Memory: this rank's LL area is registered with remote-write rights only (the source of its writes needs no
+  right). The emulated NIC is the wire: it copies into the destination from this process, so each remote peer's LL
+  area is mapped here (memory.wire: kept apart from the kernels' peer table, which stays 0 for other nodes) and
+  registered on this NIC with remote-write rights only; the peer's QP is connected in loopback. (A real NIC
+  executes at the responder; the bytes that land are the same.)
+- QPs: one per remote peer, each with its own CQ: a destination's data and its count / flag go through one RC QP,
+  which keeps their order without a fence between QPs.
+- Lifetime: the subclass stops its own posting first (``quiesce``); :meth:`close_link` closes the NIC, its memory and
+  the wire mappings. In-process ranks share one CUDA context: the NIC's copies go on the rank's fixed "nic" stream
+  (a queue of its own; group/threads.rank_stream), not a new stream per NIC thread.
+"""
+
+from __future__ import annotations
+
+from ...errors import EpkernError
+
+
+class NicStillWriting(EpkernError):
+    """A NIC route's NIC could not be stopped: memory it may write must stay allocated (no teardown barrier)."""
+
+
+class NicLink:
+    """The NIC, MRs and QPs of one rank's NIC routes. ``remote``: the peers whose route kind is ``kind``; each gets a
+    QP of ``qp_slots`` WQEBBs with a CQ of ``cq_slots``."""
+
+    def __init__(
+        self, rt, routes, kind: int, *, qp_slots: int, cq_slots: int, poll_doorbells: bool, nic_factory=None, wire=None
+    ):
+        from ...memory.wire import WireMappings
+        from ...nic.device_memory import DeviceMemory
+        from ...nic.emulated import Access, EmulatedNic
+
+        self.rank, self.timeout_s = rt.rank, rt.timeout_s
+        self.remote = [p for p, k in enumerate(routes) if k == kind]
+        self.nic = self.memory = self.wire = None
+        self.qps: dict[int, object] = {}
+        self.peer_targets: dict[int, tuple[int, int]] = {}  # peer -> (its LL area as this NIC addresses it, rkey)
+        try:
+            # Collective (every rank builds its wire, also one without remote peers): the peers' regions, here.
+            self.wire = (wire or WireMappings)(rt.region, rt.group, self.remote, rt.timeout_s)
+            stream_of = getattr(rt.group, "stream", None) if rt.in_process else None
+            self.memory = DeviceMemory(rt.device, stream=stream_of("nic") if stream_of is not None else None)
+            make = nic_factory or (lambda m: EmulatedNic(m, poll_doorbells=poll_doorbells, name=f"rank{rt.rank}"))
+            self.nic = make(self.memory)
+            self.ll_base = rt.region.ptr + rt.ll_offset
+            self.memory.add(self.ll_base, rt.ll_bytes)
+            self.local_mr = self.nic.reg_mr(self.ll_base, rt.ll_bytes, access=Access.REMOTE_WRITE)
+            for p in self.remote:
+                peer_ll = self.wire.ptrs[p] + rt.ll_offset
+                self.memory.add(peer_ll, rt.ll_bytes)
+                mr = self.nic.reg_mr(peer_ll, rt.ll_bytes, access=Access.REMOTE_WRITE)
+                qp = self.nic.create_qp(self.nic.create_cq(cq_slots), qp_slots)
+                qp.connect(qp)  # loopback: this NIC writes the peer's mapped area (the wire)
+                self.qps[p] = qp
+                self.peer_targets[p] = (peer_ll, mr.rkey)
+        except BaseException:
+            try:
+                self.close_link()
+            except Exception:  # noqa: BLE001 - the construction's own failure is the one to raise
+                pass
+            raise
+
+    def counters(self) -> dict:
+        """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
+        return {p: dict(vars(qp.counters)) for p, qp in self.qps.items()}
+
+    def longest_pass(self) -> str:
+        return f"the NIC thread's longest pass {getattr(self.nic, 'longest_pass_s', 0.0):.2f} s"
+
+    def stop_nic(self, reason: str) -> None:
+        """After a failure, before the teardown's barrier lets peers free the memory the posted WRITEs target: an
+        emulated NIC drops what is still posted (on the H200, 8 in-process ranks after a PROXY timeout: the NIC
+        executed its backlog during close, after the memory was freed, and the context died of an illegal address).
+        :class:`NicStillWriting` when it cannot be stopped in time: the caller must then keep the memory."""
+        abort = getattr(self.nic, "abort", None)
+        if abort is not None and not abort(self.timeout_s):
+            raise NicStillWriting(
+                f"rank {self.rank}: {reason} and the NIC is still executing a WRITE after {self.timeout_s:g} s"
+            )
+
+    def close_link(self) -> None:
+        """Close the NIC and its memory, then the wire mappings (idempotent)."""
+        try:
+            if self.nic is not None:
+                self.nic.close()
+            if self.memory is not None:
+                self.memory.close()
+        finally:
+            self.nic = self.memory = None
+            if self.wire is not None:
+                self.wire.close()
+                self.wire = None

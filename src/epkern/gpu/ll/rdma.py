@@ -1,0 +1,208 @@
+"""The RDMA route's host side for one Buffer (issue #17, step 5): the LL kernels write mlx5 WQEs into each remote
+peer's QP send ring themselves and ring its doorbell (kernels/ll_route.cuh); the host sets the QPs up and polls
+their completions. CPU-tested over a fake CuPy; NOT yet run on a GPU.
+
+- NIC, MRs, one QP per remote peer: ``nic_link.NicLink``, with an emulated NIC that watches the QPs' doorbell words
+  (``poll_doorbells=True``: the kernels write them, nobody calls ``ring_doorbell``).
+- Rings: each QP's send ring, doorbell record, doorbell word and ``retired`` word lie in one host-mapped allocation:
+  the GPU writes WQEs and doorbells over PCIe and the emulated NIC's thread reads them in host memory. (An mlx5 QP
+  keeps its own ring and UAR page, registered for the GPU instead: nic/mlx5_cuda.py; not wired here.)
+- Ring size :data:`RING_WQES`: the kernels ring once per call and peer, after the call's last WQE to that peer, so
+  every WQE of one call to one peer must fit the ring unrung: at most ``num_max * min(top-k, local experts) + 1``
+  (checked per call, :meth:`check_batch`). Beyond one call, the kernels wait for ``retired`` (bounded).
+- Device table (``table_ptr``, state words ``EPK_STATE_RDMA_TABLE``): one ``epk::RdmaQp`` of ``RDMA_QP_BYTES`` per
+  rank (zero for ranks without a QP); each QP's counters (producer index, committed index, batch counter) in device
+  memory.
+- Completions: a ``CompletionPoller`` thread advances ``retired`` and records error CQEs and NIC faults;
+  :meth:`check` raises them naming this rank, the peer and the QP.
+- Lifetime: :meth:`quiesce` (after this rank's kernels ended, before the destroy barrier): waits, bounded, until the
+  NIC has executed every WQE the kernels committed, then stops the poller; after a failure the NIC is stopped
+  (``NicStillWriting`` if it cannot be). :meth:`close`: NIC, memory, wire mappings, rings.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ...errors import ArgumentError, EpkernError
+from .layout import RDMA_QP_BYTES, ROUTE_RDMA
+from .nic_link import NicLink
+
+RING_WQES = 16384  # WQEBBs per QP send ring (1 MiB host-mapped per remote peer)
+CQ_SLOTS = 1024  # one CQE per call and peer at most; the poller consumes them
+_QP_EXTRA = 3 * 64  # per QP after its ring: doorbell record, doorbell word, retired word (64-byte apart)
+
+# Error-record phases of mlx5_wqe.cuh's waits (registered with the runtime).
+RDMA_PHASES = {
+    0x601: "RDMA route (waiting for send-ring space: the NIC has not completed earlier WQEs)",
+    0x602: "RDMA route (waiting for an earlier WQE of the same QP to be written)",
+}
+
+
+def _host_mapped(nbytes: int):
+    from ...memory import HostMapped
+
+    return HostMapped(nbytes)
+
+
+def pack_qp(sq, dbrec, db, retired, ctr, raddr, rkey, lkey, qpn, wqe_cnt) -> np.ndarray:
+    """One ``epk::RdmaQp`` (ll_route.cuh) as 8 little-endian u64 words."""
+    return np.array([sq, dbrec, db, retired, ctr, raddr, rkey | lkey << 32, qpn | wqe_cnt << 32], dtype=np.uint64)
+
+
+class RdmaTransport:
+    """RDMA routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is RDMA get a QP."""
+
+    def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None):
+        import cupy
+
+        from ...nic.completions import CompletionPoller, PolledQp
+
+        self.host = self.link = self.poller = None
+        self.closed = False
+        self.rank, self.ring_wqes = rt.rank, int(ring_wqes)
+        self.retired: dict[int, np.ndarray] = {}
+        try:
+            self.link = link = NicLink(
+                rt,
+                routes,
+                ROUTE_RDMA,
+                qp_slots=self.ring_wqes,
+                cq_slots=CQ_SLOTS,
+                poll_doorbells=True,
+                nic_factory=nic_factory,
+                wire=wire,
+            )
+            self.remote, self.qps, self.nic, self.timeout_s = link.remote, link.qps, link.nic, link.timeout_s
+            per_qp = self.ring_wqes * 64 + _QP_EXTRA
+            self.host = _host_mapped(per_qp * max(1, len(self.remote)) + 64)
+            start = -self.host.device_ptr % 64
+            self.counters_dev = cupy.zeros((rt.num_ranks, 4), dtype=np.uint64)
+            table = np.zeros((rt.num_ranks, RDMA_QP_BYTES // 8), dtype=np.uint64)
+            polled = []
+            for i, p in enumerate(self.remote):
+                at = start + i * per_qp
+                ring, extra = at, at + self.ring_wqes * 64
+                qp = link.qps[p]
+                # The QP's ring and doorbells become the host-mapped ones (before anything is posted).
+                qp.sq = self.host.host[ring : ring + self.ring_wqes * 64]
+                qp.dbrec = self.host.host[extra : extra + 8]
+                qp.db_reg = self.host.host[extra + 64 : extra + 72]
+                self.retired[p] = self.host.view(np.uint64, extra + 128, 1)
+                polled.append(PolledQp(p, qp, self.retired[p]))
+                raddr, rkey = link.peer_targets[p]
+                dev = self.host.device_ptr
+                table[p] = pack_qp(
+                    dev + ring,
+                    dev + extra,
+                    dev + extra + 64,
+                    dev + extra + 128,
+                    self.counters_dev.data.ptr + 32 * p,
+                    raddr,
+                    rkey,
+                    link.local_mr.lkey,
+                    qp.qpn,
+                    self.ring_wqes,
+                )
+            self.table = cupy.asarray(table)
+            self.table_ptr = int(self.table.data.ptr)
+            self.poller = CompletionPoller(polled, link.nic, name=f"rank{rt.rank}-rdma-cq")
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
+
+    def check_batch(self, num_max: int, topk: int, e_loc: int, what: str) -> None:
+        """ArgumentError unless one call's WQEs to one peer (each token's selections on that peer, plus the signals'
+        one WRITE) fit a send ring: the kernels ring once, after the last of them."""
+        most = num_max * min(topk, e_loc) + 1
+        if most > self.ring_wqes:
+            raise ArgumentError(
+                f"{what}: up to {most} RDMA WRITEs per call to one peer (num_max_dispatch_tokens_per_rank "
+                f"{num_max} x min(top-k {topk}, {e_loc} local experts) + 1) exceed the RDMA route's send ring of "
+                f"{self.ring_wqes} WQEs; use fewer tokens per call or transport='proxy'"
+            )
+
+    @property
+    def failed(self) -> bool:
+        return self.poller is not None and self.poller.failed
+
+    def check(self) -> None:
+        """Raise the route's failure (EpkernError naming this rank, the peer and the QP) if it failed."""
+        if self.failed:
+            raise EpkernError(f"rank {self.rank}: RDMA route failed: " + "; ".join(self.poller.errors))
+
+    def describe(self, peer: int) -> str:
+        """What the NIC side did for ``peer`` (a timeout naming it tells the story): WQEs executed, doorbells and
+        completions seen, the retired index, the NIC thread's longest pass, failures."""
+        qp = self.qps.get(peer) if self.link is not None else None
+        if qp is None:
+            return ""
+        c = qp.counters
+        text = (
+            f"RDMA route to peer {peer}: QP 0x{qp.qpn:x}: the NIC executed {c.wqes} WQEs after {c.doorbells} "
+            f"doorbells, {c.cqes} completions, retired index {int(self.retired[peer][0])}; {self.link.longest_pass()}"
+        )
+        errors = self.poller.errors if self.poller is not None else []
+        return text + (f"; errors: {'; '.join(errors)}" if errors else "")
+
+    def counters(self) -> dict:
+        """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
+        return self.link.counters()
+
+    def quiesce(self) -> None:
+        """After this rank's kernels ended: wait (bounded) until the NIC has executed every WQE they committed, then
+        stop the poller (idempotent). Raises the route's failure; after one the NIC is stopped first (before the
+        teardown's barrier lets peers free the memory its WRITEs target; ``NicStillWriting`` if it cannot be)."""
+        poller = self.poller
+        if poller is None:
+            return
+        problem = None
+        try:
+            committed = self.counters_dev[:, 1].get() if self.remote else []
+            deadline = time.monotonic() + self.timeout_s
+            for p in self.remote:
+                qp = self.qps[p]
+                while qp.consumed < int(committed[p]) and not poller.failed and qp.state != qp.ERROR:
+                    if time.monotonic() > deadline:
+                        problem = (
+                            f"peer {p} qp 0x{qp.qpn:x}: the NIC executed {qp.consumed} of {int(committed[p])} WQEs "
+                            f"within {self.timeout_s:g} s"
+                        )
+                        break
+                    time.sleep(1e-4)
+                if problem:
+                    break
+        finally:
+            poller.close()
+            self.poller = None
+        errors = poller.errors + ([problem] if problem else [])
+        if errors:
+            text = "; ".join(errors)
+            self.link.stop_nic(f"RDMA route failed ({text})")
+            raise EpkernError(f"rank {self.rank}: RDMA route failed: {text}")
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Stop the poller, then close the NIC, its memory, the wire mappings and the rings (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        errors = []
+        for step in (self.quiesce, self._close_link, self._close_rings):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - everything is closed; the first failure is raised after
+                errors.append(exc)
+        self.table = self.counters_dev = None
+        if errors and raise_errors:
+            raise errors[0]
+
+    def _close_link(self) -> None:
+        if self.link is not None:
+            self.link.close_link()
+
+    def _close_rings(self) -> None:
+        if self.host is not None:
+            self.host.close()
+            self.host = None
