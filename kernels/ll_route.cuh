@@ -78,6 +78,7 @@ struct RdmaQp {
   uint32_t rkey, lkey;                // the peer's LL area / this rank's LL area (sources)
   uint32_t qpn, wqe_cnt;
 };
+// Five pointers, a u64 and four u32 in declaration order: no padding, so the size pins every offset.
 static_assert(sizeof(RdmaQp) == EPK_RDMA_QP_BYTES, "RdmaQp layout is shared with gpu/ll/rdma.py");
 
 struct Route {
