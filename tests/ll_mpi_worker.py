@@ -4,6 +4,7 @@
     mpiexec -n 4 python tests/ll_mpi_worker.py --absent   # the last rank stops; the others raise once, go on
     mpiexec -n 8 python tests/ll_mpi_worker.py --proxy=4  # virtual nodes of 4 ranks, PROXY route (hybrid on)
     mpiexec -n 8 python tests/ll_mpi_worker.py --proxy-nohybrid=2   # ... every other rank over the PROXY route
+    mpiexec -n 8 python tests/ll_mpi_worker.py --rdma=4  # ... the RDMA route (GPU-written WQEs; --rdma-nohybrid=2)
 
 The --proxy cases (issue #17): --proxy=4 and --proxy-nohybrid=2 exact on the H200 (2026-12-07).
 
@@ -25,7 +26,7 @@ from epkern.group import as_group  # noqa: E402
 def main():
     from mpi4py import MPI
 
-    proxy = [a for a in sys.argv[1:] if a.startswith("--proxy")]
+    proxy = [a for a in sys.argv[1:] if a.startswith(("--proxy", "--rdma"))]
     if proxy:  # virtual nodes: set before the group reads the node map
         os.environ["EPKERN_RANKS_PER_NODE"] = proxy[0].split("=", 1)[1]
     group = as_group(MPI.COMM_WORLD)
@@ -41,13 +42,17 @@ def main():
     if proxy:
         import ll_proxy_scenarios
 
-        hybrid = not proxy[0].startswith("--proxy-nohybrid")
-        kw = dict(num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20, transport="proxy")
+        from epkern.gpu.ll.layout import ROUTE_PROXY, ROUTE_RDMA
+
+        transport = "rdma" if proxy[0].startswith("--rdma") else "proxy"
+        kind = ROUTE_RDMA if transport == "rdma" else ROUTE_PROXY
+        hybrid = "-nohybrid" not in proxy[0]
+        kw = dict(num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20, transport=transport)
         with Buffer(group, allow_nvlink_for_low_latency_mode=hybrid, **kw) as buf:
-            ll_proxy_scenarios.run_proxy_cases(buf, group, hybrid)
-            ll_proxy_scenarios.run_proxy_counters(buf, group, hybrid)
-            ll_proxy_scenarios.run_proxy_back_to_back(buf, group)  # graph capture is refused over PROXY
-        print(f"OK rank {group.rank} of {R} proxy {proxy[0]}", flush=True)
+            ll_proxy_scenarios.run_proxy_cases(buf, group, hybrid, kind=kind)
+            ll_proxy_scenarios.run_proxy_counters(buf, group, hybrid, kind=kind)
+            ll_proxy_scenarios.run_proxy_back_to_back(buf, group)  # graph capture is refused over NIC routes
+        print(f"OK rank {group.rank} of {R} {transport} {proxy[0]}", flush=True)
         return
     if "--graph-zero-copy-recv" in sys.argv:  # the zero_copy_recv graph replays alone (diagnostics)
         with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20) as buf:

@@ -1,16 +1,17 @@
-"""LL over the PROXY route (issue #17): the cases both the in-process tests (tests/test_ll_gpu.py) and the MPS worker
-(tests/ll_mpi_worker.py --proxy=RPN) run on virtual nodes. First run on the H200 (2026-12-07): exact as 8 MPS
-processes (--proxy=4, --proxy-nohybrid=2) and 2 or 4 in-process ranks; run_proxy_back_to_back passed as MPS
-processes."""
+"""LL over the NIC routes (issue #17): the cases both the in-process tests (tests/test_ll_gpu.py) and the MPS worker
+(tests/ll_mpi_worker.py --proxy=RPN / --rdma=RPN) run on virtual nodes, for the PROXY route (``kind`` ROUTE_PROXY)
+and the RDMA route (ROUTE_RDMA). PROXY first ran on the H200 (2026-12-07): exact as 8 MPS processes (--proxy=4,
+--proxy-nohybrid=2) and 2 or 4 in-process ranks; run_proxy_back_to_back passed as MPS processes. RDMA: not yet run
+on a GPU."""
 
 from __future__ import annotations
 
 import numpy as np
 
 import ll_scenarios
-from epkern.gpu.ll.layout import ROUTE_IPC, ROUTE_PROXY
+from epkern.gpu.ll.layout import ROUTE_IPC, ROUTE_PROXY, ROUTE_RDMA
 
-# Every flag the PROXY route supports (zero_copy_recv is refused there), one case each.
+# Every flag the NIC routes support (zero_copy_recv is refused there), one case each.
 PROXY_CASES = (
     dict(),
     dict(routing="skewed"),
@@ -24,33 +25,37 @@ PROXY_CASES = (
 )
 
 
-def check_routes(buf, group, hybrid: bool) -> list[int]:
-    """The agreed routes: IPC to the same node (hybrid) and to itself, PROXY to the rest; a QP per PROXY peer only
-    (no NIC traffic between ranks of one node in hybrid mode). Returns the remote peers."""
+def check_routes(buf, group, hybrid: bool, kind: int = ROUTE_PROXY) -> list[int]:
+    """The agreed routes: IPC to the same node (hybrid) and to itself, the NIC route `kind` to the rest; a QP per NIC
+    peer only (no NIC traffic between ranks of one node in hybrid mode). Returns the remote peers."""
     nodes, r = group.node_of_rank, group.rank
-    want = [ROUTE_IPC if p == r or (hybrid and nodes[p] == nodes[r]) else ROUTE_PROXY for p in range(group.size)]
+    want = [ROUTE_IPC if p == r or (hybrid and nodes[p] == nodes[r]) else kind for p in range(group.size)]
     be = buf._backend
     assert list(be.ll.routes) == want, (r, be.ll.routes, want)
-    remote = [p for p, k in enumerate(want) if k == ROUTE_PROXY]
+    remote = [p for p, k in enumerate(want) if k == kind]
     assert (be.nic_routes is not None) == bool(remote) and (not remote or sorted(be.nic_routes.qps) == remote)
     assert be.ll.dispatch_pull == 0 and be.ll.combine_pull == 0
     return remote
 
 
-def run_proxy_cases(buf, group, hybrid: bool, num_tokens=90, hidden=2048, topk=8, num_max=128):
-    check_routes(buf, group, hybrid)
+def run_proxy_cases(buf, group, hybrid: bool, num_tokens=90, hidden=2048, topk=8, num_max=128, kind=ROUTE_PROXY):
+    check_routes(buf, group, hybrid, kind)
     for case in PROXY_CASES:
         ll_scenarios.run_ll_case(buf, group, num_tokens, hidden, 8 * group.size, topk, num_max=num_max, **case)
     ll_scenarios.run_ll_case(buf, group, [0, 1, 5, num_max][: group.size] + [3] * max(0, group.size - 4), hidden,
                              8 * group.size, 4, num_max=num_max)  # fmt: skip
 
 
-def run_proxy_counters(buf, group, hybrid: bool, num_tokens=64, hidden=2048, topk=4, num_max=128, seed=7):
-    """One BF16 dispatch + combine; each remote peer's QP counters (one QP per peer) grow by exactly the triggers
-    of the protocol: dispatch = one message (16 + 2H bytes) per selection owned by the peer + one 4-byte count per
-    expert of the peer; combine = one row (2H bytes) per selection of the peer's tokens owned here + one 4-byte
-    flag per local expert. Doorbells at most WQEs (one per proxy burst per QP), one CQE per doorbell, no errors."""
-    remote = check_routes(buf, group, hybrid)
+def run_proxy_counters(
+    buf, group, hybrid: bool, num_tokens=64, hidden=2048, topk=4, num_max=128, seed=7, kind=ROUTE_PROXY
+):
+    """One BF16 dispatch + combine; each remote peer's QP counters (one QP per peer) grow by exactly the WRITEs
+    of the protocol: dispatch = one message (16 + 2H bytes) per selection owned by the peer, combine = one row
+    (2H bytes) per selection of the peer's tokens owned here, and the signals: PROXY one 4-byte WRITE per count /
+    flag (e_loc each call; doorbells at most WQEs, one per proxy burst per QP, one CQE per doorbell); RDMA one WRITE
+    of the e_loc staged words per call, the call's only signaled WQE (exactly 2 CQEs) and its only doorbell (1 or 2
+    seen: doorbell words stored between two of the NIC's scans count once). No errors."""
+    remote = check_routes(buf, group, hybrid, kind)
     proxy = buf._backend.nic_routes
     R, r = group.size, group.rank
     E = 8 * R
@@ -67,11 +72,15 @@ def run_proxy_counters(buf, group, hybrid: bool, num_tokens=64, hidden=2048, top
         sent = int(np.sum((idxs[r] >= p * e_loc) & (idxs[r] < (p + 1) * e_loc)))
         returned = int(np.sum((idxs[p] >= r * e_loc) & (idxs[p] < (r + 1) * e_loc)))
         d = {k: after[p][k] - before[p][k] for k in after[p]}
-        wqes = sent + e_loc + returned + e_loc
+        signals = 2 * e_loc if kind == ROUTE_PROXY else 2
+        wqes = sent + returned + signals
         nbytes = sent * (16 + 2 * hidden) + returned * 2 * hidden + 8 * e_loc
         assert d["wqes"] == wqes and d["bytes"] == nbytes, (r, p, d, wqes, nbytes)
-        assert 1 <= d["doorbells"] <= wqes and d["cqes"] <= d["doorbells"] and d["errors"] == 0, (r, p, d)
-    assert not proxy.failed, proxy.service.errors
+        if kind == ROUTE_PROXY:
+            assert 1 <= d["doorbells"] <= wqes and d["cqes"] <= d["doorbells"] and d["errors"] == 0, (r, p, d)
+        else:
+            assert 1 <= d["doorbells"] <= 2 and d["cqes"] == 2 and d["errors"] == 0, (r, p, d)
+    proxy.check()
 
 
 def run_proxy_back_to_back(buf, group, replays=100):
@@ -85,7 +94,7 @@ def run_proxy_back_to_back(buf, group, replays=100):
 
 
 def run_capture_refused(buf, group, num_tokens=32, hidden=2048, topk=4, num_max=128):
-    """A CUDA graph capture of an LL call over the PROXY route raises ArgumentError (engine.NIC_NO_CAPTURE) before
+    """A CUDA graph capture of an LL call over a NIC route raises ArgumentError (engine.NIC_NO_CAPTURE) before
     anything is launched or counted; an eager pair after it is exact."""
     import cupy
 
@@ -101,9 +110,9 @@ def run_capture_refused(buf, group, num_tokens=32, hidden=2048, topk=4, num_max=
         try:
             buf.low_latency_dispatch(x, idx, num_max, 8 * group.size, use_fp8=False)
         except ArgumentError as exc:
-            assert "CUDA graph capture: not with peers reached over a NIC route route" in str(exc), exc
+            assert "CUDA graph capture: not with peers reached over a NIC route" in str(exc), exc
         else:
-            raise AssertionError("a capture over the PROXY route was not refused")
+            raise AssertionError("a capture over a NIC route was not refused")
         finally:
             stream.end_capture()
     assert eng.sends == sends

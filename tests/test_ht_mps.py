@@ -70,10 +70,22 @@ def test_ll_mps_processes(n, mps_env):
     _run_worker("ll_mpi_worker.py", n, mps_env)
 
 
-@pytest.mark.parametrize("split", ["--proxy=4", "--proxy=2", "--proxy=1", "--proxy-nohybrid=4"])
+@pytest.mark.parametrize(
+    "split",
+    [
+        "--proxy=4",
+        "--proxy=2",
+        "--proxy=1",
+        "--proxy-nohybrid=4",
+        "--rdma=4",
+        "--rdma=2",
+        "--rdma=1",
+        "--rdma-nohybrid=4",
+    ],
+)
 def test_ll_proxy_route_virtual_nodes(split, mps_env):
-    """8 MPS processes on virtual nodes, peers on other nodes over the PROXY route (issue #17; --proxy=4 and
-    --proxy-nohybrid=2 ran exact through gpu_check.sh's mpsraw on the H200, 2026-12-07)."""
+    """8 MPS processes on virtual nodes, peers on other nodes over the PROXY or the RDMA route (issue #17; --proxy=4
+    and --proxy-nohybrid=2 ran exact through gpu_check.sh's mpsraw on the H200, 2026-12-07; RDMA not yet run)."""
     _run_worker("ll_mpi_worker.py", 8, mps_env, split, timeout=600)
 
 

@@ -402,20 +402,25 @@ _EIGHT_IN_PROCESS = pytest.mark.skip(
      pytest.param(8, 1, marks=_EIGHT_IN_PROCESS)],
 )  # fmt: skip
 @pytest.mark.parametrize("hybrid", [True, False])
-def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid):
-    """Ranks split into virtual nodes; peers on other nodes (every other rank with hybrid off) over the PROXY route
-    (trigger FIFOs, proxy threads, emulated NIC): every supported flag exact, then the NIC counters of one call."""
+@pytest.mark.parametrize("transport", ["proxy", "rdma"])
+def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid, transport):
+    """Ranks split into virtual nodes; peers on other nodes (every other rank with hybrid off) over a NIC route:
+    PROXY (trigger FIFOs, proxy threads, emulated NIC) or RDMA (the kernels post WQEs, the emulated NIC watches the
+    doorbells): every supported flag exact, then the NIC counters of one call."""
+    from epkern.gpu.ll.layout import ROUTE_PROXY, ROUTE_RDMA
+
+    kind = ROUTE_RDMA if transport == "rdma" else ROUTE_PROXY
 
     def body(buf, g):
-        ll_proxy_scenarios.run_proxy_cases(buf, g, hybrid)
-        ll_proxy_scenarios.run_proxy_counters(buf, g, hybrid)
+        ll_proxy_scenarios.run_proxy_cases(buf, g, hybrid, kind=kind)
+        ll_proxy_scenarios.run_proxy_counters(buf, g, hybrid, kind=kind)
 
     _run(
         num_ranks,
         body,
         timeout_s=900,
         ranks_per_node=ranks_per_node,
-        transport="proxy",
+        transport=transport,
         allow_nvlink_for_low_latency_mode=hybrid,
     )
 
