@@ -41,7 +41,6 @@ def main():
         return
     if proxy:
         import ll_proxy_scenarios
-
         from epkern.gpu.ll.layout import ROUTE_PROXY, ROUTE_RDMA
 
         transport = "rdma" if proxy[0].startswith("--rdma") else "proxy"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import ll_scenarios
-from epkern.gpu.ll.layout import ROUTE_IPC, ROUTE_PROXY, ROUTE_RDMA
+from epkern.gpu.ll.layout import ROUTE_IPC, ROUTE_PROXY
 
 # Every flag the NIC routes support (zero_copy_recv is refused there), one case each.
 PROXY_CASES = (
