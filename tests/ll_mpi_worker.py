@@ -5,6 +5,7 @@
     mpiexec -n 8 python tests/ll_mpi_worker.py --proxy=4  # virtual nodes of 4 ranks, PROXY route (hybrid on)
     mpiexec -n 8 python tests/ll_mpi_worker.py --proxy-nohybrid=2   # ... every other rank over the PROXY route
     mpiexec -n 8 python tests/ll_mpi_worker.py --rdma=4  # ... the RDMA route (GPU-written WQEs; --rdma-nohybrid=2)
+    mpiexec -n 4 python tests/ll_mpi_worker.py --absent-rdma=2  # rank 3 goes silent behind the RDMA route
 
 The --proxy cases (issue #17): --proxy=4 and --proxy-nohybrid=2 exact on the H200 (2026-12-07).
 
@@ -26,15 +27,21 @@ from epkern.group import as_group  # noqa: E402
 def main():
     from mpi4py import MPI
 
-    proxy = [a for a in sys.argv[1:] if a.startswith(("--proxy", "--rdma"))]
+    proxy = [a for a in sys.argv[1:] if a.startswith(("--proxy", "--rdma", "--absent-"))]
     if proxy:  # virtual nodes: set before the group reads the node map
         os.environ["EPKERN_RANKS_PER_NODE"] = proxy[0].split("=", 1)[1]
     group = as_group(MPI.COMM_WORLD)
     R = group.size
     H, num_max = 2048, 128
     nbytes = ll_scenarios.ll_buffer_bytes(num_max, 7168, R, 8 * R)
-    if "--absent" in sys.argv:
-        with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=3) as buf:
+    absent = [a for a in sys.argv[1:] if a == "--absent" or a.startswith("--absent-")]
+    if absent:
+        # --absent: every peer over IPC; --absent-proxy=RPN / --absent-rdma=RPN: the last rank, on another virtual
+        # node than rank 0, goes silent behind a NIC route (issue #17: a silent remote rank is masked).
+        kw = {}
+        if absent[0] != "--absent":
+            kw["transport"] = absent[0].split("=", 1)[0].removeprefix("--absent-")
+        with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=3, **kw) as buf:
             took = ll_scenarios.run_absent_rank(buf, group, absent_rank=R - 1, hidden=H, num_max=64)
             assert took is None or took < 3 + 10, f"raised after {took:.1f} s"
         print(f"OK rank {group.rank} of {R} absent-rank raised after {took}", flush=True)

@@ -89,5 +89,8 @@ def test_ll_proxy_route_virtual_nodes(split, mps_env):
     _run_worker("ll_mpi_worker.py", 8, mps_env, split, timeout=600)
 
 
-def test_ll_absent_rank_is_masked(mps_env):
-    _run_worker("ll_mpi_worker.py", 4, mps_env, "--absent", timeout=120)
+@pytest.mark.parametrize("how", ["--absent", "--absent-proxy=2", "--absent-rdma=2"])
+def test_ll_absent_rank_is_masked(how, mps_env):
+    """The last of 4 ranks goes silent: over IPC, or behind a NIC route (virtual nodes of 2: NIC routes not yet run
+    silent on a GPU)."""
+    _run_worker("ll_mpi_worker.py", 4, mps_env, how, timeout=120)
