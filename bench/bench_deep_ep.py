@@ -1,9 +1,12 @@
 """The torch front end (epkern.deep_ep) against the native CuPy API, same calls, same group, one run (issue #19).
 
 Each call is timed as users get it: one call, then a device sync (median over ``--iters`` of wall µs), and the host
-time the call itself takes (until it returns). Both APIs get the same inputs; their outputs are compared bitwise
-once. Under mpiexec (``mpiexec -n 8 python bench/bench_deep_ep.py``, MPS on one GPU) or ``--inprocess N``;
-``--backend cpu`` runs the same on CPU tensors (a smoke test, not a measurement).
+time the call itself takes (until it returns). Beside them the call's GPU time: the call is issued while the current
+stream is held by a device sleep longer than any rank's host time, and the time from the sleep's end to an event
+recorded after the call is what the GPU spent on it (kernels, copies, waits for peers' kernels), without host time
+(``gpu us``; the front end adds no GPU time when the two APIs' figures agree). Both APIs get the same inputs; their
+outputs are compared bitwise once. Under mpiexec (``mpiexec -n 8 python bench/bench_deep_ep.py``, MPS on one GPU)
+or ``--inprocess N``; ``--backend cpu`` runs the same on CPU tensors (a smoke test, not a measurement).
 """
 
 from __future__ import annotations
@@ -62,6 +65,38 @@ class _Api:
 
             cupy.cuda.Device().synchronize()
 
+    def sleep_then_events(self, sleep_us: float):
+        """Hold the current stream for ``sleep_us`` on the GPU; returns (event after the sleep, a fresh end event)
+        of this API's kind, the first already recorded."""
+        if self.name == "deep_ep":
+            torch = self.torch
+            torch.cuda._sleep(int(sleep_us * self.cycles_per_us()))
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            return e0, e1
+        import cupy
+
+        _sleep_kernel()((1,), (1,), (np.int64(int(sleep_us * self.cycles_per_us())),))
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+        e0.record()
+        return e0, e1
+
+    def elapsed_us(self, e0, e1) -> float:
+        if self.name == "deep_ep":
+            e1.record()
+            e1.synchronize()
+            return e0.elapsed_time(e1) * 1e3
+        import cupy
+
+        e1.record()
+        e1.synchronize()
+        return cupy.cuda.get_elapsed_time(e0, e1) * 1e3
+
+    def cycles_per_us(self) -> float:
+        import cupy
+
+        return cupy.cuda.Device().attributes["ClockRate"] / 1e3  # kHz -> cycles per us
+
     def host(self, a):
         """An output as numpy, BF16 as its 16-bit words (compared bitwise)."""
         if self.name == "deep_ep":
@@ -71,8 +106,28 @@ class _Api:
         return a.view(np.int16) if a.dtype == BF16 else a
 
 
-def _time(group, api, fn, iters):
-    walls, hosts = [], []
+_SLEEP = []
+
+
+def _sleep_kernel():
+    """A one-thread kernel that spins for a number of clock cycles (the CuPy side's torch.cuda._sleep)."""
+    if not _SLEEP:
+        import cupy
+
+        _SLEEP.append(
+            cupy.RawKernel(
+                r"""extern "C" __global__ void spin(long long cycles) {
+                  long long t0 = clock64();
+                  while (clock64() - t0 < cycles) {}
+                }""",
+                "spin",
+            )
+        )
+    return _SLEEP[0]
+
+
+def _time(group, api, fn, iters, gpu_sleep_us=0.0):
+    walls, hosts, gpus = [], [], []
     for _ in range(iters):
         group.barrier()
         t0 = time.perf_counter()
@@ -82,7 +137,15 @@ def _time(group, api, fn, iters):
         t2 = time.perf_counter()
         walls.append((t2 - t0) * 1e6)
         hosts.append((t1 - t0) * 1e6)
-    return statistics.median(walls), statistics.median(hosts)
+    if gpu_sleep_us:
+        for _ in range(iters):
+            group.barrier()
+            e0, e1 = api.sleep_then_events(gpu_sleep_us)
+            fn()
+            gpus.append(api.elapsed_us(e0, e1))
+            api.sync()
+    gpu = statistics.median(gpus) if gpus else float("nan")
+    return statistics.median(walls), statistics.median(hosts), gpu
 
 
 def _profile(group, api, fn, iters, label, top=18):
@@ -137,8 +200,9 @@ def _measure(group, args, name):
     api.sync()
     rows = []
     for call, fn in calls:
-        wall, host = _time(group, api, fn, args.iters)
-        rows.append(dict(api=name, call=call, wall_us=wall, host_us=host))
+        sleep_us = args.gpu_sleep_us if backend == "gpu" else 0.0
+        wall, host, gpu = _time(group, api, fn, args.iters, sleep_us)
+        rows.append(dict(api=name, call=call, wall_us=wall, host_us=host, gpu_us=gpu))
     if args.profile:  # after the timing (the profiler slows the host): where each call's host time goes
         for call, fn in calls:
             _profile(group, api, fn, args.profile, f"{name} {call}")
@@ -167,6 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--inprocess", type=int, default=0, help="this many in-process ranks instead of MPI")
     p.add_argument("--profile", type=int, default=0, help="then profile this many calls of each (rank 0 prints)")
+    p.add_argument(
+        "--gpu-sleep-us", type=float, default=5000.0, help="device sleep the GPU-time runs queue each call behind"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.inprocess:
@@ -177,9 +244,11 @@ def main(argv=None) -> int:
         if group.rank != 0:
             return 0
     rows, exact = results[0]
-    print(f"{'call':<12} {'api':<8} {'wall us':>10} {'host us':>10}   (rank 0; median of {args.iters})")
+    print(f"{'call':<12} {'api':<8} {'wall us':>10} {'host us':>10} {'gpu us':>10}   (rank 0; median of {args.iters})")
     for row in rows:
-        print(f"{row['call']:<12} {row['api']:<8} {row['wall_us']:>10.1f} {row['host_us']:>10.1f}")
+        print(
+            f"{row['call']:<12} {row['api']:<8} {row['wall_us']:>10.1f} {row['host_us']:>10.1f} {row['gpu_us']:>10.1f}"
+        )
     print(f"outputs of both APIs bitwise equal: {exact}")
     if args.json:
         with open(args.json, "w") as f:

@@ -72,7 +72,7 @@ if has deepep; then
   # The front end against the CuPy API, same calls, one run: 8 MPS processes (HT 4096 tokens, LL 128, H 7168).
   timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py ${DEEPEP_BENCH_EXTRA:-} --json "$OUT/bench_deep_ep_mps8.json" \
     >"$OUT/bench_deep_ep_mps8.log" 2>&1
-  summary+=("bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s; ", $1, $2, $3, $4}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")")
+  summary+=("bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s/%s; ", $1, $2, $3, $4, $5}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")")
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8

@@ -117,3 +117,32 @@ def run_capture_refused(buf, group, num_tokens=32, hidden=2048, topk=4, num_max=
             stream.end_capture()
     assert eng.sends == sends
     ll_scenarios.run_ll_case(buf, group, num_tokens, hidden, 8 * group.size, topk, num_max=num_max)
+
+
+_DUMPED = []
+
+
+def dump_nic_state(buf, group):
+    """Diagnostics after a failure of in-process ranks: every thread's stack once per process (where each NIC and
+    proxy thread is: in a CUDA copy, idle, or gone), then this rank's NIC side per peer (what its NIC executed, its
+    QPs' doorbell records against what they consumed)."""
+    import faulthandler
+    import sys
+
+    if not _DUMPED:
+        _DUMPED.append(True)
+        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+    t = buf._backend.nic_routes
+    if t is None:
+        return
+    nic = t.nic
+    lines = [
+        f"DIAG rank {group.rank} NIC pending={len(getattr(nic, '_pending', []))} busy={getattr(nic, '_busy', None)}"
+    ]
+    for p, qp in t.qps.items():
+        from epkern.nic import wqe as W
+
+        lines.append(
+            f"  peer {p}: {t.describe(p)}; consumed {qp.consumed}, dbrec {W.decode_dbrec(qp.dbrec)}, state {qp.state}"
+        )
+    print("\n".join(lines), flush=True)

@@ -412,8 +412,12 @@ def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid, transport)
     kind = ROUTE_RDMA if transport == "rdma" else ROUTE_PROXY
 
     def body(buf, g):
-        ll_proxy_scenarios.run_proxy_cases(buf, g, hybrid, kind=kind)
-        ll_proxy_scenarios.run_proxy_counters(buf, g, hybrid, kind=kind)
+        try:
+            ll_proxy_scenarios.run_proxy_cases(buf, g, hybrid, kind=kind)
+            ll_proxy_scenarios.run_proxy_counters(buf, g, hybrid, kind=kind)
+        except Exception:
+            ll_proxy_scenarios.dump_nic_state(buf, g)
+            raise
 
     _run(
         num_ranks,

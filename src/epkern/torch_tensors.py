@@ -97,11 +97,11 @@ def _cupy_view(tensor):
     if dtype is None:
         raise TypeError(f"torch dtype {tensor.dtype} has no epkern array dtype")
     size = tensor.element_size()
-    if tensor.numel() == 0:
-        return cupy.empty(tuple(tensor.shape), dtype=dtype)
+    strides = tuple(st * size for st in tensor.stride())
+    if tensor.numel() == 0:  # nothing to view; the tensor's strides still (as DLPack gives them; CuPy's empty: 0)
+        return cupy.ndarray(tuple(tensor.shape), dtype, cupy.empty(0, dtype).data, strides=strides)
     extent = sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True)) + 1
     mem = cupy.cuda.UnownedMemory(tensor.data_ptr(), extent * size, tensor, device_id=tensor.device.index)
-    strides = tuple(st * size for st in tensor.stride())
     return cupy.ndarray(tuple(tensor.shape), dtype, cupy.cuda.MemoryPointer(mem, 0), strides=strides)
 
 
