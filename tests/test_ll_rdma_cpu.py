@@ -34,6 +34,8 @@ H, E, NUM_MAX = 128, 8, 8
 def fake(monkeypatch):
     from epkern.gpu.ll import proxy, rdma
 
+    _BEFORE.clear()
+    _BEFORE.update(t.ident for t in threading.enumerate())
     with F.installed(monkeypatch) as launches:
         import cupy
 
@@ -58,8 +60,17 @@ def _buffer(group, **kw):
     return epkern.Buffer(group, num_nvl_bytes=0, low_latency_mode=True, backend="gpu", **kw)
 
 
+_BEFORE: set = set()
+
+
 def _nic_threads():
-    return [t for t in threading.enumerate() if t.name.startswith(("epkern-rank", "epkern-emulated-rank"))]
+    """NIC, poller and proxy threads alive now that were not before this test (another file's test may leave a
+    daemon thread on purpose: a NIC that could not be stopped)."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(("epkern-rank", "epkern-emulated-rank")) and t.ident not in _BEFORE
+    ]
 
 
 def _u64(addr: int) -> int:
@@ -316,3 +327,40 @@ def test_rdma_is_refused_without_gpu_writable_rings_and_auto_stays_proxy(fake, m
         return True
 
     assert all(_on_ranks(refused, 2, 1))
+
+
+def test_in_process_ranks_meet_before_a_kernel_is_loaded(fake, monkeypatch):
+    """A specialisation's first use by in-process ranks: no rank loads its code (kernel_loader.get_function) before
+    every rank arrived, i.e. before every peer's previous kernel ended (on the H100 a load in one of 4 in-process
+    ranks held up the NIC copies a peer's still-running RDMA dispatch waited for)."""
+    from epkern import kernel_loader
+
+    arrived, loads = [], []
+    real = kernel_loader.get_function
+    lock = threading.Lock()
+
+    def get_function(source, name, defines=None):
+        if str(name).startswith("epk_ll_"):
+            with lock:
+                loads.append((name, len(arrived)))
+        return real(source, name, defines)
+
+    monkeypatch.setattr(kernel_loader, "get_function", get_function)
+    import cupy
+
+    def body(group):
+        buf = _buffer(group)
+        x = cupy.asarray(np.ones((4, H), ml_dtypes.bfloat16))
+        idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64), (4, 1)))
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # the sizes' first use: collective anyway
+        group.barrier()
+        if group.rank == 1:
+            time.sleep(0.3)  # the late rank: rank 0 must not load the FP8 build before it arrives
+        with lock:
+            arrived.append(group.rank)
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=True)
+        buf.destroy()
+
+    _on_ranks(body, 2, 1)
+    fp8 = loads[len(loads) // 2 :]  # each rank loads through its own launch cache: BF16 twice, then FP8 twice
+    assert len(loads) == 4 and all(n == 2 for _, n in fp8), loads

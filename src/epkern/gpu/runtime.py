@@ -419,29 +419,29 @@ class Runtime:
     # ---- kernels ----
     def kernel(self, spec, defines: dict):
         """The loaded kernel of one specialisation (cached per call site's define order)."""
-        site = (spec.source, spec.name, tuple(defines.items()))
-        entry = self._launch_cache.get(site)
+        entry = self._launch_cache.get(site := (spec.source, spec.name, tuple(defines.items())))
         if entry is None:
             entry = self._launch_cache[site] = [kernel_loader.get_function(spec.source, spec.name, defines), False]
         return entry
 
     def launch(self, spec, defines: dict, blocks: int, threads: int, args: tuple) -> None:
-        """Launch a (possibly spin-waiting) kernel on the current (comm) stream; ``args`` packed by ``spec``
-        with dry_run 0. The first use of a specialisation is a dry run on every rank, a sync and a group barrier:
-        with CUDA's lazy loading, loading a kernel's code can wait for running kernels, so a rank must never load
-        code while a peer's kernel spins waiting for it (in-process ranks share one context)."""
-        entry = self.kernel(spec, defines)
-        func = entry[0]
-        self._last_defines[spec.source] = defines
-        if not entry[1]:
+        """Launch a (possibly spin-waiting) kernel on the current (comm) stream; ``args`` packed by ``spec`` with
+        dry_run 0. A specialisation's first use is a dry run on every rank, a sync and a group barrier: loading code
+        can wait for running kernels, so no rank may load while a peer's kernel spins (one shared context)."""
+        entry = self._launch_cache.get((spec.source, spec.name, tuple(defines.items())))
+        if entry is None or not entry[1]:
             key = (spec.source, spec.name, tuple(sorted(defines.items())))
+            if self.in_process and self.num_ranks > 1 and key not in self._warmed:
+                self.group.barrier()  # before loading too: a peer's previous kernel may spin on its NIC's copies
+            entry = self.kernel(spec, defines)
             if key not in self._warmed:
-                func((1,), (32,), (np.int32(1), *args[1:]))
+                entry[0]((1,), (32,), (np.int32(1), *args[1:]))
                 self.sync_bounded(self.comm_stream, "first use of a kernel")
                 self.group.barrier()
                 self._warmed.add(key)
             entry[1] = True
-        func((blocks,), (threads,), args)
+        self._last_defines[spec.source] = defines
+        entry[0]((blocks,), (threads,), args)
 
     def is_warm(self, spec, defines: dict) -> bool:
         """Whether this specialisation had its first-use warm-up (``launch``) on this Buffer."""
