@@ -98,16 +98,18 @@ enum ErrorCode : int {
   kOverflow = EPK_ERR_CODE_OVERFLOW
 };
 
+// The code is stored last, after a system fence: a host that sees the record claimed with code 0 reads it again
+// later (on the H100 a host poll read a claimed record before its fields: "error code 0 (peer 0, ...)").
 EPK_DEVICE void report_error(ErrorRecord *rec, int code, int rank, int phase, int peer, int seen, int expected) {
   if (rec == nullptr) return;
   if (atomicCAS(&rec->claimed, 0, 1) != 0) return;
-  rec->code = code;
   rec->rank = rank;
   rec->phase = phase;
   rec->peer = peer;
   rec->seen = seen;
   rec->expected = expected;
   __threadfence_system();
+  st_release_sys(&rec->code, code);
 }
 
 // True once *flag has reached `target` (wrap-safe: epochs only grow, compared as a signed difference).

@@ -41,12 +41,12 @@ inline void report_error(ErrorRecord *rec, int code, int rank, int phase, int pe
   if (rec == nullptr) return;
   int zero = 0;
   if (!__atomic_compare_exchange_n(&rec->claimed, &zero, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
-  rec->code = code;
   rec->rank = rank;
   rec->phase = phase;
   rec->peer = peer;
   rec->seen = seen;
   rec->expected = expected;
+  __atomic_store_n(&rec->code, code, __ATOMIC_RELEASE);  // last, as the device's report_error
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 }  // namespace epk

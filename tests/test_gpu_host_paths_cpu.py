@@ -572,3 +572,20 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
         buf.low_latency_combine(got[3][1], idx, w, handle, out=out)
     assert buf.low_latency_combine(got[4][1], idx, w, handle, out=out)[0] is out
     buf.destroy()
+
+
+def test_a_record_claimed_but_not_yet_written_is_read_again_later(fake):
+    """A kernel claims the error record, then writes its fields and the code last: a host check that sees the claim
+    with code 0 raises nothing yet (on the H100 one raised "error code 0 (peer 0, value 0, limit 0)"); once the
+    code is there it raises the real failure."""
+    import epkern
+    from epkern.errors import EpkernError
+
+    buf = epkern.Buffer(None, num_nvl_bytes=1 << 20, backend="gpu")
+    rec = buf._backend.rt.error_record
+    rec[0] = 1  # claimed; the fields not written yet
+    buf.check()
+    rec[2:7] = [0, 0x7777, 1, 5, 9]  # rank, phase, peer, seen, expected
+    rec[1] = 2  # the code, last (EPK_ERR_CODE_BAD_INDEX)
+    with pytest.raises(EpkernError, match=r"rank 0: phase 30583: error code 2 \(peer 1, value 5, limit 9\)"):
+        buf.check()

@@ -282,7 +282,7 @@ class Runtime:
         if self.host is None:  # freed: destroy() waited for this Buffer's work first
             return
         rec = self.error_record
-        if rec[0] == 0:
+        if rec[0] == 0 or rec[1] == 0:  # code 0: claimed, fields still being written (the code is stored last)
             return
         code, rank, phase, peer, seen, expected = (int(v) for v in rec[1:7])
         if phase in self.recoverable_phases:
