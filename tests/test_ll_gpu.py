@@ -429,15 +429,18 @@ def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid, transport)
     )
 
 
-def test_proxy_route_back_to_back_calls_and_no_capture():
+@pytest.mark.parametrize("transport", ["proxy", "rdma"])
+def test_proxy_route_back_to_back_calls_and_no_capture(transport):
     """Back-to-back dispatch + combine pairs over the PROXY route with no host wait between the two calls (what failed
     on the first GPU run: the first such pair timed out waiting for PROXY peers' counts; each PROXY call now completes
     before it returns), 100 times exact, also prepared and zero-copy; a CUDA graph capture is refused with
     ArgumentError (epkern.gpu.ll.engine.NIC_NO_CAPTURE) and the Buffer stays usable. (In-process, its one GPU run
     came after a test that crashed the context and failed with it; the same cases passed as 8 MPS processes.)"""
 
+    from epkern.gpu.ll.layout import ROUTE_PROXY, ROUTE_RDMA
+
     def body(buf, g):
-        ll_proxy_scenarios.check_routes(buf, g, True)
+        ll_proxy_scenarios.check_routes(buf, g, True, ROUTE_RDMA if transport == "rdma" else ROUTE_PROXY)
         ll_proxy_scenarios.run_proxy_back_to_back(buf, g)
 
-    _run(4, body, timeout_s=900, ranks_per_node=2, transport="auto")
+    _run(4, body, timeout_s=900, ranks_per_node=2, transport=transport)

@@ -49,7 +49,9 @@ def test_nic_route_errors_are_clear():
         R.route_table((0, 1), True, "rdma", no_rings)
     rings = [R.NicInfo("emulated", "h0", True)] * 2
     assert R.route_table((0, 1), True, "rdma", rings) == ((I, R.ROUTE_RDMA), (R.ROUTE_RDMA, I))
-    assert R.route_table((0, 1), True, "auto", rings) == ((I, P), (P, I))  # auto: PROXY until RDMA ran on a GPU
+    assert R.route_table((0, 1), True, "auto", rings) == ((I, R.ROUTE_RDMA), (R.ROUTE_RDMA, I))  # auto: rings -> RDMA
+    assert R.route_table((0, 1), True, "proxy", rings) == ((I, P), (P, I))  # proxy asked: proxy
+    assert R.route_table((0, 1), True, "auto", no_rings) == ((I, P), (P, I))  # ... else PROXY
     with pytest.raises(ConfigError, match=r"rank 0 -> rank 2 .* rank 2 has no NIC"):
         R.route_table((0, 0, 1, 1), True, "auto", [EMU[0], EMU[0], R.NicInfo(None, "h0"), EMU[0]])
     with pytest.raises(ConfigError, match=r"emulated NIC reaches only ranks of its own host.*'h1'"):
@@ -89,7 +91,8 @@ def test_choose_agrees_over_the_group_or_names_the_rank_that_differs():
         return R.choose(group, True, "auto", R.local_nic(group))
 
     tables = run_in_process(agreed, 4, ranks_per_node=2, timeout_s=20)
-    assert tables[0] == tables[3] == ((I, I, P, P), (I, I, P, P), (P, P, I, I), (P, P, I, I))
+    D = R.ROUTE_RDMA  # auto with the emulated NIC's GPU-writable rings
+    assert tables[0] == tables[3] == ((I, I, D, D), (I, I, D, D), (D, D, I, I), (D, D, I, I))
 
     def one_differs(group):
         return R.choose(group, group.rank != 1, "auto", R.local_nic(group))
@@ -134,6 +137,7 @@ def _buffer(group, **kw):
 
     kw.setdefault("num_rdma_bytes", min_num_rdma_bytes(NUM_MAX, H, E))
     kw.setdefault("timeout_s", 20)
+    kw.setdefault("transport", "proxy")  # this file is about PROXY (auto is RDMA with the emulated NIC)
     return epkern.Buffer(group, num_nvl_bytes=0, low_latency_mode=True, backend="gpu", **kw)
 
 
@@ -166,10 +170,10 @@ def test_proxy_buffer_state_kernels_and_teardown(fake, hybrid):
     from epkern.nic.fifo import FifoProducer
 
     def body(group):
-        buf = _buffer(group, allow_nvlink_for_low_latency_mode=hybrid)
+        buf = _buffer(group, allow_nvlink_for_low_latency_mode=hybrid, transport="proxy")
         be = buf._backend
         eng, proxy, rt = be.ll, be.nic_routes, be.rt
-        want = R.route_table(group.node_of_rank, hybrid, "auto", EMU)[group.rank]
+        want = R.route_table(group.node_of_rank, hybrid, "proxy", EMU)[group.rank]
         state = cupy.asnumpy(eng.state)
         assert tuple(state[L.STATE_ROUTE : L.STATE_ROUTE + group.size]) == want == eng.routes
         assert eng.nic_build == ROUTE_PROXY and eng.dispatch_pull == 0 and eng.combine_pull == 0

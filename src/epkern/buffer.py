@@ -108,10 +108,10 @@ class Buffer:
         timeout_s: deadline of every device-side wait (default EPKERN_TIMEOUT_S, 30 s): a peer that does not answer
             raises ``epkern.errors.TimeoutError`` naming rank, phase and peer instead of hanging.
         transport: how LL reaches peers over the NIC (GPU backend; the CPU backend moves everything through the
-            group): ``"auto"`` (default: PROXY for now; to become RDMA where the NICs' send rings are GPU-writable
-            once that route has run on a GPU), ``"proxy"`` (GPU -> host FIFO -> proxy threads -> NIC; an emulated
-            NIC per rank reaches the ranks of one host) or ``"rdma"`` (the kernels write the NIC's work requests
-            and ring its doorbell themselves; the emulated NIC supports it; not yet run on a GPU).
+            group): ``"auto"`` (default: RDMA where both ends' NICs have GPU-writable send rings, as the emulated
+            NIC has, else PROXY), ``"proxy"`` (GPU -> host FIFO -> proxy threads -> NIC; an emulated NIC per rank
+            reaches the ranks of one host) or ``"rdma"`` (the kernels write the NIC's work requests and ring its
+            doorbell themselves).
             A group spanning nodes (``EPKERN_RANKS_PER_NODE`` makes virtual ones) needs an LL-only Buffer
             (``num_nvl_bytes=0``): high-throughput calls across nodes are not supported (issue #18).
 

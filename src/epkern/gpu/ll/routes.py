@@ -8,8 +8,8 @@ _mode`` and ``EPKERN_LL_HYBRID``: same-node peers over IPC) and every rank's NIC
 - Hybrid on: a peer of the same node is IPC, a peer of another node takes the NIC route; hybrid off: every other
   rank takes the NIC route, same node or not.
 - The NIC route: ``proxy``, or ``rdma`` (GPU-written WQEs; both ends' NICs must give GPU-writable send rings: the
-  emulated NIC does, watching its doorbell words; ConfigError otherwise). ``auto`` is PROXY for now: the RDMA route
-  has not run on a GPU yet (it is to prefer RDMA where the rings allow it once it has).
+  emulated NIC does, watching its doorbell words; ConfigError otherwise). ``auto``: RDMA where both ends' rings
+  allow it, else PROXY.
 - The emulated NIC reaches only ranks of its own host (it is the wire: it copies into the peer's memory mapped in
   this process), so a remote peer on another host needs a real NIC.
 
@@ -93,7 +93,9 @@ def _nic_route(r: int, p: int, nodes, transport: str, nics) -> int:
                     "rings (the RDMA route's kernels post WQEs themselves); use 'proxy' or 'auto'"
                 )
         return ROUTE_RDMA
-    return ROUTE_PROXY  # auto: PROXY until the RDMA route has run on a GPU (then: RDMA where the rings allow it)
+    if transport == "proxy":
+        return ROUTE_PROXY
+    return ROUTE_RDMA if nics[r].gpu_rings and nics[p].gpu_rings else ROUTE_PROXY  # auto
 
 
 def check_identical(tables: list) -> None:
