@@ -150,9 +150,16 @@ def _is_array(obj) -> bool:
     return cupy is not None and isinstance(obj, cupy.ndarray)
 
 
+_PLAIN = frozenset((int, float, bool, str))
+
+
 def _outputs(result, backend: str):
     """The call's result with every array a torch tensor (an FP8 pair's data half as float8_e4m3fn), and a receive
     hook that runs on torch's current stream when it is called (as the call did)."""
+    if result is None or type(result) in _PLAIN:  # scalars, and lists of them (HT's per-expert counts): as they are
+        return result
+    if type(result) is list and all(type(v) in _PLAIN for v in result):
+        return result
     if _is_array(result):
         return to_tensor(result)
     if callable(result):
