@@ -384,15 +384,18 @@ def test_first_use_of_a_new_cupy_kernel_while_a_peer_spins():
     _run(2, body)
 
 
-# ---- the PROXY route across virtual nodes (issue #17) ----
+# ---- the NIC routes (PROXY, RDMA) across virtual nodes (issue #17) ----
 # First GPU run (H200, session J, before the "complete before return" change): [True-2-1] and [True-4-2] passed;
 # [True-8-4] timed out (8 in-process ranks: "QP 88 WQEs posted, 6 executed by the NIC": the emulated NIC's CUDA
 # copies stalled), then the teardown hit an illegal address and every later test in the file failed on the sticky
-# error. 8 in-process ranks over the emulated NIC are skipped until that stall is understood; the same 8-rank
-# configurations pass as MPS processes (tests/ll_mpi_worker.py --proxy=4, --proxy-nohybrid=2, same run).
+# error. Session K (H100) explained a 4-rank stall of the same kind with a thread dump: every NIC thread in a CUDA
+# copy while one rank thread loaded a new kernel (a load waits for running kernels, and a peer's kernel waited for
+# those copies); in-process ranks now meet before loading, and the 2- and 4-rank cases passed (both routes). The
+# 8-rank cases stay skipped until they have run with that fix; the same configurations pass as MPS processes
+# (tests/ll_mpi_worker.py --proxy=4, --proxy-nohybrid=2, --rdma=4, --rdma-nohybrid=2).
 _EIGHT_IN_PROCESS = pytest.mark.skip(
-    reason="8 in-process ranks over the emulated NIC stalled on the H200 (NIC copies behind spinning kernels); "
-    "run as MPS processes: tests/ll_mpi_worker.py --proxy=N (docs/architecture.md, Cross-node LL)"
+    reason="8 in-process ranks over the emulated NIC stalled on the H200 (session J; cause found in session K, fix not "
+    "yet run with 8); run as MPS processes: tests/ll_mpi_worker.py --proxy=N / --rdma=N"
 )
 
 

@@ -96,3 +96,46 @@ class NicLink:
             if self.wire is not None:
                 self.wire.close()
                 self.wire = None
+
+
+class NicTransport:
+    """What both transports (``ProxyTransport``, ``RdmaTransport``) share: their ``link`` (:class:`NicLink`), their
+    ``host`` (one host-mapped block: FIFOs or send rings), the counters, and an idempotent :meth:`close` that stops
+    the transport's own side first (``quiesce``), then closes the link and the host block, and raises the first
+    failure after everything is closed."""
+
+    link = host = None
+    closed = False
+
+    def counters(self) -> dict:
+        """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
+        return self.link.counters()
+
+    def quiesce(self) -> None:  # the transport's own side
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Drop the device-side tables (the transport's own)."""
+
+    def close(self, raise_errors: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        errors = []
+        for step in (self.quiesce, self._close_link, self._close_host):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - everything is closed; the first failure is raised after
+                errors.append(exc)
+        self._forget()
+        if errors and raise_errors:
+            raise errors[0]
+
+    def _close_link(self) -> None:
+        if self.link is not None:
+            self.link.close_link()
+
+    def _close_host(self) -> None:
+        if self.host is not None:
+            self.host.close()
+            self.host = None

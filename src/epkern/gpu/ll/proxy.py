@@ -23,7 +23,7 @@ import numpy as np
 from ... import _env
 from ...errors import EpkernError
 from .layout import PROXY_MAX_FIFOS, ROUTE_PROXY
-from .nic_link import NicLink
+from .nic_link import NicLink, NicTransport
 from .nic_link import NicStillWriting as NicStillWriting
 
 DEFAULT_CAPACITY = 4096  # records per FIFO (128 KiB): back-pressure, with the deadline, beyond that
@@ -42,7 +42,7 @@ def _host_mapped(nbytes: int):
     return HostMapped(nbytes)
 
 
-class ProxyTransport:
+class ProxyTransport(NicTransport):
     """PROXY routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is PROXY get a QP."""
 
     def __init__(self, rt, routes, *, num_threads=None, capacity=DEFAULT_CAPACITY, nic_factory=None, wire=None):
@@ -128,10 +128,6 @@ class ProxyTransport:
         errors = self.service.errors
         return text + (f"; proxy errors: {'; '.join(errors)}" if errors else "")
 
-    def counters(self) -> dict:
-        """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
-        return self.link.counters()
-
     def quiesce(self) -> None:
         """Let the proxy threads post what the FIFOs hold, wait for its completions, and stop (idempotent). Raises
         the proxy's failure, if any, as :meth:`check`. After a failure the NIC is stopped here too, before the
@@ -148,27 +144,6 @@ class ProxyTransport:
             self.link.stop_nic(f"PROXY route failed ({exc})")
             raise EpkernError(f"rank {self.rank}: PROXY route failed: {exc}") from None
 
-    def close(self, raise_errors: bool = True) -> None:
-        """Stop the proxy, then close the NIC, its memory, the wire mappings and the FIFOs (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        errors = []
-        for step in (self.quiesce, self._close_link, self._close_fifos):
-            try:
-                step()
-            except Exception as exc:  # noqa: BLE001 - everything is closed; the first failure is raised after
-                errors.append(exc)
-        self.table = self.heads = None
-        if errors and raise_errors:
-            raise errors[0]
-
-    def _close_link(self) -> None:
-        if self.link is not None:
-            self.link.close_link()
-
-    def _close_fifos(self) -> None:
+    def _forget(self) -> None:
         self.fifos = []
-        if self.host is not None:
-            self.host.close()
-            self.host = None
+        self.table = self.heads = None

@@ -28,7 +28,7 @@ import numpy as np
 
 from ...errors import ArgumentError, EpkernError
 from .layout import RDMA_QP_BYTES, ROUTE_RDMA
-from .nic_link import NicLink
+from .nic_link import NicLink, NicTransport
 
 RING_WQES = 16384  # WQEBBs per QP send ring (1 MiB host-mapped per remote peer)
 CQ_SLOTS = 1024  # one CQE per call and peer at most; the poller consumes them
@@ -52,7 +52,7 @@ def pack_qp(sq, dbrec, db, retired, ctr, raddr, rkey, lkey, qpn, wqe_cnt) -> np.
     return np.array([sq, dbrec, db, retired, ctr, raddr, rkey | lkey << 32, qpn | wqe_cnt << 32], dtype=np.uint64)
 
 
-class RdmaTransport:
+class RdmaTransport(NicTransport):
     """RDMA routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is RDMA get a QP."""
 
     def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None):
@@ -147,10 +147,6 @@ class RdmaTransport:
         errors = self.poller.errors if self.poller is not None else []
         return text + (f"; errors: {'; '.join(errors)}" if errors else "")
 
-    def counters(self) -> dict:
-        """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
-        return self.link.counters()
-
     def quiesce(self) -> None:
         """After this rank's kernels ended: wait (bounded) until the NIC has executed every WQE they committed, then
         stop the poller (idempotent). Raises the route's failure; after one the NIC is stopped first (before the
@@ -183,26 +179,5 @@ class RdmaTransport:
             self.link.stop_nic(f"RDMA route failed ({text})")
             raise EpkernError(f"rank {self.rank}: RDMA route failed: {text}")
 
-    def close(self, raise_errors: bool = True) -> None:
-        """Stop the poller, then close the NIC, its memory, the wire mappings and the rings (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        errors = []
-        for step in (self.quiesce, self._close_link, self._close_rings):
-            try:
-                step()
-            except Exception as exc:  # noqa: BLE001 - everything is closed; the first failure is raised after
-                errors.append(exc)
+    def _forget(self) -> None:
         self.table = self.counters_dev = None
-        if errors and raise_errors:
-            raise errors[0]
-
-    def _close_link(self) -> None:
-        if self.link is not None:
-            self.link.close_link()
-
-    def _close_rings(self) -> None:
-        if self.host is not None:
-            self.host.close()
-            self.host = None
