@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -181,6 +182,11 @@ def summarize(per_rank: list[dict]) -> dict:
     }
     out["ranks"] = R
     out["tokens_per_rank"] = r0["tokens"]
+    out["transport"], out["ranks_per_node"] = r0.get("transport", "ipc"), r0.get("ranks_per_node", 0)
+    for key in ("wqes", "doorbells", "cqes", "bytes"):  # NIC routes: the mean over ranks of each rank's per call
+        vals = [p[f"nic_{key}_per_call"] for p in per_rank if f"nic_{key}_per_call" in p]
+        if vals:
+            out[f"nic_{key}_per_call"] = sum(vals) / len(vals)
     out["validated"] = all(p["validated"] for p in per_rank)
     sel = sum(p["selections"] for p in per_rank)
     sent = sum(p["sent_tokens"] for p in per_rank)
@@ -242,6 +248,19 @@ def format_report(results: list[dict], mode: str) -> str:
         f"validated={all(r['validated'] for r in results)}",
         f"{'tokens':>7} {'op':>20} {'us':>9} {'GB/s logical':>12} {'floor us':>9} {'floor ratio':>11}",
     ]
+    if r0.get("transport", "ipc") != "ipc":
+        lines.insert(
+            1, f"peers on other virtual nodes of {r0['ranks_per_node']} ranks over the {r0['transport']} route"
+        )
+        for r in results:
+            lines.insert(
+                2,
+                f"  {r['tokens_per_rank']} tokens: NIC per LL call and rank (mean): "
+                + ", ".join(
+                    f"{k} {r.get(f'nic_{k}_per_call', float('nan')):.1f}"
+                    for k in ("wqes", "doorbells", "cqes", "bytes")
+                ),
+            )
     for r in results:
         for op, _ in DEVICE_OPS:
             lines.append(
@@ -493,7 +512,10 @@ def rank_main(group, args, token_list):
     num_max = args.num_max or max(token_list)
     e_loc, rows = E // R, R * num_max
     nbytes = reference.get_low_latency_rdma_size_hint(num_max, H, R, E)
-    with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=args.timeout_s) as buf:
+    nic_kw = {} if args.transport == "ipc" else {"transport": args.transport}
+    with Buffer(
+        group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=args.timeout_s, **nic_kw
+    ) as buf:
         bw = None
         if group.rank == 0:
             bw = copy_bandwidth_gbs(1 << 30)
@@ -530,10 +552,18 @@ def rank_main(group, args, token_list):
             "calls": args.calls,
             "iters": args.iters,
         }
+        common["transport"] = args.transport
+        common["ranks_per_node"] = args.ranks_per_node
         results = []
         for tokens in token_list:
+            nic = buf._backend.nic_routes
+            before, sends = (nic.counters() if nic else {}), buf._backend.ll.sends
             res = bench_tokens(buf, group, args, tokens, num_max, outs, y)
             res.update(common)
+            if nic:  # this rank's NIC traffic per LL call (every call of the run, all remote peers together)
+                after, calls = nic.counters(), max(1, buf._backend.ll.sends - sends)
+                for key in ("wqes", "doorbells", "cqes", "bytes"):
+                    res[f"nic_{key}_per_call"] = sum(after[p][key] - before[p][key] for p in after) / calls
             results.append(res)
             group.barrier()
     return results
@@ -739,6 +769,15 @@ def parse_args(argv=None):
     p.add_argument("--timeout-s", type=float, default=30.0, help="Buffer deadline of every device-side wait")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA graph replay")
     p.add_argument(
+        "--transport",
+        choices=("ipc", "proxy", "rdma"),
+        default="ipc",
+        help="ipc: one node (default); proxy / rdma: peers on other (virtual) nodes over that NIC route (no graph)",
+    )
+    p.add_argument(
+        "--ranks-per-node", type=int, default=0, help="virtual nodes of this many ranks (EPKERN_RANKS_PER_NODE)"
+    )
+    p.add_argument(
         "--zero-copy",
         action="store_true",
         help="combine with zero_copy=True (outputs written into get_next_low_latency_combine_buffer; validated once, "
@@ -765,6 +804,10 @@ def parse_args(argv=None):
         p.error("--iters / --calls: at least 1; --warmup: at least 0")
     if args.hidden % (512 if args.ue8m0 else 128):
         p.error("--hidden: a multiple of 128 (512 with --ue8m0)")
+    if args.transport != "ipc":
+        if args.ranks_per_node < 1:
+            p.error("--transport proxy / rdma: give --ranks-per-node (the virtual nodes)")
+        args.no_graph = True  # a capture over NIC routes is refused (gpu/ll/engine.NIC_NO_CAPTURE)
     return args, tokens
 
 
@@ -773,12 +816,15 @@ def main(argv=None):
     need("bench_ll.py")
     import epkern  # noqa: F401 - before CUDA starts (sets CUDA_DEVICE_MAX_CONNECTIONS)
 
+    if args.ranks_per_node and not args.inprocess:
+        os.environ["EPKERN_RANKS_PER_NODE"] = str(args.ranks_per_node)  # before the group reads the node map
     if args.inprocess:
         from epkern.group import run_in_process
 
         if args.experts % args.inprocess:
             raise SystemExit(f"--experts {args.experts} is not a multiple of {args.inprocess} ranks")
-        per_rank = run_in_process(rank_main, args.inprocess, args, token_list, timeout_s=600)
+        rpn = {"ranks_per_node": args.ranks_per_node} if args.ranks_per_node else {}
+        per_rank = run_in_process(rank_main, args.inprocess, args, token_list, timeout_s=600, **rpn)
         rank = 0
         mode = f"{args.inprocess} in-process ranks"
     else:

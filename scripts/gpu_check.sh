@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|llmpsbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -26,7 +26,7 @@ summary=()
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
+  for w in mps mpsraw bench llmpsbench llnicbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -101,6 +101,18 @@ if has llmpsbench; then
     timeout "${LLBENCH_TIMEOUT:-280}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 $fp8 ${LLBENCH_EXTRA:-} \
       --json "$OUT/bench_ll_mps8${fp8}.json" 2>&1 | tee "$OUT/bench_ll_mps8${fp8}.log" | tail -14
   done
+fi
+if has llnicbench; then
+  # Issue #17: LL over virtual nodes (8 MPS processes, NICBENCH_RPN ranks per node, default 4), IPC / PROXY / RDMA,
+  # BF16, 128 tokens; then the emulated NIC's own ceiling (GPU memory).
+  for tr in ${NICBENCH_TRANSPORTS:-ipc proxy rdma}; do
+    log="$OUT/bench_ll_nic_${tr}.log"
+    timeout "${LLBENCH_TIMEOUT:-200}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
+      --transport "$tr" --ranks-per-node "${NICBENCH_RPN:-4}" --json "$OUT/bench_ll_nic_${tr}.json" >"$log" 2>&1
+    summary+=("llnicbench $tr rc=$?: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")")
+  done
+  timeout 120 python3 bench/bench_emulated_nic.py --json "$OUT/bench_emulated_nic.json" >"$OUT/bench_emulated_nic.log" 2>&1
+  summary+=("emulated NIC ceiling rc=$?: $(tail -4 "$OUT/bench_emulated_nic.log" | tr -s ' \n' ' ')")
 fi
 if has abbench; then
   # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,
