@@ -365,3 +365,33 @@ def test_in_process_ranks_meet_before_a_kernel_is_loaded(fake, monkeypatch):
     _on_ranks(body, 2, 1)
     fp8 = loads[len(loads) // 2 :]  # each rank loads through its own launch cache: BF16 twice, then FP8 twice
     assert len(loads) == 4 and all(n == 2 for _, n in fp8), loads
+
+
+def test_the_capture_experiment_switch_lets_a_nic_route_call_be_captured(fake, monkeypatch):
+    """EPKERN_LL_NIC_CAPTURE=1 (the experiment of issue #17): a dispatch over the RDMA route inside a capture is
+    recorded (launched onto the captured streams) instead of refused, and the host does not wait for it; without
+    the switch the same call is refused."""
+    import cupy
+
+    def body(group):
+        buf = _buffer(group)
+        x = cupy.asarray(np.ones((4, H), ml_dtypes.bfloat16))
+        idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64), (4, 1)))
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # eager first: warmed and agreed
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
+                captured = True
+            except ArgumentError as exc:
+                assert "CUDA graph capture: not with peers reached over a NIC route" in str(exc)
+                captured = False
+            finally:
+                stream.end_capture()
+        buf.destroy()
+        return captured
+
+    assert _on_ranks(body, 2, 1) == [False, False]
+    monkeypatch.setenv("EPKERN_LL_NIC_CAPTURE", "1")
+    assert _on_ranks(body, 2, 1) == [True, True]

@@ -40,8 +40,15 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EPKERN_LL_HYBRID": (
         "1",
         "low-latency Buffers spanning nodes: 1 reaches peers of the same node over IPC and only the others over the "
-        "NIC route (PROXY); 0 sends to every other rank over the NIC route (as allow_nvlink_for_low_latency_mode="
+        "NIC route (RDMA or PROXY); 0 sends to every other rank over the NIC route (as allow_nvlink_for_low_latency_mode="
         "False); every rank must agree",
+    ),
+    "EPKERN_LL_NIC_CAPTURE": (
+        "0",
+        "experiment of issue #17, to be removed once its GPU run has answered: 1 lets low-latency calls over NIC "
+        "routes (PROXY, RDMA) be captured into CUDA graphs, refused by default because the emulated NIC's copies are "
+        "host CUDA calls that a module load or cudaFree elsewhere in the process holds up while a kernel spins; warm "
+        "every call eagerly first and allocate nothing while replays run",
     ),
     "EPKERN_IPC": (
         "auto",
@@ -245,6 +252,10 @@ def num_proxy_threads() -> int:
 
 def ll_hybrid() -> bool:
     return _zero_or_one("EPKERN_LL_HYBRID") == 1
+
+
+def ll_nic_capture() -> bool:
+    return _zero_or_one("EPKERN_LL_NIC_CAPTURE") == 1
 
 
 def ipc_mode() -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ... import api_checks
+from ... import _env, api_checks
 from ...api_checks import BF16
 from ...errors import ArgumentError
 from ...events import EventHandle
@@ -119,6 +119,7 @@ class LLEngine:
         # EPK_LL_NIC of this Buffer's LL kernels: the NIC route kind its peers use (one per Buffer), or 0
         self.nic_build = next((k for k in (ROUTE_PROXY, ROUTE_RDMA) if k in routes), 0)
         self.nic_routes = nic_routes  # named in a NIC peer's timeout (masks.py)
+        self.nic_capture = bool(self.nic_build) and _env.ll_nic_capture()  # experiment: EPKERN_LL_NIC_CAPTURE
         words = np.zeros(STATE_ROUTE + rt.num_ranks, dtype=np.int32)
         words[STATE_ROUTE:] = routes
         if self.nic_build == ROUTE_PROXY and nic_routes is not None:
@@ -197,7 +198,7 @@ class LLEngine:
     def refuse_capture(self, stream) -> None:
         """ArgumentError (before anything is launched or counted) for a NIC-route Buffer's call inside a CUDA graph
         capture. Asks CUDA only for such Buffers: the IPC hot path is unchanged."""
-        if self.nic_build and capturing(stream):
+        if self.nic_build and not self.nic_capture and capturing(stream):
             raise ArgumentError(NIC_NO_CAPTURE)
 
     def check_nic_batch(self, num_max: int, topk: int, e_loc: int) -> None:
@@ -210,7 +211,7 @@ class LLEngine:
         running) until this call's kernels ended, so that neither the caller's stream nor the next call is ever
         queued behind such a kernel (which waits for the emulated NIC's CUDA copies); its own failure raises here."""
         rt = self.rt
-        if self.nic_build:
+        if self.nic_build and not (self.nic_capture and capturing(compute)):
             rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
             rt.raise_recorded()
         return rt.end(compute, async_finish)
