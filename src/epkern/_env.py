@@ -40,8 +40,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "EPKERN_LL_HYBRID": (
         "1",
         "low-latency Buffers spanning nodes: 1 reaches peers of the same node over IPC and only the others over the "
-        "NIC route (RDMA or PROXY); 0 sends to every other rank over the NIC route (as allow_nvlink_for_low_latency_mode="
-        "False); every rank must agree",
+        "NIC route (RDMA or PROXY); 0 sends to every other rank over the NIC route (as "
+        "allow_nvlink_for_low_latency_mode=False); every rank must agree",
     ),
     "EPKERN_LL_NIC_CAPTURE": (
         "0",
