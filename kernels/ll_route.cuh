@@ -18,8 +18,9 @@
 // and pushes a 4-byte WRITE. The count / flag is pushed after the data of its destination (the count warp waits
 // for the data warps' put counter; they push before they count), so it lands after the data.
 //
-// RDMA (issue #17, step 5; written and compiled, NOT yet run on a GPU): the kernel posts mlx5 WQEs itself into the
-// send ring of the peer's QP (RdmaQp below; rings and doorbells in host-mapped memory, the NIC polls the doorbell).
+// RDMA (issue #17, step 5; exact on the H100 as 8 MPS processes and 2 or 4 in-process ranks): the kernel posts mlx5
+// WQEs itself into the send ring of the peer's QP (RdmaQp below; rings and doorbells in host-mapped memory, the NIC
+// polls the doorbell).
 // A put is one unsignaled RDMA WRITE from the source (inside this rank's registered LL area) to the peer's LL area,
 // committed in reservation order without a doorbell. A signal stores its word in its staging slot and counts itself
 // in the peer's batch (a tagged counter of the call): the warp whose signal completes the batch posts ONE RDMA WRITE

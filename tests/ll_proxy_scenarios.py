@@ -1,8 +1,8 @@
 """LL over the NIC routes (issue #17): the cases both the in-process tests (tests/test_ll_gpu.py) and the MPS worker
 (tests/ll_mpi_worker.py --proxy=RPN / --rdma=RPN) run on virtual nodes, for the PROXY route (``kind`` ROUTE_PROXY)
 and the RDMA route (ROUTE_RDMA). PROXY first ran on the H200 (2026-12-07): exact as 8 MPS processes (--proxy=4,
---proxy-nohybrid=2) and 2 or 4 in-process ranks; run_proxy_back_to_back passed as MPS processes. RDMA: not yet run
-on a GPU."""
+--proxy-nohybrid=2) and 2 or 4 in-process ranks; run_proxy_back_to_back passed as MPS processes. RDMA first ran on the
+H100 (session K): exact as 8 MPS processes (--rdma=4, --rdma-nohybrid=2) and 2 or 4 in-process ranks."""
 
 from __future__ import annotations
 

@@ -85,12 +85,13 @@ def test_ll_mps_processes(n, mps_env):
 )
 def test_ll_proxy_route_virtual_nodes(split, mps_env):
     """8 MPS processes on virtual nodes, peers on other nodes over the PROXY or the RDMA route (issue #17; --proxy=4
-    and --proxy-nohybrid=2 ran exact through gpu_check.sh's mpsraw on the H200, 2026-12-07; RDMA not yet run)."""
+    and --proxy-nohybrid=2 ran exact through gpu_check.sh's mpsraw on the H200, 2026-12-07; --rdma=4 and
+    --rdma-nohybrid=2 on the H100, session K; the splits of 2 and 1 not yet run)."""
     _run_worker("ll_mpi_worker.py", 8, mps_env, split, timeout=600)
 
 
 @pytest.mark.parametrize("how", ["--absent", "--absent-proxy=2", "--absent-rdma=2"])
 def test_ll_absent_rank_is_masked(how, mps_env):
-    """The last of 4 ranks goes silent: over IPC, or behind a NIC route (virtual nodes of 2: NIC routes not yet run
-    silent on a GPU)."""
+    """The last of 4 ranks goes silent: over IPC, or behind a NIC route (virtual nodes of 2; the two NIC variants
+    passed as gpu_check.sh mpsraw steps on the H100, session K)."""
     _run_worker("ll_mpi_worker.py", 4, mps_env, how, timeout=120)

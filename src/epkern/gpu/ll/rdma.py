@@ -1,6 +1,7 @@
 """The RDMA route's host side for one Buffer (issue #17, step 5): the LL kernels write mlx5 WQEs into each remote
 peer's QP send ring themselves and ring its doorbell (kernels/ll_route.cuh); the host sets the QPs up and polls
-their completions. CPU-tested over a fake CuPy; NOT yet run on a GPU.
+their completions. CPU-tested over a fake CuPy; exact on the H100 (session K: 8 MPS processes on virtual nodes of
+4 with hybrid IPC and of 2 without, a silent remote rank, 2 and 4 in-process ranks).
 
 - NIC, MRs, one QP per remote peer: ``nic_link.NicLink``, with an emulated NIC that watches the QPs' doorbell words
   (``poll_doorbells=True``: the kernels write them, nobody calls ``ring_doorbell``).
