@@ -107,6 +107,12 @@ class NicTransport:
     link = host = None
     closed = False
 
+    # The link's, read through it (set once the link is made).
+    remote = property(lambda self: self.link.remote, doc="the peers reached over this transport")
+    qps = property(lambda self: self.link.qps, doc="peer -> its QP")
+    nic = property(lambda self: self.link.nic)
+    timeout_s = property(lambda self: self.link.timeout_s)
+
     def counters(self) -> dict:
         """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
         return self.link.counters()

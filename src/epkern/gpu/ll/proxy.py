@@ -66,7 +66,6 @@ class ProxyTransport(NicTransport):
                 nic_factory=nic_factory,
                 wire=wire,
             )
-            self.remote, self.qps, self.nic, self.timeout_s = link.remote, link.qps, link.nic, link.timeout_s
             threads = _env.num_proxy_threads() if num_threads is None else int(num_threads)
             self.num_fifos = max(1, min(threads, len(self.remote), PROXY_MAX_FIFOS))
             self.capacity = int(capacity)

@@ -76,7 +76,6 @@ class RdmaTransport(NicTransport):
                 nic_factory=nic_factory,
                 wire=wire,
             )
-            self.remote, self.qps, self.nic, self.timeout_s = link.remote, link.qps, link.nic, link.timeout_s
             per_qp = self.ring_wqes * 64 + _QP_EXTRA
             self.host = _host_mapped(per_qp * max(1, len(self.remote)) + 64)
             start = -self.host.device_ptr % 64
