@@ -17,10 +17,11 @@ the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its 
   them: receivers pull rows from peers reached by IPC; any other route pushes. The kernels carry a NIC route's code
   only when a route needs it (``EPK_LL_NIC``), so an all-IPC Buffer runs the same kernels as before.
 - NIC-route calls complete on the host before they return, and CUDA graph capture of them is refused
-  (:data:`NIC_NO_CAPTURE`): such a kernel waits for the emulated NIC's copies, CUDA work that a host thread
-  issues on a stream of its own, and nothing may sit queued behind that kernel meanwhile. On the H100 (8 MPS
-  processes) the first PROXY dispatch that had its combine queued behind it timed out on every rank waiting for a
-  PROXY peer's count (``tests/ll_scenarios.run_graph_replays``' eager first pair; IPC peers answered).
+  (:data:`NIC_NO_CAPTURE`): such a kernel waits for the emulated NIC's copies, CUDA calls of a host thread, which a
+  CUDA call elsewhere in the process that waits for running kernels (a module load, a free) holds up. Seen on the
+  H100: the first PROXY pair with work queued behind it timed out on 8 MPS processes (session J), and a kernel load
+  in one of 4 in-process ranks stalled every NIC thread's copy (session K, thread dump; docs/architecture.md, Known
+  problems).
 """
 
 from __future__ import annotations
@@ -91,13 +92,11 @@ _NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (noth
 
 NIC_NO_CAPTURE = (
     "CUDA graph capture: not with peers reached over a NIC route (PROXY or RDMA: other nodes, emulated NIC). Such a "
-    "kernel "
-    "waits for the emulated NIC's copies, CUDA work a host thread issues on a stream of its own, and in a captured "
-    "pair the combine (and the caller's later work) is queued behind the dispatch while it waits. Seen on the H100 "
-    "(8 MPS processes): the first PROXY dispatch with its combine queued behind it timed out on every rank waiting "
-    "for a PROXY peer's count (suspected: the copies wait behind that work on a shared hardware work queue). Call "
-    "low_latency_dispatch / low_latency_combine without capture (a NIC-route call completes before it returns), or "
-    "keep every peer on IPC"
+    "kernel waits for the emulated NIC's copies, CUDA calls of a host thread, which any CUDA call elsewhere in the "
+    "process that waits for running kernels (a module load, a free) holds up; a replayed graph leaves its kernels "
+    "spinning while the process goes on. Seen on the H100: the first PROXY pair with work queued behind it timed out "
+    "on 8 MPS processes, and a kernel load in one in-process rank stalled every NIC copy. Call low_latency_dispatch / "
+    "low_latency_combine without capture (a NIC-route call completes before it returns), or keep every peer on IPC"
 )
 
 
