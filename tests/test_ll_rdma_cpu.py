@@ -32,15 +32,14 @@ H, E, NUM_MAX = 128, 8, 8
 
 @pytest.fixture
 def fake(monkeypatch):
-    from epkern.gpu.ll import proxy, rdma
+    from epkern.gpu.ll import nic_link
 
     _BEFORE.clear()
     _BEFORE.update(t.ident for t in threading.enumerate())
     with F.installed(monkeypatch) as launches:
         import cupy
 
-        monkeypatch.setattr(rdma, "_host_mapped", F.FakeHostMapped)
-        monkeypatch.setattr(proxy, "_host_mapped", F.FakeHostMapped)
+        monkeypatch.setattr(nic_link, "host_mapped", F.FakeHostMapped)
         monkeypatch.setitem(sys.modules, "cupy.cuda.runtime", cupy.cuda.runtime)
         yield launches
 

@@ -115,12 +115,12 @@ H, E, NUM_MAX = 128, 8, 8
 
 @pytest.fixture
 def fake(monkeypatch):
-    from epkern.gpu.ll import proxy
+    from epkern.gpu.ll import nic_link
 
     with F.installed(monkeypatch) as launches:
         import cupy
 
-        monkeypatch.setattr(proxy, "_host_mapped", F.FakeHostMapped)
+        monkeypatch.setattr(nic_link, "host_mapped", F.FakeHostMapped)
         # DeviceMemory (the emulated NIC's memory) imports cupy.cuda.runtime: the fake's memmoves
         monkeypatch.setitem(sys.modules, "cupy.cuda.runtime", cupy.cuda.runtime)
         yield launches

@@ -21,6 +21,14 @@ from __future__ import annotations
 from ...errors import EpkernError
 
 
+def host_mapped(nbytes: int):
+    """A host-mapped allocation (FIFOs, send rings): what both transports put their host-side block in (tests swap
+    this function for a fake)."""
+    from ...memory import HostMapped
+
+    return HostMapped(nbytes)
+
+
 class NicStillWriting(EpkernError):
     """A NIC route's NIC could not be stopped: memory it may write must stay allocated (no teardown barrier)."""
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from ... import _env
 from ...errors import EpkernError
+from . import nic_link
 from .layout import PROXY_MAX_FIFOS, ROUTE_PROXY
 from .nic_link import NicLink, NicTransport
 from .nic_link import NicStillWriting as NicStillWriting
@@ -34,12 +35,6 @@ PROXY_PHASES = {
     0x501: "PROXY route (waiting for a free trigger FIFO slot: the proxy threads are behind or failed)",
     0x502: "PROXY route (waiting for a FIFO flush)",
 }
-
-
-def _host_mapped(nbytes: int):
-    from ...memory import HostMapped
-
-    return HostMapped(nbytes)
 
 
 class ProxyTransport(NicTransport):
@@ -71,7 +66,7 @@ class ProxyTransport(NicTransport):
             self.capacity = int(capacity)
             peers = {p: PeerRoute([link.qps[p]], *link.peer_targets[p]) for p in self.remote}
             block = fifo_nbytes(self.capacity)
-            self.host = _host_mapped(block * self.num_fifos + 64)
+            self.host = nic_link.host_mapped(block * self.num_fifos + 64)
             start = -self.host.device_ptr % 64  # FIFO blocks 64-byte aligned (page-aligned from cudaHostAlloc)
             for i in range(self.num_fifos):
                 at = start + i * block

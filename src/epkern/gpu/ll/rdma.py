@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from ...errors import ArgumentError, EpkernError
+from . import nic_link
 from .layout import RDMA_QP_BYTES, ROUTE_RDMA
 from .nic_link import NicLink, NicTransport
 
@@ -40,12 +41,6 @@ RDMA_PHASES = {
     0x601: "RDMA route (waiting for send-ring space: the NIC has not completed earlier WQEs)",
     0x602: "RDMA route (waiting for an earlier WQE of the same QP to be written)",
 }
-
-
-def _host_mapped(nbytes: int):
-    from ...memory import HostMapped
-
-    return HostMapped(nbytes)
 
 
 def pack_qp(sq, dbrec, db, retired, ctr, raddr, rkey, lkey, qpn, wqe_cnt) -> np.ndarray:
@@ -77,7 +72,7 @@ class RdmaTransport(NicTransport):
                 wire=wire,
             )
             per_qp = self.ring_wqes * 64 + _QP_EXTRA
-            self.host = _host_mapped(per_qp * max(1, len(self.remote)) + 64)
+            self.host = nic_link.host_mapped(per_qp * max(1, len(self.remote)) + 64)
             start = -self.host.device_ptr % 64
             self.counters_dev = cupy.zeros((rt.num_ranks, 4), dtype=np.uint64)
             table = np.zeros((rt.num_ranks, RDMA_QP_BYTES // 8), dtype=np.uint64)
