@@ -103,13 +103,21 @@ if has llmpsbench; then
   done
 fi
 if has llnicbench; then
-  # Issue #17: LL over virtual nodes (8 MPS processes, NICBENCH_RPN ranks per node, default 4), IPC / PROXY / RDMA,
-  # BF16, 128 tokens; then the emulated NIC's own ceiling (GPU memory).
-  for tr in ${NICBENCH_TRANSPORTS:-ipc proxy rdma}; do
-    log="$OUT/bench_ll_nic_${tr}.log"
-    timeout "${LLBENCH_TIMEOUT:-200}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
-      --transport "$tr" --ranks-per-node "${NICBENCH_RPN:-4}" --json "$OUT/bench_ll_nic_${tr}.json" >"$log" 2>&1
-    summary+=("llnicbench $tr rc=$?: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")")
+  # Issue #17: LL over virtual nodes (8 MPS processes, each of NICBENCH_RPN ranks per node, default "4"), IPC / PROXY
+  # / RDMA, each of NICBENCH_VARIANTS ("bf16", "fp8"), 128 tokens; IPC once per variant (ranks per node change
+  # nothing for it); then the emulated NIC's own ceiling (GPU memory).
+  for var in ${NICBENCH_VARIANTS:-bf16}; do
+    flags=(); [ "$var" = fp8 ] && flags=(--fp8)
+    rpns="${NICBENCH_RPN:-4}"
+    for rpn in $rpns; do
+      for tr in ${NICBENCH_TRANSPORTS:-ipc proxy rdma}; do
+        [ "$tr" = ipc ] && [ "$rpn" != "${rpns%% *}" ] && continue
+        name="${tr}_${var}_rpn${rpn}"; log="$OUT/bench_ll_nic_${name}.log"
+        timeout "${LLBENCH_TIMEOUT:-200}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
+          "${flags[@]}" --transport "$tr" --ranks-per-node "$rpn" --json "$OUT/bench_ll_nic_${name}.json" >"$log" 2>&1
+        summary+=("llnicbench $name rc=$?: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")")
+      done
+    done
   done
   timeout 120 python3 bench/bench_emulated_nic.py --json "$OUT/bench_emulated_nic.json" >"$OUT/bench_emulated_nic.log" 2>&1
   summary+=("emulated NIC ceiling rc=$?: $(tail -4 "$OUT/bench_emulated_nic.log" | tr -s ' \n' ' ')")

@@ -390,20 +390,12 @@ def test_first_use_of_a_new_cupy_kernel_while_a_peer_spins():
 # copies stalled), then the teardown hit an illegal address and every later test in the file failed on the sticky
 # error. Session K (H100) explained a 4-rank stall of the same kind with a thread dump: every NIC thread in a CUDA
 # copy while one rank thread loaded a new kernel (a load waits for running kernels, and a peer's kernel waited for
-# those copies); in-process ranks now meet before loading, and the 2- and 4-rank cases passed (both routes). The
-# 8-rank cases stay skipped until they have run with that fix; the same configurations pass as MPS processes
-# (tests/ll_mpi_worker.py --proxy=4, --proxy-nohybrid=2, --rdma=4, --rdma-nohybrid=2).
-_EIGHT_IN_PROCESS = pytest.mark.skip(
-    reason="8 in-process ranks over the emulated NIC stalled on the H200 (session J; cause found in session K, fix not "
-    "yet run with 8); run as MPS processes: tests/ll_mpi_worker.py --proxy=N / --rdma=N"
-)
-
-
+# those copies); in-process ranks now meet before loading, and the 2- and 4-rank cases passed (both routes).
+# Session L runs the 8-rank cases with that fix.
 @pytest.mark.parametrize(
     "num_ranks,ranks_per_node",
-    [(2, 1), (4, 2), pytest.param(8, 4, marks=_EIGHT_IN_PROCESS), pytest.param(8, 2, marks=_EIGHT_IN_PROCESS),
-     pytest.param(8, 1, marks=_EIGHT_IN_PROCESS)],
-)  # fmt: skip
+    [(2, 1), (4, 2), (8, 4), (8, 2), (8, 1)],
+)
 @pytest.mark.parametrize("hybrid", [True, False])
 @pytest.mark.parametrize("transport", ["proxy", "rdma"])
 def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid, transport):
