@@ -22,7 +22,22 @@ MPIRUN=(mpiexec --allow-run-as-root -x PYTHONPATH -x PYTHONUNBUFFERED -x EPKERN_
 for v in $(compgen -e | grep '^EPKERN_' | grep -v '^EPKERN_CACHE_DIR$'); do MPIRUN+=(-x "$v"); done
 what=("$@")
 [ ${#what[@]} -eq 0 ] && what=(all)
-summary=()
+# Each finding goes to $OUT/summary.txt as it is made, so a call cut short still returns what ran.
+note() { printf '%s\n' "$1" >>"$OUT/summary.txt"; }
+: >"$OUT/summary.txt"
+# Every step's limit is cut to what is left of GPU_CHECK_BUDGET (s, default 540: the device tool stops a command at
+# 600), so the archive of logs is always written: a step that would start past the budget is skipped.
+deadline=$(($(date +%s) + ${GPU_CHECK_BUDGET:-540}))
+timeout() {
+  local t=$1 left=$((deadline - $(date +%s)))
+  shift
+  if [ "$left" -le 5 ]; then
+    echo "gpu_check: skipped (GPU_CHECK_BUDGET spent): $*" >&2
+    return 124
+  fi
+  [ "$t" -gt "$left" ] && t=$left
+  command timeout "$t" "$@"
+}
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
@@ -32,13 +47,21 @@ mps_steps() { # does any requested step run under MPS?
 if mps_steps; then
   bash scripts/mps.sh start
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
+  # A client must get the GPU through MPS before anything is timed (session L: right after a previous call's MPS
+  # server, every rank got cudaErrorDevicesUnavailable and each step waited out its limit): restart once if not.
+  if ! timeout 60 python3 -c "import cupy; assert int((cupy.arange(4) + 1).sum()) == 10" >"$OUT/mps_probe.log" 2>&1; then
+    bash scripts/mps.sh stop
+    bash scripts/mps.sh start
+    timeout 60 python3 -c "import cupy; assert int((cupy.arange(4) + 1).sum()) == 10" >>"$OUT/mps_probe.log" 2>&1
+    note "MPS probe failed once, restarted: rc=$? ($(grep -m1 -i error "$OUT/mps_probe.log" | cut -c1-200))"
+  fi
 fi
 if has firsthour; then
   # Issue #21: the doctor with MPS running (text and --json); without MPS below, with the demo and the examples.
   timeout 300 python3 -m epkern.doctor >"$OUT/doctor_mps.txt" 2>&1
-  summary+=("doctor (MPS on) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_mps.txt" | tr -s ' \n' ' ' | cut -c1-240)")
+  note "doctor (MPS on) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_mps.txt" | tr -s ' \n' ' ' | cut -c1-240)"
   timeout 300 python3 -m epkern.doctor --json >"$OUT/doctor_mps.json" 2>"$OUT/doctor_mps_json.err"
-  summary+=("doctor --json (MPS on) rc=$?")
+  note "doctor --json (MPS on) rc=$?"
 fi
 if has faults; then
   # Issue #20: tests/fault_injection.py, 4 MPS processes, rank 3 misbehaves (FAULT_TIMEOUT: the deadline, s).
@@ -52,9 +75,9 @@ if has faults; then
     [[ $sc == kill* ]] && extra=("${ft[@]}")
     EPKERN_TIMEOUT_S=${FAULT_TIMEOUT:-4} timeout 90 "${MPIRUN[@]}" "${extra[@]}" -x EPKERN_TIMEOUT_S --oversubscribe -n 4 \
       python3 tests/fault_injection.py "$sc" >"$OUT/fault_$sc.log" 2>&1
-    summary+=("fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 -E '^FAIL|Error' "$OUT/fault_$sc.log" | cut -c1-200)")
+    note "fault $sc rc=$?: $(grep -c '^PASS' "$OUT/fault_$sc.log") PASS, $(grep -c '^FAIL' "$OUT/fault_$sc.log") FAIL; $(grep -m1 -E '^FAIL|Error' "$OUT/fault_$sc.log" | cut -c1-200)"
   done
-  summary+=("faults ran under: $(cat "$OUT/ompi.txt"), kill scenarios with ${ft[*]}")
+  note "faults ran under: $(cat "$OUT/ompi.txt"), kill scenarios with ${ft[*]}"
 fi
 if has deepep; then
   # Issue #19: tests/deep_ep_worker.py, DeepEP-style scenarios through epkern.deep_ep as DEEPEP_NP processes under
@@ -67,16 +90,16 @@ if has deepep; then
       timeout "${STEP_TIMEOUT:-240}" python3 tests/deep_ep_worker.py "$r" "$n" "$rdv" gpu >"$OUT/deepep_${n}_$r.log" 2>&1 &
     done
     wait
-    summary+=("deepep n=$n $(($(date +%s) - t0)) s: $(cat "$OUT"/deepep_"${n}"_*.log | grep -c '^OK rank') OK; $(cat "$OUT"/deepep_"${n}"_*.log | grep -m1 -E 'Error|error' | cut -c1-240)")
+    note "deepep n=$n $(($(date +%s) - t0)) s: $(cat "$OUT"/deepep_"${n}"_*.log | grep -c '^OK rank') OK; $(cat "$OUT"/deepep_"${n}"_*.log | grep -m1 -E 'Error|error' | cut -c1-240)"
   done
   # The front end against the CuPy API, same calls, one run: 8 MPS processes (HT 4096 tokens, LL 128, H 7168).
   timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py ${DEEPEP_BENCH_EXTRA:-} --json "$OUT/bench_deep_ep_mps8.json" \
     >"$OUT/bench_deep_ep_mps8.log" 2>&1
-  summary+=("bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s/%s; ", $1, $2, $3, $4, $5}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")")
+  note "bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s/%s; ", $1, $2, $3, $4, $5}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")"
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
-  summary+=("mps tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/mps_tests.log")")
+  note "mps tests rc=${PIPESTATUS[0]}: $(tail -1 "$OUT/mps_tests.log")"
 fi
 if has mpsraw; then
   # The MPS workers one by one, each under its own limit (STEP_TIMEOUT), with their wall time: partial
@@ -88,7 +111,7 @@ if has mpsraw; then
     timeout "${STEP_TIMEOUT:-240}" "${MPIRUN[@]}" --oversubscribe -n "$n" python3 -m mpi4py "tests/${kind}_mpi_worker.py" \
       ${extra:+--$extra} >"$log" 2>&1
     rc=$?
-    summary+=("mps $step rc=$rc $(($(date +%s) - t0)) s: $(grep -c '^OK rank' "$log") OK; $(grep -m1 -E 'Error|error' "$log" | cut -c1-240)")
+    note "mps $step rc=$rc $(($(date +%s) - t0)) s: $(grep -c '^OK rank' "$log") OK; $(grep -m1 -E 'Error|error' "$log" | cut -c1-240)"
   done
 fi
 if has bench; then
@@ -115,12 +138,12 @@ if has llnicbench; then
         name="${tr}_${var}_rpn${rpn}"; log="$OUT/bench_ll_nic_${name}.log"
         timeout "${LLBENCH_TIMEOUT:-200}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
           "${flags[@]}" --transport "$tr" --ranks-per-node "$rpn" --json "$OUT/bench_ll_nic_${name}.json" >"$log" 2>&1
-        summary+=("llnicbench $name rc=$?: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")")
+        note "llnicbench $name rc=$?: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")"
       done
     done
   done
   timeout 120 python3 bench/bench_emulated_nic.py --json "$OUT/bench_emulated_nic.json" >"$OUT/bench_emulated_nic.log" 2>&1
-  summary+=("emulated NIC ceiling rc=$?: $(tail -4 "$OUT/bench_emulated_nic.log" | tr -s ' \n' ' ')")
+  note "emulated NIC ceiling rc=$?: $(tail -4 "$OUT/bench_emulated_nic.log" | tr -s ' \n' ' ')"
 fi
 if has abbench; then
   # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,
@@ -132,10 +155,10 @@ if has abbench; then
       log="$OUT/ab_${side}_${round}"
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 \
         --iters 10 --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
-      summary+=("ab $side $round ht rc=$?: $(grep -E '^ +4096 +(dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|cached_dispatch_host|combine_host) ' "${log}_ht.log" | awk '{printf "%s %s; ", $2, $3}')")
+      note "ab $side $round ht rc=$?: $(grep -E '^ +4096 +(dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|cached_dispatch_host|combine_host) ' "${log}_ht.log" | awk '{printf "%s %s; ", $2, $3}')"
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 \
         --iters 10 --calls 50 --json "${log}_ll.json" >"${log}_ll.log" 2>&1)
-      summary+=("ab $side $round ll rc=$?: $(grep -o 'validated=[A-Za-z]*' "${log}_ll.log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "${log}_ll.log" | awk '{printf "%s %s; ", $2, $3}')")
+      note "ab $side $round ll rc=$?: $(grep -o 'validated=[A-Za-z]*' "${log}_ll.log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "${log}_ll.log" | awk '{printf "%s %s; ", $2, $3}')"
     done
   done
 fi
@@ -149,7 +172,7 @@ if has htsweep; then
       timeout "${LLBENCH_TIMEOUT:-120}" "${MPIRUN[@]}" -n "$np_" python3 bench/bench_ht.py --tokens 4096 --iters 6 \
         --threads "$th" --blocks-per-sm "$bps" --dunroll "$du" --cunroll "$cu" --loads-first "$lf" ${HTSWEEP_EXTRA:-} >"$log" 2>&1
       rc=$?
-      summary+=("htsweep n=$np_ $v rc=$rc: $(grep -E '^ +4096 +(cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined) ' "$log" | awk '{printf "%s %s us %s; ", $2, $3, $6}')")
+      note "htsweep n=$np_ $v rc=$rc: $(grep -E '^ +4096 +(cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined) ' "$log" | awk '{printf "%s %s us %s; ", $2, $3, $6}')"
     done
   done
 fi
@@ -157,7 +180,7 @@ if has patternmps; then
   # The copy loops alone as 8 MPS processes, each its own rank's share on its own memory (no IPC, no sync).
   timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_copy_patterns.py --mpi ${PATTERN_IPC:-} ${PATTERN_SHAPES:---shape 512:4:1:0:0 --shape 512:2:1:0:1 --shape 512:2:1:0:0} \
     --json "$OUT/bench_copy_patterns_mps8.json" >"$OUT/bench_copy_patterns_mps8.log" 2>&1
-  summary+=("patternmps rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_mps8.log" | tr '\n' ' ')")
+  note "patternmps rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_mps8.log" | tr '\n' ' ')"
 fi
 if mps_steps; then
   bash scripts/mps.sh stop
@@ -166,12 +189,12 @@ if mps_steps; then
 fi
 if has firsthour; then
   timeout 300 python3 -m epkern.doctor >"$OUT/doctor_nomps.txt" 2>&1
-  summary+=("doctor (MPS off) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_nomps.txt" | tr -s ' \n' ' ' | cut -c1-240)")
+  note "doctor (MPS off) rc=$?: $(sed -n '/^\[smoke\]/,$p' "$OUT/doctor_nomps.txt" | tr -s ' \n' ' ' | cut -c1-240)"
   EPKERN_LOG_LEVEL=INFO EPKERN_CACHE_DIR=/tmp/epkern-cache-demo timeout 300 python3 -m epkern.demo --backend gpu \
     >"$OUT/demo_gpu.log" 2>&1
-  summary+=("demo gpu (cold cache) rc=$?: $(grep -c 'compiled ' "$OUT/demo_gpu.log") compiles; $(grep -m1 validated "$OUT/demo_gpu.log")")
+  note "demo gpu (cold cache) rc=$?: $(grep -c 'compiled ' "$OUT/demo_gpu.log") compiles; $(grep -m1 validated "$OUT/demo_gpu.log")"
   timeout 600 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_examples_cpu.py >"$OUT/examples_gpu.log" 2>&1
-  summary+=("examples gpu rc=$?: $(tail -1 "$OUT/examples_gpu.log")")
+  note "examples gpu rc=$?: $(tail -1 "$OUT/examples_gpu.log")"
 fi
 if has absentrepro; then
   # The reproducer of the absent-rank failure (docs/architecture.md, Known problems): another LL test first in the
@@ -179,7 +202,7 @@ if has absentrepro; then
   log="$OUT/absent_repro.log"
   EPKERN_CACHE_DIR="/tmp/epkern-cache-repro" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q \
     -p no:cacheprovider -rfE -m "gpu and not mpi" tests/test_ll_gpu.py -k "zero_tokens or absent" >"$log" 2>&1
-  summary+=("absent repro rc=$?: $(tail -1 "$log")")
+  note "absent repro rc=$?: $(tail -1 "$log")"
 fi
 if has tests; then
   for f in ${TEST_FILES:-tests/test_rdma_gpu.py tests/test_layout_gpu.py tests/test_ll_gpu.py tests/test_ht_gpu.py tests/test_nic_device_ranks.py}; do
@@ -189,7 +212,7 @@ if has tests; then
     timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 ${PYTEST_EXTRA:-} \
       -m "gpu and not mpi" "$f" >"$log" 2>&1
     rc=$?
-    summary+=("$(basename "$f") rc=$rc: $(tail -1 "$log")")
+    note "$(basename "$f") rc=$rc: $(tail -1 "$log")"
   done
 fi
 if has absentloop; then
@@ -199,7 +222,7 @@ if has absentloop; then
     log="$OUT/absent_run_$i.log"
     EPKERN_CACHE_DIR="/tmp/epkern-cache-absent-$i" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
       -rfE -m "gpu and not mpi" tests/test_ll_gpu.py -k absent >"$log" 2>&1
-    summary+=("absent run $i rc=$?: $(tail -1 "$log")")
+    note "absent run $i rc=$?: $(tail -1 "$log")"
   done
 fi
 if has multigpu; then
@@ -208,21 +231,21 @@ if has multigpu; then
   ngpu=$(nvidia-smi -L | wc -l)
 fi
 if has multigpu && [ "$ngpu" -lt 2 ]; then
-  summary+=("multigpu: skipped, $ngpu GPU")
+  note "multigpu: skipped, $ngpu GPU"
 elif has multigpu; then
   MG=("${MPIRUN[@]}" -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -n "$ngpu")
   timeout 180 python3 bench/bench_p2p.py --json "$OUT/bench_p2p.json" >"$OUT/bench_p2p.log" 2>&1
-  summary+=("p2p rc=$?: $(tail -1 "$OUT/bench_p2p.log")")
+  note "p2p rc=$?: $(tail -1 "$OUT/bench_p2p.log")"
   for w in ht ll; do
     timeout "${STEP_TIMEOUT:-240}" "${MG[@]}" python3 -m mpi4py "tests/${w}_mpi_worker.py" >"$OUT/multigpu_${w}.log" 2>&1
-    summary+=("$ngpu-GPU $w worker rc=$?: $(grep -c '^OK rank' "$OUT/multigpu_${w}.log") OK")
+    note "$ngpu-GPU $w worker rc=$?: $(grep -c '^OK rank' "$OUT/multigpu_${w}.log") OK"
   done
   for fp8 in "" --fp8; do
     timeout 300 "${MG[@]}" python3 bench/bench_ht.py --tokens 4096 $fp8 --json "$OUT/mg_ht$fp8.json" >"$OUT/mg_ht$fp8.log" 2>&1
     timeout 300 "${MG[@]}" python3 bench/bench_ll.py --tokens 128 $fp8 --json "$OUT/mg_ll$fp8.json" >"$OUT/mg_ll$fp8.log" 2>&1
     timeout 300 "${MG[@]}" python3 bench/bench_a2a_nccl.py --tokens 4096 $fp8 --json "$OUT/mg_a2a$fp8.json" \
       >"$OUT/mg_a2a$fp8.log" 2>&1
-    summary+=("$ngpu-GPU benches ${fp8:-bf16}: ht/ll/a2a logs under mg_*$fp8.log")
+    note "$ngpu-GPU benches ${fp8:-bf16}: ht/ll/a2a logs under mg_*$fp8.log"
   done
 fi
 if has patterns; then
@@ -233,7 +256,7 @@ if has patternsplit; then
   for split in 1 8; do
     timeout 200 python3 bench/bench_copy_patterns.py --split $split ${PATTERN_SHAPES:---shape 512:4:1:0:0 --shape 512:2:1:0:1 --shape 512:2:1:0:0} \
       --json "$OUT/bench_copy_patterns_split$split.json" >"$OUT/bench_copy_patterns_split$split.log" 2>&1
-    summary+=("patternsplit $split rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_split$split.log" | tr '\n' ' ')")
+    note "patternsplit $split rc=$?: $(grep -o '"kind": "[a-z]*", "threads": [0-9]*, "unroll": [0-9]*\|"loads_first": [0-9]*, "us": [0-9.]*\|"ratio": [0-9.]*' "$OUT/bench_copy_patterns_split$split.log" | tr '\n' ' ')"
   done
 fi
 if has inprocbench; then
@@ -248,7 +271,7 @@ if has layoutbench; then
   timeout 120 python3 bench/bench_layout.py --json "$OUT/bench_layout.json" 2>&1 | tee "$OUT/bench_layout.log"
 fi
 echo "==== summary"
-printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+cat "$OUT/summary.txt"
 # The device tool returns at most 8 files: with PACK=1 (default) every log goes into one archive.
 if [ "${PACK:-1}" = 1 ]; then
   (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name logs.tgz -printf '%P\n' >/tmp/gpu_check_files &&
