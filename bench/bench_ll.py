@@ -47,6 +47,7 @@ broadcast); ratio = floor us / measured us (target >= 0.70).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -790,6 +791,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--profile", action="store_true", help="rank 0 prints a cProfile of the host path per call")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
+    p.add_argument(
+        "--watchdog", type=float, default=0, help="after this many seconds print every thread's stack and exit (0: off)"
+    )
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of logical GB/s against tokens per rank")
     args = p.parse_args(argv)
@@ -814,6 +818,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args, token_list = parse_args(argv)
     need("bench_ll.py")
+    if args.watchdog > 0:  # a stuck run says where it is stuck before the launcher's limit kills it silently
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
     import epkern  # noqa: F401 - before CUDA starts (sets CUDA_DEVICE_MAX_CONNECTIONS)
 
     if args.ranks_per_node and not args.inprocess:

@@ -8,7 +8,7 @@
 # Knobs: STEP_TIMEOUT / MPS_STEPS (mpsraw: "ht:8 ll:8 ll:4:absent ..."), LLBENCH_VARIANTS ("bf16 fp8") and
 # LLBENCH_TIMEOUT (llmpsbench), LLBENCH_EXTRA (bench_ll.py options, e.g. --zero-copy), HTSWEEP_VARIANTS ("threads:blocks_per_sm:dunroll:cunroll:loads_first ...") and HTSWEEP_NP ("2 4 8", htsweep), TEST_FILES (tests: each file in
 # its own pytest process, so one crashed CUDA context cannot fail the next file), FILE_TIMEOUT (s per file),
-# PYTEST_EXTRA, DEEPEP_BENCH_EXTRA (bench_deep_ep.py options, e.g. --profile 5), PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
+# PYTEST_EXTRA, PYTEST_K (pytest -k, spaces kept), DEEPEP_BENCH_EXTRA (bench_deep_ep.py options, e.g. --profile 5), PACK (1: all logs into $OUT/logs.tgz beside summary.txt). Never give pytest-timeout to in-process tests: it abandons rank threads that keep running.
 # Measured on the H200 (2026-12-01, kernels compiled and cached): ht:8 15 s, ll:4:absent ~8 s, one bench_ll
 # variant ~9 s, bench_ht at 4096 tokens ~6 s, rdma tests 3 s, the in-process LL tests 2-3 min.
 set -uo pipefail
@@ -136,9 +136,14 @@ if has llnicbench; then
       for tr in ${NICBENCH_TRANSPORTS:-ipc proxy rdma}; do
         [ "$tr" = ipc ] && [ "$rpn" != "${rpns%% *}" ] && continue
         name="${tr}_${var}_rpn${rpn}"; log="$OUT/bench_ll_nic_${name}.log"
-        timeout "${LLBENCH_TIMEOUT:-200}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
-          "${flags[@]}" --transport "$tr" --ranks-per-node "$rpn" --json "$OUT/bench_ll_nic_${name}.json" >"$log" 2>&1
-        note "llnicbench $name rc=$?: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")"
+        split=(--ranks-per-node "$rpn"); [ "$tr" = ipc ] && split=() # the all-IPC baseline: one node
+        tmo=${LLBENCH_TIMEOUT:-200}
+        timeout "$tmo" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
+          --watchdog $((tmo - 15)) "${flags[@]}" --transport "$tr" "${split[@]}" --json "$OUT/bench_ll_nic_${name}.json" >"$log" 2>&1
+        rc=$?
+        # a killed MPS client can leave the server refusing new ones (cudaErrorDevicesUnavailable): restart it
+        [ $rc != 0 ] && { bash scripts/mps.sh stop; bash scripts/mps.sh start; } >>"$OUT/mps_restarts.log" 2>&1
+        note "llnicbench $name rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")"
       done
     done
   done
@@ -210,7 +215,7 @@ if has tests; then
     log="$OUT/pytest_$(basename "$f" .py).log"
     # shellcheck disable=SC2086
     timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 ${PYTEST_EXTRA:-} \
-      -m "gpu and not mpi" "$f" >"$log" 2>&1
+      ${PYTEST_K:+-k "$PYTEST_K"} -m "gpu and not mpi" "$f" >"$log" 2>&1
     rc=$?
     note "$(basename "$f") rc=$rc: $(tail -1 "$log")"
   done
