@@ -811,7 +811,6 @@ def parse_args(argv=None):
     if args.transport != "ipc":
         if args.ranks_per_node < 1:
             p.error("--transport proxy / rdma: give --ranks-per-node (the virtual nodes)")
-        args.no_graph = True  # a capture over NIC routes is refused (gpu/ll/engine.NIC_NO_CAPTURE)
     return args, tokens
 
 

@@ -6,7 +6,6 @@
     mpiexec -n 8 python tests/ll_mpi_worker.py --proxy-nohybrid=2   # ... every other rank over the PROXY route
     mpiexec -n 8 python tests/ll_mpi_worker.py --rdma=4  # ... the RDMA route (GPU-written WQEs; --rdma-nohybrid=2)
     mpiexec -n 4 python tests/ll_mpi_worker.py --absent-rdma=2  # rank 3 goes silent behind the RDMA route
-    mpiexec -n 8 python tests/ll_mpi_worker.py --rdma-graph=4  # CUDA graphs over RDMA (EPKERN_LL_NIC_CAPTURE=1)
 
 The --proxy cases (issue #17): --proxy=4 and --proxy-nohybrid=2 exact on the H200 (2026-12-07).
 
@@ -55,18 +54,10 @@ def main():
         kind = ROUTE_RDMA if transport == "rdma" else ROUTE_PROXY
         hybrid = "-nohybrid" not in proxy[0]
         kw = dict(num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu", timeout_s=20, transport=transport)
-        if "-graph" in proxy[0]:  # the capture experiment (EPKERN_LL_NIC_CAPTURE): warmed eager pair, 100 replays
-            os.environ["EPKERN_LL_NIC_CAPTURE"] = "1"
-            with Buffer(group, allow_nvlink_for_low_latency_mode=hybrid, **kw) as buf:
-                ll_proxy_scenarios.check_routes(buf, group, hybrid, kind)
-                ll_scenarios.run_graph_replays(buf, group, 100)
-                ll_scenarios.run_graph_replays(buf, group, 30, zero_copy=True)
-            print(f"OK rank {group.rank} of {R} {transport} graph {proxy[0]}", flush=True)
-            return
         with Buffer(group, allow_nvlink_for_low_latency_mode=hybrid, **kw) as buf:
             ll_proxy_scenarios.run_proxy_cases(buf, group, hybrid, kind=kind)
             ll_proxy_scenarios.run_proxy_counters(buf, group, hybrid, kind=kind)
-            ll_proxy_scenarios.run_proxy_back_to_back(buf, group)  # graph capture is refused over NIC routes
+            ll_proxy_scenarios.run_proxy_back_to_back(buf, group)  # eager pairs back to back, then graph replays
         print(f"OK rank {group.rank} of {R} {transport} {proxy[0]}", flush=True)
         return
     if "--graph-zero-copy-recv" in sys.argv:  # the zero_copy_recv graph replays alone (diagnostics)

@@ -425,12 +425,11 @@ def test_proxy_route_virtual_nodes(num_ranks, ranks_per_node, hybrid, transport)
 
 
 @pytest.mark.parametrize("transport", ["proxy", "rdma"])
-def test_proxy_route_back_to_back_calls_and_no_capture(transport):
-    """Back-to-back dispatch + combine pairs over the PROXY route with no host wait between the two calls (what failed
-    on the first GPU run: the first such pair timed out waiting for PROXY peers' counts; each PROXY call now completes
-    before it returns), 100 times exact, also prepared and zero-copy; a CUDA graph capture is refused with
-    ArgumentError (epkern.gpu.ll.engine.NIC_NO_CAPTURE) and the Buffer stays usable. (In-process, its one GPU run
-    came after a test that crashed the context and failed with it; the same cases passed as 8 MPS processes.)"""
+def test_nic_route_back_to_back_calls_and_graph_replays(transport):
+    """Back-to-back dispatch + combine pairs over a NIC route with no host wait between the two calls (what failed
+    on the first GPU run: the first such pair timed out waiting for PROXY peers' counts; each eager NIC-route call
+    now completes before it returns), 100 times exact, also prepared and zero-copy; then a captured pair replayed
+    100 times and a zero-copy one 30 times (exact as 8 MPS processes, H100, session L; in-process not yet run)."""
 
     from epkern.gpu.ll.layout import ROUTE_PROXY, ROUTE_RDMA
 

@@ -366,31 +366,29 @@ def test_in_process_ranks_meet_before_a_kernel_is_loaded(fake, monkeypatch):
     assert len(loads) == 4 and all(n == 2 for _, n in fp8), loads
 
 
-def test_the_capture_experiment_switch_lets_a_nic_route_call_be_captured(fake, monkeypatch):
-    """EPKERN_LL_NIC_CAPTURE=1 (the experiment of issue #17): a dispatch over the RDMA route inside a capture is
-    recorded (launched onto the captured streams) instead of refused, and the host does not wait for it; without
-    the switch the same call is refused."""
+def test_a_dispatch_over_the_rdma_route_is_captured(fake):
+    """Inside a CUDA graph capture a dispatch over the RDMA route is recorded (launched onto the captured streams),
+    not refused, and the host does not wait for it (an eager NIC-route call does)."""
     import cupy
 
     def body(group):
         buf = _buffer(group)
+        rt = buf._backend.rt
         x = cupy.asarray(np.ones((4, H), ml_dtypes.bfloat16))
         idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64), (4, 1)))
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # eager first: warmed and agreed
+        waits, sync_bounded = [], rt.sync_bounded
+        rt.sync_bounded = lambda waitable, *a, **k: (waits.append(waitable), sync_bounded(waitable, *a, **k))[1]
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
             stream.begin_capture()
             try:
                 buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
-                captured = True
-            except ArgumentError as exc:
-                assert "CUDA graph capture: not with peers reached over a NIC route" in str(exc)
-                captured = False
             finally:
                 stream.end_capture()
+        rt.sync_bounded = sync_bounded
+        sends = buf._backend.ll.sends
         buf.destroy()
-        return captured
+        return sends, rt.comm_stream in waits
 
-    assert _on_ranks(body, 2, 1) == [False, False]
-    monkeypatch.setenv("EPKERN_LL_NIC_CAPTURE", "1")
-    assert _on_ranks(body, 2, 1) == [True, True]
+    assert _on_ranks(body, 2, 1) == [(2, False), (2, False)]

@@ -43,13 +43,6 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "NIC route (RDMA or PROXY); 0 sends to every other rank over the NIC route (as "
         "allow_nvlink_for_low_latency_mode=False); every rank must agree",
     ),
-    "EPKERN_LL_NIC_CAPTURE": (
-        "0",
-        "experiment of issue #17, to be removed once its GPU run has answered: 1 lets low-latency calls over NIC "
-        "routes (PROXY, RDMA) be captured into CUDA graphs, refused by default because the emulated NIC's copies are "
-        "host CUDA calls that a module load or cudaFree elsewhere in the process holds up while a kernel spins; warm "
-        "every call eagerly first and allocate nothing while replays run",
-    ),
     "EPKERN_IPC": (
         "auto",
         "how processes of one node map each other's symmetric regions: vmm (cuMemCreate/cuMemMap, descriptors "
@@ -252,10 +245,6 @@ def num_proxy_threads() -> int:
 
 def ll_hybrid() -> bool:
     return _zero_or_one("EPKERN_LL_HYBRID") == 1
-
-
-def ll_nic_capture() -> bool:
-    return _zero_or_one("EPKERN_LL_NIC_CAPTURE") == 1
 
 
 def ipc_mode() -> str:

@@ -109,7 +109,6 @@ class LLCombine:
             EPK_LL_NIC=eng.nic_build,
         )
         caller = cupy.cuda.get_current_stream()
-        eng.refuse_capture(caller)
         eng.ensure_warm(LL_COMBINE, defines, caller)
 
         compute = rt.begin(None, async_finish)

@@ -169,7 +169,6 @@ class LLDispatch:
             EPK_LL_NIC=eng.nic_build,
         )
         caller = cupy.cuda.get_current_stream()
-        eng.refuse_capture(caller)
         eng.ensure_warm(LL_DISPATCH, defines, caller)
         eng.agree(st, caller)  # collective on first use; after every local check
 

@@ -16,12 +16,11 @@ the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its 
   (issue #17; the NIC side is the backend's ``ProxyTransport`` / ``RdmaTransport``). Pull or push is chosen from
   them: receivers pull rows from peers reached by IPC; any other route pushes. The kernels carry a NIC route's code
   only when a route needs it (``EPK_LL_NIC``), so an all-IPC Buffer runs the same kernels as before.
-- NIC-route calls complete on the host before they return, and CUDA graph capture of them is refused
-  (:data:`NIC_NO_CAPTURE`): such a kernel waits for the emulated NIC's copies, CUDA calls of a host thread, which a
-  CUDA call elsewhere in the process that waits for running kernels (a module load, a free) holds up. Seen on the
-  H100: the first PROXY pair with work queued behind it timed out on 8 MPS processes (session J), and a kernel load
-  in one of 4 in-process ranks stalled every NIC thread's copy (session K, thread dump; docs/architecture.md, Known
-  problems).
+- NIC-route calls complete on the host before they return (eager calls; inside a CUDA graph capture there is
+  nothing to wait for): such a kernel waits for the emulated NIC's copies, CUDA calls of a host thread, so nothing
+  may be queued behind it, and a CUDA call elsewhere in the process that waits for running kernels (a module load,
+  a free) holds those copies up until the device deadline (docs/architecture.md, Known problems). Captured pairs
+  replay exact over RDMA and PROXY (8 MPS processes, H100, session L: 100 + 30 replays each).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ... import _env, api_checks
+from ... import api_checks
 from ...api_checks import BF16
 from ...errors import ArgumentError
 from ...events import EventHandle
@@ -90,15 +89,6 @@ class SizeState:
 
 _NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
 
-NIC_NO_CAPTURE = (
-    "CUDA graph capture: not with peers reached over a NIC route (PROXY or RDMA: other nodes, emulated NIC). Such a "
-    "kernel waits for the emulated NIC's copies, CUDA calls of a host thread, which any CUDA call elsewhere in the "
-    "process that waits for running kernels (a module load, a free) holds up; a replayed graph leaves its kernels "
-    "spinning while the process goes on. Seen on the H100: the first PROXY pair with work queued behind it timed out "
-    "on 8 MPS processes, and a kernel load in one in-process rank stalled every NIC copy. Call low_latency_dispatch / "
-    "low_latency_combine without capture (a NIC-route call completes before it returns), or keep every peer on IPC"
-)
-
 
 class LLEngine:
     def __init__(self, rt, tuning, routes=None, nic_routes=None):
@@ -118,7 +108,6 @@ class LLEngine:
         # EPK_LL_NIC of this Buffer's LL kernels: the NIC route kind its peers use (one per Buffer), or 0
         self.nic_build = next((k for k in (ROUTE_PROXY, ROUTE_RDMA) if k in routes), 0)
         self.nic_routes = nic_routes  # named in a NIC peer's timeout (masks.py)
-        self.nic_capture = bool(self.nic_build) and _env.ll_nic_capture()  # experiment: EPKERN_LL_NIC_CAPTURE
         words = np.zeros(STATE_ROUTE + rt.num_ranks, dtype=np.int32)
         words[STATE_ROUTE:] = routes
         if self.nic_build == ROUTE_PROXY and nic_routes is not None:
@@ -194,12 +183,6 @@ class LLEngine:
             )
         st.agreed = True
 
-    def refuse_capture(self, stream) -> None:
-        """ArgumentError (before anything is launched or counted) for a NIC-route Buffer's call inside a CUDA graph
-        capture. Asks CUDA only for such Buffers: the IPC hot path is unchanged."""
-        if self.nic_build and not self.nic_capture and capturing(stream):
-            raise ArgumentError(NIC_NO_CAPTURE)
-
     def check_nic_batch(self, num_max: int, topk: int, e_loc: int) -> None:
         """RDMA route: one call's WRITEs to one peer must fit its send ring (ArgumentError before any launch)."""
         if self.nic_build == ROUTE_RDMA and self.nic_routes is not None:
@@ -210,7 +193,7 @@ class LLEngine:
         running) until this call's kernels ended, so that neither the caller's stream nor the next call is ever
         queued behind such a kernel (which waits for the emulated NIC's CUDA copies); its own failure raises here."""
         rt = self.rt
-        if self.nic_build and not (self.nic_capture and capturing(compute)):
+        if self.nic_build and not capturing(compute):
             rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
             rt.raise_recorded()
         return rt.end(compute, async_finish)
@@ -309,7 +292,6 @@ class LLEngine:
 
         rt = self.rt
         compute = cupy.cuda.get_current_stream()
-        self.refuse_capture(compute)
         self.replays += 1
         phase = self.first_phase(return_recv_hook)
         direct = compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook and not self.nic_build
@@ -352,9 +334,6 @@ class LLEngine:
             if called:
                 raise ArgumentError("hook: a receive hook can be called once")
             rt.check_usable()
-            import cupy
-
-            self.refuse_capture(cupy.cuda.get_current_stream())
             called.append(True)
             compute = rt.begin(None)
             with rt.on_comm_stream():
