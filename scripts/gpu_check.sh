@@ -137,8 +137,9 @@ if has llnicbench; then
         [ "$tr" = ipc ] && [ "$rpn" != "${rpns%% *}" ] && continue
         name="${tr}_${var}_rpn${rpn}"; log="$OUT/bench_ll_nic_${name}.log"
         split=(--ranks-per-node "$rpn"); [ "$tr" = ipc ] && split=() # the all-IPC baseline: one node
-        tmo=${LLBENCH_TIMEOUT:-200}
-        timeout "$tmo" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 30 \
+        # --calls 10: about 220 calls per run; over the emulated NIC each takes tens of ms (docs/performance.md, L)
+        tmo=${LLBENCH_TIMEOUT:-300}
+        timeout "$tmo" "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 --iters 10 --calls 10 \
           --watchdog $((tmo - 15)) "${flags[@]}" --transport "$tr" "${split[@]}" --json "$OUT/bench_ll_nic_${name}.json" >"$log" 2>&1
         rc=$?
         # a killed MPS client can leave the server refusing new ones (cudaErrorDevicesUnavailable): restart it
