@@ -1,10 +1,11 @@
 """The emulated NIC's own ceiling: bytes per second and WRITEs per second it can execute (issue #17: so that NIC-route
 LL numbers are not mistaken for a network's). One process, one QP in loopback, one doorbell per batch; the target
-memory is GPU memory through ``DeviceMemory`` (each WRITE: a device-to-host read of the source, a host-to-device
-write of the payload, each synchronised: what the LL routes' NIC does), or host memory with ``--host`` (the NIC's
-Python alone; runs on a CPU).
+memory is GPU memory through ``DeviceMemory``, each WRITE one unsynchronised device-to-device copy (what the LL
+routes' NIC does since session L; path ``host``: the older way, a device-to-host read of the source and a
+host-to-device write of the payload, each synchronised), or host memory with ``--host`` (the NIC's Python alone;
+runs on a CPU).
 
-    python3 bench/bench_emulated_nic.py [--sizes 16,4112,14336,262144] [--batch 256] [--host] [--json F]
+    python3 bench/bench_emulated_nic.py [--sizes 16,4112,14336,262144] [--batch 256] [--paths direct,host] [--host]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import numpy as np
 
 
-def measure(size: int, batch: int, host: bool) -> dict:
+def measure(size: int, batch: int, host: bool, direct: bool = True) -> dict:
     from epkern.nic import Access, EmulatedNic
     from epkern.nic import wqe as W
 
@@ -33,7 +34,7 @@ def measure(size: int, batch: int, host: bool) -> dict:
 
         from epkern.nic import DeviceMemory
 
-        mem = DeviceMemory(cupy.cuda.Device().id)
+        mem = DeviceMemory(cupy.cuda.Device().id, direct_copies=direct)
         src_d, dst_d = cupy.arange(total, dtype=cupy.uint8), cupy.zeros(total, cupy.uint8)
         src_addr, dst_addr = src_d.data.ptr, dst_d.data.ptr
         mem.add(src_addr, total)
@@ -64,9 +65,9 @@ def measure(size: int, batch: int, host: bool) -> dict:
         nic.close()
         if not host:
             mem.close()
-    return dict(
-        size=size, batch=batch, memory="host" if host else "gpu", s=dt, GBps=total / dt / 1e9, writes_per_s=batch / dt
-    )
+    path = "direct" if direct else "via host"
+    return dict(size=size, batch=batch, memory="host" if host else "gpu", path=path, s=dt, GBps=total / dt / 1e9,
+                writes_per_s=batch / dt)  # fmt: skip
 
 
 def main(argv=None):
@@ -74,12 +75,20 @@ def main(argv=None):
     p.add_argument("--sizes", default="16,4112,14336,262144", help="WRITE sizes in bytes (4112: an LL message, H 2048)")
     p.add_argument("--batch", type=int, default=256, help="WRITEs per doorbell")
     p.add_argument("--host", action="store_true", help="host memory (the NIC's Python alone)")
+    p.add_argument(
+        "--paths", default="direct,host", help="GPU memory: 'direct' (one device copy per WRITE, the default) and/or "
+        "'host' (DeviceMemory(direct_copies=False): a read to the host and a write back, each synchronised)"
+    )  # fmt: skip
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    rows = [measure(int(s), a.batch, a.host) for s in a.sizes.split(",")]
+    paths = [True] if a.host else [x.strip() == "direct" for x in a.paths.split(",")]
+    rows = [measure(int(s), a.batch, a.host, d) for d in paths for s in a.sizes.split(",")]
     print(f"emulated NIC ceiling ({'host' if a.host else 'GPU'} memory, {a.batch} WRITEs per doorbell, one QP):")
     for r in rows:
-        print(f"  {r['size']:>8} B: {r['GBps']:8.3f} GB/s  {r['writes_per_s']:10.0f} WRITEs/s  ({r['s'] * 1e3:.1f} ms)")
+        print(
+            f"  {r['path']:>8} {r['size']:>8} B: {r['GBps']:8.3f} GB/s  {r['writes_per_s']:10.0f} WRITEs/s  "
+            f"({r['s'] * 1e3:.1f} ms)"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -149,7 +149,7 @@ if has llnicbench; then
     done
   done
   timeout 120 python3 bench/bench_emulated_nic.py --json "$OUT/bench_emulated_nic.json" >"$OUT/bench_emulated_nic.log" 2>&1
-  note "emulated NIC ceiling rc=$?: $(tail -4 "$OUT/bench_emulated_nic.log" | tr -s ' \n' ' ')"
+  note "emulated NIC ceiling rc=$?: $(tail -8 "$OUT/bench_emulated_nic.log" | tr -s ' \n' ' ')"
 fi
 if has abbench; then
   # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,

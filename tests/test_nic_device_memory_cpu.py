@@ -248,12 +248,12 @@ def fake_cuda(monkeypatch):
     return fake
 
 
-def _scenario_rank(group, seed, device_memory):
+def _scenario_rank(group, seed, device_memory, direct=True):
     import nic_device_scenarios as S
 
     rank, peer = group.rank, 1 - group.rank
     rng = np.random.default_rng([seed, rank])
-    mem = DeviceMemory() if device_memory else HostMemory()
+    mem = DeviceMemory(direct_copies=direct) if device_memory else HostMemory()
     nic = EmulatedNic(mem, name=f"rank{rank}")
     try:
         src = rng.integers(0, 256, S.SRC_BYTES, dtype=np.uint8)
@@ -294,11 +294,13 @@ def test_two_rank_scenario_over_host_memory(seed):
     assert run_in_process(_scenario_rank, 2, seed, False, timeout_s=30) == [0, 1]
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("seed", [4, 5])
-def test_two_rank_scenario_through_device_memory_on_a_fake_cuda(fake_cuda, seed):
-    assert run_in_process(_scenario_rank, 2, seed, True, timeout_s=30) == [0, 1]
-    # per rank: batch 1 is 5 reads + 5 writes, batch 2 is 1 + 1 + 2 (inline) + 2 x (result copy back + write)
-    assert fake_cuda.copies == 2 * 18 and fake_cuda.launches == 2 * 2
+def test_two_rank_scenario_through_device_memory_on_a_fake_cuda(fake_cuda, seed, direct):
+    assert run_in_process(_scenario_rank, 2, seed, True, direct, timeout_s=30) == [0, 1]
+    # per rank, via the host: batch 1 is 5 reads + 5 writes, batch 2 is 1 + 1 + 2 (inline) + 2 x (result copy
+    # back + write); with direct copies each WRITE from memory is one device-to-device copy: 5, then 1 + 2 + 2 x 2
+    assert fake_cuda.copies == 2 * (12 if direct else 18) and fake_cuda.launches == 2 * 2
 
 
 def test_a_given_stream_serves_every_access(fake_cuda):
@@ -325,3 +327,32 @@ def test_a_given_stream_serves_every_access(fake_cuda):
     assert seen and set(seen) == {fixed.ptr} and set(fake_cuda.streams) == before
     with pytest.raises(NicError, match="a stream needs its device"):
         DeviceMemory(stream=fixed)
+
+
+def test_copy_from_is_one_unsynchronised_device_copy_and_flush_waits(fake_cuda, monkeypatch):
+    """copy_from between two DeviceMemory objects of one device (the emulated NIC's WRITE since session L): one
+    cudaMemcpyAsync on this thread's stream, no synchronize until flush(); both ranges checked first (NicError,
+    nothing copied); refused (False, nothing copied) for another kind of source or with direct_copies=False."""
+    syncs = []
+    monkeypatch.setattr(fake_cuda.cuda.Stream, "synchronize", lambda self: syncs.append(self.ptr))
+    src, dst = np.arange(64, dtype=np.uint8), np.zeros(64, np.uint8)
+    a, b = DeviceMemory(), DeviceMemory()
+    a.add(src.ctypes.data, 64)
+    b.add(dst.ctypes.data, 64)
+    assert b.copy_from(dst.ctypes.data + 8, a, src.ctypes.data + 16, 32)
+    assert fake_cuda.copies == 1 and syncs == [] and (dst[8:40] == src[16:48]).all() and not dst[40:].any()
+    b.flush()
+    assert len(syncs) == 1
+    b.flush()
+    assert len(syncs) == 1  # nothing issued since
+    with pytest.raises(NicError, match="not inside"):
+        b.copy_from(dst.ctypes.data, a, src.ctypes.data + 40, 32)  # source range past its end
+    with pytest.raises(NicError, match="not inside"):
+        b.copy_from(dst.ctypes.data + 40, a, src.ctypes.data, 32)
+    host = HostMemory()
+    host.add(src)
+    assert not b.copy_from(dst.ctypes.data, host, src.ctypes.data, 8)
+    off = DeviceMemory(direct_copies=False)
+    off.add(dst.ctypes.data, 64)
+    assert not off.copy_from(dst.ctypes.data, a, src.ctypes.data, 8)
+    assert fake_cuda.copies == 1

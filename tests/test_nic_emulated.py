@@ -401,6 +401,7 @@ def test_abort_drops_the_backlog_and_touches_nothing_after():
         writes.append(addr)
 
     p.b.memory.write = slow_write
+    p.b.memory.copy_from = lambda *a: False  # every WRITE through the (slow) write above
     for k in range(64):
         p.write(k * 16, k * 16, 16, signaled=(k == 63))
     p.ring()
@@ -504,3 +505,67 @@ def test_random_sequences_match_a_model(ops, batch):
         assert p.qp.counters.wqes == len(ops)
     finally:
         p.close()
+
+
+class _DeferredCopies(HostMemory):
+    """copy_from queues the copy and runs it at flush (as DeviceMemory's unsynchronised device copies land later);
+    flush first waits for ``gate`` so a test can look while copies are still in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.queued, self.flushes, self.gate = [], 0, threading.Event()
+        self.gate.set()
+
+    def copy_from(self, dst, source, src, n):
+        if not isinstance(source, HostMemory):
+            return False
+        self.queued.append((dst, source.read(src, n)))
+        return True
+
+    def flush(self):
+        self.gate.wait(5.0)
+        self.flushes += 1
+        while self.queued:
+            self.write(*self.queued.pop(0))
+
+
+def test_direct_copies_land_before_the_completion_and_the_consumer_index():
+    """WRITEs from memory go through the target memory's copy_from (unsynchronised where the backend allows: one
+    device-to-device copy each on the GPU); the NIC flushes them before it writes a CQE and before ``consumed``
+    advances, so a host that sees either finds the bytes in place (the RDMA route frees or reuses memory on them)."""
+    p = Pair(wqe_cnt=16)
+    p.b.memory = deferred = _DeferredCopies()
+    deferred.add(p.dst)
+    deferred.gate.clear()
+    for k in range(8):
+        p.write(k * 32, k * 32, 32, signaled=(k == 7))
+    p.ring()
+    deadline = time.monotonic() + 5
+    while len(deferred.queued) < 8 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(0.05)
+    assert len(deferred.queued) == 8 and not p.dst.any()  # issued, none landed yet
+    assert p.qp.consumed == 0 and p.cq.poll() == []  # nothing says done while the copies are in flight
+    deferred.gate.set()
+    p.settle()
+    assert (p.dst[:256] == p.src[:256]).all() and not p.dst[256:].any()
+    (cqe,) = p.cq.poll()
+    assert cqe.opcode == W.MLX5_CQE_REQ and p.qp.consumed == 8 and deferred.flushes >= 1
+
+
+def test_a_write_between_memories_without_direct_copies_goes_through_the_host():
+    """A target memory whose copy_from refuses the source (DeviceMemory: another device, direct copies off) gets
+    the bytes by read + write, exact; nothing is left to flush."""
+    p = Pair(wqe_cnt=16)
+    refused = []
+
+    def refuse(dst, source, src, n):
+        refused.append(n)
+        return False
+
+    p.b.memory.copy_from = refuse
+    p.write(100, 200, 300, signaled=True)
+    p.ring()
+    p.settle()
+    assert refused == [300] and (p.dst[200:500] == p.src[100:400]).all() and not p.dst[:200].any()
+    assert p.qp.consumed == 1 and len(p.cq.poll()) == 1

@@ -11,6 +11,11 @@ How the NIC thread touches the memory:
   private non-blocking stream of the calling thread (made on first use in that thread, one per device), then a
   synchronize of that stream. Never the legacy default stream: in-process ranks keep kernels spinning on their own
   streams, and a copy on the legacy stream would wait for them.
+- ``copy_from`` (an RDMA WRITE whose source is GPU-visible memory of another or the same DeviceMemory on the same
+  device): one ``cudaMemcpyAsync`` device to device on that stream, not synchronised; ``flush`` synchronises the
+  stream (the NIC does before it writes a completion or advances the consumer index). The older path, a read to
+  the host and a write back, each synchronised, is kept for ``direct_copies=False`` (the A/B of
+  ``bench/bench_emulated_nic.py --no-direct``).
 - ``atomic_fetch_add64``: a one-thread kernel (``kernels/nic_fetch_add.cu``) doing ``atomicAdd_system`` on the
   64-bit word, the old value stored in an 8-byte device buffer (``cudaMallocAsync`` on that stream at the first
   atomic) and copied back, on the same private stream. System scope, so the add is atomic with respect to device
@@ -73,7 +78,7 @@ class DeviceMemory:
     ``device``: the CUDA device whose streams and kernel serve the accesses; by default the device of the first
     added range (``cudaPointerGetAttributes``), asked at the first access."""
 
-    def __init__(self, device: int | None = None, stream=None):
+    def __init__(self, device: int | None = None, stream=None, direct_copies: bool = True):
         if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
             raise NicError(f"DeviceMemory: device must be a CUDA device ordinal, got {device!r}")
         if stream is not None and device is None:
@@ -89,6 +94,8 @@ class DeviceMemory:
         self._old_device: int | None = None
         self._old_async = False  # allocated with cudaMallocAsync (freed with cudaFreeAsync)
         self._closed = False
+        self._direct = bool(direct_copies)
+        self._unflushed: dict = {}  # thread id -> the stream its unsynchronised copies went to
 
     # --- ranges ---
     def add(self, ptr: int, nbytes: int) -> int:
@@ -171,6 +178,40 @@ class DeviceMemory:
             with cupy.cuda.Device(device):
                 rt.memcpyAsync(addr, src.ctypes.data, src.size, _MEMCPY_DEFAULT, stream.ptr)
                 stream.synchronize()  # `src` must outlive the copy
+
+    def copy_from(self, dst: int, source, src: int, n: int) -> bool:
+        """Device to device on this object's stream, not synchronised (see the module doc); False when the source
+        is not a DeviceMemory of the same device or direct copies are off."""
+        dst, src, n = int(dst), int(src), int(n)
+        if not self._direct or not isinstance(source, DeviceMemory):
+            return False
+        if source is not self:
+            with source._lock:
+                source._check(src, n)
+                src_device = source._cuda_device()
+        with self._lock:
+            self._check(dst, n)
+            if source is self:
+                self._check(src, n)
+            elif src_device != self._cuda_device():
+                return False
+            if n == 0:
+                return True
+            device, stream = self._open()
+            import cupy
+            import cupy.cuda.runtime as rt
+
+            with cupy.cuda.Device(device):
+                rt.memcpyAsync(dst, src, n, _MEMCPY_DEFAULT, stream.ptr)
+            self._unflushed[threading.get_ident()] = stream
+        return True
+
+    def flush(self) -> None:
+        """Wait for every :meth:`copy_from` this thread issued so far."""
+        with self._lock:
+            stream = self._unflushed.pop(threading.get_ident(), None)
+        if stream is not None:
+            stream.synchronize()
 
     def atomic_fetch_add64(self, addr: int, value: int) -> int:
         addr = int(addr)

@@ -23,6 +23,7 @@ class WqeExecution:
     local key table ``_mrs_l``, and the peer NIC's ``_mrs_r`` and ``memory``."""
 
     def _fault(self, qp: QueuePair, counter: int, syndrome: int, message: str, wqe_opcode: int = 0) -> None:
+        self._settle(qp, self._in_flight)  # the WQEs before the failed one have landed when its error CQE shows
         fault = NicFault(qp.qpn, counter & 0xFFFF, syndrome, message)
         qp.state = QueuePair.ERROR
         qp.error = fault
@@ -36,7 +37,23 @@ class WqeExecution:
             wqe_opcode=wqe_opcode,
         )
 
+    _in_flight: set = frozenset()  # while _process runs: the memories holding copies not yet flushed
+
     def _process(self, qp: QueuePair) -> None:
+        touched = self._in_flight = set()  # (only the NIC's thread executes WQEs)
+        try:
+            self._process_batch(qp, touched)
+        finally:
+            self._settle(qp, touched)
+
+    @staticmethod
+    def _settle(qp: QueuePair, touched: set) -> None:
+        """Every copy issued has landed; then the consumer index says so."""
+        while touched:
+            touched.pop().flush()
+        qp._done = qp._ci
+
+    def _process_batch(self, qp: QueuePair, touched: set) -> None:
         if qp.state == QueuePair.ERROR:
             return  # an errored QP executes nothing more (its doorbells are still counted)
         if qp.state != QueuePair.RTS or qp.remote is None:
@@ -72,13 +89,14 @@ class WqeExecution:
                     raise _Fault(W.MLX5_CQE_SYNDROME_LOCAL_QP_OP_ERR, f"ctrl qpn {wqe.qpn} != {qp.qpn}")
                 if qp._ci + wqe.nbb > end:
                     raise _Fault(W.MLX5_CQE_SYNDROME_LOCAL_QP_OP_ERR, "WQE extends past the doorbell's producer index")
-                nbytes = self._execute(qp, wqe)
+                nbytes = self._execute(qp, wqe, touched)
             except _Fault as f:
                 self._fault(qp, counter, f.syndrome, f"{wqe.opcode_name}: {f}", wqe.opcode)
                 return
             qp.counters.wqes += 1
             qp.counters.bytes += nbytes
             if wqe.signaled:
+                self._settle(qp, touched)  # a completion means the writes before it have landed
                 # Counted before the CQE shows: a host that has seen the CQE reads counters that include it.
                 qp.counters.cqes += 1
                 if not qp.cq._push(opcode=W.MLX5_CQE_REQ, qpn=qp.qpn, wqe_counter=counter, byte_cnt=nbytes):
@@ -119,20 +137,29 @@ class WqeExecution:
             )
         return mr
 
-    def _execute(self, qp: QueuePair, wqe: W.Wqe) -> int:
+    def _execute(self, qp: QueuePair, wqe: W.Wqe, touched: set) -> int:
         if wqe.opcode == W.MLX5_OPCODE_NOP:
             return 0
         if wqe.opcode == W.MLX5_OPCODE_RDMA_WRITE:
+            target = qp.remote.nic.memory
             if wqe.inline is not None:
-                payload = wqe.inline
-            else:
-                for seg in wqe.data:
-                    self._local(seg, Access(0))
-                payload = b"".join(self.memory.read(s.addr, s.byte_count) for s in wqe.data)
-            self._remote(qp, wqe, len(payload), Access.REMOTE_WRITE)
-            if payload:
-                qp.remote.nic.memory.write(wqe.raddr, payload)
-            return len(payload)
+                self._remote(qp, wqe, len(wqe.inline), Access.REMOTE_WRITE)
+                if wqe.inline:
+                    target.write(wqe.raddr, wqe.inline)
+                return len(wqe.inline)
+            for seg in wqe.data:
+                self._local(seg, Access(0))
+            n = sum(seg.byte_count for seg in wqe.data)
+            self._remote(qp, wqe, n, Access.REMOTE_WRITE)
+            copy = getattr(target, "copy_from", None)
+            dst = wqe.raddr
+            for seg in wqe.data:  # each segment straight into place where the memories allow, else via the host
+                if copy is not None and copy(dst, self.memory, seg.addr, seg.byte_count):
+                    touched.add(target)
+                elif seg.byte_count:
+                    target.write(dst, self.memory.read(seg.addr, seg.byte_count))
+                dst += seg.byte_count
+            return n
         if wqe.opcode == W.MLX5_OPCODE_ATOMIC_FA:
             (seg,) = wqe.data
             if seg.byte_count != 8:

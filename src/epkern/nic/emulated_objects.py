@@ -139,12 +139,13 @@ class QueuePair:
         self.error: NicFault | None = None
         self.counters = QpCounters()
         self._ci = 0  # NIC consumer index in WQEBBs (monotonic)
+        self._done = 0  # ... of the WQEs whose writes have landed (copies flushed): what ``consumed`` reports
         self._last_db = bytes(8)
 
     @property
     def consumed(self) -> int:
-        """The NIC's consumer index (WQEBBs executed or failed so far, monotonic)."""
-        return self._ci
+        """The NIC's consumer index (WQEBBs executed, their writes landed, or failed so far; monotonic)."""
+        return self._done
 
     def connect(self, remote: QueuePair) -> None:
         """Connect to ``remote`` (this side only; connect both for a bidirectional pair) and go to RTS."""

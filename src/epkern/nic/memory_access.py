@@ -23,6 +23,12 @@ class MemoryAccess(Protocol):
 
     def atomic_fetch_add64(self, addr: int, value: int) -> int: ...
 
+    # Optional (the NIC falls back to ``read`` + ``write`` without them):
+    # ``copy_from(dst, source, src, n) -> bool``: copy ``n`` bytes at ``src`` of the MemoryAccess ``source`` to
+    # ``dst`` here without a trip through the host, possibly asynchronously; False if it cannot for this source
+    # (nothing copied). Accesses made later through this object land after it; ``flush()`` waits for every copy
+    # issued (the NIC flushes before a completion or its consumer index says a WQE is done).
+
 
 def range_base(bases: list[int], size_of, addr: int, n: int) -> int | None:
     """The base of the added range holding ``[addr, addr + n)``: ``bases`` sorted, ``size_of(base)`` its
@@ -68,6 +74,16 @@ class HostMemory:
 
     def write(self, addr: int, data: bytes) -> None:
         self._view(addr, len(data))[:] = np.frombuffer(data, dtype=np.uint8)
+
+    def copy_from(self, dst: int, source, src: int, n: int) -> bool:
+        """Between two HostMemory objects (or within one): a direct array copy."""
+        if not isinstance(source, HostMemory):
+            return False
+        self._view(dst, n)[:] = source._view(src, n)
+        return True
+
+    def flush(self) -> None:
+        """Nothing to wait for (copies are synchronous)."""
 
     def atomic_fetch_add64(self, addr: int, value: int) -> int:
         with self._lock:
