@@ -119,14 +119,20 @@ def test_dispatch_combine_cached_properties(p, align, H):
             assert np.array_equal(bits(cached[d][row]), bits(xs2[h.src_rank[row]][h.src_idx[row]]))
 
 
+def _biased_start(biases, s, t, H):
+    """+0.0, then each given bias row of token t of rank s, one float32 step at a time."""
+    acc = np.zeros(H, np.float32)
+    for b in biases:
+        if b is not None and b[s] is not None:
+            acc = (acc + b[s][t].astype(np.float32)).astype(np.float32)
+    return acc
+
+
 def brute_combine(ys, handles, biases, s, T, H):
     """float32 scalar-order combine of rank s's tokens found by scanning every rank's src_rank/src_idx."""
     out = np.zeros((T, H), np.float32)
     for t in range(T):
-        acc = np.zeros(H, np.float32)
-        for b in biases:
-            if b is not None and b[s] is not None:
-                acc = (acc + b[s][t].astype(np.float32)).astype(np.float32)
+        acc = _biased_start(biases, s, t, H)
         for j in range(len(ys)):
             h = handles[j]
             for row in range(h.num_recv_tokens):
@@ -343,3 +349,62 @@ def test_combine_and_cached_validation():
         ref.ht_cached_dispatch([xs[0], xs[1][:1]], hs)
     with pytest.raises(ArgumentError, match="handles"):
         ref.ht_cached_dispatch(xs, ["nope", hs[1]])
+
+
+def brute_combine_by_node(ys, handles, biases, s, T, H, nodes):
+    """The two-level order, one scalar step at a time: biases, then per node ascending a float32 partial of its
+    ranks (ascending, from +0.0) rounded to BF16, added only for nodes the token went to."""
+    out = np.zeros((T, H), np.float32)
+    for t in range(T):
+        acc = _biased_start(biases, s, t, H)
+        for n in range(int(max(nodes)) + 1):
+            part, went = np.zeros(H, np.float32), False
+            for j in (j for j in range(len(ys)) if nodes[j] == n):
+                h = handles[j]
+                for row in range(h.num_recv_tokens):
+                    if h.src_rank[row] == s and h.src_idx[row] == t:
+                        part, went = (part + ys[j][row].astype(np.float32)).astype(np.float32), True
+            if went:
+                acc = (acc + part.astype(BF16).astype(np.float32)).astype(np.float32)
+        out[t] = acc
+    return out.astype(BF16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem, st.integers(1, 3), st.booleans())
+def test_combine_by_node_matches_the_two_level_brute_force(p, per_node, with_b0):
+    """rank_to_node with two or more nodes: the internode order (issue #18), bit for bit on real-valued rows; one
+    node (or None) keeps the flat order."""
+    seed, R, t_max, e_per_rank, K, distinct = p
+    R = per_node * max(1, R // per_node)
+    E = R * e_per_rank
+    K = min(K, E) if distinct else K
+    rng = np.random.default_rng(seed)
+    H = 16
+    xs, idxs, ws = make_inputs(rng, R, t_max, H, E, K, distinct)
+    res = ref.ht_dispatch(xs, idxs, E, topk_weights=ws)
+    handles = [r.handle for r in res]
+    ys = [(rng.standard_normal((h.num_recv_tokens, H)) * 2.0 ** rng.integers(-8, 8)).astype(BF16) for h in handles]
+    b0 = [rng.standard_normal(x.shape).astype(BF16) for x in xs] if with_b0 else None
+    nodes = [r // per_node for r in range(R)]
+    comb = ref.ht_combine(ys, handles, topk_weights=[r.recv_topk_weights for r in res], bias_0=b0, rank_to_node=nodes)
+    flat = ref.ht_combine(ys, handles, bias_0=b0)
+    one = ref.ht_combine(ys, handles, bias_0=b0, rank_to_node=[0] * R)
+    for s in range(R):
+        want = brute_combine_by_node(ys, handles, [b0], s, len(xs[s]), H, nodes) if max(nodes) else flat[s][0]
+        assert np.array_equal(bits(comb[s][0]), bits(want))
+        assert np.array_equal(bits(one[s][0]), bits(flat[s][0]))
+        got_w = np.where(idxs[s] >= 0, ws[s], 0).astype(np.float32)  # each weight comes back from one rank
+        assert np.array_equal(comb[s][1], got_w)
+
+
+def test_combine_by_node_rounds_each_node_partial_once():
+    """Rows 1, 2^-8 (node 0) and 2^-8, 0 (node 1): flat, 1 + 2^-8 + 2^-8 = 1 + 2^-7 is a BF16; by node, node 0's
+    partial 1 + 2^-8 rounds (tie, to even) to 1 before it travels, and 1 + 2^-8 rounds to 1 again at the end."""
+    res = _one_token_to_ranks(4, [0, 1, 2, 3], H=128)
+    handles = [r.handle for r in res]
+    vals = [1.0, 2.0**-8, 2.0**-8, 0.0]
+    ys = [np.full((r.handle.num_recv_tokens, 128), v, BF16) for r, v in zip(res, vals, strict=True)]
+    flat = ref.ht_combine(ys, handles)[0][0]
+    by_node = ref.ht_combine(ys, handles, rank_to_node=[0, 0, 1, 1])[0][0]
+    assert float(flat[0, 0]) == 1.0 + 2.0**-7 and float(by_node[0, 0]) == 1.0

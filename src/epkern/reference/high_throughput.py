@@ -9,7 +9,10 @@ source rank ascending, then source token ascending.
 Combine accumulates in float32 with round-to-nearest-even after every addition, in this order:
 ``acc = +0.0; acc += bias_0; acc += bias_1; for j = 0..R-1 with is_token_in_rank[t, j]:
 acc += float32(ys[j][send_slot[t, j]])``; then one RNE cast to BF16. The weights sum in the same rank order
-starting from +0.0.
+starting from +0.0. Across nodes (``rank_to_node`` with two or more nodes: the internode path of issue #18) the
+sum has two levels: per node n ascending that the token went to, ``part = +0.0; part += float32(ys[j][...])`` over
+n's ranks j ascending, then ``acc += float32(bf16(part))`` (the partial crosses the network as BF16); the weights'
+partials stay float32.
 """
 
 from __future__ import annotations
@@ -19,7 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArgumentError
-from ._checks import BF16, F32, FP8, check_array, check_int, check_num_experts, check_rank_list, check_topk_idx
+from ._checks import (
+    BF16,
+    F32,
+    FP8,
+    check_array,
+    check_int,
+    check_num_experts,
+    check_rank_list,
+    check_rank_to_node,
+    check_topk_idx,
+)
 from .layout import token_rank_map
 
 __all__ = ["HTDispatchResult", "HTHandle", "ht_cached_dispatch", "ht_combine", "ht_dispatch"]
@@ -267,7 +280,7 @@ def _per_rank_optional(values, name: str, num_ranks: int) -> list:
     return check_rank_list(values, name, num_ranks)
 
 
-def ht_combine(ys, handles, topk_weights=None, bias_0=None, bias_1=None):
+def ht_combine(ys, handles, topk_weights=None, bias_0=None, bias_1=None, rank_to_node=None):
     """HT combine of all ranks: a list indexed by rank of (combined_x BF16 [T_r, H], combined_topk_weights
     float32 [T_r, K] or None).
 
@@ -277,10 +290,15 @@ def ht_combine(ys, handles, topk_weights=None, bias_0=None, bias_1=None):
     Order (float32, RNE after every addition): acc = +0.0; acc += bias_0; acc += bias_1; for destination
     ranks j ascending with ``is_token_in_rank[t, j]``: acc += float32(ys[j][send_slot[t, j]]); BF16 RNE. A
     token sent nowhere gets its biases (or +0.0). combined_topk_weights[t] = +0.0 + the returned weight rows
-    of the ranks it went to, j ascending.
+    of the ranks it went to, j ascending. ``rank_to_node`` (node index per rank) with two or more nodes: the
+    two-level order of the module doc; None or one node: the order above.
     """
     ys = check_rank_list(ys, "ys")
     R = len(ys)
+    nodes = check_rank_to_node(rank_to_node, R)
+    groups = [list(range(R))] if nodes is None or int(nodes.max()) == 0 else None
+    if groups is None:
+        groups = [[j for j in range(R) if nodes[j] == n] for n in range(int(nodes.max()) + 1)]
     handles = _check_handles(handles, R)
     H = None
     y_arrs = []
@@ -318,12 +336,27 @@ def ht_combine(ys, handles, topk_weights=None, bias_0=None, bias_1=None):
             if b[s] is not None:
                 acc = (acc + b[s].astype(np.float32)).astype(np.float32)
         w_acc = np.zeros((h.num_tokens, w_arrs[0].shape[1]), np.float32) if w_arrs is not None else None
-        for j in range(R):
-            slots = h.send_slot[:, j]
-            sent = np.nonzero(slots >= 0)[0]  # distinct rows: each acc row gets one float32 addition
-            rows = _row_selector(slots[sent])
-            acc[sent] += y_arrs[j][rows].astype(np.float32)
-            if w_acc is not None:
-                w_acc[sent] += w_arrs[j][rows]
+        if len(groups) == 1:
+            _add_returned(acc, w_acc, h, groups[0], y_arrs, w_arrs)
+        else:
+            for ranks in groups:  # nodes ascending: a BF16 partial (float32 weights) per node the token went to
+                part = np.zeros_like(acc)
+                w_part = None if w_acc is None else np.zeros_like(w_acc)
+                _add_returned(part, w_part, h, ranks, y_arrs, w_arrs)
+                went = np.nonzero((h.send_slot[:, ranks] >= 0).any(axis=1))[0]
+                acc[went] += part[went].astype(BF16).astype(np.float32)
+                if w_acc is not None:
+                    w_acc[went] += w_part[went]
         out.append((acc.astype(BF16), w_acc))
     return out
+
+
+def _add_returned(acc, w_acc, h: HTHandle, ranks, y_arrs, w_arrs) -> None:
+    """acc[t] += float32(ys[j][send_slot[t, j]]) for the ranks ``ranks`` ascending that t went to (weights too)."""
+    for j in ranks:
+        slots = h.send_slot[:, j]
+        sent = np.nonzero(slots >= 0)[0]  # distinct rows: each acc row gets one float32 addition
+        rows = _row_selector(slots[sent])
+        acc[sent] += y_arrs[j][rows].astype(np.float32)
+        if w_acc is not None:
+            w_acc[sent] += w_arrs[j][rows]
