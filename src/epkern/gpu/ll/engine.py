@@ -41,15 +41,10 @@ from .layout import (
     LL_RECOVERABLE_PHASES,
     PHASE_RECV,
     PHASE_SEND,
-    PROXY_MAX_FIFOS,
     ROUTE_IPC,
     ROUTE_NONE,
     ROUTE_PROXY,
     ROUTE_RDMA,
-    STATE_PROXY_CAPACITY,
-    STATE_PROXY_FIFOS,
-    STATE_PROXY_TABLE,
-    STATE_RDMA_TABLE,
     STATE_ROUTE,
     STATE_WORDS,
     THREADS,
@@ -110,15 +105,8 @@ class LLEngine:
         self.nic_routes = nic_routes  # named in a NIC peer's timeout (masks.py)
         words = np.zeros(STATE_ROUTE + rt.num_ranks, dtype=np.int32)
         words[STATE_ROUTE:] = routes
-        if self.nic_build == ROUTE_PROXY and nic_routes is not None:
-            if nic_routes.num_fifos > PROXY_MAX_FIFOS:
-                raise AssertionError(f"{nic_routes.num_fifos} FIFOs, the device table holds {PROXY_MAX_FIFOS}")
-            words[STATE_PROXY_FIFOS] = nic_routes.num_fifos
-            words[STATE_PROXY_CAPACITY] = nic_routes.capacity
-            table = np.array([nic_routes.table_ptr], np.uint64).view(np.int32)
-            words[STATE_PROXY_TABLE : STATE_PROXY_TABLE + 2] = table
-        elif self.nic_build == ROUTE_RDMA and nic_routes is not None:
-            words[STATE_RDMA_TABLE : STATE_RDMA_TABLE + 2] = np.array([nic_routes.table_ptr], np.uint64).view(np.int32)
+        if self.nic_build and nic_routes is not None:
+            nic_routes.fill_state(words)  # its FIFO or QP table
         self.state[: len(words)] = cupy.asarray(words)  # the mask words (64..) stay 0: nobody masked
         rt.sync_bounded(cupy.cuda.get_current_stream(), "setting up the low-latency state")
         self.sends = 0  # sending launches issued (host side; the device counter is the truth)

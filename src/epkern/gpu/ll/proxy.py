@@ -23,7 +23,7 @@ import numpy as np
 from ... import _env
 from ...errors import EpkernError
 from . import nic_link
-from .layout import PROXY_MAX_FIFOS, ROUTE_PROXY
+from .layout import PROXY_MAX_FIFOS, ROUTE_PROXY, STATE_PROXY_CAPACITY, STATE_PROXY_FIFOS, STATE_PROXY_TABLE
 from .nic_link import NicLink, NicTransport
 from .nic_link import NicStillWriting as NicStillWriting
 
@@ -92,6 +92,14 @@ class ProxyTransport(NicTransport):
         except BaseException:
             self.close(raise_errors=False)
             raise
+
+    def fill_state(self, words: np.ndarray) -> None:
+        """The LL device state words this transport owns: FIFO count, capacity and the FIFO table's address."""
+        if self.num_fifos > PROXY_MAX_FIFOS:
+            raise AssertionError(f"{self.num_fifos} FIFOs, the device table holds {PROXY_MAX_FIFOS}")
+        words[STATE_PROXY_FIFOS] = self.num_fifos
+        words[STATE_PROXY_CAPACITY] = self.capacity
+        words[STATE_PROXY_TABLE : STATE_PROXY_TABLE + 2] = np.array([self.table_ptr], np.uint64).view(np.int32)
 
     def fifo_of_peer(self, p: int) -> int:
         """The FIFO the kernels push peer ``p``'s triggers into (ll_route.cuh's rule)."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from ...errors import ArgumentError, EpkernError
 from . import nic_link
-from .layout import RDMA_QP_BYTES, ROUTE_RDMA
+from .layout import RDMA_QP_BYTES, ROUTE_RDMA, STATE_RDMA_TABLE
 from .nic_link import NicLink, NicTransport
 
 RING_WQES = 16384  # WQEBBs per QP send ring (1 MiB host-mapped per remote peer)
@@ -107,6 +107,10 @@ class RdmaTransport(NicTransport):
         except BaseException:
             self.close(raise_errors=False)
             raise
+
+    def fill_state(self, words: np.ndarray) -> None:
+        """The LL device state words this transport owns: the QP table's address."""
+        words[STATE_RDMA_TABLE : STATE_RDMA_TABLE + 2] = np.array([self.table_ptr], np.uint64).view(np.int32)
 
     def check_batch(self, num_max: int, topk: int, e_loc: int, what: str) -> None:
         """ArgumentError unless one call's WQEs to one peer (each token's selections on that peer, plus the signals'
