@@ -1,5 +1,7 @@
-"""The internode HT dispatch's network protocol (issue #18; docs/architecture.md, "Internode HT: the plan"), run by
-Python threads through the real emulated NIC on host memory: what the kernels' sender and forwarder warps will do.
+"""The internode HT network protocol (issue #18; docs/architecture.md, "Internode HT: the plan"), run by Python
+threads through the real emulated NIC on host memory: what the kernels' sender, forwarder and receiver warps will do.
+One primitive, :class:`Stream`, carries both phases: dispatch (source -> forwarder) and combine (forwarder ->
+source, the same pairs reversed, one BF16 partial per dispatch message, merged at the source in token order).
 
 Per (source s, forwarder f = the rank of node n with s's local index) a ring of ``ring`` message slots lives in f's
 RDMA area, with a tail word (messages written, u64) next to it; s keeps a credit word (messages f has forwarded).
@@ -135,19 +137,124 @@ def _decode(area: Area, off: int, L: int, K: int, H: int):
     return seq, t, slots, idx, w, row
 
 
+class Stream:
+    """One ordered stream of messages from rank ``src`` to rank ``dst`` (another node), through a ring in ``dst``'s
+    area: the ring and the tail word indexed by ``src``'s node, the staging ring and the credit word in ``src``'s
+    area indexed by ``dst``'s node. The sender writes chunks and inline tails; the receiver waits for message i, and
+    returns credits (inline) for what it has consumed."""
+
+    def __init__(self, links, areas, nodes, src: int, dst: int, ring: int, chunk: int, deadline: float, phase: str):
+        self.links, self.areas, self.src, self.dst = links, areas, src, dst
+        self.sn, self.dn = int(nodes[src]), int(nodes[dst])
+        self.ring, self.chunk, self.deadline, self.phase = ring, chunk, deadline, phase
+        self.tail_seen = self.released = 0
+
+    def send(self, count: int, encode) -> None:
+        """Messages 0..count-1, ``encode(i, area, offset)`` writing message i into the staging slot."""
+        me, area, peer = self.links[self.src], self.areas[self.src], self.areas[self.dst]
+        sent = 0
+        while sent < count:
+            c = min(self.chunk, count - sent)
+            while sent + c - _read_u64(area.buf, area.word(1, self.dn)) > self.ring:
+                _check(
+                    self.deadline, self.src, f"{self.phase} (waiting for ring space)", self.dst, "no credit came back"
+                )
+                time.sleep(1e-4)
+            for i in range(sent, sent + c):
+                encode(i, area, area.ring_at(1, self.dn, i))
+            runs = [(sent, min(c, self.ring - sent % self.ring))]
+            if runs[0][1] < c:  # the chunk wraps: its second part starts at ring position 0
+                runs.append((sent + runs[0][1], c - runs[0][1]))
+            wqes = [(area.ring_at(1, self.dn, a), peer.ring_at(0, self.sn, a), k * area.msg) for a, k in runs]
+            sent += c
+            me.post(self.dst, wqes, sent, peer.word(0, self.sn), self.deadline, f"{self.phase} (sending a chunk)")
+
+    def wait(self, i: int) -> int:
+        """The receiver: the offset of message i in its area once it has arrived (its sequence number checked)."""
+        area = self.areas[self.dst]
+        while self.tail_seen <= i:
+            self.tail_seen = _read_u64(area.buf, area.word(0, self.sn))
+            if self.tail_seen <= i:
+                _check(self.deadline, self.dst, f"{self.phase} (waiting for messages)", self.src,
+                       f"message {i} not there (tail {self.tail_seen})")  # fmt: skip
+                time.sleep(1e-4)
+        off = area.ring_at(0, self.sn, i)
+        seq = int(area.buf[off : off + 4].view(np.uint32)[0])
+        assert seq == i, f"rank {self.dst}: ring slot {i % self.ring} from rank {self.src} holds message {seq}, not {i}"
+        return off
+
+    def release(self, consumed: int) -> None:
+        """The receiver: messages before ``consumed`` are done with; the sender may reuse their slots."""
+        if consumed > self.released:
+            self.released = consumed
+            at = self.areas[self.src].word(1, self.dn)
+            self.links[self.dst].post(self.src, [], consumed, at, self.deadline, f"{self.phase} (returning credit)")
+
+
+def _dispatch_message(L: int, K: int, H: int) -> int:
+    return message_bytes(L, K, H)
+
+
+def _combine_message(K: int, H: int) -> int:
+    return -(-(8 + 4 * K + 2 * H) // 16) * 16  # seq u32, pad, K weight partials f32, the BF16 partial row
+
+
+def _run(jobs) -> None:
+    """Run every job in its own thread (the kernels' warps); raise the first failure after all have ended."""
+    errors = []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in jobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
+class _Net:
+    """Every rank's area and NIC for one phase, and the streams between forwarder pairs."""
+
+    def __init__(self, nodes, msg: int, ring: int, chunk: int, timeout_s: float, phase: str):
+        self.nodes = np.asarray(nodes)
+        self.groups = M.node_ranks(self.nodes)
+        R, N = len(self.nodes), len(self.groups)
+        self.areas = [Area(N, ring, msg) for _ in range(R)]
+        self.peers = {r: [M.forwarder(r, n, self.groups, self.nodes) for n in range(N) if n != self.nodes[r]]
+                      for r in range(R)}  # fmt: skip
+        self.links = [Rank(r, self.areas, self.peers[r], slots=64) for r in range(R)]
+        self.deadline = time.monotonic() + timeout_s
+        self.ring, self.chunk, self.phase = ring, chunk, phase
+
+    def stream(self, src: int, dst: int) -> Stream:
+        return Stream(self.links, self.areas, self.nodes, src, dst, self.ring, self.chunk, self.deadline, self.phase)
+
+    def close(self, failed: bool) -> dict:
+        """Retire every signaled WRITE (unless the run failed), close the NICs; the counters per rank and peer."""
+        for me in self.links:
+            for p in me.qp:
+                while me.unretired[p] and not failed:
+                    me._retire(p, self.deadline, "teardown")
+            me.close()
+        return {r: {p: dict(vars(qp.counters)) for p, qp in me.qp.items()} for r, me in enumerate(self.links)}
+
+
 def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node, *, ring=8, chunk=3, timeout_s=10.0,
              silent_forwarders=()):  # fmt: skip
-    """The dispatch over rings; returns (per rank (recv_x, recv_topk_idx, recv_topk_weights), {rank: NIC counters
-    per peer}, messages sent per (source, forwarder)). ``silent_forwarders``: ranks whose forwarder never runs."""
+    """The dispatch over rings; returns (per rank (recv_x, recv_topk_idx, recv_topk_weights), writes per output
+    row, {rank: NIC counters per peer}, messages per (source, forwarder)). ``silent_forwarders``: ranks that never
+    receive (their forwarder warps do not run)."""
     nodes = np.asarray(rank_to_node)
-    groups = M.node_ranks(nodes)
-    R, N, L = len(xs), len(groups), len(groups[0])
+    R, L = len(xs), len(M.node_ranks(nodes)[0])
     H, K, e_loc = xs[0].shape[1], idxs[0].shape[1], num_experts // len(xs)
-    msg = message_bytes(L, K, H)
-    plan = M.plan(handles, nodes)
-    areas = [Area(N, ring, msg) for _ in range(R)]
-    peers = {r: [M.forwarder(r, n, groups, nodes) for n in range(N) if n != nodes[r]] for r in range(R)}
-    ranks = [Rank(r, areas, peers[r], slots=64) for r in range(R)]
+    net = _Net(nodes, _dispatch_message(L, K, H), ring, chunk, timeout_s, "internode dispatch")
+    groups, plan = net.groups, M.plan(handles, nodes)
     n_rows = [h.num_recv_tokens for h in handles]
     recv = [
         (np.full((n, H), M.POISON, np.uint16).view(M.BF16), np.full((n, K), -7, np.int64),
@@ -155,7 +262,6 @@ def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node, *, ring=8, c
         for n in n_rows
     ]  # fmt: skip
     writes = [np.zeros(n, np.int64) for n in n_rows]
-    deadline = time.monotonic() + timeout_s
 
     def land(d, slot, idx, w, row):
         here = (idx >= d * e_loc) & (idx < (d + 1) * e_loc)
@@ -164,88 +270,111 @@ def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node, *, ring=8, c
         recv[d][2][slot] = np.where(here, w, np.float32(0))
         writes[d][slot] += 1
 
-    def source(s):
-        me, area = ranks[s], areas[s]
+    def own_node(s):
         h = handles[s]
-        for d in groups[int(nodes[s])]:  # own node: straight to the destination
+        for d in groups[int(nodes[s])]:  # straight to the destination
             for t in np.nonzero(h.send_slot[:, d] >= 0)[0]:
                 land(d, h.send_slot[t, d], idxs[s][t], weights[s][t], xs[s][t])
-        todo = {n: plan[(s, n)] for n in range(N) if n != nodes[s]}
-        sent = dict.fromkeys(todo, 0)
-        while any(sent[n] < len(m.tokens) for n, m in todo.items()):
-            progressed = False
-            for n, msgs in todo.items():
-                f, left = M.forwarder(s, n, groups, nodes), len(msgs.tokens) - sent[n]
-                c = min(chunk, left)
-                if c == 0 or sent[n] + c - _read_u64(area.buf, area.word(1, n)) > ring:
-                    continue  # done, or no room until the forwarder's credit comes back
-                first = sent[n]
-                for i in range(first, first + c):
-                    t = int(msgs.tokens[i])
-                    _encode(area, area.ring_at(1, n, i), i, t, msgs.slots[i], idxs[s][t], weights[s][t], xs[s][t])
-                runs = [(first, min(c, ring - first % ring))]
-                if runs[0][1] < c:  # the chunk wraps: its second part starts at ring position 0
-                    runs.append((first + runs[0][1], c - runs[0][1]))
-                wqes = [(area.ring_at(1, n, a), areas[f].ring_at(0, int(nodes[s]), a), k * msg) for a, k in runs]
-                sent[n] += c
-                me.post(f, wqes, sent[n], areas[f].word(0, int(nodes[s])), deadline,
-                        "internode dispatch (sending a chunk)")  # fmt: skip
-                progressed = True
-            if not progressed:
-                blocked = next(n for n, m in todo.items() if sent[n] < len(m.tokens))
-                _check(deadline, s, "internode dispatch (waiting for ring space)",
-                       M.forwarder(s, blocked, groups, nodes), "no credit came back")  # fmt: skip
-                time.sleep(1e-4)
 
-    def forward(f):
-        me, area = ranks[f], areas[f]
-        sources = {m: M.forwarder(f, m, groups, nodes) for m in range(N) if m != nodes[f]}
-        expect = {m: len(plan[(s, int(nodes[f]))].tokens) for m, s in sources.items()}
-        done = dict.fromkeys(sources, 0)
-        while any(done[m] < expect[m] for m in sources):
-            progressed = False
-            for m, s in sources.items():
-                tail = _read_u64(area.buf, area.word(0, m))
-                if tail == done[m]:
-                    continue
-                for i in range(done[m], tail):
-                    seq, t, slots, idx, w, row = _decode(area, area.ring_at(0, m, i), L, K, H)
-                    assert seq == i, f"rank {f}: ring slot {i % ring} from rank {s} holds message {seq}, not {i}"
-                    for d, slot in zip(groups[int(nodes[f])], slots, strict=True):
-                        if slot >= 0:
-                            land(d, slot, idx, w, row)
-                done[m] = tail
-                me.post(s, [], tail, areas[s].word(1, int(nodes[f])), deadline, "internode dispatch (returning credit)")
-                progressed = True
-            if not progressed:
-                waiting = next(m for m in sources if done[m] < expect[m])
-                _check(deadline, f, "internode dispatch (waiting for a source's messages)", sources[waiting],
-                       f"tail {done[waiting]} of {expect[waiting]}")  # fmt: skip
-                time.sleep(1e-4)
+    def sender(s, n):
+        msgs = plan[(s, n)]
 
-    errors, threads = [], []
+        def encode(i, area, off):
+            t = int(msgs.tokens[i])
+            _encode(area, off, i, t, msgs.slots[i], idxs[s][t], weights[s][t], xs[s][t])
 
-    def run(fn, r):
-        try:
-            fn(r)
-        except BaseException as e:  # noqa: BLE001 - reported to the caller
-            errors.append(e)
+        net.stream(s, M.forwarder(s, n, groups, nodes)).send(len(msgs.tokens), encode)
 
-    for r in range(R):
-        threads.append(threading.Thread(target=run, args=(source, r)))
-        if r not in silent_forwarders:
-            threads.append(threading.Thread(target=run, args=(forward, r)))
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for me in ranks:  # every signaled WRITE completed (unless a run failed): the counters are final
-        for p in me.qp:
-            while me.unretired[p] and not errors:
-                me._retire(p, deadline, "teardown")
-        me.close()
-    if errors:
-        raise errors[0]
-    counters = {r: {p: dict(vars(qp.counters)) for p, qp in ranks[r].qp.items()} for r in range(R)}
+    def forwarder(s, n):
+        f, msgs = M.forwarder(s, n, groups, nodes), plan[(s, n)]
+        st = net.stream(s, f)
+        for i in range(len(msgs.tokens)):
+            _, t, slots, idx, w, row = _decode(net.areas[f], st.wait(i), L, K, H)
+            for d, slot in zip(groups[n], slots, strict=True):
+                if slot >= 0:
+                    land(d, slot, idx, w, row)
+            if (i + 1) % chunk == 0 or i + 1 == len(msgs.tokens):
+                st.release(i + 1)
+
+    jobs = [lambda s=s: own_node(s) for s in range(R)]
+    for s, n in plan:
+        jobs.append(lambda s=s, n=n: sender(s, n))
+        if M.forwarder(s, n, groups, nodes) not in silent_forwarders:
+            jobs.append(lambda s=s, n=n: forwarder(s, n))
+    try:
+        _run(jobs)
+    except BaseException:
+        net.close(failed=True)
+        raise
+    counters = net.close(failed=False)
     msgs = {(s, M.forwarder(s, n, groups, nodes)): len(p.tokens) for (s, n), p in plan.items()}
     return recv, writes, counters, msgs
+
+
+def combine(ys, ws, handles, rank_to_node, *, bias_0=None, ring=8, chunk=3, timeout_s=10.0):
+    """The combine over rings, the dispatch's streams reversed: each forwarder sums its node's returned rows per
+    message (float32 from +0.0, ranks ascending), sends the BF16 partial and float32 weight partials; each source
+    merges its streams in token order, adding per token the nodes' partials in ascending node order after its bias.
+    Returns (per rank (combined_x, combined weights), {rank: NIC counters per peer})."""
+    nodes = np.asarray(rank_to_node)
+    R, H, K = len(ys), ys[0].shape[1], ws[0].shape[1]
+    net = _Net(nodes, _combine_message(K, H), ring, chunk, timeout_s, "internode combine")
+    groups, plan = net.groups, M.plan(handles, nodes)
+    out = [None] * R
+
+    def partial(ranks, slots):  # at node n: one token's partial from its ranks' returned rows (IPC reads)
+        part, w_part = np.zeros(H, np.float32), np.zeros(K, np.float32)
+        for d, slot in zip(ranks, slots, strict=True):
+            if slot >= 0:
+                part += ys[d][slot].astype(np.float32)
+                w_part += ws[d][slot]
+        return part.astype(M.BF16), w_part
+
+    def forwarder(s, n):
+        f, msgs = M.forwarder(s, n, groups, nodes), plan[(s, n)]
+
+        def encode(i, area, off):
+            row, w = partial(groups[n], msgs.slots[i])
+            area.buf[off : off + 4].view(np.uint32)[0] = i
+            area.buf[off + 8 : off + 8 + 4 * K].view(np.float32)[:] = w
+            area.buf[off + 8 + 4 * K : off + 8 + 4 * K + 2 * H] = row.view(np.uint8)
+
+        net.stream(f, s).send(len(msgs.tokens), encode)
+
+    def source(s):
+        h, own = handles[s], int(nodes[s])
+        T = h.num_tokens
+        acc = np.zeros((T, H), np.float32)
+        if bias_0 is not None:
+            acc += bias_0[s].astype(np.float32)
+        w_acc = np.zeros((T, K), np.float32)
+        streams = {n: net.stream(M.forwarder(s, n, groups, nodes), s) for n in range(len(groups)) if n != own}
+        pos = dict.fromkeys(streams, 0)
+        next_tok = {n: (plan[(s, n)].tokens.tolist() + [T])[0] for n in streams}
+        area = net.areas[s]
+        for t in range(T):  # token order: every stream is consumed in order, so none waits on another forever
+            for n, ranks in enumerate(groups):
+                if n == own:
+                    slots = h.send_slot[t, ranks]
+                    if (slots >= 0).any():
+                        row, w = partial(ranks, slots)
+                        acc[t] += row.astype(np.float32)
+                        w_acc[t] += w
+                elif next_tok[n] == t:
+                    off = streams[n].wait(pos[n])
+                    w_acc[t] += area.buf[off + 8 : off + 8 + 4 * K].view(np.float32)
+                    acc[t] += area.buf[off + 8 + 4 * K : off + 8 + 4 * K + 2 * H].view(M.BF16).astype(np.float32)
+                    pos[n] += 1
+                    toks = plan[(s, n)].tokens
+                    next_tok[n] = int(toks[pos[n]]) if pos[n] < len(toks) else T
+                    if pos[n] % chunk == 0 or pos[n] == len(toks):
+                        streams[n].release(pos[n])
+        out[s] = (acc.astype(M.BF16), w_acc)
+
+    jobs = [lambda s=s: source(s) for s in range(R)] + [lambda s=s, n=n: forwarder(s, n) for s, n in plan]
+    try:
+        _run(jobs)
+    except BaseException:
+        net.close(failed=True)
+        raise
+    return out, net.close(failed=False)
