@@ -318,7 +318,8 @@ def test_auto_is_rdma_with_gpu_writable_rings_else_proxy_and_rdma_needs_them(fak
         return kinds
 
     assert all(k == {ROUTE_IPC, ROUTE_RDMA} for k in _on_ranks(body, 2, 1))  # the emulated NIC's rings
-    monkeypatch.setattr(R, "local_nic", lambda g: R.NicInfo("mlx5", str(g.hostnames[g.rank]), gpu_rings=False))
+    # a NIC without GPU-writable rings (the emulated one told so: the real one would need an RDMA device)
+    monkeypatch.setattr(R, "local_nic", lambda g: R.NicInfo("emulated", str(g.hostnames[g.rank]), gpu_rings=False))
     assert all(k == {ROUTE_IPC, L.ROUTE_PROXY} for k in _on_ranks(body, 2, 1))
 
     def refused(group):

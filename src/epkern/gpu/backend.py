@@ -53,10 +53,11 @@ class GpuBackend:
             with cupy.cuda.Device(self.rt.device):
                 routes = None
                 if self.rt.ll_bytes:
-                    table = ll_routes.choose(group, options.hybrid, options.transport, ll_routes.local_nic(group))
+                    nic = ll_routes.local_nic(group)
+                    table = ll_routes.choose(group, options.hybrid, options.transport, nic)
                     routes = table[group.rank]
                     if ll_routes.needs_nic(table):
-                        self.nic_routes = _nic_transport(self.rt, table, routes)
+                        self.nic_routes = _nic_transport(self.rt, table, routes, nic)
                 self.ht = HtEngine(self.rt, tuning.ht)
                 self.ll = LLEngine(self.rt, tuning.ll, routes, self.nic_routes)
             self.ll_masks = LLMasks(self.ll)
@@ -177,9 +178,10 @@ class GpuBackend:
         return prepared.prepare_combine(self.ll, call, args, kwargs)
 
 
-def _nic_transport(rt, table, routes):
+def _nic_transport(rt, table, routes, nic):
     """The NIC side of this rank's NIC routes: one transport per Buffer (``transport=`` is the same everywhere, so the
-    table holds one NIC kind), with the error-record phases of its device waits."""
+    table holds one NIC kind), with the error-record phases of its device waits; over a real NIC where ``nic`` (this
+    rank's NicInfo) is one."""
     kinds = {k for row in table for k in row}
     if ll_routes.ROUTE_RDMA in kinds:
         from .ll.rdma import RDMA_PHASES as phases
@@ -187,6 +189,6 @@ def _nic_transport(rt, table, routes):
     else:
         from .ll.proxy import PROXY_PHASES as phases
         from .ll.proxy import ProxyTransport as transport
-    made = transport(rt, routes)
+    made = transport(rt, routes, real_nic=ll_routes.real_nic(rt.rank) if nic.kind == "mlx5" else None)
     rt.register_phases(phases)
     return made

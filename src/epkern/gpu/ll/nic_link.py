@@ -1,9 +1,9 @@
 """What both NIC routes of a Buffer (PROXY: ``proxy.py``, RDMA: ``rdma.py``) set up the same way for one rank: the
 NIC, this rank's LL area registered on it, and one QP per remote peer with the peer's LL area as its target.
 
-- NIC: an ``EmulatedNic`` over ``DeviceMemory`` per rank by default (``nic_factory`` makes another; a real mlx5 NIC
-  is meant to slot in behind the same interface, untested: it would register the LL area as a dma-buf MR and
-  exchange (LL base, rkey, QP info) with ``connect_mesh``'s allgather instead of the wire below).
+- NIC: an ``EmulatedNic`` over ``DeviceMemory`` per rank by default (``nic_factory`` makes another). A real NIC
+  (``real_nic``: ``Mlx5Nic``, which executes at the responder) takes the other wiring, below ("Real NICs"): the
+  same QPs, targets and transports above it; only this class's setup differs.
 - Memory: this rank's LL area is registered with remote-write rights only (the source of its writes needs no
   right). The emulated NIC is the wire: it copies into the destination from this process, so each remote peer's LL
   area is mapped here (memory.wire: kept apart from the kernels' peer table, which stays 0 for other nodes) and
@@ -11,6 +11,11 @@ NIC, this rank's LL area registered on it, and one QP per remote peer with the p
   executes at the responder; the bytes that land are the same.)
 - QPs: one per remote peer, each with its own CQ: a destination's data and its count / flag go through one RC QP,
   which keeps their order without a fence between QPs.
+- Real NICs: this rank's LL area registered as a GPU (dma-buf) MR; one QP per remote peer connected to that peer's
+  QP for this rank through ``connect_mesh`` (one allgather of QP info); the peers' (LL base, rkey) by one more
+  allgather, so each target is the peer's own address (a real NIC executes at the responder). No wire mappings, no
+  DeviceMemory. Written against the fake verbs layer of the tests (tests/test_ll_real_nic_cpu.py); never run on
+  a real NIC.
 - Lifetime: the subclass stops its own posting first (``quiesce``); :meth:`close_link` closes the NIC, its memory and
   the wire mappings. In-process ranks share one CUDA context: the NIC's copies go on the rank's fixed "nic" stream
   (a queue of its own; group/threads.rank_stream), not a new stream per NIC thread.
@@ -38,7 +43,17 @@ class NicLink:
     QP of ``qp_slots`` WQEBBs with a CQ of ``cq_slots``."""
 
     def __init__(
-        self, rt, routes, kind: int, *, qp_slots: int, cq_slots: int, poll_doorbells: bool, nic_factory=None, wire=None
+        self,
+        rt,
+        routes,
+        kind: int,
+        *,
+        qp_slots: int,
+        cq_slots: int,
+        poll_doorbells: bool,
+        nic_factory=None,
+        wire=None,
+        real_nic=None,
     ):
         from ...memory.wire import WireMappings
         from ...nic.device_memory import DeviceMemory
@@ -50,13 +65,17 @@ class NicLink:
         self.qps: dict[int, object] = {}
         self.peer_targets: dict[int, tuple[int, int]] = {}  # peer -> (its LL area as this NIC addresses it, rkey)
         try:
+            self.ll_base = rt.region.ptr + rt.ll_offset
+            if real_nic is not None:  # a zero-argument callable making this rank's real NIC (routes.real_nic)
+                self.nic = real_nic()
+                self._connect_real(rt, qp_slots, cq_slots)
+                return
             # Collective (every rank builds its wire, also one without remote peers): the peers' regions, here.
             self.wire = (wire or WireMappings)(rt.region, rt.group, self.remote, rt.timeout_s)
             stream_of = getattr(rt.group, "stream", None) if rt.in_process else None
             self.memory = DeviceMemory(rt.device, stream=stream_of("nic") if stream_of is not None else None)
             make = nic_factory or (lambda m: EmulatedNic(m, poll_doorbells=poll_doorbells, name=f"rank{rt.rank}"))
             self.nic = make(self.memory)
-            self.ll_base = rt.region.ptr + rt.ll_offset
             self.memory.add(self.ll_base, rt.ll_bytes)
             self.local_mr = self.nic.reg_mr(self.ll_base, rt.ll_bytes, access=Access.REMOTE_WRITE)
             for p in self.remote:
@@ -73,6 +92,23 @@ class NicLink:
             except Exception:  # noqa: BLE001 - the construction's own failure is the one to raise
                 pass
             raise
+
+    def _connect_real(self, rt, qp_slots: int, cq_slots: int) -> None:
+        """A real NIC (module doc, "Real NICs"). Collective: two allgathers, also on a rank without remote peers."""
+        import struct
+
+        from ...nic.emulated import Access  # the ibv_access_flags values
+
+        # Peers write here (remote write needs local write in verbs); the default access would refuse them.
+        self.local_mr = self.nic.reg_gpu_mr(self.ll_base, rt.ll_bytes, int(Access.LOCAL_WRITE | Access.REMOTE_WRITE))
+        for p in self.remote:
+            self.qps[p] = self.nic.create_qp(self.nic.create_cq(cq_slots), qp_slots)
+        self.nic.connect_mesh(rt.group.allgather_bytes, rt.rank, [[self.qps[p]] if p in self.qps else [] for p in
+                                                                   range(rt.num_ranks)])  # fmt: skip
+        mine = struct.pack("<QI", self.ll_base, self.local_mr.rkey)
+        theirs = rt.group.allgather_bytes(mine)
+        for p in self.remote:
+            self.peer_targets[p] = struct.unpack("<QI", theirs[p])
 
     def counters(self) -> dict:
         """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
@@ -120,6 +156,23 @@ class NicTransport:
     qps = property(lambda self: self.link.qps, doc="peer -> its QP")
     nic = property(lambda self: self.link.nic)
     timeout_s = property(lambda self: self.link.timeout_s)
+
+    def _connect_real(self, rt, qp_slots: int, cq_slots: int) -> None:
+        """A real NIC (module doc, "Real NICs"). Collective: two allgathers, also on a rank without remote peers."""
+        import struct
+
+        from ...nic.emulated import Access  # the ibv_access_flags values
+
+        # Peers write here (remote write needs local write in verbs); the default access would refuse them.
+        self.local_mr = self.nic.reg_gpu_mr(self.ll_base, rt.ll_bytes, int(Access.LOCAL_WRITE | Access.REMOTE_WRITE))
+        for p in self.remote:
+            self.qps[p] = self.nic.create_qp(self.nic.create_cq(cq_slots), qp_slots)
+        self.nic.connect_mesh(rt.group.allgather_bytes, rt.rank, [[self.qps[p]] if p in self.qps else [] for p in
+                                                                   range(rt.num_ranks)])  # fmt: skip
+        mine = struct.pack("<QI", self.ll_base, self.local_mr.rkey)
+        theirs = rt.group.allgather_bytes(mine)
+        for p in self.remote:
+            self.peer_targets[p] = struct.unpack("<QI", theirs[p])
 
     def counters(self) -> dict:
         """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""

@@ -40,7 +40,9 @@ PROXY_PHASES = {
 class ProxyTransport(NicTransport):
     """PROXY routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is PROXY get a QP."""
 
-    def __init__(self, rt, routes, *, num_threads=None, capacity=DEFAULT_CAPACITY, nic_factory=None, wire=None):
+    def __init__(
+        self, rt, routes, *, num_threads=None, capacity=DEFAULT_CAPACITY, nic_factory=None, wire=None, real_nic=None
+    ):
         import cupy
 
         from ...nic.fifo import TriggerFifo, fifo_nbytes
@@ -60,6 +62,7 @@ class ProxyTransport(NicTransport):
                 poll_doorbells=False,
                 nic_factory=nic_factory,
                 wire=wire,
+                real_nic=real_nic,
             )
             threads = _env.num_proxy_threads() if num_threads is None else int(num_threads)
             self.num_fifos = max(1, min(threads, len(self.remote), PROXY_MAX_FIFOS))

@@ -51,7 +51,7 @@ def pack_qp(sq, dbrec, db, retired, ctr, raddr, rkey, lkey, qpn, wqe_cnt) -> np.
 class RdmaTransport(NicTransport):
     """RDMA routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is RDMA get a QP."""
 
-    def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None):
+    def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None, real_nic=None):
         import cupy
 
         from ...nic.completions import CompletionPoller, PolledQp
@@ -70,6 +70,7 @@ class RdmaTransport(NicTransport):
                 poll_doorbells=True,
                 nic_factory=nic_factory,
                 wire=wire,
+                real_nic=real_nic,
             )
             per_qp = self.ring_wqes * 64 + _QP_EXTRA
             self.host = nic_link.host_mapped(per_qp * max(1, len(self.remote)) + 64)
@@ -77,30 +78,25 @@ class RdmaTransport(NicTransport):
             self.counters_dev = cupy.zeros((rt.num_ranks, 4), dtype=np.uint64)
             table = np.zeros((rt.num_ranks, RDMA_QP_BYTES // 8), dtype=np.uint64)
             polled = []
+            dev = self.host.device_ptr
             for i, p in enumerate(self.remote):
                 at = start + i * per_qp
                 ring, extra = at, at + self.ring_wqes * 64
                 qp = link.qps[p]
-                # The QP's ring and doorbells become the host-mapped ones (before anything is posted).
-                qp.sq = self.host.host[ring : ring + self.ring_wqes * 64]
-                qp.dbrec = self.host.host[extra : extra + 8]
-                qp.db_reg = self.host.host[extra + 64 : extra + 72]
                 self.retired[p] = self.host.view(np.uint64, extra + 128, 1)
                 polled.append(PolledQp(p, qp, self.retired[p]))
+                if hasattr(qp, "map_for_gpu"):  # a real QP: its own ring, doorbell record and register, mapped
+                    gpu = qp.map_for_gpu()
+                    sq, dbrec, db, wqe_cnt = gpu.sq, gpu.dbrec, gpu.db_reg, gpu.wqe_cnt
+                else:  # the emulated QP's ring and doorbells become host-mapped ones (before anything is posted)
+                    qp.sq = self.host.host[ring : ring + self.ring_wqes * 64]
+                    qp.dbrec = self.host.host[extra : extra + 8]
+                    qp.db_reg = self.host.host[extra + 64 : extra + 72]
+                    sq, dbrec, db, wqe_cnt = dev + ring, dev + extra, dev + extra + 64, self.ring_wqes
                 raddr, rkey = link.peer_targets[p]
-                dev = self.host.device_ptr
-                table[p] = pack_qp(
-                    dev + ring,
-                    dev + extra,
-                    dev + extra + 64,
-                    dev + extra + 128,
-                    self.counters_dev.data.ptr + 32 * p,
-                    raddr,
-                    rkey,
-                    link.local_mr.lkey,
-                    qp.qpn,
-                    self.ring_wqes,
-                )
+                table[p] = pack_qp(sq, dbrec, db, dev + extra + 128, self.counters_dev.data.ptr + 32 * p, raddr,
+                                   rkey, link.local_mr.lkey, qp.qpn, wqe_cnt)  # fmt: skip
+                self.ring_wqes = min(self.ring_wqes, wqe_cnt)  # check_batch: the smallest ring
             self.table = cupy.asarray(table)
             self.table_ptr = int(self.table.data.ptr)
             self.poller = CompletionPoller(polled, link.nic, name=f"rank{rt.rank}-rdma-cq")
@@ -159,11 +155,11 @@ class RdmaTransport(NicTransport):
             deadline = time.monotonic() + self.timeout_s
             for p in self.remote:
                 qp = self.qps[p]
-                while qp.consumed < int(committed[p]) and not poller.failed and qp.state != qp.ERROR:
+                while self._executed(p) < int(committed[p]) and not poller.failed and qp.state != qp.ERROR:
                     if time.monotonic() > deadline:
                         problem = (
-                            f"peer {p} qp 0x{qp.qpn:x}: the NIC executed {qp.consumed} of {int(committed[p])} WQEs "
-                            f"within {self.timeout_s:g} s"
+                            f"peer {p} qp 0x{qp.qpn:x}: the NIC executed {self._executed(p)} of {int(committed[p])} "
+                            f"WQEs within {self.timeout_s:g} s"
                         )
                         break
                     time.sleep(1e-4)
@@ -177,6 +173,12 @@ class RdmaTransport(NicTransport):
             text = "; ".join(errors)
             self.link.stop_nic(f"RDMA route failed ({text})")
             raise EpkernError(f"rank {self.rank}: RDMA route failed: {text}")
+
+    def _executed(self, p: int) -> int:
+        """WQEs of peer ``p``'s QP the NIC is done with: the emulated NIC's consumer index; for a real NIC (whose
+        index the host cannot read) what its completions retired (every call's last WQE is signaled)."""
+        consumed = getattr(self.qps[p], "consumed", None)
+        return int(self.retired[p][0]) if consumed is None else consumed
 
     def _forget(self) -> None:
         self.table = self.counters_dev = None

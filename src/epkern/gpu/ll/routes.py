@@ -122,10 +122,33 @@ def describe(table) -> str:
 
 
 def local_nic(group) -> NicInfo:
-    """This rank's NIC: the emulated one by default (every rank can make one; it reaches the ranks of its host; its
-    rings live in host-mapped memory that kernels write, and it watches their doorbell words). A real mlx5 NIC
-    (GPU-mapped rings, other hosts) is not wired into Buffer yet."""
-    return NicInfo("emulated", str(group.hostnames[group.rank]), gpu_rings=True)
+    """This rank's NIC. Ranks all on one host (virtual nodes): the emulated NIC (every rank can make one; it reaches
+    the ranks of its host; its rings live in host-mapped memory that kernels write, and it watches their doorbell
+    words). Ranks on several hosts: a real mlx5 NIC when libibverbs lists an RDMA device (its send rings and
+    doorbell register are mapped for the GPU: ``Mlx5QueuePair.map_for_gpu``), else none (the route table then names
+    the rank without a NIC). The real NIC has never been run (docs/rdma.md)."""
+    host = str(group.hostnames[group.rank])
+    if len(set(group.hostnames)) == 1:
+        return NicInfo("emulated", host, gpu_rings=True)
+    try:
+        from ... import _verbs_cffi
+
+        available, _ = _verbs_cffi.rdma_available()
+    except ImportError:  # the cffi bindings were not built (no rdma-core headers where epkern was installed)
+        available = False
+    return NicInfo("mlx5", host, gpu_rings=True) if available else NicInfo(None, host)
+
+
+def real_nic(rank: int):
+    """The zero-argument maker of this rank's real NIC (``nic_link.NicLink``'s ``real_nic``): the first mlx5
+    device libibverbs lists (which NIC serves which GPU is not chosen yet: one NIC per host is assumed)."""
+
+    def make():
+        from ...nic.mlx5 import Mlx5Nic
+
+        return Mlx5Nic(name=f"rank{rank}")
+
+    return make
 
 
 def choose(group, hybrid: bool, transport: str, nic: NicInfo) -> tuple[tuple[int, ...], ...]:
