@@ -112,6 +112,33 @@ class DevicePoster:
             _set_u64(self.db, W.doorbell_u64(pi + 1, self.qpn))
 
 
+def post_one_call_and_check(group, rdma, rt, routes) -> None:
+    """What one call's kernels post to every RDMA peer, through the device table alone: 3 data WRITEs of 48 bytes
+    from this rank's LL offset 4096 (rank + 1) + 1024 p + 64 k to the peer's 65536 + 256 rank + 64 k, then the signal
+    WRITE of 16 bytes to the peer's 16 rank (the batch: one doorbell); waits for the retired words; then checks what
+    every sender reaching this rank over RDMA (``routes``: this rank's row) wrote here."""
+    import cupy
+
+    table, mine = cupy.asnumpy(rdma.table), rt.region.ptr + rt.ll_offset
+    for p in rdma.qps:
+        d = DevicePoster(table[p])
+        for k in range(3):
+            src = 4096 * (group.rank + 1) + 1024 * p + 64 * k
+            ctypes.memmove(mine + src, _payload(group.rank, p, k), 48)
+            d.write(65536 + 256 * group.rank + 64 * k, mine + src, 48, False)
+        ctypes.memmove(mine + 32768 + 32 * p, _payload(group.rank, p, "sig"), 16)
+        d.write(16 * group.rank, mine + 32768 + 32 * p, 16, True)
+    for p in rdma.qps:
+        _wait(lambda p=p: int(rdma.retired[p][0]) == 4, f"rank {group.rank}: retired word of peer {p}")
+    group.barrier()
+    for s in range(group.size):
+        if routes[s] != ROUTE_RDMA:
+            continue
+        for k in range(3):
+            assert ctypes.string_at(mine + 65536 + 256 * s + 64 * k, 48) == _payload(s, group.rank, k)
+        assert ctypes.string_at(mine + 16 * s, 16) == _payload(s, group.rank, "sig")
+
+
 def _payload(sender: int, peer: int, k) -> bytes:
     """What `sender` writes to `peer` in post k (0..2: 48 data bytes; "sig": 16 signal bytes)."""
     n = 16 if k == "sig" else 48
@@ -168,27 +195,10 @@ def test_rdma_buffer_state_table_and_posted_writes_land(fake, hybrid):
         assert {launch[2]["EPK_LL_NIC"] for launch in ll} == {ROUTE_RDMA}
         assert {launch[2].get("EPK_LL_PULL", 0) for launch in ll} == {0}
 
-        # The posts: 3 data WRITEs of 48 bytes from this rank's LL offset 4096 (rank + 1) + 1024 p + 64 k to the
-        # peer's 65536 + 256 rank + 64 k, then the signal WRITE of 16 bytes to the peer's 16 rank (the batch).
-        mine = rt.region.ptr + rt.ll_offset
-        for p in rdma.qps:
-            d = DevicePoster(table[p])
-            for k in range(3):
-                src = 4096 * (group.rank + 1) + 1024 * p + 64 * k
-                ctypes.memmove(mine + src, _payload(group.rank, p, k), 48)
-                d.write(65536 + 256 * group.rank + 64 * k, mine + src, 48, False)
-            ctypes.memmove(mine + 32768 + 32 * p, _payload(group.rank, p, "sig"), 16)
-            d.write(16 * group.rank, mine + 32768 + 32 * p, 16, True)
+        assert all(qp.counters.cqes == 0 for qp in rdma.qps.values())
+        post_one_call_and_check(group, rdma, rt, want)
         for p, qp in rdma.qps.items():
-            _wait(lambda qp=qp: qp.counters.cqes == 1, f"rank {group.rank}: no completion from peer {p}'s QP")
-            _wait(lambda p=p: int(rdma.retired[p][0]) == 4, f"rank {group.rank}: retired word of peer {p}")
-        group.barrier()
-        for s_ in range(group.size):  # what every sender reaching this rank over RDMA wrote here
-            if want[s_] != ROUTE_RDMA:
-                continue
-            for k in range(3):
-                assert ctypes.string_at(mine + 65536 + 256 * s_ + 64 * k, 48) == _payload(s_, group.rank, k)
-            assert ctypes.string_at(mine + 16 * s_, 16) == _payload(s_, group.rank, "sig")
+            assert qp.counters.cqes == 1, f"rank {group.rank}: completions from peer {p}'s QP"
         buf.check()
         counts = rdma.counters()
         assert all(c == dict(wqes=4, doorbells=1, bytes=3 * 48 + 16, cqes=1, errors=0) for c in counts.values())

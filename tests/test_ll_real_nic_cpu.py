@@ -15,9 +15,8 @@ import ctypes
 import pytest
 
 from epkern import _verbs_cffi as V
-from epkern.gpu.ll.layout import ROUTE_RDMA
 from epkern.nic import mlx5 as M
-from test_ll_rdma_cpu import NUM_MAX, DevicePoster, _buffer, _nic_threads, _on_ranks, _payload, _wait, fake  # noqa: F401
+from test_ll_rdma_cpu import DevicePoster, _buffer, _nic_threads, _on_ranks, _wait, fake, post_one_call_and_check  # noqa: F401
 from test_nic_mlx5 import FakeVerbs
 
 
@@ -69,23 +68,7 @@ def test_rdma_route_over_a_real_nic_wiring_lands_exactly(real):
             d, gpu = DevicePoster(table[p]), qp.map_for_gpu()
             assert (d.sq, d.dbrec, d.db, d.qpn, d.wqe_cnt) == (gpu.sq, gpu.dbrec, gpu.db_reg, qp.qpn, qp.wqe_cnt)
             assert (d.raddr, d.rkey, d.lkey) == (*bases[p], link.local_mr.lkey)
-        for p in rdma.qps:  # three data WRITEs and the call's signal WRITE per peer, as the kernels post them
-            d = DevicePoster(table[p])
-            for k in range(3):
-                src = 4096 * (group.rank + 1) + 1024 * p + 64 * k
-                ctypes.memmove(mine + src, _payload(group.rank, p, k), 48)
-                d.write(65536 + 256 * group.rank + 64 * k, mine + src, 48, False)
-            ctypes.memmove(mine + 32768 + 32 * p, _payload(group.rank, p, "sig"), 16)
-            d.write(16 * group.rank, mine + 32768 + 32 * p, 16, True)
-        for p in rdma.qps:
-            _wait(lambda p=p: int(rdma.retired[p][0]) == 4, f"rank {group.rank}: retired word of peer {p}")
-        group.barrier()
-        for s in range(group.size):
-            if buf._backend.ll.routes[s] != ROUTE_RDMA:
-                continue
-            for k in range(3):
-                assert ctypes.string_at(mine + 65536 + 256 * s + 64 * k, 48) == _payload(s, group.rank, k)
-            assert ctypes.string_at(mine + 16 * s, 16) == _payload(s, group.rank, "sig")
+        post_one_call_and_check(group, rdma, rt, buf._backend.ll.routes)  # as the kernels post, through the table
         buf.check()
         buf.destroy()  # quiesce waits on the retired words (a real NIC's consumer index cannot be read)
         return sorted(rdma.qps)

@@ -157,23 +157,6 @@ class NicTransport:
     nic = property(lambda self: self.link.nic)
     timeout_s = property(lambda self: self.link.timeout_s)
 
-    def _connect_real(self, rt, qp_slots: int, cq_slots: int) -> None:
-        """A real NIC (module doc, "Real NICs"). Collective: two allgathers, also on a rank without remote peers."""
-        import struct
-
-        from ...nic.emulated import Access  # the ibv_access_flags values
-
-        # Peers write here (remote write needs local write in verbs); the default access would refuse them.
-        self.local_mr = self.nic.reg_gpu_mr(self.ll_base, rt.ll_bytes, int(Access.LOCAL_WRITE | Access.REMOTE_WRITE))
-        for p in self.remote:
-            self.qps[p] = self.nic.create_qp(self.nic.create_cq(cq_slots), qp_slots)
-        self.nic.connect_mesh(rt.group.allgather_bytes, rt.rank, [[self.qps[p]] if p in self.qps else [] for p in
-                                                                   range(rt.num_ranks)])  # fmt: skip
-        mine = struct.pack("<QI", self.ll_base, self.local_mr.rkey)
-        theirs = rt.group.allgather_bytes(mine)
-        for p in self.remote:
-            self.peer_targets[p] = struct.unpack("<QI", theirs[p])
-
     def counters(self) -> dict:
         """NIC counters per remote peer (its one QP): wqes, doorbells, cqes, bytes, errors."""
         return self.link.counters()
