@@ -15,7 +15,7 @@ How the NIC thread touches the memory:
   device): one ``cudaMemcpyAsync`` device to device on that stream, not synchronised; ``flush`` synchronises the
   stream (the NIC does before it writes a completion or advances the consumer index). The older path, a read to
   the host and a write back, each synchronised, is kept for ``direct_copies=False`` (the A/B of
-  ``bench/bench_emulated_nic.py --no-direct``).
+  ``bench/bench_emulated_nic.py --paths host``).
 - ``atomic_fetch_add64``: a one-thread kernel (``kernels/nic_fetch_add.cu``) doing ``atomicAdd_system`` on the
   64-bit word, the old value stored in an 8-byte device buffer (``cudaMallocAsync`` on that stream at the first
   atomic) and copied back, on the same private stream. System scope, so the add is atomic with respect to device

@@ -78,10 +78,10 @@ class RdmaTransport(NicTransport):
             self.counters_dev = cupy.zeros((rt.num_ranks, 4), dtype=np.uint64)
             table = np.zeros((rt.num_ranks, RDMA_QP_BYTES // 8), dtype=np.uint64)
             polled = []
-            dev = self.host.device_ptr
+            dev, host_ring, smallest = self.host.device_ptr, self.ring_wqes, self.ring_wqes
             for i, p in enumerate(self.remote):
                 at = start + i * per_qp
-                ring, extra = at, at + self.ring_wqes * 64
+                ring, extra = at, at + host_ring * 64
                 qp = link.qps[p]
                 self.retired[p] = self.host.view(np.uint64, extra + 128, 1)
                 polled.append(PolledQp(p, qp, self.retired[p]))
@@ -89,14 +89,15 @@ class RdmaTransport(NicTransport):
                     gpu = qp.map_for_gpu()
                     sq, dbrec, db, wqe_cnt = gpu.sq, gpu.dbrec, gpu.db_reg, gpu.wqe_cnt
                 else:  # the emulated QP's ring and doorbells become host-mapped ones (before anything is posted)
-                    qp.sq = self.host.host[ring : ring + self.ring_wqes * 64]
+                    qp.sq = self.host.host[ring : ring + host_ring * 64]
                     qp.dbrec = self.host.host[extra : extra + 8]
                     qp.db_reg = self.host.host[extra + 64 : extra + 72]
-                    sq, dbrec, db, wqe_cnt = dev + ring, dev + extra, dev + extra + 64, self.ring_wqes
+                    sq, dbrec, db, wqe_cnt = dev + ring, dev + extra, dev + extra + 64, host_ring
                 raddr, rkey = link.peer_targets[p]
                 table[p] = pack_qp(sq, dbrec, db, dev + extra + 128, self.counters_dev.data.ptr + 32 * p, raddr,
                                    rkey, link.local_mr.lkey, qp.qpn, wqe_cnt)  # fmt: skip
-                self.ring_wqes = min(self.ring_wqes, wqe_cnt)  # check_batch: the smallest ring
+                smallest = min(smallest, wqe_cnt)
+            self.ring_wqes = smallest  # check_batch: one call's WRITEs must fit the smallest ring
             self.table = cupy.asarray(table)
             self.table_ptr = int(self.table.data.ptr)
             self.poller = CompletionPoller(polled, link.nic, name=f"rank{rt.rank}-rdma-cq")
