@@ -531,3 +531,28 @@ def test_in_process_nic_copies_use_the_ranks_fixed_nic_stream(fake, monkeypatch)
         return True
 
     assert _on_ranks(body, 2, 1) == [True, True]
+
+
+def test_the_number_of_proxy_threads_is_a_constructor_argument(fake, monkeypatch):
+    """Buffer(num_proxy_threads=N) (issue #17: set in the constructor; default EPKERN_NUM_PROXY_THREADS, 4): N threads
+    and FIFOs, never more than remote peers; a bad value is an ArgumentError naming it, before anything is made."""
+
+    def body(group, **kw):
+        buf = _buffer(group, **kw)
+        proxy = buf._backend.nic_routes
+        got = (proxy.num_fifos, proxy.service.num_threads, len(proxy.remote))
+        buf.destroy()
+        return got
+
+    assert _on_ranks(body, 4, 1, num_proxy_threads=2) == [(2, 2, 3)] * 4  # 3 remote peers, 2 threads
+    assert _on_ranks(body, 4, 1) == [(3, 3, 3)] * 4  # the default, 4: at most one per remote peer
+    monkeypatch.setenv("EPKERN_NUM_PROXY_THREADS", "1")
+    assert _on_ranks(body, 4, 1) == [(1, 1, 3)] * 4
+
+    def refused(group):
+        with pytest.raises(ArgumentError, match="num_proxy_threads"):
+            _buffer(group, num_proxy_threads=0)
+        return True
+
+    assert all(_on_ranks(refused, 2, 1))
+    assert not _proxy_threads()

@@ -43,6 +43,7 @@ class BufferOptions:
     tuning: object
     transport: str = "auto"  # LL peers on other nodes: "auto" | "proxy" | "rdma" (gpu/ll/routes.py)
     hybrid: bool = True  # LL peers of the same node over IPC (allow_nvlink_for_low_latency_mode, EPKERN_LL_HYBRID)
+    num_proxy_threads: int = 4  # PROXY route: host threads draining the trigger FIFOs (EPKERN_NUM_PROXY_THREADS)
 
 
 def _one_thread_at_a_time(method):
@@ -112,6 +113,9 @@ class Buffer:
             NIC has, else PROXY), ``"proxy"`` (GPU -> host FIFO -> proxy threads -> NIC; an emulated NIC per rank
             reaches the ranks of one host) or ``"rdma"`` (the kernels write the NIC's work requests and ring its
             doorbell themselves).
+        num_proxy_threads: PROXY route (GPU backend): host threads posting the kernels' triggers, each remote peer
+            served by one of them round-robin (default EPKERN_NUM_PROXY_THREADS, 4); more threads than remote peers
+            are not made (at most one FIFO per peer).
             A group spanning nodes (``EPKERN_RANKS_PER_NODE`` makes virtual ones) needs an LL-only Buffer
             (``num_nvl_bytes=0``): high-throughput calls across nodes are not supported (issue #18).
 
@@ -139,6 +143,7 @@ class Buffer:
         backend: str | None = None,
         timeout_s: float | None = None,
         transport: str = "auto",
+        num_proxy_threads: int | None = None,
         _tuning=None,
     ):
         from .group import as_group
@@ -154,6 +159,9 @@ class Buffer:
         hybrid = _as_bool(allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode") and _env.ll_hybrid()
         if transport not in ("auto", "proxy", "rdma"):
             raise ArgumentError(f"transport: expected 'auto', 'proxy' or 'rdma', got {transport!r}")
+        if num_proxy_threads is None:
+            num_proxy_threads = _env.num_proxy_threads()
+        num_proxy_threads = check_int(num_proxy_threads, "num_proxy_threads", min_value=1)
         if _as_bool(allow_mnnvl, "allow_mnnvl"):
             raise ArgumentError("allow_mnnvl: only False is supported (no multi-node NVLink)")
         if timeout_s is None:
@@ -175,6 +183,7 @@ class Buffer:
             _tuning,
             transport,
             hybrid,
+            num_proxy_threads,
         )
         group = as_group(comm if group is None else group)
         _same_on_every_rank(

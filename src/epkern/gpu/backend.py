@@ -57,7 +57,7 @@ class GpuBackend:
                     table = ll_routes.choose(group, options.hybrid, options.transport, nic)
                     routes = table[group.rank]
                     if ll_routes.needs_nic(table):
-                        self.nic_routes = _nic_transport(self.rt, table, routes, nic)
+                        self.nic_routes = _nic_transport(self.rt, table, routes, nic, options.num_proxy_threads)
                 self.ht = HtEngine(self.rt, tuning.ht)
                 self.ll = LLEngine(self.rt, tuning.ll, routes, self.nic_routes)
             self.ll_masks = LLMasks(self.ll)
@@ -178,17 +178,21 @@ class GpuBackend:
         return prepared.prepare_combine(self.ll, call, args, kwargs)
 
 
-def _nic_transport(rt, table, routes, nic):
+def _nic_transport(rt, table, routes, nic, num_proxy_threads: int):
     """The NIC side of this rank's NIC routes: one transport per Buffer (``transport=`` is the same everywhere, so the
     table holds one NIC kind), with the error-record phases of its device waits; over a real NIC where ``nic`` (this
     rank's NicInfo) is one."""
     kinds = {k for row in table for k in row}
+    real_nic = ll_routes.real_nic(rt.rank) if nic.kind == "mlx5" else None
     if ll_routes.ROUTE_RDMA in kinds:
         from .ll.rdma import RDMA_PHASES as phases
-        from .ll.rdma import RdmaTransport as transport
+        from .ll.rdma import RdmaTransport
+
+        made = RdmaTransport(rt, routes, real_nic=real_nic)
     else:
         from .ll.proxy import PROXY_PHASES as phases
-        from .ll.proxy import ProxyTransport as transport
-    made = transport(rt, routes, real_nic=ll_routes.real_nic(rt.rank) if nic.kind == "mlx5" else None)
+        from .ll.proxy import ProxyTransport
+
+        made = ProxyTransport(rt, routes, num_threads=num_proxy_threads, real_nic=real_nic)
     rt.register_phases(phases)
     return made
