@@ -36,7 +36,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1: fill every output with 0xFF bytes (NaN, -1) before the kernels write it, so rows a kernel "
         "misses show up; a debugging aid costing one fill per output (the tests turn it on)",
     ),
-    "EPKERN_NUM_PROXY_THREADS": ("4", "host proxy threads draining the GPU-to-host trigger FIFOs (PROXY transport)"),
+    "EPKERN_NUM_PROXY_THREADS": (
+        "4",
+        "host proxy threads draining the GPU-to-host trigger FIFOs (PROXY transport), where Buffer(num_proxy_threads=) "
+        "is not given",
+    ),
     "EPKERN_LL_HYBRID": (
         "1",
         "low-latency Buffers spanning nodes: 1 reaches peers of the same node over IPC and only the others over the "
