@@ -75,6 +75,7 @@ DEFINES = {
     ),
     BENCH_KERNELS / "bench_p2p.cu": (),
     TEST_KERNELS / "rdma_selftest.cu": (),
+    TEST_KERNELS / "ht_stream_selftest.cu": (),
 }
 
 
@@ -184,6 +185,7 @@ SPECIMENS = {
     ),
     BENCH_KERNELS / "bench_p2p.cu": [dict()],
     TEST_KERNELS / "rdma_selftest.cu": [dict()],
+    TEST_KERNELS / "ht_stream_selftest.cu": [dict()],
 }
 
 
@@ -203,7 +205,7 @@ def test_every_source_has_specimens():
 def test_only_library_kernels_in_the_library_folder():
     """Benchmark and self-test kernels live beside their users, not in the shipped folder."""
     names = {p.name for p in kernel_loader.kernel_dir().glob("*.cu")}
-    assert not {n for n in names if n.startswith(("bench_", "rdma_selftest"))}, names
+    assert not {n for n in names if n.startswith("bench_") or "selftest" in n}, names
 
 
 def test_specimens_give_exactly_the_defines():
