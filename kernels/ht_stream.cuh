@@ -75,11 +75,10 @@ EPK_DEVICE bool send_chunk(const Qp &q, uint64_t staging, uint64_t remote_ring, 
   const uint64_t pi = mlx5::reserve_wqes(q.ctr, n);
   if (!mlx5::wait_sq_space(q.retired, pi + n, q.wqe_cnt, d, peer)) return false;
   const uint64_t at = static_cast<uint64_t>(slot) * msg;
-  mlx5::write_rdma_write(q.sq, q.wqe_cnt, pi, q.qpn, remote_ring + at, q.rkey, staging + at, q.lkey, head * msg,
-                         false);
+  mlx5::write_rdma_write(q.sq, q.wqe_cnt, pi, q.qpn, remote_ring + at, q.rkey, staging + at, q.lkey, head * msg, false);
   if (head < count)  // the wrapped rest, from slot 0
-    mlx5::write_rdma_write(q.sq, q.wqe_cnt, pi + 1, q.qpn, remote_ring, q.rkey, staging, q.lkey,
-                           (count - head) * msg, false);
+    mlx5::write_rdma_write(q.sq, q.wqe_cnt, pi + 1, q.qpn, remote_ring, q.rkey, staging, q.lkey, (count - head) * msg,
+                           false);
   mlx5::write_inline_u64(q.sq, q.wqe_cnt, pi + n - 1, q.qpn, remote_tail, q.rkey, first + count, true);
   return mlx5::commit_in_order(q.ctr + 1, pi, pi + n, q.dbrec, q.db, q.qpn, d, peer);
 }

@@ -2,17 +2,17 @@
 // receives and checks them and returns credit. tests/test_ht_stream_gpu.py runs them against two emulated NICs.
 // Message i (msg bytes, a multiple of 8): u64 words, word 0 = i, word j = i * 0x9E3779B97F4A7C15 + j.
 #include "epk_common.cuh"
-#include "mlx5_wqe.cuh"
 #include "ht_stream.cuh"
+#include "mlx5_wqe.cuh"
 
 __device__ __forceinline__ uint64_t epk_selftest_word(uint64_t i, uint32_t j) {
   return j == 0 ? i : i * 0x9E3779B97F4A7C15ull + j;
 }
 
 __device__ __forceinline__ epk::stream::Qp epk_selftest_qp(uint8_t *sq, uint32_t *dbrec, unsigned long long *db,
-                                                           const unsigned long long *retired,
-                                                           unsigned long long *ctr, uint32_t qpn, uint32_t wqe_cnt,
-                                                           uint32_t lkey, uint32_t rkey) {
+                                                           const unsigned long long *retired, unsigned long long *ctr,
+                                                           uint32_t qpn, uint32_t wqe_cnt, uint32_t lkey,
+                                                           uint32_t rkey) {
   epk::stream::Qp q;
   q.sq = sq;
   q.dbrec = dbrec;
@@ -50,22 +50,22 @@ extern "C" __global__ void epk_selftest_stream_send(uint8_t *sq, uint32_t *dbrec
     }
     __threadfence_system();  // this lane's staging stores, before lane 0's doorbell
     __syncwarp();
-    if (lane == 0) ok = epk::stream::send_chunk(q, reinterpret_cast<uint64_t>(staging), remote_ring, remote_tail,
-                                                ring, msg, first, count, d, 1) ? 1 : 0;
+    if (lane == 0)
+      ok = epk::stream::send_chunk(q, reinterpret_cast<uint64_t>(staging), remote_ring, remote_tail, ring, msg, first,
+                                   count, d, 1)
+               ? 1
+               : 0;
     if (!__shfl_sync(0xffffffffu, ok, 0)) return;
   }
 }
 
 // One warp: waits for each message, checks every word (mismatches counted in `bad`), and after every `chunk`
 // messages (and the last) returns credit on the QP back.
-extern "C" __global__ void epk_selftest_stream_recv(uint8_t *sq, uint32_t *dbrec, unsigned long long *db,
-                                                    const unsigned long long *retired, unsigned long long *ctr,
-                                                    uint32_t qpn, uint32_t wqe_cnt, uint32_t lkey, uint32_t rkey,
-                                                    const unsigned long long *ring_words,
-                                                    const unsigned long long *tail, unsigned long long remote_credit,
-                                                    uint32_t ring, uint32_t msg, unsigned long long n, uint32_t chunk,
-                                                    unsigned long long *bad, epk::ErrorRecord *err,
-                                                    unsigned long long timeout_ns) {
+extern "C" __global__ void epk_selftest_stream_recv(
+    uint8_t *sq, uint32_t *dbrec, unsigned long long *db, const unsigned long long *retired, unsigned long long *ctr,
+    uint32_t qpn, uint32_t wqe_cnt, uint32_t lkey, uint32_t rkey, const unsigned long long *ring_words,
+    const unsigned long long *tail, unsigned long long remote_credit, uint32_t ring, uint32_t msg, unsigned long long n,
+    uint32_t chunk, unsigned long long *bad, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (threadIdx.x >= 32) return;
   const int lane = threadIdx.x;
   const epk::Deadline d{err, 1, timeout_ns};
