@@ -32,7 +32,7 @@ def real(fake, monkeypatch):  # noqa: F811 - the fake CuPy fixture, imported abo
     monkeypatch.setattr(R, "local_nic", lambda g: R.NicInfo("mlx5", str(g.hostnames[g.rank]), gpu_rings=True))
     made = []
 
-    def real_nic(rank):
+    def real_nic(rank, device):
         def make():
             pages = M.HostPageRegistry(lambda a, s, f: None, lambda a: None, lambda a: a)
             nic = M.Mlx5Nic(name=f"rank{rank}", page_registry=pages)

@@ -183,7 +183,7 @@ def _nic_transport(rt, table, routes, nic, num_proxy_threads: int):
     table holds one NIC kind), with the error-record phases of its device waits; over a real NIC where ``nic`` (this
     rank's NicInfo) is one."""
     kinds = {k for row in table for k in row}
-    real_nic = ll_routes.real_nic(rt.rank) if nic.kind == "mlx5" else None
+    real_nic = ll_routes.real_nic(rt.rank, rt.device) if nic.kind == "mlx5" else None
     if ll_routes.ROUTE_RDMA in kinds:
         from .ll.rdma import RDMA_PHASES as phases
         from .ll.rdma import RdmaTransport

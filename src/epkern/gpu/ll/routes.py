@@ -139,14 +139,17 @@ def local_nic(group) -> NicInfo:
     return NicInfo("mlx5", host, gpu_rings=True) if available else NicInfo(None, host)
 
 
-def real_nic(rank: int):
-    """The zero-argument maker of this rank's real NIC (``nic_link.NicLink``'s ``real_nic``): the first mlx5
-    device libibverbs lists (which NIC serves which GPU is not chosen yet: one NIC per host is assumed)."""
+def real_nic(rank: int, device: int):
+    """The zero-argument maker of this rank's real NIC (``nic_link.NicLink``'s ``real_nic``): of the RDMA devices
+    libibverbs lists, the one closest to CUDA device ``device`` on the PCIe tree (``nic.pci_locality``)."""
 
     def make():
+        from ... import _verbs_cffi
+        from ...nic import pci_locality
         from ...nic.mlx5 import Mlx5Nic
 
-        return Mlx5Nic(name=f"rank{rank}")
+        name = pci_locality.closest_nic(pci_locality.gpu_bus_id(device), _verbs_cffi.device_list())
+        return Mlx5Nic(name, name=f"rank{rank}")
 
     return make
 
