@@ -23,7 +23,7 @@ class WqeExecution:
     local key table ``_mrs_l``, and the peer NIC's ``_mrs_r`` and ``memory``."""
 
     def _fault(self, qp: QueuePair, counter: int, syndrome: int, message: str, wqe_opcode: int = 0) -> None:
-        self._settle(qp, self._in_flight)  # the WQEs before the failed one have landed when its error CQE shows
+        self._settle(qp)  # the WQEs before the failed one have landed when its error CQE shows
         fault = NicFault(qp.qpn, counter & 0xFFFF, syndrome, message)
         qp.state = QueuePair.ERROR
         qp.error = fault
@@ -40,20 +40,19 @@ class WqeExecution:
     _in_flight: set = frozenset()  # while _process runs: the memories holding copies not yet flushed
 
     def _process(self, qp: QueuePair) -> None:
-        touched = self._in_flight = set()  # (only the NIC's thread executes WQEs)
+        self._in_flight = set()  # only the NIC's thread executes WQEs
         try:
-            self._process_batch(qp, touched)
+            self._process_batch(qp)
         finally:
-            self._settle(qp, touched)
+            self._settle(qp)
 
-    @staticmethod
-    def _settle(qp: QueuePair, touched: set) -> None:
+    def _settle(self, qp: QueuePair) -> None:
         """Every copy issued has landed; then the consumer index says so."""
-        while touched:
-            touched.pop().flush()
+        while self._in_flight:
+            self._in_flight.pop().flush()
         qp._done = qp._ci
 
-    def _process_batch(self, qp: QueuePair, touched: set) -> None:
+    def _process_batch(self, qp: QueuePair) -> None:
         if qp.state == QueuePair.ERROR:
             return  # an errored QP executes nothing more (its doorbells are still counted)
         if qp.state != QueuePair.RTS or qp.remote is None:
@@ -89,14 +88,14 @@ class WqeExecution:
                     raise _Fault(W.MLX5_CQE_SYNDROME_LOCAL_QP_OP_ERR, f"ctrl qpn {wqe.qpn} != {qp.qpn}")
                 if qp._ci + wqe.nbb > end:
                     raise _Fault(W.MLX5_CQE_SYNDROME_LOCAL_QP_OP_ERR, "WQE extends past the doorbell's producer index")
-                nbytes = self._execute(qp, wqe, touched)
+                nbytes = self._execute(qp, wqe)
             except _Fault as f:
                 self._fault(qp, counter, f.syndrome, f"{wqe.opcode_name}: {f}", wqe.opcode)
                 return
             qp.counters.wqes += 1
             qp.counters.bytes += nbytes
             if wqe.signaled:
-                self._settle(qp, touched)  # a completion means the writes before it have landed
+                self._settle(qp)  # a completion means the writes before it have landed
                 # Counted before the CQE shows: a host that has seen the CQE reads counters that include it.
                 qp.counters.cqes += 1
                 if not qp.cq._push(opcode=W.MLX5_CQE_REQ, qpn=qp.qpn, wqe_counter=counter, byte_cnt=nbytes):
@@ -137,7 +136,7 @@ class WqeExecution:
             )
         return mr
 
-    def _execute(self, qp: QueuePair, wqe: W.Wqe, touched: set) -> int:
+    def _execute(self, qp: QueuePair, wqe: W.Wqe) -> int:
         if wqe.opcode == W.MLX5_OPCODE_NOP:
             return 0
         if wqe.opcode == W.MLX5_OPCODE_RDMA_WRITE:
@@ -155,7 +154,7 @@ class WqeExecution:
             dst = wqe.raddr
             for seg in wqe.data:  # each segment straight into place where the memories allow, else via the host
                 if copy is not None and copy(dst, self.memory, seg.addr, seg.byte_count):
-                    touched.add(target)
+                    self._in_flight.add(target)
                 elif seg.byte_count:
                     target.write(dst, self.memory.read(seg.addr, seg.byte_count))
                 dst += seg.byte_count
