@@ -6,8 +6,9 @@ their completions. CPU-tested over a fake CuPy; exact on the H100 (session K: 8 
 - NIC, MRs, one QP per remote peer: ``nic_link.NicLink``, with an emulated NIC that watches the QPs' doorbell words
   (``poll_doorbells=True``: the kernels write them, nobody calls ``ring_doorbell``).
 - Rings: each QP's send ring, doorbell record, doorbell word and ``retired`` word lie in one host-mapped allocation:
-  the GPU writes WQEs and doorbells over PCIe and the emulated NIC's thread reads them in host memory. (An mlx5 QP
-  keeps its own ring and UAR page, registered for the GPU instead: nic/mlx5_cuda.py; not wired here.)
+  the GPU writes WQEs and doorbells over PCIe and the emulated NIC's thread reads them in host memory. A real mlx5
+  QP keeps its own ring, doorbell record and UAR page, registered for the GPU instead (``map_for_gpu``,
+  nic/mlx5_cuda.py; only the ``retired`` words are then in the host-mapped block).
 - Ring size :data:`RING_WQES`: the kernels ring once per call and peer, after the call's last WQE to that peer, so
   every WQE of one call to one peer must fit the ring unrung: at most ``num_max * min(top-k, local experts) + 1``
   (checked per call, :meth:`check_batch`). Beyond one call, the kernels wait for ``retired`` (bounded).
@@ -72,20 +73,23 @@ class RdmaTransport(NicTransport):
                 wire=wire,
                 real_nic=real_nic,
             )
-            per_qp = self.ring_wqes * 64 + _QP_EXTRA
+            # A real NIC's QPs keep their own rings (map_for_gpu): the block then holds only the doorbell-side words.
+            real = any(hasattr(qp, "map_for_gpu") for qp in link.qps.values())
+            host_ring = 0 if real else self.ring_wqes
+            per_qp = host_ring * 64 + _QP_EXTRA
             self.host = nic_link.host_mapped(per_qp * max(1, len(self.remote)) + 64)
             start = -self.host.device_ptr % 64
             self.counters_dev = cupy.zeros((rt.num_ranks, 4), dtype=np.uint64)
             table = np.zeros((rt.num_ranks, RDMA_QP_BYTES // 8), dtype=np.uint64)
             polled = []
-            dev, host_ring, smallest = self.host.device_ptr, self.ring_wqes, self.ring_wqes
+            dev, smallest = self.host.device_ptr, self.ring_wqes
             for i, p in enumerate(self.remote):
                 at = start + i * per_qp
                 ring, extra = at, at + host_ring * 64
                 qp = link.qps[p]
                 self.retired[p] = self.host.view(np.uint64, extra + 128, 1)
                 polled.append(PolledQp(p, qp, self.retired[p]))
-                if hasattr(qp, "map_for_gpu"):  # a real QP: its own ring, doorbell record and register, mapped
+                if real:  # its own ring, doorbell record and register, mapped for the GPU
                     gpu = qp.map_for_gpu()
                     sq, dbrec, db, wqe_cnt = gpu.sq, gpu.dbrec, gpu.db_reg, gpu.wqe_cnt
                 else:  # the emulated QP's ring and doorbells become host-mapped ones (before anything is posted)
