@@ -49,10 +49,10 @@ if mps_steps; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epkern-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epkern-mps-log
   # A client must get the GPU through MPS before anything is timed (session L: right after a previous call's MPS
   # server, every rank got cudaErrorDevicesUnavailable and each step waited out its limit): restart once if not.
-  if ! timeout 60 python3 -c "import cupy; assert int((cupy.arange(4) + 1).sum()) == 10" >"$OUT/mps_probe.log" 2>&1; then
-    bash scripts/mps.sh stop
-    bash scripts/mps.sh start
-    timeout 60 python3 -c "import cupy; assert int((cupy.arange(4) + 1).sum()) == 10" >>"$OUT/mps_probe.log" 2>&1
+  mps_probe() { timeout 60 python3 -c "import cupy; assert int((cupy.arange(4) + 1).sum()) == 10" >>"$OUT/mps_probe.log" 2>&1; }
+  if ! mps_probe; then
+    bash scripts/mps.sh restart
+    mps_probe
     note "MPS probe failed once, restarted: rc=$? ($(grep -m1 -i error "$OUT/mps_probe.log" | cut -c1-200))"
   fi
 fi
@@ -143,7 +143,7 @@ if has llnicbench; then
           --watchdog $((tmo - 15)) "${flags[@]}" --transport "$tr" "${split[@]}" --json "$OUT/bench_ll_nic_${name}.json" >"$log" 2>&1
         rc=$?
         # a killed MPS client can leave the server refusing new ones (cudaErrorDevicesUnavailable): restart it
-        [ $rc != 0 ] && { bash scripts/mps.sh stop; bash scripts/mps.sh start; } >>"$OUT/mps_restarts.log" 2>&1
+        [ $rc != 0 ] && bash scripts/mps.sh restart >>"$OUT/mps_restarts.log" 2>&1
         note "llnicbench $name rc=$rc: $(grep -o 'validated=[A-Za-z]*' "$log" | head -1) $(grep -E '^ +128 +(dispatch|combine|dispatch_pipelined|combine_pipelined) ' "$log" | awk '{printf "%s %s; ", $2, $3}') $(grep -m1 'NIC per LL call' "$log")"
       done
     done

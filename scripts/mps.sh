@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start (or stop) the CUDA MPS daemon so several processes share one GPU concurrently.
-#   bash scripts/mps.sh start | stop
+#   bash scripts/mps.sh start | stop | restart
 set -euo pipefail
 export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/epkern-mps-pipe}"
 export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/epkern-mps-log}"
@@ -25,5 +25,6 @@ case "${1:-start}" in
     done
     nvidia-cuda-mps-control -d && echo "MPS started (pipe $CUDA_MPS_PIPE_DIRECTORY)" ;;
   stop) echo quit | nvidia-cuda-mps-control && wait_mps_gone && echo "MPS stopped" ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  restart) bash "$0" stop || true; exec bash "$0" start ;; # a server left refusing clients by a killed one
+  *) echo "usage: $0 start|stop|restart" >&2; exit 2 ;;
 esac
