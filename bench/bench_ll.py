@@ -773,7 +773,7 @@ def parse_args(argv=None):
         "--transport",
         choices=("ipc", "proxy", "rdma"),
         default="ipc",
-        help="ipc: one node (default); proxy / rdma: peers on other (virtual) nodes over that NIC route (no graph)",
+        help="ipc: one node (default); proxy / rdma: peers on other (virtual) nodes over that NIC route",
     )
     p.add_argument(
         "--ranks-per-node", type=int, default=0, help="virtual nodes of this many ranks (EPKERN_RANKS_PER_NODE)"
