@@ -62,6 +62,38 @@ class Traffic:
         self.network[(src, dst)] = self.network.get((src, dst), 0) + count
 
 
+class Landing:
+    """The destinations' outputs (poisoned first) and how one row lands in its final place on rank d over IPC (from
+    its source or its forwarder): data, expert ids made local to d, weights where local; writes counted per row."""
+
+    def __init__(self, xs, idxs, weights, num_experts, handles):
+        self.xs, self.idxs, self.weights, self.handles = xs, idxs, weights, handles
+        self.e_loc = num_experts // len(xs)
+        H, K = xs[0].shape[1], idxs[0].shape[1]
+        rows = [h.num_recv_tokens for h in handles]
+        self.recv_x = [np.full((n, H), POISON, np.uint16).view(BF16) for n in rows]
+        self.recv_idx = [np.full((n, K), -7, np.int64) for n in rows]
+        self.recv_w = [np.full((n, K), np.nan, np.float32) for n in rows]
+        self.writes = {d: np.zeros(n, np.int64) for d, n in enumerate(rows)}
+
+    def land(self, d: int, slot: int, idx, w, row) -> None:
+        here = (idx >= d * self.e_loc) & (idx < (d + 1) * self.e_loc)
+        self.recv_x[d][slot] = row
+        self.recv_idx[d][slot] = np.where(here, idx - d * self.e_loc, -1)
+        self.recv_w[d][slot] = np.where(here, w, np.float32(0))
+        self.writes[d][slot] += 1
+
+    def own_node(self, s: int, ranks) -> None:
+        """Source s's rows for the ranks of its own node, written straight to them."""
+        h = self.handles[s]
+        for d in ranks:
+            for t in np.nonzero(h.send_slot[:, d] >= 0)[0]:
+                self.land(d, h.send_slot[t, d], self.idxs[s][t], self.weights[s][t], self.xs[s][t])
+
+    def outputs(self) -> list:
+        return list(zip(self.recv_x, self.recv_idx, self.recv_w, strict=True))
+
+
 def plan(handles, rank_to_node) -> dict:
     """(s, n) -> Messages for every source s and every node n other than s's (empty ones included)."""
     nodes = np.asarray(rank_to_node)
@@ -82,35 +114,18 @@ def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node):
     [N, K]) plus the Traffic. ``handles``: the reference dispatch's, one per rank."""
     nodes = np.asarray(rank_to_node)
     groups = node_ranks(nodes)
-    R = len(xs)
-    e_loc = num_experts // R
-    H, K = xs[0].shape[1], idxs[0].shape[1]
-    n_rows = [h.num_recv_tokens for h in handles]
-    recv_x = [np.full((n, H), POISON, np.uint16).view(BF16) for n in n_rows]
-    recv_idx = [np.full((n, K), -7, np.int64) for n in n_rows]
-    recv_w = [np.full((n, K), np.nan, np.float32) for n in n_rows]
-    traffic = Traffic(row_writes={d: np.zeros(n, np.int64) for d, n in enumerate(n_rows)})
-
-    def land(s, t, d, slot):  # one row into its final place on rank d (over IPC, from s or its forwarder)
-        g = idxs[s][t]
-        here = (g >= d * e_loc) & (g < (d + 1) * e_loc)
-        recv_x[d][slot] = xs[s][t]
-        recv_idx[d][slot] = np.where(here, g - d * e_loc, -1)
-        recv_w[d][slot] = np.where(here, weights[s][t], np.float32(0))
-        traffic.row_writes[d][slot] += 1
-
-    for s, h in enumerate(handles):
-        for d in groups[int(nodes[s])]:  # own node: straight to the destination
-            for t in np.nonzero(h.send_slot[:, d] >= 0)[0]:
-                land(s, t, d, h.send_slot[t, d])
+    out = Landing(xs, idxs, weights, num_experts, handles)
+    traffic = Traffic(row_writes=out.writes)
+    for s in range(len(xs)):
+        out.own_node(s, groups[int(nodes[s])])
     for (s, n), msgs in plan(handles, nodes).items():
         f = forwarder(s, n, groups, nodes)
         traffic.send(s, f, len(msgs.tokens))
         for t, slots in zip(msgs.tokens, msgs.slots, strict=True):  # at the forwarder: the message's own routing
             for d, slot in zip(groups[n], slots, strict=True):
                 if slot >= 0:
-                    land(s, t, d, slot)
-    return [(recv_x[d], recv_idx[d], recv_w[d]) for d in range(R)], traffic
+                    out.land(d, slot, idxs[s][t], weights[s][t], xs[s][t])
+    return out.outputs(), traffic
 
 
 def combine(ys, ws, handles, rank_to_node, bias_0=None, bias_1=None):

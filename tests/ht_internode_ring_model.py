@@ -126,15 +126,14 @@ def _encode(area: Area, off: int, seq: int, t: int, slots, idx, w, row) -> None:
 
 
 def _decode(area: Area, off: int, L: int, K: int, H: int):
+    """(slots, expert ids, weights, row) of the message at ``off`` (its sequence number is Stream.wait's check)."""
     b = area.buf
-    seq = int(b[off : off + 4].view(np.uint32)[0])
-    t = int(b[off + 4 : off + 8].view(np.int32)[0])
     slots = b[off + 8 : off + 8 + 4 * L].view(np.int32).copy()
     at = off + 8 + 4 * L
     idx = b[at : at + 4 * K].view(np.int32).astype(np.int64)
     w = b[at + 4 * K : at + 8 * K].view(np.float32).copy()
     row = b[at + 8 * K : at + 8 * K + 2 * H].copy().view(M.BF16)
-    return seq, t, slots, idx, w, row
+    return slots, idx, w, row
 
 
 class Stream:
@@ -189,10 +188,6 @@ class Stream:
             self.released = consumed
             at = self.areas[self.src].word(1, self.dn)
             self.links[self.dst].post(self.src, [], consumed, at, self.deadline, f"{self.phase} (returning credit)")
-
-
-def _dispatch_message(L: int, K: int, H: int) -> int:
-    return message_bytes(L, K, H)
 
 
 def _combine_message(K: int, H: int) -> int:
@@ -252,29 +247,10 @@ def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node, *, ring=8, c
     receive (their forwarder warps do not run)."""
     nodes = np.asarray(rank_to_node)
     R, L = len(xs), len(M.node_ranks(nodes)[0])
-    H, K, e_loc = xs[0].shape[1], idxs[0].shape[1], num_experts // len(xs)
-    net = _Net(nodes, _dispatch_message(L, K, H), ring, chunk, timeout_s, "internode dispatch")
+    H, K = xs[0].shape[1], idxs[0].shape[1]
+    net = _Net(nodes, message_bytes(L, K, H), ring, chunk, timeout_s, "internode dispatch")
     groups, plan = net.groups, M.plan(handles, nodes)
-    n_rows = [h.num_recv_tokens for h in handles]
-    recv = [
-        (np.full((n, H), M.POISON, np.uint16).view(M.BF16), np.full((n, K), -7, np.int64),
-         np.full((n, K), np.nan, np.float32))
-        for n in n_rows
-    ]  # fmt: skip
-    writes = [np.zeros(n, np.int64) for n in n_rows]
-
-    def land(d, slot, idx, w, row):
-        here = (idx >= d * e_loc) & (idx < (d + 1) * e_loc)
-        recv[d][0][slot] = row
-        recv[d][1][slot] = np.where(here, idx - d * e_loc, -1)
-        recv[d][2][slot] = np.where(here, w, np.float32(0))
-        writes[d][slot] += 1
-
-    def own_node(s):
-        h = handles[s]
-        for d in groups[int(nodes[s])]:  # straight to the destination
-            for t in np.nonzero(h.send_slot[:, d] >= 0)[0]:
-                land(d, h.send_slot[t, d], idxs[s][t], weights[s][t], xs[s][t])
+    out = M.Landing(xs, idxs, weights, num_experts, handles)
 
     def sender(s, n):
         msgs = plan[(s, n)]
@@ -289,14 +265,14 @@ def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node, *, ring=8, c
         f, msgs = M.forwarder(s, n, groups, nodes), plan[(s, n)]
         st = net.stream(s, f)
         for i in range(len(msgs.tokens)):
-            _, t, slots, idx, w, row = _decode(net.areas[f], st.wait(i), L, K, H)
+            slots, idx, w, row = _decode(net.areas[f], st.wait(i), L, K, H)
             for d, slot in zip(groups[n], slots, strict=True):
                 if slot >= 0:
-                    land(d, slot, idx, w, row)
+                    out.land(d, slot, idx, w, row)
             if (i + 1) % chunk == 0 or i + 1 == len(msgs.tokens):
                 st.release(i + 1)
 
-    jobs = [lambda s=s: own_node(s) for s in range(R)]
+    jobs = [lambda s=s: out.own_node(s, groups[int(nodes[s])]) for s in range(R)]
     for s, n in plan:
         jobs.append(lambda s=s, n=n: sender(s, n))
         if M.forwarder(s, n, groups, nodes) not in silent_forwarders:
@@ -308,7 +284,7 @@ def dispatch(xs, idxs, weights, num_experts, handles, rank_to_node, *, ring=8, c
         raise
     counters = net.close(failed=False)
     msgs = {(s, M.forwarder(s, n, groups, nodes)): len(p.tokens) for (s, n), p in plan.items()}
-    return recv, writes, counters, msgs
+    return out.outputs(), out.writes, counters, msgs
 
 
 def combine(ys, ws, handles, rank_to_node, *, bias_0=None, ring=8, chunk=3, timeout_s=10.0):
