@@ -82,6 +82,8 @@ def test_every_define_is_required_and_described(spec):
         "EPK_LL_NIC": 0,
     }
     defines = {p: sample[p] for p in spec.params}
+    if spec.source.startswith("ht_inter"):  # across nodes: at least two (layout.cu's 0 means "no node counts")
+        defines["EPK_NUM_NODES"] = 2
     kernel_loader.compile_cubin(spec.source, defines, arch="sm_90")
     dropped = spec.params[-1]
     with pytest.raises(Exception, match=dropped):

@@ -63,6 +63,7 @@ DEFINES = {
         "EPK_LOADS_FIRST",
     ),
     "ht_notify.cu": ("EPK_NUM_RANKS",),
+    "ht_inter_notify.cu": ("EPK_NUM_RANKS", "EPK_NUM_NODES"),
     "layout.cu": ("EPK_NUM_EXPERTS", "EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_IDX_T", "EPK_THREADS"),
     "nic_fetch_add.cu": (),
     BENCH_KERNELS / "bench_copy_patterns.cu": (
@@ -100,6 +101,7 @@ RDMA = dict(EPK_THREADS=512, EPK_LL_NIC=3)  # ... with an RDMA route (GPU-writte
 
 SPECIMENS = {
     "ht_notify.cu": [dict(EPK_NUM_RANKS=8), dict(EPK_NUM_RANKS=1)],
+    "ht_inter_notify.cu": _rows("ht_inter_notify.cu", (8, 2), (8, 4), (8, 8), (2, 2), (6, 3)),
     # (ranks, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, probe, unroll)
     "ht_dispatch.cu": _rows(
         "ht_dispatch.cu",

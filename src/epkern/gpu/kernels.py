@@ -96,6 +96,19 @@ HT_NOTIFY = KernelSpec(
     ),
 )
 
+HT_INTER_NOTIFY = KernelSpec(  # across nodes (issue #18)
+    "ht_inter_notify.cu",
+    "epk_ht_inter_notify",
+    ("EPK_NUM_RANKS", "EPK_NUM_NODES"),
+    _args(
+        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
+        *("num_tokens_per_rdma_rank:ptr", "num_tokens_per_expert:ptr", "is_token_in_rank:ptr", "peers:ptr"),
+        *("area_offset:i64", "qps:ptr", "node_of_rank:i32", "peer_of_node:i32", "rank_prefix_matrix:ptr"),
+        *("send_slot:ptr", "node_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "topk_idx:ptr", "topk:i32"),
+        *("num_experts:i32", "row_bytes:i32", "scale_cols:i32", "host_out:ptr", *_DEADLINE),
+    ),
+)
+
 HT_DISPATCH = KernelSpec(
     "ht_dispatch.cu",
     "epk_ht_dispatch",
@@ -153,4 +166,4 @@ LL_COMBINE = KernelSpec(
     ),
 )
 
-LIBRARY_KERNELS = (LAYOUT, HT_NOTIFY, HT_DISPATCH, HT_COMBINE, LL_DISPATCH, LL_COMBINE)
+LIBRARY_KERNELS = (LAYOUT, HT_NOTIFY, HT_DISPATCH, HT_COMBINE, LL_DISPATCH, LL_COMBINE, HT_INTER_NOTIFY)

@@ -163,7 +163,7 @@ class Runtime:
             self.lease = RegionLease(_freer(self.region, self))
             try:
                 self.heap = Heap(self.region.ptr + CTRL_BYTES, num_nvl_bytes, keep=self.lease)
-                self.host = HostMapped(ERROR_RECORD_BYTES + 4 * K.get("EPK_HT_NOTIFY_WORDS"))
+                self.host = HostMapped(ERROR_RECORD_BYTES + 4 * K.get("EPK_HT_NOTIFY_OUT_WORDS"))
                 self.error_record = self.host.view(np.int32, 0, 8)
                 self.notify_out = self.host.view(np.int32, ERROR_RECORD_BYTES)
                 self.notify_out_ptr = self.host.device_ptr + ERROR_RECORD_BYTES

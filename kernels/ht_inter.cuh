@@ -1,0 +1,99 @@
+// HT across nodes (issue #18; docs/architecture.md, "Internode HT"): the layout of a rank's HT RDMA area, the node
+// map, the dispatch message and the QP table entry, shared by ht_inter_notify.cu and ht_inter_dispatch.cu. Mirrored
+// by src/epkern/gpu/ht_inter_layout.py (the same offsets; tests/test_ht_inter_layout_cpu.py compares them).
+//
+// Area (registered on this rank's HT NIC; peers of other nodes WRITE into it, peers of this node store into it over
+// IPC): the stream words, the notify entries, then two halves of rings, dispatch then combine; each half holds per
+// node n a receive ring (messages from the rank of node n with this rank's local index) and a staging ring (this
+// rank's messages to that rank), `ring` slots of `msg` bytes each.
+#pragma once
+
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
+#include "ht_common.cuh"
+#include "ht_stream.cuh"
+
+namespace epk {
+namespace inter {
+
+constexpr int kMaxNodes = EPK_HT_MAX_PEERS;
+constexpr int kShapeFields = EPK_HT_INTER_SHAPE_FIELDS;
+constexpr int kSlotsPerMsg = 8;  // a dispatch message lists a row slot for each rank of the destination node
+
+// One rank's counts for one receiver: written by the source into the receiver's area (IPC stores, or one RDMA
+// WRITE of everything after `flag` and then the flag as an inline WRITE). Doubled by notify epoch parity.
+struct NotifyEntry {
+  int flag;  // epoch of the notify that wrote it; written last
+  int pad0[15];  // the body starts at byte 64 (ht_inter_notify.cu WRITEs it apart from the flag)
+  int rows[kMaxPeers];            // rows the source sends each rank
+  int shape[8];                   // the source's call shapes (kShapeFields used)
+  int node_msgs[kMaxNodes];       // messages the source sends each node: its tokens with a destination there
+  int pad1[8];
+  int experts[kMaxLocalExperts];  // selections the source sends each of the receiver's local experts
+};
+static_assert(sizeof(NotifyEntry) == EPK_HT_INTER_ENTRY_BYTES, "NotifyEntry layout is shared with the host");
+
+// Stream words: u64 counters that only grow over the Buffer's life (so nothing is reset between calls).
+struct Words {
+  unsigned long long tail[kMaxNodes];        // dispatch: messages arrived from node n (WRITTEN by its sender)
+  unsigned long long credit[kMaxNodes];      // dispatch: messages node n's forwarder is done with (WRITTEN by it)
+  unsigned long long sent[kMaxNodes];        // dispatch: messages this rank sent to node n in earlier calls
+  unsigned long long received[kMaxNodes];    // dispatch: messages this rank forwarded from node n in earlier calls
+  unsigned long long c_tail[kMaxNodes];      // combine: partials arrived from node n's forwarder
+  unsigned long long c_credit[kMaxNodes];    // combine: partials node n's source is done with
+  unsigned long long c_sent[kMaxNodes];      // combine: partials this rank sent back to node n in earlier calls
+  unsigned long long c_received[kMaxNodes];  // combine: partials this rank consumed from node n in earlier calls
+};
+static_assert(sizeof(Words) == EPK_HT_INTER_WORDS_BYTES, "Words layout is shared with the host");
+
+struct Area {
+  Words words;
+  NotifyEntry entry[2][kMaxPeers];  // [parity][source]
+  NotifyEntry stage[2][kMaxPeers];  // [parity][destination of another node]: this rank's entries before their WRITE
+};
+static_assert(sizeof(Area) == EPK_HT_INTER_HEADER_BYTES, "Area layout is shared with the host");
+
+// The rings of one half (dispatch or combine): where they start in the area, slots per ring and bytes per slot.
+struct Rings {
+  long long offset;  // bytes from the area's start
+  int ring, msg;
+  EPK_DEVICE long long recv_at(int node, uint64_t pos) const {  // receive ring from `node`, slot pos % ring
+    return offset + (2ll * node * ring + static_cast<long long>(pos % ring)) * msg;
+  }
+  EPK_DEVICE long long stage_at(int node, uint64_t pos) const {  // staging ring to `node`
+    return offset + ((2ll * node + 1) * ring + static_cast<long long>(pos % ring)) * msg;
+  }
+};
+
+// The group's nodes, packed by the host: 4 bits per rank (node of rank r; the rank of node n with this rank's
+// local index), so two ints carry them (at most 8 ranks).
+struct Nodes {
+  int node_of_rank;  // nibble r: node of rank r
+  int peer_of_node;  // nibble n: the rank of node n with this rank's local index (this rank for its own node)
+  EPK_DEVICE int node(int r) const { return node_of_rank >> (4 * r) & 15; }
+  EPK_DEVICE int peer(int n) const { return peer_of_node >> (4 * n) & 15; }
+};
+
+// One QP table entry (the host packs it: gpu/ll/rdma.py pack_qp, the layout of ll_route.cuh's RdmaQp): the stream's
+// poster view and the peer's area base as the QP's remote addresses name it.
+struct QpEntry {
+  uint8_t *sq;
+  uint32_t *dbrec;
+  unsigned long long *db;
+  const unsigned long long *retired;
+  unsigned long long *ctr;
+  unsigned long long raddr;
+  uint32_t rkey, lkey;
+  uint32_t qpn, wqe_cnt;
+  EPK_DEVICE stream::Qp qp() const { return stream::Qp{sq, dbrec, db, retired, ctr, qpn, wqe_cnt, lkey, rkey}; }
+};
+static_assert(sizeof(QpEntry) == EPK_RDMA_QP_BYTES, "QpEntry layout is shared with gpu/ll/rdma.py");
+
+// A dispatch message: header {seq u32, token i32, 0, 0}, kSlotsPerMsg row slots (−1: not for that rank of the
+// node), K expert ids i32 (global), K weights f32, the FP8 scales f32, padding to 16 bytes, then the row.
+EPK_DEVICE constexpr int dispatch_meta_bytes(int topk, int scale_cols) {
+  return (EPK_HT_INTER_MSG_HEADER + 4 * kSlotsPerMsg + 8 * topk + 4 * scale_cols + 15) / 16 * 16;
+}
+
+}  // namespace inter
+}  // namespace epk
