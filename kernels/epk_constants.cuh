@@ -19,9 +19,11 @@ constexpr int EPK_HT_SHAPE_FIELDS = 5;  // row bytes, top-k, FP8 scale columns, 
 
 // ---- HT across nodes (issue #18; kernels/ht_inter.cuh) ----
 constexpr int EPK_HT_INTER_SHAPE_FIELDS = EPK_HT_SHAPE_FIELDS + 1;  // + num_tokens_per_rdma_rank consistent (1: yes)
-constexpr int EPK_HT_NOTIFY_INTER = EPK_HT_NOTIFY_WORDS;  // host_out: messages sent to [8], then received from [8], nodes
-constexpr int EPK_HT_NOTIFY_LAYOUT_OK = EPK_HT_NOTIFY_INTER + 2 * EPK_HT_MAX_PEERS;  // 1: num_tokens_per_rdma_rank agrees
-constexpr int EPK_HT_NOTIFY_OUT_WORDS = EPK_HT_NOTIFY_LAYOUT_OK + 1;                // host_out's int32 words
+constexpr int EPK_HT_NOTIFY_INTER =
+    EPK_HT_NOTIFY_WORDS;  // host_out: messages sent to [8], then received from [8], nodes
+constexpr int EPK_HT_NOTIFY_LAYOUT_OK =
+    EPK_HT_NOTIFY_INTER + 2 * EPK_HT_MAX_PEERS;                       // 1: num_tokens_per_rdma_rank agrees
+constexpr int EPK_HT_NOTIFY_OUT_WORDS = EPK_HT_NOTIFY_LAYOUT_OK + 1;  // host_out's int32 words
 constexpr int EPK_HT_INTER_ENTRY_BYTES = 64 + 4 * 32 + 4 * EPK_HT_MAX_LOCAL_EXPERTS;  // sizeof(inter::NotifyEntry)
 constexpr int EPK_HT_INTER_WORDS_BYTES = 8 * 8 * EPK_HT_MAX_PEERS;  // the area's u64 stream words (inter::Area)
 constexpr int EPK_HT_INTER_HEADER_BYTES = EPK_HT_INTER_WORDS_BYTES + 4 * EPK_HT_MAX_PEERS * EPK_HT_INTER_ENTRY_BYTES;
@@ -85,3 +87,6 @@ constexpr int EPK_ERR_PHASE_LL_BAD_HANDLE = 11;        // LL combine: a layout_r
 constexpr int EPK_ERR_PHASE_LL_ROUTE = 12;             // LL: a peer's route kind is not implemented
 constexpr int EPK_ERR_PHASE_LL_OVERFLOW = 13;          // LL dispatch: more selections of one expert than num_max
 constexpr int EPK_ERR_PHASE_HT_SHAPE = 14;             // dispatch: a destination's call has other shapes
+constexpr int EPK_ERR_PHASE_HT_INTER_ORDER = 15;       // across nodes: a ring slot holds another message than due
+constexpr int EPK_ERR_PHASE_HT_INTER_SPACE = 0x701;    // across nodes: waiting for a forwarder's credit (ht_stream.cuh)
+constexpr int EPK_ERR_PHASE_HT_INTER_ARRIVAL = 0x702;  // across nodes: waiting for a peer's messages (ht_stream.cuh)

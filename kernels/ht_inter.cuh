@@ -23,11 +23,11 @@ constexpr int kSlotsPerMsg = 8;  // a dispatch message lists a row slot for each
 // One rank's counts for one receiver: written by the source into the receiver's area (IPC stores, or one RDMA
 // WRITE of everything after `flag` and then the flag as an inline WRITE). Doubled by notify epoch parity.
 struct NotifyEntry {
-  int flag;  // epoch of the notify that wrote it; written last
-  int pad0[15];  // the body starts at byte 64 (ht_inter_notify.cu WRITEs it apart from the flag)
-  int rows[kMaxPeers];            // rows the source sends each rank
-  int shape[8];                   // the source's call shapes (kShapeFields used)
-  int node_msgs[kMaxNodes];       // messages the source sends each node: its tokens with a destination there
+  int flag;                  // epoch of the notify that wrote it; written last
+  int pad0[15];              // the body starts at byte 64 (ht_inter_notify.cu WRITEs it apart from the flag)
+  int rows[kMaxPeers];       // rows the source sends each rank
+  int shape[8];              // the source's call shapes (kShapeFields used)
+  int node_msgs[kMaxNodes];  // messages the source sends each node: its tokens with a destination there
   int pad1[8];
   int experts[kMaxLocalExperts];  // selections the source sends each of the receiver's local experts
 };

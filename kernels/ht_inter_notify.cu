@@ -40,8 +40,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                         long long area_offset, const epk::inter::QpEntry *__restrict__ qps, int node_of_rank,
                         int peer_of_node, int *__restrict__ rank_prefix_matrix, int *__restrict__ send_slot,
                         int *__restrict__ node_slot, int *__restrict__ node_tokens, int *__restrict__ node_counts,
-                        const int64_t *__restrict__ topk_idx, int topk, int num_experts, int row_bytes,
-                        int scale_cols, int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
+                        const int64_t *__restrict__ topk_idx, int topk, int num_experts, int row_bytes, int scale_cols,
+                        int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
   const int local_experts = num_experts / kRanks;  // checked by the host: a multiple of R, at most kMaxLocalExperts
   epk::mark_started(err, epoch);
@@ -89,14 +89,14 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   bool layout_ok = true;
   for (int n = 0; n < kNodes; ++n)
     if (n != my_node && num_tokens_per_rdma_rank[n] != s_node_msgs[n]) layout_ok = false;
-  const int shape[epk::inter::kShapeFields] = {row_bytes,     topk, scale_cols, local_experts, s_bad == ~0ull ? 1 : 0,
-                                               layout_ok ? 1 : 0};
+  const int shape[epk::inter::kShapeFields] = {
+      row_bytes, topk, scale_cols, local_experts, s_bad == ~0ull ? 1 : 0, layout_ok ? 1 : 0};
 
   // 1. My entry for every rank: its fields into the peer's area (this node) or into my staging slot (other nodes).
   for (int d = 0; d < kRanks; ++d) {
     const bool local = nodes.node(d) == my_node;
-    NotifyEntry *e = local ? &reinterpret_cast<epk::inter::Area *>(peers[d] + area_offset)->entry[p][rank]
-                           : &mine->stage[p][d];
+    NotifyEntry *e =
+        local ? &reinterpret_cast<epk::inter::Area *>(peers[d] + area_offset)->entry[p][rank] : &mine->stage[p][d];
     for (int j = tid; j < kRanks; j += kThreads) e->rows[j] = num_tokens_per_rank[j];
     for (int f = tid; f < epk::inter::kShapeFields; f += kThreads) e->shape[f] = shape[f];
     for (int n = tid; n < kNodes; n += kThreads) e->node_msgs[n] = s_node_msgs[n];
@@ -131,8 +131,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   if (s_failed) return;
 
   // 2. Every rank's entry.
-  if (tid < kRanks &&
-      !epk::wait_reached(&mine->entry[p][tid].flag, epoch, deadline, EPK_ERR_PHASE_HT_NOTIFY, tid))
+  if (tid < kRanks && !epk::wait_reached(&mine->entry[p][tid].flag, epoch, deadline, EPK_ERR_PHASE_HT_NOTIFY, tid))
     s_failed = true;
   __syncthreads();
   if (s_failed) return;

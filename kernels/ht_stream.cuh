@@ -16,13 +16,14 @@
 #pragma once
 
 #include "epk_common.cuh"
+#include "epk_constants.cuh"
 #include "mlx5_wqe.cuh"
 
 namespace epk {
 namespace stream {
 
-constexpr int kPhaseStreamSpace = 0x701;    // ErrorRecord phase: the sender waits for credit (ring space)
-constexpr int kPhaseStreamArrival = 0x702;  // ErrorRecord phase: the receiver waits for message i
+constexpr int kPhaseStreamSpace = EPK_ERR_PHASE_HT_INTER_SPACE;      // ErrorRecord phase: the sender waits for credit
+constexpr int kPhaseStreamArrival = EPK_ERR_PHASE_HT_INTER_ARRIVAL;  // ErrorRecord phase: the receiver waits for i
 
 // One QP as the stream's poster sees it (the fields of epk::RdmaQp that posting needs).
 struct Qp {

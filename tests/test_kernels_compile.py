@@ -64,6 +64,10 @@ DEFINES = {
     ),
     "ht_notify.cu": ("EPK_NUM_RANKS",),
     "ht_inter_notify.cu": ("EPK_NUM_RANKS", "EPK_NUM_NODES"),
+    "ht_inter_dispatch.cu": (
+        *("EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_ROW_BYTES", "EPK_SCALE_COLS", "EPK_NUM_LOCAL_EXPERTS"),
+        *("EPK_WITH_META", "EPK_THREADS", "EPK_MIN_BLOCKS", "EPK_UNROLL"),
+    ),
     "layout.cu": ("EPK_NUM_EXPERTS", "EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_IDX_T", "EPK_THREADS"),
     "nic_fetch_add.cu": (),
     BENCH_KERNELS / "bench_copy_patterns.cu": (
@@ -102,6 +106,15 @@ RDMA = dict(EPK_THREADS=512, EPK_LL_NIC=3)  # ... with an RDMA route (GPU-writte
 SPECIMENS = {
     "ht_notify.cu": [dict(EPK_NUM_RANKS=8), dict(EPK_NUM_RANKS=1)],
     "ht_inter_notify.cu": _rows("ht_inter_notify.cu", (8, 2), (8, 4), (8, 8), (2, 2), (6, 3)),
+    # (ranks, nodes, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, unroll): the
+    # issue's 2 x 4 BF16 shape, FP8 on 4 x 2, cached on 8 x 1, the smallest
+    "ht_inter_dispatch.cu": _rows(
+        "ht_inter_dispatch.cu",
+        (8, 2, 8, 14336, 0, 32, 1, 512, 1, 4),
+        (8, 4, 8, 7168, 56, 32, 1, 512, 1, 4),
+        (8, 8, 8, 14336, 0, 32, 0, 512, 1, 4),
+        (2, 2, 1, 16, 0, 1, 1, 128, 1, 1),
+    ),
     # (ranks, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, probe, unroll)
     "ht_dispatch.cu": _rows(
         "ht_dispatch.cu",

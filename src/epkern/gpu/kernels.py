@@ -123,6 +123,22 @@ HT_DISPATCH = KernelSpec(
     ),
 )
 
+HT_INTER_DISPATCH = KernelSpec(  # across nodes (issue #18)
+    "ht_inter_dispatch.cu",
+    "epk_ht_inter_dispatch",
+    (
+        *("EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_ROW_BYTES", "EPK_SCALE_COLS", "EPK_NUM_LOCAL_EXPERTS"),
+        *("EPK_WITH_META", "EPK_THREADS", "EPK_MIN_BLOCKS", "EPK_UNROLL"),
+    ),
+    _args(
+        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
+        *("topk_weights:ptr", "send_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "peers:ptr", "area_offset:i64"),
+        *("qps:ptr", "node_of_rank:i32", "peer_of_node:i32", "ring_offset:i64", "ring:i32", "chunk:i32"),
+        *("out_x:i64", "out_scales:i64", "out_idx:i64", "out_weights:i64", "out_src:i64", "out_rows:i32"),
+        *("ticket:ptr", *_DEADLINE),
+    ),
+)
+
 HT_COMBINE = KernelSpec(
     "ht_combine.cu",
     "epk_ht_combine",
@@ -166,4 +182,13 @@ LL_COMBINE = KernelSpec(
     ),
 )
 
-LIBRARY_KERNELS = (LAYOUT, HT_NOTIFY, HT_DISPATCH, HT_COMBINE, LL_DISPATCH, LL_COMBINE, HT_INTER_NOTIFY)
+LIBRARY_KERNELS = (
+    LAYOUT,
+    HT_NOTIFY,
+    HT_DISPATCH,
+    HT_COMBINE,
+    LL_DISPATCH,
+    LL_COMBINE,
+    HT_INTER_NOTIFY,
+    HT_INTER_DISPATCH,
+)

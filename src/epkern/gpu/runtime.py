@@ -55,6 +55,12 @@ PHASES = {
         "dispatch (a peer's call has another row size, top-k, FP8 scale columns, experts per rank, or is cached "
         "where this one is not: nothing was sent to it; value = its row bytes, limit = this rank's)"
     ),
+    K.get("EPK_ERR_PHASE_HT_INTER_ORDER"): (
+        "dispatch across nodes (a ring slot holds another message than the one due: value = its sequence number, "
+        "limit = the one expected)"
+    ),
+    K.get("EPK_ERR_PHASE_HT_INTER_SPACE"): "dispatch across nodes (waiting for a forwarder's credit: ring space)",
+    K.get("EPK_ERR_PHASE_HT_INTER_ARRIVAL"): "dispatch across nodes (waiting for a peer's messages)",
 }
 
 

@@ -1,0 +1,384 @@
+// HT dispatch across nodes (issue #18; docs/architecture.md, "Internode HT"). Each token crosses the network once per
+// destination node, to the rank of that node with this rank's local index (its forwarder), which writes the row into
+// its final place in every destination of its node over IPC; destinations on this rank's own node get their rows
+// over IPC straight from x, as in ht_dispatch.cu. The output order (source rank, then token) is the reference's.
+//
+// Block roles (the host launches at least 2 * kNodes + 1 blocks, all resident):
+// - block n < kNodes, n != my node: SENDER to node n: in this call's message order (node_tokens), the warps write
+//   whole chunks of messages into the staging ring, then thread 0 posts the chunk (ht_stream.cuh send_chunk: one
+//   WRITE, two where it wraps, then the tail inline) after waiting for ring space (the forwarder's credit).
+// - block kNodes + n, n != my node: FORWARDER from node n: waits for each chunk of the stream from the rank of node n
+//   with this rank's local index, copies each message's row to the ranks of this node it lists, returns credit.
+// - every other block: copies this rank's tokens to the destinations on its own node.
+// Streams count messages over the Buffer's life (Words); a call starts once everything of the previous one was
+// forwarded (so the ring restarts empty and may have another size), and message i lives in slot i % ring.
+// Then the last block tells every rank of this node this rank is done and waits until each of them is.
+//
+// Defines: EPK_NUM_RANKS, EPK_NUM_NODES, EPK_TOPK, EPK_ROW_BYTES, EPK_SCALE_COLS, EPK_NUM_LOCAL_EXPERTS,
+// EPK_WITH_META, EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL. NOT RUN on a GPU yet (compiled for sm_90 by the CPU tests).
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
+#include "ht_common.cuh"
+#include "ht_inter.cuh"
+#include "ht_stream.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_NUM_NODES
+#error "EPK_NUM_NODES must be defined"
+#endif
+#ifndef EPK_TOPK
+#error "EPK_TOPK must be defined"
+#endif
+#ifndef EPK_ROW_BYTES
+#error "EPK_ROW_BYTES must be defined"
+#endif
+#ifndef EPK_SCALE_COLS
+#error "EPK_SCALE_COLS must be defined"
+#endif
+#ifndef EPK_NUM_LOCAL_EXPERTS
+#error "EPK_NUM_LOCAL_EXPERTS must be defined"
+#endif
+#ifndef EPK_WITH_META
+#error "EPK_WITH_META must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
+#endif
+#ifndef EPK_MIN_BLOCKS
+#error "EPK_MIN_BLOCKS must be defined"
+#endif
+#ifndef EPK_UNROLL
+#error "EPK_UNROLL must be defined"
+#endif
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kNodes = EPK_NUM_NODES;
+constexpr int kTopk = EPK_TOPK;
+constexpr int kRowVecs = EPK_ROW_BYTES / 16;
+constexpr int kScaleCols = EPK_SCALE_COLS;
+constexpr int kLocalExperts = EPK_NUM_LOCAL_EXPERTS;
+constexpr bool kWithMeta = EPK_WITH_META != 0;
+constexpr int kThreads = EPK_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = EPK_UNROLL;
+constexpr int kMinBlocks = EPK_MIN_BLOCKS;
+constexpr int kMeta = epk::inter::dispatch_meta_bytes(kTopk, kScaleCols);  // message bytes before the row
+constexpr int kMsgBytes = kMeta + EPK_ROW_BYTES;
+static_assert(EPK_ROW_BYTES % 16 == 0, "row bytes must be a multiple of 16");
+static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
+static_assert(kNodes >= 2 && kNodes <= kRanks, "2..8 nodes");
+
+// As ht_dispatch.cu: the output arrays a destination publishes, then its row count and its call's shape word.
+enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts, kOutShape };
+constexpr long long kShape = static_cast<long long>(EPK_ROW_BYTES) << 33 | static_cast<long long>(kWithMeta) << 32 |
+                             static_cast<long long>(kTopk) << 26 | kScaleCols << 10 | (kLocalExperts - 1);
+
+// Row (16-byte vectors) from `src` to each destination in `dests` at its slot; `fresh`: src was written by the NIC
+// during this kernel (a ring slot reused within the call), so it is read past L1.
+template <bool kFresh>
+EPK_DEVICE void copy_row(const int4 *src, unsigned dests, const int (&slots)[kRanks], char *const (&dst_x)[kRanks],
+                         int lane) {
+  for (int base = 0; base < kRowVecs; base += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < kRowVecs) v[u] = kFresh ? __ldcv(src + i) : epk::ld_nc_v4(src + i);
+    }
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) {
+      if (!(dests >> d & 1u)) continue;
+      int4 *dst = reinterpret_cast<int4 *>(dst_x[d]) + static_cast<int64_t>(slots[d]) * kRowVecs;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < kRowVecs) dst[i] = v[u];
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
+    epk_ht_inter_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
+                          const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
+                          const float *__restrict__ topk_weights, const int *__restrict__ send_slot,
+                          const int *__restrict__ node_tokens, const int *__restrict__ node_counts,
+                          const unsigned long long *__restrict__ peers, long long area_offset,
+                          const epk::inter::QpEntry *__restrict__ qps, int node_of_rank, int peer_of_node,
+                          long long ring_offset, int ring, int chunk, long long out_x, long long out_scales,
+                          long long out_idx, long long out_weights, long long out_src, int out_rows, unsigned *ticket,
+                          epk::ErrorRecord *err, unsigned long long timeout_ns) {
+  if (dry_run) return;
+  epk::mark_started(err, epoch);
+  const int p = epoch & 1;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const epk::inter::Nodes nodes{node_of_rank, peer_of_node};
+  const int my_node = nodes.node(rank);
+  const epk::Deadline deadline{err, rank, timeout_ns};
+  epk::HtCtrl *ctrl = epk::ctrl_of(peers, rank);
+  auto *area = reinterpret_cast<epk::inter::Area *>(peers[rank] + area_offset);
+  const epk::inter::Rings rings{ring_offset, ring, kMsgBytes};
+  __shared__ char *s_dst[kRanks][kNumOuts];
+  __shared__ int s_rows[kRanks];
+  __shared__ bool s_same[kRanks];
+  __shared__ int s_node_rank[kNodes][epk::inter::kSlotsPerMsg];  // rank of local index j of node n, -1 past the node
+  __shared__ bool s_failed;
+  // A stream word's offset in the area (the same in every rank's area: the peer's as the QP addresses it).
+  auto word_offset = [&](const unsigned long long *w) {
+    return static_cast<uint64_t>(reinterpret_cast<const char *>(w) - reinterpret_cast<const char *>(area));
+  };
+  if (tid == 0) {
+    s_failed = false;
+    for (int n = 0; n < kNodes; ++n) {
+      int j = 0;
+      for (int r = 0; r < kRanks; ++r)
+        if (nodes.node(r) == n) s_node_rank[n][j++] = r;
+      for (; j < epk::inter::kSlotsPerMsg; ++j) s_node_rank[n][j] = -1;
+    }
+  }
+  unsigned local_mask = 0;  // the ranks of this node
+#pragma unroll
+  for (int d = 0; d < kRanks; ++d)
+    if (nodes.node(d) == my_node) local_mask |= 1u << d;
+
+  // 1. Tell the ranks of this node where my outputs are (block 0); every block that writes rows learns theirs.
+  const long long my_base = static_cast<long long>(peers[rank]);
+  if (blockIdx.x == 0 && tid < kRanks && (local_mask >> tid & 1u)) {
+    epk::HtCtrl *peer = epk::ctrl_of(peers, tid);
+    const long long mine_out[kNumOuts + 2] = {
+        out_x - my_base, out_scales - my_base, out_idx - my_base, out_weights - my_base, out_src - my_base, out_rows,
+        kShape};
+#pragma unroll
+    for (int i = 0; i < kNumOuts + 2; ++i) peer->dispatch_addr[p][rank][i] = mine_out[i];
+    epk::publish(&peer->dispatch_addr_flag[p][rank], epoch);
+  }
+  const int role_node = blockIdx.x < kNodes ? blockIdx.x : blockIdx.x - kNodes;
+  const bool sender = blockIdx.x < kNodes && role_node != my_node;
+  const bool forwarder = blockIdx.x >= kNodes && blockIdx.x < 2 * kNodes && role_node != my_node;
+  const bool copier = blockIdx.x >= 2 * kNodes;
+  __syncthreads();
+  if (!sender && tid < kRanks && (local_mask >> tid & 1u)) {
+    const int d = tid;
+    if (epk::wait_reached(&ctrl->dispatch_addr_flag[p][d], epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_ADDRS, d)) {
+      for (int o = 0; o < kNumOuts; ++o)
+        s_dst[d][o] = reinterpret_cast<char *>(peers[d] + ctrl->dispatch_addr[p][d][o]);
+      s_rows[d] = static_cast<int>(ctrl->dispatch_addr[p][d][kOutRows]);
+      s_same[d] = ctrl->dispatch_addr[p][d][kOutShape] == kShape;
+    } else {
+      s_failed = true;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  // A destination's row slot after the checks of ht_dispatch.cu (its call's shapes, its output rows); -1: skip it.
+  auto checked_slot = [&](int d, int slot) {
+    if (slot < 0) return -1;
+    if (!s_same[d]) {
+      const long long theirs = ctrl->dispatch_addr[p][d][kOutShape];
+      epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, d, static_cast<int>(theirs >> 33),
+                        EPK_ROW_BYTES);
+      return -1;
+    }
+    if (slot >= s_rows[d]) {
+      epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, d, slot, s_rows[d]);
+      return -1;
+    }
+    return slot;
+  };
+  // The metadata of one row at each destination: expert ids local to it (-1 elsewhere), weights, source token.
+  auto write_meta = [&](unsigned dests, const int (&slots)[kRanks], int64_t e, float w, int token) {
+#pragma unroll
+    for (int d = 0; d < kRanks; ++d) {
+      if (!(dests >> d & 1u)) continue;
+      const int64_t row = slots[d];
+      if (lane < kTopk) {
+        const int64_t local = e - static_cast<int64_t>(d) * kLocalExperts;
+        const bool here = e >= 0 && local >= 0 && local < kLocalExperts;
+        reinterpret_cast<int64_t *>(s_dst[d][kOutIdx])[row * kTopk + lane] = here ? local : -1;
+        if (topk_weights != nullptr)
+          reinterpret_cast<float *>(s_dst[d][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
+      }
+      if (lane == 0) reinterpret_cast<int *>(s_dst[d][kOutSrc])[row] = token;
+    }
+  };
+
+  if (copier) {
+    // 2a. Warp per token: this rank's rows to the destinations of its own node (ht_dispatch.cu's loop).
+    const int warps = (gridDim.x - 2 * kNodes) * kWarps;
+    for (int t = (blockIdx.x - 2 * kNodes) * kWarps + warp; t < num_tokens; t += warps) {
+      int slot = -1;
+      if (lane < kRanks && (local_mask >> lane & 1u))
+        slot = checked_slot(lane, send_slot[static_cast<int64_t>(t) * kRanks + lane]);
+      const unsigned dests = __ballot_sync(0xffffffffu, slot >= 0) & local_mask;
+      if (dests == 0) continue;
+      int slots[kRanks];
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
+      char *dst_x[kRanks];
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) dst_x[d] = s_dst[d][kOutX];
+      copy_row<false>(x + static_cast<int64_t>(t) * kRowVecs, dests, slots, dst_x, lane);
+      if constexpr (kScaleCols > 0) {
+        for (int c = lane; c < kScaleCols; c += 32) {
+          const float s = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
+#pragma unroll
+          for (int d = 0; d < kRanks; ++d)
+            if (dests >> d & 1u)
+              reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
+        }
+      }
+      if constexpr (kWithMeta) {
+        const int64_t e = lane < kTopk ? topk_idx[static_cast<int64_t>(t) * kTopk + lane] : -1;
+        const float w =
+            lane < kTopk && topk_weights != nullptr ? topk_weights[static_cast<int64_t>(t) * kTopk + lane] : 0.f;
+        write_meta(dests, slots, e, w, t);
+      }
+    }
+  } else if (sender) {
+    // 2b. Messages to node n in order, a chunk at a time, through the staging ring to its forwarder.
+    const int n = role_node, peer = nodes.peer(n);
+    const epk::inter::QpEntry &q = qps[peer];
+    const uint64_t base = area->words.sent[n];
+    const int count = node_counts[n];
+    char *const stage = reinterpret_cast<char *>(area);
+    if (tid == 0 &&
+        !epk::stream::wait_u64_at_least(&area->words.credit[n], base, deadline, epk::stream::kPhaseStreamSpace, peer))
+      s_failed = true;  // the previous call's messages must all be forwarded: the ring restarts empty
+    __syncthreads();
+    for (int c0 = 0; c0 < count && !s_failed; c0 += chunk) {
+      const int cnt = min(chunk, count - c0);
+      if (tid == 0 && !epk::stream::wait_space(&area->words.credit[n], ring, base + c0, cnt, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+      if (s_failed) break;
+      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
+        const int t = node_tokens[static_cast<int64_t>(n) * num_tokens + i];
+        char *m = stage + rings.stage_at(n, base + i);
+        if (lane == 0)
+          *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(base + i)), t, 0, 0);
+        if (lane < epk::inter::kSlotsPerMsg) {
+          const int d = s_node_rank[n][lane];
+          reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER)[lane] =
+              d >= 0 ? send_slot[static_cast<int64_t>(t) * kRanks + d] : -1;
+        }
+        if constexpr (kWithMeta) {
+          int *idx = reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
+          if (lane < kTopk) {
+            idx[lane] = static_cast<int>(topk_idx[static_cast<int64_t>(t) * kTopk + lane]);
+            reinterpret_cast<float *>(idx + kTopk)[lane] =
+                topk_weights != nullptr ? topk_weights[static_cast<int64_t>(t) * kTopk + lane] : 0.f;
+          }
+        }
+        if constexpr (kScaleCols > 0) {
+          float *sc = reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
+          for (int c = lane; c < kScaleCols; c += 32) sc[c] = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
+        }
+        const int4 *src = x + static_cast<int64_t>(t) * kRowVecs;
+        int4 *dst = reinterpret_cast<int4 *>(m + kMeta);
+        for (int v = lane; v < kRowVecs; v += 32) dst[v] = epk::ld_nc_v4(src + v);
+      }
+      __threadfence_system();  // the staged messages before the WRITE that reads them
+      __syncthreads();
+      if (tid == 0 && !epk::stream::send_chunk(q.qp(), reinterpret_cast<uint64_t>(stage + rings.stage_at(n, 0)),
+                                               q.raddr + rings.recv_at(my_node, 0),
+                                               q.raddr + word_offset(&area->words.tail[my_node]), ring, kMsgBytes,
+                                               base + c0, cnt, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+    }
+    if (tid == 0 && !s_failed) area->words.sent[n] = base + count;
+    if (s_failed) return;
+  } else if (forwarder) {
+    // 2c. The stream from node n: each chunk once it arrived, each message's row to the ranks of this node it lists.
+    const int n = role_node, peer = nodes.peer(n);
+    const epk::inter::QpEntry &q = qps[peer];
+    const uint64_t base = area->words.received[n];
+    const int count = node_counts[epk::inter::kMaxNodes + n];
+    const char *const recv = reinterpret_cast<const char *>(area);
+    for (int c0 = 0; c0 < count; c0 += chunk) {
+      const int cnt = min(chunk, count - c0);
+      if (tid == 0 && !epk::stream::wait_message(&area->words.tail[n], base + c0 + cnt - 1, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+      if (s_failed) return;
+      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
+        const char *m = recv + rings.recv_at(n, base + i);
+        const int4 head = __ldcv(reinterpret_cast<const int4 *>(m));
+        const uint32_t due = static_cast<uint32_t>(base + i);
+        if (static_cast<uint32_t>(head.x) != due) {  // overwritten or never written: nothing of it is forwarded
+          if (lane == 0)
+            epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x,
+                              static_cast<int>(due));
+          continue;
+        }
+        int slot = -1;
+        if (lane < epk::inter::kSlotsPerMsg) {
+          const int d = s_node_rank[my_node][lane];
+          const int s = __ldcv(reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER) + lane);
+          if (d >= 0) slot = checked_slot(d, s);
+        }
+        // lane j holds the slot of local index j: gather them per rank
+        int slots[kRanks];
+        unsigned dests = 0;
+#pragma unroll
+        for (int d = 0; d < kRanks; ++d) slots[d] = -1;
+#pragma unroll
+        for (int j = 0; j < epk::inter::kSlotsPerMsg; ++j) {
+          const int s = __shfl_sync(0xffffffffu, slot, j);
+          const int d = s_node_rank[my_node][j];
+          if (d >= 0 && s >= 0) {
+            slots[d] = s;
+            dests |= 1u << d;
+          }
+        }
+        if (dests == 0) continue;
+        char *dst_x[kRanks];
+#pragma unroll
+        for (int d = 0; d < kRanks; ++d) dst_x[d] = s_dst[d][kOutX];
+        copy_row<true>(reinterpret_cast<const int4 *>(m + kMeta), dests, slots, dst_x, lane);
+        if constexpr (kScaleCols > 0) {
+          const float *sc =
+              reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
+          for (int c = lane; c < kScaleCols; c += 32) {
+            const float s = __ldcv(sc + c);
+#pragma unroll
+            for (int d = 0; d < kRanks; ++d)
+              if (dests >> d & 1u)
+                reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
+          }
+        }
+        if constexpr (kWithMeta) {
+          const int *idx = reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
+          const int64_t e = lane < kTopk ? __ldcv(idx + lane) : -1;
+          const float w = lane < kTopk ? __ldcv(reinterpret_cast<const float *>(idx + kTopk) + lane) : 0.f;
+          write_meta(dests, slots, e, w, head.y);
+        }
+      }
+      __threadfence_system();  // the forwarded rows (and this chunk's reads) before the credit frees its slots
+      __syncthreads();
+      if (tid == 0 && !epk::stream::release(q.qp(), q.raddr + word_offset(&area->words.credit[my_node]),
+                                            base + c0 + cnt, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+      if (s_failed) return;
+    }
+    if (tid == 0) area->words.received[n] = base + count;
+  }
+
+  // 3. The last block: tell every rank of this node this rank is done (its own rows and what it forwarded), then
+  //    wait until each of them is (ht_phases.cuh finish_all, over this node's ranks only).
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  if (tid == 0) atomicExch(ticket, 0u);
+  if (tid < kRanks && (local_mask >> tid & 1u)) {
+    epk::publish(&epk::ctrl_of(peers, tid)->dispatch_done[p][rank], epoch);
+    epk::wait_reached(&ctrl->dispatch_done[p][tid], epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE, tid);
+  }
+}
