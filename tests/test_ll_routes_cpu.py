@@ -145,15 +145,17 @@ def _proxy_threads():
     return [t for t in threading.enumerate() if t.name.startswith(("epkern-rank", "epkern-emulated-rank"))]
 
 
-def test_ht_across_nodes_is_refused_and_ll_only_is_accepted(fake):
+def test_ht_across_nodes_needs_an_rdma_area_and_ll_only_buffers_refuse_ht_calls(fake):
     import epkern
 
     def body(group):
-        with pytest.raises(ArgumentError, match="issue #18"):
+        with pytest.raises(ArgumentError, match="num_rdma_bytes: ranks on 2 nodes: high-throughput calls"):
             epkern.Buffer(group, num_nvl_bytes=1 << 20, low_latency_mode=True, backend="gpu")
         buf = _buffer(group)
-        with pytest.raises(ArgumentError, match="high-throughput calls across nodes"):
+        with pytest.raises(ArgumentError, match="dispatch: high-throughput calls across nodes need num_nvl_bytes"):
             buf.dispatch(None)
+        with pytest.raises(ArgumentError, match="combine across nodes is not built yet"):
+            buf.combine(None, None)
         buf.destroy()
 
     _on_ranks(body, 2, 1)

@@ -29,11 +29,14 @@ class GpuBackend:
     def __init__(self, group, options):
         self.cross_node = group.num_nodes != 1
         ll_only = options.num_nvl_bytes == 0 and (options.low_latency_mode or options.num_rdma_bytes > 0)
-        if self.cross_node and not ll_only:
+        # HT across nodes (issue #18: dispatch only so far) streams through an HT RDMA area of num_rdma_bytes; the
+        # LL area then exists only in low_latency_mode (they are separate: the HT streams' counters live on).
+        ht_across = self.cross_node and not ll_only
+        if ht_across and options.num_rdma_bytes <= 0:
             raise ArgumentError(
-                f"group: ranks on {group.num_nodes} nodes: the GPU Buffer supports them for low-latency calls only "
-                "(num_nvl_bytes=0 with low_latency_mode or num_rdma_bytes; high-throughput calls across nodes: "
-                "issue #18); or use backend='cpu'"
+                f"num_rdma_bytes: ranks on {group.num_nodes} nodes: high-throughput calls across nodes stream through "
+                "an RDMA area; expected num_rdma_bytes > 0 (Buffer.get_rdma_buffer_size_hint), got "
+                f"{options.num_rdma_bytes}"
             )
         if group.size > MAX_RANKS:
             raise ArgumentError(f"group: intranode kernels support up to {MAX_RANKS} ranks, got {group.size}")
@@ -41,17 +44,25 @@ class GpuBackend:
         self.rt = Runtime(
             group,
             options.num_nvl_bytes,
-            options.num_rdma_bytes,
+            options.num_rdma_bytes if (not ht_across or options.low_latency_mode) else 0,
             options.low_latency_mode,
             options.timeout_s,
             options.poison,
+            ht_area_bytes=options.num_rdma_bytes if ht_across else 0,
         )
         import cupy
 
         self.nic_routes = None  # ProxyTransport / RdmaTransport when a route goes over the NIC
+        self.ht_inter = None  # ht_inter.HtInter: HT across nodes
         try:
             with cupy.cuda.Device(self.rt.device):
                 routes = None
+                if ht_across:
+                    from .ht_inter import HtInter
+
+                    nic = ll_routes.local_nic(group)
+                    real = ll_routes.real_nic(self.rt.rank, self.rt.device) if nic.kind == "mlx5" else None
+                    self.ht_inter = HtInter(self.rt, real_nic=real)
                 if self.rt.ll_bytes:
                     nic = ll_routes.local_nic(group)
                     table = ll_routes.choose(group, options.hybrid, options.transport, nic)
@@ -59,6 +70,7 @@ class GpuBackend:
                     if ll_routes.needs_nic(table):
                         self.nic_routes = _nic_transport(self.rt, table, routes, nic, options.num_proxy_threads)
                 self.ht = HtEngine(self.rt, tuning.ht)
+                self.ht.inter = self.ht_inter
                 self.ll = LLEngine(self.rt, tuning.ll, routes, self.nic_routes)
             self.ll_masks = LLMasks(self.ll)
             self._ll_dispatch = LLDispatch(self.ll)
@@ -66,37 +78,44 @@ class GpuBackend:
             group.barrier()
         except BaseException:
             with cupy.cuda.Device(self.rt.device):
-                if self.nic_routes is not None:
-                    self.nic_routes.close(raise_errors=False)
+                for side in self._nic_sides():
+                    side.close(raise_errors=False)
                 self.rt.release()  # no kernel ran on it: nothing to wait for
             raise
 
     # ---- lifecycle and settings ----
+    def _nic_sides(self) -> list:
+        """This rank's NIC transports: the LL routes' and HT-across-nodes' (each quiesced and closed alike)."""
+        ht = self.ht_inter.transport if self.ht_inter is not None else None
+        return [t for t in (self.nic_routes, ht) if t is not None]
+
     def destroy(self) -> None:
         self.ll.plans.clear()  # the replay plans hold the caller's arrays
         self.ht.clear_plans()
         self.ll.sizes.clear()  # and the cached views into the LL area (the memory lives while the caller's do)
-        nic_routes = self.nic_routes
-        if nic_routes is None:
+        sides = self._nic_sides()
+        if not sides:
             self.rt.destroy()
             return
         failures = []
         from .ll.nic_link import NicStillWriting
 
         def quiesce():  # the barrier must be reached whatever the NIC side says: its failure is raised after
-            try:
-                nic_routes.quiesce()
-            except NicStillWriting:
-                raise  # no barrier: peers keep their memory (they raise naming this rank), this rank keeps its own
-            except Exception as exc:  # noqa: BLE001
-                failures.append(exc)
+            for side in sides:
+                try:
+                    side.quiesce()
+                except NicStillWriting:
+                    raise  # no barrier: peers keep their memory (they raise naming this rank), this rank keeps its own
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
 
         try:
             # The NIC side drains and stops after this rank's kernels ended and before the barrier: after it,
             # peers free their memory, which this rank's NIC must not write any more.
             self.rt.destroy(quiesce=quiesce)
         finally:
-            nic_routes.close(raise_errors=not failures)
+            for side in sides:
+                side.close(raise_errors=not failures)
         if failures:
             raise failures[0]
 
@@ -107,17 +126,19 @@ class GpuBackend:
     def _check_nic(self) -> None:
         """A failed NIC route (NIC fault, error completion, bad trigger, deadline) is this Buffer's failure: raise
         it, naming the rank and the peer; the Buffer is unusable from then on (its FIFOs or QPs are dead)."""
-        nic_routes = self.nic_routes
-        if nic_routes is not None and nic_routes.failed and not self.rt.closed:
-            try:
-                nic_routes.check()
-            except Exception as exc:
-                self.rt.broken = self.rt.broken or str(exc)
-                raise
+        for side in self._nic_sides():
+            if side.failed and not self.rt.closed:
+                try:
+                    side.check()
+                except Exception as exc:
+                    self.rt.broken = self.rt.broken or str(exc)
+                    raise
 
     def _refuse_ht_across_nodes(self, what: str) -> None:
         if self.cross_node:
-            raise ArgumentError(f"{what}: high-throughput calls across nodes are not supported yet (issue #18)")
+            raise ArgumentError(
+                f"{what}: high-throughput {what} across nodes is not built yet (issue #18; dispatch across nodes is)"
+            )
 
     def set_num_sms(self, num_sms) -> None:
         self.ht.set_num_sms(num_sms)
@@ -130,7 +151,13 @@ class GpuBackend:
         return self.ht.get_dispatch_layout(*args)
 
     def dispatch(self, *args):
-        self._refuse_ht_across_nodes("dispatch")
+        if self.ht_inter is not None:
+            self._check_nic()
+        elif self.cross_node:
+            raise ArgumentError(
+                "dispatch: high-throughput calls across nodes need num_nvl_bytes > 0 and num_rdma_bytes > 0; this "
+                "Buffer was made for low-latency calls only (num_nvl_bytes=0)"
+            )
         return self.ht.dispatch(*args)
 
     def combine(self, *args):
@@ -138,6 +165,7 @@ class GpuBackend:
         return self.ht.combine(*args)
 
     def get_combine_buffer(self, handle):
+        self._refuse_ht_across_nodes("combine")
         return self.ht.combine_buffer(handle)
 
     # ---- low latency ----

@@ -10,6 +10,7 @@ reference's order.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -50,10 +51,11 @@ _SHAPE_FIELDS = (
     ("x", "FP8 scale columns"),
     ("num_tokens_per_expert", "experts per rank"),
     ("topk_idx", "all entries in [-1, num_experts) (1: yes)"),
+    ("num_tokens_per_rdma_rank", "tokens per node as is_token_in_rank gives them (1: yes)"),  # across nodes only
 )
 
 
-def _refuse_mismatched_calls(host_out, topk: int, rank: int) -> None:
+def refuse_mismatched_calls(host_out, topk: int, rank: int) -> None:
     """What ht_notify found before any row moved: this rank's topk_idx entry outside [-1, num_experts), or a peer
     whose call differs from this one in a shape (then every rank of the group refuses the same call, and the
     Buffer stays usable)."""
@@ -75,6 +77,39 @@ def _refuse_mismatched_calls(host_out, topk: int, rank: int) -> None:
         )
 
 
+@dataclass
+class DispatchOutputs:
+    sizes: list
+    keep: tuple
+    x: object
+    scales: object
+    idx: object
+    weights: object
+    src: object
+
+
+def dispatch_outputs(rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, on_comm):
+    """A dispatch's outputs, allocated where peers can write them (intranode and across nodes alike)."""
+    hidden = data.shape[1]
+    sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
+    if not cached:
+        sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
+    bufs, keep = rt.alloc_out(sizes, compute, on_comm)
+    # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
+    recv_data = bufs[0].view(np.uint8 if scales is not None else data.dtype).reshape(out_rows, hidden)
+    recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
+    recv_idx = recv_w = recv_src = None
+    if not cached:
+        recv_idx = bufs[2].view(np.int64).reshape(out_rows, topk)
+        recv_w = bufs[3].view(np.float32).reshape(out_rows, topk)
+        recv_src = bufs[4].view(np.int32)
+        if num_worst_tokens:  # rows past the real count: no selection (-1 is all bytes 0xFF)
+            rt.fill_bytes(recv_idx, 0xFF)
+            rt.fill_bytes(recv_w, 0)
+            rt.fill_bytes(recv_src, 0xFF)
+    return DispatchOutputs(sizes, keep, recv_data, recv_scales, recv_idx, recv_w, recv_src)
+
+
 class HtEngine:
     def __init__(self, rt, tuning: HtTuning):
         self.rt = rt
@@ -83,6 +118,7 @@ class HtEngine:
         # (MPS processes or in-process ranks standing in for several GPUs) each take their share of all of it.
         self.num_sms = min(24, rt.sm_share) if rt.ranks_per_gpu == 1 else rt.sm_share
         self.plans = ll_plans.CallPlans(8)  # validated cached dispatches and combines (ht_replay.py)
+        self.inter = None  # ht_inter.HtInter when the group spans nodes (the backend sets it)
         self.replays = 0
 
     def clear_plans(self) -> None:
@@ -183,6 +219,15 @@ class HtEngine:
                 R, T, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, dev
             )
 
+        if self.inter is not None:  # the group spans nodes (ht_inter.py)
+            return self.inter.dispatch(self, SimpleNamespace(
+                data=data, scales=scales, T=T, row_bytes=row_bytes, hidden=hidden, topk=topk, handle=handle,
+                cached=cached, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, num_tokens_per_expert=num_tokens_per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
+                num_worst_tokens=num_worst_tokens, blocks=blocks, previous_event=previous_event,
+                async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
+            ))  # fmt: skip
         tun = self.tuning
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
@@ -222,7 +267,7 @@ class HtEngine:
                     out_rows = num_worst_tokens
                 else:
                     rt.wait_host_word(rt.notify_out, notify_epoch, "dispatch notify")
-                    _refuse_mismatched_calls(rt.notify_out, topk, rt.rank)
+                    refuse_mismatched_calls(rt.notify_out, topk, rt.rank)
                     num_recv = int(rt.notify_out[1])
                     raw = rt.notify_out[2 + R : 2 + R + E_loc].astype(np.int64)
                     per_expert = (-(-raw // expert_alignment) * expert_alignment).tolist()
@@ -234,23 +279,11 @@ class HtEngine:
                     handle.is_token_in_rank,
                 )
                 out_rows = handle.num_out_rows
-            # Outputs, allocated where peers can write them.
-            sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
-            if not cached:
-                sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
-            bufs, keep = rt.alloc_out(sizes, compute, allocate_on_comm_stream)
-            # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
-            recv_data = bufs[0].view(np.uint8 if scales is not None else data.dtype).reshape(out_rows, hidden)
-            recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
-            recv_idx = recv_w = recv_src = None
-            if not cached:
-                recv_idx = bufs[2].view(np.int64).reshape(out_rows, topk)
-                recv_w = bufs[3].view(np.float32).reshape(out_rows, topk)
-                recv_src = bufs[4].view(np.int32)
-                if num_worst_tokens:  # rows past the real count: no selection (-1 is all bytes 0xFF)
-                    rt.fill_bytes(recv_idx, 0xFF)
-                    rt.fill_bytes(recv_w, 0)
-                    rt.fill_bytes(recv_src, 0xFF)
+            out = dispatch_outputs(
+                rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream
+            )
+            sizes, keep, recv_data, recv_scales = out.sizes, out.keep, out.x, out.scales
+            recv_idx, recv_w, recv_src = out.idx, out.weights, out.src
             defines = HT_DISPATCH.defines(
                 EPK_NUM_RANKS=R,
                 EPK_TOPK=topk,

@@ -126,10 +126,18 @@ class RegionLease:
 
 
 class Runtime:
-    """Per rank and Buffer. Region = control area (CTRL_BYTES) + HT heap (num_nvl_bytes) + LL area."""
+    """Per rank and Buffer. Region = control area (CTRL_BYTES) + HT heap (num_nvl_bytes) + LL area + HT RDMA area
+    (groups across nodes)."""
 
     def __init__(
-        self, group, num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool, timeout_s: float, poison: bool
+        self,
+        group,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        low_latency_mode: bool,
+        timeout_s: float,
+        poison: bool,
+        ht_area_bytes: int = 0,
     ):
         import cupy
 
@@ -162,7 +170,11 @@ class Runtime:
             # LL area (num_rdma_bytes) after the control area and the HT heap; the heap is unchanged.
             self.ll_bytes = ll_area_bytes(num_rdma_bytes, low_latency_mode)
             self.ll_offset = CTRL_BYTES + -(-num_nvl_bytes // 256) * 256
-            region_bytes = self.ll_offset + self.ll_bytes if self.ll_bytes else CTRL_BYTES + num_nvl_bytes
+            end = self.ll_offset + self.ll_bytes if self.ll_bytes else CTRL_BYTES + num_nvl_bytes
+            # HT across nodes (issue #18): the HT RDMA area (ht_inter_layout.py) last.
+            self.ht_area_bytes = -(-int(ht_area_bytes) // 256) * 256
+            self.ht_area_offset = -(-end // 256) * 256 if self.ht_area_bytes else 0
+            region_bytes = self.ht_area_offset + self.ht_area_bytes if self.ht_area_bytes else end
             self.region = SymmetricRegion(group, region_bytes, self.device)
             self.closed = False
             self.host = None

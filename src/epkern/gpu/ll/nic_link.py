@@ -54,6 +54,7 @@ class NicLink:
         nic_factory=None,
         wire=None,
         real_nic=None,
+        area=None,
     ):
         from ...memory.wire import WireMappings
         from ...nic.device_memory import DeviceMemory
@@ -65,7 +66,10 @@ class NicLink:
         self.qps: dict[int, object] = {}
         self.peer_targets: dict[int, tuple[int, int]] = {}  # peer -> (its LL area as this NIC addresses it, rkey)
         try:
-            self.ll_base = rt.region.ptr + rt.ll_offset
+            # The registered area: the LL area, or another part of the region at the same offset on every rank
+            # (``area``: (offset, bytes); the HT RDMA area of a group across nodes, issue #18).
+            self.area_offset, self.area_bytes = area if area is not None else (rt.ll_offset, rt.ll_bytes)
+            self.ll_base = rt.region.ptr + self.area_offset
             if real_nic is not None:  # a zero-argument callable making this rank's real NIC (routes.real_nic)
                 self.nic = real_nic()
                 self._connect_real(rt, qp_slots, cq_slots)
@@ -76,12 +80,12 @@ class NicLink:
             self.memory = DeviceMemory(rt.device, stream=stream_of("nic") if stream_of is not None else None)
             make = nic_factory or (lambda m: EmulatedNic(m, poll_doorbells=poll_doorbells, name=f"rank{rt.rank}"))
             self.nic = make(self.memory)
-            self.memory.add(self.ll_base, rt.ll_bytes)
-            self.local_mr = self.nic.reg_mr(self.ll_base, rt.ll_bytes, access=Access.REMOTE_WRITE)
+            self.memory.add(self.ll_base, self.area_bytes)
+            self.local_mr = self.nic.reg_mr(self.ll_base, self.area_bytes, access=Access.REMOTE_WRITE)
             for p in self.remote:
-                peer_ll = self.wire.ptrs[p] + rt.ll_offset
-                self.memory.add(peer_ll, rt.ll_bytes)
-                mr = self.nic.reg_mr(peer_ll, rt.ll_bytes, access=Access.REMOTE_WRITE)
+                peer_ll = self.wire.ptrs[p] + self.area_offset
+                self.memory.add(peer_ll, self.area_bytes)
+                mr = self.nic.reg_mr(peer_ll, self.area_bytes, access=Access.REMOTE_WRITE)
                 qp = self.nic.create_qp(self.nic.create_cq(cq_slots), qp_slots)
                 qp.connect(qp)  # loopback: this NIC writes the peer's mapped area (the wire)
                 self.qps[p] = qp
@@ -100,7 +104,8 @@ class NicLink:
         from ...nic.emulated import Access  # the ibv_access_flags values
 
         # Peers write here (remote write needs local write in verbs); the default access would refuse them.
-        self.local_mr = self.nic.reg_gpu_mr(self.ll_base, rt.ll_bytes, int(Access.LOCAL_WRITE | Access.REMOTE_WRITE))
+        access = int(Access.LOCAL_WRITE | Access.REMOTE_WRITE)
+        self.local_mr = self.nic.reg_gpu_mr(self.ll_base, self.area_bytes, access)
         for p in self.remote:
             self.qps[p] = self.nic.create_qp(self.nic.create_cq(cq_slots), qp_slots)
         self.nic.connect_mesh(rt.group.allgather_bytes, rt.rank, [[self.qps[p]] if p in self.qps else [] for p in

@@ -52,7 +52,7 @@ def pack_qp(sq, dbrec, db, retired, ctr, raddr, rkey, lkey, qpn, wqe_cnt) -> np.
 class RdmaTransport(NicTransport):
     """RDMA routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is RDMA get a QP."""
 
-    def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None, real_nic=None):
+    def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None, real_nic=None, area=None):
         import cupy
 
         from ...nic.completions import CompletionPoller, PolledQp
@@ -72,6 +72,7 @@ class RdmaTransport(NicTransport):
                 nic_factory=nic_factory,
                 wire=wire,
                 real_nic=real_nic,
+                area=area,
             )
             # A real NIC's QPs keep their own rings (map_for_gpu): the block then holds only the doorbell-side words.
             real = any(hasattr(qp, "map_for_gpu") for qp in link.qps.values())

@@ -1,0 +1,203 @@
+"""HT dispatch across nodes (issue #18; docs/architecture.md, "Internode HT"): a token crosses the network once per
+destination node, to the rank of that node with its source's local index, which writes it into its final place in
+each destination of its node over IPC. Destinations on the source's own node get their rows over IPC directly.
+
+- Memory: the HT RDMA area (``Runtime.ht_area_*``, ``num_rdma_bytes``; layout in ht_inter_layout.py) registered on
+  this rank's NIC with one QP per rank of another node: an ``RdmaTransport`` (the RDMA route's host side: QP table,
+  completion poller, quiesce) over that area instead of the LL area. The kernels post their own WQEs.
+- Flow of a non-cached dispatch: ``ht_inter_notify`` (counts of every rank: IPC stores to this node, one WRITE + an
+  inline flag to each other rank; send slots for every rank, message order per node) -> the host reads the receive
+  count and allocates outputs -> ``ht_inter_dispatch`` (sender, forwarder and copier blocks; ht_inter_dispatch.cu).
+- Handle: the intranode handle's fields plus ``node_tokens`` / ``node_counts`` (what the streams replay in a cached
+  dispatch). Combine across nodes is not built yet (the Buffer refuses it, naming issue #18).
+
+Compiled and CPU-tested for its host side only: NOT RUN on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import api_checks
+from .. import kernel_constants as K
+from .._validate import as_device_array, check_array
+from ..errors import ArgumentError
+from . import ht_inter_layout as lay
+from .ht import HtHandle, dispatch_outputs, refuse_mismatched_calls
+from .kernels import HT_INTER_DISPATCH, HT_INTER_NOTIFY
+from .ll.layout import ROUTE_IPC, ROUTE_RDMA
+
+_INTER = K.get("EPK_HT_NOTIFY_INTER")
+_LAYOUT_OK = K.get("EPK_HT_NOTIFY_LAYOUT_OK")
+MAX_NODES = lay.MAX_NODES
+
+
+@dataclass
+class HtInterHandle(HtHandle):
+    """An intranode handle plus the streams of this dispatch: ``node_tokens`` int32 [N, T] (the token of message i
+    to node n), ``node_counts`` int32 [16] (messages sent to each node, then forwarded from each node)."""
+
+    node_tokens: object = None
+    node_counts: object = None
+    node_slot: object = None  # int32 [T, N]: the message index of token t to node n (-1: none); for combine
+
+
+class HtInter:
+    """HT across nodes for one rank of a Buffer: the node map and the RDMA transport over the HT area."""
+
+    def __init__(self, rt, real_nic=None, transport_factory=None):
+        from .ll.rdma import RDMA_PHASES, RdmaTransport
+
+        self.rt = rt
+        node_of = tuple(rt.group.node_of_rank)
+        self.nodes = lay.nodes_of(node_of, rt.rank)
+        routes = [ROUTE_IPC if node_of[p] == node_of[rt.rank] else ROUTE_RDMA for p in range(rt.num_ranks)]
+        make = transport_factory or RdmaTransport
+        self.transport = make(rt, routes, real_nic=real_nic, area=(rt.ht_area_offset, rt.ht_area_bytes))
+        rt.register_phases(RDMA_PHASES)
+
+    def min_blocks(self) -> int:
+        """A sender and a forwarder block per node, and at least one copier (ht_inter_dispatch.cu)."""
+        return 2 * self.nodes.num_nodes + 1
+
+    def dispatch(self, engine, a):
+        """``a``: HtEngine.dispatch's validated arguments (a SimpleNamespace)."""
+        import cupy
+
+        rt, N, R = self.rt, self.nodes.num_nodes, self.rt.num_ranks
+        T, topk, hidden, row_bytes = a.T, a.topk, a.hidden, a.row_bytes
+        scale_cols = hidden // 128 if a.scales is not None else 0
+        if not a.cached:
+            rdma = a.num_tokens_per_rdma_rank
+            if rdma is None:
+                raise ArgumentError("num_tokens_per_rdma_rank: required across nodes unless a cached handle is given")
+            rdma = as_device_array(rdma, "num_tokens_per_rdma_rank")
+            check_array(rdma, "num_tokens_per_rdma_rank", dtypes=(np.int32,), shape=(N,), device=rt.device)
+        rings = lay.rings(rt.ht_area_bytes, N, lay.dispatch_msg_bytes(topk, scale_cols, row_bytes), 0, "dispatch")
+        blocks = max(a.blocks, self.min_blocks())
+        tun = engine.tuning
+        common = dict(
+            peers=rt.peer_table,
+            area_offset=rt.ht_area_offset,
+            qps=self.transport.table_ptr,
+            node_of_rank=self.nodes.node_of_rank,
+            peer_of_node=self.nodes.peer_of_node,
+        )
+        compute = rt.begin(a.previous_event, a.async_finish, a.allocate_on_comm_stream)
+        with rt.on_comm_stream():
+            if not a.cached:
+                E = a.num_tokens_per_expert.shape[0]
+                rank_prefix = cupy.empty((R, R), dtype=np.int32)
+                send_slot = cupy.empty((T, R), dtype=np.int32)
+                node_slot = cupy.empty((T, N), dtype=np.int32)
+                node_tokens = cupy.empty((N, max(T, 1)), dtype=np.int32)
+                node_counts = cupy.zeros(2 * MAX_NODES, dtype=np.int32)
+                epoch = rt.next_epoch()
+                rt.notify_out[0] = 0
+                rt.launch(
+                    HT_INTER_NOTIFY,
+                    HT_INTER_NOTIFY.defines(EPK_NUM_RANKS=R, EPK_NUM_NODES=N),
+                    1,
+                    1024,
+                    HT_INTER_NOTIFY.pack(
+                        dry_run=0,
+                        rank=rt.rank,
+                        epoch=epoch,
+                        num_tokens=T,
+                        num_tokens_per_rank=a.num_tokens_per_rank,
+                        num_tokens_per_rdma_rank=rdma,
+                        num_tokens_per_expert=a.num_tokens_per_expert,
+                        is_token_in_rank=a.is_token_in_rank,
+                        rank_prefix_matrix=rank_prefix,
+                        send_slot=send_slot,
+                        node_slot=node_slot,
+                        node_tokens=node_tokens,
+                        node_counts=node_counts,
+                        topk_idx=a.topk_idx,
+                        topk=topk,
+                        num_experts=E,
+                        row_bytes=row_bytes,
+                        scale_cols=scale_cols,
+                        host_out=rt.notify_out_ptr,
+                        **common,
+                        **rt.deadline(),
+                    ),
+                )
+                if a.num_worst_tokens:
+                    num_recv, per_expert, out_rows = -1, [], a.num_worst_tokens
+                else:
+                    rt.wait_host_word(rt.notify_out, epoch, "dispatch notify")
+                    if not int(rt.notify_out[_LAYOUT_OK]):
+                        raise ArgumentError(
+                            "num_tokens_per_rdma_rank: differs from the tokens per node that is_token_in_rank gives "
+                            "(every rank refuses this dispatch)"
+                        )
+                    refuse_mismatched_calls(rt.notify_out, topk, rt.rank)
+                    num_recv = int(rt.notify_out[1])
+                    raw = rt.notify_out[2 + R : 2 + R + E // R].astype(np.int64)
+                    per_expert = (-(-raw // a.expert_alignment) * a.expert_alignment).tolist()
+                    out_rows = num_recv
+                is_token_in_rank = a.is_token_in_rank
+            else:
+                h = a.handle
+                rank_prefix, send_slot, is_token_in_rank = h.rank_prefix_matrix, h.send_slot, h.is_token_in_rank
+                node_tokens, node_counts, out_rows = h.node_tokens, h.node_counts, h.num_out_rows
+            out = dispatch_outputs(
+                rt, out_rows, row_bytes, a.data, a.scales, topk, a.cached, a.num_worst_tokens, compute,
+                a.allocate_on_comm_stream,
+            )  # fmt: skip
+            defines = HT_INTER_DISPATCH.defines(
+                EPK_NUM_RANKS=R,
+                EPK_NUM_NODES=N,
+                EPK_TOPK=topk,
+                EPK_ROW_BYTES=row_bytes,
+                EPK_SCALE_COLS=scale_cols,
+                EPK_NUM_LOCAL_EXPERTS=(a.num_tokens_per_expert.shape[0] // R) if not a.cached else 1,
+                EPK_WITH_META=0 if a.cached else 1,
+                EPK_THREADS=tun.threads,
+                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+                EPK_UNROLL=tun.dispatch_unroll,
+            )
+            ptr = lambda arr: arr.data.ptr if arr is not None else 0  # noqa: E731
+            args = HT_INTER_DISPATCH.pack(
+                dry_run=0,
+                rank=rt.rank,
+                epoch=rt.next_epoch(),
+                num_tokens=T,
+                x=a.data,
+                x_scales=a.scales,
+                topk_idx=None if a.cached else a.topk_idx,
+                topk_weights=None if a.cached else a.topk_weights,
+                send_slot=send_slot,
+                node_tokens=node_tokens,
+                node_counts=node_counts,
+                ring_offset=rings.offset,
+                ring=rings.ring,
+                chunk=rings.chunk,
+                out_x=ptr(out.x),
+                out_scales=ptr(out.scales),
+                out_idx=ptr(out.idx),
+                out_weights=ptr(out.weights),
+                out_src=ptr(out.src),
+                out_rows=out_rows,
+                ticket=rt.tickets.data.ptr,
+                **common,
+                **rt.deadline(),
+            )
+            rt.launch(HT_INTER_DISPATCH, defines, blocks, tun.threads, args)
+        event = rt.end(compute, a.async_finish)
+        recv_x = (out.x, out.scales) if a.scales is not None else out.x
+        if a.cached:
+            return recv_x, None, None, None, a.handle, event
+        handle = HtInterHandle(
+            rank_prefix, send_slot, is_token_in_rank, out.src, num_recv, out_rows, T, hidden, topk, out.keep,
+            node_tokens=node_tokens, node_counts=node_counts, node_slot=node_slot,
+        )  # fmt: skip
+        api_checks.stamp(handle, rt)
+        weights = out.weights if a.topk_weights is not None else None
+        return recv_x, out.idx, weights, per_expert, handle, event
+
+    def close(self, raise_errors: bool = True) -> None:
+        self.transport.close(raise_errors=raise_errors)

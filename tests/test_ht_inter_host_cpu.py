@@ -1,0 +1,127 @@
+"""HT across nodes (issue #18) on the CPU: the node map and the ring layout (gpu/ht_inter_layout.py, the host's side of
+kernels/ht_inter.cuh), and GPU Buffers of in-process ranks on virtual nodes over the fake CuPy (tests/fake_cupy.py):
+the HT RDMA area and its RDMA transport (QPs to the ranks of the other node only, their targets the peers' HT areas),
+the notify and dispatch launches with their arguments, the refusals, and a destroy that leaves no thread. The kernels
+do not run here (tests/test_ht_inter_gpu.py runs them)."""
+
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from epkern import reference
+from epkern.errors import ArgumentError
+from epkern.gpu import ht_inter_layout as lay
+from test_ll_routes_cpu import fake  # noqa: F401 - the fake-CuPy fixture
+
+H, K, E, T = 128, 2, 8, 6
+
+
+def test_node_map_packs_nodes_and_same_index_peers():
+    n = lay.nodes_of((0, 0, 1, 1), 1)
+    assert (n.num_nodes, n.per_node, n.node, n.peers) == (2, 2, 0, (1, 3))
+    assert n.node_of_rank == 0x1100 and n.peer_of_node == 0x31
+    n = lay.nodes_of((0, 1, 2, 3, 4, 5, 6, 7), 5)
+    assert n.peers == tuple(range(8)) and n.node == 5
+    assert n.node_of_rank == 0x76543210  # nibbles of at most 7: a positive int32
+    n = lay.nodes_of((0, 1, 0, 1), 2)  # nodes need not be contiguous: local index = position among the node's ranks
+    assert n.peers == (2, 3)
+    with pytest.raises(ArgumentError, match=r"same number of ranks on every node \(node 0: ranks \[0, 1, 2\]"):
+        lay.nodes_of((0, 0, 0, 1), 0)
+    with pytest.raises(ArgumentError, match="up to 8 ranks"):
+        lay.nodes_of((0,) * 8 + (1,) * 8, 0)
+
+
+def test_message_and_ring_layout():
+    assert lay.dispatch_meta_bytes(8, 0) == 16 + 32 + 64
+    assert lay.dispatch_meta_bytes(8, 56) == 16 + 32 + 64 + 224
+    assert lay.dispatch_meta_bytes(1, 0) == 64  # 16 + 32 + 8 rounded up to 16
+    msg = lay.dispatch_msg_bytes(8, 0, 14336)
+    area = lay.area_bytes_hint(7168, 8, 2, ring=64)
+    d, c = lay.rings(area, 2, msg, 0, "dispatch"), lay.rings(area, 2, msg, 1, "combine")
+    assert d.offset == lay.HEADER_BYTES and c.offset == d.offset + (area - lay.HEADER_BYTES) // 2 // 256 * 256
+    assert d.ring == 64 and d.chunk == lay.CHUNK and d.offset + 4 * d.ring * msg <= c.offset
+    assert c.offset + 4 * c.ring * msg <= area
+    with pytest.raises(ArgumentError, match=r"dispatch: num_rdma_bytes=200000 holds 0 messages .* at least \d+ bytes"):
+        lay.rings(200_000, 2, msg, 0, "dispatch")
+    small = lay.HEADER_BYTES + 2 * -(-(4 * msg * 3) // 256) * 256  # each half: 2 nodes x 2 rings x 3 slots
+    assert lay.rings(small, 2, msg, 0, "dispatch").chunk == lay.rings(small, 2, msg, 0, "dispatch").ring == 3
+
+
+def _layout(rank, R, node_of):
+    rng = np.random.default_rng(rank)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int64)
+    idx[0] = -1  # a token sent nowhere
+    lo = reference.get_dispatch_layout(idx, E, R, rank_to_node=np.array(node_of))
+    return idx, lo
+
+
+def _threads():
+    return [t for t in threading.enumerate() if t.name.startswith(("epkern-rank", "epkern-emulated-rank"))]
+
+
+def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake):  # noqa: F811
+    import cupy
+
+    import epkern
+    from epkern.group.threads import run_in_process
+
+    area = lay.area_bytes_hint(H, K, 2, ring=8)
+    before = set(_threads())  # another test's threads may still be winding down
+
+    def body(group):
+        R, node_of = group.size, tuple(group.node_of_rank)
+        with pytest.raises(ArgumentError, match="num_rdma_bytes: ranks on 2 nodes"):
+            epkern.Buffer(group, num_nvl_bytes=1 << 22, backend="gpu", timeout_s=20)
+        buf = epkern.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=area, backend="gpu", timeout_s=20)
+        be = buf._backend
+        rt, inter = be.rt, be.ht_inter
+        assert rt.ll_bytes == 0 and rt.ht_area_bytes == area  # no LL area outside low_latency_mode
+        remote = [p for p in range(R) if node_of[p] != node_of[group.rank]]
+        assert sorted(inter.transport.qps) == remote
+        table = cupy.asnumpy(inter.transport.table)
+        for p in remote:  # each QP targets the peer's HT area (as the emulated NIC maps it here)
+            assert int(table[p][5]) == inter.transport.link.wire.ptrs[p] + rt.ht_area_offset
+        assert not table[[p for p in range(R) if p not in remote]].any()
+
+        idx, lo = _layout(group.rank, R, node_of)
+        x = cupy.asarray(np.ones((T, H), ml_dtypes.bfloat16))
+        args = dict(
+            topk_idx=cupy.asarray(idx),
+            num_tokens_per_rank=cupy.asarray(lo.num_tokens_per_rank),
+            is_token_in_rank=cupy.asarray(lo.is_token_in_rank),
+            num_tokens_per_expert=cupy.asarray(lo.num_tokens_per_expert),
+        )
+        with pytest.raises(ArgumentError, match="num_tokens_per_rdma_rank: required across nodes"):
+            buf.dispatch(x, **args, num_worst_tokens=64)
+        with pytest.raises(ArgumentError, match=r"num_tokens_per_rdma_rank: expected shape \(2,\)"):
+            buf.dispatch(x, **args, num_tokens_per_rdma_rank=cupy.zeros(3, np.int32), num_worst_tokens=64)
+        args["num_tokens_per_rdma_rank"] = cupy.asarray(lo.num_tokens_per_rdma_rank)
+        recv_x, recv_idx, _, _, handle, _ = buf.dispatch(x, **args, num_worst_tokens=64)  # no host wait
+        mine = rt.comm_stream.ptr  # the launches of this rank (the list is every in-process rank's)
+        launches = [launch for launch in fake if int(launch[5][0]) == 0 and launch[6] == mine]
+        assert [launch[1] for launch in launches] == ["epk_ht_inter_notify", "epk_ht_inter_dispatch"]
+        notify, dispatch = launches
+        assert notify[2] == {"EPK_NUM_RANKS": R, "EPK_NUM_NODES": 2}
+        nodes = lay.nodes_of(node_of, group.rank)
+        names = [n for n, _ in epkern.gpu.kernels.HT_INTER_DISPATCH.args]
+        got = dict(zip(names, dispatch[5], strict=True))
+        rings = lay.rings(area, 2, lay.dispatch_msg_bytes(K, 0, 2 * H), 0, "dispatch")
+        assert (int(got["ring"]), int(got["chunk"]), int(got["ring_offset"])) == (rings.ring, rings.chunk, rings.offset)
+        assert (int(got["node_of_rank"]), int(got["peer_of_node"])) == (nodes.node_of_rank, nodes.peer_of_node)
+        assert int(got["qps"]) == inter.transport.table_ptr and int(got["area_offset"]) == rt.ht_area_offset
+        assert dispatch[3][0] >= 2 * 2 + 1 and dispatch[2]["EPK_NUM_NODES"] == 2  # a sender and forwarder per node
+        assert recv_x.shape == (64, H) and recv_idx.shape == (64, K)
+        assert handle.node_tokens.shape == (2, T) and handle.node_slot.shape == (T, 2)
+        with pytest.raises(ArgumentError, match="combine across nodes is not built yet"):
+            buf.combine(recv_x, handle)
+        with pytest.raises(ArgumentError, match="combine across nodes is not built yet"):
+            buf.get_combine_buffer(handle)
+        buf.destroy()
+        assert inter.transport.closed
+
+    run_in_process(body, 4, ranks_per_node=2, timeout_s=60)
+    assert not set(_threads()) - before
