@@ -95,5 +95,9 @@ EPK_DEVICE constexpr int dispatch_meta_bytes(int topk, int scale_cols) {
   return (EPK_HT_INTER_MSG_HEADER + 4 * kSlotsPerMsg + 8 * topk + 4 * scale_cols + 15) / 16 * 16;
 }
 
+// A combine message (a partial): header {seq u32, 0, 0, 0}, K weight partials f32, padding to 16 bytes, then the
+// BF16 partial row.
+EPK_DEVICE constexpr int combine_meta_bytes(int topk) { return (EPK_HT_INTER_MSG_HEADER + 4 * topk + 15) / 16 * 16; }
+
 }  // namespace inter
 }  // namespace epk

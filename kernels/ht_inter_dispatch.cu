@@ -105,11 +105,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
                           const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
                           const float *__restrict__ topk_weights, const int *__restrict__ send_slot,
                           const int *__restrict__ node_tokens, const int *__restrict__ node_counts,
-                          const unsigned long long *__restrict__ peers, long long area_offset,
-                          const epk::inter::QpEntry *__restrict__ qps, int node_of_rank, int peer_of_node,
-                          long long ring_offset, int ring, int chunk, long long out_x, long long out_scales,
-                          long long out_idx, long long out_weights, long long out_src, int out_rows, unsigned *ticket,
-                          epk::ErrorRecord *err, unsigned long long timeout_ns) {
+                          int *__restrict__ fwd_slots, int fwd_cap, const unsigned long long *__restrict__ peers,
+                          long long area_offset, const epk::inter::QpEntry *__restrict__ qps, int node_of_rank,
+                          int peer_of_node, long long ring_offset, int ring, int chunk, long long out_x,
+                          long long out_scales, long long out_idx, long long out_weights, long long out_src,
+                          int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
@@ -319,6 +319,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
           const int d = s_node_rank[my_node][lane];
           const int s = __ldcv(reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER) + lane);
           if (d >= 0) slot = checked_slot(d, s);
+          if (fwd_slots != nullptr) {  // what combine reduces for this message (null: a cached dispatch)
+            if (i < fwd_cap)
+              fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * epk::inter::kSlotsPerMsg + lane] = slot;
+            else if (lane == 0)
+              epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, peer, i, fwd_cap);
+          }
         }
         // lane j holds the slot of local index j: gather them per rank
         int slots[kRanks];

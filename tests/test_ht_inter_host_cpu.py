@@ -116,10 +116,24 @@ def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake
         assert dispatch[3][0] >= 2 * 2 + 1 and dispatch[2]["EPK_NUM_NODES"] == 2  # a sender and forwarder per node
         assert recv_x.shape == (64, H) and recv_idx.shape == (64, K)
         assert handle.node_tokens.shape == (2, T) and handle.node_slot.shape == (T, 2)
-        with pytest.raises(ArgumentError, match="combine across nodes is not built yet"):
-            buf.combine(recv_x, handle)
-        with pytest.raises(ArgumentError, match="combine across nodes is not built yet"):
-            buf.get_combine_buffer(handle)
+        assert handle.fwd_slots.shape == (2, 2 * 64, lay.SLOTS_PER_MSG) and handle.fwd_cap == 2 * 64
+        assert int(got["fwd_cap"]) == handle.fwd_cap
+
+        y = buf.get_combine_buffer(handle)
+        assert y.shape == (64, H)
+        out, out_w, _ = buf.combine(y, handle)
+        launch = [x for x in fake if int(x[5][0]) == 0 and x[6] == mine][-1]
+        assert launch[1] == "epk_ht_inter_combine" and launch[2]["EPK_NUM_NODES"] == 2 and launch[3][0] >= 5
+        names = [n for n, _ in epkern.gpu.kernels.HT_INTER_COMBINE.args]
+        got = dict(zip(names, launch[5], strict=True))
+        rings = lay.rings(area, 2, lay.combine_msg_bytes(K, H), 1, "combine")
+        assert (int(got["ring"]), int(got["ring_offset"]), int(got["fwd_cap"])) == (rings.ring, rings.offset, 128)
+        assert out.shape == (T, H) and out_w is None
+        # cached dispatch: the streams replay; fwd_slots are not written again (combine keeps the first's)
+        buf.dispatch(x, handle=handle)
+        launch = [x for x in fake if int(x[5][0]) == 0 and x[6] == mine][-1]
+        got = dict(zip([n for n, _ in epkern.gpu.kernels.HT_INTER_DISPATCH.args], launch[5], strict=True))
+        assert launch[2]["EPK_WITH_META"] == 0 and int(got["fwd_slots"]) == 0 and int(got["fwd_cap"]) == 0
         buf.destroy()
         assert inter.transport.closed
 

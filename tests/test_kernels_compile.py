@@ -68,6 +68,10 @@ DEFINES = {
         *("EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_ROW_BYTES", "EPK_SCALE_COLS", "EPK_NUM_LOCAL_EXPERTS"),
         *("EPK_WITH_META", "EPK_THREADS", "EPK_MIN_BLOCKS", "EPK_UNROLL"),
     ),
+    "ht_inter_combine.cu": (
+        *("EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_HIDDEN", "EPK_HAS_WEIGHTS", "EPK_THREADS"),
+        "EPK_MIN_BLOCKS",
+    ),
     "layout.cu": ("EPK_NUM_EXPERTS", "EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_IDX_T", "EPK_THREADS"),
     "nic_fetch_add.cu": (),
     BENCH_KERNELS / "bench_copy_patterns.cu": (
@@ -114,6 +118,10 @@ SPECIMENS = {
         (8, 4, 8, 7168, 56, 32, 1, 512, 1, 4),
         (8, 8, 8, 14336, 0, 32, 0, 512, 1, 4),
         (2, 2, 1, 16, 0, 1, 1, 128, 1, 1),
+    ),
+    # (ranks, nodes, top-k, hidden, weights, threads, min blocks)
+    "ht_inter_combine.cu": _rows(
+        "ht_inter_combine.cu", (8, 2, 8, 7168, 1, 512, 1), (8, 8, 8, 7168, 0, 512, 1), (2, 2, 1, 8, 1, 128, 1)
     ),
     # (ranks, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, probe, unroll)
     "ht_dispatch.cu": _rows(

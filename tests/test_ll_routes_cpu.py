@@ -154,7 +154,7 @@ def test_ht_across_nodes_needs_an_rdma_area_and_ll_only_buffers_refuse_ht_calls(
         buf = _buffer(group)
         with pytest.raises(ArgumentError, match="dispatch: high-throughput calls across nodes need num_nvl_bytes"):
             buf.dispatch(None)
-        with pytest.raises(ArgumentError, match="combine across nodes is not built yet"):
+        with pytest.raises(ArgumentError, match="combine: high-throughput calls across nodes need num_nvl_bytes"):
             buf.combine(None, None)
         buf.destroy()
 

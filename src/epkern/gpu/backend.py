@@ -29,7 +29,7 @@ class GpuBackend:
     def __init__(self, group, options):
         self.cross_node = group.num_nodes != 1
         ll_only = options.num_nvl_bytes == 0 and (options.low_latency_mode or options.num_rdma_bytes > 0)
-        # HT across nodes (issue #18: dispatch only so far) streams through an HT RDMA area of num_rdma_bytes; the
+        # HT across nodes (issue #18) streams through an HT RDMA area of num_rdma_bytes; the
         # LL area then exists only in low_latency_mode (they are separate: the HT streams' counters live on).
         ht_across = self.cross_node and not ll_only
         if ht_across and options.num_rdma_bytes <= 0:
@@ -134,10 +134,11 @@ class GpuBackend:
                     self.rt.broken = self.rt.broken or str(exc)
                     raise
 
-    def _refuse_ht_across_nodes(self, what: str) -> None:
-        if self.cross_node:
+    def _refuse_ht_without_memory(self, what: str) -> None:
+        if self.cross_node and self.ht_inter is None:
             raise ArgumentError(
-                f"{what}: high-throughput {what} across nodes is not built yet (issue #18; dispatch across nodes is)"
+                f"{what}: high-throughput calls across nodes need num_nvl_bytes > 0 and num_rdma_bytes > 0; this "
+                "Buffer was made for low-latency calls only (num_nvl_bytes=0)"
             )
 
     def set_num_sms(self, num_sms) -> None:
@@ -151,21 +152,19 @@ class GpuBackend:
         return self.ht.get_dispatch_layout(*args)
 
     def dispatch(self, *args):
+        self._refuse_ht_without_memory("dispatch")
         if self.ht_inter is not None:
             self._check_nic()
-        elif self.cross_node:
-            raise ArgumentError(
-                "dispatch: high-throughput calls across nodes need num_nvl_bytes > 0 and num_rdma_bytes > 0; this "
-                "Buffer was made for low-latency calls only (num_nvl_bytes=0)"
-            )
         return self.ht.dispatch(*args)
 
     def combine(self, *args):
-        self._refuse_ht_across_nodes("combine")
+        self._refuse_ht_without_memory("combine")
+        if self.ht_inter is not None:
+            self._check_nic()
         return self.ht.combine(*args)
 
     def get_combine_buffer(self, handle):
-        self._refuse_ht_across_nodes("combine")
+        self._refuse_ht_without_memory("get_combine_buffer")
         return self.ht.combine_buffer(handle)
 
     # ---- low latency ----

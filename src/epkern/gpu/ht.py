@@ -149,8 +149,13 @@ class HtEngine:
         rt.check_usable()
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
+            nodes = tuple(rt.group.node_of_rank)
             lay = dispatch_layout.get_dispatch_layout(
-                topk_idx, num_experts, rt.num_ranks, alloc_stream=None if allocate_on_comm_stream else compute
+                topk_idx,
+                num_experts,
+                rt.num_ranks,
+                nodes if len(set(nodes)) > 1 else None,  # per-node counts across nodes (as the CPU backend)
+                alloc_stream=None if allocate_on_comm_stream else compute,
             )
             shape = getattr(topk_idx, "shape", (0, 0))
             rt.warm_once(("layout", num_experts, rt.num_ranks, str(getattr(topk_idx, "dtype", "")), shape[-1]))
@@ -373,6 +378,10 @@ class HtEngine:
             biases[i] = as_device_array(b, f"bias[{i}]")
             check_array(biases[i], f"bias[{i}]", dtypes=(BF16,), shape=(handle.num_tokens, hidden), device=dev)
         blocks = self.grid(config)
+        if self.inter is not None:  # the group spans nodes (ht_inter.py)
+            return self.inter.combine(
+                self, x, handle, topk_weights, biases, blocks, previous_event, async_finish, allocate_on_comm_stream
+            )
         tun = self.tuning
 
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)

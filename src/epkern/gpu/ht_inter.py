@@ -1,6 +1,7 @@
-"""HT dispatch across nodes (issue #18; docs/architecture.md, "Internode HT"): a token crosses the network once per
-destination node, to the rank of that node with its source's local index, which writes it into its final place in
-each destination of its node over IPC. Destinations on the source's own node get their rows over IPC directly.
+"""HT dispatch and combine across nodes (issue #18; docs/architecture.md, "Internode HT"): a token crosses the
+network once per destination node, to the rank of that node with its source's local index, which writes it into its
+final place in each destination of its node over IPC. Destinations on the source's own node get their rows over IPC
+directly. Combine runs the streams backwards: one partial per message.
 
 - Memory: the HT RDMA area (``Runtime.ht_area_*``, ``num_rdma_bytes``; layout in ht_inter_layout.py) registered on
   this rank's NIC with one QP per rank of another node: an ``RdmaTransport`` (the RDMA route's host side: QP table,
@@ -9,7 +10,9 @@ each destination of its node over IPC. Destinations on the source's own node get
   inline flag to each other rank; send slots for every rank, message order per node) -> the host reads the receive
   count and allocates outputs -> ``ht_inter_dispatch`` (sender, forwarder and copier blocks; ht_inter_dispatch.cu).
 - Handle: the intranode handle's fields plus ``node_tokens`` / ``node_counts`` (what the streams replay in a cached
-  dispatch). Combine across nodes is not built yet (the Buffer refuses it, naming issue #18).
+  dispatch) and ``fwd_slots`` (the row slots of each message this rank forwarded: what combine reduces).
+- Combine: ``ht_inter_combine`` sends each forwarded message's partial (its node's returned rows, BF16) back to the
+  source, which adds the partials of each node in ascending order (reference.ht_combine's two-level order).
 
 Compiled and CPU-tested for its host side only: NOT RUN on a GPU yet.
 """
@@ -26,7 +29,7 @@ from .._validate import as_device_array, check_array
 from ..errors import ArgumentError
 from . import ht_inter_layout as lay
 from .ht import HtHandle, dispatch_outputs, refuse_mismatched_calls
-from .kernels import HT_INTER_DISPATCH, HT_INTER_NOTIFY
+from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA
 
 _INTER = K.get("EPK_HT_NOTIFY_INTER")
@@ -42,6 +45,8 @@ class HtInterHandle(HtHandle):
     node_tokens: object = None
     node_counts: object = None
     node_slot: object = None  # int32 [T, N]: the message index of token t to node n (-1: none); for combine
+    fwd_slots: object = None  # int32 [N, fwd_cap, 8]: the row slots of each message this rank forwarded
+    fwd_cap: int = 0
 
 
 class HtInter:
@@ -127,6 +132,8 @@ class HtInter:
                 )
                 if a.num_worst_tokens:
                     num_recv, per_expert, out_rows = -1, [], a.num_worst_tokens
+                    # a message carries a row for at least one of the node's ranks: at most L x their rows
+                    fwd_cap = self.nodes.per_node * a.num_worst_tokens
                 else:
                     rt.wait_host_word(rt.notify_out, epoch, "dispatch notify")
                     if not int(rt.notify_out[_LAYOUT_OK]):
@@ -139,11 +146,14 @@ class HtInter:
                     raw = rt.notify_out[2 + R : 2 + R + E // R].astype(np.int64)
                     per_expert = (-(-raw // a.expert_alignment) * a.expert_alignment).tolist()
                     out_rows = num_recv
+                    fwd_cap = int(rt.notify_out[_INTER + MAX_NODES : _INTER + MAX_NODES + N].max())
+                fwd_slots = cupy.empty((N, max(fwd_cap, 1), lay.SLOTS_PER_MSG), dtype=np.int32)
                 is_token_in_rank = a.is_token_in_rank
             else:
                 h = a.handle
                 rank_prefix, send_slot, is_token_in_rank = h.rank_prefix_matrix, h.send_slot, h.is_token_in_rank
                 node_tokens, node_counts, out_rows = h.node_tokens, h.node_counts, h.num_out_rows
+                fwd_slots, fwd_cap = None, 0  # the streams carry the same messages: combine keeps the first's
             out = dispatch_outputs(
                 rt, out_rows, row_bytes, a.data, a.scales, topk, a.cached, a.num_worst_tokens, compute,
                 a.allocate_on_comm_stream,
@@ -173,6 +183,8 @@ class HtInter:
                 send_slot=send_slot,
                 node_tokens=node_tokens,
                 node_counts=node_counts,
+                fwd_slots=fwd_slots,
+                fwd_cap=fwd_cap,
                 ring_offset=rings.offset,
                 ring=rings.ring,
                 chunk=rings.chunk,
@@ -193,11 +205,78 @@ class HtInter:
             return recv_x, None, None, None, a.handle, event
         handle = HtInterHandle(
             rank_prefix, send_slot, is_token_in_rank, out.src, num_recv, out_rows, T, hidden, topk, out.keep,
-            node_tokens=node_tokens, node_counts=node_counts, node_slot=node_slot,
+            node_tokens=node_tokens, node_counts=node_counts, node_slot=node_slot, fwd_slots=fwd_slots,
+            fwd_cap=fwd_cap,
         )  # fmt: skip
         api_checks.stamp(handle, rt)
         weights = out.weights if a.topk_weights is not None else None
         return recv_x, out.idx, weights, per_expert, handle, event
+
+    def combine(self, engine, x, handle, topk_weights, biases, blocks, previous_event, async_finish, on_comm):
+        """HtEngine.combine's validated arguments: the partials of each node, reduced at the source
+        (ht_inter_combine.cu)."""
+        import cupy
+
+        from . import ht_replay
+        from .ht import BF16
+
+        rt, N = self.rt, self.nodes.num_nodes
+        api_checks.own_handle(handle, HtInterHandle, rt, "dispatch")
+        T, K, hidden = handle.num_tokens, handle.topk, x.shape[1]
+        msg = lay.combine_msg_bytes(K, hidden)
+        rings = lay.rings(rt.ht_area_bytes, N, msg, 1, "combine")
+        tun = engine.tuning
+        compute = rt.begin(previous_event, async_finish, on_comm)
+        with rt.on_comm_stream():
+            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights)
+            sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
+            bufs, _ = rt.alloc_out(sizes, compute, on_comm, shared=False)
+            out = bufs[0].view(BF16).reshape(T, hidden)
+            out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
+            scratch = cupy.empty(max(1, N * T * msg), dtype=np.uint8)  # the partials of other nodes, in order
+            copied = cupy.zeros(MAX_NODES, dtype=np.int32)
+            defines = HT_INTER_COMBINE.defines(
+                EPK_NUM_RANKS=rt.num_ranks,
+                EPK_NUM_NODES=N,
+                EPK_TOPK=K,
+                EPK_HIDDEN=hidden,
+                EPK_HAS_WEIGHTS=int(topk_weights is not None),
+                EPK_THREADS=tun.threads,
+                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+            )
+            args = HT_INTER_COMBINE.pack(
+                dry_run=0,
+                rank=rt.rank,
+                epoch=rt.next_epoch(),
+                num_tokens=T,
+                in_x=x.data.ptr,
+                in_weights=topk_weights.data.ptr if topk_weights is not None else 0,
+                send_slot=handle.send_slot,
+                node_slot=handle.node_slot,
+                fwd_slots=handle.fwd_slots,
+                fwd_cap=handle.fwd_cap,
+                node_counts=handle.node_counts,
+                bias0=biases[0] if biases else None,
+                bias1=biases[1] if len(biases) > 1 else None,
+                peers=rt.peer_table,
+                area_offset=rt.ht_area_offset,
+                qps=self.transport.table_ptr,
+                node_of_rank=self.nodes.node_of_rank,
+                peer_of_node=self.nodes.peer_of_node,
+                ring_offset=rings.offset,
+                ring=rings.ring,
+                chunk=rings.chunk,
+                scratch=scratch,
+                copied=copied,
+                out_x=out,
+                out_weights=out_w,
+                ticket=rt.tickets.data.ptr + 4,
+                **rt.deadline(),
+            )
+            rt.launch(HT_INTER_COMBINE, defines, max(blocks, self.min_blocks()), tun.threads, args)
+        event = rt.end(compute, async_finish)
+        del keep, scratch, copied  # the stream orders their reuse after the kernel
+        return out, out_w, event
 
     def close(self, raise_errors: bool = True) -> None:
         self.transport.close(raise_errors=raise_errors)

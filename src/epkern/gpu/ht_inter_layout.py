@@ -61,6 +61,11 @@ def dispatch_msg_bytes(topk: int, scale_cols: int, row_bytes: int) -> int:
     return dispatch_meta_bytes(topk, scale_cols) + row_bytes
 
 
+def combine_msg_bytes(topk: int, hidden: int) -> int:
+    """ht_inter.cuh ``combine_meta_bytes`` + the BF16 partial row: a combine message's bytes."""
+    return -(-(MSG_HEADER + 4 * topk) // 16) * 16 + 2 * hidden
+
+
 @dataclass(frozen=True)
 class Rings:
     """One half of the area's rings (0: dispatch, 1: combine): bytes from the area's start, slots per ring, bytes

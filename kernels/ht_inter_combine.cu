@@ -1,0 +1,314 @@
+// HT combine across nodes (issue #18; docs/architecture.md, "Internode HT"): the dispatch streams reversed. For each
+// message it forwarded in dispatch, a forwarder reduces the returned rows of its node's destinations (pulled over
+// IPC from their combine inputs) to one partial, float32 from +0.0 in rank order, rounded once to BF16 (weights: a
+// float32 partial), and sends it back to the source through the combine rings. The source sums, per token: +0.0,
+// bias_0, bias_1, then per node in ascending order that node's BF16 partial (its own node's made the same way from
+// IPC pulls) — reference.ht_combine(..., rank_to_node=...)'s order, bit for bit.
+//
+// Block roles (at least 2 * kNodes + 1 blocks, all resident):
+// - block n < kNodes, n != my node: FORWARDER back to node n: partial i for each message i it forwarded from node n
+//   (fwd_slots, kept by dispatch), staged and sent a chunk at a time (ht_stream.cuh), after waiting for credit.
+// - block kNodes + n, n != my node: RECEIVER from node n: copies the partials of this rank's tokens, in order, into
+//   `scratch` (this rank's memory), publishes how many are there (`copied[n]`) and returns credit.
+// - every other block: REDUCERS, a warp per token: the sum above, the own node's partial pulled straight from the
+//   peers, another node's read from scratch once copied.
+// Then the last block tells every rank of this node this rank is done reading its inputs and waits for each.
+//
+// Defines: EPK_NUM_RANKS, EPK_NUM_NODES, EPK_TOPK, EPK_HIDDEN (bf16 elements, multiple of 8), EPK_HAS_WEIGHTS,
+// EPK_THREADS, EPK_MIN_BLOCKS. NOT RUN on a GPU yet (compiled for sm_90 by the CPU tests).
+#include "epk_common.cuh"
+#include "epk_constants.cuh"
+#include "ht_common.cuh"
+#include "ht_inter.cuh"
+#include "ht_stream.cuh"
+
+#ifndef EPK_NUM_RANKS
+#error "EPK_NUM_RANKS must be defined"
+#endif
+#ifndef EPK_NUM_NODES
+#error "EPK_NUM_NODES must be defined"
+#endif
+#ifndef EPK_TOPK
+#error "EPK_TOPK must be defined"
+#endif
+#ifndef EPK_HIDDEN
+#error "EPK_HIDDEN must be defined"
+#endif
+#ifndef EPK_HAS_WEIGHTS
+#error "EPK_HAS_WEIGHTS must be defined"
+#endif
+#ifndef EPK_THREADS
+#error "EPK_THREADS must be defined"
+#endif
+#ifndef EPK_MIN_BLOCKS
+#error "EPK_MIN_BLOCKS must be defined"
+#endif
+
+constexpr int kRanks = EPK_NUM_RANKS;
+constexpr int kNodes = EPK_NUM_NODES;
+constexpr int kTopk = EPK_TOPK;
+constexpr int kRowVecs = EPK_HIDDEN / 8;  // int4 = 8 bf16
+constexpr bool kHasWeights = EPK_HAS_WEIGHTS != 0;
+constexpr int kThreads = EPK_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMinBlocks = EPK_MIN_BLOCKS;
+constexpr int kSlots = epk::inter::kSlotsPerMsg;
+constexpr int kMeta = epk::inter::combine_meta_bytes(kTopk);  // a partial: header, K weights, then the BF16 row
+constexpr int kMsgBytes = kMeta + 2 * EPK_HIDDEN;
+static_assert(EPK_HIDDEN % 8 == 0, "hidden must be a multiple of 8");
+static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
+static_assert(kNodes >= 2 && kNodes <= kRanks, "2..8 nodes");
+
+enum { kInX = 0, kInWeights, kNumIns };
+
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
+    epk_ht_inter_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
+                         const int *__restrict__ send_slot, const int *__restrict__ node_slot,
+                         const int *__restrict__ fwd_slots, int fwd_cap, const int *__restrict__ node_counts,
+                         const int4 *__restrict__ bias0, const int4 *__restrict__ bias1,
+                         const unsigned long long *__restrict__ peers, long long area_offset,
+                         const epk::inter::QpEntry *__restrict__ qps, int node_of_rank, int peer_of_node,
+                         long long ring_offset, int ring, int chunk, char *__restrict__ scratch, int *copied,
+                         int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
+                         epk::ErrorRecord *err, unsigned long long timeout_ns) {
+  if (dry_run) return;
+  epk::mark_started(err, epoch);
+  const int p = epoch & 1;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const epk::inter::Nodes nodes{node_of_rank, peer_of_node};
+  const int my_node = nodes.node(rank);
+  const epk::Deadline deadline{err, rank, timeout_ns};
+  epk::HtCtrl *ctrl = epk::ctrl_of(peers, rank);
+  auto *area = reinterpret_cast<epk::inter::Area *>(peers[rank] + area_offset);
+  const epk::inter::Rings rings{ring_offset, ring, kMsgBytes};
+  __shared__ const char *s_src[kRanks][kNumIns];
+  __shared__ int s_node_rank[kNodes][kSlots];
+  __shared__ bool s_failed;
+  auto word_offset = [&](const unsigned long long *w) {
+    return static_cast<uint64_t>(reinterpret_cast<const char *>(w) - reinterpret_cast<const char *>(area));
+  };
+  if (tid == 0) {
+    s_failed = false;
+    for (int n = 0; n < kNodes; ++n) {
+      int j = 0;
+      for (int r = 0; r < kRanks; ++r)
+        if (nodes.node(r) == n) s_node_rank[n][j++] = r;
+      for (; j < kSlots; ++j) s_node_rank[n][j] = -1;
+    }
+  }
+  unsigned local_mask = 0;
+#pragma unroll
+  for (int d = 0; d < kRanks; ++d)
+    if (nodes.node(d) == my_node) local_mask |= 1u << d;
+
+  // 1. Tell the ranks of this node where my inputs are (block 0); every block that pulls rows learns theirs.
+  const long long my_base = static_cast<long long>(peers[rank]);
+  if (blockIdx.x == 0 && tid < kRanks && (local_mask >> tid & 1u)) {
+    epk::HtCtrl *peer = epk::ctrl_of(peers, tid);
+    peer->combine_addr[p][rank][kInX] = in_x - my_base;
+    peer->combine_addr[p][rank][kInWeights] = in_weights - my_base;
+    epk::publish(&peer->combine_addr_flag[p][rank], epoch);
+  }
+  const int role_node = blockIdx.x < kNodes ? blockIdx.x : blockIdx.x - kNodes;
+  const bool forwarder = blockIdx.x < kNodes && role_node != my_node;
+  const bool receiver = blockIdx.x >= kNodes && blockIdx.x < 2 * kNodes && role_node != my_node;
+  const bool reducer = blockIdx.x >= 2 * kNodes;
+  __syncthreads();
+  if (!receiver && tid < kRanks && (local_mask >> tid & 1u)) {
+    const int d = tid;
+    if (epk::wait_reached(&ctrl->combine_addr_flag[p][d], epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_ADDRS, d)) {
+      for (int o = 0; o < kNumIns; ++o)
+        s_src[d][o] = reinterpret_cast<const char *>(peers[d] + ctrl->combine_addr[p][d][o]);
+    } else {
+      s_failed = true;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  if (forwarder) {
+    // 2a. Partials back to node n's source, in the order its messages came (fwd_slots), a chunk at a time.
+    const int n = role_node, peer = nodes.peer(n);
+    const epk::inter::QpEntry &q = qps[peer];
+    const uint64_t base = area->words.c_sent[n];
+    const int count = node_counts[epk::inter::kMaxNodes + n];
+    char *const stage = reinterpret_cast<char *>(area);
+    if (tid == 0 &&
+        !epk::stream::wait_u64_at_least(&area->words.c_credit[n], base, deadline, epk::stream::kPhaseStreamSpace, peer))
+      s_failed = true;  // the previous call's partials must all be consumed: the ring restarts empty
+    __syncthreads();
+    for (int c0 = 0; c0 < count && !s_failed; c0 += chunk) {
+      const int cnt = min(chunk, count - c0);
+      if (tid == 0 && !epk::stream::wait_space(&area->words.c_credit[n], ring, base + c0, cnt, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+      if (s_failed) break;
+      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
+        int slot = -1;
+        if (i < fwd_cap && lane < kSlots) slot = fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kSlots + lane];
+        int slots[kSlots];
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
+        char *m = stage + rings.stage_at(n, base + i);
+        if (lane == 0)
+          *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(base + i)), 0, 0, 0);
+        if constexpr (kHasWeights) {
+          if (lane < kTopk) {
+            float w = 0.f;
+#pragma unroll
+            for (int j = 0; j < kSlots; ++j) {
+              const int d = s_node_rank[my_node][j];
+              if (d >= 0 && slots[j] >= 0)
+                w = __fadd_rn(w, reinterpret_cast<const float *>(
+                                     s_src[d][kInWeights])[static_cast<int64_t>(slots[j]) * kTopk + lane]);
+            }
+            reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER)[lane] = w;
+          }
+        }
+        int4 *row = reinterpret_cast<int4 *>(m + kMeta);
+        for (int v = lane; v < kRowVecs; v += 32) {
+          float acc[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+#pragma unroll
+          for (int j = 0; j < kSlots; ++j) {
+            const int d = s_node_rank[my_node][j];
+            if (d >= 0 && slots[j] >= 0)
+              epk::add_bf16x8(
+                  acc, reinterpret_cast<const int4 *>(s_src[d][kInX])[static_cast<int64_t>(slots[j]) * kRowVecs + v]);
+          }
+          row[v] = epk::pack_bf16x8(acc);
+        }
+      }
+      __threadfence_system();
+      __syncthreads();
+      if (tid == 0 && !epk::stream::send_chunk(q.qp(), reinterpret_cast<uint64_t>(stage + rings.stage_at(n, 0)),
+                                               q.raddr + rings.recv_at(my_node, 0),
+                                               q.raddr + word_offset(&area->words.c_tail[my_node]), ring, kMsgBytes,
+                                               base + c0, cnt, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+    }
+    if (tid == 0 && !s_failed) area->words.c_sent[n] = base + count;
+    if (s_failed) return;
+  } else if (receiver) {
+    // 2b. The partials of this rank's tokens from node n, in order, into scratch; credit back as they are copied.
+    const int n = role_node, peer = nodes.peer(n);
+    const epk::inter::QpEntry &q = qps[peer];
+    const uint64_t base = area->words.c_received[n];
+    const int count = node_counts[n];
+    const char *const recv = reinterpret_cast<const char *>(area);
+    char *const mine = scratch + static_cast<int64_t>(n) * num_tokens * kMsgBytes;
+    for (int c0 = 0; c0 < count; c0 += chunk) {
+      const int cnt = min(chunk, count - c0);
+      if (tid == 0 && !epk::stream::wait_message(&area->words.c_tail[n], base + c0 + cnt - 1, deadline, peer))
+        s_failed = true;
+      __syncthreads();
+      if (s_failed) return;
+      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
+        const int4 *m = reinterpret_cast<const int4 *>(recv + rings.recv_at(n, base + i));
+        const int4 head = __ldcv(m);
+        const uint32_t due = static_cast<uint32_t>(base + i);
+        if (static_cast<uint32_t>(head.x) != due && lane == 0)
+          epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x,
+                            static_cast<int>(due));
+        int4 *to = reinterpret_cast<int4 *>(mine + static_cast<int64_t>(i) * kMsgBytes);
+        for (int v = lane; v < kMsgBytes / 16; v += 32) to[v] = __ldcv(m + v);
+      }
+      __threadfence();  // the copies before the count the reducers wait for (and before the credit)
+      __syncthreads();
+      if (tid == 0) {
+        epk::st_release_gpu(&copied[n], c0 + cnt);
+        if (!epk::stream::release(q.qp(), q.raddr + word_offset(&area->words.c_credit[my_node]), base + c0 + cnt,
+                                  deadline, peer))
+          s_failed = true;
+      }
+      __syncthreads();
+      if (s_failed) return;
+    }
+    if (tid == 0) area->words.c_received[n] = base + count;
+  } else if (reducer) {
+    // 2c. Warp per token: biases, then each node's partial in ascending order.
+    const int warps = (gridDim.x - 2 * kNodes) * kWarps;
+    for (int t = (blockIdx.x - 2 * kNodes) * kWarps + warp; t < num_tokens && !s_failed; t += warps) {
+      int slot = -1;
+      if (lane < kRanks && (local_mask >> lane & 1u)) slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
+      const unsigned local_dests = __ballot_sync(0xffffffffu, slot >= 0) & local_mask;
+      int slots[kRanks];
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
+      int msg[kNodes];  // index of this token's partial from each other node (-1: it went to none of its ranks)
+#pragma unroll
+      for (int n = 0; n < kNodes; ++n) {
+        msg[n] = n == my_node ? -1 : node_slot[static_cast<int64_t>(t) * kNodes + n];
+        if (msg[n] >= 0 && lane == 0 &&
+            !epk::wait_reached(&copied[n], msg[n] + 1, deadline, epk::stream::kPhaseStreamArrival, nodes.peer(n)))
+          s_failed = true;
+      }
+      __syncwarp();
+      if (s_failed) break;
+      for (int v = lane; v < kRowVecs; v += 32) {
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+        if (bias0 != nullptr) epk::add_bf16x8(acc, bias0[static_cast<int64_t>(t) * kRowVecs + v]);
+        if (bias1 != nullptr) epk::add_bf16x8(acc, bias1[static_cast<int64_t>(t) * kRowVecs + v]);
+#pragma unroll
+        for (int n = 0; n < kNodes; ++n) {
+          if (n == my_node) {
+            if (local_dests == 0) continue;
+            float part[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) part[k] = 0.f;
+#pragma unroll
+            for (int d = 0; d < kRanks; ++d)
+              if (local_dests >> d & 1u)
+                epk::add_bf16x8(part, reinterpret_cast<const int4 *>(
+                                          s_src[d][kInX])[static_cast<int64_t>(slots[d]) * kRowVecs + v]);
+            epk::add_bf16x8(acc, epk::pack_bf16x8(part));  // the node's partial, rounded once to BF16
+          } else if (msg[n] >= 0) {
+            const char *m = scratch + (static_cast<int64_t>(n) * num_tokens + msg[n]) * kMsgBytes;
+            epk::add_bf16x8(acc, reinterpret_cast<const int4 *>(m + kMeta)[v]);
+          }
+        }
+        out_x[static_cast<int64_t>(t) * kRowVecs + v] = epk::pack_bf16x8(acc);
+      }
+      if constexpr (kHasWeights) {
+        if (lane < kTopk) {
+          float w = 0.f;
+#pragma unroll
+          for (int n = 0; n < kNodes; ++n) {
+            if (n == my_node) {
+              if (local_dests == 0) continue;
+              float part = 0.f;
+#pragma unroll
+              for (int d = 0; d < kRanks; ++d)
+                if (local_dests >> d & 1u)
+                  part = __fadd_rn(part, reinterpret_cast<const float *>(
+                                             s_src[d][kInWeights])[static_cast<int64_t>(slots[d]) * kTopk + lane]);
+              w = __fadd_rn(w, part);
+            } else if (msg[n] >= 0) {
+              const char *m = scratch + (static_cast<int64_t>(n) * num_tokens + msg[n]) * kMsgBytes;
+              w = __fadd_rn(w, reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER)[lane]);
+            }
+          }
+          out_weights[static_cast<int64_t>(t) * kTopk + lane] = w;
+        }
+      }
+    }
+    if (s_failed) return;
+  }
+
+  // 3. The last block: tell every rank of this node this rank is done reading its inputs; wait for each of them.
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  if (tid == 0) atomicExch(ticket, 0u);
+  if (tid < kRanks && (local_mask >> tid & 1u)) {
+    epk::publish(&epk::ctrl_of(peers, tid)->combine_done[p][rank], epoch);
+    epk::wait_reached(&ctrl->combine_done[p][tid], epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE, tid);
+  }
+}
