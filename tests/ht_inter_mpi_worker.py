@@ -1,0 +1,47 @@
+"""HT across virtual nodes (issue #18) as MPS processes: `mpiexec -n 8 python -m mpi4py tests/ht_inter_mpi_worker.py
+--rpn=4` (ranks per node; scripts/gpu_check.sh mpsraw step "ht_inter:8:rpn=4"). The scenarios of
+tests/ht_inter_scenarios.py, exact, with the NIC counters checked. NOT RUN on a GPU yet."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("EPKERN_POISON_OUTPUTS", "1")
+rpn = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rpn=")]
+os.environ["EPKERN_RANKS_PER_NODE"] = rpn[0] if rpn else "4"  # before the group reads it
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ht_inter_scenarios as S  # noqa: E402
+from epkern import Buffer  # noqa: E402
+from epkern.gpu import ht_inter_layout as lay  # noqa: E402
+from epkern.group import as_group  # noqa: E402
+
+
+def main():
+    from mpi4py import MPI
+
+    group = as_group(MPI.COMM_WORLD)
+    R, N = group.size, group.num_nodes
+    area = lay.area_bytes_hint(7168, 8, N, ring=128)
+    cases = [
+        dict(num_tokens=300, hidden=2048, num_experts=8 * R, topk=4, routing=r)
+        for r in ("random", "skewed", "empty_rank", "none")
+    ]
+    cases += [
+        dict(num_tokens=257, hidden=7168, num_experts=64, topk=8),
+        dict(num_tokens=1, hidden=4096, num_experts=32, topk=4),
+        dict(num_tokens=0, hidden=4096, num_experts=32, topk=4),
+        dict(num_tokens=300, hidden=2048, num_experts=32, topk=8, fp8=True),
+        dict(num_tokens=100, hidden=2048, num_experts=32, topk=4, num_worst_tokens=400, count=False),
+    ]
+    with Buffer(group, num_nvl_bytes=256 << 20, num_rdma_bytes=area, backend="gpu", timeout_s=30) as buf:
+        for case in cases:
+            S.run_inter_case(buf, group, **case)
+            if group.rank == 0:
+                print("ok", case, flush=True)
+        S.run_alternating(buf, group, 100)
+    print(f"OK rank {group.rank} of {R} on {N} nodes", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""HT across nodes (issue #18) scenarios checked exactly against the reference, run by every rank of a group on
+virtual nodes: tests/test_ht_inter_gpu.py (in-process ranks) and tests/ht_inter_mpi_worker.py (MPS processes).
+
+Every rank draws every rank's inputs from one shared seed (ht_scenarios.make_inputs) and evaluates the reference for
+the whole group. Dispatch is the reference's (source rank, then token) order whatever the nodes; combine is
+reference.ht_combine with ``rank_to_node`` (per node a BF16 partial, nodes ascending), bit for bit on any data.
+
+Counting: the NIC counters of this rank's HT transport around one dispatch and one combine must show exactly the
+messages the design sends: per other node n, one dispatch message per token of this rank with a destination there
+(plus the tail WRITEs per chunk and the credits this rank returns as a forwarder), one notify entry + flag to every
+rank of another node, and nothing at all between ranks of one node (they have no QP).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import ht_scenarios as S
+from epkern import kernel_constants as K
+from epkern import reference
+
+
+def rank_to_node(group):
+    return np.array(group.node_of_rank)
+
+
+def _counts(buf):
+    t = buf._backend.ht_inter.transport
+    return {p: dict(c) for p, c in t.counters().items()}
+
+
+def expected_bytes(group, idxs, E, msg_dispatch, msg_combine, chunk):
+    """(dispatch bytes, combine bytes) this rank's NIC writes to each peer of another node in one call pair."""
+    from epkern.gpu import ht_inter_layout as lay
+
+    R, r = group.size, group.rank
+    nodes = rank_to_node(group)
+    n_of = lay.nodes_of(tuple(int(n) for n in nodes), r)
+    body = K.get("EPK_HT_INTER_ENTRY_BYTES") - 64 + 4  # the notify entry after its flag, then the flag (inline u32)
+
+    def to_node(src, n):  # messages of rank src to node n: its tokens with a destination there
+        lo = reference.get_dispatch_layout(idxs[src], E, R)
+        return int(lo.is_token_in_rank[:, nodes == n].any(axis=1).sum())
+
+    chunks = lambda m: -(-m // chunk)  # noqa: E731
+    disp, comb = {}, {}
+    for p in range(R):
+        if nodes[p] == nodes[r]:
+            continue
+        disp[p] = comb[p] = 0
+        disp[p] += body
+        if n_of.peers[nodes[p]] == p:  # the forwarder of node nodes[p] for this rank, and this rank's source there
+            sent, fwd = to_node(r, nodes[p]), to_node(p, nodes[r])
+            disp[p] += sent * msg_dispatch + 8 * chunks(sent) + 8 * chunks(fwd)
+            comb[p] += fwd * msg_combine + 8 * chunks(fwd) + 8 * chunks(sent)
+    return disp, comb
+
+
+def run_inter_case(
+    buf, group, num_tokens, hidden, num_experts, topk, routing="random", fp8=False, num_worst_tokens=0, count=True
+):
+    """Layout, dispatch (non-cached or worst-tokens), combine, cached dispatch of fresh data, combine of a fresh
+    expert output; all exact; the NIC counters as the design says (``count``)."""
+    import cupy
+
+    from epkern.gpu import ht_inter_layout as lay
+
+    r, R = group.rank, group.size
+    nodes = rank_to_node(group)
+    seed = S.shared_seed(group)
+    xs, idxs, ws = S.make_inputs(seed, R, num_tokens, hidden, num_experts, topk, routing)
+    inputs = [reference.per_token_cast_to_fp8(x) for x in xs] if fp8 else xs
+    ref = reference.ht_dispatch(inputs, idxs, num_experts, topk_weights=ws, num_worst_tokens=num_worst_tokens)
+    mine = ref[r]
+    n = len(mine.handle.src_idx) if not num_worst_tokens else int((mine.handle.src_idx >= 0).sum())
+
+    def dev(a):
+        if isinstance(a, tuple):
+            return tuple(dev(v) for v in a)
+        return cupy.asarray(a.view(np.uint8) if a.dtype == np.dtype(S.FP8) else a)
+
+    idx_dev, w_dev = cupy.asarray(idxs[r]), cupy.asarray(ws[r])
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, num_experts)
+    want = reference.get_dispatch_layout(idxs[r], num_experts, R, rank_to_node=nodes)
+    S.assert_same(cupy.asnumpy(per_node), want.num_tokens_per_rdma_rank, f"rank {r} num_tokens_per_rdma_rank")
+    before = _counts(buf)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        dev(inputs[r]),
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx_dev,
+        topk_weights=w_dev,
+        num_worst_tokens=num_worst_tokens,
+    )
+    S.settle(buf)
+    after_dispatch = _counts(buf)
+    S.assert_same(cupy.asnumpy(handle.rank_prefix_matrix), mine.handle.rank_prefix_matrix, f"rank {r} prefix")
+    S.assert_same(cupy.asnumpy(handle.recv_src_idx), mine.handle.src_idx, f"rank {r} src_idx")
+    if fp8:
+        S.assert_same(cupy.asnumpy(recv_x[0])[:n], mine.recv_x[0][:n], f"rank {r} recv_x fp8")
+        S.assert_same(cupy.asnumpy(recv_x[1])[:n], mine.recv_x[1][:n], f"rank {r} recv scales")
+    else:
+        S.assert_same(cupy.asnumpy(recv_x)[:n], mine.recv_x[:n], f"rank {r} recv_x")
+    S.assert_same(cupy.asnumpy(recv_idx), mine.recv_topk_idx, f"rank {r} recv_topk_idx")
+    S.assert_same(cupy.asnumpy(recv_w), mine.recv_topk_weights, f"rank {r} recv_topk_weights")
+    if not num_worst_tokens:
+        assert list(counts) == list(mine.num_recv_tokens_per_expert_list), f"rank {r} per-expert counts"
+    if fp8:
+        return
+    # combine of the dispatch output, then of fresh expert outputs (integer multiples: exact in BF16)
+    handles = [res.handle for res in ref]
+    ys = [res.recv_x for res in ref]
+    for k in (1, 3):
+        ys_k = [(y.astype(np.float32) * k).astype(y.dtype) for y in ys]
+        want_k = reference.ht_combine(
+            ys_k, handles, topk_weights=[res.recv_topk_weights for res in ref], rank_to_node=nodes
+        )[r]
+        y_dev = recv_x if k == 1 else cupy.asarray(ys_k[r])
+        out, out_w, _ = buf.combine(y_dev, handle, topk_weights=recv_w)
+        S.settle(buf)
+        S.assert_same(cupy.asnumpy(out), want_k[0], f"rank {r} combined_x (x{k})")
+        S.assert_same(cupy.asnumpy(out_w), want_k[1], f"rank {r} combined_topk_weights (x{k})")
+        if k == 1:
+            after_combine = _counts(buf)
+    # cached dispatch of fresh data over the same streams
+    xs2, _, _ = S.make_inputs(seed + 1, R, num_tokens, hidden, num_experts, topk, routing)
+    want2 = reference.ht_cached_dispatch(xs2, handles)[r]
+    got2 = buf.dispatch(cupy.asarray(xs2[r]), handle=handle)[0]
+    S.settle(buf)
+    S.assert_same(cupy.asnumpy(got2)[:n], want2[:n], f"rank {r} cached recv_x")
+    if count:
+        msg_d = lay.dispatch_msg_bytes(topk, 0, 2 * hidden)
+        msg_c = lay.combine_msg_bytes(topk, hidden)
+        chunk = lay.rings(buf._backend.rt.ht_area_bytes, int(nodes.max()) + 1, msg_d, 0, "dispatch").chunk
+        chunk_c = lay.rings(buf._backend.rt.ht_area_bytes, int(nodes.max()) + 1, msg_c, 1, "combine").chunk
+        disp, _ = expected_bytes(group, idxs, num_experts, msg_d, msg_c, chunk)
+        _, comb = expected_bytes(group, idxs, num_experts, msg_d, msg_c, chunk_c)
+        got_d = {p: after_dispatch[p]["bytes"] - before[p]["bytes"] for p in disp}
+        got_c = {p: after_combine[p]["bytes"] - after_dispatch[p]["bytes"] for p in comb}
+        assert got_d == disp, f"rank {r}: dispatch bytes per peer {got_d}, the design sends {disp}"
+        assert got_c == comb, f"rank {r}: combine bytes per peer {got_c}, the design sends {comb}"
+        assert set(after_dispatch) == {p for p in range(R) if nodes[p] != nodes[r]}, "a QP to a rank of this node"
+
+
+def run_alternating(buf, group, iterations, num_tokens=64, hidden=1024, num_experts=32, topk=4):
+    """``iterations`` dispatch/combine pairs of fresh inputs, each exact (the streams' counters carry across)."""
+    import cupy
+
+    r, R = group.rank, group.size
+    nodes = rank_to_node(group)
+    seed = S.shared_seed(group)
+    for it in range(iterations):
+        xs, idxs, ws = S.make_inputs(seed + it, R, num_tokens, hidden, num_experts, topk)
+        ref = reference.ht_dispatch(xs, idxs, num_experts, topk_weights=ws)
+        idx_dev = cupy.asarray(idxs[r])
+        per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_dev, num_experts)
+        recv_x, _, recv_w, _, handle, _ = buf.dispatch(
+            cupy.asarray(xs[r]), num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx_dev,
+            topk_weights=cupy.asarray(ws[r]),
+        )  # fmt: skip
+        want = reference.ht_combine(
+            [res.recv_x for res in ref], [res.handle for res in ref],
+            topk_weights=[res.recv_topk_weights for res in ref], rank_to_node=nodes,
+        )[r]  # fmt: skip
+        out, _, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+        S.settle(buf)
+        S.assert_same(cupy.asnumpy(recv_x), ref[r].recv_x, f"rank {r} iteration {it} recv_x")
+        S.assert_same(cupy.asnumpy(out), want[0], f"rank {r} iteration {it} combined_x")

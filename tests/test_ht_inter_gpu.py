@@ -1,0 +1,58 @@
+"""HT dispatch/combine across virtual nodes (issue #18) on one GPU with in-process ranks over the emulated NIC, exact
+against the reference (tests/ht_inter_scenarios.py), with the NIC counters as the design says. Written with the
+kernels; NOT RUN on a GPU yet (the next GPU session's first call: docs/journal.md)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ht_inter_scenarios as S  # noqa: E402
+from epkern import Buffer  # noqa: E402
+from epkern.gpu import ht_inter_layout as lay  # noqa: E402
+from epkern.group import run_in_process  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+SPLITS = [(8, 4), (8, 2), (8, 1), (4, 2), (2, 1)]  # (ranks, ranks per node)
+
+
+def _run(num_ranks, ranks_per_node, body, hidden=2048, topk=8, ring=256, timeout_s=300, buffer_timeout_s=30):
+    nodes = num_ranks // ranks_per_node
+    area = lay.area_bytes_hint(hidden, topk, nodes, ring=ring)
+
+    def rank_main(group):
+        with Buffer(group, num_nvl_bytes=64 << 20, num_rdma_bytes=area, backend="gpu", timeout_s=buffer_timeout_s) as b:
+            return body(b, group)
+
+    return run_in_process(rank_main, num_ranks, timeout_s=timeout_s, ranks_per_node=ranks_per_node)
+
+
+@pytest.mark.parametrize("num_ranks,ranks_per_node", SPLITS)
+@pytest.mark.parametrize("routing", ["random", "skewed", "empty_rank", "none"])
+def test_routings(num_ranks, ranks_per_node, routing):
+    _run(num_ranks, ranks_per_node, lambda b, g: S.run_inter_case(b, g, 300, 2048, 8 * num_ranks, 4, routing))
+
+
+@pytest.mark.parametrize("tokens", [0, 1, [0, 5, 1, 33, 0, 2, 7, 1]])
+def test_tiny(tokens):
+    _run(8, 2, lambda b, g: S.run_inter_case(b, g, tokens, 2048, 32, 4))
+
+
+def test_ring_smaller_than_a_call_wraps_and_waits_for_credit():
+    """ring = 4 messages (chunks of 4): 300 tokens wrap every ring many times in both directions."""
+    _run(8, 4, lambda b, g: S.run_inter_case(b, g, 300, 2048, 32, 4), ring=4)
+
+
+def test_fp8_and_worst_tokens():
+    _run(8, 4, lambda b, g: S.run_inter_case(b, g, 300, 2048, 32, 8, fp8=True))
+    _run(8, 2, lambda b, g: S.run_inter_case(b, g, 100, 2048, 32, 4, num_worst_tokens=800, count=False))
+
+
+def test_hidden_7168_top8():
+    _run(8, 4, lambda b, g: S.run_inter_case(b, g, 257, 7168, 64, 8), hidden=7168)
+
+
+def test_hundred_alternating_iterations():
+    _run(8, 4, lambda b, g: S.run_alternating(b, g, 100), timeout_s=900)
