@@ -147,7 +147,8 @@ class HtInter:
                     per_expert = (-(-raw // a.expert_alignment) * a.expert_alignment).tolist()
                     out_rows = num_recv
                     fwd_cap = int(rt.notify_out[_INTER + MAX_NODES : _INTER + MAX_NODES + N].max())
-                fwd_slots = cupy.empty((N, max(fwd_cap, 1), lay.SLOTS_PER_MSG), dtype=np.int32)
+                fwd_cap = max(fwd_cap, 1)
+                fwd_slots = cupy.empty((N, fwd_cap, lay.SLOTS_PER_MSG), dtype=np.int32)
                 is_token_in_rank = a.is_token_in_rank
             else:
                 h = a.handle
