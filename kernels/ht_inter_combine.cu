@@ -268,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
             epk::add_bf16x8(acc, epk::pack_bf16x8(part));  // the node's partial, rounded once to BF16
           } else if (msg[n] >= 0) {
             const char *m = scratch + (static_cast<int64_t>(n) * num_tokens + msg[n]) * kMsgBytes;
-            epk::add_bf16x8(acc, reinterpret_cast<const int4 *>(m + kMeta)[v]);
+            epk::add_bf16x8(acc, __ldcg(reinterpret_cast<const int4 *>(m + kMeta) + v));  // written in this kernel
           }
         }
         out_x[static_cast<int64_t>(t) * kRowVecs + v] = epk::pack_bf16x8(acc);
@@ -289,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
               w = __fadd_rn(w, part);
             } else if (msg[n] >= 0) {
               const char *m = scratch + (static_cast<int64_t>(n) * num_tokens + msg[n]) * kMsgBytes;
-              w = __fadd_rn(w, reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER)[lane]);
+              w = __fadd_rn(w, __ldcg(reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER) + lane));
             }
           }
           out_weights[static_cast<int64_t>(t) * kTopk + lane] = w;
