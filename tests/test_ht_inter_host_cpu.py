@@ -139,3 +139,16 @@ def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake
 
     run_in_process(body, 4, ranks_per_node=2, timeout_s=60)
     assert not set(_threads()) - before
+
+
+def test_rdma_buffer_size_hint_holds_rings_of_the_largest_messages():
+    from epkern import Config
+
+    assert Config.get_rdma_buffer_size_hint(7168 * 2, 8) == 0  # one node of 8 (DeepEP's answer)
+    hint = Config.get_rdma_buffer_size_hint(7168 * 2, 8, num_nodes=2)
+    for topk, scales, row in ((8, 0, 14336), (32, 56, 7168), (32, 0, 14336)):  # BF16, FP8 + scales, top-32
+        assert lay.rings(hint, 2, lay.dispatch_msg_bytes(topk, scales, row), 0, "dispatch").ring >= 256
+        assert lay.rings(hint, 2, lay.combine_msg_bytes(topk, row // 2), 1, "combine").ring >= 256
+    assert Config.get_rdma_buffer_size_hint(7168 * 2, 16) == Config.get_rdma_buffer_size_hint(7168 * 2, 16, 2)
+    with pytest.raises(ArgumentError, match="num_nodes"):
+        Config.get_rdma_buffer_size_hint(7168 * 2, 4, num_nodes=5)

@@ -48,12 +48,23 @@ class Config:
             check_int(getattr(self, name), name, min_value=1)
 
     @staticmethod
-    def get_rdma_buffer_size_hint(hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of ``num_rdma_bytes`` an HT Buffer needs (DeepEP's name): 0, since epkern's HT runs within one node
-        (internode HT is issue #18); the LL size is ``Buffer.get_low_latency_rdma_size_hint``."""
+    def get_rdma_buffer_size_hint(hidden_bytes: int, num_ranks: int, num_nodes: int | None = None) -> int:
+        """Bytes of ``num_rdma_bytes`` for high-throughput calls across nodes (DeepEP's name): the HT RDMA area's
+        stream rings (gpu/ht_inter_layout.py), 256 messages of a row of ``hidden_bytes`` (plus FP8 scales and
+        top-32 metadata) per node and direction. ``num_nodes``: the group's nodes (virtual nodes too); without it,
+        as DeepEP: 0 for up to 8 ranks (one node), else 8 ranks per node. The LL size is
+        ``Buffer.get_low_latency_rdma_size_hint``."""
+        from .gpu import ht_inter_layout as lay
+
         check_int(hidden_bytes, "hidden_bytes", min_value=16)
         check_int(num_ranks, "num_ranks", min_value=1)
-        return 0
+        if num_nodes is None:
+            num_nodes = -(-num_ranks // 8)
+        check_int(num_nodes, "num_nodes", min_value=1, max_value=num_ranks)
+        if num_nodes == 1:
+            return 0
+        msg = lay.dispatch_msg_bytes(32, -(-hidden_bytes // 128), -(-hidden_bytes // 16) * 16)
+        return lay.area_bytes_for(msg, num_nodes, ring=256)
 
     @staticmethod
     def get_nvl_buffer_size_hint(

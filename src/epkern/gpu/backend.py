@@ -35,7 +35,7 @@ class GpuBackend:
         if ht_across and options.num_rdma_bytes <= 0:
             raise ArgumentError(
                 f"num_rdma_bytes: ranks on {group.num_nodes} nodes: high-throughput calls across nodes stream through "
-                "an RDMA area; expected num_rdma_bytes > 0 (Buffer.get_rdma_buffer_size_hint), got "
+                "an RDMA area; expected num_rdma_bytes > 0 (Config.get_rdma_buffer_size_hint with num_nodes), got "
                 f"{options.num_rdma_bytes}"
             )
         if group.size > MAX_RANKS:

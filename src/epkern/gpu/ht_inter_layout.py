@@ -91,7 +91,11 @@ def rings(area_bytes: int, num_nodes: int, msg: int, half: int, what: str) -> Ri
     return Rings(HEADER_BYTES + half * span, ring, msg, min(CHUNK, ring))
 
 
+def area_bytes_for(msg: int, num_nodes: int, ring: int) -> int:
+    """num_rdma_bytes whose halves each hold ``ring`` messages of ``msg`` bytes per node and direction."""
+    return HEADER_BYTES + 2 * -(-(2 * num_nodes * msg * ring) // 256) * 256
+
+
 def area_bytes_hint(hidden: int, topk: int, num_nodes: int, ring: int = 1024) -> int:
     """num_rdma_bytes for rings of ``ring`` BF16 messages of ``hidden`` per node in each half."""
-    msg = dispatch_msg_bytes(topk, 0, 2 * hidden)
-    return HEADER_BYTES + 2 * -(-(2 * num_nodes * msg * ring) // 256) * 256
+    return area_bytes_for(dispatch_msg_bytes(topk, 0, 2 * hidden), num_nodes, ring)
