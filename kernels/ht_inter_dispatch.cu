@@ -100,20 +100,28 @@ EPK_DEVICE void copy_row(const int4 *src, unsigned dests, const int (&slots)[kRa
   }
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    epk_ht_inter_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
-                          const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
-                          const float *__restrict__ topk_weights, const int *__restrict__ send_slot,
-                          const int *__restrict__ node_tokens, const int *__restrict__ node_counts,
-                          int *__restrict__ fwd_slots, int fwd_cap, const unsigned long long *__restrict__ peers,
-                          long long area_offset, const epk::inter::QpEntry *__restrict__ qps, int node_of_rank,
-                          int peer_of_node, long long ring_offset, int ring, int chunk, long long out_x,
-                          long long out_scales, long long out_idx, long long out_weights, long long out_src,
-                          int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_dispatch(
+    int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x, const float *__restrict__ x_scales,
+    const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, const int *__restrict__ send_slot,
+    const int *__restrict__ node_tokens, const int *__restrict__ node_counts, int *__restrict__ fwd_slots, int fwd_cap,
+    const int *notify_out, const unsigned long long *__restrict__ peers, long long area_offset,
+    const epk::inter::QpEntry *__restrict__ qps, int node_of_rank, int peer_of_node, long long ring_offset, int ring,
+    int chunk, long long out_x, long long out_scales, long long out_idx, long long out_weights, long long out_src,
+    int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  if (notify_out != nullptr) {  // num_worst_tokens: the host did not wait for notify's checks; every rank's verdict
+    const volatile int *v = notify_out;  // is the same (a difference anywhere differs from every rank's own shapes)
+    const int peer = v[EPK_HT_NOTIFY_SHAPE] - 1;
+    if (peer >= 0 || v[EPK_HT_NOTIFY_BAD_INDEX] != 0 || v[EPK_HT_NOTIFY_LAYOUT_OK] == 0) {
+      if (blockIdx.x == 0 && tid == 0)
+        epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, peer > 0 ? peer : 0,
+                          v[EPK_HT_NOTIFY_SHAPE + 2], v[EPK_HT_NOTIFY_SHAPE + 3]);
+      return;  // nothing sent, nothing expected: the streams stay in step on every rank
+    }
+  }
   const epk::inter::Nodes nodes{node_of_rank, peer_of_node};
   const int my_node = nodes.node(rank);
   const epk::Deadline deadline{err, rank, timeout_ns};

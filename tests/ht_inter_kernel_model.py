@@ -221,6 +221,14 @@ class Model:
         import fake_cupy as F
 
         rank, epoch, T = int(a["rank"]), int(a["epoch"]), int(a["num_tokens"])
+        if ptr(a["notify_out"]):  # num_worst_tokens: notify's verdict, as the kernel reads it
+            v = mem(ptr(a["notify_out"]), 4 * K.get("EPK_HT_NOTIFY_OUT_WORDS")).view(np.int32)
+            sh = K.get("EPK_HT_NOTIFY_SHAPE")
+            if v[sh] or v[K.get("EPK_HT_NOTIFY_BAD_INDEX")] or not v[K.get("EPK_HT_NOTIFY_LAYOUT_OK")]:
+                self.backends[rank].rt.error_record[:7] = [1, K.get("EPK_ERR_CODE_BAD_INDEX"), rank,
+                                                           K.get("EPK_ERR_PHASE_HT_SHAPE"), max(int(v[sh]) - 1, 0),
+                                                           int(v[sh + 2]), int(v[sh + 3])]  # fmt: skip
+                return
         R, N, topk = d["EPK_NUM_RANKS"], d["EPK_NUM_NODES"], d["EPK_TOPK"]
         row_bytes, S, E_loc, meta_on = (
             d["EPK_ROW_BYTES"],

@@ -40,6 +40,7 @@ def main():
             if group.rank == 0:
                 print("ok", case, flush=True)
         S.run_alternating(buf, group, 100)
+        S.run_mismatched(buf, group)  # last: its num_worst_tokens case leaves the Buffer failed
     print(f"OK rank {group.rank} of {R} on {N} nodes", flush=True)
 
 

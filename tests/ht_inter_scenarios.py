@@ -173,3 +173,45 @@ def run_alternating(buf, group, iterations, num_tokens=64, hidden=1024, num_expe
         S.settle(buf)
         S.assert_same(cupy.asnumpy(recv_x), ref[r].recv_x, f"rank {r} iteration {it} recv_x")
         S.assert_same(cupy.asnumpy(out), want[0], f"rank {r} iteration {it} combined_x")
+
+
+def run_mismatched(buf, group):
+    """Calls that differ between ranks: every rank refuses them before anything moves (ArgumentError naming the
+    argument), the streams stay in step (a matching call afterwards is exact, its NIC bytes as designed); then with
+    num_worst_tokens (no host wait) the dispatch kernel itself refuses, sends nothing, and the failure raises at the
+    next synchronisation."""
+    import cupy
+
+    from epkern.errors import ArgumentError, EpkernError
+
+    r, R = group.rank, group.size
+    T, H, E, topk = 16, 256, 4 * R, 2
+    idx_np = np.stack([np.random.default_rng(r * 100 + t).choice(E, topk, replace=False) for t in range(T)])
+    idx = cupy.asarray(idx_np.astype(np.int64))
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=idx)  # fmt: skip
+    x = cupy.asarray(np.ones((T, H * (1 + (r == 1))), S.BF16))
+    try:
+        buf.dispatch(x, **args)
+        raise AssertionError(f"rank {r}: a dispatch with another hidden size on rank 1 was accepted")
+    except ArgumentError as exc:
+        assert str(exc).startswith("x: ") and "row bytes" in str(exc), exc
+    wrong = cupy.asarray(np.asarray(cupy.asnumpy(per_node)) + (1 if r == 0 else 0))
+    try:
+        buf.dispatch(cupy.asarray(np.ones((T, H), S.BF16)), **{**args, "num_tokens_per_rdma_rank": wrong})
+        raise AssertionError(f"rank {r}: a wrong num_tokens_per_rdma_rank on rank 0 was accepted")
+    except ArgumentError as exc:
+        assert "num_tokens_per_rdma_rank" in str(exc), exc
+    run_inter_case(buf, group, 24, H, E, topk)  # the streams are still in step
+    for hidden in (H, 2 * H):  # a kernel's first use is collective: every rank uses both specialisations first
+        buf.dispatch(cupy.asarray(np.ones((T, hidden), S.BF16)), **args, num_worst_tokens=T * R)
+        S.settle(buf)
+    x = cupy.asarray(np.ones((T, H * (1 + (r == 1))), S.BF16))
+    try:
+        buf.dispatch(x, **args, num_worst_tokens=T * R)
+        S.settle(buf)
+    except EpkernError as exc:  # at the call or at the synchronisation, as the device's record is seen
+        assert "another row size" in str(exc), exc
+        return
+    raise AssertionError(f"rank {r}: a mismatched num_worst_tokens dispatch did not raise")

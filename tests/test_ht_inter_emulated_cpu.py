@@ -118,3 +118,7 @@ def test_fp8_worst_tokens_tiny_and_alternating(model):
         S.run_alternating(b, g, 5, num_tokens=12, hidden=256, num_experts=16, topk=4)
 
     _on_ranks(model, body, 4, 2)
+
+
+def test_mismatched_calls_are_refused_and_the_streams_stay_in_step(model):
+    _on_ranks(model, lambda b, g: S.run_mismatched(b, g), 4, 2)

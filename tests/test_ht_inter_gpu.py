@@ -56,3 +56,7 @@ def test_hidden_7168_top8():
 
 def test_hundred_alternating_iterations():
     _run(8, 4, lambda b, g: S.run_alternating(b, g, 100), timeout_s=900)
+
+
+def test_mismatched_calls_are_refused_and_the_streams_stay_in_step():
+    _run(4, 2, lambda b, g: S.run_mismatched(b, g))

@@ -186,6 +186,8 @@ class HtInter:
                 node_counts=node_counts,
                 fwd_slots=fwd_slots,
                 fwd_cap=fwd_cap,
+                # num_worst_tokens: the kernel reads notify's checks (the host did not wait for them)
+                notify_out=rt.notify_out_ptr if not a.cached and a.num_worst_tokens else None,
                 ring_offset=rings.offset,
                 ring=rings.ring,
                 chunk=rings.chunk,

@@ -133,7 +133,8 @@ HT_INTER_DISPATCH = KernelSpec(  # across nodes (issue #18)
     _args(
         *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
         *("topk_weights:ptr", "send_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "fwd_slots:ptr", "fwd_cap:i32"),
-        *("peers:ptr", "area_offset:i64", "qps:ptr", "node_of_rank:i32", "peer_of_node:i32", "ring_offset:i64"),
+        *("notify_out:ptr", "peers:ptr", "area_offset:i64", "qps:ptr", "node_of_rank:i32", "peer_of_node:i32"),
+        "ring_offset:i64",
         *("ring:i32", "chunk:i32"),
         *("out_x:i64", "out_scales:i64", "out_idx:i64", "out_weights:i64", "out_src:i64", "out_rows:i32"),
         *("ticket:ptr", *_DEADLINE),
