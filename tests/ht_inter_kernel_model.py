@@ -31,6 +31,7 @@ ENTRIES = 512  # inter::Area.entry[2][8]
 STAGES = ENTRIES + 2 * 8 * ENTRY  # inter::Area.stage[2][8]
 E_ROWS, E_SHAPE, E_NODE_MSGS, E_EXPERTS = 64, 96, 128, 192  # NotifyEntry fields
 INTER = K.get("EPK_HT_NOTIFY_INTER")
+SPACE, ARRIVAL = K.get("EPK_ERR_PHASE_HT_INTER_SPACE"), K.get("EPK_ERR_PHASE_HT_INTER_ARRIVAL")
 
 
 def mem(addr: int, n: int) -> np.ndarray:
@@ -49,12 +50,35 @@ def i32(addr: int) -> int:
     return ctypes.c_int32.from_address(addr).value
 
 
-def wait_until(cond, timeout_s: float, what: str) -> None:
+class DeviceTimeout(Exception):
+    """A device-side wait that reached the Buffer's deadline: the kernel records it (epk::report_error) and ends."""
+
+    def __init__(self, what: str, phase: int, peer: int):
+        super().__init__(what)
+        self.phase, self.peer = phase, peer
+
+
+def wait_until(cond, timeout_s: float, what: str, phase: int = 0, peer: int = 0) -> None:
     end = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > end:
-            raise TimeoutError(f"model: {what}")
+            raise DeviceTimeout(f"model: {what}", phase, peer)
         time.sleep(1e-4)
+
+
+def recorded(kernel):
+    """A kernel model whose expired wait lands in the rank's error record (as the kernels' report_error), then ends."""
+
+    def run(self, a, d):
+        try:
+            kernel(self, a, d)
+        except DeviceTimeout as exc:
+            rec = self.backends[int(a["rank"])].rt.error_record
+            if not rec[0]:
+                rec[1:7] = [K.get("EPK_ERR_CODE_TIMEOUT"), int(a["rank"]), exc.phase, exc.peer, 0, 1]
+                rec[0] = 1
+
+    return run
 
 
 def ptr(arg) -> int:
@@ -99,15 +123,18 @@ class Poster:
 class Model:
     """The three kernels for every rank of one in-process group; ``backends[rank]`` is registered by the test."""
 
-    def __init__(self, timeout_s: float = 20.0):
+    def __init__(self):
         self.backends: dict = {}
-        self.timeout_s = timeout_s
         self.posters: dict = {}
         self.tables: dict = {}  # (epoch, kind) -> {rank: addresses}
         self.done: dict = {}
         self.lock = threading.Lock()
 
     # ---- shared plumbing ----
+    @property
+    def timeout_s(self) -> float:  # the Buffer's deadline (every rank's is the same)
+        return next(iter(self.backends.values())).rt.timeout_s
+
     def area(self, rank: int) -> int:
         rt = self.backends[rank].rt
         return rt.region.ptr + rt.ht_area_offset
@@ -119,16 +146,17 @@ class Model:
             self.posters[key] = Poster(table[peer])
         return self.posters[key]
 
-    def publish(self, epoch: int, kind: str, rank: int, value, ranks) -> dict:
+    def publish(self, epoch: int, kind: str, rank: int, value, ranks, phase: int = 0) -> dict:
         """The control area's address exchange: every rank of ``ranks`` publishes, each waits for all."""
         with self.lock:
             self.tables.setdefault((epoch, kind), {})[rank] = value
-        table = self.tables[(epoch, kind)]
-        wait_until(lambda: all(r in table for r in ranks), self.timeout_s, f"{kind} addresses")
+            table = self.tables[(epoch, kind)]
+        missing = lambda: [r for r in ranks if r not in table]  # noqa: E731
+        wait_until(lambda: not missing(), self.timeout_s, f"{kind} addresses", phase, (missing() or [0])[0])
         return table
 
-    def finish(self, epoch: int, kind: str, rank: int, ranks) -> None:
-        self.publish(epoch, kind + " done", rank, True, ranks)
+    def finish(self, epoch: int, kind: str, rank: int, ranks, phase: int) -> None:
+        self.publish(epoch, kind + " done", rank, True, ranks, phase)
 
     @staticmethod
     def nodes(rank, defines, args):
@@ -140,6 +168,7 @@ class Model:
         return node_of, peers, members
 
     # ---- ht_inter_notify.cu ----
+    @recorded
     def notify(self, a, d):
         import fake_cupy as F
 
@@ -181,7 +210,8 @@ class Model:
                 self.poster(rank, dst).post([(stage + 64, at + 64, ENTRY - 64)], (at, epoch, 32), self.timeout_s)
         for s in range(R):
             flag = mine + ENTRIES + (p * 8 + s) * ENTRY
-            wait_until(lambda f=flag: i32(f) == epoch, self.timeout_s, f"rank {rank}: notify entry of rank {s}")
+            wait_until(lambda f=flag: i32(f) == epoch, self.timeout_s, f"rank {rank}: notify entry of rank {s}",
+                       K.get("EPK_ERR_PHASE_HT_NOTIFY"), s)  # fmt: skip
         entry = lambda s, off, n: mem(mine + ENTRIES + (p * 8 + s) * ENTRY + off, 4 * n).view(np.int32)  # noqa: E731
         rows = np.stack([entry(s, E_ROWS, R) for s in range(R)])
         prefix = np.cumsum(rows, axis=0).astype(np.int32)
@@ -217,6 +247,7 @@ class Model:
         host[0] = epoch
 
     # ---- ht_inter_dispatch.cu ----
+    @recorded
     def dispatch(self, a, d):
         import fake_cupy as F
 
@@ -249,7 +280,7 @@ class Model:
         fwd = F._array(a["fwd_slots"])._a.reshape(N, fwd_cap, 8) if fwd_cap else None
         outs = {k: int(a[k]) for k in ("out_x", "out_scales", "out_idx", "out_weights", "out_src")}
         outs["rows"] = int(a["out_rows"])
-        table = self.publish(epoch, "dispatch", rank, outs, local)
+        table = self.publish(epoch, "dispatch", rank, outs, local, K.get("EPK_ERR_PHASE_HT_DISPATCH_ADDRS"))
         msg = lay.dispatch_msg_bytes(topk, S, row_bytes)
         meta = lay.dispatch_meta_bytes(topk, S)
         ring, chunk, roff = int(a["ring"]), int(a["chunk"]), int(a["ring_offset"])
@@ -280,12 +311,13 @@ class Model:
 
         def sender(n):
             peer, base, count = peers[n], u64(area + SENT + 8 * n), int(counts[n])
-            wait_until(lambda: u64(area + CREDIT + 8 * n) >= base, self.timeout_s, "credit of the previous call")
+            wait_until(lambda: u64(area + CREDIT + 8 * n) >= base, self.timeout_s, "credit of the previous call",
+                       SPACE, peer)  # fmt: skip
             for c0 in range(0, count, chunk):
                 cnt = min(chunk, count - c0)
                 end = base + c0 + cnt
                 wait_until(lambda e=end: e <= ring or u64(area + CREDIT + 8 * n) >= e - ring, self.timeout_s,
-                           f"rank {rank}: ring space to node {n}")  # fmt: skip
+                           f"rank {rank}: ring space to node {n}", SPACE, peer)  # fmt: skip
                 for i in range(c0, c0 + cnt):
                     t = int(node_tokens[n, i])
                     m = mem(area + stage_at(n, base + i), msg)
@@ -313,7 +345,7 @@ class Model:
             for c0 in range(0, count, chunk):
                 cnt = min(chunk, count - c0)
                 wait_until(lambda e=base + c0 + cnt: u64(area + TAIL + 8 * n) >= e, self.timeout_s,
-                           f"rank {rank}: messages from node {n}")  # fmt: skip
+                           f"rank {rank}: messages from node {n}", ARRIVAL, peer)  # fmt: skip
                 for i in range(c0, c0 + cnt):
                     m = mem(area + recv_at(n, base + i), msg).copy()
                     seq, token = int(m[:4].view(np.uint32)[0]), int(m[4:8].view(np.int32)[0])
@@ -333,9 +365,10 @@ class Model:
         jobs = [copier] + [lambda n=n: sender(n) for n in range(N) if n != me]
         jobs += [lambda n=n: forwarder(n) for n in range(N) if n != me]
         _run(jobs)
-        self.finish(epoch, "dispatch", rank, local)
+        self.finish(epoch, "dispatch", rank, local, K.get("EPK_ERR_PHASE_HT_DISPATCH_DONE"))
 
     # ---- ht_inter_combine.cu ----
+    @recorded
     def combine(self, a, d):
         import fake_cupy as F
 
@@ -349,7 +382,8 @@ class Model:
         counts = F._array(a["node_counts"])._a
         fwd_cap = int(a["fwd_cap"])
         fwd = F._array(a["fwd_slots"])._a.reshape(N, fwd_cap, 8)
-        table = self.publish(epoch, "combine", rank, (int(a["in_x"]), int(a["in_weights"])), local)
+        table = self.publish(epoch, "combine", rank, (int(a["in_x"]), int(a["in_weights"])), local,
+                             K.get("EPK_ERR_PHASE_HT_COMBINE_ADDRS"))  # fmt: skip
         msg, meta = lay.combine_msg_bytes(topk, H), lay.combine_msg_bytes(topk, 0)
         ring, chunk, roff = int(a["ring"]), int(a["chunk"]), int(a["ring_offset"])
         area = self.area(rank)
@@ -373,12 +407,12 @@ class Model:
 
         def forwarder(n):
             peer, base, count = peers[n], u64(area + C_SENT + 8 * n), int(counts[MAXN + n])
-            wait_until(lambda: u64(area + C_CREDIT + 8 * n) >= base, self.timeout_s, "combine credit")
+            wait_until(lambda: u64(area + C_CREDIT + 8 * n) >= base, self.timeout_s, "combine credit", SPACE, peer)
             for c0 in range(0, count, chunk):
                 cnt = min(chunk, count - c0)
                 end = base + c0 + cnt
                 wait_until(lambda e=end: e <= ring or u64(area + C_CREDIT + 8 * n) >= e - ring, self.timeout_s,
-                           "combine ring space")  # fmt: skip
+                           "combine ring space", SPACE, peer)  # fmt: skip
                 for i in range(c0, c0 + cnt):
                     slots = [(dst, int(fwd[n, i, j])) for j, dst in enumerate(local) if fwd[n, i, j] >= 0]
                     row, wt = partial(slots)
@@ -400,7 +434,7 @@ class Model:
             for c0 in range(0, count, chunk):
                 cnt = min(chunk, count - c0)
                 wait_until(lambda e=base + c0 + cnt: u64(area + C_TAIL + 8 * n) >= e, self.timeout_s,
-                           f"rank {rank}: partials from node {n}")  # fmt: skip
+                           f"rank {rank}: partials from node {n}", ARRIVAL, peer)  # fmt: skip
                 for i in range(c0, c0 + cnt):
                     m = mem(area + recv_at(n, base + i), msg).copy()
                     assert int(m[:4].view(np.uint32)[0]) == (base + i) & 0xFFFFFFFF, (rank, n, i)
@@ -435,7 +469,7 @@ class Model:
             out[t] = acc.astype(BF16)
             if out_w is not None:
                 out_w[t] = wacc
-        self.finish(epoch, "combine", rank, local)
+        self.finish(epoch, "combine", rank, local, K.get("EPK_ERR_PHASE_HT_COMBINE_DONE"))
 
 
 def _run(jobs) -> None:

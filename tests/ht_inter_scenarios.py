@@ -215,3 +215,35 @@ def run_mismatched(buf, group):
         assert "another row size" in str(exc), exc
         return
     raise AssertionError(f"rank {r}: a mismatched num_worst_tokens dispatch did not raise")
+
+
+def run_absent_peer(buf, group, absent_rank):
+    """``absent_rank`` (on another node than rank 0) never dispatches after a first collective call: every other
+    rank raises TimeoutError naming itself and the peer within the Buffer's deadline (no hang). Returns the seconds
+    it took (None on the absent rank)."""
+    import time
+
+    import cupy
+
+    from epkern.errors import TimeoutError as EpTimeout
+
+    r, R = group.rank, group.size
+    T, H, E = 16, 256, 4 * R
+    idx = cupy.asarray(np.tile(np.arange(2, dtype=np.int64) * (E // 2), (T, 1)))  # experts 0 and E/2: two nodes
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=idx)  # fmt: skip
+    x = cupy.asarray(np.ones((T, H), S.BF16))
+    buf.dispatch(x, **args)  # everyone once: first uses are collective
+    S.settle(buf)
+    group.barrier()
+    if r == absent_rank:
+        return None
+    t0 = time.monotonic()
+    try:
+        buf.dispatch(x, **args)
+        S.settle(buf)
+    except EpTimeout as exc:
+        assert f"rank {r}" in str(exc) and "peer" in str(exc), exc
+        return time.monotonic() - t0
+    raise AssertionError(f"rank {r}: a dispatch with rank {absent_rank} absent did not raise")

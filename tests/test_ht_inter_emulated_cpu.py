@@ -75,14 +75,14 @@ def _threads():
     return {t for t in threading.enumerate() if t.name.startswith(("epkern-rank", "epkern-emulated-rank"))}
 
 
-def _on_ranks(model, body, n, rpn, hidden=256, topk=4, ring=64):
+def _on_ranks(model, body, n, rpn, hidden=256, topk=4, ring=64, timeout_s=20):
     import epkern
     from epkern.group.threads import run_in_process
 
     area = lay.area_bytes_hint(hidden, topk, n // rpn, ring=ring)
 
     def rank_main(group):
-        buf = epkern.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=area, backend="gpu", timeout_s=20)
+        buf = epkern.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=area, backend="gpu", timeout_s=timeout_s)
         model.backends[group.rank] = buf._backend
         group.barrier()
         try:
@@ -122,3 +122,15 @@ def test_fp8_worst_tokens_tiny_and_alternating(model):
 
 def test_mismatched_calls_are_refused_and_the_streams_stay_in_step(model):
     _on_ranks(model, lambda b, g: S.run_mismatched(b, g), 4, 2)
+
+
+def test_an_absent_remote_rank_makes_the_others_raise_within_the_deadline(model):
+    took = []
+
+    def body(b, g):
+        t = S.run_absent_peer(b, g, absent_rank=3)
+        if t is not None:
+            took.append(t)
+
+    _on_ranks(model, body, 4, 2, timeout_s=2)
+    assert len(took) == 3 and max(took) < 2 + 5, took

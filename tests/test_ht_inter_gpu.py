@@ -60,3 +60,15 @@ def test_hundred_alternating_iterations():
 
 def test_mismatched_calls_are_refused_and_the_streams_stay_in_step():
     _run(4, 2, lambda b, g: S.run_mismatched(b, g))
+
+
+def test_an_absent_remote_rank_makes_the_others_raise_within_the_deadline():
+    took = []
+
+    def body(b, g):
+        t = S.run_absent_peer(b, g, absent_rank=g.size - 1)
+        if t is not None:
+            took.append(t)
+
+    _run(8, 4, body, buffer_timeout_s=3)
+    assert len(took) == 7 and max(took) < 3 + 5, took
