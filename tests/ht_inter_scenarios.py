@@ -116,15 +116,20 @@ def run_inter_case(
     # combine of the dispatch output, then of fresh expert outputs (integer multiples: exact in BF16)
     handles = [res.handle for res in ref]
     ys = [res.recv_x for res in ref]
+    rng = np.random.default_rng(seed + 7)  # biases of every rank (k = 3): small integers, exact in BF16
+    b0 = [rng.integers(-8, 9, (x.shape[0], hidden)).astype(S.BF16) for x in xs]
+    b1 = [rng.integers(-8, 9, (x.shape[0], hidden)).astype(S.BF16) for x in xs]
     for k in (1, 3):
         ys_k = [(y.astype(np.float32) * k).astype(y.dtype) for y in ys]
+        bias = dict(bias_0=b0, bias_1=b1) if k == 3 else {}
         want_k = reference.ht_combine(
-            ys_k, handles, topk_weights=[res.recv_topk_weights for res in ref], rank_to_node=nodes
+            ys_k, handles, topk_weights=[res.recv_topk_weights for res in ref], rank_to_node=nodes, **bias
         )[r]
         y_dev = recv_x if k == 1 else cupy.asarray(ys_k[r])
-        out, out_w, _ = buf.combine(y_dev, handle, topk_weights=recv_w)
+        dev_bias = (cupy.asarray(b0[r]), cupy.asarray(b1[r])) if k == 3 else None
+        out, out_w, _ = buf.combine(y_dev, handle, topk_weights=recv_w, bias=dev_bias)
         S.settle(buf)
-        S.assert_same(cupy.asnumpy(out), want_k[0], f"rank {r} combined_x (x{k})")
+        S.assert_same(cupy.asnumpy(out), want_k[0], f"rank {r} combined_x (x{k}{', biases' if k == 3 else ''})")
         S.assert_same(cupy.asnumpy(out_w), want_k[1], f"rank {r} combined_topk_weights (x{k})")
         if k == 1:
             after_combine = _counts(buf)
