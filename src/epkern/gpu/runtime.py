@@ -19,6 +19,7 @@ from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from ..events import EventHandle
 from ..memory import Heap, HostMapped, SymmetricRegion
 from .ll.layout import ll_area_bytes
+from .phases import PHASES
 
 # Host waits for GPU work end this long after the device-side deadline (timeout_s) has passed.
 HOST_MARGIN_S = 5.0
@@ -42,26 +43,6 @@ def _freer(region, rt):
 
 
 # Error-record phases (numbers in kernels/epk_constants.cuh) and what each was waiting for.
-PHASES = {
-    K.get("EPK_ERR_PHASE_HT_NOTIFY"): "notify (waiting for a peer's counts)",
-    K.get("EPK_ERR_PHASE_HT_DISPATCH_ADDRS"): "dispatch (waiting for a peer's output addresses)",
-    K.get("EPK_ERR_PHASE_HT_DISPATCH_DONE"): "dispatch (waiting for a peer to finish sending)",
-    K.get("EPK_ERR_PHASE_HT_COMBINE_ADDRS"): "combine (waiting for a peer's input addresses)",
-    K.get("EPK_ERR_PHASE_HT_COMBINE_DONE"): "combine (waiting for a peer to finish reading)",
-    K.get("EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW"): (
-        "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)"
-    ),
-    K.get("EPK_ERR_PHASE_HT_SHAPE"): (
-        "dispatch (a peer's call has another row size, top-k, FP8 scale columns, experts per rank, or is cached "
-        "where this one is not: nothing was sent to it; value = its row bytes, limit = this rank's)"
-    ),
-    K.get("EPK_ERR_PHASE_HT_INTER_ORDER"): (
-        "dispatch across nodes (a ring slot holds another message than the one due: value = its sequence number, "
-        "limit = the one expected)"
-    ),
-    K.get("EPK_ERR_PHASE_HT_INTER_SPACE"): "dispatch across nodes (waiting for a forwarder's credit: ring space)",
-    K.get("EPK_ERR_PHASE_HT_INTER_ARRIVAL"): "dispatch across nodes (waiting for a peer's messages)",
-}
 
 
 def capturing(stream) -> bool:
