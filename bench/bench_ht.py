@@ -1,9 +1,14 @@
-"""Benchmark intranode HT dispatch / combine.
+"""Benchmark HT dispatch / combine: intranode, or across virtual nodes (issue #18, ``--ranks-per-node``).
 
     # 8 MPS processes on one GPU (start MPS first: bash scripts/mps.sh start)
     mpiexec -n 8 python3 bench/bench_ht.py --tokens 4096 --hidden 7168 --topk 8 --experts 256
     # or in-process ranks
     python3 bench/bench_ht.py --inprocess 8 ...
+    # across 2 virtual nodes of 4 (over the emulated NIC): also the bytes on the network per call
+    mpiexec -n 8 python3 bench/bench_ht.py --ranks-per-node 4 ...
+
+Across nodes the network bytes of one cached dispatch and one combine (the HT transport's NIC counters, summed over
+ranks) are reported against the minimum: each token's row once per remote node it has a destination on.
 
 Times are CUDA-event medians on each rank's stream (max over ranks is reported), after warm-up, with a
 group barrier before every timed call so ranks start together. Byte accounting (docs/performance.md):
@@ -120,6 +125,32 @@ def print_probe(per_rank: list[dict]) -> None:
             print(f"  {rank:4d}" + "".join(f"  {(v - t0) / 1e3:11.1f}" for v in r))
 
 
+def _network_bytes(buf, group, cached, combine, in_rank) -> dict:
+    """Bytes this rank's HT transport put on the (emulated) network in one cached dispatch and one combine, and
+    its messages: one per (token, remote node it has a destination on)."""
+    import cupy
+
+    transport = buf._backend.ht_inter.transport
+
+    def total():
+        cupy.cuda.get_current_stream().synchronize()
+        group.barrier()  # every rank's kernels ended: what they posted is all there is
+        problem = transport.drain()
+        if problem:
+            raise RuntimeError(problem)
+        return sum(c["bytes"] for c in transport.counters().values())
+
+    b0 = total()
+    cached()
+    b1 = total()
+    combine()
+    b2 = total()
+    nodes = np.asarray(group.node_of_rank)
+    mine = cupy.asnumpy(in_rank)
+    msgs = sum(int(mine[:, nodes == n].any(axis=1).sum()) for n in set(nodes.tolist()) if n != nodes[group.rank])
+    return {"net_dispatch_bytes": b1 - b0, "net_combine_bytes": b2 - b1, "net_messages": msgs}
+
+
 def rank_main(group, args, tokens):
     import cupy
 
@@ -152,8 +183,11 @@ def rank_main(group, args, tokens):
             combine_loads_first=args.loads_first,
         )
     )
-    nvl_bytes = 0 if getattr(group, "is_in_process", False) else nvl
-    with Buffer(group, num_nvl_bytes=nvl_bytes, backend="gpu", _tuning=tuning) as buf:
+    nodes = group.num_nodes
+    # in-process ranks write each other's outputs anywhere, but HT across nodes needs a heap all the same
+    nvl_bytes = 0 if getattr(group, "is_in_process", False) and nodes == 1 else nvl
+    rdma_bytes = Config.get_rdma_buffer_size_hint(args.hidden * 2, R, num_nodes=nodes) if nodes > 1 else 0
+    with Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, backend="gpu", _tuning=tuning) as buf:
         if args.num_sms:
             buf.set_num_sms(args.num_sms)
         if group.rank == 0:
@@ -163,12 +197,13 @@ def rank_main(group, args, tokens):
         def layout():
             return buf.get_dispatch_layout(idx, args.experts)
 
-        per_rank, _, per_expert, in_rank, _ = layout()
+        per_rank, per_node, per_expert, in_rank, _ = layout()
 
         def dispatch():
             return buf.dispatch(
                 x,
                 num_tokens_per_rank=per_rank,
+                num_tokens_per_rdma_rank=per_node,
                 is_token_in_rank=in_rank,
                 num_tokens_per_expert=per_expert,
                 topk_idx=idx,
@@ -233,6 +268,8 @@ def rank_main(group, args, tokens):
             res["probe"] = _probe(buf, group, {"ht_dispatch.cu": cached, "ht_combine.cu": combine})
         res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]
         res["combine_pipelined_host_us"] = res["combine_host_us"]
+        if nodes > 1:  # one cached dispatch and one combine: this rank's NIC bytes, and its messages
+            res.update(_network_bytes(buf, group, cached, combine, in_rank))
         res["recv_rows"] = handle.num_recv_tokens
         res["sent_tokens"] = int(cupy.asnumpy(in_rank).any(axis=1).sum())
         res["tokens"] = tokens
@@ -263,6 +300,15 @@ def summarize(per_rank: list[dict], args) -> dict:
         "ranks_per_gpu": r0["ranks_per_gpu"],
         "copy_bandwidth_GBps": r0["copy_bandwidth_GBps"],
     }
+    if "net_messages" in r0:  # across nodes: network bytes against each token's row once per remote node
+        msgs = sum(p["net_messages"] for p in per_rank)
+        out["nodes"] = args.ranks_per_node and R // args.ranks_per_node
+        out["net_messages"] = msgs
+        out["net_min_dispatch_bytes"] = msgs * row
+        out["net_min_combine_bytes"] = msgs * args.hidden * 2
+        for op in ("dispatch", "combine"):
+            out[f"net_{op}_bytes"] = sum(p[f"net_{op}_bytes"] for p in per_rank)
+            out[f"net_{op}_over_min"] = out[f"net_{op}_bytes"] / max(1, out[f"net_min_{op}_bytes"])
     recv = sum(p["recv_rows"] for p in per_rank)
     sent = sum(p["sent_tokens"] for p in per_rank)
     tokens = sum(p["tokens"] for p in per_rank)
@@ -306,6 +352,7 @@ def main(argv=None):
     p.add_argument("--probe", action="store_true", help="also print the kernels' phase timestamps per rank")
     p.add_argument("--profile", action="store_true", help="rank 0 prints a cProfile of the cached dispatch's host path")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
+    p.add_argument("--ranks-per-node", type=int, default=0, help="virtual nodes of this many ranks (HT across nodes)")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--plot", type=str, default=None, help="PNG of GB/s against tokens per rank")
     args = p.parse_args(argv)
@@ -317,12 +364,19 @@ def main(argv=None):
         if args.inprocess:
             from epkern.group import run_in_process
 
-            per_rank = run_in_process(rank_main, args.inprocess, args, tokens, timeout_s=600)
+            per_rank = run_in_process(
+                rank_main, args.inprocess, args, tokens, timeout_s=600, ranks_per_node=args.ranks_per_node or None
+            )
             rank = 0
         else:
+            import os
+
             from mpi4py import MPI
 
             from epkern.group import as_group
+
+            if args.ranks_per_node:  # read when the group is made
+                os.environ["EPKERN_RANKS_PER_NODE"] = str(args.ranks_per_node)
 
             group = as_group(MPI.COMM_WORLD)
             per_rank = group.allgather_object(rank_main(group, args, tokens))
@@ -333,8 +387,9 @@ def main(argv=None):
                 print_probe(per_rank)
     if results:
         mode = f"{args.inprocess} in-process ranks" if args.inprocess else f"{results[0]['ranks']} MPI processes"
+        where = f"across {results[0]['nodes']} virtual nodes" if results[0].get("nodes") else "intranode"
         print(
-            f"HT intranode, {mode}, {results[0]['device']}, H={args.hidden} top-{args.topk} "
+            f"HT {where}, {mode}, {results[0]['device']}, H={args.hidden} top-{args.topk} "
             f"E={args.experts} {'FP8' if args.fp8 else 'BF16'} dispatch, SMs/rank={results[0]['num_sms']}, "
             f"threads/blocks-per-SM/dunroll/cunroll/loads-first {results[0]['launch']}, "
             f"copy bw {results[0]['copy_bandwidth_GBps']:.0f} GB/s"
@@ -352,6 +407,13 @@ def main(argv=None):
                     f"{r.get(f'{op}_logical_GBps', float('nan')):>12.1f} "
                     f"{fl if fl else float('nan'):>9.1f} {r.get(f'{op}_floor_ratio', float('nan')):>11.2f} "
                     f"{r[f'{op}_host_us']:>8.1f}"
+                )
+        for r in results:
+            if "net_messages" in r:
+                print(
+                    f"{r['tokens_per_rank']:>7} network: {r['net_messages']} messages; dispatch "
+                    f"{r['net_dispatch_bytes']} B = {r['net_dispatch_over_min']:.3f} x the minimum (rows once per "
+                    f"remote node), combine {r['net_combine_bytes']} B = {r['net_combine_over_min']:.3f} x"
                 )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

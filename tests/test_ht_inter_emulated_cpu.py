@@ -10,6 +10,7 @@ import ctypes
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 import fake_cupy as F
@@ -134,3 +135,41 @@ def test_an_absent_remote_rank_makes_the_others_raise_within_the_deadline(model)
 
     _on_ranks(model, body, 4, 2, timeout_s=2)
     assert len(took) == 3 and max(took) < 2 + 5, took
+
+
+def test_the_benchmark_counts_network_bytes_against_the_minimum(model):
+    """bench_ht.py --ranks-per-node: its network figures of one cached dispatch and one combine (rows once per remote
+    node is the minimum; the metadata, tails, credits and notify-free cached call add a little)."""
+    from pathlib import Path
+
+    import cupy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_ht
+
+    def body(b, g):
+        T, H, E = 32, 256, 16
+        rng = np.random.default_rng(g.rank)
+        idx = cupy.asarray(np.stack([rng.choice(E, 4, replace=False) for _ in range(T)]).astype(np.int64))
+        per_rank, per_node, per_expert, in_rank, _ = b.get_dispatch_layout(idx, E)
+        x = cupy.asarray(np.ones((T, H), M.BF16))
+        recv_x, _, _, _, handle, _ = b.dispatch(
+            x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=idx,
+        )  # fmt: skip
+        got = bench_ht._network_bytes(
+            b, g, lambda: b.dispatch(x, handle=handle), lambda: b.combine(recv_x, handle), in_rank
+        )
+        nodes = np.asarray(g.node_of_rank)
+        other = nodes != nodes[g.rank]
+        assert got["net_messages"] == int(cupy.asnumpy(in_rank)[:, other].any(axis=1).sum())
+        # a rank's NIC carries its own messages in dispatch but its forwarded ones' partials in combine: the group's
+        # sums are what compares (as the benchmark's summary does)
+        every = g.allgather_object(got)
+        keys = ("net_messages", "net_dispatch_bytes", "net_combine_bytes")
+        msgs, disp, comb = (sum(e[k] for e in every) for k in keys)
+        per_msg_d, per_msg_c = lay.dispatch_msg_bytes(4, 0, 2 * H), lay.combine_msg_bytes(4, H)
+        assert msgs * 2 * H < disp <= msgs * per_msg_d + 16 * msgs  # + a tail and a credit per chunk at most
+        assert msgs * 2 * H < comb <= msgs * per_msg_c + 16 * msgs
+
+    _on_ranks(model, body, 4, 2)
