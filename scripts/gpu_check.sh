@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|htinterbench|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -41,7 +41,7 @@ timeout() {
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench llmpsbench llnicbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
+  for w in mps mpsraw bench htinterbench llmpsbench llnicbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -117,6 +117,16 @@ fi
 if has bench; then
   timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 512,1024,2048,4096 --iters 6 \
     --json "$OUT/bench_ht_mps8.json" --plot "$OUT/bench_ht_mps8.png" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -18
+fi
+if has htinterbench; then
+  # Issue #18: HT across 2 virtual nodes of 4 (8 MPS processes, the emulated NIC) beside the same run as one node of
+  # 8; network bytes against the minimum. HTINTER_TOKENS (default 4096; the emulated NIC is slow: try 512 first).
+  for rpn in ${HTINTER_RPN:-4 0}; do
+    timeout "${HTINTER_TIMEOUT:-300}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens "${HTINTER_TOKENS:-4096}" \
+      --iters "${HTINTER_ITERS:-5}" --ranks-per-node "$rpn" --json "$OUT/bench_ht_inter_rpn${rpn}.json" 2>&1 |
+      tee "$OUT/bench_ht_inter_rpn${rpn}.log" | tail -16
+    note "htinterbench rpn=$rpn rc=${PIPESTATUS[0]}: $(grep -m1 'network:' "$OUT/bench_ht_inter_rpn${rpn}.log")"
+  done
 fi
 if has llmpsbench; then
   for variant in ${LLBENCH_VARIANTS:-bf16 fp8}; do

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("EPKERN_POISON_OUTPUTS", "1")
-rpn = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rpn=")]
-os.environ["EPKERN_RANKS_PER_NODE"] = rpn[0] if rpn else "4"  # before the group reads it
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_inter_scenarios as S  # noqa: E402
@@ -20,6 +18,8 @@ from epkern.group import as_group  # noqa: E402
 def main():
     from mpi4py import MPI
 
+    rpn = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rpn=")]
+    os.environ["EPKERN_RANKS_PER_NODE"] = rpn[0] if rpn else "4"  # before the group reads it
     group = as_group(MPI.COMM_WORLD)
     R, N = group.size, group.num_nodes
     area = lay.area_bytes_hint(7168, 8, N, ring=128)
