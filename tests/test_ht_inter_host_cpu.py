@@ -114,6 +114,7 @@ def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake
         assert (int(got["node_of_rank"]), int(got["peer_of_node"])) == (nodes.node_of_rank, nodes.peer_of_node)
         assert int(got["qps"]) == inter.transport.table_ptr and int(got["area_offset"]) == rt.ht_area_offset
         assert dispatch[3][0] >= 2 * 2 + 1 and dispatch[2]["EPK_NUM_NODES"] == 2  # a sender and forwarder per node
+        assert dispatch[2]["EPK_MIN_BLOCKS"] >= 2  # every rank's blocks resident at once (HtInter.blocks_per_sm)
         assert recv_x.shape == (64, H) and recv_idx.shape == (64, K)
         assert handle.node_tokens.shape == (2, T) and handle.node_slot.shape == (T, 2)
         assert handle.fwd_slots.shape == (2, 2 * 64, lay.SLOTS_PER_MSG) and handle.fwd_cap == 2 * 64

@@ -67,6 +67,14 @@ class HtInter:
         """A sender and a forwarder block per node, and at least one copier (ht_inter_dispatch.cu)."""
         return 2 * self.nodes.num_nodes + 1
 
+    @staticmethod
+    def blocks_per_sm(tun) -> int:
+        """EPK_MIN_BLOCKS of the kernels across nodes: at least 2, so that every block of every rank sharing a GPU
+        is resident at once (their roles wait on each other across ranks): 8 ranks as 8 nodes launch 17 blocks each,
+        136 > the 132 SMs of an H100 at one 512-thread block per SM (96 registers), 264 at two (64 registers; ptxas
+        spills 20-64 bytes)."""
+        return max(tun.blocks_per_sm, 2)
+
     def dispatch(self, engine, a):
         """``a``: HtEngine.dispatch's validated arguments (a SimpleNamespace)."""
         import cupy
@@ -168,7 +176,7 @@ class HtInter:
                 EPK_NUM_LOCAL_EXPERTS=(a.num_tokens_per_expert.shape[0] // R) if not a.cached else 1,
                 EPK_WITH_META=0 if a.cached else 1,
                 EPK_THREADS=tun.threads,
-                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+                EPK_MIN_BLOCKS=self.blocks_per_sm(tun),
                 EPK_UNROLL=tun.dispatch_unroll,
             )
             ptr = lambda arr: arr.data.ptr if arr is not None else 0  # noqa: E731
@@ -245,7 +253,7 @@ class HtInter:
                 EPK_HIDDEN=hidden,
                 EPK_HAS_WEIGHTS=int(topk_weights is not None),
                 EPK_THREADS=tun.threads,
-                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+                EPK_MIN_BLOCKS=self.blocks_per_sm(tun),
             )
             args = HT_INTER_COMBINE.pack(
                 dry_run=0,
