@@ -116,12 +116,13 @@ SPECIMENS = {
         "ht_inter_dispatch.cu",
         (8, 2, 8, 14336, 0, 32, 1, 512, 1, 4),
         (8, 4, 8, 7168, 56, 32, 1, 512, 1, 4),
-        (8, 8, 8, 14336, 0, 32, 0, 512, 2, 4),
+        (8, 8, 8, 14336, 0, 32, 0, 256, 2, 4),
+        (8, 8, 8, 14336, 0, 32, 1, 256, 2, 4),
         (2, 2, 1, 16, 0, 1, 1, 128, 1, 1),
     ),
     # (ranks, nodes, top-k, hidden, weights, threads, min blocks)
     "ht_inter_combine.cu": _rows(
-        "ht_inter_combine.cu", (8, 2, 8, 7168, 1, 512, 2), (8, 8, 8, 7168, 0, 512, 2), (2, 2, 1, 8, 1, 128, 1)
+        "ht_inter_combine.cu", (8, 2, 8, 7168, 1, 256, 2), (8, 8, 8, 7168, 0, 256, 2), (2, 2, 1, 8, 1, 128, 1)
     ),
     # (ranks, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, probe, unroll)
     "ht_dispatch.cu": _rows(

@@ -35,6 +35,7 @@ from .ll.layout import ROUTE_IPC, ROUTE_RDMA
 _INTER = K.get("EPK_HT_NOTIFY_INTER")
 _LAYOUT_OK = K.get("EPK_HT_NOTIFY_LAYOUT_OK")
 MAX_NODES = lay.MAX_NODES
+THREADS = 256  # per block of the dispatch and combine kernels across nodes (HtInter.blocks_per_sm)
 
 
 @dataclass
@@ -69,10 +70,10 @@ class HtInter:
 
     @staticmethod
     def blocks_per_sm(tun) -> int:
-        """EPK_MIN_BLOCKS of the kernels across nodes: at least 2, so that every block of every rank sharing a GPU
-        is resident at once (their roles wait on each other across ranks): 8 ranks as 8 nodes launch 17 blocks each,
-        136 > the 132 SMs of an H100 at one 512-thread block per SM (96 registers), 264 at two (64 registers; ptxas
-        spills 20-64 bytes)."""
+        """EPK_MIN_BLOCKS of the kernels across nodes, whose blocks are THREADS wide: at least 2, so that every block
+        of every rank sharing a GPU is resident at once (their roles wait on each other across ranks). 8 ranks as 8
+        nodes launch 17 blocks each: 136, more than the 132 SMs of an H100 hold at one 512-thread block of 96
+        registers per SM; two 256-thread blocks per SM keep the 96 registers (no spills) and hold 264."""
         return max(tun.blocks_per_sm, 2)
 
     def dispatch(self, engine, a):
@@ -175,7 +176,7 @@ class HtInter:
                 EPK_SCALE_COLS=scale_cols,
                 EPK_NUM_LOCAL_EXPERTS=(a.num_tokens_per_expert.shape[0] // R) if not a.cached else 1,
                 EPK_WITH_META=0 if a.cached else 1,
-                EPK_THREADS=tun.threads,
+                EPK_THREADS=THREADS,
                 EPK_MIN_BLOCKS=self.blocks_per_sm(tun),
                 EPK_UNROLL=tun.dispatch_unroll,
             )
@@ -209,7 +210,7 @@ class HtInter:
                 **common,
                 **rt.deadline(),
             )
-            rt.launch(HT_INTER_DISPATCH, defines, blocks, tun.threads, args)
+            rt.launch(HT_INTER_DISPATCH, defines, blocks, THREADS, args)
         event = rt.end(compute, a.async_finish)
         recv_x = (out.x, out.scales) if a.scales is not None else out.x
         if a.cached:
@@ -252,7 +253,7 @@ class HtInter:
                 EPK_TOPK=K,
                 EPK_HIDDEN=hidden,
                 EPK_HAS_WEIGHTS=int(topk_weights is not None),
-                EPK_THREADS=tun.threads,
+                EPK_THREADS=THREADS,
                 EPK_MIN_BLOCKS=self.blocks_per_sm(tun),
             )
             args = HT_INTER_COMBINE.pack(
@@ -284,7 +285,7 @@ class HtInter:
                 ticket=rt.tickets.data.ptr + 4,
                 **rt.deadline(),
             )
-            rt.launch(HT_INTER_COMBINE, defines, max(blocks, self.min_blocks()), tun.threads, args)
+            rt.launch(HT_INTER_COMBINE, defines, max(blocks, self.min_blocks()), THREADS, args)
         event = rt.end(compute, async_finish)
         del keep, scratch, copied  # the stream orders their reuse after the kernel
         return out, out_w, event
