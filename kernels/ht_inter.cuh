@@ -95,6 +95,102 @@ EPK_DEVICE constexpr int dispatch_meta_bytes(int topk, int scale_cols) {
   return (EPK_HT_INTER_MSG_HEADER + 4 * kSlotsPerMsg + 8 * topk + 4 * scale_cols + 15) / 16 * 16;
 }
 
+#ifdef __CUDACC__
+// The block's table of the group's nodes: s_node_rank[n][j] = the rank of local index j of node n (-1 past the
+// node's ranks), filled by thread 0 (the caller syncs before reading it). Returns the mask of this node's ranks.
+template <int kRanks, int kNodes>
+EPK_DEVICE unsigned node_table(const Nodes &nodes, int my_node, int (&s_node_rank)[kNodes][kSlotsPerMsg]) {
+  if (threadIdx.x == 0) {
+    for (int n = 0; n < kNodes; ++n) {
+      int j = 0;
+      for (int r = 0; r < kRanks; ++r)
+        if (nodes.node(r) == n) s_node_rank[n][j++] = r;
+      for (; j < kSlotsPerMsg; ++j) s_node_rank[n][j] = -1;
+    }
+  }
+  unsigned mask = 0;
+#pragma unroll
+  for (int d = 0; d < kRanks; ++d)
+    if (nodes.node(d) == my_node) mask |= 1u << d;
+  return mask;
+}
+
+// A stream word's offset in the area: the same in every rank's area, so the peer's word as the QP addresses it.
+EPK_DEVICE uint64_t offset_in(const Area *area, const unsigned long long *word) {
+  return static_cast<uint64_t>(reinterpret_cast<const char *>(word) - reinterpret_cast<const char *>(area));
+}
+
+// One stream of this call's `count` messages between this rank and the rank `peer` of node `n` (ht_stream.cuh), as
+// a block drives either end of it. Counters of earlier calls: `done` (this rank's sent / received word). Messages
+// of a call start once every earlier one is done with (credit >= done), so the ring restarts empty.
+struct StreamEnd {
+  const QpEntry &q;
+  Area *area;
+  Rings rings;
+  int n, my_node, peer, count, chunk;
+  unsigned long long *done;
+  const Deadline &deadline;
+};
+
+// Sender: per chunk, wait for ring space (`credit`, WRITTEN by the peer), `stage(i, seq, slot)` for each message
+// (a warp each), then one send_chunk with the new tail to the peer's `tail` word. False in every thread on failure.
+template <int kWarps, typename Stage>
+EPK_DEVICE bool send_stream(const StreamEnd &s, const unsigned long long *credit, const unsigned long long *tail,
+                            bool &s_failed, Stage stage) {
+  const int tid = threadIdx.x, warp = tid / 32;
+  char *const area = reinterpret_cast<char *>(s.area);
+  const uint64_t base = *s.done;
+  if (tid == 0 && !stream::wait_u64_at_least(credit, base, s.deadline, stream::kPhaseStreamSpace, s.peer))
+    s_failed = true;
+  __syncthreads();
+  for (int c0 = 0; c0 < s.count && !s_failed; c0 += s.chunk) {
+    const int cnt = min(s.chunk, s.count - c0);
+    if (tid == 0 && !stream::wait_space(credit, s.rings.ring, base + c0, cnt, s.deadline, s.peer)) s_failed = true;
+    __syncthreads();
+    if (s_failed) break;
+    for (int i = c0 + warp; i < c0 + cnt; i += kWarps) stage(i, base + i, area + s.rings.stage_at(s.n, base + i));
+    __threadfence_system();  // the staged messages before the WRITE that reads them
+    __syncthreads();
+    if (tid == 0 && !stream::send_chunk(s.q.qp(), reinterpret_cast<uint64_t>(area + s.rings.stage_at(s.n, 0)),
+                                        s.q.raddr + s.rings.recv_at(s.my_node, 0), s.q.raddr + offset_in(s.area, tail),
+                                        s.rings.ring, s.rings.msg, base + c0, cnt, s.deadline, s.peer))
+      s_failed = true;
+    __syncthreads();
+  }
+  if (tid == 0 && !s_failed) *s.done = base + s.count;
+  return !s_failed;
+}
+
+// Receiver: per chunk, wait until it arrived (`tail`, WRITTEN by the peer), `consume(i, seq, slot)` for each message
+// (a warp each), `chunk_done(messages done)` in thread 0, then the credit to the peer's `credit` word. False in every
+// thread on failure.
+template <int kWarps, typename Consume, typename ChunkDone>
+EPK_DEVICE bool receive_stream(const StreamEnd &s, const unsigned long long *tail, const unsigned long long *credit,
+                               bool &s_failed, Consume consume, ChunkDone chunk_done) {
+  const int tid = threadIdx.x, warp = tid / 32;
+  const char *const area = reinterpret_cast<const char *>(s.area);
+  const uint64_t base = *s.done;
+  for (int c0 = 0; c0 < s.count; c0 += s.chunk) {
+    const int cnt = min(s.chunk, s.count - c0);
+    if (tid == 0 && !stream::wait_message(tail, base + c0 + cnt - 1, s.deadline, s.peer)) s_failed = true;
+    __syncthreads();
+    if (s_failed) return false;
+    for (int i = c0 + warp; i < c0 + cnt; i += kWarps) consume(i, base + i, area + s.rings.recv_at(s.n, base + i));
+    __threadfence_system();  // what the chunk's messages gave (and their reads) before the credit frees their slots
+    __syncthreads();
+    if (tid == 0) {
+      chunk_done(c0 + cnt);
+      if (!stream::release(s.q.qp(), s.q.raddr + offset_in(s.area, credit), base + c0 + cnt, s.deadline, s.peer))
+        s_failed = true;
+    }
+    __syncthreads();
+    if (s_failed) return false;
+  }
+  if (tid == 0) *s.done = base + s.count;
+  return true;
+}
+#endif  // __CUDACC__
+
 // A combine message (a partial): header {seq u32, 0, 0, 0}, K weight partials f32, padding to 16 bytes, then the
 // BF16 partial row.
 EPK_DEVICE constexpr int combine_meta_bytes(int topk) { return (EPK_HT_INTER_MSG_HEADER + 4 * topk + 15) / 16 * 16; }

@@ -20,6 +20,8 @@
 #include "epk_constants.cuh"
 #include "ht_common.cuh"
 #include "ht_inter.cuh"
+#define EPK_PROBE 0  // ht_phases.cuh's finish_all, without the probe build
+#include "ht_phases.cuh"
 #include "ht_stream.cuh"
 
 #ifndef EPK_NUM_RANKS
@@ -84,22 +86,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __shared__ const char *s_src[kRanks][kNumIns];
   __shared__ int s_node_rank[kNodes][kSlots];
   __shared__ bool s_failed;
-  auto word_offset = [&](const unsigned long long *w) {
-    return static_cast<uint64_t>(reinterpret_cast<const char *>(w) - reinterpret_cast<const char *>(area));
-  };
-  if (tid == 0) {
-    s_failed = false;
-    for (int n = 0; n < kNodes; ++n) {
-      int j = 0;
-      for (int r = 0; r < kRanks; ++r)
-        if (nodes.node(r) == n) s_node_rank[n][j++] = r;
-      for (; j < kSlots; ++j) s_node_rank[n][j] = -1;
-    }
-  }
-  unsigned local_mask = 0;
-#pragma unroll
-  for (int d = 0; d < kRanks; ++d)
-    if (nodes.node(d) == my_node) local_mask |= 1u << d;
+  if (tid == 0) s_failed = false;
+  const unsigned local_mask = epk::inter::node_table<kRanks, kNodes>(nodes, my_node, s_node_rank);  // this node's ranks
 
   // 1. Tell the ranks of this node where my inputs are (block 0); every block that pulls rows learns theirs.
   const long long my_base = static_cast<long long>(peers[rank]);
@@ -129,104 +117,64 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if (forwarder) {
     // 2a. Partials back to node n's source, in the order its messages came (fwd_slots), a chunk at a time.
     const int n = role_node, peer = nodes.peer(n);
-    const epk::inter::QpEntry &q = qps[peer];
-    const uint64_t base = area->words.c_sent[n];
-    const int count = node_counts[epk::inter::kMaxNodes + n];
-    char *const stage = reinterpret_cast<char *>(area);
-    if (tid == 0 &&
-        !epk::stream::wait_u64_at_least(&area->words.c_credit[n], base, deadline, epk::stream::kPhaseStreamSpace, peer))
-      s_failed = true;  // the previous call's partials must all be consumed: the ring restarts empty
-    __syncthreads();
-    for (int c0 = 0; c0 < count && !s_failed; c0 += chunk) {
-      const int cnt = min(chunk, count - c0);
-      if (tid == 0 && !epk::stream::wait_space(&area->words.c_credit[n], ring, base + c0, cnt, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-      if (s_failed) break;
-      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
-        int slot = -1;
-        if (i < fwd_cap && lane < kSlots) slot = fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kSlots + lane];
-        int slots[kSlots];
+    const epk::inter::StreamEnd end{
+        qps[peer], area, rings, n, my_node, peer, node_counts[epk::inter::kMaxNodes + n], chunk, &area->words.c_sent[n],
+        deadline};
+    auto stage = [&](int i, uint64_t seq, char *m) {
+      int slot = -1;
+      if (i < fwd_cap && lane < kSlots) slot = fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kSlots + lane];
+      int slots[kSlots];
 #pragma unroll
-        for (int j = 0; j < kSlots; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
-        char *m = stage + rings.stage_at(n, base + i);
-        if (lane == 0)
-          *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(base + i)), 0, 0, 0);
-        if constexpr (kHasWeights) {
-          if (lane < kTopk) {
-            float w = 0.f;
-#pragma unroll
-            for (int j = 0; j < kSlots; ++j) {
-              const int d = s_node_rank[my_node][j];
-              if (d >= 0 && slots[j] >= 0)
-                w = __fadd_rn(w, reinterpret_cast<const float *>(
-                                     s_src[d][kInWeights])[static_cast<int64_t>(slots[j]) * kTopk + lane]);
-            }
-            reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER)[lane] = w;
-          }
-        }
-        int4 *row = reinterpret_cast<int4 *>(m + kMeta);
-        for (int v = lane; v < kRowVecs; v += 32) {
-          float acc[8];
-#pragma unroll
-          for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+      for (int j = 0; j < kSlots; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
+      if (lane == 0) *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(seq)), 0, 0, 0);
+      if constexpr (kHasWeights) {
+        if (lane < kTopk) {
+          float w = 0.f;
 #pragma unroll
           for (int j = 0; j < kSlots; ++j) {
             const int d = s_node_rank[my_node][j];
             if (d >= 0 && slots[j] >= 0)
-              epk::add_bf16x8(
-                  acc, reinterpret_cast<const int4 *>(s_src[d][kInX])[static_cast<int64_t>(slots[j]) * kRowVecs + v]);
+              w = __fadd_rn(w, reinterpret_cast<const float *>(
+                                   s_src[d][kInWeights])[static_cast<int64_t>(slots[j]) * kTopk + lane]);
           }
-          row[v] = epk::pack_bf16x8(acc);
+          reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER)[lane] = w;
         }
       }
-      __threadfence_system();
-      __syncthreads();
-      if (tid == 0 && !epk::stream::send_chunk(q.qp(), reinterpret_cast<uint64_t>(stage + rings.stage_at(n, 0)),
-                                               q.raddr + rings.recv_at(my_node, 0),
-                                               q.raddr + word_offset(&area->words.c_tail[my_node]), ring, kMsgBytes,
-                                               base + c0, cnt, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-    }
-    if (tid == 0 && !s_failed) area->words.c_sent[n] = base + count;
-    if (s_failed) return;
+      int4 *row = reinterpret_cast<int4 *>(m + kMeta);
+      for (int v = lane; v < kRowVecs; v += 32) {
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) {
+          const int d = s_node_rank[my_node][j];
+          if (d >= 0 && slots[j] >= 0)
+            epk::add_bf16x8(
+                acc, reinterpret_cast<const int4 *>(s_src[d][kInX])[static_cast<int64_t>(slots[j]) * kRowVecs + v]);
+        }
+        row[v] = epk::pack_bf16x8(acc);  // the node's partial, rounded once to BF16
+      }
+    };
+    if (!epk::inter::send_stream<kWarps>(end, &area->words.c_credit[n], &area->words.c_tail[my_node], s_failed, stage))
+      return;
   } else if (receiver) {
-    // 2b. The partials of this rank's tokens from node n, in order, into scratch; credit back as they are copied.
+    // 2b. The partials of this rank's tokens from node n, in order, into scratch; `copied[n]` tells the reducers.
     const int n = role_node, peer = nodes.peer(n);
-    const epk::inter::QpEntry &q = qps[peer];
-    const uint64_t base = area->words.c_received[n];
-    const int count = node_counts[n];
-    const char *const recv = reinterpret_cast<const char *>(area);
+    const epk::inter::StreamEnd end{
+        qps[peer], area, rings, n, my_node, peer, node_counts[n], chunk, &area->words.c_received[n], deadline};
     char *const mine = scratch + static_cast<int64_t>(n) * num_tokens * kMsgBytes;
-    for (int c0 = 0; c0 < count; c0 += chunk) {
-      const int cnt = min(chunk, count - c0);
-      if (tid == 0 && !epk::stream::wait_message(&area->words.c_tail[n], base + c0 + cnt - 1, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-      if (s_failed) return;
-      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
-        const int4 *m = reinterpret_cast<const int4 *>(recv + rings.recv_at(n, base + i));
-        const int4 head = __ldcv(m);
-        const uint32_t due = static_cast<uint32_t>(base + i);
-        if (static_cast<uint32_t>(head.x) != due && lane == 0)
-          epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x,
-                            static_cast<int>(due));
-        int4 *to = reinterpret_cast<int4 *>(mine + static_cast<int64_t>(i) * kMsgBytes);
-        for (int v = lane; v < kMsgBytes / 16; v += 32) to[v] = __ldcv(m + v);
-      }
-      __threadfence();  // the copies before the count the reducers wait for (and before the credit)
-      __syncthreads();
-      if (tid == 0) {
-        epk::st_release_gpu(&copied[n], c0 + cnt);
-        if (!epk::stream::release(q.qp(), q.raddr + word_offset(&area->words.c_credit[my_node]), base + c0 + cnt,
-                                  deadline, peer))
-          s_failed = true;
-      }
-      __syncthreads();
-      if (s_failed) return;
-    }
-    if (tid == 0) area->words.c_received[n] = base + count;
+    auto copy = [&](int i, uint64_t seq, const char *msg) {
+      const int4 *m = reinterpret_cast<const int4 *>(msg);
+      const int4 head = __ldcv(m);
+      if (static_cast<uint32_t>(head.x) != static_cast<uint32_t>(seq) && lane == 0)
+        epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x, static_cast<int>(seq));
+      int4 *to = reinterpret_cast<int4 *>(mine + static_cast<int64_t>(i) * kMsgBytes);
+      for (int v = lane; v < kMsgBytes / 16; v += 32) to[v] = __ldcv(m + v);
+    };
+    auto copied_up_to = [&](int done) { epk::st_release_gpu(&copied[n], done); };  // after the chunk's fence
+    if (!epk::inter::receive_stream<kWarps>(end, &area->words.c_tail[n], &area->words.c_credit[my_node], s_failed, copy,
+                                            copied_up_to))
+      return;
   } else if (reducer) {
     // 2c. Warp per token: biases, then each node's partial in ascending order.
     const int warps = (gridDim.x - 2 * kNodes) * kWarps;
@@ -300,15 +248,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 
   // 3. The last block: tell every rank of this node this rank is done reading its inputs; wait for each of them.
-  __shared__ bool s_last;
-  __threadfence_system();
-  __syncthreads();
-  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!s_last) return;
-  if (tid == 0) atomicExch(ticket, 0u);
-  if (tid < kRanks && (local_mask >> tid & 1u)) {
-    epk::publish(&epk::ctrl_of(peers, tid)->combine_done[p][rank], epoch);
-    epk::wait_reached(&ctrl->combine_done[p][tid], epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE, tid);
-  }
+  epk::finish_all<kRanks>(
+      ticket, peers, ctrl, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
+      [&](epk::HtCtrl *c) { return &c->combine_done[p][rank]; },
+      [&](epk::HtCtrl *c, int d) { return &c->combine_done[p][d]; }, local_mask);
 }

@@ -20,6 +20,8 @@
 #include "epk_constants.cuh"
 #include "ht_common.cuh"
 #include "ht_inter.cuh"
+#define EPK_PROBE 0  // ht_phases.cuh's finish_all, without the probe build
+#include "ht_phases.cuh"
 #include "ht_stream.cuh"
 
 #ifndef EPK_NUM_RANKS
@@ -133,23 +135,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
   __shared__ bool s_same[kRanks];
   __shared__ int s_node_rank[kNodes][epk::inter::kSlotsPerMsg];  // rank of local index j of node n, -1 past the node
   __shared__ bool s_failed;
-  // A stream word's offset in the area (the same in every rank's area: the peer's as the QP addresses it).
-  auto word_offset = [&](const unsigned long long *w) {
-    return static_cast<uint64_t>(reinterpret_cast<const char *>(w) - reinterpret_cast<const char *>(area));
-  };
-  if (tid == 0) {
-    s_failed = false;
-    for (int n = 0; n < kNodes; ++n) {
-      int j = 0;
-      for (int r = 0; r < kRanks; ++r)
-        if (nodes.node(r) == n) s_node_rank[n][j++] = r;
-      for (; j < epk::inter::kSlotsPerMsg; ++j) s_node_rank[n][j] = -1;
-    }
-  }
-  unsigned local_mask = 0;  // the ranks of this node
-#pragma unroll
-  for (int d = 0; d < kRanks; ++d)
-    if (nodes.node(d) == my_node) local_mask |= 1u << d;
+  if (tid == 0) s_failed = false;
+  const unsigned local_mask = epk::inter::node_table<kRanks, kNodes>(nodes, my_node, s_node_rank);  // this node's ranks
 
   // 1. Tell the ranks of this node where my outputs are (block 0); every block that writes rows learns theirs.
   const long long my_base = static_cast<long long>(peers[rank]);
@@ -248,151 +235,113 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
   } else if (sender) {
     // 2b. Messages to node n in order, a chunk at a time, through the staging ring to its forwarder.
     const int n = role_node, peer = nodes.peer(n);
-    const epk::inter::QpEntry &q = qps[peer];
-    const uint64_t base = area->words.sent[n];
-    const int count = node_counts[n];
-    char *const stage = reinterpret_cast<char *>(area);
-    if (tid == 0 &&
-        !epk::stream::wait_u64_at_least(&area->words.credit[n], base, deadline, epk::stream::kPhaseStreamSpace, peer))
-      s_failed = true;  // the previous call's messages must all be forwarded: the ring restarts empty
-    __syncthreads();
-    for (int c0 = 0; c0 < count && !s_failed; c0 += chunk) {
-      const int cnt = min(chunk, count - c0);
-      if (tid == 0 && !epk::stream::wait_space(&area->words.credit[n], ring, base + c0, cnt, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-      if (s_failed) break;
-      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
-        const int t = node_tokens[static_cast<int64_t>(n) * num_tokens + i];
-        char *m = stage + rings.stage_at(n, base + i);
-        if (lane == 0)
-          *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(base + i)), t, 0, 0);
-        if (lane < epk::inter::kSlotsPerMsg) {
-          const int d = s_node_rank[n][lane];
-          reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER)[lane] =
-              d >= 0 ? send_slot[static_cast<int64_t>(t) * kRanks + d] : -1;
-        }
-        if constexpr (kWithMeta) {
-          int *idx = reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
-          if (lane < kTopk) {
-            idx[lane] = static_cast<int>(topk_idx[static_cast<int64_t>(t) * kTopk + lane]);
-            reinterpret_cast<float *>(idx + kTopk)[lane] =
-                topk_weights != nullptr ? topk_weights[static_cast<int64_t>(t) * kTopk + lane] : 0.f;
-          }
-        }
-        if constexpr (kScaleCols > 0) {
-          float *sc = reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
-          for (int c = lane; c < kScaleCols; c += 32) sc[c] = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
-        }
-        const int4 *src = x + static_cast<int64_t>(t) * kRowVecs;
-        int4 *dst = reinterpret_cast<int4 *>(m + kMeta);
-        for (int v = lane; v < kRowVecs; v += 32) dst[v] = epk::ld_nc_v4(src + v);
+    const epk::inter::StreamEnd end{
+        qps[peer], area, rings, n, my_node, peer, node_counts[n], chunk, &area->words.sent[n], deadline};
+    auto stage = [&](int i, uint64_t seq, char *m) {
+      const int t = node_tokens[static_cast<int64_t>(n) * num_tokens + i];
+      if (lane == 0) *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(seq)), t, 0, 0);
+      if (lane < epk::inter::kSlotsPerMsg) {
+        const int d = s_node_rank[n][lane];
+        reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER)[lane] =
+            d >= 0 ? send_slot[static_cast<int64_t>(t) * kRanks + d] : -1;
       }
-      __threadfence_system();  // the staged messages before the WRITE that reads them
-      __syncthreads();
-      if (tid == 0 && !epk::stream::send_chunk(q.qp(), reinterpret_cast<uint64_t>(stage + rings.stage_at(n, 0)),
-                                               q.raddr + rings.recv_at(my_node, 0),
-                                               q.raddr + word_offset(&area->words.tail[my_node]), ring, kMsgBytes,
-                                               base + c0, cnt, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-    }
-    if (tid == 0 && !s_failed) area->words.sent[n] = base + count;
-    if (s_failed) return;
+      if constexpr (kWithMeta) {
+        int *idx = reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
+        if (lane < kTopk) {
+          idx[lane] = static_cast<int>(topk_idx[static_cast<int64_t>(t) * kTopk + lane]);
+          reinterpret_cast<float *>(idx + kTopk)[lane] =
+              topk_weights != nullptr ? topk_weights[static_cast<int64_t>(t) * kTopk + lane] : 0.f;
+        }
+      }
+      if constexpr (kScaleCols > 0) {
+        float *sc = reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
+        for (int c = lane; c < kScaleCols; c += 32) sc[c] = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
+      }
+      const int4 *src = x + static_cast<int64_t>(t) * kRowVecs;
+      int4 *dst = reinterpret_cast<int4 *>(m + kMeta);
+      for (int v = lane; v < kRowVecs; v += 32) dst[v] = epk::ld_nc_v4(src + v);
+    };
+    if (!epk::inter::send_stream<kWarps>(end, &area->words.credit[n], &area->words.tail[my_node], s_failed, stage))
+      return;
   } else if (forwarder) {
     // 2c. The stream from node n: each chunk once it arrived, each message's row to the ranks of this node it lists.
     const int n = role_node, peer = nodes.peer(n);
-    const epk::inter::QpEntry &q = qps[peer];
-    const uint64_t base = area->words.received[n];
-    const int count = node_counts[epk::inter::kMaxNodes + n];
-    const char *const recv = reinterpret_cast<const char *>(area);
-    for (int c0 = 0; c0 < count; c0 += chunk) {
-      const int cnt = min(chunk, count - c0);
-      if (tid == 0 && !epk::stream::wait_message(&area->words.tail[n], base + c0 + cnt - 1, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-      if (s_failed) return;
-      for (int i = c0 + warp; i < c0 + cnt; i += kWarps) {
-        const char *m = recv + rings.recv_at(n, base + i);
-        const int4 head = __ldcv(reinterpret_cast<const int4 *>(m));
-        const uint32_t due = static_cast<uint32_t>(base + i);
-        if (static_cast<uint32_t>(head.x) != due) {  // overwritten or never written: nothing of it is forwarded
-          if (lane == 0)
-            epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x,
-                              static_cast<int>(due));
-          continue;
-        }
-        int slot = -1;
-        if (lane < epk::inter::kSlotsPerMsg) {
-          const int d = s_node_rank[my_node][lane];
-          const int s = __ldcv(reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER) + lane);
-          if (d >= 0) slot = checked_slot(d, s);
-          if (fwd_slots != nullptr) {  // what combine reduces for this message (null: a cached dispatch)
-            if (i < fwd_cap)
-              fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * epk::inter::kSlotsPerMsg + lane] = slot;
-            else if (lane == 0)
-              epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, peer, i, fwd_cap);
-          }
-        }
-        // lane j holds the slot of local index j: gather them per rank
-        int slots[kRanks];
-        unsigned dests = 0;
-#pragma unroll
-        for (int d = 0; d < kRanks; ++d) slots[d] = -1;
-#pragma unroll
-        for (int j = 0; j < epk::inter::kSlotsPerMsg; ++j) {
-          const int s = __shfl_sync(0xffffffffu, slot, j);
-          const int d = s_node_rank[my_node][j];
-          if (d >= 0 && s >= 0) {
-            slots[d] = s;
-            dests |= 1u << d;
-          }
-        }
-        if (dests == 0) continue;
-        char *dst_x[kRanks];
-#pragma unroll
-        for (int d = 0; d < kRanks; ++d) dst_x[d] = s_dst[d][kOutX];
-        copy_row<true>(reinterpret_cast<const int4 *>(m + kMeta), dests, slots, dst_x, lane);
-        if constexpr (kScaleCols > 0) {
-          const float *sc =
-              reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
-          for (int c = lane; c < kScaleCols; c += 32) {
-            const float s = __ldcv(sc + c);
-#pragma unroll
-            for (int d = 0; d < kRanks; ++d)
-              if (dests >> d & 1u)
-                reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
-          }
-        }
-        if constexpr (kWithMeta) {
-          const int *idx = reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
-          const int64_t e = lane < kTopk ? __ldcv(idx + lane) : -1;
-          const float w = lane < kTopk ? __ldcv(reinterpret_cast<const float *>(idx + kTopk) + lane) : 0.f;
-          write_meta(dests, slots, e, w, head.y);
+    const epk::inter::StreamEnd end{qps[peer],
+                                    area,
+                                    rings,
+                                    n,
+                                    my_node,
+                                    peer,
+                                    node_counts[epk::inter::kMaxNodes + n],
+                                    chunk,
+                                    &area->words.received[n],
+                                    deadline};
+    auto forward = [&](int i, uint64_t seq, const char *m) {
+      const int4 head = __ldcv(reinterpret_cast<const int4 *>(m));
+      if (static_cast<uint32_t>(head.x) != static_cast<uint32_t>(seq)) {  // overwritten or never written: skipped
+        if (lane == 0)
+          epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x,
+                            static_cast<int>(seq));
+        return;
+      }
+      int slot = -1;
+      if (lane < epk::inter::kSlotsPerMsg) {
+        const int d = s_node_rank[my_node][lane];
+        const int s = __ldcv(reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER) + lane);
+        if (d >= 0) slot = checked_slot(d, s);
+        if (fwd_slots != nullptr) {  // what combine reduces for this message (null: a cached dispatch)
+          if (i < fwd_cap)
+            fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * epk::inter::kSlotsPerMsg + lane] = slot;
+          else if (lane == 0)
+            epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, peer, i, fwd_cap);
         }
       }
-      __threadfence_system();  // the forwarded rows (and this chunk's reads) before the credit frees its slots
-      __syncthreads();
-      if (tid == 0 && !epk::stream::release(q.qp(), q.raddr + word_offset(&area->words.credit[my_node]),
-                                            base + c0 + cnt, deadline, peer))
-        s_failed = true;
-      __syncthreads();
-      if (s_failed) return;
-    }
-    if (tid == 0) area->words.received[n] = base + count;
+      // lane j holds the slot of local index j: gather them per rank
+      int slots[kRanks];
+      unsigned dests = 0;
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) slots[d] = -1;
+#pragma unroll
+      for (int j = 0; j < epk::inter::kSlotsPerMsg; ++j) {
+        const int s = __shfl_sync(0xffffffffu, slot, j);
+        const int d = s_node_rank[my_node][j];
+        if (d >= 0 && s >= 0) {
+          slots[d] = s;
+          dests |= 1u << d;
+        }
+      }
+      if (dests == 0) return;
+      char *dst_x[kRanks];
+#pragma unroll
+      for (int d = 0; d < kRanks; ++d) dst_x[d] = s_dst[d][kOutX];
+      copy_row<true>(reinterpret_cast<const int4 *>(m + kMeta), dests, slots, dst_x, lane);
+      if constexpr (kScaleCols > 0) {
+        const float *sc =
+            reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
+        for (int c = lane; c < kScaleCols; c += 32) {
+          const float s = __ldcv(sc + c);
+#pragma unroll
+          for (int d = 0; d < kRanks; ++d)
+            if (dests >> d & 1u)
+              reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
+        }
+      }
+      if constexpr (kWithMeta) {
+        const int *idx = reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
+        const int64_t e = lane < kTopk ? __ldcv(idx + lane) : -1;
+        const float w = lane < kTopk ? __ldcv(reinterpret_cast<const float *>(idx + kTopk) + lane) : 0.f;
+        write_meta(dests, slots, e, w, head.y);
+      }
+    };
+    if (!epk::inter::receive_stream<kWarps>(end, &area->words.tail[n], &area->words.credit[my_node], s_failed, forward,
+                                            [](int) {}))
+      return;
   }
 
   // 3. The last block: tell every rank of this node this rank is done (its own rows and what it forwarded), then
-  //    wait until each of them is (ht_phases.cuh finish_all, over this node's ranks only).
-  __shared__ bool s_last;
-  __threadfence_system();
-  __syncthreads();
-  if (tid == 0) s_last = epk::atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!s_last) return;
-  if (tid == 0) atomicExch(ticket, 0u);
-  if (tid < kRanks && (local_mask >> tid & 1u)) {
-    epk::publish(&epk::ctrl_of(peers, tid)->dispatch_done[p][rank], epoch);
-    epk::wait_reached(&ctrl->dispatch_done[p][tid], epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE, tid);
-  }
+  //    wait until each of them is.
+  epk::finish_all<kRanks>(
+      ticket, peers, ctrl, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
+      [&](epk::HtCtrl *c) { return &c->dispatch_done[p][rank]; },
+      [&](epk::HtCtrl *c, int d) { return &c->dispatch_done[p][d]; }, local_mask);
 }

@@ -63,9 +63,11 @@ EPK_DEVICE bool receive_entries(HtCtrl *mine, int epoch, const Deadline &deadlin
 
 // End of a copy kernel: the last block to finish tells every peer this rank is done (its flag in the peer's
 // control area) and waits until every peer has said the same in mine. The ticket is reset for the next call.
+// `peer_mask`: the ranks that count as peers (across nodes: the ranks of this node).
 template <int kRanks, typename MyFlagAt, typename PeerFlagOf>
 EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, HtCtrl *mine, int epoch,
-                           const Deadline &deadline, int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer) {
+                           const Deadline &deadline, int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer,
+                           unsigned peer_mask = ~0u) {
   __shared__ bool s_last;
   __threadfence_system();
   __syncthreads();
@@ -75,7 +77,7 @@ EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, Ht
   if (!s_last) return;
   if (threadIdx.x == 0) atomicExch(ticket, 0u);
   const int d = threadIdx.x;
-  if (d < kRanks) {
+  if (d < kRanks && (peer_mask >> d & 1u)) {
     publish(my_flag_at(ctrl_of(peers, d)), epoch);
     wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, d);
   }

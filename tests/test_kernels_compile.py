@@ -264,6 +264,8 @@ def test_every_header_is_whole(header):
     lib = kernel_loader.kernel_dir()
     needs = _free_defines(kernel_loader.included_files(lib / header))
     users = [s for s in SPECIMENS if isinstance(s, str) and lib / header in kernel_loader.included_files(s)]
+    # a kernel that sets one of them itself (the internode kernels' EPK_PROBE 0) does not pass it: another user does
+    users = [u for u in users if needs <= set(SPECIMENS[u][0])] or users
     values = SPECIMENS[users[0]][0] if users else {}
     assert needs <= set(values), f"{header} reads {needs - set(values)}, which no kernel including it defines"
     defines = {k: values[k] for k in needs}
