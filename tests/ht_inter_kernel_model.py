@@ -158,6 +158,44 @@ class Model:
     def finish(self, epoch: int, kind: str, rank: int, ranks, phase: int) -> None:
         self.publish(epoch, kind + " done", rank, True, ranks, phase)
 
+    def send_stream(self, rank, end: dict, credit: int, tail: int, stage) -> None:
+        """ht_inter.cuh send_stream: ``end`` = area, rings (offset, ring, msg), n, my_node, peer, count, chunk, done
+        (the address of this rank's counter word); ``credit``: the word read here; ``tail``: the peer's word offset.
+        ``stage(i, seq, addr)`` writes message i."""
+        area, (roff, ring, msg), n, me, peer = end["area"], end["rings"], end["n"], end["my_node"], end["peer"]
+        base, count, chunk = u64(end["done"]), end["count"], end["chunk"]
+        stage_at = lambda node, i: roff + ((2 * node + 1) * ring + i % ring) * msg  # noqa: E731
+        recv_at = lambda node, i: roff + (2 * node * ring + i % ring) * msg  # noqa: E731
+        wait_until(lambda: u64(credit) >= base, self.timeout_s, "credit of the previous call", SPACE, peer)
+        for c0 in range(0, count, chunk):
+            cnt = min(chunk, count - c0)
+            e = base + c0 + cnt
+            wait_until(lambda e=e: e <= ring or u64(credit) >= e - ring, self.timeout_s,
+                       f"rank {rank}: ring space to node {n}", SPACE, peer)  # fmt: skip
+            for i in range(c0, c0 + cnt):
+                stage(i, base + i, area + stage_at(n, base + i))
+            head = min(cnt, ring - (base + c0) % ring)
+            writes = [(area + stage_at(n, base + c0), recv_at(me, base + c0), head * msg)]
+            if head < cnt:  # the chunk wraps: its rest from slot 0
+                writes.append((area + stage_at(n, 0), recv_at(me, 0), (cnt - head) * msg))
+            self.poster(rank, peer).post(writes, (tail, e, 64), self.timeout_s)
+        set_u64(end["done"], base + count)
+
+    def receive_stream(self, rank, end: dict, tail: int, credit: int, consume, chunk_done=lambda done: None) -> None:
+        """ht_inter.cuh receive_stream: ``tail``: the word read here; ``credit``: the peer's word offset;
+        ``consume(i, seq, message bytes)`` for each message, ``chunk_done(messages done)`` before each credit."""
+        area, (roff, ring, msg), n, peer = end["area"], end["rings"], end["n"], end["peer"]
+        base, count, chunk = u64(end["done"]), end["count"], end["chunk"]
+        for c0 in range(0, count, chunk):
+            cnt = min(chunk, count - c0)
+            wait_until(lambda e=base + c0 + cnt: u64(tail) >= e, self.timeout_s,
+                       f"rank {rank}: messages from node {n}", ARRIVAL, peer)  # fmt: skip
+            for i in range(c0, c0 + cnt):
+                consume(i, base + i, mem(area + roff + (2 * n * ring + (base + i) % ring) * msg, msg).copy())
+            chunk_done(c0 + cnt)
+            self.poster(rank, peer).post([], (credit, base + c0 + cnt, 64), self.timeout_s)
+        set_u64(end["done"], base + count)
+
     @staticmethod
     def nodes(rank, defines, args):
         """Unpacked as ht_inter.cuh's Nodes: node of each rank, the peer of each node, each node's ranks."""
@@ -285,8 +323,6 @@ class Model:
         meta = lay.dispatch_meta_bytes(topk, S)
         ring, chunk, roff = int(a["ring"]), int(a["chunk"]), int(a["ring_offset"])
         area = self.area(rank)
-        recv_at = lambda n, i: roff + (2 * n * ring + i % ring) * msg  # noqa: E731
-        stage_at = lambda n, i: roff + ((2 * n + 1) * ring + i % ring) * msg  # noqa: E731
 
         def write_row(dst, slot, row, sc, e, wt, token):
             o = table[dst]
@@ -309,58 +345,43 @@ class Model:
                         write_row(dst, int(send_slot[t, dst]), x[t], scales[t] if S else None,
                                   idx[t] if meta_on else None, w[t] if w is not None else None, t)  # fmt: skip
 
+        def end_of(n, done, count):
+            return dict(area=area, rings=(roff, ring, msg), n=n, my_node=me, peer=peers[n], count=count,
+                        chunk=chunk, done=area + done + 8 * n)  # fmt: skip
+
         def sender(n):
-            peer, base, count = peers[n], u64(area + SENT + 8 * n), int(counts[n])
-            wait_until(lambda: u64(area + CREDIT + 8 * n) >= base, self.timeout_s, "credit of the previous call",
-                       SPACE, peer)  # fmt: skip
-            for c0 in range(0, count, chunk):
-                cnt = min(chunk, count - c0)
-                end = base + c0 + cnt
-                wait_until(lambda e=end: e <= ring or u64(area + CREDIT + 8 * n) >= e - ring, self.timeout_s,
-                           f"rank {rank}: ring space to node {n}", SPACE, peer)  # fmt: skip
-                for i in range(c0, c0 + cnt):
-                    t = int(node_tokens[n, i])
-                    m = mem(area + stage_at(n, base + i), msg)
-                    m[:16] = 0
-                    m[:4].view(np.uint32)[0] = (base + i) & 0xFFFFFFFF
-                    m[4:8].view(np.int32)[0] = t
-                    slots = [int(send_slot[t, r]) for r in members[n]] + [-1] * (8 - len(members[n]))
-                    m[16:48].view(np.int32)[:] = slots
-                    if meta_on:
-                        m[48 : 48 + 4 * topk].view(np.int32)[:] = idx[t]
-                        m[48 + 4 * topk : 48 + 8 * topk].view(np.float32)[:] = w[t] if w is not None else 0
-                    if S:
-                        m[48 + 8 * topk : 48 + 8 * topk + 4 * S].view(np.float32)[:] = scales[t]
-                    m[meta:] = x[t]
-                first = (base + c0) % ring
-                head = min(cnt, ring - first)
-                writes = [(area + stage_at(n, base + c0), recv_at(me, base + c0), head * msg)]
-                if head < cnt:
-                    writes.append((area + stage_at(n, 0), recv_at(me, 0), (cnt - head) * msg))
-                self.poster(rank, peer).post(writes, (TAIL + 8 * me, end, 64), self.timeout_s)
-            set_u64(area + SENT + 8 * n, base + count)
+            def stage(i, seq, at):
+                t = int(node_tokens[n, i])
+                m = mem(at, msg)
+                m[:16] = 0
+                m[:4].view(np.uint32)[0] = seq & 0xFFFFFFFF
+                m[4:8].view(np.int32)[0] = t
+                m[16:48].view(np.int32)[:] = [int(send_slot[t, r]) for r in members[n]] + [-1] * (8 - len(members[n]))
+                if meta_on:
+                    m[48 : 48 + 4 * topk].view(np.int32)[:] = idx[t]
+                    m[48 + 4 * topk : 48 + 8 * topk].view(np.float32)[:] = w[t] if w is not None else 0
+                if S:
+                    m[48 + 8 * topk : 48 + 8 * topk + 4 * S].view(np.float32)[:] = scales[t]
+                m[meta:] = x[t]
+
+            self.send_stream(rank, end_of(n, SENT, int(counts[n])), area + CREDIT + 8 * n, TAIL + 8 * me, stage)
 
         def forwarder(n):
-            peer, base, count = peers[n], u64(area + RECEIVED + 8 * n), int(counts[MAXN + n])
-            for c0 in range(0, count, chunk):
-                cnt = min(chunk, count - c0)
-                wait_until(lambda e=base + c0 + cnt: u64(area + TAIL + 8 * n) >= e, self.timeout_s,
-                           f"rank {rank}: messages from node {n}", ARRIVAL, peer)  # fmt: skip
-                for i in range(c0, c0 + cnt):
-                    m = mem(area + recv_at(n, base + i), msg).copy()
-                    seq, token = int(m[:4].view(np.uint32)[0]), int(m[4:8].view(np.int32)[0])
-                    assert seq == (base + i) & 0xFFFFFFFF, (rank, n, i, seq)
-                    slots = m[16:48].view(np.int32)
-                    if fwd is not None:
-                        fwd[n, i] = [s if j < len(local) else -1 for j, s in enumerate(slots)]
-                    e = m[48 : 48 + 4 * topk].view(np.int32).astype(np.int64) if meta_on else None
-                    wt = m[48 + 4 * topk : 48 + 8 * topk].view(np.float32) if meta_on else None
-                    sc = m[48 + 8 * topk : 48 + 8 * topk + 4 * S].view(np.float32) if S else None
-                    for j, dst in enumerate(local):
-                        if slots[j] >= 0:
-                            write_row(dst, int(slots[j]), m[meta:], sc, e, wt, token)
-                self.poster(rank, peer).post([], (CREDIT + 8 * me, base + c0 + cnt, 64), self.timeout_s)
-            set_u64(area + RECEIVED + 8 * n, base + count)
+            def forward(i, seq, m):
+                token = int(m[4:8].view(np.int32)[0])
+                assert int(m[:4].view(np.uint32)[0]) == seq & 0xFFFFFFFF, (rank, n, i)
+                slots = m[16:48].view(np.int32)
+                if fwd is not None:
+                    fwd[n, i] = [s if j < len(local) else -1 for j, s in enumerate(slots)]
+                e = m[48 : 48 + 4 * topk].view(np.int32).astype(np.int64) if meta_on else None
+                wt = m[48 + 4 * topk : 48 + 8 * topk].view(np.float32) if meta_on else None
+                sc = m[48 + 8 * topk : 48 + 8 * topk + 4 * S].view(np.float32) if S else None
+                for j, dst in enumerate(local):
+                    if slots[j] >= 0:
+                        write_row(dst, int(slots[j]), m[meta:], sc, e, wt, token)
+
+            end = end_of(n, RECEIVED, int(counts[MAXN + n]))
+            self.receive_stream(rank, end, area + TAIL + 8 * n, CREDIT + 8 * me, forward)
 
         jobs = [copier] + [lambda n=n: sender(n) for n in range(N) if n != me]
         jobs += [lambda n=n: forwarder(n) for n in range(N) if n != me]
@@ -387,8 +408,6 @@ class Model:
         msg, meta = lay.combine_msg_bytes(topk, H), lay.combine_msg_bytes(topk, 0)
         ring, chunk, roff = int(a["ring"]), int(a["chunk"]), int(a["ring_offset"])
         area = self.area(rank)
-        recv_at = lambda n, i: roff + (2 * n * ring + i % ring) * msg  # noqa: E731
-        stage_at = lambda n, i: roff + ((2 * n + 1) * ring + i % ring) * msg  # noqa: E731
         partials = {}
 
         def row_of(dst, slot):
@@ -405,42 +424,29 @@ class Model:
                     wacc = (wacc + w_of(dst, slot)).astype(np.float32)
             return acc.astype(BF16), wacc
 
+        def end_of(n, done, count):
+            return dict(area=area, rings=(roff, ring, msg), n=n, my_node=me, peer=peers[n], count=count,
+                        chunk=chunk, done=area + done + 8 * n)  # fmt: skip
+
         def forwarder(n):
-            peer, base, count = peers[n], u64(area + C_SENT + 8 * n), int(counts[MAXN + n])
-            wait_until(lambda: u64(area + C_CREDIT + 8 * n) >= base, self.timeout_s, "combine credit", SPACE, peer)
-            for c0 in range(0, count, chunk):
-                cnt = min(chunk, count - c0)
-                end = base + c0 + cnt
-                wait_until(lambda e=end: e <= ring or u64(area + C_CREDIT + 8 * n) >= e - ring, self.timeout_s,
-                           "combine ring space", SPACE, peer)  # fmt: skip
-                for i in range(c0, c0 + cnt):
-                    slots = [(dst, int(fwd[n, i, j])) for j, dst in enumerate(local) if fwd[n, i, j] >= 0]
-                    row, wt = partial(slots)
-                    m = mem(area + stage_at(n, base + i), msg)
-                    m[:16] = 0
-                    m[:4].view(np.uint32)[0] = (base + i) & 0xFFFFFFFF
-                    m[16 : 16 + 4 * topk].view(np.float32)[:] = wt
-                    m[meta:] = row.view(np.uint8)
-                first = (base + c0) % ring
-                head = min(cnt, ring - first)
-                writes = [(area + stage_at(n, base + c0), recv_at(me, base + c0), head * msg)]
-                if head < cnt:
-                    writes.append((area + stage_at(n, 0), recv_at(me, 0), (cnt - head) * msg))
-                self.poster(rank, peer).post(writes, (C_TAIL + 8 * me, end, 64), self.timeout_s)
-            set_u64(area + C_SENT + 8 * n, base + count)
+            def stage(i, seq, at):
+                row, wt = partial([(dst, int(fwd[n, i, j])) for j, dst in enumerate(local) if fwd[n, i, j] >= 0])
+                m = mem(at, msg)
+                m[:16] = 0
+                m[:4].view(np.uint32)[0] = seq & 0xFFFFFFFF
+                m[16 : 16 + 4 * topk].view(np.float32)[:] = wt
+                m[meta:] = row.view(np.uint8)
+
+            end = end_of(n, C_SENT, int(counts[MAXN + n]))
+            self.send_stream(rank, end, area + C_CREDIT + 8 * n, C_TAIL + 8 * me, stage)
 
         def receiver(n):
-            peer, base, count = peers[n], u64(area + C_RECEIVED + 8 * n), int(counts[n])
-            for c0 in range(0, count, chunk):
-                cnt = min(chunk, count - c0)
-                wait_until(lambda e=base + c0 + cnt: u64(area + C_TAIL + 8 * n) >= e, self.timeout_s,
-                           f"rank {rank}: partials from node {n}", ARRIVAL, peer)  # fmt: skip
-                for i in range(c0, c0 + cnt):
-                    m = mem(area + recv_at(n, base + i), msg).copy()
-                    assert int(m[:4].view(np.uint32)[0]) == (base + i) & 0xFFFFFFFF, (rank, n, i)
-                    partials[(n, i)] = (m[meta:].view(BF16).astype(np.float32), m[16 : 16 + 4 * topk].view(np.float32))
-                self.poster(rank, peer).post([], (C_CREDIT + 8 * me, base + c0 + cnt, 64), self.timeout_s)
-            set_u64(area + C_RECEIVED + 8 * n, base + count)
+            def copy(i, seq, m):
+                assert int(m[:4].view(np.uint32)[0]) == seq & 0xFFFFFFFF, (rank, n, i)
+                partials[(n, i)] = (m[meta:].view(BF16).astype(np.float32), m[16 : 16 + 4 * topk].view(np.float32))
+
+            end = end_of(n, C_RECEIVED, int(counts[n]))
+            self.receive_stream(rank, end, area + C_TAIL + 8 * n, C_CREDIT + 8 * me, copy)
 
         fwd_jobs = [lambda n=n: forwarder(n) for n in range(N) if n != me]
         _run(fwd_jobs + [lambda n=n: receiver(n) for n in range(N) if n != me])
