@@ -173,3 +173,29 @@ def test_the_benchmark_counts_network_bytes_against_the_minimum(model):
         assert msgs * 2 * H < comb <= msgs * per_msg_c + 16 * msgs
 
     _on_ranks(model, body, 4, 2)
+
+
+def test_over_a_real_nic_wiring(model, monkeypatch):
+    """The same kernels' models over the real NIC's wiring (``Mlx5Nic`` over the tests' fake verbs layer, whose
+    emulated hardware executes at the responder): the HT area registered as the NIC's GPU MR, QPs connected by
+    connect_mesh, each target the peer's own HT area; exact. Never run on a real NIC."""
+    from epkern.nic import mlx5
+    from test_ll_real_nic_cpu import real_nic_wiring
+
+    made, verbs = real_nic_wiring(monkeypatch)
+
+    def body(b, g):
+        link, rt = b._backend.ht_inter.transport.link, b._backend.rt
+        assert isinstance(link.nic, mlx5.Mlx5Nic) and link.wire is None
+        mine = rt.region.ptr + rt.ht_area_offset
+        assert (link.local_mr.addr, link.local_mr.length) == (mine, rt.ht_area_bytes)
+        bases = g.allgather_object((mine, link.local_mr.rkey))
+        assert all(link.peer_targets[p] == bases[p] for p in link.qps)
+        S.run_inter_case(b, g, 24, 256, 16, 4, count=False)  # the counting is the emulated NIC's (its counters)
+
+    try:
+        _on_ranks(model, body, 4, 2)
+    finally:
+        for emu in verbs.emus:
+            emu.close()
+    assert len(made) == 4

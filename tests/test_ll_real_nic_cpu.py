@@ -22,8 +22,16 @@ from test_nic_mlx5 import FakeVerbs
 
 @pytest.fixture
 def real(fake, monkeypatch):  # noqa: F811 - the fake CuPy fixture, imported above
+    made, verbs = real_nic_wiring(monkeypatch)
+    yield made
+    for emu in verbs.emus:
+        emu.close()
+
+
+def real_nic_wiring(monkeypatch):
     """The fake verbs layer behind Mlx5Nic; ranks say they have an mlx5 NIC; GPU MRs are host registrations (the
-    fake CuPy's device memory is host memory); the page registry maps host addresses to themselves."""
+    fake CuPy's device memory is host memory); the page registry maps host addresses to themselves. Returns the NICs
+    made (a list filled as ranks make them) and the fake verbs (close its ``emus`` after)."""
     from epkern.gpu.ll import routes as R
 
     verbs = FakeVerbs()
@@ -45,9 +53,7 @@ def real(fake, monkeypatch):  # noqa: F811 - the fake CuPy fixture, imported abo
     monkeypatch.setattr(
         M.Mlx5Nic, "reg_gpu_mr", lambda self, ptr, length, access=V.MR_ACCESS: self.reg_mr(ptr, length, access)
     )
-    yield made
-    for emu in verbs.emus:
-        emu.close()
+    return made, verbs
 
 
 def test_rdma_route_over_a_real_nic_wiring_lands_exactly(real):
