@@ -199,3 +199,32 @@ def test_over_a_real_nic_wiring(model, monkeypatch):
         for emu in verbs.emus:
             emu.close()
     assert len(made) == 4
+
+
+def test_a_buffer_with_both_ll_and_ht_across_nodes(model):
+    """low_latency_mode with num_nvl_bytes too: an LL area and the HT area, an LL NIC transport and the HT one side
+    by side (two NICs per rank); HT calls exact, both transports closed by destroy."""
+    import epkern
+    from epkern.group.threads import run_in_process
+
+    area = lay.area_bytes_hint(256, 4, 2, ring=64)
+
+    def rank_main(group):
+        buf = epkern.Buffer(
+            group, num_nvl_bytes=1 << 22, num_rdma_bytes=area, low_latency_mode=True, backend="gpu", timeout_s=20
+        )
+        be = buf._backend
+        model.backends[group.rank] = be
+        group.barrier()
+        try:
+            assert be.rt.ll_bytes and be.rt.ht_area_bytes == area and be.nic_routes is not None
+            assert be.rt.ht_area_offset >= be.rt.ll_offset + be.rt.ll_bytes  # separate areas
+            assert be.nic_routes.link.nic is not be.ht_inter.transport.link.nic
+            S.run_inter_case(buf, group, 16, 256, 16, 4)
+        finally:
+            buf.destroy()
+        return be.nic_routes.closed and be.ht_inter.transport.closed
+
+    before = _threads()
+    assert run_in_process(rank_main, 4, ranks_per_node=2, timeout_s=120) == [True] * 4
+    assert not _threads() - before
