@@ -153,3 +153,48 @@ def test_rdma_buffer_size_hint_holds_rings_of_the_largest_messages():
     assert Config.get_rdma_buffer_size_hint(7168 * 2, 16) == Config.get_rdma_buffer_size_hint(7168 * 2, 16, 2)
     with pytest.raises(ArgumentError, match="num_nodes"):
         Config.get_rdma_buffer_size_hint(7168 * 2, 4, num_nodes=5)
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 1])  # intranode (one node of 2) and across nodes (2 of 1)
+def test_ht_calls_refuse_graph_capture(fake, ranks_per_node):  # noqa: F811
+    """A captured HT call would replay its epoch, so every flag of the previous replay would read as this one's and
+    a rank could finish while peers still write its outputs: refused, naming the call, before anything launches;
+    eager calls go on."""
+    import cupy
+
+    import epkern
+    from epkern.group.threads import run_in_process
+
+    def body(group):
+        R = group.size
+        buf = epkern.Buffer(
+            group, num_nvl_bytes=1 << 22, num_rdma_bytes=0 if ranks_per_node == 2 else lay.area_bytes_hint(H, K, 2, 8),
+            backend="gpu", timeout_s=20,
+        )  # fmt: skip
+        idx, lo = _layout(group.rank, R, tuple(group.node_of_rank))
+        x = cupy.asarray(np.ones((T, H), ml_dtypes.bfloat16))
+        args = dict(
+            topk_idx=cupy.asarray(idx), num_tokens_per_rank=cupy.asarray(lo.num_tokens_per_rank),
+            num_tokens_per_rdma_rank=None if lo.num_tokens_per_rdma_rank is None else cupy.asarray(
+                lo.num_tokens_per_rdma_rank),
+            is_token_in_rank=cupy.asarray(lo.is_token_in_rank),
+            num_tokens_per_expert=cupy.asarray(lo.num_tokens_per_expert), num_worst_tokens=64,
+        )  # fmt: skip
+        recv_x, _, _, _, handle, _ = buf.dispatch(x, **args)  # eager: fine
+        stream = cupy.cuda.get_current_stream()
+        stream.begin_capture()
+        comm = buf._backend.rt.comm_stream.ptr
+        mine = lambda: sum(1 for launch in fake if launch[6] == comm)  # noqa: E731 - this rank's launches
+        launched = mine()
+        with pytest.raises(ArgumentError, match="dispatch: high-throughput calls cannot be captured"):
+            buf.dispatch(x, **args)
+        with pytest.raises(ArgumentError, match="dispatch: high-throughput calls cannot be captured"):
+            buf.dispatch(x, handle=handle)
+        with pytest.raises(ArgumentError, match="combine: high-throughput calls cannot be captured"):
+            buf.combine(recv_x, handle)
+        assert mine() == launched  # nothing launched
+        stream.end_capture()
+        buf.combine(recv_x, handle)  # eager again
+        buf.destroy()
+
+    run_in_process(body, 2, ranks_per_node=ranks_per_node, timeout_s=60)

@@ -22,6 +22,7 @@ from ..errors import ArgumentError
 from . import ht_replay
 from .kernels import HT_COMBINE, HT_DISPATCH, HT_NOTIFY
 from .ll import plans as ll_plans
+from .runtime import capturing
 from .tuning import HtTuning
 
 BF16 = api_checks.BF16
@@ -74,6 +75,20 @@ def refuse_mismatched_calls(host_out, topk: int, rank: int) -> None:
         raise ArgumentError(
             f"{arg}: rank {rank}'s dispatch differs from rank {peer}'s in {what}: {mine} here, {theirs} there; "
             "every rank must dispatch with the same hidden size, dtype, top-k and experts (every rank refuses it)"
+        )
+
+
+def refuse_capture(what: str) -> None:
+    """HT calls are not capturable into a CUDA graph yet: their kernels take the call's epoch as an argument, so a
+    replay would repeat it, every flag of the previous replay would already read as this one's, and a rank would
+    finish while peers still write its outputs (a silent race). Refused until the kernels count epochs on the
+    device, as the LL kernels count their sequence."""
+    import cupy
+
+    if capturing(cupy.cuda.get_current_stream()):
+        raise ArgumentError(
+            f"{what}: high-throughput calls cannot be captured into a CUDA graph yet (their kernels take each call's "
+            "epoch as an argument, which a replay would repeat); capture low-latency calls, or call HT eagerly"
         )
 
 
@@ -189,6 +204,7 @@ class HtEngine:
 
         rt = self.rt
         rt.check_usable()
+        refuse_capture("dispatch")
         plan_key = None
         if handle is not None:  # a cached dispatch like a validated one only allocates and launches (ht_replay.py)
             plan_key = ht_replay.cached_key(
@@ -356,6 +372,7 @@ class HtEngine:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
+        refuse_capture("combine")
         plan_key = ht_replay.combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream)
         plan = self.plans.get(plan_key, None) if plan_key is not None else None
         if plan is not None and plan.matches(handle):  # a combine like a validated one (ht_replay.py)
