@@ -198,3 +198,20 @@ def test_ht_calls_refuse_graph_capture(fake, ranks_per_node):  # noqa: F811
         buf.destroy()
 
     run_in_process(body, 2, ranks_per_node=ranks_per_node, timeout_s=60)
+
+
+def test_the_ht_transport_cq_is_as_deep_as_its_send_ring(fake):  # noqa: F811
+    """Every chunk's tail and every credit is a signaled WQE: the CQ must hold as many CQEs as the send ring holds
+    WQEs, or a poller that falls behind lets the emulated NIC fault the QP (CQ overrun)."""
+    import epkern
+    from epkern.group.threads import run_in_process
+
+    def body(group):
+        buf = epkern.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=lay.area_bytes_hint(H, K, 2, 8), backend="gpu")
+        t = buf._backend.ht_inter.transport
+        assert all(qp.cq.cqe_cnt >= qp.wqe_cnt for qp in t.qps.values()), [
+            (qp.cq.cqe_cnt, qp.wqe_cnt) for qp in t.qps.values()
+        ]
+        buf.destroy()
+
+    run_in_process(body, 2, ranks_per_node=1, timeout_s=60)

@@ -54,14 +54,19 @@ class HtInter:
     """HT across nodes for one rank of a Buffer: the node map and the RDMA transport over the HT area."""
 
     def __init__(self, rt, real_nic=None, transport_factory=None):
-        from .ll.rdma import RDMA_PHASES, RdmaTransport
+        from .ll.rdma import RDMA_PHASES, RING_WQES, RdmaTransport
 
         self.rt = rt
         node_of = tuple(rt.group.node_of_rank)
         self.nodes = lay.nodes_of(node_of, rt.rank)
         routes = [ROUTE_IPC if node_of[p] == node_of[rt.rank] else ROUTE_RDMA for p in range(rt.num_ranks)]
         make = transport_factory or RdmaTransport
-        self.transport = make(rt, routes, real_nic=real_nic, area=(rt.ht_area_offset, rt.ht_area_bytes))
+        # Every chunk's tail and every credit is signaled (the LL route signals once per call and peer): a CQ as
+        # deep as the send ring cannot overrun however far the poller falls behind (wait_sq_space bounds what is
+        # outstanding by the ring; the emulated NIC faults a QP whose CQ overruns).
+        self.transport = make(
+            rt, routes, real_nic=real_nic, area=(rt.ht_area_offset, rt.ht_area_bytes), cq_slots=RING_WQES
+        )
         rt.register_phases(RDMA_PHASES)
 
     def min_blocks(self) -> int:

@@ -52,7 +52,18 @@ def pack_qp(sq, dbrec, db, retired, ctr, raddr, rkey, lkey, qpn, wqe_cnt) -> np.
 class RdmaTransport(NicTransport):
     """RDMA routes of one rank: ``routes`` is its row of the agreed table; the peers whose kind is RDMA get a QP."""
 
-    def __init__(self, rt, routes, *, ring_wqes=RING_WQES, nic_factory=None, wire=None, real_nic=None, area=None):
+    def __init__(
+        self,
+        rt,
+        routes,
+        *,
+        ring_wqes=RING_WQES,
+        cq_slots=CQ_SLOTS,
+        nic_factory=None,
+        wire=None,
+        real_nic=None,
+        area=None,
+    ):
         import cupy
 
         from ...nic.completions import CompletionPoller, PolledQp
@@ -67,7 +78,7 @@ class RdmaTransport(NicTransport):
                 routes,
                 ROUTE_RDMA,
                 qp_slots=self.ring_wqes,
-                cq_slots=CQ_SLOTS,
+                cq_slots=cq_slots,
                 poll_doorbells=True,
                 nic_factory=nic_factory,
                 wire=wire,
