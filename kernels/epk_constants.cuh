@@ -18,16 +18,25 @@ constexpr int EPK_HT_NOTIFY_WORDS = EPK_HT_NOTIFY_BAD_INDEX + 2;
 constexpr int EPK_HT_SHAPE_FIELDS = 5;  // row bytes, top-k, FP8 scale columns, experts per rank, topk_idx valid
 
 // ---- HT across nodes (issue #18; kernels/ht_inter.cuh) ----
+constexpr int EPK_HT_INTER_MAX_RANKS = 128;  // ranks of a group across nodes (at most EPK_HT_MAX_PEERS per node)
+constexpr int EPK_HT_INTER_MAX_NODES = 16;
 constexpr int EPK_HT_INTER_SHAPE_FIELDS = EPK_HT_SHAPE_FIELDS + 1;  // + num_tokens_per_rdma_rank consistent (1: yes)
-constexpr int EPK_HT_NOTIFY_INTER =
-    EPK_HT_NOTIFY_WORDS;  // host_out: messages sent to [8], then received from [8], nodes
-constexpr int EPK_HT_NOTIFY_LAYOUT_OK =
-    EPK_HT_NOTIFY_INTER + 2 * EPK_HT_MAX_PEERS;                       // 1: num_tokens_per_rdma_rank agrees
-constexpr int EPK_HT_NOTIFY_OUT_WORDS = EPK_HT_NOTIFY_LAYOUT_OK + 1;  // host_out's int32 words
-constexpr int EPK_HT_INTER_ENTRY_BYTES = 64 + 4 * 32 + 4 * EPK_HT_MAX_LOCAL_EXPERTS;  // sizeof(inter::NotifyEntry)
-constexpr int EPK_HT_INTER_WORDS_BYTES = 8 * 8 * EPK_HT_MAX_PEERS;  // the area's u64 stream words (inter::Area)
-constexpr int EPK_HT_INTER_HEADER_BYTES = EPK_HT_INTER_WORDS_BYTES + 4 * EPK_HT_MAX_PEERS * EPK_HT_INTER_ENTRY_BYTES;
-constexpr int EPK_HT_INTER_MSG_HEADER = 16;  // a dispatch message: seq u32, token i32, slot count, pad; then its slots
+// ht_inter_notify's host words: [0] epoch, [1] rows received, [2, 2 + MAX_RANKS) rows from each source, then the
+// selections per local expert, the shape check (4), the bad index (2), per node the messages sent then forwarded,
+// and whether num_tokens_per_rdma_rank agrees (1)
+constexpr int EPK_HT_INTER_OUT_EXPERTS = 2 + EPK_HT_INTER_MAX_RANKS;
+constexpr int EPK_HT_INTER_OUT_SHAPE = EPK_HT_INTER_OUT_EXPERTS + EPK_HT_MAX_LOCAL_EXPERTS;
+constexpr int EPK_HT_INTER_OUT_BAD_INDEX = EPK_HT_INTER_OUT_SHAPE + 4;
+constexpr int EPK_HT_INTER_OUT_NODES = EPK_HT_INTER_OUT_BAD_INDEX + 2;
+constexpr int EPK_HT_INTER_OUT_LAYOUT_OK = EPK_HT_INTER_OUT_NODES + 2 * EPK_HT_INTER_MAX_NODES;
+constexpr int EPK_HT_NOTIFY_OUT_WORDS = EPK_HT_INTER_OUT_LAYOUT_OK + 1;  // host_out's int32 words (both notifies)
+// sizeof(inter::NotifyEntry): flag + padding, rows, shape, node_msgs, padding, experts
+constexpr int EPK_HT_INTER_ENTRY_BYTES =
+    64 + 4 * (EPK_HT_INTER_MAX_RANKS + 8 + EPK_HT_INTER_MAX_NODES + 8) + 4 * EPK_HT_MAX_LOCAL_EXPERTS;
+constexpr int EPK_HT_INTER_WORDS_BYTES = 8 * 8 * EPK_HT_INTER_MAX_NODES;  // the area's u64 stream words
+constexpr int EPK_HT_INTER_HEADER_BYTES =
+    EPK_HT_INTER_WORDS_BYTES + 4 * EPK_HT_INTER_MAX_RANKS * EPK_HT_INTER_ENTRY_BYTES;
+constexpr int EPK_HT_INTER_MSG_HEADER = 16;  // a dispatch message: seq u32, token i32, 0, 0; then its row slots
 
 // ---- LL (low-latency) limits ----
 constexpr int EPK_LL_MAX_NUM_MAX = 1024;  // tokens per rank: the count field of a signal has 11 bits

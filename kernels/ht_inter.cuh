@@ -1,6 +1,7 @@
 // HT across nodes (issue #18; docs/architecture.md, "Internode HT"): the layout of a rank's HT RDMA area, the node
-// map, the dispatch message and the QP table entry, shared by ht_inter_notify.cu and ht_inter_dispatch.cu. Mirrored
-// by src/epkern/gpu/ht_inter_layout.py (the same offsets; tests/test_ht_inter_layout_cpu.py compares them).
+// map, the messages, the QP table entry and the block-level stream ends, shared by the ht_inter_*.cu kernels.
+// Mirrored by src/epkern/gpu/ht_inter_layout.py and tests/ht_inter_kernel_model.py. Limits: at most kMaxPeers (8)
+// ranks per node (IPC and HtCtrl are indexed by local index), kMaxNodes nodes, kMaxRanks ranks.
 //
 // Area (registered on this rank's HT NIC; peers of other nodes WRITE into it, peers of this node store into it over
 // IPC): the stream words, the notify entries, then two halves of rings, dispatch then combine; each half holds per
@@ -16,16 +17,17 @@
 namespace epk {
 namespace inter {
 
-constexpr int kMaxNodes = EPK_HT_MAX_PEERS;
+constexpr int kMaxNodes = EPK_HT_INTER_MAX_NODES;
+constexpr int kMaxRanks = EPK_HT_INTER_MAX_RANKS;
 constexpr int kShapeFields = EPK_HT_INTER_SHAPE_FIELDS;
-constexpr int kSlotsPerMsg = 8;  // a dispatch message lists a row slot for each rank of the destination node
+constexpr int kSlotsPerMsg = kMaxPeers;  // a message lists a row slot for each rank of the destination node
 
 // One rank's counts for one receiver: written by the source into the receiver's area (IPC stores, or one RDMA
 // WRITE of everything after `flag` and then the flag as an inline WRITE). Doubled by notify epoch parity.
 struct NotifyEntry {
   int flag;                  // epoch of the notify that wrote it; written last
   int pad0[15];              // the body starts at byte 64 (ht_inter_notify.cu WRITEs it apart from the flag)
-  int rows[kMaxPeers];       // rows the source sends each rank
+  int rows[kMaxRanks];       // rows the source sends each rank
   int shape[8];              // the source's call shapes (kShapeFields used)
   int node_msgs[kMaxNodes];  // messages the source sends each node: its tokens with a destination there
   int pad1[8];
@@ -48,8 +50,8 @@ static_assert(sizeof(Words) == EPK_HT_INTER_WORDS_BYTES, "Words layout is shared
 
 struct Area {
   Words words;
-  NotifyEntry entry[2][kMaxPeers];  // [parity][source]
-  NotifyEntry stage[2][kMaxPeers];  // [parity][destination of another node]: this rank's entries before their WRITE
+  NotifyEntry entry[2][kMaxRanks];  // [parity][source]
+  NotifyEntry stage[2][kMaxRanks];  // [parity][destination of another node]: this rank's entries before their WRITE
 };
 static_assert(sizeof(Area) == EPK_HT_INTER_HEADER_BYTES, "Area layout is shared with the host");
 
@@ -65,13 +67,17 @@ struct Rings {
   }
 };
 
-// The group's nodes, packed by the host: 4 bits per rank (node of rank r; the rank of node n with this rank's
-// local index), so two ints carry them (at most 8 ranks).
+// The group's nodes as the host gives them (device int arrays: the node of each rank; the rank of each node with
+// this rank's local index, this rank for its own node), copied by every block into shared memory (load_nodes).
+template <int kRanks, int kNodes>
 struct Nodes {
-  int node_of_rank;  // nibble r: node of rank r
-  int peer_of_node;  // nibble n: the rank of node n with this rank's local index (this rank for its own node)
-  EPK_DEVICE int node(int r) const { return node_of_rank >> (4 * r) & 15; }
-  EPK_DEVICE int peer(int n) const { return peer_of_node >> (4 * n) & 15; }
+  int node_of[kRanks];
+  int peer_of[kNodes];
+  int rank_at[kNodes][kSlotsPerMsg];  // the rank of local index j of node n (-1 past the node's ranks)
+  int my_node, my_index, per_node;    // this rank's node and local index; ranks per node
+  EPK_DEVICE int node(int r) const { return node_of[r]; }
+  EPK_DEVICE int peer(int n) const { return peer_of[n]; }
+  EPK_DEVICE int local(int j) const { return rank_at[my_node][j]; }  // the rank of this node's local index j
 };
 
 // One QP table entry (the host packs it: gpu/ll/rdma.py pack_qp, the layout of ll_route.cuh's RdmaQp): the stream's
@@ -96,23 +102,26 @@ EPK_DEVICE constexpr int dispatch_meta_bytes(int topk, int scale_cols) {
 }
 
 #ifdef __CUDACC__
-// The block's table of the group's nodes: s_node_rank[n][j] = the rank of local index j of node n (-1 past the
-// node's ranks), filled by thread 0 (the caller syncs before reading it). Returns the mask of this node's ranks.
+// Fill the block's Nodes (shared) from the host's arrays; every thread calls; synced before it returns.
 template <int kRanks, int kNodes>
-EPK_DEVICE unsigned node_table(const Nodes &nodes, int my_node, int (&s_node_rank)[kNodes][kSlotsPerMsg]) {
+EPK_DEVICE void load_nodes(Nodes<kRanks, kNodes> &s, const int *node_of, const int *peer_of_node, int rank) {
+  for (int r = threadIdx.x; r < kRanks; r += blockDim.x) s.node_of[r] = node_of[r];
+  for (int n = threadIdx.x; n < kNodes; n += blockDim.x) s.peer_of[n] = peer_of_node[n];
+  __syncthreads();
   if (threadIdx.x == 0) {
+    s.my_node = s.node_of[rank];
     for (int n = 0; n < kNodes; ++n) {
       int j = 0;
       for (int r = 0; r < kRanks; ++r)
-        if (nodes.node(r) == n) s_node_rank[n][j++] = r;
-      for (; j < kSlotsPerMsg; ++j) s_node_rank[n][j] = -1;
+        if (s.node_of[r] == n) {
+          if (r == rank) s.my_index = j;
+          s.rank_at[n][j++] = r;
+        }
+      if (n == s.my_node) s.per_node = j;
+      for (; j < kSlotsPerMsg; ++j) s.rank_at[n][j] = -1;
     }
   }
-  unsigned mask = 0;
-#pragma unroll
-  for (int d = 0; d < kRanks; ++d)
-    if (nodes.node(d) == my_node) mask |= 1u << d;
-  return mask;
+  __syncthreads();
 }
 
 // A stream word's offset in the area: the same in every rank's area, so the peer's word as the QP addresses it.

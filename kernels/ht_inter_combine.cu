@@ -58,8 +58,8 @@ constexpr int kSlots = epk::inter::kSlotsPerMsg;
 constexpr int kMeta = epk::inter::combine_meta_bytes(kTopk);  // a partial: header, K weights, then the BF16 row
 constexpr int kMsgBytes = kMeta + 2 * EPK_HIDDEN;
 static_assert(EPK_HIDDEN % 8 == 0, "hidden must be a multiple of 8");
-static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
-static_assert(kNodes >= 2 && kNodes <= kRanks, "2..8 nodes");
+static_assert(kRanks <= epk::inter::kMaxRanks && kTopk <= 32, "at most 128 ranks and top-32");
+static_assert(kNodes >= 2 && kNodes <= epk::inter::kMaxNodes && kNodes <= kRanks, "2..16 nodes");
 
 enum { kInX = 0, kInWeights, kNumIns };
 
@@ -69,7 +69,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
                          const int *__restrict__ fwd_slots, int fwd_cap, const int *__restrict__ node_counts,
                          const int4 *__restrict__ bias0, const int4 *__restrict__ bias1,
                          const unsigned long long *__restrict__ peers, long long area_offset,
-                         const epk::inter::QpEntry *__restrict__ qps, int node_of_rank, int peer_of_node,
+                         const epk::inter::QpEntry *__restrict__ qps, const int *node_of, const int *peer_of_node,
                          long long ring_offset, int ring, int chunk, char *__restrict__ scratch, int *copied,
                          int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
                          epk::ErrorRecord *err, unsigned long long timeout_ns) {
@@ -77,42 +77,61 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const epk::inter::Nodes nodes{node_of_rank, peer_of_node};
-  const int my_node = nodes.node(rank);
+  __shared__ epk::inter::Nodes<kRanks, kNodes> nodes;
+  __shared__ const char *s_src[kSlots][kNumIns];  // by local index: the inputs of the ranks of this node
+  __shared__ bool s_failed;
+  if (tid == 0) s_failed = false;
+  epk::inter::load_nodes(nodes, node_of, peer_of_node, rank);  // synced
+  const int my_node = nodes.my_node, me = nodes.my_index, L = nodes.per_node;
   const epk::Deadline deadline{err, rank, timeout_ns};
   epk::HtCtrl *ctrl = epk::ctrl_of(peers, rank);
   auto *area = reinterpret_cast<epk::inter::Area *>(peers[rank] + area_offset);
   const epk::inter::Rings rings{ring_offset, ring, kMsgBytes};
-  __shared__ const char *s_src[kRanks][kNumIns];
-  __shared__ int s_node_rank[kNodes][kSlots];
-  __shared__ bool s_failed;
-  if (tid == 0) s_failed = false;
-  const unsigned local_mask = epk::inter::node_table<kRanks, kNodes>(nodes, my_node, s_node_rank);  // this node's ranks
 
-  // 1. Tell the ranks of this node where my inputs are (block 0); every block that pulls rows learns theirs.
+  // 1. Tell the ranks of this node where my inputs are (block 0; HtCtrl entries by local index); every block that
+  //    pulls rows learns theirs.
   const long long my_base = static_cast<long long>(peers[rank]);
-  if (blockIdx.x == 0 && tid < kRanks && (local_mask >> tid & 1u)) {
-    epk::HtCtrl *peer = epk::ctrl_of(peers, tid);
-    peer->combine_addr[p][rank][kInX] = in_x - my_base;
-    peer->combine_addr[p][rank][kInWeights] = in_weights - my_base;
-    epk::publish(&peer->combine_addr_flag[p][rank], epoch);
+  if (blockIdx.x == 0 && tid < L) {
+    epk::HtCtrl *peer = epk::ctrl_of(peers, nodes.local(tid));
+    peer->combine_addr[p][me][kInX] = in_x - my_base;
+    peer->combine_addr[p][me][kInWeights] = in_weights - my_base;
+    epk::publish(&peer->combine_addr_flag[p][me], epoch);
   }
   const int role_node = blockIdx.x < kNodes ? blockIdx.x : blockIdx.x - kNodes;
   const bool forwarder = blockIdx.x < kNodes && role_node != my_node;
   const bool receiver = blockIdx.x >= kNodes && blockIdx.x < 2 * kNodes && role_node != my_node;
   const bool reducer = blockIdx.x >= 2 * kNodes;
-  __syncthreads();
-  if (!receiver && tid < kRanks && (local_mask >> tid & 1u)) {
-    const int d = tid;
-    if (epk::wait_reached(&ctrl->combine_addr_flag[p][d], epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_ADDRS, d)) {
+  if (!receiver && tid < L) {
+    const int j = tid, d = nodes.local(j);
+    if (epk::wait_reached(&ctrl->combine_addr_flag[p][j], epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_ADDRS, d)) {
       for (int o = 0; o < kNumIns; ++o)
-        s_src[d][o] = reinterpret_cast<const char *>(peers[d] + ctrl->combine_addr[p][d][o]);
+        s_src[j][o] = reinterpret_cast<const char *>(peers[d] + ctrl->combine_addr[p][j][o]);
     } else {
       s_failed = true;
     }
   }
   __syncthreads();
   if (s_failed) return;
+  // The float32 sum from +0.0, local indices ascending (= ranks ascending), of the returned rows (weights) at
+  // `slots` (by local index; -1: none): one node's partial.
+  auto partial_row = [&](const int (&slots)[kSlots], int v, float (&part)[8]) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) part[k] = 0.f;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j)
+      if (slots[j] >= 0)
+        epk::add_bf16x8(part,
+                        reinterpret_cast<const int4 *>(s_src[j][kInX])[static_cast<int64_t>(slots[j]) * kRowVecs + v]);
+  };
+  auto partial_weight = [&](const int (&slots)[kSlots]) {
+    float w = 0.f;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j)
+      if (slots[j] >= 0)
+        w = __fadd_rn(
+            w, reinterpret_cast<const float *>(s_src[j][kInWeights])[static_cast<int64_t>(slots[j]) * kTopk + lane]);
+    return w;
+  };
 
   if (forwarder) {
     // 2a. Partials back to node n's source, in the order its messages came (fwd_slots), a chunk at a time.
@@ -122,37 +141,19 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
         deadline};
     auto stage = [&](int i, uint64_t seq, char *m) {
       int slot = -1;
-      if (i < fwd_cap && lane < kSlots) slot = fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kSlots + lane];
+      if (i < fwd_cap && lane < L) slot = fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kSlots + lane];
       int slots[kSlots];
 #pragma unroll
       for (int j = 0; j < kSlots; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
       if (lane == 0) *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(seq)), 0, 0, 0);
       if constexpr (kHasWeights) {
-        if (lane < kTopk) {
-          float w = 0.f;
-#pragma unroll
-          for (int j = 0; j < kSlots; ++j) {
-            const int d = s_node_rank[my_node][j];
-            if (d >= 0 && slots[j] >= 0)
-              w = __fadd_rn(w, reinterpret_cast<const float *>(
-                                   s_src[d][kInWeights])[static_cast<int64_t>(slots[j]) * kTopk + lane]);
-          }
-          reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER)[lane] = w;
-        }
+        if (lane < kTopk) reinterpret_cast<float *>(m + EPK_HT_INTER_MSG_HEADER)[lane] = partial_weight(slots);
       }
       int4 *row = reinterpret_cast<int4 *>(m + kMeta);
       for (int v = lane; v < kRowVecs; v += 32) {
-        float acc[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = 0.f;
-#pragma unroll
-        for (int j = 0; j < kSlots; ++j) {
-          const int d = s_node_rank[my_node][j];
-          if (d >= 0 && slots[j] >= 0)
-            epk::add_bf16x8(
-                acc, reinterpret_cast<const int4 *>(s_src[d][kInX])[static_cast<int64_t>(slots[j]) * kRowVecs + v]);
-        }
-        row[v] = epk::pack_bf16x8(acc);  // the node's partial, rounded once to BF16
+        float part[8];
+        partial_row(slots, v, part);
+        row[v] = epk::pack_bf16x8(part);  // the node's partial, rounded once to BF16
       }
     };
     if (!epk::inter::send_stream<kWarps>(end, &area->words.c_credit[n], &area->words.c_tail[my_node], s_failed, stage))
@@ -179,12 +180,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
     // 2c. Warp per token: biases, then each node's partial in ascending order.
     const int warps = (gridDim.x - 2 * kNodes) * kWarps;
     for (int t = (blockIdx.x - 2 * kNodes) * kWarps + warp; t < num_tokens && !s_failed; t += warps) {
-      int slot = -1;
-      if (lane < kRanks && (local_mask >> lane & 1u)) slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
-      const unsigned local_dests = __ballot_sync(0xffffffffu, slot >= 0) & local_mask;
-      int slots[kRanks];
+      int slot = -1;  // lane j: the row of this token at this node's local index j
+      if (lane < L) slot = send_slot[static_cast<int64_t>(t) * kRanks + nodes.local(lane)];
+      const bool local_dests = __any_sync(0xffffffffu, slot >= 0);
+      int slots[kSlots];
 #pragma unroll
-      for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
+      for (int j = 0; j < kSlots; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
       int msg[kNodes];  // index of this token's partial from each other node (-1: it went to none of its ranks)
 #pragma unroll
       for (int n = 0; n < kNodes; ++n) {
@@ -204,15 +205,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
         for (int n = 0; n < kNodes; ++n) {
           if (n == my_node) {
-            if (local_dests == 0) continue;
+            if (!local_dests) continue;
             float part[8];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) part[k] = 0.f;
-#pragma unroll
-            for (int d = 0; d < kRanks; ++d)
-              if (local_dests >> d & 1u)
-                epk::add_bf16x8(part, reinterpret_cast<const int4 *>(
-                                          s_src[d][kInX])[static_cast<int64_t>(slots[d]) * kRowVecs + v]);
+            partial_row(slots, v, part);
             epk::add_bf16x8(acc, epk::pack_bf16x8(part));  // the node's partial, rounded once to BF16
           } else if (msg[n] >= 0) {
             const char *m = scratch + (static_cast<int64_t>(n) * num_tokens + msg[n]) * kMsgBytes;
@@ -227,14 +222,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
           for (int n = 0; n < kNodes; ++n) {
             if (n == my_node) {
-              if (local_dests == 0) continue;
-              float part = 0.f;
-#pragma unroll
-              for (int d = 0; d < kRanks; ++d)
-                if (local_dests >> d & 1u)
-                  part = __fadd_rn(part, reinterpret_cast<const float *>(
-                                             s_src[d][kInWeights])[static_cast<int64_t>(slots[d]) * kTopk + lane]);
-              w = __fadd_rn(w, part);
+              if (!local_dests) continue;
+              w = __fadd_rn(w, partial_weight(slots));
             } else if (msg[n] >= 0) {
               const char *m = scratch + (static_cast<int64_t>(n) * num_tokens + msg[n]) * kMsgBytes;
               w = __fadd_rn(w, __ldcg(reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER) + lane));
@@ -248,8 +237,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 
   // 3. The last block: tell every rank of this node this rank is done reading its inputs; wait for each of them.
-  epk::finish_all<kRanks>(
+  epk::finish_all<kSlots>(
       ticket, peers, ctrl, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
-      [&](epk::HtCtrl *c) { return &c->combine_done[p][rank]; },
-      [&](epk::HtCtrl *c, int d) { return &c->combine_done[p][d]; }, local_mask);
+      [&](epk::HtCtrl *c) { return &c->combine_done[p][me]; },
+      [&](epk::HtCtrl *c, int j) { return &c->combine_done[p][j]; },
+      [&](int j) { return j < L ? nodes.local(j) : -1; });
 }

@@ -69,8 +69,9 @@ constexpr int kMinBlocks = EPK_MIN_BLOCKS;
 constexpr int kMeta = epk::inter::dispatch_meta_bytes(kTopk, kScaleCols);  // message bytes before the row
 constexpr int kMsgBytes = kMeta + EPK_ROW_BYTES;
 static_assert(EPK_ROW_BYTES % 16 == 0, "row bytes must be a multiple of 16");
-static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-32");
-static_assert(kNodes >= 2 && kNodes <= kRanks, "2..8 nodes");
+static_assert(kRanks <= epk::inter::kMaxRanks && kTopk <= 32, "at most 128 ranks and top-32");
+static_assert(kNodes >= 2 && kNodes <= epk::inter::kMaxNodes && kNodes <= kRanks, "2..16 nodes");
+constexpr int kL = epk::inter::kSlotsPerMsg;  // the most ranks of one node: per-destination arrays by local index
 
 // As ht_dispatch.cu: the output arrays a destination publishes, then its row count and its call's shape word.
 enum { kOutX = 0, kOutScales, kOutIdx, kOutWeights, kOutSrc, kNumOuts, kOutRows = kNumOuts, kOutShape };
@@ -80,8 +81,7 @@ constexpr long long kShape = static_cast<long long>(EPK_ROW_BYTES) << 33 | stati
 // Row (16-byte vectors) from `src` to each destination in `dests` at its slot; `fresh`: src was written by the NIC
 // during this kernel (a ring slot reused within the call), so it is read past L1.
 template <bool kFresh>
-EPK_DEVICE void copy_row(const int4 *src, unsigned dests, const int (&slots)[kRanks], char *const (&dst_x)[kRanks],
-                         int lane) {
+EPK_DEVICE void copy_row(const int4 *src, unsigned dests, const int (&slots)[kL], char *const (&dst_x)[kL], int lane) {
   for (int base = 0; base < kRowVecs; base += 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
@@ -90,9 +90,9 @@ EPK_DEVICE void copy_row(const int4 *src, unsigned dests, const int (&slots)[kRa
       if (i < kRowVecs) v[u] = kFresh ? __ldcv(src + i) : epk::ld_nc_v4(src + i);
     }
 #pragma unroll
-    for (int d = 0; d < kRanks; ++d) {
-      if (!(dests >> d & 1u)) continue;
-      int4 *dst = reinterpret_cast<int4 *>(dst_x[d]) + static_cast<int64_t>(slots[d]) * kRowVecs;
+    for (int j = 0; j < kL; ++j) {
+      if (!(dests >> j & 1u)) continue;
+      int4 *dst = reinterpret_cast<int4 *>(dst_x[j]) + static_cast<int64_t>(slots[j]) * kRowVecs;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * 32 + lane;
@@ -107,60 +107,59 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
     const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, const int *__restrict__ send_slot,
     const int *__restrict__ node_tokens, const int *__restrict__ node_counts, int *__restrict__ fwd_slots, int fwd_cap,
     const int *notify_out, const unsigned long long *__restrict__ peers, long long area_offset,
-    const epk::inter::QpEntry *__restrict__ qps, int node_of_rank, int peer_of_node, long long ring_offset, int ring,
-    int chunk, long long out_x, long long out_scales, long long out_idx, long long out_weights, long long out_src,
-    int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
+    const epk::inter::QpEntry *__restrict__ qps, const int *node_of, const int *peer_of_node, long long ring_offset,
+    int ring, int chunk, long long out_x, long long out_scales, long long out_idx, long long out_weights,
+    long long out_src, int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   if (notify_out != nullptr) {  // num_worst_tokens: the host did not wait for notify's checks; every rank's verdict
     const volatile int *v = notify_out;  // is the same (a difference anywhere differs from every rank's own shapes)
-    const int peer = v[EPK_HT_NOTIFY_SHAPE] - 1;
-    if (peer >= 0 || v[EPK_HT_NOTIFY_BAD_INDEX] != 0 || v[EPK_HT_NOTIFY_LAYOUT_OK] == 0) {
+    const int peer = v[EPK_HT_INTER_OUT_SHAPE] - 1;
+    if (peer >= 0 || v[EPK_HT_INTER_OUT_BAD_INDEX] != 0 || v[EPK_HT_INTER_OUT_LAYOUT_OK] == 0) {
       if (blockIdx.x == 0 && tid == 0)
         epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, peer > 0 ? peer : 0,
-                          v[EPK_HT_NOTIFY_SHAPE + 2], v[EPK_HT_NOTIFY_SHAPE + 3]);
+                          v[EPK_HT_INTER_OUT_SHAPE + 2], v[EPK_HT_INTER_OUT_SHAPE + 3]);
       return;  // nothing sent, nothing expected: the streams stay in step on every rank
     }
   }
-  const epk::inter::Nodes nodes{node_of_rank, peer_of_node};
-  const int my_node = nodes.node(rank);
+  __shared__ epk::inter::Nodes<kRanks, kNodes> nodes;
+  __shared__ char *s_dst[kL][kNumOuts];  // by local index: the outputs of the ranks of this node
+  __shared__ int s_rows[kL];
+  __shared__ bool s_same[kL];
+  __shared__ bool s_failed;
+  if (tid == 0) s_failed = false;
+  epk::inter::load_nodes(nodes, node_of, peer_of_node, rank);  // synced
+  const int my_node = nodes.my_node, me = nodes.my_index, L = nodes.per_node;
   const epk::Deadline deadline{err, rank, timeout_ns};
   epk::HtCtrl *ctrl = epk::ctrl_of(peers, rank);
   auto *area = reinterpret_cast<epk::inter::Area *>(peers[rank] + area_offset);
   const epk::inter::Rings rings{ring_offset, ring, kMsgBytes};
-  __shared__ char *s_dst[kRanks][kNumOuts];
-  __shared__ int s_rows[kRanks];
-  __shared__ bool s_same[kRanks];
-  __shared__ int s_node_rank[kNodes][epk::inter::kSlotsPerMsg];  // rank of local index j of node n, -1 past the node
-  __shared__ bool s_failed;
-  if (tid == 0) s_failed = false;
-  const unsigned local_mask = epk::inter::node_table<kRanks, kNodes>(nodes, my_node, s_node_rank);  // this node's ranks
 
-  // 1. Tell the ranks of this node where my outputs are (block 0); every block that writes rows learns theirs.
+  // 1. Tell the ranks of this node where my outputs are (block 0; HtCtrl entries by local index); every block that
+  //    writes rows learns theirs.
   const long long my_base = static_cast<long long>(peers[rank]);
-  if (blockIdx.x == 0 && tid < kRanks && (local_mask >> tid & 1u)) {
-    epk::HtCtrl *peer = epk::ctrl_of(peers, tid);
+  if (blockIdx.x == 0 && tid < L) {
+    epk::HtCtrl *peer = epk::ctrl_of(peers, nodes.local(tid));
     const long long mine_out[kNumOuts + 2] = {
         out_x - my_base, out_scales - my_base, out_idx - my_base, out_weights - my_base, out_src - my_base, out_rows,
         kShape};
 #pragma unroll
-    for (int i = 0; i < kNumOuts + 2; ++i) peer->dispatch_addr[p][rank][i] = mine_out[i];
-    epk::publish(&peer->dispatch_addr_flag[p][rank], epoch);
+    for (int i = 0; i < kNumOuts + 2; ++i) peer->dispatch_addr[p][me][i] = mine_out[i];
+    epk::publish(&peer->dispatch_addr_flag[p][me], epoch);
   }
   const int role_node = blockIdx.x < kNodes ? blockIdx.x : blockIdx.x - kNodes;
   const bool sender = blockIdx.x < kNodes && role_node != my_node;
   const bool forwarder = blockIdx.x >= kNodes && blockIdx.x < 2 * kNodes && role_node != my_node;
   const bool copier = blockIdx.x >= 2 * kNodes;
-  __syncthreads();
-  if (!sender && tid < kRanks && (local_mask >> tid & 1u)) {
-    const int d = tid;
-    if (epk::wait_reached(&ctrl->dispatch_addr_flag[p][d], epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_ADDRS, d)) {
+  if (!sender && tid < L) {
+    const int j = tid, d = nodes.local(j);
+    if (epk::wait_reached(&ctrl->dispatch_addr_flag[p][j], epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_ADDRS, d)) {
       for (int o = 0; o < kNumOuts; ++o)
-        s_dst[d][o] = reinterpret_cast<char *>(peers[d] + ctrl->dispatch_addr[p][d][o]);
-      s_rows[d] = static_cast<int>(ctrl->dispatch_addr[p][d][kOutRows]);
-      s_same[d] = ctrl->dispatch_addr[p][d][kOutShape] == kShape;
+        s_dst[j][o] = reinterpret_cast<char *>(peers[d] + ctrl->dispatch_addr[p][j][o]);
+      s_rows[j] = static_cast<int>(ctrl->dispatch_addr[p][j][kOutRows]);
+      s_same[j] = ctrl->dispatch_addr[p][j][kOutShape] == kShape;
     } else {
       s_failed = true;
     }
@@ -168,62 +167,65 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
   __syncthreads();
   if (s_failed) return;
 
-  // A destination's row slot after the checks of ht_dispatch.cu (its call's shapes, its output rows); -1: skip it.
-  auto checked_slot = [&](int d, int slot) {
+  // The row slot at this node's local index j after the checks of ht_dispatch.cu (its call's shapes, its output
+  // rows); -1: skip it.
+  auto checked_slot = [&](int j, int slot) {
     if (slot < 0) return -1;
-    if (!s_same[d]) {
-      const long long theirs = ctrl->dispatch_addr[p][d][kOutShape];
-      epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, d, static_cast<int>(theirs >> 33),
-                        EPK_ROW_BYTES);
+    if (!s_same[j]) {
+      const long long theirs = ctrl->dispatch_addr[p][j][kOutShape];
+      epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, nodes.local(j),
+                        static_cast<int>(theirs >> 33), EPK_ROW_BYTES);
       return -1;
     }
-    if (slot >= s_rows[d]) {
-      epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, d, slot, s_rows[d]);
+    if (slot >= s_rows[j]) {
+      epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, nodes.local(j), slot, s_rows[j]);
       return -1;
     }
     return slot;
   };
-  // The metadata of one row at each destination: expert ids local to it (-1 elsewhere), weights, source token.
-  auto write_meta = [&](unsigned dests, const int (&slots)[kRanks], int64_t e, float w, int token) {
+  // The metadata of one row at each destination (local index j): expert ids local to it (-1 elsewhere), weights,
+  // source token.
+  auto write_meta = [&](unsigned dests, const int (&slots)[kL], int64_t e, float w, int token) {
 #pragma unroll
-    for (int d = 0; d < kRanks; ++d) {
-      if (!(dests >> d & 1u)) continue;
-      const int64_t row = slots[d];
+    for (int j = 0; j < kL; ++j) {
+      if (!(dests >> j & 1u)) continue;
+      const int64_t row = slots[j];
       if (lane < kTopk) {
-        const int64_t local = e - static_cast<int64_t>(d) * kLocalExperts;
+        const int64_t local = e - static_cast<int64_t>(nodes.local(j)) * kLocalExperts;
         const bool here = e >= 0 && local >= 0 && local < kLocalExperts;
-        reinterpret_cast<int64_t *>(s_dst[d][kOutIdx])[row * kTopk + lane] = here ? local : -1;
+        reinterpret_cast<int64_t *>(s_dst[j][kOutIdx])[row * kTopk + lane] = here ? local : -1;
         if (topk_weights != nullptr)
-          reinterpret_cast<float *>(s_dst[d][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
+          reinterpret_cast<float *>(s_dst[j][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
       }
-      if (lane == 0) reinterpret_cast<int *>(s_dst[d][kOutSrc])[row] = token;
+      if (lane == 0) reinterpret_cast<int *>(s_dst[j][kOutSrc])[row] = token;
     }
   };
+  // A row (and its scales) to the destinations `dests` (bits by local index) at their slots.
+  auto scatter_scales = [&](unsigned dests, const int (&slots)[kL], int c, float v) {
+#pragma unroll
+    for (int j = 0; j < kL; ++j)
+      if (dests >> j & 1u)
+        reinterpret_cast<float *>(s_dst[j][kOutScales])[static_cast<int64_t>(slots[j]) * kScaleCols + c] = v;
+  };
+  char *dst_x[kL];
+#pragma unroll
+  for (int j = 0; j < kL; ++j) dst_x[j] = s_dst[j][kOutX];
 
   if (copier) {
     // 2a. Warp per token: this rank's rows to the destinations of its own node (ht_dispatch.cu's loop).
     const int warps = (gridDim.x - 2 * kNodes) * kWarps;
     for (int t = (blockIdx.x - 2 * kNodes) * kWarps + warp; t < num_tokens; t += warps) {
       int slot = -1;
-      if (lane < kRanks && (local_mask >> lane & 1u))
-        slot = checked_slot(lane, send_slot[static_cast<int64_t>(t) * kRanks + lane]);
-      const unsigned dests = __ballot_sync(0xffffffffu, slot >= 0) & local_mask;
+      if (lane < L) slot = checked_slot(lane, send_slot[static_cast<int64_t>(t) * kRanks + nodes.local(lane)]);
+      const unsigned dests = __ballot_sync(0xffffffffu, slot >= 0) & ((1u << kL) - 1u);
       if (dests == 0) continue;
-      int slots[kRanks];
+      int slots[kL];
 #pragma unroll
-      for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
-      char *dst_x[kRanks];
-#pragma unroll
-      for (int d = 0; d < kRanks; ++d) dst_x[d] = s_dst[d][kOutX];
+      for (int j = 0; j < kL; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
       copy_row<false>(x + static_cast<int64_t>(t) * kRowVecs, dests, slots, dst_x, lane);
       if constexpr (kScaleCols > 0) {
-        for (int c = lane; c < kScaleCols; c += 32) {
-          const float s = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
-#pragma unroll
-          for (int d = 0; d < kRanks; ++d)
-            if (dests >> d & 1u)
-              reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
-        }
+        for (int c = lane; c < kScaleCols; c += 32)
+          scatter_scales(dests, slots, c, x_scales[static_cast<int64_t>(t) * kScaleCols + c]);
       }
       if constexpr (kWithMeta) {
         const int64_t e = lane < kTopk ? topk_idx[static_cast<int64_t>(t) * kTopk + lane] : -1;
@@ -241,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
       const int t = node_tokens[static_cast<int64_t>(n) * num_tokens + i];
       if (lane == 0) *reinterpret_cast<int4 *>(m) = make_int4(static_cast<int>(static_cast<uint32_t>(seq)), t, 0, 0);
       if (lane < epk::inter::kSlotsPerMsg) {
-        const int d = s_node_rank[n][lane];
+        const int d = nodes.rank_at[n][lane];
         reinterpret_cast<int *>(m + EPK_HT_INTER_MSG_HEADER)[lane] =
             d >= 0 ? send_slot[static_cast<int64_t>(t) * kRanks + d] : -1;
       }
@@ -284,47 +286,27 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
                             static_cast<int>(seq));
         return;
       }
-      int slot = -1;
-      if (lane < epk::inter::kSlotsPerMsg) {
-        const int d = s_node_rank[my_node][lane];
+      int slot = -1;  // lane j: the slot of this node's local index j
+      if (lane < kL) {
         const int s = __ldcv(reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER) + lane);
-        if (d >= 0) slot = checked_slot(d, s);
+        if (lane < L) slot = checked_slot(lane, s);
         if (fwd_slots != nullptr) {  // what combine reduces for this message (null: a cached dispatch)
           if (i < fwd_cap)
-            fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * epk::inter::kSlotsPerMsg + lane] = slot;
+            fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kL + lane] = slot;
           else if (lane == 0)
             epk::report_error(err, epk::kOverflow, rank, EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW, peer, i, fwd_cap);
         }
       }
-      // lane j holds the slot of local index j: gather them per rank
-      int slots[kRanks];
-      unsigned dests = 0;
-#pragma unroll
-      for (int d = 0; d < kRanks; ++d) slots[d] = -1;
-#pragma unroll
-      for (int j = 0; j < epk::inter::kSlotsPerMsg; ++j) {
-        const int s = __shfl_sync(0xffffffffu, slot, j);
-        const int d = s_node_rank[my_node][j];
-        if (d >= 0 && s >= 0) {
-          slots[d] = s;
-          dests |= 1u << d;
-        }
-      }
+      const unsigned dests = __ballot_sync(0xffffffffu, slot >= 0) & ((1u << kL) - 1u);
       if (dests == 0) return;
-      char *dst_x[kRanks];
+      int slots[kL];
 #pragma unroll
-      for (int d = 0; d < kRanks; ++d) dst_x[d] = s_dst[d][kOutX];
+      for (int j = 0; j < kL; ++j) slots[j] = __shfl_sync(0xffffffffu, slot, j);
       copy_row<true>(reinterpret_cast<const int4 *>(m + kMeta), dests, slots, dst_x, lane);
       if constexpr (kScaleCols > 0) {
         const float *sc =
             reinterpret_cast<const float *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg + 8 * kTopk);
-        for (int c = lane; c < kScaleCols; c += 32) {
-          const float s = __ldcv(sc + c);
-#pragma unroll
-          for (int d = 0; d < kRanks; ++d)
-            if (dests >> d & 1u)
-              reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
-        }
+        for (int c = lane; c < kScaleCols; c += 32) scatter_scales(dests, slots, c, __ldcv(sc + c));
       }
       if constexpr (kWithMeta) {
         const int *idx = reinterpret_cast<const int *>(m + EPK_HT_INTER_MSG_HEADER + 4 * epk::inter::kSlotsPerMsg);
@@ -340,8 +322,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
 
   // 3. The last block: tell every rank of this node this rank is done (its own rows and what it forwarded), then
   //    wait until each of them is.
-  epk::finish_all<kRanks>(
+  epk::finish_all<kL>(
       ticket, peers, ctrl, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
-      [&](epk::HtCtrl *c) { return &c->dispatch_done[p][rank]; },
-      [&](epk::HtCtrl *c, int d) { return &c->dispatch_done[p][d]; }, local_mask);
+      [&](epk::HtCtrl *c) { return &c->dispatch_done[p][me]; },
+      [&](epk::HtCtrl *c, int j) { return &c->dispatch_done[p][j]; },
+      [&](int j) { return j < L ? nodes.local(j) : -1; });
 }

@@ -26,19 +26,38 @@ constexpr int kNodes = EPK_NUM_NODES;
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kCols = kRanks + kNodes;  // scanned per token: each rank, then each node
-static_assert(kRanks <= epk::kMaxPeers && kNodes >= 2 && kNodes <= kRanks, "2..8 nodes of at most 8 ranks");
+constexpr int kGroup = 8;               // columns scanned at once (registers)
+static_assert(kRanks <= epk::inter::kMaxRanks && kNodes >= 2 && kNodes <= epk::inter::kMaxNodes && kNodes <= kRanks,
+              "2..16 nodes, at most 128 ranks");
+static_assert(kRanks * epk::inter::kShapeFields <= kThreads, "a thread per (source, shape field)");
 
 using epk::inter::NotifyEntry;
+using Nodes = epk::inter::Nodes<kRanks, kNodes>;
 
-// host_out: as ht_notify.cu, plus [EPK_HT_NOTIFY_INTER + n] messages sent to node n and
-// [EPK_HT_NOTIFY_INTER + kMaxNodes + n] messages forwarded from node n. node_counts (device, the handle's): the same
-// 2 x kMaxNodes ints.
-extern "C" __global__ void __launch_bounds__(kThreads)
+// The other nodes token t has a destination on (a bit per node).
+EPK_DEVICE unsigned nodes_of_token(const bool *is_token_in_rank, const Nodes &nodes, int t) {
+  unsigned in_node = 0;
+  for (int d = 0; d < kRanks; ++d)
+    if (is_token_in_rank[static_cast<int64_t>(t) * kRanks + d]) in_node |= 1u << nodes.node(d);
+  return in_node & ~(1u << nodes.my_node);
+}
+
+// Whether token t is in scan column c: rank c (c < kRanks), else node c - kRanks (from its node bits).
+EPK_DEVICE bool member(const bool *is_token_in_rank, int num_tokens, int t, unsigned in_node, int c) {
+  if (t >= num_tokens) return false;
+  return c < kRanks ? is_token_in_rank[static_cast<int64_t>(t) * kRanks + c] : (in_node >> (c - kRanks) & 1u) != 0;
+}
+
+// host_out (EPK_HT_INTER_OUT_*): [0] epoch when complete, [1] rows received, [2 + s] rows from source s, the
+// selections per local expert, the shape check, the bad index, per node the messages sent then forwarded, whether
+// num_tokens_per_rdma_rank agrees. node_counts (device, the handle's): messages sent to node n at [n], forwarded from
+// node n at [kMaxNodes + n].
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
     epk_ht_inter_notify(int dry_run, int rank, int epoch, int num_tokens, const int *__restrict__ num_tokens_per_rank,
                         const int *__restrict__ num_tokens_per_rdma_rank, const int *__restrict__ num_tokens_per_expert,
                         const bool *__restrict__ is_token_in_rank, const unsigned long long *__restrict__ peers,
-                        long long area_offset, const epk::inter::QpEntry *__restrict__ qps, int node_of_rank,
-                        int peer_of_node, int *__restrict__ rank_prefix_matrix, int *__restrict__ send_slot,
+                        long long area_offset, const epk::inter::QpEntry *__restrict__ qps, const int *node_of,
+                        const int *peer_of_node, int *__restrict__ rank_prefix_matrix, int *__restrict__ send_slot,
                         int *__restrict__ node_slot, int *__restrict__ node_tokens, int *__restrict__ node_counts,
                         const int64_t *__restrict__ topk_idx, int topk, int num_experts, int row_bytes, int scale_cols,
                         int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
@@ -47,11 +66,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   epk::mark_started(err, epoch);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const epk::inter::Nodes nodes{node_of_rank, peer_of_node};
-  const int my_node = nodes.node(rank);
-  auto *mine = reinterpret_cast<epk::inter::Area *>(peers[rank] + area_offset);
-  const epk::Deadline deadline{err, rank, timeout_ns};
-  __shared__ int s_rows[kRanks][kRanks];
+  __shared__ Nodes nodes;
   __shared__ int s_node_msgs[kNodes];
   __shared__ int s_base[kRanks];
   __shared__ int s_warp_count[kWarps][kCols];
@@ -65,7 +80,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     s_mismatch = ~0u;
   }
   if (tid < kNodes) s_node_msgs[tid] = 0;
-  __syncthreads();
+  epk::inter::load_nodes(nodes, node_of, peer_of_node, rank);  // synced
+  const int my_node = nodes.my_node;
+  auto *mine = reinterpret_cast<epk::inter::Area *>(peers[rank] + area_offset);
+  const epk::Deadline deadline{err, rank, timeout_ns};
 
   // 0. The checks every rank agrees on through the shapes: topk_idx entries, and the messages per node that
   //    num_tokens_per_rdma_rank says against those is_token_in_rank gives (counted here: they size the streams).
@@ -75,16 +93,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       atomicMin(&s_bad, static_cast<unsigned long long>(i) << 32 | static_cast<unsigned>(e));
   }
   for (int t = tid; t < num_tokens; t += kThreads) {
-    unsigned in_node = 0;
-#pragma unroll
-    for (int d = 0; d < kRanks; ++d)
-      if (is_token_in_rank[static_cast<int64_t>(t) * kRanks + d]) in_node |= 1u << nodes.node(d);
-#pragma unroll
+    const unsigned in_node = nodes_of_token(is_token_in_rank, nodes, t);
     for (int n = 0; n < kNodes; ++n)
       if (in_node >> n & 1u) atomicAdd(&s_node_msgs[n], 1);
   }
-  __syncthreads();
-  if (tid == 0) s_node_msgs[my_node] = 0;  // this node's destinations get their rows over IPC: no messages
   __syncthreads();
   bool layout_ok = true;
   for (int n = 0; n < kNodes; ++n)
@@ -112,8 +124,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       const epk::inter::QpEntry &q = qps[d];
       const epk::stream::Qp qp = q.qp();
       constexpr long long body = 64;  // NotifyEntry: the flag and its padding, then the body
-      const long long from = reinterpret_cast<const char *>(&mine->stage[p][d]) - reinterpret_cast<const char *>(mine);
-      const long long to = reinterpret_cast<const char *>(&mine->entry[p][rank]) - reinterpret_cast<const char *>(mine);
+      const uint64_t from =
+          epk::inter::offset_in(mine, reinterpret_cast<const unsigned long long *>(&mine->stage[p][d]));
+      const uint64_t to =
+          epk::inter::offset_in(mine, reinterpret_cast<const unsigned long long *>(&mine->entry[p][rank]));
       const uint64_t pi = epk::mlx5::reserve_wqes(qp.ctr, 2);
       bool ok = epk::mlx5::wait_sq_space(qp.retired, pi + 2, qp.wqe_cnt, deadline, d);
       if (ok) {
@@ -136,73 +150,67 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (s_failed) return;
 
-  // 3. Shapes, the handle's matrices, this rank's counts (as ht_notify.cu), and the streams' message counts.
+  // 3. Shapes, the handle's matrices (each column from the entries), this rank's counts, the streams' counts.
   if (tid < kRanks * epk::inter::kShapeFields) {
     const int s = tid / epk::inter::kShapeFields, f = tid % epk::inter::kShapeFields;
     if (mine->entry[p][s].shape[f] != shape[f]) atomicMin(&s_mismatch, static_cast<unsigned>(s) << 8 | f);
   }
-  if (tid < kRanks * kRanks) s_rows[tid / kRanks][tid % kRanks] = mine->entry[p][tid / kRanks].rows[tid % kRanks];
-  __syncthreads();
   if (tid < kRanks) {
     int prefix = 0, base = 0;
     for (int s = 0; s < kRanks; ++s) {
-      prefix += s_rows[s][tid];
+      const int rows = mine->entry[p][s].rows[tid];
+      prefix += rows;
       rank_prefix_matrix[s * kRanks + tid] = prefix;
-      if (s < rank) base += s_rows[s][tid];
+      if (s < rank) base += rows;
     }
     s_base[tid] = base;
-    host_out[2 + tid] = s_rows[tid][rank];
+    host_out[2 + tid] = mine->entry[p][tid].rows[rank];
   }
   if (tid < kCols) s_carry[tid] = 0;
   if (tid == 0) {
     int total = 0;
-    for (int s = 0; s < kRanks; ++s) total += s_rows[s][rank];
+    for (int s = 0; s < kRanks; ++s) total += mine->entry[p][s].rows[rank];
     host_out[1] = total;
   }
   for (int e = tid; e < local_experts; e += kThreads) {
     int sum = 0;
     for (int s = 0; s < kRanks; ++s) sum += mine->entry[p][s].experts[e];
-    host_out[2 + kRanks + e] = sum;
+    host_out[EPK_HT_INTER_OUT_EXPERTS + e] = sum;
   }
   if (tid < epk::inter::kMaxNodes) {  // sent to node n; forwarded from node n (its peer with my local index sends)
     const int n = tid;
     const int sent = n < kNodes ? s_node_msgs[n] : 0;
     const int fwd = n < kNodes && n != my_node ? mine->entry[p][nodes.peer(n)].node_msgs[my_node] : 0;
-    node_counts[n] = host_out[EPK_HT_NOTIFY_INTER + n] = sent;
-    node_counts[epk::inter::kMaxNodes + n] = host_out[EPK_HT_NOTIFY_INTER + epk::inter::kMaxNodes + n] = fwd;
+    node_counts[n] = host_out[EPK_HT_INTER_OUT_NODES + n] = sent;
+    node_counts[epk::inter::kMaxNodes + n] = host_out[EPK_HT_INTER_OUT_NODES + epk::inter::kMaxNodes + n] = fwd;
   }
   __syncthreads();
   if (tid == 0) {
     const unsigned m = s_mismatch;
     const int peer = m == ~0u ? -1 : static_cast<int>(m >> 8), field = static_cast<int>(m & 0xff);
-    host_out[EPK_HT_NOTIFY_SHAPE] = peer + 1;
-    host_out[EPK_HT_NOTIFY_SHAPE + 1] = field;
-    host_out[EPK_HT_NOTIFY_SHAPE + 2] = peer >= 0 ? mine->entry[p][peer].shape[field] : 0;
-    host_out[EPK_HT_NOTIFY_SHAPE + 3] = peer >= 0 ? shape[field] : 0;
+    host_out[EPK_HT_INTER_OUT_SHAPE] = peer + 1;
+    host_out[EPK_HT_INTER_OUT_SHAPE + 1] = field;
+    host_out[EPK_HT_INTER_OUT_SHAPE + 2] = peer >= 0 ? mine->entry[p][peer].shape[field] : 0;
+    host_out[EPK_HT_INTER_OUT_SHAPE + 3] = peer >= 0 ? shape[field] : 0;
     const unsigned long long b = s_bad;
-    host_out[EPK_HT_NOTIFY_BAD_INDEX] = b == ~0ull ? 0 : static_cast<int>(b >> 32) + 1;
-    host_out[EPK_HT_NOTIFY_BAD_INDEX + 1] = static_cast<int>(static_cast<unsigned>(b));
-    host_out[EPK_HT_NOTIFY_LAYOUT_OK] = layout_ok ? 1 : 0;
+    host_out[EPK_HT_INTER_OUT_BAD_INDEX] = b == ~0ull ? 0 : static_cast<int>(b >> 32) + 1;
+    host_out[EPK_HT_INTER_OUT_BAD_INDEX + 1] = static_cast<int>(static_cast<unsigned>(b));
+    host_out[EPK_HT_INTER_OUT_LAYOUT_OK] = layout_ok ? 1 : 0;
   }
 
-  // 4. Exclusive scans over tokens: per rank (plus its base: send_slot), per other node (node_slot, node_tokens).
+  // 4. Exclusive scans over tokens, kGroup columns at a time: per rank (plus its base: send_slot), per other node
+  //    (node_slot, node_tokens). Column c < kRanks: rank c; else node c - kRanks.
   for (int chunk = 0; chunk < num_tokens; chunk += kThreads) {
     const int t = chunk + tid;
-    bool in[kCols];
-    int below[kCols];
+    const unsigned in_node = t < num_tokens ? nodes_of_token(is_token_in_rank, nodes, t) : 0u;
+    for (int g = 0; g < kCols; g += kGroup) {
 #pragma unroll
-    for (int c = 0; c < kNodes; ++c) in[kRanks + c] = false;
-#pragma unroll
-    for (int j = 0; j < kRanks; ++j) {
-      in[j] = t < num_tokens && is_token_in_rank[static_cast<int64_t>(t) * kRanks + j];
-      const int n = nodes.node(j);
-      if (in[j] && n != my_node) in[kRanks + n] = true;
-    }
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const unsigned ballot = __ballot_sync(0xffffffffu, in[c]);
-      below[c] = __popc(ballot & ((1u << lane) - 1u));
-      if (lane == 0) s_warp_count[warp][c] = __popc(ballot);
+      for (int k = 0; k < kGroup; ++k) {
+        const int c = g + k;
+        const bool in = c < kCols && member(is_token_in_rank, num_tokens, t, in_node, c);
+        const unsigned ballot = __ballot_sync(0xffffffffu, in);
+        if (lane == 0 && c < kCols) s_warp_count[warp][c] = __popc(ballot);
+      }
     }
     __syncthreads();
     if (tid < kCols) {  // exclusive scan over warps, carried across chunks
@@ -215,16 +223,21 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       s_carry[tid] = run;
     }
     __syncthreads();
-    if (t < num_tokens) {
+    for (int g = 0; g < kCols; g += kGroup) {
 #pragma unroll
-      for (int j = 0; j < kRanks; ++j)
-        send_slot[static_cast<int64_t>(t) * kRanks + j] = in[j] ? s_base[j] + s_warp_count[warp][j] + below[j] : -1;
-#pragma unroll
-      for (int n = 0; n < kNodes; ++n) {
-        const int c = kRanks + n;
-        const int i = in[c] ? s_warp_count[warp][c] + below[c] : -1;
-        node_slot[static_cast<int64_t>(t) * kNodes + n] = i;
-        if (i >= 0) node_tokens[static_cast<int64_t>(n) * num_tokens + i] = t;
+      for (int k = 0; k < kGroup; ++k) {
+        const int c = g + k;
+        const bool in = c < kCols && member(is_token_in_rank, num_tokens, t, in_node, c);
+        const unsigned ballot = __ballot_sync(0xffffffffu, in);
+        if (t >= num_tokens || c >= kCols) continue;
+        const int index = s_warp_count[warp][c] + __popc(ballot & ((1u << lane) - 1u));
+        if (c < kRanks) {
+          send_slot[static_cast<int64_t>(t) * kRanks + c] = in ? s_base[c] + index : -1;
+        } else {
+          const int n = c - kRanks;
+          node_slot[static_cast<int64_t>(t) * kNodes + n] = in ? index : -1;
+          if (in) node_tokens[static_cast<int64_t>(n) * num_tokens + index] = t;
+        }
       }
     }
     __syncthreads();

@@ -61,13 +61,18 @@ EPK_DEVICE bool receive_entries(HtCtrl *mine, int epoch, const Deadline &deadlin
   return !s_failed;
 }
 
+// finish_all's default map from a thread's index to the peer it serves: the same rank.
+struct SameRank {
+  EPK_DEVICE int operator()(int d) const { return d; }
+};
+
 // End of a copy kernel: the last block to finish tells every peer this rank is done (its flag in the peer's
 // control area) and waits until every peer has said the same in mine. The ticket is reset for the next call.
-// `peer_mask`: the ranks that count as peers (across nodes: the ranks of this node).
-template <int kRanks, typename MyFlagAt, typename PeerFlagOf>
+// `rank_of(d)`: the rank whose flags index d names (-1: none); across nodes, the ranks of this node by local index.
+template <int kRanks, typename MyFlagAt, typename PeerFlagOf, typename RankOf = SameRank>
 EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, HtCtrl *mine, int epoch,
                            const Deadline &deadline, int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer,
-                           unsigned peer_mask = ~0u) {
+                           RankOf rank_of = {}) {
   __shared__ bool s_last;
   __threadfence_system();
   __syncthreads();
@@ -77,9 +82,12 @@ EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, Ht
   if (!s_last) return;
   if (threadIdx.x == 0) atomicExch(ticket, 0u);
   const int d = threadIdx.x;
-  if (d < kRanks && (peer_mask >> d & 1u)) {
-    publish(my_flag_at(ctrl_of(peers, d)), epoch);
-    wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, d);
+  if (d < kRanks) {
+    const int r = rank_of(d);
+    if (r >= 0) {
+      publish(my_flag_at(ctrl_of(peers, r)), epoch);
+      wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, r);
+    }
   }
   if constexpr (EPK_PROBE) {
     __syncthreads();

@@ -26,11 +26,16 @@ BF16 = ml_dtypes.bfloat16
 ENTRY = K.get("EPK_HT_INTER_ENTRY_BYTES")
 MAXN = lay.MAX_NODES
 # inter::Words: u64 arrays of 8, in declaration order
-TAIL, CREDIT, SENT, RECEIVED, C_TAIL, C_CREDIT, C_SENT, C_RECEIVED = (64 * i for i in range(8))
-ENTRIES = 512  # inter::Area.entry[2][8]
-STAGES = ENTRIES + 2 * 8 * ENTRY  # inter::Area.stage[2][8]
-E_ROWS, E_SHAPE, E_NODE_MSGS, E_EXPERTS = 64, 96, 128, 192  # NotifyEntry fields
-INTER = K.get("EPK_HT_NOTIFY_INTER")
+MAXR = lay.MAX_RANKS
+TAIL, CREDIT, SENT, RECEIVED, C_TAIL, C_CREDIT, C_SENT, C_RECEIVED = (8 * MAXN * i for i in range(8))  # inter::Words
+ENTRIES = K.get("EPK_HT_INTER_WORDS_BYTES")  # inter::Area.entry[2][MAXR]
+STAGES = ENTRIES + 2 * MAXR * ENTRY  # inter::Area.stage[2][MAXR]
+# NotifyEntry fields: flag + padding, rows[MAXR], shape[8], node_msgs[MAXN], padding[8], experts
+E_ROWS = 64
+E_SHAPE = E_ROWS + 4 * MAXR
+E_NODE_MSGS = E_SHAPE + 32
+E_EXPERTS = E_NODE_MSGS + 4 * MAXN + 32
+OUT = {k: K.get(f"EPK_HT_INTER_OUT_{k}") for k in ("EXPERTS", "SHAPE", "BAD_INDEX", "NODES", "LAYOUT_OK")}
 SPACE, ARRIVAL = K.get("EPK_ERR_PHASE_HT_INTER_SPACE"), K.get("EPK_ERR_PHASE_HT_INTER_ARRIVAL")
 
 
@@ -200,8 +205,10 @@ class Model:
     def nodes(rank, defines, args):
         """Unpacked as ht_inter.cuh's Nodes: node of each rank, the peer of each node, each node's ranks."""
         R, N = defines["EPK_NUM_RANKS"], defines["EPK_NUM_NODES"]
-        node_of = [int(args["node_of_rank"]) >> (4 * r) & 15 for r in range(R)]
-        peers = [int(args["peer_of_node"]) >> (4 * n) & 15 for n in range(N)]
+        import fake_cupy as F
+
+        node_of = [int(v) for v in F._array(args["node_of"])._a[:R]]
+        peers = [int(v) for v in F._array(args["peer_of_node"])._a[:N]]
         members = [[r for r in range(R) if node_of[r] == n] for n in range(N)]
         return node_of, peers, members
 
@@ -238,39 +245,39 @@ class Model:
             body[E_EXPERTS - 64 : E_EXPERTS - 64 + 4 * E_loc].view(np.int32)[:] = per_expert[
                 dst * E_loc : (dst + 1) * E_loc
             ]
-            at = ENTRIES + (p * 8 + rank) * ENTRY
+            at = ENTRIES + (p * MAXR + rank) * ENTRY
             if node_of[dst] == me:
                 ctypes.memmove(self.area(dst) + at + 64, body.ctypes.data, body.nbytes)
                 ctypes.c_int32.from_address(self.area(dst) + at).value = epoch
             else:
-                stage = mine + STAGES + (p * 8 + dst) * ENTRY
+                stage = mine + STAGES + (p * MAXR + dst) * ENTRY
                 ctypes.memmove(stage + 64, body.ctypes.data, body.nbytes)
                 self.poster(rank, dst).post([(stage + 64, at + 64, ENTRY - 64)], (at, epoch, 32), self.timeout_s)
         for s in range(R):
-            flag = mine + ENTRIES + (p * 8 + s) * ENTRY
+            flag = mine + ENTRIES + (p * MAXR + s) * ENTRY
             wait_until(lambda f=flag: i32(f) == epoch, self.timeout_s, f"rank {rank}: notify entry of rank {s}",
                        K.get("EPK_ERR_PHASE_HT_NOTIFY"), s)  # fmt: skip
-        entry = lambda s, off, n: mem(mine + ENTRIES + (p * 8 + s) * ENTRY + off, 4 * n).view(np.int32)  # noqa: E731
+        entry = lambda s, off, n: mem(mine + ENTRIES + (p * MAXR + s) * ENTRY + off, 4 * n).view(np.int32)  # noqa: E731
         rows = np.stack([entry(s, E_ROWS, R) for s in range(R)])
         prefix = np.cumsum(rows, axis=0).astype(np.int32)
         F._array(a["rank_prefix_matrix"])._a[...] = prefix.reshape(F._array(a["rank_prefix_matrix"])._a.shape)
         host = mem(int(a["host_out"]), 4 * K.get("EPK_HT_NOTIFY_OUT_WORDS")).view(np.int32)
         host[1] = int(rows[:, rank].sum())
         host[2 : 2 + R] = rows[:, rank]
-        host[2 + R : 2 + R + E_loc] = sum(entry(s, E_EXPERTS, E_loc) for s in range(R))
+        host[OUT["EXPERTS"] : OUT["EXPERTS"] + E_loc] = sum(entry(s, E_EXPERTS, E_loc) for s in range(R))
         mismatch = [(s, f) for s in range(R) for f in range(6) if entry(s, E_SHAPE, 6)[f] != shape[f]]
-        sh = K.get("EPK_HT_NOTIFY_SHAPE")
+        sh = OUT["SHAPE"]
         host[sh : sh + 4] = [mismatch[0][0] + 1, mismatch[0][1], entry(*mismatch[0][:1], E_SHAPE, 6)[mismatch[0][1]],
                              shape[mismatch[0][1]]] if mismatch else [0, 0, 0, 0]  # fmt: skip
-        bi = K.get("EPK_HT_NOTIFY_BAD_INDEX")
+        bi = OUT["BAD_INDEX"]
         host[bi : bi + 2] = [int(bad[0]) + 1, int(idx.reshape(-1)[bad[0]])] if len(bad) else [0, 0]
-        host[K.get("EPK_HT_NOTIFY_LAYOUT_OK")] = int(layout_ok)
+        host[OUT["LAYOUT_OK"]] = int(layout_ok)
         counts = F._array(a["node_counts"])._a
         for n in range(MAXN):
             sent = int(node_msgs[n]) if n < N else 0
             fwd = int(entry(peers[n], E_NODE_MSGS, MAXN)[me]) if n < N and n != me else 0
-            counts[n] = host[INTER + n] = sent
-            counts[MAXN + n] = host[INTER + MAXN + n] = fwd
+            counts[n] = host[OUT["NODES"] + n] = sent
+            counts[MAXN + n] = host[OUT["NODES"] + MAXN + n] = fwd
         base = [int(rows[:rank, j].sum()) for j in range(R)]
         send_slot = F._array(a["send_slot"])._a.reshape(T, R)
         node_slot = F._array(a["node_slot"])._a.reshape(T, N)
@@ -292,8 +299,8 @@ class Model:
         rank, epoch, T = int(a["rank"]), int(a["epoch"]), int(a["num_tokens"])
         if ptr(a["notify_out"]):  # num_worst_tokens: notify's verdict, as the kernel reads it
             v = mem(ptr(a["notify_out"]), 4 * K.get("EPK_HT_NOTIFY_OUT_WORDS")).view(np.int32)
-            sh = K.get("EPK_HT_NOTIFY_SHAPE")
-            if v[sh] or v[K.get("EPK_HT_NOTIFY_BAD_INDEX")] or not v[K.get("EPK_HT_NOTIFY_LAYOUT_OK")]:
+            sh = OUT["SHAPE"]
+            if v[sh] or v[OUT["BAD_INDEX"]] or not v[OUT["LAYOUT_OK"]]:
                 self.backends[rank].rt.error_record[:7] = [1, K.get("EPK_ERR_CODE_BAD_INDEX"), rank,
                                                            K.get("EPK_ERR_PHASE_HT_SHAPE"), max(int(v[sh]) - 1, 0),
                                                            int(v[sh + 2]), int(v[sh + 3])]  # fmt: skip

@@ -101,6 +101,25 @@ def test_dispatch_combine_cached_and_counting(model, n, rpn):
     _on_ranks(model, lambda b, g: S.run_inter_case(b, g, 24, 256, 8 * n, 4), n, rpn)
 
 
+@pytest.mark.parametrize("n,rpn", [(16, 8), (16, 4)])
+def test_more_than_eight_ranks(model, n, rpn):
+    """Real clusters' shape: 2 nodes of 8 GPUs (and 4 x 4): per-destination state by local index, the node map from
+    device arrays, notify entries for 16 sources."""
+    _on_ranks(model, lambda b, g: S.run_inter_case(b, g, 12, 128, 2 * n, 4), n, rpn, hidden=128)
+
+
+def test_sixteen_nodes_on_one_gpu_are_refused_not_deadlocked(model):
+    """16 ranks sharing one (fake, 132-SM) GPU as 16 nodes would need 16 x 33 blocks resident at once: the call
+    says so before launching (one rank per GPU, a real cluster's case, always fits)."""
+    from epkern.errors import ArgumentError
+
+    def body(b, g):
+        with pytest.raises(ArgumentError, match=r"dispatch: 16 ranks on this GPU x 33 blocks \(16 nodes need 33\)"):
+            S.run_inter_case(b, g, 4, 128, 32, 2, count=False)
+
+    _on_ranks(model, body, 16, 1, hidden=128)
+
+
 @pytest.mark.parametrize("routing", ["skewed", "empty_rank", "none"])
 def test_routings(model, routing):
     _on_ranks(model, lambda b, g: S.run_inter_case(b, g, 20, 256, 16, 4, routing), 4, 2)

@@ -20,19 +20,22 @@ from test_ll_routes_cpu import fake  # noqa: F401 - the fake-CuPy fixture
 H, K, E, T = 128, 2, 8, 6
 
 
-def test_node_map_packs_nodes_and_same_index_peers():
+def test_node_map_gives_nodes_and_same_index_peers():
     n = lay.nodes_of((0, 0, 1, 1), 1)
-    assert (n.num_nodes, n.per_node, n.node, n.peers) == (2, 2, 0, (1, 3))
-    assert n.node_of_rank == 0x1100 and n.peer_of_node == 0x31
-    n = lay.nodes_of((0, 1, 2, 3, 4, 5, 6, 7), 5)
+    assert (n.num_nodes, n.per_node, n.node, n.node_of, n.peers) == (2, 2, 0, (0, 0, 1, 1), (1, 3))
+    n = lay.nodes_of(tuple(range(8)), 5)
     assert n.peers == tuple(range(8)) and n.node == 5
-    assert n.node_of_rank == 0x76543210  # nibbles of at most 7: a positive int32
     n = lay.nodes_of((0, 1, 0, 1), 2)  # nodes need not be contiguous: local index = position among the node's ranks
     assert n.peers == (2, 3)
+    n = lay.nodes_of(tuple(r // 8 for r in range(16)), 11)  # 2 nodes of 8: rank 11 is index 3 of node 1
+    assert n.peers == (3, 11) and n.per_node == 8
+    assert lay.nodes_of(tuple(range(16)), 0).num_nodes == 16
     with pytest.raises(ArgumentError, match=r"same number of ranks on every node \(node 0: ranks \[0, 1, 2\]"):
         lay.nodes_of((0, 0, 0, 1), 0)
-    with pytest.raises(ArgumentError, match="up to 8 ranks"):
-        lay.nodes_of((0,) * 8 + (1,) * 8, 0)
+    with pytest.raises(ArgumentError, match="up to 8 ranks per node, 16 nodes and 128 ranks; got 9 per node"):
+        lay.nodes_of((0,) * 9 + (1,) * 9, 0)
+    with pytest.raises(ArgumentError, match="got 1 per node on 17 nodes"):
+        lay.nodes_of(tuple(range(17)), 0)
 
 
 def test_message_and_ring_layout():
@@ -111,7 +114,8 @@ def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake
         got = dict(zip(names, dispatch[5], strict=True))
         rings = lay.rings(area, 2, lay.dispatch_msg_bytes(K, 0, 2 * H), 0, "dispatch")
         assert (int(got["ring"]), int(got["chunk"]), int(got["ring_offset"])) == (rings.ring, rings.chunk, rings.offset)
-        assert (int(got["node_of_rank"]), int(got["peer_of_node"])) == (nodes.node_of_rank, nodes.peer_of_node)
+        assert [int(v) for v in got["node_of"]._a] == list(nodes.node_of)  # the node map as device arrays
+        assert [int(v) for v in got["peer_of_node"]._a] == list(nodes.peers)
         assert int(got["qps"]) == inter.transport.table_ptr and int(got["area_offset"]) == rt.ht_area_offset
         assert dispatch[3][0] >= 2 * 2 + 1 and dispatch[2]["EPK_NUM_NODES"] == 2  # a sender and forwarder per node
         assert dispatch[2]["EPK_MIN_BLOCKS"] >= 2  # every rank's blocks resident at once (HtInter.blocks_per_sm)

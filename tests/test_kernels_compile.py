@@ -109,7 +109,7 @@ RDMA = dict(EPK_THREADS=512, EPK_LL_NIC=3)  # ... with an RDMA route (GPU-writte
 
 SPECIMENS = {
     "ht_notify.cu": [dict(EPK_NUM_RANKS=8), dict(EPK_NUM_RANKS=1)],
-    "ht_inter_notify.cu": _rows("ht_inter_notify.cu", (8, 2), (8, 4), (8, 8), (2, 2), (6, 3)),
+    "ht_inter_notify.cu": _rows("ht_inter_notify.cu", (8, 2), (8, 4), (8, 8), (2, 2), (6, 3), (16, 2), (128, 16)),
     # (ranks, nodes, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, unroll): the
     # issue's 2 x 4 BF16 shape, FP8 on 4 x 2, cached on 8 x 1, the smallest
     "ht_inter_dispatch.cu": _rows(
@@ -119,10 +119,17 @@ SPECIMENS = {
         (8, 8, 8, 14336, 0, 32, 0, 256, 2, 4),
         (8, 8, 8, 14336, 0, 32, 1, 256, 2, 4),
         (2, 2, 1, 16, 0, 1, 1, 128, 1, 1),
+        (16, 2, 8, 14336, 0, 16, 1, 256, 2, 4),  # 2 nodes of 8
+        (128, 16, 8, 7168, 56, 2, 1, 256, 2, 4),  # the limits
     ),
     # (ranks, nodes, top-k, hidden, weights, threads, min blocks)
     "ht_inter_combine.cu": _rows(
-        "ht_inter_combine.cu", (8, 2, 8, 7168, 1, 256, 2), (8, 8, 8, 7168, 0, 256, 2), (2, 2, 1, 8, 1, 128, 1)
+        "ht_inter_combine.cu",
+        (8, 2, 8, 7168, 1, 256, 2),
+        (8, 8, 8, 7168, 0, 256, 2),
+        (2, 2, 1, 8, 1, 128, 1),
+        (16, 2, 8, 7168, 1, 256, 2),
+        (128, 16, 8, 7168, 1, 256, 2),
     ),
     # (ranks, top-k, row bytes, scale columns, local experts, with meta, threads, min blocks, probe, unroll)
     "ht_dispatch.cu": _rows(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .. import api_checks
 from ..errors import ArgumentError
+from . import ht_inter_layout
 from .ht import HtEngine
 from .ll import prepared
 from .ll import routes as ll_routes
@@ -38,8 +39,12 @@ class GpuBackend:
                 "an RDMA area; expected num_rdma_bytes > 0 (Config.get_rdma_buffer_size_hint with num_nodes), got "
                 f"{options.num_rdma_bytes}"
             )
-        if group.size > MAX_RANKS:
-            raise ArgumentError(f"group: intranode kernels support up to {MAX_RANKS} ranks, got {group.size}")
+        # Across nodes the HT kernels reach only the ranks of their own node over IPC (at most 8; ht_inter_layout.py
+        # checks the node map); everything else is limited by the intranode and LL peer tables.
+        most = ht_inter_layout.MAX_RANKS if ht_across and not options.low_latency_mode else MAX_RANKS
+        if group.size > most:
+            what = "HT across nodes supports" if most != MAX_RANKS else "intranode and low-latency kernels support"
+            raise ArgumentError(f"group: {what} up to {most} ranks, got {group.size}")
         tuning = options.tuning or Tuning()
         self.rt = Runtime(
             group,

@@ -56,22 +56,22 @@ _SHAPE_FIELDS = (
 )
 
 
-def refuse_mismatched_calls(host_out, topk: int, rank: int) -> None:
+def refuse_mismatched_calls(host_out, topk: int, rank: int, shape_at=_NOTIFY_SHAPE, bad_at=_NOTIFY_BAD) -> None:
     """What ht_notify found before any row moved: this rank's topk_idx entry outside [-1, num_experts), or a peer
     whose call differs from this one in a shape (then every rank of the group refuses the same call, and the
-    Buffer stays usable)."""
-    bad = int(host_out[_NOTIFY_BAD])
+    Buffer stays usable). ``shape_at`` / ``bad_at``: where the notify kernel wrote them (across nodes: its own)."""
+    bad = int(host_out[bad_at])
     if bad:
         t, k = divmod(bad - 1, topk)
         raise ArgumentError(
-            f"topk_idx: entry [{t}, {k}] = {int(host_out[_NOTIFY_BAD + 1])} is outside [-1, num_experts) "
+            f"topk_idx: entry [{t}, {k}] = {int(host_out[bad_at + 1])} is outside [-1, num_experts) "
             "(every rank refuses this dispatch)"
         )
-    peer = int(host_out[_NOTIFY_SHAPE]) - 1
+    peer = int(host_out[shape_at]) - 1
     if peer >= 0:
-        field = int(host_out[_NOTIFY_SHAPE + 1])
+        field = int(host_out[shape_at + 1])
         arg, what = _SHAPE_FIELDS[field]
-        theirs, mine = int(host_out[_NOTIFY_SHAPE + 2]), int(host_out[_NOTIFY_SHAPE + 3])
+        theirs, mine = int(host_out[shape_at + 2]), int(host_out[shape_at + 3])
         raise ArgumentError(
             f"{arg}: rank {rank}'s dispatch differs from rank {peer}'s in {what}: {mine} here, {theirs} there; "
             "every rank must dispatch with the same hidden size, dtype, top-k and experts (every rank refuses it)"

@@ -32,8 +32,9 @@ from .ht import HtHandle, dispatch_outputs, refuse_mismatched_calls
 from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA
 
-_INTER = K.get("EPK_HT_NOTIFY_INTER")
-_LAYOUT_OK = K.get("EPK_HT_NOTIFY_LAYOUT_OK")
+_OUT_EXPERTS, _OUT_SHAPE = K.get("EPK_HT_INTER_OUT_EXPERTS"), K.get("EPK_HT_INTER_OUT_SHAPE")
+_OUT_BAD, _OUT_NODES = K.get("EPK_HT_INTER_OUT_BAD_INDEX"), K.get("EPK_HT_INTER_OUT_NODES")
+_OUT_LAYOUT_OK = K.get("EPK_HT_INTER_OUT_LAYOUT_OK")
 MAX_NODES = lay.MAX_NODES
 THREADS = 256  # per block of the dispatch and combine kernels across nodes (HtInter.blocks_per_sm)
 
@@ -59,6 +60,11 @@ class HtInter:
         self.rt = rt
         node_of = tuple(rt.group.node_of_rank)
         self.nodes = lay.nodes_of(node_of, rt.rank)
+        import cupy
+
+        with cupy.cuda.Device(rt.device):  # the node map as the kernels read it (ht_inter.cuh load_nodes)
+            self.node_of = cupy.asarray(np.asarray(self.nodes.node_of, dtype=np.int32))
+            self.peer_of_node = cupy.asarray(np.asarray(self.nodes.peers, dtype=np.int32))
         routes = [ROUTE_IPC if node_of[p] == node_of[rt.rank] else ROUTE_RDMA for p in range(rt.num_ranks)]
         make = transport_factory or RdmaTransport
         # Every chunk's tail and every credit is signaled (the LL route signals once per call and peer): a CQ as
@@ -72,6 +78,20 @@ class HtInter:
     def min_blocks(self) -> int:
         """A sender and a forwarder block per node, and at least one copier (ht_inter_dispatch.cu)."""
         return 2 * self.nodes.num_nodes + 1
+
+    def grid(self, blocks: int, what: str) -> int:
+        """Blocks of a dispatch / combine launch: ArgumentError when the ranks sharing this GPU could not all be
+        resident at once (two THREADS-wide blocks per SM are guaranteed: HtInter.blocks_per_sm), since their blocks
+        wait on each other (one rank per GPU always fits: 2 x 16 + 1 blocks)."""
+        blocks = max(blocks, self.min_blocks())
+        rt = self.rt
+        if rt.ranks_per_gpu * blocks > 2 * rt.num_device_sms:
+            raise ArgumentError(
+                f"{what}: {rt.ranks_per_gpu} ranks on this GPU x {blocks} blocks ({self.nodes.num_nodes} nodes need "
+                f"{self.min_blocks()}) exceed the {2 * rt.num_device_sms} that can be resident at once; use fewer "
+                "virtual nodes or fewer ranks per GPU"
+            )
+        return blocks
 
     @staticmethod
     def blocks_per_sm(tun) -> int:
@@ -95,14 +115,14 @@ class HtInter:
             rdma = as_device_array(rdma, "num_tokens_per_rdma_rank")
             check_array(rdma, "num_tokens_per_rdma_rank", dtypes=(np.int32,), shape=(N,), device=rt.device)
         rings = lay.rings(rt.ht_area_bytes, N, lay.dispatch_msg_bytes(topk, scale_cols, row_bytes), 0, "dispatch")
-        blocks = max(a.blocks, self.min_blocks())
+        blocks = self.grid(a.blocks, "dispatch")
         tun = engine.tuning
         common = dict(
             peers=rt.peer_table,
             area_offset=rt.ht_area_offset,
             qps=self.transport.table_ptr,
-            node_of_rank=self.nodes.node_of_rank,
-            peer_of_node=self.nodes.peer_of_node,
+            node_of=self.node_of,
+            peer_of_node=self.peer_of_node,
         )
         compute = rt.begin(a.previous_event, a.async_finish, a.allocate_on_comm_stream)
         with rt.on_comm_stream():
@@ -150,17 +170,17 @@ class HtInter:
                     fwd_cap = self.nodes.per_node * a.num_worst_tokens
                 else:
                     rt.wait_host_word(rt.notify_out, epoch, "dispatch notify")
-                    if not int(rt.notify_out[_LAYOUT_OK]):
+                    if not int(rt.notify_out[_OUT_LAYOUT_OK]):
                         raise ArgumentError(
                             "num_tokens_per_rdma_rank: differs from the tokens per node that is_token_in_rank gives "
                             "(every rank refuses this dispatch)"
                         )
-                    refuse_mismatched_calls(rt.notify_out, topk, rt.rank)
+                    refuse_mismatched_calls(rt.notify_out, topk, rt.rank, _OUT_SHAPE, _OUT_BAD)
                     num_recv = int(rt.notify_out[1])
-                    raw = rt.notify_out[2 + R : 2 + R + E // R].astype(np.int64)
+                    raw = rt.notify_out[_OUT_EXPERTS : _OUT_EXPERTS + E // R].astype(np.int64)
                     per_expert = (-(-raw // a.expert_alignment) * a.expert_alignment).tolist()
                     out_rows = num_recv
-                    fwd_cap = int(rt.notify_out[_INTER + MAX_NODES : _INTER + MAX_NODES + N].max())
+                    fwd_cap = int(rt.notify_out[_OUT_NODES + MAX_NODES : _OUT_NODES + MAX_NODES + N].max())
                 fwd_cap = max(fwd_cap, 1)
                 fwd_slots = cupy.empty((N, fwd_cap, lay.SLOTS_PER_MSG), dtype=np.int32)
                 is_token_in_rank = a.is_token_in_rank
@@ -242,6 +262,7 @@ class HtInter:
         T, K, hidden = handle.num_tokens, handle.topk, x.shape[1]
         msg = lay.combine_msg_bytes(K, hidden)
         rings = lay.rings(rt.ht_area_bytes, N, msg, 1, "combine")
+        grid = self.grid(blocks, "combine")
         tun = engine.tuning
         compute = rt.begin(previous_event, async_finish, on_comm)
         with rt.on_comm_stream():
@@ -278,8 +299,8 @@ class HtInter:
                 peers=rt.peer_table,
                 area_offset=rt.ht_area_offset,
                 qps=self.transport.table_ptr,
-                node_of_rank=self.nodes.node_of_rank,
-                peer_of_node=self.nodes.peer_of_node,
+                node_of=self.node_of,
+                peer_of_node=self.peer_of_node,
                 ring_offset=rings.offset,
                 ring=rings.ring,
                 chunk=rings.chunk,
@@ -290,7 +311,7 @@ class HtInter:
                 ticket=rt.tickets.data.ptr + 4,
                 **rt.deadline(),
             )
-            rt.launch(HT_INTER_COMBINE, defines, max(blocks, self.min_blocks()), THREADS, args)
+            rt.launch(HT_INTER_COMBINE, defines, grid, THREADS, args)
         event = rt.end(compute, async_finish)
         del keep, scratch, copied  # the stream orders their reuse after the kernel
         return out, out_w, event

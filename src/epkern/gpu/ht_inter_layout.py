@@ -12,30 +12,31 @@ from ..errors import ArgumentError
 HEADER_BYTES = K.get("EPK_HT_INTER_HEADER_BYTES")  # inter::Area: words and notify entries
 MSG_HEADER = K.get("EPK_HT_INTER_MSG_HEADER")
 SLOTS_PER_MSG = 8  # inter::kSlotsPerMsg: a row slot per rank of the destination node
-MAX_NODES = K.get("EPK_HT_MAX_PEERS")
+MAX_NODES = K.get("EPK_HT_INTER_MAX_NODES")
 CHUNK = 32  # messages per WRITE of a stream (ht_stream.cuh send_chunk); at most the ring
 MIN_RING = 2  # a ring smaller than this cannot hold a chunk and the next one's first message
 
 
+MAX_RANKS = K.get("EPK_HT_INTER_MAX_RANKS")
+PER_NODE = K.get("EPK_HT_MAX_PEERS")  # ranks of one node at most (IPC, HtCtrl by local index)
+
+
 @dataclass(frozen=True)
 class Nodes:
-    """The group's node map as the kernels take it (ht_inter.cuh ``Nodes``): nibble r of ``node_of_rank`` is rank
-    r's node; nibble n of ``peer_of_node`` is the rank of node n with this rank's local index."""
+    """The group's node map as the kernels take it (ht_inter.cuh ``Nodes``, from two device int arrays): the node of
+    every rank, and the rank of every node with this rank's local index (this rank for its own node)."""
 
     num_nodes: int
     per_node: int
     node: int  # this rank's
-    node_of_rank: int
-    peer_of_node: int
-    peers: tuple[int, ...]  # the rank of each node with this rank's local index (this rank for its own node)
+    node_of: tuple[int, ...]
+    peers: tuple[int, ...]
 
 
 def nodes_of(node_of_rank: tuple[int, ...], rank: int) -> Nodes:
     """ArgumentError unless every node holds the same number of ranks (a token crosses to the rank with its
-    source's local index: every node must have one) and there are at most 8 ranks (the nibbles)."""
+    source's local index: every node must have one), at most 8 of them, on at most 16 nodes (128 ranks)."""
     R = len(node_of_rank)
-    if R > 8:
-        raise ArgumentError(f"group: HT across nodes supports up to 8 ranks, got {R}")
     N = max(node_of_rank) + 1
     members = [[r for r in range(R) if node_of_rank[r] == n] for n in range(N)]
     sizes = {len(m) for m in members}
@@ -45,11 +46,14 @@ def nodes_of(node_of_rank: tuple[int, ...], rank: int) -> Nodes:
             f"group: HT across nodes needs the same number of ranks on every node ({shown}); a token crosses the "
             "network to the rank with its source's local index on each node"
         )
+    if len(members[0]) > PER_NODE or N > MAX_NODES or R > MAX_RANKS:
+        raise ArgumentError(
+            f"group: HT across nodes supports up to {PER_NODE} ranks per node, {MAX_NODES} nodes and {MAX_RANKS} "
+            f"ranks; got {len(members[0])} per node on {N} nodes ({R} ranks)"
+        )
     local = members[node_of_rank[rank]].index(rank)
     peers = tuple(members[n][local] for n in range(N))
-    packed_nodes = sum(node_of_rank[r] << (4 * r) for r in range(R))
-    packed_peers = sum(peers[n] << (4 * n) for n in range(N))
-    return Nodes(N, len(members[0]), node_of_rank[rank], packed_nodes, packed_peers, peers)  # nibbles <= 7: >= 0
+    return Nodes(N, len(members[0]), node_of_rank[rank], tuple(node_of_rank), peers)
 
 
 def dispatch_meta_bytes(topk: int, scale_cols: int) -> int:

@@ -103,7 +103,7 @@ HT_INTER_NOTIFY = KernelSpec(  # across nodes (issue #18)
     _args(
         *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
         *("num_tokens_per_rdma_rank:ptr", "num_tokens_per_expert:ptr", "is_token_in_rank:ptr", "peers:ptr"),
-        *("area_offset:i64", "qps:ptr", "node_of_rank:i32", "peer_of_node:i32", "rank_prefix_matrix:ptr"),
+        *("area_offset:i64", "qps:ptr", "node_of:ptr", "peer_of_node:ptr", "rank_prefix_matrix:ptr"),
         *("send_slot:ptr", "node_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "topk_idx:ptr", "topk:i32"),
         *("num_experts:i32", "row_bytes:i32", "scale_cols:i32", "host_out:ptr", *_DEADLINE),
     ),
@@ -133,7 +133,7 @@ HT_INTER_DISPATCH = KernelSpec(  # across nodes (issue #18)
     _args(
         *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
         *("topk_weights:ptr", "send_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "fwd_slots:ptr", "fwd_cap:i32"),
-        *("notify_out:ptr", "peers:ptr", "area_offset:i64", "qps:ptr", "node_of_rank:i32", "peer_of_node:i32"),
+        *("notify_out:ptr", "peers:ptr", "area_offset:i64", "qps:ptr", "node_of:ptr", "peer_of_node:ptr"),
         "ring_offset:i64",
         *("ring:i32", "chunk:i32"),
         *("out_x:i64", "out_scales:i64", "out_idx:i64", "out_weights:i64", "out_src:i64", "out_rows:i32"),
@@ -148,7 +148,7 @@ HT_INTER_COMBINE = KernelSpec(  # across nodes (issue #18)
     _args(
         *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "in_x:i64", "in_weights:i64", "send_slot:ptr"),
         *("node_slot:ptr", "fwd_slots:ptr", "fwd_cap:i32", "node_counts:ptr", "bias0:ptr", "bias1:ptr", "peers:ptr"),
-        *("area_offset:i64", "qps:ptr", "node_of_rank:i32", "peer_of_node:i32", "ring_offset:i64", "ring:i32"),
+        *("area_offset:i64", "qps:ptr", "node_of:ptr", "peer_of_node:ptr", "ring_offset:i64", "ring:i32"),
         *("chunk:i32", "scratch:ptr", "copied:ptr", "out_x:ptr", "out_weights:ptr", "ticket:ptr", *_DEADLINE),
     ),
 )
