@@ -72,3 +72,9 @@ def test_an_absent_remote_rank_makes_the_others_raise_within_the_deadline():
 
     _run(8, 4, body, buffer_timeout_s=3)
     assert len(took) == 7 and max(took) < 3 + 5, took
+
+
+@pytest.mark.parametrize("ranks_per_node", [8, 4])
+def test_sixteen_ranks(ranks_per_node):
+    """2 nodes of 8 (the shape of a real two-node cluster) and 4 of 4, as 16 in-process ranks on one GPU."""
+    _run(16, ranks_per_node, lambda b, g: S.run_inter_case(b, g, 64, 2048, 64, 4), timeout_s=600)
