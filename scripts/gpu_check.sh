@@ -120,9 +120,11 @@ if has bench; then
 fi
 if has htinterbench; then
   # Issue #18: HT across 2 virtual nodes of 4 (8 MPS processes, the emulated NIC) beside the same run as one node of
-  # 8; network bytes against the minimum. HTINTER_TOKENS (default 4096; the emulated NIC is slow: try 512 first).
+  # 8; network bytes against the minimum. HTINTER_TOKENS (default 4096; the emulated NIC is slow: try 512 first),
+  # HTINTER_NP (processes, default 8; 16 with HTINTER_RPN="8" for two nodes of 8), HTINTER_RPN (default "4 0").
   for rpn in ${HTINTER_RPN:-4 0}; do
-    timeout "${HTINTER_TIMEOUT:-300}" "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens "${HTINTER_TOKENS:-4096}" \
+    timeout "${HTINTER_TIMEOUT:-300}" "${MPIRUN[@]}" -n "${HTINTER_NP:-8}" python3 bench/bench_ht.py \
+      --tokens "${HTINTER_TOKENS:-4096}" \
       --iters "${HTINTER_ITERS:-5}" --ranks-per-node "$rpn" --json "$OUT/bench_ht_inter_rpn${rpn}.json" 2>&1 |
       tee "$OUT/bench_ht_inter_rpn${rpn}.log" | tail -16
     note "htinterbench rpn=$rpn rc=${PIPESTATUS[0]}: $(grep -m1 'network:' "$OUT/bench_ht_inter_rpn${rpn}.log")"
