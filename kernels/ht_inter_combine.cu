@@ -89,29 +89,25 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const epk::inter::Rings rings{ring_offset, ring, kMsgBytes};
 
   // 1. Tell the ranks of this node where my inputs are (block 0; HtCtrl entries by local index); every block that
-  //    pulls rows learns theirs.
+  //    pulls rows learns theirs (receivers pull none: they skip the wait).
   const long long my_base = static_cast<long long>(peers[rank]);
-  if (blockIdx.x == 0 && tid < L) {
-    epk::HtCtrl *peer = epk::ctrl_of(peers, nodes.local(tid));
-    peer->combine_addr[p][me][kInX] = in_x - my_base;
-    peer->combine_addr[p][me][kInWeights] = in_weights - my_base;
-    epk::publish(&peer->combine_addr_flag[p][me], epoch);
-  }
+  const long long mine_in[kNumIns] = {in_x - my_base, in_weights - my_base};
+  epk::send_entries<kSlots>(
+      peers, epoch, mine_in, [&](epk::HtCtrl *c) { return c->combine_addr[p][me]; },
+      [&](epk::HtCtrl *c) { return &c->combine_addr_flag[p][me]; }, [&](int j) { return j < L ? nodes.local(j) : -1; });
   const int role_node = blockIdx.x < kNodes ? blockIdx.x : blockIdx.x - kNodes;
   const bool forwarder = blockIdx.x < kNodes && role_node != my_node;
   const bool receiver = blockIdx.x >= kNodes && blockIdx.x < 2 * kNodes && role_node != my_node;
   const bool reducer = blockIdx.x >= 2 * kNodes;
-  if (!receiver && tid < L) {
-    const int j = tid, d = nodes.local(j);
-    if (epk::wait_reached(&ctrl->combine_addr_flag[p][j], epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_ADDRS, d)) {
-      for (int o = 0; o < kNumIns; ++o)
-        s_src[j][o] = reinterpret_cast<const char *>(peers[d] + ctrl->combine_addr[p][j][o]);
-    } else {
-      s_failed = true;
-    }
-  }
-  __syncthreads();
-  if (s_failed) return;
+  const bool ok = epk::receive_entries<kSlots>(
+      ctrl, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_ADDRS,
+      [&](epk::HtCtrl *c, int j) { return &c->combine_addr_flag[p][j]; },
+      [&](int j) {
+        for (int o = 0; o < kNumIns; ++o)
+          s_src[j][o] = reinterpret_cast<const char *>(peers[nodes.local(j)] + ctrl->combine_addr[p][j][o]);
+      },
+      [&](int j) { return !receiver && j < L ? nodes.local(j) : -1; });
+  if (!ok) return;
   // The float32 sum from +0.0, local indices ascending (= ranks ascending), of the returned rows (weights) at
   // `slots` (by local index; -1: none): one node's partial.
   auto partial_row = [&](const int (&slots)[kSlots], int v, float (&part)[8]) {

@@ -138,34 +138,30 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
   const epk::inter::Rings rings{ring_offset, ring, kMsgBytes};
 
   // 1. Tell the ranks of this node where my outputs are (block 0; HtCtrl entries by local index); every block that
-  //    writes rows learns theirs.
+  //    writes rows learns theirs (senders write none: they skip the wait).
   const long long my_base = static_cast<long long>(peers[rank]);
-  if (blockIdx.x == 0 && tid < L) {
-    epk::HtCtrl *peer = epk::ctrl_of(peers, nodes.local(tid));
-    const long long mine_out[kNumOuts + 2] = {
-        out_x - my_base, out_scales - my_base, out_idx - my_base, out_weights - my_base, out_src - my_base, out_rows,
-        kShape};
-#pragma unroll
-    for (int i = 0; i < kNumOuts + 2; ++i) peer->dispatch_addr[p][me][i] = mine_out[i];
-    epk::publish(&peer->dispatch_addr_flag[p][me], epoch);
-  }
+  const long long mine_out[kNumOuts + 2] = {
+      out_x - my_base, out_scales - my_base, out_idx - my_base, out_weights - my_base, out_src - my_base, out_rows,
+      kShape};
+  epk::send_entries<kL>(
+      peers, epoch, mine_out, [&](epk::HtCtrl *c) { return c->dispatch_addr[p][me]; },
+      [&](epk::HtCtrl *c) { return &c->dispatch_addr_flag[p][me]; },
+      [&](int j) { return j < L ? nodes.local(j) : -1; });
   const int role_node = blockIdx.x < kNodes ? blockIdx.x : blockIdx.x - kNodes;
   const bool sender = blockIdx.x < kNodes && role_node != my_node;
   const bool forwarder = blockIdx.x >= kNodes && blockIdx.x < 2 * kNodes && role_node != my_node;
   const bool copier = blockIdx.x >= 2 * kNodes;
-  if (!sender && tid < L) {
-    const int j = tid, d = nodes.local(j);
-    if (epk::wait_reached(&ctrl->dispatch_addr_flag[p][j], epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_ADDRS, d)) {
-      for (int o = 0; o < kNumOuts; ++o)
-        s_dst[j][o] = reinterpret_cast<char *>(peers[d] + ctrl->dispatch_addr[p][j][o]);
-      s_rows[j] = static_cast<int>(ctrl->dispatch_addr[p][j][kOutRows]);
-      s_same[j] = ctrl->dispatch_addr[p][j][kOutShape] == kShape;
-    } else {
-      s_failed = true;
-    }
-  }
-  __syncthreads();
-  if (s_failed) return;
+  const bool ok = epk::receive_entries<kL>(
+      ctrl, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_ADDRS,
+      [&](epk::HtCtrl *c, int j) { return &c->dispatch_addr_flag[p][j]; },
+      [&](int j) {
+        for (int o = 0; o < kNumOuts; ++o)
+          s_dst[j][o] = reinterpret_cast<char *>(peers[nodes.local(j)] + ctrl->dispatch_addr[p][j][o]);
+        s_rows[j] = static_cast<int>(ctrl->dispatch_addr[p][j][kOutRows]);
+        s_same[j] = ctrl->dispatch_addr[p][j][kOutShape] == kShape;
+      },
+      [&](int j) { return !sender && j < L ? nodes.local(j) : -1; });
+  if (!ok) return;
 
   // The row slot at this node's local index j after the checks of ht_dispatch.cu (its call's shapes, its output
   // rows); -1: skip it.

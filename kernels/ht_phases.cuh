@@ -27,15 +27,22 @@ EPK_DEVICE void probe(int point) {
 #endif
 }
 
-// Entry and flag selectors are lambdas over a peer's HtCtrl.
+// Entry and flag selectors are lambdas over a peer's HtCtrl. `rank_of(d)`, in all three phases below: the rank that
+// index d of the entries and flags stands for (-1: none). Within one node, rank d itself (the default); across
+// nodes, this node's ranks by local index (HtCtrl holds at most kMaxPeers of them).
+struct SameRank {
+  EPK_DEVICE int operator()(int d) const { return d; }
+};
 
 // Block 0 writes this rank's `n` values (addresses relative to its own region base, so each peer adds its
 // own mapping of that region) into every peer's entry, then publishes the peer's flag.
-template <int kRanks, int N, typename EntryOf, typename FlagOf>
+template <int kRanks, int N, typename EntryOf, typename FlagOf, typename RankOf = SameRank>
 EPK_DEVICE void send_entries(const unsigned long long *peers, int epoch, const long long (&values)[N], EntryOf entry_of,
-                             FlagOf flag_of) {
+                             FlagOf flag_of, RankOf rank_of = {}) {
   if (blockIdx.x != 0 || threadIdx.x >= kRanks) return;
-  HtCtrl *peer = ctrl_of(peers, threadIdx.x);
+  const int r = rank_of(threadIdx.x);
+  if (r < 0) return;
+  HtCtrl *peer = ctrl_of(peers, r);
   long long *entry = entry_of(peer);
 #pragma unroll
   for (int i = 0; i < N; ++i) entry[i] = values[i];
@@ -44,31 +51,28 @@ EPK_DEVICE void send_entries(const unsigned long long *peers, int epoch, const l
 
 // Every block: thread d < kRanks waits for peer d's flag in my control area and hands the peer's entry
 // to `take(d, entry)`. False in every thread (after one record of the error) if any wait expired.
-template <int kRanks, typename FlagOf, typename Take>
-EPK_DEVICE bool receive_entries(HtCtrl *mine, int epoch, const Deadline &deadline, int phase, FlagOf flag_of,
-                                Take take) {
+template <int kRanks, typename FlagOf, typename Take, typename RankOf = SameRank>
+EPK_DEVICE bool receive_entries(HtCtrl *mine, int epoch, const Deadline &deadline, int phase, FlagOf flag_of, Take take,
+                                RankOf rank_of = {}) {
   __shared__ bool s_failed;
   if (threadIdx.x == 0) s_failed = false;
   __syncthreads();
   const int d = threadIdx.x;
   if (d < kRanks) {
-    if (wait_reached(flag_of(mine, d), epoch, deadline, phase, d))
-      take(d);
-    else
-      s_failed = true;
+    const int r = rank_of(d);
+    if (r >= 0) {
+      if (wait_reached(flag_of(mine, d), epoch, deadline, phase, r))
+        take(d);
+      else
+        s_failed = true;
+    }
   }
   __syncthreads();
   return !s_failed;
 }
 
-// finish_all's default map from a thread's index to the peer it serves: the same rank.
-struct SameRank {
-  EPK_DEVICE int operator()(int d) const { return d; }
-};
-
 // End of a copy kernel: the last block to finish tells every peer this rank is done (its flag in the peer's
 // control area) and waits until every peer has said the same in mine. The ticket is reset for the next call.
-// `rank_of(d)`: the rank whose flags index d names (-1: none); across nodes, the ranks of this node by local index.
 template <int kRanks, typename MyFlagAt, typename PeerFlagOf, typename RankOf = SameRank>
 EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, HtCtrl *mine, int epoch,
                            const Deadline &deadline, int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer,
