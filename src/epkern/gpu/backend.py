@@ -62,18 +62,18 @@ class GpuBackend:
         try:
             with cupy.cuda.Device(self.rt.device):
                 routes = None
+                if ht_across or self.rt.ll_bytes:  # this rank's NIC, and its maker when it is a real one
+                    nic = ll_routes.local_nic(group)
+                    real = ll_routes.real_nic(self.rt.rank, self.rt.device) if nic.kind == "mlx5" else None
                 if ht_across:
                     from .ht_inter import HtInter
 
-                    nic = ll_routes.local_nic(group)
-                    real = ll_routes.real_nic(self.rt.rank, self.rt.device) if nic.kind == "mlx5" else None
                     self.ht_inter = HtInter(self.rt, real_nic=real)
                 if self.rt.ll_bytes:
-                    nic = ll_routes.local_nic(group)
                     table = ll_routes.choose(group, options.hybrid, options.transport, nic)
                     routes = table[group.rank]
                     if ll_routes.needs_nic(table):
-                        self.nic_routes = _nic_transport(self.rt, table, routes, nic, options.num_proxy_threads)
+                        self.nic_routes = _nic_transport(self.rt, table, routes, real, options.num_proxy_threads)
                 self.ht = HtEngine(self.rt, tuning.ht)
                 self.ht.inter = self.ht_inter
                 self.ll = LLEngine(self.rt, tuning.ll, routes, self.nic_routes)
@@ -210,12 +210,11 @@ class GpuBackend:
         return prepared.prepare_combine(self.ll, call, args, kwargs)
 
 
-def _nic_transport(rt, table, routes, nic, num_proxy_threads: int):
+def _nic_transport(rt, table, routes, real_nic, num_proxy_threads: int):
     """The NIC side of this rank's NIC routes: one transport per Buffer (``transport=`` is the same everywhere, so the
-    table holds one NIC kind), with the error-record phases of its device waits; over a real NIC where ``nic`` (this
-    rank's NicInfo) is one."""
+    table holds one NIC kind), with the error-record phases of its device waits; over a real NIC where ``real_nic``
+    (its maker, routes.real_nic) is given."""
     kinds = {k for row in table for k in row}
-    real_nic = ll_routes.real_nic(rt.rank, rt.device) if nic.kind == "mlx5" else None
     if ll_routes.ROUTE_RDMA in kinds:
         from .ll.rdma import RDMA_PHASES as phases
         from .ll.rdma import RdmaTransport

@@ -78,6 +78,16 @@ def refuse_mismatched_calls(host_out, topk: int, rank: int, shape_at=_NOTIFY_SHA
         )
 
 
+def notify_result(
+    rt, topk, num_local_experts, expert_alignment, experts_at, shape_at=_NOTIFY_SHAPE, bad_at=_NOTIFY_BAD
+):
+    """Once a notify's host words are in (intranode or across nodes): refuse a call the ranks disagree on, and return
+    (rows received, per local expert the selections received rounded up to ``expert_alignment``)."""
+    refuse_mismatched_calls(rt.notify_out, topk, rt.rank, shape_at, bad_at)
+    raw = rt.notify_out[experts_at : experts_at + num_local_experts].astype(np.int64)
+    return int(rt.notify_out[1]), (-(-raw // expert_alignment) * expert_alignment).tolist()
+
+
 def refuse_capture(what: str) -> None:
     """HT calls are not capturable into a CUDA graph yet: their kernels take the call's epoch as an argument, so a
     replay would repeat it, every flag of the previous replay would already read as this one's, and a rank would
@@ -288,10 +298,7 @@ class HtEngine:
                     out_rows = num_worst_tokens
                 else:
                     rt.wait_host_word(rt.notify_out, notify_epoch, "dispatch notify")
-                    refuse_mismatched_calls(rt.notify_out, topk, rt.rank)
-                    num_recv = int(rt.notify_out[1])
-                    raw = rt.notify_out[2 + R : 2 + R + E_loc].astype(np.int64)
-                    per_expert = (-(-raw // expert_alignment) * expert_alignment).tolist()
+                    num_recv, per_expert = notify_result(rt, topk, E_loc, expert_alignment, 2 + R)
                     out_rows = num_recv
             else:
                 rank_prefix, send_slot, is_token_in_rank = (

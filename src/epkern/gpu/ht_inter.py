@@ -28,7 +28,7 @@ from .. import kernel_constants as K
 from .._validate import as_device_array, check_array
 from ..errors import ArgumentError
 from . import ht_inter_layout as lay
-from .ht import HtHandle, dispatch_outputs, refuse_mismatched_calls
+from .ht import HtHandle, dispatch_outputs, notify_result
 from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA
 
@@ -55,13 +55,13 @@ class HtInter:
     """HT across nodes for one rank of a Buffer: the node map and the RDMA transport over the HT area."""
 
     def __init__(self, rt, real_nic=None, transport_factory=None):
+        import cupy
+
         from .ll.rdma import RDMA_PHASES, RING_WQES, RdmaTransport
 
         self.rt = rt
         node_of = tuple(rt.group.node_of_rank)
         self.nodes = lay.nodes_of(node_of, rt.rank)
-        import cupy
-
         with cupy.cuda.Device(rt.device):  # the node map as the kernels read it (ht_inter.cuh load_nodes)
             self.node_of = cupy.asarray(np.asarray(self.nodes.node_of, dtype=np.int32))
             self.peer_of_node = cupy.asarray(np.asarray(self.nodes.peers, dtype=np.int32))
@@ -175,10 +175,9 @@ class HtInter:
                             "num_tokens_per_rdma_rank: differs from the tokens per node that is_token_in_rank gives "
                             "(every rank refuses this dispatch)"
                         )
-                    refuse_mismatched_calls(rt.notify_out, topk, rt.rank, _OUT_SHAPE, _OUT_BAD)
-                    num_recv = int(rt.notify_out[1])
-                    raw = rt.notify_out[_OUT_EXPERTS : _OUT_EXPERTS + E // R].astype(np.int64)
-                    per_expert = (-(-raw // a.expert_alignment) * a.expert_alignment).tolist()
+                    num_recv, per_expert = notify_result(
+                        rt, topk, E // R, a.expert_alignment, _OUT_EXPERTS, _OUT_SHAPE, _OUT_BAD
+                    )
                     out_rows = num_recv
                     fwd_cap = int(rt.notify_out[_OUT_NODES + MAX_NODES : _OUT_NODES + MAX_NODES + N].max())
                 fwd_cap = max(fwd_cap, 1)
