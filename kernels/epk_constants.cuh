@@ -16,12 +16,15 @@ constexpr int EPK_HT_NOTIFY_SHAPE = 2 + EPK_HT_MAX_PEERS + EPK_HT_MAX_LOCAL_EXPE
 constexpr int EPK_HT_NOTIFY_BAD_INDEX = EPK_HT_NOTIFY_SHAPE + 4;  // 1 + flat index of a bad topk_idx entry, its value
 constexpr int EPK_HT_NOTIFY_WORDS = EPK_HT_NOTIFY_BAD_INDEX + 2;
 constexpr int EPK_HT_SHAPE_FIELDS = 5;  // row bytes, top-k, FP8 scale columns, experts per rank, topk_idx valid
+// byte offset of HtCtrl::epoch_counter in the control area (ht_common.cuh): after the notify slots and the flags
+constexpr int EPK_HT_CTRL_COUNTER_AT =
+    4 * (2 * EPK_HT_MAX_PEERS * (1 + EPK_HT_MAX_PEERS + EPK_HT_MAX_LOCAL_EXPERTS + EPK_HT_SHAPE_FIELDS + 4));
 
 // ---- HT across nodes (issue #18; kernels/ht_inter.cuh) ----
 constexpr int EPK_HT_INTER_MAX_RANKS = 128;  // ranks of a group across nodes (at most EPK_HT_MAX_PEERS per node)
 constexpr int EPK_HT_INTER_MAX_NODES = 16;
 constexpr int EPK_HT_INTER_SHAPE_FIELDS = EPK_HT_SHAPE_FIELDS + 1;  // + num_tokens_per_rdma_rank consistent (1: yes)
-// ht_inter_notify's host words: [0] epoch, [1] rows received, [2, 2 + MAX_RANKS) rows from each source, then the
+// ht_inter_notify's host words: [0] the host's call number, [1] rows received, [2, 2 + MAX_RANKS) rows from each source, then the
 // selections per local expert, the shape check (4), the bad index (2), per node the messages sent then forwarded,
 // and whether num_tokens_per_rdma_rank agrees (1)
 constexpr int EPK_HT_INTER_OUT_EXPERTS = 2 + EPK_HT_INTER_MAX_RANKS;

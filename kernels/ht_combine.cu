@@ -50,13 +50,14 @@ static_assert(kRanks <= epk::kMaxPeers && kTopk <= 32, "at most 8 ranks and top-
 enum { kInX = 0, kInWeights, kNumIns };
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    epk_ht_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
+    epk_ht_combine(int dry_run, int rank, int call, int num_tokens, long long in_x, long long in_weights,
                    const int *__restrict__ send_slot, const int4 *__restrict__ bias0, const int4 *__restrict__ bias1,
                    const unsigned long long *__restrict__ peers, int4 *__restrict__ out_x,
                    float *__restrict__ out_weights, unsigned *ticket, epk::ErrorRecord *err,
                    unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
-  epk::mark_started(err, epoch);
+  epk::mark_started(err, call);
+  const int epoch = epk::begin_epoch(epk::ctrl_of(peers, rank));
   epk::probe(0);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -158,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // 3. Done reading peers' rows: tell them, and wait until every peer is done with mine.
   epk::finish_all<kRanks>(
-      ticket, peers, mine, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
-      [&](epk::HtCtrl *c) { return &c->combine_done[p][rank]; },
-      [&](epk::HtCtrl *c, int d) { return &c->combine_done[p][d]; });
+      ticket, peers, mine, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
+      [&](epk::HtCtrl *c, int q) { return &c->combine_done[q][rank]; },
+      [&](epk::HtCtrl *c, int d, int q) { return &c->combine_done[q][d]; });
 }

@@ -59,14 +59,15 @@ constexpr long long kShape = static_cast<long long>(EPK_ROW_BYTES) << 33 | stati
 static_assert(EPK_ROW_BYTES < (1 << 30) && kScaleCols < (1 << 16) && kLocalExperts <= 1024, "shape word fields");
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    epk_ht_dispatch(int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x,
+    epk_ht_dispatch(int dry_run, int rank, int call, int num_tokens, const int4 *__restrict__ x,
                     const float *__restrict__ x_scales, const int64_t *__restrict__ topk_idx,
                     const float *__restrict__ topk_weights, const bool *__restrict__ is_token_in_rank,
                     const int *__restrict__ send_slot, const unsigned long long *__restrict__ peers, long long out_x,
                     long long out_scales, long long out_idx, long long out_weights, long long out_src, int out_rows,
                     unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
-  epk::mark_started(err, epoch);
+  epk::mark_started(err, call);
+  const int epoch = epk::begin_epoch(epk::ctrl_of(peers, rank));
   epk::probe(0);
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -171,7 +172,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // 4. Tell every destination this rank is done; wait until every source is done with me.
   epk::finish_all<kRanks>(
-      ticket, peers, mine, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
-      [&](epk::HtCtrl *c) { return &c->dispatch_done[p][rank]; },
-      [&](epk::HtCtrl *c, int d) { return &c->dispatch_done[p][d]; });
+      ticket, peers, mine, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
+      [&](epk::HtCtrl *c, int q) { return &c->dispatch_done[q][rank]; },
+      [&](epk::HtCtrl *c, int d, int q) { return &c->dispatch_done[q][d]; });
 }

@@ -64,7 +64,7 @@ static_assert(kNodes >= 2 && kNodes <= epk::inter::kMaxNodes && kNodes <= kRanks
 enum { kInX = 0, kInWeights, kNumIns };
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    epk_ht_inter_combine(int dry_run, int rank, int epoch, int num_tokens, long long in_x, long long in_weights,
+    epk_ht_inter_combine(int dry_run, int rank, int call, int num_tokens, long long in_x, long long in_weights,
                          const int *__restrict__ send_slot, const int *__restrict__ node_slot,
                          const int *__restrict__ fwd_slots, int fwd_cap, const int *__restrict__ node_counts,
                          const int4 *__restrict__ bias0, const int4 *__restrict__ bias1,
@@ -74,7 +74,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
                          int4 *__restrict__ out_x, float *__restrict__ out_weights, unsigned *ticket,
                          epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
-  epk::mark_started(err, epoch);
+  epk::mark_started(err, call);
+  const int epoch = epk::begin_epoch(epk::ctrl_of(peers, rank));
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   __shared__ epk::inter::Nodes<kRanks, kNodes> nodes;
@@ -234,8 +235,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // 3. The last block: tell every rank of this node this rank is done reading its inputs; wait for each of them.
   epk::finish_all<kSlots>(
-      ticket, peers, ctrl, epoch, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
-      [&](epk::HtCtrl *c) { return &c->combine_done[p][me]; },
-      [&](epk::HtCtrl *c, int j) { return &c->combine_done[p][j]; },
+      ticket, peers, ctrl, deadline, EPK_ERR_PHASE_HT_COMBINE_DONE,
+      [&](epk::HtCtrl *c, int q) { return &c->combine_done[q][me]; },
+      [&](epk::HtCtrl *c, int j, int q) { return &c->combine_done[q][j]; },
       [&](int j) { return j < L ? nodes.local(j) : -1; });
 }

@@ -103,7 +103,7 @@ EPK_DEVICE void copy_row(const int4 *src, unsigned dests, const int (&slots)[kL]
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_dispatch(
-    int dry_run, int rank, int epoch, int num_tokens, const int4 *__restrict__ x, const float *__restrict__ x_scales,
+    int dry_run, int rank, int call, int num_tokens, const int4 *__restrict__ x, const float *__restrict__ x_scales,
     const int64_t *__restrict__ topk_idx, const float *__restrict__ topk_weights, const int *__restrict__ send_slot,
     const int *__restrict__ node_tokens, const int *__restrict__ node_counts, int *__restrict__ fwd_slots, int fwd_cap,
     const int *notify_out, const unsigned long long *__restrict__ peers, long long area_offset,
@@ -111,7 +111,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
     int ring, int chunk, long long out_x, long long out_scales, long long out_idx, long long out_weights,
     long long out_src, int out_rows, unsigned *ticket, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
-  epk::mark_started(err, epoch);
+  epk::mark_started(err, call);
+  const int epoch = epk::begin_epoch(epk::ctrl_of(peers, rank));
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   if (notify_out != nullptr) {  // num_worst_tokens: the host did not wait for notify's checks; every rank's verdict
@@ -319,8 +320,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
   // 3. The last block: tell every rank of this node this rank is done (its own rows and what it forwarded), then
   //    wait until each of them is.
   epk::finish_all<kL>(
-      ticket, peers, ctrl, epoch, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
-      [&](epk::HtCtrl *c) { return &c->dispatch_done[p][me]; },
-      [&](epk::HtCtrl *c, int j) { return &c->dispatch_done[p][j]; },
+      ticket, peers, ctrl, deadline, EPK_ERR_PHASE_HT_DISPATCH_DONE,
+      [&](epk::HtCtrl *c, int q) { return &c->dispatch_done[q][me]; },
+      [&](epk::HtCtrl *c, int j, int q) { return &c->dispatch_done[q][j]; },
       [&](int j) { return j < L ? nodes.local(j) : -1; });
 }

@@ -53,7 +53,7 @@ EPK_DEVICE bool member(const bool *is_token_in_rank, int num_tokens, int t, unsi
 // num_tokens_per_rdma_rank agrees. node_counts (device, the handle's): messages sent to node n at [n], forwarded from
 // node n at [kMaxNodes + n].
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    epk_ht_inter_notify(int dry_run, int rank, int epoch, int num_tokens, const int *__restrict__ num_tokens_per_rank,
+    epk_ht_inter_notify(int dry_run, int rank, int call, int num_tokens, const int *__restrict__ num_tokens_per_rank,
                         const int *__restrict__ num_tokens_per_rdma_rank, const int *__restrict__ num_tokens_per_expert,
                         const bool *__restrict__ is_token_in_rank, const unsigned long long *__restrict__ peers,
                         long long area_offset, const epk::inter::QpEntry *__restrict__ qps, const int *node_of,
@@ -63,7 +63,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
                         int *host_out, epk::ErrorRecord *err, unsigned long long timeout_ns) {
   if (dry_run) return;
   const int local_experts = num_experts / kRanks;  // checked by the host: a multiple of R, at most kMaxLocalExperts
-  epk::mark_started(err, epoch);
+  epk::mark_started(err, call);
+  const int epoch = epk::begin_epoch(epk::ctrl_of(peers, rank));
   const int p = epoch & 1;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   __shared__ Nodes nodes;
@@ -246,5 +247,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   // 5. Tell the host (if it is listening) that the counts are final.
   __threadfence_system();
   __syncthreads();
-  if (tid == 0 && host_out != nullptr) *reinterpret_cast<volatile int *>(host_out) = epoch;
+  if (tid == 0) {
+    epk::end_epoch(epk::ctrl_of(peers, rank), epoch);
+    if (host_out != nullptr) *reinterpret_cast<volatile int *>(host_out) = call;
+  }
 }

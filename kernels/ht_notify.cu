@@ -20,10 +20,10 @@ constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 static_assert(kRanks <= epk::kMaxPeers, "intranode HT supports up to 8 ranks");
 
-// host_out layout (int32): [0] epoch when complete, [1] rows received, [2, 2+R) rows from each source,
+// host_out layout (int32): [0] the host's call number when complete, [1] rows received, [2, 2+R) rows from each source,
 // [2+R, 2+R+E_loc) selections per local expert (not yet rounded to expert_alignment).
 extern "C" __global__ void __launch_bounds__(kThreads)
-    epk_ht_notify(int dry_run, int rank, int epoch, int num_tokens, const int *__restrict__ num_tokens_per_rank,
+    epk_ht_notify(int dry_run, int rank, int call, int num_tokens, const int *__restrict__ num_tokens_per_rank,
                   const int *__restrict__ num_tokens_per_expert, const bool *__restrict__ is_token_in_rank,
                   const unsigned long long *__restrict__ peers, int *__restrict__ rank_prefix_matrix,
                   int *__restrict__ send_slot, const int64_t *__restrict__ topk_idx, int topk, int num_experts,
@@ -31,7 +31,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   if (dry_run) return;  // first use: makes the driver load this kernel before any peer spins
   // The host checked num_experts (a multiple of R, at most kMaxLocalExperts per rank) before the launch.
   const int local_experts = num_experts / kRanks;
-  epk::mark_started(err, epoch);
+  epk::mark_started(err, call);
+  const int epoch = epk::begin_epoch(epk::ctrl_of(peers, rank));
   const int p = epoch & 1;
   const int tid = threadIdx.x;
   __shared__ int s_rows[kRanks][kRanks];
@@ -156,5 +157,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   // 5. Tell the host (if it is listening) that the counts are final.
   __threadfence_system();
   __syncthreads();
-  if (tid == 0 && host_out != nullptr) *reinterpret_cast<volatile int *>(host_out) = epoch;
+  if (tid == 0) {
+    epk::end_epoch(epk::ctrl_of(peers, rank), epoch);
+    if (host_out != nullptr) *reinterpret_cast<volatile int *>(host_out) = call;
+  }
 }

@@ -72,25 +72,30 @@ EPK_DEVICE bool receive_entries(HtCtrl *mine, int epoch, const Deadline &deadlin
 }
 
 // End of a copy kernel: the last block to finish tells every peer this rank is done (its flag in the peer's
-// control area) and waits until every peer has said the same in mine. The ticket is reset for the next call.
+// control area) and waits until every peer has said the same in mine. The ticket is reset for the next call, and the
+// rank's epoch counter advanced (ht_common.cuh). The flag lambdas take the epoch's parity: the epoch is read again
+// here rather than kept in a register through the copy loop (the combine's 64-register budget).
 template <int kRanks, typename MyFlagAt, typename PeerFlagOf, typename RankOf = SameRank>
-EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, HtCtrl *mine, int epoch,
-                           const Deadline &deadline, int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer,
-                           RankOf rank_of = {}) {
+EPK_DEVICE void finish_all(unsigned *ticket, const unsigned long long *peers, HtCtrl *mine, const Deadline &deadline,
+                           int phase, MyFlagAt my_flag_at, PeerFlagOf flag_of_peer, RankOf rank_of = {}) {
   __shared__ bool s_last;
+  const int epoch = begin_epoch(mine);  // before this block's ticket, so before the last block advances it
   __threadfence_system();
   __syncthreads();
   probe(2);  // every warp of the block has finished its copies
   if (threadIdx.x == 0) s_last = atomic_add_acq_rel_gpu(ticket, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!s_last) return;
-  if (threadIdx.x == 0) atomicExch(ticket, 0u);
-  const int d = threadIdx.x;
+  if (threadIdx.x == 0) {
+    atomicExch(ticket, 0u);
+    end_epoch(mine, epoch);  // every block has read it: each took its ticket after
+  }
+  const int d = threadIdx.x, p = epoch & 1;
   if (d < kRanks) {
     const int r = rank_of(d);
     if (r >= 0) {
-      publish(my_flag_at(ctrl_of(peers, r)), epoch);
-      wait_reached(flag_of_peer(mine, d), epoch, deadline, phase, r);
+      publish(my_flag_at(ctrl_of(peers, r), p), epoch);
+      wait_reached(flag_of_peer(mine, d, p), epoch, deadline, phase, r);
     }
   }
   if constexpr (EPK_PROBE) {

@@ -187,10 +187,20 @@ class Stream:
 
     def record(self, event=None):
         self.recorded += 1
-        return event if event is not None else Event()
+        event = event if event is not None else Event()
+        event.capture = self._origin() if self.is_capturing() else None
+        return event
 
     def wait_event(self, event):
+        """As CUDA: waiting for an event recorded inside a capture joins this stream to that capture."""
         self.waits += 1
+        origin = getattr(event, "capture", None)
+        if origin is not None and origin is not self and origin.is_capturing():
+            self._capturing, self.captured, self.joined_to = True, origin.captured, origin
+            origin.joined.append(self)
+
+    def _origin(self):
+        return getattr(self, "joined_to", None) or self
 
     def use(self):
         _current.stream = self
@@ -209,9 +219,13 @@ class Stream:
     def begin_capture(self, mode=None):
         self._capturing = True
         self.captured = []
+        self.joined = []
 
     def end_capture(self):
         self._capturing = False
+        for other in self.joined:  # streams that joined the capture leave it with its end
+            other._capturing, other.joined_to = False, None
+        self.joined = []
         return Graph(self.captured)
 
     def __enter__(self):
@@ -297,13 +311,13 @@ def _array(arg):
 def emulate_ht_notify_one_rank(args):
     """What ht_notify leaves in host-mapped memory for a one-rank group: the rows this rank receives (its
     tokens in is_token_in_rank), the per-expert counts, the first topk_idx entry outside [-1, num_experts) (no peer
-    to differ from), then the call's epoch (written last, as the kernel)."""
+    to differ from), then the call's number (written last, as the kernel)."""
     from epkern import kernel_constants as K
     from epkern.gpu.kernels import HT_NOTIFY
 
     a = {name: args[HT_NOTIFY.index(name)] for name, _ in HT_NOTIFY.args}
-    epoch, in_rank, per_expert = (
-        int(a["epoch"]),
+    call, in_rank, per_expert = (
+        int(a["call"]),
         _array(a["is_token_in_rank"])._a,
         _array(a["num_tokens_per_expert"])._a,
     )
@@ -318,7 +332,7 @@ def emulate_ht_notify_one_rank(args):
     words[shape] = 0
     words[bad_at] = int(bad[0]) + 1 if len(bad) else 0
     words[bad_at + 1] = int(idx[bad[0]]) if len(bad) else 0
-    words[0] = epoch
+    words[0] = call
 
 
 @contextlib.contextmanager

@@ -161,7 +161,19 @@ class Model:
         return table
 
     def finish(self, epoch: int, kind: str, rank: int, ranks, phase: int) -> None:
+        self.end_epoch(rank, epoch)
         self.publish(epoch, kind + " done", rank, True, ranks, phase)
+
+    def counter(self, rank: int):
+        """ht_common.cuh's HtCtrl::epoch_counter of ``rank`` (its control area starts its region)."""
+        return ctypes.c_int32.from_address(self.backends[rank].rt.region.ptr + K.get("EPK_HT_CTRL_COUNTER_AT"))
+
+    def begin_epoch(self, rank: int) -> int:
+        """The kernel's epoch, as ht_common.cuh's begin_epoch: one more than the rank's last HT kernel's."""
+        return self.counter(rank).value + 1
+
+    def end_epoch(self, rank: int, epoch: int) -> None:
+        self.counter(rank).value = epoch
 
     def send_stream(self, rank, end: dict, credit: int, tail: int, stage) -> None:
         """ht_inter.cuh send_stream: ``end`` = area, rings (offset, ring, msg), n, my_node, peer, count, chunk, done
@@ -217,7 +229,8 @@ class Model:
     def notify(self, a, d):
         import fake_cupy as F
 
-        rank, epoch, T = int(a["rank"]), int(a["epoch"]), int(a["num_tokens"])
+        rank, T = int(a["rank"]), int(a["num_tokens"])
+        epoch = self.begin_epoch(rank)
         R, N = d["EPK_NUM_RANKS"], d["EPK_NUM_NODES"]
         node_of, peers, members = self.nodes(rank, d, a)
         me = node_of[rank]
@@ -289,14 +302,16 @@ class Model:
             col = in_rank[:, [r for r in range(R) if node_of[r] == n]].any(axis=1) if n != me else np.zeros(T, bool)
             node_slot[:, n] = np.where(col, np.cumsum(col) - 1, -1)
             node_tokens[n, : int(col.sum())] = np.flatnonzero(col)
-        host[0] = epoch
+        self.end_epoch(rank, epoch)
+        host[0] = int(a["call"])
 
     # ---- ht_inter_dispatch.cu ----
     @recorded
     def dispatch(self, a, d):
         import fake_cupy as F
 
-        rank, epoch, T = int(a["rank"]), int(a["epoch"]), int(a["num_tokens"])
+        rank, T = int(a["rank"]), int(a["num_tokens"])
+        epoch = self.begin_epoch(rank)
         if ptr(a["notify_out"]):  # num_worst_tokens: notify's verdict, as the kernel reads it
             v = mem(ptr(a["notify_out"]), 4 * K.get("EPK_HT_NOTIFY_OUT_WORDS")).view(np.int32)
             sh = OUT["SHAPE"]
@@ -400,7 +415,8 @@ class Model:
     def combine(self, a, d):
         import fake_cupy as F
 
-        rank, epoch, T = int(a["rank"]), int(a["epoch"]), int(a["num_tokens"])
+        rank, T = int(a["rank"]), int(a["num_tokens"])
+        epoch = self.begin_epoch(rank)
         R, N, topk, H = d["EPK_NUM_RANKS"], d["EPK_NUM_NODES"], d["EPK_TOPK"], d["EPK_HIDDEN"]
         has_w = bool(d["EPK_HAS_WEIGHTS"])
         node_of, peers, members = self.nodes(rank, d, a)

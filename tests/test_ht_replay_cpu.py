@@ -1,5 +1,5 @@
 """Replayed cached HT dispatch (epkern.gpu.ht_replay, issue #22 item 2) over the fake CuPy: a repeated cached
-dispatch launches what the full path launches for it (argument for argument, with the new x, epoch and outputs),
+dispatch launches what the full path launches for it (argument for argument, with the new x, call number and outputs),
 only when the call could not have been validated differently, and never with a dropped handle's pointers."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from epkern.gpu.kernels import HT_COMBINE, HT_DISPATCH
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 T, H, K, E = 64, 1024, 4, 8
-I_X, I_SCALES, I_EPOCH = HT_DISPATCH.index("x"), HT_DISPATCH.index("x_scales"), HT_DISPATCH.index("epoch")
+I_X, I_SCALES, I_CALL = HT_DISPATCH.index("x"), HT_DISPATCH.index("x_scales"), HT_DISPATCH.index("call")
 I_OUT_X, I_OUT_SCALES = HT_DISPATCH.index("out_x"), HT_DISPATCH.index("out_scales")
 
 
@@ -64,8 +64,8 @@ def test_a_repeated_cached_dispatch_launches_what_the_full_path_launches(fake, f
             per_call.update({I_SCALES: x[1].data.ptr, I_OUT_SCALES: out[0][1].data.ptr})
             assert out[0][1].shape == (T, H // 128) and out[0][1].dtype == np.float32
         for j, (u, v) in enumerate(zip(again[5], full[5], strict=True)):
-            if j == I_EPOCH:
-                assert F.addr(u) > F.addr(v)  # a new epoch per call
+            if j == I_CALL:
+                assert F.addr(u) > F.addr(v)  # a new call number per call
             elif j in per_call:
                 assert F.addr(u) == per_call[j]
             else:
@@ -129,7 +129,7 @@ def test_a_dropped_handle_is_never_replayed_and_not_kept(fake):
 
 
 I_IN_X, I_IN_W = HT_COMBINE.index("in_x"), HT_COMBINE.index("in_weights")
-I_C_EPOCH, I_C_OUT, I_C_OUT_W = HT_COMBINE.index("epoch"), HT_COMBINE.index("out_x"), HT_COMBINE.index("out_weights")
+I_C_CALL, I_C_OUT, I_C_OUT_W = HT_COMBINE.index("call"), HT_COMBINE.index("out_x"), HT_COMBINE.index("out_weights")
 I_BIAS0 = HT_COMBINE.index("bias0")
 
 
@@ -143,7 +143,7 @@ def _combine(buf, fake, y, handle, **kw):
 
 def test_a_repeated_combine_launches_what_the_full_path_launches(fake):
     """Expert outputs are fresh arrays every step (staged into the region between processes, as the full path
-    does): a combine like a validated one replays with the new staged input, weights, bias, epoch and outputs."""
+    does): a combine like a validated one replays with the new staged input, weights, bias, call number and outputs."""
     import cupy
 
     buf = F.fake_buffer()
@@ -168,7 +168,7 @@ def test_a_repeated_combine_launches_what_the_full_path_launches(fake):
         assert ht.replays == i and again[:5] == full[:5]
         assert out.shape == (T, H) and out_w.shape == (T, K)
         for j, (u, v) in enumerate(zip(again[5], full[5], strict=True)):
-            if j == I_C_EPOCH:
+            if j == I_C_CALL:
                 assert F.addr(u) > F.addr(v)
             elif j in (I_IN_X, I_IN_W):  # staged copies inside the shared region (y, w live outside it)
                 assert region[0] <= F.addr(u) < region[1] and F.addr(u) not in (y.data.ptr, w.data.ptr)

@@ -20,9 +20,9 @@ from .._validate import as_device_array, bias_list, check_array, check_int
 from ..config import Config
 from ..errors import ArgumentError
 from . import ht_replay
+from .capture import capturing
 from .kernels import HT_COMBINE, HT_DISPATCH, HT_NOTIFY
 from .ll import plans as ll_plans
-from .runtime import capturing
 from .tuning import HtTuning
 
 BF16 = api_checks.BF16
@@ -88,18 +88,27 @@ def notify_result(
     return int(rt.notify_out[1]), (-(-raw // expert_alignment) * expert_alignment).tolist()
 
 
-def refuse_capture(what: str) -> None:
-    """HT calls are not capturable into a CUDA graph yet: their kernels take the call's epoch as an argument, so a
-    replay would repeat it, every flag of the previous replay would already read as this one's, and a rank would
-    finish while peers still write its outputs (a silent race). Refused until the kernels count epochs on the
-    device, as the LL kernels count their sequence."""
+def check_capture(what: str, *, across_nodes: bool, host_wait: bool = False) -> bool:
+    """Whether this HT call is being captured into a CUDA graph, refusing (ArgumentError, before any launch) the calls
+    a graph cannot hold. Captured: the calls DeepEP allows there: a dispatch with ``num_worst_tokens`` or a handle, and
+    combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a new call).
+    Refused: a dispatch that waits on the host for the counts, and groups across nodes (their kernels wait for the
+    NIC, whose emulated copies are host CUDA calls, as the LL NIC routes: docs/architecture.md, Known problems)."""
     import cupy
 
-    if capturing(cupy.cuda.get_current_stream()):
+    if not capturing(cupy.cuda.get_current_stream()):
+        return False
+    if across_nodes:
         raise ArgumentError(
-            f"{what}: high-throughput calls cannot be captured into a CUDA graph yet (their kernels take each call's "
-            "epoch as an argument, which a replay would repeat); capture low-latency calls, or call HT eagerly"
+            f"{what}: high-throughput calls across nodes cannot be captured into a CUDA graph (their kernels wait "
+            "for the NIC); call them eagerly"
         )
+    if host_wait:
+        raise ArgumentError(
+            f"{what}: a dispatch without a handle waits on the host for the received counts, which a CUDA graph "
+            "cannot; inside a capture pass num_worst_tokens (outputs sized for the worst case) or a cached handle"
+        )
+    return True
 
 
 @dataclass
@@ -214,7 +223,7 @@ class HtEngine:
 
         rt = self.rt
         rt.check_usable()
-        refuse_capture("dispatch")
+        check_capture("dispatch", across_nodes=self.inter is not None)
         plan_key = None
         if handle is not None:  # a cached dispatch like a validated one only allocates and launches (ht_replay.py)
             plan_key = ht_replay.cached_key(
@@ -229,6 +238,7 @@ class HtEngine:
         data, scales, T, row_bytes = api_checks.ht_x(x, dev, as_device_array)
         hidden = data.shape[1]
         num_worst_tokens = check_int(num_worst_tokens, "num_worst_tokens", min_value=0)
+        captured = check_capture("dispatch", across_nodes=False, host_wait=handle is None and not num_worst_tokens)
         expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
         blocks = self.grid(config)
         cached = handle is not None
@@ -266,7 +276,9 @@ class HtEngine:
                 E_loc = num_tokens_per_expert.shape[0] // R
                 rank_prefix = cupy.empty((R, R), dtype=np.int32)
                 send_slot = cupy.empty((T, R), dtype=np.int32)
-                notify_epoch = rt.next_epoch()
+                if captured:  # the handle's: a graph replays writing them
+                    rt.graph_held.append((rank_prefix, send_slot))
+                notify_call = rt.next_call()
                 rt.notify_out[0] = 0
                 rt.launch(
                     HT_NOTIFY,
@@ -276,7 +288,7 @@ class HtEngine:
                     HT_NOTIFY.pack(
                         dry_run=0,
                         rank=rt.rank,
-                        epoch=notify_epoch,
+                        call=notify_call,
                         num_tokens=T,
                         num_tokens_per_rank=num_tokens_per_rank,
                         num_tokens_per_expert=num_tokens_per_expert,
@@ -297,7 +309,7 @@ class HtEngine:
                     num_recv, per_expert = -1, []
                     out_rows = num_worst_tokens
                 else:
-                    rt.wait_host_word(rt.notify_out, notify_epoch, "dispatch notify")
+                    rt.wait_host_word(rt.notify_out, notify_call, "dispatch notify")
                     num_recv, per_expert = notify_result(rt, topk, E_loc, expert_alignment, 2 + R)
                     out_rows = num_recv
             else:
@@ -327,7 +339,7 @@ class HtEngine:
             args = HT_DISPATCH.pack(
                 dry_run=0,
                 rank=rt.rank,
-                epoch=rt.next_epoch(),
+                call=rt.next_call(),
                 num_tokens=T,
                 x=data,
                 x_scales=scales,
@@ -379,7 +391,7 @@ class HtEngine:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
-        refuse_capture("combine")
+        check_capture("combine", across_nodes=self.inter is not None)
         plan_key = ht_replay.combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream)
         plan = self.plans.get(plan_key, None) if plan_key is not None else None
         if plan is not None and plan.matches(handle):  # a combine like a validated one (ht_replay.py)
@@ -430,7 +442,7 @@ class HtEngine:
             args = HT_COMBINE.pack(
                 dry_run=0,
                 rank=rt.rank,
-                epoch=rt.next_epoch(),
+                call=rt.next_call(),
                 num_tokens=T,
                 in_x=x.data.ptr,
                 in_weights=topk_weights.data.ptr if topk_weights is not None else 0,

@@ -133,7 +133,7 @@ class HtInter:
                 node_slot = cupy.empty((T, N), dtype=np.int32)
                 node_tokens = cupy.empty((N, max(T, 1)), dtype=np.int32)
                 node_counts = cupy.zeros(2 * MAX_NODES, dtype=np.int32)
-                epoch = rt.next_epoch()
+                call = rt.next_call()
                 rt.notify_out[0] = 0
                 rt.launch(
                     HT_INTER_NOTIFY,
@@ -143,7 +143,7 @@ class HtInter:
                     HT_INTER_NOTIFY.pack(
                         dry_run=0,
                         rank=rt.rank,
-                        epoch=epoch,
+                        call=call,
                         num_tokens=T,
                         num_tokens_per_rank=a.num_tokens_per_rank,
                         num_tokens_per_rdma_rank=rdma,
@@ -169,7 +169,7 @@ class HtInter:
                     # a message carries a row for at least one of the node's ranks: at most L x their rows
                     fwd_cap = self.nodes.per_node * a.num_worst_tokens
                 else:
-                    rt.wait_host_word(rt.notify_out, epoch, "dispatch notify")
+                    rt.wait_host_word(rt.notify_out, call, "dispatch notify")
                     if not int(rt.notify_out[_OUT_LAYOUT_OK]):
                         raise ArgumentError(
                             "num_tokens_per_rdma_rank: differs from the tokens per node that is_token_in_rank gives "
@@ -208,7 +208,7 @@ class HtInter:
             args = HT_INTER_DISPATCH.pack(
                 dry_run=0,
                 rank=rt.rank,
-                epoch=rt.next_epoch(),
+                call=rt.next_call(),
                 num_tokens=T,
                 x=a.data,
                 x_scales=a.scales,
@@ -284,7 +284,7 @@ class HtInter:
             args = HT_INTER_COMBINE.pack(
                 dry_run=0,
                 rank=rt.rank,
-                epoch=rt.next_epoch(),
+                call=rt.next_call(),
                 num_tokens=T,
                 in_x=x.data.ptr,
                 in_weights=topk_weights.data.ptr if topk_weights is not None else 0,

@@ -5,7 +5,7 @@ inputs of the same layout. When a call matches one of the last eight validated c
 handle (by identity, held weakly), x (and FP8 scales) of the same shape, strides, dtype and device, the same
 config, flags and integer arguments — it only allocates its outputs and launches: the checks, the kernel lookup and
 the argument packing are the first call's. Per call the launch gets x's pointers (x itself is never held: a step's
-activations are not kept alive by a plan), a new epoch and the new outputs' pointers.
+activations are not kept alive by a plan), a new call number and the new outputs' pointers.
 
 Nothing a plan skips can differ: every argument of the kernel besides those set per call comes from the handle,
 the Buffer and the matched layout. A plan whose handle was dropped never matches again (the weak reference is
@@ -22,6 +22,7 @@ import numpy as np
 
 from ..api_checks import BF16
 from ..config import Config
+from .capture import capturing
 from .ll import plans as ll_plans
 
 
@@ -100,6 +101,8 @@ def combine_inputs_in_region(rt, x, topk_weights):
         if topk_weights is not None:
             topk_weights, k2 = rt.in_region(topk_weights)
             keep += k2
+        if keep and capturing(sys.modules["cupy"].cuda.get_current_stream()):
+            rt.graph_held.append(keep)  # a graph replays reading the staged copies: kept for the Buffer's life
     return x, topk_weights, keep
 
 
@@ -122,13 +125,13 @@ def combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on
 
 class CombinePlan(_Plan):
     """One validated combine, ready to launch again: per call the inputs (staged into the region between
-    processes, as the full path does), the biases, a new epoch and the new outputs."""
+    processes, as the full path does), the biases, a new call number and the new outputs."""
 
     def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, hidden, with_weights):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
         self.sizes, self.hidden, self.with_weights = list(sizes), hidden, with_weights
         self._keep_launch(rt, spec, defines, blocks, threads, args)
-        self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "epoch", "out_x",
+        self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "call", "out_x",
                                                  "out_weights")}  # fmt: skip
 
     def run(self, x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream):
@@ -143,7 +146,7 @@ class CombinePlan(_Plan):
             out_w = bufs[1].view(np.float32).reshape(T, K) if self.with_weights else None
             packed = self.packed
             packed.set(i["in_x"], x.data.ptr)
-            packed.set(i["epoch"], rt.next_epoch())
+            packed.set(i["call"], rt.next_call())
             packed.set(i["out_x"], out.data.ptr)
             if self.with_weights:
                 packed.set(i["in_weights"], topk_weights.data.ptr)
@@ -164,11 +167,11 @@ class CachedDispatchPlan(_Plan):
         sizes = list(sizes[:2]) if fp8 else [sizes[0]]  # BF16: no (empty) scales output to allocate
         self.sizes, self.out_rows, self.hidden, self.data_dtype, self.fp8 = sizes, out_rows, hidden, data_dtype, fp8
         self._keep_launch(rt, spec, defines, blocks, threads, args)
-        self.i_x, self.i_scales, self.i_epoch = spec.index("x"), spec.index("x_scales"), spec.index("epoch")
+        self.i_x, self.i_scales, self.i_call = spec.index("x"), spec.index("x_scales"), spec.index("call")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
 
     def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream):
-        """The call again: outputs, pointers, epoch, launch; returns what dispatch returns."""
+        """The call again: outputs, pointers, call number, launch; returns what dispatch returns."""
         rt = self.rt
         data, scales = x if self.fp8 else (x, None)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -177,7 +180,7 @@ class CachedDispatchPlan(_Plan):
             recv_data = bufs[0].view(self.data_dtype).reshape(self.out_rows, self.hidden)
             packed = self.packed
             packed.set(self.i_x, data.data.ptr)
-            packed.set(self.i_epoch, rt.next_epoch())
+            packed.set(self.i_call, rt.next_call())
             packed.set(self.i_out_x, recv_data.data.ptr)
             recv_scales = None
             if self.fp8:

@@ -89,7 +89,7 @@ HT_NOTIFY = KernelSpec(
     "epk_ht_notify",
     ("EPK_NUM_RANKS",),
     _args(
-        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
+        *("dry_run:i32", "rank:i32", "call:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
         *("num_tokens_per_expert:ptr", "is_token_in_rank:ptr", "peers:ptr", "rank_prefix_matrix:ptr"),
         *("send_slot:ptr", "topk_idx:ptr", "topk:i32", "num_experts:i32", "row_bytes:i32", "scale_cols:i32"),
         *("host_out:ptr", *_DEADLINE),
@@ -101,7 +101,7 @@ HT_INTER_NOTIFY = KernelSpec(  # across nodes (issue #18)
     "epk_ht_inter_notify",
     ("EPK_NUM_RANKS", "EPK_NUM_NODES"),
     _args(
-        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
+        *("dry_run:i32", "rank:i32", "call:i32", "num_tokens:i32", "num_tokens_per_rank:ptr"),
         *("num_tokens_per_rdma_rank:ptr", "num_tokens_per_expert:ptr", "is_token_in_rank:ptr", "peers:ptr"),
         *("area_offset:i64", "qps:ptr", "node_of:ptr", "peer_of_node:ptr", "rank_prefix_matrix:ptr"),
         *("send_slot:ptr", "node_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "topk_idx:ptr", "topk:i32"),
@@ -117,7 +117,7 @@ HT_DISPATCH = KernelSpec(
         *("EPK_THREADS", "EPK_MIN_BLOCKS", "EPK_PROBE", "EPK_UNROLL"),
     ),
     _args(
-        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
+        *("dry_run:i32", "rank:i32", "call:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
         *("topk_weights:ptr", "is_token_in_rank:ptr", "send_slot:ptr", "peers:ptr", "out_x:i64", "out_scales:i64"),
         *("out_idx:i64", "out_weights:i64", "out_src:i64", "out_rows:i32", "ticket:ptr", *_DEADLINE),
     ),
@@ -131,7 +131,7 @@ HT_INTER_DISPATCH = KernelSpec(  # across nodes (issue #18)
         *("EPK_WITH_META", "EPK_THREADS", "EPK_MIN_BLOCKS", "EPK_UNROLL"),
     ),
     _args(
-        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
+        *("dry_run:i32", "rank:i32", "call:i32", "num_tokens:i32", "x:ptr", "x_scales:ptr", "topk_idx:ptr"),
         *("topk_weights:ptr", "send_slot:ptr", "node_tokens:ptr", "node_counts:ptr", "fwd_slots:ptr", "fwd_cap:i32"),
         *("notify_out:ptr", "peers:ptr", "area_offset:i64", "qps:ptr", "node_of:ptr", "peer_of_node:ptr"),
         "ring_offset:i64",
@@ -146,7 +146,7 @@ HT_INTER_COMBINE = KernelSpec(  # across nodes (issue #18)
     "epk_ht_inter_combine",
     ("EPK_NUM_RANKS", "EPK_NUM_NODES", "EPK_TOPK", "EPK_HIDDEN", "EPK_HAS_WEIGHTS", "EPK_THREADS", "EPK_MIN_BLOCKS"),
     _args(
-        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "in_x:i64", "in_weights:i64", "send_slot:ptr"),
+        *("dry_run:i32", "rank:i32", "call:i32", "num_tokens:i32", "in_x:i64", "in_weights:i64", "send_slot:ptr"),
         *("node_slot:ptr", "fwd_slots:ptr", "fwd_cap:i32", "node_counts:ptr", "bias0:ptr", "bias1:ptr", "peers:ptr"),
         *("area_offset:i64", "qps:ptr", "node_of:ptr", "peer_of_node:ptr", "ring_offset:i64", "ring:i32"),
         *("chunk:i32", "scratch:ptr", "copied:ptr", "out_x:ptr", "out_weights:ptr", "ticket:ptr", *_DEADLINE),
@@ -161,7 +161,7 @@ HT_COMBINE = KernelSpec(
         *("EPK_PROBE", "EPK_UNROLL", "EPK_LOADS_FIRST"),
     ),
     _args(
-        *("dry_run:i32", "rank:i32", "epoch:i32", "num_tokens:i32", "in_x:i64", "in_weights:i64", "send_slot:ptr"),
+        *("dry_run:i32", "rank:i32", "call:i32", "num_tokens:i32", "in_x:i64", "in_weights:i64", "send_slot:ptr"),
         *("bias0:ptr", "bias1:ptr", "peers:ptr", "out_x:ptr", "out_weights:ptr", "ticket:ptr", *_DEADLINE),
     ),
 )

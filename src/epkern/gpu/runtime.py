@@ -18,6 +18,7 @@ from .. import kernel_constants as K
 from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from ..events import EventHandle
 from ..memory import Heap, HostMapped, SymmetricRegion
+from .capture import capturing
 from .ll.layout import ll_area_bytes
 from .phases import PHASES
 
@@ -43,15 +44,6 @@ def _freer(region, rt):
 
 
 # Error-record phases (numbers in kernels/epk_constants.cuh) and what each was waiting for.
-
-
-def capturing(stream) -> bool:
-    """Whether ``stream`` is being captured into a CUDA graph."""
-    is_capturing = getattr(stream, "is_capturing", None)
-    try:
-        return bool(is_capturing()) if is_capturing is not None else False
-    except Exception:  # noqa: BLE001 - an invalidated capture reports through CuPy later
-        return False
 
 
 class _CommStreamScope:
@@ -101,10 +93,6 @@ class RegionLease:
         self._finalizer = weakref.finalize(self, free)
         self._finalizer.atexit = False  # at interpreter exit the process's memory goes with it: no CUDA calls then
 
-    @property
-    def freed(self) -> bool:
-        return not self._finalizer.alive
-
 
 class Runtime:
     """Per rank and Buffer. Region = control area (CTRL_BYTES) + HT heap (num_nvl_bytes) + LL area + HT RDMA area
@@ -133,7 +121,8 @@ class Runtime:
         self.recoverable_phases: frozenset = frozenset()
         self.on_recoverable = None  # fn(code, rank, phase, peer, seen, expected), set by the LL engine
         self.phases = dict(PHASES)
-        self.epoch = 0
+        self.calls = 0  # HT kernels launched: each gets the next number (diagnostics, notify's host word)
+        self.graph_held: list = []  # what captured calls allocated: a graph replays into it (alloc_out)
         self._warmed: set = set()
         self._launch_cache: dict = {}  # (source, name, defines items) -> [kernel, warmed]
         self._last_defines: dict = {}  # source -> defines of its last launch (read_ht_probe)
@@ -411,9 +400,10 @@ class Runtime:
                 self.raise_recorded()  # this call waited on the host: its own failure raises here
         return EventHandle(event, self)
 
-    def next_epoch(self) -> int:
-        self.epoch += 1
-        return self.epoch
+    def next_call(self) -> int:
+        """The next HT kernel's number (recorded as started; notify's host word). Epochs count on the device."""
+        self.calls += 1
+        return self.calls
 
     # ---- kernels ----
     def kernel(self, spec, defines: dict):
@@ -434,6 +424,11 @@ class Runtime:
                 self.group.barrier()  # before loading too: a peer's previous kernel may spin on its NIC's copies
             entry = self.kernel(spec, defines)
             if key not in self._warmed:
+                if capturing(self.comm_stream):
+                    raise ArgumentError(
+                        f"{spec.name}: this specialisation ({defines}) is used for the first time inside a CUDA graph "
+                        "capture; call it once before capturing (its first launch synchronises and is collective)"
+                    )
                 entry[0]((1,), (32,), (np.int32(1), *args[1:]))
                 self.sync_bounded(self.comm_stream, "first use of a kernel")
                 self.group.barrier()
@@ -483,6 +478,8 @@ class Runtime:
             arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
             self.comm_stream.use()
             self.comm_stream.wait_event(compute.record())  # the memory is ours in stream order from here
+        if capturing(compute):  # a graph replays into these addresses: allocated for the Buffer's life from here
+            self.graph_held.append((arrays, keep))
         if self.poison:
             for a in arrays:
                 self.fill_bytes(a, 0xFF)

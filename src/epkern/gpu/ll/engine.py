@@ -34,7 +34,7 @@ from ...api_checks import BF16
 from ...errors import ArgumentError
 from ...events import EventHandle
 from ...handles import DeepEPTuple
-from ..runtime import capturing
+from ..capture import capturing
 from . import plans as ll_plans
 from .layout import (
     LL_PHASES,
