@@ -44,6 +44,9 @@ def main():
             if group.rank == 0:
                 print("ok", case, flush=True)
         ht_scenarios.run_fresh_iterations(buf, group, 100)
+        replays = ht_scenarios.run_ht_graph(buf, group)
+        if group.rank == 0:
+            print(f"ok graph capture: {replays} replays exact", flush=True)
         leaked = buf._backend.rt.heap.in_use
     print(f"OK rank {group.rank} of {R} heap_in_use_after={leaked}", flush=True)
 

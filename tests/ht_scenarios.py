@@ -242,6 +242,73 @@ def run_fresh_iterations(buf, group, iterations, num_tokens=96, hidden=2048, num
             print(f"fresh iterations: {it + 1} done in {time.monotonic() - t0:.1f} s", flush=True)
 
 
+def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
+    """Issue #19: HT in a CUDA graph where DeepEP allows it. A dispatch with num_worst_tokens, a cached dispatch
+    with its handle, the expert (its output = the received rows, a captured copy into an array outside the Buffer)
+    and the combine of that fresh output are captured once, then replayed on fresh inputs (and their layout) copied
+    into the captured arrays. Every replay exact: the kernels count epochs on the device, so a replay is a new call.
+    Returns the replays checked."""
+    import cupy
+
+    r, R = group.rank, group.size
+    E, W = 8 * R, R * num_tokens  # W: every token of every rank
+    base = shared_seed(group)
+    x_dev, y_dev = cupy.empty((num_tokens, hidden), BF16), cupy.empty((W, hidden), BF16)
+    idx_dev, w_dev = cupy.empty((num_tokens, topk), np.int64), cupy.empty((num_tokens, topk), np.float32)
+    per_rank, per_expert = cupy.empty((R,), np.int32), cupy.empty((E,), np.int32)
+    in_rank = cupy.empty((num_tokens, R), np.bool_)
+
+    def load(it):
+        xs, idxs, ws = make_inputs(base + it, R, num_tokens, hidden, E, topk)
+        lay = reference.get_dispatch_layout(idxs[r], E, R)
+        for dev, host in ((x_dev, xs[r]), (idx_dev, idxs[r]), (w_dev, ws[r]), (per_rank, lay.num_tokens_per_rank),
+                          (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)):  # fmt: skip
+            dev.set(np.ascontiguousarray(np.asarray(host).astype(dev.dtype)))
+        return xs, idxs, ws
+
+    def calls():
+        recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+            x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx_dev, topk_weights=w_dev, num_worst_tokens=W,
+        )  # fmt: skip
+        again = buf.dispatch(x_dev, handle=handle)[0]
+        y_dev.view(np.uint16)[...] = again.view(np.uint16)  # the expert
+        out, out_w, _ = buf.combine(y_dev, handle, topk_weights=recv_w)
+        return recv_x, recv_idx, recv_w, handle, again, out, out_w
+
+    def check(it, xs, idxs, ws, got):
+        recv_x, recv_idx, recv_w, handle, again, out, out_w = got
+        ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws, num_worst_tokens=W)
+        mine, what = ref[r], f"rank {r} graph replay {it}"
+        n = int((mine.handle.src_idx >= 0).sum())
+        assert_same(cupy.asnumpy(handle.recv_src_idx), mine.handle.src_idx, f"{what} src_idx")
+        assert_same(cupy.asnumpy(recv_x)[:n], mine.recv_x[:n], f"{what} recv_x")
+        assert_same(cupy.asnumpy(recv_idx), mine.recv_topk_idx, f"{what} recv_topk_idx")
+        assert_same(cupy.asnumpy(recv_w), mine.recv_topk_weights, f"{what} recv_topk_weights")
+        assert_same(cupy.asnumpy(again)[:n], mine.recv_x[:n], f"{what} cached recv_x")
+        handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
+        want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
+        assert_same(cupy.asnumpy(out), want[0], f"{what} combined_x")
+        assert_same(cupy.asnumpy(out_w), want[1], f"{what} combined_topk_weights")
+
+    stream = cupy.cuda.get_current_stream()
+    data = load(-1)
+    got = calls()  # eager: warms every specialisation the graph launches
+    settle(buf)
+    check(-1, *data, got)
+    group.barrier()
+    stream.begin_capture()
+    got = calls()
+    graph = stream.end_capture()
+    for it in range(replays):
+        data = load(it)
+        graph.launch(stream)
+        settle(buf)
+        check(it, *data, got)
+    group.barrier()
+    return replays
+
+
 def expect_argument_errors(cases):
     """Each (call, name): the call raises ArgumentError whose message names ``name``."""
     from epkern.errors import ArgumentError

@@ -67,6 +67,12 @@ def test_100_back_to_back_iterations_fresh_inputs():
     _run(8, lambda buf, g: ht_scenarios.run_fresh_iterations(buf, g, 100), timeout_s=600)
 
 
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_graph_capture_replays(num_ranks):
+    """Issue #19: dispatch (num_worst_tokens), cached dispatch and combine of a fresh output in a CUDA graph."""
+    _run(num_ranks, lambda buf, g: ht_scenarios.run_ht_graph(buf, g))
+
+
 def test_bad_inputs_keep_buffer_usable():
     _run(2, ht_scenarios.run_bad_inputs)
 

@@ -92,16 +92,16 @@ def check_capture(what: str, *, across_nodes: bool, host_wait: bool = False) -> 
     """Whether this HT call is being captured into a CUDA graph, refusing (ArgumentError, before any launch) the calls
     a graph cannot hold. Captured: the calls DeepEP allows there: a dispatch with ``num_worst_tokens`` or a handle, and
     combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a new call).
-    Refused: a dispatch that waits on the host for the counts, and groups across nodes (their kernels wait for the
-    NIC, whose emulated copies are host CUDA calls, as the LL NIC routes: docs/architecture.md, Known problems)."""
+    Refused: a dispatch that waits on the host for the counts, and groups across nodes (not yet: the internode
+    kernels have not run inside a graph)."""
     import cupy
 
     if not capturing(cupy.cuda.get_current_stream()):
         return False
     if across_nodes:
         raise ArgumentError(
-            f"{what}: high-throughput calls across nodes cannot be captured into a CUDA graph (their kernels wait "
-            "for the NIC); call them eagerly"
+            f"{what}: high-throughput calls across nodes cannot be captured into a CUDA graph yet (their graph "
+            "replays are not built); call them eagerly"
         )
     if host_wait:
         raise ArgumentError(
