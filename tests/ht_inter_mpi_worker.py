@@ -34,7 +34,13 @@ def main():
         dict(num_tokens=300, hidden=2048, num_experts=32, topk=8, fp8=True),
         dict(num_tokens=100, hidden=2048, num_experts=32, topk=4, num_worst_tokens=400, count=False),
     ]
-    with Buffer(group, num_nvl_bytes=256 << 20, num_rdma_bytes=area, backend="gpu", timeout_s=30) as buf:
+    alt = [a for a in sys.argv[1:] if a.startswith("--alt")]  # --alt / --alt-drain: only the alternating pairs
+    with Buffer(group, num_nvl_bytes=256 << 20, num_rdma_bytes=area, backend="gpu", timeout_s=10 if alt else 30) as buf:
+        if alt:
+            hidden = [int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--hidden=")]
+            S.run_alternating(buf, group, 40, hidden=hidden[0] if hidden else 1024, drain=alt[0] == "--alt-drain")
+            print(f"OK rank {group.rank} of {R} on {N} nodes ({alt[0]})", flush=True)
+            return
         for case in cases:
             S.run_inter_case(buf, group, **case)
             if group.rank == 0:

@@ -153,8 +153,9 @@ def run_inter_case(
         assert set(after_dispatch) == {p for p in range(R) if nodes[p] != nodes[r]}, "a QP to a rank of this node"
 
 
-def run_alternating(buf, group, iterations, num_tokens=64, hidden=1024, num_experts=32, topk=4):
-    """``iterations`` dispatch/combine pairs of fresh inputs, each exact (the streams' counters carry across)."""
+def run_alternating(buf, group, iterations, num_tokens=64, hidden=1024, num_experts=32, topk=4, drain=False):
+    """``iterations`` dispatch/combine pairs of fresh inputs, each exact (the streams' counters carry across).
+    ``drain``: the host waits for the dispatch and the NIC between the two (no NIC work overlaps the next kernel)."""
     import cupy
 
     r, R = group.rank, group.size
@@ -174,10 +175,15 @@ def run_alternating(buf, group, iterations, num_tokens=64, hidden=1024, num_expe
             [res.recv_x for res in ref], [res.handle for res in ref],
             topk_weights=[res.recv_topk_weights for res in ref], rank_to_node=nodes,
         )[r]  # fmt: skip
+        if drain:
+            S.settle(buf)
+            _counts(buf)
         out, _, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
         S.settle(buf)
         S.assert_same(cupy.asnumpy(recv_x), ref[r].recv_x, f"rank {r} iteration {it} recv_x")
         S.assert_same(cupy.asnumpy(out), want[0], f"rank {r} iteration {it} combined_x")
+        if r == 0 and (it + 1) % 10 == 0:
+            print(f"alternating: {it + 1} pairs exact", flush=True)
 
 
 def run_mismatched(buf, group):

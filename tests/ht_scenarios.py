@@ -247,7 +247,7 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
     with its handle, the expert (its output = the received rows, a captured copy into an array outside the Buffer)
     and the combine of that fresh output are captured once, then replayed on fresh inputs (and their layout) copied
     into the captured arrays. Every replay exact: the kernels count epochs on the device, so a replay is a new call.
-    Returns the replays checked."""
+    The Buffer needs num_nvl_bytes for what a captured call allocates (its heap). Returns the replays checked."""
     import cupy
 
     r, R = group.rank, group.size
@@ -291,21 +291,23 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
         assert_same(cupy.asnumpy(out), want[0], f"{what} combined_x")
         assert_same(cupy.asnumpy(out_w), want[1], f"{what} combined_topk_weights")
 
-    stream = cupy.cuda.get_current_stream()
-    data = load(-1)
-    got = calls()  # eager: warms every specialisation the graph launches
-    settle(buf)
-    check(-1, *data, got)
-    group.barrier()
-    stream.begin_capture()
-    got = calls()
-    graph = stream.end_capture()
-    for it in range(replays):
-        data = load(it)
-        graph.launch(stream)
+    with cupy.cuda.Stream(non_blocking=True) as stream:  # never the legacy stream (no capture there)
+        data = load(-1)
+        got = calls()  # eager: warms every specialisation the graph launches
         settle(buf)
-        check(it, *data, got)
-    group.barrier()
+        check(-1, *data, got)
+        group.barrier()
+        held = len(buf._backend.rt.graph_held)
+        stream.begin_capture()
+        got = calls()
+        graph = stream.end_capture()
+        assert len(buf._backend.rt.graph_held) > held, "nothing a graph replays into was held"
+        for it in range(replays):
+            data = load(it)
+            graph.launch(stream)
+            settle(buf)
+            check(it, *data, got)
+        group.barrier()
     return replays
 
 

@@ -13,9 +13,9 @@ from epkern.group import run_in_process  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def _run(num_ranks, body, timeout_s=120):
+def _run(num_ranks, body, timeout_s=120, num_nvl_bytes=0):
     def rank_main(group):
-        with Buffer(group, num_nvl_bytes=0, backend="gpu", timeout_s=20) as buf:
+        with Buffer(group, num_nvl_bytes=num_nvl_bytes, backend="gpu", timeout_s=20) as buf:
             return body(buf, group)
 
     return run_in_process(rank_main, num_ranks, timeout_s=timeout_s)
@@ -70,7 +70,7 @@ def test_100_back_to_back_iterations_fresh_inputs():
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_graph_capture_replays(num_ranks):
     """Issue #19: dispatch (num_worst_tokens), cached dispatch and combine of a fresh output in a CUDA graph."""
-    _run(num_ranks, lambda buf, g: ht_scenarios.run_ht_graph(buf, g))
+    _run(num_ranks, lambda buf, g: ht_scenarios.run_ht_graph(buf, g), num_nvl_bytes=64 << 20)  # the heap: see there
 
 
 def test_bad_inputs_keep_buffer_usable():

@@ -274,10 +274,12 @@ class HtEngine:
         with rt.on_comm_stream():
             if not cached:
                 E_loc = num_tokens_per_expert.shape[0] // R
-                rank_prefix = cupy.empty((R, R), dtype=np.int32)
-                send_slot = cupy.empty((T, R), dtype=np.int32)
-                if captured:  # the handle's: a graph replays writing them
-                    rt.graph_held.append((rank_prefix, send_slot))
+                if captured:  # the handle's arrays in held heap memory (rt.alloc_out): a graph replays writing them
+                    bufs, _ = rt.alloc_out([R * R * 4, T * R * 4], compute, True, shared=False)
+                    rank_prefix, send_slot = bufs[0].view(np.int32).reshape(R, R), bufs[1].view(np.int32).reshape(T, R)
+                else:
+                    rank_prefix = cupy.empty((R, R), dtype=np.int32)
+                    send_slot = cupy.empty((T, R), dtype=np.int32)
                 notify_call = rt.next_call()
                 rt.notify_out[0] = 0
                 rt.launch(

@@ -74,6 +74,15 @@ class HtInter:
             rt, routes, real_nic=real_nic, area=(rt.ht_area_offset, rt.ht_area_bytes), cq_slots=RING_WQES
         )
         rt.register_phases(RDMA_PHASES)
+        rt.describe_peer = self.describe_peer
+
+    def describe_peer(self, peer: int) -> str:
+        """For a timeout naming ``peer``: what this rank's NIC did for it (a rank of another node), and any NIC
+        failure of this rank (a faulted QP stops what it carries: the waits of peers then expire)."""
+        t = self.transport
+        text = t.describe(peer) if 0 <= peer < self.rt.num_ranks and peer in getattr(t, "qps", {}) else ""
+        errors = t.poller.errors if getattr(t, "poller", None) is not None else []
+        return text or ("this rank's NIC: " + "; ".join(errors) if errors else "")
 
     def min_blocks(self) -> int:
         """A sender and a forwarder block per node, and at least one copier (ht_inter_dispatch.cu)."""

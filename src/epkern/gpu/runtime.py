@@ -118,6 +118,7 @@ class Runtime:
         self.in_process = bool(getattr(group, "is_in_process", False))
         self.device = group.device if group.device is not None else cupy.cuda.Device().id
         self.broken: str | None = None
+        self.describe_peer = None  # fn(peer) -> what this rank's NIC did for it (appended to timeouts), or None
         self.recoverable_phases: frozenset = frozenset()
         self.on_recoverable = None  # fn(code, rank, phase, peer, seen, expected), set by the LL engine
         self.phases = dict(PHASES)
@@ -284,6 +285,8 @@ class Runtime:
                 f"rank {rank}: {what}: peer {peer} did not answer within {self.timeout_s:g} s "
                 f"(flag {seen}, expected {expected})"
             )
+            where = self.describe_peer(peer) if self.describe_peer is not None else ""
+            msg += f" [{where}]" if where else ""
         else:
             msg = f"rank {rank}: {what}: error code {code} (peer {peer}, value {seen}, limit {expected})"
         self.broken = msg
@@ -463,7 +466,8 @@ class Runtime:
         import cupy
 
         keep = ()
-        if shared and not self.in_process:
+        captured = capturing(compute)  # a graph replays into it: the heap's, held (no CUDA allocation in a capture)
+        if (shared and not self.in_process) or captured:
             aligned = [-(-n // 256) * 256 for n in nbytes_list]
             block = self.heap.alloc(sum(aligned))
             arrays, off = [], 0
@@ -478,8 +482,8 @@ class Runtime:
             arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
             self.comm_stream.use()
             self.comm_stream.wait_event(compute.record())  # the memory is ours in stream order from here
-        if capturing(compute):  # a graph replays into these addresses: allocated for the Buffer's life from here
-            self.graph_held.append((arrays, keep))
+        if captured:
+            self.graph_held.append(keep)
         if self.poison:
             for a in arrays:
                 self.fill_bytes(a, 0xFF)
