@@ -175,6 +175,70 @@ def ll_graph_case(buf, group, replays=10, num_max=48, device="cuda"):
         same(combined, want, f"rank {r} replay {it} combined_x")
 
 
+def ht_graph_case(buf, group, replays=5, device="cuda"):
+    """HT inside ``torch.cuda.graph`` where DeepEP allows it (GPU only): a dispatch with num_worst_tokens, a cached
+    dispatch with its handle, the expert (a torch copy of the received rows) and the combine of that fresh output
+    captured once on static tensors (the layout computed outside the graph, copied in), then replayed on fresh
+    inputs; every replay exact."""
+    torch = _torch()
+    r, R = group.rank, buf.group_size
+    E, W = 8 * R, R * T
+    seed = ht_scenarios.shared_seed(group)
+    x = torch.zeros((T, H), dtype=torch.bfloat16, device=device)
+    idx = torch.full((T, K), -1, dtype=deep_ep.topk_idx_t, device=device)
+    w = torch.zeros((T, K), dtype=torch.float32, device=device)
+    per_rank = torch.zeros((R,), dtype=torch.int32, device=device)
+    per_expert = torch.zeros((E,), dtype=torch.int32, device=device)
+    in_rank = torch.zeros((T, R), dtype=torch.bool, device=device)
+    y = torch.zeros((W, H), dtype=torch.bfloat16, device=device)
+
+    def load(it):
+        xs, idxs, ws = ht_scenarios.make_inputs(seed + it, R, T, H, E, K)
+        lay = reference.get_dispatch_layout(idxs[r], E, R)
+        for dst, src in ((x, xs[r]), (idx, idxs[r]), (w, ws[r]), (per_rank, lay.num_tokens_per_rank),
+                         (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)):  # fmt: skip
+            dst.copy_(to_tensor(np.ascontiguousarray(src), device).to(dst.dtype))
+        return xs, idxs, ws
+
+    def step():
+        recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+            x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, num_worst_tokens=W,
+        )  # fmt: skip
+        again, *_ = buf.dispatch(x, handle=handle)
+        y.copy_(again)  # the expert
+        combined, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w)
+        return recv_x, recv_idx, recv_w, handle, again, combined, combined_w
+
+    def check(it, xs, idxs, ws, got):
+        recv_x, recv_idx, recv_w, handle, again, combined, combined_w = got
+        ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws, num_worst_tokens=W)
+        mine, what = ref[r], f"rank {r} HT graph replay {it}"
+        n = int((mine.handle.src_idx >= 0).sum())
+        same(handle[3], mine.handle.src_idx, f"{what} recv_src_idx")
+        same(recv_x[:n], mine.recv_x[:n], f"{what} recv_x")
+        same(recv_idx, mine.recv_topk_idx, f"{what} recv_topk_idx")
+        same(recv_w, mine.recv_topk_weights, f"{what} recv_topk_weights")
+        same(again[:n], mine.recv_x[:n], f"{what} cached recv_x")
+        handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
+        want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
+        same(combined, want[0], f"{what} combined_x")
+        same(combined_w, want[1], f"{what} combined_topk_weights")
+
+    check(-1, *load(-1), step())  # eager first: every kernel warmed
+    torch.cuda.synchronize()
+    group.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    for it in range(replays):
+        data = load(it)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(it, *data, got)
+    group.barrier()
+
+
 def local_buffer_case(buf, device="cuda"):
     """get_local_buffer_tensor (GPU): a view of the LL area, written through one view and read through another
     at an offset (the same memory, no copy); the view keeps the memory alive; a size beyond the area is refused."""

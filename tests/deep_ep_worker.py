@@ -36,6 +36,7 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
         if backend == "gpu":
             with torch.cuda.stream(torch.cuda.Stream()):  # a torch side stream as the current stream
                 deep_ep_scenarios.ht_case(buf, checks, "random", device)
+            deep_ep_scenarios.ht_graph_case(buf, checks)  # torch.cuda.graph capture and replays (issue #19)
         buf.destroy()
         num_max = 48
         nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, deep_ep_scenarios.H, world, 8 * world)
