@@ -13,6 +13,8 @@ rank of another node, and nothing at all between ranks of one node (they have no
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 import ht_scenarios as S
@@ -256,5 +258,9 @@ def run_absent_peer(buf, group, absent_rank):
         S.settle(buf)
     except EpTimeout as exc:
         assert f"rank {r}" in str(exc) and "peer" in str(exc), exc
+        named = re.search(r"peer (\d+) did not answer", str(exc))
+        nodes = rank_to_node(group)
+        if named and nodes[int(named.group(1))] != nodes[r]:  # a peer of another node: what the NIC did for it
+            assert f"[RDMA route to peer {named.group(1)}: QP" in str(exc), exc
         return time.monotonic() - t0
     raise AssertionError(f"rank {r}: a dispatch with rank {absent_rank} absent did not raise")
