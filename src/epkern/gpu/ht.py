@@ -128,7 +128,7 @@ def dispatch_outputs(rt, out_rows, row_bytes, data, scales, topk, cached, num_wo
     sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
     if not cached:
         sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
-    bufs, keep = rt.alloc_out(sizes, compute, on_comm)
+    bufs, keep = rt.alloc_out(sizes, compute, on_comm, graph_heap=True)
     # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
     recv_data = bufs[0].view(np.uint8 if scales is not None else data.dtype).reshape(out_rows, hidden)
     recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
@@ -275,7 +275,7 @@ class HtEngine:
             if not cached:
                 E_loc = num_tokens_per_expert.shape[0] // R
                 if captured:  # the handle's arrays in held heap memory (rt.alloc_out): a graph replays writing them
-                    bufs, _ = rt.alloc_out([R * R * 4, T * R * 4], compute, True, shared=False)
+                    bufs, _ = rt.alloc_out([R * R * 4, T * R * 4], compute, True, shared=False, graph_heap=True)
                     rank_prefix, send_slot = bufs[0].view(np.int32).reshape(R, R), bufs[1].view(np.int32).reshape(T, R)
                 else:
                     rank_prefix = cupy.empty((R, R), dtype=np.int32)
@@ -427,7 +427,7 @@ class HtEngine:
             x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights)
             T, K = handle.num_tokens, handle.topk
             sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
-            bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False)
+            bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False, graph_heap=True)
             out = bufs[0].view(BF16).reshape(T, hidden)
             out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
             defines = HT_COMBINE.defines(

@@ -141,7 +141,7 @@ class CombinePlan(_Plan):
         with rt.on_comm_stream():
             x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights)
             T, K = handle.num_tokens, handle.topk
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False)
+            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False, graph_heap=True)
             out = bufs[0].view(BF16).reshape(T, self.hidden)
             out_w = bufs[1].view(np.float32).reshape(T, K) if self.with_weights else None
             packed = self.packed
@@ -176,7 +176,7 @@ class CachedDispatchPlan(_Plan):
         data, scales = x if self.fp8 else (x, None)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream)
+            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, graph_heap=True)
             recv_data = bufs[0].view(self.data_dtype).reshape(self.out_rows, self.hidden)
             packed = self.packed
             packed.set(self.i_x, data.data.ptr)

@@ -459,14 +459,14 @@ class Runtime:
     def last_defines(self, source: str) -> dict | None:
         return self._last_defines.get(source)
 
-    def alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True):
-        """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared heap;
-        inside one process every rank can address every allocation, so they come from the rank's CuPy pool like
-        local outputs, allocated on the comm stream or (DeepEP's default) the caller's."""
+    def alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, graph_heap: bool = False):
+        """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared heap; else
+        from the rank's CuPy pool, on the comm stream or (DeepEP's default) the caller's. ``graph_heap`` (HT): inside
+        a capture from the heap (no CUDA allocation there), held for the Buffer's life (every replay writes them)."""
         import cupy
 
         keep = ()
-        captured = capturing(compute)  # a graph replays into it: the heap's, held (no CUDA allocation in a capture)
+        captured = graph_heap and capturing(compute)  # HT: a graph replays into it; no CUDA allocation in a capture
         if (shared and not self.in_process) or captured:
             aligned = [-(-n // 256) * 256 for n in nbytes_list]
             block = self.heap.alloc(sum(aligned))
