@@ -24,9 +24,9 @@ constexpr int EPK_HT_CTRL_COUNTER_AT =
 constexpr int EPK_HT_INTER_MAX_RANKS = 128;  // ranks of a group across nodes (at most EPK_HT_MAX_PEERS per node)
 constexpr int EPK_HT_INTER_MAX_NODES = 16;
 constexpr int EPK_HT_INTER_SHAPE_FIELDS = EPK_HT_SHAPE_FIELDS + 1;  // + num_tokens_per_rdma_rank consistent (1: yes)
-// ht_inter_notify's host words: [0] the host's call number, [1] rows received, [2, 2 + MAX_RANKS) rows from each source, then the
-// selections per local expert, the shape check (4), the bad index (2), per node the messages sent then forwarded,
-// and whether num_tokens_per_rdma_rank agrees (1)
+// ht_inter_notify's host words: [0] the host's call number, [1] rows received, [2, 2 + MAX_RANKS) rows from each
+// source, then the selections per local expert, the shape check (4), the bad index (2), per node the messages sent then
+// forwarded, and whether num_tokens_per_rdma_rank agrees (1)
 constexpr int EPK_HT_INTER_OUT_EXPERTS = 2 + EPK_HT_INTER_MAX_RANKS;
 constexpr int EPK_HT_INTER_OUT_SHAPE = EPK_HT_INTER_OUT_EXPERTS + EPK_HT_MAX_LOCAL_EXPERTS;
 constexpr int EPK_HT_INTER_OUT_BAD_INDEX = EPK_HT_INTER_OUT_SHAPE + 4;
