@@ -281,6 +281,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
         if (lane == 0)
           epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_INTER_ORDER, peer, head.x,
                             static_cast<int>(seq));
+        if (fwd_slots != nullptr && i < fwd_cap && lane < kL)  // combine skips it too (no read at a garbage slot)
+          fwd_slots[(static_cast<int64_t>(n) * fwd_cap + i) * kL + lane] = -1;
         return;
       }
       int slot = -1;  // lane j: the slot of this node's local index j
