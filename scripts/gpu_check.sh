@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|htinterbench|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|htalt|htinterbench|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -41,7 +41,7 @@ timeout() {
 has() { for w in "${what[@]}"; do [ "$w" = "$1" ] || [ "$w" = all ] && return 0; done; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 mps_steps() { # does any requested step run under MPS?
-  for w in mps mpsraw bench htinterbench llmpsbench llnicbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
+  for w in mps mpsraw htalt bench htinterbench llmpsbench llnicbench abbench htsweep patternmps firsthour faults deepep; do has "$w" && return 0; done
   return 1
 }
 if mps_steps; then
@@ -117,6 +117,20 @@ fi
 if has bench; then
   timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 512,1024,2048,4096 --iters 6 \
     --json "$OUT/bench_ht_mps8.json" --plot "$OUT/bench_ht_mps8.png" 2>&1 | tee "$OUT/bench_ht_mps8.log" | tail -18
+fi
+if has htalt; then
+  # Issue #18, session N: back-to-back dispatch / combine pairs across nodes failed on the H100 with ranks per node
+  # > 1 (a hang at 2 x 4, an illegal address at 2 x 2; 1 x 8 passed). Only the pairs (10 s deadline), then the same
+  # with the host waiting for the dispatch and the NIC between the two (ALT_RPN: ranks per node, default "2 4").
+  for rpn in ${ALT_RPN:-2 4}; do
+    for mode in alt alt-drain; do
+      log="$OUT/htalt_${rpn}_$mode.log"
+      t0=$(date +%s)
+      timeout "${STEP_TIMEOUT:-60}" "${MPIRUN[@]}" --oversubscribe -n $((2 * rpn)) python3 -m mpi4py \
+        tests/ht_inter_mpi_worker.py --rpn="$rpn" --"$mode" >"$log" 2>&1
+      note "htalt rpn=$rpn $mode rc=$? $(($(date +%s) - t0)) s: $(grep -c '^OK rank' "$log") OK; $(grep -c 'pairs exact' "$log") x10 pairs; $(grep -m2 -E 'Error: ' "$log" | cut -c1-400 | tr '\n' ' ')"
+    done
+  done
 fi
 if has htinterbench; then
   # Issue #18: HT across 2 virtual nodes of 4 (8 MPS processes, the emulated NIC) beside the same run as one node of

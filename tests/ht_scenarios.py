@@ -242,6 +242,25 @@ def run_fresh_iterations(buf, group, iterations, num_tokens=96, hidden=2048, num
             print(f"fresh iterations: {it + 1} done in {time.monotonic() - t0:.1f} s", flush=True)
 
 
+def check_graph_replay(r, E, W, xs, idxs, ws, outs, what):
+    """One replay of the HT graph scenario (run_ht_graph; deep_ep_scenarios.ht_graph_case) against the reference:
+    ``outs`` = numpy (src_idx, recv_x, recv_topk_idx, recv_topk_weights, cached recv_x, combined_x, combined
+    weights) of a dispatch with num_worst_tokens ``W``, its cached dispatch, and the combine of the received rows."""
+    src_idx, recv_x, recv_idx, recv_w, again, out, out_w = outs
+    ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws, num_worst_tokens=W)
+    mine = ref[r]
+    n = int((mine.handle.src_idx >= 0).sum())
+    assert_same(src_idx, mine.handle.src_idx, f"{what} src_idx")
+    assert_same(recv_x[:n], mine.recv_x[:n], f"{what} recv_x")
+    assert_same(recv_idx, mine.recv_topk_idx, f"{what} recv_topk_idx")
+    assert_same(recv_w, mine.recv_topk_weights, f"{what} recv_topk_weights")
+    assert_same(again[:n], mine.recv_x[:n], f"{what} cached recv_x")
+    handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
+    want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
+    assert_same(out, want[0], f"{what} combined_x")
+    assert_same(out_w, want[1], f"{what} combined_topk_weights")
+
+
 def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
     """Issue #19: HT in a CUDA graph where DeepEP allows it. A dispatch with num_worst_tokens, a cached dispatch
     with its handle, the expert (its output = the received rows, a captured copy into an array outside the Buffer)
@@ -278,18 +297,8 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
 
     def check(it, xs, idxs, ws, got):
         recv_x, recv_idx, recv_w, handle, again, out, out_w = got
-        ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws, num_worst_tokens=W)
-        mine, what = ref[r], f"rank {r} graph replay {it}"
-        n = int((mine.handle.src_idx >= 0).sum())
-        assert_same(cupy.asnumpy(handle.recv_src_idx), mine.handle.src_idx, f"{what} src_idx")
-        assert_same(cupy.asnumpy(recv_x)[:n], mine.recv_x[:n], f"{what} recv_x")
-        assert_same(cupy.asnumpy(recv_idx), mine.recv_topk_idx, f"{what} recv_topk_idx")
-        assert_same(cupy.asnumpy(recv_w), mine.recv_topk_weights, f"{what} recv_topk_weights")
-        assert_same(cupy.asnumpy(again)[:n], mine.recv_x[:n], f"{what} cached recv_x")
-        handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
-        want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
-        assert_same(cupy.asnumpy(out), want[0], f"{what} combined_x")
-        assert_same(cupy.asnumpy(out_w), want[1], f"{what} combined_topk_weights")
+        outs = [cupy.asnumpy(a) for a in (handle.recv_src_idx, recv_x, recv_idx, recv_w, again, out, out_w)]
+        check_graph_replay(r, E, W, xs, idxs, ws, outs, f"rank {r} graph replay {it}")
 
     with cupy.cuda.Stream(non_blocking=True) as stream:  # never the legacy stream (no capture there)
         data = load(-1)
