@@ -126,7 +126,12 @@ def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake
 
         y = buf.get_combine_buffer(handle)
         assert y.shape == (64, H)
+        # over the emulated NIC every call's kernels end before it returns (HtInter.complete), as the LL NIC routes
+        waits, sync_bounded = [], rt.sync_bounded
+        rt.sync_bounded = lambda w, phase, *a, **k: (waits.append((w, phase)), sync_bounded(w, phase, *a, **k))[1]
+        nic_wait = (rt.comm_stream, "waiting for this call's kernels (NIC route)")  # not the in-process ranks' wait
         out, out_w, _ = buf.combine(y, handle)
+        assert nic_wait in waits and inter.host_copies
         launch = [x for x in fake if int(x[5][0]) == 0 and x[6] == mine][-1]
         assert launch[1] == "epk_ht_inter_combine" and launch[2]["EPK_NUM_NODES"] == 2 and launch[3][0] >= 5
         names = [n for n, _ in epkern.gpu.kernels.HT_INTER_COMBINE.args]
@@ -135,7 +140,10 @@ def test_a_buffer_across_nodes_sets_up_ht_and_launches_notify_then_dispatch(fake
         assert (int(got["ring"]), int(got["ring_offset"]), int(got["fwd_cap"])) == (rings.ring, rings.offset, 128)
         assert out.shape == (T, H) and out_w is None
         # cached dispatch: the streams replay; fwd_slots are not written again (combine keeps the first's)
+        waits.clear()
         buf.dispatch(x, handle=handle)
+        assert nic_wait in waits
+        rt.sync_bounded = sync_bounded
         launch = [x for x in fake if int(x[5][0]) == 0 and x[6] == mine][-1]
         got = dict(zip([n for n, _ in epkern.gpu.kernels.HT_INTER_DISPATCH.args], launch[5], strict=True))
         assert launch[2]["EPK_WITH_META"] == 0 and int(got["fwd_slots"]) == 0 and int(got["fwd_cap"]) == 0

@@ -75,6 +75,17 @@ class HtInter:
         )
         rt.register_phases(RDMA_PHASES)
         rt.describe_peer = self.describe_peer
+        self.host_copies = real_nic is None  # the emulated NIC: its copies are host CUDA calls (complete())
+
+    def complete(self) -> None:
+        """Over the emulated NIC, the host waits (bounded, polling; the NIC threads keep running) for this call's
+        kernels before returning, as the LL NIC routes do: its copies are host CUDA calls, which a host CUDA call of
+        this process that waits for running kernels (a cudaMalloc of the next call's arrays, a module load) would
+        hold up while these kernels wait for them (docs/architecture.md, Known problems). Eager calls only: HT
+        across nodes is refused inside a capture."""
+        if self.host_copies:
+            self.rt.sync_bounded(self.rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
+            self.rt.raise_recorded()
 
     def describe_peer(self, peer: int) -> str:
         """For a timeout naming ``peer``: what this rank's NIC did for it (a rank of another node), and any NIC
@@ -244,6 +255,7 @@ class HtInter:
                 **rt.deadline(),
             )
             rt.launch(HT_INTER_DISPATCH, defines, blocks, THREADS, args)
+        self.complete()
         event = rt.end(compute, a.async_finish)
         recv_x = (out.x, out.scales) if a.scales is not None else out.x
         if a.cached:
@@ -320,6 +332,7 @@ class HtInter:
                 **rt.deadline(),
             )
             rt.launch(HT_INTER_COMBINE, defines, grid, THREADS, args)
+        self.complete()
         event = rt.end(compute, async_finish)
         del keep, scratch, copied  # the stream orders their reuse after the kernel
         return out, out_w, event
