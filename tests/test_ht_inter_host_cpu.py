@@ -229,6 +229,40 @@ def test_ht_graph_capture_takes_what_deepep_allows(fake, ranks_per_node):  # noq
     run_in_process(body, 2, ranks_per_node=ranks_per_node, timeout_s=60)
 
 
+def test_a_captured_ht_call_needs_the_heap(fake):  # noqa: F811
+    """A captured HT call takes its outputs from the Buffer's heap: with num_nvl_bytes=0 (in-process ranks need none
+    eagerly) the capture is refused naming num_nvl_bytes, before anything launches; eager calls go on."""
+    import cupy
+
+    import epkern
+    from epkern.group.threads import run_in_process
+
+    def body(group):
+        buf = epkern.Buffer(group, num_nvl_bytes=0, backend="gpu", timeout_s=20)
+        idx, lo = _layout(group.rank, group.size, tuple(group.node_of_rank))
+        x = cupy.asarray(np.ones((T, H), ml_dtypes.bfloat16))
+        args = dict(
+            topk_idx=cupy.asarray(idx), num_tokens_per_rank=cupy.asarray(lo.num_tokens_per_rank),
+            is_token_in_rank=cupy.asarray(lo.is_token_in_rank),
+            num_tokens_per_expert=cupy.asarray(lo.num_tokens_per_expert), num_worst_tokens=64,
+        )  # fmt: skip
+        recv_x, _, _, _, handle, _ = buf.dispatch(x, **args)
+        stream = cupy.cuda.get_current_stream()
+        comm = buf._backend.rt.comm_stream.ptr
+        mine = lambda: sum(1 for launch in fake if launch[6] == comm)  # noqa: E731 - this rank's launches
+        stream.begin_capture()
+        launched = mine()
+        for call in (lambda: buf.dispatch(x, **args), lambda: buf.combine(recv_x, handle)):
+            with pytest.raises(ArgumentError, match="num_nvl_bytes: a captured HT"):
+                call()
+        assert mine() == launched
+        stream.end_capture()
+        buf.combine(recv_x, handle)
+        buf.destroy()
+
+    run_in_process(body, 2, ranks_per_node=2, timeout_s=60)
+
+
 def test_the_ht_transport_cq_is_as_deep_as_its_send_ring(fake):  # noqa: F811
     """Every chunk's tail and every credit is a signaled WQE: the CQ must hold as many CQEs as the send ring holds
     WQEs, or a poller that falls behind lets the emulated NIC fault the QP (CQ overrun)."""

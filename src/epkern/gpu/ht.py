@@ -88,7 +88,7 @@ def notify_result(
     return int(rt.notify_out[1]), (-(-raw // expert_alignment) * expert_alignment).tolist()
 
 
-def check_capture(what: str, *, across_nodes: bool, host_wait: bool = False) -> bool:
+def check_capture(what: str, rt, *, across_nodes: bool, host_wait: bool = False) -> bool:
     """Whether this HT call is being captured into a CUDA graph, refusing (ArgumentError, before any launch) the calls
     a graph cannot hold. Captured: the calls DeepEP allows there: a dispatch with ``num_worst_tokens`` or a handle, and
     combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a new call).
@@ -107,6 +107,11 @@ def check_capture(what: str, *, across_nodes: bool, host_wait: bool = False) -> 
         raise ArgumentError(
             f"{what}: a dispatch without a handle waits on the host for the received counts, which a CUDA graph "
             "cannot; inside a capture pass num_worst_tokens (outputs sized for the worst case) or a cached handle"
+        )
+    if rt.heap is None or rt.heap.nbytes == 0:
+        raise ArgumentError(
+            f"num_nvl_bytes: a captured HT {what} takes its outputs from the Buffer's heap (num_nvl_bytes), which is "
+            "empty; create the Buffer with num_nvl_bytes > 0 (Config.get_nvl_buffer_size_hint)"
         )
     return True
 
@@ -223,7 +228,7 @@ class HtEngine:
 
         rt = self.rt
         rt.check_usable()
-        check_capture("dispatch", across_nodes=self.inter is not None)
+        check_capture("dispatch", rt, across_nodes=self.inter is not None)
         plan_key = None
         if handle is not None:  # a cached dispatch like a validated one only allocates and launches (ht_replay.py)
             plan_key = ht_replay.cached_key(
@@ -238,7 +243,7 @@ class HtEngine:
         data, scales, T, row_bytes = api_checks.ht_x(x, dev, as_device_array)
         hidden = data.shape[1]
         num_worst_tokens = check_int(num_worst_tokens, "num_worst_tokens", min_value=0)
-        captured = check_capture("dispatch", across_nodes=False, host_wait=handle is None and not num_worst_tokens)
+        captured = check_capture("dispatch", rt, across_nodes=False, host_wait=handle is None and not num_worst_tokens)
         expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
         blocks = self.grid(config)
         cached = handle is not None
@@ -393,7 +398,7 @@ class HtEngine:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
-        check_capture("combine", across_nodes=self.inter is not None)
+        check_capture("combine", rt, across_nodes=self.inter is not None)
         plan_key = ht_replay.combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream)
         plan = self.plans.get(plan_key, None) if plan_key is not None else None
         if plan is not None and plan.matches(handle):  # a combine like a validated one (ht_replay.py)
