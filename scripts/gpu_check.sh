@@ -120,7 +120,7 @@ if has bench; then
 fi
 if has htalt; then
   # Issue #18, session N: back-to-back dispatch / combine pairs across nodes failed on the H100 with ranks per node
-  # > 1 (a hang at 2 x 4, an illegal address at 2 x 2; 1 x 8 passed). Only the pairs (10 s deadline), then the same
+  # > 1 (a hang at 2 x 4; 1 x 8 passed). Only the pairs (10 s deadline), then the same
   # with the host waiting for the dispatch and the NIC between the two (ALT_RPN: ranks per node, default "2 4").
   for rpn in ${ALT_RPN:-2 4}; do
     for mode in alt alt-drain; do
