@@ -88,12 +88,13 @@ def notify_result(
     return int(rt.notify_out[1]), (-(-raw // expert_alignment) * expert_alignment).tolist()
 
 
-def check_capture(what: str, rt, *, across_nodes: bool, host_wait: bool = False) -> bool:
-    """Whether this HT call is being captured into a CUDA graph, refusing (ArgumentError, before any launch) the calls
-    a graph cannot hold. Captured: the calls DeepEP allows there: a dispatch with ``num_worst_tokens`` or a handle, and
-    combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a new call).
-    Refused: a dispatch that waits on the host for the counts, and groups across nodes (not yet: the internode
-    kernels have not run inside a graph)."""
+def check_capture(what: str, rt, *, across_nodes: bool) -> bool:
+    """Whether this HT call is being captured into a CUDA graph (asked once per call; what it allocates then follows
+    from it), refusing (ArgumentError, before any launch) what a graph cannot hold. Captured: the calls DeepEP allows
+    there: a dispatch with ``num_worst_tokens`` or a handle (HtEngine.dispatch refuses one that waits on the host for
+    the counts), and combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a
+    new call). Refused here: groups across nodes (not yet: the internode kernels have not run inside a graph), and a
+    Buffer without a heap."""
     import cupy
 
     if not capturing(cupy.cuda.get_current_stream()):
@@ -102,11 +103,6 @@ def check_capture(what: str, rt, *, across_nodes: bool, host_wait: bool = False)
         raise ArgumentError(
             f"{what}: high-throughput calls across nodes cannot be captured into a CUDA graph yet (their graph "
             "replays are not built); call them eagerly"
-        )
-    if host_wait:
-        raise ArgumentError(
-            f"{what}: a dispatch without a handle waits on the host for the received counts, which a CUDA graph "
-            "cannot; inside a capture pass num_worst_tokens (outputs sized for the worst case) or a cached handle"
         )
     if rt.heap is None or rt.heap.nbytes == 0:
         raise ArgumentError(
@@ -127,13 +123,15 @@ class DispatchOutputs:
     src: object
 
 
-def dispatch_outputs(rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, on_comm):
+def dispatch_outputs(
+    rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, on_comm, *, captured: bool
+):
     """A dispatch's outputs, allocated where peers can write them (intranode and across nodes alike)."""
     hidden = data.shape[1]
     sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
     if not cached:
         sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
-    bufs, keep = rt.alloc_out(sizes, compute, on_comm, graph_heap=True)
+    bufs, keep = rt.alloc_out(sizes, compute, on_comm, captured=captured)
     # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
     recv_data = bufs[0].view(np.uint8 if scales is not None else data.dtype).reshape(out_rows, hidden)
     recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
@@ -228,7 +226,7 @@ class HtEngine:
 
         rt = self.rt
         rt.check_usable()
-        check_capture("dispatch", rt, across_nodes=self.inter is not None)
+        captured = check_capture("dispatch", rt, across_nodes=self.inter is not None)
         plan_key = None
         if handle is not None:  # a cached dispatch like a validated one only allocates and launches (ht_replay.py)
             plan_key = ht_replay.cached_key(
@@ -238,12 +236,16 @@ class HtEngine:
             plan = self.plans.get(plan_key, None) if plan_key is not None else None
             if plan is not None and plan.matches(handle):
                 self.replays += 1
-                return plan.run(x, handle, previous_event, async_finish, allocate_on_comm_stream)
+                return plan.run(x, handle, previous_event, async_finish, allocate_on_comm_stream, captured)
         R, dev = rt.num_ranks, rt.device
         data, scales, T, row_bytes = api_checks.ht_x(x, dev, as_device_array)
         hidden = data.shape[1]
         num_worst_tokens = check_int(num_worst_tokens, "num_worst_tokens", min_value=0)
-        captured = check_capture("dispatch", rt, across_nodes=False, host_wait=handle is None and not num_worst_tokens)
+        if captured and handle is None and not num_worst_tokens:
+            raise ArgumentError(
+                "dispatch: a dispatch without a handle waits on the host for the received counts, which a CUDA graph "
+                "cannot; inside a capture pass num_worst_tokens (outputs sized for the worst case) or a cached handle"
+            )
         expert_alignment = check_int(expert_alignment, "expert_alignment", min_value=1)
         blocks = self.grid(config)
         cached = handle is not None
@@ -280,7 +282,7 @@ class HtEngine:
             if not cached:
                 E_loc = num_tokens_per_expert.shape[0] // R
                 if captured:  # the handle's arrays in held heap memory (rt.alloc_out): a graph replays writing them
-                    bufs, _ = rt.alloc_out([R * R * 4, T * R * 4], compute, True, shared=False, graph_heap=True)
+                    bufs, _ = rt.alloc_out([R * R * 4, T * R * 4], compute, True, shared=False, captured=True)
                     rank_prefix, send_slot = bufs[0].view(np.int32).reshape(R, R), bufs[1].view(np.int32).reshape(T, R)
                 else:
                     rank_prefix = cupy.empty((R, R), dtype=np.int32)
@@ -327,8 +329,9 @@ class HtEngine:
                 )
                 out_rows = handle.num_out_rows
             out = dispatch_outputs(
-                rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream
-            )
+                rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream,
+                captured=captured,
+            )  # fmt: skip
             sizes, keep, recv_data, recv_scales = out.sizes, out.keep, out.x, out.scales
             recv_idx, recv_w, recv_src = out.idx, out.weights, out.src
             defines = HT_DISPATCH.defines(
@@ -398,12 +401,14 @@ class HtEngine:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
-        check_capture("combine", rt, across_nodes=self.inter is not None)
+        captured = check_capture("combine", rt, across_nodes=self.inter is not None)
         plan_key = ht_replay.combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream)
         plan = self.plans.get(plan_key, None) if plan_key is not None else None
         if plan is not None and plan.matches(handle):  # a combine like a validated one (ht_replay.py)
             self.replays += 1
-            return plan.run(x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream)
+            return plan.run(
+                x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream, captured
+            )
         dev = rt.device
         api_checks.own_handle(handle, HtHandle, rt, "dispatch")
         x = as_device_array(x, "x")
@@ -429,10 +434,10 @@ class HtEngine:
 
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights)
+            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights, captured)
             T, K = handle.num_tokens, handle.topk
             sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
-            bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False, graph_heap=True)
+            bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False, captured=captured)
             out = bufs[0].view(BF16).reshape(T, hidden)
             out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
             defines = HT_COMBINE.defines(

@@ -210,7 +210,7 @@ class HtInter:
                 fwd_slots, fwd_cap = None, 0  # the streams carry the same messages: combine keeps the first's
             out = dispatch_outputs(
                 rt, out_rows, row_bytes, a.data, a.scales, topk, a.cached, a.num_worst_tokens, compute,
-                a.allocate_on_comm_stream,
+                a.allocate_on_comm_stream, captured=False,  # across nodes is refused inside a capture
             )  # fmt: skip
             defines = HT_INTER_DISPATCH.defines(
                 EPK_NUM_RANKS=R,
@@ -286,7 +286,7 @@ class HtInter:
         tun = engine.tuning
         compute = rt.begin(previous_event, async_finish, on_comm)
         with rt.on_comm_stream():
-            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights)
+            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights, False)  # eager only
             sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
             bufs, _ = rt.alloc_out(sizes, compute, on_comm, shared=False)
             out = bufs[0].view(BF16).reshape(T, hidden)

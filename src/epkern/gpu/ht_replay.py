@@ -22,7 +22,6 @@ import numpy as np
 
 from ..api_checks import BF16
 from ..config import Config
-from .capture import capturing
 from .ll import plans as ll_plans
 
 
@@ -91,9 +90,10 @@ class _Plan:
         return held is not None and held is handle
 
 
-def combine_inputs_in_region(rt, x, topk_weights):
+def combine_inputs_in_region(rt, x, topk_weights, captured: bool):
     """A combine's input and weights where peers read them in place (between processes: the shared region, staged
-    there if not); returns them and the staged blocks to keep until the launch is queued."""
+    there if not); returns them and the staged blocks to keep until the launch is queued (``captured``: for the
+    Buffer's life, since a graph replays reading them)."""
     keep = []
     if not rt.in_process:
         x, k1 = rt.in_region(x)
@@ -101,7 +101,7 @@ def combine_inputs_in_region(rt, x, topk_weights):
         if topk_weights is not None:
             topk_weights, k2 = rt.in_region(topk_weights)
             keep += k2
-        if keep and capturing(sys.modules["cupy"].cuda.get_current_stream()):
+        if keep and captured:
             rt.graph_held.append(keep)  # a graph replays reading the staged copies: kept for the Buffer's life
     return x, topk_weights, keep
 
@@ -134,14 +134,14 @@ class CombinePlan(_Plan):
         self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "call", "out_x",
                                                  "out_weights")}  # fmt: skip
 
-    def run(self, x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream):
+    def run(self, x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream, captured):
         rt, i = self.rt, self.index
         biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights)
+            x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights, captured)
             T, K = handle.num_tokens, handle.topk
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False, graph_heap=True)
+            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False, captured=captured)
             out = bufs[0].view(BF16).reshape(T, self.hidden)
             out_w = bufs[1].view(np.float32).reshape(T, K) if self.with_weights else None
             packed = self.packed
@@ -170,13 +170,13 @@ class CachedDispatchPlan(_Plan):
         self.i_x, self.i_scales, self.i_call = spec.index("x"), spec.index("x_scales"), spec.index("call")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
 
-    def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream):
+    def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream, captured):
         """The call again: outputs, pointers, call number, launch; returns what dispatch returns."""
         rt = self.rt
         data, scales = x if self.fp8 else (x, None)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, graph_heap=True)
+            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, captured=captured)
             recv_data = bufs[0].view(self.data_dtype).reshape(self.out_rows, self.hidden)
             packed = self.packed
             packed.set(self.i_x, data.data.ptr)

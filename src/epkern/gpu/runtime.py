@@ -43,9 +43,6 @@ def _freer(region, rt):
     return free
 
 
-# Error-record phases (numbers in kernels/epk_constants.cuh) and what each was waiting for.
-
-
 class _CommStreamScope:
     """Runtime.on_comm_stream's context (a class: a generator-based context manager cost a few µs per call)."""
 
@@ -459,14 +456,13 @@ class Runtime:
     def last_defines(self, source: str) -> dict | None:
         return self._last_defines.get(source)
 
-    def alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, graph_heap: bool = False):
+    def alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, captured: bool = False):
         """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared heap; else
-        from the rank's CuPy pool, on the comm stream or (DeepEP's default) the caller's. ``graph_heap`` (HT): inside
-        a capture from the heap (no CUDA allocation there), held for the Buffer's life (every replay writes them)."""
+        from the rank's CuPy pool, on the comm stream or (DeepEP's default) the caller's. ``captured`` (an HT call
+        inside a capture): from the heap (no CUDA allocation there), held for the Buffer's life (replays write them)."""
         import cupy
 
         keep = ()
-        captured = graph_heap and capturing(compute)  # HT: a graph replays into it; no CUDA allocation in a capture
         if (shared and not self.in_process) or captured:
             aligned = [-(-n // 256) * 256 for n in nbytes_list]
             block = self.heap.alloc(sum(aligned))
