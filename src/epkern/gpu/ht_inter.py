@@ -30,6 +30,7 @@ from ..errors import ArgumentError
 from . import ht_inter_layout as lay
 from .ht import HtHandle, dispatch_outputs, notify_result
 from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
+from .ll import nic_link
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA
 
 _OUT_EXPERTS, _OUT_SHAPE = K.get("EPK_HT_INTER_OUT_EXPERTS"), K.get("EPK_HT_INTER_OUT_SHAPE")
@@ -78,14 +79,12 @@ class HtInter:
         self.host_copies = real_nic is None  # the emulated NIC: its copies are host CUDA calls (complete())
 
     def complete(self) -> None:
-        """Over the emulated NIC, the host waits (bounded, polling; the NIC threads keep running) for this call's
-        kernels before returning, as the LL NIC routes do: its copies are host CUDA calls, which a host CUDA call of
-        this process that waits for running kernels (a cudaMalloc of the next call's arrays, a module load) would
-        hold up while these kernels wait for them (docs/architecture.md, Known problems). Eager calls only: HT
-        across nodes is refused inside a capture."""
+        """Over the emulated NIC a call ends once its kernels have, as the LL NIC routes' (nic_link.wait_for_call: a
+        host CUDA call of this process that waits for running kernels, a cudaMalloc of the next call's arrays or a
+        module load, would hold up the NIC's copies these kernels wait for). Eager calls only: HT across nodes is
+        refused inside a capture."""
         if self.host_copies:
-            self.rt.sync_bounded(self.rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
-            self.rt.raise_recorded()
+            nic_link.wait_for_call(self.rt)
 
     def describe_peer(self, peer: int) -> str:
         """For a timeout naming ``peer``: what this rank's NIC did for it (a rank of another node), and any NIC

@@ -35,6 +35,7 @@ from ...errors import ArgumentError
 from ...events import EventHandle
 from ...handles import DeepEPTuple
 from ..capture import capturing
+from . import nic_link
 from . import plans as ll_plans
 from .layout import (
     LL_PHASES,
@@ -177,14 +178,11 @@ class LLEngine:
             self.nic_routes.check_batch(num_max, topk, e_loc, "num_max_dispatch_tokens_per_rank")
 
     def end(self, compute, async_finish: bool) -> EventHandle:
-        """``rt.end`` of an LL call. NIC routes: first the host waits (bounded, polling: the proxy / NIC threads keep
-        running) until this call's kernels ended, so that neither the caller's stream nor the next call is ever
-        queued behind such a kernel (which waits for the emulated NIC's CUDA copies); its own failure raises here."""
-        rt = self.rt
+        """``rt.end`` of an LL call; over NIC routes once the call's kernels ended (nic_link.wait_for_call), unless
+        the caller's stream is being captured."""
         if self.nic_build and not capturing(compute):
-            rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
-            rt.raise_recorded()
-        return rt.end(compute, async_finish)
+            nic_link.wait_for_call(self.rt)
+        return self.rt.end(compute, async_finish)
 
     def ensure_warm(self, spec, defines: dict, stream) -> None:
         if not self.rt.is_warm(spec, defines) and capturing(stream):

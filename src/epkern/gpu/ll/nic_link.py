@@ -34,6 +34,15 @@ def host_mapped(nbytes: int):
     return HostMapped(nbytes)
 
 
+def wait_for_call(rt) -> None:
+    """An eager call over a NIC route ends only once its kernels have (bounded, polling: the NIC / proxy threads keep
+    running), so that neither the caller's stream nor the next call is queued behind a kernel that waits for the
+    emulated NIC's copies, which are host CUDA calls (docs/architecture.md, Known problems); its own failure raises
+    here. The LL NIC routes and HT across nodes both end this way."""
+    rt.sync_bounded(rt.comm_stream, "waiting for this call's kernels (NIC route)", True)
+    rt.raise_recorded()
+
+
 class NicStillWriting(EpkernError):
     """A NIC route's NIC could not be stopped: memory it may write must stay allocated (no teardown barrier)."""
 
