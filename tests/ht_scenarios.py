@@ -307,17 +307,23 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
         check(-1, *data, got)
         group.barrier()
         held = len(buf._backend.rt.graph_held)
-        stream.begin_capture()
-        got = calls()
-        graph = stream.end_capture()
+        capture_and_replay(buf, group, stream, calls, load, check, replays)
         assert len(buf._backend.rt.graph_held) > held, "nothing a graph replays into was held"
-        for it in range(replays):
-            data = load(it)
-            graph.launch(stream)
-            settle(buf)
-            check(it, *data, got)
-        group.barrier()
     return replays
+
+
+def capture_and_replay(buf, group, stream, calls, load, check, replays):
+    """The calls captured once on ``stream``, then replayed ``replays`` times, each on fresh inputs (``load(it)``
+    copies them into the captured arrays and returns what ``check(it, *that, captured calls' result)`` compares)."""
+    stream.begin_capture()
+    got = calls()
+    graph = stream.end_capture()
+    for it in range(replays):
+        data = load(it)
+        graph.launch(stream)
+        settle(buf)
+        check(it, *data, got)
+    group.barrier()
 
 
 def expect_argument_errors(cases):

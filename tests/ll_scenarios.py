@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from epkern import reference
-from ht_scenarios import BF16, assert_same, expect_argument_errors, make_inputs, settle, shared_seed
+from ht_scenarios import BF16, assert_same, capture_and_replay, expect_argument_errors, make_inputs, settle, shared_seed
 
 FP8 = ml_dtypes.float8_e4m3fn
 
@@ -531,15 +531,7 @@ def run_graph_replays(
             check(it, *data, handle)
         group.barrier()
         return
-    stream.begin_capture()
-    handle, _ = calls()
-    captured = stream.end_capture()
-    for it in range(replays):
-        data = load(it)
-        captured.launch(stream)
-        settle(buf)
-        check(it, *data, handle)
-    group.barrier()
+    capture_and_replay(buf, group, stream, lambda: calls()[0], load, check, replays)  # check takes the handle
 
 
 def run_ll_bad_inputs(buf, group, num_max=64, hidden=2048):
