@@ -191,8 +191,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) epk_ht_inter_
         const int64_t local = e - static_cast<int64_t>(nodes.local(j)) * kLocalExperts;
         const bool here = e >= 0 && local >= 0 && local < kLocalExperts;
         reinterpret_cast<int64_t *>(s_dst[j][kOutIdx])[row * kTopk + lane] = here ? local : -1;
-        if (topk_weights != nullptr)
-          reinterpret_cast<float *>(s_dst[j][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
+        // Always: a forwarder writes the rows of other ranks' tokens, whether or not it has weights of its own
+        // (a rank of 0 tokens passes none).
+        reinterpret_cast<float *>(s_dst[j][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
       }
       if (lane == 0) reinterpret_cast<int *>(s_dst[j][kOutSrc])[row] = token;
     }

@@ -79,7 +79,8 @@ class ndarray:  # noqa: N801 - CuPy's name
     nbytes = property(lambda self: self._a.nbytes)
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
-    data = property(lambda self: _Data(self._ptr))
+    # as CuPy: an array of no elements has no memory (address 0); kernels must not take "no pointer" for "none"
+    data = property(lambda self: _Data(self._ptr if self._a.size else 0))
     device = property(lambda self: Device(0))
 
     def _same_start(self, a):  # views that begin where this array begins
@@ -305,7 +306,9 @@ class Launches(list):
 
 def _array(arg):
     """A kernel argument as the fake array it points to (arrays are passed as themselves or as addresses)."""
-    return arg if isinstance(arg, ndarray) else _arrays[int(arg)]
+    if isinstance(arg, ndarray):
+        return arg
+    return ndarray(None, _np=np.empty(0, np.uint8), _ptr=0) if int(arg) == 0 else _arrays[int(arg)]
 
 
 def emulate_ht_notify_one_rank(args):

@@ -355,9 +355,8 @@ class Model:
             if meta_on:
                 loc = np.where((e >= dst * E_loc) & (e < (dst + 1) * E_loc), e - dst * E_loc, -1).astype(np.int64)
                 mem(o["out_idx"] + slot * topk * 8, topk * 8)[:] = loc.view(np.uint8)
-                if w is not None:
-                    mem(o["out_weights"] + slot * topk * 4, topk * 4)[:] = np.where(loc >= 0, wt, 0).astype(
-                        np.float32).view(np.uint8)  # fmt: skip
+                mem(o["out_weights"] + slot * topk * 4, topk * 4)[:] = np.where(loc >= 0, wt, 0).astype(
+                    np.float32).view(np.uint8)  # fmt: skip
                 ctypes.c_int32.from_address(o["out_src"] + 4 * slot).value = token
 
         def copier():
@@ -365,7 +364,7 @@ class Model:
                 for dst in local:
                     if send_slot[t, dst] >= 0:
                         write_row(dst, int(send_slot[t, dst]), x[t], scales[t] if S else None,
-                                  idx[t] if meta_on else None, w[t] if w is not None else None, t)  # fmt: skip
+                                  idx[t] if meta_on else None, w[t] if w is not None else 0, t)  # fmt: skip
 
         def end_of(n, done, count):
             return dict(area=area, rings=(roff, ring, msg), n=n, my_node=me, peer=peers[n], count=count,

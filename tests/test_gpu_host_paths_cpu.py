@@ -307,8 +307,8 @@ def test_ll_silent_peer_raises_once_even_while_the_kernel_still_runs(fake):
         rt.comm_stream.hung = False
 
     device = threading.Thread(target=kernel_goes_on)
+    t0 = time.monotonic()  # before the thread starts its 0.3 s (after it, the wait measured may be shorter)
     device.start()
-    t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"peer 0 did not answer.*now masked"):
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
     device.join()
