@@ -15,7 +15,7 @@
 // Then the last block tells every rank of this node this rank is done reading its inputs and waits for each.
 //
 // Defines: EPK_NUM_RANKS, EPK_NUM_NODES, EPK_TOPK, EPK_HIDDEN (bf16 elements, multiple of 8), EPK_HAS_WEIGHTS,
-// EPK_THREADS, EPK_MIN_BLOCKS. NOT RUN on a GPU yet (compiled for sm_90 by the CPU tests).
+// EPK_THREADS, EPK_MIN_BLOCKS. Exact on an H100 (session O: tests/test_ht_inter_gpu.py, the MPS worker).
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ht_common.cuh"

@@ -15,7 +15,8 @@
 // Then the last block tells every rank of this node this rank is done and waits until each of them is.
 //
 // Defines: EPK_NUM_RANKS, EPK_NUM_NODES, EPK_TOPK, EPK_ROW_BYTES, EPK_SCALE_COLS, EPK_NUM_LOCAL_EXPERTS,
-// EPK_WITH_META, EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL. NOT RUN on a GPU yet (compiled for sm_90 by the CPU tests).
+// EPK_WITH_META, EPK_THREADS, EPK_MIN_BLOCKS, EPK_UNROLL. Exact on an H100 (session O: tests/test_ht_inter_gpu.py, the
+// MPS worker).
 #include "epk_common.cuh"
 #include "epk_constants.cuh"
 #include "ht_common.cuh"

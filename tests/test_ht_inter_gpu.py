@@ -1,6 +1,6 @@
 """HT dispatch/combine across virtual nodes (issue #18) on one GPU with in-process ranks over the emulated NIC, exact
 against the reference (tests/ht_inter_scenarios.py), with the NIC counters as the design says. Written with the
-kernels; NOT RUN on a GPU yet (the next GPU session's first call: docs/journal.md)."""
+kernels; all pass on an H100 (session O, docs/journal.md)."""
 
 import sys
 from pathlib import Path

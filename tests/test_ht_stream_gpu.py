@@ -3,8 +3,8 @@ warp streams messages to another over an emulated NIC's QP (send rings and doorb
 RDMA route has them), the receiver checks every word and returns credit over a QP back. Exact delivery with ring
 wrap-around and credit reuse, the NIC's counters (one WRITE per chunk, two where it wraps, plus the inline tail; one
 credit WRITE per chunk back), and a receiver that never returns credit ends the sender at its deadline with an error
-record naming the phase. Written in session L; not run on a GPU yet (tests/test_ht_internode_ring_cpu.py runs the
-same protocol in Python through the same emulated NIC)."""
+record naming the phase. Written in session L; passed on an H100 in session O
+(tests/test_ht_internode_ring_cpu.py runs the same protocol in Python through the same emulated NIC)."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def check_capture(what: str, rt, *, across_nodes: bool) -> bool:
     from it), refusing (ArgumentError, before any launch) what a graph cannot hold. Captured: the calls DeepEP allows
     there: a dispatch with ``num_worst_tokens`` or a handle (HtEngine.dispatch refuses one that waits on the host for
     the counts), and combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a
-    new call). Refused here: groups across nodes (not yet: the internode kernels have not run inside a graph), and a
+    new call). Refused here: groups across nodes (their host waits for the NIC's work: HtInter.complete), and a
     Buffer without a heap."""
     import cupy
 
