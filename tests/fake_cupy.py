@@ -63,6 +63,10 @@ class ndarray:  # noqa: N801 - CuPy's name
     """A numpy array with a device pointer of its own (its host address, or the memptr given)."""
 
     def __init__(self, shape, dtype=float, memptr=None, strides=None, *, _np=None, _ptr=None, _keep=None):
+        if _np is None and memptr is not None and memptr.ptr:  # over fake device memory (host memory: FakeRegion)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(memptr.ptr))
+            _np = raw[:nbytes].view(dtype).reshape(shape)
         self._a = np.empty(shape, dtype) if _np is None else _np
         self._keep = memptr if memptr is not None else _keep  # as CuPy: the memory (and its owner) stays alive
         if _ptr is not None:
@@ -103,7 +107,8 @@ class ndarray:  # noqa: N801 - CuPy's name
         return ndarray(None, _np=sub, _ptr=self._ptr + offset, _keep=self._keep)
 
     def __setitem__(self, key, value):
-        self._a[key] = value._a if isinstance(value, ndarray) else value
+        src = value._a if isinstance(value, ndarray) else value
+        in_stream_order(get_current_stream(), lambda: self._a.__setitem__(key, src))  # a CuPy copy kernel
 
     def fill(self, value):
         self._a.fill(value)
@@ -245,12 +250,22 @@ def get_current_stream():
     return s
 
 
+def in_stream_order(stream, work) -> None:
+    """Device work of the fake (a copy, a memset, an emulated kernel) on ``stream``: done now, or, while the stream
+    is being captured into a graph, recorded there and done at each of the graph's launches (as CUDA)."""
+    if stream is not None and stream.is_capturing():
+        stream.captured.append(lambda ptr: work())
+    else:
+        work()
+
+
 def _memset_async(ptr, value, nbytes, stream=0):
-    ctypes.memset(ptr, value, nbytes)  # fake "device" memory is host memory (FakeRegion)
+    # fake "device" memory is host memory (FakeRegion)
+    in_stream_order(_streams.get(int(stream)), lambda: ctypes.memset(ptr, value, nbytes))
 
 
 def _memcpy_async(dst, src, nbytes, kind, stream=0):
-    ctypes.memmove(dst, src, nbytes)
+    in_stream_order(_streams.get(int(stream)), lambda: ctypes.memmove(dst, src, nbytes))
 
 
 def _module():

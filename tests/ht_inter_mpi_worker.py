@@ -11,6 +11,7 @@ os.environ.setdefault("EPKERN_POISON_OUTPUTS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_inter_scenarios as S  # noqa: E402
+import ht_scenarios  # noqa: E402
 from epkern import Buffer  # noqa: E402
 from epkern.gpu import ht_inter_layout as lay  # noqa: E402
 from epkern.group import as_group  # noqa: E402
@@ -47,6 +48,9 @@ def main():
             if group.rank == 0:
                 print("ok", case, flush=True)
         S.run_alternating(buf, group, 100)
+        replays = ht_scenarios.run_ht_graph(buf, group)  # captured across nodes (session O: not run on a GPU yet)
+        if group.rank == 0:
+            print(f"ok graph: {replays} replays", flush=True)
         S.run_mismatched(buf, group)  # last: its num_worst_tokens case leaves the Buffer failed
     print(f"OK rank {group.rank} of {R} on {N} nodes", flush=True)
 

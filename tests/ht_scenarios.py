@@ -242,10 +242,11 @@ def run_fresh_iterations(buf, group, iterations, num_tokens=96, hidden=2048, num
             print(f"fresh iterations: {it + 1} done in {time.monotonic() - t0:.1f} s", flush=True)
 
 
-def check_graph_replay(r, E, W, xs, idxs, ws, outs, what):
+def check_graph_replay(r, E, W, xs, idxs, ws, outs, what, rank_to_node=None):
     """One replay of the HT graph scenario (run_ht_graph; deep_ep_scenarios.ht_graph_case) against the reference:
     ``outs`` = numpy (src_idx, recv_x, recv_topk_idx, recv_topk_weights, cached recv_x, combined_x, combined
-    weights) of a dispatch with num_worst_tokens ``W``, its cached dispatch, and the combine of the received rows."""
+    weights) of a dispatch with num_worst_tokens ``W``, its cached dispatch, and the combine of the received rows
+    (across nodes: ``rank_to_node``, the reference's two-level order)."""
     src_idx, recv_x, recv_idx, recv_w, again, out, out_w = outs
     ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws, num_worst_tokens=W)
     mine = ref[r]
@@ -256,7 +257,9 @@ def check_graph_replay(r, E, W, xs, idxs, ws, outs, what):
     assert_same(recv_w, mine.recv_topk_weights, f"{what} recv_topk_weights")
     assert_same(again[:n], mine.recv_x[:n], f"{what} cached recv_x")
     handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
-    want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
+    want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights, rank_to_node=rank_to_node)[
+        r
+    ]
     assert_same(out, want[0], f"{what} combined_x")
     assert_same(out_w, want[1], f"{what} combined_topk_weights")
 
@@ -266,12 +269,15 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
     with its handle, the expert (its output = the received rows, a captured copy into an array outside the Buffer)
     and the combine of that fresh output are captured once, then replayed on fresh inputs (and their layout) copied
     into the captured arrays. Every replay exact: the kernels count epochs on the device, so a replay is a new call.
-    The Buffer needs num_nvl_bytes for what a captured call allocates (its heap). Returns the replays checked."""
+    The Buffer needs num_nvl_bytes for what a captured call allocates (its heap). A group across nodes also passes
+    the tokens per node (and needs num_rdma_bytes). Returns the replays checked."""
     import cupy
 
     r, R = group.rank, group.size
     E, W = 8 * R, R * num_tokens  # W: every token of every rank
     base = shared_seed(group)
+    nodes = np.asarray(group.node_of_rank) if len(set(group.node_of_rank)) > 1 else None
+    per_node = cupy.empty((len(set(group.node_of_rank)),), np.int32) if nodes is not None else None
     x_dev, y_dev = cupy.empty((num_tokens, hidden), BF16), cupy.empty((W, hidden), BF16)
     idx_dev, w_dev = cupy.empty((num_tokens, topk), np.int64), cupy.empty((num_tokens, topk), np.float32)
     per_rank, per_expert = cupy.empty((R,), np.int32), cupy.empty((E,), np.int32)
@@ -279,16 +285,19 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
 
     def load(it):
         xs, idxs, ws = make_inputs(base + it, R, num_tokens, hidden, E, topk)
-        lay = reference.get_dispatch_layout(idxs[r], E, R)
-        for dev, host in ((x_dev, xs[r]), (idx_dev, idxs[r]), (w_dev, ws[r]), (per_rank, lay.num_tokens_per_rank),
-                          (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)):  # fmt: skip
+        lay = reference.get_dispatch_layout(idxs[r], E, R, rank_to_node=nodes)
+        pairs = [(x_dev, xs[r]), (idx_dev, idxs[r]), (w_dev, ws[r]), (per_rank, lay.num_tokens_per_rank),
+                 (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)]  # fmt: skip
+        if nodes is not None:
+            pairs.append((per_node, lay.num_tokens_per_rdma_rank))
+        for dev, host in pairs:
             dev.set(np.ascontiguousarray(np.asarray(host).astype(dev.dtype)))
         return xs, idxs, ws
 
     def calls():
         recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
-            x_dev, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx_dev, topk_weights=w_dev, num_worst_tokens=W,
+            x_dev, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=idx_dev, topk_weights=w_dev, num_worst_tokens=W,
         )  # fmt: skip
         again = buf.dispatch(x_dev, handle=handle)[0]
         y_dev.view(np.uint16)[...] = again.view(np.uint16)  # the expert
@@ -298,7 +307,7 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
     def check(it, xs, idxs, ws, got):
         recv_x, recv_idx, recv_w, handle, again, out, out_w = got
         outs = [cupy.asnumpy(a) for a in (handle.recv_src_idx, recv_x, recv_idx, recv_w, again, out, out_w)]
-        check_graph_replay(r, E, W, xs, idxs, ws, outs, f"rank {r} graph replay {it}")
+        check_graph_replay(r, E, W, xs, idxs, ws, outs, f"rank {r} graph replay {it}", rank_to_node=nodes)
 
     with cupy.cuda.Stream(non_blocking=True) as stream:  # never the legacy stream (no capture there)
         data = load(-1)

@@ -47,8 +47,9 @@ def model(monkeypatch):
 
             def launch(grid, block, args):
                 fn(grid, block, args)
-                if int(args[0]) == 0:
-                    models[name](dict(zip([n for n, _ in spec.args], args, strict=True)), dict(defines))
+                if int(args[0]) == 0:  # run now, or at each launch of the graph being captured
+                    named = dict(zip([n for n, _ in spec.args], args, strict=True))
+                    F.in_stream_order(cupy.cuda.get_current_stream(), lambda: models[name](named, dict(defines)))
 
             launch.kernel = fn.kernel
             return launch
@@ -247,3 +248,14 @@ def test_a_buffer_with_both_ll_and_ht_across_nodes(model):
     before = _threads()
     assert run_in_process(rank_main, 4, ranks_per_node=2, timeout_s=120) == [True] * 4
     assert not _threads() - before
+
+
+@pytest.mark.parametrize("n,rpn", [(4, 2), (2, 1)])
+def test_graph_capture_replays_across_nodes(model, n, rpn):
+    """HT across nodes in a CUDA graph (as DeepEP allows): the GPU scenario (a dispatch with num_worst_tokens, its
+    cached dispatch, an expert's copy, the combine of that fresh output) captured once and replayed on fresh inputs,
+    every replay exact: the kernels' models run at each graph launch, their epochs and the streams' words counted
+    in device memory, the emulated NIC carrying the rings."""
+    import ht_scenarios
+
+    _on_ranks(model, lambda b, g: ht_scenarios.run_ht_graph(b, g, replays=3, num_tokens=12, hidden=256), n, rpn)

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_inter_scenarios as S  # noqa: E402
+import ht_scenarios  # noqa: E402
 from epkern import Buffer  # noqa: E402
 from epkern.gpu import ht_inter_layout as lay  # noqa: E402
 from epkern.group import run_in_process  # noqa: E402
@@ -56,6 +57,13 @@ def test_hidden_7168_top8():
 
 def test_hundred_alternating_iterations():
     _run(8, 4, lambda b, g: S.run_alternating(b, g, 100), timeout_s=900)
+
+
+@pytest.mark.parametrize("num_ranks,ranks_per_node", [(8, 4), (4, 1)])
+def test_graph_capture_replays(num_ranks, ranks_per_node):
+    """HT across nodes in a CUDA graph (dispatch with num_worst_tokens, cached dispatch, combine of a fresh output),
+    replayed on fresh inputs, exact (written in session O; not run on a GPU yet)."""
+    _run(num_ranks, ranks_per_node, lambda b, g: ht_scenarios.run_ht_graph(b, g))
 
 
 def test_mismatched_calls_are_refused_and_the_streams_stay_in_step():

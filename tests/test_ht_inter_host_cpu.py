@@ -168,15 +168,24 @@ def test_rdma_buffer_size_hint_holds_rings_of_the_largest_messages():
 
 
 @pytest.mark.parametrize("ranks_per_node", [2, 1])  # intranode (one node of 2) and across nodes (2 of 1)
-def test_ht_graph_capture_takes_what_deepep_allows(fake, ranks_per_node):  # noqa: F811
-    """Intranode, the calls DeepEP allows in a CUDA graph are captured (their kernels count epochs on the device):
-    dispatch with num_worst_tokens, cached dispatch, combine, and the memory a graph replays into is held for the
-    Buffer's life. Refused, naming the call, before anything launches: a dispatch that waits on the host for its
-    counts, a specialisation's first use, and every HT call across nodes (its kernels wait for the NIC)."""
+def test_ht_graph_capture_takes_what_deepep_allows(fake, ranks_per_node, monkeypatch):  # noqa: F811
+    """Intranode and across nodes, the calls DeepEP allows in a CUDA graph are captured (their kernels count epochs
+    on the device): dispatch with num_worst_tokens, cached dispatch, combine, and the memory a graph replays into is
+    held for the Buffer's life; across nodes no call waits on the host for the NIC inside the capture. Refused,
+    naming the call, before anything launches: a dispatch that waits on the host for its counts and a
+    specialisation's first use."""
     import cupy
 
     import epkern
+    from epkern.gpu.ll import nic_link
     from epkern.group.threads import run_in_process
+
+    host_waits = []  # HtInter.complete's waits for the NIC: none while capturing
+    real_wait = nic_link.wait_for_call
+    monkeypatch.setattr(
+        nic_link, "wait_for_call", lambda rt: host_waits.append(cupy.cuda.get_current_stream().is_capturing())
+        or real_wait(rt)
+    )  # fmt: skip
 
     def body(group):
         R = group.size
@@ -203,27 +212,22 @@ def test_ht_graph_capture_takes_what_deepep_allows(fake, ranks_per_node):  # noq
         no_wait = {k: v for k, v in args.items() if k != "num_worst_tokens"}
         stream.begin_capture()
         launched = mine()
-        if ranks_per_node == 1:
-            for call in (lambda: buf.dispatch(x, **args), lambda: buf.dispatch(x, handle=handle),
-                         lambda: buf.combine(recv_x, handle)):  # fmt: skip
-                with pytest.raises(ArgumentError, match="across nodes cannot be captured"):
-                    call()
-            assert mine() == launched  # nothing launched
-            stream.end_capture()
-        else:
-            with pytest.raises(ArgumentError, match="dispatch: a dispatch without a handle waits on the host"):
-                buf.dispatch(x, **no_wait)
-            assert mine() == launched
-            held = len(rt.graph_held)
-            out, *_, h2, _ = buf.dispatch(x, **args)  # notify + dispatch
-            buf.dispatch(x, handle=h2)
-            buf.combine(out, h2)
-            assert mine() == launched + 4  # no host wait, nothing refused
-            assert len(rt.graph_held) >= held + 3  # outputs (and the handle's arrays) held for the graph
-            with pytest.raises(ArgumentError, match="used for the first time inside a CUDA graph capture"):
-                buf.dispatch(cupy.asarray(np.ones((T, 2 * H), ml_dtypes.bfloat16)), **args)  # a new row size
-            stream.end_capture()
+        with pytest.raises(ArgumentError, match="dispatch: a dispatch without a handle waits on the host"):
+            buf.dispatch(x, **no_wait)
+        assert mine() == launched
+        held, waits = len(rt.graph_held), len(host_waits)
+        out, *_, h2, _ = buf.dispatch(x, **args)  # notify + dispatch
+        buf.dispatch(x, handle=h2)
+        buf.combine(out, h2)
+        assert mine() == launched + 4  # no host wait, nothing refused
+        assert len(rt.graph_held) >= held + 3  # outputs (and the handle's arrays) held for the graph
+        assert len(host_waits) == waits  # no wait for the NIC inside the capture
+        with pytest.raises(ArgumentError, match="used for the first time inside a CUDA graph capture"):
+            buf.dispatch(cupy.asarray(np.ones((T, 2 * H), ml_dtypes.bfloat16)), **args)  # a new row size
+        stream.end_capture()
         buf.combine(recv_x, handle)  # eager again
+        if ranks_per_node == 1:
+            assert host_waits and not any(host_waits), host_waits  # eager calls across nodes waited, outside captures
         buf.destroy()
 
     run_in_process(body, 2, ranks_per_node=ranks_per_node, timeout_s=60)

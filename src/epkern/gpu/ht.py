@@ -88,22 +88,16 @@ def notify_result(
     return int(rt.notify_out[1]), (-(-raw // expert_alignment) * expert_alignment).tolist()
 
 
-def check_capture(what: str, rt, *, across_nodes: bool) -> bool:
+def check_capture(what: str, rt) -> bool:
     """Whether this HT call is being captured into a CUDA graph (asked once per call; what it allocates then follows
     from it), refusing (ArgumentError, before any launch) what a graph cannot hold. Captured: the calls DeepEP allows
     there: a dispatch with ``num_worst_tokens`` or a handle (HtEngine.dispatch refuses one that waits on the host for
     the counts), and combine (their kernels count epochs on the device, kernels/ht_common.cuh, so every replay is a
-    new call). Refused here: groups across nodes (their host waits for the NIC's work: HtInter.complete), and a
-    Buffer without a heap."""
+    new call), intranode and across nodes alike. Refused here: a Buffer without a heap."""
     import cupy
 
     if not capturing(cupy.cuda.get_current_stream()):
         return False
-    if across_nodes:
-        raise ArgumentError(
-            f"{what}: high-throughput calls across nodes cannot be captured into a CUDA graph yet (their graph "
-            "replays are not built); call them eagerly"
-        )
     if rt.heap is None or rt.heap.nbytes == 0:
         raise ArgumentError(
             f"num_nvl_bytes: a captured HT {what} takes its outputs from the Buffer's heap (num_nvl_bytes), which is "
@@ -226,7 +220,7 @@ class HtEngine:
 
         rt = self.rt
         rt.check_usable()
-        captured = check_capture("dispatch", rt, across_nodes=self.inter is not None)
+        captured = check_capture("dispatch", rt)
         plan_key = None
         if handle is not None:  # a cached dispatch like a validated one only allocates and launches (ht_replay.py)
             plan_key = ht_replay.cached_key(
@@ -274,7 +268,7 @@ class HtEngine:
                 num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, num_tokens_per_expert=num_tokens_per_expert,
                 topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
                 num_worst_tokens=num_worst_tokens, blocks=blocks, previous_event=previous_event,
-                async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
+                async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, captured=captured,
             ))  # fmt: skip
         tun = self.tuning
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -401,7 +395,7 @@ class HtEngine:
     def combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
         rt = self.rt
         rt.check_usable()
-        captured = check_capture("combine", rt, across_nodes=self.inter is not None)
+        captured = check_capture("combine", rt)
         plan_key = ht_replay.combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on_comm_stream)
         plan = self.plans.get(plan_key, None) if plan_key is not None else None
         if plan is not None and plan.matches(handle):  # a combine like a validated one (ht_replay.py)
@@ -428,8 +422,9 @@ class HtEngine:
         blocks = self.grid(config)
         if self.inter is not None:  # the group spans nodes (ht_inter.py)
             return self.inter.combine(
-                self, x, handle, topk_weights, biases, blocks, previous_event, async_finish, allocate_on_comm_stream
-            )
+                self, x, handle, topk_weights, biases, blocks, previous_event, async_finish, allocate_on_comm_stream,
+                captured,
+            )  # fmt: skip
         tun = self.tuning
 
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)

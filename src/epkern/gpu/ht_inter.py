@@ -79,13 +79,28 @@ class HtInter:
         rt.describe_peer = self.describe_peer
         self.host_copies = real_nic is None  # the emulated NIC: its copies are host CUDA calls (complete())
 
-    def complete(self) -> None:
-        """Over the emulated NIC a call ends once its kernels have, as the LL NIC routes' (nic_link.wait_for_call: a
-        host CUDA call of this process that waits for running kernels, a cudaMalloc of the next call's arrays or a
-        module load, would hold up the NIC's copies these kernels wait for). Eager calls only: HT across nodes is
-        refused inside a capture."""
-        if self.host_copies:
+    def complete(self, captured: bool) -> None:
+        """Over the emulated NIC an eager call ends once its kernels have, as the LL NIC routes' (nic_link's
+        wait_for_call: a host CUDA call of this process that waits for running kernels, a cudaMalloc of the next
+        call's arrays or a module load, would hold up the NIC's copies these kernels wait for). Not inside a capture
+        (no host wait can be captured): replays run as LL's over NIC routes do (docs/architecture.md, Known
+        problems)."""
+        if self.host_copies and not captured:
             nic_link.wait_for_call(self.rt)
+
+    def _int32_arrays(self, shapes, compute, captured: bool, zeroed=()):
+        """int32 work arrays of a call on the comm stream (the indices in ``zeroed`` set to 0 first): CuPy's pool
+        eagerly, the Buffer's heap inside a capture (held for its life: every replay writes them)."""
+        import cupy
+
+        if not captured:
+            return [(cupy.zeros if i in zeroed else cupy.empty)(s, dtype=np.int32) for i, s in enumerate(shapes)]
+        sizes = [4 * int(np.prod(s)) for s in shapes]
+        bufs, _ = self.rt.alloc_out(sizes, compute, True, shared=False, captured=True)
+        arrays = [b.view(np.int32).reshape(s) for b, s in zip(bufs, shapes, strict=True)]
+        for i in zeroed:
+            self.rt.fill_bytes(arrays[i], 0)
+        return arrays
 
     def describe_peer(self, peer: int) -> str:
         """For a timeout naming ``peer``: what this rank's NIC did for it (a rank of another node), and any NIC
@@ -123,8 +138,6 @@ class HtInter:
 
     def dispatch(self, engine, a):
         """``a``: HtEngine.dispatch's validated arguments (a SimpleNamespace)."""
-        import cupy
-
         rt, N, R = self.rt, self.nodes.num_nodes, self.rt.num_ranks
         T, topk, hidden, row_bytes = a.T, a.topk, a.hidden, a.row_bytes
         scale_cols = hidden // 128 if a.scales is not None else 0
@@ -148,11 +161,9 @@ class HtInter:
         with rt.on_comm_stream():
             if not a.cached:
                 E = a.num_tokens_per_expert.shape[0]
-                rank_prefix = cupy.empty((R, R), dtype=np.int32)
-                send_slot = cupy.empty((T, R), dtype=np.int32)
-                node_slot = cupy.empty((T, N), dtype=np.int32)
-                node_tokens = cupy.empty((N, max(T, 1)), dtype=np.int32)
-                node_counts = cupy.zeros(2 * MAX_NODES, dtype=np.int32)
+                rank_prefix, send_slot, node_slot, node_tokens, node_counts = self._int32_arrays(
+                    [(R, R), (T, R), (T, N), (N, max(T, 1)), (2 * MAX_NODES,)], compute, a.captured, zeroed=(4,)
+                )
                 call = rt.next_call()
                 rt.notify_out[0] = 0
                 rt.launch(
@@ -201,7 +212,7 @@ class HtInter:
                     out_rows = num_recv
                     fwd_cap = int(rt.notify_out[_OUT_NODES + MAX_NODES : _OUT_NODES + MAX_NODES + N].max())
                 fwd_cap = max(fwd_cap, 1)
-                fwd_slots = cupy.empty((N, fwd_cap, lay.SLOTS_PER_MSG), dtype=np.int32)
+                (fwd_slots,) = self._int32_arrays([(N, fwd_cap, lay.SLOTS_PER_MSG)], compute, a.captured)
                 is_token_in_rank = a.is_token_in_rank
             else:
                 h = a.handle
@@ -210,7 +221,7 @@ class HtInter:
                 fwd_slots, fwd_cap = None, 0  # the streams carry the same messages: combine keeps the first's
             out = dispatch_outputs(
                 rt, out_rows, row_bytes, a.data, a.scales, topk, a.cached, a.num_worst_tokens, compute,
-                a.allocate_on_comm_stream, captured=False,  # across nodes is refused inside a capture
+                a.allocate_on_comm_stream, captured=a.captured,
             )  # fmt: skip
             defines = HT_INTER_DISPATCH.defines(
                 EPK_NUM_RANKS=R,
@@ -255,7 +266,7 @@ class HtInter:
                 **rt.deadline(),
             )
             rt.launch(HT_INTER_DISPATCH, defines, blocks, THREADS, args)
-        self.complete()
+        self.complete(a.captured)
         event = rt.end(compute, a.async_finish)
         recv_x = (out.x, out.scales) if a.scales is not None else out.x
         if a.cached:
@@ -269,7 +280,7 @@ class HtInter:
         weights = out.weights if a.topk_weights is not None else None
         return recv_x, out.idx, weights, per_expert, handle, event
 
-    def combine(self, engine, x, handle, topk_weights, biases, blocks, previous_event, async_finish, on_comm):
+    def combine(self, engine, x, handle, topk_weights, biases, blocks, previous_event, async_finish, on_comm, captured):
         """HtEngine.combine's validated arguments: the partials of each node, reduced at the source
         (ht_inter_combine.cu)."""
         import cupy
@@ -286,13 +297,16 @@ class HtInter:
         tun = engine.tuning
         compute = rt.begin(previous_event, async_finish, on_comm)
         with rt.on_comm_stream():
-            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights, False)  # eager only
+            x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights, captured)
             sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
-            bufs, _ = rt.alloc_out(sizes, compute, on_comm, shared=False)
+            bufs, _ = rt.alloc_out(sizes, compute, on_comm, shared=False, captured=captured)
             out = bufs[0].view(BF16).reshape(T, hidden)
             out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
-            scratch = cupy.empty(max(1, N * T * msg), dtype=np.uint8)  # the partials of other nodes, in order
-            copied = cupy.zeros(MAX_NODES, dtype=np.int32)
+            if captured:  # the partials of other nodes, in order, and the per-node progress: from the heap, held
+                (scratch,), _ = rt.alloc_out([max(1, N * T * msg)], compute, True, shared=False, captured=True)
+            else:
+                scratch = cupy.empty(max(1, N * T * msg), dtype=np.uint8)
+            (copied,) = self._int32_arrays([(MAX_NODES,)], compute, captured, zeroed=(0,))
             defines = HT_INTER_COMBINE.defines(
                 EPK_NUM_RANKS=rt.num_ranks,
                 EPK_NUM_NODES=N,
@@ -332,7 +346,7 @@ class HtInter:
                 **rt.deadline(),
             )
             rt.launch(HT_INTER_COMBINE, defines, grid, THREADS, args)
-        self.complete()
+        self.complete(captured)
         event = rt.end(compute, async_finish)
         del keep, scratch, copied  # the stream orders their reuse after the kernel
         return out, out_w, event
