@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import math
 import sys
 import threading
 import types
@@ -22,6 +23,22 @@ import numpy as np
 _ids = itertools.count(1)
 _arrays = weakref.WeakValueDictionary()  # device pointer -> the fake array allocated there (the latest)
 _registering = False  # only while an emulation may look arrays up (the registry costs host time per array)
+
+
+_regions: list = []  # (start, uint8 view) of the open FakeRegions' memory: arrays made over it alias it
+
+
+def _over_memory(ptr, shape, dtype):
+    """A numpy view of fake device memory at ``ptr`` (within a FakeRegion: a slice of its buffer; elsewhere, host
+    memory the pointer names)."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    for start, mem in _regions:
+        if start <= ptr and ptr + nbytes <= start + mem.size:
+            return mem[ptr - start : ptr - start + nbytes].view(dtype).reshape(shape)
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr))
+    return raw[:nbytes].view(dtype).reshape(shape)
 
 
 class UnownedMemory:
@@ -64,9 +81,7 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     def __init__(self, shape, dtype=float, memptr=None, strides=None, *, _np=None, _ptr=None, _keep=None):
         if _np is None and memptr is not None and memptr.ptr:  # over fake device memory (host memory: FakeRegion)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(memptr.ptr))
-            _np = raw[:nbytes].view(dtype).reshape(shape)
+            _np = _over_memory(memptr.ptr, shape, dtype)
         self._a = np.empty(shape, dtype) if _np is None else _np
         self._keep = memptr if memptr is not None else _keep  # as CuPy: the memory (and its owner) stays alive
         if _ptr is not None:
@@ -285,6 +300,10 @@ def _module():
     return cupy, cuda
 
 
+def _forget_region(entry) -> None:
+    _regions[:] = [e for e in _regions if e is not entry]
+
+
 class FakeRegion:
     """SymmetricRegion on one rank: a pointer of its own, no peers."""
 
@@ -292,12 +311,16 @@ class FakeRegion:
         self.nbytes = int(nbytes)
         self._mem = np.zeros(max(self.nbytes, 256) // 8 + 1, np.uint64)
         self.ptr = self._mem.ctypes.data
+        self._entry = (self.ptr, self._mem.view(np.uint8))
+        _regions.append(self._entry)
+        weakref.finalize(self, _forget_region, self._entry)  # a region dropped without close() too
         self.peer_ptrs = [self.ptr if r == group.rank else 0 for r in range(group.size)]
         self.peer_table = ndarray(None, _np=np.array(self.peer_ptrs, dtype=np.uint64))
         self.mode = "fake"
 
     def close(self):
         self.ptr = 0
+        _forget_region(self._entry)
 
 
 class FakeHostMapped:
