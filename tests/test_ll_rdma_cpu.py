@@ -403,3 +403,18 @@ def test_a_dispatch_over_the_rdma_route_is_captured(fake):
         return sends, rt.comm_stream in waits
 
     assert _on_ranks(body, 2, 1) == [(2, False), (2, False)]
+
+
+def test_drained_counters_waits_for_the_nic_or_raises_naming_the_rank():
+    """What benchmarks and tests read: the counters once the NIC executed what was committed; a NIC that did not get
+    there is a TimeoutError naming the rank and what is missing, not counters read too early."""
+    from types import SimpleNamespace
+
+    from epkern.errors import TimeoutError
+    from epkern.gpu.ll.rdma import RdmaTransport
+
+    done = SimpleNamespace(rank=3, drain=lambda: None, counters=lambda: {5: {"bytes": 8}})
+    assert RdmaTransport.drained_counters(done) == {5: {"bytes": 8}}
+    late = SimpleNamespace(rank=3, drain=lambda: "peer 5 qp 0x1: the NIC executed 1 of 2 WQEs", counters=dict)
+    with pytest.raises(TimeoutError, match="rank 3: RDMA route: peer 5 .* 1 of 2 WQEs"):
+        RdmaTransport.drained_counters(late)

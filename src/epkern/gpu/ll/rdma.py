@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ...errors import ArgumentError, EpkernError
+from ...errors import ArgumentError, EpkernError, TimeoutError
 from . import nic_link
 from .layout import RDMA_QP_BYTES, ROUTE_RDMA, STATE_RDMA_TABLE
 from .nic_link import NicLink, NicTransport
@@ -193,6 +193,15 @@ class RdmaTransport(NicTransport):
                     )
                 time.sleep(1e-4)
         return None
+
+    def drained_counters(self) -> dict:
+        """The NIC counters per remote peer (``counters()``) once the NIC has executed what the ended kernels
+        committed (a call's last credit may still be queued when its kernel ends): what benchmarks and tests read.
+        TimeoutError when the NIC did not get there within the timeout."""
+        problem = self.drain()
+        if problem is not None:
+            raise TimeoutError(f"rank {self.rank}: RDMA route: {problem}")
+        return self.counters()
 
     def _executed(self, p: int) -> int:
         """WQEs of peer ``p``'s QP the NIC is done with: the emulated NIC's consumer index; for a real NIC (whose
