@@ -122,8 +122,9 @@ if has htalt; then
   # Issue #18, session N: back-to-back dispatch / combine pairs across nodes failed on the H100 with ranks per node
   # > 1 (a hang at 2 x 4; 1 x 8 passed). Only the pairs (10 s deadline), then the same
   # with the host waiting for the dispatch and the NIC between the two (ALT_RPN: ranks per node, default "2 4").
+  # ALT_MODES (default "alt alt-drain"): "graph" runs the worker's HT-in-a-CUDA-graph scenario across nodes instead.
   for rpn in ${ALT_RPN:-2 4}; do
-    for mode in alt alt-drain; do
+    for mode in ${ALT_MODES:-alt alt-drain}; do
       log="$OUT/htalt_${rpn}_$mode.log"
       t0=$(date +%s)
       timeout "${STEP_TIMEOUT:-60}" "${MPIRUN[@]}" --oversubscribe -n $((2 * rpn)) python3 -m mpi4py \

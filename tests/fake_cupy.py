@@ -98,8 +98,7 @@ class ndarray:  # noqa: N801 - CuPy's name
     nbytes = property(lambda self: self._a.nbytes)
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
-    # as CuPy: an array of no elements has no memory (address 0); kernels must not take "no pointer" for "none"
-    data = property(lambda self: _Data(self._ptr if self._a.size else 0))
+    data = property(lambda self: _Data(self._ptr))
     device = property(lambda self: Device(0))
 
     def _same_start(self, a):  # views that begin where this array begins
@@ -141,22 +140,28 @@ class ndarray:  # noqa: N801 - CuPy's name
         return len(self._a)
 
 
+def _allocated(a):
+    """A new device array holding ``a``: as CuPy's pool, an allocation of no bytes has address 0 (views of other
+    memory keep theirs); kernels must not take "no pointer" for "no argument"."""
+    return ndarray(None, _np=a, _ptr=0) if a.size == 0 else ndarray(None, _np=a)
+
+
 def asarray(a, dtype=None):
     if isinstance(a, ndarray):
         return a
-    return ndarray(None, _np=np.array(a, dtype=dtype))
+    return _allocated(np.array(a, dtype=dtype))
 
 
 def zeros(shape, dtype=float):
-    return ndarray(None, _np=np.zeros(shape, dtype))
+    return _allocated(np.zeros(shape, dtype))
 
 
 def empty(shape, dtype=float):
-    return ndarray(None, _np=np.empty(shape, dtype))
+    return _allocated(np.empty(shape, dtype))
 
 
 def full(shape, value, dtype=None):
-    return ndarray(None, _np=np.full(shape, value, dtype))
+    return _allocated(np.full(shape, value, dtype))
 
 
 def asnumpy(a):

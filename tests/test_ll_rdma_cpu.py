@@ -410,11 +410,17 @@ def test_drained_counters_waits_for_the_nic_or_raises_naming_the_rank():
     there is a TimeoutError naming the rank and what is missing, not counters read too early."""
     from types import SimpleNamespace
 
-    from epkern.errors import TimeoutError
+    from epkern.errors import EpkernError, TimeoutError
     from epkern.gpu.ll.rdma import RdmaTransport
 
-    done = SimpleNamespace(rank=3, drain=lambda: None, counters=lambda: {5: {"bytes": 8}})
-    assert RdmaTransport.drained_counters(done) == {5: {"bytes": 8}}
-    late = SimpleNamespace(rank=3, drain=lambda: "peer 5 qp 0x1: the NIC executed 1 of 2 WQEs", counters=dict)
+    def transport(problem=None, state=0):
+        qp = SimpleNamespace(state=state, ERROR=9)
+        counters = lambda: {5: {"bytes": 8}}  # noqa: E731
+        drain = lambda: problem  # noqa: E731
+        return SimpleNamespace(rank=3, drain=drain, check=lambda: None, remote=[5], qps={5: qp}, counters=counters)
+
+    assert RdmaTransport.drained_counters(transport()) == {5: {"bytes": 8}}
     with pytest.raises(TimeoutError, match="rank 3: RDMA route: peer 5 .* 1 of 2 WQEs"):
-        RdmaTransport.drained_counters(late)
+        RdmaTransport.drained_counters(transport("peer 5 qp 0x1: the NIC executed 1 of 2 WQEs"))
+    with pytest.raises(EpkernError, match=r"rank 3: RDMA route: the QPs to peers \[5\] are in error"):
+        RdmaTransport.drained_counters(transport(state=9))  # drain stopped waiting: partial counters refused

@@ -197,10 +197,15 @@ class RdmaTransport(NicTransport):
     def drained_counters(self) -> dict:
         """The NIC counters per remote peer (``counters()``) once the NIC has executed what the ended kernels
         committed (a call's last credit may still be queued when its kernel ends): what benchmarks and tests read.
-        TimeoutError when the NIC did not get there within the timeout."""
+        TimeoutError when the NIC did not get there within the timeout; EpkernError when the route failed or a QP
+        is in error (drain stops waiting then: the counters would be partial)."""
         problem = self.drain()
         if problem is not None:
             raise TimeoutError(f"rank {self.rank}: RDMA route: {problem}")
+        self.check()
+        broken = [p for p in self.remote if self.qps[p].state == self.qps[p].ERROR]
+        if broken:
+            raise EpkernError(f"rank {self.rank}: RDMA route: the QPs to peers {broken} are in error")
         return self.counters()
 
     def _executed(self, p: int) -> int:
