@@ -162,8 +162,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
           const int64_t local = e - static_cast<int64_t>(d) * kLocalExperts;
           const bool here = e >= 0 && local >= 0 && local < kLocalExperts;
           reinterpret_cast<int64_t *>(s_dst[d][kOutIdx])[row * kTopk + lane] = here ? local : -1;
-          if (topk_weights != nullptr)
-            reinterpret_cast<float *>(s_dst[d][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
+          // Always (0 from a rank without weights): every receiver's weights output is allocated, and a row left
+          // unwritten would be uninitialised memory (as across nodes, ht_inter_dispatch.cu).
+          reinterpret_cast<float *>(s_dst[d][kOutWeights])[row * kTopk + lane] = here ? w : 0.f;
         }
         if (lane == 0) reinterpret_cast<int *>(s_dst[d][kOutSrc])[row] = t;
       }
