@@ -224,8 +224,10 @@ def test_ht_graph_capture_takes_what_deepep_allows(fake, ranks_per_node, monkeyp
         # arrays and 3 calls' outputs; across nodes also the notify's work arrays, fwd_slots, combine scratch, copied
         assert len(rt.graph_held) == held + (4 if ranks_per_node == 2 else 7), len(rt.graph_held) - held
         assert len(host_waits) == waits  # no wait for the NIC inside the capture
+        held = len(rt.graph_held)
         with pytest.raises(ArgumentError, match="used for the first time inside a CUDA graph capture"):
             buf.dispatch(cupy.asarray(np.ones((T, 2 * H), ml_dtypes.bfloat16)), **args)  # a new row size
+        assert len(rt.graph_held) == held  # what the refused call had taken from the heap is given back
         stream.end_capture()
         buf.combine(recv_x, handle)  # eager again
         if ranks_per_node == 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .. import api_checks
 from ..errors import ArgumentError
 from . import ht_inter_layout
+from .capture import held_only_if_captured
 from .ht import HtEngine
 from .ll import prepared
 from .ll import routes as ll_routes
@@ -160,13 +161,15 @@ class GpuBackend:
         self._refuse_ht_without_memory("dispatch")
         if self.ht_inter is not None:
             self._check_nic()
-        return self.ht.dispatch(*args)
+        with held_only_if_captured(self.rt):
+            return self.ht.dispatch(*args)
 
     def combine(self, *args):
         self._refuse_ht_without_memory("combine")
         if self.ht_inter is not None:
             self._check_nic()
-        return self.ht.combine(*args)
+        with held_only_if_captured(self.rt):
+            return self.ht.combine(*args)
 
     def get_combine_buffer(self, handle):
         self._refuse_ht_without_memory("get_combine_buffer")
