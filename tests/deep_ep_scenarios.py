@@ -45,20 +45,27 @@ def same(got, want, what):
 
 
 def ht_case(buf, group, routing="random", device="cpu"):
-    """Layout, dispatch, combine and an asynchronous cached dispatch; all exact; DeepEP's handle tuple."""
+    """Layout, dispatch, combine and an asynchronous cached dispatch; all exact; DeepEP's handle tuple. A group
+    across (virtual) nodes also gets and passes the tokens per node, as DeepEP's internode mode."""
     torch = _torch()
     r, R = group.rank, buf.group_size
     E = 8 * R
     seed = ht_scenarios.shared_seed(group)
+    nodes = np.asarray(group.node_of_rank) if len(set(group.node_of_rank)) > 1 else None
     xs, idxs, ws = ht_scenarios.make_inputs(seed, R, T, H, E, K, routing)
     ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws)
     mine = ref[r]
     x, idx, w = to_tensor(xs[r], device), to_tensor(idxs[r], device).to(deep_ep.topk_idx_t), to_tensor(ws[r], device)
     per_rank, per_rdma, per_expert, in_rank, event = buf.get_dispatch_layout(idx, E)
-    assert per_rdma is None and isinstance(event, deep_ep.EventOverlap)
+    assert isinstance(event, deep_ep.EventOverlap)
+    if nodes is None:
+        assert per_rdma is None
+    else:
+        want_rdma = reference.get_dispatch_layout(idxs[r], E, R, rank_to_node=nodes).num_tokens_per_rdma_rank
+        same(per_rdma, want_rdma, "num_tokens_per_rdma_rank")
     recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
-        x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert, config=deep_ep.Buffer.get_dispatch_config(R),
+        x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=deep_ep.Buffer.get_dispatch_config(R),
     )  # fmt: skip
     assert isinstance(recv_x, torch.Tensor) and recv_x.device.type == torch.device(device).type
     same(recv_x, mine.recv_x, "recv_x")
@@ -72,7 +79,7 @@ def ht_case(buf, group, routing="random", device="cpu"):
     same(handle[4], mine.handle.is_token_in_rank, "handle is_token_in_rank")
     # combine of the received rows as they are
     handles, weights = [res.handle for res in ref], [res.recv_topk_weights for res in ref]
-    want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights)[r]
+    want = reference.ht_combine([res.recv_x for res in ref], handles, topk_weights=weights, rank_to_node=nodes)[r]
     combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w, previous_event=deep_ep.Buffer.capture())
     same(combined, want[0], "combined_x")
     same(combined_w, want[1], "combined_topk_weights")

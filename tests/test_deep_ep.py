@@ -255,3 +255,19 @@ def test_arguments_are_named_as_python_binds_them():
         return True
 
     assert run_in_process(body, 2) == [True] * 2
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 1])
+def test_ht_across_virtual_nodes(ranks_per_node):
+    """DeepEP's internode HT through the front end (CPU backend, 4 in-process ranks on virtual nodes): the layout
+    gives the tokens per node, dispatch takes them, combine reduces in the reference's two-level order; exact."""
+    from epkern import Config
+
+    def body(group):
+        rdma = Config.get_rdma_buffer_size_hint(H * 2, group.size, num_nodes=group.size // ranks_per_node)
+        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 24, num_rdma_bytes=rdma, backend="cpu")
+        deep_ep_scenarios.ht_case(buf, group)
+        buf.destroy()
+        return True
+
+    assert run_in_process(body, 4, ranks_per_node=ranks_per_node) == [True] * 4
