@@ -81,19 +81,21 @@ if has faults; then
 fi
 if has deepep; then
   # Issue #19: tests/deep_ep_worker.py, DeepEP-style scenarios through epkern.deep_ep as DEEPEP_NP processes under
-  # torch.distributed (gloo rendezvous), all on device 0 through MPS.
+  # torch.distributed (gloo rendezvous), all on device 0 through MPS. DEEPEP_RPN: virtual nodes of that many ranks
+  # (the HT cases across nodes, graph capture included; then the step skips LL and the benchmark).
   for n in ${DEEPEP_NP:-2 4 8}; do
     rdv="/tmp/epkern-deepep-rdv-$n-$$"
     rm -f "$rdv"
     t0=$(date +%s)
     for r in $(seq 0 $((n - 1))); do
-      timeout "${STEP_TIMEOUT:-240}" python3 tests/deep_ep_worker.py "$r" "$n" "$rdv" gpu >"$OUT/deepep_${n}_$r.log" 2>&1 &
+      EPKERN_RANKS_PER_NODE=${DEEPEP_RPN:-${EPKERN_RANKS_PER_NODE:-}} timeout "${STEP_TIMEOUT:-240}" \
+        python3 tests/deep_ep_worker.py "$r" "$n" "$rdv" gpu >"$OUT/deepep_${n}_$r.log" 2>&1 &
     done
     wait
     note "deepep n=$n $(($(date +%s) - t0)) s: $(cat "$OUT"/deepep_"${n}"_*.log | grep -c '^OK rank') OK; $(cat "$OUT"/deepep_"${n}"_*.log | grep -m1 -E 'Error|error' | cut -c1-240)"
   done
   # The front end against the CuPy API, same calls, one run: 8 MPS processes (HT 4096 tokens, LL 128, H 7168).
-  timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py ${DEEPEP_BENCH_EXTRA:-} --json "$OUT/bench_deep_ep_mps8.json" \
+  [ -n "${DEEPEP_RPN:-}" ] || timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py ${DEEPEP_BENCH_EXTRA:-} --json "$OUT/bench_deep_ep_mps8.json" \
     >"$OUT/bench_deep_ep_mps8.log" 2>&1
   note "bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s/%s; ", $1, $2, $3, $4, $5}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")"
 fi

@@ -186,11 +186,13 @@ def ht_graph_case(buf, group, replays=5, device="cuda"):
     """HT inside ``torch.cuda.graph`` where DeepEP allows it (GPU only): a dispatch with num_worst_tokens, a cached
     dispatch with its handle, the expert (a torch copy of the received rows) and the combine of that fresh output
     captured once on static tensors (the layout computed outside the graph, copied in), then replayed on fresh
-    inputs; every replay exact."""
+    inputs; every replay exact. Across (virtual) nodes the tokens per node are captured too."""
     torch = _torch()
     r, R = group.rank, buf.group_size
     E, W = 8 * R, R * T
     seed = ht_scenarios.shared_seed(group)
+    nodes = np.asarray(group.node_of_rank) if len(set(group.node_of_rank)) > 1 else None
+    per_node = None if nodes is None else torch.zeros((len(set(nodes.tolist())),), dtype=torch.int32, device=device)
     x = torch.zeros((T, H), dtype=torch.bfloat16, device=device)
     idx = torch.full((T, K), -1, dtype=deep_ep.topk_idx_t, device=device)
     w = torch.zeros((T, K), dtype=torch.float32, device=device)
@@ -201,16 +203,19 @@ def ht_graph_case(buf, group, replays=5, device="cuda"):
 
     def load(it):
         xs, idxs, ws = ht_scenarios.make_inputs(seed + it, R, T, H, E, K)
-        lay = reference.get_dispatch_layout(idxs[r], E, R)
-        for dst, src in ((x, xs[r]), (idx, idxs[r]), (w, ws[r]), (per_rank, lay.num_tokens_per_rank),
-                         (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)):  # fmt: skip
+        lay = reference.get_dispatch_layout(idxs[r], E, R, rank_to_node=nodes)
+        pairs = [(x, xs[r]), (idx, idxs[r]), (w, ws[r]), (per_rank, lay.num_tokens_per_rank),
+                 (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)]  # fmt: skip
+        if nodes is not None:
+            pairs.append((per_node, lay.num_tokens_per_rdma_rank))
+        for dst, src in pairs:
             dst.copy_(to_tensor(np.ascontiguousarray(src), device).to(dst.dtype))
         return xs, idxs, ws
 
     def step():
         recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
-            x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, num_worst_tokens=W,
+            x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, num_worst_tokens=W,
         )  # fmt: skip
         again, *_ = buf.dispatch(x, handle=handle)
         y.copy_(again)  # the expert
@@ -220,7 +225,9 @@ def ht_graph_case(buf, group, replays=5, device="cuda"):
     def check(it, xs, idxs, ws, got):
         recv_x, recv_idx, recv_w, handle, again, combined, combined_w = got
         outs = [to_numpy(t) for t in (handle[3], recv_x, recv_idx, recv_w, again, combined, combined_w)]
-        ht_scenarios.check_graph_replay(r, E, W, xs, idxs, ws, outs, f"rank {r} HT graph replay {it}")
+        ht_scenarios.check_graph_replay(
+            r, E, W, xs, idxs, ws, outs, f"rank {r} HT graph replay {it}", rank_to_node=nodes
+        )
 
     check(-1, *load(-1), step())  # eager first: every kernel warmed
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
     import torch.distributed as dist
 
     import deep_ep_scenarios
-    from epkern import deep_ep
+    from epkern import Config, deep_ep
     from epkern.group import as_group
 
     device = "cuda" if backend == "gpu" else "cpu"
@@ -29,7 +29,9 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
     try:
         group = dist.group.WORLD
         checks = as_group(group)  # the same ranks, for the scenarios' shared seed and exchanges
-        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 26, backend=backend)
+        nodes = checks.num_nodes  # EPKERN_RANKS_PER_NODE: virtual nodes (DeepEP's internode HT, over the emulated NIC)
+        rdma = 0 if nodes == 1 else Config.get_rdma_buffer_size_hint(deep_ep_scenarios.H * 2, world, num_nodes=nodes)
+        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 26, num_rdma_bytes=rdma, backend=backend)
         assert buf.group is group and buf.group_size == world
         for routing in ("random", "skewed"):
             deep_ep_scenarios.ht_case(buf, checks, routing, device)
@@ -38,6 +40,9 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
                 deep_ep_scenarios.ht_case(buf, checks, "random", device)
             deep_ep_scenarios.ht_graph_case(buf, checks)  # torch.cuda.graph capture and replays (issue #19)
         buf.destroy()
+        if nodes > 1:  # across nodes: the HT cases only (LL over NIC routes: tests/ll_mpi_worker.py)
+            print(f"OK rank {rank} (HT across {nodes} nodes)", flush=True)
+            return  # (the process group is destroyed below)
         num_max = 48
         nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, deep_ep_scenarios.H, world, 8 * world)
         buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend=backend)

@@ -49,10 +49,13 @@ def test_ll_dispatch_combine(use_fp8):
     assert run_in_process(body, R) == [True] * R
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_under_torch_distributed(tmp_path, world):
-    """The scenarios as processes under torch.distributed (gloo), the group a ProcessGroup as DeepEP takes it."""
+@pytest.mark.parametrize("world,ranks_per_node", [(2, None), (4, None), (4, 2)])
+def test_under_torch_distributed(tmp_path, world, ranks_per_node):
+    """The scenarios as processes under torch.distributed (gloo), the group a ProcessGroup as DeepEP takes it; with
+    virtual nodes (EPKERN_RANKS_PER_NODE) the HT cases across nodes, as DeepEP's internode mode."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EPKERN_", "PMI", "OMPI_", "MPI_"))}
+    if ranks_per_node:
+        env["EPKERN_RANKS_PER_NODE"] = str(ranks_per_node)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, str(ROOT / "tests" / "deep_ep_worker.py")]
