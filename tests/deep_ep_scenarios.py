@@ -202,14 +202,10 @@ def ht_graph_case(buf, group, replays=5, device="cuda"):
     y = torch.zeros((W, H), dtype=torch.bfloat16, device=device)
 
     def load(it):
-        xs, idxs, ws = ht_scenarios.make_inputs(seed + it, R, T, H, E, K)
-        lay = reference.get_dispatch_layout(idxs[r], E, R, rank_to_node=nodes)
-        pairs = [(x, xs[r]), (idx, idxs[r]), (w, ws[r]), (per_rank, lay.num_tokens_per_rank),
-                 (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)]  # fmt: skip
-        if nodes is not None:
-            pairs.append((per_node, lay.num_tokens_per_rdma_rank))
-        for dst, src in pairs:
-            dst.copy_(to_tensor(np.ascontiguousarray(src), device).to(dst.dtype))
+        xs, idxs, ws, host = ht_scenarios.graph_step_inputs(seed + it, r, R, T, H, E, K, nodes)
+        for dst, src in zip((x, idx, w, per_rank, per_expert, in_rank, per_node), host, strict=True):
+            if dst is not None:
+                dst.copy_(to_tensor(np.ascontiguousarray(src), device).to(dst.dtype))
         return xs, idxs, ws
 
     def step():

@@ -284,14 +284,10 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
     in_rank = cupy.empty((num_tokens, R), np.bool_)
 
     def load(it):
-        xs, idxs, ws = make_inputs(base + it, R, num_tokens, hidden, E, topk)
-        lay = reference.get_dispatch_layout(idxs[r], E, R, rank_to_node=nodes)
-        pairs = [(x_dev, xs[r]), (idx_dev, idxs[r]), (w_dev, ws[r]), (per_rank, lay.num_tokens_per_rank),
-                 (per_expert, lay.num_tokens_per_expert), (in_rank, lay.is_token_in_rank)]  # fmt: skip
-        if nodes is not None:
-            pairs.append((per_node, lay.num_tokens_per_rdma_rank))
-        for dev, host in pairs:
-            dev.set(np.ascontiguousarray(np.asarray(host).astype(dev.dtype)))
+        xs, idxs, ws, host = graph_step_inputs(base + it, r, R, num_tokens, hidden, E, topk, nodes)
+        for dev, h in zip((x_dev, idx_dev, w_dev, per_rank, per_expert, in_rank, per_node), host, strict=True):
+            if dev is not None:
+                dev.set(np.ascontiguousarray(np.asarray(h).astype(dev.dtype)))
         return xs, idxs, ws
 
     def calls():
@@ -319,6 +315,17 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
         capture_and_replay(buf, group, stream, calls, load, check, replays)
         assert len(buf._backend.rt.graph_held) > held, "nothing a graph replays into was held"
     return replays
+
+
+def graph_step_inputs(seed, r, R, num_tokens, hidden, E, topk, nodes):
+    """Fresh inputs of every rank for one step of a graph scenario, and rank ``r``'s host arrays to copy into the
+    captured ones, in the order (x, topk_idx, topk_weights, tokens per rank, per expert, is_token_in_rank, tokens
+    per node: None on one node)."""
+    xs, idxs, ws = make_inputs(seed, R, num_tokens, hidden, E, topk)
+    lay = reference.get_dispatch_layout(idxs[r], E, R, rank_to_node=nodes)
+    host = (xs[r], idxs[r], ws[r], lay.num_tokens_per_rank, lay.num_tokens_per_expert, lay.is_token_in_rank,
+            lay.num_tokens_per_rdma_rank if nodes is not None else None)  # fmt: skip
+    return xs, idxs, ws, host
 
 
 def capture_and_replay(buf, group, stream, calls, load, check, replays):
