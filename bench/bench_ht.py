@@ -280,6 +280,35 @@ def rank_main(group, args, tokens):
     return res
 
 
+# The headline: what MoE code gets (a single call with a sync; the combine of a fresh expert output), then beside it,
+# labelled, the figures of calls queued back to back and of a combine whose input already sits in the Buffer.
+HEADLINE = (
+    ("dispatch", "dispatch"),
+    ("cached_dispatch", "cached dispatch"),
+    ("combine_fresh", "combine of a fresh expert output"),
+    ("combine_buffer", "the same written into get_combine_buffer"),
+)
+BESIDE = (
+    ("combine", "combine of the dispatch output (in place)"),
+    ("cached_dispatch_pipelined", "cached dispatch, pipelined"),
+    ("combine_pipelined", "combine, pipelined"),
+)
+
+
+def headline_lines(r: dict) -> list[str]:
+    """The headline rows of one token count (µs and floor ratio where there is a floor), and the others beside them."""
+
+    def part(op, label):
+        ratio = r.get(f"{op}_floor_ratio")
+        return f"{label} {r[f'{op}_us']:.1f}" + (f" ({ratio:.2f} of the floor)" if ratio else "")
+
+    t = r["tokens_per_rank"]
+    return [
+        f"{t:>7} headline, single calls with a sync: " + "; ".join(part(op, label) for op, label in HEADLINE),
+        f"{t:>7} beside (not what a step gets): " + "; ".join(part(op, label) for op, label in BESIDE),
+    ]
+
+
 def summarize(per_rank: list[dict], args) -> dict:
     r0 = per_rank[0]
     R = len(per_rank)
@@ -405,6 +434,8 @@ def main(argv=None):
                     f"{fl if fl else float('nan'):>9.1f} {r.get(f'{op}_floor_ratio', float('nan')):>11.2f} "
                     f"{r[f'{op}_host_us']:>8.1f}"
                 )
+        for r in results:
+            print("\n".join(headline_lines(r)))
         for r in results:
             if "net_messages" in r:
                 print(

@@ -73,3 +73,17 @@ def test_summarize_logical_convention():
     assert out["dispatch_a2a_us"] == 12.0 and out["combine_us"] == 8.0
     assert out["dispatch_a2a_logical_GBps"] == pytest.approx(20 * A.row_bytes(128, True) / 12e-6 / 1e9)
     assert out["combine_logical_GBps"] == pytest.approx(20 * 256 / 8e-6 / 1e9)
+
+
+def test_bench_ht_headline_is_single_calls_and_the_fresh_output_combine():
+    """bench_ht's headline rows (issue #22): single calls and the combine of a fresh expert output first, with their
+    floor ratios; in-place and pipelined figures only beside them, labelled."""
+    ops = [op for op, _ in bench_ht.HEADLINE + bench_ht.BESIDE]
+    r = {"tokens_per_rank": 4096, **{f"{op}_us": 1000.0 + i for i, op in enumerate(ops)}}
+    r.update({f"{op}_floor_ratio": 0.5 for op in ops if op != "dispatch"})
+    head, beside = bench_ht.headline_lines(r)
+    assert head.startswith("   4096 headline, single calls with a sync: dispatch 1000.0;")
+    assert "combine of a fresh expert output 1002.0 (0.50 of the floor)" in head
+    assert "pipelined" not in head and "in place" not in head
+    assert "combine of the dispatch output (in place) 1004.0" in beside and "combine, pipelined 1006.0" in beside
+    assert set(ops) <= set(bench_ht.OPS)
