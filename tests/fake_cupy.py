@@ -130,6 +130,9 @@ class ndarray:  # noqa: N801 - CuPy's name
     def copy(self):
         return ndarray(None, _np=self._a.copy())
 
+    def astype(self, dtype):
+        return _allocated(self._a.astype(dtype))
+
     def get(self):
         return self._a.copy()
 
@@ -154,6 +157,10 @@ def asarray(a, dtype=None):
 
 def zeros(shape, dtype=float):
     return _allocated(np.zeros(shape, dtype))
+
+
+def ones(shape, dtype=float):
+    return _allocated(np.ones(shape, dtype))
 
 
 def empty(shape, dtype=float):
@@ -294,7 +301,7 @@ def _module():
     cuda.runtime = types.SimpleNamespace(
         memsetAsync=_memset_async, memcpyAsync=_memcpy_async, memcpyDeviceToDevice=3, getDevice=lambda: 0
     )
-    for name in ("ndarray", "asarray", "zeros", "empty", "full", "asnumpy", "ascontiguousarray"):
+    for name in ("ndarray", "asarray", "zeros", "ones", "empty", "full", "asnumpy", "ascontiguousarray"):
         setattr(cupy, name, globals()[name])
     for name in ("UnownedMemory", "MemoryPointer", "Device", "Event", "Stream", "get_current_stream"):
         setattr(cuda, name, globals()[name])

@@ -357,15 +357,22 @@ def expect_argument_errors(cases):
 
 def run_bad_inputs(buf, group):
     """Every bad argument raises ArgumentError naming it, before anything is launched; the Buffer stays
-    usable (a correct dispatch/combine follows)."""
+    usable (a correct dispatch/combine follows). Across nodes also the tokens per node (missing, dtype, shape)."""
     import cupy
 
     T, H, E, K = 64, 2048, 8 * group.size, 4
     x = cupy.asarray(np.ones((T, H), BF16))
     idx = cupy.asarray(np.argsort(np.random.default_rng(group.rank).random((T, E)), axis=1)[:, :K].astype(np.int64))
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    good = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
-    cases = [
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    good = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=idx)  # fmt: skip
+    across = [
+        (lambda: buf.dispatch(x, **{**good, "num_tokens_per_rdma_rank": None}), "num_tokens_per_rdma_rank"),
+        (lambda: buf.dispatch(x, **{**good, "num_tokens_per_rdma_rank": per_node.astype(cupy.int64)}),
+         "num_tokens_per_rdma_rank"),
+        (lambda: buf.dispatch(x, **{**good, "num_tokens_per_rdma_rank": per_node[:1]}), "num_tokens_per_rdma_rank"),
+    ] if per_node is not None else []  # fmt: skip
+    cases = across + [
         (lambda: buf.dispatch(x.astype(cupy.float32), **good), "x"),
         (lambda: buf.dispatch(x[:, :100], **good), "x"),
         (lambda: buf.dispatch(x[: T // 2], **good), "topk_idx"),

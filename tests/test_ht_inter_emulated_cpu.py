@@ -259,3 +259,11 @@ def test_graph_capture_replays_across_nodes(model, n, rpn):
     import ht_scenarios
 
     _on_ranks(model, lambda b, g: ht_scenarios.run_ht_graph(b, g, replays=3, num_tokens=12, hidden=256), n, rpn)
+
+
+def test_bad_inputs_across_nodes_name_the_argument_and_the_buffer_goes_on(model):
+    """The intranode bad-argument scenario across nodes (plus the tokens per node: missing, dtype, shape): each an
+    ArgumentError naming the argument before any launch, then an exact dispatch / combine over the same streams."""
+    import ht_scenarios
+
+    _on_ranks(model, lambda b, g: ht_scenarios.run_bad_inputs(b, g), 4, 2, hidden=2048)

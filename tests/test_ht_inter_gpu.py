@@ -66,6 +66,12 @@ def test_graph_capture_replays(num_ranks, ranks_per_node):
     _run(num_ranks, ranks_per_node, lambda b, g: ht_scenarios.run_ht_graph(b, g))
 
 
+def test_bad_inputs_name_the_argument_and_the_buffer_goes_on():
+    """ht_scenarios.run_bad_inputs across nodes, the tokens per node included (written in session O; not run on a
+    GPU yet)."""
+    _run(4, 2, ht_scenarios.run_bad_inputs)
+
+
 def test_mismatched_calls_are_refused_and_the_streams_stay_in_step():
     _run(4, 2, lambda b, g: S.run_mismatched(b, g))
 
