@@ -9,6 +9,7 @@ reference's order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -117,6 +118,21 @@ class DispatchOutputs:
     src: object
 
 
+def work_arrays(rt, shapes, dtype, compute, captured: bool, zeroed=()):
+    """A call's own arrays on the comm stream (the indices in ``zeroed`` set to 0 first): from CuPy's pool eagerly,
+    from the Buffer's heap inside a capture (held for its life: every replay writes them; rt.alloc_out)."""
+    import cupy
+
+    if not captured:
+        return [(cupy.zeros if i in zeroed else cupy.empty)(s, dtype=dtype) for i, s in enumerate(shapes)]
+    itemsize = np.dtype(dtype).itemsize
+    bufs, _ = rt.alloc_out([itemsize * math.prod(s) for s in shapes], compute, True, shared=False, captured=True)
+    arrays = [b.view(dtype).reshape(s) for b, s in zip(bufs, shapes, strict=True)]
+    for i in zeroed:
+        rt.fill_bytes(arrays[i], 0)
+    return arrays
+
+
 def dispatch_outputs(
     rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, on_comm, *, captured: bool
 ):
@@ -216,7 +232,6 @@ class HtEngine:
         async_finish,
         allocate_on_comm_stream,
     ):
-        import cupy
 
         rt = self.rt
         rt.check_usable()
@@ -275,12 +290,7 @@ class HtEngine:
         with rt.on_comm_stream():
             if not cached:
                 E_loc = num_tokens_per_expert.shape[0] // R
-                if captured:  # the handle's arrays in held heap memory (rt.alloc_out): a graph replays writing them
-                    bufs, _ = rt.alloc_out([R * R * 4, T * R * 4], compute, True, shared=False, captured=True)
-                    rank_prefix, send_slot = bufs[0].view(np.int32).reshape(R, R), bufs[1].view(np.int32).reshape(T, R)
-                else:
-                    rank_prefix = cupy.empty((R, R), dtype=np.int32)
-                    send_slot = cupy.empty((T, R), dtype=np.int32)
+                rank_prefix, send_slot = work_arrays(rt, [(R, R), (T, R)], np.int32, compute, captured)
                 notify_call = rt.next_call()
                 rt.notify_out[0] = 0
                 rt.launch(

@@ -29,7 +29,7 @@ from .. import kernel_constants as K
 from .._validate import as_device_array, check_array
 from ..errors import ArgumentError
 from . import ht_inter_layout as lay
-from .ht import HtHandle, dispatch_outputs, notify_result
+from .ht import HtHandle, dispatch_outputs, notify_result, work_arrays
 from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
 from .ll import nic_link
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA
@@ -87,20 +87,6 @@ class HtInter:
         problems)."""
         if self.host_copies and not captured:
             nic_link.wait_for_call(self.rt)
-
-    def _int32_arrays(self, shapes, compute, captured: bool, zeroed=()):
-        """int32 work arrays of a call on the comm stream (the indices in ``zeroed`` set to 0 first): CuPy's pool
-        eagerly, the Buffer's heap inside a capture (held for its life: every replay writes them)."""
-        import cupy
-
-        if not captured:
-            return [(cupy.zeros if i in zeroed else cupy.empty)(s, dtype=np.int32) for i, s in enumerate(shapes)]
-        sizes = [4 * int(np.prod(s)) for s in shapes]
-        bufs, _ = self.rt.alloc_out(sizes, compute, True, shared=False, captured=True)
-        arrays = [b.view(np.int32).reshape(s) for b, s in zip(bufs, shapes, strict=True)]
-        for i in zeroed:
-            self.rt.fill_bytes(arrays[i], 0)
-        return arrays
 
     def describe_peer(self, peer: int) -> str:
         """For a timeout naming ``peer``: what this rank's NIC did for it (a rank of another node), and any NIC
@@ -161,8 +147,13 @@ class HtInter:
         with rt.on_comm_stream():
             if not a.cached:
                 E = a.num_tokens_per_expert.shape[0]
-                rank_prefix, send_slot, node_slot, node_tokens, node_counts = self._int32_arrays(
-                    [(R, R), (T, R), (T, N), (N, max(T, 1)), (2 * MAX_NODES,)], compute, a.captured, zeroed=(4,)
+                rank_prefix, send_slot, node_slot, node_tokens, node_counts = work_arrays(
+                    rt,
+                    [(R, R), (T, R), (T, N), (N, max(T, 1)), (2 * MAX_NODES,)],
+                    np.int32,
+                    compute,
+                    a.captured,
+                    zeroed=(4,),
                 )
                 call = rt.next_call()
                 rt.notify_out[0] = 0
@@ -212,7 +203,7 @@ class HtInter:
                     out_rows = num_recv
                     fwd_cap = int(rt.notify_out[_OUT_NODES + MAX_NODES : _OUT_NODES + MAX_NODES + N].max())
                 fwd_cap = max(fwd_cap, 1)
-                (fwd_slots,) = self._int32_arrays([(N, fwd_cap, lay.SLOTS_PER_MSG)], compute, a.captured)
+                (fwd_slots,) = work_arrays(rt, [(N, fwd_cap, lay.SLOTS_PER_MSG)], np.int32, compute, a.captured)
                 is_token_in_rank = a.is_token_in_rank
             else:
                 h = a.handle
@@ -283,7 +274,6 @@ class HtInter:
     def combine(self, engine, x, handle, topk_weights, biases, blocks, previous_event, async_finish, on_comm, captured):
         """HtEngine.combine's validated arguments: the partials of each node, reduced at the source
         (ht_inter_combine.cu)."""
-        import cupy
 
         from . import ht_replay
         from .ht import BF16
@@ -302,11 +292,9 @@ class HtInter:
             bufs, _ = rt.alloc_out(sizes, compute, on_comm, shared=False, captured=captured)
             out = bufs[0].view(BF16).reshape(T, hidden)
             out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
-            if captured:  # the partials of other nodes, in order, and the per-node progress: from the heap, held
-                (scratch,), _ = rt.alloc_out([max(1, N * T * msg)], compute, True, shared=False, captured=True)
-            else:
-                scratch = cupy.empty(max(1, N * T * msg), dtype=np.uint8)
-            (copied,) = self._int32_arrays([(MAX_NODES,)], compute, captured, zeroed=(0,))
+            # the partials of other nodes, in order, and the per-node progress
+            (scratch,) = work_arrays(rt, [(max(1, N * T * msg),)], np.uint8, compute, captured)
+            (copied,) = work_arrays(rt, [(MAX_NODES,)], np.int32, compute, captured, zeroed=(0,))
             defines = HT_INTER_COMBINE.defines(
                 EPK_NUM_RANKS=rt.num_ranks,
                 EPK_NUM_NODES=N,
