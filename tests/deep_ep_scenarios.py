@@ -51,7 +51,7 @@ def ht_case(buf, group, routing="random", device="cpu"):
     r, R = group.rank, buf.group_size
     E = 8 * R
     seed = ht_scenarios.shared_seed(group)
-    nodes = np.asarray(group.node_of_rank) if len(set(group.node_of_rank)) > 1 else None
+    nodes = ht_scenarios.node_map(group)
     xs, idxs, ws = ht_scenarios.make_inputs(seed, R, T, H, E, K, routing)
     ref = reference.ht_dispatch(xs, idxs, E, topk_weights=ws)
     mine = ref[r]
@@ -191,8 +191,8 @@ def ht_graph_case(buf, group, replays=5, device="cuda"):
     r, R = group.rank, buf.group_size
     E, W = 8 * R, R * T
     seed = ht_scenarios.shared_seed(group)
-    nodes = np.asarray(group.node_of_rank) if len(set(group.node_of_rank)) > 1 else None
-    per_node = None if nodes is None else torch.zeros((len(set(nodes.tolist())),), dtype=torch.int32, device=device)
+    nodes = ht_scenarios.node_map(group)
+    per_node = None if nodes is None else torch.zeros((group.num_nodes,), dtype=torch.int32, device=device)
     x = torch.zeros((T, H), dtype=torch.bfloat16, device=device)
     idx = torch.full((T, K), -1, dtype=deep_ep.topk_idx_t, device=device)
     w = torch.zeros((T, K), dtype=torch.float32, device=device)

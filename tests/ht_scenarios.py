@@ -276,8 +276,8 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
     r, R = group.rank, group.size
     E, W = 8 * R, R * num_tokens  # W: every token of every rank
     base = shared_seed(group)
-    nodes = np.asarray(group.node_of_rank) if len(set(group.node_of_rank)) > 1 else None
-    per_node = cupy.empty((len(set(group.node_of_rank)),), np.int32) if nodes is not None else None
+    nodes = node_map(group)
+    per_node = cupy.empty((group.num_nodes,), np.int32) if nodes is not None else None
     x_dev, y_dev = cupy.empty((num_tokens, hidden), BF16), cupy.empty((W, hidden), BF16)
     idx_dev, w_dev = cupy.empty((num_tokens, topk), np.int64), cupy.empty((num_tokens, topk), np.float32)
     per_rank, per_expert = cupy.empty((R,), np.int32), cupy.empty((E,), np.int32)
@@ -315,6 +315,12 @@ def run_ht_graph(buf, group, replays=4, num_tokens=96, hidden=2048, topk=4):
         capture_and_replay(buf, group, stream, calls, load, check, replays)
         assert len(buf._backend.rt.graph_held) > held, "nothing a graph replays into was held"
     return replays
+
+
+def node_map(group):
+    """The group's rank -> node map when it spans (virtual) nodes, else None (what the reference and the layout take
+    as ``rank_to_node``)."""
+    return np.asarray(group.node_of_rank) if group.num_nodes > 1 else None
 
 
 def graph_step_inputs(seed, r, R, num_tokens, hidden, E, topk, nodes):
