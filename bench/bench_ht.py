@@ -35,7 +35,7 @@ from _workload import add_workload_args, ht_rank_inputs  # noqa: E402
 BF16 = ml_dtypes.bfloat16
 # One call after a barrier (host time included); *_kernel: the same calls, only the time from each kernel's launch
 # on the comm stream to its end (waiting for slower peers included, the caller's Python before it not);
-# *_pipelined: back-to-back calls (see _pipelined).
+# *_pipelined: back-to-back calls (see _pipelined; their host µs: per call while queueing them).
 OPS = (
     "layout",
     "dispatch",
@@ -48,6 +48,7 @@ OPS = (
     "combine_pipelined",
     "combine_fresh",
     "combine_buffer",
+    "combine_buffer_pipelined",
 )
 
 
@@ -76,7 +77,8 @@ def _timed(fn, group, iters, clock=None):
 def _pipelined(fn, group, calls):
     """Device time per call of ``calls`` calls enqueued back to back (one barrier before the first): the
     steady state of a training loop, where the host runs ahead and launch overhead and rank skew are
-    hidden behind the previous call's kernels."""
+    hidden behind the previous call's kernels. Also the host time per call while queueing them (issue #22's
+    "host time per repeated HT call"; a call that waits on the host for its peers shows its wait here)."""
     import cupy
 
     stream = cupy.cuda.get_current_stream()
@@ -85,11 +87,13 @@ def _pipelined(fn, group, calls):
     group.barrier()
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     start.record(stream)
+    t0 = time.perf_counter()
     for _ in range(calls):
         fn()
+    host = (time.perf_counter() - t0) * 1e6 / calls
     stop.record(stream)
     stop.synchronize()
-    return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls
+    return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls, host
 
 
 def _probe(buf, group, calls: dict, n: int = 5) -> dict:
@@ -253,8 +257,8 @@ def rank_main(group, args, tokens):
             res[f"{op}_us"], res[f"{op}_host_us"], res[f"{op}_kernel_us"], _ = _timed(fn, group, args.iters, clock)
             res[f"{op}_kernel_host_us"] = res[f"{op}_host_us"]
         clock.restore()  # pipelined runs without the extra events
-        res["cached_dispatch_pipelined_us"] = _pipelined(cached, group, args.iters)
-        res["combine_pipelined_us"] = _pipelined(combine, group, args.iters)
+        for op, fn in (("cached_dispatch", cached), ("combine", combine), ("combine_buffer", combine_buffer)):
+            res[f"{op}_pipelined_us"], res[f"{op}_pipelined_host_us"] = _pipelined(fn, group, args.iters)
         if args.profile:  # every rank calls (the kernels wait for peers); rank 0 prints
             for name, fn in (("cached dispatch", cached), ("combine", combine)):
                 group.barrier()
@@ -263,8 +267,6 @@ def rank_main(group, args, tokens):
                     print(f"==== profile: {args.iters} {name} calls\n{text}")
         if args.probe:
             res["probe"] = _probe(buf, group, {"ht_dispatch.cu": cached, "ht_combine.cu": combine})
-        res["cached_dispatch_pipelined_host_us"] = res["cached_dispatch_host_us"]
-        res["combine_pipelined_host_us"] = res["combine_host_us"]
         if nodes > 1:  # one cached dispatch and one combine: this rank's NIC bytes, and its messages
             res.update(_network_bytes(buf, group, cached, combine, in_rank))
         res["recv_rows"] = handle.num_recv_tokens
@@ -292,6 +294,7 @@ BESIDE = (
     ("combine", "combine of the dispatch output (in place)"),
     ("cached_dispatch_pipelined", "cached dispatch, pipelined"),
     ("combine_pipelined", "combine, pipelined"),
+    ("combine_buffer_pipelined", "combine from get_combine_buffer, pipelined"),
 )
 
 
@@ -353,6 +356,7 @@ def summarize(per_rank: list[dict], args) -> dict:
         ("combine_pipelined", recv, tokens, args.hidden * 2),
         ("combine_fresh", recv, tokens, args.hidden * 2),
         ("combine_buffer", recv, tokens, args.hidden * 2),
+        ("combine_buffer_pipelined", recv, tokens, args.hidden * 2),
     ):
         logical_bytes = recv / R * rb
         out[f"{op}_logical_GBps"] = logical_bytes / (out[f"{op}_us"] * 1e-6) / 1e9

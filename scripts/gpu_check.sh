@@ -183,14 +183,17 @@ fi
 if has abbench; then
   # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,
   # HT at 4096 tokens and LL at 128 tokens (BF16), base and this tree AB_ROUNDS times, the first side alternating, same machine.
+  # AB_HT_EXTRA: more bench_ht.py options (a later --iters wins; --ranks-per-node 4: across 2 virtual nodes); AB_LL=0: HT only.
   for round in $(seq 1 "${AB_ROUNDS:-2}"); do
     sides="base new"; [ $((round % 2)) = 0 ] && sides="new base" # alternate which side runs first
     for side in $sides; do
       dir=$PWD; [ "$side" = base ] && dir=$(cd "${AB_BASE:-.base}" && pwd)
       log="$OUT/ab_${side}_${round}"
+      # shellcheck disable=SC2086
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 \
-        --iters 10 --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
-      note "ab $side $round ht rc=$?: $(grep -E '^ +4096 +(dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|cached_dispatch_host|combine_host) ' "${log}_ht.log" | awk '{printf "%s %s; ", $2, $3}')"
+        --iters 10 ${AB_HT_EXTRA:-} --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
+      note "ab $side $round ht rc=$?: $(grep -E '^ +4096 +(dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|combine_fresh|combine_buffer|combine_buffer_pipelined) ' "${log}_ht.log" | awk '{printf "%s %s/%s; ", $2, $3, $NF}')"
+      [ "${AB_LL:-1}" = 0 ] && continue
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 \
         --iters 10 --calls 50 --json "${log}_ll.json" >"${log}_ll.log" 2>&1)
       note "ab $side $round ll rc=$?: $(grep -o 'validated=[A-Za-z]*' "${log}_ll.log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host) ' "${log}_ll.log" | awk '{printf "%s %s; ", $2, $3}')"
