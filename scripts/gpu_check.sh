@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests (in-process), MPS multi-process tests, benchmarks.
 # Logs under $OUT (or ./out). Runs from the tree (PYTHONPATH=src).
-# Usage: bash scripts/gpu_check.sh [faults|deepep|firsthour|mpsraw|htalt|htinterbench|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
+# Usage: bash scripts/gpu_check.sh [ncu|faults|deepep|firsthour|mpsraw|htalt|htinterbench|llmpsbench|llnicbench|abbench|htsweep|patternmps|bench|patternsplit|mps|tests|absentrepro|absentloop|multigpu|layoutbench|patterns|inprocbench|llbench|all]...
 # (multigpu: a machine of several GPUs, issue #6; with `tests` the in-process ranks spread over its GPUs too.)
 # Steps run in the order of this file, MPS ones first (a process that opened the GPU without MPS and the MPS
 # server exclude each other, and a crashed in-process run can hold the GPU for a while).
@@ -241,6 +241,21 @@ if has absentrepro; then
   EPKERN_CACHE_DIR="/tmp/epkern-cache-repro" timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q \
     -p no:cacheprovider -rfE -m "gpu and not mpi" tests/test_ll_gpu.py -k "zero_tokens or absent" >"$log" 2>&1
   note "absent repro rc=$?: $(tail -1 "$log")"
+fi
+if has ncu; then
+  # Issue #22 item 5: Nsight Compute readings (DRAM throughput, top stall reasons) of the HT and LL kernels at the
+  # benchmark shapes with ONE rank: ncu replays a kernel alone, and a kernel that waits for peers' kernels cannot
+  # be replayed beside them (with one rank every wait is for itself). NCU_BENCHES: "script:args;..." to override.
+  # Without MPS (ncu does not profile MPS clients). ncu reads counters on Firecracker machines only (docs/performance.md says which machine gave the reading).
+  IFS=';' read -r -a ncu_runs <<<"${NCU_BENCHES:-bench_ht.py:--tokens 4096 --iters 1;bench_ht.py:--tokens 4096 --iters 1 --fp8;bench_ll.py:--tokens 128 --iters 1 --calls 2}"
+  for i in "${!ncu_runs[@]}"; do
+    IFS=: read -r script bargs <<<"${ncu_runs[$i]}"
+    # shellcheck disable=SC2086
+    timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none --target-processes all -k regex:"${NCU_KERNELS:-epk_(ht|ll)_(dispatch|combine)}" \
+      --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section LaunchStats --section Occupancy python3 "bench/$script" $bargs >"$OUT/ncu_$i.log" 2>&1
+    note "ncu $script $bargs rc=$?: $(grep -cE '^ +epk_' "$OUT/ncu_$i.log") kernels; $(grep -m1 -E 'ERR|rror' "$OUT/ncu_$i.log" | cut -c1-200)"
+  done
 fi
 if has tests; then
   for f in ${TEST_FILES:-tests/test_rdma_gpu.py tests/test_layout_gpu.py tests/test_ll_gpu.py tests/test_ht_gpu.py tests/test_nic_device_ranks.py}; do
