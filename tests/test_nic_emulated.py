@@ -539,20 +539,24 @@ def test_direct_copies_land_before_the_completion_and_the_consumer_index():
     p.b.memory = deferred = _DeferredCopies()
     deferred.add(p.dst)
     deferred.gate.clear()
-    for k in range(8):
-        p.write(k * 32, k * 32, 32, signaled=(k == 7))
-    p.ring()
-    deadline = time.monotonic() + 5
-    while len(deferred.queued) < 8 and time.monotonic() < deadline:
-        time.sleep(0.002)
-    time.sleep(0.05)
-    assert len(deferred.queued) == 8 and not p.dst.any()  # issued, none landed yet
-    assert p.qp.consumed == 0 and p.cq.poll() == []  # nothing says done while the copies are in flight
-    deferred.gate.set()
-    p.settle()
-    assert (p.dst[:256] == p.src[:256]).all() and not p.dst[256:].any()
-    (cqe,) = p.cq.poll()
-    assert cqe.opcode == W.MLX5_CQE_REQ and p.qp.consumed == 8 and deferred.flushes >= 1
+    try:
+        for k in range(8):
+            p.write(k * 32, k * 32, 32, signaled=(k == 7))
+        p.ring()
+        deadline = time.monotonic() + 5
+        while len(deferred.queued) < 8 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(0.05)
+        assert len(deferred.queued) == 8 and not p.dst.any()  # issued, none landed yet
+        assert p.qp.consumed == 0 and p.cq.poll() == []  # nothing says done while the copies are in flight
+        deferred.gate.set()
+        p.settle()
+        assert (p.dst[:256] == p.src[:256]).all() and not p.dst[256:].any()
+        (cqe,) = p.cq.poll()
+        assert cqe.opcode == W.MLX5_CQE_REQ and p.qp.consumed == 8 and deferred.flushes >= 1
+    finally:
+        deferred.gate.set()
+        p.close()
 
 
 def test_a_write_between_memories_without_direct_copies_goes_through_the_host():
@@ -566,8 +570,11 @@ def test_a_write_between_memories_without_direct_copies_goes_through_the_host():
         return False
 
     p.b.memory.copy_from = refuse
-    p.write(100, 200, 300, signaled=True)
-    p.ring()
-    p.settle()
-    assert refused == [300] and (p.dst[200:500] == p.src[100:400]).all() and not p.dst[:200].any()
-    assert p.qp.consumed == 1 and len(p.cq.poll()) == 1
+    try:
+        p.write(100, 200, 300, signaled=True)
+        p.ring()
+        p.settle()
+        assert refused == [300] and (p.dst[200:500] == p.src[100:400]).all() and not p.dst[:200].any()
+        assert p.qp.consumed == 1 and len(p.cq.poll()) == 1
+    finally:
+        p.close()
