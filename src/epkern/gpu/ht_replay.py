@@ -15,6 +15,7 @@ checked), so a stale handle's pointers are never launched and its heap blocks ar
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import weakref
 
@@ -56,6 +57,15 @@ def cached_key(x, handle, config, num_worst_tokens, expert_alignment, topk_idx, 
         if layouts is None:
             return None
     return (id(handle), layouts, config, num_worst_tokens, expert_alignment, async_finish, allocate_on_comm_stream)
+
+
+def _forms(sizes, forms):
+    """The (shape, dtype) of each output, checked once against the validated call's byte sizes (Runtime.alloc_out's
+    ``typed``)."""
+    for n, (shape, dtype) in zip(sizes, forms, strict=True):
+        if math.prod(shape) * np.dtype(dtype).itemsize != n:
+            raise AssertionError(f"replay plan: output of {n} bytes is not {shape} {np.dtype(dtype)}")
+    return forms
 
 
 class _Plan:
@@ -130,6 +140,8 @@ class CombinePlan(_Plan):
     def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, hidden, with_weights):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
         self.sizes, self.hidden, self.with_weights = list(sizes), hidden, with_weights
+        T, K = handle.num_tokens, handle.topk
+        self.forms = _forms(self.sizes, [((T, hidden), BF16), ((T, K) if with_weights else (0,), np.float32)])
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "call", "out_x",
                                                  "out_weights")}  # fmt: skip
@@ -140,10 +152,11 @@ class CombinePlan(_Plan):
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
             x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights, captured)
-            T, K = handle.num_tokens, handle.topk
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, shared=False, captured=captured)
-            out = bufs[0].view(BF16).reshape(T, self.hidden)
-            out_w = bufs[1].view(np.float32).reshape(T, K) if self.with_weights else None
+            bufs, _ = rt.alloc_out(
+                self.sizes, compute, allocate_on_comm_stream, shared=False, captured=captured, typed=self.forms
+            )
+            out = bufs[0]
+            out_w = bufs[1] if self.with_weights else None
             packed = self.packed
             packed.set(i["in_x"], x.data.ptr)
             packed.set(i["call"], rt.next_call())
@@ -166,6 +179,8 @@ class CachedDispatchPlan(_Plan):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
         sizes = list(sizes[:2]) if fp8 else [sizes[0]]  # BF16: no (empty) scales output to allocate
         self.sizes, self.out_rows, self.hidden, self.data_dtype, self.fp8 = sizes, out_rows, hidden, data_dtype, fp8
+        forms = [((out_rows, hidden), data_dtype), ((out_rows, hidden // 128), np.float32)]
+        self.forms = _forms(sizes, forms[: len(sizes)])
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.i_x, self.i_scales, self.i_call = spec.index("x"), spec.index("x_scales"), spec.index("call")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
@@ -176,15 +191,15 @@ class CachedDispatchPlan(_Plan):
         data, scales = x if self.fp8 else (x, None)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, captured=captured)
-            recv_data = bufs[0].view(self.data_dtype).reshape(self.out_rows, self.hidden)
+            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, captured=captured, typed=self.forms)
+            recv_data = bufs[0]
             packed = self.packed
             packed.set(self.i_x, data.data.ptr)
             packed.set(self.i_call, rt.next_call())
             packed.set(self.i_out_x, recv_data.data.ptr)
             recv_scales = None
             if self.fp8:
-                recv_scales = bufs[1].view(np.float32).reshape(self.out_rows, self.hidden // 128)
+                recv_scales = bufs[1]
                 packed.set(self.i_scales, scales.data.ptr)
                 packed.set(self.i_out_scales, recv_scales.data.ptr)
             self.launch(rt.comm_stream.ptr)

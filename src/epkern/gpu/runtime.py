@@ -456,26 +456,31 @@ class Runtime:
     def last_defines(self, source: str) -> dict | None:
         return self._last_defines.get(source)
 
-    def alloc_out(self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, captured: bool = False):
-        """uint8 output arrays. ``shared``: peers write them, so between processes they live in the shared heap; else
-        from the rank's CuPy pool, on the comm stream or (DeepEP's default) the caller's. ``captured`` (an HT call
-        inside a capture): from the heap (no CUDA allocation there), held for the Buffer's life (replays write them)."""
+    def alloc_out(
+        self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, captured: bool = False, typed=None
+    ):
+        """uint8 output arrays (``typed``: a (shape, dtype) per size, the arrays made so; a replayed HT call saves
+        the view and reshape of each). ``shared``: peers write them, so between processes they live in the shared
+        heap; else from the rank's CuPy pool, on the comm stream or (DeepEP's default) the caller's. ``captured`` (an
+        HT call inside a capture): from the heap (no CUDA allocation there), held for the Buffer's life (replays
+        write them)."""
         import cupy
 
+        forms = typed if typed is not None else [((n,), np.uint8) for n in nbytes_list]
         keep = ()
         if (shared and not self.in_process) or captured:
             aligned = [-(-n // 256) * 256 for n in nbytes_list]
             block = self.heap.alloc(sum(aligned))
             arrays, off = [], 0
-            for n, a in zip(nbytes_list, aligned, strict=True):
-                arrays.append(block.array((n,), np.uint8, off))
+            for a, (shape, dtype) in zip(aligned, forms, strict=True):
+                arrays.append(block.array(shape, dtype, off))
                 off += a
             keep = (block,)
         elif on_comm_stream:
-            arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
+            arrays = [cupy.empty(shape, dtype=dtype) for shape, dtype in forms]
         else:
             compute.use()
-            arrays = [cupy.empty(n, dtype=np.uint8) for n in nbytes_list]
+            arrays = [cupy.empty(shape, dtype=dtype) for shape, dtype in forms]
             self.comm_stream.use()
             self.comm_stream.wait_event(compute.record())  # the memory is ours in stream order from here
         if captured:
