@@ -459,11 +459,10 @@ class Runtime:
     def alloc_out(
         self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, captured: bool = False, typed=None
     ):
-        """uint8 output arrays (``typed``: a (shape, dtype) per size, the arrays made so; a replayed HT call saves
-        the view and reshape of each). ``shared``: peers write them, so between processes they live in the shared
-        heap; else from the rank's CuPy pool, on the comm stream or (DeepEP's default) the caller's. ``captured`` (an
-        HT call inside a capture): from the heap (no CUDA allocation there), held for the Buffer's life (replays
-        write them)."""
+        """uint8 output arrays (``typed``: a (shape, dtype) per size instead). ``shared``: peers write them, so between
+        processes they live in the shared heap; else from the rank's CuPy pool, on the comm stream or (DeepEP's
+        default) the caller's. ``captured`` (an HT call inside a capture): from the heap (no CUDA allocation
+        there), held for the Buffer's life (replays write them)."""
         import cupy
 
         forms = typed if typed is not None else [((n,), np.uint8) for n in nbytes_list]
