@@ -110,12 +110,28 @@ def check_capture(what: str, rt) -> bool:
 @dataclass
 class DispatchOutputs:
     sizes: list
+    forms: list
     keep: tuple
     x: object
     scales: object
     idx: object
     weights: object
     src: object
+
+
+def typed_outputs(rt, forms, compute, on_comm: bool, *, shared: bool = True, captured: bool):
+    """Arrays of the given (shape, dtype) forms from rt.alloc_out, and their byte sizes (a replay plan keeps both)."""
+    sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in forms]
+    arrays, keep = rt.alloc_out(sizes, compute, on_comm, shared=shared, captured=captured, typed=forms)
+    return arrays, keep, sizes
+
+
+def combine_outputs(rt, T: int, K: int, hidden: int, with_weights: bool, compute, on_comm: bool, captured: bool):
+    """A combine's outputs, BF16 [T, hidden] and float32 [T, K] weights (None without), from the rank's CuPy pool
+    (the held heap inside a capture); and (sizes, forms) for a replay plan."""
+    forms = [((T, hidden), BF16), ((T, K) if with_weights else (0,), np.float32)]
+    (out, out_w), _, sizes = typed_outputs(rt, forms, compute, on_comm, shared=False, captured=captured)
+    return out, out_w if with_weights else None, (sizes, forms)
 
 
 def work_arrays(rt, shapes, dtype, compute, captured: bool, zeroed=()):
@@ -125,36 +141,32 @@ def work_arrays(rt, shapes, dtype, compute, captured: bool, zeroed=()):
 
     if not captured:
         return [(cupy.zeros if i in zeroed else cupy.empty)(s, dtype=dtype) for i, s in enumerate(shapes)]
-    itemsize = np.dtype(dtype).itemsize
-    bufs, _ = rt.alloc_out([itemsize * math.prod(s) for s in shapes], compute, True, shared=False, captured=True)
-    arrays = [b.view(dtype).reshape(s) for b, s in zip(bufs, shapes, strict=True)]
+    arrays, _, _ = typed_outputs(rt, [(s, dtype) for s in shapes], compute, True, shared=False, captured=True)
     for i in zeroed:
         rt.fill_bytes(arrays[i], 0)
     return arrays
 
 
-def dispatch_outputs(
-    rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, on_comm, *, captured: bool
-):
+def dispatch_outputs(rt, out_rows, data, scales, topk, cached, num_worst_tokens, compute, on_comm, *, captured: bool):
     """A dispatch's outputs, allocated where peers can write them (intranode and across nodes alike)."""
-    hidden = data.shape[1]
-    sizes = [out_rows * row_bytes, out_rows * (hidden // 128) * 4 if scales is not None else 0]
-    if not cached:
-        sizes += [out_rows * topk * 8, out_rows * topk * 4, out_rows * 4]
-    bufs, keep = rt.alloc_out(sizes, compute, on_comm, captured=captured)
+    hidden, fp8 = data.shape[1], scales is not None
     # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
-    recv_data = bufs[0].view(np.uint8 if scales is not None else data.dtype).reshape(out_rows, hidden)
-    recv_scales = bufs[1].view(np.float32).reshape(out_rows, hidden // 128) if scales is not None else None
+    forms = [
+        ((out_rows, hidden), np.uint8 if fp8 else data.dtype),
+        ((out_rows, hidden // 128) if fp8 else (0,), np.float32),
+    ]
+    if not cached:
+        forms += [((out_rows, topk), np.int64), ((out_rows, topk), np.float32), ((out_rows,), np.int32)]
+    bufs, keep, sizes = typed_outputs(rt, forms, compute, on_comm, captured=captured)
+    recv_data, recv_scales = bufs[0], bufs[1] if fp8 else None
     recv_idx = recv_w = recv_src = None
     if not cached:
-        recv_idx = bufs[2].view(np.int64).reshape(out_rows, topk)
-        recv_w = bufs[3].view(np.float32).reshape(out_rows, topk)
-        recv_src = bufs[4].view(np.int32)
+        recv_idx, recv_w, recv_src = bufs[2:]
         if num_worst_tokens:  # rows past the real count: no selection (-1 is all bytes 0xFF)
             rt.fill_bytes(recv_idx, 0xFF)
             rt.fill_bytes(recv_w, 0)
             rt.fill_bytes(recv_src, 0xFF)
-    return DispatchOutputs(sizes, keep, recv_data, recv_scales, recv_idx, recv_w, recv_src)
+    return DispatchOutputs(sizes, forms, keep, recv_data, recv_scales, recv_idx, recv_w, recv_src)
 
 
 class HtEngine:
@@ -333,7 +345,7 @@ class HtEngine:
                 )
                 out_rows = handle.num_out_rows
             out = dispatch_outputs(
-                rt, out_rows, row_bytes, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream,
+                rt, out_rows, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream,
                 captured=captured,
             )  # fmt: skip
             sizes, keep, recv_data, recv_scales = out.sizes, out.keep, out.x, out.scales
@@ -378,8 +390,7 @@ class HtEngine:
             if plan_key is not None:
                 fp8 = scales is not None
                 self.plans.put(plan_key, ht_replay.CachedDispatchPlan(
-                    rt, HT_DISPATCH, defines, blocks, tun.threads, args, handle, sizes, out_rows, hidden,
-                    recv_data.dtype, fp8,
+                    rt, HT_DISPATCH, defines, blocks, tun.threads, args, handle, sizes, out.forms, fp8
                 ))  # fmt: skip
             return recv_x, None, None, None, handle, event
         new_handle = HtHandle(
@@ -441,10 +452,9 @@ class HtEngine:
         with rt.on_comm_stream():
             x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights, captured)
             T, K = handle.num_tokens, handle.topk
-            sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
-            bufs, _ = rt.alloc_out(sizes, compute, allocate_on_comm_stream, shared=False, captured=captured)
-            out = bufs[0].view(BF16).reshape(T, hidden)
-            out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
+            out, out_w, outputs = combine_outputs(
+                rt, T, K, hidden, topk_weights is not None, compute, allocate_on_comm_stream, captured
+            )
             defines = HT_COMBINE.defines(
                 EPK_NUM_RANKS=rt.num_ranks,
                 EPK_TOPK=K,
@@ -477,7 +487,7 @@ class HtEngine:
         del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
         if plan_key is not None:
             self.plans.put(plan_key, ht_replay.CombinePlan(
-                rt, HT_COMBINE, defines, blocks, tun.threads, args, handle, sizes, hidden, topk_weights is not None
+                rt, HT_COMBINE, defines, blocks, tun.threads, args, handle, *outputs, topk_weights is not None
             ))  # fmt: skip
         return out, out_w, event
 

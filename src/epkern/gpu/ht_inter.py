@@ -29,7 +29,7 @@ from .. import kernel_constants as K
 from .._validate import as_device_array, check_array
 from ..errors import ArgumentError
 from . import ht_inter_layout as lay
-from .ht import HtHandle, dispatch_outputs, notify_result, work_arrays
+from .ht import HtHandle, combine_outputs, dispatch_outputs, notify_result, work_arrays
 from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
 from .ll import nic_link
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA
@@ -211,7 +211,7 @@ class HtInter:
                 node_tokens, node_counts, out_rows = h.node_tokens, h.node_counts, h.num_out_rows
                 fwd_slots, fwd_cap = None, 0  # the streams carry the same messages: combine keeps the first's
             out = dispatch_outputs(
-                rt, out_rows, row_bytes, a.data, a.scales, topk, a.cached, a.num_worst_tokens, compute,
+                rt, out_rows, a.data, a.scales, topk, a.cached, a.num_worst_tokens, compute,
                 a.allocate_on_comm_stream, captured=a.captured,
             )  # fmt: skip
             defines = HT_INTER_DISPATCH.defines(
@@ -276,7 +276,6 @@ class HtInter:
         (ht_inter_combine.cu)."""
 
         from . import ht_replay
-        from .ht import BF16
 
         rt, N = self.rt, self.nodes.num_nodes
         api_checks.own_handle(handle, HtInterHandle, rt, "dispatch")
@@ -288,10 +287,7 @@ class HtInter:
         compute = rt.begin(previous_event, async_finish, on_comm)
         with rt.on_comm_stream():
             x, topk_weights, keep = ht_replay.combine_inputs_in_region(rt, x, topk_weights, captured)
-            sizes = [T * hidden * 2, T * K * 4 if topk_weights is not None else 0]
-            bufs, _ = rt.alloc_out(sizes, compute, on_comm, shared=False, captured=captured)
-            out = bufs[0].view(BF16).reshape(T, hidden)
-            out_w = bufs[1].view(np.float32).reshape(T, K) if topk_weights is not None else None
+            out, out_w, _ = combine_outputs(rt, T, K, hidden, topk_weights is not None, compute, on_comm, captured)
             # the partials of other nodes, in order, and the per-node progress
             (scratch,) = work_arrays(rt, [(max(1, N * T * msg),)], np.uint8, compute, captured)
             (copied,) = work_arrays(rt, [(MAX_NODES,)], np.int32, compute, captured, zeroed=(0,))

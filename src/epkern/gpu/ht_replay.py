@@ -15,13 +15,11 @@ checked), so a stale handle's pointers are never launched and its heap blocks ar
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import weakref
 
 import numpy as np
 
-from ..api_checks import BF16
 from ..config import Config
 from .ll import plans as ll_plans
 
@@ -57,15 +55,6 @@ def cached_key(x, handle, config, num_worst_tokens, expert_alignment, topk_idx, 
         if layouts is None:
             return None
     return (id(handle), layouts, config, num_worst_tokens, expert_alignment, async_finish, allocate_on_comm_stream)
-
-
-def _forms(sizes, forms):
-    """The (shape, dtype) of each output, checked once against the validated call's byte sizes (Runtime.alloc_out's
-    ``typed``)."""
-    for n, (shape, dtype) in zip(sizes, forms, strict=True):
-        if math.prod(shape) * np.dtype(dtype).itemsize != n:
-            raise AssertionError(f"replay plan: output of {n} bytes is not {shape} {np.dtype(dtype)}")
-    return forms
 
 
 class _Plan:
@@ -137,11 +126,10 @@ class CombinePlan(_Plan):
     """One validated combine, ready to launch again: per call the inputs (staged into the region between
     processes, as the full path does), the biases, a new call number and the new outputs."""
 
-    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, hidden, with_weights):
+    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, with_weights):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
-        self.sizes, self.hidden, self.with_weights = list(sizes), hidden, with_weights
-        T, K = handle.num_tokens, handle.topk
-        self.forms = _forms(self.sizes, [((T, hidden), BF16), ((T, K) if with_weights else (0,), np.float32)])
+        # the validated call's outputs (ht.combine_outputs): byte sizes and (shape, dtype) forms
+        self.sizes, self.forms, self.with_weights = list(sizes), list(forms), with_weights
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "call", "out_x",
                                                  "out_weights")}  # fmt: skip
@@ -175,12 +163,11 @@ class CombinePlan(_Plan):
 class CachedDispatchPlan(_Plan):
     """One validated cached dispatch, ready to launch again (see the module docstring)."""
 
-    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, out_rows, hidden, data_dtype, fp8):
+    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, fp8):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
-        sizes = list(sizes[:2]) if fp8 else [sizes[0]]  # BF16: no (empty) scales output to allocate
-        self.sizes, self.out_rows, self.hidden, self.data_dtype, self.fp8 = sizes, out_rows, hidden, data_dtype, fp8
-        forms = [((out_rows, hidden), data_dtype), ((out_rows, hidden // 128), np.float32)]
-        self.forms = _forms(sizes, forms[: len(sizes)])
+        # the validated call's outputs (ht.dispatch_outputs): x, and FP8's scales (BF16 has no scales to allocate)
+        n = 2 if fp8 else 1
+        self.sizes, self.forms, self.fp8 = list(sizes[:n]), list(forms[:n]), fp8
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.i_x, self.i_scales, self.i_call = spec.index("x"), spec.index("x_scales"), spec.index("call")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
