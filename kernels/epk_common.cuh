@@ -125,11 +125,15 @@ struct Deadline {
   uint64_t timeout_ns;
 };
 
-EPK_DEVICE bool wait_reached(const int *flag, int target, const Deadline &d, int phase, int peer) {
+// `sleep_ns` > 0: __nanosleep between polls after the first 32 (waiters in the hundreds per rank, e.g. the internode
+// combine's reducer warps, otherwise flood the memory system the data they wait for travels through).
+EPK_DEVICE bool wait_reached(const int *flag, int target, const Deadline &d, int phase, int peer,
+                             unsigned sleep_ns = 0) {
   int v = ld_acquire_sys(flag);
   if (reached(v, target)) return true;
   const uint64_t start = now_ns();
   for (unsigned iter = 1;; ++iter) {
+    if (sleep_ns > 0 && iter >= 32u) __nanosleep(sleep_ns);
     v = ld_acquire_sys(flag);
     if (reached(v, target)) return true;
     if ((iter & 255u) == 0) {

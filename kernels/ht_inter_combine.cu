@@ -57,6 +57,7 @@ constexpr int kMinBlocks = EPK_MIN_BLOCKS;
 constexpr int kSlots = epk::inter::kSlotsPerMsg;
 constexpr int kMeta = epk::inter::combine_meta_bytes(kTopk);  // a partial: header, K weights, then the BF16 row
 constexpr int kMsgBytes = kMeta + 2 * EPK_HIDDEN;
+constexpr unsigned kReducerSleepNs = 256;  // reducer warps waiting for another node's partials back off between polls
 static_assert(EPK_HIDDEN % 8 == 0, "hidden must be a multiple of 8");
 static_assert(kRanks <= epk::inter::kMaxRanks && kTopk <= 32, "at most 128 ranks and top-32");
 static_assert(kNodes >= 2 && kNodes <= epk::inter::kMaxNodes && kNodes <= kRanks, "2..16 nodes");
@@ -188,7 +189,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int n = 0; n < kNodes; ++n) {
         msg[n] = n == my_node ? -1 : node_slot[static_cast<int64_t>(t) * kNodes + n];
         if (msg[n] >= 0 && lane == 0 &&
-            !epk::wait_reached(&copied[n], msg[n] + 1, deadline, epk::stream::kPhaseStreamArrival, nodes.peer(n)))
+            !epk::wait_reached(&copied[n], msg[n] + 1, deadline, epk::stream::kPhaseStreamArrival, nodes.peer(n),
+                               kReducerSleepNs))
           s_failed = true;
       }
       __syncwarp();
