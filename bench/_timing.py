@@ -91,10 +91,10 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 
 class KernelClock:
-    """Benchmark-only: events on a Buffer's comm stream around every kernel it launches through the runtime
-    (wraps the GPU runtime's ``launch`` and replayed HT calls' plan launch; ``restore()`` undoes it).
-    Replayed LL calls bypass it. ``take()`` returns
-    each kernel's device µs since the last take."""
+    """Benchmark-only: events around every kernel a Buffer launches through the runtime (on the comm stream) and
+    every replayed HT call's plan launch (on the stream it goes onto: a direct replay's is the caller's); wraps
+    ``launch`` (``restore()`` undoes it). Replayed LL calls bypass it. ``take()`` returns each kernel's device
+    µs since the last take."""
 
     def __init__(self, buf):
         from epkern.gpu import ht_replay
@@ -106,21 +106,23 @@ class KernelClock:
         self._plans, self._plan_launch = ht_replay._Plan, ht_replay._Plan.launch
         clock = self
 
-        def plan_launch(plan, stream_ptr):
-            clock._timed(lambda: clock._plan_launch(plan, stream_ptr))
+        def plan_launch(plan, stream_ptr):  # onto the comm stream, or a direct replay's caller stream
+            clock._timed(lambda: clock._plan_launch(plan, stream_ptr), stream_ptr)
 
         self._plans.launch = plan_launch
 
     def launch(self, *args, **kwargs):
         self._timed(lambda: self._launch(*args, **kwargs))
 
-    def _timed(self, launch):
+    def _timed(self, launch, stream_ptr=None):
         import cupy
 
+        comm = self.buf._backend.rt.comm_stream
+        stream = comm if stream_ptr in (None, comm.ptr) else cupy.cuda.ExternalStream(stream_ptr)
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(self.buf._backend.rt.comm_stream)
+        start.record(stream)
         launch()
-        stop.record(self.buf._backend.rt.comm_stream)
+        stop.record(stream)
         self.spans.append((start, stop))
 
     def take(self) -> list[float]:

@@ -36,9 +36,9 @@ def _x(fp8, seed):
     return cupy.asarray(rng.integers(-4, 5, (T, H)).astype(BF16))
 
 
-def _cached(buf, fake, x, handle):
+def _cached(buf, fake, x, handle, **kw):
     before = len(fake)
-    out = buf.dispatch(x, handle=handle)
+    out = buf.dispatch(x, handle=handle, **kw)
     launches = F.real_launches(fake[before:])
     assert [launch[1] for launch in launches] == ["epk_ht_dispatch"]
     return out, launches[0]
@@ -186,4 +186,34 @@ def test_a_repeated_combine_launches_what_the_full_path_launches(fake):
     assert ht.replays == 3
     (out, out_w, _), _ = _combine(buf, fake, y, handle)
     assert ht.replays == 4 and out_w is None
+    buf.destroy()
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_plain_replays_go_straight_onto_the_callers_stream(fake, processes):
+    """A replay whose caller waits for it (no async_finish / previous_event / allocate_on_comm_stream) while the
+    caller's stream already follows the Buffer's work launches onto that stream (gpu/direct.py) and returns no
+    event; the others keep the comm-stream route, and the comm stream's next work waits for the direct launch."""
+    import cupy
+
+    buf = F.fake_buffer(processes=processes)
+    rt, ht = buf._backend.rt, buf._backend.ht
+    comm, caller = rt.comm_stream.ptr, cupy.cuda.get_current_stream()
+    inputs = F.ht_inputs(T, H, K, E)
+    recv_x, _, _, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
+    _, validated = _cached(buf, fake, _x(False, 1), handle)
+    assert validated[6] == comm and ht.replays == 0
+    (recv, *_, event), direct = _cached(buf, fake, _x(False, 2), handle)
+    assert direct[6] == caller.ptr and event.event is None and ht.replays == 1
+    assert rt.direct_stream is caller and rt.joined_ptr == caller.ptr
+    y = cupy.asarray(np.random.default_rng(3).integers(-4, 5, recv_x.shape).astype(BF16))
+    (_, _, ev), c_validated = _combine(buf, fake, y, handle)
+    assert c_validated[6] == comm and rt.direct_stream is None  # the comm stream waited for the direct launch
+    (out, _, ev), c_direct = _combine(buf, fake, y, handle)
+    assert c_direct[6] == caller.ptr and ev.event is None and out.shape == (T, H)
+    (_, _, ev), launch = _combine(buf, fake, y, handle, async_finish=True)
+    assert launch[6] == comm and ev.event is not None
+    ev.current_stream_wait()
+    (_, *_, ev), again = _cached(buf, fake, _x(False, 4), handle, previous_event=ev)
+    assert again[6] == comm and ht.replays == 3  # the async combine was a call of its own (validated)
     buf.destroy()

@@ -21,6 +21,7 @@ import weakref
 import numpy as np
 
 from ..config import Config
+from .direct import direct_stream, end_direct
 from .ll import plans as ll_plans
 
 
@@ -135,29 +136,40 @@ class CombinePlan(_Plan):
                                                  "out_weights")}  # fmt: skip
 
     def run(self, x, handle, topk_weights, bias, previous_event, async_finish, allocate_on_comm_stream, captured):
-        rt, i = self.rt, self.index
-        biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
+        rt = self.rt
+        direct = None if captured else direct_stream(rt, async_finish, previous_event, allocate_on_comm_stream)
+        if direct is not None:  # straight onto the caller's stream (gpu/direct.py)
+            out, out_w, keep = self._issue(x, topk_weights, bias, None, True, False, direct.ptr)
+            return out, out_w, end_direct(rt, direct)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights, captured)
-            bufs, _ = rt.alloc_out(
-                self.sizes, compute, allocate_on_comm_stream, shared=False, captured=captured, typed=self.forms
+            out, out_w, keep = self._issue(
+                x, topk_weights, bias, compute, allocate_on_comm_stream, captured, rt.comm_stream.ptr
             )
-            out = bufs[0]
-            out_w = bufs[1] if self.with_weights else None
-            packed = self.packed
-            packed.set(i["in_x"], x.data.ptr)
-            packed.set(i["call"], rt.next_call())
-            packed.set(i["out_x"], out.data.ptr)
-            if self.with_weights:
-                packed.set(i["in_weights"], topk_weights.data.ptr)
-                packed.set(i["out_weights"], out_w.data.ptr)
-            for n, b in enumerate(biases):
-                packed.set(i[f"bias{n}"], b.data.ptr)
-            self.launch(rt.comm_stream.ptr)
         event = rt.end(compute, async_finish)
         del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
         return out, out_w, event
+
+    def _issue(self, x, topk_weights, bias, compute, on_current, captured, stream_ptr):
+        """Inputs staged, outputs allocated (on the current stream, or in ``compute``'s order: Runtime.alloc_out),
+        arguments set, the kernel launched onto ``stream_ptr`` (the current stream)."""
+        rt, i = self.rt, self.index
+        biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
+        x, topk_weights, keep = combine_inputs_in_region(rt, x, topk_weights, captured)
+        bufs, _ = rt.alloc_out(self.sizes, compute, on_current, shared=False, captured=captured, typed=self.forms)
+        out = bufs[0]
+        out_w = bufs[1] if self.with_weights else None
+        packed = self.packed
+        packed.set(i["in_x"], x.data.ptr)
+        packed.set(i["call"], rt.next_call())
+        packed.set(i["out_x"], out.data.ptr)
+        if self.with_weights:
+            packed.set(i["in_weights"], topk_weights.data.ptr)
+            packed.set(i["out_weights"], out_w.data.ptr)
+        for n, b in enumerate(biases):
+            packed.set(i[f"bias{n}"], b.data.ptr)
+        self.launch(stream_ptr)
+        return out, out_w, keep
 
 
 class CachedDispatchPlan(_Plan):
@@ -175,21 +187,30 @@ class CachedDispatchPlan(_Plan):
     def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream, captured):
         """The call again: outputs, pointers, call number, launch; returns what dispatch returns."""
         rt = self.rt
-        data, scales = x if self.fp8 else (x, None)
+        direct = None if captured else direct_stream(rt, async_finish, previous_event, allocate_on_comm_stream)
+        if direct is not None:  # straight onto the caller's stream (gpu/direct.py)
+            recv_x = self._issue(x, None, True, False, direct.ptr)
+            return recv_x, None, None, None, handle, end_direct(rt, direct)
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
-            bufs, _ = rt.alloc_out(self.sizes, compute, allocate_on_comm_stream, captured=captured, typed=self.forms)
-            recv_data = bufs[0]
-            packed = self.packed
-            packed.set(self.i_x, data.data.ptr)
-            packed.set(self.i_call, rt.next_call())
-            packed.set(self.i_out_x, recv_data.data.ptr)
-            recv_scales = None
-            if self.fp8:
-                recv_scales = bufs[1]
-                packed.set(self.i_scales, scales.data.ptr)
-                packed.set(self.i_out_scales, recv_scales.data.ptr)
-            self.launch(rt.comm_stream.ptr)
-        event = rt.end(compute, async_finish)
-        recv_x = (recv_data, recv_scales) if self.fp8 else recv_data
-        return recv_x, None, None, None, handle, event
+            recv_x = self._issue(x, compute, allocate_on_comm_stream, captured, rt.comm_stream.ptr)
+        return recv_x, None, None, None, handle, rt.end(compute, async_finish)
+
+    def _issue(self, x, compute, on_current, captured, stream_ptr):
+        """Outputs allocated (see CombinePlan._issue), pointers and call number set, the kernel launched."""
+        rt = self.rt
+        data, scales = x if self.fp8 else (x, None)
+        bufs, _ = rt.alloc_out(self.sizes, compute, on_current, captured=captured, typed=self.forms)
+        recv_data = bufs[0]
+        packed = self.packed
+        packed.set(self.i_x, data.data.ptr)
+        packed.set(self.i_call, rt.next_call())
+        packed.set(self.i_out_x, recv_data.data.ptr)
+        if not self.fp8:
+            self.launch(stream_ptr)
+            return recv_data
+        recv_scales = bufs[1]
+        packed.set(self.i_scales, scales.data.ptr)
+        packed.set(self.i_out_scales, recv_scales.data.ptr)
+        self.launch(stream_ptr)
+        return recv_data, recv_scales

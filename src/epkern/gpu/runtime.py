@@ -460,9 +460,9 @@ class Runtime:
         self, nbytes_list, compute, on_comm_stream: bool, shared: bool = True, captured: bool = False, typed=None
     ):
         """uint8 output arrays (``typed``: a (shape, dtype) per size instead). ``shared``: peers write them, so between
-        processes they live in the shared heap; else from the rank's CuPy pool, on the comm stream or (DeepEP's
-        default) the caller's. ``captured`` (an HT call inside a capture): from the heap (no CUDA allocation
-        there), held for the Buffer's life (replays write them)."""
+        processes they live in the shared heap; else from the rank's CuPy pool, on the current stream (the comm
+        stream, or a direct replay's) or (DeepEP's default) ``compute``'s. ``captured`` (an HT call inside a
+        capture): from the heap (no CUDA allocation there), held for the Buffer's life (replays write them)."""
         import cupy
 
         forms = typed if typed is not None else [((n,), np.uint8) for n in nbytes_list]
@@ -490,12 +490,12 @@ class Runtime:
         return arrays, keep
 
     def fill_bytes(self, arr, byte: int) -> None:
-        """Every byte of the contiguous device array ``arr`` set to ``byte``, on the comm stream, as a memset: no
-        CuPy kernel, so no module load (which can wait for a peer's spinning kernel) on the call path."""
+        """Every byte of the contiguous device array ``arr`` set to ``byte``, on the current stream (the comm stream's
+        or a direct replay's), as a memset: no CuPy kernel, so no module load (which can wait for a spinning peer)."""
         import cupy
 
         if arr.nbytes:
-            cupy.cuda.runtime.memsetAsync(arr.data.ptr, byte, arr.nbytes, self.comm_stream.ptr)
+            cupy.cuda.runtime.memsetAsync(arr.data.ptr, byte, arr.nbytes, cupy.cuda.get_current_stream().ptr)
 
     def raw_area(self, ll: bool):
         """uint8 CuPy view of this rank's HT heap (``ll=False``) or LL area, keeping the memory (deep_ep's raw view)."""

@@ -35,6 +35,7 @@ from ...errors import ArgumentError
 from ...events import EventHandle
 from ...handles import DeepEPTuple
 from ..capture import capturing
+from ..direct import direct_stream, end_direct
 from . import nic_link
 from . import plans as ll_plans
 from .layout import (
@@ -81,9 +82,6 @@ class SizeState:
         self.agreed = False
         self.combine_views: dict = {}  # parity -> BF16 [E_loc, R·num_max, H]
         self.recv_views: dict = {}  # (use_fp8, use_ue8m0, parity) -> the zero_copy_recv outputs
-
-
-_NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
 
 
 class LLEngine:
@@ -274,33 +272,23 @@ class LLEngine:
     def replay(self, plan, async_finish, return_recv_hook, hook_refs: int):
         """A repeat of a validated call with the same arrays and flags: the launch only. Returns (event, hook);
         the hook keeps the plan's first ``hook_refs`` arrays (the call's inputs) alive."""
-        import cupy
-
         rt = self.rt
-        compute = cupy.cuda.get_current_stream()
         self.replays += 1
         phase = self.first_phase(return_recv_hook)
-        direct = compute.ptr == rt.joined_ptr and not async_finish and not return_recv_hook and not self.nic_build
-        if direct:
-            # The caller's stream already follows all of this Buffer's work (and is one of the Buffer's device), and
-            # the caller waits for this call: the launch goes straight onto that stream as a captured graph, with no
-            # comm-stream round trip (two events, two waits).
-            in_process_sync = rt.in_process and rt.num_ranks > 1
-            if capturing(compute):
+        compute = None if return_recv_hook or self.nic_build else direct_stream(rt, async_finish)
+        if compute is not None:
+            # Straight onto the caller's stream (gpu/direct.py), as a captured graph of the one launch.
+            captured = capturing(compute)
+            if captured:
                 plan.launch(phase, 0, compute.ptr)
-                captured = True
             else:
                 graph = plan.graphs.get(phase)
                 if graph is None:
                     graph = plan.graphs[phase] = ll_plans.capture_launch(plan.launch, phase)
                 graph.launch(compute)
-                captured = False
             self.issued()
             self.direct += 1
-            rt.launched_direct(compute)
-            if in_process_sync and not captured:
-                rt.sync_bounded(compute, "waiting for this call's kernel (in-process ranks)")  # as Runtime.end
-            return _NO_EVENT, None
+            return end_direct(rt, compute, captured), None
         compute = rt.begin(None, async_finish)
         with rt.on_comm_stream():
             plan.launch(phase, 0)
