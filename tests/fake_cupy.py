@@ -47,6 +47,8 @@ class UnownedMemory:
 
 
 class MemoryPointer:
+    device_id = 0
+
     def __init__(self, mem, offset=0):
         self.mem, self.offset = mem, int(offset)
         self.ptr = mem.ptr + self.offset
@@ -54,6 +56,7 @@ class MemoryPointer:
 
 class _Data:
     __slots__ = ("ptr",)
+    device_id = 0  # every fake array is on device 0 (as ndarray.device)
 
     def __init__(self, ptr):
         self.ptr = ptr

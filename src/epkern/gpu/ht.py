@@ -129,9 +129,9 @@ def typed_outputs(rt, forms, compute, on_comm: bool, *, shared: bool = True, cap
 def combine_outputs(rt, T: int, K: int, hidden: int, with_weights: bool, compute, on_comm: bool, captured: bool):
     """A combine's outputs, BF16 [T, hidden] and float32 [T, K] weights (None without), from the rank's CuPy pool
     (the held heap inside a capture); and (sizes, forms) for a replay plan."""
-    forms = [((T, hidden), BF16), ((T, K) if with_weights else (0,), np.float32)]
-    (out, out_w), _, sizes = typed_outputs(rt, forms, compute, on_comm, shared=False, captured=captured)
-    return out, out_w if with_weights else None, (sizes, forms)
+    forms = [((T, hidden), BF16)] + ([((T, K), np.float32)] if with_weights else [])  # no empty array made
+    arrays, _, sizes = typed_outputs(rt, forms, compute, on_comm, shared=False, captured=captured)
+    return arrays[0], arrays[1] if with_weights else None, (sizes, forms)
 
 
 def work_arrays(rt, shapes, dtype, compute, captured: bool, zeroed=()):

@@ -29,7 +29,7 @@ def _layout(a, cupy) -> tuple | None:
     """(shape, strides, dtype, device) of a CuPy array, None for anything else (the full path converts or refuses)."""
     if type(a) is not cupy.ndarray:
         return None
-    return a.shape, a.strides, a.dtype, a.device.id
+    return a.shape, a.strides, a.dtype, a.data.device_id  # not a.device: CuPy makes a Device object for it
 
 
 def cached_key(x, handle, config, num_worst_tokens, expert_alignment, topk_idx, topk_weights, async_finish,
