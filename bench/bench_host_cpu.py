@@ -40,6 +40,8 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
     recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     out.append(("ht cached dispatch", lambda: buf.dispatch(x, handle=handle)))
     out.append(("ht combine", lambda: buf.combine(recv_x, handle, topk_weights=recv_w)))
+    # non-cached: with num_worst_tokens (the fake runs no notify kernel, so no call that waits for the counts)
+    out.append(("ht dispatch (non-cached, num_worst_tokens)", lambda: F.full_dispatch(buf, inputs, num_worst_tokens=T)))
     for replay in (False, True):
         ll = F.fake_buffer(
             num_nvl_bytes=0,
