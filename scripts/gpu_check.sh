@@ -265,7 +265,7 @@ if has tests; then
     timeout "${FILE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 ${PYTEST_EXTRA:-} \
       ${PYTEST_K:+-k "$PYTEST_K"} -m "gpu and not mpi" "$f" >"$log" 2>&1
     rc=$?
-    note "$(basename "$f") rc=$rc: $(grep -E ' (passed|failed|errors?) ' "$log" | tail -1)" # not tail -1: exit-time noise can follow
+    note "$(basename "$f") rc=$rc: $(grep -E ' (passed|failed|errors?)[ ,]' "$log" | tail -1)" # not tail -1: exit-time noise can follow
   done
 fi
 if has absentloop; then
