@@ -157,6 +157,58 @@ def test_the_crossing_copies_nothing():
     assert back.data_ptr() == base.ctypes.data and back.stride() == tuple(s // 4 for s in base.strides)
 
 
+def test_in_call_crossings_over_the_fake_cupy(monkeypatch):
+    """The GPU backend's crossings inside a call, over the fake CuPy with CPU tensors (its arrays are host memory):
+    a CuPy array built from the tensor's pointer and strides, BF16 / FP8 as epkern's BF16 / uint8 directly; a tensor
+    made by to_tensor crosses back as the array it was made from while it still views it unchanged. The real
+    crossing runs in test_the_crossing_copies_nothing_on_the_gpu."""
+    import fake_cupy as F
+    from epkern.api_checks import BF16
+
+    with F.installed(monkeypatch):
+        import cupy
+
+        # contiguous tensors only: the fake's views over memory ignore strides (the GPU test has strided ones)
+        cases = [
+            (torch.arange(-6, 6, dtype=torch.int16).reshape(3, 4).view(torch.bfloat16), BF16, torch.int16),
+            (torch.arange(64, dtype=torch.uint8).reshape(4, 16).view(torch.float8_e4m3fn), np.uint8, torch.uint8),
+            (torch.arange(48, dtype=torch.int32).reshape(6, 8), np.int32, None),
+            (torch.rand(7) > 0.5, np.bool_, None),
+            (torch.empty(0, 4, dtype=torch.int64), np.int64, None),
+        ]
+        for t, dtype, bits in cases:
+            arr = torch_tensors._cupy_view(t)
+            assert arr.dtype == np.dtype(dtype) and arr.shape == tuple(t.shape)
+            if t.numel():
+                assert arr.strides == tuple(st * t.element_size() for st in t.stride())
+                assert arr.data.ptr == t.data_ptr()
+                want = (t.view(bits) if bits is not None else t).numpy()
+                assert np.array_equal(cupy.asnumpy(arr).view(want.dtype), want)
+        depth = torch_tensors._in_call.depth
+        torch_tensors._in_call.depth = 1  # as inside torch_stream
+        try:
+            arr = cupy.asarray(np.arange(-6, 6, dtype=np.int16).view(BF16).reshape(3, 4))
+            back = torch_tensors.to_tensor(arr)
+            assert back.dtype == torch.bfloat16 and back.data_ptr() == arr.data.ptr
+            assert torch_tensors._made_from(back) is arr
+            assert torch_tensors._made_from(back.view(torch.int16)) is None  # another tensor: crossed anew
+            assert torch_tensors._made_from(torch.zeros(3, 4)) is None
+            moved = torch_tensors.to_tensor(arr)
+            moved.set_(torch.zeros(3, 4, dtype=torch.bfloat16))  # its memory replaced in place
+            assert torch_tensors._made_from(moved) is None
+            reshaped = torch_tensors.to_tensor(arr)
+            reshaped.resize_(4, 3)  # its shape changed in place
+            assert torch_tensors._made_from(reshaped) is None
+            restrided = torch_tensors.to_tensor(arr)
+            restrided.as_strided_((3, 4), (1, 3))  # its strides changed in place
+            assert torch_tensors._made_from(restrided) is None
+            fp8 = cupy.asarray(np.arange(32, dtype=np.uint8).reshape(2, 16))
+            back8 = torch_tensors.to_tensor(fp8, fp8=True)
+            assert back8.dtype == torch.float8_e4m3fn and torch_tensors._made_from(back8) is fp8
+        finally:
+            torch_tensors._in_call.depth = depth
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_call", [False, True])
 def test_the_crossing_copies_nothing_on_the_gpu(in_call):
@@ -188,6 +240,8 @@ def _crossing_checks(cupy):
         assert back.dtype == t.dtype and back.shape == t.shape and back.stride() == t.stride()
         if t.numel():
             assert back.data_ptr() == t.data_ptr()
+        again = torch_tensors.to_array(back, "x", "gpu")  # inside a call: the array it was made from
+        assert (again is arr) == bool(torch_tensors._in_call.depth)
     arr = torch_tensors.to_array(base, "x", "gpu")
     arr[2, 3] = -5  # a write through the CuPy view shows in the tensor
     torch.cuda.synchronize()
