@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     t = torch.zeros((128, 7168), dtype=torch.int16, device="cuda")
     a = cupy.zeros((128, 7168), dtype=cupy.int16)
     side = torch.cuda.Stream()
+    tb = torch.zeros((128, 7168), dtype=torch.bfloat16, device="cuda")
+    made = {}  # a tensor made by to_tensor inside the call context below (crosses back as its array)
 
     def unowned_view():  # a CuPy view built from the tensor's pointer, holding the tensor (no DLPack)
         size = t.element_size()
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     ways = {
         "torch->cupy cupy.from_dlpack(t)": lambda: cupy.from_dlpack(t),
         "torch->cupy torch_tensors.to_array": lambda: torch_tensors.to_array(t, "t", "gpu"),
+        "torch->cupy torch_tensors.to_array, BF16": lambda: torch_tensors.to_array(tb, "t", "gpu"),
+        "torch->cupy to_array of a to_tensor output": lambda: torch_tensors.to_array(made["t"], "t", "gpu"),
         "torch->cupy UnownedMemory view": unowned_view,
         "cupy->torch torch.from_dlpack(a)": lambda: torch.from_dlpack(a),
         "cupy->torch from_dlpack(a.__dlpack__(stream=-1))": lambda: torch.utils.dlpack.from_dlpack(
@@ -74,6 +78,7 @@ def main(argv=None) -> int:
     for where in ("default stream", "torch side stream"):
         ctx = torch.cuda.stream(side) if where != "default stream" else torch.cuda.stream(torch.cuda.current_stream())
         with ctx, torch_tensors.torch_stream("gpu"):
+            made["t"] = torch_tensors.to_tensor(a)
             for name, fn in ways.items():
                 try:
                     us = _per_call_us(fn, args.n, args.rounds)
