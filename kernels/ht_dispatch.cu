@@ -99,14 +99,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // 3. Warp per token: read the row once, store it to each destination.
   const int warps = gridDim.x * (kThreads / 32);
-  auto slot_of = [&](int t) {  // lane d: the token's row at destination d (-1: none)
-    return t < num_tokens && lane < kRanks ? send_slot[static_cast<int64_t>(t) * kRanks + lane] : -1;
-  };
-  int next_slot = slot_of(blockIdx.x * (kThreads / 32) + tid / 32);
   for (int t = blockIdx.x * (kThreads / 32) + tid / 32; t < num_tokens; t += warps) {
-    int slot = next_slot;
-    next_slot = slot_of(t + warps);  // the next token's, in flight while this one is copied
+    int slot = -1;
     if (lane < kRanks) {
+      slot = send_slot[static_cast<int64_t>(t) * kRanks + lane];
       if (slot >= 0 && !s_same[lane]) {  // the destination's call has other shapes: send it nothing
         const long long theirs = mine->dispatch_addr[p][lane][kOutShape];
         epk::report_error(err, epk::kBadIndex, rank, EPK_ERR_PHASE_HT_SHAPE, lane, static_cast<int>(theirs >> 33),
@@ -123,25 +119,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
     for (int d = 0; d < kRanks; ++d) slots[d] = __shfl_sync(0xffffffffu, slot, d);
 
-    // The token's scales and top-k entries are loaded before its row, so their latency overlaps the row's loads
-    // instead of following them (a fixed cost per token that weighs most on FP8's half-size rows).
-    constexpr int kScaleLanes = (kScaleCols + 31) / 32;
-    float sc[kScaleLanes > 0 ? kScaleLanes : 1];
-    if constexpr (kScaleCols > 0) {
-#pragma unroll
-      for (int k = 0; k < kScaleLanes; ++k) {
-        const int c = k * 32 + lane;
-        sc[k] = c < kScaleCols ? x_scales[static_cast<int64_t>(t) * kScaleCols + c] : 0.f;
-      }
-    }
-    int64_t e = -1;
-    float w = 0.f;
-    if constexpr (kWithMeta) {
-      if (lane < kTopk) {
-        e = topk_idx[static_cast<int64_t>(t) * kTopk + lane];
-        if (topk_weights != nullptr) w = topk_weights[static_cast<int64_t>(t) * kTopk + lane];
-      }
-    }
     const int4 *src = x + static_cast<int64_t>(t) * kRowVecs;
     for (int base = 0; base < kRowVecs; base += 32 * kUnroll) {
       int4 v[kUnroll];
@@ -162,17 +139,21 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     if constexpr (kScaleCols > 0) {
-#pragma unroll
-      for (int k = 0; k < kScaleLanes; ++k) {
-        const int c = k * 32 + lane;
-        if (c >= kScaleCols) continue;
+      for (int c = lane; c < kScaleCols; c += 32) {
+        const float s = x_scales[static_cast<int64_t>(t) * kScaleCols + c];
 #pragma unroll
         for (int d = 0; d < kRanks; ++d)
           if (dests >> d & 1u)
-            reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = sc[k];
+            reinterpret_cast<float *>(s_dst[d][kOutScales])[static_cast<int64_t>(slots[d]) * kScaleCols + c] = s;
       }
     }
     if constexpr (kWithMeta) {
+      int64_t e = -1;
+      float w = 0.f;
+      if (lane < kTopk) {
+        e = topk_idx[static_cast<int64_t>(t) * kTopk + lane];
+        if (topk_weights != nullptr) w = topk_weights[static_cast<int64_t>(t) * kTopk + lane];
+      }
 #pragma unroll
       for (int d = 0; d < kRanks; ++d) {
         if (!(dests >> d & 1u)) continue;
