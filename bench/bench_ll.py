@@ -15,9 +15,10 @@ blocks and source tokens per expert and source rank, every received row's bits, 
 arithmetic); after the timing the last call's layout is checked again. A failure on any rank stops every rank.
 
 Measured per op (dispatch, combine), times max over ranks of each rank's value:
-- ``op``: one call after a group barrier, CUDA events on the caller's stream around the call (host Python
-  included), median of ``--iters``. ``op_kernel``: the same calls, only the span of the kernel on the comm stream
-  (waiting for slower peers included). ``op_call_host``: the host time of those calls.
+- ``op``: one call after a group barrier as a user makes it (a replay of the warmed-up call), CUDA events on the
+  caller's stream around the call (host Python included), median of ``--iters``. ``op_call_host``: the host time
+  of those calls. ``op_kernel``: the same calls validated again (replays off) with events around the kernel on the
+  comm stream, its span only (waiting for slower peers included).
 - ``op_pipelined``: ``--calls`` calls enqueued back to back after one barrier (``async_finish=True``, the caller's
   stream waits for the last call only), device time per call; median of 3 repetitions.
 - ``op_host`` / ``op_host_async``: host time of the Python call only, ``--calls`` calls back to back then one sync
