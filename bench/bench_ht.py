@@ -49,6 +49,7 @@ OPS = (
     "combine_fresh",
     "combine_buffer",
     "combine_buffer_pipelined",
+    "combine_alloc",
 )
 
 
@@ -231,6 +232,11 @@ def rank_main(group, args, tokens):
         y_fresh = cupy.array(y)
         y_buf = buf.get_combine_buffer(handle)
         y_buf[...] = y
+        with buf.allocating_in_buffer():  # and made by CuPy code inside allocating_in_buffer (read in place too)
+            y_alloc = cupy.array(y)
+
+        def combine_alloc():
+            return buf.combine(y_alloc, handle, topk_weights=recv_w)
 
         def combine_fresh():
             return buf.combine(y_fresh, handle, topk_weights=recv_w)
@@ -239,9 +245,9 @@ def rank_main(group, args, tokens):
             return buf.combine(y_buf, handle, topk_weights=recv_w)
 
         for _ in range(3):
-            cached(), combine(), combine_fresh(), combine_buffer()
-        # the three combines read the same values from three places: their outputs must be bitwise equal
-        outs = [fn()[0].view(cupy.uint16) for fn in (combine, combine_fresh, combine_buffer)]
+            cached(), combine(), combine_fresh(), combine_buffer(), combine_alloc()
+        # the four combines read the same values from four places: their outputs must be bitwise equal
+        outs = [fn()[0].view(cupy.uint16) for fn in (combine, combine_fresh, combine_buffer, combine_alloc)]
         if not all(bool(cupy.array_equal(outs[0], o)) for o in outs[1:]):
             raise AssertionError(f"rank {group.rank}, {tokens} tokens: a fresh or buffer combine differs from combine")
         res = {}
@@ -252,6 +258,7 @@ def rank_main(group, args, tokens):
             ("combine", combine),
             ("combine_fresh", combine_fresh),
             ("combine_buffer", combine_buffer),
+            ("combine_alloc", combine_alloc),
         )
         # Single calls as a user makes them (the headline rows), then again with events around every kernel (the
         # _kernel rows): the clock's event creations and records sit on the host path before each launch.
@@ -293,6 +300,7 @@ HEADLINE = (
     ("cached_dispatch", "cached dispatch"),
     ("combine_fresh", "combine of a fresh expert output"),
     ("combine_buffer", "the same written into get_combine_buffer"),
+    ("combine_alloc", "made inside allocating_in_buffer"),
 )
 BESIDE = (
     ("combine", "combine of the dispatch output (in place)"),
@@ -361,6 +369,7 @@ def summarize(per_rank: list[dict], args) -> dict:
         ("combine_fresh", recv, tokens, args.hidden * 2),
         ("combine_buffer", recv, tokens, args.hidden * 2),
         ("combine_buffer_pipelined", recv, tokens, args.hidden * 2),
+        ("combine_alloc", recv, tokens, args.hidden * 2),
     ):
         logical_bytes = recv / R * rb
         out[f"{op}_logical_GBps"] = logical_bytes / (out[f"{op}_us"] * 1e-6) / 1e9

@@ -151,8 +151,37 @@ class ndarray:  # noqa: N801 - CuPy's name
 
 def _allocated(a):
     """A new device array holding ``a``: as CuPy's pool, an allocation of no bytes has address 0 (views of other
-    memory keep theirs); kernels must not take "no pointer" for "no argument"."""
+    memory keep theirs); kernels must not take "no pointer" for "no argument". Inside ``using_allocator`` the
+    memory comes from that allocator, as in CuPy."""
+    allocator = getattr(_allocator, "fn", None)
+    if allocator is not None and a.size:
+        out = ndarray(a.shape, a.dtype, allocator(a.nbytes))
+        out._a[...] = a
+        return out
     return ndarray(None, _np=a, _ptr=0) if a.size == 0 else ndarray(None, _np=a)
+
+
+_allocator = threading.local()  # fn: the allocator of using_allocator in this thread
+
+
+def _default_malloc(nbytes):
+    """The allocator outside ``using_allocator``: fresh host memory (CuPy's pool, for the fake)."""
+    buf = np.empty(max(int(nbytes), 1), np.uint8)
+    return MemoryPointer(UnownedMemory(buf.ctypes.data, buf.nbytes, buf), 0)
+
+
+def get_allocator():
+    return getattr(_allocator, "fn", None) or _default_malloc
+
+
+@contextlib.contextmanager
+def using_allocator(allocator=None):
+    previous = getattr(_allocator, "fn", None)
+    _allocator.fn = allocator
+    try:
+        yield
+    finally:
+        _allocator.fn = previous
 
 
 def asarray(a, dtype=None):
@@ -309,7 +338,8 @@ def _module():
     )
     for name in ("ndarray", "asarray", "zeros", "ones", "empty", "full", "asnumpy", "ascontiguousarray"):
         setattr(cupy, name, globals()[name])
-    for name in ("UnownedMemory", "MemoryPointer", "Device", "Event", "Stream", "get_current_stream"):
+    for name in ("UnownedMemory", "MemoryPointer", "Device", "Event", "Stream", "get_current_stream", "get_allocator",
+                 "using_allocator"):  # fmt: skip
         setattr(cuda, name, globals()[name])
     for name in ("bool_", "int8", "uint8", "int32", "uint32", "int64", "uint64", "float32", "uint16"):
         setattr(cupy, name, getattr(np, name))

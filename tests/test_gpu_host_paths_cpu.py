@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fake_cupy as F
-from epkern.errors import ArgumentError
+from epkern.errors import ArgumentError, EpkernError
 from epkern.gpu.tuning import LLTuning, Tuning
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -86,6 +86,40 @@ def test_ht_combine_buffer_is_read_in_place_and_a_fresh_array_is_staged(fake):
     other.destroy()
     del y
     buf.destroy()
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_ht_expert_outputs_made_inside_allocating_in_buffer_are_read_in_place(fake, processes):
+    """Between processes, CuPy allocations inside Buffer.allocating_in_buffer() come from the Buffer's heap (an
+    expert output made there is the combine kernel's input as it is) and what the heap cannot hold from the
+    allocator in force before; after the block, and with in-process ranks, allocations are as before."""
+    import cupy
+
+    buf = F.fake_buffer(processes=processes)
+    rt = buf._backend.rt
+    recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, _ht_inputs(), num_worst_tokens=T)
+
+    def in_region(a):
+        return rt.region.ptr <= a.data.ptr and a.data.ptr + a.nbytes <= rt.region.ptr + rt.region.nbytes
+
+    values = np.random.default_rng(1).integers(-4, 5, (handle.num_out_rows, H)).astype(BF16)
+    held = rt.heap.in_use
+    with buf.allocating_in_buffer():
+        y = cupy.asarray(values)  # an expert's output, made inside the block
+        too_big = cupy.zeros(rt.heap.nbytes + 256, np.uint8)
+    assert in_region(y) == processes and not in_region(too_big)
+    assert np.array_equal(cupy.asnumpy(y).view(np.uint16), values.view(np.uint16))
+    assert not in_region(cupy.asarray(values))  # the block has ended
+    before = len(fake)
+    buf.combine(y, handle, topk_weights=recv_w)
+    assert F.addr(F.real_launches(fake[before:])[-1][5][4]) == y.data.ptr  # in_x: read in place, not staged
+    if processes:
+        assert rt.heap.in_use > held
+        del y
+        assert rt.heap.in_use == held  # y's block went back to the heap with y
+    buf.destroy()
+    with pytest.raises(EpkernError):
+        buf.allocating_in_buffer()
 
 
 def test_ht_bad_input_raises_before_any_launch(fake):

@@ -376,6 +376,13 @@ class Buffer:
         its part of the HT area (``num_nvl_bytes``) until it is dropped."""
         return self._backend.get_combine_buffer(handle)
 
+    def allocating_in_buffer(self):
+        """A context manager: inside it the calling thread's CuPy allocations come from the Buffer's HT area, so an
+        expert output made there (``with buf.allocating_in_buffer(): y = expert(recv_x)``) is read in place by
+        ``combine``, as one written into ``get_combine_buffer`` is, not copied in first; what the area cannot hold
+        is allocated as before. CuPy only (torch: ``get_combine_buffer`` and ``out=``); in-process ranks: no-op."""
+        return self._backend.allocating_in_buffer()
+
     # ---- low latency ----
     @_one_thread_at_a_time
     @accepts_tensors

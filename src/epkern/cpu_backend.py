@@ -29,6 +29,7 @@ Where the CPU differs from the GPU, by design:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -435,6 +436,10 @@ class CpuBackend:
         self._usable()
         api_checks.own_handle(handle, CpuHTHandle, self, "dispatch")
         return np.zeros((handle.num_out_rows, handle.hidden), BF16)
+
+    def allocating_in_buffer(self):
+        self._usable()
+        return contextlib.nullcontext()  # the CPU backend reads combine inputs wherever they are
 
     def get_next_low_latency_combine_buffer(self, handle):
         self._usable()

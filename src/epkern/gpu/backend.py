@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import api_checks
 from ..errors import ArgumentError
-from . import ht_inter_layout
+from . import ht_inter_layout, region_alloc
 from .capture import held_only_if_captured
 from .ht import HtEngine
 from .ll import prepared
@@ -174,6 +174,10 @@ class GpuBackend:
     def get_combine_buffer(self, handle):
         self._refuse_ht_without_memory("get_combine_buffer")
         return self.ht.combine_buffer(handle)
+
+    def allocating_in_buffer(self):
+        self._refuse_ht_without_memory("allocating_in_buffer")
+        return region_alloc.allocating_in_buffer(self.rt)
 
     # ---- low latency ----
     def low_latency_dispatch(self, *args):
