@@ -8,6 +8,10 @@ so an expert output made there (by any chain of CuPy operations) is read in plac
 that was in force, so code inside the block never fails for lack of heap. Ranks in one process read each other's
 memory anywhere (nothing is staged): there the block changes nothing. torch's allocator cannot be redirected from
 Python: torch users write the expert output into ``get_combine_buffer`` (``out=``).
+
+The heap reuses a freed block at once, whatever stream last used it (CuPy's pool keeps a freed block for its own
+stream): inside the block, keep the expert's work on one stream (the one the Buffer's calls run on), as the
+Buffer's own outputs assume.
 """
 
 from __future__ import annotations
