@@ -8,8 +8,9 @@ class EventHandle:
 
     With ``async_finish=False`` (the default) the caller's current stream already waits for the call, so the
     event is rarely needed; a repeated call launched straight onto that stream (gpu/direct.py) returns an empty
-    one (``event`` None: its methods return at once; to wait on the host, synchronize that stream). With ``async_finish=True`` the caller's stream does not wait: the call runs on the
-    Buffer's communication stream, and this event marks its end; order later work after it with
+    one (``event`` None: its methods return at once; to wait on the host, synchronize that stream). With
+    ``async_finish=True`` the caller's stream does not wait: the call runs on the Buffer's communication stream,
+    and this event marks its end; order later work after it with
     :meth:`current_stream_wait` (device side) or :meth:`synchronize` (host side), or pass it as
     ``previous_event=`` to a later call, which then waits for it instead of for the current stream.
 
