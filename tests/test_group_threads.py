@@ -461,3 +461,21 @@ def test_launch_cli(tmp_path, capsys, monkeypatch):
         launch.main([f"{script}:nope"])
     with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
         launch.main(["justaname"])
+
+
+def test_cached_rank_streams_and_pools_are_dropped_at_exit():
+    """At interpreter exit the per-process rank streams and pools are dropped by an atexit handler, before the
+    modules are torn down (left to teardown, CuPy's stream destructors failed there: "Error in sys.excepthook" at the
+    end of in-process GPU test files). Run in a child process: it runs every exit handler."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, epkern.group.threads as t\n"
+        "t._streams[(0, 0, 'comm')] = object(); t._pools[(0, 0)] = object()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('left', len(t._streams), len(t._pools))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "left 0 0" in out.stdout
