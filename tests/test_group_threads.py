@@ -463,13 +463,11 @@ def test_launch_cli(tmp_path, capsys, monkeypatch):
         launch.main(["justaname"])
 
 
-def test_cached_rank_streams_and_pools_are_dropped_at_exit():
-    """At interpreter exit the per-process rank streams and pools are dropped by an atexit handler, before the
-    modules are torn down (left to teardown, CuPy's stream destructors failed there: "Error in sys.excepthook" at the
-    end of in-process GPU test files). Run in a child process: it runs every exit handler."""
-    import subprocess
-    import sys
-
+def test_cached_rank_streams_are_dropped_at_exit():
+    """At interpreter exit the per-process rank streams are dropped by an atexit handler, before the modules are
+    torn down (left to teardown, CuPy's stream destructors failed there: "Error in sys.excepthook" at the end of
+    in-process GPU test files); the pools stay (freeing memory waits for the device). In a child process: it runs
+    every exit handler."""
     code = (
         "import atexit, epkern.group.threads as t\n"
         "t._streams[(0, 0, 'comm')] = object(); t._pools[(0, 0)] = object()\n"
@@ -478,4 +476,4 @@ def test_cached_rank_streams_and_pools_are_dropped_at_exit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "left 0 0" in out.stdout
+    assert "left 0 1" in out.stdout

@@ -323,12 +323,13 @@ _pools: dict = {}  # (device, rank) -> (cupy MemoryAsyncPool, cudaMemPool_t)
 
 @atexit.register
 def _release_at_exit() -> None:
-    """At interpreter exit, before the modules are torn down: drop the cached rank streams and pools while CuPy can
-    still destroy them. Left to module teardown, each stream's destructor failed and printed "Error in
-    sys.excepthook" (24 times after an 8-rank in-process GPU test file: 8 ranks x 3 roles; not yet run on a GPU)."""
+    """At interpreter exit, before the modules are torn down: drop the cached rank streams while CuPy can still
+    destroy them. Left to module teardown, each stream's destructor failed and printed "Error in sys.excepthook" (24
+    times after an 8-rank in-process GPU test file: 8 ranks x 3 roles; not yet run on a GPU). Streams only:
+    ``cudaStreamDestroy`` returns at once even with work queued, where freeing memory (a pool's, a workspace's)
+    waits for the device, and a kernel that never ends would then hang the exit."""
     with _per_rank_lock:
         _streams.clear()
-        _pools.clear()
 
 
 def _rank_memory_pool(device: int, rank: int):
