@@ -249,7 +249,7 @@ def rank_main(group, args, tokens):
         # the four combines read the same values from four places: their outputs must be bitwise equal
         outs = [fn()[0].view(cupy.uint16) for fn in (combine, combine_fresh, combine_buffer, combine_alloc)]
         if not all(bool(cupy.array_equal(outs[0], o)) for o in outs[1:]):
-            raise AssertionError(f"rank {group.rank}, {tokens} tokens: a fresh or buffer combine differs from combine")
+            raise AssertionError(f"rank {group.rank}, {tokens} tokens: the four combines' outputs differ")
         res = {}
         res["layout_us"], res["layout_host_us"], _, _ = _timed(layout, group, args.iters)
         single = (

@@ -152,8 +152,8 @@ def _numpy_of():
         (torch.uint8, np.uint8),
         (torch.bool, np.bool_),
         (torch.bfloat16, BF16),
-        (torch.float8_e4m3fn, np.uint8),
-    ]  # fmt: skip  (FP8 e4m3 crosses as its bytes: CuPy has no float8)
+        (torch.float8_e4m3fn, np.uint8),  # FP8 e4m3 crosses as its bytes: CuPy has no float8
+    ]
     return {t: np.dtype(n) for t, n in pairs}
 
 

@@ -12,7 +12,6 @@ waits for it (``Runtime.join_direct``).
 from __future__ import annotations
 
 from ..events import EventHandle
-from .capture import capturing
 
 NO_EVENT = EventHandle(None)  # what a direct replay returns as its event (nothing to wait for); read-only
 
@@ -36,4 +35,4 @@ def end_direct(rt, compute, captured: bool = False):
     return NO_EVENT
 
 
-__all__ = ["NO_EVENT", "capturing", "direct_stream", "end_direct"]
+__all__ = ["NO_EVENT", "direct_stream", "end_direct"]

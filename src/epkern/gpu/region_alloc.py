@@ -37,8 +37,7 @@ class _HeapAllocator:
             block = rt.heap.alloc(nbytes)
         except HeapExhaustedError:
             return self.fallback(nbytes)
-        # the memory object keeps the block: it returns to the heap when the last array over it is dropped
-        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.ptr, block.nbytes, block), 0)
+        return block.pointer()  # back to the heap when the last array over it is dropped
 
 
 def allocating_in_buffer(rt):

@@ -41,6 +41,14 @@ class HeapBlock:
         if not sys.is_finalizing():
             self.heap._free(self.offset, self.nbytes)
 
+    def pointer(self, byte_offset: int = 0):
+        """A CuPy MemoryPointer into this block; its memory object keeps the block alive."""
+        import cupy
+
+        # A new UnownedMemory each time: caching one on the block would make a block <-> memory cycle, and the
+        # block would then return to the heap only when the cyclic garbage collector runs.
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(self.ptr, self.nbytes, self), byte_offset)
+
     def array(self, shape, dtype, byte_offset: int = 0):
         """A CuPy array over this block (keeps the block alive)."""
         import cupy
@@ -49,10 +57,7 @@ class HeapBlock:
         need = math.prod(shape) * np.dtype(dtype).itemsize  # math.prod: a per-call hot spot as np.prod
         if byte_offset + need > self.nbytes:
             raise ValueError(f"view of {need} bytes at {byte_offset} exceeds block of {self.nbytes}")
-        # A new UnownedMemory per view: caching one on the block would make a block <-> memory cycle, and the
-        # block would then return to the heap only when the cyclic garbage collector runs.
-        mem = cupy.cuda.UnownedMemory(self.ptr, self.nbytes, self)
-        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, byte_offset))
+        return cupy.ndarray(shape, dtype, self.pointer(byte_offset))
 
 
 class Heap:
