@@ -243,19 +243,16 @@ if has absentrepro; then
   note "absent repro rc=$?: $(tail -1 "$log")"
 fi
 if has ncu; then
-  # Issue #22 item 5: Nsight Compute readings (DRAM throughput, top stall reasons) of the HT and LL kernels at the
-  # benchmark shapes with ONE rank: ncu replays a kernel alone, and a kernel that waits for peers' kernels cannot
-  # be replayed beside them (with one rank every wait is for itself). NCU_BENCHES: "script:args;..." to override.
-  # Without MPS (ncu does not profile MPS clients). ncu reads counters on Firecracker machines only (docs/performance.md says which machine gave the reading).
-  IFS=';' read -r -a ncu_runs <<<"${NCU_BENCHES:-bench_ht.py:--tokens 4096 --iters 1;bench_ht.py:--tokens 4096 --iters 1 --fp8;bench_ll.py:--tokens 128 --iters 1 --calls 2}"
-  for i in "${!ncu_runs[@]}"; do
-    IFS=: read -r script bargs <<<"${ncu_runs[$i]}"
-    # shellcheck disable=SC2086
-    timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none --target-processes all -k regex:"${NCU_KERNELS:-epk_(ht|ll)_(dispatch|combine)}" \
-      --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section LaunchStats --section Occupancy python3 "bench/$script" $bargs >"$OUT/ncu_$i.log" 2>&1
-    note "ncu $script $bargs rc=$?: $(grep -cE '^ +epk_' "$OUT/ncu_$i.log") kernels; $(grep -m1 -E 'ERR|rror' "$OUT/ncu_$i.log" | cut -c1-200)"
-  done
+  # Issue #22 item 5: Nsight Compute readings (DRAM throughput, top stall reasons) of every HT and LL kernel at the
+  # benchmark shapes, one call each inside bench/ncu_kernels.py's profiler range, with ONE in-process rank: ncu
+  # replays a kernel alone, and a kernel that waits for peers' kernels cannot be replayed beside them. Without MPS
+  # (ncu does not profile MPS clients). NCU_EXTRA: more ncu_kernels.py options (e.g. --tokens 512).
+  # shellcheck disable=SC2086
+  timeout "${NCU_TIMEOUT:-240}" ncu --profile-from-start off --clock-control none -k regex:"${NCU_KERNELS:-epk_(ht|ll)_(dispatch|combine)}" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
+    --section Occupancy python3 bench/ncu_kernels.py ${NCU_EXTRA:-} >"$OUT/ncu.log" 2>&1
+  note "ncu rc=$?: $(grep -cE '^ +epk_' "$OUT/ncu.log") kernels; $(grep -m1 'ncu_kernels:' "$OUT/ncu.log"); $(grep -m1 -E 'ERR|rror' "$OUT/ncu.log" | cut -c1-200)"
+  note "$(grep -E '^ +epk_|DRAM Throughput|^ +Duration|Memory Throughput' "$OUT/ncu.log" | tr -s ' ' | head -40 | tr '\n' ';')"
 fi
 if has tests; then
   for f in ${TEST_FILES:-tests/test_rdma_gpu.py tests/test_layout_gpu.py tests/test_ll_gpu.py tests/test_ht_gpu.py tests/test_nic_device_ranks.py}; do
