@@ -20,7 +20,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from _timing import profile_text_host
+from _timing import KernelClock, profile_text_host
 from epkern import Buffer, deep_ep, torch_tensors
 from epkern.group import as_group, run_in_process
 
@@ -162,6 +162,42 @@ def _profile(group, api, fn, iters, label, top=18):
         print(f"---- profile {label} ({iters} calls)\n{text}", flush=True)
 
 
+def _trace(group, api, fn, iters, sleep_us, native, label):
+    """Where a call's GPU window goes: the call issued behind a device sleep as in ``_time``, with events around
+    each kernel the native Buffer launches (``KernelClock``) and a CuPy event after the sleep and after the call
+    (both on the one current stream); rank 0 prints each kernel's start / end and the end event, µs after the
+    sleep's end, medians over ``iters`` (host gaps between kernels show as the distance between them)."""
+    import cupy
+
+    clock, marks = KernelClock(native), []
+    try:
+        for _ in range(iters):
+            group.barrier()
+            api.sleep_then_events(sleep_us)
+            e0 = cupy.cuda.Event()
+            e0.record()
+            fn()
+            e1 = cupy.cuda.Event()
+            e1.record()
+            e1.synchronize()
+            at = [
+                (cupy.cuda.get_elapsed_time(e0, a) * 1e3, cupy.cuda.get_elapsed_time(e0, b) * 1e3)
+                for a, b in clock.spans
+            ]
+            marks.append([*at, (cupy.cuda.get_elapsed_time(e0, e1) * 1e3,) * 2])
+            clock.spans = []
+            api.sync()
+    finally:
+        clock.restore()
+    if group.rank == 0 and marks and all(len(m) == len(marks[0]) for m in marks):
+        cols = [
+            (statistics.median(m[i][0] for m in marks), statistics.median(m[i][1] for m in marks))
+            for i in range(len(marks[0]))
+        ]
+        text = "  ".join(f"k{i} {a:.1f}-{b:.1f}" for i, (a, b) in enumerate(cols[:-1]))
+        print(f"trace {label}: {text}  end {cols[-1][0]:.1f}  (us after the sleep, median of {iters})", flush=True)
+
+
 def _measure(group, args, name):
     """One API's four calls, timed; returns (rows, outputs to compare)."""
     R, backend = group.size, args.backend
@@ -203,6 +239,10 @@ def _measure(group, args, name):
         sleep_us = args.gpu_sleep_us if backend == "gpu" else 0.0
         wall, host, gpu = _time(group, api, fn, args.iters, sleep_us)
         rows.append(dict(api=name, call=call, wall_us=wall, host_us=host, gpu_us=gpu))
+    if args.trace and backend == "gpu":
+        native = ht._buf if name == "deep_ep" else ht
+        for call, fn in calls[:2]:  # the HT calls (replayed LL calls launch past the runtime's launch)
+            _trace(group, api, fn, args.iters, args.gpu_sleep_us, native, f"{name} {call}")
     if args.profile:  # after the timing (the profiler slows the host): where each call's host time goes
         for call, fn in calls:
             _profile(group, api, fn, args.profile, f"{name} {call}")
@@ -242,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--gpu-sleep-us", type=float, default=5000.0, help="device sleep the GPU-time runs queue each call behind"
     )
+    p.add_argument("--trace", action="store_true", help="then each HT call's kernels placed in its GPU window")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.inprocess:
