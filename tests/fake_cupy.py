@@ -110,6 +110,9 @@ class ndarray:  # noqa: N801 - CuPy's name
     def view(self, dtype):
         return self._same_start(self._a.view(dtype))
 
+    def __bool__(self):  # as CuPy: only an array of one element has a truth value (ValueError otherwise)
+        return bool(self._a)
+
     def __dlpack__(self, stream=None):  # the host memory under the fake device array, as numpy exports it
         return self._a.__dlpack__()
 

@@ -191,6 +191,7 @@ def test_in_call_crossings_over_the_fake_cupy(monkeypatch):
             back = torch_tensors.to_tensor(arr)
             assert back.dtype == torch.bfloat16 and back.data_ptr() == arr.data.ptr
             assert torch_tensors._made_from(back) is arr
+            assert torch_tensors._in_call_array(back) is arr  # what to_array returns inside a call
             assert torch_tensors._made_from(back.view(torch.int16)) is None  # another tensor: crossed anew
             assert torch_tensors._made_from(torch.zeros(3, 4)) is None
             moved = torch_tensors.to_tensor(arr)
@@ -205,6 +206,9 @@ def test_in_call_crossings_over_the_fake_cupy(monkeypatch):
             fp8 = cupy.asarray(np.arange(32, dtype=np.uint8).reshape(2, 16))
             back8 = torch_tensors.to_tensor(fp8, fp8=True)
             assert back8.dtype == torch.float8_e4m3fn and torch_tensors._made_from(back8) is fp8
+            assert torch_tensors._in_call_array(back8) is fp8
+            fresh = torch_tensors._in_call_array(torch.arange(12, dtype=torch.int32).reshape(3, 4))
+            assert fresh.shape == (3, 4) and fresh.dtype == np.int32  # not made by to_tensor: a new view
         finally:
             torch_tensors._in_call.depth = depth
 

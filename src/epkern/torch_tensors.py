@@ -78,7 +78,7 @@ def to_array(tensor, name: str, backend: str):
         raise ArgumentError(f"{name}: expected a CPU tensor (the CPU backend), got a tensor on {tensor.device}")
     try:
         if backend == "gpu" and _in_call.depth:  # inside a call: CuPy's stream is torch's, no ordering needed
-            return _made_from(tensor) or _cupy_view(tensor)
+            return _in_call_array(tensor)
         as_bf16 = tensor.dtype == torch.bfloat16
         if as_bf16:
             tensor = tensor.view(torch.int16)
@@ -96,6 +96,12 @@ def to_array(tensor, name: str, backend: str):
 
 
 _MADE_FROM = "_epkern_array"  # attribute of a tensor made by to_tensor inside a call: (array, stride, data_ptr)
+
+
+def _in_call_array(tensor):
+    """Inside a call: the array the tensor was made from, else a new view of it."""
+    made = _made_from(tensor)  # not `or`: an array of several elements has no truth value (GPU run, session R)
+    return made if made is not None else _cupy_view(tensor)
 
 
 def _made_from(tensor):
