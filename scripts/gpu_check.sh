@@ -98,6 +98,7 @@ if has deepep; then
   [ -n "${DEEPEP_RPN:-}" ] || timeout 300 "${MPIRUN[@]}" -n 8 python3 bench/bench_deep_ep.py ${DEEPEP_BENCH_EXTRA:-} --json "$OUT/bench_deep_ep_mps8.json" \
     >"$OUT/bench_deep_ep_mps8.log" 2>&1
   note "bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s/%s; ", $1, $2, $3, $4, $5}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")"
+  grep '^trace ' "$OUT/bench_deep_ep_mps8.log" >>"$OUT/summary.txt" # --trace: each HT call's kernels in its GPU window
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
