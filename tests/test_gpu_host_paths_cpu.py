@@ -623,3 +623,26 @@ def test_a_record_claimed_but_not_yet_written_is_read_again_later(fake):
     rec[1] = 2  # the code, last (EPK_ERR_CODE_BAD_INDEX)
     with pytest.raises(EpkernError, match=r"rank 0: phase 30583: error code 2 \(peer 1, value 5, limit 9\)"):
         buf.check()
+
+
+def test_ht_layout_does_not_wait_for_the_device(fake, monkeypatch):
+    """Buffer.get_dispatch_layout launches the layout kernel without the index check's host wait, which had made
+    every layout call synchronous (and put the host's later work into the GPU's time; session R). The standalone
+    epkern.dispatch_layout.get_dispatch_layout keeps its check."""
+    from epkern import _cuda, dispatch_layout, memory
+
+    monkeypatch.setattr(dispatch_layout, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(memory, "HostMapped", F.FakeHostMapped)
+    monkeypatch.setattr(dispatch_layout, "_workspaces", {})
+    waits = []
+    monkeypatch.setattr(_cuda, "wait_stream", lambda *args, **kwargs: waits.append(args[-1]))
+    buf = F.fake_buffer()
+    idx = _ht_inputs()[1]
+    for _ in range(2):
+        buf.get_dispatch_layout(idx, E)
+    assert waits == []
+    assert sum(launch[1] == "epk_get_dispatch_layout" for launch in fake) == 2
+    with pytest.raises(ArgumentError, match="did not report"):  # the fake kernel writes no invalid-index count
+        dispatch_layout.get_dispatch_layout(idx, E, 1)
+    assert len(waits) == 1  # the standalone call waited to check
+    buf.destroy()

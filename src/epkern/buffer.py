@@ -281,7 +281,8 @@ class Buffer:
             num_experts: a multiple of the number of ranks.
         Returns:
             ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] or None,
-            num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event)``.
+            num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event)``. GPU: no host wait (as DeepEP);
+            an entry outside [-1, E) is not counted, and the dispatch refuses it (the CPU backend: here already).
         """
         return self._backend.get_dispatch_layout(
             topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
