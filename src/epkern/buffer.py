@@ -282,7 +282,8 @@ class Buffer:
         Returns:
             ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] or None,
             num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event)``. GPU: no host wait (as DeepEP);
-            an entry outside [-1, E) is not counted, and the dispatch refuses it (the CPU backend: here already).
+            an entry outside [-1, E) is not counted, and the dispatch refuses it (the CPU backend: here already;
+            a dispatch with num_worst_tokens, which waits for no counts, sends such a selection nowhere).
         """
         return self._backend.get_dispatch_layout(
             topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
