@@ -38,6 +38,7 @@ BF16 = ml_dtypes.bfloat16
 # *_pipelined: back-to-back calls (see _pipelined; their host µs: per call while queueing them).
 OPS = (
     "layout",
+    "layout_dispatch",
     "dispatch",
     "dispatch_kernel",
     "cached_dispatch",
@@ -212,6 +213,13 @@ def rank_main(group, args, tokens):
                 topk_weights=w,
             )
 
+        def layout_dispatch():  # as a step calls them: the layout, then the dispatch given its outputs
+            per_rank, per_node, per_expert, in_rank, _ = layout()
+            return buf.dispatch(
+                x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
+            )  # fmt: skip
+
         recv_x, _, recv_w, _, handle, _ = dispatch()
         for _ in range(2):
             recv_x, _, recv_w, _, handle, _ = dispatch()
@@ -253,6 +261,7 @@ def rank_main(group, args, tokens):
         res = {}
         res["layout_us"], res["layout_host_us"], _, _ = _timed(layout, group, args.iters)
         single = (
+            ("layout_dispatch", layout_dispatch),
             ("dispatch", dispatch),
             ("cached_dispatch", cached),
             ("combine", combine),
@@ -296,6 +305,7 @@ def rank_main(group, args, tokens):
 # The headline: what MoE code gets (a single call with a sync; the combine of a fresh expert output), then beside it,
 # labelled, the figures of calls queued back to back and of a combine whose input already sits in the Buffer.
 HEADLINE = (
+    ("layout_dispatch", "layout + dispatch"),
     ("dispatch", "dispatch"),
     ("cached_dispatch", "cached dispatch"),
     ("combine_fresh", "combine of a fresh expert output"),
@@ -358,6 +368,7 @@ def summarize(per_rank: list[dict], args) -> dict:
         out[f"{op}_host_us"] = statistics.median(p[f"{op}_host_us"] for p in per_rank)
     # Combine moves BF16 rows whatever the dispatch dtype.
     for op, rows_read, rows_written, rb in (
+        ("layout_dispatch", sent, recv, row),  # the layout's own bytes (topk_idx, counts) are not counted
         ("dispatch", sent, recv, row),
         ("dispatch_kernel", sent, recv, row),
         ("cached_dispatch", sent, recv, row),

@@ -193,7 +193,7 @@ if has abbench; then
       # shellcheck disable=SC2086
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 \
         --iters 10 ${AB_HT_EXTRA:-} --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
-      note "ab $side $round ht rc=$?: $(grep -E '^ +4096 +(dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|combine_fresh|combine_buffer|combine_buffer_pipelined|combine_alloc) ' "${log}_ht.log" | awk '{printf "%s %s/%s; ", $2, $3, $NF}')"
+      note "ab $side $round ht rc=$?: $(grep -E '^ +4096 +(layout_dispatch|dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|combine_fresh|combine_buffer|combine_buffer_pipelined|combine_alloc) ' "${log}_ht.log" | awk '{printf "%s %s/%s; ", $2, $3, $NF}')"
       [ "${AB_LL:-1}" = 0 ] && continue
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 \
         --iters 10 --calls 50 --json "${log}_ll.json" >"${log}_ll.log" 2>&1)

@@ -82,9 +82,11 @@ def test_bench_ht_headline_is_single_calls_and_the_fresh_output_combine():
     r = {"tokens_per_rank": 4096, **{f"{op}_us": 1000.0 + i for i, op in enumerate(ops)}}
     r.update({f"{op}_floor_ratio": 0.5 for op in ops if op != "dispatch"})
     head, beside = bench_ht.headline_lines(r)
-    assert head.startswith("   4096 headline, single calls with a sync: dispatch 1000.0;")
-    assert "combine of a fresh expert output 1002.0 (0.50 of the floor)" in head
+    assert head.startswith(
+        "   4096 headline, single calls with a sync: layout + dispatch 1000.0 (0.50 of the floor); dispatch 1001.0;"
+    )
+    assert "combine of a fresh expert output 1003.0 (0.50 of the floor)" in head
     assert "pipelined" not in head and "in place" not in head
-    assert "made inside allocating_in_buffer 1004.0 (0.50 of the floor)" in head
-    assert "combine of the dispatch output (in place) 1005.0" in beside and "combine, pipelined 1007.0" in beside
+    assert "made inside allocating_in_buffer 1005.0 (0.50 of the floor)" in head
+    assert "combine of the dispatch output (in place) 1006.0" in beside and "combine, pipelined 1008.0" in beside
     assert set(ops) <= set(bench_ht.OPS)
