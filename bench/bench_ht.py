@@ -202,7 +202,7 @@ def rank_main(group, args, tokens):
 
         per_rank, per_node, per_expert, in_rank, _ = layout()
 
-        def dispatch():
+        def dispatch_given(per_rank, per_node, per_expert, in_rank, _event=None):  # a layout's outputs
             return buf.dispatch(
                 x,
                 num_tokens_per_rank=per_rank,
@@ -213,12 +213,11 @@ def rank_main(group, args, tokens):
                 topk_weights=w,
             )
 
+        def dispatch():
+            return dispatch_given(per_rank, per_node, per_expert, in_rank)
+
         def layout_dispatch():  # as a step calls them: the layout, then the dispatch given its outputs
-            per_rank, per_node, per_expert, in_rank, _ = layout()
-            return buf.dispatch(
-                x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
-            )  # fmt: skip
+            return dispatch_given(*layout())
 
         recv_x, _, recv_w, _, handle, _ = dispatch()
         for _ in range(2):
