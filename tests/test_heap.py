@@ -36,3 +36,35 @@ def test_exhaustion_message_says_what_is_held():
     del keep
     gc.collect()
     assert heap.alloc(4096).nbytes == 4096
+
+
+def test_carve_keeps_the_pieces_and_frees_the_rest():
+    heap = Heap(base_ptr=1 << 40, nbytes=1 << 20)
+    before = heap.alloc(ALIGN)
+    block = heap.alloc(64 * ALIGN)
+    after = heap.alloc(ALIGN)
+    pieces = heap.carve(block, [(0, 1), (4 * ALIGN, 3 * ALIGN + 5), (40 * ALIGN, 0)])
+    assert [(p.offset - block.offset, p.nbytes) for p in pieces] == [
+        (0, ALIGN),
+        (4 * ALIGN, 4 * ALIGN),
+        (40 * ALIGN, ALIGN),
+    ]
+    assert heap.in_use == 2 * ALIGN + 6 * ALIGN
+    del block  # disarmed: frees nothing twice
+    gc.collect()
+    assert heap.in_use == 8 * ALIGN
+    # the gaps are free: an allocation of 3 * ALIGN lands in the first one
+    gap = heap.alloc(3 * ALIGN)
+    assert gap.offset == pieces[0].offset + ALIGN
+    del pieces, gap, before, after
+    gc.collect()
+    assert heap.in_use == 0 and heap.largest_free() == 1 << 20
+
+
+@pytest.mark.parametrize("pieces", [[(8, 16)], [(2 * ALIGN, 16), (ALIGN, 16)], [(63 * ALIGN, 2 * ALIGN)]])
+def test_carve_refuses_pieces_that_are_not_aligned_ranges_of_the_block(pieces):
+    heap = Heap(base_ptr=0, nbytes=1 << 20)
+    block = heap.alloc(64 * ALIGN)
+    with pytest.raises(ValueError, match="aligned range"):
+        heap.carve(block, pieces)
+    assert block.nbytes == 64 * ALIGN  # untouched

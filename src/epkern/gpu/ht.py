@@ -1,15 +1,15 @@
 """Intranode high-throughput (HT) get_dispatch_layout / dispatch / combine on the GPU.
 
 Flow of a non-cached dispatch: ``ht_notify`` exchanges counts and computes the handle (send slots, prefix
-matrix) -> the host reads the receive count from host-mapped memory and allocates outputs -> ``ht_dispatch``
-writes every row straight into its final place in each destination's output. Cached dispatch and
-``num_worst_tokens`` skip the host wait. Combine pulls returned rows from the peers and reduces them in the
-reference's order.
+matrix) -> ``ht_dispatch`` writes every row straight into its final place in each destination's output, reserved in
+the shared heap for as many rows as fit (ht_outputs.py) -> meanwhile the host reads the receive count from host-mapped
+memory and keeps that many rows of the reservation. In-process ranks (outputs from CuPy's pool) read the count first
+and then allocate and launch. Cached dispatch and ``num_worst_tokens`` need no count. Combine pulls returned rows
+from the peers and reduces them in the reference's order.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -20,8 +20,9 @@ from .. import kernel_constants as K
 from .._validate import as_device_array, bias_list, check_array, check_int
 from ..config import Config
 from ..errors import ArgumentError
-from . import ht_replay
+from . import ht_outputs, ht_replay
 from .capture import capturing
+from .ht_outputs import combine_outputs, dispatch_outputs, work_arrays
 from .kernels import HT_COMBINE, HT_DISPATCH, HT_NOTIFY
 from .ll import plans as ll_plans
 from .tuning import HtTuning
@@ -105,68 +106,6 @@ def check_capture(what: str, rt) -> bool:
             "empty; create the Buffer with num_nvl_bytes > 0 (Config.get_nvl_buffer_size_hint)"
         )
     return True
-
-
-@dataclass
-class DispatchOutputs:
-    sizes: list
-    forms: list
-    keep: tuple
-    x: object
-    scales: object
-    idx: object
-    weights: object
-    src: object
-
-
-def typed_outputs(rt, forms, compute, on_comm: bool, *, shared: bool = True, captured: bool):
-    """Arrays of the given (shape, dtype) forms from rt.alloc_out, and their byte sizes (a replay plan keeps both)."""
-    sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in forms]
-    arrays, keep = rt.alloc_out(sizes, compute, on_comm, shared=shared, captured=captured, typed=forms)
-    return arrays, keep, sizes
-
-
-def combine_outputs(rt, T: int, K: int, hidden: int, with_weights: bool, compute, on_comm: bool, captured: bool):
-    """A combine's outputs, BF16 [T, hidden] and float32 [T, K] weights (None without), from the rank's CuPy pool
-    (the held heap inside a capture); and (sizes, forms) for a replay plan."""
-    forms = [((T, hidden), BF16)] + ([((T, K), np.float32)] if with_weights else [])  # no empty array made
-    arrays, _, sizes = typed_outputs(rt, forms, compute, on_comm, shared=False, captured=captured)
-    return arrays[0], arrays[1] if with_weights else None, (sizes, forms)
-
-
-def work_arrays(rt, shapes, dtype, compute, captured: bool, zeroed=()):
-    """A call's own arrays on the comm stream (the indices in ``zeroed`` set to 0 first): from CuPy's pool eagerly,
-    from the Buffer's heap inside a capture (held for its life: every replay writes them; rt.alloc_out)."""
-    import cupy
-
-    if not captured:
-        return [(cupy.zeros if i in zeroed else cupy.empty)(s, dtype=dtype) for i, s in enumerate(shapes)]
-    arrays, _, _ = typed_outputs(rt, [(s, dtype) for s in shapes], compute, True, shared=False, captured=True)
-    for i in zeroed:
-        rt.fill_bytes(arrays[i], 0)
-    return arrays
-
-
-def dispatch_outputs(rt, out_rows, data, scales, topk, cached, num_worst_tokens, compute, on_comm, *, captured: bool):
-    """A dispatch's outputs, allocated where peers can write them (intranode and across nodes alike)."""
-    hidden, fp8 = data.shape[1], scales is not None
-    # FP8 crosses the API as uint8 e4m3 bytes (a float8_e4m3fn input too: CuPy has no float8 dtype)
-    forms = [
-        ((out_rows, hidden), np.uint8 if fp8 else data.dtype),
-        ((out_rows, hidden // 128) if fp8 else (0,), np.float32),
-    ]
-    if not cached:
-        forms += [((out_rows, topk), np.int64), ((out_rows, topk), np.float32), ((out_rows,), np.int32)]
-    bufs, keep, sizes = typed_outputs(rt, forms, compute, on_comm, captured=captured)
-    recv_data, recv_scales = bufs[0], bufs[1] if fp8 else None
-    recv_idx = recv_w = recv_src = None
-    if not cached:
-        recv_idx, recv_w, recv_src = bufs[2:]
-        if num_worst_tokens:  # rows past the real count: no selection (-1 is all bytes 0xFF)
-            rt.fill_bytes(recv_idx, 0xFF)
-            rt.fill_bytes(recv_w, 0)
-            rt.fill_bytes(recv_src, 0xFF)
-    return DispatchOutputs(sizes, forms, keep, recv_data, recv_scales, recv_idx, recv_w, recv_src)
 
 
 class HtEngine:
@@ -304,6 +243,7 @@ class HtEngine:
         tun = self.tuning
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
+            early = None
             if not cached:
                 E_loc = num_tokens_per_expert.shape[0] // R
                 rank_prefix, send_slot = work_arrays(rt, [(R, R), (T, R)], np.int32, compute, captured)
@@ -334,9 +274,13 @@ class HtEngine:
                         **rt.deadline(),
                     ),
                 )
+                # Outputs reserved before the counts: the copy starts now, the host waits for them after (ht_outputs)
+                early = None if num_worst_tokens else ht_outputs.reservation(rt, data, scales, topk, captured)
                 if num_worst_tokens:
                     num_recv, per_expert = -1, []
                     out_rows = num_worst_tokens
+                elif early is not None:
+                    out_rows = early.rows
                 else:
                     rt.wait_host_word(rt.notify_out, notify_call, "dispatch notify")
                     num_recv, per_expert = notify_result(rt, topk, E_loc, expert_alignment, 2 + R)
@@ -348,12 +292,14 @@ class HtEngine:
                     handle.is_token_in_rank,
                 )
                 out_rows = handle.num_out_rows
-            out = dispatch_outputs(
-                rt, out_rows, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream,
-                captured=captured,
-            )  # fmt: skip
-            sizes, keep, recv_data, recv_scales = out.sizes, out.keep, out.x, out.scales
-            recv_idx, recv_w, recv_src = out.idx, out.weights, out.src
+            if early is None:
+                out = dispatch_outputs(
+                    rt, out_rows, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream,
+                    captured=captured,
+                )  # fmt: skip
+                out_ptrs = [0 if a is None else a.data.ptr for a in (out.x, out.scales, out.idx, out.weights, out.src)]
+            else:
+                out_ptrs = early.pointers()
             defines = HT_DISPATCH.defines(
                 EPK_NUM_RANKS=R,
                 EPK_TOPK=topk,
@@ -378,16 +324,27 @@ class HtEngine:
                 is_token_in_rank=is_token_in_rank,
                 send_slot=send_slot,
                 peers=rt.peer_table,
-                out_x=recv_data.data.ptr,
-                out_scales=recv_scales.data.ptr if recv_scales is not None else 0,
-                out_idx=recv_idx.data.ptr if recv_idx is not None else 0,
-                out_weights=recv_w.data.ptr if recv_w is not None else 0,
-                out_src=recv_src.data.ptr if recv_src is not None else 0,
+                out_x=out_ptrs[0],
+                out_scales=out_ptrs[1],
+                out_idx=out_ptrs[2],
+                out_weights=out_ptrs[3],
+                out_src=out_ptrs[4],
                 out_rows=out_rows,
                 ticket=rt.tickets.data.ptr,
                 **rt.deadline(),
             )
             rt.launch(HT_DISPATCH, defines, blocks, tun.threads, args)
+            if early is not None:  # the copy runs: now the counts, and the outputs they say this rank receives
+                rt.wait_host_word(rt.notify_out, notify_call, "dispatch notify", ht_outputs.tolerate_shape_record(rt))
+                try:
+                    num_recv, per_expert = notify_result(rt, topk, E_loc, expert_alignment, 2 + R)
+                except ArgumentError:
+                    early.refused()
+                    raise
+                out_rows = num_recv
+                out = early.keep(num_recv)
+        sizes, keep, recv_data, recv_scales = out.sizes, out.keep, out.x, out.scales
+        recv_idx, recv_w, recv_src = out.idx, out.weights, out.src
         event = rt.end(compute, async_finish)
         recv_x = (recv_data, recv_scales) if scales is not None else recv_data
         if cached:

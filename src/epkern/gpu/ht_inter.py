@@ -29,7 +29,8 @@ from .. import kernel_constants as K
 from .._validate import as_device_array, check_array
 from ..errors import ArgumentError
 from . import ht_inter_layout as lay
-from .ht import HtHandle, combine_outputs, dispatch_outputs, notify_result, work_arrays
+from .ht import HtHandle, notify_result
+from .ht_outputs import combine_outputs, dispatch_outputs, work_arrays
 from .kernels import HT_INTER_COMBINE, HT_INTER_DISPATCH, HT_INTER_NOTIFY
 from .ll import nic_link
 from .ll.layout import ROUTE_IPC, ROUTE_RDMA

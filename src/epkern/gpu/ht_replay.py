@@ -129,7 +129,7 @@ class CombinePlan(_Plan):
 
     def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, with_weights):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
-        # the validated call's outputs (ht.combine_outputs): byte sizes and (shape, dtype) forms
+        # the validated call's outputs (ht_outputs.combine_outputs): byte sizes and (shape, dtype) forms
         self.sizes, self.forms, self.with_weights = list(sizes), list(forms), with_weights
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.index = {n: spec.index(n) for n in ("in_x", "in_weights", "bias0", "bias1", "call", "out_x",
@@ -177,7 +177,7 @@ class CachedDispatchPlan(_Plan):
 
     def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, fp8):
         self.rt, self.handle_ref = rt, weakref.ref(handle)
-        # the validated call's outputs (ht.dispatch_outputs): x, and FP8's scales (BF16 has no scales to allocate)
+        # the validated call's outputs (ht_outputs.dispatch_outputs): x, and FP8's scales (BF16 has none to allocate)
         n = 2 if fp8 else 1
         self.sizes, self.forms, self.fp8 = list(sizes[:n]), list(forms[:n]), fp8
         self._keep_launch(rt, spec, defines, blocks, threads, args)

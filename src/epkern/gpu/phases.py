@@ -13,7 +13,8 @@ PHASES = {
     K.get("EPK_ERR_PHASE_HT_COMBINE_ADDRS"): "combine (waiting for a peer's input addresses)",
     K.get("EPK_ERR_PHASE_HT_COMBINE_DONE"): "combine (waiting for a peer to finish reading)",
     K.get("EPK_ERR_PHASE_HT_DISPATCH_OVERFLOW"): (
-        "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small)"
+        "dispatch (a destination has fewer output rows than tokens sent: num_worst_tokens too small, or the "
+        "destination's heap (num_nvl_bytes) could not hold what it receives)"
     ),
     K.get("EPK_ERR_PHASE_HT_SHAPE"): (
         "dispatch (a peer's call has another row size, top-k, FP8 scale columns, experts per rank, or is cached "

@@ -301,11 +301,11 @@ class Runtime:
             if not waitable.done:
                 self.poll_until(lambda w=waitable: w.done, 50, False)
 
-    def poll_until(self, ready, spins_before_sleep: int, check_record: bool) -> bool:
+    def poll_until(self, ready, spins_before_sleep: int, check_record) -> bool:
         """Poll ``ready()`` until it holds (True) or the host deadline passes (False): ``timeout_s`` (every
         device-side wait ends by then) plus ``HOST_MARGIN_S`` (``_cuda.poll_until``). ``check_record``: raise a
-        recorded device error while polling."""
-        each = self.raise_recorded if check_record else None
+        recorded device error while polling (or a function called after each poll instead)."""
+        each = self.raise_recorded if check_record is True else check_record or None
         return _cuda.poll_until(ready, self.timeout_s + HOST_MARGIN_S, spins_before_sleep, each)
 
     def wait_event_bounded(self, event, phase: str) -> None:
@@ -330,9 +330,9 @@ class Runtime:
         self.broken = msg
         raise TimeoutError(msg)
 
-    def wait_host_word(self, word: np.ndarray, value: int, phase: str) -> None:
-        """Host-side wait for a host-mapped word written by a kernel, bounded by the deadline."""
-        if self.poll_until(lambda: int(word[0]) == value, 2000, True):
+    def wait_host_word(self, word: np.ndarray, value: int, phase: str, check_record=True) -> None:
+        """Host-side wait for a host-mapped word written by a kernel, bounded by the deadline (``poll_until``)."""
+        if self.poll_until(lambda: int(word[0]) == value, 2000, check_record):
             return
         msg = f"rank {self.rank}: {phase}: no answer from the GPU within the deadline"
         started = int(self.error_record[7])

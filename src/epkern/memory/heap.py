@@ -38,7 +38,8 @@ class HeapBlock:
     def __del__(self):
         # __del__ rather than weakref.finalize: ~0.2 against ~3 µs per block, and HT calls allocate one per call
         # (issue #22's host time per call). At interpreter shutdown the memory goes with the process: nothing to do.
-        if not sys.is_finalizing():
+        # nbytes 0: carved (Heap.carve), its ranges now belong to the pieces.
+        if self.nbytes and not sys.is_finalizing():
             self.heap._free(self.offset, self.nbytes)
 
     def pointer(self, byte_offset: int = 0):
@@ -91,6 +92,31 @@ class Heap:
             f"{self.nbytes}; {self.in_use} bytes are held by live dispatch outputs/handles "
             f"(free them, or create the Buffer with a larger num_nvl_bytes)"
         )
+
+    def carve(self, block: HeapBlock, pieces) -> list[HeapBlock]:
+        """Keep ``pieces`` of ``block`` — (byte offset in the block, bytes), in order, not overlapping, offsets
+        multiples of ALIGN — as blocks of their own (each rounded up to ALIGN, at least ALIGN) and return the rest of
+        ``block`` to the heap now. ``block`` owns nothing afterwards: make no array over it before carving. (A
+        non-cached dispatch reserves rows for the most it could receive and keeps what the counts say it got.)"""
+        kept, end = [], 0
+        for off, nbytes in pieces:
+            size = max(ALIGN, -(-int(nbytes) // ALIGN) * ALIGN)
+            if off % ALIGN or off < end or off + size > block.nbytes:
+                raise ValueError(f"piece ({off}, {nbytes}) is not an aligned range of the block after {end}")
+            kept.append((off, size))
+            end = off + size
+        gaps, at = [], 0
+        for off, size in kept:
+            if off > at:
+                gaps.append((at, off - at))
+            at = off + size
+        if at < block.nbytes:
+            gaps.append((at, block.nbytes - at))
+        start, block.nbytes = block.offset, 0  # disarmed first: its __del__ frees nothing from here on
+        out = [HeapBlock(self, start + off, size) for off, size in kept]  # still counted in use
+        for off, size in gaps:
+            self._free(start + off, size)
+        return out
 
     def largest_free(self) -> int:
         return max(self._sizes.values(), default=0)
