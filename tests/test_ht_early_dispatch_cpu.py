@@ -63,11 +63,20 @@ def _dispatch(buf, inputs=None, **kw):
     return F.full_dispatch(buf, inputs or F.ht_inputs(T, H, TOPK, E), **kw)
 
 
+def _warm(buf, em, inputs=None, rows=T):
+    """A first use of the dispatch kernel's specialisation (num_worst_tokens: no count to wait for): the early launch
+    is only for a warm specialisation (a first use is collective, and only a call the counts accept may reach it)."""
+    _dispatch(buf, inputs, num_worst_tokens=rows)
+    em.dispatch_args.clear()
+    gc.collect()
+
+
 def test_the_copy_starts_before_the_host_waits_for_the_counts(monkeypatch):
     em = CountsAfterTheCopy()
     with F.installed(monkeypatch, emulate=em.kernels()):
         buf = F.fake_buffer(timeout_s=0.3)
         heap = buf._backend.rt.heap
+        _warm(buf, em)
         gc.disable()
         try:
             recv_x, recv_idx, recv_w, counts, handle, _ = _dispatch(buf, expert_alignment=24)
@@ -100,6 +109,8 @@ def test_fp8_outputs_come_from_the_reservation(monkeypatch):
         buf = F.fake_buffer(timeout_s=0.3)
         inputs = F.ht_inputs(T, H, TOPK, E)
         x = (cupy.asarray(np.ones((T, H), np.uint8)), cupy.asarray(np.ones((T, H // 128), np.float32)))
+        _dispatch(buf, inputs, x=x, num_worst_tokens=T)  # the FP8 specialisation's first use
+        em.dispatch_args.clear()
         (data, scales), *_ = _dispatch(buf, inputs, x=x)
         assert data.shape == (T, H) and data.dtype == np.uint8 and scales.shape == (T, H // 128)
         (args,) = em.dispatch_args
@@ -111,6 +122,7 @@ def test_poisoned_outputs_are_filled_before_the_copy(monkeypatch):
     em = CountsAfterTheCopy()
     with F.installed(monkeypatch, emulate=em.kernels()):
         buf = F.fake_buffer(timeout_s=0.3)
+        _warm(buf, em)
         buf._backend.rt.poison = True
         recv_x, recv_idx, recv_w, _, handle, _ = _dispatch(buf)
         for a in (recv_x.view(np.uint8), recv_idx.view(np.uint8), recv_w.view(np.uint8)):
@@ -136,6 +148,8 @@ def test_a_call_the_counts_refuse_leaves_the_buffer_usable(monkeypatch, edit, ma
     with F.installed(monkeypatch, emulate=em.kernels()) as launches:
         buf = F.fake_buffer(timeout_s=0.3)
         heap = buf._backend.rt.heap
+        _warm(buf, em)
+        launches.clear()
         if edit is _other_shape:  # the copy's own report of the peer's other shape, as ht_dispatch.cu makes it
             em.on_dispatch = lambda: F.record_kernel_error(buf, 1, K.get("EPK_ERR_PHASE_HT_SHAPE"), 0, H, H)
         em.edit = edit
@@ -157,6 +171,7 @@ def test_outputs_larger_than_the_heap_raise_heap_exhausted(monkeypatch):
     with F.installed(monkeypatch, emulate=em.kernels()):
         buf = F.fake_buffer(num_nvl_bytes=(T // 2) * (H * 2 + TOPK * 12 + 4) + 8 * ALIGN, timeout_s=0.3)
         heap = buf._backend.rt.heap
+        _warm(buf, em, rows=T // 4)
         with pytest.raises(HeapExhaustedError, match=f"receives {T} rows"):
             _dispatch(buf)
         (args,) = em.dispatch_args
@@ -176,4 +191,20 @@ def test_in_process_ranks_size_their_outputs_from_the_counts(monkeypatch):
         dispatch = [launch for launch in F.real_launches(launches) if launch[1] == "epk_ht_dispatch"]
         assert recv_x.shape == (T, H) and int(_arg(dispatch[0][5], "out_rows")) == T
         assert buf._backend.rt.heap.in_use == 0
+        buf.destroy()
+
+
+def test_a_first_use_waits_for_the_counts_first(monkeypatch):
+    """A specialisation's first use is collective (a dry run, a sync, a barrier on every rank): a rank must reach it
+    only for a call every rank accepts, so the first dispatch of a shape reads the counts before it launches."""
+    em = CountsAfterTheCopy()
+    with F.installed(
+        monkeypatch, emulate={"epk_ht_notify": F.emulate_ht_notify_one_rank, "epk_ht_dispatch": em.dispatch}
+    ):
+        buf = F.fake_buffer()
+        for first in (True, False):
+            recv_x, *_ = _dispatch(buf)
+            (args,) = em.dispatch_args
+            em.dispatch_args.clear()
+            assert recv_x.shape == (T, H) and (int(_arg(args, "out_rows")) == T) == first
         buf.destroy()

@@ -241,6 +241,18 @@ class HtEngine:
                 async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, captured=captured,
             ))  # fmt: skip
         tun = self.tuning
+        defines = HT_DISPATCH.defines(
+            EPK_NUM_RANKS=R,
+            EPK_TOPK=topk,
+            EPK_ROW_BYTES=row_bytes,
+            EPK_SCALE_COLS=hidden // 128 if scales is not None else 0,
+            EPK_NUM_LOCAL_EXPERTS=(num_tokens_per_expert.shape[0] // R) if not cached else 1,
+            EPK_WITH_META=0 if cached else 1,
+            EPK_THREADS=tun.threads,
+            EPK_MIN_BLOCKS=tun.blocks_per_sm,
+            EPK_PROBE=tun.probe,
+            EPK_UNROLL=tun.dispatch_unroll,
+        )
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
             early = None
@@ -274,8 +286,10 @@ class HtEngine:
                         **rt.deadline(),
                     ),
                 )
-                # Outputs reserved before the counts: the copy starts now, the host waits for them after (ht_outputs)
-                early = None if num_worst_tokens else ht_outputs.reservation(rt, data, scales, topk, captured)
+                # Outputs reserved before the counts: the copy starts now, the host waits for them after (ht_outputs).
+                # Not at a first use: its warm-up is collective, and only a call the counts accept reaches it.
+                if not num_worst_tokens and rt.is_warm(HT_DISPATCH, defines):
+                    early = ht_outputs.reservation(rt, data, scales, topk, captured)
                 if num_worst_tokens:
                     num_recv, per_expert = -1, []
                     out_rows = num_worst_tokens
@@ -300,18 +314,6 @@ class HtEngine:
                 out_ptrs = [0 if a is None else a.data.ptr for a in (out.x, out.scales, out.idx, out.weights, out.src)]
             else:
                 out_ptrs = early.pointers()
-            defines = HT_DISPATCH.defines(
-                EPK_NUM_RANKS=R,
-                EPK_TOPK=topk,
-                EPK_ROW_BYTES=row_bytes,
-                EPK_SCALE_COLS=hidden // 128 if scales is not None else 0,
-                EPK_NUM_LOCAL_EXPERTS=(num_tokens_per_expert.shape[0] // R) if not cached else 1,
-                EPK_WITH_META=0 if cached else 1,
-                EPK_THREADS=tun.threads,
-                EPK_MIN_BLOCKS=tun.blocks_per_sm,
-                EPK_PROBE=tun.probe,
-                EPK_UNROLL=tun.dispatch_unroll,
-            )
             args = HT_DISPATCH.pack(
                 dry_run=0,
                 rank=rt.rank,

@@ -12,6 +12,14 @@ there: every row a peer sends lies before the count).
 Whenever the outputs would have fitted before (the largest free range holds the exact outputs), they fit in the
 reservation; when they do not, both ways fail: the host raises HeapExhaustedError (peers' kernels record the rows
 they could not send, as for a too-small ``num_worst_tokens``).
+
+Only a warm dispatch specialisation launches early (a first use is collective: a dry run, a sync and a barrier on
+every rank, which only a call every rank accepts may reach), so a shape's first dispatch still waits for its counts.
+Calls the ranks disagree on (another hidden size, top-k, ...) are refused by every rank with ArgumentError when every
+rank has dispatched its shape before (all launch early: the copies pair up and send nothing to a peer of another
+shape) or none has (all wait). Where only some have, those launched early wait for a peer that refused without
+launching until the deadline: TimeoutError, the Buffer unusable (the limitation of mismatched first uses that other
+kernels have, docs/journal.md).
 """
 
 from __future__ import annotations
