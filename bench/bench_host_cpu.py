@@ -40,8 +40,10 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
     recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     out.append(("ht cached dispatch", lambda: buf.dispatch(x, handle=handle)))
     out.append(("ht combine", lambda: buf.combine(recv_x, handle, topk_weights=recv_w)))
-    # non-cached: with num_worst_tokens (the fake runs no notify kernel, so no call that waits for the counts)
+    # non-cached: with num_worst_tokens (no count to wait for)
     out.append(("ht dispatch (non-cached, num_worst_tokens)", lambda: F.full_dispatch(buf, inputs, num_worst_tokens=T)))
+    # with the counts (the notify emulated for one rank): the copy launched before the host reads them (ht_outputs)
+    out.append(("ht dispatch (non-cached, counts)", lambda: F.full_dispatch(buf, inputs)))
     for replay in (False, True):
         ll = F.fake_buffer(
             num_nvl_bytes=0,
@@ -84,7 +86,7 @@ def main(argv=None):
     # Replays launch through the real packed cuLaunchKernel call into a no-op stand-in for libcuda: their rows are
     # epkern's Python and the ctypes call only (the fake's recording stand-in would add its own bookkeeping).
     _cuda_driver._lib = types.SimpleNamespace(cuLaunchKernel=lambda *a: 0)
-    with F.installed():
+    with F.installed(emulate={"epk_ht_notify": F.emulate_ht_notify_one_rank}):
         plans.DriverLaunch = _cuda_driver.DriverLaunch
         for name, fn in cases():
             fn()
