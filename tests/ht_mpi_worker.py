@@ -39,6 +39,9 @@ def main():
         return
     with Buffer(group, num_nvl_bytes=nvl, backend="gpu", timeout_s=20) as buf:
         ht_scenarios.run_bad_inputs(buf, group)
+        ht_scenarios.run_refused_after_early_copy(buf, group)
+        if group.rank == 0:
+            print("ok refused after the early copy", flush=True)
         for case in cases:
             ht_scenarios.run_ht_case(buf, group, **case)
             if group.rank == 0:

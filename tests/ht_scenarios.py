@@ -483,6 +483,61 @@ def run_mismatched_calls(buf, group):
     raise AssertionError("a mismatched num_worst_tokens dispatch did not raise at its event")
 
 
+def run_refused_after_early_copy(buf, group):
+    """Between processes a non-cached dispatch of a warm shape launches its copy before the host reads the counts
+    (gpu/ht_outputs.py). Calls the counts refuse — rank 1 with twice the hidden size, then rank 0 with a topk_idx
+    entry out of range — raise ArgumentError on every rank after the copies ran (each rank's copy sends nothing to a
+    peer of another shape), the heap holds what it held before, and a matching call afterwards is exact. In-process
+    ranks (outputs from CuPy's pool) refuse before the copy: the same outcome."""
+    import gc
+
+    import cupy
+
+    from epkern.errors import ArgumentError
+
+    T, E = 64, 8 * group.size
+    rng = np.random.default_rng(100 + group.rank)
+
+    def inputs(hidden, bad_index=False):
+        x = cupy.asarray(np.full((T, hidden), 1 + group.rank, BF16))
+        idx_np = np.argsort(rng.random((T, E)), axis=1)[:, :4].astype(np.int64)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(cupy.asarray(idx_np), E)
+        if bad_index:  # made on the host and copied (see run_mismatched_calls)
+            idx_np[3, 1] = E + 5
+        return x, dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                       topk_idx=cupy.asarray(idx_np))  # fmt: skip
+
+    for hidden in (1024, 2048):  # first uses, agreed by every rank: both shapes warm from here on
+        x, args = inputs(hidden)
+        buf.dispatch(x, **args)
+    cupy.cuda.get_current_stream().synchronize()
+    gc.collect()
+    heap = buf._backend.rt.heap
+    held = heap.in_use if heap is not None else 0
+    messages = []
+    for hidden, bad in ((1024 * (2 if group.rank == 1 else 1), False), (1024, group.rank == 0)):
+        x, args = inputs(hidden, bad)
+        try:
+            buf.dispatch(x, **args)
+        except ArgumentError as exc:
+            messages.append(str(exc))
+        else:
+            raise AssertionError(f"rank {group.rank}: a refused dispatch was accepted ({hidden}, {bad})")
+    assert messages[0].startswith("x: ") and "row bytes" in messages[0], messages
+    want = "topk_idx: entry [3, 1] = " if group.rank == 0 else "topk_idx: "
+    assert messages[1].startswith(want) and (group.rank == 0 or "rank 0" in messages[1]), messages
+    gc.collect()
+    assert heap is None or heap.in_use == held, f"rank {group.rank}: heap {heap.in_use} bytes in use, {held} before"
+    x, args = inputs(1024)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, **args)
+    out, _, _ = buf.combine(recv_x, handle)
+    # every rank's rows are 1 + its rank: the combine of the rows sent back sums them once per rank they reached
+    reached = cupy.asnumpy(args["is_token_in_rank"]).sum(1, dtype=np.float32)[:, None]
+    want_out = np.full((T, 1024), 1 + group.rank, np.float32) * reached
+    assert np.array_equal(cupy.asnumpy(out).astype(np.float32), want_out), f"rank {group.rank}: combine not exact"
+    return messages
+
+
 def run_absent_peer(buf, group, absent_rank):
     """The absent rank never dispatches; every other rank must raise TimeoutError naming rank, phase and
     the peer within the Buffer's deadline (no hang). Returns the seconds it took (or None when absent)."""

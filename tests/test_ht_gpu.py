@@ -82,6 +82,10 @@ def test_mismatched_calls_are_refused_by_every_rank():
     assert all("another row size" in m for m in out), out
 
 
+def test_calls_refused_by_the_counts_leave_the_buffer_usable():
+    _run(2, ht_scenarios.run_refused_after_early_copy)
+
+
 def test_absent_peer_raises_in_process():
     def body(group):
         with Buffer(group, backend="gpu", timeout_s=3) as buf:
