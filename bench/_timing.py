@@ -106,8 +106,8 @@ class KernelClock:
         self._plans, self._plan_launch = ht_replay._Plan, ht_replay._Plan.launch
         clock = self
 
-        def plan_launch(plan, stream_ptr):  # onto the comm stream, or a direct replay's caller stream
-            clock._timed(lambda: clock._plan_launch(plan, stream_ptr), stream_ptr)
+        def plan_launch(plan, stream_ptr, *rest):  # onto the comm stream, or a direct replay's caller stream
+            clock._timed(lambda: clock._plan_launch(plan, stream_ptr, *rest), stream_ptr)
 
         self._plans.launch = plan_launch
 

@@ -184,6 +184,7 @@ def rank_main(group, args, tokens):
             dispatch_unroll=args.dunroll,
             combine_unroll=args.cunroll,
             combine_loads_first=args.loads_first,
+            replay_graph=bool(args.replay_graph),
         )
     )
     nodes = group.num_nodes
@@ -403,6 +404,7 @@ def main(argv=None):
     p.add_argument("--blocks-per-sm", type=int, default=1, help="blocks of the HT copy kernels per SM of num_sms")
     p.add_argument("--loads-first", type=int, default=1, help="combine: 1 = every peer's loads before the adds")
     p.add_argument("--probe", action="store_true", help="also print the kernels' phase timestamps per rank")
+    p.add_argument("--replay-graph", type=int, default=0, help="1: replayed HT calls launch as one-kernel graphs")
     p.add_argument("--profile", action="store_true", help="rank 0 prints a cProfile of the HT calls' host path")
     p.add_argument("--inprocess", type=int, default=0, help="run this many in-process ranks instead of MPI")
     p.add_argument("--ranks-per-node", type=int, default=0, help="virtual nodes of this many ranks (HT across nodes)")

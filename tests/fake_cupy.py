@@ -432,7 +432,7 @@ def installed(monkeypatch=None, emulate=None):
     """Fake CuPy in sys.modules, GPU checks passing, SymmetricRegion/HostMapped faked, kernels recorded.
     Yields the list of launches. ``monkeypatch``: pytest's (undone after the test), else undone on exit.
     ``emulate``: {kernel name: fn(args)} run at each real (not dry-run) launch of that kernel."""
-    from epkern import _cuda, kernel_loader
+    from epkern import _cuda, _cuda_driver, kernel_loader
     from epkern.gpu import runtime
     from epkern.gpu.ll import plans
 
@@ -479,8 +479,21 @@ def installed(monkeypatch=None, emulate=None):
             else:
                 fn(stream_ptr)
 
+    class GraphLaunch:
+        """epkern._cuda_driver.GraphLaunch over the recorded kernels: the graph must hold the one captured launch;
+        each launch records the DriverLaunch's arguments as they are then (what the node update gives the graph)."""
+
+        def __init__(self, packed, graph):
+            assert len(graph.captured) == 1, graph.captured
+            self.packed, self.launches = packed, 0
+
+        def launch(self, stream_ptr):
+            self.launches += 1
+            self.packed.launch(stream_ptr)
+
     patches = [
         (sys.modules, "cupy", cupy, True),
+        (_cuda_driver, "GraphLaunch", GraphLaunch, False),
         (sys.modules, "cupy.cuda", cuda, True),
         (kernel_loader, "get_function", get_function, False),
         (_cuda, "require_gpu", lambda what="": None, False),

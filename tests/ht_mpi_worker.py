@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_scenarios  # noqa: E402
 from epkern import Buffer, Config  # noqa: E402
 from epkern.group import as_group  # noqa: E402
+from epkern.gpu.tuning import HtTuning, Tuning  # noqa: E402
 
 
 def main():
@@ -37,7 +38,9 @@ def main():
         group.barrier()
         print(f"OK rank {group.rank} of {R} absent-peer raised after {took}", flush=True)
         return
-    with Buffer(group, num_nvl_bytes=nvl, backend="gpu", timeout_s=20) as buf:
+    # --replay-graph (MPS_STEPS "ht:8:replay-graph"): replays launched as one-kernel graphs (HtTuning.replay_graph)
+    tuning = Tuning(ht=HtTuning(replay_graph=True)) if "--replay-graph" in sys.argv else None
+    with Buffer(group, num_nvl_bytes=nvl, backend="gpu", timeout_s=20, _tuning=tuning) as buf:
         ht_scenarios.run_bad_inputs(buf, group)
         ht_scenarios.run_refused_after_early_copy(buf, group)
         if group.rank == 0:
@@ -51,6 +54,11 @@ def main():
         if group.rank == 0:
             print(f"ok graph capture: {replays} replays exact", flush=True)
         leaked = buf._backend.rt.heap.in_use
+        if tuning is not None:
+            graphs = sum("graph" in plan.__dict__ for plan in buf._backend.ht.plans._plans.values())
+            assert graphs, "no replay went through a graph"
+            if group.rank == 0:
+                print(f"ok replays as graphs ({graphs} plans)", flush=True)
     print(f"OK rank {group.rank} of {R} heap_in_use_after={leaked}", flush=True)
 
 

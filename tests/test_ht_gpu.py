@@ -13,9 +13,9 @@ from epkern.group import run_in_process  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def _run(num_ranks, body, timeout_s=120, num_nvl_bytes=0):
+def _run(num_ranks, body, timeout_s=120, num_nvl_bytes=0, tuning=None):
     def rank_main(group):
-        with Buffer(group, num_nvl_bytes=num_nvl_bytes, backend="gpu", timeout_s=20) as buf:
+        with Buffer(group, num_nvl_bytes=num_nvl_bytes, backend="gpu", timeout_s=20, _tuning=tuning) as buf:
             return body(buf, group)
 
     return run_in_process(rank_main, num_ranks, timeout_s=timeout_s)
@@ -71,6 +71,20 @@ def test_100_back_to_back_iterations_fresh_inputs():
 def test_graph_capture_replays(num_ranks):
     """Issue #19: dispatch (num_worst_tokens), cached dispatch and combine of a fresh output in a CUDA graph."""
     _run(num_ranks, lambda buf, g: ht_scenarios.run_ht_graph(buf, g), num_nvl_bytes=64 << 20)  # the heap: see there
+
+
+@pytest.mark.parametrize("num_ranks", [2, 8])
+def test_replays_launched_as_graphs_are_exact(num_ranks):
+    """HtTuning(replay_graph=True), an experiment until its A/B: the scenario's replayed cached dispatches and combines
+    go through one-kernel graphs whose node gets each call's arguments; every output exact."""
+    from epkern.gpu.tuning import HtTuning, Tuning
+
+    def body(buf, group):
+        ht_scenarios.run_ht_case(buf, group, 300, 2048, 8 * num_ranks, 4, "random")
+        return sum("graph" in plan.__dict__ for plan in buf._backend.ht.plans._plans.values())
+
+    graphs = _run(num_ranks, body, tuning=Tuning(ht=HtTuning(replay_graph=True)))
+    assert all(graphs), graphs
 
 
 def test_bad_inputs_keep_buffer_usable():

@@ -13,6 +13,7 @@ import pytest
 import fake_cupy as F
 from epkern.errors import ArgumentError, EpkernError
 from epkern.gpu.kernels import HT_COMBINE, HT_DISPATCH
+from epkern.gpu.tuning import HtTuning, Tuning
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 T, H, K, E = 64, 1024, 4, 8
@@ -44,9 +45,15 @@ def _cached(buf, fake, x, handle, **kw):
     return out, launches[0]
 
 
+def _plan_graphs(ht) -> int:
+    """Launches made through plans' one-kernel graphs (HtTuning.replay_graph)."""
+    return sum(p.__dict__["graph"].launches for p in ht.plans._plans.values() if "graph" in p.__dict__)
+
+
+@pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_a_repeated_cached_dispatch_launches_what_the_full_path_launches(fake, fp8):
-    buf = F.fake_buffer()
+def test_a_repeated_cached_dispatch_launches_what_the_full_path_launches(fake, fp8, graph):
+    buf = F.fake_buffer(_tuning=Tuning(ht=HtTuning(replay_graph=graph)))
     inputs = F.ht_inputs(T, H, K, E)
     *_, handle, _ = F.full_dispatch(buf, inputs, x=_x(fp8, 0), num_worst_tokens=T)
     ht = buf._backend.ht
@@ -71,6 +78,7 @@ def test_a_repeated_cached_dispatch_launches_what_the_full_path_launches(fake, f
             else:
                 assert F.addr(u) == F.addr(v), j
         assert out[1:4] == (None, None, None) and out[4] is handle
+    assert _plan_graphs(ht) == (3 if graph else 0)  # every replay through the graph when asked, none otherwise
     assert first_x.shape == (T, H) if not fp8 else first_x[0].shape == (T, H)
     buf.destroy()
 
@@ -141,12 +149,13 @@ def _combine(buf, fake, y, handle, **kw):
     return out, launches[0]
 
 
-def test_a_repeated_combine_launches_what_the_full_path_launches(fake):
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_repeated_combine_launches_what_the_full_path_launches(fake, graph):
     """Expert outputs are fresh arrays every step (staged into the region between processes, as the full path
     does): a combine like a validated one replays with the new staged input, weights, bias, call number and outputs."""
     import cupy
 
-    buf = F.fake_buffer()
+    buf = F.fake_buffer(_tuning=Tuning(ht=HtTuning(replay_graph=graph)))
     rt, ht = buf._backend.rt, buf._backend.ht
     inputs = F.ht_inputs(T, H, K, E)
     recv_x, _, recv_w, _, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
@@ -186,6 +195,7 @@ def test_a_repeated_combine_launches_what_the_full_path_launches(fake):
     assert ht.replays == 3
     (out, out_w, _), _ = _combine(buf, fake, y, handle)
     assert ht.replays == 4 and out_w is None
+    assert _plan_graphs(ht) == (4 if graph else 0)
     buf.destroy()
 
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,9 @@ PROTOTYPES = {  # ctypes symbol -> the C prototype its signature in D.SIGNATURES
     ),
     "cuMemHostGetDevicePointer_v2": "CUresult (*)(CUdeviceptr *, void *, unsigned int)",
     "cuCtxGetCurrent": "CUresult (*)(CUcontext *)",
+    "cuGraphGetNodes": "CUresult (*)(CUgraph, CUgraphNode *, size_t *)",
+    "cuGraphExecKernelNodeSetParams_v2": "CUresult (*)(CUgraphExec, CUgraphNode, const CUDA_KERNEL_NODE_PARAMS *)",
+    "cuGraphLaunch": "CUresult (*)(CUgraphExec, CUstream)",
 }
 
 _P = ctypes.POINTER
@@ -77,6 +81,11 @@ C_TYPES = {  # C parameter type -> the ctypes type that passes it
     "const CUmemAllocationProp *": _P(D.CUmemAllocationProp),
     "const CUmemAccessDesc *": _P(D.CUmemAccessDesc),
     "CUcontext *": _P(ctypes.c_void_p),
+    "CUgraph": ctypes.c_void_p,
+    "CUgraphExec": ctypes.c_void_p,
+    "CUgraphNode": ctypes.c_void_p,
+    "CUgraphNode *": _P(ctypes.c_void_p),
+    "const CUDA_KERNEL_NODE_PARAMS *": _P(D.CUDA_KERNEL_NODE_PARAMS),
 }
 
 # How C names each struct of the module (CUmemAllocFlags is the anonymous allocFlags member of CUmemAllocationProp).
@@ -259,6 +268,24 @@ CUresult cuCtxGetCurrent(CUcontext *ctx) {
   *ctx = 0;
   return CUDA_ERROR_NOT_INITIALIZED;
 }
+CUresult cuGraphGetNodes(CUgraph g, CUgraphNode *nodes, size_t *n) {
+  say("cuGraphGetNodes %llu %d %zu\n", (unsigned long long)(uintptr_t)g, nodes == NULL, *n);
+  if (nodes != NULL && *n >= 1) nodes[0] = (CUgraphNode)(uintptr_t)0x55;
+  *n = 1;
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphExecKernelNodeSetParams_v2(CUgraphExec e, CUgraphNode node, const CUDA_KERNEL_NODE_PARAMS *p) {
+  say("cuGraphExecKernelNodeSetParams_v2 %llu %llu %llu %u %u %u %u %u %u %u %d %llu %d %d %d\n",
+      (unsigned long long)(uintptr_t)e, (unsigned long long)(uintptr_t)node, (unsigned long long)(uintptr_t)p->func,
+      p->gridDimX, p->gridDimY, p->gridDimZ, p->blockDimX, p->blockDimY, p->blockDimZ, p->sharedMemBytes,
+      *(int32_t *)p->kernelParams[0], *(unsigned long long *)p->kernelParams[1], p->extra == NULL, p->kern == NULL,
+      p->ctx == NULL);
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
+  say("cuGraphLaunch %llu %llu\n", (unsigned long long)(uintptr_t)e, (unsigned long long)(uintptr_t)s);
+  return CUDA_SUCCESS;
+}
 """
 
 
@@ -298,6 +325,9 @@ def test_every_call_goes_through_the_real_bindings(stand_in):
     launch = D.DriverLaunch(0x77, 16, 512, (np.int32(-3), np.uint64(1 << 63)))
     launch.set(0, 4)
     launch.launch(0x99)
+    graph = D.GraphLaunch(launch, types.SimpleNamespace(graph=0x33, graphExec=0x44))
+    launch.set(0, 5)  # set after the graph was made: the node gets it at the launch
+    graph.launch(0x98)
     assert stand_in() == [
         "cuMemGetAllocationGranularity 1 1",
         f"cuMemCreate {4 * MiB} 1 0",
@@ -314,6 +344,10 @@ def test_every_call_goes_through_the_real_bindings(stand_in):
         f"cuMemHostGetDevicePointer_v2 {0x5000} 0",
         "cuCtxGetCurrent",
         f"cuLaunchKernel {0x77} 16 1 1 512 1 1 0 {0x99} 4 {1 << 63} 1",
+        f"cuGraphGetNodes {0x33} 1 0",
+        f"cuGraphGetNodes {0x33} 0 1",
+        f"cuGraphExecKernelNodeSetParams_v2 {0x44} {0x55} {0x77} 16 1 1 512 1 1 0 5 {1 << 63} 1 1 1",
+        f"cuGraphLaunch {0x44} {0x98}",
     ]
     with pytest.raises(D.DriverError, match=r"^cuMemMap failed: CUDA_ERROR_INVALID_VALUE \(CUresult 1\) \[0x7f"):
         D.mem_map(ptr, 0, 1)

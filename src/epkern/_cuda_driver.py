@@ -62,6 +62,23 @@ class CUmemAccessDesc(ctypes.Structure):
     _fields_ = [("location", CUmemLocation), ("flags", ctypes.c_int)]
 
 
+class CUDA_KERNEL_NODE_PARAMS(ctypes.Structure):  # noqa: N801 (cuda.h's name; its _v2, what the plain name is)
+    _fields_ = [
+        ("func", ctypes.c_void_p),
+        ("gridDimX", ctypes.c_uint),
+        ("gridDimY", ctypes.c_uint),
+        ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint),
+        ("blockDimY", ctypes.c_uint),
+        ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint),
+        ("kernelParams", ctypes.c_void_p),
+        ("extra", ctypes.c_void_p),
+        ("kern", ctypes.c_void_p),
+        ("ctx", ctypes.c_void_p),
+    ]
+
+
 # --- the bound calls -----------------------------------------------------------------------------------------------
 # ctypes symbol -> argument types (every call returns CUresult, an int). A `_v2` symbol is what cuda.h's macro for
 # the plain name resolves to; binding the plain name would get the old ABI.
@@ -84,6 +101,9 @@ SIGNATURES: dict[str, list] = {
     "cuMemGetHandleForAddressRange": [_vp, _u64, _size, _enum, _u64],
     "cuMemHostGetDevicePointer_v2": [_P(_u64), _vp, _u32],
     "cuCtxGetCurrent": [_P(_vp)],
+    "cuGraphGetNodes": [_vp, _P(_vp), _P(_size)],
+    "cuGraphExecKernelNodeSetParams_v2": [_vp, _vp, _P(CUDA_KERNEL_NODE_PARAMS)],
+    "cuGraphLaunch": [_vp, _vp],
 }
 
 _lib = None  # the bound libcuda (or a test's stand-in)
@@ -199,6 +219,40 @@ class DriverLaunch:
         status = (_lib or library()).cuLaunchKernel(*self._call)
         if status != 0:
             check(status, "cuLaunchKernel")
+
+
+class GraphLaunch:
+    """A :class:`DriverLaunch` replayed as an instantiated one-kernel CUDA graph (``graph``: CuPy's Graph of one
+    launch of ``packed``, captured by the caller): ``launch(stream_ptr)`` first gives the graph's kernel node the
+    arguments ``packed`` holds now (``cuGraphExecKernelNodeSetParams``, which copies them: launches already queued
+    keep theirs), then launches the graph. Under MPS ``cuLaunchKernel`` measured 13 µs of host per call and a graph
+    launch 2-3 µs (docs/performance.md, session E). One thread at a time."""
+
+    def __init__(self, packed: DriverLaunch, graph):
+        lib = library()
+        self._graph = graph  # keeps the graph and its executable alive
+        count = ctypes.c_size_t(0)
+        check(lib.cuGraphGetNodes(graph.graph, None, ctypes.byref(count)), "cuGraphGetNodes")
+        if count.value != 1:
+            raise EpkernError(f"GraphLaunch: the captured graph has {count.value} nodes, not the one kernel launch")
+        node = (ctypes.c_void_p * 1)()
+        check(lib.cuGraphGetNodes(graph.graph, node, ctypes.byref(count)), "cuGraphGetNodes")
+        func, *dims = (v.value for v in packed._call[:8])  # function, grid, block, shared memory bytes
+        params = ctypes.cast(packed._params, ctypes.c_void_p)
+        self._node_params = CUDA_KERNEL_NODE_PARAMS(func, *dims, params, None, None, None)
+        self._exec, self._stream = ctypes.c_void_p(graph.graphExec), ctypes.c_void_p()
+        self._set = (self._exec, ctypes.c_void_p(node[0]), ctypes.byref(self._node_params))
+        self._packed = packed  # its argument values are what kernelParams points at
+
+    def launch(self, stream_ptr: int) -> None:
+        lib = _lib or library()
+        status = lib.cuGraphExecKernelNodeSetParams_v2(*self._set)
+        if status != 0:
+            check(status, "cuGraphExecKernelNodeSetParams")
+        self._stream.value = stream_ptr
+        status = lib.cuGraphLaunch(self._exec, self._stream)
+        if status != 0:
+            check(status, "cuGraphLaunch")
 
 
 # --- virtual memory management (the caller's context current) ------------------------------------------------------

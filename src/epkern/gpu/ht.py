@@ -353,7 +353,8 @@ class HtEngine:
             if plan_key is not None:
                 fp8 = scales is not None
                 self.plans.put(plan_key, ht_replay.CachedDispatchPlan(
-                    rt, HT_DISPATCH, defines, blocks, tun.threads, args, handle, sizes, out.forms, fp8
+                    rt, HT_DISPATCH, defines, blocks, tun.threads, args, handle, sizes, out.forms, fp8,
+                    tun.replay_graph,
                 ))  # fmt: skip
             return recv_x, None, None, None, handle, event
         new_handle = HtHandle(
@@ -450,7 +451,8 @@ class HtEngine:
         del keep  # staged copies stay alive until here; the stream orders their reuse after the kernel
         if plan_key is not None:
             self.plans.put(plan_key, ht_replay.CombinePlan(
-                rt, HT_COMBINE, defines, blocks, tun.threads, args, handle, *outputs, topk_weights is not None
+                rt, HT_COMBINE, defines, blocks, tun.threads, args, handle, *outputs, topk_weights is not None,
+                tun.replay_graph,
             ))  # fmt: skip
         return out, out_w, event
 

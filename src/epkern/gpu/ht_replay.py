@@ -20,6 +20,7 @@ import weakref
 
 import numpy as np
 
+from .. import _cuda_driver
 from ..config import Config
 from .direct import direct_stream, end_direct
 from .ll import plans as ll_plans
@@ -64,6 +65,7 @@ class _Plan:
     (KernelClock wraps it)."""
 
     shapes = None  # ll_plans.CallPlans compares it; the layouts are in the key
+    graph_replay = False  # HtTuning.replay_graph: launch as a one-kernel graph (the constructors' graph_replay)
 
     def _keep_launch(self, rt, spec, defines, blocks, threads, args) -> None:
         """What the launch needs, every device array as its pointer: a plan holds no array (the per-call ones are
@@ -81,9 +83,22 @@ class _Plan:
             func = rt.kernel(spec, defines)[0]
         return ll_plans.DriverLaunch(func.kernel.ptr, blocks, threads, by_value)
 
-    def launch(self, stream_ptr: int) -> None:
-        """The kernel with the arguments set (bench/_timing.KernelClock wraps this, as it wraps Runtime.launch)."""
-        self.packed.launch(stream_ptr)
+    @functools.cached_property
+    def graph(self):
+        """``packed`` as an instantiated one-kernel CUDA graph (HtTuning.replay_graph), captured at its first use."""
+        import cupy
+
+        rt, packed = self._launch_of[0], self.packed
+        with cupy.cuda.Device(rt.device):
+            return _cuda_driver.GraphLaunch(packed, ll_plans.capture_one(packed.launch))
+
+    def launch(self, stream_ptr: int, captured: bool = False) -> None:
+        """The kernel with the arguments set (bench/_timing.KernelClock wraps this, as it wraps Runtime.launch);
+        inside a capture always as a kernel launch (the caller's graph records it)."""
+        if self.graph_replay and not captured:
+            self.graph.launch(stream_ptr)
+        else:
+            self.packed.launch(stream_ptr)
 
     def matches(self, handle) -> bool:
         held = self.handle_ref()
@@ -127,8 +142,10 @@ class CombinePlan(_Plan):
     """One validated combine, ready to launch again: per call the inputs (staged into the region between
     processes, as the full path does), the biases, a new call number and the new outputs."""
 
-    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, with_weights):
-        self.rt, self.handle_ref = rt, weakref.ref(handle)
+    def __init__(
+        self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, with_weights, graph_replay=False
+    ):
+        self.rt, self.handle_ref, self.graph_replay = rt, weakref.ref(handle), graph_replay
         # the validated call's outputs (ht_outputs.combine_outputs): byte sizes and (shape, dtype) forms
         self.sizes, self.forms, self.with_weights = list(sizes), list(forms), with_weights
         self._keep_launch(rt, spec, defines, blocks, threads, args)
@@ -168,15 +185,15 @@ class CombinePlan(_Plan):
             packed.set(i["out_weights"], out_w.data.ptr)
         for n, b in enumerate(biases):
             packed.set(i[f"bias{n}"], b.data.ptr)
-        self.launch(stream_ptr)
+        self.launch(stream_ptr, captured)
         return out, out_w, keep
 
 
 class CachedDispatchPlan(_Plan):
     """One validated cached dispatch, ready to launch again (see the module docstring)."""
 
-    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, fp8):
-        self.rt, self.handle_ref = rt, weakref.ref(handle)
+    def __init__(self, rt, spec, defines, blocks, threads, args, handle, sizes, forms, fp8, graph_replay=False):
+        self.rt, self.handle_ref, self.graph_replay = rt, weakref.ref(handle), graph_replay
         # the validated call's outputs (ht_outputs.dispatch_outputs): x, and FP8's scales (BF16 has none to allocate)
         n = 2 if fp8 else 1
         self.sizes, self.forms, self.fp8 = list(sizes[:n]), list(forms[:n]), fp8
@@ -207,10 +224,10 @@ class CachedDispatchPlan(_Plan):
         packed.set(self.i_call, rt.next_call())
         packed.set(self.i_out_x, recv_data.data.ptr)
         if not self.fp8:
-            self.launch(stream_ptr)
+            self.launch(stream_ptr, captured)
             return recv_data
         recv_scales = bufs[1]
         packed.set(self.i_scales, scales.data.ptr)
         packed.set(self.i_out_scales, recv_scales.data.ptr)
-        self.launch(stream_ptr)
+        self.launch(stream_ptr, captured)
         return recv_data, recv_scales

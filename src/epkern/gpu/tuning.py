@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 class HtTuning:
     """Launch shape of the HT copy kernels (tuned by bench/bench_ht.py --sweep): threads per block, blocks per
     SM of num_sms (the kernels are compiled to fit that many per SM), loads in flight per lane, whether combine
-    issues every peer's loads before adding; ``probe`` = 1 builds the kernels that record phase timestamps."""
+    issues every peer's loads before adding; ``probe`` = 1 builds the kernels that record phase timestamps.
+    ``replay_graph``: a replayed cached dispatch / combine (ht_replay.py) launches as a one-kernel CUDA graph whose
+    node gets the call's arguments (an experiment, off until its A/B on a GPU: bench_ht.py --replay-graph)."""
 
     threads: int = 512
     blocks_per_sm: int = 1
@@ -21,6 +23,7 @@ class HtTuning:
     combine_unroll: int = 1
     combine_loads_first: int = 1
     probe: int = 0
+    replay_graph: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,20 @@ class Plan:
 
 
 def capture_launch(launch, phase: int):
-    """A CUDA graph of the one launch ``launch(phase, 0)``, captured on a stream of its own (relaxed mode: other
-    threads, such as in-process ranks, are not disturbed). The kernel reads its call counter from the device, so
+    """A CUDA graph of the one launch ``launch(phase, 0)``. The kernel reads its call counter from the device, so
     every replay is the next call, as a replayed graph of a captured pair is."""
+    return capture_one(lambda stream_ptr: launch(phase, 0, stream_ptr))
+
+
+def capture_one(issue):
+    """A CUDA graph of what ``issue(stream_ptr)`` launches, captured on a stream of its own (relaxed mode: other
+    threads, such as in-process ranks, are not disturbed)."""
     import cupy
 
     stream = cupy.cuda.Stream(non_blocking=True)
     stream.begin_capture()
     try:
-        launch(phase, 0, stream.ptr)
+        issue(stream.ptr)
     finally:
         graph = stream.end_capture()
     return graph
