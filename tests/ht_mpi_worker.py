@@ -10,8 +10,8 @@ os.environ.setdefault("EPKERN_POISON_OUTPUTS", "1")  # unwritten output rows fai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ht_scenarios  # noqa: E402
 from epkern import Buffer, Config  # noqa: E402
-from epkern.group import as_group  # noqa: E402
 from epkern.gpu.tuning import HtTuning, Tuning  # noqa: E402
+from epkern.group import as_group  # noqa: E402
 
 
 def main():
