@@ -185,14 +185,17 @@ if has abbench; then
   # A/B against another tree (AB_BASE: a checkout of the previous commit beside this one, e.g. .base): 8 MPS ranks,
   # HT at 4096 tokens and LL at 128 tokens (BF16), base and this tree AB_ROUNDS times, the first side alternating, same machine.
   # AB_HT_EXTRA: more bench_ht.py options (a later --iters wins; --ranks-per-node 4: across 2 virtual nodes); AB_LL=0: HT only.
+  # AB_NEW_EXTRA: bench_ht.py options of the new side only; with AB_BASE=. an A/B of a switch in one tree
+  # (e.g. AB_BASE=. AB_NEW_EXTRA="--replay-graph 1").
   for round in $(seq 1 "${AB_ROUNDS:-2}"); do
     sides="base new"; [ $((round % 2)) = 0 ] && sides="new base" # alternate which side runs first
     for side in $sides; do
       dir=$PWD; [ "$side" = base ] && dir=$(cd "${AB_BASE:-.base}" && pwd)
       log="$OUT/ab_${side}_${round}"
+      side_extra=""; [ "$side" = new ] && side_extra="${AB_NEW_EXTRA:-}"
       # shellcheck disable=SC2086
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ht.py --tokens 4096 \
-        --iters 10 ${AB_HT_EXTRA:-} --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
+        --iters 10 ${AB_HT_EXTRA:-} $side_extra --json "${log}_ht.json" >"${log}_ht.log" 2>&1)
       note "ab $side $round ht rc=$?: $(grep -E '^ +4096 +(layout_dispatch|dispatch|cached_dispatch|cached_dispatch_pipelined|combine|combine_pipelined|combine_fresh|combine_buffer|combine_buffer_pipelined|combine_alloc) ' "${log}_ht.log" | awk '{printf "%s %s/%s; ", $2, $3, $NF}')"
       [ "${AB_LL:-1}" = 0 ] && continue
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 \
