@@ -9,6 +9,7 @@ compare host-path changes; bench_ht.py / bench_ll.py measure the real thing on a
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import types
@@ -96,6 +97,22 @@ def counts_cases(T=128, H=7168, K=8, E=256):
     ]
 
 
+_launched = []  # perf_counter() of each launch through the libcuda stand-in (replays)
+
+
+def _until_launch(fn, calls: int):
+    """Median µs from a call's start to its launch (the stand-in's cuLaunchKernel), None if it launched nothing
+    there: what every rank's kernel waits for in a single call, where the call's host time after it does not count."""
+    waits = []
+    for _ in range(calls):
+        _launched.clear()
+        t0 = time.perf_counter()
+        fn()
+        if _launched:
+            waits.append((_launched[0] - t0) * 1e6)
+    return statistics.median(waits) if waits else None
+
+
 def _run(fn_cases, args):
     for name, fn in fn_cases:
         fn()
@@ -105,7 +122,9 @@ def _run(fn_cases, args):
             for _ in range(args.calls):
                 fn()
             runs.append((time.perf_counter() - t0) / args.calls * 1e6)
-        print(f"{name:56s} {min(runs):7.1f} us per call (best of {args.repeats} runs of {args.calls})")
+        until = _until_launch(fn, args.calls)
+        launch = f"; {until:5.1f} until the launch (median)" if until is not None else ""
+        print(f"{name:56s} {min(runs):7.1f} us per call (best of {args.repeats} runs of {args.calls}){launch}")
         if args.profile:
             print(profile_text_host(fn, args.calls, top=12))
 
@@ -121,7 +140,8 @@ def main(argv=None):
 
     # Replays launch through the real packed cuLaunchKernel call into a no-op stand-in for libcuda: their rows are
     # epkern's Python and the ctypes call only (the fake's recording stand-in would add its own bookkeeping).
-    _cuda_driver._lib = types.SimpleNamespace(cuLaunchKernel=lambda *a: 0)
+    # The stand-in notes when it was called: "until the launch".
+    _cuda_driver._lib = types.SimpleNamespace(cuLaunchKernel=lambda *a: _launched.append(time.perf_counter()) or 0)
     with F.installed():
         plans.DriverLaunch = _cuda_driver.DriverLaunch
         _run(cases(), args)

@@ -200,6 +200,9 @@ class CachedDispatchPlan(_Plan):
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.i_x, self.i_scales, self.i_call = spec.index("x"), spec.index("x_scales"), spec.index("call")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
+        # where each output lies in its heap block, as Runtime.alloc_out lays them out
+        aligned = [-(-n // 256) * 256 for n in self.sizes]
+        self.offsets, self.total = [sum(aligned[:i]) for i in range(n)], sum(aligned)
 
     def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream, captured):
         """The call again: outputs, pointers, call number, launch; returns what dispatch returns."""
@@ -217,6 +220,8 @@ class CachedDispatchPlan(_Plan):
         """Outputs allocated (see CombinePlan._issue), pointers and call number set, the kernel launched."""
         rt = self.rt
         data, scales = x if self.fp8 else (x, None)
+        if not (rt.in_process or captured or rt.poison):
+            return self._issue_from_heap(data, scales, captured, stream_ptr)
         bufs, _ = rt.alloc_out(self.sizes, compute, on_current, captured=captured, typed=self.forms)
         recv_data = bufs[0]
         packed = self.packed
@@ -231,3 +236,19 @@ class CachedDispatchPlan(_Plan):
         packed.set(self.i_out_scales, recv_scales.data.ptr)
         self.launch(stream_ptr, captured)
         return recv_data, recv_scales
+
+    def _issue_from_heap(self, data, scales, captured, stream_ptr):
+        """Between processes (the outputs' block in the shared heap, as Runtime.alloc_out takes it): the kernel is
+        launched with the block's addresses first and the output arrays are made after it (CuPy's array objects
+        cost host time that every rank's kernel would otherwise wait for in a single call)."""
+        rt, packed = self.rt, self.packed
+        block = rt.heap.alloc(self.total)
+        packed.set(self.i_x, data.data.ptr)
+        packed.set(self.i_call, rt.next_call())
+        packed.set(self.i_out_x, block.ptr)
+        if self.fp8:
+            packed.set(self.i_scales, scales.data.ptr)
+            packed.set(self.i_out_scales, block.ptr + self.offsets[1])
+        self.launch(stream_ptr, captured)
+        outs = [block.array(shape, dtype, off) for (shape, dtype), off in zip(self.forms, self.offsets, strict=True)]
+        return (outs[0], outs[1]) if self.fp8 else outs[0]
