@@ -406,6 +406,22 @@ def run_bad_inputs(buf, group):
     assert np.array_equal(cupy.asnumpy(out).astype(np.float32), np.ones((T, H), np.float32) * reached)
 
 
+def refusals(buf, group, calls) -> list:
+    """``buf.dispatch(x, **args)`` of each (x, args) in ``calls`` (made one by one) raises ArgumentError: the
+    messages, in order."""
+    from epkern.errors import ArgumentError
+
+    messages = []
+    for i, (x, args) in enumerate(calls):
+        try:
+            buf.dispatch(x, **args)
+        except ArgumentError as exc:
+            messages.append(str(exc))
+        else:
+            raise AssertionError(f"rank {group.rank}: refused call {i} was accepted")
+    return messages
+
+
 def run_mismatched_calls(buf, group):
     """Ranks whose dispatch calls differ (rank 1: twice the hidden size; then rank 1: another top-k; then only
     rank 0 has a topk_idx entry out of range): every rank refuses the same call with ArgumentError naming the
@@ -414,7 +430,7 @@ def run_mismatched_calls(buf, group):
     raises at the event's synchronize()."""
     import cupy
 
-    from epkern.errors import ArgumentError, EpkernError
+    from epkern.errors import EpkernError
 
     T, E = 64, 8 * group.size
     rng = np.random.default_rng(group.rank)
@@ -439,21 +455,13 @@ def run_mismatched_calls(buf, group):
     for topk in (4, 5):
         inputs(1024, topk)
     inputs(1024, 4, num_experts=2 * E)
-    messages = []
     calls = (
         (1024 * (1 + group.rank), 4, False, E),
         (1024, 4 + group.rank, False, E),
         (1024, 4, group.rank == 0, E),
         (1024, 4, False, E * (1 + group.rank)),
     )
-    for hidden, topk, bad, experts in calls:
-        x, args = inputs(hidden, topk, bad, experts)
-        try:
-            buf.dispatch(x, **args)
-        except ArgumentError as exc:
-            messages.append(str(exc))
-        else:
-            raise AssertionError(f"rank {group.rank}: a mismatched dispatch was accepted {hidden, topk, bad, experts}")
+    messages = refusals(buf, group, (inputs(*call) for call in calls))
     assert messages[0].startswith("x: ") and "row bytes" in messages[0], messages
     assert messages[1].startswith("topk_idx: ") and "top-k" in messages[1], messages
     if group.rank == 0:
@@ -493,8 +501,6 @@ def run_refused_after_early_copy(buf, group):
 
     import cupy
 
-    from epkern.errors import ArgumentError
-
     T, E = 64, 8 * group.size
     rng = np.random.default_rng(100 + group.rank)
 
@@ -514,15 +520,8 @@ def run_refused_after_early_copy(buf, group):
     gc.collect()
     heap = buf._backend.rt.heap
     held = heap.in_use if heap is not None else 0
-    messages = []
-    for hidden, bad in ((1024 * (2 if group.rank == 1 else 1), False), (1024, group.rank == 0)):
-        x, args = inputs(hidden, bad)
-        try:
-            buf.dispatch(x, **args)
-        except ArgumentError as exc:
-            messages.append(str(exc))
-        else:
-            raise AssertionError(f"rank {group.rank}: a refused dispatch was accepted ({hidden}, {bad})")
+    calls = ((1024 * (2 if group.rank == 1 else 1), False), (1024, group.rank == 0))
+    messages = refusals(buf, group, (inputs(*call) for call in calls))
     assert messages[0].startswith("x: ") and "row bytes" in messages[0], messages
     want = "topk_idx: entry [3, 1] = " if group.rank == 0 else "topk_idx: "
     assert messages[1].startswith(want) and (group.rank == 0 or "rank 0" in messages[1]), messages
