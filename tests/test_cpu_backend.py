@@ -327,3 +327,25 @@ def _ht_combine_buffer(group):
 
 def test_ht_combine_buffer_holds_the_expert_output():
     assert run_in_process(_ht_combine_buffer, 2) == [True, True]
+
+
+def test_check_array_refuses_an_array_on_another_device():
+    """The device check reads CuPy's ``data.device_id`` (no Device object per access) and falls back to
+    ``device.id``; host arrays have neither and are not device-checked."""
+    import types
+
+    from epkern._validate import check_array
+    from epkern.errors import ArgumentError
+
+    def dev_array(data_id=None, device_id=None):
+        a = np.zeros((2, 3), np.float32)
+        return types.SimpleNamespace(
+            dtype=a.dtype, ndim=2, shape=a.shape, flags=a.flags, strides=a.strides,
+            data=types.SimpleNamespace(device_id=data_id), device=types.SimpleNamespace(id=device_id),
+        )  # fmt: skip
+
+    for arr in (dev_array(data_id=1), dev_array(device_id=1)):
+        with pytest.raises(ArgumentError, match="x: expected an array on device 0, got device 1"):
+            check_array(arr, "x", dtypes=(np.float32,), shape=(2, 3), device=0)
+    assert check_array(dev_array(data_id=0, device_id=1), "x", dtypes=(np.float32,), device=0) is not None
+    assert check_array(np.zeros((2, 3), np.float32), "x", dtypes=(np.float32,), device=0) is not None

@@ -76,10 +76,20 @@ def check_array(
                 raise ArgumentError(f"{name}: expected shape {expected}, got {tuple(arr.shape)} (axis {axis})")
     if contiguous and not arr.flags.c_contiguous:
         raise ArgumentError(f"{name}: expected a C-contiguous array (strides {arr.strides})")
-    if device is not None and getattr(arr, "device", None) is not None and hasattr(arr.device, "id"):
-        if arr.device.id != device:
-            raise ArgumentError(f"{name}: expected an array on device {device}, got device {arr.device.id}")
+    if device is not None:
+        got = device_of(arr)
+        if got is not None and got != device:
+            raise ArgumentError(f"{name}: expected an array on device {device}, got device {got}")
     return arr
+
+
+def device_of(arr) -> int | None:
+    """The CUDA device of a device array (None for host arrays): CuPy's ``data.device_id``, which makes no Device
+    object (``arr.device`` does, per access), else ``arr.device.id``."""
+    dev = getattr(getattr(arr, "data", None), "device_id", None)
+    if dev is not None:
+        return dev
+    return getattr(getattr(arr, "device", None), "id", None)
 
 
 def check_num_experts(num_experts, num_ranks: int, name: str = "num_experts") -> int:
