@@ -241,18 +241,21 @@ class HtEngine:
                 async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream, captured=captured,
             ))  # fmt: skip
         tun = self.tuning
-        defines = HT_DISPATCH.defines(
-            EPK_NUM_RANKS=R,
-            EPK_TOPK=topk,
-            EPK_ROW_BYTES=row_bytes,
-            EPK_SCALE_COLS=hidden // 128 if scales is not None else 0,
-            EPK_NUM_LOCAL_EXPERTS=(num_tokens_per_expert.shape[0] // R) if not cached else 1,
-            EPK_WITH_META=0 if cached else 1,
-            EPK_THREADS=tun.threads,
-            EPK_MIN_BLOCKS=tun.blocks_per_sm,
-            EPK_PROBE=tun.probe,
-            EPK_UNROLL=tun.dispatch_unroll,
-        )
+
+        def dispatch_defines():  # the copy's specialisation (worked out after the notify's launch: peers wait for it)
+            return HT_DISPATCH.defines(
+                EPK_NUM_RANKS=R,
+                EPK_TOPK=topk,
+                EPK_ROW_BYTES=row_bytes,
+                EPK_SCALE_COLS=hidden // 128 if scales is not None else 0,
+                EPK_NUM_LOCAL_EXPERTS=(num_tokens_per_expert.shape[0] // R) if not cached else 1,
+                EPK_WITH_META=0 if cached else 1,
+                EPK_THREADS=tun.threads,
+                EPK_MIN_BLOCKS=tun.blocks_per_sm,
+                EPK_PROBE=tun.probe,
+                EPK_UNROLL=tun.dispatch_unroll,
+            )
+
         compute = rt.begin(previous_event, async_finish, allocate_on_comm_stream)
         with rt.on_comm_stream():
             early = None
@@ -286,6 +289,7 @@ class HtEngine:
                         **rt.deadline(),
                     ),
                 )
+                defines = dispatch_defines()
                 # Outputs reserved before the counts: the copy starts now, the host waits for them after (ht_outputs).
                 # Not at a first use: its warm-up is collective, and only a call the counts accept reaches it.
                 if not num_worst_tokens and rt.is_warm(HT_DISPATCH, defines):
@@ -306,6 +310,7 @@ class HtEngine:
                     handle.is_token_in_rank,
                 )
                 out_rows = handle.num_out_rows
+                defines = dispatch_defines()
             if early is None:
                 out = dispatch_outputs(
                     rt, out_rows, data, scales, topk, cached, num_worst_tokens, compute, allocate_on_comm_stream,
