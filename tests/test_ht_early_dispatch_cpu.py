@@ -208,3 +208,37 @@ def test_a_first_use_waits_for_the_counts_first(monkeypatch):
             em.dispatch_args.clear()
             assert recv_x.shape == (T, H) and (int(_arg(args, "out_rows")) == T) == first
         buf.destroy()
+
+
+def test_many_early_dispatches_keep_the_heap_exact(monkeypatch):
+    """Early dispatches of random sizes, a random subset of their outputs kept alive: every kept output lies in its
+    own heap range (no overlap, nothing counted twice), the heap's in-use bytes are the live outputs' blocks, and
+    once everything is dropped the heap is one free range again."""
+    import random
+
+    em = CountsAfterTheCopy()
+    with F.installed(monkeypatch, emulate=em.kernels()):
+        buf = F.fake_buffer(num_nvl_bytes=24 << 20, timeout_s=0.3)
+        heap = buf._backend.rt.heap
+        rng = random.Random()
+        sizes = [rng.randrange(1, 200) for _ in range(30)]
+        for n in sorted(set(sizes)):  # first uses (num_worst_tokens), so every call below goes early
+            _warm(buf, em, F.ht_inputs(n, H, TOPK, E), rows=n)
+        live = []
+        for n in sizes:
+            recv_x, recv_idx, recv_w, _, handle, _ = _dispatch(buf, F.ht_inputs(n, H, TOPK, E))
+            assert int(_arg(em.dispatch_args[-1], "out_rows")) >= n and recv_x.shape == (n, H)
+            em.dispatch_args.clear()
+            live.append((recv_x, recv_idx, recv_w, handle))
+            del recv_x, recv_idx, recv_w, handle  # only `live` holds outputs
+            if rng.random() < 0.4:
+                live.pop(rng.randrange(len(live)))
+            blocks = {id(b): b for out in live for b in out[3].keep}.values()
+            spans = sorted((b.offset, b.offset + b.nbytes) for b in blocks)
+            assert all(a1 <= b0 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False)), "overlapping outputs"
+            assert heap.in_use == sum(b.nbytes for b in blocks)
+        live.clear()
+        del blocks
+        gc.collect()
+        assert heap.in_use == 0 and heap.largest_free() == heap.nbytes
+        buf.destroy()
