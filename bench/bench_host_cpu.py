@@ -70,6 +70,10 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
             tag = (" (replayed)" if replay else "") + (" async" if asy else "")
             out.append((f"ll dispatch, preallocated{tag}", lld))
             out.append((f"ll combine, out={tag}", llc))
+        if replay:  # prepared calls (Buffer.prepare_low_latency_*), synchronous: the decode loop's shortest path
+            prepared = ll.prepare_low_latency_dispatch(x, idx, num_max, E, use_fp8=False, **outs)
+            out.append(("ll dispatch, prepared", prepared))
+            out.append(("ll combine, prepared", ll.prepare_low_latency_combine(y, idx, w, h, out=combined)))
     return out
 
 

@@ -473,6 +473,30 @@ def test_prepared_ll_calls_replay_what_the_validated_calls_launch(fake, monkeypa
     buf.destroy()
 
 
+def test_a_call_prepared_after_it_was_made_replays_its_own_plan(fake, monkeypatch):
+    """The same call made directly before it was prepared: the prepared call's first run finds the engine's plan
+    (a replay, which makes no new plan) and keeps it, so later runs replay without going through the Buffer."""
+    from epkern.gpu.ll import prepared as P
+
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)  # a replay already
+    buf.low_latency_combine(y, idx, w, handle, out=out)
+    buf.low_latency_combine(y, idx, w, handle, out=out)
+    through_buffer = []
+    validated = P.Prepared._validated
+    monkeypatch.setattr(P.Prepared, "_validated", lambda self, slot: through_buffer.append(1) or validated(self, slot))
+    dispatch = buf.prepare_low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
+    combine = buf.prepare_low_latency_combine(y, idx, w, handle, out=out)
+    replays = buf._backend.ll.replays
+    for _ in range(3):
+        assert dispatch()[0] is outs["out_x"] and combine()[0] is out
+    assert len(through_buffer) == 2  # the first run of each only
+    assert buf._backend.ll.replays == replays + 6
+    buf.destroy()
+
+
 def test_prepared_ll_calls_on_the_cpu_backend_are_the_calls():
     import epkern
 

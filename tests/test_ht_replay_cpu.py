@@ -126,7 +126,7 @@ def test_a_dropped_handle_is_never_replayed_and_not_kept(fake):
     x = _x(False, 1)
     *_, handle, _ = F.full_dispatch(buf, inputs, num_worst_tokens=T)
     buf.dispatch(x, handle=handle)
-    plan = buf._backend.ht.plans.last_put
+    plan = buf._backend.ht.plans.last
     held = heap.in_use
     assert held > 0 and plan.matches(handle)
     del handle

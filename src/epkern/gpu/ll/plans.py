@@ -57,7 +57,7 @@ class CallPlans:
     def __init__(self, size: int = 8):
         self.size = size
         self._plans: OrderedDict = OrderedDict()
-        self.last_put: Plan | None = None  # the plan of the latest put (prepared.py reads it)
+        self.last: Plan | None = None  # the plan of the latest put or hit (prepared.py reads it)
         self.generation = 0  # advanced by clear(): plans held outside (prepared calls) are stale then
 
     def get(self, key, shapes) -> Plan | None:
@@ -67,10 +67,11 @@ class CallPlans:
             return None
         if len(plans) >= self.size:  # least-recently-used order matters only once a put may evict
             plans.move_to_end(key)
+        self.last = plan
         return plan
 
     def put(self, key, plan: Plan) -> None:
-        self.last_put = plan
+        self.last = plan
         self._plans[key] = plan
         self._plans.move_to_end(key)
         while len(self._plans) > self.size:
@@ -78,7 +79,7 @@ class CallPlans:
 
     def clear(self) -> None:
         self._plans.clear()
-        self.last_put = None
+        self.last = None
         self.generation += 1
 
     def __len__(self) -> int:

@@ -46,12 +46,14 @@ class Prepared:
         self.dispatch = dispatch
 
     def _validated(self, slot):
+        """The call through the Buffer; its plan (made by it, or found: the same call made before it was prepared)
+        is what later calls replay directly."""
         plans = self.eng.plans
-        plans.last_put = None
+        plans.last = None
         result = self.call(*self.args, **self.kwargs)
         if self.generation != plans.generation:
             self.plans = [None, None]
-        self.plans[slot], self.generation = plans.last_put, plans.generation
+        self.plans[slot], self.generation = plans.last, plans.generation
         return result
 
     def __call__(self):
