@@ -277,6 +277,50 @@ def test_calls_follow_torch_current_stream():
     assert run_in_process(body, R) == [True] * R
 
 
+@pytest.mark.gpu
+def test_prepared_ll_calls_with_tensors_follow_torch_stream():
+    """Prepared LL calls given CUDA tensors, run under a torch side stream whose x is written after a 0.2 s GPU
+    sleep: every run (the first through the Buffer, the replays straight to the engine) reads x after the write and
+    returns tensors equal to the direct calls' outputs."""
+    num_max = 32
+
+    def body(group):
+        x, idx, w = _inputs(group.rank)
+        nbytes = Buffer.get_low_latency_rdma_size_hint(num_max, H, R, E)
+        with Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend="gpu") as buf:
+            xs, idxs, ws = _t(x, "cuda"), _t(idx, "cuda"), _t(w, "cuda")
+            outs = dict(
+                out_x=torch.empty(E // R, R * num_max, H, dtype=torch.bfloat16, device="cuda"),
+                out_src_info=torch.empty(E // R, R * num_max, dtype=torch.int32, device="cuda"),
+                out_layout_range=torch.empty(E // R, R, dtype=torch.int64, device="cuda"),
+                out_count=torch.empty(E // R, dtype=torch.int32, device="cuda"),
+            )
+            want_x, want_count, handle, _, _ = buf.low_latency_dispatch(xs, idxs, num_max, E, use_fp8=False)
+            want_rows, want_count = _by_source(want_x, want_count, handle.src_info), _np(want_count).copy()
+            want_out = _np(buf.low_latency_combine(want_x, idxs, ws, handle)[0]).copy()
+            side = torch.cuda.Stream()
+            xt = torch.zeros_like(xs)
+            dispatch = buf.prepare_low_latency_dispatch(xt, idxs, num_max, E, use_fp8=False, **outs)
+            combine = None
+            for i in range(3):
+                with torch.cuda.stream(side):
+                    xt.zero_()
+                    torch.cuda._sleep(200_000_000)
+                    xt.copy_(xs)
+                    recv_x, count, h, _, _ = dispatch()
+                    if combine is None:
+                        combine = buf.prepare_low_latency_combine(recv_x, idxs, ws, h)
+                    out = combine()[0]
+                side.synchronize()
+                assert all(isinstance(t, torch.Tensor) for t in (recv_x, count, out)), i
+                _same(count, want_count)
+                _same(_by_source(recv_x, count, h.src_info), want_rows)
+                _same(out, want_out)
+        return True
+
+    assert run_in_process(body, R) == [True] * R
+
+
 def test_wrong_tensors_name_the_argument():
     def body(group):
         x, idx, w = _inputs(group.rank)
@@ -367,3 +411,55 @@ def test_cupy_view_describes_the_tensor_memory(monkeypatch):
         assert np.array_equal(view, t.numpy())
         last = made["ptr"] + sum((n - 1) * s for n, s in zip(made["shape"], made["strides"], strict=True))
         assert last + 4 == made["ptr"] + made["size"]  # the extent ends at the last element
+
+
+def test_prepared_ll_calls_given_tensors_run_on_torch_stream_and_return_tensors(monkeypatch):
+    """prepare_low_latency_* given torch tensors: every run — the first, through the Buffer, and the replays, which go
+    straight to the engine — is ordered on torch's current stream and returns torch tensors (over the fake CuPy, with
+    CPU tensors standing in for CUDA ones: their memory is what the fake's arrays view)."""
+    import fake_cupy as F
+    from epkern.gpu.ll.layout import min_num_rdma_bytes
+
+    entered = []
+
+    @contextlib.contextmanager
+    def on_torch(backend):  # torch_stream without CUDA: counts the outermost entries (a nested one is a no-op)
+        if torch_tensors._in_call.depth:
+            yield
+            return
+        entered.append(backend)
+        depth, torch_tensors._in_call.depth = torch_tensors._in_call.depth, 1
+        try:
+            yield
+        finally:
+            torch_tensors._in_call.depth = depth
+
+    with F.installed(monkeypatch):
+        monkeypatch.setattr(torch_tensors, "torch_stream", on_torch)
+        monkeypatch.setattr(torch_tensors, "to_array", lambda t, name, backend: torch_tensors._in_call_array(t))
+        num_max, T, K, Hs, Es = 16, 8, 2, 128, 8
+        buf = F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(num_max, Hs, Es), low_latency_mode=True)
+        x = torch.ones(T, Hs, dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(Es)[:K] for _ in range(T)])
+        w = torch.ones(T, K)
+        outs = dict(
+            out_x=torch.empty(Es, num_max, Hs, dtype=torch.bfloat16),
+            out_src_info=torch.empty(Es, num_max, dtype=torch.int32),
+            out_layout_range=torch.empty(Es, 1, dtype=torch.int64),
+            out_count=torch.empty(Es, dtype=torch.int32),
+        )
+        y, out = torch.ones(Es, num_max, Hs, dtype=torch.bfloat16), torch.empty(T, Hs, dtype=torch.bfloat16)
+        dispatch = buf.prepare_low_latency_dispatch(x, idx, num_max, Es, use_fp8=False, **outs)
+        handle = None
+        for i in range(3):
+            recv, count, h, _, _ = dispatch()
+            assert isinstance(recv, torch.Tensor) and isinstance(count, torch.Tensor), i
+            assert recv.data_ptr() == outs["out_x"].data_ptr() and count.data_ptr() == outs["out_count"].data_ptr()
+            if handle is None:
+                handle = h
+                combine = buf.prepare_low_latency_combine(y, idx, w, handle, out=out)
+            got = combine()[0]
+            assert isinstance(got, torch.Tensor) and got.data_ptr() == out.data_ptr(), i
+        assert buf._backend.ll.replays == 4  # runs 2 and 3 of each replayed
+        assert len(entered) == 6 and set(entered) == {"gpu"}  # every run on torch's stream, once
+        buf.destroy()

@@ -234,6 +234,21 @@ def _outputs(result, backend: str):
     return result
 
 
+def prepared_on_torch(prepared, args, kwargs, backend: str):
+    """A prepared call (``Buffer.prepare_low_latency_*``) given torch tensors: every run on torch's current stream
+    with its outputs as tensors, as the Buffer's method does for a call (a replay goes straight to the engine, past the
+    method). ``prepared`` itself where no argument is a tensor."""
+    if not (_any_tensor(args) or _any_tensor(kwargs.values())):
+        return prepared
+
+    @functools.wraps(prepared)
+    def call():
+        with torch_stream(backend):
+            return _outputs(prepared(), backend)
+
+    return call
+
+
 def _on_torch_stream(fn, backend: str):
     """``fn`` (a receive hook) running with torch's current stream at the time it is called as CuPy's: a hook
     called under a torch side stream receives in that stream's order, so torch's reads of the outputs there follow

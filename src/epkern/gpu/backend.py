@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .. import api_checks
 from ..errors import ArgumentError
+from ..torch_tensors import prepared_on_torch
 from . import ht_inter_layout, region_alloc
 from .capture import held_only_if_captured
 from .ht import HtEngine
@@ -211,10 +212,10 @@ class GpuBackend:
         self.ll_masks.clean()
 
     def prepare_low_latency_dispatch(self, call, args, kwargs):
-        return prepared.prepare_dispatch(self.ll, call, args, kwargs)
+        return prepared_on_torch(prepared.prepare_dispatch(self.ll, call, args, kwargs), args, kwargs, "gpu")
 
     def prepare_low_latency_combine(self, call, args, kwargs):
-        return prepared.prepare_combine(self.ll, call, args, kwargs)
+        return prepared_on_torch(prepared.prepare_combine(self.ll, call, args, kwargs), args, kwargs, "gpu")
 
 
 def _nic_transport(rt, table, routes, real_nic, num_proxy_threads: int):
