@@ -9,6 +9,7 @@ compare host-path changes; bench_ht.py / bench_ll.py measure the real thing on a
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -70,6 +71,23 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
             tag = (" (replayed)" if replay else "") + (" async" if asy else "")
             out.append((f"ll dispatch, preallocated{tag}", lld))
             out.append((f"ll combine, out={tag}", llc))
+        if replay:  # new arrays every call (DeepEP's calls: rebind.py), six sets in turn: never the same twice in four
+            sets = [
+                dict(outs=dict(out_x=cupy.empty((E, num_max, H), BF16), out_src_info=cupy.empty((E, num_max), np.int32),
+                               out_layout_range=cupy.empty((E, 1), np.int64), out_count=cupy.empty((E,), np.int32)),
+                     out=cupy.empty((T, H), BF16))
+                for _ in range(6)
+            ]  # fmt: skip
+            turn = itertools.count()
+
+            def lld_new(ll=ll, sets=sets, turn=turn):
+                return ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False, **sets[next(turn) % 6]["outs"])
+
+            def llc_new(ll=ll, sets=sets, turn=turn, h=h, y=y):
+                return ll.low_latency_combine(y, idx, w, h, out=sets[next(turn) % 6]["out"])
+
+            out.append(("ll dispatch, new outputs each call (rebound)", lld_new))
+            out.append(("ll combine, new out each call (rebound)", llc_new))
         if replay:  # prepared calls (Buffer.prepare_low_latency_*), synchronous: the decode loop's shortest path
             prepared = ll.prepare_low_latency_dispatch(x, idx, num_max, E, use_fp8=False, **outs)
             out.append(("ll dispatch, prepared", prepared))

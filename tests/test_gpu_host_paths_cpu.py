@@ -246,12 +246,29 @@ def _ll_pairs(buf, launches, n, use_fp8=False, hook=False):
     return per_call
 
 
-def _same(a, b):
-    """Two launch records equal: kernel, defines, grid, block, and every argument (arrays by identity)."""
+def _kernels():
+    from epkern.gpu.kernels import LL_COMBINE, LL_DISPATCH
+
+    return {"epk_ll_dispatch": LL_DISPATCH, "epk_ll_combine": LL_COMBINE}
+
+
+class _Specs(dict):
+    def __missing__(self, name):
+        self.update(_kernels())
+        return self[name]
+
+
+_KERNELS = _Specs()
+
+
+def _same(a, b, skip=()):
+    """Two launch records equal: kernel, defines, grid, block, and every argument (arrays by address: a rebound
+    call's launch carries addresses); ``skip``: argument names left out (another Buffer's own memory)."""
     assert a[:5] == b[:5]
     assert len(a[5]) == len(b[5])
-    for u, v in zip(a[5], b[5], strict=True):
-        assert (u is v) if hasattr(u, "shape") and not isinstance(u, np.generic) else (int(u) == int(v)), (u, v)
+    names = [n for n, _ in _KERNELS[a[1]].args]
+    for n, u, v in zip(names, a[5], b[5], strict=True):
+        assert n in skip or F.addr(u) == F.addr(v), (n, u, v)
 
 
 @pytest.mark.parametrize("use_fp8,hook", [(False, False), (True, False), (False, True)])
@@ -274,6 +291,85 @@ def test_ll_replay_launches_what_the_full_path_launches(fake, monkeypatch, use_f
     assert slow._backend.ll.replays == 0 and len(slow._backend.ll.plans) == 0
 
 
+def _ll_pairs_on_new_arrays(buf, launches, n, use_fp8=False, hook=False, zero_copy=False):
+    """n dispatch + combine pairs, each on arrays of its own (as DeepEP's calls make new outputs every time, and
+    new inputs); the launches of each call and the arrays of each pair."""
+    per_call, pairs = [], []
+    for _ in range(n):
+        x, idx, w, outs, y, out = arrays = _ll_setup(use_fp8)
+        pairs.append(arrays)
+        before = len(launches)
+        recv, count, handle, _, dhook = buf.low_latency_dispatch(
+            x, idx, NUM_MAX, E, use_fp8=use_fp8, return_recv_hook=hook, **outs
+        )
+        if hook:
+            dhook()
+        per_call.append(F.real_launches(launches[before:]))
+        assert handle.src_info is outs["out_src_info"] and count is outs["out_count"]
+        assert (recv[0] if use_fp8 else recv) is outs["out_x"]
+        if zero_copy:
+            y = buf.get_next_low_latency_combine_buffer(handle)
+        before = len(launches)
+        combined, _, chook = buf.low_latency_combine(
+            y, idx, w, handle, out=out, return_recv_hook=hook, zero_copy=zero_copy
+        )
+        if hook:
+            chook()
+        per_call.append(F.real_launches(launches[before:]))
+        assert combined is out
+    return per_call, pairs
+
+
+def _same_addresses(a, b):
+    """Two launch records equal: kernel, defines, grid, block, and every argument's value (arrays by address)."""
+    assert a[:5] == b[:5]
+    assert [F.addr(u) for u in a[5]] == [F.addr(v) for v in b[5]]
+
+
+@pytest.mark.parametrize("use_fp8,hook,zero_copy", [(False, False, False), (True, False, False), (False, True, False),
+                                                    (False, False, True)])  # fmt: skip
+def test_ll_calls_on_new_arrays_rebind_the_validated_launch(fake, monkeypatch, use_fp8, hook, zero_copy):
+    """DeepEP's calls pass new arrays every time (rebind.py): after the first pair, each call launches exactly what
+    a Buffer that validates every call launches for the same arrays (call for call, so in the same buffer set),
+    argument for argument besides each Buffer's own memory, and no plan keeps a call's arrays alive."""
+    import gc
+    import weakref
+
+    buf = _ll_buffer()
+    calls, pairs = _ll_pairs_on_new_arrays(buf, fake, 4, use_fp8, hook, zero_copy)
+    eng = buf._backend.ll
+    assert eng.replays == eng.rebound == 2 * 3 and len(eng.plans) == 0
+    slow = _ll_buffer(_tuning=Tuning(ll=LLTuning(replay=False)))
+    want = []
+    for x, idx, w, outs, y, out in pairs:  # the same arrays, each call validated
+        before = len(fake)
+        recv, count, handle, _, dhook = slow.low_latency_dispatch(
+            x, idx, NUM_MAX, E, use_fp8=use_fp8, return_recv_hook=hook, **outs
+        )
+        if hook:
+            dhook()
+        want.append(F.real_launches(fake[before:]))
+        if zero_copy:
+            y = slow.get_next_low_latency_combine_buffer(handle)
+        before = len(fake)
+        _, _, chook = slow.low_latency_combine(y, idx, w, handle, out=out, return_recv_hook=hook, zero_copy=zero_copy)
+        if hook:
+            chook()
+        want.append(F.real_launches(fake[before:]))
+    own = {"peers", "state", "err"} | ({"x"} if zero_copy else set())  # each Buffer's (zero-copy x: its set buffer)
+    for i, (got, exp) in enumerate(zip(calls, want, strict=True)):
+        assert len(got) == len(exp) == (2 if hook else 1), i
+        for a, b in zip(got, exp, strict=True):
+            _same(a, b, skip=own if a[1] == "epk_ll_combine" else {"peers", "state", "err"})
+    probe = weakref.ref(pairs[0][3]["out_x"])
+    del pairs, calls, want, recv, count, handle, dhook, chook, y, x, idx, w, outs, out
+    fake.clear()  # the fake's record of the launches holds the validated calls' arrays
+    gc.collect()
+    assert probe() is None, "a plan keeps a call's output alive"
+    buf.destroy()
+    slow.destroy()
+
+
 def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     import cupy
 
@@ -282,17 +378,18 @@ def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
     assert buf._backend.ll.replays == 1
+    assert buf._backend.ll.rebound == 1  # the first repeat: the rebinding plan (then an identity plan: seen again)
     buf.low_latency_dispatch(cupy.asarray(x.get()), idx, NUM_MAX, E, use_fp8=False, **outs)  # another x
-    assert buf._backend.ll.replays == 1
+    assert buf._backend.ll.replays == 2 and buf._backend.ll.rebound == 2  # of the same layout: rebound (rebind.py)
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # outputs allocated: never a plan
     buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
-    assert buf._backend.ll.replays == 1
+    assert buf._backend.ll.replays == 2
     idx._a = idx._a[: T // 2]  # the same object, now with another shape (as an in-place reshape would)
     with pytest.raises(ArgumentError, match="topk_idx: expected 64 rows"):
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
-    assert buf._backend.ll.replays == 1
+    assert buf._backend.ll.replays == 2
     buf.clean_low_latency_buffer(NUM_MAX, H, E)
-    assert len(buf._backend.ll.plans) == 0
+    assert len(buf._backend.ll.plans) == len(buf._backend.ll.rebinds) == 0
     buf.destroy()
     assert len(buf._backend.ll.plans) == 0
 
@@ -507,17 +604,17 @@ def test_prepared_ll_calls_on_the_cpu_backend_are_the_calls():
 
 
 def test_ll_double_batch_alternation_keeps_replaying(fake, monkeypatch):
-    """Two sets of arrays used in turn (a double-batch loop) keep four plans, so every call after the first
-    pair of each set replays."""
+    """Two sets of arrays used in turn (a double-batch loop): the second batch's first pair is rebound to the first's
+    validated launch (same layouts), each batch's second pair makes its identity plans (its arrays seen again) and
+    the third replays them: four plans, every call after the first pair replayed."""
     buf = _ll_buffer()
     batches = [_ll_setup(), _ll_setup()]
     for _ in range(3):
         for x, idx, w, outs, y, out in batches:
             handle = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)[2]
             buf.low_latency_combine(y, idx, w, handle, out=out)
-    assert (
-        len(buf._backend.ll.plans) == 4 and buf._backend.ll.replays == 2 * 2 * 2
-    )  # rounds 2 and 3, both batches, both ops
+    eng = buf._backend.ll
+    assert len(eng.plans) == 4 and eng.replays == 12 - 2 and eng.rebound == 6
     buf.destroy()
 
 
@@ -623,8 +720,9 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
         assert count.data.ptr == base + d.count_off and recv.shape == (E, NUM_MAX, H)
         got.append((parity, recv))
     assert [p for p, _ in got] == [1, 0, 1, 0, 1]  # call seq 1, 2, ...: set = seq & 1
-    assert got[0][1] is got[2][1] and got[1][1] is got[3][1]  # one set of views per set: replays
-    assert buf._backend.ll.replays == 3
+    assert got[0][1] is got[2][1] and got[1][1] is got[3][1]  # one set of views per set
+    # an identity plan per set once its arrays are seen again (calls 3 and 4, validated), replayed from call 5
+    assert buf._backend.ll.replays == 1 and len(buf._backend.ll.plans) == 2
     # The next call (seq 6) is a combine in set 0: got[3]'s output lies where it receives; got[4]'s (set 1) not.
     with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
         buf.low_latency_combine(got[3][1], idx, w, handle, out=out)

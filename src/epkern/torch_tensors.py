@@ -34,6 +34,11 @@ class _CallDepth(threading.local):
 _in_call = _CallDepth()
 
 
+def in_torch_call() -> bool:
+    """Whether this thread is inside a call given torch tensors (its arrays are crossings made for the call)."""
+    return bool(_in_call.depth)
+
+
 def is_tensor(obj) -> bool:
     """Whether ``obj`` is a torch tensor (without importing torch if nobody has)."""
     torch = sys.modules.get("torch")

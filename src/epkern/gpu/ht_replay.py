@@ -26,7 +26,7 @@ from .direct import direct_stream, end_direct
 from .ll import plans as ll_plans
 
 
-def _layout(a, cupy) -> tuple | None:
+def array_layout(a, cupy) -> tuple | None:
     """(shape, strides, dtype, device) of a CuPy array, None for anything else (the full path converts or refuses)."""
     if type(a) is not cupy.ndarray:
         return None
@@ -49,11 +49,11 @@ def cached_key(x, handle, config, num_worst_tokens, expert_alignment, topk_idx, 
     if isinstance(x, tuple):
         if len(x) != 2:
             return None
-        layouts = (_layout(x[0], cupy), _layout(x[1], cupy))
+        layouts = (array_layout(x[0], cupy), array_layout(x[1], cupy))
         if None in layouts:
             return None
     else:
-        layouts = _layout(x, cupy)
+        layouts = array_layout(x, cupy)
         if layouts is None:
             return None
     return (id(handle), layouts, config, num_worst_tokens, expert_alignment, async_finish, allocate_on_comm_stream)
@@ -131,8 +131,8 @@ def combine_key(x, handle, topk_weights, bias, config, async_finish, allocate_on
     biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
     if len(biases) > 2:
         return None
-    layouts = [_layout(a, cupy) for a in (x, *biases)]
-    weights = None if topk_weights is None else _layout(topk_weights, cupy)
+    layouts = [array_layout(a, cupy) for a in (x, *biases)]
+    weights = None if topk_weights is None else array_layout(topk_weights, cupy)
     if None in layouts or (topk_weights is not None and weights is None):
         return None
     return ("combine", id(handle), tuple(layouts), weights, config, async_finish, allocate_on_comm_stream)

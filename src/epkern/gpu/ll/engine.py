@@ -25,6 +25,8 @@ the two buffer sets; dispatch.py and combine.py are its two calls, masks.py its 
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,7 @@ from ...api_checks import BF16
 from ...errors import ArgumentError
 from ...events import EventHandle
 from ...handles import DeepEPTuple
+from ...torch_tensors import in_torch_call
 from ..capture import capturing
 from ..direct import direct_stream, end_direct
 from . import nic_link
@@ -110,9 +113,13 @@ class LLEngine:
         rt.sync_bounded(cupy.cuda.get_current_stream(), "setting up the low-latency state")
         self.sends = 0  # sending launches issued (host side; the device counter is the truth)
         self.replay_on = bool(tuning.replay)
-        self.plans = ll_plans.CallPlans(8)
+        self.plans = ll_plans.CallPlans(8)  # identity plans (plans.py)
+        self.rebinds = ll_plans.CallPlans(8)  # rebinding plans (rebind.py)
+        self.preparing = False  # a prepared call's first run (prepared.py): it keeps the identity plan it leaves
+        self._recent: OrderedDict = OrderedDict()  # the last calls' array identities -> weak references (seen_again)
         self.sizes: dict = {}  # (num_max, hidden, num_experts) -> SizeState
         self.replays = 0  # calls served by a plan (tests check the fast path was taken)
+        self.rebound = 0  # ... of them by a rebinding plan
         self.direct = 0  # ... of them launched straight onto the caller's stream
         # Pull where every peer is reached by IPC (each of them maps our area); push otherwise.
         all_ipc = all(r == ROUTE_IPC for i, r in enumerate(routes) if i != rt.rank)
@@ -136,6 +143,8 @@ class LLEngine:
         """Every rank restarts from call 0 (after clean_low_latency_buffer): no plan survives."""
         self.sends = 0
         self.plans.clear()
+        self.rebinds.clear()
+        self._recent.clear()
 
     def blocks(self) -> int:
         # Spin-waiting kernels of every rank sharing this GPU must be resident at once: one block per SM each.
@@ -279,7 +288,7 @@ class LLEngine:
         if compute is not None:
             # Straight onto the caller's stream (gpu/direct.py), as a captured graph of the one launch.
             captured = capturing(compute)
-            if captured:
+            if captured or plan.graphs is None:  # a rebound call (rebind.py) launches with its own addresses
                 plan.launch(phase, 0, compute.ptr)
             else:
                 graph = plan.graphs.get(phase)
@@ -326,5 +335,32 @@ class LLEngine:
         return launch
 
     def keep_plan(self, key, shapes, spec, defines, args, result, refs) -> None:
-        fast = ll_plans.launcher(self.rt, spec, defines, self.blocks(), THREADS, args)
-        self.plans.put(key, ll_plans.Plan(shapes, fast, result, refs))
+        """An identity plan of a validated call with preallocated arrays, where it pays (:meth:`seen_again`)."""
+        if self.seen_again(key, refs):
+            fast = ll_plans.launcher(self.rt, spec, defines, self.blocks(), THREADS, args)
+            self.plans.put(key, ll_plans.Plan(shapes, fast, result, refs))
+
+    def seen_again(self, key, refs) -> bool:
+        """Whether a call on these arrays (``key``: their identities and the flags) should leave an identity plan:
+        when one of the last four calls was on the same arrays, still alive (a loop over preallocated arrays, two
+        alternating batches or buffer sets; its next calls replay a one-kernel graph), or a prepared call is running
+        its first time (it holds its arrays and replays its plan itself). Not for calls on new arrays each time
+        (DeepEP's: rebind.py serves them), whose plans would keep up to eight calls' outputs alive, nor for arrays a
+        torch crossing made for the call (new CuPy views every call: their identities never repeat). The recent
+        calls' arrays are held weakly: an id is theirs only while they live."""
+        if self.preparing:
+            return True
+        if in_torch_call():
+            return False
+        recent = self._recent
+        held = recent.get(key)
+        if held is not None and all(r() is not None for r in held):
+            return True
+        try:
+            recent[key] = tuple(weakref.ref(a) for a in refs if a is not None)
+        except TypeError:  # an object without weak references: no plan
+            return False
+        recent.move_to_end(key)
+        while len(recent) > 4:
+            recent.popitem(last=False)
+        return False

@@ -48,9 +48,14 @@ class Prepared:
     def _validated(self, slot):
         """The call through the Buffer; its plan (made by it, or found: the same call made before it was prepared)
         is what later calls replay directly."""
-        plans = self.eng.plans
+        eng = self.eng
+        plans = eng.plans
         plans.last = None
-        result = self.call(*self.args, **self.kwargs)
+        eng.preparing = True
+        try:
+            result = self.call(*self.args, **self.kwargs)
+        finally:
+            eng.preparing = False
         if self.generation != plans.generation:
             self.plans = [None, None]
         self.plans[slot], self.generation = plans.last, plans.generation
