@@ -413,17 +413,53 @@ def test_cupy_view_describes_the_tensor_memory(monkeypatch):
         assert last + 4 == made["ptr"] + made["size"]  # the extent ends at the last element
 
 
-def test_prepared_ll_calls_given_tensors_run_on_torch_stream_and_return_tensors(monkeypatch):
-    """prepare_low_latency_* given torch tensors: every run — the first, through the Buffer, and the replays, which go
-    straight to the engine — is ordered on torch's current stream and returns torch tensors (over the fake CuPy, with
-    CPU tensors standing in for CUDA ones: their memory is what the fake's arrays view)."""
+def test_ll_calls_with_new_tensors_each_time_are_rebound_and_keep_nothing(monkeypatch):
+    """DeepEP's way (epkern.deep_ep): new output tensors every call. Each crossing makes new CuPy views, so identity
+    plans could never match: none is made (it would keep the call's tensors alive), and the calls after the first
+    are rebound to its validated launch (gpu/ll/rebind.py). Over the fake CuPy with CPU tensors, as below."""
+    import gc
+    import weakref
+
     import fake_cupy as F
     from epkern.gpu.ll.layout import min_num_rdma_bytes
 
-    entered = []
+    with F.installed(monkeypatch) as launches:
+        monkeypatch.setattr(torch_tensors, "torch_stream", _fake_torch_stream([]))
+        monkeypatch.setattr(torch_tensors, "to_array", lambda t, name, backend: torch_tensors._in_call_array(t))
+        num_max, T, K, Hs, Es = 16, 8, 2, 128, 8
+        buf = F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(num_max, Hs, Es), low_latency_mode=True)
+        idx = torch.stack([torch.randperm(Es)[:K] for _ in range(T)])
+        w = torch.ones(T, K)
+        probes = []
+        for _ in range(4):
+            x = torch.ones(T, Hs, dtype=torch.bfloat16)
+            outs = dict(
+                out_x=torch.empty(Es, num_max, Hs, dtype=torch.bfloat16),
+                out_src_info=torch.empty(Es, num_max, dtype=torch.int32),
+                out_layout_range=torch.empty(Es, 1, dtype=torch.int64),
+                out_count=torch.empty(Es, dtype=torch.int32),
+            )
+            recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, num_max, Es, use_fp8=False, **outs)
+            assert isinstance(recv, torch.Tensor) and recv.data_ptr() == outs["out_x"].data_ptr()
+            out = torch.empty(T, Hs, dtype=torch.bfloat16)
+            got = buf.low_latency_combine(torch.ones(Es, num_max, Hs, dtype=torch.bfloat16), idx, w, handle, out=out)
+            assert got[0].data_ptr() == out.data_ptr()
+            probes.append(weakref.ref(outs["out_x"]))
+        eng = buf._backend.ll
+        assert eng.rebound == eng.replays == 2 * 3 and len(eng.plans) == 0
+        del x, outs, recv, count, handle, out, got
+        launches.clear()  # the fake's record of the launches holds the validated calls' arrays
+        gc.collect()
+        assert all(p() is None for p in probes), "a plan keeps a call's output tensor alive"
+        buf.destroy()
+
+
+def _fake_torch_stream(entered):
+    """torch_stream without CUDA: records the outermost entries (a nested one is a no-op) and marks the crossings as
+    inside a call."""
 
     @contextlib.contextmanager
-    def on_torch(backend):  # torch_stream without CUDA: counts the outermost entries (a nested one is a no-op)
+    def on_torch(backend):
         if torch_tensors._in_call.depth:
             yield
             return
@@ -434,8 +470,19 @@ def test_prepared_ll_calls_given_tensors_run_on_torch_stream_and_return_tensors(
         finally:
             torch_tensors._in_call.depth = depth
 
+    return on_torch
+
+
+def test_prepared_ll_calls_given_tensors_run_on_torch_stream_and_return_tensors(monkeypatch):
+    """prepare_low_latency_* given torch tensors: every run — the first, through the Buffer, and the replays, which go
+    straight to the engine — is ordered on torch's current stream and returns torch tensors (over the fake CuPy, with
+    CPU tensors standing in for CUDA ones: their memory is what the fake's arrays view)."""
+    import fake_cupy as F
+    from epkern.gpu.ll.layout import min_num_rdma_bytes
+
+    entered = []
     with F.installed(monkeypatch):
-        monkeypatch.setattr(torch_tensors, "torch_stream", on_torch)
+        monkeypatch.setattr(torch_tensors, "torch_stream", _fake_torch_stream(entered))
         monkeypatch.setattr(torch_tensors, "to_array", lambda t, name, backend: torch_tensors._in_call_array(t))
         num_max, T, K, Hs, Es = 16, 8, 2, 128, 8
         buf = F.fake_buffer(num_nvl_bytes=0, num_rdma_bytes=min_num_rdma_bytes(num_max, Hs, Es), low_latency_mode=True)
