@@ -224,11 +224,13 @@ def _ll_buffer(_tuning=None):
     )
 
 
-def _ll_pairs(buf, launches, n, use_fp8=False, hook=False):
-    """n dispatch + combine pairs on the same arrays; the launches of each call (dry runs left out)."""
-    x, idx, w, outs, y, out = _ll_setup(use_fp8)
+def _ll_pairs(buf, launches, n, use_fp8=False, hook=False, zero_copy=False, arrays=None):
+    """n dispatch + combine pairs, on the same arrays, or pair i on ``arrays[i]`` (each an _ll_setup); the launches
+    of each call (dry runs left out)."""
+    same = _ll_setup(use_fp8)
     per_call = []
-    for _ in range(n):
+    for i in range(n):
+        x, idx, w, outs, y, out = same if arrays is None else arrays[i]
         before = len(launches)
         recv, count, handle, _, dhook = buf.low_latency_dispatch(
             x, idx, NUM_MAX, E, use_fp8=use_fp8, return_recv_hook=hook, **outs
@@ -237,8 +239,13 @@ def _ll_pairs(buf, launches, n, use_fp8=False, hook=False):
             dhook()
         per_call.append(F.real_launches(launches[before:]))
         assert handle.src_info is outs["out_src_info"] and count is outs["out_count"]
+        assert (recv[0] if use_fp8 else recv) is outs["out_x"]
+        if zero_copy:
+            y = buf.get_next_low_latency_combine_buffer(handle)
         before = len(launches)
-        combined, _, chook = buf.low_latency_combine(y, idx, w, handle, out=out, return_recv_hook=hook)
+        combined, _, chook = buf.low_latency_combine(
+            y, idx, w, handle, out=out, return_recv_hook=hook, zero_copy=zero_copy
+        )
         if hook:
             chook()
         per_call.append(F.real_launches(launches[before:]))
@@ -246,19 +253,10 @@ def _ll_pairs(buf, launches, n, use_fp8=False, hook=False):
     return per_call
 
 
-def _kernels():
+def _arg_names(kernel: str) -> list:
     from epkern.gpu.kernels import LL_COMBINE, LL_DISPATCH
 
-    return {"epk_ll_dispatch": LL_DISPATCH, "epk_ll_combine": LL_COMBINE}
-
-
-class _Specs(dict):
-    def __missing__(self, name):
-        self.update(_kernels())
-        return self[name]
-
-
-_KERNELS = _Specs()
+    return [n for n, _ in {"epk_ll_dispatch": LL_DISPATCH, "epk_ll_combine": LL_COMBINE}[kernel].args]
 
 
 def _same(a, b, skip=()):
@@ -266,7 +264,7 @@ def _same(a, b, skip=()):
     call's launch carries addresses); ``skip``: argument names left out (another Buffer's own memory)."""
     assert a[:5] == b[:5]
     assert len(a[5]) == len(b[5])
-    names = [n for n, _ in _KERNELS[a[1]].args]
+    names = _arg_names(a[1])
     for n, u, v in zip(names, a[5], b[5], strict=True):
         assert n in skip or F.addr(u) == F.addr(v), (n, u, v)
 
@@ -291,41 +289,6 @@ def test_ll_replay_launches_what_the_full_path_launches(fake, monkeypatch, use_f
     assert slow._backend.ll.replays == 0 and len(slow._backend.ll.plans) == 0
 
 
-def _ll_pairs_on_new_arrays(buf, launches, n, use_fp8=False, hook=False, zero_copy=False):
-    """n dispatch + combine pairs, each on arrays of its own (as DeepEP's calls make new outputs every time, and
-    new inputs); the launches of each call and the arrays of each pair."""
-    per_call, pairs = [], []
-    for _ in range(n):
-        x, idx, w, outs, y, out = arrays = _ll_setup(use_fp8)
-        pairs.append(arrays)
-        before = len(launches)
-        recv, count, handle, _, dhook = buf.low_latency_dispatch(
-            x, idx, NUM_MAX, E, use_fp8=use_fp8, return_recv_hook=hook, **outs
-        )
-        if hook:
-            dhook()
-        per_call.append(F.real_launches(launches[before:]))
-        assert handle.src_info is outs["out_src_info"] and count is outs["out_count"]
-        assert (recv[0] if use_fp8 else recv) is outs["out_x"]
-        if zero_copy:
-            y = buf.get_next_low_latency_combine_buffer(handle)
-        before = len(launches)
-        combined, _, chook = buf.low_latency_combine(
-            y, idx, w, handle, out=out, return_recv_hook=hook, zero_copy=zero_copy
-        )
-        if hook:
-            chook()
-        per_call.append(F.real_launches(launches[before:]))
-        assert combined is out
-    return per_call, pairs
-
-
-def _same_addresses(a, b):
-    """Two launch records equal: kernel, defines, grid, block, and every argument's value (arrays by address)."""
-    assert a[:5] == b[:5]
-    assert [F.addr(u) for u in a[5]] == [F.addr(v) for v in b[5]]
-
-
 @pytest.mark.parametrize("use_fp8,hook,zero_copy", [(False, False, False), (True, False, False), (False, True, False),
                                                     (False, False, True)])  # fmt: skip
 def test_ll_calls_on_new_arrays_rebind_the_validated_launch(fake, monkeypatch, use_fp8, hook, zero_copy):
@@ -335,34 +298,20 @@ def test_ll_calls_on_new_arrays_rebind_the_validated_launch(fake, monkeypatch, u
     import gc
     import weakref
 
+    pairs = [_ll_setup(use_fp8) for _ in range(4)]
     buf = _ll_buffer()
-    calls, pairs = _ll_pairs_on_new_arrays(buf, fake, 4, use_fp8, hook, zero_copy)
+    calls = _ll_pairs(buf, fake, 4, use_fp8, hook, zero_copy, arrays=pairs)
     eng = buf._backend.ll
     assert eng.replays == eng.rebound == 2 * 3 and len(eng.plans) == 0
     slow = _ll_buffer(_tuning=Tuning(ll=LLTuning(replay=False)))
-    want = []
-    for x, idx, w, outs, y, out in pairs:  # the same arrays, each call validated
-        before = len(fake)
-        recv, count, handle, _, dhook = slow.low_latency_dispatch(
-            x, idx, NUM_MAX, E, use_fp8=use_fp8, return_recv_hook=hook, **outs
-        )
-        if hook:
-            dhook()
-        want.append(F.real_launches(fake[before:]))
-        if zero_copy:
-            y = slow.get_next_low_latency_combine_buffer(handle)
-        before = len(fake)
-        _, _, chook = slow.low_latency_combine(y, idx, w, handle, out=out, return_recv_hook=hook, zero_copy=zero_copy)
-        if hook:
-            chook()
-        want.append(F.real_launches(fake[before:]))
+    want = _ll_pairs(slow, fake, 4, use_fp8, hook, zero_copy, arrays=pairs)  # the same arrays, each call validated
     own = {"peers", "state", "err"} | ({"x"} if zero_copy else set())  # each Buffer's (zero-copy x: its set buffer)
     for i, (got, exp) in enumerate(zip(calls, want, strict=True)):
         assert len(got) == len(exp) == (2 if hook else 1), i
         for a, b in zip(got, exp, strict=True):
             _same(a, b, skip=own if a[1] == "epk_ll_combine" else {"peers", "state", "err"})
     probe = weakref.ref(pairs[0][3]["out_x"])
-    del pairs, calls, want, recv, count, handle, dhook, chook, y, x, idx, w, outs, out
+    del pairs, calls, want
     fake.clear()  # the fake's record of the launches holds the validated calls' arrays
     gc.collect()
     assert probe() is None, "a plan keeps a call's output alive"
