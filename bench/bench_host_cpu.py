@@ -88,6 +88,15 @@ def cases(T=128, H=7168, K=8, E=256, num_max=128):
 
             out.append(("ll dispatch, new outputs each call (rebound)", lld_new))
             out.append(("ll combine, new out each call (rebound)", llc_new))
+            # outputs left to the library (DeepEP's calls through the native API): rebound, outputs made per call
+            out.append(("ll dispatch, outputs by the library (rebound)",
+                        lambda ll=ll: ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)))  # fmt: skip
+            out.append(
+                (
+                    "ll combine, out by the library (rebound)",
+                    lambda ll=ll, h=h, y=y: ll.low_latency_combine(y, idx, w, h),
+                )
+            )
         if replay:  # prepared calls (Buffer.prepare_low_latency_*), synchronous: the decode loop's shortest path
             prepared = ll.prepare_low_latency_dispatch(x, idx, num_max, E, use_fp8=False, **outs)
             out.append(("ll dispatch, prepared", prepared))

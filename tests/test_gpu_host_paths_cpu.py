@@ -319,6 +319,50 @@ def test_ll_calls_on_new_arrays_rebind_the_validated_launch(fake, monkeypatch, u
     slow.destroy()
 
 
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_ll_calls_without_outputs_are_rebound_with_new_outputs(fake, use_fp8):
+    """DeepEP's calls through the native API leave the outputs to the library: after the first, each dispatch and
+    combine is rebound with outputs made anew (as the validated call makes them: same shapes, dtypes and strides)
+    and launches what a validating Buffer launches, argument for argument besides each Buffer's own memory and the
+    new outputs, whose addresses the launch carries."""
+    buf = _ll_buffer()
+    slow = _ll_buffer(_tuning=Tuning(ll=LLTuning(replay=False)))
+    x, idx, w, _, y, _ = _ll_setup(use_fp8)
+    own = {"peers", "state", "err"}
+    outs_d = ("out_x", "out_scales", "out_src", "out_layout", "out_count")
+
+    def dispatch(b):
+        before = len(fake)
+        recv, count, handle, _, _ = b.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=use_fp8)
+        (launch,) = F.real_launches(fake[before:])
+        data, scales = recv if use_fp8 else (recv, None)
+        return launch, (data, scales, handle.src_info, handle.layout_range, count), handle
+
+    for i in range(3):
+        launch, arrays, handle = dispatch(buf)
+        want, want_arrays, slow_handle = dispatch(slow)
+        _same(launch, want, skip=own | set(outs_d))
+        names = _arg_names(launch[1])
+        for name, a, b in zip(outs_d, arrays, want_arrays, strict=True):
+            if b is None:
+                assert a is None
+                continue
+            assert (a.shape, a.dtype, a.strides) == (b.shape, b.dtype, b.strides), (i, name)
+            assert F.addr(launch[5][names.index(name)]) == a.data.ptr, (i, name)
+        before = len(fake)
+        out = buf.low_latency_combine(y, idx, w, handle)[0]
+        (launch,) = F.real_launches(fake[before:])
+        before = len(fake)
+        slow_out = slow.low_latency_combine(y, idx, w, slow_handle)[0]
+        (want,) = F.real_launches(fake[before:])
+        _same(launch, want, skip=own | {"out", "src_info", "layout"})
+        assert (out.shape, out.dtype, out.strides) == (slow_out.shape, slow_out.dtype, slow_out.strides)
+        assert F.addr(launch[5][_arg_names(launch[1]).index("out")]) == out.data.ptr
+    assert buf._backend.ll.rebound == 2 * 2 and slow._backend.ll.replays == 0
+    buf.destroy()
+    slow.destroy()
+
+
 def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     import cupy
 
@@ -330,13 +374,15 @@ def test_ll_replay_needs_the_same_arrays_and_shapes(fake, monkeypatch):
     assert buf._backend.ll.rebound == 1  # the first repeat: the rebinding plan (then an identity plan: seen again)
     buf.low_latency_dispatch(cupy.asarray(x.get()), idx, NUM_MAX, E, use_fp8=False, **outs)  # another x
     assert buf._backend.ll.replays == 2 and buf._backend.ll.rebound == 2  # of the same layout: rebound (rebind.py)
-    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # outputs allocated: never a plan
-    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)
-    assert buf._backend.ll.replays == 2
+    first = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # outputs left to the library: validated,
+    again = buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False)  # then rebound, with new outputs each call
+    assert buf._backend.ll.replays == 3 and buf._backend.ll.rebound == 3
+    assert first[0] is not again[0] and first[0].data.ptr != again[0].data.ptr
+    assert first[0].shape == again[0].shape and first[2].src_info.data.ptr != again[2].src_info.data.ptr
     idx._a = idx._a[: T // 2]  # the same object, now with another shape (as an in-place reshape would)
     with pytest.raises(ArgumentError, match="topk_idx: expected 64 rows"):
         buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)
-    assert buf._backend.ll.replays == 2
+    assert buf._backend.ll.replays == 3
     buf.clean_low_latency_buffer(NUM_MAX, H, E)
     assert len(buf._backend.ll.plans) == len(buf._backend.ll.rebinds) == 0
     buf.destroy()

@@ -38,67 +38,68 @@ class LLCombine:
         rt = eng.rt
         rt.check_usable()
         plan_key = plan_shapes = rebind_key = None
-        if eng.replay_on and out is not None and type(handle) is GpuLLHandle:
-            # The handle object is new on every dispatch; its arrays and sizes are what the launch uses. A zero-copy
-            # combine reads the buffer of the set it runs in: one plan per set.
-            plan_key = (
-                "combine",
-                (eng.sends + 1) & 1 if zero_copy else -1,
-                id(x),
-                id(topk_idx),
-                id(topk_weights),
-                handle.num_max_dispatch_tokens_per_rank,
-                handle.hidden,
-                handle.num_experts,
-                use_logfmt,
-                async_finish,
-                return_recv_hook,
-                id(combine_wait_recv_cost_stats),
-                id(handle.src_info),
-                id(handle.layout_range),
-                id(out),
-            )
-            plan_shapes = (
-                getattr(x, "shape", None),
-                getattr(topk_idx, "shape", None),
-                getattr(topk_weights, "shape", None),
-            )
-            plan = eng.plans.get(plan_key, plan_shapes)
-            if plan is not None:
-                event, hook = eng.replay(plan, async_finish, return_recv_hook, 3)
-                return plan.result, event, hook
-            # The caller's objects before the checks rebind any, inputs first (a hook keeps those alive).
-            plan_refs = (
-                x,
-                topk_idx,
-                topk_weights,
-                combine_wait_recv_cost_stats,
-                handle.src_info,
-                handle.layout_range,
-                out,
-            )
-            # New arrays of a validated call's layout (DeepEP's calls: a new out, a new handle each time): rebind.py
-            inputs = (x, topk_idx, topk_weights)
-            per_call = (x, handle.src_info, handle.layout_range, topk_idx, topk_weights, out,
-                        combine_wait_recv_cost_stats)  # fmt: skip
+        out_given = out is not None
+        if eng.replay_on and type(handle) is GpuLLHandle:
+            parity = (eng.sends + 1) & 1 if zero_copy else -1  # a zero-copy combine reads its set's buffer
+            if out_given:
+                # The handle object is new on every dispatch; its arrays and sizes are what the launch uses.
+                plan_key = (
+                    "combine",
+                    parity,
+                    id(x),
+                    id(topk_idx),
+                    id(topk_weights),
+                    handle.num_max_dispatch_tokens_per_rank,
+                    handle.hidden,
+                    handle.num_experts,
+                    use_logfmt,
+                    async_finish,
+                    return_recv_hook,
+                    id(combine_wait_recv_cost_stats),
+                    id(handle.src_info),
+                    id(handle.layout_range),
+                    id(out),
+                )
+                plan_shapes = (
+                    getattr(x, "shape", None),
+                    getattr(topk_idx, "shape", None),
+                    getattr(topk_weights, "shape", None),
+                )
+                plan = eng.plans.get(plan_key, plan_shapes)
+                if plan is not None:
+                    event, hook = eng.replay(plan, async_finish, return_recv_hook, 3)
+                    return plan.result, event, hook
+                # The caller's objects before the checks rebind any, inputs first (a hook keeps those alive).
+                plan_refs = (
+                    x,
+                    topk_idx,
+                    topk_weights,
+                    combine_wait_recv_cost_stats,
+                    handle.src_info,
+                    handle.layout_range,
+                    out,
+                )
+            # New arrays of a validated call's layout (DeepEP's calls: a new out, or none, a new handle each time)
+            per_call = [x, handle.src_info, handle.layout_range, topk_idx, topk_weights, out,
+                        combine_wait_recv_cost_stats]  # fmt: skip
             lays = rebind.layouts(per_call)
             if lays is not None:
-                rebind_key = ("combine", plan_key[1], lays, handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                rebind_key = ("combine", parity, lays, handle.num_max_dispatch_tokens_per_rank, handle.hidden,
                               handle.num_experts, use_logfmt, zero_copy, async_finish, return_recv_hook)  # fmt: skip
                 again = eng.rebinds.get(rebind_key, None)
                 if again is not None:
                     # what the validated path checks of the call's objects themselves, not of their layouts
                     api_checks.own_handle(handle, GpuLLHandle, rt, "low_latency_dispatch")
-                    st = again.statics
                     if not zero_copy:
-                        eng.check_outside_combine_slots(x, st)
+                        eng.check_outside_combine_slots(x, again.statics)
+                    again.allocate(per_call, rt)  # out left to the library: a new one, as validated
                     eng.rebound += 1
                     # zero-copy: the kernel reads the set's buffer, the plan's own (x is only checked)
-                    bound = again.bound(per_call[1:] if zero_copy else per_call, inputs)
+                    bound = again.bound(per_call[1:] if zero_copy else per_call, (x, topk_idx, topk_weights))
                     event, hook = eng.replay(bound, async_finish, return_recv_hook, 3)
-                    if eng.seen_again(plan_key, plan_refs):  # the same arrays twice running: an identity plan
+                    if out_given and eng.seen_again(plan_key, plan_refs):  # the same arrays again: an identity plan
                         eng.plans.put(plan_key, again.identity(bound, plan_shapes, out, plan_refs))
-                    return out, event, hook
+                    return per_call[5], event, hook
         R, dev = rt.num_ranks, rt.device
         x, num_max, H, num_experts = api_checks.ll_combine_x(
             x, handle, GpuLLHandle, rt, use_logfmt, R, dev, as_device_array
@@ -169,7 +170,10 @@ class LLCombine:
         hook = eng.make_hook(launch, x, topk_idx, topk_weights) if return_recv_hook else None
         if plan_key is not None:  # preallocated: repeat calls can replay this one
             eng.keep_plan(plan_key, plan_shapes, LL_COMBINE, defines, args, out, plan_refs)
-            if rebind_key is not None:  # calls on new arrays of the same layouts (rebind.py)
-                names = rebind.COMBINE_ARRAYS[1:] if zero_copy else rebind.COMBINE_ARRAYS
-                eng.rebinds.put(rebind_key, rebind.Plan(eng, LL_COMBINE, defines, args, names, st))
+        if rebind_key is not None:  # calls on new arrays of the same layouts (rebind.py)
+            names = rebind.COMBINE_ARRAYS[1:] if zero_copy else rebind.COMBINE_ARRAYS
+            again = rebind.Plan(eng, LL_COMBINE, defines, args, names, st)
+            if not out_given:
+                again.missing = [(5, ((T, H), BF16, False))]
+            eng.rebinds.put(rebind_key, again)
         return out, event, hook

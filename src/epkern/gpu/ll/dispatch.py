@@ -103,24 +103,23 @@ class LLDispatch:
                 out_layout_range,
                 out_count,
             )
-            # New arrays of a validated call's layout (DeepEP's calls: new outputs each time): rebind.py
-            per_call = (x, topk_idx, out_x, out_scales, out_src_info, out_layout_range, out_count,
-                        cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)  # fmt: skip
-            if not zero_copy_recv and out_x is not None and out_src_info is not None and out_layout_range is not None \
-                    and out_count is not None and (out_scales is not None or not use_fp8):  # fmt: skip
-                lays = rebind.layouts(per_call)
-                if lays is not None:
-                    rebind_key = ("dispatch", lays, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                                  round_scale, use_ue8m0, async_finish, return_recv_hook)  # fmt: skip
-                    again = eng.rebinds.get(rebind_key, None)
-                    if again is not None:
-                        bound = again.bound(per_call, per_call)
-                        eng.rebound += 1
-                        event, hook = eng.replay(bound, async_finish, return_recv_hook, 2)
-                        result = rebind.dispatch_result(again, eng, per_call[2:7])
-                        if eng.seen_again(plan_key, plan_refs):  # the same arrays twice running: an identity plan
-                            eng.plans.put(plan_key, again.identity(bound, plan_shapes, result, plan_refs))
-                        return (*result, event, hook)
+            # New arrays of a validated call's layout (DeepEP's calls: new outputs each time, or none given): rebind.py
+            per_call = [x, topk_idx, out_x, out_scales, out_src_info, out_layout_range, out_count,
+                        cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats]  # fmt: skip
+            lays = None if zero_copy_recv else rebind.layouts(per_call)
+            if lays is not None:
+                rebind_key = ("dispatch", lays, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale,
+                              use_ue8m0, async_finish, return_recv_hook)  # fmt: skip
+                again = eng.rebinds.get(rebind_key, None)
+                if again is not None:
+                    given = again.allocate(per_call, rt)  # outputs left to the library: new ones, as validated
+                    bound = again.bound(per_call, per_call)
+                    eng.rebound += 1
+                    event, hook = eng.replay(bound, async_finish, return_recv_hook, 2)
+                    result = rebind.dispatch_result(again, eng, per_call[2:7])
+                    if given and eng.seen_again(plan_key, plan_refs):  # the same arrays again: an identity plan
+                        eng.plans.put(plan_key, again.identity(bound, plan_shapes, result, plan_refs))
+                    return (*result, event, hook)
         R, dev = rt.num_ranks, rt.device
         num_max, num_experts = check_common(eng, num_max_dispatch_tokens_per_rank, num_experts)
         e_loc, rows = num_experts // R, R * num_max
@@ -252,8 +251,10 @@ class LLDispatch:
         out = (recv_x, recv_scales) if use_fp8 else recv_x
         if plan_key is not None and not missing:  # every output preallocated: repeat calls can replay this one
             eng.keep_plan(plan_key, plan_shapes, LL_DISPATCH, defines, args, (out, recv_count, handle), plan_refs)
-            if rebind_key is not None:  # calls on new arrays of the same layouts (rebind.py)
-                statics = (num_max, H, num_experts, lay, use_fp8)
-                again = rebind.Plan(eng, LL_DISPATCH, defines, args, rebind.DISPATCH_ARRAYS, statics)
-                eng.rebinds.put(rebind_key, again)
+        if rebind_key is not None:  # calls on new arrays of the same layouts (rebind.py)
+            statics = (num_max, H, num_experts, lay, use_fp8)
+            forms = rebind.dispatch_forms(e_loc, rows, H, R, S, use_fp8, scale_dtype)
+            again = rebind.Plan(eng, LL_DISPATCH, defines, args, rebind.DISPATCH_ARRAYS, statics)
+            again.missing = [(2 + i, forms[i]) for i in missing]  # per_call's index of each, and its form
+            eng.rebinds.put(rebind_key, again)
         return out, recv_count, handle, event, hook
