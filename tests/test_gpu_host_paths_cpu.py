@@ -721,7 +721,16 @@ def test_ll_zero_copy_recv_returns_the_sets_views_and_replays_per_set(fake, monk
     # The next call (seq 6) is a combine in set 0: got[3]'s output lies where it receives; got[4]'s (set 1) not.
     with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
         buf.low_latency_combine(got[3][1], idx, w, handle, out=out)
+    rebinds = len(buf._backend.ll.rebinds)
     assert buf.low_latency_combine(got[4][1], idx, w, handle, out=out)[0] is out
+    assert len(buf._backend.ll.rebinds) == rebinds  # x lies in the other set's receive area: no plan replays it
+    buf.low_latency_combine(y, idx, w, handle, out=out)  # a rebinding plan of these layouts (x outside the area)
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, zero_copy_recv=True)  # back to set 0 next
+    for _ in range(3):  # each time: refused in set 1, a dispatch (set 1), accepted in set 0: every call checked
+        with pytest.raises(ArgumentError, match="x: lies in this Buffer's receive area"):
+            buf.low_latency_combine(got[4][1], idx, w, handle, out=out)
+        buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, zero_copy_recv=True)
+        assert buf.low_latency_combine(got[4][1], idx, w, handle, out=out)[0] is out
     buf.destroy()
 
 

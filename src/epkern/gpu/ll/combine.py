@@ -90,14 +90,14 @@ class LLCombine:
                 if again is not None:
                     # what the validated path checks of the call's objects themselves, not of their layouts
                     api_checks.own_handle(handle, GpuLLHandle, rt, "low_latency_dispatch")
-                    if not zero_copy:
-                        eng.check_outside_combine_slots(x, again.statics)
+                    # x in the other set's receive area: fine here, not for an identity plan's replay in that set
+                    other_set = not zero_copy and eng.check_outside_combine_slots(x, again.statics)
                     again.allocate(per_call, rt)  # out left to the library: a new one, as validated
                     eng.rebound += 1
                     # zero-copy: the kernel reads the set's buffer, the plan's own (x is only checked)
                     bound = again.bound(per_call[1:] if zero_copy else per_call, (x, topk_idx, topk_weights))
                     event, hook = eng.replay(bound, async_finish, return_recv_hook, 3)
-                    if out_given and eng.seen_again(plan_key, plan_refs):  # the same arrays again: an identity plan
+                    if out_given and not other_set and eng.seen_again(plan_key, plan_refs):  # the same arrays again
                         eng.plans.put(plan_key, again.identity(bound, plan_shapes, out, plan_refs))
                     return per_call[5], event, hook
         R, dev = rt.num_ranks, rt.device
@@ -120,7 +120,8 @@ class LLCombine:
             )
         st = eng.size_state(num_max, H, num_experts)
         if not zero_copy:
-            eng.check_outside_combine_slots(x, st)
+            if eng.check_outside_combine_slots(x, st):  # in the other set's receive region: no plan replays it there
+                plan_key = rebind_key = None
         src = eng.combine_buffer(st) if zero_copy else x
         defines = LL_COMBINE.defines(
             EPK_NUM_RANKS=R,

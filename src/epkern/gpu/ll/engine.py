@@ -256,19 +256,23 @@ class LLEngine:
             )
         return view
 
-    def check_outside_combine_slots(self, x, st: SizeState) -> None:
+    def check_outside_combine_slots(self, x, st: SizeState) -> bool:
         """A combine (not zero-copy) gets its peers' rows in the receive region of its set: ``x`` must not lie
-        there (the zero_copy_recv output of the dispatch two LL calls back, as in two-batch overlap)."""
+        there (the zero_copy_recv output of the dispatch two LL calls back, as in two-batch overlap). Returns whether
+        ``x`` lies in the other set's receive region (fine for this call, not for a replay in that set: no plan)."""
         lay = st.layout
-        lo = self.next_set(st.stride)[1] + lay.recv_off
-        hi = lo + lay.num_experts * lay.num_max * 2 * lay.hidden
-        start = x.data.ptr
-        if start < hi and lo < start + x.nbytes:
+        parity, lo = self.next_set(st.stride)
+        lo += lay.recv_off
+        size = lay.num_experts * lay.num_max * 2 * lay.hidden
+        start, end = x.data.ptr, x.data.ptr + x.nbytes
+        other = lo + (st.stride if parity == 0 else -st.stride)
+        if start < lo + size and lo < end:
             raise ArgumentError(
                 "x: lies in this Buffer's receive area that this combine overwrites (the zero_copy_recv output of "
                 "the dispatch two LL calls back); copy it first, or write the expert outputs into "
                 "get_next_low_latency_combine_buffer and combine with zero_copy=True"
             )
+        return start < other + size and other < end
 
     # ---- launches ----
     def issue(self, spec, defines: dict, args: tuple, phase: int, back: int) -> None:
