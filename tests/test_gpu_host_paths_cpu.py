@@ -319,6 +319,45 @@ def test_ll_calls_on_new_arrays_rebind_the_validated_launch(fake, monkeypatch, u
     slow.destroy()
 
 
+def test_ll_rebound_hooks_of_interleaved_calls_receive_their_own_calls(fake):
+    """Two-batch overlap, DeepEP's way (new arrays each call, receive hooks called later, interleaved): dispatch A,
+    dispatch B, hook A, hook B, and the same with combines. Rebound calls share one plan, so each hook must launch
+    with its own call's addresses and count back to its own call: every launch equals a validating Buffer's."""
+    fast = _ll_buffer()
+    slow = _ll_buffer(_tuning=Tuning(ll=LLTuning(replay=False)))
+    own = {"peers", "state", "err"}
+
+    def rounds(buf, arrays):
+        launches = []
+        for a, b in zip(arrays[::2], arrays[1::2], strict=True):
+            before = len(fake)
+            hooks, handles = [], []
+            for x, idx, _, outs, _, _ in (a, b):
+                _, _, handle, _, hook = buf.low_latency_dispatch(
+                    x, idx, NUM_MAX, E, use_fp8=False, return_recv_hook=True, **outs
+                )
+                hooks.append(hook)
+                handles.append(handle)
+            for hook in hooks:
+                hook()
+            hooks = []
+            for (_, idx, w, _, y, out), handle in zip((a, b), handles, strict=True):
+                hooks.append(buf.low_latency_combine(y, idx, w, handle, out=out, return_recv_hook=True)[2])
+            for hook in hooks:
+                hook()
+            launches += F.real_launches(fake[before:])
+        return launches
+
+    arrays = [_ll_setup() for _ in range(6)]
+    got, want = rounds(fast, arrays), rounds(slow, arrays)
+    assert fast._backend.ll.rebound == 3 * 4 - 2  # all but the first dispatch and the first combine
+    assert len(got) == len(want) == 3 * 8
+    for a, b in zip(got, want, strict=True):
+        _same(a, b, skip=own)
+    fast.destroy()
+    slow.destroy()
+
+
 @pytest.mark.parametrize("use_fp8", [False, True])
 def test_ll_calls_without_outputs_are_rebound_with_new_outputs(fake, use_fp8):
     """DeepEP's calls through the native API leave the outputs to the library: after the first, each dispatch and
