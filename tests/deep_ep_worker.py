@@ -46,8 +46,11 @@ def main(rank: int, world: int, init_file: str, backend: str) -> None:
         num_max = 48
         nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, deep_ep_scenarios.H, world, 8 * world)
         buf = deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, backend=backend)
-        for use_fp8 in (False, True):
+        for use_fp8 in (False, True, False, True, False):  # repeats: new arrays of one layout, rebound (rebind.py)
             deep_ep_scenarios.ll_case(buf, checks, use_fp8, num_max, device)
+        if backend == "gpu":
+            ll = buf._buf._backend.ll
+            assert ll.rebound >= 3 and len(ll.plans) == 0, (ll.rebound, len(ll.plans))  # no plan keeps tensors
         deep_ep_scenarios.ll_case(buf, checks, True, num_max, device, zero_copy=True)
         if backend == "gpu":
             with torch.cuda.stream(torch.cuda.Stream()):  # a torch side stream as the current stream
