@@ -92,6 +92,8 @@ HOST_OPS = (
     "combine_host_async",
     "dispatch_host_prepared",
     "combine_host_prepared",
+    "dispatch_host_library",
+    "combine_host_library",
     "graph_launch_host",
 )
 FLOOR_TARGET = 0.70
@@ -714,6 +716,18 @@ def bench_tokens(buf, group, args, tokens, num_max, outs, y) -> dict:
     prep_c = buf.prepare_low_latency_combine(y, idx, w, handle, out=out_c, zero_copy=args.zero_copy)
     res["dispatch_host_prepared_us"] = _host_per_call(lambda: prep_d()[3], group, args.calls)
     res["combine_host_prepared_us"] = _host_per_call(lambda: prep_c()[1], group, args.calls)
+
+    # DeepEP's calls through the native API: outputs left to the library, new ones every call (rebound since session
+    # S; validated every call before)
+    def lib_dispatch():
+        return buf.low_latency_dispatch(x, idx, num_max, E, use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0)
+
+    lib_handle = lib_dispatch()[2]
+    _settle(buf)
+    res["dispatch_host_library_us"] = _host_per_call(lambda: lib_dispatch()[3], group, args.calls)
+    res["combine_host_library_us"] = _host_per_call(
+        lambda: buf.low_latency_combine(y, idx, w, lib_handle)[1], group, args.calls
+    )
     _settle(buf)
     if args.no_graph:
         res["pair_graph_us"] = res["graph_launch_host_us"] = None

@@ -200,7 +200,7 @@ if has abbench; then
       [ "${AB_LL:-1}" = 0 ] && continue
       (cd "$dir" && PYTHONPATH="$dir/src" timeout 200 "${MPIRUN[@]}" -n 8 python3 bench/bench_ll.py --tokens 128 \
         --iters 10 --calls 50 --json "${log}_ll.json" >"${log}_ll.log" 2>&1)
-      note "ab $side $round ll rc=$?: $(grep -o 'validated=[A-Za-z]*' "${log}_ll.log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host|dispatch_host_prepared|combine_host_prepared) ' "${log}_ll.log" | awk '{printf "%s %s; ", $2, $3}')"
+      note "ab $side $round ll rc=$?: $(grep -o 'validated=[A-Za-z]*' "${log}_ll.log" | head -1) $(grep -E '^ +128 +(dispatch|dispatch_pipelined|combine|combine_pipelined|pair_graph|dispatch_host|combine_host|dispatch_host_prepared|combine_host_prepared|dispatch_host_library|combine_host_library) ' "${log}_ll.log" | awk '{printf "%s %s; ", $2, $3}')"
     done
   done
 fi
