@@ -319,6 +319,37 @@ def test_ll_calls_on_new_arrays_rebind_the_validated_launch(fake, monkeypatch, u
     slow.destroy()
 
 
+def test_ll_rebound_calls_carry_their_own_stats_arrays(fake):
+    """The optional statistics outputs (cumulative_local_expert_recv_stats, dispatch / combine wait costs) are the
+    call's arrays too: a rebound call launches with its own, and one given where the plan's call had none (or the
+    other way round) is another layout: validated."""
+    import cupy
+
+    buf = _ll_buffer()
+    x, idx, w, outs, y, out = _ll_setup()
+    names = _arg_names("epk_ll_dispatch")
+    for i in range(3):
+        recv_stats, wait_stats = cupy.zeros((E,), np.int32), cupy.zeros((1,), np.int64)
+        before = len(fake)
+        _, _, handle, _, _ = buf.low_latency_dispatch(
+            x, idx, NUM_MAX, E, use_fp8=False, cumulative_local_expert_recv_stats=recv_stats,
+            dispatch_wait_recv_cost_stats=wait_stats, **outs,
+        )  # fmt: skip
+        (launch,) = F.real_launches(fake[before:])
+        assert F.addr(launch[5][names.index("recv_stats")]) == recv_stats.data.ptr, i
+        assert F.addr(launch[5][names.index("wait_stats")]) == wait_stats.data.ptr, i
+        combine_stats = cupy.zeros((1,), np.int64)
+        before = len(fake)
+        buf.low_latency_combine(y, idx, w, handle, out=out, combine_wait_recv_cost_stats=combine_stats)
+        (launch,) = F.real_launches(fake[before:])
+        assert F.addr(launch[5][_arg_names("epk_ll_combine").index("wait_stats")]) == combine_stats.data.ptr, i
+    rebound = buf._backend.ll.rebound
+    assert rebound == 2 * 2
+    buf.low_latency_dispatch(x, idx, NUM_MAX, E, use_fp8=False, **outs)  # no statistics: another layout
+    assert buf._backend.ll.rebound == rebound
+    buf.destroy()
+
+
 def test_ll_rebound_hooks_of_interleaved_calls_receive_their_own_calls(fake):
     """Two-batch overlap, DeepEP's way (new arrays each call, receive hooks called later, interleaved): dispatch A,
     dispatch B, hook A, hook B, and the same with combines. Rebound calls share one plan, so each hook must launch
