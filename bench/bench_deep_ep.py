@@ -246,6 +246,10 @@ def _measure(group, args, name):
     if args.profile:  # after the timing (the profiler slows the host): where each call's host time goes
         for call, fn in calls:
             _profile(group, api, fn, args.profile, f"{name} {call}")
+    if backend == "gpu" and group.rank == 0:  # how the LL calls were served (rebind.py: DeepEP's new outputs)
+        eng = (ll._buf if name == "deep_ep" else ll)._backend.ll
+        print(f"{name}: LL calls replayed {eng.replays} (rebound {eng.rebound}), identity plans {len(eng.plans)}",
+              flush=True)  # fmt: skip
     outputs = [api.host(state[k]) for k in ("recv_x", "combined", "ll_combined")]
     ht.destroy(), ll.destroy()
     return rows, outputs

@@ -99,6 +99,7 @@ if has deepep; then
     >"$OUT/bench_deep_ep_mps8.log" 2>&1
   note "bench_deep_ep rc=$?: $(grep -E '^(ht|ll)_' "$OUT/bench_deep_ep_mps8.log" | awk '{printf "%s %s %s/%s/%s; ", $1, $2, $3, $4, $5}') $(grep -m1 'bitwise' "$OUT/bench_deep_ep_mps8.log")"
   grep '^trace ' "$OUT/bench_deep_ep_mps8.log" >>"$OUT/summary.txt" # --trace: each HT call's kernels in its GPU window
+  grep -E '^(cupy|deep_ep): LL calls' "$OUT/bench_deep_ep_mps8.log" >>"$OUT/summary.txt" # how LL calls were served
 fi
 if has mps; then
   timeout 560 python3 -m pytest -q -p no:cacheprovider -m "gpu and mpi" tests/test_ht_mps.py tests/test_nic_device_ranks.py 2>&1 | tee "$OUT/mps_tests.log" | tail -8
