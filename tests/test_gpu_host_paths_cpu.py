@@ -350,6 +350,53 @@ def test_ll_rebound_calls_carry_their_own_stats_arrays(fake):
     buf.destroy()
 
 
+def test_ll_random_call_sequences_launch_what_validated_calls_launch(fake):
+    """Random sequences of LL calls — the same arrays again, another batch's, new ones, outputs left to the library;
+    BF16 or FP8; hooks or not; zero-copy combines or not — on a Buffer that replays (identity, rebound, prepared
+    plans as they come) and on one that validates every call: every launch the same, argument for argument
+    (besides each Buffer's own memory, and outputs each Buffer makes itself)."""
+    import random
+
+    rng = random.Random()
+    fast = _ll_buffer()
+    slow = _ll_buffer(_tuning=Tuning(ll=LLTuning(replay=False)))
+    batches = {fp8: [_ll_setup(fp8), _ll_setup(fp8)] for fp8 in (False, True)}
+    own = {"peers", "state", "err"}
+    made = {"out_x", "out_scales", "out_src", "out_layout", "out_count"}
+    for step in range(40):
+        fp8, hook, zero_copy = rng.random() < 0.4, rng.random() < 0.3, rng.random() < 0.3
+        kind = rng.choice(("same", "other", "new", "library"))
+        arrays = {"same": batches[fp8][0], "other": batches[fp8][1]}.get(kind) or _ll_setup(fp8)
+        x, idx, w, outs, y, out = arrays
+        outs = {} if kind == "library" else outs
+        got = {}
+        for name, buf in (("fast", fast), ("slow", slow)):
+            before = len(fake)
+            recv, count, handle, _, dhook = buf.low_latency_dispatch(
+                x, idx, NUM_MAX, E, use_fp8=fp8, return_recv_hook=hook, **outs
+            )
+            if hook:
+                dhook()
+            src = buf.get_next_low_latency_combine_buffer(handle) if zero_copy else y
+            _, _, chook = buf.low_latency_combine(
+                src, idx, w, handle, out=None if kind == "library" else out, return_recv_hook=hook,
+                zero_copy=zero_copy,
+            )  # fmt: skip
+            if hook:
+                chook()
+            got[name] = F.real_launches(fake[before:])
+        assert len(got["fast"]) == len(got["slow"]), step
+        for a, b in zip(got["fast"], got["slow"], strict=True):
+            skip = own | (made if kind == "library" else set())
+            if a[1] == "epk_ll_combine":  # its src_info / layout are the dispatch's outputs; zero-copy x the set's
+                skip = own | ({"x"} if zero_copy else set()) | ({"out", "src_info", "layout"} if kind == "library"
+                                                                 else set())  # fmt: skip
+            _same(a, b, skip=skip)
+    assert fast._backend.ll.replays > 0 and slow._backend.ll.replays == 0
+    fast.destroy()
+    slow.destroy()
+
+
 def test_ll_rebound_hooks_of_interleaved_calls_receive_their_own_calls(fake):
     """Two-batch overlap, DeepEP's way (new arrays each call, receive hooks called later, interleaved): dispatch A,
     dispatch B, hook A, hook B, and the same with combines. Rebound calls share one plan, so each hook must launch
