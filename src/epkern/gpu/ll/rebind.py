@@ -5,12 +5,16 @@ An identity plan (plans.py) serves a decode loop that passes the same preallocat
 their identities never repeat, so every such call was validated in full. A rebinding plan is keyed by the layout of
 every array the call takes (shape, strides, dtype, device; ht_replay.array_layout), the call's flags and sizes, and
 for a zero-copy combine the buffer set; it holds no array, and per call it sets the arrays' addresses into the
-validated call's packed launch. Nothing it skips can differ: every check of the validated path depends only on those
-layouts, flags and sizes, except two that depend on the call's objects, which it makes per call: the handle belongs
-to this Buffer, and a (not zero-copy) combine's x lies outside the receive area it overwrites.
+validated call's packed launch (before every launch, so a receive hook called later still gets its own call's
+addresses); outputs the caller leaves to the library are made anew per call, as the validated call makes them.
+Nothing it skips can differ: every check of the validated path depends only on those layouts, flags and sizes,
+except two that depend on the call's objects, which it makes per call: the handle belongs to this Buffer, and a (not
+zero-copy) combine's x lies outside the receive area it overwrites. A rebound call whose arrays were seen in a recent
+call too (engine.seen_again) leaves an identity plan for its repeats.
 
 Not rebound (validated as before): a dispatch with ``zero_copy_recv`` (its outputs are the Buffer's: identity plans
-serve it), calls with an output left to the library, arrays that are not CuPy's, Buffers with replays off.
+serve it), arrays that are not CuPy's, a combine whose x lies in the other buffer set's receive area, Buffers with
+replays off.
 """
 
 from __future__ import annotations
