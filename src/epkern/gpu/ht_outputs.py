@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import api_checks
 from .. import kernel_constants as K
-from ..memory.heap import ALIGN, HeapExhaustedError
+from ..memory.heap import ALIGN, HeapExhaustedError, packed_offsets
 
 BF16 = api_checks.BF16
 _SHAPE_PHASE = K.get("EPK_ERR_PHASE_HT_SHAPE")
@@ -123,10 +123,10 @@ class Reservation:
         self.row_bytes = [math.prod(s) * np.dtype(d).itemsize if i != 1 or self.fp8 else 0 for i, (s, d) in
                           enumerate(one)]  # fmt: skip
         self.rows = self._rows_fitting(rt.heap.largest_free())
-        self.offsets, at = [0] * 5, 0
-        for i in _RESERVE_ORDER:
-            self.offsets[i] = at
-            at += _aligned(self.rows * self.row_bytes[i])
+        in_order, at = packed_offsets(self.rows * self.row_bytes[i] for i in _RESERVE_ORDER)
+        self.offsets = [0] * 5
+        for i, off in zip(_RESERVE_ORDER, in_order, strict=True):
+            self.offsets[i] = off
         self.block = rt.heap.alloc(at)
         self.done = None  # poisoning: the event after the fills (the tails return to the heap only once it passed)
         if rt.poison:
@@ -141,7 +141,7 @@ class Reservation:
         return min(rows, _MAX_ROWS)
 
     def _bytes(self, rows: int) -> int:
-        return sum(_aligned(rows * b) for b in self.row_bytes)
+        return packed_offsets(rows * b for b in self.row_bytes)[1]
 
     def pointers(self) -> list:
         """Device addresses of x, scales (0 for BF16), topk_idx, weights and source indices: the kernel's outputs."""
@@ -207,10 +207,6 @@ def tolerate_shape_record(rt):
             rt.raise_recorded()
 
     return each
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def reservation(rt, data, scales, topk: int, captured: bool) -> Reservation | None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import _cuda_driver
 from ..config import Config
+from ..memory.heap import packed_offsets
 from .direct import direct_stream, end_direct
 from .ll import plans as ll_plans
 
@@ -200,9 +201,7 @@ class CachedDispatchPlan(_Plan):
         self._keep_launch(rt, spec, defines, blocks, threads, args)
         self.i_x, self.i_scales, self.i_call = spec.index("x"), spec.index("x_scales"), spec.index("call")
         self.i_out_x, self.i_out_scales = spec.index("out_x"), spec.index("out_scales")
-        # where each output lies in its heap block, as Runtime.alloc_out lays them out
-        aligned = [-(-n // 256) * 256 for n in self.sizes]
-        self.offsets, self.total = [sum(aligned[:i]) for i in range(n)], sum(aligned)
+        self.offsets, self.total = packed_offsets(self.sizes)  # in their heap block, as Runtime.alloc_out has them
 
     def run(self, x, handle, previous_event, async_finish, allocate_on_comm_stream, captured):
         """The call again: outputs, pointers, call number, launch; returns what dispatch returns."""
@@ -217,38 +216,29 @@ class CachedDispatchPlan(_Plan):
         return recv_x, None, None, None, handle, rt.end(compute, async_finish)
 
     def _issue(self, x, compute, on_current, captured, stream_ptr):
-        """Outputs allocated (see CombinePlan._issue), pointers and call number set, the kernel launched."""
+        """Outputs allocated (see CombinePlan._issue), pointers and call number set, the kernel launched. Between
+        processes (one block of the shared heap, as Runtime.alloc_out takes it) the launch gets the block's addresses
+        and the output arrays are made after it: CuPy's array objects cost host time that every rank's kernel would
+        otherwise wait for in a single call."""
         rt = self.rt
         data, scales = x if self.fp8 else (x, None)
-        if not (rt.in_process or captured or rt.poison):
-            return self._issue_from_heap(data, scales, captured, stream_ptr)
-        bufs, _ = rt.alloc_out(self.sizes, compute, on_current, captured=captured, typed=self.forms)
-        recv_data = bufs[0]
+        outs = block = None
+        if rt.in_process or captured or rt.poison:  # CuPy's pool, a block held for a graph, poison fills: alloc_out
+            outs, _ = rt.alloc_out(self.sizes, compute, on_current, captured=captured, typed=self.forms)
+            ptrs = [a.data.ptr for a in outs]
+        else:
+            block = rt.heap.alloc(self.total)
+            ptrs = [block.ptr + off for off in self.offsets]
         packed = self.packed
         packed.set(self.i_x, data.data.ptr)
         packed.set(self.i_call, rt.next_call())
-        packed.set(self.i_out_x, recv_data.data.ptr)
-        if not self.fp8:
-            self.launch(stream_ptr, captured)
-            return recv_data
-        recv_scales = bufs[1]
-        packed.set(self.i_scales, scales.data.ptr)
-        packed.set(self.i_out_scales, recv_scales.data.ptr)
-        self.launch(stream_ptr, captured)
-        return recv_data, recv_scales
-
-    def _issue_from_heap(self, data, scales, captured, stream_ptr):
-        """Between processes (the outputs' block in the shared heap, as Runtime.alloc_out takes it): the kernel is
-        launched with the block's addresses first and the output arrays are made after it (CuPy's array objects
-        cost host time that every rank's kernel would otherwise wait for in a single call)."""
-        rt, packed = self.rt, self.packed
-        block = rt.heap.alloc(self.total)
-        packed.set(self.i_x, data.data.ptr)
-        packed.set(self.i_call, rt.next_call())
-        packed.set(self.i_out_x, block.ptr)
+        packed.set(self.i_out_x, ptrs[0])
         if self.fp8:
             packed.set(self.i_scales, scales.data.ptr)
-            packed.set(self.i_out_scales, block.ptr + self.offsets[1])
+            packed.set(self.i_out_scales, ptrs[1])
         self.launch(stream_ptr, captured)
-        outs = [block.array(shape, dtype, off) for (shape, dtype), off in zip(self.forms, self.offsets, strict=True)]
+        if block is not None:
+            outs = [
+                block.array(shape, dtype, off) for (shape, dtype), off in zip(self.forms, self.offsets, strict=True)
+            ]
         return (outs[0], outs[1]) if self.fp8 else outs[0]

@@ -18,6 +18,7 @@ from .. import kernel_constants as K
 from ..errors import ArgumentError, EpkernError, GroupError, TimeoutError
 from ..events import EventHandle
 from ..memory import Heap, HostMapped, SymmetricRegion
+from ..memory.heap import packed_offsets
 from .capture import capturing
 from .ll.layout import ll_area_bytes
 from .phases import PHASES
@@ -468,12 +469,9 @@ class Runtime:
         forms = typed if typed is not None else [((n,), np.uint8) for n in nbytes_list]
         keep = ()
         if (shared and not self.in_process) or captured:
-            aligned = [-(-n // 256) * 256 for n in nbytes_list]
-            block = self.heap.alloc(sum(aligned))
-            arrays, off = [], 0
-            for a, (shape, dtype) in zip(aligned, forms, strict=True):
-                arrays.append(block.array(shape, dtype, off))
-                off += a
+            offsets, total = packed_offsets(nbytes_list)
+            block = self.heap.alloc(total)
+            arrays = [block.array(shape, dtype, off) for (shape, dtype), off in zip(forms, offsets, strict=True)]
             keep = (block,)
         elif on_comm_stream:
             arrays = [cupy.empty(shape, dtype=dtype) for shape, dtype in forms]

@@ -20,6 +20,16 @@ from ..errors import EpkernError
 ALIGN = 256
 
 
+def packed_offsets(sizes) -> tuple[list, int]:
+    """Byte offsets of arrays of ``sizes`` bytes laid one after another in a block, each starting on ALIGN, and the
+    block's size (what several outputs allocated as one block take; Runtime.alloc_out)."""
+    offsets, at = [], 0
+    for n in sizes:
+        offsets.append(at)
+        at += -(-int(n) // ALIGN) * ALIGN
+    return offsets, at
+
+
 class HeapExhaustedError(EpkernError, MemoryError):
     """The heap has no free range large enough; the message says how much live outputs hold."""
 
