@@ -173,8 +173,6 @@ class LLCombine:
             eng.keep_plan(plan_key, plan_shapes, LL_COMBINE, defines, args, out, plan_refs)
         if rebind_key is not None:  # calls on new arrays of the same layouts (rebind.py)
             names = rebind.COMBINE_ARRAYS[1:] if zero_copy else rebind.COMBINE_ARRAYS
-            again = rebind.Plan(eng, LL_COMBINE, defines, args, names, st)
-            if not out_given:
-                again.missing = [(5, ((T, H), BF16, False))]
-            eng.rebinds.put(rebind_key, again)
+            made = () if out_given else [(5, ((T, H), BF16, False))]  # out made here: made per rebound call too
+            eng.rebinds.put(rebind_key, rebind.Plan(eng, LL_COMBINE, defines, args, names, st, made))
         return out, event, hook

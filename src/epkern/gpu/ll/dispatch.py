@@ -3,6 +3,8 @@ direct variant for ``zero_copy_recv`` (kernels/ll_dispatch_direct.cuh)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ... import api_checks
@@ -30,6 +32,18 @@ def dispatch_returns(plan, event, hook):
     names those preallocated arrays and the sizes, so every replay may share it)."""
     out, recv_count, handle = plan.result
     return out, recv_count, handle, event, hook
+
+
+def output_forms(e_loc, rows, hidden, num_ranks, scale_cols, fp8: bool, scale_dtype) -> list:
+    """(shape, dtype, transposed) of each LL dispatch output the library makes: x, scales (DeepEP's column-major
+    view: [E_loc, S, rows] transposed), src_info, layout_range, count."""
+    return [
+        ((e_loc, rows, hidden), np.uint8 if fp8 else BF16, False),
+        ((e_loc, scale_cols, rows), scale_dtype, True),
+        ((e_loc, rows), np.int32, False),
+        ((e_loc, num_ranks), np.int64, False),
+        ((e_loc,), np.int32, False),
+    ]
 
 
 class LLDispatch:
@@ -197,25 +211,14 @@ class LLDispatch:
                     st, use_fp8, use_ue8m0, S
                 )
             outs = [out_x, out_scales, out_src_info, out_layout_range, out_count]
-            sizes = [
-                e_loc * rows * H * (1 if use_fp8 else 2),
-                e_loc * rows * S * 4,
-                e_loc * rows * 4,
-                e_loc * R * 8,
-                e_loc * 4,
-            ]
+            forms = output_forms(e_loc, rows, H, R, S, use_fp8, scale_dtype)
+            sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype, _ in forms]
             missing = [i for i, o in enumerate(outs) if o is None and sizes[i] > 0]
             if missing:
-                bufs, _ = rt.alloc_out([sizes[i] for i in missing], compute, False, shared=False)
-                views = {
-                    0: lambda b: b.view(np.uint8 if use_fp8 else BF16).reshape(e_loc, rows, H),
-                    1: lambda b: b.view(scale_dtype).reshape(e_loc, S, rows).transpose(0, 2, 1),
-                    2: lambda b: b.view(np.int32).reshape(e_loc, rows),
-                    3: lambda b: b.view(np.int64).reshape(e_loc, R),
-                    4: lambda b: b.view(np.int32).reshape(e_loc),
-                }
+                typed = [forms[i][:2] for i in missing]
+                bufs, _ = rt.alloc_out([sizes[i] for i in missing], compute, False, shared=False, typed=typed)
                 for i, b in zip(missing, bufs, strict=True):
-                    outs[i] = views[i](b)
+                    outs[i] = b.transpose(0, 2, 1) if forms[i][2] else b
             recv_x, recv_scales, src_info, layout_range, recv_count = outs
             args = LL_DISPATCH.pack(
                 dry_run=0,
@@ -253,8 +256,7 @@ class LLDispatch:
             eng.keep_plan(plan_key, plan_shapes, LL_DISPATCH, defines, args, (out, recv_count, handle), plan_refs)
         if rebind_key is not None:  # calls on new arrays of the same layouts (rebind.py)
             statics = (num_max, H, num_experts, lay, use_fp8)
-            forms = rebind.dispatch_forms(e_loc, rows, H, R, S, use_fp8, scale_dtype)
-            again = rebind.Plan(eng, LL_DISPATCH, defines, args, rebind.DISPATCH_ARRAYS, statics)
-            again.missing = [(2 + i, forms[i]) for i in missing]  # per_call's index of each, and its form
+            made = [(2 + i, forms[i]) for i in missing]  # each output made here: its index in per_call, its form
+            again = rebind.Plan(eng, LL_DISPATCH, defines, args, rebind.DISPATCH_ARRAYS, statics, made)
             eng.rebinds.put(rebind_key, again)
         return out, recv_count, handle, event, hook

@@ -53,15 +53,15 @@ class Plan:
 
     graphs = None  # engine.replay launches it directly (a graph would hold the first call's addresses)
     shapes = None  # CallPlans compares it; the layouts are in the key
-    missing = ()  # (index in the call's arrays, (shape, dtype, transposed)) of each output the library allocates
 
-    def __init__(self, eng, spec, defines, args, names, statics=()):
+    def __init__(self, eng, spec, defines, args, names, statics=(), missing=()):
         # every device array as its address: the Buffer's own (peers, state, the zero-copy set buffer) outlive the
         # plan (dropped with the engine's plans), the call's are set per call
         self.by_value = tuple(a if isinstance(a, np.generic) else np.uint64(a.data.ptr) for a in args)
         self.eng, self.spec, self.defines = eng, spec, defines
         self.base = ll_plans.launcher(eng.rt, spec, defines, eng.blocks(), THREADS, self.by_value)
         self.index = [spec.index(n) for n in names]
+        self.missing = missing  # (index in the call's arrays, (shape, dtype, transposed)) of each output to make
         self.statics = statics  # sizes the result needs (num_max, hidden, num_experts, layout, fp8)
 
     def allocate(self, arrays: list, rt) -> bool:
@@ -109,18 +109,6 @@ class Bound:
         for i, p in zip(self.plan.index, self.ptrs, strict=True):
             packed.set(i, p)
         base(phase, back, stream_ptr)
-
-
-def dispatch_forms(e_loc, rows, hidden, num_ranks, scale_cols, fp8: bool, scale_dtype) -> list:
-    """(shape, dtype, transposed) of each LL dispatch output as the validated call allocates it: x, scales (column
-    major: [E_loc, S, rows] transposed), src_info, layout_range, count."""
-    return [
-        ((e_loc, rows, hidden), np.uint8 if fp8 else api_checks.BF16, False),
-        ((e_loc, scale_cols, rows), scale_dtype, True),
-        ((e_loc, rows), np.int32, False),
-        ((e_loc, num_ranks), np.int64, False),
-        ((e_loc,), np.int32, False),
-    ]
 
 
 def dispatch_result(plan: Plan, eng, outs):
