@@ -192,7 +192,7 @@ class Reservation:
         rt = self.rt
         rt.sync_bounded(rt.comm_stream, "dispatch (refused by the counts): waiting for its kernel")
         rec = rt.error_record
-        if rec[0] and int(rec[1]) and int(rec[3]) == _SHAPE_PHASE:
+        if rec[0] and _shape_record(rec):
             rec[1:7] = 0
             rec[0] = 0  # released last: a later kernel may claim it again
 
@@ -202,11 +202,15 @@ def tolerate_shape_record(rt):
     which the copy may already have recorded and the counts report as ArgumentError (Reservation.refused)."""
 
     def each():
-        rec = rt.error_record
-        if not (int(rec[1]) and int(rec[3]) == _SHAPE_PHASE):
+        if not _shape_record(rt.error_record):
             rt.raise_recorded()
 
     return each
+
+
+def _shape_record(rec) -> bool:
+    """Whether the error record holds a (complete: its code is written last) shape-mismatch report."""
+    return bool(int(rec[1]) and int(rec[3]) == _SHAPE_PHASE)
 
 
 def reservation(rt, data, scales, topk: int, captured: bool) -> Reservation | None:
